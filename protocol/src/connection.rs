@@ -1,0 +1,198 @@
+//! The socket edge of the protocol: whole frames in, whole frames out.
+//!
+//! A connection is split into a [`FrameReader`] and a [`FrameWriter`] so one task can stream
+//! requests while another collects replies. Each write encodes into one buffer and issues one
+//! `write_all`, so a frame never goes out in pieces interleaved with another.
+
+use crate::frame::{self, FrameError, MAX_FRAME};
+use crate::message::{Intent, Message, MAGIC, PROTOCOL_VERSION};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// A connection-level failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Socket or TLS error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent something that is not a valid frame.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    TruncatedFrame,
+    /// The peer closed the connection where a message was required.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The peer refused the session, with its reason.
+    #[error("refused by peer: {0}")]
+    Refused(String),
+    /// The peer broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The peer did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+/// Reads whole frames from a byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a reader.
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, buf: Vec::with_capacity(64 * 1024), start: 0 }
+    }
+
+    /// The next message; `Ok(None)` on a clean close at a frame boundary.
+    pub async fn read(&mut self) -> Result<Option<Message>, ConnError> {
+        loop {
+            if let Some((msg, used)) = frame::decode(&self.buf[self.start..])? {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Ok(Some(msg));
+            }
+            // Compact before growing, so the buffer stays within one frame plus one read.
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let want = frame::check(&self.buf)?.unwrap_or(0).max(self.buf.len() + 64 * 1024);
+            debug_assert!(want <= MAX_FRAME + 64 * 1024 + frame::HEADER_LEN);
+            let len = self.buf.len();
+            self.buf.resize(want, 0);
+            let n = self.inner.read(&mut self.buf[len..]).await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.truncate(len);
+                    return Err(e.into());
+                }
+            };
+            self.buf.truncate(len + n);
+            if n == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::TruncatedFrame) };
+            }
+        }
+    }
+
+    /// The next message; a close is an error.
+    pub async fn expect(&mut self) -> Result<Message, ConnError> {
+        self.read().await?.ok_or(ConnError::Closed)
+    }
+}
+
+/// Writes whole frames to a byte stream.
+pub struct FrameWriter<W> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps a writer.
+    pub fn new(inner: W) -> Self {
+        FrameWriter { inner, buf: Vec::new() }
+    }
+
+    /// Writes one message and flushes.
+    pub async fn write(&mut self, msg: &Message) -> Result<(), ConnError> {
+        self.write_all(std::slice::from_ref(msg)).await
+    }
+
+    /// Writes several messages with one `write_all`, then flushes.
+    pub async fn write_all(&mut self, msgs: &[Message]) -> Result<(), ConnError> {
+        self.buf.clear();
+        for m in msgs {
+            frame::encode(m, &mut self.buf)?;
+        }
+        self.inner.write_all(&self.buf).await?;
+        self.inner.flush().await?;
+        if self.buf.capacity() > 1024 * 1024 {
+            // Do not keep a delta-sized buffer around for every idle connection.
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Shuts the write side down (TLS close_notify).
+    pub async fn shutdown(&mut self) -> Result<(), ConnError> {
+        self.inner.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// How long either side waits for the handshake messages.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the sender's half of the session handshake; returns whether the receiver is privileged.
+pub async fn client_handshake<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    module: &str,
+    intent: Intent,
+) -> Result<bool, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hello = Message::Hello { magic: MAGIC, version: PROTOCOL_VERSION, module: module.to_string(), intent };
+    writer.write(&hello).await?;
+    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
+        .await
+        .map_err(|_| ConnError::Timeout("waiting for the receiver's welcome"))??;
+    match reply {
+        Message::Welcome { version, privileged } if version == PROTOCOL_VERSION => Ok(privileged),
+        Message::Welcome { version, .. } => {
+            Err(ConnError::Protocol(format!("receiver speaks protocol version {version}, we speak {PROTOCOL_VERSION}")))
+        }
+        Message::Refused { reason } => Err(ConnError::Refused(reason)),
+        other => Err(ConnError::Protocol(format!("expected Welcome, got {}", other.name()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_survive_a_byte_at_a_time_stream() {
+        let (a, b) = tokio::io::duplex(1);
+        let mut w = FrameWriter::new(a);
+        let msgs = vec![
+            Message::FileData { id: 1, data: vec![7; 100_000] },
+            Message::Ack { id: 2 },
+            Message::Bye,
+        ];
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                w.write(m).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut r = FrameReader::new(b);
+        for m in &msgs {
+            assert_eq!(&r.read().await.unwrap().unwrap(), m);
+        }
+        assert!(r.read().await.unwrap().is_none());
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_mid_frame_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut buf = Vec::new();
+        frame::encode(&Message::FileData { id: 1, data: vec![1; 100] }, &mut buf).unwrap();
+        a.write_all(&buf[..50]).await.unwrap();
+        drop(a);
+        let mut r = FrameReader::new(b);
+        assert!(matches!(r.read().await, Err(ConnError::TruncatedFrame)));
+    }
+}

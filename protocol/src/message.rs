@@ -1,0 +1,302 @@
+//! Every message of the ferry protocol.
+//!
+//! A session is one TLS connection bound to one module. The sender opens with [`Message::Hello`];
+//! the receiver answers [`Message::Welcome`] or [`Message::Refused`] (then closes). After that
+//! the sender issues requests, each carrying an `id` it chose, and may have many in flight: the
+//! receiver handles them in arrival order and answers each exactly once with a final reply
+//! ([`Message::Ack`], [`Message::Failed`], [`Message::Listing`] with `done`, or
+//! [`Message::DirDigests`]). Mutating requests are idempotent and say what the path must become
+//! ("make `a/b` a directory with this metadata"), so replaying one after a reconnect is safe.
+//!
+//! A file travels as `FileBegin`, then either a whole body (`FileData`*) or, when the sender
+//! asked for a delta and the receiver has a base, `Signature` back and `FileDelta`* forward,
+//! then `FileEnd` carrying the blake3 digest of the new content. The receiver commits only if
+//! the digest of what it wrote matches.
+
+use crate::meta::{Entry, Meta};
+use crate::path::RelPath;
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
+pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
+
+/// Request identifier chosen by the sender, unique within a session.
+pub type RequestId = u64;
+
+/// A blake3 digest.
+pub type Digest = [u8; 32];
+
+/// What the sender wants to do with the module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Intent {
+    /// Change the module (refused on `read_only` modules).
+    Write,
+    /// List and verify only.
+    Read,
+}
+
+/// How the file body will travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// `FileData` frames follow at once.
+    Whole,
+    /// The sender waits for `Signature` (or `NoBase`, then sends whole).
+    Delta,
+}
+
+/// One entry of a [`Message::DirDigests`] reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestEntry {
+    /// The entry (path relative to the module root).
+    pub entry: Entry,
+    /// Content digest of a file, subtree digest of a directory, digest of a link target.
+    pub digest: Digest,
+}
+
+/// A protocol message. Variants are grouped by direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    // --- handshake -----------------------------------------------------------------------
+    /// Sender → receiver: first message of a session.
+    Hello {
+        /// Must equal [`MAGIC`].
+        magic: [u8; 8],
+        /// Sender's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// Module to bind the session to.
+        module: String,
+        /// Read or write.
+        intent: Intent,
+    },
+    /// Receiver → sender: the session is open.
+    Welcome {
+        /// Receiver's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The receiver runs as root and applies owners, groups and device nodes.
+        privileged: bool,
+    },
+    /// Either direction: a fatal refusal or error, printed by the other side; the connection
+    /// closes after it.
+    Refused {
+        /// Human-readable reason.
+        reason: String,
+    },
+
+    // --- sender → receiver ---------------------------------------------------------------
+    /// List the whole module; answered by `Listing` batches.
+    List {
+        /// Request id.
+        id: RequestId,
+    },
+    /// Make `path` a directory with `meta` (replacing a non-directory). Directory times are
+    /// set by a later `SetMeta`, after their contents.
+    Mkdir {
+        /// Request id.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+        /// Desired metadata.
+        meta: Meta,
+    },
+    /// Make `path` a symlink to `target` (replacing what is there).
+    Symlink {
+        /// Request id.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+        /// Link target bytes.
+        target: Vec<u8>,
+        /// Desired metadata.
+        meta: Meta,
+    },
+    /// Make `path` a fifo or device node (privileged receivers only).
+    Special {
+        /// Request id.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+        /// Desired metadata, including `rdev`.
+        meta: Meta,
+    },
+    /// Set metadata only (mode, owner, mtime) of an existing entry of the same kind.
+    SetMeta {
+        /// Request id.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+        /// Desired metadata.
+        meta: Meta,
+    },
+    /// Remove `path`, recursively for directories; absent is success.
+    Delete {
+        /// Request id.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+    },
+    /// Rename `from` to `to`, replacing `to`.
+    Rename {
+        /// Request id.
+        id: RequestId,
+        /// Existing path.
+        from: RelPath,
+        /// New path.
+        to: RelPath,
+    },
+    /// Start a file transfer.
+    FileBegin {
+        /// Request id; the later file frames carry it.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+        /// Desired metadata (size is the final size).
+        meta: Meta,
+        /// Whole body or delta against the receiver's copy.
+        body: Body,
+    },
+    /// A slice of the whole body, in order.
+    FileData {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// The rsync delta of the next window of the new file against the receiver's base.
+    FileDelta {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+        /// Length of the window this delta rebuilds.
+        window: u64,
+        /// fast_rsync delta bytes.
+        delta: Vec<u8>,
+    },
+    /// The body is complete; commit if the written bytes hash to `digest`.
+    FileEnd {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+        /// blake3 of the complete new content.
+        digest: Digest,
+    },
+    /// Drop the transfer (the source changed while being read); answered by `Failed`.
+    FileAbort {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+    },
+    /// Digests of one directory's entries, for a top-down comparison.
+    VerifyDir {
+        /// Request id.
+        id: RequestId,
+        /// Directory path.
+        path: RelPath,
+        /// Re-read every file instead of trusting the digest cache.
+        checksum: bool,
+    },
+    /// Counters of this receiver process, for monitoring and tests.
+    Stats {
+        /// Request id.
+        id: RequestId,
+    },
+    /// The sender is done; the receiver closes after answering everything before it.
+    Bye,
+
+    // --- receiver → sender ---------------------------------------------------------------
+    /// The request succeeded and its effect is durable.
+    Ack {
+        /// Request id.
+        id: RequestId,
+    },
+    /// The request failed; other requests are unaffected.
+    Failed {
+        /// Request id.
+        id: RequestId,
+        /// Why, with the path.
+        error: String,
+    },
+    /// A batch of the module listing; `done` marks the last.
+    Listing {
+        /// Request id.
+        id: RequestId,
+        /// Entries in this batch.
+        entries: Vec<Entry>,
+        /// Last batch.
+        done: bool,
+    },
+    /// The receiver's signature of its current copy; delta frames should follow.
+    Signature {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+        /// Serialized fast_rsync signature.
+        signature: Vec<u8>,
+    },
+    /// No usable base exists; the sender must send the whole body.
+    NoBase {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+    },
+    /// Answer to `VerifyDir`.
+    DirDigests {
+        /// Request id.
+        id: RequestId,
+        /// The directory itself (its metadata); `None` if it does not exist.
+        dir: Option<Entry>,
+        /// Its entries, sorted by name.
+        entries: Vec<DigestEntry>,
+    },
+    /// Answer to `Stats`.
+    StatsReply {
+        /// Request id.
+        id: RequestId,
+        /// `(name, value)` counters.
+        counters: Vec<(String, u64)>,
+    },
+}
+
+impl Message {
+    /// The request id a reply answers, if it is a reply.
+    pub fn reply_id(&self) -> Option<RequestId> {
+        match self {
+            Message::Ack { id }
+            | Message::Failed { id, .. }
+            | Message::Listing { id, .. }
+            | Message::Signature { id, .. }
+            | Message::NoBase { id }
+            | Message::DirDigests { id, .. }
+            | Message::StatsReply { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::Refused { .. } => "Refused",
+            Message::List { .. } => "List",
+            Message::Mkdir { .. } => "Mkdir",
+            Message::Symlink { .. } => "Symlink",
+            Message::Special { .. } => "Special",
+            Message::SetMeta { .. } => "SetMeta",
+            Message::Delete { .. } => "Delete",
+            Message::Rename { .. } => "Rename",
+            Message::FileBegin { .. } => "FileBegin",
+            Message::FileData { .. } => "FileData",
+            Message::FileDelta { .. } => "FileDelta",
+            Message::FileEnd { .. } => "FileEnd",
+            Message::FileAbort { .. } => "FileAbort",
+            Message::VerifyDir { .. } => "VerifyDir",
+            Message::Stats { .. } => "Stats",
+            Message::Bye => "Bye",
+            Message::Ack { .. } => "Ack",
+            Message::Failed { .. } => "Failed",
+            Message::Listing { .. } => "Listing",
+            Message::Signature { .. } => "Signature",
+            Message::NoBase { .. } => "NoBase",
+            Message::DirDigests { .. } => "DirDigests",
+            Message::StatsReply { .. } => "StatsReply",
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! What `rsync -a` preserves about a tree entry, and how two entries differ.
+
+use crate::path::RelPath;
+use serde::{Deserialize, Serialize};
+
+/// The type of a tree entry. Sockets are never transferred (rsync skips them too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link; never followed.
+    Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A character device node.
+    CharDevice,
+    /// A block device node.
+    BlockDevice,
+}
+
+impl Kind {
+    /// True for fifos and device nodes, which only root may create.
+    pub fn is_special(self) -> bool {
+        matches!(self, Kind::Fifo | Kind::CharDevice | Kind::BlockDevice)
+    }
+}
+
+/// Metadata of one entry. `mode` holds the permission bits including setuid, setgid and
+/// sticky (`0o7777`); the type lives in `kind`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Entry type.
+    pub kind: Kind,
+    /// Permission bits, `mode & 0o7777`.
+    pub mode: u32,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Size in bytes (regular files; 0 otherwise).
+    pub size: u64,
+    /// Modification time, whole seconds since the epoch.
+    pub mtime: i64,
+    /// Modification time, nanoseconds part.
+    pub mtime_nsec: u32,
+    /// Device number for device nodes.
+    pub rdev: u64,
+}
+
+/// One entry of a tree: its path, metadata and, for symlinks, the target bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the tree root.
+    pub path: RelPath,
+    /// Metadata.
+    pub meta: Meta,
+    /// Symlink target, as stored (never resolved).
+    pub link: Option<Vec<u8>>,
+}
+
+/// One way in which two entries at the same path differ. The names are what `ferry verify`
+/// prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Difference {
+    /// Present on the left only.
+    Missing,
+    /// Present on the right only.
+    Extra,
+    /// Different entry types.
+    Type,
+    /// Different bytes (or sizes).
+    Content,
+    /// Different permission bits.
+    Mode,
+    /// Different modification times.
+    Mtime,
+    /// Different numeric owner or group.
+    Owner,
+    /// Different symlink targets.
+    Symlink,
+}
+
+impl Difference {
+    /// The word `verify` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Difference::Missing => "missing",
+            Difference::Extra => "extra",
+            Difference::Type => "type",
+            Difference::Content => "content",
+            Difference::Mode => "mode",
+            Difference::Mtime => "mtime",
+            Difference::Owner => "owner",
+            Difference::Symlink => "symlink",
+        }
+    }
+}
+
+/// Which attributes a comparison looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compare {
+    /// Compare uid/gid (only meaningful when the destination is written by root).
+    pub owner: bool,
+}
+
+impl Meta {
+    /// True when `mtime` and `size` match: rsync's quick check for regular files.
+    pub fn quick_equal(&self, other: &Meta) -> bool {
+        self.size == other.size && self.mtime == other.mtime && self.mtime_nsec == other.mtime_nsec
+    }
+
+    /// Attribute differences other than content, type and symlink target, in the order
+    /// `verify` reports them. Symlink permission bits are not compared (Linux ignores them).
+    pub fn attr_differences(&self, other: &Meta, cmp: Compare) -> Vec<Difference> {
+        let mut out = Vec::new();
+        if self.kind != Kind::Symlink && self.mode != other.mode {
+            out.push(Difference::Mode);
+        }
+        if self.mtime != other.mtime || self.mtime_nsec != other.mtime_nsec {
+            out.push(Difference::Mtime);
+        }
+        if cmp.owner && (self.uid != other.uid || self.gid != other.gid) {
+            out.push(Difference::Owner);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_meta(kind: Kind, size: u64, mtime: i64) -> Meta {
+    Meta { kind, mode: 0o644, uid: 0, gid: 0, size, mtime, mtime_nsec: 0, rdev: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attr_differences_respect_owner_flag_and_symlink_mode() {
+        let a = test_meta(Kind::File, 1, 10);
+        let mut b = a.clone();
+        b.mode = 0o4755;
+        b.uid = 7;
+        b.mtime_nsec = 1;
+        assert_eq!(
+            a.attr_differences(&b, Compare { owner: true }),
+            vec![Difference::Mode, Difference::Mtime, Difference::Owner]
+        );
+        assert_eq!(a.attr_differences(&b, Compare { owner: false }), vec![Difference::Mode, Difference::Mtime]);
+        let mut l = a.clone();
+        l.kind = Kind::Symlink;
+        let mut l2 = l.clone();
+        l2.mode = 0o777;
+        assert!(l.attr_differences(&l2, Compare { owner: true }).is_empty());
+    }
+}
