@@ -1,1 +1,357 @@
-fn main(){}
+//! `ferry`: command-line front end. Parses flags, sets up logging and signals, and calls into
+//! the library crates; exit codes: 0 success, 1 "not converged" or "trees differ", 2 errors.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_protocol::identity::Identity;
+use ferry_protocol::local::{DigestCache, DigestTree};
+use ferry_protocol::message::Intent;
+use ferry_protocol::meta::Compare;
+use ferry_sender::config::SyncGroup;
+use ferry_sender::filter::Filter;
+use ferry_sender::reconcile::{self, Report};
+use ferry_sender::session::Session;
+use ferry_sender::verify::{self, Side};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Keep backup hosts in step with source hosts, over mutual TLS")]
+struct Cli {
+    /// More logging (-v debug, -vv trace). FERRY_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mirror SRC into DST through the real protocol on 127.0.0.1, no configuration needed.
+    Mirror {
+        /// Source directory.
+        src: PathBuf,
+        /// Destination directory (created if missing).
+        dst: PathBuf,
+    },
+    /// Write DIR/cert.pem and DIR/key.pem (a self-signed identity) and print its fingerprint.
+    Keygen {
+        /// Directory to write into.
+        dir: PathBuf,
+        /// Name put in the certificate.
+        #[arg(long, default_value = "ferry")]
+        name: String,
+    },
+    /// Print the fingerprint of a PEM certificate.
+    Fingerprint {
+        /// Certificate file.
+        cert: PathBuf,
+    },
+    /// Run the receiver until SIGTERM/SIGINT.
+    Receive {
+        /// receiver.toml
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Push every sync group to its targets.
+    Send {
+        /// sender.toml
+        #[arg(long)]
+        config: PathBuf,
+        /// Reconcile once and exit (0 only if every group converged on every target).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Compare trees: `verify LEFT RIGHT`, or `verify --config sender.toml` for every group.
+    Verify {
+        /// sender.toml: compare each source with its remote modules.
+        #[arg(long, conflicts_with_all = ["left", "right"])]
+        config: Option<PathBuf>,
+        /// Only this sync group.
+        #[arg(long, requires = "config")]
+        sync: Option<String>,
+        /// Read every file instead of trusting cached digests.
+        #[arg(long)]
+        checksum: bool,
+        /// Where local digest caches live (default: $XDG_CACHE_HOME/ferry or ~/.cache/ferry).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Source tree.
+        left: Option<PathBuf>,
+        /// Copy to check against it.
+        right: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("FERRY_LOG").unwrap_or_else(|_| default.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Cancelled on the first SIGINT or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}
+
+async fn run(command: Command) -> Result<u8> {
+    match command {
+        Command::Keygen { dir, name } => {
+            let id = Identity::generate_into(&dir, &name)?;
+            println!("{}", id.fingerprint());
+            Ok(0)
+        }
+        Command::Fingerprint { cert } => {
+            let certs = ferry_protocol::identity::load_certs(&cert)?;
+            println!("{}", ferry_protocol::Fingerprint::of_der(&certs[0]));
+            Ok(0)
+        }
+        Command::Receive { config } => {
+            let config = ferry_receiver::Config::load(&config)?;
+            ferry_receiver::run(&config, shutdown_on_signals()).await?;
+            Ok(0)
+        }
+        Command::Send { config, once } => {
+            let config = ferry_sender::Config::load(&config)?;
+            if !once {
+                bail!("the live daemon is not available yet; use `ferry send --config FILE --once`");
+            }
+            send_once(&config).await
+        }
+        Command::Mirror { src, dst } => mirror(&src, &dst).await,
+        Command::Verify { config: Some(config), sync, checksum, .. } => verify_remote(&config, sync.as_deref(), checksum).await,
+        Command::Verify { left: Some(left), right: Some(right), checksum, cache_dir, .. } => {
+            verify_local(&left, &right, checksum, cache_dir).await
+        }
+        Command::Verify { .. } => bail!("verify needs LEFT and RIGHT directories, or --config FILE"),
+    }
+}
+
+fn print_report(group: &str, target: &str, r: &Report) {
+    println!(
+        "sync={group} target={target} files={} delta_files={} created={} meta={} deleted={} payload_bytes={} bytes_sent={} failures={} elapsed_ms={}",
+        r.files,
+        r.delta_files,
+        r.created,
+        r.meta,
+        r.deleted,
+        r.payload_bytes,
+        r.bytes_sent,
+        r.failures.len(),
+        r.elapsed.as_millis()
+    );
+    for f in &r.failures {
+        eprintln!("ferry: {group} → {target}: {f}");
+    }
+}
+
+async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
+    let identity = Identity::load(&config.cert, &config.key)?;
+    let mut converged = true;
+    for group in &config.syncs {
+        for target_name in &group.targets {
+            let target = &config.targets[target_name];
+            let result = async {
+                let session = Arc::new(Session::connect(&target.address, target.fingerprint, &identity, &group.module, Intent::Write).await?);
+                let report = reconcile::reconcile(&session, group).await?;
+                if let Ok(s) = Arc::try_unwrap(session) {
+                    s.close().await;
+                }
+                Ok::<_, ferry_sender::session::SessionError>(report)
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    print_report(&group.name, target_name, &report);
+                    converged &= report.converged();
+                }
+                Err(e) => {
+                    eprintln!("ferry: {} → {target_name}: {e}", group.name);
+                    converged = false;
+                }
+            }
+        }
+    }
+    Ok(if converged { 0 } else { 1 })
+}
+
+async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
+    let src = src.canonicalize().with_context(|| format!("{}", src.display()))?;
+    if !src.is_dir() {
+        bail!("{}: not a directory", src.display());
+    }
+    std::fs::create_dir_all(dst).with_context(|| format!("{}", dst.display()))?;
+    let dst = dst.canonicalize()?;
+    if dst.starts_with(&src) || src.starts_with(&dst) {
+        bail!("{} and {} overlap; mirror needs two separate trees", src.display(), dst.display());
+    }
+    let (server_id, _, _) = Identity::generate("ferry-mirror-receiver")?;
+    let (client_id, _, _) = Identity::generate("ferry-mirror-sender")?;
+    let server_pin = server_id.fingerprint();
+    let module = ferry_receiver::config::Module {
+        name: "mirror".into(),
+        path: dst.clone(),
+        clients: vec![client_id.fingerprint()],
+        hosts_allow: None,
+        read_only: false,
+        max_connections: None,
+        comment: None,
+    };
+    let server = Arc::new(ferry_receiver::Server::with_identity(server_id, "127.0.0.1:0".parse()?, vec![module], None)?);
+    let listener = server.bind().await?;
+    let address = listener.local_addr()?.to_string();
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.clone().serve(listener, shutdown.clone()));
+    let group = SyncGroup {
+        name: "mirror".into(),
+        source: src.clone(),
+        targets: vec!["local".into()],
+        module: "mirror".into(),
+        filter: Filter::empty(),
+        delete: true,
+    };
+    eprintln!("ferry: mirroring {} → {} via {address}", src.display(), dst.display());
+    let session = Arc::new(Session::connect(&address, server_pin, &client_id, "mirror", Intent::Write).await?);
+    let report = reconcile::reconcile(&session, &group).await?;
+    if let Ok(s) = Arc::try_unwrap(session) {
+        s.close().await;
+    }
+    print_report("mirror", "local", &report);
+    shutdown.cancel();
+    let _ = serving.await;
+    Ok(if report.converged() { 0 } else { 1 })
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("ferry"))
+}
+
+fn cache_for(dir: Option<&Path>, root: &Path) -> DigestCache {
+    match dir {
+        Some(d) => {
+            let key = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+            DigestCache::open(d.join(format!("{}.digests", &key[..16])))
+        }
+        None => DigestCache::in_memory(),
+    }
+}
+
+fn build_tree(root: &Path, filter: &Filter, cache: &mut DigestCache, cmp: Compare, checksum: bool) -> Result<DigestTree> {
+    let accept = |p: &ferry_protocol::RelPath, d: bool| filter.accepts(p, d);
+    let mut errors = Vec::new();
+    let tree = DigestTree::build(root, &accept, cache, cmp, checksum, &mut errors).with_context(|| format!("{}", root.display()))?;
+    if let Some((p, e)) = errors.first() {
+        bail!("{}: {e} ({} unreadable entries in all)", root.join(p.as_path()).display(), errors.len());
+    }
+    if let Err(e) = cache.save() {
+        tracing::warn!("cannot save digest cache: {e}");
+    }
+    Ok(tree)
+}
+
+fn print_differences(diffs: &[(ferry_protocol::RelPath, ferry_protocol::meta::Difference)]) {
+    for (path, kind) in diffs {
+        println!("{} {}", kind.as_str(), path);
+    }
+}
+
+async fn verify_local(left: &Path, right: &Path, checksum: bool, cache_dir: Option<PathBuf>) -> Result<u8> {
+    let cache_dir = cache_dir.or_else(default_cache_dir);
+    // Owners can only have been preserved by root; compare them when we are root.
+    // SAFETY: geteuid has no preconditions.
+    let cmp = Compare { owner: unsafe { libc::geteuid() } == 0 };
+    let (left, right) = (left.canonicalize().with_context(|| format!("{}", left.display()))?, right.canonicalize().with_context(|| format!("{}", right.display()))?);
+    // A receiver's staging directory is never part of a tree.
+    let filter = Filter::new(&[format!("/{}/", ferry_receiver::STAGING_DIR)])?;
+    let walk_filter = filter.clone();
+    let (l, r) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut lc = cache_for(cache_dir.as_deref(), &left);
+        let mut rc = cache_for(cache_dir.as_deref(), &right);
+        let filter = walk_filter;
+        Ok((build_tree(&left, &filter, &mut lc, cmp, checksum)?, build_tree(&right, &filter, &mut rc, cmp, checksum)?))
+    })
+    .await??;
+    let diffs = verify::compare(&Side::Local(l), &Side::Local(r), cmp, &filter).await?;
+    print_differences(&diffs);
+    Ok(if diffs.is_empty() { 0 } else { 1 })
+}
+
+async fn verify_remote(config: &Path, only: Option<&str>, checksum: bool) -> Result<u8> {
+    let config = ferry_sender::Config::load(config)?;
+    let identity = Identity::load(&config.cert, &config.key)?;
+    let groups: Vec<&SyncGroup> = config.syncs.iter().filter(|g| only.is_none_or(|n| g.name == n)).collect();
+    if groups.is_empty() {
+        bail!("no sync group named {:?}", only.unwrap_or_default());
+    }
+    let mut equal = true;
+    for group in groups {
+        for target_name in &group.targets {
+            let target = &config.targets[target_name];
+            let session = Session::connect(&target.address, target.fingerprint, &identity, &group.module, Intent::Read)
+                .await
+                .with_context(|| format!("{} → {target_name}", group.name))?;
+            let cmp = Compare { owner: session.privileged };
+            let (source, filter) = (group.source.clone(), group.filter.clone());
+            let cache_file = config.state_dir.as_ref().map(|d| d.join("digests"));
+            let tree = tokio::task::spawn_blocking(move || {
+                let mut cache = cache_for(cache_file.as_deref(), &source);
+                build_tree(&source, &filter, &mut cache, cmp, checksum)
+            })
+            .await??;
+            let diffs = verify::compare(&Side::Local(tree), &Side::Remote { session: &session, checksum }, cmp, &group.filter)
+                .await
+                .with_context(|| format!("{} → {target_name}", group.name))?;
+            eprintln!("ferry: verify {} → {target_name}: {}", group.name, if diffs.is_empty() { "equal".to_string() } else { format!("{} differences", diffs.len()) });
+            print_differences(&diffs);
+            equal &= diffs.is_empty();
+            session.close().await;
+        }
+    }
+    Ok(if equal { 0 } else { 1 })
+}

@@ -40,12 +40,13 @@ pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
+    last_len: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader.
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: Vec::with_capacity(64 * 1024), start: 0 }
+        FrameReader { inner, buf: Vec::with_capacity(64 * 1024), start: 0, last_len: 0 }
     }
 
     /// The next message; `Ok(None)` on a clean close at a frame boundary.
@@ -53,6 +54,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         loop {
             if let Some((msg, used)) = frame::decode(&self.buf[self.start..])? {
                 self.start += used;
+                self.last_len = used;
                 if self.start == self.buf.len() {
                     self.buf.clear();
                     self.start = 0;
@@ -83,6 +85,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Encoded size of the message last returned by [`FrameReader::read`].
+    pub fn last_frame_len(&self) -> usize {
+        self.last_len
+    }
+
     /// The next message; a close is an error.
     pub async fn expect(&mut self) -> Result<Message, ConnError> {
         self.read().await?.ok_or(ConnError::Closed)
@@ -93,12 +100,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub struct FrameWriter<W> {
     inner: W,
     buf: Vec<u8>,
+    written: u64,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a writer.
     pub fn new(inner: W) -> Self {
-        FrameWriter { inner, buf: Vec::new() }
+        FrameWriter { inner, buf: Vec::new(), written: 0 }
     }
 
     /// Writes one message and flushes.
@@ -114,11 +122,17 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
         self.inner.write_all(&self.buf).await?;
         self.inner.flush().await?;
+        self.written += self.buf.len() as u64;
         if self.buf.capacity() > 1024 * 1024 {
             // Do not keep a delta-sized buffer around for every idle connection.
             self.buf = Vec::new();
         }
         Ok(())
+    }
+
+    /// Total frame bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
     }
 
     /// Shuts the write side down (TLS close_notify).

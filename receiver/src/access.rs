@@ -1,0 +1,171 @@
+//! Access decisions for a session: pure functions of the module, the peer and the request.
+
+use crate::config::Module;
+use ferry_protocol::message::Intent;
+use ferry_protocol::Fingerprint;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// An address or CIDR block from `hosts_allow`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+/// A `hosts_allow` entry is malformed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid host pattern {0:?}: expected an IP address or CIDR block such as 10.0.0.0/24")]
+pub struct HostPatternError(String);
+
+impl FromStr for HostPattern {
+    type Err = HostPatternError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || HostPatternError(s.to_string());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| err())?)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| err())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(err());
+        }
+        Ok(HostPattern { addr, prefix })
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl HostPattern {
+    /// True if `ip` falls in the pattern. IPv4-mapped IPv6 peers match IPv4 patterns.
+    pub fn matches(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(p) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(p), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(p) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a session was refused. The text is sent to the peer and logged here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No such module.
+    #[error("unknown module {0:?}")]
+    UnknownModule(String),
+    /// The client certificate is not listed in the module's `clients`.
+    #[error("certificate {fingerprint} is not allowed into module {module:?}")]
+    ClientNotAllowed {
+        /// Module.
+        module: String,
+        /// Client fingerprint.
+        fingerprint: Fingerprint,
+    },
+    /// The peer address is not in `hosts_allow`.
+    #[error("host {ip} is not allowed into module {module:?}")]
+    HostNotAllowed {
+        /// Module.
+        module: String,
+        /// Peer address.
+        ip: IpAddr,
+    },
+    /// Write intent on a read-only module.
+    #[error("module {0:?} is read-only")]
+    ReadOnly(String),
+    /// `max_connections` reached.
+    #[error("module {module:?} already has its maximum of {max} connections")]
+    TooManyConnections {
+        /// Module.
+        module: String,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Decides whether `fingerprint` at `ip` may open a session with `intent` on `module`, given
+/// `active` sessions already open on it.
+pub fn authorize(module: &Module, fingerprint: Fingerprint, ip: IpAddr, intent: Intent, active: usize) -> Result<(), Refusal> {
+    if !module.clients.contains(&fingerprint) {
+        return Err(Refusal::ClientNotAllowed { module: module.name.clone(), fingerprint });
+    }
+    if let Some(allow) = &module.hosts_allow {
+        if !allow.iter().any(|p| p.matches(ip)) {
+            return Err(Refusal::HostNotAllowed { module: module.name.clone(), ip });
+        }
+    }
+    if intent == Intent::Write && module.read_only {
+        return Err(Refusal::ReadOnly(module.name.clone()));
+    }
+    if let Some(max) = module.max_connections {
+        if active >= max {
+            return Err(Refusal::TooManyConnections { module: module.name.clone(), max });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module() -> Module {
+        Module {
+            name: "file".into(),
+            path: "/data/file".into(),
+            clients: vec![Fingerprint::of_der(b"good")],
+            hosts_allow: Some(vec!["10.255.60.0/24".parse().unwrap(), "127.0.0.1".parse().unwrap()]),
+            read_only: false,
+            max_connections: Some(2),
+            comment: None,
+        }
+    }
+
+    #[test]
+    fn host_patterns() {
+        let p: HostPattern = "10.255.60.0/24".parse().unwrap();
+        assert!(p.matches("10.255.60.9".parse().unwrap()));
+        assert!(p.matches("::ffff:10.255.60.9".parse().unwrap()));
+        assert!(!p.matches("10.255.61.9".parse().unwrap()));
+        let any: HostPattern = "0.0.0.0/0".parse().unwrap();
+        assert!(any.matches("1.2.3.4".parse().unwrap()));
+        let v6: HostPattern = "fd00::/8".parse().unwrap();
+        assert!(v6.matches("fd12::1".parse().unwrap()));
+        assert!(!v6.matches("10.0.0.1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "host.example", "", "::/129"] {
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn authorize_table() {
+        let m = module();
+        let good = Fingerprint::of_der(b"good");
+        let bad = Fingerprint::of_der(b"bad");
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let far: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(authorize(&m, good, lo, Intent::Write, 0), Ok(()));
+        assert!(matches!(authorize(&m, bad, lo, Intent::Write, 0), Err(Refusal::ClientNotAllowed { .. })));
+        assert!(matches!(authorize(&m, good, far, Intent::Write, 0), Err(Refusal::HostNotAllowed { .. })));
+        assert!(matches!(authorize(&m, good, lo, Intent::Write, 2), Err(Refusal::TooManyConnections { max: 2, .. })));
+        let ro = Module { read_only: true, ..m };
+        assert!(matches!(authorize(&ro, good, lo, Intent::Write, 0), Err(Refusal::ReadOnly(_))));
+        assert_eq!(authorize(&ro, good, lo, Intent::Read, 0), Ok(()));
+    }
+}

@@ -1,0 +1,185 @@
+//! `receiver.toml`: raw TOML structs, then validation into [`Config`].
+
+use crate::access::HostPattern;
+use ferry_protocol::Fingerprint;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration file could not be used. Messages name the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// What is wrong, naming the key (and line, for syntax errors).
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    modules: BTreeMap<String, RawModule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModule {
+    path: PathBuf,
+    #[serde(default)]
+    clients: Vec<String>,
+    #[serde(default)]
+    hosts_allow: Option<Vec<String>>,
+    #[serde(default = "default_true")]
+    read_only: bool,
+    max_connections: Option<usize>,
+    comment: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A validated receiver configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Certificate PEM file.
+    pub cert: PathBuf,
+    /// Private key PEM file.
+    pub key: PathBuf,
+    /// Where digest caches are kept, if anywhere.
+    pub state_dir: Option<PathBuf>,
+    /// Modules by name.
+    pub modules: BTreeMap<String, Module>,
+}
+
+/// One module: a directory tree peers may write into.
+#[derive(Debug, Clone)]
+pub struct Module {
+    /// Module name.
+    pub name: String,
+    /// Root directory.
+    pub path: PathBuf,
+    /// Sender fingerprints allowed in.
+    pub clients: Vec<Fingerprint>,
+    /// Allowed peer addresses; `None` means any.
+    pub hosts_allow: Option<Vec<HostPattern>>,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Concurrent sessions allowed.
+    pub max_connections: Option<usize>,
+    /// Free text.
+    pub comment: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates `file`; relative paths resolve against its directory.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError { file: file.to_path_buf(), message: e.to_string() })?;
+        Config::parse(&text, file)
+    }
+
+    /// Parses and validates `text` as if read from `file`.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |message: String| ConfigError { file: file.to_path_buf(), message };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let listen = raw.listen.parse().map_err(|e| err(format!("listen: invalid address {:?}: {e}", raw.listen)))?;
+        let mut modules = BTreeMap::new();
+        for (name, m) in raw.modules {
+            let key = |k: &str| format!("modules.{name}.{k}");
+            if name.is_empty() || name.contains('/') {
+                return Err(err(format!("modules.{name}: invalid module name")));
+            }
+            let clients = m
+                .clients
+                .iter()
+                .map(|c| c.parse::<Fingerprint>().map_err(|e| err(format!("{}: {e}", key("clients")))))
+                .collect::<Result<Vec<_>, _>>()?;
+            let hosts_allow = m
+                .hosts_allow
+                .map(|list| {
+                    list.iter()
+                        .map(|h| h.parse::<HostPattern>().map_err(|e| err(format!("{}: {e}", key("hosts_allow")))))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            if m.max_connections == Some(0) {
+                return Err(err(format!("{}: must be at least 1", key("max_connections"))));
+            }
+            modules.insert(
+                name.clone(),
+                Module {
+                    name: name.clone(),
+                    path: resolve(m.path),
+                    clients,
+                    hosts_allow,
+                    read_only: m.read_only,
+                    max_connections: m.max_connections,
+                    comment: m.comment,
+                },
+            );
+        }
+        Ok(Config { listen, cert: resolve(raw.cert), key: resolve(raw.key), state_dir: raw.state_dir.map(resolve), modules })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:8730"
+cert = "cert.pem"
+key = "/etc/ferry/key.pem"
+[modules.file]
+path = "data/file"
+clients = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
+hosts_allow = ["10.255.50.63", "10.255.60.0/24"]
+read_only = false
+max_connections = 200
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/ferry/receiver.toml")).unwrap();
+        assert_eq!(c.cert, PathBuf::from("/etc/ferry/cert.pem"));
+        assert_eq!(c.key, PathBuf::from("/etc/ferry/key.pem"));
+        let m = &c.modules["file"];
+        assert_eq!(m.path, PathBuf::from("/etc/ferry/data/file"));
+        assert!(!m.read_only);
+        assert_eq!(m.max_connections, Some(200));
+        assert_eq!(m.hosts_allow.as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn read_only_defaults_to_true() {
+        let text = "listen = \"127.0.0.1:1\"\ncert = \"c\"\nkey = \"k\"\n[modules.m]\npath = \"/x\"\n";
+        assert!(Config::parse(text, Path::new("r.toml")).unwrap().modules["m"].read_only);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let cases = [
+            (GOOD.replace("read_only", "readonly"), "readonly"),
+            (GOOD.replace("sha256:0000", "sha256:zz00"), "modules.file.clients"),
+            (GOOD.replace("10.255.60.0/24", "10.255.60.0/99"), "modules.file.hosts_allow"),
+            (GOOD.replace("127.0.0.1:8730", "nowhere"), "listen"),
+            (format!("{GOOD}\n[modules.file]\npath = \"/y\"\n"), "file"),
+        ];
+        for (text, needle) in cases {
+            let e = Config::parse(&text, Path::new("/etc/ferry/receiver.toml")).unwrap_err().to_string();
+            assert!(e.starts_with("/etc/ferry/receiver.toml: "), "{e}");
+            assert!(e.contains(needle), "{e} should mention {needle}");
+        }
+    }
+}

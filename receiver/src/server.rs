@@ -1,0 +1,131 @@
+//! The receiver's listener: connection limits, session tasks, shutdown.
+
+use crate::config::{Config, Module};
+use crate::writer::{ModuleState, Stats};
+use ferry_protocol::identity::Identity;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Sessions served at once across all modules; further connections wait in the kernel's
+/// backlog until a slot frees.
+pub const MAX_SESSIONS: usize = 1024;
+
+/// How long shutdown waits for sessions to finish their queued requests.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The receiver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Certificate or key could not be loaded.
+    #[error(transparent)]
+    Identity(#[from] ferry_protocol::identity::IdentityError),
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] ferry_protocol::tls::TlsError),
+    /// A module could not be opened, or the listener could not bind.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running receiver's shared state.
+pub struct Server {
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    pub(crate) modules: HashMap<String, Arc<ModuleState>>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) privileged: bool,
+    listen: SocketAddr,
+}
+
+impl Server {
+    /// Loads the identity and opens every module (cleaning staging leftovers).
+    pub fn new(config: &Config) -> Result<Server, ServerError> {
+        let identity = Identity::load(&config.cert, &config.key)?;
+        Server::with_identity(identity, config.listen, config.modules.values().cloned().collect(), config.state_dir.clone())
+    }
+
+    /// Builds a server from parts (used by `ferry mirror`).
+    pub fn with_identity(identity: Identity, listen: SocketAddr, modules: Vec<Module>, state_dir: Option<PathBuf>) -> Result<Server, ServerError> {
+        let tls = ferry_protocol::tls::server_config(identity.certs, identity.key)?;
+        let mut map = HashMap::new();
+        for m in modules {
+            let state = ModuleState::open(m.clone(), state_dir.as_deref())?;
+            map.insert(m.name.clone(), Arc::new(state));
+        }
+        // SAFETY: geteuid has no preconditions.
+        let privileged = unsafe { libc::geteuid() } == 0;
+        Ok(Server { tls, modules: map, stats: Arc::new(Stats::default()), privileged, listen })
+    }
+
+    /// Binds the configured listen address.
+    pub async fn bind(&self) -> Result<TcpListener, ServerError> {
+        TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| ServerError::Io(std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", self.listen))))
+    }
+
+    /// Process-wide counters.
+    pub fn stats(&self) -> Vec<(String, u64)> {
+        self.stats.snapshot()
+    }
+
+    /// Accepts sessions until `shutdown` fires, then lets open sessions finish their queued
+    /// requests (unfinished files are discarded) for up to [`SHUTDOWN_GRACE`].
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let limit = Arc::new(Semaphore::new(MAX_SESSIONS));
+        let tracker = TaskTracker::new();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    let server = self.clone();
+                    let token = shutdown.child_token();
+                    tracker.spawn(async move {
+                        crate::session::serve(server, tcp, peer, token).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!("accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+            tracing::warn!("sessions still open after {SHUTDOWN_GRACE:?}; abandoning them");
+        }
+        for state in self.modules.values() {
+            if let Err(e) = state.cache.lock().expect("cache lock").save() {
+                tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
+            }
+        }
+        tracing::info!(stats = ?self.stats.snapshot(), "receiver stopped");
+    }
+}
+
+/// Runs a receiver from its configuration until `shutdown` fires.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let server = Arc::new(Server::new(config)?);
+    let listener = server.bind().await?;
+    tracing::info!(listen = %listener.local_addr()?, modules = server.modules.len(), "receiver listening");
+    server.serve(listener, shutdown).await;
+    Ok(())
+}

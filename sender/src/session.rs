@@ -1,0 +1,274 @@
+//! A sender's connection to one receiver module: requests go out through a writer task,
+//! replies are routed back to whoever issued the request by a reader task. Many requests can
+//! be in flight at once.
+
+use ferry_protocol::connection::{client_handshake, ConnError, FrameReader, FrameWriter};
+use ferry_protocol::identity::Identity;
+use ferry_protocol::message::{DigestEntry, Intent, Message, RequestId};
+use ferry_protocol::{Entry, Fingerprint, RelPath};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// How long connecting (TCP and TLS) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A session-level failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Connecting or the connection failed.
+    #[error("{address}: {source}")]
+    Conn {
+        /// The receiver address.
+        address: String,
+        /// The cause.
+        source: ConnError,
+    },
+    /// The connection was lost while a request was outstanding.
+    #[error("{0}: connection lost")]
+    Lost(String),
+    /// The receiver answered a request with `Failed`.
+    #[error("{0}")]
+    Failed(String),
+    /// The receiver answered with something unexpected.
+    #[error("{address}: protocol violation: {what}")]
+    Protocol {
+        /// The receiver address.
+        address: String,
+        /// What arrived.
+        what: String,
+    },
+}
+
+impl SessionError {
+    /// True for errors that end the whole session (as opposed to one request failing).
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, SessionError::Failed(_))
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<RequestId, mpsc::Sender<Message>>>>;
+
+/// An open session on one module.
+pub struct Session {
+    address: String,
+    out: mpsc::Sender<Message>,
+    pending: Pending,
+    next_id: AtomicU64,
+    /// The receiver applies owners and device nodes.
+    pub privileged: bool,
+    bytes_sent: Arc<AtomicU64>,
+    writer: tokio::task::JoinHandle<()>,
+    reader: tokio::task::JoinHandle<()>,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl Session {
+    /// Connects to `address`, pins `fingerprint`, and opens `module` with `intent`.
+    pub async fn connect(address: &str, fingerprint: Fingerprint, identity: &Identity, module: &str, intent: Intent) -> Result<Session, SessionError> {
+        let conn_err = |source: ConnError| SessionError::Conn { address: address.to_string(), source };
+        let tls = ferry_protocol::tls::client_config(identity.certs.clone(), identity.key.clone_key(), fingerprint)
+            .map_err(|e| conn_err(ConnError::Protocol(e.to_string())))?;
+        let connect = async {
+            let tcp = TcpStream::connect(address).await?;
+            let _ = tcp.set_nodelay(true);
+            tokio_rustls::TlsConnector::from(tls).connect(ferry_protocol::tls::server_name(), tcp).await
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| conn_err(ConnError::Timeout("connecting")))?
+            .map_err(|e| conn_err(e.into()))?;
+        let (r, w) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(r);
+        let mut writer = FrameWriter::new(w);
+        let privileged = client_handshake(&mut reader, &mut writer, module, intent).await.map_err(conn_err)?;
+
+        let (out, mut out_rx) = mpsc::channel::<Message>(64);
+        let bytes_sent = Arc::new(AtomicU64::new(writer.bytes_written()));
+        let lost = Arc::new(Mutex::new(None));
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+
+        let sent = bytes_sent.clone();
+        let lost_w = lost.clone();
+        let writer_task = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = out_rx.recv().await {
+                batch.push(first);
+                while batch.len() < 64 {
+                    match out_rx.try_recv() {
+                        Ok(m) => batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = writer.write_all(&batch).await {
+                    lost_w.lock().expect("lock").get_or_insert(e.to_string());
+                    return;
+                }
+                sent.store(writer.bytes_written(), Ordering::Relaxed);
+                batch.clear();
+            }
+            let _ = writer.shutdown().await;
+        });
+
+        let pending_r = pending.clone();
+        let lost_r = lost.clone();
+        let reader_task = tokio::spawn(async move {
+            let why = loop {
+                match reader.read().await {
+                    Ok(Some(Message::Refused { reason })) => break format!("receiver: {reason}"),
+                    Ok(Some(msg)) => {
+                        let Some(id) = msg.reply_id() else {
+                            break format!("unexpected {} from receiver", msg.name());
+                        };
+                        let last = is_final(&msg);
+                        let tx = {
+                            let mut map = pending_r.lock().expect("lock");
+                            if last { map.remove(&id) } else { map.get(&id).cloned() }
+                        };
+                        if let Some(tx) = tx {
+                            let _ = tx.send(msg).await;
+                        }
+                    }
+                    Ok(None) => break "closed by receiver".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            lost_r.lock().expect("lock").get_or_insert(why);
+            // Dropping the senders wakes everyone still waiting.
+            pending_r.lock().expect("lock").clear();
+        });
+
+        Ok(Session {
+            address: address.to_string(),
+            out,
+            pending,
+            next_id: AtomicU64::new(1),
+            privileged,
+            bytes_sent,
+            writer: writer_task,
+            reader: reader_task,
+            lost,
+        })
+    }
+
+    /// The receiver address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Frame bytes written to the receiver so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    fn lost_error(&self) -> SessionError {
+        let why = self.lost.lock().expect("lock").clone().unwrap_or_else(|| "connection lost".into());
+        SessionError::Lost(format!("{}: {why}", self.address))
+    }
+
+    /// Registers a new request id and the channel its replies arrive on.
+    pub fn register(&self) -> (RequestId, mpsc::Receiver<Message>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(8);
+        self.pending.lock().expect("lock").insert(id, tx);
+        (id, rx)
+    }
+
+    /// Queues a message for the writer task; messages go out in call order.
+    pub async fn send(&self, msg: Message) -> Result<(), SessionError> {
+        self.out.send(msg).await.map_err(|_| self.lost_error())
+    }
+
+    /// A handle for sending from blocking code (file readers).
+    pub fn sender(&self) -> mpsc::Sender<Message> {
+        self.out.clone()
+    }
+
+    /// Waits for the next reply on `rx`.
+    pub async fn reply(&self, rx: &mut mpsc::Receiver<Message>) -> Result<Message, SessionError> {
+        rx.recv().await.ok_or_else(|| self.lost_error())
+    }
+
+    /// Waits for a final reply and turns `Failed` into an error.
+    pub async fn expect_ack(&self, rx: &mut mpsc::Receiver<Message>) -> Result<(), SessionError> {
+        match self.reply(rx).await? {
+            Message::Ack { .. } => Ok(()),
+            Message::Failed { error, .. } => Err(SessionError::Failed(error)),
+            other => Err(self.protocol(&other)),
+        }
+    }
+
+    fn protocol(&self, msg: &Message) -> SessionError {
+        SessionError::Protocol { address: self.address.clone(), what: format!("unexpected {}", msg.name()) }
+    }
+
+    /// Sends a request built from a fresh id and waits for its acknowledgement.
+    pub async fn call(&self, make: impl FnOnce(RequestId) -> Message) -> Result<(), SessionError> {
+        let mut rx = self.start(make).await?;
+        self.expect_ack(&mut rx).await
+    }
+
+    /// Sends a request built from a fresh id; returns where its reply will arrive.
+    pub async fn start(&self, make: impl FnOnce(RequestId) -> Message) -> Result<mpsc::Receiver<Message>, SessionError> {
+        let (id, rx) = self.register();
+        self.send(make(id)).await?;
+        Ok(rx)
+    }
+
+    /// The whole module listing, in tree order.
+    pub async fn list(&self) -> Result<Vec<Entry>, SessionError> {
+        let mut rx = self.start(|id| Message::List { id }).await?;
+        let mut out = Vec::new();
+        loop {
+            match self.reply(&mut rx).await? {
+                Message::Listing { entries, done, .. } => {
+                    out.extend(entries);
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                Message::Failed { error, .. } => return Err(SessionError::Failed(error)),
+                other => return Err(self.protocol(&other)),
+            }
+        }
+    }
+
+    /// One directory's digests.
+    pub async fn verify_dir(&self, path: &RelPath, checksum: bool) -> Result<(Option<Entry>, Vec<DigestEntry>), SessionError> {
+        let mut rx = self.start(|id| Message::VerifyDir { id, path: path.clone(), checksum }).await?;
+        match self.reply(&mut rx).await? {
+            Message::DirDigests { dir, entries, .. } => Ok((dir, entries)),
+            Message::Failed { error, .. } => Err(SessionError::Failed(error)),
+            other => Err(self.protocol(&other)),
+        }
+    }
+
+    /// The receiver's counters.
+    pub async fn stats(&self) -> Result<Vec<(String, u64)>, SessionError> {
+        let mut rx = self.start(|id| Message::Stats { id }).await?;
+        match self.reply(&mut rx).await? {
+            Message::StatsReply { counters, .. } => Ok(counters),
+            Message::Failed { error, .. } => Err(SessionError::Failed(error)),
+            other => Err(self.protocol(&other)),
+        }
+    }
+
+    /// Says goodbye and waits for the receiver to answer everything and close.
+    pub async fn close(self) {
+        let _ = self.out.send(Message::Bye).await;
+        drop(self.out);
+        let _ = self.writer.await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.reader).await;
+    }
+}
+
+fn is_final(msg: &Message) -> bool {
+    match msg {
+        Message::Listing { done, .. } => *done,
+        Message::Signature { .. } | Message::NoBase { .. } => false,
+        _ => true,
+    }
+}

@@ -1,0 +1,186 @@
+//! Sending one file: `FileBegin`, optionally the receiver's signature, the body as whole
+//! chunks or windowed deltas read on a blocking thread, then `FileEnd` with the digest.
+
+use crate::session::{Session, SessionError};
+use ferry_protocol::delta::{self, WINDOW};
+use ferry_protocol::local;
+use ferry_protocol::message::{Body, Message, RequestId};
+use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::RelPath;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use tokio::sync::mpsc;
+
+/// Size of a whole-body chunk.
+pub const CHUNK: usize = 1024 * 1024;
+
+/// How a file transfer ended, when it did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// The source changed while being read; the transfer was aborted and should be retried.
+    #[error("{0}: changed while being sent")]
+    Changed(RelPath),
+    /// The source is gone or no longer a regular file; the caller re-plans the path.
+    #[error("{0}: vanished or changed type")]
+    Vanished(RelPath),
+    /// Reading the source failed.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: RelPath,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The receiver refused or the connection failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+/// A file whose `FileBegin` went out; [`InFlight::finish`] sends the body.
+pub struct InFlight {
+    id: RequestId,
+    rx: mpsc::Receiver<Message>,
+    path: RelPath,
+    local: PathBuf,
+    meta: Meta,
+    body: Body,
+}
+
+/// What one file cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sent {
+    /// Payload bytes (data or delta) sent.
+    pub payload: u64,
+    /// Sent as a delta.
+    pub delta: bool,
+}
+
+/// Sends `FileBegin` for `path` under `root`, with fresh metadata. Returns `Ok(None)` if the
+/// path is no longer a regular file.
+pub async fn begin(session: &Session, root: &Path, path: &RelPath, want_delta: bool) -> Result<Option<InFlight>, TransferError> {
+    let local_path = local::local_path(root, path);
+    let entry = {
+        let (root, path) = (root.to_path_buf(), path.clone());
+        tokio::task::spawn_blocking(move || local::read_entry(&root, &path)).await.expect("stat task")
+    };
+    let meta = match entry {
+        Ok(Some(e)) if e.meta.kind == Kind::File => e.meta,
+        Ok(_) => return Ok(None),
+        Err(source) => return Err(TransferError::Read { path: path.clone(), source }),
+    };
+    let body = if want_delta && meta.size >= delta::DELTA_THRESHOLD { Body::Delta } else { Body::Whole };
+    let (id, rx) = session.register();
+    session.send(Message::FileBegin { id, path: path.clone(), meta: meta.clone(), body }).await?;
+    Ok(Some(InFlight { id, rx, path: path.clone(), local: local_path, meta, body }))
+}
+
+impl InFlight {
+    /// Sends the body and `FileEnd`, then waits for the receiver's verdict.
+    pub async fn finish(mut self, session: &Session) -> Result<Sent, TransferError> {
+        let mut signature = None;
+        if self.body == Body::Delta {
+            match session.reply(&mut self.rx).await? {
+                Message::Signature { signature: s, .. } => signature = Some(s),
+                Message::NoBase { .. } => {}
+                Message::Failed { error, .. } => return Err(SessionError::Failed(error).into()),
+                other => return Err(SessionError::Failed(format!("unexpected {} from receiver", other.name())).into()),
+            }
+        }
+        let out = session.sender();
+        let (id, local, meta, path) = (self.id, self.local.clone(), self.meta.clone(), self.path.clone());
+        let streamed = tokio::task::spawn_blocking(move || stream_body(id, &local, &meta, &path, signature, &out)).await.expect("reader task");
+        let (digest, sent) = match streamed {
+            Ok(v) => v,
+            Err(e) => {
+                session.send(Message::FileAbort { id: self.id }).await?;
+                // The receiver answers the abort with Failed; wait for it so the id is settled.
+                let _ = session.reply(&mut self.rx).await;
+                return Err(e);
+            }
+        };
+        session.send(Message::FileEnd { id: self.id, digest }).await?;
+        session.expect_ack(&mut self.rx).await?;
+        Ok(sent)
+    }
+}
+
+fn stream_body(
+    id: RequestId,
+    local: &Path,
+    meta: &Meta,
+    path: &RelPath,
+    signature: Option<Vec<u8>>,
+    out: &mpsc::Sender<Message>,
+) -> Result<([u8; 32], Sent), TransferError> {
+    let read_err = |source| TransferError::Read { path: path.clone(), source };
+    let mut file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(local).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) {
+            TransferError::Vanished(path.clone())
+        } else {
+            read_err(e)
+        }
+    })?;
+    let same = |m: &std::fs::Metadata| local::meta_of(m).is_some_and(|now| now.kind == Kind::File && now.quick_equal(meta));
+    if !same(&file.metadata().map_err(read_err)?) {
+        return Err(TransferError::Changed(path.clone()));
+    }
+    let lost = || TransferError::Session(SessionError::Lost("sending file body".into()));
+    let mut hasher = blake3::Hasher::new();
+    let mut sent = Sent { payload: 0, delta: signature.is_some() };
+    let mut total = 0u64;
+    match signature {
+        Some(sig) => {
+            let sig = delta::parse_peer_signature(sig).map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
+            let index = sig.index();
+            let mut window = vec![0; WINDOW.min(meta.size as usize).max(1)];
+            loop {
+                let n = read_full(&mut file, &mut window).map_err(read_err)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&window[..n]);
+                total += n as u64;
+                let mut d = Vec::new();
+                delta::diff_window(&index, &window[..n], &mut d).map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
+                sent.payload += d.len() as u64;
+                out.blocking_send(Message::FileDelta { id, window: n as u64, delta: d }).map_err(|_| lost())?;
+                if total > meta.size {
+                    return Err(TransferError::Changed(path.clone()));
+                }
+            }
+        }
+        None => loop {
+            let mut chunk = vec![0; CHUNK.min(meta.size.saturating_sub(total) as usize + 1)];
+            let n = read_full(&mut file, &mut chunk).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            chunk.truncate(n);
+            hasher.update(&chunk);
+            total += n as u64;
+            if total > meta.size {
+                return Err(TransferError::Changed(path.clone()));
+            }
+            sent.payload += n as u64;
+            out.blocking_send(Message::FileData { id, data: chunk }).map_err(|_| lost())?;
+        },
+    }
+    if total != meta.size || !same(&file.metadata().map_err(read_err)?) {
+        return Err(TransferError::Changed(path.clone()));
+    }
+    Ok((*hasher.finalize().as_bytes(), sent))
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
