@@ -18,7 +18,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Keep backup hosts in step with source hosts, over mutual TLS")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Keep backup hosts in step with source hosts, over mutual TLS"
+)]
 struct Cli {
     /// More logging (-v debug, -vv trace). FERRY_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -88,7 +92,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start runtime: {e}");
@@ -125,7 +132,10 @@ fn shutdown_on_signals() -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -157,16 +167,29 @@ async fn run(command: Command) -> Result<u8> {
         Command::Send { config, once } => {
             let config = ferry_sender::Config::load(&config)?;
             if !once {
-                bail!("the live daemon is not available yet; use `ferry send --config FILE --once`");
+                bail!(
+                    "the live daemon is not available yet; use `ferry send --config FILE --once`"
+                );
             }
             send_once(&config).await
         }
         Command::Mirror { src, dst } => mirror(&src, &dst).await,
-        Command::Verify { config: Some(config), sync, checksum, .. } => verify_remote(&config, sync.as_deref(), checksum).await,
-        Command::Verify { left: Some(left), right: Some(right), checksum, cache_dir, .. } => {
-            verify_local(&left, &right, checksum, cache_dir).await
+        Command::Verify {
+            config: Some(config),
+            sync,
+            checksum,
+            ..
+        } => verify_remote(&config, sync.as_deref(), checksum).await,
+        Command::Verify {
+            left: Some(left),
+            right: Some(right),
+            checksum,
+            cache_dir,
+            ..
+        } => verify_local(&left, &right, checksum, cache_dir).await,
+        Command::Verify { .. } => {
+            bail!("verify needs LEFT and RIGHT directories, or --config FILE")
         }
-        Command::Verify { .. } => bail!("verify needs LEFT and RIGHT directories, or --config FILE"),
     }
 }
 
@@ -195,7 +218,16 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
         for target_name in &group.targets {
             let target = &config.targets[target_name];
             let result = async {
-                let session = Arc::new(Session::connect(&target.address, target.fingerprint, &identity, &group.module, Intent::Write).await?);
+                let session = Arc::new(
+                    Session::connect(
+                        &target.address,
+                        target.fingerprint,
+                        &identity,
+                        &group.module,
+                        Intent::Write,
+                    )
+                    .await?,
+                );
                 let report = reconcile::reconcile(&session, group).await?;
                 if let Ok(s) = Arc::try_unwrap(session) {
                     s.close().await;
@@ -219,14 +251,20 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
 }
 
 async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
-    let src = src.canonicalize().with_context(|| format!("{}", src.display()))?;
+    let src = src
+        .canonicalize()
+        .with_context(|| format!("{}", src.display()))?;
     if !src.is_dir() {
         bail!("{}: not a directory", src.display());
     }
     std::fs::create_dir_all(dst).with_context(|| format!("{}", dst.display()))?;
     let dst = dst.canonicalize()?;
     if dst.starts_with(&src) || src.starts_with(&dst) {
-        bail!("{} and {} overlap; mirror needs two separate trees", src.display(), dst.display());
+        bail!(
+            "{} and {} overlap; mirror needs two separate trees",
+            src.display(),
+            dst.display()
+        );
     }
     let (server_id, _, _) = Identity::generate("ferry-mirror-receiver")?;
     let (client_id, _, _) = Identity::generate("ferry-mirror-sender")?;
@@ -240,7 +278,12 @@ async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
         max_connections: None,
         comment: None,
     };
-    let server = Arc::new(ferry_receiver::Server::with_identity(server_id, "127.0.0.1:0".parse()?, vec![module], None)?);
+    let server = Arc::new(ferry_receiver::Server::with_identity(
+        server_id,
+        "127.0.0.1:0".parse()?,
+        vec![module],
+        None,
+    )?);
     let listener = server.bind().await?;
     let address = listener.local_addr()?.to_string();
     let shutdown = CancellationToken::new();
@@ -253,8 +296,14 @@ async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
         filter: Filter::empty(),
         delete: true,
     };
-    eprintln!("ferry: mirroring {} → {} via {address}", src.display(), dst.display());
-    let session = Arc::new(Session::connect(&address, server_pin, &client_id, "mirror", Intent::Write).await?);
+    eprintln!(
+        "ferry: mirroring {} → {} via {address}",
+        src.display(),
+        dst.display()
+    );
+    let session = Arc::new(
+        Session::connect(&address, server_pin, &client_id, "mirror", Intent::Write).await?,
+    );
     let report = reconcile::reconcile(&session, &group).await?;
     if let Ok(s) = Arc::try_unwrap(session) {
         s.close().await;
@@ -282,16 +331,28 @@ fn cache_for(dir: Option<&Path>, root: &Path) -> DigestCache {
     }
 }
 
-fn build_tree(root: &Path, filter: &Filter, cache: &mut DigestCache, cmp: Compare, checksum: bool) -> Result<DigestTree> {
+fn build_tree(
+    root: &Path,
+    filter: &Filter,
+    cache: &mut DigestCache,
+    cmp: Compare,
+    checksum: bool,
+) -> Result<DigestTree> {
     let accept = |p: &ferry_protocol::RelPath, d: bool| filter.accepts(p, d);
     let mut errors = Vec::new();
-    let tree = DigestTree::build(root, &accept, cache, cmp, checksum, &mut errors).with_context(|| format!("{}", root.display()))?;
+    let tree = DigestTree::build(root, &accept, cache, cmp, checksum, &mut errors)
+        .with_context(|| format!("{}", root.display()))?;
     if let Some((p, e)) = errors.first() {
-        bail!("{}: {e} ({} unreadable entries in all)", root.join(p.as_path()).display(), errors.len());
+        bail!(
+            "{}: {e} ({} unreadable entries in all)",
+            root.join(p.as_path()).display(),
+            errors.len()
+        );
     }
     if let Err(e) = cache.save() {
         tracing::warn!("cannot save digest cache: {e}");
     }
+    tracing::info!(root = %root.display(), hashed = cache.hashed, cached = cache.hits, "tree digested");
     Ok(tree)
 }
 
@@ -301,12 +362,25 @@ fn print_differences(diffs: &[(ferry_protocol::RelPath, ferry_protocol::meta::Di
     }
 }
 
-async fn verify_local(left: &Path, right: &Path, checksum: bool, cache_dir: Option<PathBuf>) -> Result<u8> {
+async fn verify_local(
+    left: &Path,
+    right: &Path,
+    checksum: bool,
+    cache_dir: Option<PathBuf>,
+) -> Result<u8> {
     let cache_dir = cache_dir.or_else(default_cache_dir);
     // Owners can only have been preserved by root; compare them when we are root.
     // SAFETY: geteuid has no preconditions.
-    let cmp = Compare { owner: unsafe { libc::geteuid() } == 0 };
-    let (left, right) = (left.canonicalize().with_context(|| format!("{}", left.display()))?, right.canonicalize().with_context(|| format!("{}", right.display()))?);
+    let cmp = Compare {
+        owner: unsafe { libc::geteuid() } == 0,
+    };
+    let (left, right) = (
+        left.canonicalize()
+            .with_context(|| format!("{}", left.display()))?,
+        right
+            .canonicalize()
+            .with_context(|| format!("{}", right.display()))?,
+    );
     // A receiver's staging directory is never part of a tree.
     let filter = Filter::new(&[format!("/{}/", ferry_receiver::STAGING_DIR)])?;
     let walk_filter = filter.clone();
@@ -314,7 +388,10 @@ async fn verify_local(left: &Path, right: &Path, checksum: bool, cache_dir: Opti
         let mut lc = cache_for(cache_dir.as_deref(), &left);
         let mut rc = cache_for(cache_dir.as_deref(), &right);
         let filter = walk_filter;
-        Ok((build_tree(&left, &filter, &mut lc, cmp, checksum)?, build_tree(&right, &filter, &mut rc, cmp, checksum)?))
+        Ok((
+            build_tree(&left, &filter, &mut lc, cmp, checksum)?,
+            build_tree(&right, &filter, &mut rc, cmp, checksum)?,
+        ))
     })
     .await??;
     let diffs = verify::compare(&Side::Local(l), &Side::Local(r), cmp, &filter).await?;
@@ -325,7 +402,11 @@ async fn verify_local(left: &Path, right: &Path, checksum: bool, cache_dir: Opti
 async fn verify_remote(config: &Path, only: Option<&str>, checksum: bool) -> Result<u8> {
     let config = ferry_sender::Config::load(config)?;
     let identity = Identity::load(&config.cert, &config.key)?;
-    let groups: Vec<&SyncGroup> = config.syncs.iter().filter(|g| only.is_none_or(|n| g.name == n)).collect();
+    let groups: Vec<&SyncGroup> = config
+        .syncs
+        .iter()
+        .filter(|g| only.is_none_or(|n| g.name == n))
+        .collect();
     if groups.is_empty() {
         bail!("no sync group named {:?}", only.unwrap_or_default());
     }
@@ -333,10 +414,18 @@ async fn verify_remote(config: &Path, only: Option<&str>, checksum: bool) -> Res
     for group in groups {
         for target_name in &group.targets {
             let target = &config.targets[target_name];
-            let session = Session::connect(&target.address, target.fingerprint, &identity, &group.module, Intent::Read)
-                .await
-                .with_context(|| format!("{} → {target_name}", group.name))?;
-            let cmp = Compare { owner: session.privileged };
+            let session = Session::connect(
+                &target.address,
+                target.fingerprint,
+                &identity,
+                &group.module,
+                Intent::Read,
+            )
+            .await
+            .with_context(|| format!("{} → {target_name}", group.name))?;
+            let cmp = Compare {
+                owner: session.privileged,
+            };
             let (source, filter) = (group.source.clone(), group.filter.clone());
             let cache_file = config.state_dir.as_ref().map(|d| d.join("digests"));
             let tree = tokio::task::spawn_blocking(move || {
@@ -344,10 +433,26 @@ async fn verify_remote(config: &Path, only: Option<&str>, checksum: bool) -> Res
                 build_tree(&source, &filter, &mut cache, cmp, checksum)
             })
             .await??;
-            let diffs = verify::compare(&Side::Local(tree), &Side::Remote { session: &session, checksum }, cmp, &group.filter)
-                .await
-                .with_context(|| format!("{} → {target_name}", group.name))?;
-            eprintln!("ferry: verify {} → {target_name}: {}", group.name, if diffs.is_empty() { "equal".to_string() } else { format!("{} differences", diffs.len()) });
+            let diffs = verify::compare(
+                &Side::Local(tree),
+                &Side::Remote {
+                    session: &session,
+                    checksum,
+                },
+                cmp,
+                &group.filter,
+            )
+            .await
+            .with_context(|| format!("{} → {target_name}", group.name))?;
+            eprintln!(
+                "ferry: verify {} → {target_name}: {}",
+                group.name,
+                if diffs.is_empty() {
+                    "equal".to_string()
+                } else {
+                    format!("{} differences", diffs.len())
+                }
+            );
             print_differences(&diffs);
             equal &= diffs.is_empty();
             session.close().await;

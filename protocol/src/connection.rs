@@ -46,7 +46,12 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader.
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: Vec::with_capacity(64 * 1024), start: 0, last_len: 0 }
+        FrameReader {
+            inner,
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+            last_len: 0,
+        }
     }
 
     /// The next message; `Ok(None)` on a clean close at a frame boundary.
@@ -66,7 +71,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let want = frame::check(&self.buf)?.unwrap_or(0).max(self.buf.len() + 64 * 1024);
+            let want = frame::check(&self.buf)?
+                .unwrap_or(0)
+                .max(self.buf.len() + 64 * 1024);
             debug_assert!(want <= MAX_FRAME + 64 * 1024 + frame::HEADER_LEN);
             let len = self.buf.len();
             self.buf.resize(want, 0);
@@ -80,7 +87,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             };
             self.buf.truncate(len + n);
             if n == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::TruncatedFrame) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::TruncatedFrame)
+                };
             }
         }
     }
@@ -106,7 +117,11 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a writer.
     pub fn new(inner: W) -> Self {
-        FrameWriter { inner, buf: Vec::new(), written: 0 }
+        FrameWriter {
+            inner,
+            buf: Vec::new(),
+            written: 0,
+        }
     }
 
     /// Writes one message and flushes.
@@ -156,18 +171,29 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let hello = Message::Hello { magic: MAGIC, version: PROTOCOL_VERSION, module: module.to_string(), intent };
+    let hello = Message::Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        module: module.to_string(),
+        intent,
+    };
     writer.write(&hello).await?;
     let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
         .await
         .map_err(|_| ConnError::Timeout("waiting for the receiver's welcome"))??;
     match reply {
-        Message::Welcome { version, privileged } if version == PROTOCOL_VERSION => Ok(privileged),
-        Message::Welcome { version, .. } => {
-            Err(ConnError::Protocol(format!("receiver speaks protocol version {version}, we speak {PROTOCOL_VERSION}")))
-        }
+        Message::Welcome {
+            version,
+            privileged,
+        } if version == PROTOCOL_VERSION => Ok(privileged),
+        Message::Welcome { version, .. } => Err(ConnError::Protocol(format!(
+            "receiver speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
+        ))),
         Message::Refused { reason } => Err(ConnError::Refused(reason)),
-        other => Err(ConnError::Protocol(format!("expected Welcome, got {}", other.name()))),
+        other => Err(ConnError::Protocol(format!(
+            "expected Welcome, got {}",
+            other.name()
+        ))),
     }
 }
 
@@ -180,7 +206,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(1);
         let mut w = FrameWriter::new(a);
         let msgs = vec![
-            Message::FileData { id: 1, data: vec![7; 100_000] },
+            Message::FileData {
+                id: 1,
+                data: vec![7; 100_000],
+            },
             Message::Ack { id: 2 },
             Message::Bye,
         ];
@@ -203,7 +232,14 @@ mod tests {
     async fn close_mid_frame_is_an_error() {
         let (mut a, b) = tokio::io::duplex(1024);
         let mut buf = Vec::new();
-        frame::encode(&Message::FileData { id: 1, data: vec![1; 100] }, &mut buf).unwrap();
+        frame::encode(
+            &Message::FileData {
+                id: 1,
+                data: vec![1; 100],
+            },
+            &mut buf,
+        )
+        .unwrap();
         a.write_all(&buf[..50]).await.unwrap();
         drop(a);
         let mut r = FrameReader::new(b);

@@ -52,8 +52,12 @@ pub enum DeltaError {
 /// 1 KiB and [`MAX_BLOCK`], large enough that the signature fits [`MAX_SIGNATURE`].
 pub fn block_size_for(len: u64) -> u32 {
     let per_block = 4 + CRYPTO_HASH_SIZE as u64;
-    let mut block = ((len as f64).sqrt() as u64).next_power_of_two().clamp(1024, MAX_BLOCK as u64);
-    while block < MAX_BLOCK as u64 && len.div_ceil(block) * per_block + HEADER as u64 > MAX_SIGNATURE as u64 {
+    let mut block = ((len as f64).sqrt() as u64)
+        .next_power_of_two()
+        .clamp(1024, MAX_BLOCK as u64);
+    while block < MAX_BLOCK as u64
+        && len.div_ceil(block) * per_block + HEADER as u64 > MAX_SIGNATURE as u64
+    {
         block *= 2;
     }
     block as u32
@@ -61,7 +65,10 @@ pub fn block_size_for(len: u64) -> u32 {
 
 /// Signature of a whole base file.
 pub fn sign(base: &[u8]) -> Vec<u8> {
-    let options = SignatureOptions { block_size: block_size_for(base.len() as u64), crypto_hash_size: CRYPTO_HASH_SIZE };
+    let options = SignatureOptions {
+        block_size: block_size_for(base.len() as u64),
+        crypto_hash_size: CRYPTO_HASH_SIZE,
+    };
     Signature::calculate(base, options).into_serialized()
 }
 
@@ -71,8 +78,11 @@ pub fn parse_peer_signature(bytes: Vec<u8>) -> Result<Signature, DeltaError> {
     if bytes.len() > MAX_SIGNATURE {
         return Err(DeltaError::BadSignature("too large"));
     }
-    let header = bytes.get(..HEADER).ok_or(DeltaError::BadSignature("truncated header"))?;
-    let word = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let header = bytes
+        .get(..HEADER)
+        .ok_or(DeltaError::BadSignature("truncated header"))?;
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     if word(0) != MD4_MAGIC {
         return Err(DeltaError::BadSignature("unsupported signature type"));
     }
@@ -86,21 +96,35 @@ pub fn parse_peer_signature(bytes: Vec<u8>) -> Result<Signature, DeltaError> {
 }
 
 /// Appends to `out` the delta that rebuilds `window` from the base behind `signature`.
-pub fn diff_window(signature: &fast_rsync::IndexedSignature<'_>, window: &[u8], out: &mut Vec<u8>) -> Result<(), DeltaError> {
+pub fn diff_window(
+    signature: &fast_rsync::IndexedSignature<'_>,
+    window: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DeltaError> {
     fast_rsync::diff(signature, window, out)?;
     Ok(())
 }
 
 /// Rebuilds one window of `window_len` bytes (at most [`WINDOW`]) from `base` and a peer's
 /// `delta`, appending it to `out`.
-pub fn apply_window(base: &[u8], delta: &[u8], window_len: u64, out: &mut Vec<u8>) -> Result<(), DeltaError> {
-    let want = usize::try_from(window_len).unwrap_or(usize::MAX).min(WINDOW);
+pub fn apply_window(
+    base: &[u8],
+    delta: &[u8],
+    window_len: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), DeltaError> {
+    let want = usize::try_from(window_len)
+        .unwrap_or(usize::MAX)
+        .min(WINDOW);
     let start = out.len();
     fast_rsync::apply_limited(base, delta, out, want)?;
     let got = out.len() - start;
     if got as u64 != window_len {
         out.truncate(start);
-        return Err(DeltaError::WindowLength { got, want: window_len as usize });
+        return Err(DeltaError::WindowLength {
+            got,
+            want: window_len as usize,
+        });
     }
     Ok(())
 }
@@ -151,7 +175,13 @@ mod tests {
         huge_hash[8..12].copy_from_slice(&64u32.to_be_bytes());
         let mut blake2 = good.clone();
         blake2[0..4].copy_from_slice(&0x7273_0137u32.to_be_bytes());
-        for bad in [zero_block, huge_hash, blake2, good[..5].to_vec(), vec![0; MAX_SIGNATURE + 1]] {
+        for bad in [
+            zero_block,
+            huge_hash,
+            blake2,
+            good[..5].to_vec(),
+            vec![0; MAX_SIGNATURE + 1],
+        ] {
             assert!(parse_peer_signature(bad).is_err());
         }
         assert!(parse_peer_signature(good).is_ok());
@@ -174,7 +204,10 @@ mod tests {
             let b = block_size_for(len) as u64;
             assert!((1024..=MAX_BLOCK as u64).contains(&b));
             if len < 1 << 42 {
-                assert!(len.div_ceil(b) * 12 + 12 <= MAX_SIGNATURE as u64, "len {len} block {b}");
+                assert!(
+                    len.div_ceil(b) * 12 + 12 <= MAX_SIGNATURE as u64,
+                    "len {len} block {b}"
+                );
             }
         }
     }

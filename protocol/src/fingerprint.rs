@@ -81,12 +81,24 @@ mod tests {
         let s = f.to_string();
         assert!(s.starts_with("sha256:") && s.len() == 71);
         assert_eq!(s.parse::<Fingerprint>().unwrap(), f);
-        assert_eq!(s.to_uppercase().replace("SHA256", "sha256").parse::<Fingerprint>().unwrap(), f);
+        assert_eq!(
+            s.to_uppercase()
+                .replace("SHA256", "sha256")
+                .parse::<Fingerprint>()
+                .unwrap(),
+            f
+        );
     }
 
     #[test]
     fn malformed_strings_are_refused() {
-        for s in ["", "sha256:", "md5:00", "sha256:zz", &format!("sha256:{}", "0".repeat(63))] {
+        for s in [
+            "",
+            "sha256:",
+            "md5:00",
+            "sha256:zz",
+            &format!("sha256:{}", "0".repeat(63)),
+        ] {
             assert!(s.parse::<Fingerprint>().is_err(), "{s}");
         }
     }

@@ -82,7 +82,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn meta_strategy() -> impl Strategy<Value = Meta> {
-        (0u32..0o10000, any::<u32>(), any::<u32>(), any::<u64>(), any::<i64>(), 0u32..1_000_000_000, any::<u64>())
+        (
+            0u32..0o10000,
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<i64>(),
+            0u32..1_000_000_000,
+            any::<u64>(),
+        )
             .prop_map(|(mode, uid, gid, size, mtime, mtime_nsec, rdev)| Meta {
                 kind: Kind::File,
                 mode,
@@ -107,29 +115,53 @@ mod tests {
                 module,
                 intent: Intent::Write
             }),
-            (any::<u64>(), path_strategy(), meta_strategy()).prop_map(|(id, path, meta)| Message::FileBegin {
-                id,
-                path,
-                meta,
-                body: Body::Delta
+            (any::<u64>(), path_strategy(), meta_strategy()).prop_map(|(id, path, meta)| {
+                Message::FileBegin {
+                    id,
+                    path,
+                    meta,
+                    body: Body::Delta,
+                }
             }),
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..2048))
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..2048)
+            )
                 .prop_map(|(id, data)| Message::FileData { id, data }),
-            (any::<u64>(), path_strategy(), path_strategy()).prop_map(|(id, from, to)| Message::Rename { id, from, to }),
+            (any::<u64>(), path_strategy(), path_strategy())
+                .prop_map(|(id, from, to)| Message::Rename { id, from, to }),
             (any::<u64>(), any::<String>()).prop_map(|(id, error)| Message::Failed { id, error }),
-            (any::<u64>(), path_strategy(), meta_strategy(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32)))
+            (
+                any::<u64>(),
+                path_strategy(),
+                meta_strategy(),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32))
+            )
                 .prop_map(|(id, path, meta, link)| Message::Listing {
                     id,
                     entries: vec![Entry { path, meta, link }],
                     done: true
                 }),
-            (any::<u64>(), path_strategy(), meta_strategy(), any::<[u8; 32]>()).prop_map(|(id, path, meta, digest)| {
-                Message::DirDigests {
-                    id,
-                    dir: None,
-                    entries: vec![DigestEntry { entry: Entry { path, meta, link: None }, digest }],
-                }
-            }),
+            (
+                any::<u64>(),
+                path_strategy(),
+                meta_strategy(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(id, path, meta, digest)| {
+                    Message::DirDigests {
+                        id,
+                        dir: None,
+                        entries: vec![DigestEntry {
+                            entry: Entry {
+                                path,
+                                meta,
+                                link: None,
+                            },
+                            digest,
+                        }],
+                    }
+                }),
         ]
     }
 
@@ -175,7 +207,10 @@ mod tests {
     fn huge_inner_length_fails_cleanly() {
         // A FileData frame whose inner Vec length claims 2^60 bytes inside a small frame.
         let mut payload = Vec::new();
-        let msg = Message::FileData { id: 1, data: vec![1, 2, 3] };
+        let msg = Message::FileData {
+            id: 1,
+            data: vec![1, 2, 3],
+        };
         encode(&msg, &mut payload).unwrap();
         // Overwrite the varint Vec length (after the variant tag and id) with a huge value.
         let mut evil = payload[HEADER_LEN..HEADER_LEN + 2].to_vec();

@@ -16,7 +16,10 @@ pub struct Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity { certs: self.certs.clone(), key: self.key.clone_key() }
+        Identity {
+            certs: self.certs.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
@@ -48,8 +51,10 @@ impl Identity {
     /// Loads a PEM certificate chain and a PEM private key.
     pub fn load(cert: &Path, key: &Path) -> Result<Identity, IdentityError> {
         let certs = load_certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| IdentityError::Pem { path: key.to_path_buf(), what: format!("no private key: {e}") })?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| IdentityError::Pem {
+            path: key.to_path_buf(),
+            what: format!("no private key: {e}"),
+        })?;
         Ok(Identity { certs, key })
     }
 
@@ -65,8 +70,12 @@ impl Identity {
         let key_pem = ck.signing_key.serialize_pem();
         let identity = Identity {
             certs: vec![ck.cert.der().clone()],
-            key: PrivateKeyDer::try_from(ck.signing_key.serialize_der())
-                .map_err(|e| IdentityError::Pem { path: PathBuf::from("<generated>"), what: e.to_string() })?,
+            key: PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(|e| {
+                IdentityError::Pem {
+                    path: PathBuf::from("<generated>"),
+                    what: e.to_string(),
+                }
+            })?,
         };
         Ok((identity, cert_pem, key_pem))
     }
@@ -77,7 +86,10 @@ impl Identity {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let (identity, cert_pem, key_pem) = Identity::generate(name)?;
-        std::fs::create_dir_all(dir).map_err(|source| IdentityError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         for (file, text, mode) in [("key.pem", &key_pem, 0o600), ("cert.pem", &cert_pem, 0o644)] {
             let path = dir.join(file);
             let mut f = std::fs::OpenOptions::new()
@@ -85,10 +97,16 @@ impl Identity {
                 .create_new(true)
                 .mode(mode)
                 .open(&path)
-                .map_err(|source| IdentityError::Io { path: path.clone(), source })?;
+                .map_err(|source| IdentityError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
             f.write_all(text.as_bytes())
                 .and_then(|_| f.sync_all())
-                .map_err(|source| IdentityError::Io { path: path.clone(), source })?;
+                .map_err(|source| IdentityError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
         }
         Ok(identity)
     }
@@ -97,11 +115,20 @@ impl Identity {
 /// Loads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| IdentityError::Pem { path: path.to_path_buf(), what: e.to_string() })?
+        .map_err(|e| IdentityError::Pem {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?
         .collect::<Result<_, _>>()
-        .map_err(|e| IdentityError::Pem { path: path.to_path_buf(), what: e.to_string() })?;
+        .map_err(|e| IdentityError::Pem {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(IdentityError::Pem { path: path.to_path_buf(), what: "no certificate found".into() });
+        return Err(IdentityError::Pem {
+            path: path.to_path_buf(),
+            what: "no certificate found".into(),
+        });
     }
     Ok(certs)
 }
@@ -114,11 +141,18 @@ mod tests {
     fn generated_files_load_back_with_the_same_fingerprint() {
         let dir = tempfile::tempdir().unwrap();
         let made = Identity::generate_into(dir.path(), "test").unwrap();
-        let loaded = Identity::load(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
+        let loaded =
+            Identity::load(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
         assert_eq!(made.fingerprint(), loaded.fingerprint());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(Identity::generate_into(dir.path(), "test").is_err(), "must not overwrite");
+        assert!(
+            Identity::generate_into(dir.path(), "test").is_err(),
+            "must not overwrite"
+        );
     }
 }

@@ -77,14 +77,29 @@ pub fn read_entry(root: &Path, rel: &RelPath) -> io::Result<Option<Entry>> {
 }
 
 fn entry_from(path: &Path, rel: RelPath, md: &Metadata) -> io::Result<Option<Entry>> {
-    let Some(meta) = meta_of(md) else { return Ok(None) };
-    let link = if meta.kind == Kind::Symlink { Some(std::fs::read_link(path)?.as_os_str().as_bytes().to_vec()) } else { None };
-    Ok(Some(Entry { path: rel, meta, link }))
+    let Some(meta) = meta_of(md) else {
+        return Ok(None);
+    };
+    let link = if meta.kind == Kind::Symlink {
+        Some(std::fs::read_link(path)?.as_os_str().as_bytes().to_vec())
+    } else {
+        None
+    };
+    Ok(Some(Entry {
+        path: rel,
+        meta,
+        link,
+    }))
 }
 
 /// The children of directory `rel`, sorted by name, filtered. Unreadable children are reported
 /// in `errors` and left out.
-pub fn read_dir_sorted(root: &Path, rel: &RelPath, filter: Filter<'_>, errors: &mut Vec<(RelPath, io::Error)>) -> Vec<Entry> {
+pub fn read_dir_sorted(
+    root: &Path,
+    rel: &RelPath,
+    filter: Filter<'_>,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> Vec<Entry> {
     let dir = local_path(root, rel);
     let iter = match std::fs::read_dir(&dir) {
         Ok(it) => it,
@@ -129,14 +144,26 @@ pub fn read_dir_sorted(root: &Path, rel: &RelPath, filter: Filter<'_>, errors: &
 /// Every entry below `root` in tree order (a directory right before its contents), the root
 /// itself first with the empty path. Per-entry errors go to `errors`; an unreadable root is an
 /// error.
-pub fn scan(root: &Path, filter: Filter<'_>, errors: &mut Vec<(RelPath, io::Error)>) -> io::Result<Vec<Entry>> {
+pub fn scan(
+    root: &Path,
+    filter: Filter<'_>,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
     scan_from(root, &RelPath::root(), filter, errors)
 }
 
 /// Like [`scan`] for the subtree at `start` (which is listed first).
-pub fn scan_from(root: &Path, start: &RelPath, filter: Filter<'_>, errors: &mut Vec<(RelPath, io::Error)>) -> io::Result<Vec<Entry>> {
+pub fn scan_from(
+    root: &Path,
+    start: &RelPath,
+    filter: Filter<'_>,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
     let Some(top) = read_entry(root, start)? else {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{}: not found", local_path(root, start).display())));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}: not found", local_path(root, start).display()),
+        ));
     };
     let mut out = vec![top];
     if out[0].meta.kind == Kind::Dir {
@@ -145,7 +172,13 @@ pub fn scan_from(root: &Path, start: &RelPath, filter: Filter<'_>, errors: &mut 
     Ok(out)
 }
 
-fn walk(root: &Path, rel: &RelPath, filter: Filter<'_>, errors: &mut Vec<(RelPath, io::Error)>, out: &mut Vec<Entry>) {
+fn walk(
+    root: &Path,
+    rel: &RelPath,
+    filter: Filter<'_>,
+    errors: &mut Vec<(RelPath, io::Error)>,
+    out: &mut Vec<Entry>,
+) {
     for child in read_dir_sorted(root, rel, filter, errors) {
         let is_dir = child.meta.kind == Kind::Dir;
         let path = child.path.clone();
@@ -207,6 +240,8 @@ pub struct DigestCache {
     dirty: bool,
     /// Files hashed (not served from the cache) since creation.
     pub hashed: u64,
+    /// Files served from the cache since creation.
+    pub hits: u64,
 }
 
 impl DigestCache {
@@ -215,7 +250,13 @@ impl DigestCache {
 
     /// A cache that lives only in memory.
     pub fn in_memory() -> Self {
-        DigestCache { map: HashMap::new(), file: None, dirty: false, hashed: 0 }
+        DigestCache {
+            map: HashMap::new(),
+            file: None,
+            dirty: false,
+            hashed: 0,
+            hits: 0,
+        }
     }
 
     /// A cache persisted in `file`; a missing or unreadable file starts empty.
@@ -224,21 +265,34 @@ impl DigestCache {
             .ok()
             .and_then(|bytes| {
                 let config = bincode::config::standard();
-                bincode::serde::decode_from_slice::<Vec<(RelPath, CacheKey, Digest)>, _>(&bytes, config).ok()
+                bincode::serde::decode_from_slice::<Vec<(RelPath, CacheKey, Digest)>, _>(
+                    &bytes, config,
+                )
+                .ok()
             })
             .map(|(v, _)| v.into_iter().map(|(p, k, d)| (p, (k, d))).collect())
             .unwrap_or_default();
-        DigestCache { map, file: Some(file), dirty: false, hashed: 0 }
+        DigestCache {
+            map,
+            file: Some(file),
+            dirty: false,
+            hashed: 0,
+            hits: 0,
+        }
     }
 
     /// Writes the cache back atomically if it changed.
     pub fn save(&mut self) -> io::Result<()> {
-        let Some(file) = &self.file else { return Ok(()) };
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
         if !self.dirty {
             return Ok(());
         }
-        let v: Vec<(&RelPath, &CacheKey, &Digest)> = self.map.iter().map(|(p, (k, d))| (p, k, d)).collect();
-        let bytes = bincode::serde::encode_to_vec(&v, bincode::config::standard()).map_err(io::Error::other)?;
+        let v: Vec<(&RelPath, &CacheKey, &Digest)> =
+            self.map.iter().map(|(p, (k, d))| (p, k, d)).collect();
+        let bytes = bincode::serde::encode_to_vec(&v, bincode::config::standard())
+            .map_err(io::Error::other)?;
         if let Some(dir) = file.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -251,11 +305,18 @@ impl DigestCache {
 
     /// The digest of the regular file `rel` under `root`, from the cache when `md` still
     /// matches, else by reading it. `checksum` forces a read.
-    pub fn digest(&mut self, root: &Path, rel: &RelPath, md: &Metadata, checksum: bool) -> io::Result<Digest> {
+    pub fn digest(
+        &mut self,
+        root: &Path,
+        rel: &RelPath,
+        md: &Metadata,
+        checksum: bool,
+    ) -> io::Result<Digest> {
         let key = CacheKey::of(md);
         if !checksum {
             if let Some((k, d)) = self.map.get(rel) {
                 if *k == key {
+                    self.hits += 1;
                     return Ok(*d);
                 }
             }
@@ -281,8 +342,13 @@ impl DigestCache {
 }
 
 fn recent(md: &Metadata) -> bool {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    md.ctime() >= now - DigestCache::SETTLE_SECS || md.mtime() >= now - DigestCache::SETTLE_SECS
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+    let limit = now - DigestCache::SETTLE_SECS as i128 * 1_000_000_000;
+    ns(md.ctime(), md.ctime_nsec()) >= limit || ns(md.mtime(), md.mtime_nsec()) >= limit
 }
 
 /// One directory of a [`DigestTree`].
@@ -312,9 +378,14 @@ impl DigestTree {
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> io::Result<DigestTree> {
         let Some(top) = read_entry(root, &RelPath::root())? else {
-            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{}: not found", root.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: not found", root.display()),
+            ));
         };
-        let mut tree = DigestTree { dirs: HashMap::new() };
+        let mut tree = DigestTree {
+            dirs: HashMap::new(),
+        };
         let mut live = Vec::new();
         tree.visit(root, top, filter, cache, cmp, checksum, errors, &mut live);
         let live: std::collections::HashSet<RelPath> = live.into_iter().collect();
@@ -343,7 +414,9 @@ impl DigestTree {
             Kind::File => {
                 live.push(entry.path.clone());
                 let path = local_path(root, &entry.path);
-                match std::fs::symlink_metadata(&path).and_then(|md| cache.digest(root, &entry.path, &md, checksum)) {
+                match std::fs::symlink_metadata(&path)
+                    .and_then(|md| cache.digest(root, &entry.path, &md, checksum))
+                {
                     Ok(d) => d,
                     Err(e) => {
                         errors.push((entry.path.clone(), e));
@@ -358,10 +431,17 @@ impl DigestTree {
                     .into_iter()
                     .map(|c| self.visit(root, c, filter, cache, cmp, checksum, errors, live))
                     .collect();
-                let child_digests: Vec<Digest> = entries.iter().map(|e| merkle::entry_digest(&e.entry, &e.digest, cmp)).collect();
+                let child_digests: Vec<Digest> = entries
+                    .iter()
+                    .map(|e| merkle::entry_digest(&e.entry, &e.digest, cmp))
+                    .collect();
                 let digest = merkle::dir_content_digest(child_digests.iter());
-                let dir = DigestEntry { entry: entry.clone(), digest };
-                self.dirs.insert(entry.path.clone(), DirListing { dir, entries });
+                let dir = DigestEntry {
+                    entry: entry.clone(),
+                    digest,
+                };
+                self.dirs
+                    .insert(entry.path.clone(), DirListing { dir, entries });
                 digest
             }
             Kind::Fifo | Kind::CharDevice | Kind::BlockDevice => [0; 32],

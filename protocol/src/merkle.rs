@@ -110,11 +110,13 @@ pub fn compare_dirs(left: &[DigestEntry], right: &[DigestEntry], cmp: Compare) -
         };
         match order {
             Ordering::Less => {
-                out.differences.push((left[i].entry.path.clone(), Difference::Missing));
+                out.differences
+                    .push((left[i].entry.path.clone(), Difference::Missing));
                 i += 1;
             }
             Ordering::Greater => {
-                out.differences.push((right[j].entry.path.clone(), Difference::Extra));
+                out.differences
+                    .push((right[j].entry.path.clone(), Difference::Extra));
                 j += 1;
             }
             Ordering::Equal => {
@@ -122,7 +124,10 @@ pub fn compare_dirs(left: &[DigestEntry], right: &[DigestEntry], cmp: Compare) -
                 for d in entry_differences(l, r, cmp) {
                     out.differences.push((l.entry.path.clone(), d));
                 }
-                if l.entry.meta.kind == Kind::Dir && r.entry.meta.kind == Kind::Dir && l.digest != r.digest {
+                if l.entry.meta.kind == Kind::Dir
+                    && r.entry.meta.kind == Kind::Dir
+                    && l.digest != r.digest
+                {
                     out.descend.push(l.entry.path.clone());
                 }
                 i += 1;
@@ -140,16 +145,33 @@ mod tests {
     use crate::RelPath;
 
     fn de(name: &str, kind: Kind, digest: u8) -> DigestEntry {
-        DigestEntry { entry: Entry { path: RelPath::from(name), meta: test_meta(kind, 1, 5), link: None }, digest: [digest; 32] }
+        DigestEntry {
+            entry: Entry {
+                path: RelPath::from(name),
+                meta: test_meta(kind, 1, 5),
+                link: None,
+            },
+            digest: [digest; 32],
+        }
     }
 
     #[test]
     fn compare_dirs_table() {
         let cmp = Compare { owner: true };
-        let left = vec![de("a", Kind::File, 1), de("b", Kind::Dir, 2), de("c", Kind::File, 3), de("d", Kind::File, 4)];
+        let left = vec![
+            de("a", Kind::File, 1),
+            de("b", Kind::Dir, 2),
+            de("c", Kind::File, 3),
+            de("d", Kind::File, 4),
+        ];
         let mut changed_mode = de("d", Kind::File, 4);
         changed_mode.entry.meta.mode = 0o600;
-        let right = vec![de("a", Kind::File, 9), de("b", Kind::Dir, 7), de("bb", Kind::File, 1), changed_mode];
+        let right = vec![
+            de("a", Kind::File, 9),
+            de("b", Kind::Dir, 7),
+            de("bb", Kind::File, 1),
+            changed_mode,
+        ];
         let got = compare_dirs(&left, &right, cmp);
         assert_eq!(
             got.differences,
@@ -170,10 +192,19 @@ mod tests {
         b.entry.meta.uid = 42;
         let with = Compare { owner: true };
         let without = Compare { owner: false };
-        assert_ne!(entry_digest(&a.entry, &a.digest, with), entry_digest(&b.entry, &b.digest, with));
-        assert_eq!(entry_digest(&a.entry, &a.digest, without), entry_digest(&b.entry, &b.digest, without));
+        assert_ne!(
+            entry_digest(&a.entry, &a.digest, with),
+            entry_digest(&b.entry, &b.digest, with)
+        );
+        assert_eq!(
+            entry_digest(&a.entry, &a.digest, without),
+            entry_digest(&b.entry, &b.digest, without)
+        );
         let mut c = a.clone();
         c.entry.meta.mtime_nsec = 1;
-        assert_ne!(entry_digest(&a.entry, &a.digest, without), entry_digest(&c.entry, &c.digest, without));
+        assert_ne!(
+            entry_digest(&a.entry, &a.digest, without),
+            entry_digest(&c.entry, &c.digest, without)
+        );
     }
 }

@@ -130,7 +130,16 @@ impl Meta {
 
 #[cfg(test)]
 pub(crate) fn test_meta(kind: Kind, size: u64, mtime: i64) -> Meta {
-    Meta { kind, mode: 0o644, uid: 0, gid: 0, size, mtime, mtime_nsec: 0, rdev: 0 }
+    Meta {
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime,
+        mtime_nsec: 0,
+        rdev: 0,
+    }
 }
 
 #[cfg(test)]
@@ -148,7 +157,10 @@ mod tests {
             a.attr_differences(&b, Compare { owner: true }),
             vec![Difference::Mode, Difference::Mtime, Difference::Owner]
         );
-        assert_eq!(a.attr_differences(&b, Compare { owner: false }), vec![Difference::Mode, Difference::Mtime]);
+        assert_eq!(
+            a.attr_differences(&b, Compare { owner: false }),
+            vec![Difference::Mode, Difference::Mtime]
+        );
         let mut l = a.clone();
         l.kind = Kind::Symlink;
         let mut l2 = l.clone();

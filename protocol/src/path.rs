@@ -195,7 +195,10 @@ mod tests {
             assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(p));
         }
         let long = vec![b'x'; MAX_NAME_LEN + 1];
-        assert_eq!(RelPath::from_bytes(long).validate(), Err(PathError::TooLong));
+        assert_eq!(
+            RelPath::from_bytes(long).validate(),
+            Err(PathError::TooLong)
+        );
     }
 
     #[test]
@@ -213,8 +216,19 @@ mod tests {
 
     #[test]
     fn tree_order_puts_directory_before_its_contents() {
-        let mut v = vec![RelPath::from("a-b"), RelPath::from("a/b"), RelPath::from("a")];
+        let mut v = vec![
+            RelPath::from("a-b"),
+            RelPath::from("a/b"),
+            RelPath::from("a"),
+        ];
         v.sort_by(|x, y| x.tree_cmp(y));
-        assert_eq!(v, vec![RelPath::from("a"), RelPath::from("a/b"), RelPath::from("a-b")]);
+        assert_eq!(
+            v,
+            vec![
+                RelPath::from("a"),
+                RelPath::from("a/b"),
+                RelPath::from("a-b")
+            ]
+        );
     }
 }

@@ -52,11 +52,19 @@ impl HostPattern {
         };
         match (self.addr, ip) {
             (IpAddr::V4(p), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 u32::from(p) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(p), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 u128::from(p) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -101,13 +109,25 @@ pub enum Refusal {
 
 /// Decides whether `fingerprint` at `ip` may open a session with `intent` on `module`, given
 /// `active` sessions already open on it.
-pub fn authorize(module: &Module, fingerprint: Fingerprint, ip: IpAddr, intent: Intent, active: usize) -> Result<(), Refusal> {
+pub fn authorize(
+    module: &Module,
+    fingerprint: Fingerprint,
+    ip: IpAddr,
+    intent: Intent,
+    active: usize,
+) -> Result<(), Refusal> {
     if !module.clients.contains(&fingerprint) {
-        return Err(Refusal::ClientNotAllowed { module: module.name.clone(), fingerprint });
+        return Err(Refusal::ClientNotAllowed {
+            module: module.name.clone(),
+            fingerprint,
+        });
     }
     if let Some(allow) = &module.hosts_allow {
         if !allow.iter().any(|p| p.matches(ip)) {
-            return Err(Refusal::HostNotAllowed { module: module.name.clone(), ip });
+            return Err(Refusal::HostNotAllowed {
+                module: module.name.clone(),
+                ip,
+            });
         }
     }
     if intent == Intent::Write && module.read_only {
@@ -115,7 +135,10 @@ pub fn authorize(module: &Module, fingerprint: Fingerprint, ip: IpAddr, intent: 
     }
     if let Some(max) = module.max_connections {
         if active >= max {
-            return Err(Refusal::TooManyConnections { module: module.name.clone(), max });
+            return Err(Refusal::TooManyConnections {
+                module: module.name.clone(),
+                max,
+            });
         }
     }
     Ok(())
@@ -130,7 +153,10 @@ mod tests {
             name: "file".into(),
             path: "/data/file".into(),
             clients: vec![Fingerprint::of_der(b"good")],
-            hosts_allow: Some(vec!["10.255.60.0/24".parse().unwrap(), "127.0.0.1".parse().unwrap()]),
+            hosts_allow: Some(vec![
+                "10.255.60.0/24".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+            ]),
             read_only: false,
             max_connections: Some(2),
             comment: None,
@@ -161,11 +187,26 @@ mod tests {
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let far: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(authorize(&m, good, lo, Intent::Write, 0), Ok(()));
-        assert!(matches!(authorize(&m, bad, lo, Intent::Write, 0), Err(Refusal::ClientNotAllowed { .. })));
-        assert!(matches!(authorize(&m, good, far, Intent::Write, 0), Err(Refusal::HostNotAllowed { .. })));
-        assert!(matches!(authorize(&m, good, lo, Intent::Write, 2), Err(Refusal::TooManyConnections { max: 2, .. })));
-        let ro = Module { read_only: true, ..m };
-        assert!(matches!(authorize(&ro, good, lo, Intent::Write, 0), Err(Refusal::ReadOnly(_))));
+        assert!(matches!(
+            authorize(&m, bad, lo, Intent::Write, 0),
+            Err(Refusal::ClientNotAllowed { .. })
+        ));
+        assert!(matches!(
+            authorize(&m, good, far, Intent::Write, 0),
+            Err(Refusal::HostNotAllowed { .. })
+        ));
+        assert!(matches!(
+            authorize(&m, good, lo, Intent::Write, 2),
+            Err(Refusal::TooManyConnections { max: 2, .. })
+        ));
+        let ro = Module {
+            read_only: true,
+            ..m
+        };
+        assert!(matches!(
+            authorize(&ro, good, lo, Intent::Write, 0),
+            Err(Refusal::ReadOnly(_))
+        ));
         assert_eq!(authorize(&ro, good, lo, Intent::Read, 0), Ok(()));
     }
 }

@@ -83,17 +83,27 @@ pub struct Module {
 impl Config {
     /// Reads and validates `file`; relative paths resolve against its directory.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError { file: file.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Config::parse(&text, file)
     }
 
     /// Parses and validates `text` as if read from `file`.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError { file: file.to_path_buf(), message };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        let err = |message: String| ConfigError {
+            file: file.to_path_buf(),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
-        let listen = raw.listen.parse().map_err(|e| err(format!("listen: invalid address {:?}: {e}", raw.listen)))?;
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|e| err(format!("listen: invalid address {:?}: {e}", raw.listen)))?;
         let mut modules = BTreeMap::new();
         for (name, m) in raw.modules {
             let key = |k: &str| format!("modules.{name}.{k}");
@@ -103,18 +113,27 @@ impl Config {
             let clients = m
                 .clients
                 .iter()
-                .map(|c| c.parse::<Fingerprint>().map_err(|e| err(format!("{}: {e}", key("clients")))))
+                .map(|c| {
+                    c.parse::<Fingerprint>()
+                        .map_err(|e| err(format!("{}: {e}", key("clients"))))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let hosts_allow = m
                 .hosts_allow
                 .map(|list| {
                     list.iter()
-                        .map(|h| h.parse::<HostPattern>().map_err(|e| err(format!("{}: {e}", key("hosts_allow")))))
+                        .map(|h| {
+                            h.parse::<HostPattern>()
+                                .map_err(|e| err(format!("{}: {e}", key("hosts_allow"))))
+                        })
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .transpose()?;
             if m.max_connections == Some(0) {
-                return Err(err(format!("{}: must be at least 1", key("max_connections"))));
+                return Err(err(format!(
+                    "{}: must be at least 1",
+                    key("max_connections")
+                )));
             }
             modules.insert(
                 name.clone(),
@@ -129,7 +148,13 @@ impl Config {
                 },
             );
         }
-        Ok(Config { listen, cert: resolve(raw.cert), key: resolve(raw.key), state_dir: raw.state_dir.map(resolve), modules })
+        Ok(Config {
+            listen,
+            cert: resolve(raw.cert),
+            key: resolve(raw.key),
+            state_dir: raw.state_dir.map(resolve),
+            modules,
+        })
     }
 }
 
@@ -163,7 +188,8 @@ max_connections = 200
 
     #[test]
     fn read_only_defaults_to_true() {
-        let text = "listen = \"127.0.0.1:1\"\ncert = \"c\"\nkey = \"k\"\n[modules.m]\npath = \"/x\"\n";
+        let text =
+            "listen = \"127.0.0.1:1\"\ncert = \"c\"\nkey = \"k\"\n[modules.m]\npath = \"/x\"\n";
         assert!(Config::parse(text, Path::new("r.toml")).unwrap().modules["m"].read_only);
     }
 
@@ -171,13 +197,21 @@ max_connections = 200
     fn errors_name_file_and_key() {
         let cases = [
             (GOOD.replace("read_only", "readonly"), "readonly"),
-            (GOOD.replace("sha256:0000", "sha256:zz00"), "modules.file.clients"),
-            (GOOD.replace("10.255.60.0/24", "10.255.60.0/99"), "modules.file.hosts_allow"),
+            (
+                GOOD.replace("sha256:0000", "sha256:zz00"),
+                "modules.file.clients",
+            ),
+            (
+                GOOD.replace("10.255.60.0/24", "10.255.60.0/99"),
+                "modules.file.hosts_allow",
+            ),
             (GOOD.replace("127.0.0.1:8730", "nowhere"), "listen"),
             (format!("{GOOD}\n[modules.file]\npath = \"/y\"\n"), "file"),
         ];
         for (text, needle) in cases {
-            let e = Config::parse(&text, Path::new("/etc/ferry/receiver.toml")).unwrap_err().to_string();
+            let e = Config::parse(&text, Path::new("/etc/ferry/receiver.toml"))
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("/etc/ferry/receiver.toml: "), "{e}");
             assert!(e.contains(needle), "{e} should mention {needle}");
         }

@@ -58,7 +58,10 @@ pub enum ConfineError {
 /// The receiver is the only writer of a module, so the check is not raced by the peer; a local
 /// user with write access to the module could race it, as with rsyncd.
 pub fn confine(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
-    rel.validate().map_err(|reason| ConfineError::Invalid { path: rel.clone(), reason })?;
+    rel.validate().map_err(|reason| ConfineError::Invalid {
+        path: rel.clone(),
+        reason,
+    })?;
     if rel.components().next() == Some(STAGING_DIR.as_bytes()) {
         return Err(ConfineError::Reserved(rel.clone()));
     }
@@ -70,15 +73,32 @@ pub fn confine(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
         local.push(RelPath::from_bytes(part.to_vec()).as_path());
         match std::fs::symlink_metadata(&local) {
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(ConfineError::SymlinkInPath { path: rel.clone(), ancestor });
+                return Err(ConfineError::SymlinkInPath {
+                    path: rel.clone(),
+                    ancestor,
+                });
             }
-            Ok(md) if !md.is_dir() => return Err(ConfineError::NotADirectory { path: rel.clone(), ancestor }),
+            Ok(md) if !md.is_dir() => {
+                return Err(ConfineError::NotADirectory {
+                    path: rel.clone(),
+                    ancestor,
+                })
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(source) => return Err(ConfineError::Io { path: rel.clone(), source }),
+            Err(source) => {
+                return Err(ConfineError::Io {
+                    path: rel.clone(),
+                    source,
+                })
+            }
         }
     }
-    Ok(if rel.is_root() { root.to_path_buf() } else { root.join(rel.as_path()) })
+    Ok(if rel.is_root() {
+        root.to_path_buf()
+    } else {
+        root.join(rel.as_path())
+    })
 }
 
 #[cfg(test)]
@@ -104,42 +124,99 @@ mod tests {
     fn plain_paths_are_accepted() {
         assert!(check(b"sub/new").is_ok());
         assert!(check(b"new/deeper/file").is_ok());
-        assert!(check(b"evil").is_ok(), "the last component may be a symlink (it is replaced, not followed)");
+        assert!(
+            check(b"evil").is_ok(),
+            "the last component may be a symlink (it is replaced, not followed)"
+        );
     }
 
     #[test]
     fn absolute_path_is_refused() {
-        assert!(matches!(check(b"/etc/passwd"), Err(ConfineError::Invalid { reason: PathError::Absolute, .. })));
+        assert!(matches!(
+            check(b"/etc/passwd"),
+            Err(ConfineError::Invalid {
+                reason: PathError::Absolute,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn dot_dot_is_refused() {
-        assert!(matches!(check(b"../outside"), Err(ConfineError::Invalid { reason: PathError::DotDot, .. })));
-        assert!(matches!(check(b"sub/../../outside"), Err(ConfineError::Invalid { reason: PathError::DotDot, .. })));
+        assert!(matches!(
+            check(b"../outside"),
+            Err(ConfineError::Invalid {
+                reason: PathError::DotDot,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(b"sub/../../outside"),
+            Err(ConfineError::Invalid {
+                reason: PathError::DotDot,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn nul_and_empty_components_are_refused() {
-        assert!(matches!(check(b"sub/a\0b"), Err(ConfineError::Invalid { reason: PathError::Nul, .. })));
-        assert!(matches!(check(b"sub//x"), Err(ConfineError::Invalid { reason: PathError::EmptyComponent, .. })));
-        assert!(matches!(check(b"./x"), Err(ConfineError::Invalid { reason: PathError::EmptyComponent, .. })));
+        assert!(matches!(
+            check(b"sub/a\0b"),
+            Err(ConfineError::Invalid {
+                reason: PathError::Nul,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(b"sub//x"),
+            Err(ConfineError::Invalid {
+                reason: PathError::EmptyComponent,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check(b"./x"),
+            Err(ConfineError::Invalid {
+                reason: PathError::EmptyComponent,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn traversal_through_symlink_is_refused() {
-        assert!(matches!(check(b"evil/passwd"), Err(ConfineError::SymlinkInPath { .. })));
-        assert!(matches!(check(b"inner/x"), Err(ConfineError::SymlinkInPath { .. })), "even one pointing inside");
+        assert!(matches!(
+            check(b"evil/passwd"),
+            Err(ConfineError::SymlinkInPath { .. })
+        ));
+        assert!(
+            matches!(check(b"inner/x"), Err(ConfineError::SymlinkInPath { .. })),
+            "even one pointing inside"
+        );
     }
 
     #[test]
     fn traversal_through_file_is_refused() {
-        assert!(matches!(check(b"file/x"), Err(ConfineError::NotADirectory { .. })));
+        assert!(matches!(
+            check(b"file/x"),
+            Err(ConfineError::NotADirectory { .. })
+        ));
     }
 
     #[test]
     fn staging_directory_is_reserved() {
-        assert!(matches!(check(b".ferry-partial/x"), Err(ConfineError::Reserved(_))));
-        assert!(matches!(check(b".ferry-partial"), Err(ConfineError::Reserved(_))));
-        assert!(check(b"sub/.ferry-partial").is_ok(), "only the module root's staging dir is reserved");
+        assert!(matches!(
+            check(b".ferry-partial/x"),
+            Err(ConfineError::Reserved(_))
+        ));
+        assert!(matches!(
+            check(b".ferry-partial"),
+            Err(ConfineError::Reserved(_))
+        ));
+        assert!(
+            check(b"sub/.ferry-partial").is_ok(),
+            "only the module root's staging dir is reserved"
+        );
     }
 }

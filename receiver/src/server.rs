@@ -47,11 +47,21 @@ impl Server {
     /// Loads the identity and opens every module (cleaning staging leftovers).
     pub fn new(config: &Config) -> Result<Server, ServerError> {
         let identity = Identity::load(&config.cert, &config.key)?;
-        Server::with_identity(identity, config.listen, config.modules.values().cloned().collect(), config.state_dir.clone())
+        Server::with_identity(
+            identity,
+            config.listen,
+            config.modules.values().cloned().collect(),
+            config.state_dir.clone(),
+        )
     }
 
     /// Builds a server from parts (used by `ferry mirror`).
-    pub fn with_identity(identity: Identity, listen: SocketAddr, modules: Vec<Module>, state_dir: Option<PathBuf>) -> Result<Server, ServerError> {
+    pub fn with_identity(
+        identity: Identity,
+        listen: SocketAddr,
+        modules: Vec<Module>,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Server, ServerError> {
         let tls = ferry_protocol::tls::server_config(identity.certs, identity.key)?;
         let mut map = HashMap::new();
         for m in modules {
@@ -60,14 +70,23 @@ impl Server {
         }
         // SAFETY: geteuid has no preconditions.
         let privileged = unsafe { libc::geteuid() } == 0;
-        Ok(Server { tls, modules: map, stats: Arc::new(Stats::default()), privileged, listen })
+        Ok(Server {
+            tls,
+            modules: map,
+            stats: Arc::new(Stats::default()),
+            privileged,
+            listen,
+        })
     }
 
     /// Binds the configured listen address.
     pub async fn bind(&self) -> Result<TcpListener, ServerError> {
-        TcpListener::bind(self.listen)
-            .await
-            .map_err(|e| ServerError::Io(std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", self.listen))))
+        TcpListener::bind(self.listen).await.map_err(|e| {
+            ServerError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", self.listen),
+            ))
+        })
     }
 
     /// Process-wide counters.
@@ -109,7 +128,10 @@ impl Server {
             }
         }
         tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("sessions still open after {SHUTDOWN_GRACE:?}; abandoning them");
         }
         for state in self.modules.values() {

@@ -20,7 +20,12 @@ const SESSION_BUFFER: usize = 40 * 1024 * 1024;
 
 /// Serves one connection to completion. Errors are logged, never propagated: a bad peer
 /// never affects other sessions.
-pub async fn serve(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+pub async fn serve(
+    server: Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     if let Err(e) = serve_inner(&server, tcp, peer, shutdown).await {
         match e {
             ConnError::Refused(_) => {}
@@ -29,42 +34,91 @@ pub async fn serve(server: Arc<Server>, tcp: TcpStream, peer: SocketAddr, shutdo
     }
 }
 
-async fn serve_inner(server: &Arc<Server>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) -> Result<(), ConnError> {
+async fn serve_inner(
+    server: &Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(server.tls.clone());
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| ConnError::Timeout("TLS handshake"))??;
-    let fingerprint = peer_fingerprint(tls.get_ref().1.peer_certificates()).ok_or_else(|| ConnError::Protocol("no client certificate".into()))?;
+    let fingerprint = peer_fingerprint(tls.get_ref().1.peer_certificates())
+        .ok_or_else(|| ConnError::Protocol("no client certificate".into()))?;
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
 
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect()).await.map_err(|_| ConnError::Timeout("waiting for Hello"))??;
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
+        .await
+        .map_err(|_| ConnError::Timeout("waiting for Hello"))??;
     let (module_name, intent) = match hello {
-        Message::Hello { magic, version, module, intent } if magic == MAGIC && version == PROTOCOL_VERSION => (module, intent),
+        Message::Hello {
+            magic,
+            version,
+            module,
+            intent,
+        } if magic == MAGIC && version == PROTOCOL_VERSION => (module, intent),
         Message::Hello { magic, version, .. } if magic == MAGIC => {
-            let reason = format!("receiver speaks protocol version {PROTOCOL_VERSION}, sender speaks {version}");
+            let reason = format!(
+                "receiver speaks protocol version {PROTOCOL_VERSION}, sender speaks {version}"
+            );
             return refuse(&mut writer, peer, fingerprint, "-", reason).await;
         }
-        _ => return refuse(&mut writer, peer, fingerprint, "-", "expected a ferry Hello".into()).await,
+        _ => {
+            return refuse(
+                &mut writer,
+                peer,
+                fingerprint,
+                "-",
+                "expected a ferry Hello".into(),
+            )
+            .await
+        }
     };
     let Some(state) = server.modules.get(&module_name).cloned() else {
-        return refuse(&mut writer, peer, fingerprint, &module_name, Refusal::UnknownModule(module_name.clone()).to_string()).await;
+        return refuse(
+            &mut writer,
+            peer,
+            fingerprint,
+            &module_name,
+            Refusal::UnknownModule(module_name.clone()).to_string(),
+        )
+        .await;
     };
     // Count ourselves in before deciding, so two racing sessions cannot both take the last slot.
     let active = state.active.fetch_add(1, Ordering::SeqCst);
     let _guard = ActiveGuard(&state.active);
     if let Err(refusal) = authorize(&state.module, fingerprint, peer.ip(), intent, active) {
-        return refuse(&mut writer, peer, fingerprint, &module_name, refusal.to_string()).await;
+        return refuse(
+            &mut writer,
+            peer,
+            fingerprint,
+            &module_name,
+            refusal.to_string(),
+        )
+        .await;
     }
-    writer.write(&Message::Welcome { version: PROTOCOL_VERSION, privileged: server.privileged }).await?;
+    writer
+        .write(&Message::Welcome {
+            version: PROTOCOL_VERSION,
+            privileged: server.privileged,
+        })
+        .await?;
     tracing::info!(%peer, %fingerprint, module = %module_name, ?intent, "session open");
 
     let (req_tx, req_rx) = mpsc::channel::<Request>(1024);
     let (rep_tx, mut rep_rx) = mpsc::channel::<Message>(1024);
     let budget = Arc::new(Semaphore::new(SESSION_BUFFER >> 10));
-    let worker = Writer::new(state.clone(), server.stats.clone(), server.privileged, intent == Intent::Write, rep_tx);
+    let worker = Writer::new(
+        state.clone(),
+        server.stats.clone(),
+        server.privileged,
+        intent == Intent::Write,
+        rep_tx,
+    );
     let worker = tokio::task::spawn_blocking(move || worker.run(req_rx));
 
     let write_task = tokio::spawn(async move {
@@ -96,8 +150,17 @@ async fn serve_inner(server: &Arc<Server>, tcp: TcpStream, peer: SocketAddr, shu
                 let bye = matches!(m, Message::Bye);
                 // Hold back reading while the writer thread is behind by more than the budget.
                 let permits = ((reader.last_frame_len() >> 10) + 1) as u32;
-                let Ok(permit) = budget.clone().acquire_many_owned(permits).await else { break Ok(()) };
-                if req_tx.send(Request { msg: m, _budget: Some(permit) }).await.is_err() {
+                let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+                    break Ok(());
+                };
+                if req_tx
+                    .send(Request {
+                        msg: m,
+                        _budget: Some(permit),
+                    })
+                    .await
+                    .is_err()
+                {
                     break Ok(());
                 }
                 if bye {
@@ -123,7 +186,11 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     reason: String,
 ) -> Result<(), ConnError> {
     tracing::warn!(%peer, %fingerprint, module, "refused: {reason}");
-    writer.write(&Message::Refused { reason: reason.clone() }).await?;
+    writer
+        .write(&Message::Refused {
+            reason: reason.clone(),
+        })
+        .await?;
     let _ = writer.shutdown().await;
     Err(ConnError::Refused(reason))
 }

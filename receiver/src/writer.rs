@@ -82,31 +82,69 @@ pub struct ModuleState {
 impl ModuleState {
     /// Prepares a module: checks its root, empties its staging directory.
     pub fn open(module: Module, state_dir: Option<&Path>) -> io::Result<ModuleState> {
-        let md = fs::metadata(&module.path)
-            .map_err(|e| io::Error::new(e.kind(), format!("module {:?}: path {}: {e}", module.name, module.path.display())))?;
+        let md = fs::metadata(&module.path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "module {:?}: path {}: {e}",
+                    module.name,
+                    module.path.display()
+                ),
+            )
+        })?;
         if !md.is_dir() {
-            return Err(io::Error::other(format!("module {:?}: path {} is not a directory", module.name, module.path.display())));
+            return Err(io::Error::other(format!(
+                "module {:?}: path {} is not a directory",
+                module.name,
+                module.path.display()
+            )));
         }
         clean_staging(&module.path)?;
         let cache = match state_dir {
             Some(dir) => DigestCache::open(dir.join(format!("{}.digests", module.name))),
             None => DigestCache::in_memory(),
         };
-        Ok(ModuleState { module, active: AtomicUsize::new(0), cache: Mutex::new(cache) })
+        Ok(ModuleState {
+            module,
+            active: AtomicUsize::new(0),
+            cache: Mutex::new(cache),
+        })
     }
 }
 
-/// Removes leftovers of interrupted transfers.
+/// Removes leftovers of interrupted transfers and makes sure the staging directory exists.
+/// The directory itself is kept, so the module root's mtime does not change on every start.
 pub fn clean_staging(root: &Path) -> io::Result<()> {
     let staging = root.join(STAGING_DIR);
-    match fs::remove_dir_all(&staging) {
-        Ok(()) => {
-            tracing::info!(path = %staging.display(), "removed leftover partial files");
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", staging.display()))),
+    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", staging.display()));
+    match fs::symlink_metadata(&staging) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => fs::remove_file(&staging).map_err(ctx)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ctx(e)),
     }
+    match fs::create_dir(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ctx(e)),
+    }
+    fs::set_permissions(&staging, fs::Permissions::from_mode(0o700)).map_err(ctx)?;
+    let mut removed = 0;
+    for item in fs::read_dir(&staging).map_err(ctx)? {
+        let item = item.map_err(ctx)?;
+        let p = item.path();
+        let r = if item.file_type().map_err(ctx)?.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        r.map_err(ctx)?;
+        removed += 1;
+    }
+    if removed > 0 {
+        tracing::info!(path = %staging.display(), removed, "removed leftover partial files");
+    }
+    Ok(())
 }
 
 /// Hides the staging directory from listings and verification.
@@ -146,7 +184,6 @@ pub struct Writer {
     pending_acks: Vec<RequestId>,
     dirty: HashSet<PathBuf>,
     tree: Option<(bool, DigestTree)>,
-    staging_ready: bool,
     seq: u64,
     scratch: Vec<u8>,
 }
@@ -161,7 +198,13 @@ enum Flow {
 
 impl Writer {
     /// A writer for one session on `state`.
-    pub fn new(state: Arc<ModuleState>, stats: Arc<Stats>, privileged: bool, writable: bool, replies: mpsc::Sender<Message>) -> Self {
+    pub fn new(
+        state: Arc<ModuleState>,
+        stats: Arc<Stats>,
+        privileged: bool,
+        writable: bool,
+        replies: mpsc::Sender<Message>,
+    ) -> Self {
         Writer {
             state,
             stats,
@@ -173,7 +216,6 @@ impl Writer {
             pending_acks: Vec::new(),
             dirty: HashSet::new(),
             tree: None,
-            staging_ready: false,
             seq: 0,
             scratch: Vec::new(),
         }
@@ -206,10 +248,6 @@ impl Writer {
         }
         self.commit();
         self.discard_incoming();
-        if self.staging_ready {
-            // Fails harmlessly while another session still stages files here.
-            let _ = fs::remove_dir(self.root().join(STAGING_DIR));
-        }
         if let Err(e) = self.state.cache.lock().expect("cache lock").save() {
             tracing::warn!(module = %self.state.module.name, "cannot save digest cache: {e}");
         }
@@ -242,7 +280,12 @@ impl Writer {
                 let r = self.mkdir(&path, &meta);
                 self.finish(id, &path, r)
             }
-            Message::Symlink { id, path, target, meta } => {
+            Message::Symlink {
+                id,
+                path,
+                target,
+                meta,
+            } => {
                 let r = self.symlink(&path, &target, &meta);
                 self.finish(id, &path, r)
             }
@@ -262,14 +305,23 @@ impl Writer {
                 let r = self.rename(&from, &to);
                 self.finish(id, &from, r)
             }
-            Message::FileBegin { id, path, meta, body } => {
+            Message::FileBegin {
+                id,
+                path,
+                meta,
+                body,
+            } => {
                 if let Err(e) = self.file_begin(id, &path, meta, body) {
                     self.failed.insert(id);
                     self.fail(id, format!("{path}: {e}"));
                 }
             }
-            Message::FileData { id, data } => self.file_body(id, |w, inc| w.write_whole(inc, &data)),
-            Message::FileDelta { id, window, delta } => self.file_body(id, |w, inc| w.write_delta(inc, window, &delta)),
+            Message::FileData { id, data } => {
+                self.file_body(id, |w, inc| w.write_whole(inc, &data))
+            }
+            Message::FileDelta { id, window, delta } => {
+                self.file_body(id, |w, inc| w.write_delta(inc, window, &delta))
+            }
             Message::FileEnd { id, digest } => {
                 if self.failed.remove(&id) {
                     return Flow::Continue;
@@ -288,12 +340,18 @@ impl Writer {
                     if let Some(inc) = self.incoming.remove(&id) {
                         let _ = fs::remove_file(&inc.tmp_path);
                     }
-                    self.reply(Message::Failed { id, error: "aborted by sender".into() });
+                    self.reply(Message::Failed {
+                        id,
+                        error: "aborted by sender".into(),
+                    });
                 }
             }
             Message::VerifyDir { id, path, checksum } => self.verify_dir(id, &path, checksum),
             Message::Stats { id } => {
-                self.reply(Message::StatsReply { id, counters: self.stats.snapshot() });
+                self.reply(Message::StatsReply {
+                    id,
+                    counters: self.stats.snapshot(),
+                });
             }
             Message::Bye => return Flow::Stop,
             other => {
@@ -335,7 +393,8 @@ impl Writer {
     }
 
     fn local(&self, rel: &RelPath) -> io::Result<PathBuf> {
-        confine(self.root(), rel).map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))
+        confine(self.root(), rel)
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))
     }
 
     fn list(&mut self, id: RequestId) {
@@ -353,13 +412,21 @@ impl Writer {
             size += 64 + entry.path.as_bytes().len() + entry.link.as_ref().map_or(0, Vec::len);
             batch.push(entry);
             if size >= LISTING_BATCH_BYTES {
-                if !self.reply(Message::Listing { id, entries: std::mem::take(&mut batch), done: false }) {
+                if !self.reply(Message::Listing {
+                    id,
+                    entries: std::mem::take(&mut batch),
+                    done: false,
+                }) {
                     return;
                 }
                 size = 0;
             }
         }
-        self.reply(Message::Listing { id, entries: batch, done: true });
+        self.reply(Message::Listing {
+            id,
+            entries: batch,
+            done: true,
+        });
     }
 
     fn mkdir(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
@@ -382,17 +449,13 @@ impl Writer {
 
     fn staging_path(&mut self) -> io::Result<PathBuf> {
         let staging = self.root().join(STAGING_DIR);
-        if !self.staging_ready {
-            match fs::create_dir(&staging) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-            fs::set_permissions(&staging, fs::Permissions::from_mode(0o700))?;
-            self.staging_ready = true;
-        }
         self.seq += 1;
-        Ok(staging.join(format!("{}.{}.{}", std::process::id(), thread_tag(), self.seq)))
+        Ok(staging.join(format!(
+            "{}.{}.{}",
+            std::process::id(),
+            thread_tag(),
+            self.seq
+        )))
     }
 
     /// Renames a finished temp entry over `path`, replacing a directory there if need be.
@@ -414,7 +477,10 @@ impl Writer {
         }
         let tmp = self.staging_path()?;
         std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), &tmp)?;
-        let r = self.apply_owner_mode(&tmp, meta).and_then(|_| set_mtime(&tmp, meta)).and_then(|_| self.install(&tmp, &path));
+        let r = self
+            .apply_owner_mode(&tmp, meta)
+            .and_then(|_| set_mtime(&tmp, meta))
+            .and_then(|_| self.install(&tmp, &path));
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -435,16 +501,29 @@ impl Writer {
             _ => return Err(io::Error::other("not a special file")),
         };
         if meta.kind != Kind::Fifo && !self.privileged {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "device nodes need a receiver running as root"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device nodes need a receiver running as root",
+            ));
         }
         let tmp = self.staging_path()?;
-        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(tmp.as_os_str())).map_err(io::Error::other)?;
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(tmp.as_os_str()))
+            .map_err(io::Error::other)?;
         // SAFETY: `c` is a valid NUL-terminated path; mknod has no other memory effects.
-        let rc = unsafe { libc::mknod(c.as_ptr(), type_bits | (meta.mode & 0o7777) as libc::mode_t, meta.rdev as libc::dev_t) };
+        let rc = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                type_bits | (meta.mode & 0o7777) as libc::mode_t,
+                meta.rdev as libc::dev_t,
+            )
+        };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        let r = self.apply_owner_mode(&tmp, meta).and_then(|_| set_mtime(&tmp, meta)).and_then(|_| self.install(&tmp, &path));
+        let r = self
+            .apply_owner_mode(&tmp, meta)
+            .and_then(|_| set_mtime(&tmp, meta))
+            .and_then(|_| self.install(&tmp, &path));
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -469,7 +548,10 @@ impl Writer {
         let md = fs::symlink_metadata(&path)?;
         let have = local::meta_of(&md).map(|m| m.kind);
         if have != Some(meta.kind) {
-            return Err(io::Error::other(format!("is a {:?} on the receiver, not a {:?}", have, meta.kind)));
+            return Err(io::Error::other(format!(
+                "is a {:?} on the receiver, not a {:?}",
+                have, meta.kind
+            )));
         }
         self.apply_owner_mode(&path, meta)?;
         set_mtime(&path, meta)?;
@@ -528,7 +610,13 @@ impl Writer {
         Ok(())
     }
 
-    fn file_begin(&mut self, id: RequestId, rel: &RelPath, meta: Meta, body: Body) -> io::Result<()> {
+    fn file_begin(
+        &mut self,
+        id: RequestId,
+        rel: &RelPath,
+        meta: Meta,
+        body: Body,
+    ) -> io::Result<()> {
         if meta.kind != Kind::File || rel.is_root() {
             return Err(io::Error::other("not a regular file"));
         }
@@ -537,7 +625,11 @@ impl Writer {
         }
         let path = self.local(rel)?;
         let tmp_path = self.staging_path()?;
-        let tmp = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp_path)?;
+        let tmp = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_path)?;
         let mut base = None;
         if body == Body::Delta {
             base = open_base(&path);
@@ -551,11 +643,26 @@ impl Writer {
                 }
             }
         }
-        self.incoming.insert(id, Incoming { path: rel.clone(), meta, tmp, tmp_path, hasher: blake3::Hasher::new(), base, written: 0 });
+        self.incoming.insert(
+            id,
+            Incoming {
+                path: rel.clone(),
+                meta,
+                tmp,
+                tmp_path,
+                hasher: blake3::Hasher::new(),
+                base,
+                written: 0,
+            },
+        );
         Ok(())
     }
 
-    fn file_body(&mut self, id: RequestId, f: impl FnOnce(&mut Self, &mut Incoming) -> io::Result<()>) {
+    fn file_body(
+        &mut self,
+        id: RequestId,
+        f: impl FnOnce(&mut Self, &mut Incoming) -> io::Result<()>,
+    ) {
         if self.failed.contains(&id) {
             return;
         }
@@ -575,13 +682,20 @@ impl Writer {
     }
 
     fn write_whole(&mut self, inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
-        self.stats.bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         append(inc, data)
     }
 
     fn write_delta(&mut self, inc: &mut Incoming, window: u64, delta: &[u8]) -> io::Result<()> {
-        self.stats.bytes_received.fetch_add(delta.len() as u64, Ordering::Relaxed);
-        let base = inc.base.as_ref().ok_or_else(|| io::Error::other("delta without a base"))?;
+        self.stats
+            .bytes_received
+            .fetch_add(delta.len() as u64, Ordering::Relaxed);
+        let base = inc
+            .base
+            .as_ref()
+            .ok_or_else(|| io::Error::other("delta without a base"))?;
         self.scratch.clear();
         delta::apply_window(base, delta, window, &mut self.scratch).map_err(io::Error::other)?;
         let out = std::mem::take(&mut self.scratch);
@@ -600,23 +714,31 @@ impl Writer {
 
     fn file_commit_inner(&mut self, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
         if inc.written != inc.meta.size {
-            return Err(io::Error::other(format!("received {} bytes, expected {}", inc.written, inc.meta.size)));
+            return Err(io::Error::other(format!(
+                "received {} bytes, expected {}",
+                inc.written, inc.meta.size
+            )));
         }
         if *inc.hasher.finalize().as_bytes() != digest {
-            return Err(io::Error::other("content digest mismatch; file not committed"));
+            return Err(io::Error::other(
+                "content digest mismatch; file not committed",
+            ));
         }
         inc.tmp.sync_all()?;
         if self.privileged {
             std::os::unix::fs::fchown(&inc.tmp, Some(inc.meta.uid), Some(inc.meta.gid))?;
         }
-        inc.tmp.set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
+        inc.tmp
+            .set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
         let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
         filetime::set_file_handle_times(&inc.tmp, None, Some(mtime))?;
         let path = self.local(&inc.path)?;
         let delta = inc.base.take().is_some();
         self.install(&inc.tmp_path.clone(), &path)?;
         self.stats.files.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_written.fetch_add(inc.written, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(inc.written, Ordering::Relaxed);
         if delta {
             self.stats.delta_files.fetch_add(1, Ordering::Relaxed);
         }
@@ -636,12 +758,21 @@ impl Writer {
             return self.fail(id, format!("{rel}: {e}"));
         }
         if self.tree.as_ref().map(|(c, _)| *c) != Some(checksum) {
-            let cmp = Compare { owner: self.privileged };
+            let cmp = Compare {
+                owner: self.privileged,
+            };
             let mut errors = Vec::new();
             let root = self.root().to_path_buf();
             let built = {
                 let mut cache = self.state.cache.lock().expect("cache lock");
-                DigestTree::build(&root, &module_filter, &mut cache, cmp, checksum, &mut errors)
+                DigestTree::build(
+                    &root,
+                    &module_filter,
+                    &mut cache,
+                    cmp,
+                    checksum,
+                    &mut errors,
+                )
             };
             for (p, e) in &errors {
                 tracing::warn!(module = %self.state.module.name, path = %p, "verify: {e}");
@@ -656,13 +787,20 @@ impl Writer {
             Some(listing) => (Some(listing.dir.entry.clone()), listing.entries.clone()),
             None => (None, Vec::<DigestEntry>::new()),
         };
-        self.reply(Message::DirDigests { id, dir: dir.map(|e: Entry| e), entries });
+        self.reply(Message::DirDigests {
+            id,
+            dir: dir.map(|e: Entry| e),
+            entries,
+        });
     }
 }
 
 fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
     if inc.written + data.len() as u64 > inc.meta.size {
-        return Err(io::Error::other(format!("more data than the announced {} bytes", inc.meta.size)));
+        return Err(io::Error::other(format!(
+            "more data than the announced {} bytes",
+            inc.meta.size
+        )));
     }
     inc.tmp.write_all(data)?;
     inc.hasher.update(data);
@@ -671,7 +809,11 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
 }
 
 fn open_base(path: &Path) -> Option<memmap2::Mmap> {
-    let f = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
     let md = f.metadata().ok()?;
     if !md.is_file() || md.len() == 0 {
         return None;

@@ -98,43 +98,83 @@ pub struct SyncGroup {
 impl Config {
     /// Reads and validates `file`; relative paths resolve against its directory.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError { file: file.to_path_buf(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            message: e.to_string(),
+        })?;
         Config::parse(&text, file)
     }
 
     /// Parses and validates `text` as if read from `file`.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError { file: file.to_path_buf(), message };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+        let err = |message: String| ConfigError {
+            file: file.to_path_buf(),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let mut targets = BTreeMap::new();
         for (name, t) in raw.targets {
-            let fingerprint = t.fingerprint.parse().map_err(|e| err(format!("targets.{name}.fingerprint: {e}")))?;
+            let fingerprint = t
+                .fingerprint
+                .parse()
+                .map_err(|e| err(format!("targets.{name}.fingerprint: {e}")))?;
             if !t.address.contains(':') {
-                return Err(err(format!("targets.{name}.address: {:?} needs a port, e.g. {}:8730", t.address, t.address)));
+                return Err(err(format!(
+                    "targets.{name}.address: {:?} needs a port, e.g. {}:8730",
+                    t.address, t.address
+                )));
             }
-            targets.insert(name.clone(), Target { name, address: t.address, fingerprint });
+            targets.insert(
+                name.clone(),
+                Target {
+                    name,
+                    address: t.address,
+                    fingerprint,
+                },
+            );
         }
         let mut syncs: Vec<SyncGroup> = Vec::new();
         for (i, s) in raw.sync.into_iter().enumerate() {
             let name = s.name.clone().unwrap_or_else(|| s.module.clone());
             let key = |k: &str| format!("sync[{i}] ({name}).{k}");
             if syncs.iter().any(|g| g.name == name) {
-                return Err(err(format!("{}: duplicate sync name {name:?}", key("name"))));
+                return Err(err(format!(
+                    "{}: duplicate sync name {name:?}",
+                    key("name")
+                )));
             }
             if s.targets.is_empty() {
-                return Err(err(format!("{}: at least one target is required", key("targets"))));
+                return Err(err(format!(
+                    "{}: at least one target is required",
+                    key("targets")
+                )));
             }
             for t in &s.targets {
                 if !targets.contains_key(t) {
                     return Err(err(format!("{}: unknown target {t:?}", key("targets"))));
                 }
             }
-            let filter = Filter::new(&s.exclude).map_err(|e: FilterError| err(format!("{}: {e}", key("exclude"))))?;
-            syncs.push(SyncGroup { name, source: resolve(s.source), targets: s.targets, module: s.module, filter, delete: s.delete });
+            let filter = Filter::new(&s.exclude)
+                .map_err(|e: FilterError| err(format!("{}: {e}", key("exclude"))))?;
+            syncs.push(SyncGroup {
+                name,
+                source: resolve(s.source),
+                targets: s.targets,
+                module: s.module,
+                filter,
+                delete: s.delete,
+            });
         }
-        Ok(Config { cert: resolve(raw.cert), key: resolve(raw.key), state_dir: raw.state_dir.map(resolve), targets, syncs })
+        Ok(Config {
+            cert: resolve(raw.cert),
+            key: resolve(raw.key),
+            state_dir: raw.state_dir.map(resolve),
+            targets,
+            syncs,
+        })
     }
 }
 
@@ -169,15 +209,34 @@ exclude = ["tmp/", "*.log"]
     #[test]
     fn errors_name_file_and_key() {
         let cases = [
-            (GOOD.replace("targets = [\"backup\"]", "targets = [\"nope\"]"), "unknown target \"nope\""),
-            (GOOD.replace("module = \"file\"", "module = \"file\"\ncolour = 1"), "colour"),
-            (GOOD.replace("192.168.74.20:8730", "192.168.74.20"), "targets.backup.address"),
-            (GOOD.replace("sha256:0000", "sha1:0000"), "targets.backup.fingerprint"),
-            (format!("{GOOD}[[sync]]\nsource = \"/x\"\ntargets = [\"backup\"]\nmodule = \"file\"\n"), "duplicate sync name"),
+            (
+                GOOD.replace("targets = [\"backup\"]", "targets = [\"nope\"]"),
+                "unknown target \"nope\"",
+            ),
+            (
+                GOOD.replace("module = \"file\"", "module = \"file\"\ncolour = 1"),
+                "colour",
+            ),
+            (
+                GOOD.replace("192.168.74.20:8730", "192.168.74.20"),
+                "targets.backup.address",
+            ),
+            (
+                GOOD.replace("sha256:0000", "sha1:0000"),
+                "targets.backup.fingerprint",
+            ),
+            (
+                format!(
+                    "{GOOD}[[sync]]\nsource = \"/x\"\ntargets = [\"backup\"]\nmodule = \"file\"\n"
+                ),
+                "duplicate sync name",
+            ),
             (GOOD.replace("\"*.log\"", "\"[\""), "exclude"),
         ];
         for (text, needle) in cases {
-            let e = Config::parse(&text, Path::new("/etc/ferry/sender.toml")).unwrap_err().to_string();
+            let e = Config::parse(&text, Path::new("/etc/ferry/sender.toml"))
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("/etc/ferry/sender.toml: "), "{e}");
             assert!(e.contains(needle), "{e} should mention {needle}");
         }

@@ -33,9 +33,17 @@ pub struct FilterError {
 impl Filter {
     /// Compiles `patterns`.
     pub fn new(patterns: &[String]) -> Result<Filter, FilterError> {
-        let mut sets = [GlobSetBuilder::new(), GlobSetBuilder::new(), GlobSetBuilder::new(), GlobSetBuilder::new()];
+        let mut sets = [
+            GlobSetBuilder::new(),
+            GlobSetBuilder::new(),
+            GlobSetBuilder::new(),
+            GlobSetBuilder::new(),
+        ];
         for p in patterns {
-            let err = |message: String| FilterError { pattern: p.clone(), message };
+            let err = |message: String| FilterError {
+                pattern: p.clone(),
+                message,
+            };
             let (body, dir_only) = match p.strip_suffix('/') {
                 Some(b) => (b, true),
                 None => (p.as_str(), false),
@@ -45,7 +53,11 @@ impl Filter {
             }
             let anchored = body.contains('/');
             let body = body.strip_prefix('/').unwrap_or(body);
-            let glob = GlobBuilder::new(body).literal_separator(true).backslash_escape(true).build().map_err(|e| err(e.kind().to_string()))?;
+            let glob = GlobBuilder::new(body)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| err(e.kind().to_string()))?;
             let idx = match (anchored, dir_only) {
                 (false, false) => 0,
                 (false, true) => 1,
@@ -55,7 +67,13 @@ impl Filter {
             sets[idx].add(glob);
         }
         let [a, b, c, d] = sets.map(|s| s.build().expect("globs already validated"));
-        Ok(Filter { patterns: patterns.to_vec(), name_any: a, name_dir: b, path_any: c, path_dir: d })
+        Ok(Filter {
+            patterns: patterns.to_vec(),
+            name_any: a,
+            name_dir: b,
+            path_any: c,
+            path_dir: d,
+        })
     }
 
     /// No exclusions.
@@ -109,7 +127,13 @@ mod tests {
 
     #[test]
     fn rsync_like_semantics_table() {
-        let f = Filter::new(&["tmp/".into(), "*.log".into(), "/cache".into(), "a/b/*.tmp".into()]).unwrap();
+        let f = Filter::new(&[
+            "tmp/".into(),
+            "*.log".into(),
+            "/cache".into(),
+            "a/b/*.tmp".into(),
+        ])
+        .unwrap();
         let cases: &[(&str, bool, bool)] = &[
             ("tmp", true, true),
             ("tmp", false, false),
@@ -125,7 +149,11 @@ mod tests {
             ("keep.txt", false, false),
         ];
         for (p, is_dir, want) in cases {
-            assert_eq!(f.excludes(&RelPath::from(*p), *is_dir), *want, "{p} dir={is_dir}");
+            assert_eq!(
+                f.excludes(&RelPath::from(*p), *is_dir),
+                *want,
+                "{p} dir={is_dir}"
+            );
         }
         assert!(f.excludes_with_ancestors(&RelPath::from("x/tmp/inner/file"), false));
         assert!(!f.excludes_with_ancestors(&RelPath::from("x/tmpdir/file"), false));

@@ -103,21 +103,29 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions) -> Plan {
             (Kind::File, Some(r)) if r.meta.kind == Kind::File => {
                 if !l.meta.quick_equal(&r.meta) {
                     let delta = r.meta.size > 0 && l.meta.size >= DELTA_THRESHOLD;
-                    Some(Op::File { entry: l.clone(), delta })
+                    Some(Op::File {
+                        entry: l.clone(),
+                        delta,
+                    })
                 } else if !l.meta.attr_differences(&r.meta, opts.compare).is_empty() {
                     Some(Op::SetMeta(l.clone()))
                 } else {
                     None
                 }
             }
-            (Kind::File, _) => Some(Op::File { entry: l.clone(), delta: false }),
+            (Kind::File, _) => Some(Op::File {
+                entry: l.clone(),
+                delta: false,
+            }),
             (Kind::Symlink, Some(r)) if r.meta.kind == Kind::Symlink && r.link == l.link => {
-                (!l.meta.attr_differences(&r.meta, opts.compare).is_empty()).then(|| Op::SetMeta(l.clone()))
+                (!l.meta.attr_differences(&r.meta, opts.compare).is_empty())
+                    .then(|| Op::SetMeta(l.clone()))
             }
             (Kind::Symlink, _) => Some(Op::Symlink(l.clone())),
             (k, _) if k.is_special() && k != Kind::Fifo && !opts.devices => None,
             (_, Some(r)) if r.meta.kind == l.meta.kind && r.meta.rdev == l.meta.rdev => {
-                (!l.meta.attr_differences(&r.meta, opts.compare).is_empty()).then(|| Op::SetMeta(l.clone()))
+                (!l.meta.attr_differences(&r.meta, opts.compare).is_empty())
+                    .then(|| Op::SetMeta(l.clone()))
             }
             _ => Some(Op::Special(l.clone())),
         };
@@ -142,18 +150,39 @@ mod tests {
     use ferry_protocol::meta::Meta;
 
     fn e(path: &str, kind: Kind, size: u64, mtime: i64) -> Entry {
-        let meta = Meta { kind, mode: 0o644, uid: 1, gid: 1, size, mtime, mtime_nsec: 0, rdev: 0 };
+        let meta = Meta {
+            kind,
+            mode: 0o644,
+            uid: 1,
+            gid: 1,
+            size,
+            mtime,
+            mtime_nsec: 0,
+            rdev: 0,
+        };
         let link = (kind == Kind::Symlink).then(|| b"target".to_vec());
-        Entry { path: RelPath::from(path), meta, link }
+        Entry {
+            path: RelPath::from(path),
+            meta,
+            link,
+        }
     }
 
     fn opts() -> PlanOptions {
-        PlanOptions { delete: true, compare: Compare { owner: true }, devices: false }
+        PlanOptions {
+            delete: true,
+            compare: Compare { owner: true },
+            devices: false,
+        }
     }
 
     #[test]
     fn equal_trees_need_nothing() {
-        let t = vec![e("", Kind::Dir, 0, 1), e("a", Kind::Dir, 0, 1), e("a/f", Kind::File, 5, 1)];
+        let t = vec![
+            e("", Kind::Dir, 0, 1),
+            e("a", Kind::Dir, 0, 1),
+            e("a/f", Kind::File, 5, 1),
+        ];
         assert!(plan(&t, &t, opts()).is_empty());
     }
 
@@ -176,18 +205,32 @@ mod tests {
             e("x", Kind::File, 3, 1),
         ];
         let p = plan(&local, &remote, opts());
-        assert_eq!(p.deletes, vec![RelPath::from("gone")], "only the topmost extra");
+        assert_eq!(
+            p.deletes,
+            vec![RelPath::from("gone")],
+            "only the topmost extra"
+        );
         assert_eq!(
             p.creates,
             vec![
-                Op::File { entry: local[2].clone(), delta: false },
-                Op::File { entry: local[3].clone(), delta: true },
+                Op::File {
+                    entry: local[2].clone(),
+                    delta: false
+                },
+                Op::File {
+                    entry: local[3].clone(),
+                    delta: true
+                },
                 Op::Symlink(local[4].clone()),
                 Op::Mkdir(local[5].clone()),
             ]
         );
         let dirs: Vec<String> = p.dir_meta.iter().map(|d| d.path.to_string()).collect();
-        assert_eq!(dirs, vec!["x", "a", "."], "deepest first, only touched directories");
+        assert_eq!(
+            dirs,
+            vec!["x", "a", "."],
+            "deepest first, only touched directories"
+        );
     }
 
     #[test]
@@ -199,7 +242,10 @@ mod tests {
         assert_eq!(p.creates, vec![Op::SetMeta(local[1].clone())]);
         remote[1].meta.mode = 0o644;
         remote[1].meta.uid = 9;
-        let no_owner = PlanOptions { compare: Compare { owner: false }, ..opts() };
+        let no_owner = PlanOptions {
+            compare: Compare { owner: false },
+            ..opts()
+        };
         assert!(plan(&local, &remote, no_owner).is_empty());
     }
 
@@ -207,13 +253,27 @@ mod tests {
     fn delete_false_keeps_extras() {
         let local = vec![e("", Kind::Dir, 0, 1)];
         let remote = vec![e("", Kind::Dir, 0, 1), e("old", Kind::File, 1, 1)];
-        assert!(plan(&local, &remote, PlanOptions { delete: false, ..opts() }).is_empty());
+        assert!(plan(
+            &local,
+            &remote,
+            PlanOptions {
+                delete: false,
+                ..opts()
+            }
+        )
+        .is_empty());
     }
 
     #[test]
     fn small_changed_files_travel_whole() {
         let local = vec![e("", Kind::Dir, 0, 1), e("f", Kind::File, 100, 2)];
         let remote = vec![e("", Kind::Dir, 0, 1), e("f", Kind::File, 100, 1)];
-        assert_eq!(plan(&local, &remote, opts()).creates, vec![Op::File { entry: local[1].clone(), delta: false }]);
+        assert_eq!(
+            plan(&local, &remote, opts()).creates,
+            vec![Op::File {
+                entry: local[1].clone(),
+                delta: false
+            }]
+        );
     }
 }

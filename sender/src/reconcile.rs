@@ -52,7 +52,9 @@ impl Report {
 }
 
 /// Lists the local source tree, applying the group's excludes.
-pub fn scan_source(group: &SyncGroup) -> std::io::Result<(Vec<Entry>, Vec<(RelPath, std::io::Error)>)> {
+pub fn scan_source(
+    group: &SyncGroup,
+) -> std::io::Result<(Vec<Entry>, Vec<(RelPath, std::io::Error)>)> {
     let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
     let mut errors = Vec::new();
     let entries = local::scan(&group.source, &filter, &mut errors)?;
@@ -70,7 +72,10 @@ pub fn filter_remote(group: &SyncGroup, remote: Vec<Entry>) -> Vec<Entry> {
                     return false;
                 }
             }
-            if group.filter.excludes(&e.path, e.meta.kind == ferry_protocol::Kind::Dir) {
+            if group
+                .filter
+                .excludes(&e.path, e.meta.kind == ferry_protocol::Kind::Dir)
+            {
                 skip = Some(e.path.clone());
                 return false;
             }
@@ -88,12 +93,20 @@ pub async fn reconcile(session: &Arc<Session>, group: &SyncGroup) -> Result<Repo
     let local = tokio::task::spawn_blocking(move || scan_source(&g));
     let (remote, local) = tokio::join!(remote, local);
     let remote = filter_remote(group, remote?);
-    let (local, scan_errors) = local.expect("scan task").map_err(|e| SessionError::Failed(format!("{}: {e}", group.source.display())))?;
+    let (local, scan_errors) = local
+        .expect("scan task")
+        .map_err(|e| SessionError::Failed(format!("{}: {e}", group.source.display())))?;
     let mut report = Report::default();
     for (p, e) in scan_errors {
         report.failures.push(format!("{p}: {e}"));
     }
-    let opts = PlanOptions { delete: group.delete, compare: Compare { owner: session.privileged }, devices: session.privileged };
+    let opts = PlanOptions {
+        delete: group.delete,
+        compare: Compare {
+            owner: session.privileged,
+        },
+        devices: session.privileged,
+    };
     let plan = plan(&local, &remote, opts);
     tracing::info!(
         sync = %group.name,
@@ -119,26 +132,103 @@ enum Done {
 
 /// Executes a plan with many requests in flight. Per-path failures land in the report;
 /// a lost connection ends execution with an error.
-pub async fn execute(session: &Arc<Session>, root: &Path, plan: Plan, report: &mut Report) -> Result<(), SessionError> {
+pub async fn execute(
+    session: &Arc<Session>,
+    root: &Path,
+    plan: Plan,
+    report: &mut Report,
+) -> Result<(), SessionError> {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let file_slots = Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT));
     let mut tasks: JoinSet<Result<Done, String>> = JoinSet::new();
 
     for path in plan.deletes {
-        issue(session, &slots, &mut tasks, report, Done::Deleted, move |id| Message::Delete { id, path }).await?;
+        issue(
+            session,
+            &slots,
+            &mut tasks,
+            report,
+            Done::Deleted,
+            move |id| Message::Delete { id, path },
+        )
+        .await?;
     }
     for op in plan.creates {
         match op {
-            Op::Delete(path) => issue(session, &slots, &mut tasks, report, Done::Deleted, move |id| Message::Delete { id, path }).await?,
-            Op::Mkdir(e) => issue(session, &slots, &mut tasks, report, Done::Created, move |id| Message::Mkdir { id, path: e.path, meta: e.meta }).await?,
+            Op::Delete(path) => {
+                issue(
+                    session,
+                    &slots,
+                    &mut tasks,
+                    report,
+                    Done::Deleted,
+                    move |id| Message::Delete { id, path },
+                )
+                .await?
+            }
+            Op::Mkdir(e) => {
+                issue(
+                    session,
+                    &slots,
+                    &mut tasks,
+                    report,
+                    Done::Created,
+                    move |id| Message::Mkdir {
+                        id,
+                        path: e.path,
+                        meta: e.meta,
+                    },
+                )
+                .await?
+            }
             Op::Symlink(e) => {
                 let target = e.link.unwrap_or_default();
-                issue(session, &slots, &mut tasks, report, Done::Created, move |id| Message::Symlink { id, path: e.path, target, meta: e.meta }).await?
+                issue(
+                    session,
+                    &slots,
+                    &mut tasks,
+                    report,
+                    Done::Created,
+                    move |id| Message::Symlink {
+                        id,
+                        path: e.path,
+                        target,
+                        meta: e.meta,
+                    },
+                )
+                .await?
             }
-            Op::Special(e) => issue(session, &slots, &mut tasks, report, Done::Created, move |id| Message::Special { id, path: e.path, meta: e.meta }).await?,
-            Op::SetMeta(e) => issue(session, &slots, &mut tasks, report, Done::Meta, move |id| Message::SetMeta { id, path: e.path, meta: e.meta }).await?,
+            Op::Special(e) => {
+                issue(
+                    session,
+                    &slots,
+                    &mut tasks,
+                    report,
+                    Done::Created,
+                    move |id| Message::Special {
+                        id,
+                        path: e.path,
+                        meta: e.meta,
+                    },
+                )
+                .await?
+            }
+            Op::SetMeta(e) => {
+                issue(session, &slots, &mut tasks, report, Done::Meta, move |id| {
+                    Message::SetMeta {
+                        id,
+                        path: e.path,
+                        meta: e.meta,
+                    }
+                })
+                .await?
+            }
             Op::File { entry, delta } => {
-                let permit = file_slots.clone().acquire_owned().await.expect("never closed");
+                let permit = file_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
                 reap(&mut tasks, report)?;
                 let root: PathBuf = root.to_path_buf();
                 match transfer::begin(session, &root, &entry.path, delta).await {
@@ -149,7 +239,10 @@ pub async fn execute(session: &Arc<Session>, root: &Path, plan: Plan, report: &m
                             send_with_retries(&session, &root, &entry.path, delta, flight).await
                         });
                     }
-                    Ok(None) => report.failures.push(format!("{}: vanished or changed type during reconcile", entry.path)),
+                    Ok(None) => report.failures.push(format!(
+                        "{}: vanished or changed type during reconcile",
+                        entry.path
+                    )),
                     Err(TransferError::Session(e)) if e.is_fatal() => return Err(e),
                     Err(e) => report.failures.push(e.to_string()),
                 }
@@ -159,12 +252,25 @@ pub async fn execute(session: &Arc<Session>, root: &Path, plan: Plan, report: &m
     // Barrier: directory times only after everything inside them is durable.
     drain(&mut tasks, report).await?;
     for e in plan.dir_meta {
-        issue(session, &slots, &mut tasks, report, Done::Meta, move |id| Message::SetMeta { id, path: e.path, meta: e.meta }).await?;
+        issue(session, &slots, &mut tasks, report, Done::Meta, move |id| {
+            Message::SetMeta {
+                id,
+                path: e.path,
+                meta: e.meta,
+            }
+        })
+        .await?;
     }
     drain(&mut tasks, report).await
 }
 
-async fn send_with_retries(session: &Session, root: &Path, path: &RelPath, delta: bool, first: transfer::InFlight) -> Result<Done, String> {
+async fn send_with_retries(
+    session: &Session,
+    root: &Path,
+    path: &RelPath,
+    delta: bool,
+    first: transfer::InFlight,
+) -> Result<Done, String> {
     let mut flight = first;
     for attempt in 1..=FILE_ATTEMPTS {
         match flight.finish(session).await {
@@ -229,14 +335,20 @@ fn record(report: &mut Report, r: Result<Done, String>) -> Result<(), SessionErr
 }
 
 /// Collects finished tasks without waiting.
-fn reap(tasks: &mut JoinSet<Result<Done, String>>, report: &mut Report) -> Result<(), SessionError> {
+fn reap(
+    tasks: &mut JoinSet<Result<Done, String>>,
+    report: &mut Report,
+) -> Result<(), SessionError> {
     while let Some(r) = tasks.try_join_next() {
         record(report, r.expect("task panicked"))?;
     }
     Ok(())
 }
 
-async fn drain(tasks: &mut JoinSet<Result<Done, String>>, report: &mut Report) -> Result<(), SessionError> {
+async fn drain(
+    tasks: &mut JoinSet<Result<Done, String>>,
+    report: &mut Report,
+) -> Result<(), SessionError> {
     while let Some(r) = tasks.join_next().await {
         record(report, r.expect("task panicked"))?;
     }

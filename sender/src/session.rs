@@ -68,14 +68,29 @@ pub struct Session {
 
 impl Session {
     /// Connects to `address`, pins `fingerprint`, and opens `module` with `intent`.
-    pub async fn connect(address: &str, fingerprint: Fingerprint, identity: &Identity, module: &str, intent: Intent) -> Result<Session, SessionError> {
-        let conn_err = |source: ConnError| SessionError::Conn { address: address.to_string(), source };
-        let tls = ferry_protocol::tls::client_config(identity.certs.clone(), identity.key.clone_key(), fingerprint)
-            .map_err(|e| conn_err(ConnError::Protocol(e.to_string())))?;
+    pub async fn connect(
+        address: &str,
+        fingerprint: Fingerprint,
+        identity: &Identity,
+        module: &str,
+        intent: Intent,
+    ) -> Result<Session, SessionError> {
+        let conn_err = |source: ConnError| SessionError::Conn {
+            address: address.to_string(),
+            source,
+        };
+        let tls = ferry_protocol::tls::client_config(
+            identity.certs.clone(),
+            identity.key.clone_key(),
+            fingerprint,
+        )
+        .map_err(|e| conn_err(ConnError::Protocol(e.to_string())))?;
         let connect = async {
             let tcp = TcpStream::connect(address).await?;
             let _ = tcp.set_nodelay(true);
-            tokio_rustls::TlsConnector::from(tls).connect(ferry_protocol::tls::server_name(), tcp).await
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(ferry_protocol::tls::server_name(), tcp)
+                .await
         };
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
@@ -84,7 +99,9 @@ impl Session {
         let (r, w) = tokio::io::split(stream);
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);
-        let privileged = client_handshake(&mut reader, &mut writer, module, intent).await.map_err(conn_err)?;
+        let privileged = client_handshake(&mut reader, &mut writer, module, intent)
+            .await
+            .map_err(conn_err)?;
 
         let (out, mut out_rx) = mpsc::channel::<Message>(64);
         let bytes_sent = Arc::new(AtomicU64::new(writer.bytes_written()));
@@ -126,7 +143,11 @@ impl Session {
                         let last = is_final(&msg);
                         let tx = {
                             let mut map = pending_r.lock().expect("lock");
-                            if last { map.remove(&id) } else { map.get(&id).cloned() }
+                            if last {
+                                map.remove(&id)
+                            } else {
+                                map.get(&id).cloned()
+                            }
                         };
                         if let Some(tx) = tx {
                             let _ = tx.send(msg).await;
@@ -165,7 +186,12 @@ impl Session {
     }
 
     fn lost_error(&self) -> SessionError {
-        let why = self.lost.lock().expect("lock").clone().unwrap_or_else(|| "connection lost".into());
+        let why = self
+            .lost
+            .lock()
+            .expect("lock")
+            .clone()
+            .unwrap_or_else(|| "connection lost".into());
         SessionError::Lost(format!("{}: {why}", self.address))
     }
 
@@ -202,7 +228,10 @@ impl Session {
     }
 
     fn protocol(&self, msg: &Message) -> SessionError {
-        SessionError::Protocol { address: self.address.clone(), what: format!("unexpected {}", msg.name()) }
+        SessionError::Protocol {
+            address: self.address.clone(),
+            what: format!("unexpected {}", msg.name()),
+        }
     }
 
     /// Sends a request built from a fresh id and waits for its acknowledgement.
@@ -212,7 +241,10 @@ impl Session {
     }
 
     /// Sends a request built from a fresh id; returns where its reply will arrive.
-    pub async fn start(&self, make: impl FnOnce(RequestId) -> Message) -> Result<mpsc::Receiver<Message>, SessionError> {
+    pub async fn start(
+        &self,
+        make: impl FnOnce(RequestId) -> Message,
+    ) -> Result<mpsc::Receiver<Message>, SessionError> {
         let (id, rx) = self.register();
         self.send(make(id)).await?;
         Ok(rx)
@@ -237,8 +269,18 @@ impl Session {
     }
 
     /// One directory's digests.
-    pub async fn verify_dir(&self, path: &RelPath, checksum: bool) -> Result<(Option<Entry>, Vec<DigestEntry>), SessionError> {
-        let mut rx = self.start(|id| Message::VerifyDir { id, path: path.clone(), checksum }).await?;
+    pub async fn verify_dir(
+        &self,
+        path: &RelPath,
+        checksum: bool,
+    ) -> Result<(Option<Entry>, Vec<DigestEntry>), SessionError> {
+        let mut rx = self
+            .start(|id| Message::VerifyDir {
+                id,
+                path: path.clone(),
+                checksum,
+            })
+            .await?;
         match self.reply(&mut rx).await? {
             Message::DirDigests { dir, entries, .. } => Ok((dir, entries)),
             Message::Failed { error, .. } => Err(SessionError::Failed(error)),

@@ -58,21 +58,51 @@ pub struct Sent {
 
 /// Sends `FileBegin` for `path` under `root`, with fresh metadata. Returns `Ok(None)` if the
 /// path is no longer a regular file.
-pub async fn begin(session: &Session, root: &Path, path: &RelPath, want_delta: bool) -> Result<Option<InFlight>, TransferError> {
+pub async fn begin(
+    session: &Session,
+    root: &Path,
+    path: &RelPath,
+    want_delta: bool,
+) -> Result<Option<InFlight>, TransferError> {
     let local_path = local::local_path(root, path);
     let entry = {
         let (root, path) = (root.to_path_buf(), path.clone());
-        tokio::task::spawn_blocking(move || local::read_entry(&root, &path)).await.expect("stat task")
+        tokio::task::spawn_blocking(move || local::read_entry(&root, &path))
+            .await
+            .expect("stat task")
     };
     let meta = match entry {
         Ok(Some(e)) if e.meta.kind == Kind::File => e.meta,
         Ok(_) => return Ok(None),
-        Err(source) => return Err(TransferError::Read { path: path.clone(), source }),
+        Err(source) => {
+            return Err(TransferError::Read {
+                path: path.clone(),
+                source,
+            })
+        }
     };
-    let body = if want_delta && meta.size >= delta::DELTA_THRESHOLD { Body::Delta } else { Body::Whole };
+    let body = if want_delta && meta.size >= delta::DELTA_THRESHOLD {
+        Body::Delta
+    } else {
+        Body::Whole
+    };
     let (id, rx) = session.register();
-    session.send(Message::FileBegin { id, path: path.clone(), meta: meta.clone(), body }).await?;
-    Ok(Some(InFlight { id, rx, path: path.clone(), local: local_path, meta, body }))
+    session
+        .send(Message::FileBegin {
+            id,
+            path: path.clone(),
+            meta: meta.clone(),
+            body,
+        })
+        .await?;
+    Ok(Some(InFlight {
+        id,
+        rx,
+        path: path.clone(),
+        local: local_path,
+        meta,
+        body,
+    }))
 }
 
 impl InFlight {
@@ -84,12 +114,27 @@ impl InFlight {
                 Message::Signature { signature: s, .. } => signature = Some(s),
                 Message::NoBase { .. } => {}
                 Message::Failed { error, .. } => return Err(SessionError::Failed(error).into()),
-                other => return Err(SessionError::Failed(format!("unexpected {} from receiver", other.name())).into()),
+                other => {
+                    return Err(SessionError::Failed(format!(
+                        "unexpected {} from receiver",
+                        other.name()
+                    ))
+                    .into())
+                }
             }
         }
         let out = session.sender();
-        let (id, local, meta, path) = (self.id, self.local.clone(), self.meta.clone(), self.path.clone());
-        let streamed = tokio::task::spawn_blocking(move || stream_body(id, &local, &meta, &path, signature, &out)).await.expect("reader task");
+        let (id, local, meta, path) = (
+            self.id,
+            self.local.clone(),
+            self.meta.clone(),
+            self.path.clone(),
+        );
+        let streamed = tokio::task::spawn_blocking(move || {
+            stream_body(id, &local, &meta, &path, signature, &out)
+        })
+        .await
+        .expect("reader task");
         let (digest, sent) = match streamed {
             Ok(v) => v,
             Err(e) => {
@@ -99,7 +144,12 @@ impl InFlight {
                 return Err(e);
             }
         };
-        session.send(Message::FileEnd { id: self.id, digest }).await?;
+        session
+            .send(Message::FileEnd {
+                id: self.id,
+                digest,
+            })
+            .await?;
         session.expect_ack(&mut self.rx).await?;
         Ok(sent)
     }
@@ -113,25 +163,38 @@ fn stream_body(
     signature: Option<Vec<u8>>,
     out: &mpsc::Sender<Message>,
 ) -> Result<([u8; 32], Sent), TransferError> {
-    let read_err = |source| TransferError::Read { path: path.clone(), source };
-    let mut file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(local).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) {
-            TransferError::Vanished(path.clone())
-        } else {
-            read_err(e)
-        }
-    })?;
-    let same = |m: &std::fs::Metadata| local::meta_of(m).is_some_and(|now| now.kind == Kind::File && now.quick_equal(meta));
+    let read_err = |source| TransferError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(local)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) {
+                TransferError::Vanished(path.clone())
+            } else {
+                read_err(e)
+            }
+        })?;
+    let same = |m: &std::fs::Metadata| {
+        local::meta_of(m).is_some_and(|now| now.kind == Kind::File && now.quick_equal(meta))
+    };
     if !same(&file.metadata().map_err(read_err)?) {
         return Err(TransferError::Changed(path.clone()));
     }
     let lost = || TransferError::Session(SessionError::Lost("sending file body".into()));
     let mut hasher = blake3::Hasher::new();
-    let mut sent = Sent { payload: 0, delta: signature.is_some() };
+    let mut sent = Sent {
+        payload: 0,
+        delta: signature.is_some(),
+    };
     let mut total = 0u64;
     match signature {
         Some(sig) => {
-            let sig = delta::parse_peer_signature(sig).map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
+            let sig = delta::parse_peer_signature(sig)
+                .map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
             let index = sig.index();
             let mut window = vec![0; WINDOW.min(meta.size as usize).max(1)];
             loop {
@@ -142,9 +205,15 @@ fn stream_body(
                 hasher.update(&window[..n]);
                 total += n as u64;
                 let mut d = Vec::new();
-                delta::diff_window(&index, &window[..n], &mut d).map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
+                delta::diff_window(&index, &window[..n], &mut d)
+                    .map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
                 sent.payload += d.len() as u64;
-                out.blocking_send(Message::FileDelta { id, window: n as u64, delta: d }).map_err(|_| lost())?;
+                out.blocking_send(Message::FileDelta {
+                    id,
+                    window: n as u64,
+                    delta: d,
+                })
+                .map_err(|_| lost())?;
                 if total > meta.size {
                     return Err(TransferError::Changed(path.clone()));
                 }
@@ -163,7 +232,8 @@ fn stream_body(
                 return Err(TransferError::Changed(path.clone()));
             }
             sent.payload += n as u64;
-            out.blocking_send(Message::FileData { id, data: chunk }).map_err(|_| lost())?;
+            out.blocking_send(Message::FileData { id, data: chunk })
+                .map_err(|_| lost())?;
         },
     }
     if total != meta.size || !same(&file.metadata().map_err(read_err)?) {

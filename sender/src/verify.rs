@@ -26,9 +26,15 @@ pub enum Side<'a> {
 }
 
 impl Side<'_> {
-    async fn listing(&self, path: &RelPath) -> Result<Option<(Entry, Vec<DigestEntry>)>, SessionError> {
+    async fn listing(
+        &self,
+        path: &RelPath,
+    ) -> Result<Option<(Entry, Vec<DigestEntry>)>, SessionError> {
         match self {
-            Side::Local(tree) => Ok(tree.dirs.get(path).map(|l| (l.dir.entry.clone(), l.entries.clone()))),
+            Side::Local(tree) => Ok(tree
+                .dirs
+                .get(path)
+                .map(|l| (l.dir.entry.clone(), l.entries.clone()))),
             Side::Remote { session, checksum } => {
                 let (dir, entries) = session.verify_dir(path, *checksum).await?;
                 Ok(dir.map(|d| (d, entries)))
@@ -39,15 +45,28 @@ impl Side<'_> {
 
 /// Compares `left` (the source) with `right` (the copy). Paths excluded by `filter` are
 /// ignored on both sides. Returns differences in tree order.
-pub async fn compare(left: &Side<'_>, right: &Side<'_>, cmp: Compare, filter: &Filter) -> Result<Vec<(RelPath, Difference)>, SessionError> {
+pub async fn compare(
+    left: &Side<'_>,
+    right: &Side<'_>,
+    cmp: Compare,
+    filter: &Filter,
+) -> Result<Vec<(RelPath, Difference)>, SessionError> {
     let root = RelPath::root();
     let (Some(l), Some(r)) = (left.listing(&root).await?, right.listing(&root).await?) else {
-        return Err(SessionError::Failed("a tree root is missing or not a directory".into()));
+        return Err(SessionError::Failed(
+            "a tree root is missing or not a directory".into(),
+        ));
     };
-    let mut out: Vec<(RelPath, Difference)> = l.0.meta.attr_differences(&r.0.meta, cmp).into_iter().map(|d| (root.clone(), d)).collect();
+    let mut out: Vec<(RelPath, Difference)> =
+        l.0.meta
+            .attr_differences(&r.0.meta, cmp)
+            .into_iter()
+            .map(|d| (root.clone(), d))
+            .collect();
     let mut queue = VecDeque::from([(l.1, r.1)]);
     while let Some((le, re)) = queue.pop_front() {
-        let keep = |e: &DigestEntry| !filter.excludes(&e.entry.path, e.entry.meta.kind == Kind::Dir);
+        let keep =
+            |e: &DigestEntry| !filter.excludes(&e.entry.path, e.entry.meta.kind == Kind::Dir);
         let le: Vec<DigestEntry> = le.into_iter().filter(keep).collect();
         let re: Vec<DigestEntry> = re.into_iter().filter(keep).collect();
         let c = compare_dirs(&le, &re, cmp);
