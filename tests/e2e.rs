@@ -256,3 +256,42 @@ fn keygen_and_fingerprint_agree() {
         "keygen must not overwrite a key"
     );
 }
+
+#[test]
+fn config_errors_name_the_file_and_key_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sender.toml");
+    fs::write(
+        &cfg,
+        "cert = \"c.pem\"\nkey = \"k.pem\"\n[targets.a]\naddress = \"127.0.0.1:1\"\n\
+         fingerprint = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n\
+         [[sync]]\nsource = \"/x\"\ntargets = [\"b\"]\nmodule = \"m\"\n",
+    )
+    .unwrap();
+    let o = run(ferry().arg("send").arg("--config").arg(&cfg).arg("--once"));
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("sender.toml") && err.contains("targets") && err.contains("unknown target \"b\""), "{err}");
+
+    let rcfg = dir.path().join("receiver.toml");
+    fs::write(&rcfg, "listen = \"127.0.0.1:0\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nbogus = 1\n").unwrap();
+    let o = run(ferry().arg("receive").arg("--config").arg(&rcfg));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("receiver.toml") && stderr(&o).contains("bogus"), "{}", stderr(&o));
+
+    let o = run(ferry().arg("send").arg("--config").arg(dir.path().join("missing.toml")).arg("--once"));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("missing.toml"), "{}", stderr(&o));
+}
+
+#[test]
+fn mirror_copies_a_tree_without_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    fs::create_dir_all(src.join("a/b")).unwrap();
+    fs::write(src.join("a/b/f"), "mirrored").unwrap();
+    symlink("b/f", src.join("a/l")).unwrap();
+    let o = run(ferry().arg("mirror").arg(&src).arg(&dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_trees_equal(&src, &dst);
+}
