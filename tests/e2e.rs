@@ -271,15 +271,32 @@ fn config_errors_name_the_file_and_key_and_exit_2() {
     let o = run(ferry().arg("send").arg("--config").arg(&cfg).arg("--once"));
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(err.contains("sender.toml") && err.contains("targets") && err.contains("unknown target \"b\""), "{err}");
+    assert!(
+        err.contains("sender.toml")
+            && err.contains("targets")
+            && err.contains("unknown target \"b\""),
+        "{err}"
+    );
 
     let rcfg = dir.path().join("receiver.toml");
-    fs::write(&rcfg, "listen = \"127.0.0.1:0\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nbogus = 1\n").unwrap();
+    fs::write(
+        &rcfg,
+        "listen = \"127.0.0.1:0\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nbogus = 1\n",
+    )
+    .unwrap();
     let o = run(ferry().arg("receive").arg("--config").arg(&rcfg));
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("receiver.toml") && stderr(&o).contains("bogus"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("receiver.toml") && stderr(&o).contains("bogus"),
+        "{}",
+        stderr(&o)
+    );
 
-    let o = run(ferry().arg("send").arg("--config").arg(dir.path().join("missing.toml")).arg("--once"));
+    let o = run(ferry()
+        .arg("send")
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .arg("--once"));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("missing.toml"), "{}", stderr(&o));
 }

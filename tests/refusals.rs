@@ -16,16 +16,34 @@ fn refused(s: &Setup, sender_side: &str, receiver_side: &str) {
     fs::write(s.src.join("f"), "x").unwrap();
     let o = s.send_once();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains(sender_side), "sender stderr lacks {sender_side:?}:\n{}", stderr(&o));
-    assert!(s.receiver.wait_log(receiver_side), "receiver log lacks {receiver_side:?}:\n{}", s.receiver.log());
-    assert!(!s.dst.join("f").exists(), "nothing may be written after a refusal");
+    assert!(
+        stderr(&o).contains(sender_side),
+        "sender stderr lacks {sender_side:?}:\n{}",
+        stderr(&o)
+    );
+    assert!(
+        s.receiver.wait_log(receiver_side),
+        "receiver log lacks {receiver_side:?}:\n{}",
+        s.receiver.log()
+    );
+    assert!(
+        !s.dst.join("f").exists(),
+        "nothing may be written after a refusal"
+    );
 }
 
 #[test]
 fn unknown_client_fingerprint_is_refused() {
     let other = Fingerprint::of_der(b"someone else").to_string();
-    let s = Setup::with(ModuleOpts { clients: Some(vec![other]), ..Default::default() });
-    refused(&s, "is not allowed into module \"file\"", "refused: certificate sha256:");
+    let s = Setup::with(ModuleOpts {
+        clients: Some(vec![other]),
+        ..Default::default()
+    });
+    refused(
+        &s,
+        "is not allowed into module \"file\"",
+        "refused: certificate sha256:",
+    );
 }
 
 #[test]
@@ -37,18 +55,36 @@ fn unknown_module_is_refused() {
 
 #[test]
 fn read_only_module_is_refused_for_writes_but_verifiable() {
-    let s = Setup::with(ModuleOpts { read_only: true, ..Default::default() });
+    let s = Setup::with(ModuleOpts {
+        read_only: true,
+        ..Default::default()
+    });
     refused(&s, "module \"file\" is read-only", "is read-only");
+    // Writing `f` moved the source root's mtime; align the roots so only `f` differs.
+    let t = filetime::FileTime::from_last_modification_time(&fs::metadata(&s.src).unwrap());
+    filetime::set_file_mtime(&s.dst, t).unwrap();
     let o = run(ferry().arg("verify").arg("--config").arg(s.sender_config()));
-    assert_eq!(o.status.code(), Some(1), "read sessions are allowed; the trees differ: {}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "read sessions are allowed; the trees differ: {}",
+        stderr(&o)
+    );
     assert_eq!(stdout(&o), "missing f\n");
 }
 
 #[test]
 fn host_not_in_hosts_allow_is_refused() {
     // A pattern that 127.0.0.1 does not match; no traffic goes to it.
-    let s = Setup::with(ModuleOpts { hosts_allow: Some(vec!["192.0.2.0/24".into()]), ..Default::default() });
-    refused(&s, "host 127.0.0.1 is not allowed", "host 127.0.0.1 is not allowed");
+    let s = Setup::with(ModuleOpts {
+        hosts_allow: Some(vec!["192.0.2.0/24".into()]),
+        ..Default::default()
+    });
+    refused(
+        &s,
+        "host 127.0.0.1 is not allowed",
+        "host 127.0.0.1 is not allowed",
+    );
 }
 
 #[test]
@@ -59,39 +95,77 @@ fn wrong_receiver_pin_is_refused_by_the_sender() {
     fs::write(s.src.join("f"), "x").unwrap();
     let o = s.send_once();
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("does not match the pinned"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not match the pinned"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!s.dst.join("f").exists());
 }
 
 fn sender_identity(s: &Setup) -> Identity {
-    Identity::load(&s.root().join("send/cert.pem"), &s.root().join("send/key.pem")).unwrap()
+    Identity::load(
+        &s.root().join("send/cert.pem"),
+        &s.root().join("send/key.pem"),
+    )
+    .unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn open(s: &Setup) -> Result<Session, SessionError> {
     let pin: Fingerprint = s.receiver_fp.parse().unwrap();
-    Session::connect(&s.receiver.addr, pin, &sender_identity(s), "file", Intent::Write).await
+    Session::connect(
+        &s.receiver.addr,
+        pin,
+        &sender_identity(s),
+        "file",
+        Intent::Write,
+    )
+    .await
 }
 
 #[test]
 fn max_connections_is_enforced() {
-    let s = Setup::with(ModuleOpts { max_connections: Some(1), ..Default::default() });
+    let s = Setup::with(ModuleOpts {
+        max_connections: Some(1),
+        ..Default::default()
+    });
     runtime().block_on(async {
         let first = open(&s).await.expect("first session");
         let second = open(&s).await;
-        let err = second.err().expect("second session must be refused").to_string();
+        let err = second
+            .err()
+            .expect("second session must be refused")
+            .to_string();
         assert!(err.contains("maximum of 1 connections"), "{err}");
         first.close().await;
         // The slot is free again.
-        open(&s).await.expect("session after the first closed").close().await;
+        open(&s)
+            .await
+            .expect("session after the first closed")
+            .close()
+            .await;
     });
 }
 
 fn file_meta(size: u64) -> Meta {
-    Meta { kind: Kind::File, mode: 0o644, uid: 0, gid: 0, size, mtime: 1, mtime_nsec: 0, rdev: 0 }
+    Meta {
+        kind: Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime: 1,
+        mtime_nsec: 0,
+        rdev: 0,
+    }
 }
 
 #[test]
@@ -103,45 +177,137 @@ fn hostile_paths_are_refused_and_nothing_escapes() {
     fs::write(s.dst.join("plainfile"), "x").unwrap();
     runtime().block_on(async {
         let session = open(&s).await.unwrap();
-        let attacks: &[&[u8]] = &[b"../outside/x", b"/tmp/abs", b"evil/x", b"a\0b", b"a//b", b".ferry-partial/x", b"plainfile/x"];
+        let attacks: &[&[u8]] = &[
+            b"../outside/x",
+            b"/tmp/abs",
+            b"evil/x",
+            b"a\0b",
+            b"a//b",
+            b".ferry-partial/x",
+            b"plainfile/x",
+        ];
         for path in attacks {
             let path = RelPath::from_bytes(path.to_vec());
-            let r = session.call(|id| Message::Mkdir { id, path: path.clone(), meta: Meta { kind: Kind::Dir, ..file_meta(0) } }).await;
+            let r = session
+                .call(|id| Message::Mkdir {
+                    id,
+                    path: path.clone(),
+                    meta: Meta {
+                        kind: Kind::Dir,
+                        ..file_meta(0)
+                    },
+                })
+                .await;
             let e = r.expect_err("must be refused").to_string();
             assert!(e.contains("refused path"), "{path:?}: {e}");
             // A file transfer to the same path fails at FileBegin; its body is ignored.
             let (id, mut rx) = session.register();
-            session.send(Message::FileBegin { id, path: path.clone(), meta: file_meta(1), body: Body::Whole }).await.unwrap();
-            session.send(Message::FileData { id, data: b"x".to_vec() }).await.unwrap();
-            session.send(Message::FileEnd { id, digest: *blake3::hash(b"x").as_bytes() }).await.unwrap();
+            session
+                .send(Message::FileBegin {
+                    id,
+                    path: path.clone(),
+                    meta: file_meta(1),
+                    body: Body::Whole,
+                })
+                .await
+                .unwrap();
+            session
+                .send(Message::FileData {
+                    id,
+                    data: b"x".to_vec(),
+                })
+                .await
+                .unwrap();
+            session
+                .send(Message::FileEnd {
+                    id,
+                    digest: *blake3::hash(b"x").as_bytes(),
+                })
+                .await
+                .unwrap();
             assert!(session.expect_ack(&mut rx).await.is_err(), "{path:?}");
-            let r = session.call(|id| Message::Delete { id, path: path.clone() }).await;
+            let r = session
+                .call(|id| Message::Delete {
+                    id,
+                    path: path.clone(),
+                })
+                .await;
             assert!(r.is_err(), "delete {path:?} must be refused");
         }
         // Renames cannot move things out either.
-        let r = session.call(|id| Message::Rename { id, from: RelPath::from("plainfile"), to: RelPath::from("evil/stolen") }).await;
+        let r = session
+            .call(|id| Message::Rename {
+                id,
+                from: RelPath::from("plainfile"),
+                to: RelPath::from("evil/stolen"),
+            })
+            .await;
         assert!(r.is_err());
         // A digest mismatch is not committed.
         let (id, mut rx) = session.register();
-        session.send(Message::FileBegin { id, path: RelPath::from("good"), meta: file_meta(1), body: Body::Whole }).await.unwrap();
-        session.send(Message::FileData { id, data: b"x".to_vec() }).await.unwrap();
-        session.send(Message::FileEnd { id, digest: [0; 32] }).await.unwrap();
+        session
+            .send(Message::FileBegin {
+                id,
+                path: RelPath::from("good"),
+                meta: file_meta(1),
+                body: Body::Whole,
+            })
+            .await
+            .unwrap();
+        session
+            .send(Message::FileData {
+                id,
+                data: b"x".to_vec(),
+            })
+            .await
+            .unwrap();
+        session
+            .send(Message::FileEnd {
+                id,
+                digest: [0; 32],
+            })
+            .await
+            .unwrap();
         let e = session.expect_ack(&mut rx).await.unwrap_err().to_string();
         assert!(e.contains("digest mismatch"), "{e}");
         // The session survives all of that and still works.
-        session.call(|id| Message::Mkdir { id, path: RelPath::from("ok"), meta: Meta { kind: Kind::Dir, ..file_meta(0) } }).await.unwrap();
+        session
+            .call(|id| Message::Mkdir {
+                id,
+                path: RelPath::from("ok"),
+                meta: Meta {
+                    kind: Kind::Dir,
+                    ..file_meta(0)
+                },
+            })
+            .await
+            .unwrap();
         session.close().await;
     });
-    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the module");
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside the module"
+    );
     assert!(!s.dst.join("good").exists());
     assert!(s.dst.join("ok").is_dir());
-    assert!(fs::read_dir(s.dst.join(".ferry-partial")).unwrap().next().is_none(), "no partial files left");
+    assert!(
+        fs::read_dir(s.dst.join(".ferry-partial"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no partial files left"
+    );
 }
 
 #[test]
 fn garbage_and_plain_tcp_peers_do_not_stop_the_receiver() {
     let s = Setup::new();
-    for junk in [&b"GET / HTTP/1.0\r\n\r\n"[..], &[0u8; 5][..], &[0x16, 3, 1, 0xff, 0xff][..]] {
+    for junk in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &[0u8; 5][..],
+        &[0x16, 3, 1, 0xff, 0xff][..],
+    ] {
         let mut tcp = std::net::TcpStream::connect(&s.receiver.addr).unwrap();
         let _ = tcp.write_all(junk);
         drop(tcp);
@@ -157,14 +323,35 @@ fn interrupted_transfer_leaves_nothing_and_is_cleaned() {
     runtime().block_on(async {
         let session = open(&s).await.unwrap();
         let (id, _rx) = session.register();
-        session.send(Message::FileBegin { id, path: RelPath::from("half"), meta: file_meta(10), body: Body::Whole }).await.unwrap();
-        session.send(Message::FileData { id, data: b"12345".to_vec() }).await.unwrap();
+        session
+            .send(Message::FileBegin {
+                id,
+                path: RelPath::from("half"),
+                meta: file_meta(10),
+                body: Body::Whole,
+            })
+            .await
+            .unwrap();
+        session
+            .send(Message::FileData {
+                id,
+                data: b"12345".to_vec(),
+            })
+            .await
+            .unwrap();
         session.stats().await.unwrap(); // make sure the receiver has handled both
         drop(session); // connection drops mid-file
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while fs::read_dir(s.dst.join(".ferry-partial")).unwrap().next().is_some() {
-        assert!(std::time::Instant::now() < deadline, "partial file not discarded");
+    while fs::read_dir(s.dst.join(".ferry-partial"))
+        .unwrap()
+        .next()
+        .is_some()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partial file not discarded"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(!s.dst.join("half").exists());
