@@ -11,7 +11,8 @@ use std::os::unix::fs::symlink;
 fn guide_walkthrough_matches_after_every_step() {
     let s = Setup::new();
     let src = s.src.clone();
-    let steps: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Step<'a> = (&'static str, Box<dyn Fn() + 'a>);
+    let steps: Vec<Step> = vec![
         (
             "mkdir test",
             Box::new(|| fs::create_dir(src.join("test")).unwrap()),

@@ -131,9 +131,7 @@ async fn serve_inner(
                     Err(_) => break,
                 }
             }
-            if let Err(e) = writer.write_all(&batch).await {
-                return Err(e);
-            }
+            writer.write_all(&batch).await?;
             batch.clear();
         }
         let _ = writer.shutdown().await;

@@ -51,10 +51,11 @@ impl Report {
     }
 }
 
+/// Per-path errors of a tree walk.
+pub type ScanErrors = Vec<(RelPath, std::io::Error)>;
+
 /// Lists the local source tree, applying the group's excludes.
-pub fn scan_source(
-    group: &SyncGroup,
-) -> std::io::Result<(Vec<Entry>, Vec<(RelPath, std::io::Error)>)> {
+pub fn scan_source(group: &SyncGroup) -> std::io::Result<(Vec<Entry>, ScanErrors)> {
     let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
     let mut errors = Vec::new();
     let entries = local::scan(&group.source, &filter, &mut errors)?;

@@ -16,8 +16,7 @@ pub fn ferry() -> Command {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run ferry");
-    out
+    cmd.output().expect("run ferry")
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -135,22 +134,12 @@ pub struct Setup {
     pub receiver: Receiver,
 }
 
+#[derive(Default)]
 pub struct ModuleOpts {
     pub clients: Option<Vec<String>>,
     pub hosts_allow: Option<Vec<String>>,
     pub read_only: bool,
     pub max_connections: Option<usize>,
-}
-
-impl Default for ModuleOpts {
-    fn default() -> Self {
-        ModuleOpts {
-            clients: None,
-            hosts_allow: None,
-            read_only: false,
-            max_connections: None,
-        }
-    }
 }
 
 impl Setup {
