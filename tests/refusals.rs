@@ -356,3 +356,36 @@ fn interrupted_transfer_leaves_nothing_and_is_cleaned() {
     }
     assert!(!s.dst.join("half").exists());
 }
+
+#[test]
+fn rename_is_one_operation_on_the_receiver() {
+    let s = Setup::new();
+    fs::create_dir_all(s.src.join("dir/sub")).unwrap();
+    for i in 0..20 {
+        fs::write(s.src.join(format!("dir/sub/f{i}")), format!("{i}")).unwrap();
+    }
+    s.push();
+    runtime().block_on(async {
+        let session = open(&s).await.unwrap();
+        let before = session.stats().await.unwrap();
+        session
+            .call(|id| Message::Rename {
+                id,
+                from: RelPath::from("dir"),
+                to: RelPath::from("moved"),
+            })
+            .await
+            .unwrap();
+        let after = session.stats().await.unwrap();
+        let get = |v: &Vec<(String, u64)>, k: &str| v.iter().find(|(n, _)| n == k).unwrap().1;
+        assert_eq!(get(&after, "renames") - get(&before, "renames"), 1);
+        assert_eq!(
+            get(&after, "files"),
+            get(&before, "files"),
+            "no file was re-sent"
+        );
+        session.close().await;
+    });
+    assert!(!s.dst.join("dir").exists());
+    assert_eq!(fs::read(s.dst.join("moved/sub/f7")).unwrap(), b"7");
+}

@@ -90,7 +90,7 @@ async fn serve_inner(
     };
     // Count ourselves in before deciding, so two racing sessions cannot both take the last slot.
     let active = state.active.fetch_add(1, Ordering::SeqCst);
-    let _guard = ActiveGuard(&state.active);
+    let guard = ActiveGuard(&state.active);
     if let Err(refusal) = authorize(&state.module, fingerprint, peer.ip(), intent, active) {
         return refuse(
             &mut writer,
@@ -169,6 +169,8 @@ async fn serve_inner(
             Err(e) => break Err(e),
         }
     };
+    // Free the module slot before the peer can see the connection close.
+    drop(guard);
     drop(req_tx);
     let _ = worker.await;
     let write_result = write_task.await.unwrap_or(Ok(()));

@@ -860,3 +860,30 @@ fn request_id(msg: &Message) -> Option<RequestId> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_empties_staging_but_keeps_the_directory_and_root_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join(STAGING_DIR).join("nested")).unwrap();
+        fs::write(root.join(STAGING_DIR).join("123.4.5"), b"half a file").unwrap();
+        let t = filetime::FileTime::from_unix_time(1_000_000, 0);
+        filetime::set_file_mtime(root, t).unwrap();
+        clean_staging(root).unwrap();
+        assert_eq!(fs::read_dir(root.join(STAGING_DIR)).unwrap().count(), 0);
+        let md = fs::metadata(root).unwrap();
+        assert_eq!(filetime::FileTime::from_last_modification_time(&md), t);
+        assert_eq!(
+            fs::metadata(root.join(STAGING_DIR))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+    }
+}
