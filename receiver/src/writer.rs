@@ -477,16 +477,7 @@ impl Writer {
         }
         let tmp = self.staging_path()?;
         std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), &tmp)?;
-        let r = self
-            .apply_owner_mode(&tmp, meta)
-            .and_then(|_| set_mtime(&tmp, meta))
-            .and_then(|_| self.install(&tmp, &path));
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        r?;
-        self.stats.links.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        self.install_staged(&tmp, &path, meta)
     }
 
     fn special(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
@@ -520,12 +511,18 @@ impl Writer {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
+        self.install_staged(&tmp, &path, meta)
+    }
+
+    /// Gives a staged symlink or special file its metadata and renames it over `path`; the
+    /// staged entry is removed if any step fails.
+    fn install_staged(&mut self, tmp: &Path, path: &Path, meta: &Meta) -> io::Result<()> {
         let r = self
-            .apply_owner_mode(&tmp, meta)
-            .and_then(|_| set_mtime(&tmp, meta))
-            .and_then(|_| self.install(&tmp, &path));
+            .apply_owner_mode(tmp, meta)
+            .and_then(|_| set_mtime(tmp, meta))
+            .and_then(|_| self.install(tmp, path));
         if r.is_err() {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(tmp);
         }
         r?;
         self.stats.links.fetch_add(1, Ordering::Relaxed);
