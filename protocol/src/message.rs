@@ -86,10 +86,13 @@ pub enum Message {
     },
 
     // --- sender → receiver ---------------------------------------------------------------
-    /// List the whole module; answered by `Listing` batches.
+    /// List the subtree at `under` (the root for the whole module), in tree order; answered
+    /// by `Listing` batches, empty if `under` does not exist.
     List {
         /// Request id.
         id: RequestId,
+        /// Subtree to list.
+        under: RelPath,
     },
     /// Make `path` a directory with `meta` (replacing a non-directory). Directory times are
     /// set by a later `SetMeta`, after their contents.

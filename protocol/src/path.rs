@@ -125,6 +125,23 @@ impl RelPath {
                 && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
     }
 
+    /// `self` with its leading `from` replaced by `to` (`self` must start with `from`).
+    pub fn rebase(&self, from: &RelPath, to: &RelPath) -> RelPath {
+        debug_assert!(self.starts_with(from));
+        let rest = &self.0[from.0.len()..];
+        let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+        if rest.is_empty() {
+            to.clone()
+        } else if to.0.is_empty() {
+            RelPath(rest.to_vec())
+        } else {
+            let mut v = to.0.clone();
+            v.push(b'/');
+            v.extend_from_slice(rest);
+            RelPath(v)
+        }
+    }
+
     /// Number of components (0 for the root).
     pub fn depth(&self) -> usize {
         self.components().count()
@@ -212,6 +229,11 @@ mod tests {
         assert!(p.starts_with(&RelPath::from("a/b")));
         assert!(!RelPath::from("a/bc").starts_with(&RelPath::from("a/b")));
         assert!(p.starts_with(&RelPath::root()));
+        let (a, x) = (RelPath::from("a"), RelPath::from("x/y"));
+        assert_eq!(p.rebase(&a, &x), RelPath::from("x/y/b/c"));
+        assert_eq!(a.rebase(&a, &x), x);
+        assert_eq!(p.rebase(&RelPath::root(), &x), RelPath::from("x/y/a/b/c"));
+        assert_eq!(p.rebase(&a, &RelPath::root()), RelPath::from("b/c"));
     }
 
     #[test]

@@ -275,7 +275,7 @@ impl Writer {
             return Flow::Continue;
         }
         match msg {
-            Message::List { id } => self.list(id),
+            Message::List { id, under } => self.list(id, &under),
             Message::Mkdir { id, path, meta } => {
                 let r = self.mkdir(&path, &meta);
                 self.finish(id, &path, r)
@@ -397,11 +397,20 @@ impl Writer {
             .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))
     }
 
-    fn list(&mut self, id: RequestId) {
+    fn list(&mut self, id: RequestId, under: &RelPath) {
         let mut errors = Vec::new();
-        let entries = match local::scan(self.root(), &module_filter, &mut errors) {
+        if let Err(e) = self.local(under) {
+            return self.fail(id, format!("{under}: {e}"));
+        }
+        let entries = match local::scan_from(self.root(), under, &module_filter, &mut errors) {
             Ok(e) => e,
-            Err(e) => return self.fail(id, format!("listing module: {e}")),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::NotADirectory =>
+            {
+                Vec::new()
+            }
+            Err(e) => return self.fail(id, format!("listing {under:?}: {e}")),
         };
         for (p, e) in &errors {
             tracing::warn!(module = %self.state.module.name, path = %p, "cannot list: {e}");

@@ -12,9 +12,11 @@
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
 #![warn(missing_docs)]
 
+pub mod coalesce;
 pub mod config;
 pub mod filter;
 pub mod plan;
+pub mod queue;
 pub mod reconcile;
 pub mod session;
 pub mod transfer;

@@ -90,7 +90,8 @@ pub async fn reconcile(session: &Arc<Session>, group: &SyncGroup) -> Result<Repo
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let g = group.clone();
-    let remote = session.list();
+    let root = RelPath::root();
+    let remote = session.list(&root);
     let local = tokio::task::spawn_blocking(move || scan_source(&g));
     let (remote, local) = tokio::join!(remote, local);
     let remote = filter_remote(group, remote?);

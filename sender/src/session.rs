@@ -250,9 +250,15 @@ impl Session {
         Ok(rx)
     }
 
-    /// The whole module listing, in tree order.
-    pub async fn list(&self) -> Result<Vec<Entry>, SessionError> {
-        let mut rx = self.start(|id| Message::List { id }).await?;
+    /// The listing of the subtree at `under` (the root for the whole module), in tree order;
+    /// empty if it does not exist on the receiver.
+    pub async fn list(&self, under: &RelPath) -> Result<Vec<Entry>, SessionError> {
+        let mut rx = self
+            .start(|id| Message::List {
+                id,
+                under: under.clone(),
+            })
+            .await?;
         let mut out = Vec::new();
         loop {
             match self.reply(&mut rx).await? {
