@@ -7,14 +7,16 @@ use ferry_protocol::identity::Identity;
 use ferry_protocol::local::{DigestCache, DigestTree};
 use ferry_protocol::message::Intent;
 use ferry_protocol::meta::Compare;
-use ferry_sender::config::SyncGroup;
+use ferry_sender::config::{SyncGroup, Target};
+use ferry_sender::daemon::{Daemon, LogObserver, Observer};
 use ferry_sender::filter::Filter;
-use ferry_sender::reconcile::{self, Report};
+use ferry_sender::reconcile::{self, Report, Step, StepKind};
 use ferry_sender::session::Session;
 use ferry_sender::verify::{self, Side};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -33,12 +35,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Mirror SRC into DST through the real protocol on 127.0.0.1, no configuration needed.
+    /// Mirror SRC into DST live through the real protocol on 127.0.0.1, no configuration
+    /// needed. Runs until Ctrl-C.
     Mirror {
         /// Source directory.
         src: PathBuf,
         /// Destination directory (created if missing).
         dst: PathBuf,
+        /// Copy once and exit instead of following changes.
+        #[arg(long)]
+        once: bool,
     },
     /// Write DIR/cert.pem and DIR/key.pem (a self-signed identity) and print its fingerprint.
     Keygen {
@@ -59,7 +65,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Push every sync group to its targets.
+    /// Keep every sync group's targets equal to its source until SIGTERM/SIGINT.
     Send {
         /// sender.toml
         #[arg(long)]
@@ -67,6 +73,12 @@ enum Command {
         /// Reconcile once and exit (0 only if every group converged on every target).
         #[arg(long)]
         once: bool,
+    },
+    /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
+    Stats {
+        /// sender.toml
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Compare trees: `verify LEFT RIGHT`, or `verify --config sender.toml` for every group.
     Verify {
@@ -166,14 +178,22 @@ async fn run(command: Command) -> Result<u8> {
         }
         Command::Send { config, once } => {
             let config = ferry_sender::Config::load(&config)?;
-            if !once {
-                bail!(
-                    "the live daemon is not available yet; use `ferry send --config FILE --once`"
-                );
+            if once {
+                return send_once(&config).await;
             }
-            send_once(&config).await
+            let identity = Identity::load(&config.cert, &config.key)?;
+            let daemon = Daemon {
+                identity: Arc::new(identity),
+                targets: config.targets,
+                syncs: config.syncs,
+            };
+            daemon
+                .run(shutdown_on_signals(), Arc::new(LogObserver))
+                .await?;
+            Ok(0)
         }
-        Command::Mirror { src, dst } => mirror(&src, &dst).await,
+        Command::Mirror { src, dst, once } => mirror(&src, &dst, once).await,
+        Command::Stats { config } => stats(&config).await,
         Command::Verify {
             config: Some(config),
             sync,
@@ -195,12 +215,14 @@ async fn run(command: Command) -> Result<u8> {
 
 fn print_report(group: &str, target: &str, r: &Report) {
     println!(
-        "sync={group} target={target} files={} delta_files={} created={} meta={} deleted={} payload_bytes={} bytes_sent={} failures={} elapsed_ms={}",
+        "sync={group} target={target} files={} delta_files={} created={} meta={} deleted={} renamed={} vanished={} payload_bytes={} bytes_sent={} failures={} elapsed_ms={}",
         r.files,
         r.delta_files,
         r.created,
         r.meta,
         r.deleted,
+        r.renamed,
+        r.vanished,
         r.payload_bytes,
         r.bytes_sent,
         r.failures.len(),
@@ -250,7 +272,7 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
     Ok(if converged { 0 } else { 1 })
 }
 
-async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
+async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
     let src = src
         .canonicalize()
         .with_context(|| format!("{}", src.display()))?;
@@ -286,8 +308,8 @@ async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
     )?);
     let listener = server.bind().await?;
     let address = listener.local_addr()?.to_string();
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(server.clone().serve(listener, shutdown.clone()));
+    let server_shutdown = CancellationToken::new();
+    let serving = tokio::spawn(server.clone().serve(listener, server_shutdown.clone()));
     let group = SyncGroup {
         name: "mirror".into(),
         source: src.clone(),
@@ -295,23 +317,94 @@ async fn mirror(src: &Path, dst: &Path) -> Result<u8> {
         module: "mirror".into(),
         filter: Filter::empty(),
         delete: true,
+        timing: Default::default(),
     };
     eprintln!(
         "ferry: mirroring {} → {} via {address}",
         src.display(),
         dst.display()
     );
-    let session = Arc::new(
-        Session::connect(&address, server_pin, &client_id, "mirror", Intent::Write).await?,
-    );
-    let report = reconcile::reconcile(&session, &group).await?;
-    if let Ok(s) = Arc::try_unwrap(session) {
-        s.close().await;
-    }
-    print_report("mirror", "local", &report);
-    shutdown.cancel();
+    let code = if once {
+        let session = Arc::new(
+            Session::connect(&address, server_pin, &client_id, "mirror", Intent::Write).await?,
+        );
+        let report = reconcile::reconcile(&session, &group).await?;
+        if let Ok(s) = Arc::try_unwrap(session) {
+            s.close().await;
+        }
+        print_report("mirror", "local", &report);
+        if report.converged() {
+            0
+        } else {
+            1
+        }
+    } else {
+        let target = Target {
+            name: "local".into(),
+            address,
+            fingerprint: server_pin,
+        };
+        let daemon = Daemon {
+            identity: Arc::new(client_id),
+            targets: [("local".to_string(), target)].into(),
+            syncs: vec![group],
+        };
+        let observer = Arc::new(MirrorObserver {
+            src: src.clone(),
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        });
+        daemon.run(shutdown_on_signals(), observer).await?;
+        eprintln!("ferry: stopped");
+        0
+    };
+    server_shutdown.cancel();
     let _ = serving.await;
-    Ok(if report.converged() { 0 } else { 1 })
+    Ok(code)
+}
+
+/// Prints `mirror`'s progress on stderr and one line per change on stdout.
+struct MirrorObserver {
+    src: PathBuf,
+    tty: bool,
+}
+
+impl Observer for MirrorObserver {
+    fn reconciled(&self, group: &str, target: &str, report: &Report) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+        print_report(group, target, report);
+        eprintln!(
+            "ferry: initial sync done; watching {} (Ctrl-C to stop)",
+            self.src.display()
+        );
+    }
+
+    fn progress(&self, _group: &str, _target: &str, done: u64) {
+        if self.tty {
+            eprint!("\r\x1b[Kferry: initial sync: {done} entries sent");
+        } else {
+            eprintln!("ferry: initial sync: {done} entries sent");
+        }
+    }
+
+    fn step(&self, _group: &str, _target: &str, step: &Step, latency: Option<Duration>) {
+        use std::io::Write;
+        let latency = latency.map_or(String::new(), |l| {
+            format!(" ({:.1} ms)", l.as_secs_f64() * 1e3)
+        });
+        let line = match &step.kind {
+            StepKind::File => format!("sent {} {} B{latency}", step.path, step.bytes),
+            StepKind::Delta => format!("delta {} {} B{latency}", step.path, step.bytes),
+            StepKind::Created => format!("created {}{latency}", step.path),
+            StepKind::Meta => format!("meta {}{latency}", step.path),
+            StepKind::Deleted => format!("deleted {}{latency}", step.path),
+            StepKind::Renamed(to) => format!("renamed {} -> {to}{latency}", step.path),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -459,4 +552,28 @@ async fn verify_remote(config: &Path, only: Option<&str>, checksum: bool) -> Res
         }
     }
     Ok(if equal { 0 } else { 1 })
+}
+
+async fn stats(config: &Path) -> Result<u8> {
+    let config = ferry_sender::Config::load(config)?;
+    let identity = Identity::load(&config.cert, &config.key)?;
+    for (name, target) in &config.targets {
+        let Some(group) = config.syncs.iter().find(|g| g.targets.contains(name)) else {
+            continue;
+        };
+        let session = Session::connect(
+            &target.address,
+            target.fingerprint,
+            &identity,
+            &group.module,
+            Intent::Read,
+        )
+        .await
+        .with_context(|| format!("target {name}"))?;
+        let counters = session.stats().await?;
+        let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("target={name} {}", line.join(" "));
+        session.close().await;
+    }
+    Ok(0)
 }

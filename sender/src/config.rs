@@ -1,6 +1,8 @@
 //! `sender.toml`: raw TOML structs, then validation into one typed [`Config`].
 
+use crate::coalesce::Timing;
 use crate::filter::{Filter, FilterError};
+use std::time::Duration;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -46,6 +48,8 @@ struct RawSync {
     exclude: Vec<String>,
     #[serde(default = "default_true")]
     delete: bool,
+    settle_ms: Option<u64>,
+    max_delay_ms: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -93,6 +97,8 @@ pub struct SyncGroup {
     pub filter: Filter,
     /// Propagate deletions.
     pub delete: bool,
+    /// When written files are sent (see [`Timing`]).
+    pub timing: Timing,
 }
 
 impl Config {
@@ -159,6 +165,20 @@ impl Config {
             }
             let filter = Filter::new(&s.exclude)
                 .map_err(|e: FilterError| err(format!("{}: {e}", key("exclude"))))?;
+            let mut timing = Timing::default();
+            if let Some(ms) = s.settle_ms {
+                timing.settle = Duration::from_millis(ms);
+            }
+            if let Some(ms) = s.max_delay_ms {
+                timing.max_delay = Duration::from_millis(ms);
+            }
+            if timing.max_delay < timing.settle {
+                return Err(err(format!(
+                    "{}: must not be shorter than settle_ms ({} ms)",
+                    key("max_delay_ms"),
+                    timing.settle.as_millis()
+                )));
+            }
             syncs.push(SyncGroup {
                 name,
                 source: resolve(s.source),
@@ -166,6 +186,7 @@ impl Config {
                 module: s.module,
                 filter,
                 delete: s.delete,
+                timing,
             });
         }
         Ok(Config {
@@ -232,6 +253,10 @@ exclude = ["tmp/", "*.log"]
                 "duplicate sync name",
             ),
             (GOOD.replace("\"*.log\"", "\"[\""), "exclude"),
+            (
+                GOOD.replace("module = \"file\"", "module = \"file\"\nsettle_ms = 500\nmax_delay_ms = 100"),
+                "max_delay_ms: must not be shorter",
+            ),
         ];
         for (text, needle) in cases {
             let e = Config::parse(&text, Path::new("/etc/ferry/sender.toml"))

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod coalesce;
+pub mod daemon;
 pub mod config;
 pub mod filter;
 pub mod plan;
@@ -20,6 +21,7 @@ pub mod queue;
 pub mod reconcile;
 pub mod session;
 pub mod transfer;
+pub mod watch;
 pub mod verify;
 
 pub use config::Config;

@@ -1,0 +1,408 @@
+//! Watching one sync group: a thread that owns the group's inotify instance (through
+//! `notify`) and its [`Coalescer`], turns raw events into changes, and pushes ready changes to
+//! every target queue of the group.
+//!
+//! Watches are placed per directory (not with notify's recursive mode) so the thread knows
+//! which directories are watched, can report progress on deep trees, can place watches on a
+//! new directory *before* scanning it (nothing created inside it is missed), and can keep
+//! going when the kernel's watch limit is reached.
+
+use crate::coalesce::{Change, Coalescer, Event as Ev, Timing, What};
+use crate::config::SyncGroup;
+use crate::queue::Queue;
+use ferry_protocol::RelPath;
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// While some directories cannot be watched (watch limit), the whole group is compared this
+/// often instead.
+pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
+/// How often start-up progress is logged.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Longest the thread sleeps without checking for shutdown.
+const TICK: Duration = Duration::from_millis(200);
+
+/// What the initial walk found.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ready {
+    /// Directories watched.
+    pub dirs: usize,
+    /// Directories that could not be watched because of the kernel's limit.
+    pub unwatched: usize,
+}
+
+/// The watcher thread of one group.
+pub struct GroupWatcher {
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl GroupWatcher {
+    /// Starts watching `group`; ready changes go to each of `queues`. Returns once every
+    /// directory is watched (or the limit was hit), so a reconcile started afterwards misses
+    /// nothing.
+    pub fn start(
+        group: SyncGroup,
+        timing: Timing,
+        queues: Vec<Queue>,
+    ) -> Result<(GroupWatcher, Ready), notify::Error> {
+        let (tx, rx) = mpsc::channel();
+        let watcher = RecommendedWatcher::new(
+            tx,
+            notify::Config::default().with_follow_symlinks(false),
+        )
+        .map_err(|e| {
+            if let notify::ErrorKind::Io(io) = &e.kind {
+                if io.raw_os_error() == Some(libc::EMFILE) {
+                    tracing::error!(
+                        sync = %group.name,
+                        "cannot create an inotify instance: raise the limit with \
+                         `sysctl -w fs.inotify.max_user_instances=1024` (persist it in \
+                         /etc/sysctl.d/90-ferry.conf)"
+                    );
+                }
+            }
+            e
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut router = Router {
+            coalescer: Coalescer::new(timing),
+            watched: HashSet::new(),
+            unwatched: 0,
+            limit_logged: false,
+            watcher,
+            group,
+            queues,
+        };
+        let started = Instant::now();
+        router.watch_tree(&RelPath::root(), true);
+        let ready = Ready {
+            dirs: router.watched.len(),
+            unwatched: router.unwatched,
+        };
+        tracing::info!(
+            sync = %router.group.name,
+            dirs = ready.dirs,
+            unwatched = ready.unwatched,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "watches in place"
+        );
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("watch {}", router.group.name))
+            .spawn(move || router.run(rx, &stop2))
+            .expect("spawn watcher thread");
+        Ok((
+            GroupWatcher {
+                thread: Some(thread),
+                stop,
+            },
+            ready,
+        ))
+    }
+
+    /// Stops the thread and drops the watches.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GroupWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Router {
+    coalescer: Coalescer,
+    /// Watched directories, relative to the source.
+    watched: HashSet<RelPath>,
+    /// Directories left unwatched by the last walk because of the watch limit.
+    unwatched: usize,
+    limit_logged: bool,
+    watcher: RecommendedWatcher,
+    group: SyncGroup,
+    queues: Vec<Queue>,
+}
+
+impl Router {
+    fn run(mut self, rx: mpsc::Receiver<notify::Result<notify::Event>>, stop: &AtomicBool) {
+        let mut next_rescan = Instant::now() + DEGRADED_RESCAN;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            let wait = self
+                .coalescer
+                .deadline()
+                .map_or(TICK, |d| d.saturating_duration_since(now).min(TICK));
+            match rx.recv_timeout(wait) {
+                Ok(ev) => {
+                    self.handle(ev);
+                    // Take everything already queued before deciding what is ready, so a
+                    // burst read in one go coalesces.
+                    for ev in rx.try_iter().take(4096) {
+                        self.handle(ev);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if self.unwatched > 0 && now >= next_rescan {
+                next_rescan = now + DEGRADED_RESCAN;
+                tracing::warn!(
+                    sync = %self.group.name,
+                    unwatched = self.unwatched,
+                    "some directories are not watched (inotify limit); comparing the whole tree"
+                );
+                self.unwatched = 0;
+                self.watch_tree(&RelPath::root(), false);
+                self.coalescer.event(Ev::Overflow, now);
+            }
+            let ready = self.coalescer.poll(now);
+            if !ready.is_empty() {
+                self.dispatch(ready);
+            }
+        }
+    }
+
+    fn dispatch(&self, changes: Vec<Change>) {
+        for q in &self.queues {
+            q.push(changes.iter().cloned());
+        }
+    }
+
+    fn rel(&self, path: &Path) -> Option<RelPath> {
+        path.strip_prefix(&self.group.source)
+            .ok()
+            .map(RelPath::from_path)
+    }
+
+    fn what(&self, rel: &RelPath) -> Option<What> {
+        let md = std::fs::symlink_metadata(ferry_protocol::local::local_path(
+            &self.group.source,
+            rel,
+        ))
+        .ok()?;
+        let ft = md.file_type();
+        Some(if ft.is_dir() {
+            What::Dir
+        } else if ft.is_file() {
+            What::File
+        } else {
+            What::Other
+        })
+    }
+
+    fn handle(&mut self, ev: notify::Result<notify::Event>) {
+        let now = Instant::now();
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+                    self.limit_hit();
+                } else {
+                    tracing::warn!(sync = %self.group.name, "watcher error, comparing the whole tree: {e}");
+                }
+                self.rewatch_all();
+                self.coalescer.event(Ev::Overflow, now);
+                return;
+            }
+        };
+        if ev.need_rescan() {
+            tracing::warn!(
+                sync = %self.group.name,
+                "inotify queue overflowed; comparing the whole tree (raise \
+                 fs.inotify.max_queued_events to make this rarer)"
+            );
+            self.rewatch_all();
+            self.coalescer.event(Ev::Overflow, now);
+            return;
+        }
+        let Some(path) = ev.paths.first() else {
+            return;
+        };
+        let Some(rel) = self.rel(path) else {
+            return;
+        };
+        if rel.is_root() {
+            if matches!(ev.kind, EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))) {
+                tracing::error!(
+                    sync = %self.group.name,
+                    source = %self.group.source.display(),
+                    "the source directory itself was removed or moved; changes inside it are \
+                     no longer seen until ferry restarts"
+                );
+            } else if matches!(ev.kind, EventKind::Modify(ModifyKind::Metadata(_))) {
+                self.coalescer.event(Ev::Attrib(rel), now);
+            }
+            return;
+        }
+        let was_dir = self.watched.contains(&rel);
+        let event = match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => Ev::Closed(rel),
+            EventKind::Access(_) => return,
+            EventKind::Create(kind) => {
+                let what = self.what(&rel).unwrap_or(if kind == CreateKind::Folder {
+                    What::Dir
+                } else {
+                    What::File
+                });
+                if self.excluded(&rel, what == What::Dir) {
+                    return;
+                }
+                if what == What::Dir {
+                    // Watch it (and anything already inside) before it is scanned.
+                    self.watch_tree(&rel, false);
+                }
+                Ev::Created(rel, what)
+            }
+            EventKind::Modify(ModifyKind::Name(mode)) => match (mode, ev.tracker()) {
+                (RenameMode::From, Some(cookie)) => {
+                    if self.excluded(&rel, was_dir) {
+                        return;
+                    }
+                    self.forget_under(&rel);
+                    Ev::MovedFrom(rel, cookie as u32)
+                }
+                (RenameMode::To, Some(cookie)) => {
+                    let what = self.what(&rel).unwrap_or(What::File);
+                    if self.excluded(&rel, what == What::Dir) {
+                        return;
+                    }
+                    if what == What::Dir {
+                        self.watch_tree(&rel, false);
+                    }
+                    Ev::MovedTo(rel, cookie as u32, what)
+                }
+                (RenameMode::Both, _) => return,
+                _ => {
+                    if self.excluded(&rel, was_dir) {
+                        return;
+                    }
+                    Ev::Removed(rel)
+                }
+            },
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                let is_dir = self.what(&rel) == Some(What::Dir);
+                if self.excluded(&rel, is_dir) {
+                    return;
+                }
+                Ev::Attrib(rel)
+            }
+            EventKind::Modify(_) => {
+                if self.excluded(&rel, false) {
+                    return;
+                }
+                Ev::Modified(rel)
+            }
+            EventKind::Remove(kind) => {
+                let is_dir = was_dir || kind == RemoveKind::Folder;
+                if self.excluded(&rel, is_dir) {
+                    return;
+                }
+                self.forget_under(&rel);
+                Ev::Removed(rel)
+            }
+            EventKind::Any | EventKind::Other => return,
+        };
+        self.coalescer.event(event, now);
+    }
+
+    fn excluded(&self, rel: &RelPath, is_dir: bool) -> bool {
+        self.group.filter.excludes_with_ancestors(rel, is_dir)
+    }
+
+    /// Drops our record of watches at and below `rel` (notify drops the watches themselves
+    /// when a watched directory is removed or moved away).
+    fn forget_under(&mut self, rel: &RelPath) {
+        self.watched.retain(|w| !w.starts_with(rel));
+    }
+
+    fn rewatch_all(&mut self) {
+        self.unwatched = 0;
+        self.watch_tree(&RelPath::root(), false);
+    }
+
+    /// Places a watch on every directory at and below `start` that the filter accepts.
+    fn watch_tree(&mut self, start: &RelPath, log_progress: bool) {
+        let mut stack = vec![start.clone()];
+        let mut last_log = Instant::now();
+        let mut limit = self.unwatched > 0;
+        while let Some(dir) = stack.pop() {
+            let abs = ferry_protocol::local::local_path(&self.group.source, &dir);
+            if self.watched.contains(&dir) {
+                // Already watched (a rescan walks everything again).
+            } else if limit {
+                self.unwatched += 1;
+            } else {
+                match self.watcher.watch(&abs, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        self.watched.insert(dir.clone());
+                    }
+                    Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                        self.limit_hit();
+                        limit = true;
+                        self.unwatched += 1;
+                    }
+                    Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => continue,
+                    Err(e) => {
+                        tracing::warn!(sync = %self.group.name, path = %abs.display(), "cannot watch: {e}");
+                        continue;
+                    }
+                }
+            }
+            let Ok(entries) = std::fs::read_dir(&abs) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let child = dir.join(std::os::unix::ffi::OsStrExt::as_bytes(
+                    entry.file_name().as_os_str(),
+                ));
+                if self.group.filter.accepts(&child, true) {
+                    stack.push(child);
+                }
+            }
+            if log_progress && last_log.elapsed() >= PROGRESS_EVERY {
+                last_log = Instant::now();
+                tracing::info!(
+                    sync = %self.group.name,
+                    dirs = self.watched.len(),
+                    "placing watches"
+                );
+            }
+        }
+    }
+
+    fn limit_hit(&mut self) {
+        if self.limit_logged {
+            return;
+        }
+        self.limit_logged = true;
+        let current = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(8192);
+        let suggested = (current * 4).max(524_288);
+        tracing::error!(
+            sync = %self.group.name,
+            watched = self.watched.len(),
+            limit = current,
+            "inotify watch limit reached: raise it with `sysctl -w \
+             fs.inotify.max_user_watches={suggested}` and persist it in \
+             /etc/sysctl.d/90-ferry.conf. Until then unwatched directories are compared every \
+             {}s.",
+            DEGRADED_RESCAN.as_secs()
+        );
+    }
+}
