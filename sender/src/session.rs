@@ -88,6 +88,7 @@ impl Session {
         let connect = async {
             let tcp = TcpStream::connect(address).await?;
             let _ = tcp.set_nodelay(true);
+            detect_dead_peers(&tcp);
             tokio_rustls::TlsConnector::from(tls)
                 .connect(ferry_protocol::tls::server_name(), tcp)
                 .await
@@ -200,6 +201,12 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(8);
         self.pending.lock().expect("lock").insert(id, tx);
+        // The reader records the loss before it clears `pending`: if the loss is already
+        // recorded, nobody will clear this entry, so drop its sender here and the caller's
+        // wait ends at once.
+        if self.lost.lock().expect("lock").is_some() {
+            self.pending.lock().expect("lock").remove(&id);
+        }
         (id, rx)
     }
 
@@ -311,6 +318,31 @@ impl Session {
         let _ = self.writer.await;
         let _ = tokio::time::timeout(Duration::from_secs(30), self.reader).await;
     }
+}
+
+/// A receiver that vanishes without closing (power loss, cable, firewall) must not leave
+/// requests waiting forever: keepalive probes find an idle dead peer in about 30 s, and
+/// `TCP_USER_TIMEOUT` fails writes the peer does not acknowledge within 30 s.
+fn detect_dead_peers(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: `fd` is an open socket owned by `tcp`; the option value is a c_int.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 15);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
 }
 
 fn is_final(msg: &Message) -> bool {

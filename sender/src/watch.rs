@@ -226,6 +226,7 @@ impl Router {
             self.coalescer.event(Ev::Overflow, now);
             return;
         }
+        tracing::trace!(sync = %self.group.name, ?ev, "event");
         let Some(path) = ev.paths.first() else {
             return;
         };

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env("FERRY_LOG", "info");
+    c.env(
+        "FERRY_LOG",
+        std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    );
     c
 }
 
@@ -249,15 +252,132 @@ pub fn summary_value(summary: &str, key: &str) -> u64 {
 /// Compares two trees independently of `ferry verify`: types, bytes, modes, mtimes (ns),
 /// link targets, and owners. The receiver's staging directory is ignored.
 pub fn assert_trees_equal(a: &Path, b: &Path) {
+    if let Some(d) = tree_difference(a, b) {
+        panic!("{} and {} differ: {d}", a.display(), b.display());
+    }
+}
+
+/// The first difference between two trees (see [`assert_trees_equal`]), if any.
+pub fn tree_difference(a: &Path, b: &Path) -> Option<String> {
     let la = listing(a);
     let lb = listing(b);
     let names_a: Vec<&String> = la.iter().map(|x| &x.0).collect();
     let names_b: Vec<&String> = lb.iter().map(|x| &x.0).collect();
-    assert_eq!(names_a, names_b, "different entries");
-    for ((p, ma, ca), (_, mb, cb)) in la.iter().zip(lb.iter()) {
-        assert_eq!(ma, mb, "metadata of {p}");
-        assert_eq!(ca, cb, "content of {p}");
+    if names_a != names_b {
+        let only_a: Vec<_> = names_a.iter().filter(|n| !names_b.contains(n)).take(5).collect();
+        let only_b: Vec<_> = names_b.iter().filter(|n| !names_a.contains(n)).take(5).collect();
+        return Some(format!(
+            "different entries ({} vs {}); only left: {only_a:?}; only right: {only_b:?}",
+            names_a.len(),
+            names_b.len()
+        ));
     }
+    for ((p, ma, ca), (_, mb, cb)) in la.iter().zip(lb.iter()) {
+        if ma != mb {
+            return Some(format!("metadata of {p:?}: {ma:?} vs {mb:?}"));
+        }
+        if ca != cb {
+            return Some(format!("content of {p:?}"));
+        }
+    }
+    None
+}
+
+/// Waits until the trees are equal; panics with the last difference after `secs`.
+pub fn wait_equal(a: &Path, b: &Path, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        // The trees may change under the walk; a vanished entry is just "not yet".
+        let d = std::panic::catch_unwind(|| tree_difference(a, b))
+            .unwrap_or_else(|_| Some("changed during comparison".into()));
+        match d {
+            None => return,
+            Some(d) if Instant::now() > deadline => {
+                panic!("{what}: not converged after {secs}s: {d}")
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A long-running `ferry` process whose stderr is collected; SIGTERM on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn spawn(cmd: &mut Command) -> Daemon {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let log = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let sink = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut l = sink.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Daemon { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until `needle` occurs at least `n` times in the output.
+    pub fn wait_log_n(&self, needle: &str, n: usize, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.log().matches(needle).count() < n {
+            if Instant::now() > deadline {
+                panic!("no {n}× {needle:?} after {secs}s; output:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits (at most 20 s) for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("ferry did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (for daemons that must restart on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 type Listing = Vec<(String, (u32, i64, i64, u32, u32), Vec<u8>)>;
