@@ -309,7 +309,35 @@ fn mirror_copies_a_tree_without_configuration() {
     fs::create_dir_all(src.join("a/b")).unwrap();
     fs::write(src.join("a/b/f"), "mirrored").unwrap();
     symlink("b/f", src.join("a/l")).unwrap();
-    let o = run(ferry().arg("mirror").arg(&src).arg(&dst));
+    let o = run(ferry().arg("mirror").arg("--once").arg(&src).arg(&dst));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_trees_equal(&src, &dst);
+}
+
+#[test]
+fn mirror_follows_changes_until_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+    fs::create_dir_all(src.join("a")).unwrap();
+    fs::write(src.join("a/first"), "1").unwrap();
+    let mut m = Daemon::spawn(ferry().arg("mirror").arg(&src).arg(&dst));
+    m.wait_log_n("initial sync done", 1, 30);
+    assert_trees_equal(&src, &dst);
+    fs::create_dir_all(src.join("b/c")).unwrap();
+    fs::write(src.join("b/c/second"), "2").unwrap();
+    fs::remove_file(src.join("a/first")).unwrap();
+    wait_equal(&src, &dst, 20, "live mirror");
+    // One note per change on stdout.
+    m.wait_log_n("sent b/c/second", 1, 5);
+    m.wait_log_n("deleted a/first", 1, 5);
+    unsafe { libc::kill(m.child.id() as i32, libc::SIGINT) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = m.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "mirror ignored SIGINT");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", m.log());
 }
