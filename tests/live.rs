@@ -433,3 +433,76 @@ fn changes_during_start_up_are_not_lost() {
     fs::remove_dir_all(src.join("d7")).unwrap();
     wait_equal(&src, &dst, 30, "changes during start-up");
 }
+
+#[test]
+fn kernel_queue_overflow_triggers_a_rescan_that_loses_nothing() {
+    let (_live, _backup, src, dst, daemon) = simple("");
+    let max: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .expect("read fs.inotify.max_queued_events")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(max <= 1 << 20, "max_queued_events is {max}: too large to overflow in a test");
+    // Freeze the sender so the kernel queue fills, then change more than it holds
+    // (each new file is at least create + modify + close-write).
+    fs::create_dir(src.join("flood")).unwrap();
+    wait_equal(&src, &dst, 20, "flood directory watched");
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGSTOP) };
+    for i in 0..max / 3 + 500 {
+        fs::write(src.join(format!("flood/f{i}")), format!("{i}")).unwrap();
+    }
+    fs::create_dir_all(src.join("late/deep")).unwrap();
+    fs::write(src.join("late/deep/x"), "x").unwrap();
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGCONT) };
+    daemon.wait_log_n("inotify queue overflowed", 1, 30);
+    wait_equal(&src, &dst, 60, "after overflow");
+    // Watching still works afterwards, including in directories created during the gap.
+    fs::write(src.join("late/deep/y"), "y").unwrap();
+    wait_equal(&src, &dst, 20, "after overflow, new change");
+}
+
+#[test]
+fn watch_limit_is_reported_with_the_sysctl_and_the_rest_keeps_working() {
+    let live = Live::new();
+    let src = live.dir("src");
+    let dst = live.root().join("dst");
+    for d in 0..20 {
+        fs::create_dir_all(src.join(format!("d{d:02}/sub"))).unwrap();
+        fs::write(src.join(format!("d{d:02}/sub/f")), "f").unwrap();
+    }
+    let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
+    fs::write(
+        live.config(),
+        format!(
+            "cert = \"cert.pem\"\nkey = \"key.pem\"\n{}{}",
+            backup.target("backup"),
+            sync("file", &src, &["backup"], "file", "")
+        ),
+    )
+    .unwrap();
+    // A user namespace of our own has its own inotify watch limit, which we may lower.
+    let unshare = std::process::Command::new("unshare")
+        .arg("--version")
+        .output()
+        .expect("unshare (util-linux) is needed for this test");
+    assert!(unshare.status.success());
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg("echo 5 > /proc/sys/user/max_inotify_watches && exec \"$0\" send --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .arg(live.config())
+        .env("FERRY_LOG", "info");
+    let daemon = Daemon::spawn(&mut cmd);
+    daemon.wait_log_n("reconciled", 1, 60);
+    let log = daemon.log();
+    assert!(
+        log.contains("inotify watch limit reached")
+            && log.contains("sysctl -w fs.inotify.max_user_watches="),
+        "{log}"
+    );
+    assert!(log.contains("unwatched="), "{log}");
+    // The initial sync is complete, and the watched top directory is still live.
+    wait_equal(&src, &dst, 20, "initial sync under the watch limit");
+    fs::write(src.join("top-level"), "live").unwrap();
+    wait_equal(&src, &dst, 20, "live change in a watched directory");
+}
