@@ -288,28 +288,8 @@ async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
             dst.display()
         );
     }
-    let (server_id, _, _) = Identity::generate("ferry-mirror-receiver")?;
-    let (client_id, _, _) = Identity::generate("ferry-mirror-sender")?;
-    let server_pin = server_id.fingerprint();
-    let module = ferry_receiver::config::Module {
-        name: "mirror".into(),
-        path: dst.clone(),
-        clients: vec![client_id.fingerprint()],
-        hosts_allow: None,
-        read_only: false,
-        max_connections: None,
-        comment: None,
-    };
-    let server = Arc::new(ferry_receiver::Server::with_identity(
-        server_id,
-        "127.0.0.1:0".parse()?,
-        vec![module],
-        None,
-    )?);
-    let listener = server.bind().await?;
-    let address = listener.local_addr()?.to_string();
-    let server_shutdown = CancellationToken::new();
-    let serving = tokio::spawn(server.clone().serve(listener, server_shutdown.clone()));
+    let recv = ferry_receiver::Loopback::start("mirror", dst.clone()).await?;
+    let address = recv.address.clone();
     let group = SyncGroup {
         name: "mirror".into(),
         source: src.clone(),
@@ -326,7 +306,7 @@ async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
     );
     let code = if once {
         let session = Arc::new(
-            Session::connect(&address, server_pin, &client_id, "mirror", Intent::Write).await?,
+            Session::connect(&address, recv.pin, &recv.client, "mirror", Intent::Write).await?,
         );
         let report = reconcile::reconcile(&session, &group).await?;
         if let Ok(s) = Arc::try_unwrap(session) {
@@ -342,10 +322,10 @@ async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
         let target = Target {
             name: "local".into(),
             address,
-            fingerprint: server_pin,
+            fingerprint: recv.pin,
         };
         let daemon = Daemon {
-            identity: Arc::new(client_id),
+            identity: Arc::new(recv.client.clone()),
             targets: [("local".to_string(), target)].into(),
             syncs: vec![group],
         };
@@ -357,8 +337,7 @@ async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
         eprintln!("ferry: stopped");
         0
     };
-    server_shutdown.cancel();
-    let _ = serving.await;
+    recv.stop().await;
     Ok(code)
 }
 

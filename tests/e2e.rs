@@ -336,7 +336,10 @@ fn mirror_follows_changes_until_interrupted() {
         if let Some(st) = m.child.try_wait().unwrap() {
             break st;
         }
-        assert!(std::time::Instant::now() < deadline, "mirror ignored SIGINT");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mirror ignored SIGINT"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert!(status.success(), "{status}: {}", m.log());

@@ -137,14 +137,33 @@ fn stat(live: &Live, key: &str) -> u64 {
 #[test]
 fn guide_walkthrough_live() {
     let (_live, _backup, src, dst, mut daemon) = simple("");
-    let steps: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
-        ("mkdir test", Box::new(|s| fs::create_dir(s.join("test")).unwrap())),
-        ("echo a > a", Box::new(|s| fs::write(s.join("a"), "a\n").unwrap())),
-        ("ln -s a a.link", Box::new(|s| symlink("a", s.join("a.link")).unwrap())),
+    type Step = Box<dyn Fn(&Path)>;
+    let steps: Vec<(&str, Step)> = vec![
+        (
+            "mkdir test",
+            Box::new(|s| fs::create_dir(s.join("test")).unwrap()),
+        ),
+        (
+            "echo a > a",
+            Box::new(|s| fs::write(s.join("a"), "a\n").unwrap()),
+        ),
+        (
+            "ln -s a a.link",
+            Box::new(|s| symlink("a", s.join("a.link")).unwrap()),
+        ),
         ("chmod a+w a", Box::new(|s| set_mode(&s.join("a"), 0o666))),
-        ("rm -f a", Box::new(|s| fs::remove_file(s.join("a")).unwrap())),
-        ("rm -f a.link", Box::new(|s| fs::remove_file(s.join("a.link")).unwrap())),
-        ("rm -rf test", Box::new(|s| fs::remove_dir_all(s.join("test")).unwrap())),
+        (
+            "rm -f a",
+            Box::new(|s| fs::remove_file(s.join("a")).unwrap()),
+        ),
+        (
+            "rm -f a.link",
+            Box::new(|s| fs::remove_file(s.join("a.link")).unwrap()),
+        ),
+        (
+            "rm -rf test",
+            Box::new(|s| fs::remove_dir_all(s.join("test")).unwrap()),
+        ),
     ];
     for (what, step) in steps {
         step(&src);
@@ -180,7 +199,11 @@ fn directory_rename_is_one_operation() {
     let after = live.stats();
     let delta = |k: &str| summary_value(&after, k) - summary_value(&before, k);
     assert_eq!(delta("renames"), 1, "{before}\n{after}");
-    assert_eq!(delta("files"), 0, "no file content may travel: {before}\n{after}");
+    assert_eq!(
+        delta("files"),
+        0,
+        "no file content may travel: {before}\n{after}"
+    );
     assert_eq!(delta("deletes"), 0, "{before}\n{after}");
 }
 
@@ -196,8 +219,14 @@ fn file_rename_is_a_rename_and_moves_in_and_out_are_creates_and_deletes() {
     fs::rename(src.join("doc"), src.join("doc.renamed")).unwrap();
     wait_equal(&src, &dst, 20, "file rename");
     let after = live.stats();
-    assert_eq!(summary_value(&after, "renames") - summary_value(&before, "renames"), 1);
-    assert_eq!(summary_value(&after, "files"), summary_value(&before, "files"));
+    assert_eq!(
+        summary_value(&after, "renames") - summary_value(&before, "renames"),
+        1
+    );
+    assert_eq!(
+        summary_value(&after, "files"),
+        summary_value(&before, "files")
+    );
 
     // Moved out: deleted on the receiver.
     fs::rename(src.join("leaving"), outside.join("leaving")).unwrap();
@@ -269,7 +298,10 @@ fn growing_log_converges_and_coalesces() {
     drop(f);
     wait_equal(&src, &dst, 20, "log");
     let sent = stat(&live, "files") - before;
-    assert!(sent >= 2, "a file written for 1 s with max_delay 300 ms is sent along the way");
+    assert!(
+        sent >= 2,
+        "a file written for 1 s with max_delay 300 ms is sent along the way"
+    );
     assert!(
         sent * 4 < writes,
         "{writes} appends became {sent} transfers: not coalesced"
@@ -302,7 +334,13 @@ fn excludes_apply_to_events_and_scans() {
     let body = format!(
         "{}{}",
         backup.target("backup"),
-        sync("file", &src, &["backup"], "file", "exclude = [\"tmp/\", \"*.log\"]")
+        sync(
+            "file",
+            &src,
+            &["backup"],
+            "file",
+            "exclude = [\"tmp/\", \"*.log\"]"
+        )
     );
     let _d = live.run(&body, 1);
     fs::write(src.join("tmp/live"), "no").unwrap();
@@ -442,7 +480,10 @@ fn kernel_queue_overflow_triggers_a_rescan_that_loses_nothing() {
         .trim()
         .parse()
         .unwrap();
-    assert!(max <= 1 << 20, "max_queued_events is {max}: too large to overflow in a test");
+    assert!(
+        max <= 1 << 20,
+        "max_queued_events is {max}: too large to overflow in a test"
+    );
     // Freeze the sender so the kernel queue fills, then change more than it holds
     // (each new file is at least create + modify + close-write).
     fs::create_dir(src.join("flood")).unwrap();

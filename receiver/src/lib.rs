@@ -21,7 +21,7 @@ pub mod session;
 pub mod writer;
 
 pub use config::Config;
-pub use server::{run, Server};
+pub use server::{run, Loopback, Server};
 
 /// Name of the per-module staging directory that holds files being received. It lives at the
 /// module root, is never listed, verified or writable by peers, and is emptied at start-up.

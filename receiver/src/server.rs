@@ -151,3 +151,61 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Ser
     server.serve(listener, shutdown).await;
     Ok(())
 }
+
+/// A receiver on 127.0.0.1 (ephemeral port, throw-away certificate) serving one writable
+/// module to one throw-away client identity: what `ferry mirror` and the benchmarks run.
+pub struct Loopback {
+    /// `127.0.0.1:port`.
+    pub address: String,
+    /// The receiver's certificate fingerprint, for the client to pin.
+    pub pin: ferry_protocol::Fingerprint,
+    /// The only client identity the module accepts.
+    pub client: Identity,
+    /// The running server (for its counters).
+    pub server: Arc<Server>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Loopback {
+    /// Starts serving `path` as module `module`.
+    pub async fn start(module: &str, path: PathBuf) -> Result<Loopback, ServerError> {
+        let (server_id, _, _) = Identity::generate("ferry-loopback-receiver")?;
+        let (client, _, _) = Identity::generate("ferry-loopback-sender")?;
+        let pin = server_id.fingerprint();
+        let module = Module {
+            name: module.into(),
+            path,
+            clients: vec![client.fingerprint()],
+            hosts_allow: None,
+            read_only: false,
+            max_connections: None,
+            comment: None,
+        };
+        let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = Arc::new(Server::with_identity(
+            server_id,
+            listen,
+            vec![module],
+            None,
+        )?);
+        let listener = server.bind().await?;
+        let address = listener.local_addr()?.to_string();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.clone().serve(listener, shutdown.clone()));
+        Ok(Loopback {
+            address,
+            pin,
+            client,
+            server,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops the server, letting open sessions finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}

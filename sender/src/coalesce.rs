@@ -350,18 +350,32 @@ mod tests {
         let cases: Vec<Case> = vec![
             (
                 "close-write is sent at once",
-                vec![(0, Created(p("f"), What::File)), (1, Modified(p("f"))), (2, Closed(p("f")))],
+                vec![
+                    (0, Created(p("f"), What::File)),
+                    (1, Modified(p("f"))),
+                    (2, Closed(p("f"))),
+                ],
                 vec![(2, vec!["Content f"]), (500, vec![])],
             ),
             (
                 "an open file waits for the settle time",
                 vec![(0, Modified(p("log")))],
-                vec![(50, vec![]), (99, vec![]), (100, vec!["Content log"]), (300, vec![])],
+                vec![
+                    (50, vec![]),
+                    (99, vec![]),
+                    (100, vec!["Content log"]),
+                    (300, vec![]),
+                ],
             ),
             (
                 "a file written every 50 ms is sent at max-delay, not never",
                 (0..=60).map(|i| (i * 50, Modified(p("log")))).collect(),
-                vec![(999, vec![]), (1000, vec!["Content log"]), (1999, vec![]), (2050, vec!["Content log"])],
+                vec![
+                    (999, vec![]),
+                    (1000, vec!["Content log"]),
+                    (1999, vec![]),
+                    (2050, vec!["Content log"]),
+                ],
             ),
             (
                 "a burst on one path is one change",
@@ -401,7 +415,11 @@ mod tests {
             ),
             (
                 "removal cancels pending writes below it",
-                vec![(0, Modified(p("d/f"))), (1, Modified(p("d/g"))), (2, Removed(p("d")))],
+                vec![
+                    (0, Modified(p("d/f"))),
+                    (1, Modified(p("d/g"))),
+                    (2, Removed(p("d"))),
+                ],
                 vec![(2, vec!["Content d"]), (500, vec![])],
             ),
             (
@@ -411,7 +429,10 @@ mod tests {
             ),
             (
                 "a matched move is a rename",
-                vec![(0, MovedFrom(p("a"), 7)), (0, MovedTo(p("b"), 7, What::Dir))],
+                vec![
+                    (0, MovedFrom(p("a"), 7)),
+                    (0, MovedTo(p("b"), 7, What::Dir)),
+                ],
                 vec![(0, vec!["Rename a -> b (dir)"]), (100, vec![])],
             ),
             (
@@ -421,7 +442,10 @@ mod tests {
                     (10, MovedFrom(p("a"), 1)),
                     (10, MovedTo(p("b"), 1, What::Dir)),
                 ],
-                vec![(10, vec!["Rename a -> b (dir)"]), (100, vec!["Content b/log"])],
+                vec![
+                    (10, vec!["Rename a -> b (dir)"]),
+                    (100, vec!["Content b/log"]),
+                ],
             ),
             (
                 "moved out of the tree is a deletion after the pairing window",
@@ -430,7 +454,10 @@ mod tests {
             ),
             (
                 "moved in from outside is a creation",
-                vec![(0, MovedTo(p("d"), 4, What::Dir)), (0, MovedTo(p("f"), 5, What::File))],
+                vec![
+                    (0, MovedTo(p("d"), 4, What::Dir)),
+                    (0, MovedTo(p("f"), 5, What::File)),
+                ],
                 vec![(0, vec!["Tree d", "Content f"])],
             ),
             (
@@ -444,7 +471,11 @@ mod tests {
             ),
             (
                 "overflow drops everything pending and asks for a full compare",
-                vec![(0, Modified(p("f"))), (1, MovedFrom(p("a"), 1)), (2, Overflow)],
+                vec![
+                    (0, Modified(p("f"))),
+                    (1, MovedFrom(p("a"), 1)),
+                    (2, Overflow),
+                ],
                 vec![(2, vec!["Full"]), (500, vec![])],
             ),
         ];

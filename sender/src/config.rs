@@ -2,11 +2,11 @@
 
 use crate::coalesce::Timing;
 use crate::filter::{Filter, FilterError};
-use std::time::Duration;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A configuration file could not be used. Messages name the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +254,10 @@ exclude = ["tmp/", "*.log"]
             ),
             (GOOD.replace("\"*.log\"", "\"[\""), "exclude"),
             (
-                GOOD.replace("module = \"file\"", "module = \"file\"\nsettle_ms = 500\nmax_delay_ms = 100"),
+                GOOD.replace(
+                    "module = \"file\"",
+                    "module = \"file\"\nsettle_ms = 500\nmax_delay_ms = 100",
+                ),
                 "max_delay_ms: must not be shorter",
             ),
         ];

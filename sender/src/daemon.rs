@@ -217,10 +217,7 @@ impl Worker {
                 tokio::select! {
                     r = &mut work => Some(r),
                     _ = self.shutdown.cancelled() => {
-                        match tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await {
-                            Ok(r) => Some(r),
-                            Err(_) => None,
-                        }
+                        tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok()
                     }
                 }
             };
@@ -388,8 +385,9 @@ impl Worker {
         }
 
         if full {
-            let r = reconcile::reconcile_under(session, &self.group, &RelPath::root(), &mut observe)
-                .await?;
+            let r =
+                reconcile::reconcile_under(session, &self.group, &RelPath::root(), &mut observe)
+                    .await?;
             report.absorb(r);
             report.elapsed = started.elapsed();
             self.observer.reconciled(group, target, &report);
@@ -487,7 +485,10 @@ impl Worker {
         // Parents whose entries changed get their times back, after their contents.
         let have: BTreeSet<RelPath> = plan.dir_meta.iter().map(|e| e.path.clone()).collect();
         let root = self.group.source.clone();
-        let missing: Vec<RelPath> = dirs_touched.into_iter().filter(|d| !have.contains(d)).collect();
+        let missing: Vec<RelPath> = dirs_touched
+            .into_iter()
+            .filter(|d| !have.contains(d))
+            .collect();
         let parents: Vec<Entry> = tokio::task::spawn_blocking(move || {
             missing
                 .into_iter()
@@ -498,8 +499,12 @@ impl Worker {
         .await
         .expect("stat task");
         plan.dir_meta.extend(parents);
-        plan.dir_meta
-            .sort_by(|a, b| b.path.depth().cmp(&a.path.depth()).then(a.path.tree_cmp(&b.path)));
+        plan.dir_meta.sort_by(|a, b| {
+            b.path
+                .depth()
+                .cmp(&a.path.depth())
+                .then(a.path.tree_cmp(&b.path))
+        });
         plan.dir_meta.dedup_by(|a, b| a.path == b.path);
         reconcile::execute(session, &self.group.source, plan, &mut report, &mut observe).await?;
         report.bytes_sent = session.bytes_sent() - sent_before;

@@ -13,15 +13,15 @@
 #![warn(missing_docs)]
 
 pub mod coalesce;
-pub mod daemon;
 pub mod config;
+pub mod daemon;
 pub mod filter;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;
 pub mod session;
 pub mod transfer;
-pub mod watch;
 pub mod verify;
+pub mod watch;
 
 pub use config::Config;

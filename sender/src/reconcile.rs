@@ -272,15 +272,21 @@ pub async fn execute(
         observe,
     };
     for path in plan.deletes {
-        run.issue(StepKind::Deleted, path, |id, path| Message::Delete { id, path })
-            .await?;
+        run.issue(StepKind::Deleted, path, |id, path| Message::Delete {
+            id,
+            path,
+        })
+        .await?;
     }
     let file_slots = Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT));
     for op in plan.creates {
         match op {
             Op::Delete(path) => {
-                run.issue(StepKind::Deleted, path, |id, path| Message::Delete { id, path })
-                    .await?
+                run.issue(StepKind::Deleted, path, |id, path| Message::Delete {
+                    id,
+                    path,
+                })
+                .await?
             }
             Op::Mkdir(e) => {
                 run.issue(StepKind::Created, e.path, |id, path| Message::Mkdir {
@@ -454,7 +460,12 @@ impl Run<'_, '_> {
         path: RelPath,
         make: impl FnOnce(RequestId, RelPath) -> Message,
     ) -> Result<(), SessionError> {
-        let permit = self.slots.clone().acquire_owned().await.expect("never closed");
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
         self.reap()?;
         let mut rx = self.session.start(|id| make(id, path.clone())).await?;
         let session = self.session.clone();

@@ -52,23 +52,21 @@ impl GroupWatcher {
         queues: Vec<Queue>,
     ) -> Result<(GroupWatcher, Ready), notify::Error> {
         let (tx, rx) = mpsc::channel();
-        let watcher = RecommendedWatcher::new(
-            tx,
-            notify::Config::default().with_follow_symlinks(false),
-        )
-        .map_err(|e| {
-            if let notify::ErrorKind::Io(io) = &e.kind {
-                if io.raw_os_error() == Some(libc::EMFILE) {
-                    tracing::error!(
-                        sync = %group.name,
-                        "cannot create an inotify instance: raise the limit with \
-                         `sysctl -w fs.inotify.max_user_instances=1024` (persist it in \
-                         /etc/sysctl.d/90-ferry.conf)"
-                    );
-                }
-            }
-            e
-        })?;
+        let watcher =
+            RecommendedWatcher::new(tx, notify::Config::default().with_follow_symlinks(false))
+                .map_err(|e| {
+                    if let notify::ErrorKind::Io(io) = &e.kind {
+                        if io.raw_os_error() == Some(libc::EMFILE) {
+                            tracing::error!(
+                                sync = %group.name,
+                                "cannot create an inotify instance: raise the limit with \
+                                 `sysctl -w fs.inotify.max_user_instances=1024` (persist it in \
+                                 /etc/sysctl.d/90-ferry.conf)"
+                            );
+                        }
+                    }
+                    e
+                })?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut router = Router {
             coalescer: Coalescer::new(timing),
@@ -186,11 +184,9 @@ impl Router {
     }
 
     fn what(&self, rel: &RelPath) -> Option<What> {
-        let md = std::fs::symlink_metadata(ferry_protocol::local::local_path(
-            &self.group.source,
-            rel,
-        ))
-        .ok()?;
+        let md =
+            std::fs::symlink_metadata(ferry_protocol::local::local_path(&self.group.source, rel))
+                .ok()?;
         let ft = md.file_type();
         Some(if ft.is_dir() {
             What::Dir
@@ -234,7 +230,10 @@ impl Router {
             return;
         };
         if rel.is_root() {
-            if matches!(ev.kind, EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))) {
+            if matches!(
+                ev.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            ) {
                 tracing::error!(
                     sync = %self.group.name,
                     source = %self.group.source.display(),

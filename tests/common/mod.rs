@@ -264,8 +264,16 @@ pub fn tree_difference(a: &Path, b: &Path) -> Option<String> {
     let names_a: Vec<&String> = la.iter().map(|x| &x.0).collect();
     let names_b: Vec<&String> = lb.iter().map(|x| &x.0).collect();
     if names_a != names_b {
-        let only_a: Vec<_> = names_a.iter().filter(|n| !names_b.contains(n)).take(5).collect();
-        let only_b: Vec<_> = names_b.iter().filter(|n| !names_a.contains(n)).take(5).collect();
+        let only_a: Vec<_> = names_a
+            .iter()
+            .filter(|n| !names_b.contains(n))
+            .take(5)
+            .collect();
+        let only_b: Vec<_> = names_b
+            .iter()
+            .filter(|n| !names_a.contains(n))
+            .take(5)
+            .collect();
         return Some(format!(
             "different entries ({} vs {}); only left: {only_a:?}; only right: {only_b:?}",
             names_a.len(),
