@@ -54,7 +54,7 @@ impl GroupWatcher {
         let (tx, rx) = mpsc::channel();
         let watcher =
             RecommendedWatcher::new(tx, notify::Config::default().with_follow_symlinks(false))
-                .map_err(|e| {
+                .inspect_err(|e| {
                     if let notify::ErrorKind::Io(io) = &e.kind {
                         if io.raw_os_error() == Some(libc::EMFILE) {
                             tracing::error!(
@@ -65,7 +65,6 @@ impl GroupWatcher {
                             );
                         }
                     }
-                    e
                 })?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut router = Router {
