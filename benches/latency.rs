@@ -9,7 +9,7 @@
 //! `FERRY_BENCH_WRITES` and `FERRY_BENCH_BURST` change the sizes.
 
 use ferry_receiver::Loopback;
-use ferry_sender::config::{SyncGroup, Target};
+use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, Observer};
 use ferry_sender::filter::Filter;
 use ferry_sender::reconcile::{Report, Step, StepKind};
@@ -128,7 +128,9 @@ async fn bench(writes: usize, burst: usize) {
             Target {
                 name: "local".into(),
                 address: recv.address.clone(),
-                fingerprint: recv.pin,
+                kind: TargetKind::Ferry {
+                    fingerprint: recv.pin,
+                },
             },
         )]
         .into(),

@@ -7,7 +7,7 @@ use ferry_protocol::identity::Identity;
 use ferry_protocol::local::{DigestCache, DigestTree};
 use ferry_protocol::message::Intent;
 use ferry_protocol::meta::Compare;
-use ferry_sender::config::{SyncGroup, Target};
+use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, LogObserver, Observer};
 use ferry_sender::filter::Filter;
 use ferry_sender::reconcile::{self, Report, Step, StepKind};
@@ -239,11 +239,30 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
     for group in &config.syncs {
         for target_name in &group.targets {
             let target = &config.targets[target_name];
+            let fingerprint = match &target.kind {
+                TargetKind::Ferry { fingerprint } => *fingerprint,
+                TargetKind::Rsync(r) => {
+                    let started = std::time::Instant::now();
+                    let verdict = ferry_sender::rsync::full(group, r, &target.address).await;
+                    let ok = verdict == ferry_sender::rsync::Verdict::Done;
+                    println!(
+                        "sync={} target={target_name} rsync={} elapsed_ms={}",
+                        group.name,
+                        if ok { "ok" } else { "failed" },
+                        started.elapsed().as_millis()
+                    );
+                    if !ok {
+                        eprintln!("ferry: {} → {target_name}: {verdict:?}", group.name);
+                    }
+                    converged &= ok;
+                    continue;
+                }
+            };
             let result = async {
                 let session = Arc::new(
                     Session::connect(
                         &target.address,
-                        target.fingerprint,
+                        fingerprint,
                         &identity,
                         &group.module,
                         Intent::Write,
@@ -322,7 +341,9 @@ async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
         let target = Target {
             name: "local".into(),
             address,
-            fingerprint: recv.pin,
+            kind: TargetKind::Ferry {
+                fingerprint: recv.pin,
+            },
         };
         let daemon = Daemon {
             identity: Arc::new(recv.client.clone()),
@@ -486,9 +507,17 @@ async fn verify_remote(config: &Path, only: Option<&str>, checksum: bool) -> Res
     for group in groups {
         for target_name in &group.targets {
             let target = &config.targets[target_name];
+            let Some(fingerprint) = target.fingerprint() else {
+                eprintln!(
+                    "ferry: verify {} → {target_name}: an rsyncd target; check it with \
+                     `ferry verify SRC DEST` where both trees are visible",
+                    group.name
+                );
+                continue;
+            };
             let session = Session::connect(
                 &target.address,
-                target.fingerprint,
+                fingerprint,
                 &identity,
                 &group.module,
                 Intent::Read,
@@ -540,9 +569,13 @@ async fn stats(config: &Path) -> Result<u8> {
         let Some(group) = config.syncs.iter().find(|g| g.targets.contains(name)) else {
             continue;
         };
+        let Some(fingerprint) = target.fingerprint() else {
+            println!("target={name} kind=rsync");
+            continue;
+        };
         let session = Session::connect(
             &target.address,
-            target.fingerprint,
+            fingerprint,
             &identity,
             &group.module,
             Intent::Read,

@@ -33,8 +33,19 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
+    kind: Option<String>,
     address: String,
-    fingerprint: String,
+    fingerprint: Option<String>,
+    // kind = "rsync"
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    rsync_path: Option<PathBuf>,
+    #[serde(default)]
+    rsync_args: Vec<String>,
+    #[serde(default)]
+    compress: bool,
+    bwlimit_kib: Option<u64>,
+    timeout_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +65,37 @@ struct RawSync {
 
 fn default_true() -> bool {
     true
+}
+
+/// rsync refuses a password file others can read; say so before it does, naming the file.
+fn check_password_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = md.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is mode {mode:04o}; it must be 0600 (chmod 600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The first rsync-only key set on a target, if any.
+fn rsync_only_key(t: &RawTarget) -> Option<&'static str> {
+    [
+        ("user", t.user.is_some()),
+        ("password_file", t.password_file.is_some()),
+        ("rsync_path", t.rsync_path.is_some()),
+        ("rsync_args", !t.rsync_args.is_empty()),
+        ("compress", t.compress),
+        ("bwlimit_kib", t.bwlimit_kib.is_some()),
+        ("timeout_s", t.timeout_s.is_some()),
+    ]
+    .into_iter()
+    .find(|(_, set)| *set)
+    .map(|(k, _)| k)
 }
 
 /// A validated sender configuration.
@@ -78,8 +120,48 @@ pub struct Target {
     pub name: String,
     /// `host:port`.
     pub address: String,
-    /// Pinned receiver certificate.
-    pub fingerprint: Fingerprint,
+    /// What runs there.
+    pub kind: TargetKind,
+}
+
+/// What kind of receiver a target is.
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    /// A ferry receiver, its certificate pinned.
+    Ferry {
+        /// Pinned receiver certificate.
+        fingerprint: Fingerprint,
+    },
+    /// A stock rsyncd, driven through the `rsync` client.
+    Rsync(RsyncTarget),
+}
+
+/// How to reach an rsyncd module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RsyncTarget {
+    /// rsyncd user (`auth users`), if the module needs one.
+    pub user: Option<String>,
+    /// Passed as `--password-file`; must not be readable by group or others.
+    pub password_file: Option<PathBuf>,
+    /// The client binary (default `rsync`, looked up in `PATH`).
+    pub rsync_path: PathBuf,
+    /// Extra arguments, appended as given.
+    pub args: Vec<String>,
+    /// I/O and connect timeout in seconds (`--timeout`, `--contimeout`).
+    pub timeout_s: u64,
+}
+
+/// Default rsync I/O timeout.
+pub const RSYNC_TIMEOUT_S: u64 = 60;
+
+impl Target {
+    /// The pinned certificate of a ferry receiver.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        match &self.kind {
+            TargetKind::Ferry { fingerprint } => Some(*fingerprint),
+            TargetKind::Rsync(_) => None,
+        }
+    }
 }
 
 /// A source directory kept equal to a module on one or more targets.
@@ -123,22 +205,73 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let mut targets = BTreeMap::new();
         for (name, t) in raw.targets {
-            let fingerprint = t
-                .fingerprint
-                .parse()
-                .map_err(|e| err(format!("targets.{name}.fingerprint: {e}")))?;
-            if !t.address.contains(':') {
-                return Err(err(format!(
-                    "targets.{name}.address: {:?} needs a port, e.g. {}:8730",
-                    t.address, t.address
-                )));
-            }
+            let key = |k: &str| format!("targets.{name}.{k}");
+            let kind = match t.kind.as_deref().unwrap_or("ferry") {
+                "ferry" => {
+                    if let Some(k) = rsync_only_key(&t) {
+                        return Err(err(format!("{}: only for kind = \"rsync\"", key(k))));
+                    }
+                    let fp = t
+                        .fingerprint
+                        .as_deref()
+                        .ok_or_else(|| err(format!("{}: required", key("fingerprint"))))?;
+                    let fingerprint = fp
+                        .parse()
+                        .map_err(|e| err(format!("{}: {e}", key("fingerprint"))))?;
+                    if !t.address.contains(':') {
+                        return Err(err(format!(
+                            "{}: {:?} needs a port, e.g. {}:8730",
+                            key("address"),
+                            t.address,
+                            t.address
+                        )));
+                    }
+                    TargetKind::Ferry { fingerprint }
+                }
+                "rsync" => {
+                    if t.fingerprint.is_some() {
+                        return Err(err(format!(
+                            "{}: an rsyncd has no certificate; remove it",
+                            key("fingerprint")
+                        )));
+                    }
+                    let mut args = t.rsync_args.clone();
+                    if t.compress {
+                        args.push("--compress".into());
+                    }
+                    if let Some(kib) = t.bwlimit_kib {
+                        args.push(format!("--bwlimit={kib}"));
+                    }
+                    let password_file = t.password_file.clone().map(resolve);
+                    if let Some(pf) = &password_file {
+                        check_password_file(pf).map_err(|e| err(format!("{}: {e}", key("password_file"))))?;
+                    }
+                    TargetKind::Rsync(RsyncTarget {
+                        user: t.user.clone(),
+                        password_file,
+                        rsync_path: t.rsync_path.clone().unwrap_or_else(|| "rsync".into()),
+                        args,
+                        timeout_s: t.timeout_s.unwrap_or(RSYNC_TIMEOUT_S),
+                    })
+                }
+                other => {
+                    return Err(err(format!(
+                        "{}: unknown kind {other:?} (expected \"ferry\" or \"rsync\")",
+                        key("kind")
+                    )))
+                }
+            };
+            let address = match &kind {
+                // rsyncd's port is optional, as in rsync://host/module.
+                TargetKind::Rsync(_) if !t.address.contains(':') => format!("{}:873", t.address),
+                _ => t.address.clone(),
+            };
             targets.insert(
                 name.clone(),
                 Target {
                     name,
-                    address: t.address,
-                    fingerprint,
+                    address,
+                    kind,
                 },
             );
         }

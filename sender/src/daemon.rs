@@ -7,7 +7,8 @@
 //! it is safe. Targets never wait for each other: each has its own queue and connection.
 
 use crate::coalesce::Need;
-use crate::config::{SyncGroup, Target};
+use crate::config::{RsyncTarget, SyncGroup, Target, TargetKind};
+use crate::rsync::{self, Verdict};
 use crate::plan::{Op, Plan};
 use crate::queue::{Batch, Queue};
 use crate::reconcile::{self, Report, Step, StepKind};
@@ -69,6 +70,14 @@ pub enum DaemonError {
         /// The cause.
         error: notify::Error,
     },
+    /// An rsync target cannot run (the client binary is missing).
+    #[error("target {target}: {message}")]
+    Rsync {
+        /// The target.
+        target: String,
+        /// What is wrong, naming the package to install.
+        message: String,
+    },
     /// A group names a target that does not exist.
     #[error("sync {group}: unknown target {target}")]
     UnknownTarget {
@@ -110,6 +119,12 @@ impl Daemon {
                             group: group.name.clone(),
                             target: name.clone(),
                         })?;
+                if let TargetKind::Rsync(r) = &target.kind {
+                    rsync::probe(r).map_err(|message| DaemonError::Rsync {
+                        target: name.clone(),
+                        message,
+                    })?;
+                }
                 let queue = Queue::new();
                 // The first batch of every worker is a full reconcile.
                 queue.push([crate::coalesce::Change::Full]);
@@ -130,6 +145,18 @@ impl Daemon {
             })?;
             watchers.push(watcher);
             for (target, queue) in targets {
+                if let TargetKind::Rsync(rsync) = &target.kind {
+                    let worker = RsyncWorker {
+                        group: group.clone(),
+                        rsync: rsync.clone(),
+                        target,
+                        queue,
+                        observer: observer.clone(),
+                        shutdown: shutdown.clone(),
+                    };
+                    workers.spawn(worker.run());
+                    continue;
+                }
                 let worker = Worker {
                     group: group.clone(),
                     target,
@@ -281,9 +308,10 @@ impl Worker {
 
     /// Connects; `None` if shut down meanwhile.
     async fn connect(&self) -> Option<Result<Session, SessionError>> {
+        let fingerprint = self.target.fingerprint().expect("ferry target");
         let connect = Session::connect(
             &self.target.address,
-            self.target.fingerprint,
+            fingerprint,
             &self.identity,
             &self.group.module,
             Intent::Write,
@@ -510,6 +538,122 @@ impl Worker {
         report.bytes_sent = session.bytes_sent() - sent_before;
         report.elapsed = started.elapsed();
         Ok(report)
+    }
+}
+
+/// Drives a stock rsyncd module with the `rsync` client: one rsync at a time, fed from the
+/// same kind of queue as a native target.
+struct RsyncWorker {
+    group: SyncGroup,
+    target: Target,
+    rsync: RsyncTarget,
+    queue: Queue,
+    observer: Arc<dyn Observer>,
+    shutdown: CancellationToken,
+}
+
+impl RsyncWorker {
+    async fn run(self) {
+        let (group, target) = (self.group.name.as_str(), self.target.name.as_str());
+        let mut backoff = MIN_BACKOFF;
+        let mut batches = 0u64;
+        let mut paths = 0usize;
+        let mut last_summary = Instant::now();
+        loop {
+            if self.queue.is_empty() {
+                tokio::select! {
+                    _ = self.queue.wait() => {}
+                    _ = self.shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            let batch = self.queue.take();
+            let started = Instant::now();
+            let outcome = {
+                let work = async {
+                    if batch.full {
+                        (rsync::full(&self.group, &self.rsync, &self.target.address).await, 0)
+                    } else {
+                        rsync::batch(&self.group, &self.rsync, &self.target.address, &batch)
+                            .await
+                    }
+                };
+                tokio::pin!(work);
+                tokio::select! {
+                    r = &mut work => Some(r),
+                    _ = self.shutdown.cancelled() => {
+                        tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok()
+                    }
+                }
+            };
+            let Some((verdict, listed)) = outcome else {
+                // rsync is killed with its future; it writes to temp names, so nothing
+                // half-written is left under a real name.
+                self.queue.put_back(batch);
+                tracing::warn!(sync = group, target, "shutdown: interrupted rsync");
+                break;
+            };
+            match verdict {
+                Verdict::Done => {
+                    backoff = MIN_BACKOFF;
+                    if batch.full {
+                        let report = Report {
+                            elapsed: started.elapsed(),
+                            ..Report::default()
+                        };
+                        self.observer.reconciled(group, target, &report);
+                        tracing::info!(
+                            sync = group,
+                            target,
+                            elapsed_ms = report.elapsed.as_millis() as u64,
+                            "reconciled (rsync -a)"
+                        );
+                    } else {
+                        batches += 1;
+                        paths += listed;
+                        tracing::debug!(
+                            sync = group,
+                            target,
+                            paths = listed,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "synced (rsync --files-from)"
+                        );
+                    }
+                }
+                Verdict::Partial(msg) | Verdict::Transient(msg) => {
+                    tracing::warn!(
+                        sync = group,
+                        target,
+                        pending = batch.len() + self.queue.len(),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "rsync failed, will retry: {msg}"
+                    );
+                    self.queue.put_back(batch);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = self.shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Verdict::Config(msg) => {
+                    self.queue.put_back(batch);
+                    tracing::error!(
+                        sync = group,
+                        target,
+                        module = %self.group.module,
+                        "target stopped: {msg}. Fix the target's configuration and restart                          ferry; other targets continue"
+                    );
+                    return;
+                }
+            }
+            if batches > 0 && last_summary.elapsed() >= SUMMARY_EVERY {
+                tracing::info!(sync = group, target, batches, paths, "synced (rsync)");
+                (batches, paths, last_summary) = (0, 0, Instant::now());
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //!   in flight.
 //! - [`transfer`]: sending one file (whole or as windowed deltas) with its digest.
 //! - [`reconcile`]: scan + list + plan + execute, for `send --once` and daemon start-up.
+//! - [`rsync`]: compatibility mode, driving the `rsync` client against a stock rsyncd.
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod filter;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;
+pub mod rsync;
 pub mod session;
 pub mod transfer;
 pub mod verify;

@@ -1,0 +1,287 @@
+//! Compatibility mode: keeping a stock rsyncd module in step by running the real `rsync`
+//! client. The watching, coalescing and queues are the daemon's; only the transport differs.
+//!
+//! - A full compare is one `rsync -a [--delete] [--exclude …] SRC/ rsync://…/module/`.
+//! - A batch of dirty paths is one `rsync -a --files-from=LIST --from0
+//!   --delete-missing-args` (or `--ignore-missing-args` without `delete`): only those paths
+//!   travel, and paths missing locally are deleted on the module. New directories are expanded
+//!   locally into their entries; parents of changed entries are listed too, so their times
+//!   follow. rsync has no rename, so a rename is a delete of the old name plus the new one.
+//! - At most one rsync runs per target; changes arriving meanwhile coalesce in the queue.
+
+use crate::coalesce::Need;
+use crate::config::{RsyncTarget, SyncGroup};
+use crate::queue::Batch;
+use crate::reconcile::scan_source_under;
+use ferry_protocol::RelPath;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::Stdio;
+
+/// How an rsync run ended, classified the way operators read rsync's exit codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Exit 0, or 24 (some source files vanished: their removal is an event of its own).
+    Done,
+    /// Exit 23: some files were not transferred. Retry this batch's paths.
+    Partial(String),
+    /// Network trouble, timeouts, the daemon restarting: retry with backoff, keep the paths.
+    Transient(String),
+    /// Wrong password, unknown module, access denied, unsupported option, missing binary:
+    /// retrying cannot help; the target stops with this message.
+    Config(String),
+}
+
+/// Classifies an rsync exit `code` using what it printed on stderr (5 and 10 mean either a
+/// refused login or a network problem; only the message tells which).
+pub fn classify(code: i32, stderr: &str) -> Verdict {
+    let msg = || {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+        format!("rsync exit {code}: {tail}")
+    };
+    const REFUSALS: [&str; 7] = [
+        "@ERROR: auth failed",
+        "@ERROR: Unknown module",
+        "@ERROR: access denied",
+        "@ERROR: chdir failed",
+        "@ERROR: chroot failed",
+        "password file must not be other-accessible",
+        "ERROR: module is read only",
+    ];
+    match code {
+        0 | 24 => Verdict::Done,
+        23 => Verdict::Partial(msg()),
+        _ if REFUSALS.iter().any(|r| stderr.contains(r)) => Verdict::Config(msg()),
+        // Syntax/usage, protocol incompatibility, unsupported action (an rsync too old for
+        // --delete-missing-args), a client-side error in the password file.
+        1 | 2 | 4 => Verdict::Config(msg()),
+        _ => Verdict::Transient(msg()),
+    }
+}
+
+/// The module URL: `rsync://[user@]host:port/module/`.
+pub fn url(address: &str, target: &RsyncTarget, module: &str) -> String {
+    let user = target
+        .user
+        .as_deref()
+        .map_or(String::new(), |u| format!("{u}@"));
+    format!("rsync://{user}{address}/{module}/")
+}
+
+/// The command line shared by full and batch runs (everything but the file arguments).
+fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
+    let mut args = vec![
+        "-a".to_string(),
+        format!("--timeout={}", target.timeout_s),
+        format!("--contimeout={}", target.timeout_s),
+    ];
+    if let Some(pf) = &target.password_file {
+        args.push(format!("--password-file={}", pf.display()));
+    }
+    for pattern in group.filter.patterns() {
+        args.push(format!("--exclude={pattern}"));
+    }
+    args.extend(target.args.iter().cloned());
+    args
+}
+
+/// Runs rsync with `args` then SRC/ and the module URL; returns its verdict.
+async fn run(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    args: Vec<String>,
+) -> Verdict {
+    let mut cmd = tokio::process::Command::new(&target.rsync_path);
+    cmd.args(base_args(group, target))
+        .args(args)
+        .arg(format!("{}/", group.source.display()))
+        .arg(url(address, target, &group.module))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    tracing::debug!(sync = %group.name, ?cmd, "running rsync");
+    let out = match cmd.output().await {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Verdict::Config(format!(
+                "{}: not found; install the rsync package (Debian/Ubuntu: apt-get install \
+                 rsync; RHEL/CentOS: yum install rsync) or set rsync_path",
+                target.rsync_path.display()
+            ))
+        }
+        Err(e) => {
+            return Verdict::Config(format!("{}: {e}", target.rsync_path.display()))
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Killed by a signal: treat like a network failure and try again.
+    let code = out.status.code().unwrap_or(20);
+    classify(code, &stderr)
+}
+
+/// One `rsync -a [--delete]` of the whole source into the module.
+pub async fn full(group: &SyncGroup, target: &RsyncTarget, address: &str) -> Verdict {
+    let mut args = Vec::new();
+    if group.delete {
+        args.push("--delete".to_string());
+    }
+    run(group, target, address, args).await
+}
+
+/// Sends `batch`'s paths (and what they imply) with `--files-from`. Returns the verdict
+/// and how many paths were listed.
+pub async fn batch(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    batch: &Batch,
+) -> (Verdict, usize) {
+    let g = group.clone();
+    let paths: Vec<(RelPath, Need)> = batch
+        .paths
+        .iter()
+        .map(|(p, (n, _))| (p.clone(), *n))
+        .chain(batch.renames.iter().flat_map(|r| {
+            [(r.from.clone(), Need::Content), (r.to.clone(), Need::Tree)]
+        }))
+        .collect();
+    let listed = tokio::task::spawn_blocking(move || expand(&g, paths))
+        .await
+        .expect("list task");
+    if listed.is_empty() {
+        return (Verdict::Done, 0);
+    }
+    let n = listed.len();
+    let list = match write_list(&listed) {
+        Ok(f) => f,
+        Err(e) => return (Verdict::Transient(format!("cannot write the file list: {e}")), n),
+    };
+    let mut args = vec![
+        format!("--files-from={}", list.path().display()),
+        "--from0".to_string(),
+    ];
+    args.push(if group.delete {
+        "--delete-missing-args".to_string()
+    } else {
+        "--ignore-missing-args".to_string()
+    });
+    (run(group, target, address, args).await, n)
+}
+
+/// The paths to list: each dirty path, every entry below new or moved directories, and the
+/// parents whose times change. Sorted, so parents precede children.
+fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> BTreeSet<Vec<u8>> {
+    let mut out = BTreeSet::new();
+    for (path, need) in paths {
+        if let Some(parent) = path.parent().filter(|p| !p.is_root()) {
+            out.insert(parent.as_bytes().to_vec());
+        } else if !path.is_root() {
+            out.insert(b".".to_vec());
+        }
+        if path.is_root() {
+            out.insert(b".".to_vec());
+            continue;
+        }
+        let is_dir = std::fs::symlink_metadata(ferry_protocol::local::local_path(
+            &group.source,
+            &path,
+        ))
+        .is_ok_and(|m| m.is_dir());
+        if is_dir && need >= Need::Content {
+            if let Ok((entries, _)) = scan_source_under(group, &path) {
+                out.extend(entries.into_iter().map(|e| e.path.as_bytes().to_vec()));
+                continue;
+            }
+        }
+        out.insert(path.as_bytes().to_vec());
+    }
+    out
+}
+
+fn write_list(paths: &BTreeSet<Vec<u8>>) -> std::io::Result<tempfile::NamedTempFile> {
+    let mut f = tempfile::Builder::new().prefix("ferry-files-from.").tempfile()?;
+    for p in paths {
+        f.write_all(p)?;
+        f.write_all(b"\0")?;
+    }
+    f.flush()?;
+    Ok(f)
+}
+
+/// Is the `rsync` binary there? (For a clear message at start-up rather than at first use.)
+pub fn probe(target: &RsyncTarget) -> Result<(), String> {
+    match std::process::Command::new(&target.rsync_path)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "{}: not found; install the rsync package (Debian/Ubuntu: apt-get install rsync; \
+             RHEL/CentOS: yum install rsync) or set rsync_path",
+            target.rsync_path.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", target.rsync_path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_classified_like_operators_read_them() {
+        let cases: &[(i32, &str, &str)] = &[
+            (0, "", "done"),
+            (24, "file has vanished: \"/src/x\"", "done"),
+            (23, "rsync error: some files/attrs were not transferred", "partial"),
+            (5, "@ERROR: auth failed on module file\nrsync error: error starting client-server protocol (code 5)", "config"),
+            (5, "@ERROR: Unknown module 'nope'", "config"),
+            (5, "@ERROR: access denied to file from localhost (127.0.0.1)", "config"),
+            (10, "rsync: failed to connect to 127.0.0.1 (127.0.0.1): Connection refused (111)\nrsync error: error in socket IO (code 10)", "transient"),
+            (5, "rsync: read error: Connection reset by peer (104)", "transient"),
+            (12, "rsync error: error in rsync protocol data stream (code 12)", "transient"),
+            (30, "rsync error: timeout in data send/receive (code 30)", "transient"),
+            (35, "rsync error: timeout waiting for daemon connection (code 35)", "transient"),
+            (1, "rsync: --delete-missing-args: unknown option", "config"),
+            (4, "rsync error: requested action not supported (code 4)", "config"),
+            (12, "ERROR: password file must not be other-accessible", "config"),
+        ];
+        for (code, stderr, want) in cases {
+            let got = match classify(*code, stderr) {
+                Verdict::Done => "done",
+                Verdict::Partial(_) => "partial",
+                Verdict::Transient(_) => "transient",
+                Verdict::Config(_) => "config",
+            };
+            assert_eq!(got, *want, "exit {code}: {stderr}");
+        }
+        match classify(5, "@ERROR: auth failed on module file\n") {
+            Verdict::Config(m) => assert!(m.contains("auth failed"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn url_has_user_port_and_module() {
+        let t = RsyncTarget {
+            user: Some("rsync".into()),
+            password_file: None,
+            rsync_path: "rsync".into(),
+            args: vec![],
+            timeout_s: 60,
+        };
+        assert_eq!(
+            url("192.168.74.20:873", &t, "file"),
+            "rsync://rsync@192.168.74.20:873/file/"
+        );
+    }
+}
