@@ -244,7 +244,8 @@ impl Config {
                     }
                     let password_file = t.password_file.clone().map(resolve);
                     if let Some(pf) = &password_file {
-                        check_password_file(pf).map_err(|e| err(format!("{}: {e}", key("password_file"))))?;
+                        check_password_file(pf)
+                            .map_err(|e| err(format!("{}: {e}", key("password_file"))))?;
                     }
                     TargetKind::Rsync(RsyncTarget {
                         user: t.user.clone(),

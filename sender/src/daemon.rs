@@ -8,10 +8,10 @@
 
 use crate::coalesce::Need;
 use crate::config::{RsyncTarget, SyncGroup, Target, TargetKind};
-use crate::rsync::{self, Verdict};
 use crate::plan::{Op, Plan};
 use crate::queue::{Batch, Queue};
 use crate::reconcile::{self, Report, Step, StepKind};
+use crate::rsync::{self, Verdict};
 use crate::session::{Session, SessionError};
 use crate::watch::GroupWatcher;
 use ferry_protocol::delta::DELTA_THRESHOLD;
@@ -575,10 +575,12 @@ impl RsyncWorker {
             let outcome = {
                 let work = async {
                     if batch.full {
-                        (rsync::full(&self.group, &self.rsync, &self.target.address).await, 0)
+                        (
+                            rsync::full(&self.group, &self.rsync, &self.target.address).await,
+                            0,
+                        )
                     } else {
-                        rsync::batch(&self.group, &self.rsync, &self.target.address, &batch)
-                            .await
+                        rsync::batch(&self.group, &self.rsync, &self.target.address, &batch).await
                     }
                 };
                 tokio::pin!(work);

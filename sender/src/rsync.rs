@@ -91,12 +91,7 @@ fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
 }
 
 /// Runs rsync with `args` then SRC/ and the module URL; returns its verdict.
-async fn run(
-    group: &SyncGroup,
-    target: &RsyncTarget,
-    address: &str,
-    args: Vec<String>,
-) -> Verdict {
+async fn run(group: &SyncGroup, target: &RsyncTarget, address: &str, args: Vec<String>) -> Verdict {
     let mut cmd = tokio::process::Command::new(&target.rsync_path);
     cmd.args(base_args(group, target))
         .args(args)
@@ -116,9 +111,7 @@ async fn run(
                 target.rsync_path.display()
             ))
         }
-        Err(e) => {
-            return Verdict::Config(format!("{}: {e}", target.rsync_path.display()))
-        }
+        Err(e) => return Verdict::Config(format!("{}: {e}", target.rsync_path.display())),
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Killed by a signal: treat like a network failure and try again.
@@ -148,65 +141,112 @@ pub async fn batch(
         .paths
         .iter()
         .map(|(p, (n, _))| (p.clone(), *n))
-        .chain(batch.renames.iter().flat_map(|r| {
-            [(r.from.clone(), Need::Content), (r.to.clone(), Need::Tree)]
-        }))
+        .chain(
+            batch
+                .renames
+                .iter()
+                .flat_map(|r| [(r.from.clone(), Need::Content), (r.to.clone(), Need::Tree)]),
+        )
         .collect();
-    let listed = tokio::task::spawn_blocking(move || expand(&g, paths))
+    let lists = tokio::task::spawn_blocking(move || expand(&g, paths))
         .await
         .expect("list task");
-    if listed.is_empty() {
-        return (Verdict::Done, 0);
+    let n = lists.missing.len() + lists.present.len();
+    // Three passes, each only if needed. Deletions go alone: rsync 3.2.7 fails ("invalid
+    // file mode 00", exit 2) when a missing argument shares a list with a directory tree.
+    if group.delete && !lists.missing.is_empty() {
+        // --force: a directory deleted here is removed there with its contents (without it
+        // rsync only warns, and exits 0).
+        let args = vec!["--delete-missing-args".into(), "--force".into()];
+        let v = with_list(group, target, address, &lists.missing, args).await;
+        if v != Verdict::Done {
+            return (v, n);
+        }
     }
-    let n = listed.len();
-    let list = match write_list(&listed) {
-        Ok(f) => f,
-        Err(e) => return (Verdict::Transient(format!("cannot write the file list: {e}")), n),
-    };
-    let mut args = vec![
-        format!("--files-from={}", list.path().display()),
-        "--from0".to_string(),
-    ];
-    args.push(if group.delete {
-        "--delete-missing-args".to_string()
-    } else {
-        "--ignore-missing-args".to_string()
-    });
-    (run(group, target, address, args).await, n)
+    // Something that vanishes meanwhile is an event of its own.
+    let ignore = || vec!["--ignore-missing-args".to_string()];
+    if !lists.present.is_empty() {
+        let v = with_list(group, target, address, &lists.present, ignore()).await;
+        if v != Verdict::Done {
+            return (v, n);
+        }
+    }
+    // rsync sets a listed directory's times before it creates or deletes what is inside, so
+    // the parents' times are set again by a contents-free pass.
+    if !lists.parents.is_empty() {
+        let v = with_list(group, target, address, &lists.parents, ignore()).await;
+        return (v, n);
+    }
+    (Verdict::Done, n)
 }
 
-/// The paths to list: each dirty path, every entry below new or moved directories, and the
-/// parents whose times change. Sorted, so parents precede children.
-fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> BTreeSet<Vec<u8>> {
-    let mut out = BTreeSet::new();
+async fn with_list(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    paths: &BTreeSet<Vec<u8>>,
+    mut args: Vec<String>,
+) -> Verdict {
+    let list = match write_list(paths) {
+        Ok(f) => f,
+        Err(e) => return Verdict::Transient(format!("cannot write the file list: {e}")),
+    };
+    args.push(format!("--files-from={}", list.path().display()));
+    args.push("--from0".to_string());
+    run(group, target, address, args).await
+}
+
+/// What one batch lists, relative to the source.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Lists {
+    /// Paths gone from the source (deleted on the module with `delete`).
+    missing: BTreeSet<Vec<u8>>,
+    /// Paths to send: each dirty path, and every entry below new or moved directories.
+    present: BTreeSet<Vec<u8>>,
+    /// Directories whose entries changed, for their times.
+    parents: BTreeSet<Vec<u8>>,
+}
+
+fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
+    let mut lists = Lists::default();
+    let name = |p: &RelPath| {
+        if p.is_root() {
+            b".".to_vec()
+        } else {
+            p.as_bytes().to_vec()
+        }
+    };
     for (path, need) in paths {
-        if let Some(parent) = path.parent().filter(|p| !p.is_root()) {
-            out.insert(parent.as_bytes().to_vec());
-        } else if !path.is_root() {
-            out.insert(b".".to_vec());
+        if need >= Need::Content && !path.is_root() {
+            lists
+                .parents
+                .insert(name(&path.parent().unwrap_or_default()));
         }
-        if path.is_root() {
-            out.insert(b".".to_vec());
-            continue;
-        }
-        let is_dir = std::fs::symlink_metadata(ferry_protocol::local::local_path(
-            &group.source,
-            &path,
-        ))
-        .is_ok_and(|m| m.is_dir());
-        if is_dir && need >= Need::Content {
-            if let Ok((entries, _)) = scan_source_under(group, &path) {
-                out.extend(entries.into_iter().map(|e| e.path.as_bytes().to_vec()));
-                continue;
+        let md = std::fs::symlink_metadata(ferry_protocol::local::local_path(&group.source, &path));
+        match md {
+            Err(_) => {
+                lists.missing.insert(name(&path));
+            }
+            Ok(md) if md.is_dir() && need >= Need::Content => {
+                match scan_source_under(group, &path) {
+                    Ok((entries, _)) => lists.present.extend(entries.iter().map(|e| name(&e.path))),
+                    Err(_) => {
+                        lists.missing.insert(name(&path));
+                    }
+                }
+            }
+            Ok(_) => {
+                lists.present.insert(name(&path));
             }
         }
-        out.insert(path.as_bytes().to_vec());
     }
-    out
+    lists
 }
 
 fn write_list(paths: &BTreeSet<Vec<u8>>) -> std::io::Result<tempfile::NamedTempFile> {
-    let mut f = tempfile::Builder::new().prefix("ferry-files-from.").tempfile()?;
+    let mut f = tempfile::Builder::new()
+        .prefix("ferry-files-from.")
+        .tempfile()?;
     for p in paths {
         f.write_all(p)?;
         f.write_all(b"\0")?;

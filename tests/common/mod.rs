@@ -259,8 +259,26 @@ pub fn assert_trees_equal(a: &Path, b: &Path) {
 
 /// The first difference between two trees (see [`assert_trees_equal`]), if any.
 pub fn tree_difference(a: &Path, b: &Path) -> Option<String> {
-    let la = listing(a);
-    let lb = listing(b);
+    tree_difference_with(a, b, true)
+}
+
+/// Like [`tree_difference`]; `exact` false is what a stock rsync achieves: the roots' own
+/// metadata is ignored (rsyncd never sets its module directory's times), and the mtimes of
+/// directories and symlinks compare to the second (rsync leaves one created in the same
+/// second as its source with the receiver's nanoseconds).
+pub fn tree_difference_with(a: &Path, b: &Path, exact: bool) -> Option<String> {
+    let mut la = listing(a);
+    let mut lb = listing(b);
+    if !exact {
+        for l in [&mut la, &mut lb] {
+            l.retain(|e| !e.0.is_empty());
+            for e in l.iter_mut() {
+                if e.1 .0 & 0o170000 != 0o100000 {
+                    e.1 .2 = 0;
+                }
+            }
+        }
+    }
     let names_a: Vec<&String> = la.iter().map(|x| &x.0).collect();
     let names_b: Vec<&String> = lb.iter().map(|x| &x.0).collect();
     if names_a != names_b {
@@ -293,10 +311,15 @@ pub fn tree_difference(a: &Path, b: &Path) -> Option<String> {
 
 /// Waits until the trees are equal; panics with the last difference after `secs`.
 pub fn wait_equal(a: &Path, b: &Path, secs: u64, what: &str) {
+    wait_equal_with(a, b, secs, what, true)
+}
+
+/// [`wait_equal`] with [`tree_difference_with`]'s `exact`.
+pub fn wait_equal_with(a: &Path, b: &Path, secs: u64, what: &str, exact: bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         // The trees may change under the walk; a vanished entry is just "not yet".
-        let d = std::panic::catch_unwind(|| tree_difference(a, b))
+        let d = std::panic::catch_unwind(|| tree_difference_with(a, b, exact))
             .unwrap_or_else(|_| Some("changed during comparison".into()));
         match d {
             None => return,

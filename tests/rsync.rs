@@ -1,0 +1,330 @@
+//! Compatibility mode end to end: the live sender driving the real `rsync` client against a
+//! real rsyncd started here on 127.0.0.1.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "Ki13W@yYZvbJ";
+
+/// Trees equal as far as a stock rsync makes them (see `tree_difference_with`).
+fn wait_equal(a: &Path, b: &Path, secs: u64, what: &str) {
+    wait_equal_with(a, b, secs, what, false)
+}
+
+/// A stock rsyncd serving modules (with `auth users = rsync`), as in the old guide.
+struct Rsyncd {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Rsyncd {
+    fn start(dir: &Path, modules: &[(&str, &Path)]) -> Rsyncd {
+        let version = Command::new("rsync").arg("--version").output();
+        assert!(
+            version.is_ok_and(|o| o.status.success()),
+            "rsync is not installed: .ci/run installs it (apt-get install -y rsync)"
+        );
+        fs::create_dir_all(dir).unwrap();
+        let secrets = dir.join("rsync.pass");
+        fs::write(&secrets, format!("rsync:{PASSWORD}\n")).unwrap();
+        set_mode(&secrets, 0o600);
+        let root = unsafe { libc::geteuid() } == 0;
+        // Like the guide, but without chroot (so the test needs no root for it) and therefore
+        // with symlink munging switched off explicitly.
+        let mut conf = String::from("use chroot = no\nmunge symlinks = no\npid file =\n");
+        if root {
+            conf.push_str("uid = root\ngid = root\n");
+        }
+        for (name, path) in modules {
+            fs::create_dir_all(path).unwrap();
+            conf.push_str(&format!(
+                "[{name}]\npath = {}\nread only = no\nauth users = rsync\nsecrets file = {}\n\
+                 hosts allow = 127.0.0.1\nmax connections = 10\n",
+                path.display(),
+                secrets.display()
+            ));
+        }
+        fs::write(dir.join("rsyncd.conf"), conf).unwrap();
+        let mut d = Rsyncd {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("rsync")
+            .arg("--daemon")
+            .arg("--no-detach")
+            .arg(format!(
+                "--config={}",
+                self.dir.join("rsyncd.conf").display()
+            ))
+            .arg(format!("--port={}", self.port))
+            .arg("--address=127.0.0.1")
+            .arg(format!(
+                "--log-file={}",
+                self.dir.join("rsyncd.log").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rsync --daemon");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "rsyncd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// `[targets.NAME]` of kind rsync, with a password file holding `password`.
+    fn target(&self, name: &str, password: &str) -> String {
+        let pf = self.dir.join(format!("{name}.pas"));
+        fs::write(&pf, format!("{password}\n")).unwrap();
+        set_mode(&pf, 0o600);
+        format!(
+            "[targets.{name}]\nkind = \"rsync\"\naddress = \"127.0.0.1:{}\"\nuser = \"rsync\"\n\
+             password_file = {:?}\ntimeout_s = 10\n",
+            self.port,
+            pf.display().to_string()
+        )
+    }
+}
+
+impl Drop for Rsyncd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Site {
+    tmp: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Site {
+        let tmp = tempfile::tempdir().unwrap();
+        keygen(&tmp.path().join("send"));
+        Site { tmp }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("send/sender.toml")
+    }
+
+    fn write_config(&self, body: &str) {
+        fs::write(
+            self.config(),
+            format!("cert = \"cert.pem\"\nkey = \"key.pem\"\n{body}"),
+        )
+        .unwrap();
+    }
+
+    fn run(&self, body: &str, ready: usize) -> Daemon {
+        self.write_config(body);
+        let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(self.config()));
+        d.wait_log_n("reconciled", ready, 60);
+        d
+    }
+}
+
+fn sync(name: &str, source: &Path, targets: &[&str], module: &str, extra: &str) -> String {
+    format!(
+        "[[sync]]\nname = {name:?}\nsource = {:?}\ntargets = {targets:?}\nmodule = {module:?}\n{extra}\n",
+        source.display().to_string()
+    )
+}
+
+#[test]
+fn initial_sync_then_the_guide_walkthrough_live() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(src.join("existing/deep")).unwrap();
+    fs::write(src.join("existing/deep/f"), "before start").unwrap();
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    let body = format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync("file", &src, &["legacy"], "file", "")
+    );
+    let mut daemon = site.run(&body, 1);
+    wait_equal(&src, &dst, 20, "initial rsync -a");
+    let steps: Vec<(&str, fn(&Path))> = vec![
+        ("mkdir test", |s| fs::create_dir(s.join("test")).unwrap()),
+        ("echo a > a", |s| fs::write(s.join("a"), "a\n").unwrap()),
+        ("ln -s a a.link", |s| {
+            symlink("a", s.join("a.link")).unwrap()
+        }),
+        ("chmod a+w a", |s| set_mode(&s.join("a"), 0o666)),
+        ("mkdir -p x/y/z && write", |s| {
+            fs::create_dir_all(s.join("x/y/z")).unwrap();
+            fs::write(s.join("x/y/z/f"), "deep").unwrap();
+        }),
+        ("mv x moved", |s| {
+            fs::rename(s.join("x"), s.join("moved")).unwrap()
+        }),
+        ("rm -f a", |s| fs::remove_file(s.join("a")).unwrap()),
+        ("rm -f a.link", |s| {
+            fs::remove_file(s.join("a.link")).unwrap()
+        }),
+        ("rm -rf test existing", |s| {
+            fs::remove_dir_all(s.join("test")).unwrap();
+            fs::remove_dir_all(s.join("existing")).unwrap();
+        }),
+    ];
+    for (what, step) in steps {
+        step(&src);
+        if std::panic::catch_unwind(|| wait_equal(&src, &dst, 20, what)).is_err() {
+            panic!("{what}: not converged; sender log:\n{}", daemon.log());
+        }
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}
+
+#[test]
+fn excludes_and_no_delete() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(src.join("tmp")).unwrap();
+    fs::write(src.join("tmp/x"), "no").unwrap();
+    fs::write(src.join("keep"), "yes").unwrap();
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    fs::write(dst.join("only-on-backup"), "stays").unwrap();
+    let body = format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync(
+            "file",
+            &src,
+            &["legacy"],
+            "file",
+            "exclude = [\"tmp/\", \"*.log\"]\ndelete = false"
+        )
+    );
+    let _d = site.run(&body, 1);
+    fs::write(src.join("app.log"), "no").unwrap();
+    fs::write(src.join("tmp/y"), "no").unwrap();
+    fs::write(src.join("new"), "yes").unwrap();
+    fs::remove_file(src.join("keep")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dst.join("new").exists() {
+        assert!(Instant::now() < deadline, "new file did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        dst.join("only-on-backup").exists(),
+        "delete = false must not delete"
+    );
+    assert!(
+        dst.join("keep").exists(),
+        "delete = false keeps removed files"
+    );
+    assert!(!dst.join("tmp").exists() && !dst.join("app.log").exists());
+}
+
+#[test]
+fn wrong_password_stops_that_target_and_the_other_continues() {
+    let site = Site::new();
+    let (src, good, bad) = (site.path("src"), site.path("good"), site.path("bad"));
+    fs::create_dir_all(&src).unwrap();
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("good", &good), ("bad", &bad)]);
+    let body = format!(
+        "{}{}{}{}",
+        rsyncd.target("right", PASSWORD),
+        rsyncd.target("wrong", "not-the-password"),
+        sync("good", &src, &["right"], "good", ""),
+        sync("bad", &src, &["wrong"], "bad", "")
+    );
+    site.write_config(&body);
+    let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    d.wait_log_n("target stopped", 1, 30);
+    let log = d.log();
+    assert!(
+        log.contains("auth failed") && log.contains("wrong"),
+        "{log}"
+    );
+    fs::write(src.join("after"), "still syncing").unwrap();
+    wait_equal(&src, &good, 20, "the good target");
+    assert!(!bad.join("after").exists());
+}
+
+#[test]
+fn rsyncd_stopped_and_restarted_loses_nothing() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(&src).unwrap();
+    let mut rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    let body = format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync("file", &src, &["legacy"], "file", "")
+    );
+    let daemon = site.run(&body, 1);
+    fs::write(src.join("before"), "1").unwrap();
+    wait_equal(&src, &dst, 20, "before the stop");
+    rsyncd.stop();
+    fs::write(src.join("during"), "2").unwrap();
+    fs::create_dir_all(src.join("d/e")).unwrap();
+    fs::write(src.join("d/e/f"), "3").unwrap();
+    fs::remove_file(src.join("before")).unwrap();
+    daemon.wait_log_n("rsync failed, will retry", 1, 30);
+    rsyncd.restart();
+    wait_equal(&src, &dst, 40, "after rsyncd came back");
+}
+
+#[test]
+fn missing_rsync_binary_and_open_password_file_are_clear_errors() {
+    let site = Site::new();
+    let src = site.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let pf = site.path("rsync.pas");
+    fs::write(&pf, "pw\n").unwrap();
+    set_mode(&pf, 0o600);
+    let target = |extra: &str| {
+        format!(
+            "[targets.legacy]\nkind = \"rsync\"\naddress = \"127.0.0.1\"\nuser = \"rsync\"\n\
+             password_file = {:?}\n{extra}\n{}",
+            pf.display().to_string(),
+            sync("file", &src, &["legacy"], "file", "")
+        )
+    };
+    site.write_config(&target("rsync_path = \"/nonexistent/rsync\""));
+    let o = run(ferry().arg("send").arg("--config").arg(site.config()));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/rsync") && stderr(&o).contains("apt-get install rsync"),
+        "{}",
+        stderr(&o)
+    );
+    set_mode(&pf, 0o644);
+    site.write_config(&target(""));
+    let o = run(ferry().arg("send").arg("--config").arg(site.config()));
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("targets.legacy.password_file") && e.contains("0644") && e.contains("rsync.pas"),
+        "{e}"
+    );
+}
