@@ -170,7 +170,8 @@ fn initial_sync_then_the_guide_walkthrough_live() {
     );
     let mut daemon = site.run(&body, 1);
     wait_equal(&src, &dst, 20, "initial rsync -a");
-    let steps: Vec<(&str, fn(&Path))> = vec![
+    type Step = fn(&Path);
+    let steps: Vec<(&str, Step)> = vec![
         ("mkdir test", |s| fs::create_dir(s.join("test")).unwrap()),
         ("echo a > a", |s| fs::write(s.join("a"), "a\n").unwrap()),
         ("ln -s a a.link", |s| {
