@@ -46,6 +46,8 @@ struct RawTarget {
     compress: bool,
     bwlimit_kib: Option<u64>,
     timeout_s: Option<u64>,
+    transport: Option<String>,
+    rsh: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +94,8 @@ fn rsync_only_key(t: &RawTarget) -> Option<&'static str> {
         ("compress", t.compress),
         ("bwlimit_kib", t.bwlimit_kib.is_some()),
         ("timeout_s", t.timeout_s.is_some()),
+        ("transport", t.transport.is_some()),
+        ("rsh", t.rsh.is_some()),
     ]
     .into_iter()
     .find(|(_, set)| *set)
@@ -149,6 +153,9 @@ pub struct RsyncTarget {
     pub args: Vec<String>,
     /// I/O and connect timeout in seconds (`--timeout`, `--contimeout`).
     pub timeout_s: u64,
+    /// `Some(remote shell)` to run rsync over ssh (`-e`, `user@host:/path`) instead of
+    /// talking to an rsyncd; the group's `module` is then the destination path.
+    pub rsh: Option<String>,
 }
 
 /// Default rsync I/O timeout.
@@ -242,6 +249,28 @@ impl Config {
                     if let Some(kib) = t.bwlimit_kib {
                         args.push(format!("--bwlimit={kib}"));
                     }
+                    let rsh = match (t.transport.as_deref().unwrap_or("daemon"), &t.rsh) {
+                        ("daemon", None) => None,
+                        ("daemon", Some(_)) => {
+                            return Err(err(format!(
+                                "{}: only with transport = \"ssh\"",
+                                key("rsh")
+                            )))
+                        }
+                        ("ssh", rsh) => Some(rsh.clone().unwrap_or_else(|| "ssh".into())),
+                        (other, _) => {
+                            return Err(err(format!(
+                                "{}: unknown transport {other:?} (expected \"daemon\" or \"ssh\")",
+                                key("transport")
+                            )))
+                        }
+                    };
+                    if rsh.is_some() && t.password_file.is_some() {
+                        return Err(err(format!(
+                            "{}: rsync over ssh authenticates with ssh keys, not a password file",
+                            key("password_file")
+                        )));
+                    }
                     let password_file = t.password_file.clone().map(resolve);
                     if let Some(pf) = &password_file {
                         check_password_file(pf)
@@ -253,6 +282,7 @@ impl Config {
                         rsync_path: t.rsync_path.clone().unwrap_or_else(|| "rsync".into()),
                         args,
                         timeout_s: t.timeout_s.unwrap_or(RSYNC_TIMEOUT_S),
+                        rsh,
                     })
                 }
                 other => {
@@ -264,7 +294,9 @@ impl Config {
             };
             let address = match &kind {
                 // rsyncd's port is optional, as in rsync://host/module.
-                TargetKind::Rsync(_) if !t.address.contains(':') => format!("{}:873", t.address),
+                TargetKind::Rsync(r) if r.rsh.is_none() && !t.address.contains(':') => {
+                    format!("{}:873", t.address)
+                }
                 _ => t.address.clone(),
             };
             targets.insert(

@@ -8,6 +8,8 @@
 //!   locally into their entries; parents of changed entries are listed too, so their times
 //!   follow. rsync has no rename, so a rename is a delete of the old name plus the new one.
 //! - At most one rsync runs per target; changes arriving meanwhile coalesce in the queue.
+//! - `transport = "ssh"` runs the same commands over a remote shell (`user@host:/path`), as
+//!   the old `file_watch.sh` scripts did.
 
 use crate::coalesce::Need;
 use crate::config::{RsyncTarget, SyncGroup};
@@ -64,13 +66,17 @@ pub fn classify(code: i32, stderr: &str) -> Verdict {
     }
 }
 
-/// The module URL: `rsync://[user@]host:port/module/`.
+/// The destination: `rsync://[user@]host:port/module/` for an rsyncd, or
+/// `[user@]host:/path/` over ssh (the group's `module` being the path).
 pub fn url(address: &str, target: &RsyncTarget, module: &str) -> String {
     let user = target
         .user
         .as_deref()
         .map_or(String::new(), |u| format!("{u}@"));
-    format!("rsync://{user}{address}/{module}/")
+    match target.rsh {
+        None => format!("rsync://{user}{address}/{module}/"),
+        Some(_) => format!("{user}{address}:{}/", module.trim_end_matches('/')),
+    }
 }
 
 /// The command line shared by full and batch runs (everything but the file arguments).
@@ -78,10 +84,15 @@ fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
     let mut args = vec![
         "-a".to_string(),
         format!("--timeout={}", target.timeout_s),
-        format!("--contimeout={}", target.timeout_s),
     ];
     if let Some(pf) = &target.password_file {
         args.push(format!("--password-file={}", pf.display()));
+    }
+    if let Some(rsh) = &target.rsh {
+        args.push(format!("--rsh={rsh}"));
+    } else {
+        // Only an rsyncd connection has a separate connect timeout.
+        args.push(format!("--contimeout={}", target.timeout_s));
     }
     for pattern in group.filter.patterns() {
         args.push(format!("--exclude={pattern}"));
@@ -318,10 +329,20 @@ mod tests {
             rsync_path: "rsync".into(),
             args: vec![],
             timeout_s: 60,
+            rsh: None,
         };
         assert_eq!(
             url("192.168.74.20:873", &t, "file"),
             "rsync://rsync@192.168.74.20:873/file/"
+        );
+        let ssh = RsyncTarget {
+            user: Some("root".into()),
+            rsh: Some("ssh".into()),
+            ..t
+        };
+        assert_eq!(
+            url("192.168.56.12", &ssh, "/var/lib/docker"),
+            "root@192.168.56.12:/var/lib/docker/"
         );
     }
 }
