@@ -74,6 +74,9 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Convert the old set-up's files into ferry configuration (printed, or written with -o).
+    #[command(subcommand)]
+    Import(Import),
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
     Stats {
         /// sender.toml
@@ -98,6 +101,40 @@ enum Command {
         left: Option<PathBuf>,
         /// Copy to check against it.
         right: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Import {
+    /// An rsyncd.conf into a receiver.toml.
+    Rsyncd {
+        /// rsyncd.conf
+        file: PathBuf,
+        /// `listen` of the receiver (default 0.0.0.0:8730).
+        #[arg(long)]
+        listen: Option<String>,
+        /// A sender fingerprint allowed on every module (repeatable).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// The old scripts' settings (file_watch.conf, or inotify.sh plus sersync.sh) into a
+    /// sender.toml with rsync targets.
+    Scripts {
+        /// The files holding the settings.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// rsyncd port on the backup hosts (inotify.sh style; default 873).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Remote shell for rsync over ssh (file_watch.conf style; default ssh).
+        #[arg(long)]
+        rsh: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -194,6 +231,7 @@ async fn run(command: Command) -> Result<u8> {
         }
         Command::Mirror { src, dst, once } => mirror(&src, &dst, once).await,
         Command::Stats { config } => stats(&config).await,
+        Command::Import(what) => import(what),
         Command::Verify {
             config: Some(config),
             sync,
@@ -586,6 +624,43 @@ async fn stats(config: &Path) -> Result<u8> {
         let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("target={name} {}", line.join(" "));
         session.close().await;
+    }
+    Ok(0)
+}
+
+fn import(what: Import) -> Result<u8> {
+    use ferry_sender::import;
+    let read = |f: &Path| std::fs::read_to_string(f).with_context(|| format!("{}", f.display()));
+    let (text, output) = match what {
+        Import::Rsyncd {
+            file,
+            listen,
+            clients,
+            output,
+        } => {
+            let opts = import::ReceiverOptions { listen, clients };
+            (import::rsyncd_conf(&read(&file)?, &file, &opts)?, output)
+        }
+        Import::Scripts {
+            files,
+            port,
+            rsh,
+            output,
+        } => {
+            let inputs = files
+                .iter()
+                .map(|f| Ok((f.clone(), read(f)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let opts = import::SenderOptions { port, rsh };
+            (import::scripts(&inputs, &opts)?, output)
+        }
+    };
+    match output {
+        Some(path) => {
+            std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+            eprintln!("ferry: wrote {}; review it before use", path.display());
+        }
+        None => print!("{text}"),
     }
     Ok(0)
 }

@@ -17,6 +17,7 @@ pub mod coalesce;
 pub mod config;
 pub mod daemon;
 pub mod filter;
+pub mod import;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;

@@ -1,0 +1,755 @@
+//! `ferry import`: turns the old set-up's files into ferry configuration text.
+//!
+//! - An rsyncd.conf becomes a receiver.toml: modules with `path`, `read only`, `hosts allow`,
+//!   `max connections` and `comment` (global values are module defaults, as in rsyncd).
+//!   `auth users` and `secrets file` become a comment: ferry authenticates senders by their
+//!   certificate fingerprint (`clients`).
+//! - The old scripts' settings become a sender.toml with rsync targets, so the source host can
+//!   switch first and the backup host later:
+//!   - `file_watch.conf` (`DEST_HOST`, `SRC_DIR_n`, `DEST_DIR_n`, `USER_n`; rsync over ssh),
+//!   - inotify.sh / sersync.sh (`rsync_module_name=([file]='/file' …)`, `exclude_file_rule`,
+//!     `des_ip=(…)`, `user`, `rsync_passwd_file`; rsync to an rsyncd).
+//!
+//! Errors name the file and line. The output is TOML text with comments, for review.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// An input file could not be converted.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ImportError {
+    /// The input file.
+    pub file: PathBuf,
+    /// 1-based line (0 when the problem is the file as a whole).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn error(file: &Path, line: usize, message: impl Into<String>) -> ImportError {
+    ImportError {
+        file: file.to_path_buf(),
+        line,
+        message: message.into(),
+    }
+}
+
+/// Options for [`rsyncd_conf`].
+#[derive(Debug, Clone, Default)]
+pub struct ReceiverOptions {
+    /// `listen`; default `0.0.0.0:8730`.
+    pub listen: Option<String>,
+    /// Sender fingerprints allowed on every module.
+    pub clients: Vec<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct RsyncdModule {
+    name: String,
+    line: usize,
+    values: BTreeMap<String, (String, usize)>,
+}
+
+/// Converts rsyncd.conf `text` (read from `file`) into receiver.toml text.
+pub fn rsyncd_conf(text: &str, file: &Path, opts: &ReceiverOptions) -> Result<String, ImportError> {
+    let mut global = RsyncdModule::default();
+    let mut modules: Vec<RsyncdModule> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            let name = rest
+                .strip_suffix(']')
+                .ok_or_else(|| error(file, n, format!("unterminated section header {line:?}")))?
+                .trim();
+            if name.is_empty() || name.contains('/') || name.contains('"') {
+                return Err(error(file, n, format!("invalid module name {name:?}")));
+            }
+            if name == "global" {
+                continue;
+            }
+            modules.push(RsyncdModule {
+                name: name.to_string(),
+                line: n,
+                values: BTreeMap::new(),
+            });
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(error(
+                file,
+                n,
+                format!("expected `name = value`, found {line:?}"),
+            ));
+        };
+        let key = key
+            .trim()
+            .to_ascii_lowercase()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let key = match key.as_str() {
+            "allow hosts" => "hosts allow".to_string(),
+            "deny hosts" => "hosts deny".to_string(),
+            _ => key,
+        };
+        let target = modules.last_mut().unwrap_or(&mut global);
+        target.values.insert(key, (value.trim().to_string(), n));
+    }
+    if modules.is_empty() {
+        return Err(error(file, 0, "no [module] sections"));
+    }
+    let listen = opts.listen.clone().unwrap_or_else(|| "0.0.0.0:8730".into());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# receiver.toml imported from {} by `ferry import rsyncd`.",
+        file.display()
+    );
+    if let Some((port, _)) = global.values.get("port") {
+        let _ = writeln!(
+            out,
+            "# rsyncd listened on port {port}; ferry has its own port."
+        );
+    }
+    let _ = writeln!(out, "listen = {}", quote(&listen));
+    let _ = writeln!(out, "cert = \"cert.pem\"   # ferry keygen /etc/ferry");
+    let _ = writeln!(out, "key = \"key.pem\"");
+    for m in &modules {
+        let get = |k: &str| m.values.get(k).or_else(|| global.values.get(k));
+        let _ = writeln!(out, "\n[modules.{}]", m.name);
+        let (path, _) = get("path")
+            .ok_or_else(|| error(file, m.line, format!("module [{}] has no path", m.name)))?;
+        let _ = writeln!(out, "path = {}", quote(path));
+        if let Some((c, _)) = get("comment") {
+            let _ = writeln!(out, "comment = {}", quote(c));
+        }
+        let read_only = match get("read only") {
+            Some((v, line)) => boolean(v).ok_or_else(|| {
+                error(
+                    file,
+                    *line,
+                    format!("read only: expected yes or no, found {v:?}"),
+                )
+            })?,
+            None => true,
+        };
+        let _ = writeln!(out, "read_only = {read_only}");
+        if let Some((hosts, line)) = get("hosts allow") {
+            let list =
+                hosts_allow(hosts).map_err(|e| error(file, *line, format!("hosts allow: {e}")))?;
+            let quoted: Vec<String> = list.iter().map(|h| quote(h)).collect();
+            let _ = writeln!(out, "hosts_allow = [{}]", quoted.join(", "));
+        }
+        if let Some((mc, line)) = get("max connections") {
+            let n: usize = mc.parse().map_err(|_| {
+                error(
+                    file,
+                    *line,
+                    format!("max connections: expected a number, found {mc:?}"),
+                )
+            })?;
+            if n > 0 {
+                let _ = writeln!(out, "max_connections = {n}");
+            }
+        }
+        if let Some((users, _)) = get("auth users") {
+            let secrets = get("secrets file").map_or("?", |(s, _)| s.as_str());
+            let _ = writeln!(
+                out,
+                "# auth users = {users} (secrets file {secrets}): ferry identifies senders by \
+                 certificate instead.\n# Run `ferry keygen /etc/ferry` on each source host and \
+                 list the printed fingerprints here."
+            );
+        }
+        let clients: Vec<String> = opts.clients.iter().map(|c| quote(c)).collect();
+        let _ = writeln!(out, "clients = [{}]", clients.join(", "));
+        if let Some((deny, line)) = get("hosts deny") {
+            let _ = writeln!(
+                out,
+                "# line {line}: hosts deny = {deny} has no equivalent; narrow hosts_allow instead."
+            );
+        }
+        let dropped: Vec<&str> = ["uid", "gid", "use chroot", "list", "exclude", "timeout"]
+            .into_iter()
+            .filter(|k| m.values.contains_key(*k))
+            .collect();
+        if !dropped.is_empty() {
+            let _ = writeln!(
+                out,
+                "# not carried over: {} (the receiver writes as the user it runs as, keeps \
+                 owners when root, never follows symlinks out of the module, and lists nothing \
+                 to anyone without a pinned certificate)",
+                dropped.join(", ")
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn boolean(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "1" => Some(true),
+        "no" | "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// rsyncd's `hosts allow`: addresses, CIDR blocks, `addr/netmask`, and `10.1.2.*` wildcards.
+/// Host names cannot be matched by ferry and are an error.
+fn hosts_allow(list: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for item in list.split([',', ' ', '\t']).filter(|s| !s.is_empty()) {
+        if let Some((addr, mask)) = item.split_once('/') {
+            if let Ok(m) = mask.parse::<std::net::Ipv4Addr>() {
+                let bits = u32::from(m);
+                if bits.leading_ones() + bits.trailing_zeros() != 32 {
+                    return Err(format!("{item:?}: netmask is not contiguous"));
+                }
+                out.push(format!("{addr}/{}", bits.leading_ones()));
+                continue;
+            }
+            out.push(item.to_string());
+        } else if item.contains('*') {
+            let parts: Vec<&str> = item.split('.').collect();
+            let fixed = parts.iter().take_while(|p| **p != "*").count();
+            if parts.len() != 4 || parts[fixed..].iter().any(|p| *p != "*") {
+                return Err(format!(
+                    "{item:?}: only trailing `*` octets can be converted"
+                ));
+            }
+            let mut octets: Vec<&str> = parts[..fixed].to_vec();
+            octets.resize(4, "0");
+            out.push(format!("{}/{}", octets.join("."), fixed * 8));
+        } else if item.parse::<std::net::IpAddr>().is_ok() {
+            out.push(item.to_string());
+        } else {
+            return Err(format!(
+                "{item:?} is a host name; ferry matches addresses (use an IP or CIDR block)"
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Options for [`scripts`].
+#[derive(Debug, Clone, Default)]
+pub struct SenderOptions {
+    /// rsyncd port on the backup hosts (inotify.sh style); default 873.
+    pub port: Option<u16>,
+    /// Remote shell for ssh targets (file_watch.conf style); default `ssh`.
+    pub rsh: Option<String>,
+}
+
+/// A shell value: a scalar, an indexed array or an associative array; with its line.
+#[derive(Debug, Clone)]
+enum Value {
+    Scalar(String),
+    List(Vec<String>),
+    Map(Vec<(String, String)>),
+}
+
+/// Converts the old scripts' settings (`files`: (path, text), any mix of file_watch.conf,
+/// inotify.sh and sersync.sh) into sender.toml text with rsync targets.
+pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<String, ImportError> {
+    let mut vars: BTreeMap<String, (Value, PathBuf, usize)> = BTreeMap::new();
+    for (file, text) in files {
+        parse_shell(text, file, &mut vars)?;
+    }
+    let var = |k: &str| vars.get(k);
+    let mut out = String::new();
+    let sources: Vec<String> = files.iter().map(|(f, _)| f.display().to_string()).collect();
+    let _ = writeln!(
+        out,
+        "# sender.toml imported from {} by `ferry import scripts`.",
+        sources.join(", ")
+    );
+    let _ = writeln!(out, "# The targets are the old rsync destinations (kind = \"rsync\"); once the backup host runs");
+    let _ = writeln!(
+        out,
+        "# `ferry receive`, replace each with address = \"HOST:8730\" and its fingerprint."
+    );
+    let _ = writeln!(out, "cert = \"cert.pem\"   # ferry keygen /etc/ferry");
+    let _ = writeln!(out, "key = \"key.pem\"");
+    let _ = writeln!(out, "state_dir = \"/var/lib/ferry\"");
+    if let Some((Value::Scalar(host), file, line)) = var("DEST_HOST") {
+        file_watch(&vars, host, file, *line, opts, &mut out)?;
+    } else if let Some((modules, file, line)) = var("rsync_module_name") {
+        let Value::Map(modules) = modules else {
+            return Err(error(
+                file,
+                *line,
+                "rsync_module_name: expected an associative array ([module]='/dir' …)",
+            ));
+        };
+        inotify_sh(&vars, modules, opts, &mut out)?;
+    } else {
+        let file = files.first().map_or(PathBuf::new(), |(f, _)| f.clone());
+        return Err(error(
+            &file,
+            0,
+            "found neither DEST_HOST (file_watch.conf) nor rsync_module_name (inotify.sh)",
+        ));
+    }
+    Ok(out)
+}
+
+fn file_watch(
+    vars: &BTreeMap<String, (Value, PathBuf, usize)>,
+    host: &str,
+    file: &Path,
+    line: usize,
+    opts: &SenderOptions,
+    out: &mut String,
+) -> Result<(), ImportError> {
+    if host.is_empty() {
+        return Err(error(file, line, "DEST_HOST is empty"));
+    }
+    let mut groups: Vec<(usize, String, String, String)> = Vec::new();
+    for (k, (v, f, l)) in vars {
+        let Some(n) = k.strip_prefix("SRC_DIR_") else {
+            continue;
+        };
+        let n: usize = n
+            .parse()
+            .map_err(|_| error(f, *l, format!("{k}: expected SRC_DIR_<number>")))?;
+        let scalar = |key: &str| match vars.get(key) {
+            Some((Value::Scalar(s), _, _)) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        };
+        let Value::Scalar(src) = v else {
+            return Err(error(f, *l, format!("{k}: expected a directory")));
+        };
+        let dest = scalar(&format!("DEST_DIR_{n}"))
+            .ok_or_else(|| error(f, *l, format!("{k} has no matching DEST_DIR_{n}")))?;
+        let user = scalar(&format!("USER_{n}")).unwrap_or_else(|| "root".into());
+        groups.push((n, src.clone(), dest, user));
+    }
+    if let Some((Value::Scalar(num), f, l)) = vars.get("SYNC_NUM") {
+        let num: usize = num
+            .parse()
+            .map_err(|_| error(f, *l, format!("SYNC_NUM: expected a number, found {num:?}")))?;
+        // The script ignores groups past SYNC_NUM; so does the import, saying so.
+        if groups.iter().any(|g| g.0 > num) {
+            let _ = writeln!(
+                out,
+                "# groups numbered above SYNC_NUM = {num} were ignored, as the script did"
+            );
+            groups.retain(|g| g.0 <= num);
+        }
+    }
+    if groups.is_empty() {
+        return Err(error(file, line, "no SRC_DIR_n / DEST_DIR_n groups"));
+    }
+    groups.sort();
+    let mut users: Vec<&String> = groups.iter().map(|g| &g.3).collect();
+    users.sort();
+    users.dedup();
+    let rsh = opts.rsh.clone().unwrap_or_else(|| "ssh".into());
+    for user in &users {
+        let _ = writeln!(
+            out,
+            "\n[targets.{}]\nkind = \"rsync\"\ntransport = \"ssh\"   # as file_watch.sh: rsync over ssh with keys\nrsh = {}\naddress = {}\nuser = {}",
+            target_name(host, Some(user)),
+            quote(&rsh),
+            quote(host),
+            quote(user)
+        );
+    }
+    for (n, src, dest, user) in &groups {
+        let base = Path::new(src.trim_end_matches('/'))
+            .file_name()
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // `rsync -a SRC_DIR user@host:DEST_DIR` puts the source's last component under
+        // DEST_DIR; a ferry group copies the source's contents, so it names that directory.
+        let module = format!("{}/{base}", dest.trim_end_matches('/'));
+        let _ = writeln!(
+            out,
+            "\n[[sync]]   # group {n}\nname = {}\nsource = {}\ntargets = [{}]\nmodule = {}   # the destination path on {host}",
+            quote(&format!("{n}-{base}")),
+            quote(src),
+            quote(&target_name(host, Some(user))),
+            quote(&module)
+        );
+    }
+    Ok(())
+}
+
+fn inotify_sh(
+    vars: &BTreeMap<String, (Value, PathBuf, usize)>,
+    modules: &[(String, String)],
+    opts: &SenderOptions,
+    out: &mut String,
+) -> Result<(), ImportError> {
+    let ips = match vars.get("des_ip") {
+        Some((Value::List(l), _, _)) => l.clone(),
+        Some((Value::Scalar(s), _, _)) => vec![s.clone()],
+        Some((_, f, l)) => return Err(error(f, *l, "des_ip: expected (ip …)")),
+        None => {
+            let (f, l) = vars
+                .get("rsync_module_name")
+                .map(|(_, f, l)| (f.clone(), *l))
+                .unwrap_or_default();
+            return Err(error(&f, l, "no des_ip=(…) found; pass sersync.sh too"));
+        }
+    };
+    if ips.is_empty() {
+        let (_, f, l) = &vars["des_ip"];
+        return Err(error(f, *l, "des_ip is empty"));
+    }
+    let scalar = |k: &str| match vars.get(k) {
+        Some((Value::Scalar(s), _, _)) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    };
+    let user = scalar("user");
+    let password = scalar("rsync_passwd_file");
+    let port = opts.port.unwrap_or(873);
+    for ip in &ips {
+        let _ = writeln!(
+            out,
+            "\n[targets.{}]\nkind = \"rsync\"\naddress = {}",
+            target_name(ip, None),
+            quote(&format!("{ip}:{port}"))
+        );
+        if let Some(u) = &user {
+            let _ = writeln!(out, "user = {}", quote(u));
+        }
+        if let Some(p) = &password {
+            let _ = writeln!(out, "password_file = {}   # must be mode 0600", quote(p));
+        }
+    }
+    let excludes = match vars.get("exclude_file_rule") {
+        Some((Value::Map(m), _, _)) => m.clone(),
+        Some((_, f, l)) => {
+            return Err(error(
+                f,
+                *l,
+                "exclude_file_rule: expected an associative array",
+            ))
+        }
+        None => Vec::new(),
+    };
+    let targets: Vec<String> = ips.iter().map(|ip| quote(&target_name(ip, None))).collect();
+    for (module, dir) in modules {
+        let _ = writeln!(
+            out,
+            "\n[[sync]]\nname = {}\nsource = {}\ntargets = [{}]\nmodule = {}",
+            quote(module),
+            quote(dir),
+            targets.join(", "),
+            quote(module)
+        );
+        if let Some((_, rule)) = excludes.iter().find(|(m, _)| m == module) {
+            let patterns: Vec<String> = rule
+                .split('|')
+                .filter(|p| !p.is_empty())
+                .map(exclude_pattern)
+                .collect();
+            let quoted: Vec<String> = patterns.iter().map(|p| quote(p)).collect();
+            let _ = writeln!(
+                out,
+                "exclude = [{}]   # was the grep -E rule {}",
+                quoted.join(", "),
+                quote(rule)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The old scripts filtered event paths with `grep -E 'tmp|.log'`; the parts mean a name
+/// (`tmp`) or a suffix (`.log`). As rsync patterns: `tmp`, `*.log`.
+fn exclude_pattern(part: &str) -> String {
+    if part.starts_with('.') && !part.contains(['*', '/', '[']) {
+        format!("*{part}")
+    } else {
+        part.to_string()
+    }
+}
+
+fn target_name(host: &str, user: Option<&str>) -> String {
+    let host: String = host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    match user {
+        Some(u) => format!("{u}_at_{host}"),
+        None => format!("backup_{host}"),
+    }
+}
+
+/// Collects `NAME=value`, `NAME = value` (file_watch.conf), `NAME=(a b)` and
+/// `declare -A NAME=([k]='v' …)` assignments. Other lines are ignored: these are scripts.
+fn parse_shell(
+    text: &str,
+    file: &Path,
+    vars: &mut BTreeMap<String, (Value, PathBuf, usize)>,
+) -> Result<(), ImportError> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let n = i + 1;
+        let mut line = lines[i].trim().to_string();
+        i += 1;
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        for prefix in [
+            "declare -A ",
+            "declare -a ",
+            "declare ",
+            "export ",
+            "local ",
+            "readonly ",
+        ] {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                line = rest.trim().to_string();
+            }
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let name = name.trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        let mut value = value.trim().to_string();
+        if value.starts_with('(') {
+            // Arrays may span lines until the closing parenthesis.
+            while !balanced(&value) {
+                let Some(next) = lines.get(i) else {
+                    return Err(error(file, n, format!("{name}: unterminated array")));
+                };
+                value.push(' ');
+                value.push_str(next.trim());
+                i += 1;
+            }
+            let inner = value[1..value.rfind(')').expect("balanced")].trim();
+            let words = words(inner).map_err(|e| error(file, n, format!("{name}: {e}")))?;
+            let parsed = if words.iter().any(|w| w.starts_with('[')) {
+                let mut map = Vec::new();
+                for w in words {
+                    let (k, v) = w
+                        .strip_prefix('[')
+                        .and_then(|w| w.split_once("]="))
+                        .ok_or_else(|| {
+                            error(
+                                file,
+                                n,
+                                format!("{name}: expected [key]=value, found {w:?}"),
+                            )
+                        })?;
+                    map.push((k.to_string(), v.to_string()));
+                }
+                Value::Map(map)
+            } else {
+                Value::List(words)
+            };
+            vars.insert(name.to_string(), (parsed, file.to_path_buf(), n));
+        } else {
+            let v = words(&value).map_err(|e| error(file, n, format!("{name}: {e}")))?;
+            vars.insert(
+                name.to_string(),
+                (Value::Scalar(v.join(" ")), file.to_path_buf(), n),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn balanced(s: &str) -> bool {
+    let (mut quote, mut depth) = (None, 0i32);
+    for c in s.chars() {
+        match (quote, c) {
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '(') => depth += 1,
+            (None, ')') => depth -= 1,
+            _ => {}
+        }
+    }
+    quote.is_none() && depth <= 0
+}
+
+/// Splits shell words, removing quotes; stops at an unquoted `#` comment.
+fn words(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    for c in s.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, '#') if !in_word => break,
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unterminated {q} quote"));
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RSYNCD: &str = "uid = root\ngid = root\nmax connections = 200\nport = 873\n\
+        secrets file = /etc/rsync.pass\nignore errors = yes\nreverse lookup = no\n\n\
+        [file]\npath = /data/file\ncomment = file\nread only = no\nlist = no\nauth users = rsync\n\
+        hosts allow = 10.255.50.63,10.255.50.64,10.255.60.2\n\n\
+        [code]\npath = /data/code\ncomment = file\nread only = no\nlist = no\nauth users = rsync\n\
+        hosts allow = 10.255.50.0/255.255.255.0 10.1.*.*\n";
+
+    #[test]
+    fn rsyncd_conf_of_the_guide() {
+        let out = rsyncd_conf(
+            RSYNCD,
+            Path::new("/etc/rsyncd.conf"),
+            &ReceiverOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            out.contains("[modules.file]\npath = \"/data/file\""),
+            "{out}"
+        );
+        assert!(out.contains("read_only = false"), "{out}");
+        assert!(
+            out.contains("max_connections = 200"),
+            "global default applies: {out}"
+        );
+        assert!(
+            out.contains("hosts_allow = [\"10.255.50.63\", \"10.255.50.64\", \"10.255.60.2\"]"),
+            "{out}"
+        );
+        assert!(
+            out.contains("hosts_allow = [\"10.255.50.0/24\", \"10.1.0.0/16\"]"),
+            "{out}"
+        );
+        assert!(
+            out.contains("# auth users = rsync (secrets file /etc/rsync.pass)"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn rsyncd_errors_name_the_line() {
+        let cases = [
+            (
+                "[file]\npath = /x\nhosts allow = backup.example.com\n",
+                3,
+                "host name",
+            ),
+            ("[file]\npath = /x\nread only = maybe\n", 3, "read only"),
+            ("[file\npath = /x\n", 1, "unterminated"),
+            ("[file]\ncomment = no path\n", 1, "no path"),
+            (
+                "[file]\npath = /x\nthis line is junk\n",
+                3,
+                "expected `name = value`",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let e = rsyncd_conf(text, Path::new("r.conf"), &ReceiverOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("r.conf:{line}: ")), "{e}");
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn inotify_sh_arrays() {
+        let inotify = "declare -A rsync_module_name=([file]='/file' [code]='/code')\n\
+                       declare -A exclude_file_rule=([file]='tmp|.log')\n";
+        let sersync =
+            "rsync_passwd_file=/etc/rsync.pas\ndes_ip=(192.168.74.20 192.168.74.21)\nuser=rsync\n";
+        let out = scripts(
+            &[
+                (PathBuf::from("inotify.sh"), inotify.into()),
+                (PathBuf::from("sersync.sh"), sersync.into()),
+            ],
+            &SenderOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            out.contains(
+                "[targets.backup_192_168_74_20]\nkind = \"rsync\"\naddress = \"192.168.74.20:873\""
+            ),
+            "{out}"
+        );
+        assert!(out.contains("password_file = \"/etc/rsync.pas\""), "{out}");
+        assert!(out.contains("exclude = [\"tmp\", \"*.log\"]"), "{out}");
+        assert!(
+            out.contains("targets = [\"backup_192_168_74_20\", \"backup_192_168_74_21\"]"),
+            "{out}"
+        );
+        assert!(out.contains("name = \"code\"\nsource = \"/code\""), "{out}");
+    }
+
+    #[test]
+    fn file_watch_conf_groups() {
+        let conf = "# comment\nDEST_HOST = 192.168.56.12\nSYNC_NUM = 2\n\
+                    SRC_DIR_1 = /var/lib/docker\nDEST_DIR_1 = /var/lib\nUSER_1 = root\n\
+                    SRC_DIR_2 = /etc/supervisord.d\nDEST_DIR_2 = /etc\nUSER_2 = root\n\
+                    SRC_DIR_3 = /ignored\nDEST_DIR_3 = /x\n";
+        let out = scripts(
+            &[(PathBuf::from("file_watch.conf"), conf.into())],
+            &SenderOptions::default(),
+        )
+        .unwrap();
+        assert!(out.contains("transport = \"ssh\""), "{out}");
+        assert!(out.contains("source = \"/var/lib/docker\"\ntargets = [\"root_at_192_168_56_12\"]\nmodule = \"/var/lib/docker\""), "{out}");
+        assert!(out.contains("module = \"/etc/supervisord.d\""), "{out}");
+        assert!(!out.contains("/ignored"), "{out}");
+        let e = scripts(
+            &[(
+                PathBuf::from("fw.conf"),
+                "DEST_HOST = h\nSRC_DIR_1 = /a\n".into(),
+            )],
+            &SenderOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("fw.conf:2: ") && e.contains("DEST_DIR_1"),
+            "{e}"
+        );
+    }
+}
