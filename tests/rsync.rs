@@ -329,3 +329,167 @@ fn missing_rsync_binary_and_open_password_file_are_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn imported_rsyncd_conf_runs_as_a_receiver() {
+    let site = Site::new();
+    let (src, data) = (site.path("src"), site.path("data"));
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/f"), "imported").unwrap();
+    for m in ["file", "code"] {
+        fs::create_dir_all(data.join(m)).unwrap();
+    }
+    // The guide's rsyncd.conf, with this test's paths and address.
+    let conf = site.path("rsyncd.conf");
+    fs::write(
+        &conf,
+        format!(
+            "uid = root\ngid = root\nmax connections = 200\nport = 873\n\
+             secrets file = /etc/rsync.pass\nignore errors = yes\nreverse lookup = no\n\n\
+             [file]\npath = {0}/file\ncomment = file\nread only = no\nlist = no\n\
+             auth users = rsync\nhosts allow = 127.0.0.1,10.255.50.64\n\n\
+             [code]\npath = {0}/code\ncomment = file\nread only = no\nlist = no\n\
+             auth users = rsync\nhosts allow = 127.0.0.*\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let sender_fp = stdout(&run(ferry()
+        .arg("fingerprint")
+        .arg(site.path("send/cert.pem"))))
+    .trim()
+    .to_string();
+    let recv = site.path("recv");
+    let receiver_fp = keygen(&recv);
+    let port = free_port();
+    let o = run(ferry()
+        .args(["import", "rsyncd"])
+        .arg(&conf)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--client")
+        .arg(&sender_fp)
+        .arg("-o")
+        .arg(recv.join("receiver.toml")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _receiver = Receiver::start(&recv.join("receiver.toml"));
+    site.write_config(&format!(
+        "[targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {receiver_fp:?}\n{}",
+        sync("code", &src, &["backup"], "code", "")
+    ));
+    let o = run(ferry()
+        .arg("send")
+        .arg("--config")
+        .arg(site.config())
+        .arg("--once"));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_trees_equal(&src, &data.join("code"));
+}
+
+#[test]
+fn imported_inotify_scripts_run_against_the_rsyncd() {
+    let site = Site::new();
+    let (file_src, code_src) = (site.path("file"), site.path("code"));
+    let (file_dst, code_dst) = (site.path("backup/file"), site.path("backup/code"));
+    fs::create_dir_all(file_src.join("tmp")).unwrap();
+    fs::create_dir_all(&code_src).unwrap();
+    let rsyncd = Rsyncd::start(
+        &site.path("rsyncd"),
+        &[("file", &file_dst), ("code", &code_dst)],
+    );
+    let pas = site.path("rsync.pas");
+    fs::write(&pas, format!("{PASSWORD}\n")).unwrap();
+    set_mode(&pas, 0o600);
+    let inotify = site.path("inotify.sh");
+    fs::write(
+        &inotify,
+        format!(
+            "#!/bin/bash\n# 定义一个关联数组\ndeclare -A rsync_module_name=([file]='{}' [code]='{}')\n\
+             declare -A exclude_file_rule=([file]='tmp|.log')\nsersync_dir=/usr/local/sersync/sersync.sh\n\
+             lockfile_dir=/tmp/inotify-lock\n",
+            file_src.display(),
+            code_src.display()
+        ),
+    )
+    .unwrap();
+    let sersync = site.path("sersync.sh");
+    fs::write(
+        &sersync,
+        format!(
+            "#!/bin/bash\nrsync_passwd_file={}\ndes_ip=(127.0.0.1)\nuser=rsync\n",
+            pas.display()
+        ),
+    )
+    .unwrap();
+    let o = run(ferry()
+        .args(["import", "scripts"])
+        .arg(&inotify)
+        .arg(&sersync)
+        .arg("--port")
+        .arg(rsyncd.port.to_string())
+        .arg("-o")
+        .arg(site.config()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    d.wait_log_n("reconciled", 2, 60);
+    fs::write(file_src.join("report.txt"), "r").unwrap();
+    fs::write(file_src.join("app.log"), "excluded").unwrap();
+    fs::write(file_src.join("tmp/x"), "excluded").unwrap();
+    fs::create_dir_all(code_src.join("src")).unwrap();
+    fs::write(code_src.join("src/main.rs"), "fn main() {}").unwrap();
+    wait_equal(&code_src, &code_dst, 30, "code module");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !file_dst.join("report.txt").exists() {
+        assert!(Instant::now() < deadline, "file module: {}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!file_dst.join("app.log").exists() && !file_dst.join("tmp").exists());
+}
+
+#[test]
+fn imported_file_watch_conf_runs_over_a_remote_shell() {
+    let site = Site::new();
+    let src = site.path("lib/docker");
+    fs::create_dir_all(src.join("containers")).unwrap();
+    fs::write(src.join("containers/c1"), "c1").unwrap();
+    let dest_dir = site.path("backup-lib");
+    fs::create_dir_all(&dest_dir).unwrap();
+    // A stand-in for ssh that runs the remote command here: rsync's remote-shell protocol
+    // without an sshd.
+    let rsh = site.path("fake-ssh");
+    fs::write(
+        &rsh,
+        "#!/bin/sh\nwhile [ \"$1\" = -l ]; do shift 2; done\nshift\nexec \"$@\"\n",
+    )
+    .unwrap();
+    set_mode(&rsh, 0o755);
+    let conf = site.path("file_watch.conf");
+    fs::write(
+        &conf,
+        format!(
+            "# 目标端(备份服务器)主机IP\nDEST_HOST = 127.0.0.1\n\n# 同步目录组总数\nSYNC_NUM = 1\n\n\
+             SRC_DIR_1 = {}\nDEST_DIR_1 = {}\nUSER_1 = root\n",
+            src.display(),
+            dest_dir.display()
+        ),
+    )
+    .unwrap();
+    let o = run(ferry()
+        .args(["import", "scripts"])
+        .arg(&conf)
+        .arg("--rsh")
+        .arg(&rsh)
+        .arg("-o")
+        .arg(site.config()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    d.wait_log_n("reconciled", 1, 60);
+    let dst = dest_dir.join("docker");
+    fs::write(src.join("containers/c2"), "c2").unwrap();
+    fs::remove_file(src.join("containers/c1")).unwrap();
+    // rsync over a remote shell sets the destination directory's own times (unlike an
+    // rsyncd module root), but the shared helper is the rsync one.
+    if std::panic::catch_unwind(|| wait_equal(&src, &dst, 30, "remote shell")).is_err() {
+        panic!("file_watch group not converged; sender log:\n{}", d.log());
+    }
+}

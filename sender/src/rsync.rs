@@ -98,13 +98,28 @@ fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
     args
 }
 
-/// Runs rsync with `args` then SRC/ and the module URL; returns its verdict.
-async fn run(group: &SyncGroup, target: &RsyncTarget, address: &str, args: Vec<String>) -> Verdict {
+/// Runs rsync with `args`, then SRC/SUB/ and the module's URL/SUB/; returns its verdict.
+async fn run(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    sub: &RelPath,
+    args: Vec<String>,
+) -> Verdict {
+    let (mut from, mut to) = (
+        format!("{}/", group.source.display()),
+        url(address, target, &group.module),
+    );
+    if !sub.is_root() {
+        let sub = String::from_utf8_lossy(sub.as_bytes());
+        from.push_str(&format!("{sub}/"));
+        to.push_str(&format!("{sub}/"));
+    }
     let mut cmd = tokio::process::Command::new(&target.rsync_path);
     cmd.args(base_args(group, target))
         .args(args)
-        .arg(format!("{}/", group.source.display()))
-        .arg(url(address, target, &group.module))
+        .arg(from)
+        .arg(to)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -113,11 +128,7 @@ async fn run(group: &SyncGroup, target: &RsyncTarget, address: &str, args: Vec<S
     let out = match cmd.output().await {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Verdict::Config(format!(
-                "{}: not found; install the rsync package (Debian/Ubuntu: apt-get install \
-                 rsync; RHEL/CentOS: yum install rsync) or set rsync_path",
-                target.rsync_path.display()
-            ))
+            return Verdict::Config(missing_binary(&target.rsync_path))
         }
         Err(e) => return Verdict::Config(format!("{}: {e}", target.rsync_path.display())),
     };
@@ -133,7 +144,7 @@ pub async fn full(group: &SyncGroup, target: &RsyncTarget, address: &str) -> Ver
     if group.delete {
         args.push("--delete".to_string());
     }
-    run(group, target, address, args).await
+    run(group, target, address, &RelPath::root(), args).await
 }
 
 /// Sends `batch`'s paths (and what they imply) with `--files-from`. Returns the verdict
@@ -160,21 +171,25 @@ pub async fn batch(
         .await
         .expect("list task");
     let n = lists.missing.len() + lists.present.len();
-    // Three passes, each only if needed. Deletions go alone: rsync 3.2.7 fails ("invalid
-    // file mode 00", exit 2) when a missing argument shares a list with a directory tree.
-    if group.delete && !lists.missing.is_empty() {
-        // --force: a directory deleted here is removed there with its contents (without it
-        // rsync only warns, and exits 0).
-        let args = vec!["--delete-missing-args".into(), "--force".into()];
-        let v = with_list(group, target, address, &lists.missing, args).await;
-        if v != Verdict::Done {
-            return (v, n);
+    // Up to three passes, each only if needed. Deletions go first, one run per parent
+    // directory with bare names: rsync 3.2.7 fails ("invalid file mode 00", exit 2) when a
+    // missing argument shares its list with any directory, implied ones included.
+    if group.delete {
+        for (parent, names) in by_parent(&lists.missing) {
+            // --force: a directory deleted here is removed there with its contents (without
+            // it rsync only warns, and exits 0).
+            let args = vec!["--delete-missing-args".into(), "--force".into()];
+            let v = with_list(group, target, address, &parent, &names, args).await;
+            if v != Verdict::Done {
+                return (v, n);
+            }
         }
     }
     // Something that vanishes meanwhile is an event of its own.
     let ignore = || vec!["--ignore-missing-args".to_string()];
     if !lists.present.is_empty() {
-        let v = with_list(group, target, address, &lists.present, ignore()).await;
+        let root = RelPath::root();
+        let v = with_list(group, target, address, &root, &lists.present, ignore()).await;
         if v != Verdict::Done {
             return (v, n);
         }
@@ -182,16 +197,41 @@ pub async fn batch(
     // rsync sets a listed directory's times before it creates or deletes what is inside, so
     // the parents' times are set again by a contents-free pass.
     if !lists.parents.is_empty() {
-        let v = with_list(group, target, address, &lists.parents, ignore()).await;
+        let root = RelPath::root();
+        let v = with_list(group, target, address, &root, &lists.parents, ignore()).await;
         return (v, n);
     }
     (Verdict::Done, n)
+}
+
+/// Groups missing paths by parent directory (the topmost missing path of a subtree only),
+/// each as names relative to that parent.
+fn by_parent(missing: &BTreeSet<Vec<u8>>) -> Vec<(RelPath, BTreeSet<Vec<u8>>)> {
+    let mut groups: std::collections::BTreeMap<RelPath, BTreeSet<Vec<u8>>> = Default::default();
+    let mut paths: Vec<RelPath> = missing
+        .iter()
+        .map(|p| RelPath::from_bytes(p.clone()))
+        .collect();
+    paths.sort_by(|a, b| a.tree_cmp(b));
+    let mut last: Option<RelPath> = None;
+    for p in paths {
+        if p.is_root() || last.as_ref().is_some_and(|l| p.starts_with(l)) {
+            continue;
+        }
+        groups
+            .entry(p.parent().unwrap_or_default())
+            .or_default()
+            .insert(p.file_name().to_vec());
+        last = Some(p);
+    }
+    groups.into_iter().collect()
 }
 
 async fn with_list(
     group: &SyncGroup,
     target: &RsyncTarget,
     address: &str,
+    sub: &RelPath,
     paths: &BTreeSet<Vec<u8>>,
     mut args: Vec<String>,
 ) -> Verdict {
@@ -201,7 +241,7 @@ async fn with_list(
     };
     args.push(format!("--files-from={}", list.path().display()));
     args.push("--from0".to_string());
-    run(group, target, address, args).await
+    run(group, target, address, sub, args).await
 }
 
 /// What one batch lists, relative to the source.
@@ -263,6 +303,14 @@ fn write_list(paths: &BTreeSet<Vec<u8>>) -> std::io::Result<tempfile::NamedTempF
     Ok(f)
 }
 
+fn missing_binary(path: &std::path::Path) -> String {
+    format!(
+        "{}: not found; install the rsync package (Debian/Ubuntu: apt-get install rsync; \
+         RHEL/CentOS: yum install rsync) or set rsync_path",
+        path.display()
+    )
+}
+
 /// Is the `rsync` binary there? (For a clear message at start-up rather than at first use.)
 pub fn probe(target: &RsyncTarget) -> Result<(), String> {
     match std::process::Command::new(&target.rsync_path)
@@ -272,11 +320,9 @@ pub fn probe(target: &RsyncTarget) -> Result<(), String> {
         .status()
     {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
-            "{}: not found; install the rsync package (Debian/Ubuntu: apt-get install rsync; \
-             RHEL/CentOS: yum install rsync) or set rsync_path",
-            target.rsync_path.display()
-        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(missing_binary(&target.rsync_path))
+        }
         Err(e) => Err(format!("{}: {e}", target.rsync_path.display())),
     }
 }
@@ -316,6 +362,33 @@ mod tests {
             Verdict::Config(m) => assert!(m.contains("auth failed"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn deletions_group_by_parent_topmost_only() {
+        let missing: BTreeSet<Vec<u8>> = ["a", "a/b", "c/d", "c/e", "c/e/f", "g"]
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        let got: Vec<(String, Vec<String>)> = by_parent(&missing)
+            .into_iter()
+            .map(|(p, names)| {
+                (
+                    p.to_string(),
+                    names
+                        .into_iter()
+                        .map(|n| String::from_utf8(n).unwrap())
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("".to_string(), vec!["a".to_string(), "g".to_string()]),
+                ("c".to_string(), vec!["d".to_string(), "e".to_string()]),
+            ]
+        );
     }
 
     #[test]
