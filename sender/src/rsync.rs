@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("".to_string(), vec!["a".to_string(), "g".to_string()]),
+                (".".to_string(), vec!["a".to_string(), "g".to_string()]),
                 ("c".to_string(), vec!["d".to_string(), "e".to_string()]),
             ]
         );
