@@ -88,14 +88,19 @@ impl Live {
         self.root().join("send/sender.toml")
     }
 
-    /// Writes sender.toml (`cert`/`key` prepended) and starts `ferry send`; returns once
-    /// `reconciled` was logged `ready` times.
-    fn run(&self, body: &str, ready: usize) -> Daemon {
+    /// Writes sender.toml (`cert`/`key` prepended).
+    fn write(&self, body: &str) {
         fs::write(
             self.config(),
             format!("cert = \"cert.pem\"\nkey = \"key.pem\"\n{body}"),
         )
         .unwrap();
+    }
+
+    /// Writes sender.toml and starts `ferry send`; returns once `reconciled` was logged
+    /// `ready` times.
+    fn run(&self, body: &str, ready: usize) -> Daemon {
+        self.write(body);
         let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(self.config()));
         d.wait_log_n("reconciled", ready, 60);
         d
@@ -115,18 +120,22 @@ fn sync(name: &str, source: &Path, targets: &[&str], module: &str, extra: &str) 
     )
 }
 
+/// The configuration of one group `file` at `src` pushed to `backup`.
+fn one_group(backup: &Backup, src: &Path, extra: &str) -> String {
+    format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", src, &["backup"], "file", extra)
+    )
+}
+
 /// One group, one target: the usual set-up.
 fn simple(extra: &str) -> (Live, Backup, PathBuf, PathBuf, Daemon) {
     let live = Live::new();
     let src = live.dir("src");
     let dst = live.root().join("dst");
     let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
-    let body = format!(
-        "{}{}",
-        backup.target("backup"),
-        sync("file", &src, &["backup"], "file", extra)
-    );
-    let daemon = live.run(&body, 1);
+    let daemon = live.run(&one_group(&backup, &src, extra), 1);
     (live, backup, src, dst, daemon)
 }
 
@@ -452,15 +461,7 @@ fn changes_during_start_up_are_not_lost() {
         }
     }
     let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
-    fs::write(
-        live.config(),
-        format!(
-            "cert = \"cert.pem\"\nkey = \"key.pem\"\n{}{}",
-            backup.target("backup"),
-            sync("file", &src, &["backup"], "file", "")
-        ),
-    )
-    .unwrap();
+    live.write(&one_group(&backup, &src, ""));
     let daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(live.config()));
     daemon.wait_log_n("watches in place", 1, 30);
     // The reconcile is under way or about to start: change things it may or may not see.
@@ -512,15 +513,7 @@ fn watch_limit_is_reported_with_the_sysctl_and_the_rest_keeps_working() {
         fs::write(src.join(format!("d{d:02}/sub/f")), "f").unwrap();
     }
     let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
-    fs::write(
-        live.config(),
-        format!(
-            "cert = \"cert.pem\"\nkey = \"key.pem\"\n{}{}",
-            backup.target("backup"),
-            sync("file", &src, &["backup"], "file", "")
-        ),
-    )
-    .unwrap();
+    live.write(&one_group(&backup, &src, ""));
     // A user namespace of our own has its own inotify watch limit, which we may lower.
     let unshare = std::process::Command::new("unshare")
         .arg("--version")

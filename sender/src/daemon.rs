@@ -197,14 +197,7 @@ impl Worker {
         let mut summary = Report::default();
         let mut last_summary = Instant::now();
         loop {
-            if self.queue.is_empty() {
-                tokio::select! {
-                    _ = self.queue.wait() => {}
-                    _ = self.shutdown.cancelled() => break,
-                }
-                continue;
-            }
-            if self.shutdown.is_cancelled() {
+            if !has_work(&self.queue, &self.shutdown).await {
                 break;
             }
             let s = match &session {
@@ -560,14 +553,7 @@ impl RsyncWorker {
         let mut paths = 0usize;
         let mut last_summary = Instant::now();
         loop {
-            if self.queue.is_empty() {
-                tokio::select! {
-                    _ = self.queue.wait() => {}
-                    _ = self.shutdown.cancelled() => break,
-                }
-                continue;
-            }
-            if self.shutdown.is_cancelled() {
+            if !has_work(&self.queue, &self.shutdown).await {
                 break;
             }
             let batch = self.queue.take();
@@ -657,6 +643,17 @@ impl RsyncWorker {
             }
         }
     }
+}
+
+/// Waits until `queue` holds work; false once `shutdown` is cancelled.
+async fn has_work(queue: &Queue, shutdown: &CancellationToken) -> bool {
+    while queue.is_empty() {
+        tokio::select! {
+            _ = queue.wait() => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+    !shutdown.is_cancelled()
 }
 
 /// When the first event on `path` (or the nearest ancestor that was dirty) arrived.
