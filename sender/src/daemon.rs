@@ -331,7 +331,9 @@ impl Worker {
                 }]);
             });
         }
-        if report.failed.is_empty() && !self.attempts.is_empty() {
+        // Counts persist so a path that keeps failing backs off to the cap; forget them all
+        // rather than grow without bound.
+        if self.attempts.len() > 10_000 {
             self.attempts.clear();
         }
     }
