@@ -159,7 +159,11 @@ impl Coalescer {
             Event::Attrib(path) => {
                 // Metadata of a file still being written travels with its content.
                 if !self.pending.contains_key(&path) {
-                    self.ready_path(path, Need::Meta, now);
+                    self.ready.push(Change::Path {
+                        path,
+                        need: Need::Meta,
+                        since: now,
+                    });
                 }
             }
             Event::Removed(path) => self.now(path, Need::Content, now),
@@ -268,14 +272,6 @@ impl Coalescer {
             self.drop_under(&path);
         }
         self.ready.push(Change::Path { path, need, since });
-    }
-
-    fn ready_path(&mut self, path: RelPath, need: Need, now: Instant) {
-        self.ready.push(Change::Path {
-            path,
-            need,
-            since: now,
-        });
     }
 
     /// Forgets pending writes at and below `path` (it was removed or is sent whole).

@@ -138,7 +138,7 @@ impl Daemon {
             })
             .await
             .expect("watcher start task");
-            let (watcher, _ready) = started.map_err(|error| DaemonError::Watch {
+            let watcher = started.map_err(|error| DaemonError::Watch {
                 group: group.name.clone(),
                 source_dir: group.source.display().to_string(),
                 error,
@@ -231,16 +231,7 @@ impl Worker {
                 },
             };
             let batch = self.queue.take();
-            let outcome = {
-                let work = self.process(&s, &batch);
-                tokio::pin!(work);
-                tokio::select! {
-                    r = &mut work => Some(r),
-                    _ = self.shutdown.cancelled() => {
-                        tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok()
-                    }
-                }
-            };
+            let outcome = finish_or_abandon(self.process(&s, &batch), &self.shutdown).await;
             match outcome {
                 Some(Ok(report)) => {
                     self.retry_failed(&report);
@@ -560,25 +551,17 @@ impl RsyncWorker {
             }
             let batch = self.queue.take();
             let started = Instant::now();
-            let outcome = {
-                let work = async {
-                    if batch.full {
-                        (
-                            rsync::full(&self.group, &self.rsync, &self.target.address).await,
-                            0,
-                        )
-                    } else {
-                        rsync::batch(&self.group, &self.rsync, &self.target.address, &batch).await
-                    }
-                };
-                tokio::pin!(work);
-                tokio::select! {
-                    r = &mut work => Some(r),
-                    _ = self.shutdown.cancelled() => {
-                        tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok()
-                    }
+            let work = async {
+                if batch.full {
+                    (
+                        rsync::full(&self.group, &self.rsync, &self.target.address).await,
+                        0,
+                    )
+                } else {
+                    rsync::batch(&self.group, &self.rsync, &self.target.address, &batch).await
                 }
             };
+            let outcome = finish_or_abandon(work, &self.shutdown).await;
             let Some((verdict, listed)) = outcome else {
                 // rsync is killed with its future; it writes to temp names, so nothing
                 // half-written is left under a real name.
@@ -644,6 +627,19 @@ impl RsyncWorker {
                 (batches, paths, last_summary) = (0, 0, Instant::now());
             }
         }
+    }
+}
+
+/// Runs `work` to completion; once `shutdown` is cancelled it gets [`SHUTDOWN_GRACE`] more,
+/// after which it is dropped (abandoned) and `None` returned.
+async fn finish_or_abandon<F: std::future::Future>(
+    work: F,
+    shutdown: &CancellationToken,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => Some(r),
+        _ = shutdown.cancelled() => tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok(),
     }
 }
 

@@ -143,11 +143,6 @@ impl Failure {
 /// Per-path errors of a tree walk.
 pub type ScanErrors = Vec<(RelPath, std::io::Error)>;
 
-/// Lists the local source tree, applying the group's excludes.
-pub fn scan_source(group: &SyncGroup) -> std::io::Result<(Vec<Entry>, ScanErrors)> {
-    scan_source_under(group, &RelPath::root())
-}
-
 /// Lists the local subtree at `under`, applying the group's excludes.
 pub fn scan_source_under(
     group: &SyncGroup,

@@ -27,15 +27,6 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Longest the thread sleeps without checking for shutdown.
 const TICK: Duration = Duration::from_millis(200);
 
-/// What the initial walk found.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Ready {
-    /// Directories watched.
-    pub dirs: usize,
-    /// Directories that could not be watched because of the kernel's limit.
-    pub unwatched: usize,
-}
-
 /// The watcher thread of one group.
 pub struct GroupWatcher {
     thread: Option<std::thread::JoinHandle<()>>,
@@ -50,7 +41,7 @@ impl GroupWatcher {
         group: SyncGroup,
         timing: Timing,
         queues: Vec<Queue>,
-    ) -> Result<(GroupWatcher, Ready), notify::Error> {
+    ) -> Result<GroupWatcher, notify::Error> {
         let (tx, rx) = mpsc::channel();
         let watcher =
             RecommendedWatcher::new(tx, notify::Config::default().with_follow_symlinks(false))
@@ -78,14 +69,10 @@ impl GroupWatcher {
         };
         let started = Instant::now();
         router.watch_tree(&RelPath::root(), true);
-        let ready = Ready {
-            dirs: router.watched.len(),
-            unwatched: router.unwatched,
-        };
         tracing::info!(
             sync = %router.group.name,
-            dirs = ready.dirs,
-            unwatched = ready.unwatched,
+            dirs = router.watched.len(),
+            unwatched = router.unwatched,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "watches in place"
         );
@@ -94,13 +81,10 @@ impl GroupWatcher {
             .name(format!("watch {}", router.group.name))
             .spawn(move || router.run(rx, &stop2))
             .expect("spawn watcher thread");
-        Ok((
-            GroupWatcher {
-                thread: Some(thread),
-                stop,
-            },
-            ready,
-        ))
+        Ok(GroupWatcher {
+            thread: Some(thread),
+            stop,
+        })
     }
 
     /// Stops the thread and drops the watches.
