@@ -145,6 +145,32 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Writes everything that arrives on `rx` until it closes, batching what is already
+    /// queued (up to `max_batch` messages) into one write; then shuts the stream down.
+    /// `written` sees the running byte total after each write.
+    pub async fn pump(
+        mut self,
+        mut rx: tokio::sync::mpsc::Receiver<Message>,
+        max_batch: usize,
+        mut written: impl FnMut(u64),
+    ) -> Result<(), ConnError> {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.write_all(&batch).await?;
+            written(self.written);
+            batch.clear();
+        }
+        let _ = self.shutdown().await;
+        Ok(())
+    }
+
     /// Total frame bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.written
@@ -197,6 +223,60 @@ where
     }
 }
 
+/// Runs the receiver's first half of the session handshake: waits (bounded) for the
+/// sender's `Hello`. Returns the module and intent it asks for, or the reason to refuse it.
+pub async fn server_hello<R>(
+    reader: &mut FrameReader<R>,
+) -> Result<Result<(String, Intent), String>, ConnError>
+where
+    R: AsyncRead + Unpin,
+{
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
+        .await
+        .map_err(|_| ConnError::Timeout("waiting for Hello"))??;
+    Ok(match hello {
+        Message::Hello {
+            magic,
+            version,
+            module,
+            intent,
+        } if magic == MAGIC && version == PROTOCOL_VERSION => Ok((module, intent)),
+        Message::Hello { magic, version, .. } if magic == MAGIC => Err(format!(
+            "receiver speaks protocol version {PROTOCOL_VERSION}, sender speaks {version}"
+        )),
+        _ => Err("expected a ferry Hello".into()),
+    })
+}
+
+/// The receiver's second half: `Welcome` (the session is open) or `Refused` and a close.
+pub async fn server_answer<W>(
+    writer: &mut FrameWriter<W>,
+    answer: Result<bool, String>,
+) -> Result<(), ConnError>
+where
+    W: AsyncWrite + Unpin,
+{
+    match answer {
+        Ok(privileged) => {
+            writer
+                .write(&Message::Welcome {
+                    version: PROTOCOL_VERSION,
+                    privileged,
+                })
+                .await
+        }
+        Err(reason) => {
+            writer
+                .write(&Message::Refused {
+                    reason: reason.clone(),
+                })
+                .await?;
+            let _ = writer.shutdown().await;
+            Err(ConnError::Refused(reason))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +306,41 @@ mod tests {
         }
         assert!(r.read().await.unwrap().is_none());
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn both_halves_of_the_handshake_agree() {
+        let (a, b) = tokio::io::duplex(4096);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let server = tokio::spawn(async move {
+            let (mut r, mut w) = (FrameReader::new(br), FrameWriter::new(bw));
+            let (module, intent) = server_hello(&mut r).await.unwrap().unwrap();
+            assert_eq!((module.as_str(), intent), ("m", Intent::Read));
+            server_answer(&mut w, Ok(true)).await.unwrap();
+        });
+        let (mut r, mut w) = (FrameReader::new(ar), FrameWriter::new(aw));
+        assert!(client_handshake(&mut r, &mut w, "m", Intent::Read)
+            .await
+            .unwrap());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refusal_reaches_the_client_with_its_reason() {
+        let (a, b) = tokio::io::duplex(4096);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        tokio::spawn(async move {
+            let (mut r, mut w) = (FrameReader::new(br), FrameWriter::new(bw));
+            let _ = server_hello(&mut r).await;
+            let _ = server_answer(&mut w, Err("unknown module \"m\"".into())).await;
+        });
+        let (mut r, mut w) = (FrameReader::new(ar), FrameWriter::new(aw));
+        match client_handshake(&mut r, &mut w, "m", Intent::Write).await {
+            Err(ConnError::Refused(reason)) => assert_eq!(reason, "unknown module \"m\""),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[tokio::test]

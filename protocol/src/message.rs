@@ -272,6 +272,30 @@ impl Message {
         }
     }
 
+    /// The id of a request that changes the module (refused on read-only sessions).
+    pub fn mutation_id(&self) -> Option<RequestId> {
+        match self {
+            Message::Mkdir { id, .. }
+            | Message::Symlink { id, .. }
+            | Message::Special { id, .. }
+            | Message::SetMeta { id, .. }
+            | Message::Delete { id, .. }
+            | Message::Rename { id, .. }
+            | Message::FileBegin { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// True for a reply that ends its request (after it, no more replies carry its id).
+    /// `Signature`/`NoBase` answer a `FileBegin` halfway; a `Listing` ends with `done`.
+    pub fn is_final_reply(&self) -> bool {
+        match self {
+            Message::Listing { done, .. } => *done,
+            Message::Signature { .. } | Message::NoBase { .. } => false,
+            other => other.reply_id().is_some(),
+        }
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -301,5 +325,42 @@ impl Message {
             Message::DirDigests { .. } => "DirDigests",
             Message::StatsReply { .. } => "StatsReply",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_changes_are_mutations_and_only_ends_are_final() {
+        let list = Message::List {
+            id: 1,
+            under: RelPath::root(),
+        };
+        let delete = Message::Delete {
+            id: 2,
+            path: RelPath::from("a"),
+        };
+        assert_eq!(list.mutation_id(), None);
+        assert_eq!(delete.mutation_id(), Some(2));
+        assert_eq!(
+            Message::FileData {
+                id: 3,
+                data: vec![]
+            }
+            .mutation_id(),
+            None
+        );
+        assert!(Message::Ack { id: 1 }.is_final_reply());
+        assert!(!Message::NoBase { id: 1 }.is_final_reply());
+        let listing = |done| Message::Listing {
+            id: 1,
+            entries: vec![],
+            done,
+        };
+        assert!(!listing(false).is_final_reply());
+        assert!(listing(true).is_final_reply());
+        assert!(!Message::Bye.is_final_reply(), "not a reply at all");
     }
 }

@@ -1,6 +1,6 @@
 //! `receiver.toml`: raw TOML structs, then validation into [`Config`].
 
-use crate::access::HostPattern;
+use crate::hosts::HostPattern;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
 use std::collections::BTreeMap;

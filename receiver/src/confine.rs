@@ -37,6 +37,9 @@ pub enum ConfineError {
         /// The offending ancestor.
         ancestor: RelPath,
     },
+    /// The request would replace, remove or rename the module root itself.
+    #[error("refused: the module root itself cannot be replaced, removed or renamed")]
+    Root,
     /// Checking an ancestor failed.
     #[error("{path:?}: {source}")]
     Io {
@@ -45,6 +48,15 @@ pub enum ConfineError {
         /// The cause.
         source: io::Error,
     },
+}
+
+/// [`confine`] for requests that replace, remove or rename what is at the path: the module
+/// root itself is refused.
+pub fn confine_entry(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
+    if rel.is_root() {
+        return Err(ConfineError::Root);
+    }
+    confine(root, rel)
 }
 
 /// Maps a peer's relative path to a local path under `root`.
@@ -202,6 +214,17 @@ mod tests {
             check(b"file/x"),
             Err(ConfineError::NotADirectory { .. })
         ));
+    }
+
+    #[test]
+    fn the_root_is_no_entry_to_replace() {
+        let dir = setup();
+        assert!(matches!(
+            confine_entry(dir.path(), &RelPath::root()),
+            Err(ConfineError::Root)
+        ));
+        assert!(confine(dir.path(), &RelPath::root()).is_ok());
+        assert!(confine_entry(dir.path(), &RelPath::from("d")).is_ok());
     }
 
     #[test]

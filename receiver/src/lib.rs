@@ -6,19 +6,31 @@
 //!   connection limits); pure decisions.
 //! - [`confine`]: the one function that turns a peer's path into a local path under the
 //!   module root, refusing every escape.
-//! - [`writer`]: the filesystem half of a session (runs on its own thread): staging files,
-//!   applying deltas, checking digests, atomic renames and group-committed directory fsyncs.
+//! - [`hosts`]: `hosts_allow` patterns (addresses and CIDR blocks).
+//! - [`module`]: a served module's state; start-up clean-up of its staging directory.
+//! - [`stats`]: the process's counters.
 //! - [`session`]: one connection: TLS handshake, `Hello`, access check, then frames in to the
-//!   writer thread and replies out.
+//!   request loop and replies out.
+//! - [`requests`]: the request loop of a session (its own thread): dispatch in arrival order,
+//!   one answer per request, group commit, and the read requests (List, VerifyDir, Stats).
+//! - [`apply`]: changes to the module tree (mkdir, symlink, special, metadata, delete, rename,
+//!   installing staged entries), each through [`confine`].
+//! - [`incoming`]: files being received: staging, deltas against the current copy, digest
+//!   check, fsync, atomic install.
 //! - [`server`]: the listener, connection limits and shutdown.
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod apply;
 pub mod config;
 pub mod confine;
+pub mod hosts;
+pub mod incoming;
+pub mod module;
+pub mod requests;
 pub mod server;
 pub mod session;
-pub mod writer;
+pub mod stats;
 
 pub use config::Config;
 pub use server::{run, Loopback, Server};

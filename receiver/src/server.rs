@@ -1,7 +1,8 @@
 //! The receiver's listener: connection limits, session tasks, shutdown.
 
 use crate::config::{Config, Module};
-use crate::writer::{ModuleState, Stats};
+use crate::module::ModuleState;
+use crate::stats::Stats;
 use ferry_protocol::identity::Identity;
 use std::collections::HashMap;
 use std::net::SocketAddr;

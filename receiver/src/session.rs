@@ -1,15 +1,19 @@
-//! One receiver session: TLS, `Hello`, the access decision, then frames in to a
-//! [`Writer`] thread and replies out.
+//! One receiver session: TLS, `Hello`, the access decision, then frames in to the
+//! [`Requests`] loop on its own thread and replies out.
 
 use crate::access::{authorize, Refusal};
+use crate::requests::{Request, Requests};
 use crate::server::Server;
-use crate::writer::{Request, Writer};
-use ferry_protocol::connection::{ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT};
-use ferry_protocol::message::{Intent, Message, MAGIC, PROTOCOL_VERSION};
+use ferry_protocol::connection::{
+    server_answer, server_hello, ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT,
+};
+use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::tls::peer_fingerprint;
+use ferry_protocol::Fingerprint;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -47,72 +51,51 @@ async fn serve_inner(
         .map_err(|_| ConnError::Timeout("TLS handshake"))??;
     let fingerprint = peer_fingerprint(tls.get_ref().1.peer_certificates())
         .ok_or_else(|| ConnError::Protocol("no client certificate".into()))?;
-    let (r, w) = tokio::io::split(tls);
+    serve_stream(server, tls, peer, fingerprint, shutdown).await
+}
+
+/// Serves one session over an authenticated stream: `fingerprint` is the peer's proven
+/// certificate pin. TLS connections arrive here after their handshake; tests use an in-memory
+/// stream.
+pub async fn serve_stream<S>(
+    server: &Arc<Server>,
+    stream: S,
+    peer: SocketAddr,
+    fingerprint: Fingerprint,
+    shutdown: CancellationToken,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
+    let refuse = |module: &str, reason: String| {
+        tracing::warn!(%peer, %fingerprint, module, "refused: {reason}");
+        Err(reason)
+    };
 
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
-        .await
-        .map_err(|_| ConnError::Timeout("waiting for Hello"))??;
-    let (module_name, intent) = match hello {
-        Message::Hello {
-            magic,
-            version,
-            module,
-            intent,
-        } if magic == MAGIC && version == PROTOCOL_VERSION => (module, intent),
-        Message::Hello { magic, version, .. } if magic == MAGIC => {
-            let reason = format!(
-                "receiver speaks protocol version {PROTOCOL_VERSION}, sender speaks {version}"
-            );
-            return refuse(&mut writer, peer, fingerprint, "-", reason).await;
-        }
-        _ => {
-            return refuse(
-                &mut writer,
-                peer,
-                fingerprint,
-                "-",
-                "expected a ferry Hello".into(),
-            )
-            .await
-        }
+    let (module_name, intent) = match server_hello(&mut reader).await? {
+        Ok(hello) => hello,
+        Err(reason) => return server_answer(&mut writer, refuse("-", reason)).await,
     };
     let Some(state) = server.modules.get(&module_name).cloned() else {
-        return refuse(
-            &mut writer,
-            peer,
-            fingerprint,
-            &module_name,
-            Refusal::UnknownModule(module_name.clone()).to_string(),
-        )
-        .await;
+        let reason = Refusal::UnknownModule(module_name.clone()).to_string();
+        return server_answer(&mut writer, refuse(&module_name, reason)).await;
     };
     // Count ourselves in before deciding, so two racing sessions cannot both take the last slot.
     let active = state.active.fetch_add(1, Ordering::SeqCst);
     let guard = ActiveGuard(&state.active);
     if let Err(refusal) = authorize(&state.module, fingerprint, peer.ip(), intent, active) {
-        return refuse(
-            &mut writer,
-            peer,
-            fingerprint,
-            &module_name,
-            refusal.to_string(),
-        )
-        .await;
+        return server_answer(&mut writer, refuse(&module_name, refusal.to_string())).await;
     }
-    writer
-        .write(&Message::Welcome {
-            version: PROTOCOL_VERSION,
-            privileged: server.privileged,
-        })
-        .await?;
+    server_answer(&mut writer, Ok(server.privileged)).await?;
     tracing::info!(%peer, %fingerprint, module = %module_name, ?intent, "session open");
 
     let (req_tx, req_rx) = mpsc::channel::<Request>(1024);
-    let (rep_tx, mut rep_rx) = mpsc::channel::<Message>(1024);
+    let (rep_tx, rep_rx) = mpsc::channel::<Message>(1024);
     let budget = Arc::new(Semaphore::new(SESSION_BUFFER >> 10));
-    let worker = Writer::new(
+    let worker = Requests::new(
         state.clone(),
         server.stats.clone(),
         server.privileged,
@@ -120,23 +103,7 @@ async fn serve_inner(
         rep_tx,
     );
     let worker = tokio::task::spawn_blocking(move || worker.run(req_rx));
-
-    let write_task = tokio::spawn(async move {
-        let mut batch = Vec::new();
-        while let Some(first) = rep_rx.recv().await {
-            batch.push(first);
-            while batch.len() < 256 {
-                match rep_rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            writer.write_all(&batch).await?;
-            batch.clear();
-        }
-        let _ = writer.shutdown().await;
-        Ok(())
-    });
+    let write_task = tokio::spawn(writer.pump(rep_rx, 256, |_| {}));
 
     let read_result = loop {
         let msg = tokio::select! {
@@ -146,7 +113,7 @@ async fn serve_inner(
         match msg {
             Ok(Some(m)) => {
                 let bye = matches!(m, Message::Bye);
-                // Hold back reading while the writer thread is behind by more than the budget.
+                // Hold back reading while the request loop is behind by more than the budget.
                 let permits = ((reader.last_frame_len() >> 10) + 1) as u32;
                 let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
                     break Ok(());
@@ -176,23 +143,6 @@ async fn serve_inner(
     let write_result = write_task.await.unwrap_or(Ok(()));
     tracing::info!(%peer, module = %module_name, "session closed");
     read_result.and(write_result)
-}
-
-async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
-    writer: &mut FrameWriter<W>,
-    peer: SocketAddr,
-    fingerprint: ferry_protocol::Fingerprint,
-    module: &str,
-    reason: String,
-) -> Result<(), ConnError> {
-    tracing::warn!(%peer, %fingerprint, module, "refused: {reason}");
-    writer
-        .write(&Message::Refused {
-            reason: reason.clone(),
-        })
-        .await?;
-    let _ = writer.shutdown().await;
-    Err(ConnError::Refused(reason))
 }
 
 struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);

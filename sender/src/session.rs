@@ -2,6 +2,7 @@
 //! replies are routed back to whoever issued the request by a reader task. Many requests can
 //! be in flight at once.
 
+use crate::config::Target;
 use ferry_protocol::connection::{client_handshake, ConnError, FrameReader, FrameWriter};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::{DigestEntry, Intent, Message, RequestId};
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -97,14 +99,28 @@ impl Session {
             .await
             .map_err(|_| conn_err(ConnError::Timeout("connecting")))?
             .map_err(|e| conn_err(e.into()))?;
+        Session::over(stream, address, module, intent)
+            .await
+            .map_err(conn_err)
+    }
+
+    /// Opens `module` with `intent` over an already authenticated stream (TLS in daemons, an
+    /// in-memory pipe in tests). `address` names the peer in errors.
+    pub async fn over<S>(
+        stream: S,
+        address: &str,
+        module: &str,
+        intent: Intent,
+    ) -> Result<Session, ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (r, w) = tokio::io::split(stream);
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);
-        let privileged = client_handshake(&mut reader, &mut writer, module, intent)
-            .await
-            .map_err(conn_err)?;
+        let privileged = client_handshake(&mut reader, &mut writer, module, intent).await?;
 
-        let (out, mut out_rx) = mpsc::channel::<Message>(64);
+        let (out, out_rx) = mpsc::channel::<Message>(64);
         let bytes_sent = Arc::new(AtomicU64::new(writer.bytes_written()));
         let lost = Arc::new(Mutex::new(None));
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
@@ -112,23 +128,12 @@ impl Session {
         let sent = bytes_sent.clone();
         let lost_w = lost.clone();
         let writer_task = tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while let Some(first) = out_rx.recv().await {
-                batch.push(first);
-                while batch.len() < 64 {
-                    match out_rx.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = writer.write_all(&batch).await {
-                    lost_w.lock().expect("lock").get_or_insert(e.to_string());
-                    return;
-                }
-                sent.store(writer.bytes_written(), Ordering::Relaxed);
-                batch.clear();
+            let pumped = writer
+                .pump(out_rx, 64, |n| sent.store(n, Ordering::Relaxed))
+                .await;
+            if let Err(e) = pumped {
+                lost_w.lock().expect("lock").get_or_insert(e.to_string());
             }
-            let _ = writer.shutdown().await;
         });
 
         let pending_r = pending.clone();
@@ -141,10 +146,9 @@ impl Session {
                         let Some(id) = msg.reply_id() else {
                             break format!("unexpected {} from receiver", msg.name());
                         };
-                        let last = is_final(&msg);
                         let tx = {
                             let mut map = pending_r.lock().expect("lock");
-                            if last {
+                            if msg.is_final_reply() {
                                 map.remove(&id)
                             } else {
                                 map.get(&id).cloned()
@@ -320,6 +324,25 @@ impl Session {
     }
 }
 
+impl Target {
+    /// Opens `module` with `intent` on this (ferry) target; the one way every command and
+    /// worker connects.
+    pub async fn connect(
+        &self,
+        identity: &Identity,
+        module: &str,
+        intent: Intent,
+    ) -> Result<Session, SessionError> {
+        let Some(fingerprint) = self.fingerprint() else {
+            return Err(SessionError::Failed(format!(
+                "target {}: an rsync target has no ferry session",
+                self.name
+            )));
+        };
+        Session::connect(&self.address, fingerprint, identity, module, intent).await
+    }
+}
+
 /// A receiver that vanishes without closing (power loss, cable, firewall) must not leave
 /// requests waiting forever: keepalive probes find an idle dead peer in about 30 s, and
 /// `TCP_USER_TIMEOUT` fails writes the peer does not acknowledge within 30 s.
@@ -343,12 +366,4 @@ fn detect_dead_peers(tcp: &TcpStream) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
-}
-
-fn is_final(msg: &Message) -> bool {
-    match msg {
-        Message::Listing { done, .. } => *done,
-        Message::Signature { .. } | Message::NoBase { .. } => false,
-        _ => true,
-    }
 }

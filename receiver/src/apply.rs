@@ -1,0 +1,279 @@
+//! Applying requests to a module's tree: make a directory, symlink or special file, set
+//! metadata, delete, rename, and install a staged entry under its final name.
+//!
+//! Every peer path passes through [`confine`] (or [`confine_entry`] where the request replaces,
+//! removes or renames what is there, so the module root itself is refused in one place).
+//! Directories whose entries changed are remembered as dirty; [`Apply::sync_dirty`] fsyncs
+//! them before any of those changes is acknowledged (group commit).
+
+use crate::confine::{confine, confine_entry, ConfineError};
+use crate::module::ModuleState;
+use crate::stats::Stats;
+use crate::STAGING_DIR;
+use ferry_protocol::local;
+use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::RelPath;
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The filesystem side of one session on one module.
+pub struct Apply {
+    pub(crate) state: Arc<ModuleState>,
+    pub(crate) stats: Arc<Stats>,
+    /// The receiver runs as root: owners and device nodes are applied.
+    pub(crate) privileged: bool,
+    dirty: HashSet<PathBuf>,
+    seq: u64,
+    tag: u64,
+}
+
+fn refused(e: ConfineError) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, e.to_string())
+}
+
+impl Apply {
+    /// The filesystem side of a session on `state`.
+    pub fn new(state: Arc<ModuleState>, stats: Arc<Stats>, privileged: bool) -> Apply {
+        Apply {
+            state,
+            stats,
+            privileged,
+            dirty: HashSet::new(),
+            seq: 0,
+            tag: session_tag(),
+        }
+    }
+
+    /// The module root.
+    pub fn root(&self) -> &Path {
+        &self.state.module.path
+    }
+
+    /// The module's name, for logs.
+    pub fn module(&self) -> &str {
+        &self.state.module.name
+    }
+
+    /// A peer path confined to the module (the root allowed).
+    pub fn local(&self, rel: &RelPath) -> io::Result<PathBuf> {
+        confine(self.root(), rel).map_err(refused)
+    }
+
+    /// A peer path confined to the module, naming an entry below the root.
+    pub fn entry(&self, rel: &RelPath) -> io::Result<PathBuf> {
+        confine_entry(self.root(), rel).map_err(refused)
+    }
+
+    /// A fresh name in the staging directory, unique across sessions and restarts.
+    pub fn staging_path(&mut self) -> PathBuf {
+        self.seq += 1;
+        self.root().join(STAGING_DIR).join(format!(
+            "{}.{}.{}",
+            std::process::id(),
+            self.tag,
+            self.seq
+        ))
+    }
+
+    /// fsyncs every directory whose entries changed since the last call.
+    pub fn sync_dirty(&mut self) {
+        for dir in self.dirty.drain() {
+            if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %dir.display(), "fsync failed: {e}");
+                }
+            }
+        }
+    }
+
+    fn mark_parent_dirty(&mut self, path: &Path) {
+        if let Some(parent) = path.parent() {
+            self.dirty.insert(parent.to_path_buf());
+        }
+    }
+
+    /// Makes `rel` a directory (replacing a non-directory); its times come later.
+    pub fn mkdir(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        let path = self.local(rel)?;
+        match fs::symlink_metadata(&path) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                fs::remove_file(&path)?;
+                fs::create_dir(&path)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&path)?,
+            Err(e) => return Err(e),
+        }
+        self.apply_owner_mode(&path, meta)?;
+        self.dirty.insert(path.clone());
+        self.mark_parent_dirty(&path);
+        self.stats.mkdirs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Renames a finished staged entry over `path`, replacing a directory there if need be.
+    pub fn install(&mut self, tmp: &Path, path: &Path) -> io::Result<()> {
+        if let Ok(md) = fs::symlink_metadata(path) {
+            if md.is_dir() {
+                fs::remove_dir_all(path)?;
+            }
+        }
+        fs::rename(tmp, path)?;
+        self.mark_parent_dirty(path);
+        Ok(())
+    }
+
+    /// Makes `rel` a symlink to `target`.
+    pub fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
+        let path = self.entry(rel)?;
+        let tmp = self.staging_path();
+        std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), &tmp)?;
+        self.install_staged(&tmp, &path, meta)
+    }
+
+    /// Makes `rel` a fifo or (privileged receivers only) a device node.
+    pub fn special(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        let path = self.entry(rel)?;
+        let type_bits = match meta.kind {
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::CharDevice => libc::S_IFCHR,
+            Kind::BlockDevice => libc::S_IFBLK,
+            _ => return Err(io::Error::other("not a special file")),
+        };
+        if meta.kind != Kind::Fifo && !self.privileged {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device nodes need a receiver running as root",
+            ));
+        }
+        let tmp = self.staging_path();
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(tmp.as_os_str()))
+            .map_err(io::Error::other)?;
+        // SAFETY: `c` is a valid NUL-terminated path; mknod has no other memory effects.
+        let rc = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                type_bits | (meta.mode & 0o7777) as libc::mode_t,
+                meta.rdev as libc::dev_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.install_staged(&tmp, &path, meta)
+    }
+
+    /// Gives a staged symlink or special file its metadata and renames it over `path`; the
+    /// staged entry is removed if any step fails.
+    fn install_staged(&mut self, tmp: &Path, path: &Path, meta: &Meta) -> io::Result<()> {
+        let r = self
+            .apply_owner_mode(tmp, meta)
+            .and_then(|_| set_mtime(tmp, meta))
+            .and_then(|_| self.install(tmp, path));
+        if r.is_err() {
+            let _ = fs::remove_file(tmp);
+        }
+        r?;
+        self.stats.links.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Owner first (chown clears setuid/setgid), then mode; symlinks have no mode.
+    pub fn apply_owner_mode(&self, path: &Path, meta: &Meta) -> io::Result<()> {
+        if self.privileged {
+            std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
+        }
+        if meta.kind != Kind::Symlink {
+            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))?;
+        }
+        Ok(())
+    }
+
+    /// Sets mode, owner and mtime of an existing entry of the same kind.
+    pub fn set_meta(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        let path = self.local(rel)?;
+        let md = fs::symlink_metadata(&path)?;
+        let have = local::meta_of(&md).map(|m| m.kind);
+        if have != Some(meta.kind) {
+            return Err(io::Error::other(format!(
+                "is a {:?} on the receiver, not a {:?}",
+                have, meta.kind
+            )));
+        }
+        self.apply_owner_mode(&path, meta)?;
+        set_mtime(&path, meta)?;
+        // Inode metadata reaches the disk with its directory entry's journal commit on the
+        // filesystems we target; fsyncing the entry itself covers the rest.
+        if meta.kind == Kind::Dir {
+            self.dirty.insert(path.clone());
+        } else if meta.kind == Kind::File {
+            File::open(&path)?.sync_all()?;
+        }
+        self.mark_parent_dirty(&path);
+        self.stats.set_meta.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes `rel` (recursively); absent is success.
+    pub fn delete(&mut self, rel: &RelPath) -> io::Result<()> {
+        let path = self.entry(rel)?;
+        let r = match fs::symlink_metadata(&path) {
+            Ok(md) if md.is_dir() => fs::remove_dir_all(&path),
+            Ok(_) => fs::remove_file(&path),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                self.mark_parent_dirty(&path);
+                self.stats.deletes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Renames `from` to `to`, replacing whatever `to` is.
+    pub fn rename(&mut self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        if to.starts_with(from) {
+            return Err(io::Error::other(format!(
+                "cannot rename {from} into itself"
+            )));
+        }
+        let src = self.entry(from)?;
+        let dst = self.entry(to)?;
+        let src_md = fs::symlink_metadata(&src)?;
+        if let Ok(dst_md) = fs::symlink_metadata(&dst) {
+            // rename(2) replaces files and empty directories only; make it replace anything.
+            if dst_md.is_dir() && (!src_md.is_dir() || fs::read_dir(&dst)?.next().is_some()) {
+                fs::remove_dir_all(&dst)?;
+            } else if !dst_md.is_dir() && src_md.is_dir() {
+                fs::remove_file(&dst)?;
+            }
+        }
+        fs::rename(&src, &dst)?;
+        self.mark_parent_dirty(&src);
+        self.mark_parent_dirty(&dst);
+        self.stats.renames.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Sets an entry's mtime (and atime to the same), not following a symlink.
+pub fn set_mtime(path: &Path, meta: &Meta) -> io::Result<()> {
+    let t = filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec);
+    filetime::set_symlink_file_times(path, t, t)
+}
+
+/// A random tag that keeps staging names of concurrent sessions apart.
+fn session_tag() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() & 0xffff_ffff
+}

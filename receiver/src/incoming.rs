@@ -1,0 +1,263 @@
+//! Files being received: `FileBegin` opens a staged file (and, for a delta, maps the current
+//! copy as its base and answers with its signature), body frames append to it while hashing,
+//! `FileEnd` checks size and digest, fsyncs, applies metadata and installs it under its final
+//! name. A transfer that fails at any step is removed from staging and remembered, so the
+//! frames the sender already had in flight for it are dropped without further replies.
+
+use crate::apply::Apply;
+use ferry_protocol::delta;
+use ferry_protocol::message::{Body, Digest, Message, RequestId};
+use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::RelPath;
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+struct Incoming {
+    path: RelPath,
+    meta: Meta,
+    tmp: File,
+    tmp_path: PathBuf,
+    hasher: blake3::Hasher,
+    base: Option<memmap2::Mmap>,
+    written: u64,
+}
+
+/// What became of a file frame.
+pub enum Outcome {
+    /// Nothing to answer yet.
+    Pending,
+    /// Answer with this message (a `Signature` or `NoBase`); the transfer goes on.
+    Reply(Message),
+    /// The transfer ended: committed (`Ok`, to be acknowledged after the next group commit)
+    /// or failed with the message to send.
+    Done(Result<(), String>),
+    /// The frame belongs to a transfer that already failed: say nothing.
+    Silent,
+}
+
+/// The transfers of one session.
+#[derive(Default)]
+pub struct Transfers {
+    incoming: HashMap<RequestId, Incoming>,
+    /// File ids whose transfer already failed: their later body frames are dropped silently.
+    failed: HashSet<RequestId>,
+    scratch: Vec<u8>,
+}
+
+impl Transfers {
+    /// `FileBegin`.
+    pub fn begin(
+        &mut self,
+        fs: &mut Apply,
+        id: RequestId,
+        rel: &RelPath,
+        meta: Meta,
+        body: Body,
+    ) -> Outcome {
+        match self.open(fs, id, rel, meta, body) {
+            Ok(reply) => reply.map_or(Outcome::Pending, Outcome::Reply),
+            Err(e) => {
+                self.failed.insert(id);
+                Outcome::Done(Err(format!("{rel}: {e}")))
+            }
+        }
+    }
+
+    fn open(
+        &mut self,
+        fs: &mut Apply,
+        id: RequestId,
+        rel: &RelPath,
+        meta: Meta,
+        body: Body,
+    ) -> io::Result<Option<Message>> {
+        if meta.kind != Kind::File {
+            return Err(io::Error::other("not a regular file"));
+        }
+        if self.incoming.contains_key(&id) {
+            return Err(io::Error::other(format!("duplicate transfer id {id}")));
+        }
+        let path = fs.entry(rel)?;
+        let tmp_path = fs.staging_path();
+        let tmp = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_path)?;
+        let mut base = None;
+        let mut reply = None;
+        if body == Body::Delta {
+            base = open_base(&path);
+            reply = Some(match &base {
+                Some(map) => Message::Signature {
+                    id,
+                    signature: delta::sign(map),
+                },
+                None => Message::NoBase { id },
+            });
+        }
+        self.incoming.insert(
+            id,
+            Incoming {
+                path: rel.clone(),
+                meta,
+                tmp,
+                tmp_path,
+                hasher: blake3::Hasher::new(),
+                base,
+                written: 0,
+            },
+        );
+        Ok(reply)
+    }
+
+    /// `FileData`: a slice of a whole body.
+    pub fn data(&mut self, fs: &Apply, id: RequestId, data: &[u8]) -> Outcome {
+        self.body(id, |inc, _| {
+            received(fs, data.len());
+            append(inc, data)
+        })
+    }
+
+    /// `FileDelta`: the delta of the next `window` bytes against the base.
+    pub fn delta(&mut self, fs: &Apply, id: RequestId, window: u64, delta: &[u8]) -> Outcome {
+        self.body(id, |inc, scratch| {
+            received(fs, delta.len());
+            let base = inc
+                .base
+                .as_ref()
+                .ok_or_else(|| io::Error::other("delta without a base"))?;
+            scratch.clear();
+            delta::apply_window(base, delta, window, scratch).map_err(io::Error::other)?;
+            append(inc, scratch)
+        })
+    }
+
+    fn body(
+        &mut self,
+        id: RequestId,
+        f: impl FnOnce(&mut Incoming, &mut Vec<u8>) -> io::Result<()>,
+    ) -> Outcome {
+        if self.failed.contains(&id) {
+            return Outcome::Silent;
+        }
+        let Some(inc) = self.incoming.get_mut(&id) else {
+            return Outcome::Done(Err(format!("file data for unknown transfer {id}")));
+        };
+        match f(inc, &mut self.scratch) {
+            Ok(()) => Outcome::Pending,
+            Err(e) => {
+                let inc = self.incoming.remove(&id).expect("looked up above");
+                let _ = fs::remove_file(&inc.tmp_path);
+                self.failed.insert(id);
+                Outcome::Done(Err(format!("{}: {e}", inc.path)))
+            }
+        }
+    }
+
+    /// `FileEnd`: commit if size and digest match.
+    pub fn end(&mut self, fs: &mut Apply, id: RequestId, digest: Digest) -> Outcome {
+        if self.failed.remove(&id) {
+            return Outcome::Silent;
+        }
+        let Some(mut inc) = self.incoming.remove(&id) else {
+            return Outcome::Done(Err(format!("FileEnd for unknown transfer {id}")));
+        };
+        let r = commit(fs, &mut inc, digest);
+        if r.is_err() {
+            let _ = fs::remove_file(&inc.tmp_path);
+        }
+        Outcome::Done(r.map_err(|e| format!("{}: {e}", inc.path)))
+    }
+
+    /// `FileAbort`: the sender gave up on this file.
+    pub fn abort(&mut self, id: RequestId) -> Outcome {
+        if self.failed.remove(&id) {
+            return Outcome::Silent;
+        }
+        if let Some(inc) = self.incoming.remove(&id) {
+            let _ = fs::remove_file(&inc.tmp_path);
+        }
+        Outcome::Done(Err("aborted by sender".into()))
+    }
+
+    /// Removes every unfinished transfer (the session ended).
+    pub fn discard_all(&mut self, module: &str) {
+        for (_, inc) in self.incoming.drain() {
+            tracing::info!(module, path = %inc.path, "discarding unfinished transfer");
+            let _ = fs::remove_file(&inc.tmp_path);
+        }
+    }
+}
+
+fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
+    if inc.written != inc.meta.size {
+        return Err(io::Error::other(format!(
+            "received {} bytes, expected {}",
+            inc.written, inc.meta.size
+        )));
+    }
+    if *inc.hasher.finalize().as_bytes() != digest {
+        return Err(io::Error::other(
+            "content digest mismatch; file not committed",
+        ));
+    }
+    inc.tmp.sync_all()?;
+    if fs.privileged {
+        std::os::unix::fs::fchown(&inc.tmp, Some(inc.meta.uid), Some(inc.meta.gid))?;
+    }
+    inc.tmp
+        .set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
+    let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
+    filetime::set_file_handle_times(&inc.tmp, None, Some(mtime))?;
+    let path = fs.entry(&inc.path)?;
+    let delta = inc.base.take().is_some();
+    fs.install(&inc.tmp_path, &path)?;
+    fs.stats.files.fetch_add(1, Ordering::Relaxed);
+    fs.stats
+        .bytes_written
+        .fetch_add(inc.written, Ordering::Relaxed);
+    if delta {
+        fs.stats.delta_files.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(module = fs.module(), path = %inc.path, bytes = inc.written, delta, "committed");
+    Ok(())
+}
+
+fn received(fs: &Apply, bytes: usize) {
+    fs.stats
+        .bytes_received
+        .fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
+    if inc.written + data.len() as u64 > inc.meta.size {
+        return Err(io::Error::other(format!(
+            "more data than the announced {} bytes",
+            inc.meta.size
+        )));
+    }
+    inc.tmp.write_all(data)?;
+    inc.hasher.update(data);
+    inc.written += data.len() as u64;
+    Ok(())
+}
+
+fn open_base(path: &Path) -> Option<memmap2::Mmap> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    let md = f.metadata().ok()?;
+    if !md.is_file() || md.len() == 0 {
+        return None;
+    }
+    // SAFETY: the module is written only by this receiver, which replaces files by rename and
+    // never truncates in place, so the mapping stays valid while the transfer runs.
+    unsafe { memmap2::Mmap::map(&f) }.ok()
+}

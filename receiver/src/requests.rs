@@ -1,0 +1,308 @@
+//! The request loop of one session. It runs on a thread of its own, takes requests in arrival
+//! order and answers each one exactly once.
+//!
+//! Durability (group commit): a change is acknowledged only after the directories it touched
+//! are fsynced. Whenever no further request is already queued, or [`GROUP_COMMIT`]
+//! acknowledgements are waiting, the loop fsyncs every dirty directory and only then sends the
+//! `Ack`s. So an `Ack` always means "durable under its final name", and a burst of small files
+//! costs one directory fsync per directory, not one per file.
+
+use crate::apply::Apply;
+use crate::incoming::{Outcome, Transfers};
+use crate::module::{module_filter, ModuleState};
+use crate::stats::Stats;
+use ferry_protocol::local::{self, DigestTree};
+use ferry_protocol::message::{DigestEntry, Message, RequestId};
+use ferry_protocol::meta::Compare;
+use ferry_protocol::RelPath;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Acknowledgements that may wait for one group commit.
+pub const GROUP_COMMIT: usize = 512;
+/// Approximate size of one `Listing` batch.
+const LISTING_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// A request on its way to the loop, holding its share of the session's read budget until
+/// the loop takes it.
+pub struct Request {
+    /// The message.
+    pub msg: Message,
+    /// Released when the request is dropped.
+    pub _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// The request loop of one session.
+pub struct Requests {
+    fs: Apply,
+    files: Transfers,
+    writable: bool,
+    replies: mpsc::Sender<Message>,
+    pending_acks: Vec<RequestId>,
+    /// The digest tree `VerifyDir` answers from, built on first use (`bool`: `--checksum`).
+    tree: Option<(bool, DigestTree)>,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Requests {
+    /// The loop for one session on `state`.
+    pub fn new(
+        state: Arc<ModuleState>,
+        stats: Arc<Stats>,
+        privileged: bool,
+        writable: bool,
+        replies: mpsc::Sender<Message>,
+    ) -> Self {
+        Requests {
+            fs: Apply::new(state, stats, privileged),
+            files: Transfers::default(),
+            writable,
+            replies,
+            pending_acks: Vec::new(),
+            tree: None,
+        }
+    }
+
+    /// Serves requests until `requests` closes or `Bye` arrives. In-flight file transfers that
+    /// did not end are discarded; everything completed is committed and acknowledged.
+    pub fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        loop {
+            let msg = match requests.try_recv() {
+                Ok(r) => r.msg,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if !self.commit() {
+                        break;
+                    }
+                    match requests.blocking_recv() {
+                        Some(r) => r.msg,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            if let Flow::Stop = self.handle(msg) {
+                break;
+            }
+            if self.pending_acks.len() >= GROUP_COMMIT && !self.commit() {
+                break;
+            }
+        }
+        self.commit();
+        self.files.discard_all(self.fs.module());
+        let state = &self.fs.state;
+        if let Err(e) = state.cache.lock().expect("cache lock").save() {
+            tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
+        }
+    }
+
+    fn reply(&self, msg: Message) -> bool {
+        self.replies.blocking_send(msg).is_ok()
+    }
+
+    fn fail(&mut self, id: RequestId, error: String) {
+        tracing::warn!(module = self.fs.module(), "request failed: {error}");
+        self.fs.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.reply(Message::Failed { id, error });
+    }
+
+    /// A change is acknowledged at the next group commit; a failure is answered at once.
+    fn finish(&mut self, id: RequestId, path: &RelPath, result: io::Result<()>) {
+        match result {
+            Ok(()) => self.pending_acks.push(id),
+            Err(e) => self.fail(id, format!("{path}: {e}")),
+        }
+    }
+
+    fn file(&mut self, id: RequestId, outcome: Outcome) {
+        match outcome {
+            Outcome::Pending | Outcome::Silent => {}
+            Outcome::Reply(m) => {
+                self.reply(m);
+            }
+            Outcome::Done(Ok(())) => self.pending_acks.push(id),
+            Outcome::Done(Err(e)) => self.fail(id, e),
+        }
+    }
+
+    fn handle(&mut self, msg: Message) -> Flow {
+        if let Some(id) = msg.mutation_id() {
+            if !self.writable {
+                self.fail(id, "session is read-only".into());
+                return Flow::Continue;
+            }
+        }
+        let fs = &mut self.fs;
+        match msg {
+            Message::List { id, under } => self.list(id, &under),
+            Message::Mkdir { id, path, meta } => {
+                let r = fs.mkdir(&path, &meta);
+                self.finish(id, &path, r)
+            }
+            Message::Symlink {
+                id,
+                path,
+                target,
+                meta,
+            } => {
+                let r = fs.symlink(&path, &target, &meta);
+                self.finish(id, &path, r)
+            }
+            Message::Special { id, path, meta } => {
+                let r = fs.special(&path, &meta);
+                self.finish(id, &path, r)
+            }
+            Message::SetMeta { id, path, meta } => {
+                let r = fs.set_meta(&path, &meta);
+                self.finish(id, &path, r)
+            }
+            Message::Delete { id, path } => {
+                let r = fs.delete(&path);
+                self.finish(id, &path, r)
+            }
+            Message::Rename { id, from, to } => {
+                let r = fs.rename(&from, &to);
+                self.finish(id, &from, r)
+            }
+            Message::FileBegin {
+                id,
+                path,
+                meta,
+                body,
+            } => {
+                let o = self.files.begin(fs, id, &path, meta, body);
+                self.file(id, o)
+            }
+            Message::FileData { id, data } => {
+                let o = self.files.data(fs, id, &data);
+                self.file(id, o)
+            }
+            Message::FileDelta { id, window, delta } => {
+                let o = self.files.delta(fs, id, window, &delta);
+                self.file(id, o)
+            }
+            Message::FileEnd { id, digest } => {
+                let o = self.files.end(fs, id, digest);
+                self.file(id, o)
+            }
+            Message::FileAbort { id } => {
+                let o = self.files.abort(id);
+                // The sender waits for this answer; it is no failure of ours.
+                if let Outcome::Done(Err(error)) = o {
+                    self.reply(Message::Failed { id, error });
+                }
+            }
+            Message::VerifyDir { id, path, checksum } => self.verify_dir(id, &path, checksum),
+            Message::Stats { id } => {
+                self.reply(Message::StatsReply {
+                    id,
+                    counters: self.fs.stats.snapshot(),
+                });
+            }
+            Message::Bye => return Flow::Stop,
+            other => {
+                tracing::warn!(
+                    module = self.fs.module(),
+                    "unexpected {} from sender",
+                    other.name()
+                );
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// fsyncs dirty directories, then acknowledges. Returns false if the peer is gone.
+    fn commit(&mut self) -> bool {
+        self.fs.sync_dirty();
+        for id in std::mem::take(&mut self.pending_acks) {
+            if !self.reply(Message::Ack { id }) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn list(&mut self, id: RequestId, under: &RelPath) {
+        if let Err(e) = self.fs.local(under) {
+            return self.fail(id, format!("{under}: {e}"));
+        }
+        let mut errors = Vec::new();
+        let entries = match local::scan_from(self.fs.root(), under, &module_filter, &mut errors) {
+            Ok(e) => e,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::NotADirectory =>
+            {
+                Vec::new()
+            }
+            Err(e) => return self.fail(id, format!("listing {under:?}: {e}")),
+        };
+        for (p, e) in &errors {
+            tracing::warn!(module = self.fs.module(), path = %p, "cannot list: {e}");
+        }
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for entry in entries {
+            size += 64 + entry.path.as_bytes().len() + entry.link.as_ref().map_or(0, Vec::len);
+            batch.push(entry);
+            if size >= LISTING_BATCH_BYTES {
+                let entries = std::mem::take(&mut batch);
+                if !self.reply(Message::Listing {
+                    id,
+                    entries,
+                    done: false,
+                }) {
+                    return;
+                }
+                size = 0;
+            }
+        }
+        self.reply(Message::Listing {
+            id,
+            entries: batch,
+            done: true,
+        });
+    }
+
+    fn verify_dir(&mut self, id: RequestId, rel: &RelPath, checksum: bool) {
+        if let Err(e) = rel.validate() {
+            return self.fail(id, format!("{rel}: {e}"));
+        }
+        if self.tree.as_ref().map(|(c, _)| *c) != Some(checksum) {
+            let cmp = Compare {
+                owner: self.fs.privileged,
+            };
+            let mut errors = Vec::new();
+            let built = {
+                let mut cache = self.fs.state.cache.lock().expect("cache lock");
+                DigestTree::build(
+                    self.fs.root(),
+                    &module_filter,
+                    &mut cache,
+                    cmp,
+                    checksum,
+                    &mut errors,
+                )
+            };
+            for (p, e) in &errors {
+                tracing::warn!(module = self.fs.module(), path = %p, "verify: {e}");
+            }
+            match built {
+                Ok(tree) => self.tree = Some((checksum, tree)),
+                Err(e) => return self.fail(id, format!("verify: {e}")),
+            }
+        }
+        let (_, tree) = self.tree.as_ref().expect("built above");
+        let (dir, entries) = match tree.dirs.get(rel) {
+            Some(listing) => (Some(listing.dir.entry.clone()), listing.entries.clone()),
+            None => (None, Vec::<DigestEntry>::new()),
+        };
+        self.reply(Message::DirDigests { id, dir, entries });
+    }
+}

@@ -1,0 +1,47 @@
+//! The receiver's counters: one set per process, shared by every session.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one receiver process, shared by all sessions.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Files committed.
+    pub files: AtomicU64,
+    /// Of which rebuilt from a delta.
+    pub delta_files: AtomicU64,
+    /// Bytes written into files.
+    pub bytes_written: AtomicU64,
+    /// Payload bytes received for file bodies (whole data and deltas).
+    pub bytes_received: AtomicU64,
+    /// Directories created.
+    pub mkdirs: AtomicU64,
+    /// Symlinks and special files created.
+    pub links: AtomicU64,
+    /// Metadata-only updates.
+    pub set_meta: AtomicU64,
+    /// Deletions.
+    pub deletes: AtomicU64,
+    /// Renames.
+    pub renames: AtomicU64,
+    /// Failed requests.
+    pub failures: AtomicU64,
+}
+
+impl Stats {
+    /// `(name, value)` pairs, for `StatsReply` and logs.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let c = |name: &str, v: &AtomicU64| (name.to_string(), v.load(Ordering::Relaxed));
+        vec![
+            c("files", &self.files),
+            c("delta_files", &self.delta_files),
+            c("bytes_written", &self.bytes_written),
+            c("bytes_received", &self.bytes_received),
+            c("mkdirs", &self.mkdirs),
+            c("links", &self.links),
+            c("set_meta", &self.set_meta),
+            c("deletes", &self.deletes),
+            c("renames", &self.renames),
+            c("failures", &self.failures),
+        ]
+    }
+}
