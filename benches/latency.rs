@@ -11,8 +11,8 @@
 use ferry_receiver::Loopback;
 use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, Observer};
+use ferry_sender::execute::{Report, Step, StepKind};
 use ferry_sender::filter::Filter;
-use ferry_sender::reconcile::{Report, Step, StepKind};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -290,7 +290,7 @@ fn rsyncd_stopped_and_restarted_loses_nothing() {
     fs::create_dir_all(src.join("d/e")).unwrap();
     fs::write(src.join("d/e/f"), "3").unwrap();
     fs::remove_file(src.join("before")).unwrap();
-    daemon.wait_log_n("rsync failed, will retry", 1, 30);
+    daemon.wait_log_n("failed, will retry: rsync exit", 1, 30);
     rsyncd.restart();
     wait_equal(&src, &dst, 40, "after rsyncd came back");
 }

@@ -75,19 +75,49 @@ pub enum Change {
         /// When its first event arrived (for latency figures).
         since: Instant,
     },
-    /// `from` was renamed to `to` inside the tree.
-    Rename {
-        /// Old name.
-        from: RelPath,
-        /// New name.
-        to: RelPath,
-        /// Whether it is a directory.
-        dir: bool,
-        /// When the move happened.
-        since: Instant,
-    },
+    /// A rename inside the tree.
+    Rename(Rename),
     /// Compare the whole tree.
     Full,
+}
+
+/// `from` was renamed to `to` inside the tree: the one shape a rename has from the watcher to
+/// the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rename {
+    /// Old name.
+    pub from: RelPath,
+    /// New name.
+    pub to: RelPath,
+    /// It is a directory.
+    pub dir: bool,
+    /// When it happened (for latency figures).
+    pub since: Instant,
+}
+
+/// Moves the entries of `map` at and below `from` to the same places below `to`; `merge` puts
+/// each moved entry in (an entry may already exist under the new name).
+pub fn rekey<V>(
+    map: &mut BTreeMap<RelPath, V>,
+    from: &RelPath,
+    to: &RelPath,
+    mut merge: impl FnMut(&mut BTreeMap<RelPath, V>, RelPath, V),
+) {
+    for old in under(map, from) {
+        let v = map.remove(&old).expect("listed by under");
+        merge(map, old.rebase(from, to), v);
+    }
+}
+
+/// The keys of `map` at and below `path`.
+pub fn under<V>(map: &BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath> {
+    // Keys below `path` sort after it and share its bytes as a prefix (so do siblings such
+    // as `a-b` for `a`, which the filter drops).
+    map.range(path.clone()..)
+        .take_while(|(p, _)| p.as_bytes().starts_with(path.as_bytes()))
+        .filter(|(p, _)| p.starts_with(path))
+        .map(|(p, _)| p.clone())
+        .collect()
 }
 
 /// Settle and max-delay times.
@@ -172,13 +202,15 @@ impl Coalescer {
                 match self.moves.iter().position(|(c, _, _)| *c == cookie) {
                     Some(i) => {
                         let (_, from, at) = self.moves.remove(i).expect("index is valid");
-                        self.rekey(&from, &to);
-                        self.ready.push(Change::Rename {
+                        rekey(&mut self.pending, &from, &to, |m, k, v| {
+                            m.insert(k, v);
+                        });
+                        self.ready.push(Change::Rename(Rename {
                             from,
                             to,
                             dir: what == What::Dir,
                             since: at,
-                        });
+                        }));
                     }
                     // Moved in from outside the tree: complete, so send it now.
                     None => {
@@ -276,29 +308,8 @@ impl Coalescer {
 
     /// Forgets pending writes at and below `path` (it was removed or is sent whole).
     fn drop_under(&mut self, path: &RelPath) {
-        let below: Vec<RelPath> = self
-            .pending
-            .range(path.clone()..)
-            .take_while(|(p, _)| p.as_bytes().starts_with(path.as_bytes()))
-            .filter(|(p, _)| p.starts_with(path))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in below {
+        for p in under(&self.pending, path) {
             self.pending.remove(&p);
-        }
-    }
-
-    /// Moves pending writes under `from` to the same place under `to`.
-    fn rekey(&mut self, from: &RelPath, to: &RelPath) {
-        let moved: Vec<RelPath> = self
-            .pending
-            .keys()
-            .filter(|p| p.starts_with(from))
-            .cloned()
-            .collect();
-        for old in moved {
-            let p = self.pending.remove(&old).expect("listed above");
-            self.pending.insert(old.rebase(from, to), p);
         }
     }
 }
@@ -326,7 +337,7 @@ mod tests {
     fn show(c: &Change) -> String {
         match c {
             Change::Path { path, need, .. } => format!("{need:?} {path}"),
-            Change::Rename { from, to, dir, .. } => {
+            Change::Rename(Rename { from, to, dir, .. }) => {
                 format!("Rename {from} -> {to}{}", if *dir { " (dir)" } else { "" })
             }
             Change::Full => "Full".into(),

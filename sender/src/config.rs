@@ -197,10 +197,31 @@ impl Config {
             file: file.to_path_buf(),
             message: e.to_string(),
         })?;
-        Config::parse(&text, file)
+        let config = Config::parse(&text, file)?;
+        config.check_files().map_err(|message| ConfigError {
+            file: file.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
     }
 
-    /// Parses and validates `text` as if read from `file`.
+    /// Checks what the configuration names on disk (rsync password files), as a start-up
+    /// would: [`Config::parse`] alone reads nothing but the text.
+    pub fn check_files(&self) -> Result<(), String> {
+        for (name, t) in &self.targets {
+            if let TargetKind::Rsync(RsyncTarget {
+                password_file: Some(pf),
+                ..
+            }) = &t.kind
+            {
+                check_password_file(pf)
+                    .map_err(|e| format!("targets.{name}.password_file: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates `text` as if read from `file`; reads nothing else.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let err = |message: String| ConfigError {
             file: file.to_path_buf(),
@@ -272,10 +293,6 @@ impl Config {
                         )));
                     }
                     let password_file = t.password_file.clone().map(resolve);
-                    if let Some(pf) = &password_file {
-                        check_password_file(pf)
-                            .map_err(|e| err(format!("{}: {e}", key("password_file"))))?;
-                    }
                     TargetKind::Rsync(RsyncTarget {
                         user: t.user.clone(),
                         password_file,

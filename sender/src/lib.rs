@@ -13,18 +13,21 @@
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod coalesce;
 pub mod config;
 pub mod daemon;
+pub mod execute;
 pub mod filter;
-pub mod import;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;
+pub mod route;
 pub mod rsync;
 pub mod session;
 pub mod transfer;
 pub mod verify;
 pub mod watch;
+pub mod worker;
 
 pub use config::Config;

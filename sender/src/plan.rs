@@ -1,31 +1,110 @@
-//! Planning: what must be sent so a receiver's tree equals the source tree. Pure: both trees
-//! come in as listings, the plan comes out as data.
+//! Planning: what must be sent so a receiver's tree equals the source tree. Pure: trees and
+//! dirty paths come in as data, the plan comes out as data.
+//!
+//! Each rule has its one home here, and every path (full reconcile, subtree compare, live
+//! batch) calls it:
+//! - [`entry_op`]: the op for one entry by its kind, given what the receiver has there
+//!   (devices only for a privileged receiver);
+//! - [`body_for`]: whole file or delta;
+//! - [`order_dir_meta`]: which directories get their times back, and in what order;
+//! - [`plan_batch`]: a live batch of dirty paths into a plan plus the subtrees to compare.
 
+use crate::coalesce::Need;
 use ferry_protocol::delta::DELTA_THRESHOLD;
+use ferry_protocol::message::{Body, Message, RequestId};
 use ferry_protocol::meta::{Compare, Entry, Kind};
 use ferry_protocol::RelPath;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+/// What the receiver holds where a file is to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// Nothing usable: no entry, another kind, or an empty file.
+    Absent,
+    /// Not known (a live change; the receiver answers `NoBase` if it has nothing).
+    Unknown,
+    /// A non-empty regular file.
+    Present,
+}
+
+impl Base {
+    /// What a receiver listing entry offers as a delta base.
+    pub fn of(remote: Option<&Entry>) -> Base {
+        match remote {
+            Some(r) if r.meta.kind == Kind::File && r.meta.size > 0 => Base::Present,
+            _ => Base::Absent,
+        }
+    }
+}
+
+/// Whole body or delta for a file of `size` bytes (the size of the open file, read with
+/// `fstat`, is the one that counts): a delta pays only for files of [`DELTA_THRESHOLD`] or
+/// more, against a base the receiver may hold.
+pub fn body_for(size: u64, base: Base) -> Body {
+    if size >= DELTA_THRESHOLD && base != Base::Absent {
+        Body::Delta
+    } else {
+        Body::Whole
+    }
+}
 
 /// One step of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Remove a path (recursively).
-    Delete(RelPath),
     /// Create or retype a directory (times come later, in [`Plan::dir_meta`]).
     Mkdir(Entry),
     /// Create or replace a symlink.
     Symlink(Entry),
     /// Create or replace a fifo or device node.
     Special(Entry),
-    /// Send file content; `delta` when the receiver holds an older regular file worth diffing.
+    /// Send file content.
     File {
         /// The source entry.
         entry: Entry,
-        /// Ask for a signature first.
-        delta: bool,
+        /// What the receiver holds to diff against.
+        base: Base,
     },
-    /// Set mode, owner and mtime of a non-directory whose content is already right.
+    /// Set mode, owner and mtime of an entry whose content is already right.
     SetMeta(Entry),
+}
+
+impl Op {
+    /// The entry the op makes.
+    pub fn entry(&self) -> &Entry {
+        match self {
+            Op::Mkdir(e) | Op::Symlink(e) | Op::Special(e) | Op::SetMeta(e) => e,
+            Op::File { entry, .. } => entry,
+        }
+    }
+
+    /// The request that carries the op, for every op but a file (which travels as a
+    /// transfer of its own).
+    pub fn request(self, id: RequestId) -> Option<Message> {
+        Some(match self {
+            Op::Mkdir(e) => Message::Mkdir {
+                id,
+                path: e.path,
+                meta: e.meta,
+            },
+            Op::Symlink(e) => Message::Symlink {
+                id,
+                path: e.path,
+                target: e.link.unwrap_or_default(),
+                meta: e.meta,
+            },
+            Op::Special(e) => Message::Special {
+                id,
+                path: e.path,
+                meta: e.meta,
+            },
+            Op::SetMeta(e) => Message::SetMeta {
+                id,
+                path: e.path,
+                meta: e.meta,
+            },
+            Op::File { .. } => return None,
+        })
+    }
 }
 
 /// A reconcile plan, executed in three phases: `deletes`, then `creates` in tree order (parents
@@ -46,6 +125,13 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.deletes.is_empty() && self.creates.is_empty() && self.dir_meta.is_empty()
     }
+
+    /// Appends `other`'s steps (a subtree's plan) to these.
+    pub fn extend(&mut self, other: Plan) {
+        self.deletes.extend(other.deletes);
+        self.creates.extend(other.creates);
+        self.dir_meta.extend(other.dir_meta);
+    }
 }
 
 /// Options for [`plan`].
@@ -57,6 +143,73 @@ pub struct PlanOptions {
     pub compare: Compare,
     /// Whether the receiver can create device nodes.
     pub devices: bool,
+}
+
+/// What the receiver has at an entry's path.
+#[derive(Debug, Clone, Copy)]
+pub enum Remote<'a> {
+    /// Nothing (its listing has no such path).
+    Absent,
+    /// Not known: a live change, sent without listing the receiver first.
+    Unknown,
+    /// This entry.
+    Known(&'a Entry),
+}
+
+/// The op that makes the receiver's entry equal to `local`, by kind; `None` if nothing is
+/// needed or possible (a device node for an unprivileged receiver). A directory that exists
+/// (or may exist) needs nothing here: its times are [`order_dir_meta`]'s business.
+pub fn entry_op(local: &Entry, remote: Remote<'_>, opts: PlanOptions) -> Option<Op> {
+    let known = match remote {
+        Remote::Known(r) => Some(r),
+        _ => None,
+    };
+    let same_kind = known.filter(|r| r.meta.kind == local.meta.kind);
+    let meta_only = |r: &Entry| {
+        (!local
+            .meta
+            .attr_differences(&r.meta, opts.compare)
+            .is_empty())
+        .then(|| Op::SetMeta(local.clone()))
+    };
+    let kind = local.meta.kind;
+    match kind {
+        Kind::Dir => match (remote, same_kind) {
+            (Remote::Unknown, _) | (_, Some(_)) => None,
+            _ => Some(Op::Mkdir(local.clone())),
+        },
+        Kind::File => match same_kind {
+            Some(r) if local.meta.quick_equal(&r.meta) => meta_only(r),
+            _ => Some(Op::File {
+                entry: local.clone(),
+                base: match remote {
+                    Remote::Unknown => Base::Unknown,
+                    _ => Base::of(known),
+                },
+            }),
+        },
+        Kind::Symlink => match same_kind {
+            Some(r) if r.link == local.link => meta_only(r),
+            _ => Some(Op::Symlink(local.clone())),
+        },
+        _ if kind != Kind::Fifo && !opts.devices => None,
+        _ => match same_kind {
+            Some(r) if r.meta.rdev == local.meta.rdev => meta_only(r),
+            _ => Some(Op::Special(local.clone())),
+        },
+    }
+}
+
+/// Orders directories whose times must be restored: children before parents (deepest
+/// first), each once. They are sent after everything inside them is acknowledged.
+pub fn order_dir_meta(dirs: &mut Vec<Entry>) {
+    dirs.sort_by(|a, b| {
+        b.path
+            .depth()
+            .cmp(&a.path.depth())
+            .then(b.path.tree_cmp(&a.path))
+    });
+    dirs.dedup_by(|a, b| a.path == b.path);
 }
 
 /// Computes the plan that turns `remote` into `local`. Both are tree-order listings starting
@@ -84,61 +237,103 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions) -> Plan {
     }
 
     for l in local {
-        let remote = remote_by_path.get(&l.path).copied();
-        let parent = l.path.parent().unwrap_or_default();
         if l.path.is_root() {
             continue;
         }
-        let op = match (l.meta.kind, remote) {
-            (Kind::Dir, Some(r)) if r.meta.kind == Kind::Dir => {
-                if !l.meta.attr_differences(&r.meta, opts.compare).is_empty() {
-                    touched.insert(l.path.clone());
+        let remote = remote_by_path
+            .get(&l.path)
+            .map_or(Remote::Absent, |r| Remote::Known(r));
+        if l.meta.kind == Kind::Dir {
+            let attrs_differ = match remote {
+                Remote::Known(r) if r.meta.kind == Kind::Dir => {
+                    !l.meta.attr_differences(&r.meta, opts.compare).is_empty()
                 }
-                None
-            }
-            (Kind::Dir, _) => {
+                _ => true,
+            };
+            if attrs_differ {
                 touched.insert(l.path.clone());
-                Some(Op::Mkdir(l.clone()))
             }
-            (Kind::File, Some(r)) if r.meta.kind == Kind::File => {
-                if !l.meta.quick_equal(&r.meta) {
-                    let delta = r.meta.size > 0 && l.meta.size >= DELTA_THRESHOLD;
-                    Some(Op::File {
-                        entry: l.clone(),
-                        delta,
-                    })
-                } else if !l.meta.attr_differences(&r.meta, opts.compare).is_empty() {
-                    Some(Op::SetMeta(l.clone()))
-                } else {
-                    None
-                }
-            }
-            (Kind::File, _) => Some(Op::File {
-                entry: l.clone(),
-                delta: false,
-            }),
-            (Kind::Symlink, Some(r)) if r.meta.kind == Kind::Symlink && r.link == l.link => {
-                (!l.meta.attr_differences(&r.meta, opts.compare).is_empty())
-                    .then(|| Op::SetMeta(l.clone()))
-            }
-            (Kind::Symlink, _) => Some(Op::Symlink(l.clone())),
-            (k, _) if k.is_special() && k != Kind::Fifo && !opts.devices => None,
-            (_, Some(r)) if r.meta.kind == l.meta.kind && r.meta.rdev == l.meta.rdev => {
-                (!l.meta.attr_differences(&r.meta, opts.compare).is_empty())
-                    .then(|| Op::SetMeta(l.clone()))
-            }
-            _ => Some(Op::Special(l.clone())),
-        };
-        if let Some(op) = op {
-            touched.insert(parent);
+        }
+        if let Some(op) = entry_op(l, remote, opts) {
+            touched.insert(l.path.parent().unwrap_or_default());
             out.creates.push(op);
         }
     }
 
-    // Local order is tree order; reversed it is deepest-first.
-    for l in local.iter().rev() {
-        if l.meta.kind == Kind::Dir && touched.contains(&l.path) {
-            out.dir_meta.push(l.clone());
+    out.dir_meta = local
+        .iter()
+        .filter(|l| l.meta.kind == Kind::Dir && touched.contains(&l.path))
+        .cloned()
+        .collect();
+    order_dir_meta(&mut out.dir_meta);
+    out
+}
+
+/// A dirty path of a live batch, as the source has it now.
+#[derive(Debug)]
+pub struct Dirty {
+    /// The path.
+    pub path: RelPath,
+    /// What its events asked for.
+    pub need: Need,
+    /// Its `lstat`: the entry, `None` if it is gone, or why it could not be read.
+    pub entry: Result<Option<Entry>, String>,
+}
+
+/// What a live batch needs: a plan for the paths that can be decided alone, the subtrees to
+/// compare with the receiver's listing, and the directories whose times must be restored.
+#[derive(Debug, Default)]
+pub struct BatchPlan {
+    /// Steps decided from the dirty paths alone.
+    pub plan: Plan,
+    /// Directories (new, moved in, or changed as a whole) to compare as subtrees.
+    pub trees: Vec<RelPath>,
+    /// Parents whose entries change: their times are restored after their contents.
+    pub parents: BTreeSet<RelPath>,
+    /// Paths that could not be read, with why.
+    pub failures: Vec<(RelPath, String)>,
+}
+
+/// Plans a live batch. `dirty` is in tree order, one entry per path; a path below a deleted
+/// path or a subtree to compare is covered by it and skipped.
+pub fn plan_batch(dirty: Vec<Dirty>, opts: PlanOptions) -> BatchPlan {
+    let mut out = BatchPlan::default();
+    let mut covered: Option<RelPath> = None;
+    for Dirty { path, need, entry } in dirty {
+        if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
+            continue;
+        }
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                out.failures.push((path, e));
+                continue;
+            }
+        };
+        match entry {
+            None => {
+                if opts.delete && !path.is_root() {
+                    out.parents.extend(path.parent());
+                    out.plan.deletes.push(path.clone());
+                    covered = Some(path);
+                }
+            }
+            Some(e) if e.meta.kind == Kind::Dir => {
+                if need >= Need::Content {
+                    out.parents.extend(path.parent());
+                    out.trees.push(path.clone());
+                    covered = Some(path);
+                } else {
+                    out.plan.dir_meta.push(e);
+                }
+            }
+            Some(e) if need == Need::Meta => out.plan.creates.push(Op::SetMeta(e)),
+            Some(e) => {
+                if let Some(op) = entry_op(&e, Remote::Unknown, opts) {
+                    out.parents.extend(path.parent());
+                    out.plan.creates.push(op);
+                }
+            }
         }
     }
     out
@@ -215,11 +410,11 @@ mod tests {
             vec![
                 Op::File {
                     entry: local[2].clone(),
-                    delta: false
+                    base: Base::Absent
                 },
                 Op::File {
                     entry: local[3].clone(),
-                    delta: true
+                    base: Base::Present
                 },
                 Op::Symlink(local[4].clone()),
                 Op::Mkdir(local[5].clone()),
@@ -272,8 +467,132 @@ mod tests {
             plan(&local, &remote, opts()).creates,
             vec![Op::File {
                 entry: local[1].clone(),
-                delta: false
+                base: Base::Present
             }]
         );
+        assert_eq!(body_for(100, Base::Present), Body::Whole);
+    }
+
+    #[test]
+    fn delta_only_for_big_files_with_a_possible_base() {
+        let big = DELTA_THRESHOLD;
+        assert_eq!(body_for(big, Base::Present), Body::Delta);
+        assert_eq!(body_for(big, Base::Unknown), Body::Delta);
+        assert_eq!(body_for(big, Base::Absent), Body::Whole);
+        assert_eq!(body_for(big - 1, Base::Unknown), Body::Whole);
+        let empty = e("f", Kind::File, 0, 1);
+        assert_eq!(Base::of(Some(&empty)), Base::Absent);
+        assert_eq!(Base::of(Some(&e("f", Kind::Dir, 0, 1))), Base::Absent);
+        assert_eq!(Base::of(Some(&e("f", Kind::File, 9, 1))), Base::Present);
+    }
+
+    #[test]
+    fn entry_op_by_kind_table() {
+        let no_dev = opts();
+        let dev = PlanOptions {
+            devices: true,
+            ..opts()
+        };
+        let file = e("f", Kind::File, 5, 2);
+        let dir = e("d", Kind::Dir, 0, 1);
+        let link = e("l", Kind::Symlink, 0, 1);
+        let chr = e("c", Kind::CharDevice, 0, 1);
+        let fifo = e("p", Kind::Fifo, 0, 1);
+        let older = e("f", Kind::File, 5, 1);
+        let show = |op: Option<Op>| match op {
+            None => "-".to_string(),
+            Some(Op::File { base, .. }) => format!("File {base:?}"),
+            Some(op) => format!("{op:?}").split('(').next().unwrap().to_string(),
+        };
+        let table: Vec<(&Entry, Remote, PlanOptions, &str)> = vec![
+            (&file, Remote::Absent, no_dev, "File Absent"),
+            (&file, Remote::Unknown, no_dev, "File Unknown"),
+            (&file, Remote::Known(&older), no_dev, "File Present"),
+            (&file, Remote::Known(&file), no_dev, "-"),
+            (&file, Remote::Known(&dir), no_dev, "File Absent"),
+            (&dir, Remote::Absent, no_dev, "Mkdir"),
+            (&dir, Remote::Unknown, no_dev, "-"),
+            (&dir, Remote::Known(&file), no_dev, "Mkdir"),
+            (&dir, Remote::Known(&dir), no_dev, "-"),
+            (&link, Remote::Unknown, no_dev, "Symlink"),
+            (&link, Remote::Known(&link), no_dev, "-"),
+            (&chr, Remote::Unknown, no_dev, "-"),
+            (&chr, Remote::Absent, dev, "Special"),
+            (&fifo, Remote::Unknown, no_dev, "Special"),
+        ];
+        for (local, remote, o, want) in table {
+            assert_eq!(
+                show(entry_op(local, remote, o)),
+                want,
+                "{} {remote:?}",
+                local.path
+            );
+        }
+        let mut chmodded = file.clone();
+        chmodded.meta.mode = 0o600;
+        assert_eq!(
+            entry_op(&chmodded, Remote::Known(&file), no_dev),
+            Some(Op::SetMeta(chmodded.clone()))
+        );
+    }
+
+    fn dirty(path: &str, need: Need, entry: Option<Entry>) -> Dirty {
+        Dirty {
+            path: RelPath::from(path),
+            need,
+            entry: Ok(entry),
+        }
+    }
+
+    #[test]
+    fn a_batch_sends_files_compares_new_directories_and_deletes_what_is_gone() {
+        let batch = vec![
+            dirty("a", Need::Tree, Some(e("a", Kind::Dir, 0, 1))),
+            dirty(
+                "a/inner",
+                Need::Content,
+                Some(e("a/inner", Kind::File, 1, 1)),
+            ),
+            dirty("b", Need::Meta, Some(e("b", Kind::Dir, 0, 1))),
+            dirty("c/f", Need::Content, Some(e("c/f", Kind::File, 1 << 20, 1))),
+            dirty("g", Need::Content, None),
+            dirty("g/x", Need::Content, None),
+            dirty("m", Need::Meta, Some(e("m", Kind::File, 1, 1))),
+            Dirty {
+                path: RelPath::from("u"),
+                need: Need::Content,
+                entry: Err("Permission denied".into()),
+            },
+        ];
+        let out = plan_batch(batch, opts());
+        assert_eq!(out.trees, vec![RelPath::from("a")], "a/inner is covered");
+        assert_eq!(out.plan.deletes, vec![RelPath::from("g")]);
+        assert_eq!(
+            out.plan.creates,
+            vec![
+                Op::File {
+                    entry: e("c/f", Kind::File, 1 << 20, 1),
+                    base: Base::Unknown
+                },
+                Op::SetMeta(e("m", Kind::File, 1, 1)),
+            ]
+        );
+        assert_eq!(out.plan.dir_meta, vec![e("b", Kind::Dir, 0, 1)]);
+        let parents: Vec<String> = out.parents.iter().map(|p| p.to_string()).collect();
+        assert_eq!(parents, vec![".", "c"]);
+        assert_eq!(
+            out.failures,
+            vec![(RelPath::from("u"), "Permission denied".into())]
+        );
+    }
+
+    #[test]
+    fn a_batch_without_delete_keeps_what_is_gone() {
+        let o = PlanOptions {
+            delete: false,
+            ..opts()
+        };
+        let out = plan_batch(vec![dirty("g", Need::Content, None)], o);
+        assert!(out.plan.is_empty() && out.parents.is_empty());
     }
 }

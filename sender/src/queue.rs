@@ -1,29 +1,29 @@
-//! A target's pending work: a set of dirty paths plus the renames not yet applied. Memory grows
-//! with the number of changed paths, never with the number of events, however long the target
-//! is away.
+//! A target's pending work: a set of dirty paths plus the renames not yet applied, and the
+//! paths waiting to be retried after the receiver refused them. Memory grows with the number
+//! of changed paths, never with the number of events, however long the target is away.
+//!
+//! Retries are data, not timers: a failed path gets a due time that grows with its failures
+//! ([`retry_delay`]); [`Queue::take`] hands it out once due, and the worker sleeps until the
+//! earliest due time. A path that succeeds, or changes again, is forgotten by the retry set.
 
-use crate::coalesce::{Change, Need};
+use crate::coalesce::{self, Change, Need, Rename};
 use ferry_protocol::RelPath;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Renames kept as renames while the target is away; past this many they are folded into
 /// dirty paths (the new names are compared whole, the old names deleted).
 pub const MAX_RENAMES: usize = 4096;
+/// Delay before a path that failed on the receiver is tried again; doubles per failure.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Longest delay between two tries of a failing path.
+pub const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// A rename waiting to be applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rename {
-    /// Old name.
-    pub from: RelPath,
-    /// New name.
-    pub to: RelPath,
-    /// It is a directory.
-    pub dir: bool,
-    /// When it happened.
-    pub since: Instant,
+/// How long a path waits after its `failures`-th failure in a row (1, 2, 4 … 30 s).
+pub fn retry_delay(failures: u32) -> Duration {
+    (RETRY_AFTER * 2u32.saturating_pow(failures.saturating_sub(1).min(6))).min(MAX_RETRY)
 }
 
 /// Work taken from a [`Queue`] in one go.
@@ -34,7 +34,7 @@ pub struct Batch {
     /// Renames, oldest first; applied before `paths`.
     pub renames: Vec<Rename>,
     /// Dirty paths with their need and the time of their first event.
-    pub paths: HashMap<RelPath, (Need, Instant)>,
+    pub paths: BTreeMap<RelPath, (Need, Instant)>,
 }
 
 impl Batch {
@@ -50,9 +50,7 @@ impl Batch {
 
     /// Adds a dirty path, keeping the highest need and the earliest time.
     pub fn mark(&mut self, path: RelPath, need: Need, since: Instant) {
-        let e = self.paths.entry(path).or_insert((need, since));
-        e.0 = e.0.max(need);
-        e.1 = e.1.min(since);
+        merge(&mut self.paths, path, need, since)
     }
 
     /// Adds one coalesced change.
@@ -60,29 +58,12 @@ impl Batch {
         match change {
             Change::Full => self.full = true,
             Change::Path { path, need, since } => self.mark(path, need, since),
-            Change::Rename {
-                from,
-                to,
-                dir,
-                since,
-            } => {
+            Change::Rename(r) => {
                 // Dirty paths under the old name are now under the new one.
-                let moved: Vec<RelPath> = self
-                    .paths
-                    .keys()
-                    .filter(|p| p.starts_with(&from))
-                    .cloned()
-                    .collect();
-                for old in moved {
-                    let (need, at) = self.paths.remove(&old).expect("listed above");
-                    self.mark(old.rebase(&from, &to), need, at);
-                }
-                self.renames.push(Rename {
-                    from,
-                    to,
-                    dir,
-                    since,
+                coalesce::rekey(&mut self.paths, &r.from, &r.to, |m, k, (need, at)| {
+                    merge(m, k, need, at)
                 });
+                self.renames.push(r);
                 if self.renames.len() > MAX_RENAMES {
                     self.fold_renames();
                 }
@@ -106,12 +87,7 @@ impl Batch {
         // Later renames happened after the earlier paths were dirtied: they move them. Later
         // paths were already recorded under their current names.
         for r in later.renames {
-            self.add(Change::Rename {
-                from: r.from,
-                to: r.to,
-                dir: r.dir,
-                since: r.since,
-            });
+            self.add(Change::Rename(r));
         }
         for (path, (need, since)) in later.paths {
             self.mark(path, need, since);
@@ -119,10 +95,37 @@ impl Batch {
     }
 }
 
+fn merge(paths: &mut BTreeMap<RelPath, (Need, Instant)>, path: RelPath, need: Need, at: Instant) {
+    let e = paths.entry(path).or_insert((need, at));
+    e.0 = e.0.max(need);
+    e.1 = e.1.min(at);
+}
+
+/// A path the receiver refused, waiting for its next try.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    /// Failures in a row.
+    failures: u32,
+    /// When to try again; `None` once handed out (the count stays until the outcome is known).
+    due: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    batch: Batch,
+    retries: BTreeMap<RelPath, Retry>,
+}
+
+impl State {
+    fn next_due(&self) -> Option<Instant> {
+        self.retries.values().filter_map(|r| r.due).min()
+    }
+}
+
 /// A target's queue, shared by the watcher that fills it and the worker that drains it.
 #[derive(Debug, Default, Clone)]
 pub struct Queue {
-    inner: Arc<(Mutex<Batch>, Notify)>,
+    inner: Arc<(Mutex<State>, Notify)>,
 }
 
 impl Queue {
@@ -131,40 +134,101 @@ impl Queue {
         Queue::default()
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.0.lock().expect("queue lock")
+    }
+
     /// Adds changes and wakes the worker.
     pub fn push(&self, changes: impl IntoIterator<Item = Change>) {
-        let mut b = self.inner.0.lock().expect("queue lock");
+        let mut st = self.state();
         for c in changes {
-            b.add(c);
+            st.batch.add(c);
         }
-        drop(b);
+        drop(st);
         self.inner.1.notify_one();
     }
 
-    /// Takes everything pending.
-    pub fn take(&self) -> Batch {
-        std::mem::take(&mut *self.inner.0.lock().expect("queue lock"))
+    /// Takes everything pending, with the retries due at `now`.
+    pub fn take(&self, now: Instant) -> Batch {
+        let mut st = self.state();
+        let st = &mut *st;
+        for (path, r) in st.retries.iter_mut() {
+            if r.due.is_some_and(|d| d <= now) {
+                r.due = None;
+                st.batch.mark(path.clone(), Need::Tree, now);
+            }
+        }
+        std::mem::take(&mut st.batch)
+    }
+
+    /// Records the outcome of a batch taken earlier: the paths in `failed` are tried again
+    /// after a delay that grows with their failures in a row; every other path of `batch`
+    /// succeeded and is forgotten by the retry set.
+    pub fn settle(&self, batch: &Batch, failed: &[RelPath], now: Instant) {
+        let mut st = self.state();
+        let failed_set: HashSet<&RelPath> = failed.iter().collect();
+        for path in batch.paths.keys() {
+            if !failed_set.contains(path) {
+                st.retries.remove(path);
+            }
+        }
+        for path in failed {
+            let r = st.retries.entry(path.clone()).or_insert(Retry {
+                failures: 0,
+                due: None,
+            });
+            r.failures += 1;
+            r.due = Some(now + retry_delay(r.failures));
+        }
+        drop(st);
+        self.inner.1.notify_one();
+    }
+
+    /// Makes every waiting retry due at once (after a reconnect: the receiver or its disk may
+    /// be back, so there is no reason to wait).
+    pub fn retry_now(&self, now: Instant) {
+        let mut st = self.state();
+        for r in st.retries.values_mut() {
+            if r.due.is_some() {
+                r.due = Some(now);
+            }
+        }
     }
 
     /// Puts unfinished work back in front of whatever arrived since.
     pub fn put_back(&self, unfinished: Batch) {
-        self.inner.0.lock().expect("queue lock").prepend(unfinished);
+        self.state().batch.prepend(unfinished);
         self.inner.1.notify_one();
     }
 
-    /// Number of dirty paths and renames waiting.
+    /// Number of dirty paths and renames waiting (retries not yet due excluded).
     pub fn len(&self) -> usize {
-        self.inner.0.lock().expect("queue lock").len()
+        self.state().batch.len()
     }
 
-    /// True if nothing is waiting.
+    /// True if nothing is ready to be taken at `now`.
+    pub fn is_idle(&self, now: Instant) -> bool {
+        let st = self.state();
+        st.batch.is_empty() && st.next_due().is_none_or(|d| d > now)
+    }
+
+    /// True if nothing is waiting (retries not yet due excluded).
     pub fn is_empty(&self) -> bool {
-        self.inner.0.lock().expect("queue lock").is_empty()
+        self.state().batch.is_empty()
     }
 
-    /// Waits until something was pushed since the last wait.
+    /// Waits until something was pushed, or the earliest retry falls due.
     pub async fn wait(&self) {
-        self.inner.1.notified().await
+        let due = self.state().next_due();
+        match due {
+            Some(d) => {
+                tokio::select! {
+                    _ = self.inner.1.notified() => {}
+                    _ = tokio::time::sleep_until(d.into()) => {}
+                }
+            }
+            None => self.inner.1.notified().await,
+        }
     }
 }
 
@@ -185,12 +249,12 @@ mod tests {
     }
 
     fn rename(from: &str, to: &str) -> Change {
-        Change::Rename {
+        Change::Rename(Rename {
             from: p(from),
             to: p(to),
             dir: true,
             since: Instant::now(),
-        }
+        })
     }
 
     fn needs(b: &Batch) -> Vec<(String, Need)> {
@@ -238,7 +302,7 @@ mod tests {
     fn put_back_keeps_order_of_renames_and_merges_paths() {
         let q = Queue::new();
         q.push([rename("a", "b"), path("f", Need::Meta)]);
-        let taken = q.take();
+        let taken = q.take(Instant::now());
         assert!(q.is_empty());
         // While the batch was out, `b` was renamed again, `f` rewritten and a new `b`
         // created.
@@ -248,7 +312,7 @@ mod tests {
             path("b", Need::Tree),
         ]);
         q.put_back(taken);
-        let b = q.take();
+        let b = q.take(Instant::now());
         let order: Vec<(String, String)> = b
             .renames
             .iter()
@@ -262,5 +326,71 @@ mod tests {
             needs(&b),
             vec![("b".into(), Need::Tree), ("f".into(), Need::Content)]
         );
+    }
+
+    fn paths(b: &Batch) -> Vec<String> {
+        b.paths.keys().map(|k| k.to_string()).collect()
+    }
+
+    #[test]
+    fn a_failed_path_comes_back_when_due_and_not_before() {
+        let q = Queue::new();
+        let t0 = Instant::now();
+        q.push([path("f", Need::Content)]);
+        let b = q.take(t0);
+        q.settle(&b, &[p("f")], t0);
+        assert!(q.is_idle(t0 + RETRY_AFTER / 2));
+        assert!(q.take(t0 + RETRY_AFTER / 2).is_empty());
+        let again = q.take(t0 + RETRY_AFTER);
+        assert_eq!(needs(&again), vec![("f".into(), Need::Tree)]);
+    }
+
+    #[test]
+    fn retry_delays_grow_while_a_path_keeps_failing_and_reset_once_it_succeeds() {
+        let q = Queue::new();
+        let mut now = Instant::now();
+        q.push([path("bad", Need::Content)]);
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let b = q.take(now);
+            assert_eq!(paths(&b), vec!["bad"]);
+            q.settle(&b, &[p("bad")], now);
+            let due = q.state().next_due().unwrap();
+            waits.push((due - now).as_secs());
+            now = due;
+        }
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+        // It succeeds: the next failure starts again at the first delay.
+        let b = q.take(now);
+        q.settle(&b, &[], now);
+        assert!(q.state().retries.is_empty());
+        q.push([path("bad", Need::Content)]);
+        let b = q.take(now);
+        q.settle(&b, &[p("bad")], now);
+        assert_eq!((q.state().next_due().unwrap() - now).as_secs(), 1);
+    }
+
+    #[test]
+    fn a_change_to_a_failing_path_is_sent_at_once() {
+        let q = Queue::new();
+        let now = Instant::now();
+        q.push([path("f", Need::Content)]);
+        let b = q.take(now);
+        q.settle(&b, &[p("f")], now);
+        q.push([path("f", Need::Content)]);
+        assert!(!q.is_idle(now));
+        assert_eq!(paths(&q.take(now)), vec!["f"]);
+    }
+
+    #[test]
+    fn retry_now_makes_every_waiting_retry_due() {
+        let q = Queue::new();
+        let now = Instant::now();
+        q.push([path("a", Need::Content), path("b", Need::Content)]);
+        let b = q.take(now);
+        q.settle(&b, &[p("a"), p("b")], now);
+        assert!(q.take(now).is_empty());
+        q.retry_now(now);
+        assert_eq!(paths(&q.take(now)), vec!["a", "b"]);
     }
 }

@@ -13,12 +13,16 @@
 
 use crate::coalesce::Need;
 use crate::config::{RsyncTarget, SyncGroup};
+use crate::execute::Report;
 use crate::queue::Batch;
 use crate::reconcile::scan_source_under;
+use crate::worker::{Observer, Outcome, Transport};
 use ferry_protocol::RelPath;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// How an rsync run ended, classified the way operators read rsync's exit codes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,6 +313,71 @@ fn missing_binary(path: &std::path::Path) -> String {
          RHEL/CentOS: yum install rsync) or set rsync_path",
         path.display()
     )
+}
+
+/// An rsync target as a worker's last hop: one `rsync` run at a time.
+pub struct RsyncLink {
+    /// The group it serves.
+    pub group: SyncGroup,
+    /// The target's name, for logs.
+    pub name: String,
+    /// `host:port` of the rsyncd (or the ssh host).
+    pub address: String,
+    /// How to run rsync.
+    pub rsync: RsyncTarget,
+    /// Who hears about full runs.
+    pub observer: Arc<dyn Observer>,
+}
+
+impl Transport for RsyncLink {
+    async fn connect(&mut self) -> Result<bool, String> {
+        // Every run logs in anew.
+        Ok(false)
+    }
+
+    async fn send(&mut self, b: &Batch) -> Outcome {
+        let started = Instant::now();
+        // A killed rsync (an abandoned batch) leaves only its own temp names behind.
+        let (verdict, listed) = if b.full {
+            (full(&self.group, &self.rsync, &self.address).await, 0)
+        } else {
+            batch(&self.group, &self.rsync, &self.address, b).await
+        };
+        let (group, target) = (self.group.name.as_str(), self.name.as_str());
+        match verdict {
+            Verdict::Done => {
+                let report = Report {
+                    rsync_paths: listed as u64,
+                    elapsed: started.elapsed(),
+                    ..Report::default()
+                };
+                if b.full {
+                    self.observer.reconciled(group, target, &report);
+                    tracing::info!(
+                        sync = group,
+                        target,
+                        elapsed_ms = report.elapsed.as_millis() as u64,
+                        "reconciled (rsync -a)"
+                    );
+                } else {
+                    tracing::debug!(
+                        sync = group,
+                        target,
+                        paths = listed,
+                        elapsed_ms = report.elapsed.as_millis() as u64,
+                        "synced (rsync --files-from)"
+                    );
+                }
+                Outcome::Done(report)
+            }
+            Verdict::Partial(msg) | Verdict::Transient(msg) => Outcome::Retry(msg),
+            Verdict::Config(msg) => Outcome::Stop(format!("module {}: {msg}", self.group.module)),
+        }
+    }
+
+    fn disconnect(&mut self) {}
+
+    async fn close(self) {}
 }
 
 /// Is the `rsync` binary there? (For a clear message at start-up rather than at first use.)

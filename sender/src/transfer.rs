@@ -1,6 +1,7 @@
 //! Sending one file: `FileBegin`, optionally the receiver's signature, the body as whole
 //! chunks or windowed deltas read on a blocking thread, then `FileEnd` with the digest.
 
+use crate::plan::{body_for, Base};
 use crate::session::{Session, SessionError};
 use ferry_protocol::delta::{self, WINDOW};
 use ferry_protocol::local;
@@ -9,7 +10,7 @@ use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::RelPath;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio::sync::mpsc;
 
 /// Size of a whole-body chunk.
@@ -42,7 +43,7 @@ pub struct InFlight {
     id: RequestId,
     rx: mpsc::Receiver<Message>,
     path: RelPath,
-    local: PathBuf,
+    file: std::fs::File,
     meta: Meta,
     body: Body,
 }
@@ -56,36 +57,52 @@ pub struct Sent {
     pub delta: bool,
 }
 
-/// Sends `FileBegin` for `path` under `root`, with fresh metadata. Returns `Ok(None)` if the
-/// path is no longer a regular file.
+/// Opens `path` under `root` (never following a symlink, never blocking on a fifo swapped in)
+/// and reads its metadata from the open file: the one read that counts, since it is the file
+/// whose bytes are sent. `Ok(None)` if it is gone or no longer a regular file.
+fn open_source(
+    root: &Path,
+    path: &RelPath,
+) -> Result<Option<(std::fs::File, Meta)>, TransferError> {
+    let read_err = |source| TransferError::Read {
+        path: path.clone(),
+        source,
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(local::local_path(root, path))
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) => return Err(read_err(e)),
+    };
+    let md = file.metadata().map_err(read_err)?;
+    Ok(local::meta_of(&md)
+        .filter(|m| m.kind == Kind::File)
+        .map(|m| (file, m)))
+}
+
+/// Sends `FileBegin` for `path` under `root`, with the metadata of the opened file; whole or
+/// delta as [`body_for`] decides from its size and what the receiver may hold. Returns
+/// `Ok(None)` if the path is no longer a regular file.
 pub async fn begin(
     session: &Session,
     root: &Path,
     path: &RelPath,
-    want_delta: bool,
+    base: Base,
 ) -> Result<Option<InFlight>, TransferError> {
-    let local_path = local::local_path(root, path);
-    let entry = {
+    let opened = {
         let (root, path) = (root.to_path_buf(), path.clone());
-        tokio::task::spawn_blocking(move || local::read_entry(&root, &path))
+        tokio::task::spawn_blocking(move || open_source(&root, &path))
             .await
-            .expect("stat task")
+            .expect("open task")?
     };
-    let meta = match entry {
-        Ok(Some(e)) if e.meta.kind == Kind::File => e.meta,
-        Ok(_) => return Ok(None),
-        Err(source) => {
-            return Err(TransferError::Read {
-                path: path.clone(),
-                source,
-            })
-        }
+    let Some((file, meta)) = opened else {
+        return Ok(None);
     };
-    let body = if want_delta && meta.size >= delta::DELTA_THRESHOLD {
-        Body::Delta
-    } else {
-        Body::Whole
-    };
+    let body = body_for(meta.size, base);
     let (id, rx) = session.register();
     session
         .send(Message::FileBegin {
@@ -99,7 +116,7 @@ pub async fn begin(
         id,
         rx,
         path: path.clone(),
-        local: local_path,
+        file,
         meta,
         body,
     }))
@@ -124,14 +141,9 @@ impl InFlight {
             }
         }
         let out = session.sender();
-        let (id, local, meta, path) = (
-            self.id,
-            self.local.clone(),
-            self.meta.clone(),
-            self.path.clone(),
-        );
+        let (id, meta, path, mut file) = (self.id, self.meta.clone(), self.path.clone(), self.file);
         let streamed = tokio::task::spawn_blocking(move || {
-            stream_body(id, &local, &meta, &path, signature, &out)
+            stream_body(id, &mut file, &meta, &path, signature, &out)
         })
         .await
         .expect("reader task");
@@ -157,7 +169,7 @@ impl InFlight {
 
 fn stream_body(
     id: RequestId,
-    local: &Path,
+    file: &mut std::fs::File,
     meta: &Meta,
     path: &RelPath,
     signature: Option<Vec<u8>>,
@@ -167,23 +179,9 @@ fn stream_body(
         path: path.clone(),
         source,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(local)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) {
-                TransferError::Vanished(path.clone())
-            } else {
-                read_err(e)
-            }
-        })?;
     let same = |m: &std::fs::Metadata| {
         local::meta_of(m).is_some_and(|now| now.kind == Kind::File && now.quick_equal(meta))
     };
-    if !same(&file.metadata().map_err(read_err)?) {
-        return Err(TransferError::Changed(path.clone()));
-    }
     let lost = || TransferError::Session(SessionError::Lost("sending file body".into()));
     let mut hasher = blake3::Hasher::new();
     let mut sent = Sent {
@@ -198,7 +196,7 @@ fn stream_body(
             let index = sig.index();
             let mut window = vec![0; WINDOW.min(meta.size as usize).max(1)];
             loop {
-                let n = read_full(&mut file, &mut window).map_err(read_err)?;
+                let n = read_full(file, &mut window).map_err(read_err)?;
                 if n == 0 {
                     break;
                 }
@@ -221,7 +219,7 @@ fn stream_body(
         }
         None => loop {
             let mut chunk = vec![0; CHUNK.min(meta.size.saturating_sub(total) as usize + 1)];
-            let n = read_full(&mut file, &mut chunk).map_err(read_err)?;
+            let n = read_full(file, &mut chunk).map_err(read_err)?;
             if n == 0 {
                 break;
             }

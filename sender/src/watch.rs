@@ -10,9 +10,9 @@
 use crate::coalesce::{Change, Coalescer, Event as Ev, Timing, What};
 use crate::config::SyncGroup;
 use crate::queue::Queue;
+use crate::route::{route, Lookup, Routed};
 use ferry_protocol::RelPath;
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,26 @@ pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Longest the thread sleeps without checking for shutdown.
 const TICK: Duration = Duration::from_millis(200);
+/// Raw events that may wait between notify's thread and the router. Past it, events are
+/// dropped and the group is compared whole instead (as after a kernel queue overflow), so
+/// memory stays bounded while nothing is lost.
+pub const EVENT_BACKLOG: usize = 65_536;
+
+type RawEvent = notify::Result<notify::Event>;
+
+/// notify's side of the bounded hop to the router: a full channel becomes an overflow.
+struct Bounded {
+    tx: mpsc::SyncSender<RawEvent>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl notify::EventHandler for Bounded {
+    fn handle_event(&mut self, event: RawEvent) {
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(event) {
+            self.overflowed.store(true, Ordering::Relaxed);
+        }
+    }
+}
 
 /// The watcher thread of one group.
 pub struct GroupWatcher {
@@ -42,27 +62,35 @@ impl GroupWatcher {
         timing: Timing,
         queues: Vec<Queue>,
     ) -> Result<GroupWatcher, notify::Error> {
-        let (tx, rx) = mpsc::channel();
-        let watcher =
-            RecommendedWatcher::new(tx, notify::Config::default().with_follow_symlinks(false))
-                .inspect_err(|e| {
-                    if let notify::ErrorKind::Io(io) = &e.kind {
-                        if io.raw_os_error() == Some(libc::EMFILE) {
-                            tracing::error!(
-                                sync = %group.name,
-                                "cannot create an inotify instance: raise the limit with \
-                                 `sysctl -w fs.inotify.max_user_instances=1024` (persist it in \
-                                 /etc/sysctl.d/90-ferry.conf)"
-                            );
-                        }
-                    }
-                })?;
+        let (tx, rx) = mpsc::sync_channel(EVENT_BACKLOG);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let handler = Bounded {
+            tx,
+            overflowed: overflowed.clone(),
+        };
+        let watcher = RecommendedWatcher::new(
+            handler,
+            notify::Config::default().with_follow_symlinks(false),
+        )
+        .inspect_err(|e| {
+            if let notify::ErrorKind::Io(io) = &e.kind {
+                if io.raw_os_error() == Some(libc::EMFILE) {
+                    tracing::error!(
+                        sync = %group.name,
+                        "cannot create an inotify instance: raise the limit with \
+                         `sysctl -w fs.inotify.max_user_instances=1024` (persist it in \
+                         /etc/sysctl.d/90-ferry.conf)"
+                    );
+                }
+            }
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut router = Router {
             coalescer: Coalescer::new(timing),
             watched: HashSet::new(),
             unwatched: 0,
             limit_logged: false,
+            overflowed,
             watcher,
             group,
             queues,
@@ -109,13 +137,15 @@ struct Router {
     /// Directories left unwatched by the last walk because of the watch limit.
     unwatched: usize,
     limit_logged: bool,
+    /// Set by notify's thread when the channel to us was full and events were dropped.
+    overflowed: Arc<AtomicBool>,
     watcher: RecommendedWatcher,
     group: SyncGroup,
     queues: Vec<Queue>,
 }
 
 impl Router {
-    fn run(mut self, rx: mpsc::Receiver<notify::Result<notify::Event>>, stop: &AtomicBool) {
+    fn run(mut self, rx: mpsc::Receiver<RawEvent>, stop: &AtomicBool) {
         let mut next_rescan = Instant::now() + DEGRADED_RESCAN;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
@@ -136,6 +166,15 @@ impl Router {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
+            if self.overflowed.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    sync = %self.group.name,
+                    "more than {EVENT_BACKLOG} events waited for the router; comparing the \
+                     whole tree"
+                );
+                self.rewatch_all();
+                self.coalescer.event(Ev::Overflow, now);
+            }
             if self.unwatched > 0 && now >= next_rescan {
                 next_rescan = now + DEGRADED_RESCAN;
                 tracing::warn!(
@@ -166,20 +205,6 @@ impl Router {
             .map(RelPath::from_path)
     }
 
-    fn what(&self, rel: &RelPath) -> Option<What> {
-        let md =
-            std::fs::symlink_metadata(ferry_protocol::local::local_path(&self.group.source, rel))
-                .ok()?;
-        let ft = md.file_type();
-        Some(if ft.is_dir() {
-            What::Dir
-        } else if ft.is_file() {
-            What::File
-        } else {
-            What::Other
-        })
-    }
-
     fn handle(&mut self, ev: notify::Result<notify::Event>) {
         let now = Instant::now();
         let ev = match ev {
@@ -206,101 +231,32 @@ impl Router {
             return;
         }
         tracing::trace!(sync = %self.group.name, ?ev, "event");
-        let Some(path) = ev.paths.first() else {
+        let Some(rel) = ev.paths.first().and_then(|p| self.rel(p)) else {
             return;
         };
-        let Some(rel) = self.rel(path) else {
-            return;
-        };
-        if rel.is_root() {
-            if matches!(
-                ev.kind,
-                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
-            ) {
-                tracing::error!(
-                    sync = %self.group.name,
-                    source = %self.group.source.display(),
-                    "the source directory itself was removed or moved; changes inside it are \
-                     no longer seen until ferry restarts"
-                );
-            } else if matches!(ev.kind, EventKind::Modify(ModifyKind::Metadata(_))) {
-                self.coalescer.event(Ev::Attrib(rel), now);
+        let cookie = ev.tracker().map(|c| c as u32);
+        match route(&ev.kind, rel, cookie, &*self) {
+            Routed::Ignore => {}
+            Routed::RootGone => tracing::error!(
+                sync = %self.group.name,
+                source = %self.group.source.display(),
+                "the source directory itself was removed or moved; changes inside it are no \
+                 longer seen until ferry restarts"
+            ),
+            Routed::Event {
+                event,
+                watch,
+                forget,
+            } => {
+                if let Some(f) = forget {
+                    self.forget_under(&f);
+                }
+                if let Some(w) = watch {
+                    self.watch_tree(&w, false);
+                }
+                self.coalescer.event(event, now);
             }
-            return;
         }
-        let was_dir = self.watched.contains(&rel);
-        let event = match ev.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => Ev::Closed(rel),
-            EventKind::Access(_) => return,
-            EventKind::Create(kind) => {
-                let what = self.what(&rel).unwrap_or(if kind == CreateKind::Folder {
-                    What::Dir
-                } else {
-                    What::File
-                });
-                if self.excluded(&rel, what == What::Dir) {
-                    return;
-                }
-                if what == What::Dir {
-                    // Watch it (and anything already inside) before it is scanned.
-                    self.watch_tree(&rel, false);
-                }
-                Ev::Created(rel, what)
-            }
-            EventKind::Modify(ModifyKind::Name(mode)) => match (mode, ev.tracker()) {
-                (RenameMode::From, Some(cookie)) => {
-                    if self.excluded(&rel, was_dir) {
-                        return;
-                    }
-                    self.forget_under(&rel);
-                    Ev::MovedFrom(rel, cookie as u32)
-                }
-                (RenameMode::To, Some(cookie)) => {
-                    let what = self.what(&rel).unwrap_or(What::File);
-                    if self.excluded(&rel, what == What::Dir) {
-                        return;
-                    }
-                    if what == What::Dir {
-                        self.watch_tree(&rel, false);
-                    }
-                    Ev::MovedTo(rel, cookie as u32, what)
-                }
-                (RenameMode::Both, _) => return,
-                _ => {
-                    if self.excluded(&rel, was_dir) {
-                        return;
-                    }
-                    Ev::Removed(rel)
-                }
-            },
-            EventKind::Modify(ModifyKind::Metadata(_)) => {
-                let is_dir = self.what(&rel) == Some(What::Dir);
-                if self.excluded(&rel, is_dir) {
-                    return;
-                }
-                Ev::Attrib(rel)
-            }
-            EventKind::Modify(_) => {
-                if self.excluded(&rel, false) {
-                    return;
-                }
-                Ev::Modified(rel)
-            }
-            EventKind::Remove(kind) => {
-                let is_dir = was_dir || kind == RemoveKind::Folder;
-                if self.excluded(&rel, is_dir) {
-                    return;
-                }
-                self.forget_under(&rel);
-                Ev::Removed(rel)
-            }
-            EventKind::Any | EventKind::Other => return,
-        };
-        self.coalescer.event(event, now);
-    }
-
-    fn excluded(&self, rel: &RelPath, is_dir: bool) -> bool {
-        self.group.filter.excludes_with_ancestors(rel, is_dir)
     }
 
     /// Drops our record of watches at and below `rel` (notify drops the watches themselves
@@ -387,5 +343,29 @@ impl Router {
              {}s.",
             DEGRADED_RESCAN.as_secs()
         );
+    }
+}
+
+impl Lookup for Router {
+    fn what(&self, rel: &RelPath) -> Option<What> {
+        let md =
+            std::fs::symlink_metadata(ferry_protocol::local::local_path(&self.group.source, rel))
+                .ok()?;
+        let ft = md.file_type();
+        Some(if ft.is_dir() {
+            What::Dir
+        } else if ft.is_file() {
+            What::File
+        } else {
+            What::Other
+        })
+    }
+
+    fn watched(&self, rel: &RelPath) -> bool {
+        self.watched.contains(rel)
+    }
+
+    fn excluded(&self, rel: &RelPath, is_dir: bool) -> bool {
+        self.group.filter.excludes_with_ancestors(rel, is_dir)
     }
 }

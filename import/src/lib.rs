@@ -10,7 +10,9 @@
 //!   - inotify.sh / sersync.sh (`rsync_module_name=([file]='/file' …)`, `exclude_file_rule`,
 //!     `des_ip=(…)`, `user`, `rsync_passwd_file`; rsync to an rsyncd).
 //!
-//! Errors name the file and line. The output is TOML text with comments, for review.
+//! Errors name the file and line. The output is TOML text with comments, for review; it is
+//! parsed with the real `ferry_receiver`/`ferry_sender` parsers before it is returned.
+#![warn(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -189,7 +191,26 @@ pub fn rsyncd_conf(text: &str, file: &Path, opts: &ReceiverOptions) -> Result<St
             );
         }
     }
-    Ok(out)
+    checked(out, file, |text, f| {
+        ferry_receiver::Config::parse(text, f).map(drop)
+    })
+}
+
+/// Parses what an importer wrote with the real configuration parser, so an import never hands
+/// the operator a file that `ferry` would refuse.
+fn checked<E: std::fmt::Display>(
+    text: String,
+    input: &Path,
+    parse: impl FnOnce(&str, &Path) -> Result<(), E>,
+) -> Result<String, ImportError> {
+    parse(&text, Path::new("(imported configuration)")).map_err(|e| {
+        error(
+            input,
+            0,
+            format!("the configuration made from this file does not parse: {e}"),
+        )
+    })?;
+    Ok(text)
 }
 
 fn boolean(v: &str) -> Option<bool> {
@@ -309,7 +330,10 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
             "found neither DEST_HOST (file_watch.conf) nor rsync_module_name (inotify.sh)",
         ));
     }
-    Ok(out)
+    let file = files.first().map_or(PathBuf::new(), |(f, _)| f.clone());
+    checked(out, &file, |text, f| {
+        ferry_sender::Config::parse(text, f).map(drop)
+    })
 }
 
 fn file_watch(

@@ -1,0 +1,381 @@
+//! Executing a plan over a session: every step of every path (full reconcile, subtree
+//! compare, live batch) goes through [`execute`], with many requests in flight.
+//!
+//! Invariants: deletes go out first, then creations in tree order (parents before children);
+//! directory times go out only after every earlier step is acknowledged, deepest first. A
+//! per-path failure lands in the [`Report`] and never stops the others; only a lost
+//! connection ends execution (with an error, so the caller can put the work back).
+
+use crate::plan::{Op, Plan};
+use crate::session::{Session, SessionError};
+use crate::transfer::{self, TransferError};
+use ferry_protocol::message::{Message, RequestId};
+use ferry_protocol::RelPath;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+/// Requests in flight per session.
+pub const MAX_IN_FLIGHT: usize = 512;
+/// File bodies being read at once per session.
+pub const MAX_FILES_IN_FLIGHT: usize = 16;
+/// Attempts for a file that keeps changing while it is read.
+pub const FILE_ATTEMPTS: usize = 3;
+
+/// What a reconcile or batch did.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// Files sent.
+    pub files: u64,
+    /// Of which as deltas.
+    pub delta_files: u64,
+    /// Directories, links and special files created.
+    pub created: u64,
+    /// Metadata-only updates (including directory times).
+    pub meta: u64,
+    /// Paths deleted.
+    pub deleted: u64,
+    /// Paths renamed.
+    pub renamed: u64,
+    /// Paths handed to the rsync client (compatibility mode).
+    pub rsync_paths: u64,
+    /// File payload bytes (whole data plus deltas).
+    pub payload_bytes: u64,
+    /// Total bytes written to the connection.
+    pub bytes_sent: u64,
+    /// Per-path failures: the path and why.
+    pub failures: Vec<(RelPath, String)>,
+    /// Files that disappeared or changed type between planning and sending. Not failures
+    /// for the daemon (the watcher reports what became of them), but a one-shot reconcile
+    /// has not converged.
+    pub vanished: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// True if every planned step succeeded.
+    pub fn converged(&self) -> bool {
+        self.failures.is_empty() && self.vanished == 0
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn absorb(&mut self, other: Report) {
+        self.files += other.files;
+        self.delta_files += other.delta_files;
+        self.created += other.created;
+        self.meta += other.meta;
+        self.deleted += other.deleted;
+        self.renamed += other.renamed;
+        self.rsync_paths += other.rsync_paths;
+        self.payload_bytes += other.payload_bytes;
+        self.bytes_sent += other.bytes_sent;
+        self.failures.extend(other.failures);
+        self.vanished += other.vanished;
+        self.elapsed += other.elapsed;
+    }
+
+    /// Steps that changed something on the receiver.
+    pub fn steps(&self) -> u64 {
+        self.files + self.created + self.meta + self.deleted + self.renamed
+    }
+
+    /// The paths that failed.
+    pub fn failed_paths(&self) -> Vec<RelPath> {
+        self.failures.iter().map(|(p, _)| p.clone()).collect()
+    }
+}
+
+/// What one durable step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepKind {
+    /// File content sent whole.
+    File,
+    /// File content sent as a delta.
+    Delta,
+    /// Directory, symlink or special file created.
+    Created,
+    /// Metadata applied.
+    Meta,
+    /// Path deleted.
+    Deleted,
+    /// Path renamed to the given name.
+    Renamed(RelPath),
+}
+
+/// One step the receiver acknowledged (so it is durable there).
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// What was done.
+    pub kind: StepKind,
+    /// To which path.
+    pub path: RelPath,
+    /// Payload bytes (files only).
+    pub bytes: u64,
+}
+
+/// Called once per acknowledged step.
+pub type Observe<'a> = &'a mut (dyn FnMut(&Step) + Send);
+
+/// A step that did not succeed.
+#[derive(Debug)]
+enum Failure {
+    /// The connection is gone: execution ends.
+    Fatal(SessionError),
+    /// The path vanished or changed type: its own event will say what became of it.
+    Vanished(RelPath),
+    /// The receiver refused it, or reading it failed: retried later.
+    Path(RelPath, String),
+}
+
+impl Failure {
+    /// The one mapping from a transfer's error to what it means for the run.
+    fn of_transfer(path: RelPath, e: TransferError) -> Failure {
+        match e {
+            TransferError::Session(e) if e.is_fatal() => Failure::Fatal(e),
+            TransferError::Vanished(_) => Failure::Vanished(path),
+            e => Failure::path(path, e),
+        }
+    }
+
+    /// A per-path failure; the reason loses the path the receiver put in front of it, so
+    /// the path is said once.
+    fn path(path: RelPath, e: impl std::fmt::Display) -> Failure {
+        let text = e.to_string();
+        let prefix = format!("{path}: ");
+        let reason = text
+            .strip_prefix(&prefix)
+            .map_or(text.clone(), str::to_string);
+        Failure::Path(path, reason)
+    }
+}
+
+type Outcome = Result<Step, Failure>;
+
+/// Executes a plan with many requests in flight. Per-path failures land in the report;
+/// a lost connection ends execution with an error. `observe` sees each acknowledged step.
+pub async fn execute(
+    session: &Arc<Session>,
+    root: &Path,
+    plan: Plan,
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<(), SessionError> {
+    let mut run = Run {
+        session,
+        slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        tasks: JoinSet::new(),
+        report,
+        observe,
+    };
+    for path in plan.deletes {
+        run.issue(StepKind::Deleted, path, |id, path| Message::Delete {
+            id,
+            path,
+        })
+        .await?;
+    }
+    let file_slots = Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT));
+    for op in plan.creates {
+        let kind = match &op {
+            Op::File { entry, base } => {
+                let permit = file_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
+                run.reap()?;
+                let (path, base) = (entry.path.clone(), *base);
+                let (session, root) = (session.clone(), root.to_path_buf());
+                run.tasks.spawn(async move {
+                    let _permit = permit;
+                    send_file(&session, &root, path, base).await
+                });
+                continue;
+            }
+            Op::SetMeta(_) => StepKind::Meta,
+            Op::Mkdir(_) | Op::Symlink(_) | Op::Special(_) => StepKind::Created,
+        };
+        let path = op.entry().path.clone();
+        run.issue(kind, path, |id, _| op.request(id).expect("not a file"))
+            .await?;
+    }
+    // Barrier: directory times only after everything inside them is durable.
+    run.drain().await?;
+    for e in plan.dir_meta {
+        let path = e.path.clone();
+        let op = Op::SetMeta(e);
+        run.issue(StepKind::Meta, path, |id, _| {
+            op.request(id).expect("not a file")
+        })
+        .await?;
+    }
+    run.drain().await
+}
+
+/// Applies renames in order, pipelined. Returns the ones the receiver refused (typically
+/// because it does not have the old name), for the caller to send as content instead.
+pub async fn rename_all<'r>(
+    session: &Arc<Session>,
+    renames: impl IntoIterator<Item = &'r crate::coalesce::Rename>,
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<Vec<&'r crate::coalesce::Rename>, SessionError> {
+    let mut replies = Vec::new();
+    for r in renames {
+        let rx = session
+            .start(|id| Message::Rename {
+                id,
+                from: r.from.clone(),
+                to: r.to.clone(),
+            })
+            .await?;
+        replies.push((r, rx));
+    }
+    let mut refused = Vec::new();
+    for (r, mut rx) in replies {
+        match session.expect_ack(&mut rx).await {
+            Ok(()) => {
+                report.renamed += 1;
+                observe(&Step {
+                    kind: StepKind::Renamed(r.to.clone()),
+                    path: r.from.clone(),
+                    bytes: 0,
+                });
+            }
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                tracing::debug!(from = %r.from, to = %r.to, "rename refused, sending content instead: {e}");
+                refused.push(r);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Sends one file, starting again (up to [`FILE_ATTEMPTS`] times) if it changes while read.
+async fn send_file(
+    session: &Session,
+    root: &Path,
+    path: RelPath,
+    base: crate::plan::Base,
+) -> Outcome {
+    let mut attempt = 1;
+    loop {
+        let sent = async {
+            match transfer::begin(session, root, &path, base).await? {
+                Some(flight) => flight.finish(session).await.map(Some),
+                None => Ok(None),
+            }
+        }
+        .await;
+        match sent {
+            Ok(Some(sent)) => {
+                return Ok(Step {
+                    kind: if sent.delta {
+                        StepKind::Delta
+                    } else {
+                        StepKind::File
+                    },
+                    path,
+                    bytes: sent.payload,
+                })
+            }
+            Ok(None) => return Err(Failure::Vanished(path)),
+            Err(TransferError::Changed(_)) if attempt < FILE_ATTEMPTS => {
+                tracing::debug!(%path, attempt, "file changed while sending; retrying");
+                attempt += 1;
+            }
+            Err(e) => return Err(Failure::of_transfer(path, e)),
+        }
+    }
+}
+
+/// The moving parts of one [`execute`].
+struct Run<'a, 'o> {
+    session: &'a Arc<Session>,
+    slots: Arc<Semaphore>,
+    tasks: JoinSet<Outcome>,
+    report: &'a mut Report,
+    observe: Observe<'o>,
+}
+
+impl Run<'_, '_> {
+    /// Sends one request and spawns the wait for its acknowledgement.
+    async fn issue(
+        &mut self,
+        kind: StepKind,
+        path: RelPath,
+        make: impl FnOnce(RequestId, RelPath) -> Message,
+    ) -> Result<(), SessionError> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        self.reap()?;
+        let mut rx = self.session.start(|id| make(id, path.clone())).await?;
+        let session = self.session.clone();
+        self.tasks.spawn(async move {
+            let _permit = permit;
+            match session.expect_ack(&mut rx).await {
+                Ok(()) => Ok(Step {
+                    kind,
+                    path,
+                    bytes: 0,
+                }),
+                Err(e) if e.is_fatal() => Err(Failure::Fatal(e)),
+                Err(e) => Err(Failure::path(path, e)),
+            }
+        });
+        Ok(())
+    }
+
+    fn record(&mut self, outcome: Outcome) -> Result<(), SessionError> {
+        let report = &mut *self.report;
+        match outcome {
+            Ok(step) => {
+                match step.kind {
+                    StepKind::Created => report.created += 1,
+                    StepKind::Meta => report.meta += 1,
+                    StepKind::Deleted => report.deleted += 1,
+                    StepKind::Renamed(_) => report.renamed += 1,
+                    StepKind::File | StepKind::Delta => {
+                        report.files += 1;
+                        report.delta_files += (step.kind == StepKind::Delta) as u64;
+                        report.payload_bytes += step.bytes;
+                    }
+                }
+                (self.observe)(&step);
+            }
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Vanished(path)) => {
+                tracing::debug!(%path, "vanished or changed type while sending");
+                report.vanished += 1;
+            }
+            Err(Failure::Path(path, error)) => {
+                tracing::warn!(%path, target = %self.session.address(), "{error}");
+                report.failures.push((path, error));
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects finished tasks without waiting.
+    fn reap(&mut self) -> Result<(), SessionError> {
+        while let Some(r) = self.tasks.try_join_next() {
+            self.record(r.expect("task panicked"))?;
+        }
+        Ok(())
+    }
+
+    async fn drain(&mut self) -> Result<(), SessionError> {
+        while let Some(r) = self.tasks.join_next().await {
+            self.record(r.expect("task panicked"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,453 @@
+//! One worker per (sync group, target): the one loop that drains a target's [`Queue`] batch by
+//! batch over a [`Transport`] — a ferry session ([`FerryLink`]) or the rsync client
+//! ([`crate::rsync::RsyncLink`]).
+//!
+//! The loop: wait for work (or a retry falling due), connect (retrying with one [`Backoff`]),
+//! take a batch, send it; a batch that fails as a whole goes back to the queue (requests are
+//! idempotent, so replaying it is safe), per-path failures are settled into the queue's retry
+//! set. On shutdown the batch in flight gets [`SHUTDOWN_GRACE`] to finish. Targets never wait
+//! for each other: each has its own queue, worker and connection.
+
+use crate::batch::send_batch;
+use crate::config::{SyncGroup, Target};
+use crate::execute::{Report, Step, StepKind};
+use crate::queue::{Batch, Queue};
+use crate::session::Session;
+use crate::watch::PROGRESS_EVERY;
+use ferry_protocol::identity::Identity;
+use ferry_protocol::message::Intent;
+use ferry_protocol::RelPath;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// First delay after a failed connection or run; doubles per failure up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest delay between two attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a batch in flight may take to finish after SIGTERM before it is abandoned.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often a worker logs its summary at info level (when it did something).
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// Sees what the daemon does; the `ferry` binary prints or logs it.
+pub trait Observer: Send + Sync + 'static {
+    /// The initial (or post-overflow) full reconcile of `group` on `target` finished.
+    fn reconciled(&self, group: &str, target: &str, report: &Report) {
+        let _ = (group, target, report);
+    }
+    /// One live change is durable on the receiver; `latency` runs from the first event on
+    /// the path. Steps of a full reconcile are reported through `progress` instead.
+    fn step(&self, group: &str, target: &str, step: &Step, latency: Option<Duration>) {
+        let _ = (group, target, step, latency);
+    }
+    /// A full reconcile progressed: `done` steps so far.
+    fn progress(&self, group: &str, target: &str, done: u64) {
+        let _ = (group, target, done);
+    }
+}
+
+/// An observer that only logs (the daemon's default).
+pub struct LogObserver;
+
+impl Observer for LogObserver {}
+
+/// Capped exponential backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: MIN_BACKOFF }
+    }
+}
+
+impl Backoff {
+    /// The delay to wait now; the one after it is twice as long, up to [`MAX_BACKOFF`].
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        d
+    }
+
+    /// True if the last attempts failed.
+    pub fn failing(&self) -> bool {
+        self.next > MIN_BACKOFF
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.next = MIN_BACKOFF;
+    }
+}
+
+/// How a batch ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Sent; the report's failures are retried later, path by path.
+    Done(Report),
+    /// The connection was lost: put the batch back and reconnect.
+    Lost(String),
+    /// The whole batch failed for a passing reason: put it back and back off.
+    Retry(String),
+    /// The target cannot work as configured: put the batch back and stop this worker.
+    Stop(String),
+}
+
+/// The last hop of a worker: how a batch reaches the target.
+pub trait Transport: Send {
+    /// Makes sure a connection is open; `Ok(true)` if one was just opened.
+    fn connect(&mut self) -> impl Future<Output = Result<bool, String>> + Send;
+    /// Sends one batch.
+    fn send(&mut self, batch: &Batch) -> impl Future<Output = Outcome> + Send;
+    /// Drops the connection (it failed, or a batch was abandoned).
+    fn disconnect(&mut self);
+    /// Closes the connection cleanly at shutdown.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// One (group, target) worker.
+pub struct Worker<T> {
+    /// The group's name, for logs.
+    pub group: String,
+    /// The target's name, for logs.
+    pub target: String,
+    /// Where its work comes from.
+    pub queue: Queue,
+    /// The last hop.
+    pub transport: T,
+    /// Stops the loop.
+    pub shutdown: CancellationToken,
+}
+
+impl<T: Transport> Worker<T> {
+    /// A worker for `group` on `target`.
+    pub fn new(
+        group: String,
+        target: String,
+        queue: Queue,
+        transport: T,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Worker {
+            group,
+            target,
+            queue,
+            transport,
+            shutdown,
+        }
+    }
+
+    /// Drains the queue until shutdown (or until the target turns out unusable).
+    pub async fn run(mut self) {
+        let (group, target) = (self.group.clone(), self.target.clone());
+        let (group, target) = (group.as_str(), target.as_str());
+        let mut backoff = Backoff::default();
+        let mut summary = Report::default();
+        let mut last_summary = Instant::now();
+        loop {
+            if !wait_for_work(&self.queue, &self.shutdown).await {
+                break;
+            }
+            let connected = tokio::select! {
+                c = self.transport.connect() => c,
+                _ = self.shutdown.cancelled() => break,
+            };
+            match connected {
+                Ok(fresh) => {
+                    if fresh && backoff.failing() {
+                        tracing::info!(sync = group, target, "reconnected");
+                        // The receiver (or its disk) is back: what failed goes again now.
+                        self.queue.retry_now(Instant::now());
+                        backoff.reset();
+                    }
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        sync = group,
+                        target,
+                        pending = self.queue.len(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "cannot connect: {e}"
+                    );
+                    if !sleep_unless_shutdown(delay, &self.shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            let batch = self.queue.take(Instant::now());
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(outcome) =
+                finish_or_abandon(self.transport.send(&batch), &self.shutdown).await
+            else {
+                tracing::warn!(
+                    sync = group,
+                    target,
+                    "shutdown: abandoned a batch of {} changes (nothing half-written is kept \
+                     by the receiver)",
+                    batch.len()
+                );
+                self.queue.put_back(batch);
+                self.transport.disconnect();
+                break;
+            };
+            match outcome {
+                Outcome::Done(report) => {
+                    backoff.reset();
+                    self.queue
+                        .settle(&batch, &report.failed_paths(), Instant::now());
+                    summary.absorb(report);
+                    if last_summary.elapsed() >= SUMMARY_EVERY {
+                        log_summary(group, target, &summary, last_summary.elapsed());
+                        summary = Report::default();
+                        last_summary = Instant::now();
+                    }
+                }
+                Outcome::Lost(e) => {
+                    tracing::warn!(
+                        sync = group,
+                        target,
+                        "connection lost, keeping {} pending changes: {e}",
+                        batch.len()
+                    );
+                    self.queue.put_back(batch);
+                    self.transport.disconnect();
+                }
+                Outcome::Retry(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        sync = group,
+                        target,
+                        pending = batch.len() + self.queue.len(),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "failed, will retry: {e}"
+                    );
+                    self.queue.put_back(batch);
+                    if !sleep_unless_shutdown(delay, &self.shutdown).await {
+                        break;
+                    }
+                }
+                Outcome::Stop(e) => {
+                    self.queue.put_back(batch);
+                    tracing::error!(
+                        sync = group,
+                        target,
+                        "target stopped: {e}. Fix the target's configuration and restart \
+                         ferry; other targets continue"
+                    );
+                    return;
+                }
+            }
+        }
+        self.transport.close().await;
+    }
+}
+
+fn log_summary(group: &str, target: &str, r: &Report, over: Duration) {
+    if r.steps() == 0 && r.rsync_paths == 0 && r.failures.is_empty() {
+        return;
+    }
+    tracing::info!(
+        sync = group,
+        target,
+        files = r.files,
+        delta_files = r.delta_files,
+        created = r.created,
+        meta = r.meta,
+        deleted = r.deleted,
+        renamed = r.renamed,
+        rsync_paths = r.rsync_paths,
+        payload_bytes = r.payload_bytes,
+        failures = r.failures.len(),
+        seconds = over.as_secs(),
+        "synced"
+    );
+}
+
+/// Runs `work` to completion; once `shutdown` is cancelled it gets [`SHUTDOWN_GRACE`] more,
+/// after which it is dropped (abandoned) and `None` returned.
+pub async fn finish_or_abandon<F: Future>(
+    work: F,
+    shutdown: &CancellationToken,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    tokio::select! {
+        r = &mut work => Some(r),
+        _ = shutdown.cancelled() => tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok(),
+    }
+}
+
+/// Sleeps for `delay`; false if `shutdown` came first.
+async fn sleep_unless_shutdown(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+/// Waits until `queue` has work ready; false once `shutdown` is cancelled.
+async fn wait_for_work(queue: &Queue, shutdown: &CancellationToken) -> bool {
+    while queue.is_idle(Instant::now()) {
+        tokio::select! {
+            _ = queue.wait() => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+    !shutdown.is_cancelled()
+}
+
+/// A ferry target: a TLS session to the receiver's module.
+pub struct FerryLink {
+    /// The group it serves.
+    pub group: SyncGroup,
+    /// The target.
+    pub target: Target,
+    /// Our identity.
+    pub identity: Arc<Identity>,
+    /// Who sees each step.
+    pub observer: Arc<dyn Observer>,
+    session: Option<Arc<Session>>,
+}
+
+impl FerryLink {
+    /// A link, not yet connected.
+    pub fn new(
+        group: SyncGroup,
+        target: Target,
+        identity: Arc<Identity>,
+        observer: Arc<dyn Observer>,
+    ) -> FerryLink {
+        FerryLink {
+            group,
+            target,
+            identity,
+            observer,
+            session: None,
+        }
+    }
+}
+
+impl Transport for FerryLink {
+    async fn connect(&mut self) -> Result<bool, String> {
+        if self.session.is_some() {
+            return Ok(false);
+        }
+        let s = self
+            .target
+            .connect(&self.identity, &self.group.module, Intent::Write)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.session = Some(Arc::new(s));
+        Ok(true)
+    }
+
+    async fn send(&mut self, batch: &Batch) -> Outcome {
+        let Some(session) = self.session.clone() else {
+            return Outcome::Lost("not connected".into());
+        };
+        let started = Instant::now();
+        let sent_before = session.bytes_sent();
+        let (group, target) = (self.group.name.as_str(), self.target.name.as_str());
+        let observer = self.observer.clone();
+        let full = batch.full;
+        let renamed_since: HashMap<&RelPath, Instant> =
+            batch.renames.iter().map(|r| (&r.from, r.since)).collect();
+        let mut done = 0u64;
+        let mut last_progress = Instant::now();
+        let mut observe = |step: &Step| {
+            let latency = match &step.kind {
+                StepKind::Renamed(_) => renamed_since.get(&step.path).map(|t| t.elapsed()),
+                _ => first_event(&batch.paths, &step.path).map(|t| t.elapsed()),
+            };
+            tracing::debug!(
+                sync = group,
+                target,
+                op = ?step.kind,
+                path = %step.path,
+                bytes = step.bytes,
+                latency_ms = latency.map(|l| l.as_secs_f64() * 1e3),
+                "synced"
+            );
+            done += 1;
+            if !full {
+                observer.step(group, target, step, latency);
+            } else if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                tracing::info!(sync = group, target, done, "reconcile progress");
+                observer.progress(group, target, done);
+            }
+        };
+        let mut report = Report::default();
+        let sent = send_batch(&session, &self.group, batch, &mut report, &mut observe).await;
+        if let Err(e) = sent {
+            return Outcome::Lost(e.to_string());
+        }
+        report.bytes_sent = session.bytes_sent() - sent_before;
+        report.elapsed = started.elapsed();
+        if full {
+            self.observer.reconciled(group, target, &report);
+            tracing::info!(
+                sync = group,
+                target,
+                files = report.files,
+                deleted = report.deleted,
+                failures = report.failures.len(),
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "reconciled"
+            );
+        }
+        Outcome::Done(report)
+    }
+
+    fn disconnect(&mut self) {
+        self.session = None;
+    }
+
+    async fn close(self) {
+        if let Some(s) = self.session.and_then(|s| Arc::try_unwrap(s).ok()) {
+            s.close().await;
+        }
+    }
+}
+
+/// When the first event on `path` (or the nearest ancestor that was dirty) arrived.
+fn first_event(
+    paths: &BTreeMap<RelPath, (crate::coalesce::Need, Instant)>,
+    path: &RelPath,
+) -> Option<Instant> {
+    let mut p = Some(path.clone());
+    while let Some(q) = p {
+        if let Some((_, t)) = paths.get(&q) {
+            return Some(*t);
+        }
+        p = q.parent();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        assert!(!b.failing());
+        let waits: Vec<u64> = (0..10).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert_eq!(
+            waits,
+            vec![250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert!(b.failing());
+        b.reset();
+        assert_eq!(b.next_delay(), MIN_BACKOFF);
+    }
+}

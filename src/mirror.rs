@@ -1,0 +1,132 @@
+//! `ferry mirror SRC DST`: a receiver on 127.0.0.1 and a live sender in one process, no
+//! configuration. Progress on stderr, one line per change on stdout.
+
+use anyhow::{bail, Context, Result};
+use ferry_protocol::message::Intent;
+use ferry_sender::config::{SyncGroup, Target, TargetKind};
+use ferry_sender::daemon::{Daemon, Observer};
+use ferry_sender::execute::{Report, Step, StepKind};
+use ferry_sender::filter::Filter;
+use ferry_sender::reconcile;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `ferry mirror SRC DST [--once]`.
+pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
+    let src = src
+        .canonicalize()
+        .with_context(|| format!("{}", src.display()))?;
+    if !src.is_dir() {
+        bail!("{}: not a directory", src.display());
+    }
+    std::fs::create_dir_all(dst).with_context(|| format!("{}", dst.display()))?;
+    let dst = dst.canonicalize()?;
+    if dst.starts_with(&src) || src.starts_with(&dst) {
+        bail!(
+            "{} and {} overlap; mirror needs two separate trees",
+            src.display(),
+            dst.display()
+        );
+    }
+    let recv = ferry_receiver::Loopback::start("mirror", dst.clone()).await?;
+    let address = recv.address.clone();
+    let group = SyncGroup {
+        name: "mirror".into(),
+        source: src.clone(),
+        targets: vec!["local".into()],
+        module: "mirror".into(),
+        filter: Filter::empty(),
+        delete: true,
+        timing: Default::default(),
+    };
+    eprintln!(
+        "ferry: mirroring {} → {} via {address}",
+        src.display(),
+        dst.display()
+    );
+    let target = Target {
+        name: "local".into(),
+        address,
+        kind: TargetKind::Ferry {
+            fingerprint: recv.pin,
+        },
+    };
+    let code = if once {
+        let session = Arc::new(
+            target
+                .connect(&recv.client, "mirror", Intent::Write)
+                .await?,
+        );
+        let report = reconcile::reconcile(&session, &group).await?;
+        if let Ok(s) = Arc::try_unwrap(session) {
+            s.close().await;
+        }
+        crate::send::print_report("mirror", "local", &report);
+        if report.converged() {
+            0
+        } else {
+            1
+        }
+    } else {
+        let daemon = Daemon {
+            identity: Arc::new(recv.client.clone()),
+            targets: [("local".to_string(), target)].into(),
+            syncs: vec![group],
+        };
+        let observer = Arc::new(MirrorObserver {
+            src: src.clone(),
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        });
+        daemon.run(crate::shutdown_on_signals(), observer).await?;
+        eprintln!("ferry: stopped");
+        0
+    };
+    recv.stop().await;
+    Ok(code)
+}
+
+/// Prints `mirror`'s progress on stderr and one line per change on stdout.
+struct MirrorObserver {
+    src: PathBuf,
+    tty: bool,
+}
+
+impl Observer for MirrorObserver {
+    fn reconciled(&self, group: &str, target: &str, report: &Report) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+        crate::send::print_report(group, target, report);
+        eprintln!(
+            "ferry: initial sync done; watching {} (Ctrl-C to stop)",
+            self.src.display()
+        );
+    }
+
+    fn progress(&self, _group: &str, _target: &str, done: u64) {
+        if self.tty {
+            eprint!("\r\x1b[Kferry: initial sync: {done} entries sent");
+        } else {
+            eprintln!("ferry: initial sync: {done} entries sent");
+        }
+    }
+
+    fn step(&self, _group: &str, _target: &str, step: &Step, latency: Option<Duration>) {
+        use std::io::Write;
+        let latency = latency.map_or(String::new(), |l| {
+            format!(" ({:.1} ms)", l.as_secs_f64() * 1e3)
+        });
+        let line = match &step.kind {
+            StepKind::File => format!("sent {} {} B{latency}", step.path, step.bytes),
+            StepKind::Delta => format!("delta {} {} B{latency}", step.path, step.bytes),
+            StepKind::Created => format!("created {}{latency}", step.path),
+            StepKind::Meta => format!("meta {}{latency}", step.path),
+            StepKind::Deleted => format!("deleted {}{latency}", step.path),
+            StepKind::Renamed(to) => format!("renamed {} -> {to}{latency}", step.path),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}

@@ -1,0 +1,124 @@
+//! `ferry send` (the daemon, or one reconcile with `--once`) and `ferry stats`.
+
+use anyhow::{Context, Result};
+use ferry_protocol::identity::Identity;
+use ferry_protocol::message::Intent;
+use ferry_sender::config::TargetKind;
+use ferry_sender::daemon::{Daemon, LogObserver};
+use ferry_sender::execute::Report;
+use ferry_sender::reconcile;
+use std::path::Path;
+use std::sync::Arc;
+
+/// `ferry send --config FILE [--once]`.
+pub async fn send(config: &Path, once: bool) -> Result<u8> {
+    let config = ferry_sender::Config::load(config)?;
+    if once {
+        return send_once(&config).await;
+    }
+    let identity = Identity::load(&config.cert, &config.key)?;
+    let daemon = Daemon {
+        identity: Arc::new(identity),
+        targets: config.targets,
+        syncs: config.syncs,
+    };
+    daemon
+        .run(crate::shutdown_on_signals(), Arc::new(LogObserver))
+        .await?;
+    Ok(0)
+}
+
+/// One line of figures per (group, target), failures on stderr.
+pub fn print_report(group: &str, target: &str, r: &Report) {
+    println!(
+        "sync={group} target={target} files={} delta_files={} created={} meta={} deleted={} renamed={} vanished={} payload_bytes={} bytes_sent={} failures={} elapsed_ms={}",
+        r.files,
+        r.delta_files,
+        r.created,
+        r.meta,
+        r.deleted,
+        r.renamed,
+        r.vanished,
+        r.payload_bytes,
+        r.bytes_sent,
+        r.failures.len(),
+        r.elapsed.as_millis()
+    );
+    for (path, why) in &r.failures {
+        eprintln!("ferry: {group} → {target}: {path}: {why}");
+    }
+}
+
+async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
+    let identity = Identity::load(&config.cert, &config.key)?;
+    let mut converged = true;
+    for group in &config.syncs {
+        for target_name in &group.targets {
+            let target = &config.targets[target_name];
+            if let TargetKind::Rsync(r) = &target.kind {
+                let started = std::time::Instant::now();
+                let verdict = ferry_sender::rsync::full(group, r, &target.address).await;
+                let ok = verdict == ferry_sender::rsync::Verdict::Done;
+                println!(
+                    "sync={} target={target_name} rsync={} elapsed_ms={}",
+                    group.name,
+                    if ok { "ok" } else { "failed" },
+                    started.elapsed().as_millis()
+                );
+                if !ok {
+                    eprintln!("ferry: {} → {target_name}: {verdict:?}", group.name);
+                }
+                converged &= ok;
+                continue;
+            }
+            let result = async {
+                let session = Arc::new(
+                    target
+                        .connect(&identity, &group.module, Intent::Write)
+                        .await?,
+                );
+                let report = reconcile::reconcile(&session, group).await?;
+                if let Ok(s) = Arc::try_unwrap(session) {
+                    s.close().await;
+                }
+                Ok::<_, ferry_sender::session::SessionError>(report)
+            }
+            .await;
+            match result {
+                Ok(report) => {
+                    print_report(&group.name, target_name, &report);
+                    converged &= report.converged();
+                }
+                Err(e) => {
+                    eprintln!("ferry: {} → {target_name}: {e}", group.name);
+                    converged = false;
+                }
+            }
+        }
+    }
+    Ok(if converged { 0 } else { 1 })
+}
+
+/// `ferry stats --config FILE`: each ferry target's receiver counters.
+pub async fn stats(config: &Path) -> Result<u8> {
+    let config = ferry_sender::Config::load(config)?;
+    let identity = Identity::load(&config.cert, &config.key)?;
+    for (name, target) in &config.targets {
+        let Some(group) = config.syncs.iter().find(|g| g.targets.contains(name)) else {
+            continue;
+        };
+        if target.fingerprint().is_none() {
+            println!("target={name} kind=rsync");
+            continue;
+        }
+        let session = target
+            .connect(&identity, &group.module, Intent::Read)
+            .await
+            .with_context(|| format!("target {name}"))?;
+        let counters = session.stats().await?;
+        let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("target={name} {}", line.join(" "));
+        session.close().await;
+    }
+    Ok(0)
+}
