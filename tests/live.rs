@@ -9,117 +9,6 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A receiver with its own identity on a fixed port, so it can be stopped and restarted.
-struct Backup {
-    dir: PathBuf,
-    port: u16,
-    fingerprint: String,
-    receiver: Option<Receiver>,
-}
-
-impl Backup {
-    /// `modules`: (name, path) pairs, all writable by `client`.
-    fn start(root: &Path, name: &str, modules: &[(&str, &Path)], client: &str) -> Backup {
-        let dir = root.join(name);
-        let fingerprint = keygen(&dir);
-        let port = free_port();
-        let mut text =
-            format!("listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
-        for (m, path) in modules {
-            fs::create_dir_all(path).unwrap();
-            text.push_str(&format!(
-                "[modules.{m}]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n",
-                path.display().to_string()
-            ));
-        }
-        fs::write(dir.join("receiver.toml"), text).unwrap();
-        let mut b = Backup {
-            dir,
-            port,
-            fingerprint,
-            receiver: None,
-        };
-        b.restart();
-        b
-    }
-
-    fn restart(&mut self) {
-        self.receiver = Some(Receiver::start(&self.dir.join("receiver.toml")));
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut r) = self.receiver.take() {
-            assert!(r.stop().success());
-        }
-    }
-
-    fn target(&self, name: &str) -> String {
-        format!(
-            "[targets.{name}]\naddress = \"127.0.0.1:{}\"\nfingerprint = {:?}\n",
-            self.port, self.fingerprint
-        )
-    }
-}
-
-/// A sender identity and config, run as a live daemon.
-struct Live {
-    tmp: tempfile::TempDir,
-    fingerprint: String,
-}
-
-impl Live {
-    fn new() -> Live {
-        let tmp = tempfile::tempdir().unwrap();
-        let fingerprint = keygen(&tmp.path().join("send"));
-        Live { tmp, fingerprint }
-    }
-
-    fn root(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        let p = self.root().join(name);
-        fs::create_dir_all(&p).unwrap();
-        p
-    }
-
-    fn config(&self) -> PathBuf {
-        self.root().join("send/sender.toml")
-    }
-
-    /// Writes sender.toml (`cert`/`key` prepended).
-    fn write(&self, body: &str) {
-        fs::write(
-            self.config(),
-            format!("cert = \"cert.pem\"\nkey = \"key.pem\"\n{body}"),
-        )
-        .unwrap();
-    }
-
-    /// Writes sender.toml and starts `ferry send`; returns once `reconciled` was logged
-    /// `ready` times.
-    fn run(&self, body: &str, ready: usize) -> Daemon {
-        self.write(body);
-        let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(self.config()));
-        d.wait_log_n("reconciled", ready, 60);
-        d
-    }
-
-    fn stats(&self) -> String {
-        let o = run(ferry().arg("stats").arg("--config").arg(self.config()));
-        assert!(o.status.success(), "stats: {}", stderr(&o));
-        stdout(&o)
-    }
-}
-
-fn sync(name: &str, source: &Path, targets: &[&str], module: &str, extra: &str) -> String {
-    format!(
-        "[[sync]]\nname = {name:?}\nsource = {:?}\ntargets = {targets:?}\nmodule = {module:?}\n{extra}\n",
-        source.display().to_string()
-    )
-}
-
 /// The configuration of one group `file` at `src` pushed to `backup`.
 fn one_group(backup: &Backup, src: &Path, extra: &str) -> String {
     format!(
@@ -130,8 +19,8 @@ fn one_group(backup: &Backup, src: &Path, extra: &str) -> String {
 }
 
 /// One group, one target: the usual set-up.
-fn simple(extra: &str) -> (Live, Backup, PathBuf, PathBuf, Daemon) {
-    let live = Live::new();
+fn simple(extra: &str) -> (Site, Backup, PathBuf, PathBuf, Daemon) {
+    let live = Site::new();
     let src = live.dir("src");
     let dst = live.root().join("dst");
     let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
@@ -139,7 +28,7 @@ fn simple(extra: &str) -> (Live, Backup, PathBuf, PathBuf, Daemon) {
     (live, backup, src, dst, daemon)
 }
 
-fn stat(live: &Live, key: &str) -> u64 {
+fn stat(live: &Site, key: &str) -> u64 {
     summary_value(&live.stats(), key)
 }
 
@@ -332,7 +221,7 @@ fn burst_of_20000_files_converges_exactly() {
 
 #[test]
 fn excludes_apply_to_events_and_scans() {
-    let live = Live::new();
+    let live = Site::new();
     let src = live.dir("src");
     let dst = live.root().join("dst");
     fs::create_dir_all(src.join("tmp")).unwrap();
@@ -375,7 +264,7 @@ fn excludes_apply_to_events_and_scans() {
 
 #[test]
 fn two_groups_stay_separate() {
-    let live = Live::new();
+    let live = Site::new();
     let (a, b) = (live.dir("a"), live.dir("b"));
     let (da, db) = (live.root().join("da"), live.root().join("db"));
     let backup = Backup::start(
@@ -401,7 +290,7 @@ fn two_groups_stay_separate() {
 
 #[test]
 fn fan_out_survives_a_stopped_target() {
-    let live = Live::new();
+    let live = Site::new();
     let src = live.dir("src");
     let (d1, d2) = (live.root().join("d1"), live.root().join("d2"));
     let one = Backup::start(live.root(), "one", &[("file", &d1)], &live.fingerprint);
@@ -451,7 +340,7 @@ fn receiver_restart_while_sender_runs() {
 
 #[test]
 fn changes_during_start_up_are_not_lost() {
-    let live = Live::new();
+    let live = Site::new();
     let src = live.dir("src");
     let dst = live.root().join("dst");
     for d in 0..50 {
@@ -461,7 +350,7 @@ fn changes_during_start_up_are_not_lost() {
         }
     }
     let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
-    live.write(&one_group(&backup, &src, ""));
+    live.write_config(&one_group(&backup, &src, ""));
     let daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(live.config()));
     daemon.wait_log_n("watches in place", 1, 30);
     // The reconcile is under way or about to start: change things it may or may not see.
@@ -505,7 +394,7 @@ fn kernel_queue_overflow_triggers_a_rescan_that_loses_nothing() {
 
 #[test]
 fn watch_limit_is_reported_with_the_sysctl_and_the_rest_keeps_working() {
-    let live = Live::new();
+    let live = Site::new();
     let src = live.dir("src");
     let dst = live.root().join("dst");
     for d in 0..20 {
@@ -513,7 +402,7 @@ fn watch_limit_is_reported_with_the_sysctl_and_the_rest_keeps_working() {
         fs::write(src.join(format!("d{d:02}/sub/f")), "f").unwrap();
     }
     let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
-    live.write(&one_group(&backup, &src, ""));
+    live.write_config(&one_group(&backup, &src, ""));
     // A user namespace of our own has its own inotify watch limit, which we may lower.
     let unshare = std::process::Command::new("unshare")
         .arg("--version")

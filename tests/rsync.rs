@@ -114,48 +114,6 @@ impl Drop for Rsyncd {
     }
 }
 
-struct Site {
-    tmp: tempfile::TempDir,
-}
-
-impl Site {
-    fn new() -> Site {
-        let tmp = tempfile::tempdir().unwrap();
-        keygen(&tmp.path().join("send"));
-        Site { tmp }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn config(&self) -> PathBuf {
-        self.path("send/sender.toml")
-    }
-
-    fn write_config(&self, body: &str) {
-        fs::write(
-            self.config(),
-            format!("cert = \"cert.pem\"\nkey = \"key.pem\"\n{body}"),
-        )
-        .unwrap();
-    }
-
-    fn run(&self, body: &str, ready: usize) -> Daemon {
-        self.write_config(body);
-        let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(self.config()));
-        d.wait_log_n("reconciled", ready, 60);
-        d
-    }
-}
-
-fn sync(name: &str, source: &Path, targets: &[&str], module: &str, extra: &str) -> String {
-    format!(
-        "[[sync]]\nname = {name:?}\nsource = {:?}\ntargets = {targets:?}\nmodule = {module:?}\n{extra}\n",
-        source.display().to_string()
-    )
-}
-
 #[test]
 fn initial_sync_then_the_guide_walkthrough_live() {
     let site = Site::new();

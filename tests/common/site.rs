@@ -1,0 +1,237 @@
+//! The site harness of the tests: a temp directory with a sender identity and its config,
+//! receivers with their own identities, and the one-module [`Setup`] most tests start from.
+
+use super::proc::{Daemon, Receiver};
+use super::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// A temp directory holding a sender identity (`send/`) and its `sender.toml`.
+pub struct Site {
+    pub tmp: tempfile::TempDir,
+    /// The sender's fingerprint.
+    pub fingerprint: String,
+}
+
+impl Site {
+    pub fn new() -> Site {
+        let tmp = tempfile::tempdir().unwrap();
+        let fingerprint = keygen(&tmp.path().join("send"));
+        Site { tmp, fingerprint }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// A path in the site (not created).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    /// A directory in the site, created.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("send/sender.toml")
+    }
+
+    /// Writes sender.toml (`cert`/`key` prepended).
+    pub fn write_config(&self, body: &str) {
+        fs::write(
+            self.config(),
+            format!("cert = \"cert.pem\"\nkey = \"key.pem\"\n{body}"),
+        )
+        .unwrap();
+    }
+
+    /// Writes sender.toml and starts `ferry send`; returns once `reconciled` was logged
+    /// `ready` times.
+    pub fn run(&self, body: &str, ready: usize) -> Daemon {
+        self.write_config(body);
+        let d = Daemon::spawn(ferry().arg("send").arg("--config").arg(self.config()));
+        d.wait_log_n("reconciled", ready, 60);
+        d
+    }
+
+    /// `ferry stats` of the current config.
+    pub fn stats(&self) -> String {
+        let o = run(ferry().arg("stats").arg("--config").arg(self.config()));
+        assert!(o.status.success(), "stats: {}", stderr(&o));
+        stdout(&o)
+    }
+}
+
+/// A `[[sync]]` group.
+pub fn sync(name: &str, source: &Path, targets: &[&str], module: &str, extra: &str) -> String {
+    format!(
+        "[[sync]]\nname = {name:?}\nsource = {:?}\ntargets = {targets:?}\nmodule = {module:?}\n{extra}\n",
+        source.display().to_string()
+    )
+}
+
+/// A receiver with its own identity on a fixed port, so it can be stopped and restarted.
+pub struct Backup {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub fingerprint: String,
+    pub receiver: Option<Receiver>,
+}
+
+impl Backup {
+    /// `modules`: (name, path) pairs, all writable by `client`.
+    pub fn start(root: &Path, name: &str, modules: &[(&str, &Path)], client: &str) -> Backup {
+        let dir = root.join(name);
+        let fingerprint = keygen(&dir);
+        let port = free_port();
+        let mut text =
+            format!("listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
+        for (m, path) in modules {
+            fs::create_dir_all(path).unwrap();
+            text.push_str(&format!(
+                "[modules.{m}]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n",
+                path.display().to_string()
+            ));
+        }
+        fs::write(dir.join("receiver.toml"), text).unwrap();
+        let mut b = Backup {
+            dir,
+            port,
+            fingerprint,
+            receiver: None,
+        };
+        b.restart();
+        b
+    }
+
+    pub fn restart(&mut self) {
+        self.receiver = Some(Receiver::start(&self.dir.join("receiver.toml")));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut r) = self.receiver.take() {
+            assert!(r.stop().success());
+        }
+    }
+
+    /// `[targets.NAME]` pointing at this receiver.
+    pub fn target(&self, name: &str) -> String {
+        format!(
+            "[targets.{name}]\naddress = \"127.0.0.1:{}\"\nfingerprint = {:?}\n",
+            self.port, self.fingerprint
+        )
+    }
+}
+
+/// A sender/receiver pair with one module, configured through real files.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    pub sender_fp: String,
+    pub receiver_fp: String,
+    pub receiver: Receiver,
+}
+
+#[derive(Default)]
+pub struct ModuleOpts {
+    pub clients: Option<Vec<String>>,
+    pub hosts_allow: Option<Vec<String>>,
+    pub read_only: bool,
+    pub max_connections: Option<usize>,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        Setup::with(ModuleOpts::default())
+    }
+
+    pub fn with(opts: ModuleOpts) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let src = root.join("src");
+        let dst = root.join("dst");
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(&dst).unwrap();
+        let receiver_fp = keygen(&root.join("recv"));
+        let sender_fp = keygen(&root.join("send"));
+        let clients = opts.clients.unwrap_or_else(|| vec![sender_fp.clone()]);
+        let mut module = format!(
+            "[modules.file]\npath = {:?}\nclients = {:?}\nread_only = {}\n",
+            dst.display().to_string(),
+            clients,
+            opts.read_only
+        );
+        if let Some(h) = opts.hosts_allow {
+            module.push_str(&format!("hosts_allow = {h:?}\n"));
+        }
+        if let Some(m) = opts.max_connections {
+            module.push_str(&format!("max_connections = {m}\n"));
+        }
+        fs::write(
+            root.join("recv/receiver.toml"),
+            format!("listen = \"127.0.0.1:0\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{module}"),
+        )
+        .unwrap();
+        let receiver = Receiver::start(&root.join("recv/receiver.toml"));
+        let s = Setup {
+            dir,
+            src,
+            dst,
+            sender_fp,
+            receiver_fp,
+            receiver,
+        };
+        s.write_sender_config("file", &[]);
+        s
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn sender_config(&self) -> PathBuf {
+        self.root().join("send/sender.toml")
+    }
+
+    pub fn write_sender_config(&self, module: &str, exclude: &[&str]) {
+        self.write_sender_config_full(module, exclude, &self.receiver_fp, &self.receiver.addr);
+    }
+
+    pub fn write_sender_config_full(&self, module: &str, exclude: &[&str], pin: &str, addr: &str) {
+        fs::write(
+            self.sender_config(),
+            format!(
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\n[targets.backup]\naddress = {addr:?}\nfingerprint = {pin:?}\n\
+                 [[sync]]\nname = \"file\"\nsource = {:?}\ntargets = [\"backup\"]\nmodule = {module:?}\nexclude = {exclude:?}\n",
+                self.src.display().to_string()
+            ),
+        )
+        .unwrap();
+    }
+
+    pub fn send_once(&self) -> Output {
+        run(ferry()
+            .arg("send")
+            .arg("--config")
+            .arg(self.sender_config())
+            .arg("--once"))
+    }
+
+    /// `send --once` that must succeed; returns its stdout summary.
+    pub fn push(&self) -> String {
+        let o = self.send_once();
+        assert!(
+            o.status.success(),
+            "send --once failed:\n{}\n{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        stdout(&o)
+    }
+}
