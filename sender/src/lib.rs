@@ -1,15 +1,32 @@
 //! The ferry sender: keeps receiver modules equal to local source trees.
 //!
 //! # Layout
+//!
+//! A live change, in the order it travels:
+//! - [`watch`]: one thread per sync group owning its inotify watches; raw events in.
+//! - [`route`]: what one raw event means (pure, table-tested): a coalescer event, and which
+//!   directories to watch or forget first.
+//! - [`coalesce`]: settle and max-delay rules, move pairing, one [`coalesce::Rename`] type
+//!   (pure; time passed in).
+//! - [`queue`]: a target's dirty paths, renames and retry due times (data).
+//! - [`worker`]: the one loop per (group, target): wait, connect with backoff, take a batch,
+//!   send it over a transport, put back or settle; [`worker::FerryLink`] is the ferry transport.
+//! - [`batch`]: one live batch on a ferry target: renames, dirty paths, subtrees, parents' times.
+//! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
+//!   pure).
+//! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`].
+//! - [`transfer`]: one file: open, `fstat`, `FileBegin`, whole chunks or windowed deltas,
+//!   `FileEnd` with the digest.
+//! - [`session`]: one connection to one module over any stream; requests out, replies routed
+//!   back; [`config::Target`]`::connect`.
+//!
+//! Around it:
 //! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`].
 //! - [`filter`]: rsync-style exclude patterns.
-//! - [`plan`]: pure planning — which deletes, creations, content and metadata updates turn
-//!   the receiver's listing into the source listing.
-//! - [`session`]: one TLS connection to one module; requests out, replies routed back, many
-//!   in flight.
-//! - [`transfer`]: sending one file (whole or as windowed deltas) with its digest.
-//! - [`reconcile`]: scan + list + plan + execute, for `send --once` and daemon start-up.
-//! - [`rsync`]: compatibility mode, driving the `rsync` client against a stock rsyncd.
+//! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
+//!   start-up, overflow, new directories).
+//! - [`rsync`]: compatibility mode: the rsync transport, its command lines and exit codes.
+//! - [`daemon`]: wiring: watchers, queues and workers for every group and target.
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
 #![warn(missing_docs)]
 

@@ -2,6 +2,7 @@
 //! 127.0.0.1 only.
 #![allow(dead_code, unused_imports)]
 
+pub mod pair;
 pub mod proc;
 pub mod site;
 pub mod trees;

@@ -1,0 +1,190 @@
+//! The wire path in memory: the real sender session and the real receiver over
+//! `tokio::io::duplex`, no binaries, no TLS.
+
+mod common;
+
+use common::pair::Pair;
+use common::*;
+use ferry_protocol::message::{Body, Intent, Message};
+use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::RelPath;
+use ferry_sender::batch::send_batch;
+use ferry_sender::coalesce::{Change, Need, Rename};
+use ferry_sender::execute::{Report, Step, StepKind};
+use ferry_sender::queue::Batch;
+use std::fs;
+use std::time::Instant;
+
+/// Sends one live batch built from `changes`; returns the report and every step.
+async fn send(pair: &mut Pair, changes: Vec<Change>) -> (Report, Vec<Step>) {
+    let session = pair.session().await;
+    let mut batch = Batch::default();
+    for c in changes {
+        batch.add(c);
+    }
+    let mut report = Report::default();
+    let mut seen = Vec::new();
+    let mut observe = |s: &Step| seen.push(s.clone());
+    send_batch(&session, &pair.group(), &batch, &mut report, &mut observe)
+        .await
+        .unwrap();
+    (report, seen)
+}
+
+fn dirty(path: &str, need: Need) -> Change {
+    Change::Path {
+        path: RelPath::from(path),
+        need,
+        since: Instant::now(),
+    }
+}
+
+#[tokio::test]
+async fn a_rename_the_receiver_refuses_travels_as_content() {
+    let mut pair = Pair::new();
+    fs::write(pair.src.join("new"), "content").unwrap();
+    // The receiver never had `old`: the rename is refused and `new` is sent instead.
+    let rename = Change::Rename(Rename {
+        from: RelPath::from("old"),
+        to: RelPath::from("new"),
+        dir: false,
+        since: Instant::now(),
+    });
+    let (report, _) = send(&mut pair, vec![rename]).await;
+    assert_eq!((report.renamed, report.files), (0, 1), "{report:?}");
+    assert_eq!(fs::read(pair.dst.join("new")).unwrap(), b"content");
+    assert!(report.failures.is_empty(), "{report:?}");
+}
+
+#[tokio::test]
+async fn a_delta_needs_a_base_and_falls_back_to_whole_without_one() {
+    let mut pair = Pair::new();
+    let mut data = pseudo_random(3 << 20, 7);
+    fs::write(pair.src.join("big"), &data).unwrap();
+    // No base on the receiver: asked as a delta, answered NoBase, sent whole.
+    let (r, seen) = send(&mut pair, vec![dirty("big", Need::Content)]).await;
+    assert_eq!(seen[0].kind, StepKind::File, "{seen:?}");
+    assert_eq!(r.payload_bytes, data.len() as u64);
+    assert_eq!(fs::read(pair.dst.join("big")).unwrap(), data);
+    // With a base: only the changed window travels.
+    data[1 << 20..(1 << 20) + 100].fill(0xee);
+    fs::write(pair.src.join("big"), &data).unwrap();
+    let (r, seen) = send(&mut pair, vec![dirty("big", Need::Content)]).await;
+    assert_eq!(seen[0].kind, StepKind::Delta, "{seen:?}");
+    assert!(
+        r.payload_bytes < 200_000,
+        "delta of 100 changed bytes: {r:?}"
+    );
+    assert_eq!(fs::read(pair.dst.join("big")).unwrap(), data);
+}
+
+fn file_meta(size: u64) -> Meta {
+    Meta {
+        kind: Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime: 1_700_000_000,
+        mtime_nsec: 0,
+        rdev: 0,
+    }
+}
+
+#[tokio::test]
+async fn an_aborted_file_leaves_nothing_and_the_session_goes_on() {
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let (id, mut rx) = session.register();
+    let path = RelPath::from("half");
+    session
+        .send(Message::FileBegin {
+            id,
+            path: path.clone(),
+            meta: file_meta(10),
+            body: Body::Whole,
+        })
+        .await
+        .unwrap();
+    session
+        .send(Message::FileData {
+            id,
+            data: b"12345".to_vec(),
+        })
+        .await
+        .unwrap();
+    session.send(Message::FileAbort { id }).await.unwrap();
+    match session.reply(&mut rx).await.unwrap() {
+        Message::Failed { error, .. } => assert_eq!(error, "aborted by sender"),
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert!(!pair.dst.join("half").exists());
+    let staging = pair.dst.join(ferry_receiver::STAGING_DIR);
+    assert_eq!(
+        fs::read_dir(&staging).unwrap().count(),
+        0,
+        "staged file left"
+    );
+    let mut meta = file_meta(0);
+    meta.kind = Kind::Dir;
+    meta.mode = 0o755;
+    session
+        .call(|id| Message::Mkdir {
+            id,
+            path: RelPath::from("after"),
+            meta,
+        })
+        .await
+        .unwrap();
+    assert!(pair.dst.join("after").is_dir());
+}
+
+#[tokio::test]
+async fn a_read_only_session_lists_but_changes_nothing() {
+    let mut pair = Pair::new();
+    fs::write(pair.dst.join("kept"), "x").unwrap();
+    let session = pair.open("file", Intent::Read).await.unwrap();
+    let listing = session.list(&RelPath::root()).await.unwrap();
+    assert!(listing.iter().any(|e| e.path == RelPath::from("kept")));
+    let refused = session
+        .call(|id| Message::Delete {
+            id,
+            path: RelPath::from("kept"),
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("read-only"), "{refused}");
+    assert!(pair.dst.join("kept").exists());
+}
+
+#[tokio::test]
+async fn every_change_is_acknowledged_once_and_only_when_it_is_in_place() {
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let mut meta = file_meta(0);
+    meta.kind = Kind::Dir;
+    meta.mode = 0o755;
+    // More than one group commit's worth, all in flight at once.
+    let n = ferry_receiver::requests::GROUP_COMMIT * 2 + 7;
+    let mut waiting = Vec::new();
+    for i in 0..n {
+        let path = RelPath::from(format!("d{i}").as_str());
+        let rx = session
+            .start(|id| Message::Mkdir {
+                id,
+                path: path.clone(),
+                meta: meta.clone(),
+            })
+            .await
+            .unwrap();
+        waiting.push((i, rx));
+    }
+    for (i, mut rx) in waiting {
+        session.expect_ack(&mut rx).await.unwrap();
+        assert!(
+            pair.dst.join(format!("d{i}")).is_dir(),
+            "Ack before d{i} existed"
+        );
+        assert!(rx.recv().await.is_none(), "a second answer for d{i}");
+    }
+}
