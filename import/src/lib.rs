@@ -12,10 +12,14 @@
 //!
 //! Errors name the file and line. The output is TOML text with comments, for review; it is
 //! parsed with the real `ferry_receiver`/`ferry_sender` parsers before it is returned.
+//!
+//! # Layout
+//! - [`rsyncd`]: rsyncd.conf into receiver.toml.
+//! - [`scripts`]: the old scripts' settings into sender.toml.
 #![warn(missing_docs)]
 
-mod rsyncd;
-mod scripts;
+pub mod rsyncd;
+pub mod scripts;
 
 pub use rsyncd::{rsyncd_conf, ReceiverOptions};
 pub use scripts::{scripts, SenderOptions};

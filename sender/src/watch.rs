@@ -369,3 +369,29 @@ impl Lookup for Router {
         self.group.filter.excludes_with_ancestors(rel, is_dir)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::EventHandler;
+
+    #[test]
+    fn a_full_hop_to_the_router_becomes_an_overflow_not_a_lost_change() {
+        let (tx, rx) = mpsc::sync_channel(2);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let mut handler = Bounded {
+            tx,
+            overflowed: overflowed.clone(),
+        };
+        let event = || Ok(notify::Event::new(notify::EventKind::Any));
+        handler.handle_event(event());
+        handler.handle_event(event());
+        assert!(!overflowed.load(Ordering::Relaxed), "room for two");
+        handler.handle_event(event());
+        assert!(
+            overflowed.load(Ordering::Relaxed),
+            "the third was dropped: rescan"
+        );
+        assert_eq!(rx.try_iter().count(), 2, "memory bounded by the channel");
+    }
+}
