@@ -3,10 +3,12 @@
 mod common;
 
 use common::pair::Pair;
+use common::*;
 use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::RelPath;
 use ferry_sender::coalesce::{Change, Need};
 use ferry_sender::queue::Queue;
+use std::fs;
 use std::time::{Duration, Instant};
 
 fn dirty(path: &str) -> Change {
@@ -81,4 +83,65 @@ async fn a_module_slot_was_freed_only_after_the_peer_saw_the_close() {
             .unwrap();
         session.close().await;
     }
+}
+
+/// Excluded files written at the source root reached the receiver about 1 s later and stayed:
+/// their close-write event was never filtered, so a metadata-only change failed on the
+/// receiver and its retry sent the whole file.
+#[test]
+fn excluded_files_closed_after_writing_leaked_to_the_receiver() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    let exclude = r#"exclude = ["*.log", "/secret.txt", "cache/"]"#;
+    let body = format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", &src, &["backup"], "file", exclude)
+    );
+    let daemon = site.run(&body, 1);
+    fs::write(src.join("a.log"), "1").unwrap();
+    fs::write(src.join("secret.txt"), "4").unwrap();
+    fs::create_dir(src.join("cache")).unwrap();
+    fs::write(src.join("cache/x"), "5").unwrap();
+    fs::create_dir(src.join("sub")).unwrap();
+    fs::write(src.join("sub/secret.txt"), "anchored at the root only").unwrap();
+    fs::write(src.join("kept"), "k").unwrap();
+    // Renamed to an excluded name: gone from the receiver, not copied under the new name.
+    fs::write(src.join("renamed"), "r").unwrap();
+    let arrived = |p: &str| dst.join(p).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(arrived("kept") && arrived("sub/secret.txt") && arrived("renamed")) {
+        assert!(Instant::now() < deadline, "included files did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::rename(src.join("renamed"), src.join("renamed.log")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while arrived("renamed") {
+        assert!(
+            Instant::now() < deadline,
+            "renamed away, still on the receiver"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Past every settle and retry window (settle 100 ms, first retry 1 s, second 2 s), and
+    // then once more.
+    let excluded = ["a.log", "secret.txt", "cache", "renamed.log"];
+    for wait in [3500, 1500] {
+        std::thread::sleep(Duration::from_millis(wait));
+        for p in excluded {
+            assert!(!arrived(p), "{p} is excluded but reached the receiver");
+        }
+    }
+    assert!(
+        !daemon.log().contains("request failed") && !backup_log(&backup).contains("request failed"),
+        "nothing should have been refused:\n{}\n{}",
+        daemon.log(),
+        backup_log(&backup)
+    );
+}
+
+fn backup_log(b: &Backup) -> String {
+    b.receiver.as_ref().map(|r| r.log()).unwrap_or_default()
 }

@@ -8,7 +8,7 @@
 //! have been written in between (an equal subtree sends nothing). Without `delete` the old
 //! name must stay, so a rename is sent as a copy.
 
-use crate::coalesce::Need;
+use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
 use crate::execute::{execute, rename_all, Observe, Report};
 use crate::plan::{order_dir_meta, plan_batch, Dirty};
@@ -31,10 +31,21 @@ pub async fn send_batch(
 ) -> Result<(), SessionError> {
     let mut extra = Batch::default();
     let mut parents: BTreeSet<RelPath> = BTreeSet::new();
-    if !batch.renames.is_empty() {
+    // A rename with an excluded end is not a rename on the receiver: the old name is
+    // compared (so deleted, unless excluded) and the new one sent (unless excluded).
+    let (renames, touching_excluded): (Vec<&Rename>, Vec<&Rename>) =
+        batch.renames.iter().partition(|r| {
+            !group.filter.excludes_dirty(&r.from, Some(r.dir))
+                && !group.filter.excludes_dirty(&r.to, Some(r.dir))
+        });
+    for r in touching_excluded {
+        extra.mark(r.from.clone(), Need::Content, r.since);
+        extra.mark(r.to.clone(), Need::Tree, r.since);
+    }
+    if !renames.is_empty() {
         if group.delete {
-            let refused = rename_all(session, &batch.renames, report, observe).await?;
-            for r in &batch.renames {
+            let refused = rename_all(session, &renames, report, observe).await?;
+            for r in &renames {
                 parents.extend(r.from.parent());
                 parents.extend(r.to.parent());
                 if r.dir {
@@ -46,7 +57,7 @@ pub async fn send_batch(
                 extra.mark(r.to.clone(), Need::Tree, Instant::now());
             }
         } else {
-            for r in &batch.renames {
+            for r in &renames {
                 extra.mark(r.to.clone(), Need::Tree, r.since);
             }
         }
@@ -79,7 +90,10 @@ pub async fn send_batch(
     .await
     .expect("stat task");
 
-    let planned = plan_batch(dirty, plan_options(session, group));
+    let filter = &group.filter;
+    let planned = plan_batch(dirty, plan_options(session, group), |p, d| {
+        filter.excludes_dirty(p, d)
+    });
     for (path, e) in planned.failures {
         tracing::warn!(sync = %group.name, %path, "cannot read: {e}");
         report.failures.push((path, e));

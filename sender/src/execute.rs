@@ -6,6 +6,7 @@
 //! per-path failure lands in the [`Report`] and never stops the others; only a lost
 //! connection ends execution (with an error, so the caller can put the work back).
 
+use crate::coalesce::Rename;
 use crate::plan::{Op, Plan};
 use crate::session::{Session, SessionError};
 use crate::transfer::{self, TransferError};
@@ -219,12 +220,12 @@ pub async fn execute(
 /// because it does not have the old name), for the caller to send as content instead.
 pub async fn rename_all<'r>(
     session: &Arc<Session>,
-    renames: impl IntoIterator<Item = &'r crate::coalesce::Rename>,
+    renames: &[&'r Rename],
     report: &mut Report,
     observe: Observe<'_>,
-) -> Result<Vec<&'r crate::coalesce::Rename>, SessionError> {
+) -> Result<Vec<&'r Rename>, SessionError> {
     let mut replies = Vec::new();
-    for r in renames {
+    for &r in renames {
         let rx = session
             .start(|id| Message::Rename {
                 id,

@@ -115,6 +115,20 @@ impl Filter {
         false
     }
 
+    /// The rule for a dirty path on its way to a receiver (from an event, a retry, a rename):
+    /// excluded if it or an ancestor is. `is_dir` is `None` when the path is gone and its
+    /// kind unknown; then it counts as excluded if it would be as a file *or* as a directory,
+    /// so a deletion never reaches what the receiver keeps as excluded.
+    pub fn excludes_dirty(&self, path: &RelPath, is_dir: Option<bool>) -> bool {
+        match is_dir {
+            Some(d) => self.excludes_with_ancestors(path, d),
+            None => {
+                self.excludes_with_ancestors(path, false)
+                    || self.excludes_with_ancestors(path, true)
+            }
+        }
+    }
+
     /// The filter as a tree-walk predicate: true means "take part".
     pub fn accepts(&self, path: &RelPath, is_dir: bool) -> bool {
         !self.excludes(path, is_dir)
@@ -166,5 +180,20 @@ mod tests {
         assert!(f.excludes(&RelPath::from("tmp"), true));
         assert!(f.excludes(&RelPath::from("tmp"), false));
         assert!(f.excludes(&RelPath::from("d/x.log"), false));
+    }
+
+    #[test]
+    fn a_dirty_path_of_unknown_kind_is_excluded_if_either_kind_would_be() {
+        let f = Filter::new(&["cache/".into(), "*.log".into()]).unwrap();
+        let p = RelPath::from;
+        assert!(f.excludes_dirty(&p("cache"), Some(true)));
+        assert!(!f.excludes_dirty(&p("cache"), Some(false)));
+        assert!(
+            f.excludes_dirty(&p("cache"), None),
+            "gone: maybe the excluded directory"
+        );
+        assert!(f.excludes_dirty(&p("x/cache/y"), Some(false)));
+        assert!(f.excludes_dirty(&p("a.log"), None));
+        assert!(!f.excludes_dirty(&p("a.txt"), None));
     }
 }

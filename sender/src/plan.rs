@@ -295,8 +295,14 @@ pub struct BatchPlan {
 }
 
 /// Plans a live batch. `dirty` is in tree order, one entry per path; a path below a deleted
-/// path or a subtree to compare is covered by it and skipped.
-pub fn plan_batch(dirty: Vec<Dirty>, opts: PlanOptions) -> BatchPlan {
+/// path or a subtree to compare is covered by it and skipped. `excluded` (the group's
+/// [`Filter::excludes_dirty`](crate::filter::Filter::excludes_dirty)) drops what must never
+/// reach the receiver, however it got into the batch.
+pub fn plan_batch(
+    dirty: Vec<Dirty>,
+    opts: PlanOptions,
+    excluded: impl Fn(&RelPath, Option<bool>) -> bool,
+) -> BatchPlan {
     let mut out = BatchPlan::default();
     let mut covered: Option<RelPath> = None;
     for Dirty { path, need, entry } in dirty {
@@ -310,6 +316,10 @@ pub fn plan_batch(dirty: Vec<Dirty>, opts: PlanOptions) -> BatchPlan {
                 continue;
             }
         };
+        let is_dir = entry.as_ref().map(|e| e.meta.kind == Kind::Dir);
+        if excluded(&path, is_dir) {
+            continue;
+        }
         match entry {
             None => {
                 if opts.delete && !path.is_root() {
@@ -564,7 +574,7 @@ mod tests {
                 entry: Err("Permission denied".into()),
             },
         ];
-        let out = plan_batch(batch, opts());
+        let out = plan_batch(batch, opts(), |_, _| false);
         assert_eq!(out.trees, vec![RelPath::from("a")], "a/inner is covered");
         assert_eq!(out.plan.deletes, vec![RelPath::from("g")]);
         assert_eq!(
@@ -592,7 +602,30 @@ mod tests {
             delete: false,
             ..opts()
         };
-        let out = plan_batch(vec![dirty("g", Need::Content, None)], o);
+        let out = plan_batch(vec![dirty("g", Need::Content, None)], o, |_, _| false);
         assert!(out.plan.is_empty() && out.parents.is_empty());
+    }
+
+    #[test]
+    fn a_batch_never_sends_or_deletes_an_excluded_path() {
+        let filter = crate::filter::Filter::new(&["*.log".into(), "cache/".into()]).unwrap();
+        let batch = vec![
+            dirty("a.log", Need::Content, Some(e("a.log", Kind::File, 1, 1))),
+            dirty("cache", Need::Content, None),
+            dirty("cache2", Need::Tree, Some(e("cache2", Kind::Dir, 0, 1))),
+            dirty("d/x.log", Need::Meta, Some(e("d/x.log", Kind::File, 1, 1))),
+            dirty("keep", Need::Content, Some(e("keep", Kind::File, 1, 1))),
+            dirty("old.log", Need::Content, None),
+        ];
+        let out = plan_batch(batch, opts(), |p, d| filter.excludes_dirty(p, d));
+        assert!(out.plan.deletes.is_empty(), "{:?}", out.plan.deletes);
+        let sent: Vec<String> = out
+            .plan
+            .creates
+            .iter()
+            .map(|op| op.entry().path.to_string())
+            .collect();
+        assert_eq!(sent, vec!["keep"]);
+        assert_eq!(out.trees, vec![RelPath::from("cache2")]);
     }
 }

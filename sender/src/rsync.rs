@@ -275,16 +275,24 @@ fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
                 .insert(name(&path.parent().unwrap_or_default()));
         }
         let md = std::fs::symlink_metadata(ferry_protocol::local::local_path(&group.source, &path));
+        let is_dir = md.as_ref().ok().map(|m| m.is_dir());
+        if group.filter.excludes_dirty(&path, is_dir) {
+            continue;
+        }
+        // Only a path that is really gone is deleted; one we cannot read is left alone.
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         match md {
-            Err(_) => {
+            Err(e) if gone(&e) => {
                 lists.missing.insert(name(&path));
             }
+            Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
             Ok(md) if md.is_dir() && need >= Need::Content => {
                 match scan_source_under(group, &path) {
                     Ok((entries, _)) => lists.present.extend(entries.iter().map(|e| name(&e.path))),
-                    Err(_) => {
+                    Err(e) if gone(&e) => {
                         lists.missing.insert(name(&path));
                     }
+                    Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
                 }
             }
             Ok(_) => {
