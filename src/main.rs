@@ -169,23 +169,39 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// Cancelled on the first SIGINT or SIGTERM.
+/// Cancelled on the first SIGINT or SIGTERM; a second one exits at once (status 130). SIGHUP
+/// never kills: it is logged and ignored (this version has no reload). The handlers are in
+/// place when this returns.
 pub(crate) fn shutdown_on_signals() -> CancellationToken {
+    use tokio::signal::unix::{signal, SignalKind};
     let token = CancellationToken::new();
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return token;
+    };
     let t = token.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        loop {
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    tracing::warn!("SIGHUP: configuration reload is not supported yet; \
+                                    still running with the configuration read at start-up");
+                    continue;
+                }
+            };
+            if t.is_cancelled() {
+                eprintln!("ferry: second {which}: exiting at once");
+                std::process::exit(130);
+            }
+            tracing::info!("{which}: shutting down (again to exit at once)");
+            t.cancel();
         }
-        t.cancel();
     });
     token
 }

@@ -9,6 +9,7 @@ use ferry_sender::execute::{Report, Step, StepKind};
 use ferry_sender::filter::Filter;
 use ferry_sender::reconcile;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +21,8 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
     if !src.is_dir() {
         bail!("{}: not a directory", src.display());
     }
-    std::fs::create_dir_all(dst).with_context(|| format!("{}", dst.display()))?;
-    let dst = dst.canonicalize()?;
+    // Refuse before creating anything.
+    let dst = resolve_missing(dst)?;
     if dst.starts_with(&src) || src.starts_with(&dst) {
         bail!(
             "{} and {} overlap; mirror needs two separate trees",
@@ -29,6 +30,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
             dst.display()
         );
     }
+    std::fs::create_dir_all(&dst).with_context(|| format!("{}", dst.display()))?;
     let recv = ferry_receiver::Loopback::start("mirror", dst.clone()).await?;
     let address = recv.address.clone();
     let group = SyncGroup {
@@ -77,10 +79,21 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
         let observer = Arc::new(MirrorObserver {
             src: src.clone(),
             tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            synced: AtomicBool::new(false),
         });
-        daemon.run(crate::shutdown_on_signals(), observer).await?;
-        eprintln!("ferry: stopped");
-        0
+        daemon
+            .run(crate::shutdown_on_signals(), observer.clone())
+            .await?;
+        if observer.synced.load(Ordering::Relaxed) {
+            eprintln!("ferry: stopped");
+            0
+        } else {
+            eprintln!(
+                "ferry: stopped before the initial sync finished; {} is incomplete",
+                dst.display()
+            );
+            1
+        }
     };
     recv.stop().await;
     Ok(code)
@@ -90,10 +103,13 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
 struct MirrorObserver {
     src: PathBuf,
     tty: bool,
+    /// The initial sync finished.
+    synced: AtomicBool,
 }
 
 impl Observer for MirrorObserver {
     fn reconciled(&self, group: &str, target: &str, report: &Report) {
+        self.synced.store(true, Ordering::Relaxed);
         if self.tty {
             eprint!("\r\x1b[K");
         }
@@ -128,5 +144,33 @@ impl Observer for MirrorObserver {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
+    }
+}
+
+/// `path` made absolute with symlinks resolved, where parts of it may not exist yet: the
+/// deepest existing ancestor is canonicalized and the rest appended.
+fn resolve_missing(path: &Path) -> Result<PathBuf> {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        match existing.canonicalize() {
+            Ok(real) => {
+                let mut out = real;
+                out.extend(rest.iter().rev());
+                return Ok(out);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e).with_context(|| format!("{}", path.display()));
+                };
+                rest.push(name.to_os_string());
+                existing = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                };
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+        }
     }
 }

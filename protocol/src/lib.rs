@@ -37,3 +37,12 @@ pub use fingerprint::Fingerprint;
 pub use message::Message;
 pub use meta::{Entry, Kind, Meta};
 pub use path::RelPath;
+
+/// An I/O error as an operator reads it: the system's words without Rust's `(os error N)`.
+pub fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" (os error ") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    }
+}

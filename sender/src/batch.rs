@@ -89,6 +89,13 @@ pub async fn send_batch(
     })
     .await
     .expect("stat task");
+    // Paths read while the source root was vanishing look deleted: never act on them.
+    if !group.source.is_dir() {
+        return Err(SessionError::Failed(format!(
+            "source {} vanished while the batch was read",
+            group.source.display()
+        )));
+    }
 
     let filter = &group.filter;
     let planned = plan_batch(dirty, plan_options(session, group), |p, d| {

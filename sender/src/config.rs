@@ -205,9 +205,29 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what the configuration names on disk (rsync password files), as a start-up
-    /// would: [`Config::parse`] alone reads nothing but the text.
+    /// Checks what the configuration names on disk (sources, rsync password files), as a
+    /// start-up would: [`Config::parse`] alone reads nothing but the text.
     pub fn check_files(&self) -> Result<(), String> {
+        for (i, g) in self.syncs.iter().enumerate() {
+            match std::fs::metadata(&g.source) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    return Err(format!(
+                        "sync[{i}] ({}).source: {} is not a directory",
+                        g.name,
+                        g.source.display()
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "sync[{i}] ({}).source: {}: {}",
+                        g.name,
+                        g.source.display(),
+                        ferry_protocol::io_reason(&e)
+                    ))
+                }
+            }
+        }
         for (name, t) in &self.targets {
             if let TargetKind::Rsync(RsyncTarget {
                 password_file: Some(pf),

@@ -103,7 +103,7 @@ impl Daemon {
             })?;
             watchers.push(watcher);
             for (target, queue) in targets {
-                let (g, t, stop) = (group.name.clone(), target.name.clone(), shutdown.clone());
+                let (t, stop) = (target.name.clone(), shutdown.clone());
                 match &target.kind {
                     TargetKind::Rsync(r) => {
                         let link = RsyncLink {
@@ -113,7 +113,7 @@ impl Daemon {
                             rsync: r.clone(),
                             observer: observer.clone(),
                         };
-                        workers.spawn(Worker::new(g, t, queue, link, stop).run());
+                        workers.spawn(Worker::new(group, t, queue, link, stop).run());
                     }
                     TargetKind::Ferry { .. } => {
                         let link = FerryLink::new(
@@ -122,7 +122,7 @@ impl Daemon {
                             self.identity.clone(),
                             observer.clone(),
                         );
-                        workers.spawn(Worker::new(g, t, queue, link, stop).run());
+                        workers.spawn(Worker::new(group, t, queue, link, stop).run());
                     }
                 }
             }

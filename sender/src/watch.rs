@@ -90,6 +90,7 @@ impl GroupWatcher {
             watched: HashSet::new(),
             unwatched: 0,
             limit_logged: false,
+            root_gone: false,
             overflowed,
             watcher,
             group,
@@ -137,6 +138,8 @@ struct Router {
     /// Directories left unwatched by the last walk because of the watch limit.
     unwatched: usize,
     limit_logged: bool,
+    /// The source root was removed or moved away: its watches are gone.
+    root_gone: bool,
     /// Set by notify's thread when the channel to us was full and events were dropped.
     overflowed: Arc<AtomicBool>,
     watcher: RecommendedWatcher,
@@ -147,6 +150,7 @@ struct Router {
 impl Router {
     fn run(mut self, rx: mpsc::Receiver<RawEvent>, stop: &AtomicBool) {
         let mut next_rescan = Instant::now() + DEGRADED_RESCAN;
+        let mut next_root_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             let wait = self
@@ -174,6 +178,16 @@ impl Router {
                 );
                 self.rewatch_all();
                 self.coalescer.event(Ev::Overflow, now);
+            }
+            if self.root_gone && now >= next_root_check {
+                next_root_check = now + crate::worker::SOURCE_RECHECK;
+                if self.group.source.is_dir() {
+                    tracing::info!(sync = %self.group.name, "source directory is back; comparing the whole tree");
+                    self.root_gone = false;
+                    self.watched.clear();
+                    self.rewatch_all();
+                    self.coalescer.event(Ev::Overflow, now);
+                }
             }
             if self.unwatched > 0 && now >= next_rescan {
                 next_rescan = now + DEGRADED_RESCAN;
@@ -237,12 +251,17 @@ impl Router {
         let cookie = ev.tracker().map(|c| c as u32);
         match route(&ev.kind, rel, cookie, &*self) {
             Routed::Ignore => {}
-            Routed::RootGone => tracing::error!(
-                sync = %self.group.name,
-                source = %self.group.source.display(),
-                "the source directory itself was removed or moved; changes inside it are no \
-                 longer seen until ferry restarts"
-            ),
+            Routed::RootGone => {
+                if !self.root_gone {
+                    tracing::error!(
+                        sync = %self.group.name,
+                        source = %self.group.source.display(),
+                        "the source directory itself was removed or moved; the group pauses \
+                         and is compared whole once it is back"
+                    );
+                }
+                self.root_gone = true;
+            }
             Routed::Event {
                 event,
                 watch,

@@ -19,6 +19,7 @@ use ferry_protocol::message::Intent;
 use ferry_protocol::RelPath;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often a worker logs its summary at info level (when it did something).
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// How often a group whose source directory is missing looks for it again.
+pub const SOURCE_RECHECK: Duration = Duration::from_secs(10);
 
 /// Sees what the daemon does; the `ferry` binary prints or logs it.
 pub trait Observer: Send + Sync + 'static {
@@ -116,6 +119,8 @@ pub struct Worker<T> {
     pub group: String,
     /// The target's name, for logs.
     pub target: String,
+    /// The group's source directory: while it is missing, nothing is sent.
+    pub source: PathBuf,
     /// Where its work comes from.
     pub queue: Queue,
     /// The last hop.
@@ -127,15 +132,16 @@ pub struct Worker<T> {
 impl<T: Transport> Worker<T> {
     /// A worker for `group` on `target`.
     pub fn new(
-        group: String,
+        group: &SyncGroup,
         target: String,
         queue: Queue,
         transport: T,
         shutdown: CancellationToken,
     ) -> Self {
         Worker {
-            group,
+            group: group.name.clone(),
             target,
+            source: group.source.clone(),
             queue,
             transport,
             shutdown,
@@ -147,11 +153,38 @@ impl<T: Transport> Worker<T> {
         let (group, target) = (self.group.clone(), self.target.clone());
         let (group, target) = (group.as_str(), target.as_str());
         let mut backoff = Backoff::default();
+        let mut paused = false;
         let mut summary = Report::default();
         let mut last_summary = Instant::now();
         loop {
             if !wait_for_work(&self.queue, &self.shutdown).await {
                 break;
+            }
+            // A missing source (unmounted disk, removed directory) pauses the group: sending
+            // from it would delete the backup. One error, then a quiet re-check.
+            match source_missing(&self.source).await {
+                Some(why) => {
+                    if !paused {
+                        tracing::error!(
+                            sync = group,
+                            target,
+                            "source {}: {why}; nothing is sent until it is back (checking \
+                             every {} s)",
+                            self.source.display(),
+                            SOURCE_RECHECK.as_secs()
+                        );
+                        paused = true;
+                    }
+                    if !sleep_unless_shutdown(SOURCE_RECHECK, &self.shutdown).await {
+                        break;
+                    }
+                    continue;
+                }
+                None if paused => {
+                    tracing::info!(sync = group, target, "source is back; resuming");
+                    paused = false;
+                }
+                None => {}
             }
             let connected = tokio::select! {
                 c = self.transport.connect() => c,
@@ -293,6 +326,19 @@ async fn sleep_unless_shutdown(delay: Duration, shutdown: &CancellationToken) ->
     }
 }
 
+/// Why `source` cannot be synced from, if it cannot.
+async fn source_missing(source: &Path) -> Option<String> {
+    let source = source.to_path_buf();
+    let md = tokio::task::spawn_blocking(move || std::fs::metadata(source))
+        .await
+        .expect("stat task");
+    match md {
+        Ok(md) if md.is_dir() => None,
+        Ok(_) => Some("not a directory".into()),
+        Err(e) => Some(ferry_protocol::io_reason(&e)),
+    }
+}
+
 /// Waits until `queue` has work ready; false once `shutdown` is cancelled.
 async fn wait_for_work(queue: &Queue, shutdown: &CancellationToken) -> bool {
     while queue.is_idle(Instant::now()) {
@@ -387,8 +433,12 @@ impl Transport for FerryLink {
         };
         let mut report = Report::default();
         let sent = send_batch(&session, &self.group, batch, &mut report, &mut observe).await;
-        if let Err(e) = sent {
-            return Outcome::Lost(e.to_string());
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.is_fatal() => return Outcome::Lost(e.to_string()),
+            // The batch as a whole failed, but the connection is fine (the source root went
+            // away mid-batch, the receiver refused a listing): back off, keep the work.
+            Err(e) => return Outcome::Retry(e.to_string()),
         }
         report.bytes_sent = session.bytes_sent() - sent_before;
         report.elapsed = started.elapsed();
