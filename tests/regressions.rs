@@ -238,3 +238,66 @@ fn sighup_killed_both_daemons() {
     wait_equal(&src, &dst, 20, "after SIGHUP");
     assert!(daemon.stop().success());
 }
+
+/// One module whose path was missing (or read-only) made the whole receiver exit 2.
+#[test]
+fn one_bad_module_stopped_the_whole_receiver() {
+    let site = Site::new();
+    let src = site.dir("src");
+    fs::write(src.join("f"), "x").unwrap();
+    let good = site.dir("good");
+    let bad = site.path("missing/code");
+    let recv = site.dir("recv");
+    let pin = keygen(&recv);
+    let module = |name: &str, path: &std::path::Path| {
+        format!(
+            "[modules.{name}]\npath = {:?}\nclients = [{:?}]\nread_only = false\n",
+            path.display().to_string(),
+            site.fingerprint
+        )
+    };
+    let port = free_port();
+    fs::write(
+        recv.join("receiver.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{}{}",
+            module("file", &good),
+            module("code", &bad)
+        ),
+    )
+    .unwrap();
+    let receiver = Receiver::start(&recv.join("receiver.toml"));
+    let reason = format!("module \"code\": path {} does not exist", bad.display());
+    assert_eq!(
+        receiver.log().matches(&reason).count(),
+        1,
+        "{}",
+        receiver.log()
+    );
+    let target = format!("[targets.b]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {pin:?}\n");
+    site.write_config(&format!(
+        "{target}{}",
+        sync("file", &src, &["b"], "file", "")
+    ));
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
+    assert!(o.status.success(), "good module: {}", stderr(&o));
+    assert_trees_equal(&src, &good);
+    site.write_config(&format!(
+        "{target}{}",
+        sync("code", &src, &["b"], "code", "")
+    ));
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&reason), "{}", stderr(&o));
+    // Fixed while the receiver runs: served at the next connection.
+    fs::create_dir_all(&bad).unwrap();
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
+    assert!(o.status.success(), "after the fix: {}", stderr(&o));
+    assert_trees_equal(&src, &bad);
+}

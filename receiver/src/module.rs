@@ -4,13 +4,14 @@
 use crate::config::Module;
 use crate::STAGING_DIR;
 use ferry_protocol::local::DigestCache;
-use ferry_protocol::RelPath;
+use ferry_protocol::{io_reason, RelPath};
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A module as the running server sees it: configuration, live session count and the digest
 /// cache shared by its sessions.
@@ -24,26 +25,33 @@ pub struct ModuleState {
 }
 
 impl ModuleState {
-    /// Prepares a module: checks its root, empties its staging directory.
-    pub fn open(module: Module, state_dir: Option<&Path>) -> io::Result<ModuleState> {
-        let md = fs::metadata(&module.path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "module {:?}: path {}: {e}",
-                    module.name,
-                    module.path.display()
-                ),
-            )
-        })?;
-        if !md.is_dir() {
-            return Err(io::Error::other(format!(
-                "module {:?}: path {} is not a directory",
+    /// Prepares a module: checks its root (a directory, writable if the module is), empties
+    /// its staging directory. The error is the reason its clients are refused with.
+    pub fn open(module: Module, state_dir: Option<&Path>) -> Result<ModuleState, String> {
+        let why = |what: String| {
+            format!(
+                "module {:?}: path {} {what}",
                 module.name,
                 module.path.display()
-            )));
+            )
+        };
+        match fs::metadata(&module.path) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => return Err(why("is not a directory".into())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(why("does not exist".into()))
+            }
+            Err(e) => return Err(why(format!("cannot be read: {}", io_reason(&e)))),
         }
-        clean_staging(&module.path)?;
+        if !module.read_only {
+            if let Err(e) = writable(&module.path) {
+                return Err(match e.raw_os_error() {
+                    Some(libc::EROFS) => why("is on a read-only filesystem".into()),
+                    _ => why(format!("is not writable: {}", io_reason(&e))),
+                });
+            }
+            clean_staging(&module.path).map_err(|e| why(format!("staging: {}", io_reason(&e))))?;
+        }
         let cache = match state_dir {
             Some(dir) => DigestCache::open(dir.join(format!("{}.digests", module.name))),
             None => DigestCache::in_memory(),
@@ -53,6 +61,76 @@ impl ModuleState {
             active: AtomicUsize::new(0),
             cache: Mutex::new(cache),
         })
+    }
+}
+
+fn writable(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated path; access has no other effects.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A configured module as the server holds it: open, or broken with the reason its clients
+/// are told. A broken module is tried again whenever a client asks for it (the disk may have
+/// been mounted since), and logged once per new reason; the other modules never notice.
+pub struct ModuleSlot {
+    module: Module,
+    state_dir: Option<PathBuf>,
+    state: Mutex<Result<Arc<ModuleState>, String>>,
+}
+
+impl ModuleSlot {
+    /// Opens `module`, logging why if it cannot be served.
+    pub fn new(module: Module, state_dir: Option<PathBuf>) -> ModuleSlot {
+        let state = ModuleState::open(module.clone(), state_dir.as_deref()).map(Arc::new);
+        if let Err(why) = &state {
+            tracing::error!("{why}; its clients are refused until it is fixed");
+        }
+        ModuleSlot {
+            module,
+            state_dir,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// The module's name.
+    pub fn name(&self) -> &str {
+        &self.module.name
+    }
+
+    /// The open module, or why it cannot be served.
+    pub fn get(&self) -> Result<Arc<ModuleState>, String> {
+        let mut state = self.state.lock().expect("module lock");
+        if let Err(before) = &*state {
+            let again = ModuleState::open(self.module.clone(), self.state_dir.as_deref());
+            match again {
+                Ok(open) => {
+                    tracing::info!(module = %self.module.name, "module is usable again");
+                    *state = Ok(Arc::new(open));
+                }
+                Err(why) => {
+                    if &why != before {
+                        tracing::error!("{why}; its clients are refused until it is fixed");
+                    }
+                    *state = Err(why);
+                }
+            }
+        }
+        state.clone()
+    }
+
+    /// The module if it is open (for saving caches at shutdown).
+    pub fn opened(&self) -> Option<Arc<ModuleState>> {
+        self.state
+            .lock()
+            .expect("module lock")
+            .as_ref()
+            .ok()
+            .cloned()
     }
 }
 

@@ -1,7 +1,7 @@
 //! The receiver's listener: connection limits, session tasks, shutdown.
 
 use crate::config::{Config, Module};
-use crate::module::ModuleState;
+use crate::module::ModuleSlot;
 use crate::stats::Stats;
 use ferry_protocol::identity::Identity;
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ pub enum ServerError {
 /// A running receiver's shared state.
 pub struct Server {
     pub(crate) tls: Arc<rustls::ServerConfig>,
-    pub(crate) modules: HashMap<String, Arc<ModuleState>>,
+    pub(crate) modules: HashMap<String, ModuleSlot>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) privileged: bool,
     listen: SocketAddr,
@@ -64,11 +64,10 @@ impl Server {
         state_dir: Option<PathBuf>,
     ) -> Result<Server, ServerError> {
         let tls = ferry_protocol::tls::server_config(identity.certs, identity.key)?;
-        let mut map = HashMap::new();
-        for m in modules {
-            let state = ModuleState::open(m.clone(), state_dir.as_deref())?;
-            map.insert(m.name.clone(), Arc::new(state));
-        }
+        let map = modules
+            .into_iter()
+            .map(|m| (m.name.clone(), ModuleSlot::new(m, state_dir.clone())))
+            .collect();
         // SAFETY: geteuid has no preconditions.
         let privileged = unsafe { libc::geteuid() } == 0;
         Ok(Server {
@@ -135,7 +134,7 @@ impl Server {
         {
             tracing::warn!("sessions still open after {SHUTDOWN_GRACE:?}; abandoning them");
         }
-        for state in self.modules.values() {
+        for state in self.modules.values().filter_map(ModuleSlot::opened) {
             if let Err(e) = state.cache.lock().expect("cache lock").save() {
                 tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
             }

@@ -79,9 +79,13 @@ where
         Ok(hello) => hello,
         Err(reason) => return server_answer(&mut writer, refuse("-", reason)).await,
     };
-    let Some(state) = server.modules.get(&module_name).cloned() else {
+    let Some(slot) = server.modules.get(&module_name) else {
         let reason = Refusal::UnknownModule(module_name.clone()).to_string();
         return server_answer(&mut writer, refuse(&module_name, reason)).await;
+    };
+    let state = match slot.get() {
+        Ok(state) => state,
+        Err(reason) => return server_answer(&mut writer, refuse(&module_name, reason)).await,
     };
     // Count ourselves in before deciding, so two racing sessions cannot both take the last slot.
     let active = state.active.fetch_add(1, Ordering::SeqCst);
