@@ -22,8 +22,7 @@ pub async fn local(
     checksum: bool,
     cache_dir: Option<PathBuf>,
 ) -> Result<u8> {
-    // A receiver's staging directory is never part of a tree.
-    let filter = Filter::new(&[format!("/{}/", ferry_receiver::STAGING_DIR)])?;
+    let filter = Filter::empty();
     let cache_dir = cache_dir.or_else(default_cache_dir);
     let diffs = verify_local(left, right, &filter, checksum, cache_dir).await?;
     print_differences(&diffs);

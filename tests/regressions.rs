@@ -301,3 +301,34 @@ fn one_bad_module_stopped_the_whole_receiver() {
     assert!(o.status.success(), "after the fix: {}", stderr(&o));
     assert_trees_equal(&src, &bad);
 }
+
+/// Every module (and `mirror`'s DST) kept a `.ferry-partial/` directory, so the backup was not
+/// an exact copy and a restore copied it back.
+#[test]
+fn ferry_left_its_own_directory_in_every_module() {
+    let site = Site::new();
+    let (src, dst) = (site.dir("src"), site.dir("dst"));
+    fs::create_dir_all(dst.join(".ferry-partial/old")).unwrap();
+    fs::create_dir(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), "x").unwrap();
+    fs::write(src.join("g"), pseudo_random(200_000, 3)).unwrap();
+    let o = run(ferry().arg("mirror").arg("--once").arg(&src).arg(&dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Changed again, so files are replaced under existing names (and a delta runs).
+    fs::write(src.join("g"), pseudo_random(200_000, 4)).unwrap();
+    fs::write(src.join("d/f"), "y").unwrap();
+    let o = run(ferry().arg("mirror").arg("--once").arg(&src).arg(&dst));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let diff = std::process::Command::new("diff")
+        .arg("-r")
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .expect("diff");
+    assert!(
+        diff.status.success(),
+        "diff -r: {}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    assert_trees_equal(&src, &dst);
+}

@@ -7,16 +7,18 @@
 //! them before any of those changes is acknowledged (group commit).
 
 use crate::confine::{confine, confine_entry, ConfineError};
+use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
-use crate::STAGING_DIR;
 use ferry_protocol::local;
 use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::RelPath;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,15 +71,68 @@ impl Apply {
         confine_entry(self.root(), rel).map_err(refused)
     }
 
-    /// A fresh name in the staging directory, unique across sessions and restarts.
-    pub fn staging_path(&mut self) -> PathBuf {
+    /// A fresh name beside `path` (in its directory) for an entry about to be renamed to it.
+    pub fn temp_beside(&mut self, path: &Path) -> PathBuf {
         self.seq += 1;
-        self.root().join(STAGING_DIR).join(format!(
-            "{}.{}.{}",
-            std::process::id(),
-            self.tag,
-            self.seq
-        ))
+        let name = format!("{}{}.{}", own_prefix(), self.tag, self.seq);
+        path.parent().unwrap_or(path).join(name)
+    }
+
+    /// A new file for the content of `path`, in `path`'s directory: unnamed (`O_TMPFILE`)
+    /// where the filesystem allows, else under a [`Apply::temp_beside`] name.
+    pub fn create_file(&mut self, path: &Path) -> io::Result<Staged> {
+        let dir = path.parent().unwrap_or(path);
+        let unnamed = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(dir);
+        match unnamed {
+            Ok(file) => Ok(Staged { file, name: None }),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                let name = self.temp_beside(path);
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&name)?;
+                Ok(Staged {
+                    file,
+                    name: Some(name),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts a finished file in place under `path`, atomically: linked in directly when the
+    /// name is free, else linked beside it and renamed over it.
+    pub fn install_file(&mut self, staged: &Staged, path: &Path) -> io::Result<()> {
+        if let Some(name) = &staged.name {
+            return self.install(name, path);
+        }
+        let fd = format!("/proc/self/fd/{}", staged.file.as_raw_fd());
+        match link(&fd, path) {
+            Ok(()) => {
+                self.mark_parent_dirty(path);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let tmp = self.temp_beside(path);
+                link(&fd, &tmp)?;
+                let r = self.install(&tmp, path);
+                if r.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                r
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// fsyncs every directory whose entries changed since the last call.
@@ -131,7 +186,7 @@ impl Apply {
     /// Makes `rel` a symlink to `target`.
     pub fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
         let path = self.entry(rel)?;
-        let tmp = self.staging_path();
+        let tmp = self.temp_beside(&path);
         std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), &tmp)?;
         self.install_staged(&tmp, &path, meta)
     }
@@ -151,7 +206,7 @@ impl Apply {
                 "device nodes need a receiver running as root",
             ));
         }
-        let tmp = self.staging_path();
+        let tmp = self.temp_beside(&path);
         let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(tmp.as_os_str()))
             .map_err(io::Error::other)?;
         // SAFETY: `c` is a valid NUL-terminated path; mknod has no other memory effects.
@@ -264,13 +319,53 @@ impl Apply {
     }
 }
 
+/// A file being received, before it is put in place.
+pub struct Staged {
+    /// Open for writing.
+    pub file: File,
+    /// Its temporary name, if it has one (no `O_TMPFILE` here).
+    pub name: Option<PathBuf>,
+}
+
+impl Staged {
+    /// Drops a file that will not be put in place.
+    pub fn discard(self) {
+        if let Some(name) = self.name {
+            let _ = fs::remove_file(name);
+        }
+    }
+}
+
+/// `linkat` of an open file (through its `/proc/self/fd` entry, which needs no privilege) to
+/// `to`; fails with `AlreadyExists` if `to` exists.
+fn link(fd: &str, to: &Path) -> io::Result<()> {
+    let cstr =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (cstr(Path::new(fd))?, cstr(to)?);
+    // SAFETY: both are valid NUL-terminated paths; linkat has no other memory effects.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sets an entry's mtime (and atime to the same), not following a symlink.
 pub fn set_mtime(path: &Path, meta: &Meta) -> io::Result<()> {
     let t = filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec);
     filetime::set_symlink_file_times(path, t, t)
 }
 
-/// A random tag that keeps staging names of concurrent sessions apart.
+/// A random tag that keeps temporary names of concurrent sessions apart.
 fn session_tag() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -1,7 +1,7 @@
 //! Confinement of peer paths to a module root. Every path a peer sends passes through
 //! [`confine`] before any filesystem call.
 
-use crate::STAGING_DIR;
+use crate::TEMP_PREFIX;
 use ferry_protocol::path::PathError;
 use ferry_protocol::RelPath;
 use std::io;
@@ -18,7 +18,7 @@ pub enum ConfineError {
         /// Why.
         reason: PathError,
     },
-    /// The path names the receiver's staging directory.
+    /// The path uses a name reserved for the receiver's entries in flight.
     #[error("refused path {0:?}: reserved name")]
     Reserved(RelPath),
     /// An existing ancestor on the receiver is a symlink.
@@ -61,8 +61,8 @@ pub fn confine_entry(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError
 
 /// Maps a peer's relative path to a local path under `root`.
 ///
-/// Refuses absolute paths, `..`, empty and `.` components, NUL bytes, over-long paths, the
-/// staging directory, and any path whose existing ancestors include a symlink or a
+/// Refuses absolute paths, `..`, empty and `.` components, NUL bytes, over-long paths, names
+/// reserved for entries in flight ([`TEMP_PREFIX`]), and any path whose existing ancestors include a symlink or a
 /// non-directory. The last component itself may be a symlink: callers operate on it with
 /// `lstat`/`unlink`/`rename`, never through it. Ancestors that do not exist yet are fine; the
 /// operation then fails with "not found" on its own.
@@ -74,7 +74,10 @@ pub fn confine(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
         path: rel.clone(),
         reason,
     })?;
-    if rel.components().next() == Some(STAGING_DIR.as_bytes()) {
+    if rel
+        .components()
+        .any(|c| c.starts_with(TEMP_PREFIX.as_bytes()))
+    {
         return Err(ConfineError::Reserved(rel.clone()));
     }
     let mut local = root.to_path_buf();
@@ -228,18 +231,19 @@ mod tests {
     }
 
     #[test]
-    fn staging_directory_is_reserved() {
-        assert!(matches!(
-            check(b".ferry-partial/x"),
-            Err(ConfineError::Reserved(_))
-        ));
-        assert!(matches!(
-            check(b".ferry-partial"),
-            Err(ConfineError::Reserved(_))
-        ));
-        assert!(
-            check(b"sub/.ferry-partial").is_ok(),
-            "only the module root's staging dir is reserved"
-        );
+    fn names_of_entries_in_flight_are_reserved_at_any_depth() {
+        for path in [
+            &b".ferry-tmp.1.2.3"[..],
+            b"sub/.ferry-tmp.x",
+            b".ferry-tmp.d/f",
+        ] {
+            assert!(
+                matches!(check(path), Err(ConfineError::Reserved(_))),
+                "{}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        assert!(check(b".ferry-partial/x").is_ok(), "no longer reserved");
+        assert!(check(b"sub/x.ferry-tmp.").is_ok());
     }
 }

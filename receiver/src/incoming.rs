@@ -1,26 +1,25 @@
-//! Files being received: `FileBegin` opens a staged file (and, for a delta, maps the current
+//! Files being received: `FileBegin` opens an unnamed file in the target's directory (and, for a delta, maps the current
 //! copy as its base and answers with its signature), body frames append to it while hashing,
 //! `FileEnd` checks size and digest, fsyncs, applies metadata and installs it under its final
-//! name. A transfer that fails at any step is removed from staging and remembered, so the
+//! name. A transfer that fails at any step is dropped and remembered, so the
 //! frames the sender already had in flight for it are dropped without further replies.
 
-use crate::apply::Apply;
+use crate::apply::{Apply, Staged};
 use ferry_protocol::delta;
 use ferry_protocol::message::{Body, Digest, Message, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::RelPath;
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 
 struct Incoming {
     path: RelPath,
     meta: Meta,
-    tmp: File,
-    tmp_path: PathBuf,
+    tmp: Staged,
     hasher: blake3::Hasher,
     base: Option<memmap2::Mmap>,
     written: u64,
@@ -82,12 +81,7 @@ impl Transfers {
             return Err(io::Error::other(format!("duplicate transfer id {id}")));
         }
         let path = fs.entry(rel)?;
-        let tmp_path = fs.staging_path();
-        let tmp = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp_path)?;
+        let tmp = fs.create_file(&path)?;
         let mut base = None;
         let mut reply = None;
         if body == Body::Delta {
@@ -106,7 +100,6 @@ impl Transfers {
                 path: rel.clone(),
                 meta,
                 tmp,
-                tmp_path,
                 hasher: blake3::Hasher::new(),
                 base,
                 written: 0,
@@ -152,7 +145,7 @@ impl Transfers {
             Ok(()) => Outcome::Pending,
             Err(e) => {
                 let inc = self.incoming.remove(&id).expect("looked up above");
-                let _ = fs::remove_file(&inc.tmp_path);
+                inc.tmp.discard();
                 self.failed.insert(id);
                 Outcome::Done(Err(format!("{}: {e}", inc.path)))
             }
@@ -167,11 +160,11 @@ impl Transfers {
         let Some(mut inc) = self.incoming.remove(&id) else {
             return Outcome::Done(Err(format!("FileEnd for unknown transfer {id}")));
         };
-        let r = commit(fs, &mut inc, digest);
+        let r = commit(fs, &mut inc, digest).map_err(|e| format!("{}: {e}", inc.path));
         if r.is_err() {
-            let _ = fs::remove_file(&inc.tmp_path);
+            inc.tmp.discard();
         }
-        Outcome::Done(r.map_err(|e| format!("{}: {e}", inc.path)))
+        Outcome::Done(r)
     }
 
     /// `FileAbort`: the sender gave up on this file.
@@ -180,7 +173,7 @@ impl Transfers {
             return Outcome::Silent;
         }
         if let Some(inc) = self.incoming.remove(&id) {
-            let _ = fs::remove_file(&inc.tmp_path);
+            inc.tmp.discard();
         }
         Outcome::Done(Err("aborted by sender".into()))
     }
@@ -189,7 +182,7 @@ impl Transfers {
     pub fn discard_all(&mut self, module: &str) {
         for (_, inc) in self.incoming.drain() {
             tracing::info!(module, path = %inc.path, "discarding unfinished transfer");
-            let _ = fs::remove_file(&inc.tmp_path);
+            inc.tmp.discard();
         }
     }
 }
@@ -206,17 +199,17 @@ fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> 
             "content digest mismatch; file not committed",
         ));
     }
-    inc.tmp.sync_all()?;
+    let file = &inc.tmp.file;
+    file.sync_all()?;
     if fs.privileged {
-        std::os::unix::fs::fchown(&inc.tmp, Some(inc.meta.uid), Some(inc.meta.gid))?;
+        std::os::unix::fs::fchown(file, Some(inc.meta.uid), Some(inc.meta.gid))?;
     }
-    inc.tmp
-        .set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
+    file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
     let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
-    filetime::set_file_handle_times(&inc.tmp, None, Some(mtime))?;
+    filetime::set_file_handle_times(file, None, Some(mtime))?;
     let path = fs.entry(&inc.path)?;
     let delta = inc.base.take().is_some();
-    fs.install(&inc.tmp_path, &path)?;
+    fs.install_file(&inc.tmp, &path)?;
     fs.stats.files.fetch_add(1, Ordering::Relaxed);
     fs.stats
         .bytes_written
@@ -241,7 +234,7 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
             inc.meta.size
         )));
     }
-    inc.tmp.write_all(data)?;
+    inc.tmp.file.write_all(data)?;
     inc.hasher.update(data);
     inc.written += data.len() as u64;
     Ok(())

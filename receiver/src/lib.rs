@@ -35,6 +35,13 @@ pub mod stats;
 pub use config::Config;
 pub use server::{run, Loopback, Server};
 
-/// Name of the per-module staging directory that holds files being received. It lives at the
-/// module root, is never listed, verified or writable by peers, and is emptied at start-up.
-pub const STAGING_DIR: &str = ".ferry-partial";
+/// Prefix of the names the receiver gives entries just before it renames them into place,
+/// and of nothing else. Files are written unnamed (`O_TMPFILE`) in their own directory and
+/// linked in at commit; a symlink or special file (which cannot be made unnamed), or a file
+/// whose final name exists, gets such a name beside its final one for the moment between
+/// creation and rename. Peers may not use these names, listings hide them, and leftovers of
+/// a crash are removed when the module is opened. At rest, nothing of ferry's is in a module.
+pub const TEMP_PREFIX: &str = ".ferry-tmp.";
+
+/// The staging directory of earlier versions; removed from module roots when they are opened.
+pub const LEGACY_STAGING_DIR: &str = ".ferry-partial";

@@ -2,13 +2,12 @@
 //! digest cache, and the start-up clean-up of its staging directory.
 
 use crate::config::Module;
-use crate::STAGING_DIR;
+use crate::{LEGACY_STAGING_DIR, TEMP_PREFIX};
 use ferry_protocol::local::DigestCache;
 use ferry_protocol::{io_reason, RelPath};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -134,44 +133,104 @@ impl ModuleSlot {
     }
 }
 
-/// Removes leftovers of interrupted transfers and makes sure the staging directory exists.
-/// The directory itself is kept, so the module root's mtime does not change on every start.
+/// Removes what an earlier run may have left in a module: the staging directory of earlier
+/// versions and, below the root, entries named with [`TEMP_PREFIX`] by another process (a
+/// crash between creating one and renaming it into place). The root is swept at once; the
+/// rest of the tree in the background, so a big module does not delay start-up.
 pub fn clean_staging(root: &Path) -> io::Result<()> {
-    let staging = root.join(STAGING_DIR);
-    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", staging.display()));
-    match fs::symlink_metadata(&staging) {
-        Ok(md) if md.is_dir() => {}
-        Ok(_) => fs::remove_file(&staging).map_err(ctx)?,
+    let legacy = root.join(LEGACY_STAGING_DIR);
+    match fs::symlink_metadata(&legacy) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(&legacy)?,
+        Ok(_) => fs::remove_file(&legacy)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ctx(e)),
+        Err(e) => return Err(e),
     }
-    match fs::create_dir(&staging) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(ctx(e)),
+    let removed = sweep_dir(root)?;
+    if removed > 0 {
+        tracing::info!(path = %root.display(), removed, "removed entries left in flight by an earlier run");
     }
-    fs::set_permissions(&staging, fs::Permissions::from_mode(0o700)).map_err(ctx)?;
+    let root = root.to_path_buf();
+    std::thread::Builder::new()
+        .name("sweep".into())
+        .spawn(move || {
+            let removed = sweep_tree(&root);
+            if removed > 0 {
+                tracing::info!(path = %root.display(), removed, "removed entries left in flight by an earlier run");
+            }
+        })?;
+    Ok(())
+}
+
+/// The name prefix of this process's entries in flight; a sweep leaves those alone.
+pub fn own_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        format!(
+            "{TEMP_PREFIX}{}.{:08x}.",
+            std::process::id(),
+            h.finish() as u32
+        )
+    })
+}
+
+fn is_leftover(name: &[u8]) -> bool {
+    name.starts_with(TEMP_PREFIX.as_bytes()) && !name.starts_with(own_prefix().as_bytes())
+}
+
+/// Removes leftovers directly in `dir`.
+fn sweep_dir(dir: &Path) -> io::Result<usize> {
     let mut removed = 0;
-    for item in fs::read_dir(&staging).map_err(ctx)? {
-        let item = item.map_err(ctx)?;
+    for item in fs::read_dir(dir)? {
+        let item = item?;
+        if !is_leftover(item.file_name().as_bytes()) {
+            continue;
+        }
         let p = item.path();
-        let r = if item.file_type().map_err(ctx)?.is_dir() {
+        let r = if item.file_type()?.is_dir() {
             fs::remove_dir_all(&p)
         } else {
             fs::remove_file(&p)
         };
-        r.map_err(ctx)?;
-        removed += 1;
+        match r {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
-    if removed > 0 {
-        tracing::info!(path = %staging.display(), removed, "removed leftover partial files");
-    }
-    Ok(())
+    Ok(removed)
 }
 
-/// Hides the staging directory from listings and verification.
+/// [`sweep_dir`] over every directory below `root`, never following symlinks; errors are
+/// skipped (a directory that cannot be read has nothing of ours in it).
+fn sweep_tree(root: &Path) -> usize {
+    let mut removed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(items) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for item in items.flatten() {
+            if item.file_type().is_ok_and(|t| t.is_dir())
+                && !is_leftover(item.file_name().as_bytes())
+            {
+                stack.push(item.path());
+            }
+        }
+        if dir != root {
+            removed += sweep_dir(&dir).unwrap_or(0);
+        }
+    }
+    removed
+}
+
+/// Hides entries in flight, and the staging directory of earlier versions, from listings and
+/// verification.
 pub fn module_filter(path: &RelPath, _is_dir: bool) -> bool {
-    path.as_bytes() != STAGING_DIR.as_bytes()
+    !(path.file_name().starts_with(TEMP_PREFIX.as_bytes())
+        || path.as_bytes() == LEGACY_STAGING_DIR.as_bytes())
 }
 
 #[cfg(test)]
@@ -179,24 +238,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn start_up_empties_staging_but_keeps_the_directory_and_root_mtime() {
+    fn opening_removes_what_an_earlier_run_left_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        fs::create_dir_all(root.join(STAGING_DIR).join("nested")).unwrap();
-        fs::write(root.join(STAGING_DIR).join("123.4.5"), b"half a file").unwrap();
-        let t = filetime::FileTime::from_unix_time(1_000_000, 0);
-        filetime::set_file_mtime(root, t).unwrap();
+        fs::create_dir_all(root.join(LEGACY_STAGING_DIR).join("nested")).unwrap();
+        fs::write(
+            root.join(LEGACY_STAGING_DIR).join("123.4.5"),
+            b"half a file",
+        )
+        .unwrap();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        let left = format!("{TEMP_PREFIX}999.00000000.1");
+        fs::write(root.join(&left), b"x").unwrap();
+        fs::write(root.join("a/b").join(&left), b"x").unwrap();
+        let ours = format!("{}7", own_prefix());
+        fs::write(root.join("a").join(&ours), b"in flight now").unwrap();
+        fs::write(root.join("a/keep"), b"user data").unwrap();
         clean_staging(root).unwrap();
-        assert_eq!(fs::read_dir(root.join(STAGING_DIR)).unwrap().count(), 0);
-        let md = fs::metadata(root).unwrap();
-        assert_eq!(filetime::FileTime::from_last_modification_time(&md), t);
-        assert_eq!(
-            fs::metadata(root.join(STAGING_DIR))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o700
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while root.join("a/b").join(&left).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deep leftover not swept"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!root.join(LEGACY_STAGING_DIR).exists());
+        assert!(!root.join(&left).exists());
+        assert!(
+            root.join("a").join(&ours).exists(),
+            "this process's entry in flight"
         );
+        assert!(root.join("a/keep").exists());
     }
 }
