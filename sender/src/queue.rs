@@ -18,10 +18,11 @@ use tokio::sync::Notify;
 pub const MAX_RENAMES: usize = 4096;
 /// Delay before a path that failed on the receiver is tried again; doubles per failure.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// Longest delay between two tries of a failing path.
-pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Longest delay between two tries of a failing path (a full disk freed, a permission fixed:
+/// the path goes again within this, or at once if it changes).
+pub const MAX_RETRY: Duration = Duration::from_secs(10);
 
-/// How long a path waits after its `failures`-th failure in a row (1, 2, 4 … 30 s).
+/// How long a path waits after its `failures`-th failure in a row (1, 2, 4, 8, 10 s).
 pub fn retry_delay(failures: u32) -> Duration {
     (RETRY_AFTER * 2u32.saturating_pow(failures.saturating_sub(1).min(6))).min(MAX_RETRY)
 }
@@ -359,7 +360,7 @@ mod tests {
             waits.push((due - now).as_secs());
             now = due;
         }
-        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(waits, vec![1, 2, 4, 8, 10, 10, 10]);
         // It succeeds: the next failure starts again at the first delay.
         let b = q.take(now);
         q.settle(&b, &[], now);

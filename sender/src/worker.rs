@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 /// First delay after a failed connection or run; doubles per failure up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest delay between two attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest delay between two attempts. Short, because a target that comes back should be
+/// used within seconds, and an attempt against one that is down costs a refused connection.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a batch in flight may take to finish after SIGTERM before it is abandoned.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often a worker logs its summary at info level (when it did something).
@@ -494,7 +495,7 @@ mod tests {
         let waits: Vec<u64> = (0..10).map(|_| b.next_delay().as_millis() as u64).collect();
         assert_eq!(
             waits,
-            vec![250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+            vec![250, 500, 1000, 2000, 4000, 5000, 5000, 5000, 5000, 5000]
         );
         assert!(b.failing());
         b.reset();
