@@ -1,7 +1,6 @@
 //! `ferry send` (the daemon, or one reconcile with `--once`) and `ferry stats`.
 
 use anyhow::{Context, Result};
-use ferry_protocol::identity::Identity;
 use ferry_protocol::message::Intent;
 use ferry_sender::config::TargetKind;
 use ferry_sender::daemon::{Daemon, LogObserver};
@@ -16,7 +15,7 @@ pub async fn send(config: &Path, once: bool) -> Result<u8> {
     if once {
         return send_once(&config).await;
     }
-    let identity = Identity::load(&config.cert, &config.key)?;
+    let identity = config.identity()?;
     let daemon = Daemon {
         identity: Arc::new(identity),
         targets: config.targets,
@@ -50,7 +49,7 @@ pub fn print_report(group: &str, target: &str, r: &Report) {
 }
 
 async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
-    let identity = Identity::load(&config.cert, &config.key)?;
+    let identity = config.identity()?;
     let mut converged = true;
     for group in &config.syncs {
         for target_name in &group.targets {
@@ -66,7 +65,7 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                     started.elapsed().as_millis()
                 );
                 if !ok {
-                    eprintln!("ferry: {} → {target_name}: {verdict:?}", group.name);
+                    eprintln!("ferry: {} → {target_name}: {verdict}", group.name);
                 }
                 converged &= ok;
                 continue;
@@ -102,7 +101,7 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
 /// `ferry stats --config FILE`: each ferry target's receiver counters.
 pub async fn stats(config: &Path) -> Result<u8> {
     let config = ferry_sender::Config::load(config)?;
-    let identity = Identity::load(&config.cert, &config.key)?;
+    let identity = config.identity()?;
     for (name, target) in &config.targets {
         let Some(group) = config.syncs.iter().find(|g| g.targets.contains(name)) else {
             continue;

@@ -1,7 +1,6 @@
 //! `ferry verify`: prints one `<kind> <path>` line per difference; 0 equal, 1 different.
 
 use anyhow::{bail, Result};
-use ferry_protocol::identity::Identity;
 use ferry_protocol::meta::Difference;
 use ferry_protocol::RelPath;
 use ferry_sender::config::SyncGroup;
@@ -32,7 +31,7 @@ pub async fn local(
 /// `ferry verify --config FILE [--sync NAME]`.
 pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result<u8> {
     let config = ferry_sender::Config::load(config)?;
-    let identity = Identity::load(&config.cert, &config.key)?;
+    let identity = config.identity()?;
     let groups: Vec<&SyncGroup> = config
         .syncs
         .iter()

@@ -361,3 +361,70 @@ fn recovery_waited_on_a_30_s_retry_timer() {
         "converged {took:?} after the receiver came back"
     );
 }
+
+/// Errors repeated their own text (`cannot listen on …: Address already in use (os error
+/// 98): <same again>`), leaked Rust debug output (`Config("rsync exit 5: …")`,
+/// `stats=[("files", 52), …]`), and a missing certificate named neither the configuration
+/// file nor the key.
+#[test]
+fn errors_repeated_their_text_or_leaked_debug_output() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let mut backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    // The port is taken by the running receiver.
+    let second = run(ferry()
+        .arg("receive")
+        .arg("--config")
+        .arg(backup.dir.join("receiver.toml")));
+    assert_eq!(second.status.code(), Some(2));
+    let err = stderr(&second);
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+    assert_eq!(err.matches("cannot listen on").count(), 1, "{err}");
+    assert!(!err.contains("os error"), "{err}");
+
+    let cert = site.path("send/cert.pem");
+    fs::rename(&cert, site.path("send/moved.pem")).unwrap();
+    site.write_config(&format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", &src, &["backup"], "file", "")
+    ));
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    let want = format!(
+        "{}: cert: {}: No such file or directory",
+        site.config().display(),
+        cert.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(err.matches(&cert.display().to_string()).count(), 1, "{err}");
+    fs::rename(site.path("send/moved.pem"), &cert).unwrap();
+
+    let rsync_target = format!(
+        "[targets.old]\nkind = \"rsync\"\naddress = \"127.0.0.1:{}\"\ntimeout_s = 5\n",
+        free_port()
+    );
+    site.write_config(&format!(
+        "{rsync_target}{}",
+        sync("file", &src, &["old"], "file", "")
+    ));
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("rsync exit"), "{err}");
+    for debug in ["Transient(", "Config(", "Partial(", "\\\""] {
+        assert!(!err.contains(debug), "debug output {debug:?} in: {err}");
+    }
+
+    let receiver = backup.receiver.as_mut().unwrap();
+    assert!(receiver.stop().success());
+    let log = receiver.log();
+    assert!(log.contains("receiver stopped; files=0"), "{log}");
+    assert!(!log.contains("(\"files\""), "{log}");
+}

@@ -27,12 +27,22 @@ impl Clone for Identity {
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {}", crate::io_reason(error))]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    /// The identity a configuration file names could not be loaded.
+    #[error("{config}: {key}: {error}")]
+    Configured {
+        /// The configuration file.
+        config: PathBuf,
+        /// Which key (`cert` or `key`).
+        key: &'static str,
+        /// What went wrong.
+        error: Box<IdentityError>,
     },
     /// A PEM file holds no usable certificate or key.
     #[error("{path}: {what}")]
@@ -50,11 +60,26 @@ pub enum IdentityError {
 impl Identity {
     /// Loads a PEM certificate chain and a PEM private key.
     pub fn load(cert: &Path, key: &Path) -> Result<Identity, IdentityError> {
-        let certs = load_certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| IdentityError::Pem {
-            path: key.to_path_buf(),
-            what: format!("no private key: {e}"),
-        })?;
+        Ok(Identity {
+            certs: load_certs(cert)?,
+            key: load_key(key)?,
+        })
+    }
+
+    /// Loads the `cert` and `key` that the configuration file `config` names; errors say
+    /// which file, which key and which path.
+    pub fn load_configured(
+        config: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Identity, IdentityError> {
+        let named = |k, e| IdentityError::Configured {
+            config: config.to_path_buf(),
+            key: k,
+            error: Box::new(e),
+        };
+        let certs = load_certs(cert).map_err(|e| named("cert", e))?;
+        let key = load_key(key).map_err(|e| named("key", e))?;
         Ok(Identity { certs, key })
     }
 
@@ -86,9 +111,9 @@ impl Identity {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let (identity, cert_pem, key_pem) = Identity::generate(name)?;
-        std::fs::create_dir_all(dir).map_err(|source| IdentityError::Io {
+        std::fs::create_dir_all(dir).map_err(|error| IdentityError::Io {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
         for (file, text, mode) in [("key.pem", &key_pem, 0o600), ("cert.pem", &cert_pem, 0o644)] {
             let path = dir.join(file);
@@ -97,15 +122,15 @@ impl Identity {
                 .create_new(true)
                 .mode(mode)
                 .open(&path)
-                .map_err(|source| IdentityError::Io {
+                .map_err(|error| IdentityError::Io {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
             f.write_all(text.as_bytes())
                 .and_then(|_| f.sync_all())
-                .map_err(|source| IdentityError::Io {
+                .map_err(|error| IdentityError::Io {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
         }
         Ok(identity)
@@ -113,7 +138,28 @@ impl Identity {
 }
 
 /// Loads every certificate of a PEM file.
+/// A missing or unreadable file is said plainly, before a PEM parser words it its own way.
+fn readable(path: &Path) -> Result<(), IdentityError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|error| IdentityError::Io {
+            path: path.to_path_buf(),
+            error,
+        })
+}
+
+/// Loads a PEM private key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    readable(path)?;
+    PrivateKeyDer::from_pem_file(path).map_err(|e| IdentityError::Pem {
+        path: path.to_path_buf(),
+        what: format!("no private key: {e}"),
+    })
+}
+
+/// Loads a PEM certificate chain.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    readable(path)?;
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| IdentityError::Pem {
             path: path.to_path_buf(),

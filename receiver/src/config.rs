@@ -49,6 +49,8 @@ fn default_true() -> bool {
 /// A validated receiver configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (named in errors).
+    pub file: PathBuf,
     /// Listen address.
     pub listen: SocketAddr,
     /// Certificate PEM file.
@@ -81,6 +83,13 @@ pub struct Module {
 }
 
 impl Config {
+    /// Loads the identity that `cert` and `key` name; errors say which file and key.
+    pub fn identity(
+        &self,
+    ) -> Result<ferry_protocol::identity::Identity, ferry_protocol::identity::IdentityError> {
+        ferry_protocol::identity::Identity::load_configured(&self.file, &self.cert, &self.key)
+    }
+
     /// Reads and validates `file`; relative paths resolve against its directory.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
@@ -149,6 +158,7 @@ impl Config {
             );
         }
         Ok(Config {
+            file: file.to_path_buf(),
             listen,
             cert: resolve(raw.cert),
             key: resolve(raw.key),

@@ -30,8 +30,16 @@ pub enum ServerError {
     /// TLS configuration failed.
     #[error(transparent)]
     Tls(#[from] ferry_protocol::tls::TlsError),
-    /// A module could not be opened, or the listener could not bind.
-    #[error("{0}")]
+    /// The listener could not bind.
+    #[error("cannot listen on {address}: {}", ferry_protocol::io_reason(error))]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// Another I/O error at start-up.
+    #[error("{}", ferry_protocol::io_reason(.0))]
     Io(#[from] std::io::Error),
 }
 
@@ -47,7 +55,7 @@ pub struct Server {
 impl Server {
     /// Loads the identity and opens every module (cleaning staging leftovers).
     pub fn new(config: &Config) -> Result<Server, ServerError> {
-        let identity = Identity::load(&config.cert, &config.key)?;
+        let identity = config.identity()?;
         Server::with_identity(
             identity,
             config.listen,
@@ -81,12 +89,12 @@ impl Server {
 
     /// Binds the configured listen address.
     pub async fn bind(&self) -> Result<TcpListener, ServerError> {
-        TcpListener::bind(self.listen).await.map_err(|e| {
-            ServerError::Io(std::io::Error::new(
-                e.kind(),
-                format!("cannot listen on {}: {e}", self.listen),
-            ))
-        })
+        TcpListener::bind(self.listen)
+            .await
+            .map_err(|error| ServerError::Listen {
+                address: self.listen,
+                error,
+            })
     }
 
     /// Process-wide counters.
@@ -139,7 +147,13 @@ impl Server {
                 tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
             }
         }
-        tracing::info!(stats = ?self.stats.snapshot(), "receiver stopped");
+        let counters: Vec<String> = self
+            .stats
+            .snapshot()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        tracing::info!("receiver stopped; {}", counters.join(" "));
     }
 }
 

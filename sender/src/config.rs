@@ -105,6 +105,8 @@ fn rsync_only_key(t: &RawTarget) -> Option<&'static str> {
 /// A validated sender configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (named in errors).
+    pub file: PathBuf,
     /// Certificate PEM file.
     pub cert: PathBuf,
     /// Private key PEM file.
@@ -203,6 +205,13 @@ impl Config {
             message,
         })?;
         Ok(config)
+    }
+
+    /// Loads the identity that `cert` and `key` name; errors say which file and key.
+    pub fn identity(
+        &self,
+    ) -> Result<ferry_protocol::identity::Identity, ferry_protocol::identity::IdentityError> {
+        ferry_protocol::identity::Identity::load_configured(&self.file, &self.cert, &self.key)
     }
 
     /// Checks what the configuration names on disk (sources, rsync password files), as a
@@ -393,6 +402,7 @@ impl Config {
             });
         }
         Ok(Config {
+            file: file.to_path_buf(),
             cert: resolve(raw.cert),
             key: resolve(raw.key),
             state_dir: raw.state_dir.map(resolve),

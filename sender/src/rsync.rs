@@ -38,6 +38,15 @@ pub enum Verdict {
     Config(String),
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Done => f.write_str("done"),
+            Verdict::Partial(m) | Verdict::Transient(m) | Verdict::Config(m) => f.write_str(m),
+        }
+    }
+}
+
 /// Classifies an rsync exit `code` using what it printed on stderr (5 and 10 mean either a
 /// refused login or a network problem; only the message tells which).
 pub fn classify(code: i32, stderr: &str) -> Verdict {

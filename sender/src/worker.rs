@@ -222,12 +222,16 @@ impl<T: Transport> Worker<T> {
             let Some(outcome) =
                 finish_or_abandon(self.transport.send(&batch), &self.shutdown).await
             else {
+                let what = if batch.full {
+                    "the whole-tree compare in flight".to_string()
+                } else {
+                    format!("a batch of {} changes", batch.len())
+                };
                 tracing::warn!(
                     sync = group,
                     target,
-                    "shutdown: abandoned a batch of {} changes (nothing half-written is kept \
-                     by the receiver)",
-                    batch.len()
+                    "shutdown: abandoned {what}; it is sent again at the next start (nothing \
+                     half-written is kept by the receiver)"
                 );
                 self.queue.put_back(batch);
                 self.transport.disconnect();
