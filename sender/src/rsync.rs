@@ -184,9 +184,9 @@ pub async fn batch(
         .await
         .expect("list task");
     let n = lists.missing.len() + lists.present.len();
-    // Up to three passes, each only if needed. Deletions go first, one run per parent
-    // directory with bare names: rsync 3.2.7 fails ("invalid file mode 00", exit 2) when a
-    // missing argument shares its list with any directory, implied ones included.
+    // Deletions (only when there are any) go first, one run per parent directory with bare
+    // names: rsync 3.2.7 fails ("invalid file mode 00", exit 2) when a missing argument
+    // shares its list with any directory, implied ones included. Then one run for the rest.
     if group.delete {
         for (parent, names) in by_parent(&lists.missing) {
             // --force: a directory deleted here is removed there with its contents (without
@@ -198,21 +198,15 @@ pub async fn batch(
             }
         }
     }
-    // Something that vanishes meanwhile is an event of its own.
-    let ignore = || vec!["--ignore-missing-args".to_string()];
-    if !lists.present.is_empty() {
+    // One run sends what changed together with the parents whose entries changed: rsync
+    // sets a directory's times after the entries it creates in it, so their times come out
+    // right in the same run. Something that vanishes meanwhile is an event of its own.
+    let mut send = lists.present;
+    send.extend(lists.parents);
+    if !send.is_empty() {
         let root = RelPath::root();
-        let v = with_list(group, target, address, &root, &lists.present, ignore()).await;
-        if v != Verdict::Done {
-            return (v, n);
-        }
-    }
-    // rsync sets a listed directory's times before it creates or deletes what is inside, so
-    // the parents' times are set again by a contents-free pass.
-    if !lists.parents.is_empty() {
-        let root = RelPath::root();
-        let v = with_list(group, target, address, &root, &lists.parents, ignore()).await;
-        return (v, n);
+        let ignore = vec!["--ignore-missing-args".to_string()];
+        return (with_list(group, target, address, &root, &send, ignore).await, n);
     }
     (Verdict::Done, n)
 }
