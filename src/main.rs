@@ -91,6 +91,10 @@ enum Command {
         /// Where local digest caches live (default: $XDG_CACHE_HOME/ferry or ~/.cache/ferry).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Leave out paths matching this rsync-style pattern, on both sides (repeatable; with
+        /// --config each group's own excludes apply).
+        #[arg(long = "exclude", value_name = "PATTERN", conflicts_with = "config")]
+        excludes: Vec<String>,
         /// Source tree.
         left: Option<PathBuf>,
         /// Copy to check against it.
@@ -252,8 +256,9 @@ async fn run(command: Command) -> Result<u8> {
             right: Some(right),
             checksum,
             cache_dir,
+            excludes,
             ..
-        } => verify::local(&left, &right, checksum, cache_dir).await,
+        } => verify::local(&left, &right, &excludes, checksum, cache_dir).await,
         Command::Verify { .. } => {
             bail!("verify needs LEFT and RIGHT directories, or --config FILE")
         }

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use ferry_protocol::meta::Difference;
 use ferry_protocol::RelPath;
-use ferry_sender::config::SyncGroup;
+use ferry_sender::config::{SyncGroup, TargetKind};
 use ferry_sender::filter::Filter;
 use ferry_sender::verify::{default_cache_dir, verify_local, verify_target};
 use std::path::{Path, PathBuf};
@@ -18,10 +18,11 @@ fn print_differences(diffs: &[(RelPath, Difference)]) {
 pub async fn local(
     left: &Path,
     right: &Path,
+    excludes: &[String],
     checksum: bool,
     cache_dir: Option<PathBuf>,
 ) -> Result<u8> {
-    let filter = Filter::empty();
+    let filter = Filter::new(excludes)?;
     let cache_dir = cache_dir.or_else(default_cache_dir);
     let diffs = verify_local(left, right, &filter, checksum, cache_dir).await?;
     print_differences(&diffs);
@@ -45,16 +46,16 @@ pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result
     for group in groups {
         for target_name in &group.targets {
             let target = &config.targets[target_name];
-            if target.fingerprint().is_none() {
-                eprintln!(
-                    "ferry: verify {} → {target_name}: an rsyncd target; check it with \
-                     `ferry verify SRC DEST` where both trees are visible",
-                    group.name
-                );
-                continue;
-            }
-            let diffs =
-                verify_target(group, target, &identity, checksum, cache_dir.clone()).await?;
+            let diffs = match &target.kind {
+                TargetKind::Rsync(r) => {
+                    ferry_sender::rsync::verify(group, r, &target.address, checksum)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{} → {target_name}: {e}", group.name))?
+                }
+                TargetKind::Ferry { .. } => {
+                    verify_target(group, target, &identity, checksum, cache_dir.clone()).await?
+                }
+            };
             eprintln!(
                 "ferry: verify {} → {target_name}: {}",
                 group.name,

@@ -346,3 +346,34 @@ fn mirror_follows_changes_until_interrupted() {
     };
     assert!(status.success(), "{status}: {}", m.log());
 }
+
+#[test]
+fn local_verify_leaves_out_excluded_paths_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let (left, right) = (dir.path().join("l"), dir.path().join("r"));
+    fs::create_dir_all(left.join("cache")).unwrap();
+    fs::write(left.join("f"), "same").unwrap();
+    fs::write(left.join("cache/x"), "only left").unwrap();
+    let o = run(ferry().arg("mirror").arg("--once").arg(&left).arg(&right));
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::write(right.join("app.log"), "only right").unwrap();
+    fs::remove_file(right.join("cache/x")).unwrap();
+    for d in ["", "cache"] {
+        let t =
+            filetime::FileTime::from_last_modification_time(&fs::metadata(left.join(d)).unwrap());
+        filetime::set_file_mtime(right.join(d), t).unwrap();
+    }
+    let verify = |excludes: &[&str]| {
+        let mut c = ferry();
+        c.arg("verify").arg(&left).arg(&right);
+        for e in excludes {
+            c.arg("--exclude").arg(e);
+        }
+        run(&mut c)
+    };
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stdout(&o), "extra app.log\nmissing cache/x\n");
+    let o = verify(&["*.log", "cache/"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}

@@ -451,3 +451,59 @@ fn imported_file_watch_conf_runs_over_a_remote_shell() {
         panic!("file_watch group not converged; sender log:\n{}", d.log());
     }
 }
+
+/// `verify --config` on an rsync target exited 0 having checked nothing.
+#[test]
+fn verify_config_on_an_rsync_target_checked_nothing() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/edited"), "same size").unwrap();
+    fs::write(src.join("chmodded"), "x").unwrap();
+    fs::write(src.join("gone"), "x").unwrap();
+    fs::write(src.join("app.log"), "excluded").unwrap();
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    site.write_config(&format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync("file", &src, &["legacy"], "file", "exclude = [\"*.log\"]")
+    ));
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let verify = |extra: &[&str]| {
+        run(ferry()
+            .arg("verify")
+            .arg("--config")
+            .arg(site.config())
+            .args(extra))
+    };
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("equal"), "{}", stderr(&o));
+    // Damage the backup behind ferry's back.
+    let mtime = fs::metadata(dst.join("d/edited"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    fs::write(dst.join("d/edited"), "SAME SIZE").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(dst.join("d/edited"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    set_mode(&dst.join("chmodded"), 0o600);
+    fs::remove_file(dst.join("gone")).unwrap();
+    fs::write(dst.join("stray"), "x").unwrap();
+    fs::write(dst.join("other.log"), "excluded on the receiver too").unwrap();
+    let o = verify(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let lines: Vec<&str> = stdout(&o).leak().lines().collect();
+    assert_eq!(lines, vec!["mode chmodded", "missing gone", "extra stray"]);
+    // Same size and time: only --checksum reads the bytes.
+    let o = verify(&["--checksum"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("content d/edited"), "{}", stdout(&o));
+}

@@ -17,6 +17,7 @@ use crate::execute::Report;
 use crate::queue::Batch;
 use crate::reconcile::scan_source_under;
 use crate::worker::{Observer, Outcome, Transport};
+use ferry_protocol::meta::Difference;
 use ferry_protocol::RelPath;
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -119,6 +120,17 @@ async fn run(
     sub: &RelPath,
     args: Vec<String>,
 ) -> Verdict {
+    run_capturing(group, target, address, sub, args).await.0
+}
+
+/// [`run`], also returning what rsync printed on standard output.
+async fn run_capturing(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    sub: &RelPath,
+    args: Vec<String>,
+) -> (Verdict, Vec<u8>) {
     let (mut from, mut to) = (
         format!("{}/", group.source.display()),
         url(address, target, &group.module),
@@ -134,21 +146,113 @@ async fn run(
         .arg(from)
         .arg(to)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     tracing::debug!(sync = %group.name, ?cmd, "running rsync");
     let out = match cmd.output().await {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Verdict::Config(missing_binary(&target.rsync_path))
+            return (
+                Verdict::Config(missing_binary(&target.rsync_path)),
+                Vec::new(),
+            )
         }
-        Err(e) => return Verdict::Config(format!("{}: {e}", target.rsync_path.display())),
+        Err(e) => {
+            let why = format!(
+                "{}: {}",
+                target.rsync_path.display(),
+                ferry_protocol::io_reason(&e)
+            );
+            return (Verdict::Config(why), Vec::new());
+        }
     };
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Killed by a signal: treat like a network failure and try again.
     let code = out.status.code().unwrap_or(20);
-    classify(code, &stderr)
+    (classify(code, &stderr), out.stdout)
+}
+
+/// Compares the source with the module through `rsync -n -a -i --delete` (with `--checksum`,
+/// every file's content is read on both ends); returns the differences in ferry's terms, in
+/// tree order. The module root's own times are left out: a stock rsyncd never sets them.
+pub async fn verify(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    checksum: bool,
+) -> Result<Vec<(RelPath, Difference)>, String> {
+    let mut args: Vec<String> = ["--dry-run", "--delete", "--out-format=%i %n"]
+        .map(String::from)
+        .to_vec();
+    if checksum {
+        args.push("--checksum".into());
+    }
+    match run_capturing(group, target, address, &RelPath::root(), args).await {
+        (Verdict::Done, out) => Ok(parse_itemized(&out)),
+        (v, _) => Err(v.to_string()),
+    }
+}
+
+/// Reads rsync's itemized changes (`%i %n`): `*deleting NAME`, or `YXcstpoguax NAME` where a
+/// new entry has `+` in every attribute column. A path both deleted and created changed type.
+pub fn parse_itemized(out: &[u8]) -> Vec<(RelPath, Difference)> {
+    let mut diffs: Vec<(RelPath, Difference)> = Vec::new();
+    for line in out.split(|b| *b == b'\n') {
+        let Some(space) = line.iter().position(|b| *b == b' ') else {
+            continue;
+        };
+        let (flags, name) = (&line[..space], line[space + 1..].trim_ascii_start());
+        let name = name.strip_suffix(b"/").unwrap_or(name);
+        let path = if name == b"." || name.is_empty() {
+            RelPath::root()
+        } else {
+            RelPath::from_bytes(name.to_vec())
+        };
+        if flags == b"*deleting" {
+            diffs.push((path, Difference::Extra));
+            continue;
+        }
+        if flags.len() < 11 || !b"<>ch.".contains(&flags[0]) {
+            continue;
+        }
+        let attrs = &flags[2..];
+        if attrs.iter().all(|b| *b == b'+') {
+            diffs.push((path, Difference::Missing));
+            continue;
+        }
+        let kind = flags[1];
+        let has = |i: usize, c: u8| attrs.get(i) == Some(&c);
+        let mut add = |d| diffs.push((path.clone(), d));
+        if has(0, b'c') || has(1, b's') {
+            add(if kind == b'L' {
+                Difference::Symlink
+            } else {
+                Difference::Content
+            });
+        }
+        if (has(2, b't') || has(2, b'T')) && !path.is_root() {
+            add(Difference::Mtime);
+        }
+        if has(3, b'p') {
+            add(Difference::Mode);
+        }
+        if has(4, b'o') || has(5, b'g') {
+            add(Difference::Owner);
+        }
+    }
+    // Deleted and created again: another type.
+    let mut out: Vec<(RelPath, Difference)> = Vec::new();
+    for (path, d) in diffs {
+        let retyped = |o: &Difference| matches!((o, d), (Difference::Extra, Difference::Missing));
+        match out.iter_mut().find(|(p, o)| *p == path && retyped(o)) {
+            Some(entry) => entry.1 = Difference::Type,
+            None => out.push((path, d)),
+        }
+    }
+    out.sort_by(|a, b| a.0.tree_cmp(&b.0).then(a.1.cmp(&b.1)));
+    out.dedup();
+    out
 }
 
 /// One `rsync -a [--delete]` of the whole source into the module.
@@ -206,7 +310,10 @@ pub async fn batch(
     if !send.is_empty() {
         let root = RelPath::root();
         let ignore = vec!["--ignore-missing-args".to_string()];
-        return (with_list(group, target, address, &root, &send, ignore).await, n);
+        return (
+            with_list(group, target, address, &root, &send, ignore).await,
+            n,
+        );
     }
     (Verdict::Done, n)
 }
@@ -410,6 +517,46 @@ pub fn probe(target: &RsyncTarget) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn itemized_changes_in_ferry_terms() {
+        let out = b"*deleting   extra.txt\n\
+            >f+++++++++ new/file\n\
+            cd+++++++++ new/\n\
+            >f.st...... grown\n\
+            >fc.t...... edited\n\
+            .f...p..... chmodded\n\
+            .f....og... chowned\n\
+            .d..t...... ./\n\
+            .d..t...... sub/\n\
+            cL+++++++++ link\n\
+            cLc.t...... moved\n\
+            *deleting   retyped\n\
+            >f+++++++++ retyped\n";
+        let got: Vec<String> = parse_itemized(out)
+            .iter()
+            .map(|(p, d)| format!("{} {p}", d.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                "mode chmodded".to_string(),
+                "owner chowned".into(),
+                "content edited".into(),
+                "mtime edited".into(),
+                "extra extra.txt".into(),
+                "content grown".into(),
+                "mtime grown".into(),
+                "missing link".into(),
+                "mtime moved".into(),
+                "symlink moved".into(),
+                "missing new".into(),
+                "missing new/file".into(),
+                "type retyped".into(),
+                "mtime sub".into(),
+            ]
+        );
+    }
 
     #[test]
     fn exit_codes_are_classified_like_operators_read_them() {
