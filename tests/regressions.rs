@@ -428,3 +428,79 @@ fn errors_repeated_their_text_or_leaked_debug_output() {
     assert!(log.contains("receiver stopped; files=0"), "{log}");
     assert!(!log.contains("(\"files\""), "{log}");
 }
+
+/// Behind a link that drops every ~1 MB, an 8 MiB file never arrived: every reconnect
+/// started it over. Now a cut-off transfer resumes from what the receiver holds.
+#[test]
+fn interrupted_transfers_started_over() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    let proxy = common::proxy::Proxy::start(&format!("127.0.0.1:{}", backup.port), Some(1 << 20));
+    let data = pseudo_random(8 << 20, 42);
+    fs::write(src.join("big"), &data).unwrap();
+    let target = format!(
+        "[targets.backup]\naddress = {:?}\nfingerprint = {:?}\n",
+        proxy.addr, backup.fingerprint
+    );
+    site.write_config(&format!(
+        "{target}{}",
+        sync("file", &src, &["backup"], "file", "")
+    ));
+    let daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while fs::read(dst.join("big")).ok().as_deref() != Some(&data[..]) {
+        assert!(
+            Instant::now() < deadline,
+            "not arrived after {} connections:\n{}\nreceiver:\n{}",
+            proxy.connections.load(std::sync::atomic::Ordering::Relaxed),
+            daemon.log(),
+            backup_log(&backup)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let connections = proxy.connections.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        connections >= 8,
+        "the link was cut only {connections} times"
+    );
+    assert!(backup_log(&backup).contains("resuming a cut-off transfer"));
+    eprintln!("8 MiB arrived over {connections} connections of at most 1 MiB each");
+}
+
+/// Ctrl-C during `mirror`'s initial sync exited 0, as if the copy were complete, and a second
+/// Ctrl-C did not hurry it.
+#[test]
+fn ctrl_c_during_the_initial_sync_exited_zero() {
+    let site = Site::new();
+    let src = site.dir("src");
+    // Big enough that the shutdown grace (5 s) cannot finish it (every file is fsynced).
+    for d in 0..40 {
+        fs::create_dir(src.join(format!("d{d}"))).unwrap();
+        for i in 0..500 {
+            fs::write(src.join(format!("d{d}/f{i}")), pseudo_random(4096, i)).unwrap();
+        }
+    }
+    let start = |site: &Site, dst: &str| {
+        let d = Daemon::spawn(ferry().arg("mirror").arg(&src).arg(site.path(dst)));
+        d.wait_log_n("mirroring", 1, 20);
+        d
+    };
+    // One Ctrl-C: a clean stop, but not a success.
+    let mut once = start(&site, "dst1");
+    unsafe { libc::kill(once.child.id() as i32, libc::SIGINT) };
+    let status = once.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{}", once.log());
+    assert!(once.log().contains("is incomplete"), "{}", once.log());
+    // Two: out at once.
+    let mut twice = start(&site, "dst2");
+    let pid = twice.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(50));
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let t = Instant::now();
+    let status = twice.child.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(130), "{}", twice.log());
+}

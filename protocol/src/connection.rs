@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     /// Socket or TLS error.
-    #[error("{0}")]
+    #[error("{}", io_text(.0))]
     Io(#[from] std::io::Error),
     /// The peer sent something that is not a valid frame.
     #[error("{0}")]
@@ -33,6 +33,15 @@ pub enum ConnError {
     /// The peer did not answer in time.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+}
+
+/// An I/O error of a connection in an operator's words.
+fn io_text(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "connection closed by peer (no TLS close)".into()
+    } else {
+        crate::io_reason(e)
+    }
 }
 
 /// Reads whole frames from a byte stream.

@@ -22,6 +22,9 @@ pub const MAX_BLOCK: u32 = 16 * 1024 * 1024;
 pub const MAX_SIGNATURE: usize = 8 * 1024 * 1024;
 /// Files smaller than this travel whole: a round trip costs more than the bytes.
 pub const DELTA_THRESHOLD: u64 = 64 * 1024;
+/// Files of this size or more ask the receiver first even when it has no copy, so a
+/// transfer that was cut off can resume where it stopped.
+pub const RESUME_THRESHOLD: u64 = 1024 * 1024;
 
 const HEADER: usize = 12;
 const MD4_MAGIC: u32 = 0x7273_0136;

@@ -18,7 +18,7 @@ use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -43,7 +43,9 @@ pub enum Intent {
 pub enum Body {
     /// `FileData` frames follow at once.
     Whole,
-    /// The sender waits for `Signature` (or `NoBase`, then sends whole).
+    /// The sender waits for the receiver's answer: `Signature` (then `FileDelta`s against
+    /// its copy), `Resume` (then the rest of a transfer that was cut off, as `FileData`), or
+    /// `NoBase` (then the whole body as `FileData`).
     Delta,
 }
 
@@ -234,6 +236,17 @@ pub enum Message {
         /// Serialized fast_rsync signature.
         signature: Vec<u8>,
     },
+    /// The receiver holds the first `offset` bytes of this very file (same size and mtime)
+    /// from a transfer that was cut off, hashing to `digest`; if the sender's file starts
+    /// with them, it sends the rest from `offset` as `FileData`, else it aborts.
+    Resume {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+        /// Bytes already held.
+        offset: u64,
+        /// blake3 of those bytes.
+        digest: Digest,
+    },
     /// No usable base exists; the sender must send the whole body.
     NoBase {
         /// Request id of the `FileBegin`.
@@ -266,6 +279,7 @@ impl Message {
             | Message::Listing { id, .. }
             | Message::Signature { id, .. }
             | Message::NoBase { id }
+            | Message::Resume { id, .. }
             | Message::DirDigests { id, .. }
             | Message::StatsReply { id, .. } => Some(*id),
             _ => None,
@@ -287,11 +301,11 @@ impl Message {
     }
 
     /// True for a reply that ends its request (after it, no more replies carry its id).
-    /// `Signature`/`NoBase` answer a `FileBegin` halfway; a `Listing` ends with `done`.
+    /// `Signature`/`NoBase`/`Resume` answer a `FileBegin` halfway; a `Listing` ends with `done`.
     pub fn is_final_reply(&self) -> bool {
         match self {
             Message::Listing { done, .. } => *done,
-            Message::Signature { .. } | Message::NoBase { .. } => false,
+            Message::Signature { .. } | Message::NoBase { .. } | Message::Resume { .. } => false,
             other => other.reply_id().is_some(),
         }
     }
@@ -322,6 +336,7 @@ impl Message {
             Message::Listing { .. } => "Listing",
             Message::Signature { .. } => "Signature",
             Message::NoBase { .. } => "NoBase",
+            Message::Resume { .. } => "Resume",
             Message::DirDigests { .. } => "DirDigests",
             Message::StatsReply { .. } => "StatsReply",
         }

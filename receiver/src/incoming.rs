@@ -15,6 +15,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 struct Incoming {
     path: RelPath,
@@ -81,6 +83,31 @@ impl Transfers {
             return Err(io::Error::other(format!("duplicate transfer id {id}")));
         }
         let path = fs.entry(rel)?;
+        let partials = &fs.state.partials;
+        // A transfer of this very file that was cut off continues where it stopped.
+        if body == Body::Delta {
+            if let Some(p) = partials.take(rel, &meta) {
+                let reply = Message::Resume {
+                    id,
+                    offset: p.written,
+                    digest: *p.hasher.finalize().as_bytes(),
+                };
+                tracing::info!(module = fs.module(), path = %rel, offset = p.written, "resuming a cut-off transfer");
+                self.incoming.insert(
+                    id,
+                    Incoming {
+                        path: rel.clone(),
+                        meta,
+                        tmp: p.tmp,
+                        hasher: p.hasher,
+                        base: None,
+                        written: p.written,
+                    },
+                );
+                return Ok(Some(reply));
+            }
+        }
+        partials.forget(rel);
         let tmp = fs.create_file(&path)?;
         let mut base = None;
         let mut reply = None;
@@ -178,12 +205,103 @@ impl Transfers {
         Outcome::Done(Err("aborted by sender".into()))
     }
 
-    /// Removes every unfinished transfer (the session ended).
-    pub fn discard_all(&mut self, module: &str) {
+    /// The session ended: unfinished transfers that got somewhere are kept in the module's
+    /// [`Partials`], to resume when the sender comes back; the rest are dropped.
+    pub fn suspend_all(&mut self, partials: &Partials, module: &str) {
         for (_, inc) in self.incoming.drain() {
-            tracing::info!(module, path = %inc.path, "discarding unfinished transfer");
-            inc.tmp.discard();
+            if inc.written == 0 {
+                tracing::info!(module, path = %inc.path, "discarding unfinished transfer");
+                inc.tmp.discard();
+                continue;
+            }
+            tracing::info!(module, path = %inc.path, bytes = inc.written, "keeping unfinished transfer to resume");
+            partials.keep(
+                inc.path,
+                Partial {
+                    meta: inc.meta,
+                    tmp: inc.tmp,
+                    hasher: inc.hasher,
+                    written: inc.written,
+                    since: Instant::now(),
+                },
+            );
         }
+    }
+}
+
+/// A cut-off transfer, kept to resume: the unnamed file with what arrived, and its digest
+/// so far.
+pub struct Partial {
+    meta: Meta,
+    tmp: Staged,
+    hasher: blake3::Hasher,
+    written: u64,
+    since: Instant,
+}
+
+/// A module's cut-off transfers, by path. Bounded: at most [`MAX_PARTIALS`], none older than
+/// [`PARTIAL_TTL`] (the oldest go first); each holds an open unnamed file, so nothing of it
+/// is ever visible in the module and a restart frees it.
+#[derive(Default)]
+pub struct Partials(Mutex<HashMap<RelPath, Partial>>);
+
+/// Cut-off transfers kept per module.
+pub const MAX_PARTIALS: usize = 16;
+/// How long a cut-off transfer is kept for its sender to come back.
+pub const PARTIAL_TTL: Duration = Duration::from_secs(3600);
+
+impl Partials {
+    /// Keeps `p` for `path`, replacing an older one.
+    pub fn keep(&self, path: RelPath, p: Partial) {
+        let mut map = self.0.lock().expect("partials lock");
+        map.retain(|_, p| p.since.elapsed() < PARTIAL_TTL);
+        if let Some(old) = map.insert(path, p) {
+            old.tmp.discard();
+        }
+        while map.len() > MAX_PARTIALS {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, p)| p.since)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            if let Some(p) = map.remove(&oldest) {
+                p.tmp.discard();
+            }
+        }
+    }
+
+    /// The cut-off transfer of `path`, if it is of the same file (size and mtime) as `meta`.
+    pub fn take(&self, path: &RelPath, meta: &Meta) -> Option<Partial> {
+        let mut map = self.0.lock().expect("partials lock");
+        let same = map.get(path).is_some_and(|p| {
+            p.meta.size == meta.size
+                && p.meta.mtime == meta.mtime
+                && p.meta.mtime_nsec == meta.mtime_nsec
+                && p.written <= meta.size
+                && p.since.elapsed() < PARTIAL_TTL
+        });
+        if same {
+            map.remove(path)
+        } else {
+            None
+        }
+    }
+
+    /// Drops the cut-off transfer of `path` (another version of it is on its way).
+    pub fn forget(&self, path: &RelPath) {
+        if let Some(p) = self.0.lock().expect("partials lock").remove(path) {
+            p.tmp.discard();
+        }
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("partials lock").len()
+    }
+
+    /// True if none are kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

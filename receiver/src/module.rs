@@ -2,6 +2,7 @@
 //! digest cache, and the start-up clean-up of its staging directory.
 
 use crate::config::Module;
+use crate::incoming::Partials;
 use crate::{LEGACY_STAGING_DIR, TEMP_PREFIX};
 use ferry_protocol::local::DigestCache;
 use ferry_protocol::{io_reason, RelPath};
@@ -21,6 +22,8 @@ pub struct ModuleState {
     pub active: AtomicUsize,
     /// Content digests of the module's files.
     pub cache: Mutex<DigestCache>,
+    /// Transfers cut off with their session, kept to resume.
+    pub partials: Partials,
 }
 
 impl ModuleState {
@@ -59,6 +62,7 @@ impl ModuleState {
             module,
             active: AtomicUsize::new(0),
             cache: Mutex::new(cache),
+            partials: Partials::default(),
         })
     }
 }

@@ -94,7 +94,8 @@ impl Requests {
             }
         }
         self.commit();
-        self.files.discard_all(self.fs.module());
+        self.files
+            .suspend_all(&self.fs.state.partials, self.fs.module());
         let state = &self.fs.state;
         if let Err(e) = state.cache.lock().expect("cache lock").save() {
             tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");

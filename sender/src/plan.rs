@@ -10,7 +10,7 @@
 //! - [`plan_batch`]: a live batch of dirty paths into a plan plus the subtrees to compare.
 
 use crate::coalesce::Need;
-use ferry_protocol::delta::DELTA_THRESHOLD;
+use ferry_protocol::delta::{DELTA_THRESHOLD, RESUME_THRESHOLD};
 use ferry_protocol::message::{Body, Message, RequestId};
 use ferry_protocol::meta::{Compare, Entry, Kind};
 use ferry_protocol::RelPath;
@@ -37,11 +37,13 @@ impl Base {
     }
 }
 
-/// Whole body or delta for a file of `size` bytes (the size of the open file, read with
-/// `fstat`, is the one that counts): a delta pays only for files of [`DELTA_THRESHOLD`] or
-/// more, against a base the receiver may hold.
+/// Whole body, or ask the receiver first ([`Body::Delta`]), for a file of `size` bytes (the
+/// size of the open file, read with `fstat`, is the one that counts). Asking costs a round
+/// trip, so it is done where it can pay: a delta for files of [`DELTA_THRESHOLD`] or more
+/// against a base the receiver may hold, and resuming a cut-off transfer for files of
+/// [`RESUME_THRESHOLD`] or more whatever the receiver holds.
 pub fn body_for(size: u64, base: Base) -> Body {
-    if size >= DELTA_THRESHOLD && base != Base::Absent {
+    if size >= RESUME_THRESHOLD || (size >= DELTA_THRESHOLD && base != Base::Absent) {
         Body::Delta
     } else {
         Body::Whole
@@ -490,6 +492,11 @@ mod tests {
         assert_eq!(body_for(big, Base::Unknown), Body::Delta);
         assert_eq!(body_for(big, Base::Absent), Body::Whole);
         assert_eq!(body_for(big - 1, Base::Unknown), Body::Whole);
+        assert_eq!(
+            body_for(RESUME_THRESHOLD, Base::Absent),
+            Body::Delta,
+            "resumable"
+        );
         let empty = e("f", Kind::File, 0, 1);
         assert_eq!(Base::of(Some(&empty)), Base::Absent);
         assert_eq!(Base::of(Some(&e("f", Kind::Dir, 0, 1))), Base::Absent);

@@ -4,6 +4,7 @@
 
 pub mod pair;
 pub mod proc;
+pub mod proxy;
 pub mod site;
 pub mod trees;
 
