@@ -9,8 +9,10 @@
 //! ("make `a/b` a directory with this metadata"), so replaying one after a reconnect is safe.
 //!
 //! A file travels as `FileBegin`, then either a whole body (`FileData`*) or, when the sender
-//! asked for a delta and the receiver has a base, `Signature` back and `FileDelta`* forward,
-//! then `FileEnd` carrying the blake3 digest of the new content. The receiver commits only if
+//! asked first (`Body::Delta`), the receiver's answer: `Signature` (then `FileDelta`*
+//! forward), `Resume` (it holds the start of this very file from a cut-off transfer; the rest
+//! follows as `FileData`*) or `NoBase`; then `FileEnd` carrying the blake3 digest of the new
+//! content. The receiver commits only if
 //! the digest of what it wrote matches.
 
 use crate::meta::{Entry, Meta};
