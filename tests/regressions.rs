@@ -356,6 +356,7 @@ fn recovery_waited_on_a_30_s_retry_timer() {
     let back = Instant::now();
     wait_equal(&src, &dst, 30, "after the receiver came back");
     let took = back.elapsed();
+    eprintln!("converged {took:?} after the receiver came back");
     assert!(
         took < Duration::from_secs(8),
         "converged {took:?} after the receiver came back"
