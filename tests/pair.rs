@@ -186,3 +186,126 @@ async fn every_change_is_acknowledged_once_and_only_when_it_is_in_place() {
         assert!(rx.recv().await.is_none(), "a second answer for d{i}");
     }
 }
+
+/// A local user on the backup host flips a module directory between a real directory and a
+/// symlink to somewhere else while the sender writes into it. The race runs for 3 s; nothing
+/// may land outside the module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
+    let mut pair = Pair::new();
+    let outside = pair.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let (d, parked) = (pair.dst.join("d"), pair.dst.join("d.parked"));
+    fs::create_dir(&d).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (stop, d, parked, outside) = (stop.clone(), d.clone(), parked.clone(), outside.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if fs::rename(&d, &parked).is_ok() {
+                    let _ = std::os::unix::fs::symlink(&outside, &d);
+                    std::thread::yield_now();
+                    let _ = fs::remove_file(&d);
+                    let _ = fs::rename(&parked, &d);
+                    flips += 1;
+                }
+            }
+            flips
+        })
+    };
+    let session = pair.session().await;
+    let dir_meta = Meta {
+        kind: Kind::Dir,
+        mode: 0o755,
+        ..file_meta(0)
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        i += 1;
+        let name = |what: &str| RelPath::from(format!("d/{what}{i}").as_str());
+        let (id, mut rx) = session.register();
+        let data = b"escaped?".to_vec();
+        let meta = file_meta(data.len() as u64);
+        let digest = *blake3::hash(&data).as_bytes();
+        for m in [
+            Message::FileBegin {
+                id,
+                path: name("f"),
+                meta,
+                body: Body::Whole,
+            },
+            Message::FileData { id, data },
+            Message::FileEnd { id, digest },
+        ] {
+            session.send(m).await.unwrap();
+        }
+        let _ = session.expect_ack(&mut rx).await;
+        let requests = [
+            Message::Mkdir {
+                id: 0,
+                path: name("m"),
+                meta: dir_meta.clone(),
+            },
+            Message::Symlink {
+                id: 0,
+                path: name("l"),
+                target: b"x".to_vec(),
+                meta: Meta {
+                    kind: Kind::Symlink,
+                    ..file_meta(0)
+                },
+            },
+            Message::SetMeta {
+                id: 0,
+                path: name("f"),
+                meta: Meta {
+                    mode: 0o777,
+                    ..file_meta(8)
+                },
+            },
+            Message::Rename {
+                id: 0,
+                from: name("f"),
+                to: name("g"),
+            },
+            Message::Delete {
+                id: 0,
+                path: name("m"),
+            },
+        ];
+        for r in requests {
+            let _ = session
+                .call(|id| match r {
+                    Message::Mkdir { path, meta, .. } => Message::Mkdir { id, path, meta },
+                    Message::Symlink {
+                        path, target, meta, ..
+                    } => Message::Symlink {
+                        id,
+                        path,
+                        target,
+                        meta,
+                    },
+                    Message::SetMeta { path, meta, .. } => Message::SetMeta { id, path, meta },
+                    Message::Rename { from, to, .. } => Message::Rename { id, from, to },
+                    Message::Delete { path, .. } => Message::Delete { id, path },
+                    other => other,
+                })
+                .await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.join().unwrap();
+    let escaped: Vec<_> = fs::read_dir(&outside).unwrap().collect();
+    eprintln!(
+        "{i} rounds of writes against {flips} flips; {} entries outside",
+        escaped.len()
+    );
+    assert!(flips > 100, "the race did not run ({flips} flips)");
+    assert!(i > 100, "the writes did not run ({i} rounds)");
+    assert!(
+        escaped.is_empty(),
+        "written outside the module: {escaped:?}"
+    );
+}

@@ -344,7 +344,11 @@ fn interrupted_transfer_leaves_nothing_and_is_cleaned() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     // The unnamed file of the cut transfer was never in the tree (it is kept, unnamed, to
     // resume); make sure the receiver is done with the session and nothing appeared.
-    while !s.receiver.log().contains("keeping unfinished transfer to resume") {
+    while !s
+        .receiver
+        .log()
+        .contains("keeping unfinished transfer to resume")
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "partial file not discarded"

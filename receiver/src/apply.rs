@@ -6,7 +6,7 @@
 //! Directories whose entries changed are remembered as dirty; [`Apply::sync_dirty`] fsyncs
 //! them before any of those changes is acknowledged (group commit).
 
-use crate::confine::{confine, confine_entry, ConfineError};
+use crate::confine::{chmod_nofollow, confine, confine_entry, ConfineError, Confined};
 use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
@@ -18,7 +18,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,13 +29,18 @@ pub struct Apply {
     pub(crate) stats: Arc<Stats>,
     /// The receiver runs as root: owners and device nodes are applied.
     pub(crate) privileged: bool,
-    dirty: HashSet<PathBuf>,
+    /// Directories (module-relative) whose entries changed since the last commit.
+    dirty: HashSet<RelPath>,
     seq: u64,
     tag: u64,
 }
 
 fn refused(e: ConfineError) -> io::Error {
-    io::Error::new(io::ErrorKind::PermissionDenied, e.to_string())
+    match e {
+        // A missing ancestor: the request fails (or, for a delete, succeeds) as "not found".
+        ConfineError::Io { source, .. } => source,
+        e => io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()),
+    }
 }
 
 impl Apply {
@@ -61,13 +66,13 @@ impl Apply {
         &self.state.module.name
     }
 
-    /// A peer path confined to the module (the root allowed).
-    pub fn local(&self, rel: &RelPath) -> io::Result<PathBuf> {
+    /// A peer path resolved beneath the module (the root allowed).
+    pub fn local(&self, rel: &RelPath) -> io::Result<Confined> {
         confine(self.root(), rel).map_err(refused)
     }
 
-    /// A peer path confined to the module, naming an entry below the root.
-    pub fn entry(&self, rel: &RelPath) -> io::Result<PathBuf> {
+    /// A peer path resolved beneath the module, naming an entry below the root.
+    pub fn entry(&self, rel: &RelPath) -> io::Result<Confined> {
         confine_entry(self.root(), rel).map_err(refused)
     }
 
@@ -112,20 +117,20 @@ impl Apply {
 
     /// Puts a finished file in place under `path`, atomically: linked in directly when the
     /// name is free, else linked beside it and renamed over it.
-    pub fn install_file(&mut self, staged: &Staged, path: &Path) -> io::Result<()> {
+    pub fn install_file(&mut self, staged: &Staged, path: &Path, rel: &RelPath) -> io::Result<()> {
         if let Some(name) = &staged.name {
-            return self.install(name, path);
+            return self.install(name, path, rel);
         }
         let fd = format!("/proc/self/fd/{}", staged.file.as_raw_fd());
         match link(&fd, path) {
             Ok(()) => {
-                self.mark_parent_dirty(path);
+                self.mark_parent_dirty(rel);
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let tmp = self.temp_beside(path);
                 link(&fd, &tmp)?;
-                let r = self.install(&tmp, path);
+                let r = self.install(&tmp, path, rel);
                 if r.is_err() {
                     let _ = fs::remove_file(&tmp);
                 }
@@ -135,26 +140,35 @@ impl Apply {
         }
     }
 
-    /// fsyncs every directory whose entries changed since the last call.
+    /// fsyncs every directory whose entries changed since the last call (each resolved
+    /// beneath the module again, never through a symlink).
     pub fn sync_dirty(&mut self) {
-        for dir in self.dirty.drain() {
-            if let Err(e) = File::open(&dir).and_then(|d| d.sync_all()) {
+        for dir in std::mem::take(&mut self.dirty) {
+            let synced = self.local(&dir).and_then(|c| {
+                fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(c.path())?
+                    .sync_all()
+            });
+            if let Err(e) = synced {
                 if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(path = %dir.display(), "fsync failed: {e}");
+                    tracing::warn!(module = self.module(), path = %dir, "fsync failed: {e}");
                 }
             }
         }
     }
 
-    fn mark_parent_dirty(&mut self, path: &Path) {
-        if let Some(parent) = path.parent() {
-            self.dirty.insert(parent.to_path_buf());
+    fn mark_parent_dirty(&mut self, rel: &RelPath) {
+        if let Some(parent) = rel.parent() {
+            self.dirty.insert(parent);
         }
     }
 
     /// Makes `rel` a directory (replacing a non-directory); its times come later.
     pub fn mkdir(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
-        let path = self.local(rel)?;
+        let at = self.local(rel)?;
+        let path = at.path();
         match fs::symlink_metadata(&path) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => {
@@ -165,35 +179,38 @@ impl Apply {
             Err(e) => return Err(e),
         }
         self.apply_owner_mode(&path, meta)?;
-        self.dirty.insert(path.clone());
-        self.mark_parent_dirty(&path);
+        self.dirty.insert(rel.clone());
+        self.mark_parent_dirty(rel);
         self.stats.mkdirs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Renames a finished staged entry over `path`, replacing a directory there if need be.
-    pub fn install(&mut self, tmp: &Path, path: &Path) -> io::Result<()> {
+    /// Renames a finished staged entry over `path` (the confined path of `rel`), replacing a
+    /// directory there if need be.
+    pub fn install(&mut self, tmp: &Path, path: &Path, rel: &RelPath) -> io::Result<()> {
         if let Ok(md) = fs::symlink_metadata(path) {
             if md.is_dir() {
                 fs::remove_dir_all(path)?;
             }
         }
         fs::rename(tmp, path)?;
-        self.mark_parent_dirty(path);
+        self.mark_parent_dirty(rel);
         Ok(())
     }
 
     /// Makes `rel` a symlink to `target`.
     pub fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
-        let path = self.entry(rel)?;
+        let at = self.entry(rel)?;
+        let path = at.path();
         let tmp = self.temp_beside(&path);
         std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), &tmp)?;
-        self.install_staged(&tmp, &path, meta)
+        self.install_staged(&tmp, &path, rel, meta)
     }
 
     /// Makes `rel` a fifo or (privileged receivers only) a device node.
     pub fn special(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
-        let path = self.entry(rel)?;
+        let at = self.entry(rel)?;
+        let path = at.path();
         let type_bits = match meta.kind {
             Kind::Fifo => libc::S_IFIFO,
             Kind::CharDevice => libc::S_IFCHR,
@@ -220,16 +237,22 @@ impl Apply {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.install_staged(&tmp, &path, meta)
+        self.install_staged(&tmp, &path, rel, meta)
     }
 
     /// Gives a staged symlink or special file its metadata and renames it over `path`; the
     /// staged entry is removed if any step fails.
-    fn install_staged(&mut self, tmp: &Path, path: &Path, meta: &Meta) -> io::Result<()> {
+    fn install_staged(
+        &mut self,
+        tmp: &Path,
+        path: &Path,
+        rel: &RelPath,
+        meta: &Meta,
+    ) -> io::Result<()> {
         let r = self
             .apply_owner_mode(tmp, meta)
             .and_then(|_| set_mtime(tmp, meta))
-            .and_then(|_| self.install(tmp, path));
+            .and_then(|_| self.install(tmp, path, rel));
         if r.is_err() {
             let _ = fs::remove_file(tmp);
         }
@@ -244,14 +267,15 @@ impl Apply {
             std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
         }
         if meta.kind != Kind::Symlink {
-            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))?;
+            chmod_nofollow(path, meta.mode)?;
         }
         Ok(())
     }
 
     /// Sets mode, owner and mtime of an existing entry of the same kind.
     pub fn set_meta(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
-        let path = self.local(rel)?;
+        let at = self.local(rel)?;
+        let path = at.path();
         let md = fs::symlink_metadata(&path)?;
         let have = local::meta_of(&md).map(|m| m.kind);
         if have != Some(meta.kind) {
@@ -265,18 +289,27 @@ impl Apply {
         // Inode metadata reaches the disk with its directory entry's journal commit on the
         // filesystems we target; fsyncing the entry itself covers the rest.
         if meta.kind == Kind::Dir {
-            self.dirty.insert(path.clone());
+            self.dirty.insert(rel.clone());
         } else if meta.kind == Kind::File {
-            File::open(&path)?.sync_all()?;
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path)?
+                .sync_all()?;
         }
-        self.mark_parent_dirty(&path);
+        self.mark_parent_dirty(rel);
         self.stats.set_meta.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Removes `rel` (recursively); absent is success.
     pub fn delete(&mut self, rel: &RelPath) -> io::Result<()> {
-        let path = self.entry(rel)?;
+        let at = match self.entry(rel) {
+            Ok(at) => at,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let path = at.path();
         let r = match fs::symlink_metadata(&path) {
             Ok(md) if md.is_dir() => fs::remove_dir_all(&path),
             Ok(_) => fs::remove_file(&path),
@@ -284,7 +317,7 @@ impl Apply {
         };
         match r {
             Ok(()) => {
-                self.mark_parent_dirty(&path);
+                self.mark_parent_dirty(rel);
                 self.stats.deletes.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -300,8 +333,8 @@ impl Apply {
                 "cannot rename {from} into itself"
             )));
         }
-        let src = self.entry(from)?;
-        let dst = self.entry(to)?;
+        let (src_at, dst_at) = (self.entry(from)?, self.entry(to)?);
+        let (src, dst) = (src_at.path(), dst_at.path());
         let src_md = fs::symlink_metadata(&src)?;
         if let Ok(dst_md) = fs::symlink_metadata(&dst) {
             // rename(2) replaces files and empty directories only; make it replace anything.
@@ -312,8 +345,8 @@ impl Apply {
             }
         }
         fs::rename(&src, &dst)?;
-        self.mark_parent_dirty(&src);
-        self.mark_parent_dirty(&dst);
+        self.mark_parent_dirty(from);
+        self.mark_parent_dirty(to);
         self.stats.renames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

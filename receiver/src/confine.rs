@@ -4,7 +4,10 @@
 use crate::TEMP_PREFIX;
 use ferry_protocol::path::PathError;
 use ferry_protocol::RelPath;
+use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// A peer path that may not be used.
@@ -50,26 +53,54 @@ pub enum ConfineError {
     },
 }
 
+/// A peer path resolved beneath a module root, held open: the directory that contains it
+/// (opened without following any symlink, and never leaving the module), and its last
+/// component. [`Confined::path`] names it through `/proc/self/fd`, so every later call
+/// reaches exactly that directory, whatever a local user renames or swaps meanwhile; the
+/// last component is then used with calls that do not follow it (`lstat`, `unlink`,
+/// `rename`, `lchown`, `utimensat(AT_SYMLINK_NOFOLLOW)`, `O_NOFOLLOW`, [`chmod_nofollow`]).
+#[derive(Debug)]
+pub struct Confined {
+    dir: OwnedFd,
+    name: Option<Vec<u8>>,
+}
+
+impl Confined {
+    /// The entry, as a path through the held directory (for the root, `…/.`: the fd link
+    /// itself is a symlink to `lstat`).
+    pub fn path(&self) -> PathBuf {
+        let dir = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
+        match &self.name {
+            Some(n) => dir.join(std::ffi::OsStr::from_bytes(n)),
+            None => dir.join("."),
+        }
+    }
+
+    /// The directory that holds the entry (the root itself for the root), as a path.
+    pub fn dir_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
+    }
+}
+
 /// [`confine`] for requests that replace, remove or rename what is at the path: the module
 /// root itself is refused.
-pub fn confine_entry(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
+pub fn confine_entry(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
     if rel.is_root() {
         return Err(ConfineError::Root);
     }
     confine(root, rel)
 }
 
-/// Maps a peer's relative path to a local path under `root`.
+/// Resolves a peer's relative path beneath `root`, at the moment of use.
 ///
 /// Refuses absolute paths, `..`, empty and `.` components, NUL bytes, over-long paths, names
-/// reserved for entries in flight ([`TEMP_PREFIX`]), and any path whose existing ancestors include a symlink or a
-/// non-directory. The last component itself may be a symlink: callers operate on it with
-/// `lstat`/`unlink`/`rename`, never through it. Ancestors that do not exist yet are fine; the
-/// operation then fails with "not found" on its own.
-///
-/// The receiver is the only writer of a module, so the check is not raced by the peer; a local
-/// user with write access to the module could race it, as with rsyncd.
-pub fn confine(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
+/// reserved for entries in flight ([`TEMP_PREFIX`]), and any path whose ancestors include a
+/// symlink or a non-directory. The ancestors are opened with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)` (Linux 5.6+), or one by one with `openat(O_NOFOLLOW | O_DIRECTORY)`
+/// where that is missing, so a local user who swaps a directory for a symlink between a check
+/// and a use cannot redirect anything outside the module (rsync's secure relative open). The
+/// last component may be a symlink: it is replaced or removed, never followed.
+pub fn confine(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
     rel.validate().map_err(|reason| ConfineError::Invalid {
         path: rel.clone(),
         reason,
@@ -80,40 +111,147 @@ pub fn confine(root: &Path, rel: &RelPath) -> Result<PathBuf, ConfineError> {
     {
         return Err(ConfineError::Reserved(rel.clone()));
     }
-    let mut local = root.to_path_buf();
-    let mut ancestor = RelPath::root();
+    let io_err = |source: io::Error| ConfineError::Io {
+        path: rel.clone(),
+        source,
+    };
+    let root_fd = open_dir(libc::AT_FDCWD, root.as_os_str().as_bytes(), false).map_err(io_err)?;
     let parts: Vec<&[u8]> = rel.components().collect();
-    for part in parts.iter().take(parts.len().saturating_sub(1)) {
-        ancestor = ancestor.join(part);
-        local.push(RelPath::from_bytes(part.to_vec()).as_path());
-        match std::fs::symlink_metadata(&local) {
-            Ok(md) if md.file_type().is_symlink() => {
-                return Err(ConfineError::SymlinkInPath {
-                    path: rel.clone(),
-                    ancestor,
-                });
-            }
-            Ok(md) if !md.is_dir() => {
-                return Err(ConfineError::NotADirectory {
-                    path: rel.clone(),
-                    ancestor,
-                })
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(source) => {
-                return Err(ConfineError::Io {
-                    path: rel.clone(),
-                    source,
-                })
+    let Some((name, ancestors)) = parts.split_last() else {
+        return Ok(Confined {
+            dir: root_fd,
+            name: None,
+        });
+    };
+    let dir = if ancestors.is_empty() {
+        root_fd
+    } else {
+        beneath(&root_fd, ancestors).map_err(|e| explain(root, rel, ancestors, e))?
+    };
+    Ok(Confined {
+        dir,
+        name: Some(name.to_vec()),
+    })
+}
+
+/// Opens the directory `ancestors` (joined) beneath `root` without following symlinks.
+fn beneath(root: &OwnedFd, ancestors: &[&[u8]]) -> io::Result<OwnedFd> {
+    let joined = ancestors.join(&b'/');
+    match openat2_beneath(root, &joined) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => walk(root, ancestors),
+        r => r,
+    }
+}
+
+fn openat2_beneath(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(io::Error::other)?;
+    // SAFETY: `open_how` is plain data; all-zero is a valid starting value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid fd, NUL-terminated path, and a correctly sized `open_how`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The fallback: one `openat(O_NOFOLLOW | O_DIRECTORY)` per component.
+pub(crate) fn walk(root: &OwnedFd, ancestors: &[&[u8]]) -> io::Result<OwnedFd> {
+    let mut dir = open_dir(root.as_raw_fd(), b".", true)?;
+    for part in ancestors {
+        dir = open_dir(dir.as_raw_fd(), part, true)?;
+    }
+    Ok(dir)
+}
+
+fn open_dir(at: RawFd, path: &[u8], nofollow: bool) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(io::Error::other)?;
+    let mut flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    if nofollow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    // SAFETY: `at` is a valid descriptor (or AT_FDCWD) and `c` is NUL-terminated.
+    let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Turns a failed resolution into the refusal that says which ancestor was the problem.
+fn explain(root: &Path, rel: &RelPath, ancestors: &[&[u8]], e: io::Error) -> ConfineError {
+    let refusal = matches!(
+        e.raw_os_error(),
+        Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
+    );
+    if refusal {
+        // Name the culprit for the message (looked up after the fact, for the message only).
+        let mut ancestor = RelPath::root();
+        for part in ancestors {
+            ancestor = ancestor.join(part);
+            match std::fs::symlink_metadata(root.join(ancestor.as_path())) {
+                Ok(md) if md.file_type().is_symlink() => {
+                    return ConfineError::SymlinkInPath {
+                        path: rel.clone(),
+                        ancestor,
+                    }
+                }
+                Ok(md) if !md.is_dir() => {
+                    return ConfineError::NotADirectory {
+                        path: rel.clone(),
+                        ancestor,
+                    }
+                }
+                _ => {}
             }
         }
+        return ConfineError::SymlinkInPath {
+            path: rel.clone(),
+            ancestor,
+        };
     }
-    Ok(if rel.is_root() {
-        root.to_path_buf()
-    } else {
-        root.join(rel.as_path())
-    })
+    ConfineError::Io {
+        path: rel.clone(),
+        source: e,
+    }
+}
+
+/// `chmod` of the entry itself, never of what a symlink there points to: the entry is opened
+/// with `O_PATH | O_NOFOLLOW` and changed through its `/proc/self/fd` link (what glibc's
+/// `fchmodat(AT_SYMLINK_NOFOLLOW)` does). A symlink there is refused (`EOPNOTSUPP`).
+pub fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `c` is NUL-terminated.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let link =
+        CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(io::Error::other)?;
+    // SAFETY: `link` is NUL-terminated; chmod through the fd's link reaches exactly its inode.
+    if unsafe { libc::chmod(link.as_ptr(), (mode & 0o7777) as libc::mode_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -129,7 +267,7 @@ mod tests {
         dir
     }
 
-    fn check(rel: &[u8]) -> Result<PathBuf, ConfineError> {
+    fn check(rel: &[u8]) -> Result<Confined, ConfineError> {
         let dir = setup();
         let root = dir.path().join("module");
         confine(&root, &RelPath::from_bytes(rel.to_vec()))
@@ -138,7 +276,10 @@ mod tests {
     #[test]
     fn plain_paths_are_accepted() {
         assert!(check(b"sub/new").is_ok());
-        assert!(check(b"new/deeper/file").is_ok());
+        assert!(
+            matches!(check(b"new/deeper/file"), Err(ConfineError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound),
+            "missing ancestors: the operation fails with not found"
+        );
         assert!(
             check(b"evil").is_ok(),
             "the last component may be a symlink (it is replaced, not followed)"
@@ -243,7 +384,64 @@ mod tests {
                 String::from_utf8_lossy(path)
             );
         }
-        assert!(check(b".ferry-partial/x").is_ok(), "no longer reserved");
+        assert!(
+            !matches!(check(b".ferry-partial/x"), Err(ConfineError::Reserved(_))),
+            "no longer reserved"
+        );
         assert!(check(b"sub/x.ferry-tmp.").is_ok());
+    }
+
+    #[test]
+    fn the_path_reaches_the_directory_that_was_resolved_even_after_a_swap() {
+        let dir = setup();
+        let root = dir.path().join("module");
+        let c = confine(&root, &RelPath::from("sub/f")).unwrap();
+        // A local user moves `sub` away and puts a symlink to /etc in its place.
+        std::fs::rename(root.join("sub"), root.join("moved")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("sub")).unwrap();
+        std::fs::write(c.path(), b"written").unwrap();
+        assert_eq!(std::fs::read(root.join("moved/f")).unwrap(), b"written");
+        assert!(!std::path::Path::new("/etc/f").exists());
+        assert!(matches!(
+            confine(&root, &RelPath::from("sub/g")),
+            Err(ConfineError::SymlinkInPath { .. })
+        ));
+    }
+
+    #[test]
+    fn the_fallback_walk_refuses_symlinks_too() {
+        let dir = setup();
+        let root = open_dir(
+            libc::AT_FDCWD,
+            dir.path().join("module").as_os_str().as_bytes(),
+            false,
+        )
+        .unwrap();
+        assert!(walk(&root, &[b"sub"]).is_ok());
+        // O_PATH | O_NOFOLLOW opens the link itself, which O_DIRECTORY then refuses.
+        let e = walk(&root, &[b"evil"]).unwrap_err();
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
+            "{e}"
+        );
+        let e = walk(&root, &[b"file"]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
+    }
+
+    #[test]
+    fn chmod_never_follows_a_symlink() {
+        let dir = setup();
+        let target = dir.path().join("outside");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let link = dir.path().join("module/link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(chmod_nofollow(&link, 0o777).is_err());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&target).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        chmod_nofollow(&dir.path().join("module/file"), 0o640).unwrap();
     }
 }

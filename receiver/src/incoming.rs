@@ -82,7 +82,8 @@ impl Transfers {
         if self.incoming.contains_key(&id) {
             return Err(io::Error::other(format!("duplicate transfer id {id}")));
         }
-        let path = fs.entry(rel)?;
+        let at = fs.entry(rel)?;
+        let path = at.path();
         let partials = &fs.state.partials;
         // A transfer of this very file that was cut off continues where it stopped.
         if body == Body::Delta {
@@ -325,9 +326,9 @@ fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> 
     file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
     let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
     filetime::set_file_handle_times(file, None, Some(mtime))?;
-    let path = fs.entry(&inc.path)?;
+    let at = fs.entry(&inc.path)?;
     let delta = inc.base.take().is_some();
-    fs.install_file(&inc.tmp, &path)?;
+    fs.install_file(&inc.tmp, &at.path(), &inc.path)?;
     fs.stats.files.fetch_add(1, Ordering::Relaxed);
     fs.stats
         .bytes_written
