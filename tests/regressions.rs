@@ -505,3 +505,75 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(status.code(), Some(130), "{}", twice.log());
 }
+
+/// A module file used as a delta base, truncated by a local user while the delta was applied,
+/// killed the whole receiver with SIGBUS (the base was mapped). Now that file fails alone.
+#[tokio::test]
+async fn a_base_truncated_during_a_delta_killed_the_receiver_with_sigbus() {
+    use ferry_protocol::delta;
+    use ferry_protocol::message::Body;
+    use ferry_protocol::meta::{Kind, Meta};
+    let mut pair = Pair::new();
+    let base = pseudo_random(4 << 20, 1);
+    fs::write(pair.dst.join("big"), &base).unwrap();
+    let mut new = base.clone();
+    new[10..20].fill(0);
+    let meta = Meta {
+        kind: Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size: new.len() as u64,
+        mtime: 1_700_000_000,
+        mtime_nsec: 0,
+        rdev: 0,
+    };
+    let session = pair.session().await;
+    let (id, mut rx) = session.register();
+    let path = RelPath::from("big");
+    session
+        .send(Message::FileBegin {
+            id,
+            path,
+            meta,
+            body: Body::Delta,
+        })
+        .await
+        .unwrap();
+    let Message::Signature { signature, .. } = session.reply(&mut rx).await.unwrap() else {
+        panic!("expected a signature");
+    };
+    // The local user truncates the base now.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(pair.dst.join("big"))
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let index = delta::parse_peer_signature(signature).unwrap();
+    let index = index.index();
+    for window in new.chunks(delta::WINDOW) {
+        let mut d = Vec::new();
+        delta::diff_window(&index, window, &mut d).unwrap();
+        session
+            .send(Message::FileDelta {
+                id,
+                window: window.len() as u64,
+                delta: d,
+            })
+            .await
+            .unwrap();
+    }
+    let digest = *blake3::hash(&new).as_bytes();
+    session.send(Message::FileEnd { id, digest }).await.unwrap();
+    let failed = session.expect_ack(&mut rx).await.unwrap_err();
+    assert!(failed.to_string().contains("big"), "{failed}");
+    // This process (the receiver) is alive, and the session still works.
+    session
+        .call(|id| Message::Delete {
+            id,
+            path: RelPath::from("nothing"),
+        })
+        .await
+        .unwrap();
+}

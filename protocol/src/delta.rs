@@ -41,6 +41,12 @@ pub enum DeltaError {
     /// The peer's delta does not apply to our base.
     #[error("delta does not apply: {0}")]
     Apply(#[from] fast_rsync::ApplyError),
+    /// The peer's delta is malformed or copies from outside the base.
+    #[error("invalid delta from peer: {0}")]
+    BadDelta(&'static str),
+    /// Reading the base failed (it may have been changed under us); only this file fails.
+    #[error("reading the base: {0}")]
+    Base(#[from] std::io::Error),
     /// The delta rebuilt a window of the wrong length.
     #[error("delta rebuilt {got} bytes, expected {want}")]
     WindowLength {
@@ -64,6 +70,124 @@ pub fn block_size_for(len: u64) -> u32 {
         block *= 2;
     }
     block as u32
+}
+
+/// Signature of the first `len` bytes of an open base file, read in chunks of whole blocks
+/// with `pread` (never mapped: a file truncated meanwhile is an error for this file, not a
+/// SIGBUS for the process). Equal to [`sign`] of the same bytes: a signature is its header
+/// plus one entry per block, so chunk signatures concatenate.
+pub fn sign_file(base: &std::fs::File, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let block = block_size_for(len);
+    let options = SignatureOptions {
+        block_size: block,
+        crypto_hash_size: CRYPTO_HASH_SIZE,
+    };
+    let chunk_len = (block as usize).max(SIGN_CHUNK / block as usize * block as usize);
+    let mut buf = vec![0; chunk_len.min(len as usize).max(1)];
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    loop {
+        let n = buf.len().min((len - at) as usize);
+        base.read_exact_at(&mut buf[..n], at)?;
+        let sig = Signature::calculate(&buf[..n], options).into_serialized();
+        out.extend_from_slice(if at == 0 { &sig[..] } else { &sig[HEADER..] });
+        at += n as u64;
+        if at >= len {
+            return Ok(out);
+        }
+    }
+}
+
+/// How much of a base is read at once to sign it.
+const SIGN_CHUNK: usize = 8 * 1024 * 1024;
+
+/// Delta opcodes (librsync's format, as fast_rsync writes it).
+const DELTA_MAGIC: u32 = 0x7273_0236;
+const OP_END: u8 = 0;
+const OP_LITERAL_64: u8 = 0x40;
+const OP_LITERAL_N1: u8 = 0x41;
+const OP_LITERAL_N8: u8 = 0x44;
+const OP_COPY_N1_N1: u8 = 0x45;
+const OP_COPY_N8_N8: u8 = 0x54;
+
+/// Applies `delta` to an open base file of `base_len` bytes, appending at most `window_len`
+/// (≤ [`WINDOW`]) bytes to `out`. The base is never mapped: the ranges the delta copies are
+/// read with `pread` into a compact buffer (at most one window), the delta's copies are
+/// pointed at it, and fast_rsync's `apply_limited` rebuilds the window from that. A malformed
+/// delta, a copy outside the base, or a base that shrank is an error for this file only.
+pub fn apply_window_at(
+    base: &std::fs::File,
+    base_len: u64,
+    delta: &[u8],
+    window_len: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), DeltaError> {
+    use std::os::unix::fs::FileExt;
+    let limit = window_len.min(WINDOW as u64);
+    let mut rest = delta;
+    let mut take = |n: usize| -> Result<&[u8], DeltaError> {
+        if rest.len() < n {
+            return Err(DeltaError::BadDelta("truncated"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let uint = |b: &[u8]| b.iter().fold(0u64, |v, x| (v << 8) | *x as u64);
+    if uint(take(4)?) != DELTA_MAGIC as u64 {
+        return Err(DeltaError::BadDelta("not a delta"));
+    }
+    let mut compact: Vec<u8> = Vec::new();
+    let mut rewritten: Vec<u8> = DELTA_MAGIC.to_be_bytes().to_vec();
+    let mut produced = 0u64;
+    loop {
+        let cmd = take(1)?[0];
+        match cmd {
+            OP_END => break,
+            1..=OP_LITERAL_N8 => {
+                let (len_bytes, n) = if cmd <= OP_LITERAL_64 {
+                    (&[][..], cmd as u64)
+                } else {
+                    let w = 1usize << (cmd - OP_LITERAL_N1);
+                    let b = take(w)?;
+                    (b, uint(b))
+                };
+                produced = produced.saturating_add(n);
+                if produced > limit {
+                    return Err(DeltaError::BadDelta("more than the window"));
+                }
+                let data = take(n as usize)?;
+                rewritten.push(cmd);
+                rewritten.extend_from_slice(len_bytes);
+                rewritten.extend_from_slice(data);
+            }
+            OP_COPY_N1_N1..=OP_COPY_N8_N8 => {
+                let mode = cmd - OP_COPY_N1_N1;
+                let offset = uint(take(1 << (mode / 4))?);
+                let len = uint(take(1 << (mode % 4))?);
+                produced = produced.saturating_add(len);
+                if len == 0 || produced > limit {
+                    return Err(DeltaError::BadDelta("copy length out of range"));
+                }
+                if offset.checked_add(len).is_none_or(|end| end > base_len) {
+                    return Err(DeltaError::BadDelta("copy outside the base"));
+                }
+                let at = compact.len();
+                compact.resize(at + len as usize, 0);
+                base.read_exact_at(&mut compact[at..], offset)?;
+                rewritten.push(OP_COPY_N8_N8);
+                rewritten.extend_from_slice(&(at as u64).to_be_bytes());
+                rewritten.extend_from_slice(&len.to_be_bytes());
+            }
+            _ => return Err(DeltaError::BadDelta("unknown command")),
+        }
+    }
+    if !rest.is_empty() {
+        return Err(DeltaError::BadDelta("data after the end"));
+    }
+    rewritten.push(OP_END);
+    apply_window(&compact, &rewritten, window_len, out)
 }
 
 /// Signature of a whole base file.
@@ -188,6 +312,81 @@ mod tests {
             assert!(parse_peer_signature(bad).is_err());
         }
         assert!(parse_peer_signature(good).is_ok());
+    }
+
+    fn file_of(bytes: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn signing_a_file_in_chunks_equals_signing_it_whole() {
+        for len in [0usize, 1, 1023, 4096, 3 * SIGN_CHUNK + 12345] {
+            let data = pseudo_random(len, len as u64);
+            let f = file_of(&data);
+            assert_eq!(sign_file(&f, len as u64).unwrap(), sign(&data), "len {len}");
+        }
+    }
+
+    #[test]
+    fn applying_from_a_file_equals_applying_from_memory() {
+        let base = pseudo_random(3 * 1024 * 1024 + 17, 5);
+        let mut new = base.clone();
+        new[100..200].fill(7);
+        new[2_000_000..2_000_050].fill(9);
+        let f = file_of(&base);
+        let index = parse_peer_signature(sign(&base)).unwrap();
+        let index = index.index();
+        for window in new.chunks(1024 * 1024 + 3) {
+            let mut delta = Vec::new();
+            diff_window(&index, window, &mut delta).unwrap();
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            apply_window(&base, &delta, window.len() as u64, &mut a).unwrap();
+            apply_window_at(&f, base.len() as u64, &delta, window.len() as u64, &mut b).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(b, window);
+        }
+    }
+
+    #[test]
+    fn a_base_that_shrank_or_a_copy_outside_it_is_an_error_not_a_crash() {
+        let base = pseudo_random(200_000, 6);
+        let index = parse_peer_signature(sign(&base)).unwrap();
+        let mut delta = Vec::new();
+        diff_window(&index.index(), &base, &mut delta).unwrap();
+        let f = file_of(&base);
+        f.set_len(1000).unwrap();
+        let mut out = Vec::new();
+        // The announced length is stale: the reads run short.
+        assert!(apply_window_at(&f, 200_000, &delta, 200_000, &mut out).is_err());
+        assert!(matches!(
+            apply_window_at(&f, 1000, &delta, 200_000, &mut out),
+            Err(DeltaError::BadDelta(_))
+        ));
+        let mut garbage = DELTA_MAGIC.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[
+            OP_COPY_N8_N8,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0,
+        ]);
+        assert!(apply_window_at(&f, 1000, &garbage, 1000, &mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

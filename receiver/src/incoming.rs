@@ -23,7 +23,8 @@ struct Incoming {
     meta: Meta,
     tmp: Staged,
     hasher: blake3::Hasher,
-    base: Option<memmap2::Mmap>,
+    /// The receiver's current copy (open, never mapped) and its length, for deltas.
+    base: Option<(fs::File, u64)>,
     written: u64,
 }
 
@@ -114,12 +115,15 @@ impl Transfers {
         let mut reply = None;
         if body == Body::Delta {
             base = open_base(&path);
-            reply = Some(match &base {
-                Some(map) => Message::Signature {
-                    id,
-                    signature: delta::sign(map),
-                },
-                None => Message::NoBase { id },
+            let signature = base
+                .as_ref()
+                .and_then(|(f, len)| delta::sign_file(f, *len).ok());
+            reply = Some(match signature {
+                Some(signature) => Message::Signature { id, signature },
+                None => {
+                    base = None;
+                    Message::NoBase { id }
+                }
             });
         }
         self.incoming.insert(
@@ -153,7 +157,8 @@ impl Transfers {
                 .as_ref()
                 .ok_or_else(|| io::Error::other("delta without a base"))?;
             scratch.clear();
-            delta::apply_window(base, delta, window, scratch).map_err(io::Error::other)?;
+            let (file, len) = base;
+            delta::apply_window_at(file, *len, delta, window, scratch).map_err(io::Error::other)?;
             append(inc, scratch)
         })
     }
@@ -359,17 +364,13 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn open_base(path: &Path) -> Option<memmap2::Mmap> {
+fn open_base(path: &Path) -> Option<(fs::File, u64)> {
     let f = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
     let md = f.metadata().ok()?;
-    if !md.is_file() || md.len() == 0 {
-        return None;
-    }
-    // SAFETY: the module is written only by this receiver, which replaces files by rename and
-    // never truncates in place, so the mapping stays valid while the transfer runs.
-    unsafe { memmap2::Mmap::map(&f) }.ok()
+    let len = md.len();
+    (md.is_file() && len > 0).then_some((f, len))
 }
