@@ -50,7 +50,12 @@ pub struct FrameReader<R> {
     buf: Vec<u8>,
     start: usize,
     last_len: usize,
+    limit: usize,
 }
+
+/// The largest frame accepted before the peer is authorised: a `Hello` is a few hundred
+/// bytes, so an unauthenticated peer can make the receiver hold little more than this.
+pub const PRE_AUTH_FRAME: usize = 4096;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a reader.
@@ -60,7 +65,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: Vec::with_capacity(64 * 1024),
             start: 0,
             last_len: 0,
+            limit: MAX_FRAME,
         }
+    }
+
+    /// A reader that refuses frames larger than `limit` (at most [`MAX_FRAME`]) as soon as
+    /// their length arrives, before buffering them.
+    pub fn with_limit(inner: R, limit: usize) -> Self {
+        FrameReader {
+            limit: limit.min(MAX_FRAME),
+            ..FrameReader::new(inner)
+        }
+    }
+
+    /// Changes the largest frame accepted (the peer was authorised).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit.min(MAX_FRAME);
     }
 
     /// The next message; `Ok(None)` on a clean close at a frame boundary.
@@ -80,9 +100,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
+            if let Some(header) = self.buf.get(..frame::HEADER_LEN) {
+                let announced = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+                if announced as usize > self.limit {
+                    return Err(FrameError::TooLarge(announced as usize).into());
+                }
+            }
             let want = frame::check(&self.buf)?
                 .unwrap_or(0)
-                .max(self.buf.len() + 64 * 1024);
+                .max(self.buf.len() + 64 * 1024)
+                .min(self.limit + frame::HEADER_LEN);
             debug_assert!(want <= MAX_FRAME + 64 * 1024 + frame::HEADER_LEN);
             let len = self.buf.len();
             self.buf.resize(want, 0);
@@ -192,8 +219,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
-/// How long either side waits for the handshake messages.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long either side waits for the handshake messages (and the receiver for the TLS
+/// handshake): short, because an unauthenticated connection holds a handshake slot.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the sender's half of the session handshake; returns whether the receiver is privileged.
 pub async fn client_handshake<R, W>(
@@ -350,6 +378,20 @@ mod tests {
             Err(ConnError::Refused(reason)) => assert_eq!(reason, "unknown module \"m\""),
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused_from_its_length_alone() {
+        let (mut a, b) = tokio::io::duplex(64 * 1024);
+        // Announce 16 MiB and send a little: nothing near that may be buffered.
+        a.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
+        a.write_all(&[0; 1000]).await.unwrap();
+        let mut r = FrameReader::with_limit(b, PRE_AUTH_FRAME);
+        assert!(matches!(
+            r.read().await,
+            Err(ConnError::Frame(FrameError::TooLarge(n))) if n == 16 << 20
+        ));
+        assert!(r.buf.capacity() <= 64 * 1024 + PRE_AUTH_FRAME);
     }
 
     #[tokio::test]

@@ -41,6 +41,10 @@ pub enum Outcome {
     Silent,
 }
 
+/// Files one session may have open at once (each holds a descriptor and an unnamed file);
+/// the sender keeps 16 in flight.
+pub const MAX_FILES_IN_FLIGHT: usize = 64;
+
 /// The transfers of one session.
 #[derive(Default)]
 pub struct Transfers {
@@ -82,6 +86,11 @@ impl Transfers {
         }
         if self.incoming.contains_key(&id) {
             return Err(io::Error::other(format!("duplicate transfer id {id}")));
+        }
+        if self.incoming.len() >= MAX_FILES_IN_FLIGHT {
+            return Err(io::Error::other(format!(
+                "more than {MAX_FILES_IN_FLIGHT} files in flight in one session"
+            )));
         }
         let at = fs.entry(rel)?;
         let path = at.path();

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: `receiver.toml` parsed and validated into one typed [`config::Config`].
+//! - [`admission`]: what an unauthenticated peer can cost (handshake slots per address and in
+//!   all, session slots).
 //! - [`access`]: who may use which module (fingerprints, host patterns, read-only,
 //!   connection limits); pure decisions.
 //! - [`confine`]: the one function that turns a peer's path into a local path under the
@@ -21,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admission;
 pub mod apply;
 pub mod config;
 pub mod confine;

@@ -1,5 +1,5 @@
-//! The request loop of one session. It runs on a thread of its own, takes requests in arrival
-//! order and answers each one exactly once.
+//! The request loop of one session. It takes requests in arrival order and answers each one
+//! exactly once; it runs on a blocking thread only while requests are waiting.
 //!
 //! Durability (group commit): a change is acknowledged only after the directories it touched
 //! are fsynced. Whenever no further request is already queued, or [`GROUP_COMMIT`]
@@ -70,29 +70,57 @@ impl Requests {
     }
 
     /// Serves requests until `requests` closes or `Bye` arrives. In-flight file transfers that
-    /// did not end are discarded; everything completed is committed and acknowledged.
-    pub fn run(mut self, mut requests: mpsc::Receiver<Request>) {
-        loop {
-            let msg = match requests.try_recv() {
-                Ok(r) => r.msg,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if !self.commit() {
-                        break;
-                    }
-                    match requests.blocking_recv() {
-                        Some(r) => r.msg,
-                        None => break,
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
+    /// did not end are kept to resume; everything completed is committed and acknowledged.
+    ///
+    /// An idle session holds no thread: the loop waits on the channel as a task, and only the
+    /// work on requests that have arrived runs on a blocking thread — until the channel is
+    /// momentarily empty, when it commits and hands the thread back.
+    pub async fn serve(mut self, mut requests: mpsc::Receiver<Request>) {
+        while let Some(first) = requests.recv().await {
+            let worked = tokio::task::spawn_blocking(move || {
+                let flow = self.drain(first.msg, &mut requests);
+                (self, requests, flow)
+            })
+            .await;
+            let Ok((me, rx, flow)) = worked else {
+                tracing::error!("request loop panicked; session closed");
+                return;
             };
-            if let Flow::Stop = self.handle(msg) {
-                break;
-            }
-            if self.pending_acks.len() >= GROUP_COMMIT && !self.commit() {
+            (self, requests) = (me, rx);
+            if let Flow::Stop = flow {
                 break;
             }
         }
+        let _ = tokio::task::spawn_blocking(move || self.close()).await;
+    }
+
+    /// Handles `first` and whatever else is already queued; commits when the queue runs dry
+    /// or [`GROUP_COMMIT`] acknowledgements wait.
+    fn drain(&mut self, first: Message, requests: &mut mpsc::Receiver<Request>) -> Flow {
+        let mut msg = first;
+        loop {
+            if let Flow::Stop = self.handle(msg) {
+                return Flow::Stop;
+            }
+            if self.pending_acks.len() >= GROUP_COMMIT && !self.commit() {
+                return Flow::Stop;
+            }
+            msg = match requests.try_recv() {
+                Ok(r) => r.msg,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    return if self.commit() {
+                        Flow::Continue
+                    } else {
+                        Flow::Stop
+                    };
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return Flow::Stop,
+            };
+        }
+    }
+
+    /// The session is over: commit, keep unfinished transfers, save the digest cache.
+    fn close(mut self) {
         self.commit();
         self.files
             .suspend_all(&self.fs.state.partials, self.fs.module());

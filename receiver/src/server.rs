@@ -1,6 +1,7 @@
 //! The receiver's listener: connection limits, session tasks, shutdown.
 
 use crate::config::{Config, Module};
+use crate::admission::Admission;
 use crate::module::ModuleSlot;
 use crate::stats::Stats;
 use ferry_protocol::identity::Identity;
@@ -10,13 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// Sessions served at once across all modules; further connections wait in the kernel's
-/// backlog until a slot frees.
-pub const MAX_SESSIONS: usize = 1024;
 
 /// How long shutdown waits for sessions to finish their queued requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -49,6 +45,7 @@ pub struct Server {
     pub(crate) modules: HashMap<String, ModuleSlot>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) privileged: bool,
+    pub(crate) admission: Admission,
     listen: SocketAddr,
 }
 
@@ -83,6 +80,7 @@ impl Server {
             modules: map,
             stats: Arc::new(Stats::default()),
             privileged,
+            admission: Admission::default(),
             listen,
         })
     }
@@ -105,14 +103,9 @@ impl Server {
     /// Accepts sessions until `shutdown` fires, then lets open sessions finish their queued
     /// requests (unfinished files are discarded) for up to [`SHUTDOWN_GRACE`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let limit = Arc::new(Semaphore::new(MAX_SESSIONS));
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(10);
         loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 a = listener.accept() => a,
@@ -120,11 +113,15 @@ impl Server {
             match accepted {
                 Ok((tcp, peer)) => {
                     backoff = Duration::from_millis(10);
+                    // Over the handshake caps: closed at once, costing nothing more.
+                    let Some(handshake) = self.admission.handshake(peer.ip()) else {
+                        drop(tcp);
+                        continue;
+                    };
                     let server = self.clone();
                     let token = shutdown.child_token();
                     tracker.spawn(async move {
-                        crate::session::serve(server, tcp, peer, token).await;
-                        drop(permit);
+                        crate::session::serve(server, tcp, peer, handshake, token).await;
                     });
                 }
                 Err(e) => {

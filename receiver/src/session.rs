@@ -2,11 +2,14 @@
 //! [`Requests`] loop on its own thread and replies out.
 
 use crate::access::{authorize, Refusal};
+use crate::admission::{Handshake, MAX_SESSIONS};
 use crate::requests::{Request, Requests};
 use crate::server::Server;
 use ferry_protocol::connection::{
     server_answer, server_hello, ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT,
+    PRE_AUTH_FRAME,
 };
+use ferry_protocol::frame::MAX_FRAME;
 use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::tls::peer_fingerprint;
 use ferry_protocol::Fingerprint;
@@ -28,9 +31,10 @@ pub async fn serve(
     server: Arc<Server>,
     tcp: TcpStream,
     peer: SocketAddr,
+    handshake: Handshake,
     shutdown: CancellationToken,
 ) {
-    if let Err(e) = serve_inner(&server, tcp, peer, shutdown).await {
+    if let Err(e) = serve_inner(&server, tcp, peer, handshake, shutdown).await {
         match e {
             ConnError::Refused(_) => {}
             e => tracing::warn!(%peer, "session ended: {e}"),
@@ -42,6 +46,7 @@ async fn serve_inner(
     server: &Arc<Server>,
     tcp: TcpStream,
     peer: SocketAddr,
+    handshake: Handshake,
     shutdown: CancellationToken,
 ) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
@@ -51,7 +56,7 @@ async fn serve_inner(
         .map_err(|_| ConnError::Timeout("TLS handshake"))??;
     let fingerprint = peer_fingerprint(tls.get_ref().1.peer_certificates())
         .ok_or_else(|| ConnError::Protocol("no client certificate".into()))?;
-    serve_stream(server, tls, peer, fingerprint, shutdown).await
+    serve_stream(server, tls, peer, fingerprint, Some(handshake), shutdown).await
 }
 
 /// Serves one session over an authenticated stream: `fingerprint` is the peer's proven
@@ -62,13 +67,15 @@ pub async fn serve_stream<S>(
     stream: S,
     peer: SocketAddr,
     fingerprint: Fingerprint,
+    handshake: Option<Handshake>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (r, w) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(r);
+    // Until the peer is authorised it may send only small frames.
+    let mut reader = FrameReader::with_limit(r, PRE_AUTH_FRAME);
     let mut writer = FrameWriter::new(w);
     let refuse = |module: &str, reason: String| {
         tracing::warn!(%peer, %fingerprint, module, "refused: {reason}");
@@ -93,6 +100,14 @@ where
     if let Err(refusal) = authorize(&state.module, fingerprint, peer.ip(), intent, active) {
         return server_answer(&mut writer, refuse(&module_name, refusal.to_string())).await;
     }
+    drop(handshake);
+    let Some(_session_slot) = server.admission.session() else {
+        let reason = format!(
+            "receiver busy: it serves at most {MAX_SESSIONS} sessions at once; try again later"
+        );
+        return server_answer(&mut writer, refuse(&module_name, reason)).await;
+    };
+    reader.set_limit(MAX_FRAME);
     server_answer(&mut writer, Ok(server.privileged)).await?;
     tracing::info!(%peer, %fingerprint, module = %module_name, ?intent, "session open");
 
@@ -106,7 +121,7 @@ where
         intent == Intent::Write,
         rep_tx,
     );
-    let worker = tokio::task::spawn_blocking(move || worker.run(req_rx));
+    let worker = tokio::spawn(worker.serve(req_rx));
     let write_task = tokio::spawn(writer.pump(rep_rx, 256, |_| {}));
 
     let read_result = loop {

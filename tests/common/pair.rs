@@ -71,6 +71,7 @@ impl Pair {
                 theirs,
                 peer,
                 client,
+                None,
                 CancellationToken::new(),
             )
             .await;

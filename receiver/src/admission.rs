@@ -1,0 +1,166 @@
+//! What an unauthenticated peer can cost, bounded: a connection is admitted to the handshake
+//! only while fewer than [`MAX_HANDSHAKES`] handshakes are in progress and fewer than
+//! [`MAX_HANDSHAKES_PER_ADDRESS`] from its address; each has [`HANDSHAKE_TIMEOUT`] to prove
+//! its certificate and say `Hello`, and its frames may not exceed [`PRE_AUTH_FRAME`] bytes
+//! until it is authorised. Only then does it take one of [`MAX_SESSIONS`] session slots; when
+//! none is free it is refused with a reason, never left hanging.
+//!
+//! [`HANDSHAKE_TIMEOUT`]: ferry_protocol::connection::HANDSHAKE_TIMEOUT
+//! [`PRE_AUTH_FRAME`]: ferry_protocol::connection::PRE_AUTH_FRAME
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Handshakes in progress at once, across all addresses.
+pub const MAX_HANDSHAKES: usize = 128;
+/// Handshakes in progress at once from one address.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
+/// Authenticated sessions served at once across all modules.
+pub const MAX_SESSIONS: usize = 4096;
+
+/// The receiver's admission counters.
+pub struct Admission {
+    handshakes: Arc<Semaphore>,
+    sessions: Arc<Semaphore>,
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    last_warning: AtomicU64,
+    turned_away: AtomicU64,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission::new(MAX_HANDSHAKES, MAX_SESSIONS)
+    }
+}
+
+/// A connection in its handshake; the slot is freed when this is dropped.
+pub struct Handshake {
+    _permit: OwnedSemaphorePermit,
+    address: IpAddr,
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        let mut map = self.per_address.lock().expect("admission lock");
+        if let Some(n) = map.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.address);
+            }
+        }
+    }
+}
+
+impl Admission {
+    /// Admission with the given caps.
+    pub fn new(handshakes: usize, sessions: usize) -> Admission {
+        Admission {
+            handshakes: Arc::new(Semaphore::new(handshakes)),
+            sessions: Arc::new(Semaphore::new(sessions)),
+            per_address: Arc::default(),
+            last_warning: AtomicU64::new(0),
+            turned_away: AtomicU64::new(0),
+        }
+    }
+
+    /// A handshake slot for a connection from `address`, or `None`: close it at once.
+    pub fn handshake(&self, address: IpAddr) -> Option<Handshake> {
+        let address = canonical(address);
+        let admitted = (|| {
+            let permit = self.handshakes.clone().try_acquire_owned().ok()?;
+            let mut map = self.per_address.lock().expect("admission lock");
+            let n = map.entry(address).or_insert(0);
+            if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+                return None;
+            }
+            *n += 1;
+            Some(Handshake {
+                _permit: permit,
+                address,
+                per_address: self.per_address.clone(),
+            })
+        })();
+        if admitted.is_none() {
+            self.turned_away(address);
+        }
+        admitted
+    }
+
+    /// A session slot, or `None`: refuse the session as busy.
+    pub fn session(&self) -> Option<OwnedSemaphorePermit> {
+        self.sessions.clone().try_acquire_owned().ok()
+    }
+
+    /// Connections closed before their handshake, so far.
+    pub fn turned_away_count(&self) -> u64 {
+        self.turned_away.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection turned away, warning at most once a minute.
+    fn turned_away(&self, address: IpAddr) {
+        let count = self.turned_away.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %address,
+                turned_away = count,
+                "too many unauthenticated connections (at most {MAX_HANDSHAKES} in handshake, \
+                 {MAX_HANDSHAKES_PER_ADDRESS} per address); closing new ones at once"
+            );
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses count as their IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_handshake_slot() {
+        let a = Admission::new(40, 10);
+        let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..100).filter_map(|_| a.handshake(attacker)).collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDRESS);
+        assert!(a.handshake("127.0.0.1".parse().unwrap()).is_some());
+        assert_eq!(a.turned_away_count(), 100 - MAX_HANDSHAKES_PER_ADDRESS as u64);
+        drop(held);
+        assert!(a.handshake(attacker).is_some(), "slots come back");
+    }
+
+    #[test]
+    fn the_global_handshake_cap_holds_across_addresses() {
+        let a = Admission::new(3, 10);
+        let held: Vec<_> = (1..=5)
+            .filter_map(|i| a.handshake(format!("10.0.0.{i}").parse().unwrap()))
+            .collect();
+        assert_eq!(held.len(), 3);
+    }
+
+    #[test]
+    fn sessions_past_the_cap_are_refused_not_queued() {
+        let a = Admission::new(3, 2);
+        let s: Vec<_> = (0..3).filter_map(|_| a.session()).collect();
+        assert_eq!(s.len(), 2);
+    }
+}
