@@ -142,6 +142,7 @@ async fn bench(writes: usize, burst: usize) {
             filter: Filter::empty(),
             delete: true,
             timing: Default::default(),
+            guard: Default::default(),
         }],
     };
     let shutdown = CancellationToken::new();

@@ -39,6 +39,10 @@ enum Command {
         /// Copy once and exit instead of following changes.
         #[arg(long)]
         once: bool,
+        /// Delete from DST even past the mass-delete guard (an empty SRC, or more than half
+        /// of DST).
+        #[arg(long)]
+        confirm_deletes: bool,
     },
     /// Write DIR/cert.pem and DIR/key.pem (a self-signed identity) and print its fingerprint.
     Keygen {
@@ -67,6 +71,9 @@ enum Command {
         /// Reconcile once and exit (0 only if every group converged on every target).
         #[arg(long)]
         once: bool,
+        /// Let this group delete past its mass-delete guard, this run only (repeatable).
+        #[arg(long = "confirm-deletes", value_name = "GROUP")]
+        confirm_deletes: Vec<String>,
     },
     /// Convert the old set-up's files into ferry configuration (printed, or written with -o).
     #[command(subcommand)]
@@ -241,8 +248,17 @@ async fn run(command: Command) -> Result<u8> {
             ferry_receiver::run(&config, shutdown_on_signals()).await?;
             Ok(0)
         }
-        Command::Send { config, once } => send::send(&config, once).await,
-        Command::Mirror { src, dst, once } => mirror::mirror(&src, &dst, once).await,
+        Command::Send {
+            config,
+            once,
+            confirm_deletes,
+        } => send::send(&config, once, &confirm_deletes).await,
+        Command::Mirror {
+            src,
+            dst,
+            once,
+            confirm_deletes,
+        } => mirror::mirror(&src, &dst, once, confirm_deletes).await,
         Command::Stats { config } => send::stats(&config).await,
         Command::Import(what) => import::import(what),
         Command::Verify {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// `ferry mirror SRC DST [--once]`.
-pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
+pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -> Result<u8> {
     let src = src
         .canonicalize()
         .with_context(|| format!("{}", src.display()))?;
@@ -41,6 +41,10 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool) -> Result<u8> {
         filter: Filter::empty(),
         delete: true,
         timing: Default::default(),
+        guard: ferry_sender::config::DeleteGuard {
+            confirmed: confirm_deletes,
+            ..Default::default()
+        },
     };
     eprintln!(
         "ferry: mirroring {} → {} via {address}",

@@ -10,8 +10,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// `ferry send --config FILE [--once]`.
-pub async fn send(config: &Path, once: bool) -> Result<u8> {
-    let config = ferry_sender::Config::load(config)?;
+pub async fn send(config: &Path, once: bool, confirm_deletes: &[String]) -> Result<u8> {
+    let mut config = ferry_sender::Config::load(config)?;
+    for name in confirm_deletes {
+        let Some(group) = config.syncs.iter_mut().find(|g| &g.name == name) else {
+            anyhow::bail!("--confirm-deletes {name}: no sync group of that name");
+        };
+        group.guard.confirmed = true;
+        tracing::warn!(sync = %name, "deletions confirmed past the mass-delete guard for this run");
+    }
     if once {
         return send_once(&config).await;
     }

@@ -631,7 +631,12 @@ async fn file_begins_without_end_held_unbounded_descriptors() {
         let path = RelPath::from(format!("f{i}").as_str());
         let body = Body::Whole;
         session
-            .send(Message::FileBegin { id, path, meta: meta.clone(), body })
+            .send(Message::FileBegin {
+                id,
+                path,
+                meta: meta.clone(),
+                body,
+            })
             .await
             .unwrap();
         replies.push(rx);
@@ -706,10 +711,15 @@ fn idle_connections_before_the_handshake_locked_senders_out() {
         sync("file", &src, &["backup"], "file", "")
     ));
     let started = Instant::now();
-    let o = run(ferry().args(["send", "--once", "--config"]).arg(site.config()));
+    let o = run(ferry()
+        .args(["send", "--once", "--config"])
+        .arg(site.config()));
     let took = started.elapsed();
     assert!(o.status.success(), "{}", stderr(&o));
-    eprintln!("send --once beside {} idle connections: {took:?}", idle.len());
+    eprintln!(
+        "send --once beside {} idle connections: {took:?}",
+        idle.len()
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(backup_log(&backup).contains("too many unauthenticated connections"));
 }
@@ -751,4 +761,74 @@ fn connect_from(from: [u8; 4], port: u16) -> Option<std::os::fd::OwnedFd> {
         }
         Some(owned)
     }
+}
+
+/// `rm -rf` of a source, or an empty disk mounted over it and a sender restart, deleted the
+/// whole backup in half a second. Now a whole-tree compare that would empty the module, or
+/// delete more than half of it, waits for an operator.
+#[test]
+fn an_emptied_source_wiped_the_backup() {
+    let site = Site::new();
+    let src = site.dir("src");
+    for d in 0..11 {
+        fs::create_dir(src.join(format!("d{d}"))).unwrap();
+        for i in 0..100 {
+            fs::write(src.join(format!("d{d}/f{i}")), "x").unwrap();
+        }
+    }
+    let dst = site.path("dst");
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    site.write_config(&format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", &src, &["backup"], "file", "delete_guard_min = 500")
+    ));
+    let once = |extra: &[&str]| {
+        run(ferry()
+            .args(["send", "--once", "--config"])
+            .arg(site.config())
+            .args(extra))
+    };
+    assert!(once(&[]).status.success());
+    let count = |p: &std::path::Path| fs::read_dir(p).unwrap().count();
+    // Most of it gone (as after a bad `rm`): refused, nothing deleted.
+    for d in 0..7 {
+        fs::remove_dir_all(src.join(format!("d{d}"))).unwrap();
+    }
+    let o = once(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("would delete 707 of the module's 1111 entries"),
+        "{err}"
+    );
+    assert_eq!(err.matches("would delete").count(), 1, "said once: {err}");
+    assert_eq!(count(&dst), 11);
+    // Empty (a disk that did not mount), under the daemon: the target stops, the backup stays.
+    for d in 7..11 {
+        fs::remove_dir_all(src.join(format!("d{d}"))).unwrap();
+    }
+    let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    daemon.wait_log_n("target stopped", 1, 30);
+    assert!(
+        daemon.log().contains("the source is empty"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("--confirm-deletes file"),
+        "{}",
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        count(&dst),
+        11,
+        "nothing deleted while waiting for the operator"
+    );
+    assert!(daemon.stop().success());
+    // The operator confirms.
+    let o = once(&["--confirm-deletes", "file"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(count(&dst), 0);
 }

@@ -507,3 +507,40 @@ fn verify_config_on_an_rsync_target_checked_nothing() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("content d/edited"), "{}", stdout(&o));
 }
+
+/// An empty source (a disk that did not mount) made `rsync --delete` empty the module.
+#[test]
+fn an_empty_source_made_rsync_empty_the_module() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..20 {
+        fs::write(src.join(format!("f{i}")), "x").unwrap();
+    }
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    site.write_config(&format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync("file", &src, &["legacy"], "file", "")
+    ));
+    let once = |extra: &[&str]| {
+        run(ferry()
+            .args(["send", "--once", "--config"])
+            .arg(site.config())
+            .args(extra))
+    };
+    assert!(once(&[]).status.success());
+    for i in 0..20 {
+        fs::remove_file(src.join(format!("f{i}"))).unwrap();
+    }
+    let o = once(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("the source is empty but the module holds 20 entries"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 20);
+    assert!(once(&["--confirm-deletes", "file"]).status.success());
+    assert_eq!(fs::read_dir(&dst).unwrap().count(), 0);
+}

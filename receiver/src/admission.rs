@@ -143,7 +143,10 @@ mod tests {
         let held: Vec<_> = (0..100).filter_map(|_| a.handshake(attacker)).collect();
         assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDRESS);
         assert!(a.handshake("127.0.0.1".parse().unwrap()).is_some());
-        assert_eq!(a.turned_away_count(), 100 - MAX_HANDSHAKES_PER_ADDRESS as u64);
+        assert_eq!(
+            a.turned_away_count(),
+            100 - MAX_HANDSHAKES_PER_ADDRESS as u64
+        );
         drop(held);
         assert!(a.handshake(attacker).is_some(), "slots come back");
     }

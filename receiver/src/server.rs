@@ -1,7 +1,7 @@
 //! The receiver's listener: connection limits, session tasks, shutdown.
 
-use crate::config::{Config, Module};
 use crate::admission::Admission;
+use crate::config::{Config, Module};
 use crate::module::ModuleSlot;
 use crate::stats::Stats;
 use ferry_protocol::identity::Identity;

@@ -63,6 +63,8 @@ struct RawSync {
     delete: bool,
     settle_ms: Option<u64>,
     max_delay_ms: Option<u64>,
+    delete_guard_percent: Option<u8>,
+    delete_guard_min: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -190,6 +192,60 @@ pub struct SyncGroup {
     pub delete: bool,
     /// When written files are sent (see [`Timing`]).
     pub timing: Timing,
+    /// When a whole-tree compare may not delete without an operator's confirmation.
+    pub guard: DeleteGuard,
+}
+
+/// The mass-delete guard of a group: a whole-tree compare that would delete more than
+/// `percent` % of the module's entries, and at least `min` of them, or that finds the source
+/// empty while the module holds [`EMPTY_SOURCE_FLOOR`] entries or more, pauses the target until an operator confirms with
+/// `ferry send --once --confirm-deletes GROUP`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeleteGuard {
+    /// Share of the module's entries (0 switches the guard off).
+    pub percent: u8,
+    /// Fewest deletions that can trip it.
+    pub min: u64,
+    /// The operator confirmed: delete anyway (this run only).
+    pub confirmed: bool,
+}
+
+impl Default for DeleteGuard {
+    fn default() -> Self {
+        DeleteGuard {
+            percent: 50,
+            min: 1000,
+            confirmed: false,
+        }
+    }
+}
+
+/// An empty source may empty a module of fewer entries than this without confirmation (the
+/// last files of a small tree removed by hand); from this many on, it looks like a disk that
+/// did not mount.
+pub const EMPTY_SOURCE_FLOOR: u64 = 10;
+
+impl DeleteGuard {
+    /// Why deleting `deleting` of the module's `total` entries needs confirming, if it does;
+    /// `source_empty` is the source root having no entries at all.
+    pub fn objection(&self, deleting: u64, total: u64, source_empty: bool) -> Option<String> {
+        if self.confirmed || self.percent == 0 || deleting == 0 {
+            return None;
+        }
+        if source_empty && total >= EMPTY_SOURCE_FLOOR {
+            return Some(format!(
+                "the source is empty but the module holds {total} entries (a missing disk?)"
+            ));
+        }
+        let share = deleting.saturating_mul(100) / total.max(1);
+        (deleting >= self.min && share >= self.percent as u64).then(|| {
+            format!(
+                "this would delete {deleting} of the module's {total} entries ({share}%, more \
+                 than {}%)",
+                self.percent
+            )
+        })
+    }
 }
 
 impl Config {
@@ -391,6 +447,18 @@ impl Config {
                     timing.settle.as_millis()
                 )));
             }
+            let defaults = DeleteGuard::default();
+            let guard = DeleteGuard {
+                percent: s.delete_guard_percent.unwrap_or(defaults.percent),
+                min: s.delete_guard_min.unwrap_or(defaults.min),
+                confirmed: false,
+            };
+            if guard.percent > 100 {
+                return Err(err(format!(
+                    "{}: a percentage, 0 (off) to 100",
+                    key("delete_guard_percent")
+                )));
+            }
             syncs.push(SyncGroup {
                 name,
                 source: resolve(s.source),
@@ -399,6 +467,7 @@ impl Config {
                 filter,
                 delete: s.delete,
                 timing,
+                guard,
             });
         }
         Ok(Config {
@@ -481,5 +550,32 @@ exclude = ["tmp/", "*.log"]
             assert!(e.starts_with("/etc/ferry/sender.toml: "), "{e}");
             assert!(e.contains(needle), "{e} should mention {needle}");
         }
+    }
+
+    #[test]
+    fn the_delete_guard_objects_to_wiping_not_to_pruning() {
+        let g = DeleteGuard::default();
+        assert!(g.objection(0, 10_000, true).is_none(), "nothing to delete");
+        assert!(g
+            .objection(10_000, 10_000, true)
+            .unwrap()
+            .contains("source is empty"));
+        assert!(
+            g.objection(5, 10, true).is_some(),
+            "empty source: whatever the size"
+        );
+        assert!(g.objection(999, 1000, false).is_none(), "under the minimum");
+        assert!(g.objection(6000, 10_000, false).is_some());
+        assert!(
+            g.objection(4000, 10_000, false).is_none(),
+            "under the share"
+        );
+        let off = DeleteGuard { percent: 0, ..g };
+        assert!(off.objection(10_000, 10_000, true).is_none());
+        let ok = DeleteGuard {
+            confirmed: true,
+            ..g
+        };
+        assert!(ok.objection(10_000, 10_000, true).is_none());
     }
 }

@@ -128,6 +128,18 @@ impl Plan {
         self.deletes.is_empty() && self.creates.is_empty() && self.dir_meta.is_empty()
     }
 
+    /// Drops deletions at or below any of `unreadable` (paths whose local state is unknown).
+    pub fn keep_unreadable(&mut self, unreadable: &[RelPath]) {
+        if unreadable.is_empty() {
+            return;
+        }
+        self.deletes.retain(|d| {
+            !unreadable
+                .iter()
+                .any(|u| d.starts_with(u) || u.starts_with(d))
+        });
+    }
+
     /// Appends `other`'s steps (a subtree's plan) to these.
     pub fn extend(&mut self, other: Plan) {
         self.deletes.extend(other.deletes);
@@ -269,6 +281,25 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions) -> Plan {
         .collect();
     order_dir_meta(&mut out.dir_meta);
     out
+}
+
+/// How many entries of the receiver's tree-order listing `remote` the `deletes` remove (each
+/// delete takes its whole subtree).
+pub fn deleted_entries(deletes: &[RelPath], remote: &[Entry]) -> u64 {
+    let gone: HashSet<&RelPath> = deletes.iter().collect();
+    let mut count = 0;
+    let mut under: Option<&RelPath> = None;
+    for e in remote {
+        if under.is_some_and(|u| e.path.starts_with(u)) {
+            count += 1;
+        } else if gone.contains(&e.path) {
+            under = Some(&e.path);
+            count += 1;
+        } else {
+            under = None;
+        }
+    }
+    count
 }
 
 /// A dirty path of a live batch, as the source has it now.
@@ -634,5 +665,26 @@ mod tests {
             .collect();
         assert_eq!(sent, vec!["keep"]);
         assert_eq!(out.trees, vec![RelPath::from("cache2")]);
+    }
+
+    #[test]
+    fn deletions_count_whole_subtrees_and_spare_what_could_not_be_read() {
+        let remote = vec![
+            e("", Kind::Dir, 0, 1),
+            e("a", Kind::Dir, 0, 1),
+            e("a/1", Kind::File, 1, 1),
+            e("a/2", Kind::File, 1, 1),
+            e("b", Kind::File, 1, 1),
+            e("c", Kind::Dir, 0, 1),
+            e("c/x", Kind::File, 1, 1),
+        ];
+        let dels = vec![RelPath::from("a"), RelPath::from("c/x")];
+        assert_eq!(deleted_entries(&dels, &remote), 4);
+        let mut p = Plan {
+            deletes: vec![RelPath::from("a"), RelPath::from("c/x"), RelPath::from("d")],
+            ..Plan::default()
+        };
+        p.keep_unreadable(&[RelPath::from("c"), RelPath::from("a/1")]);
+        assert_eq!(p.deletes, vec![RelPath::from("d")]);
     }
 }

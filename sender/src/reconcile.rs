@@ -4,7 +4,7 @@
 
 use crate::config::SyncGroup;
 use crate::execute::{execute, Observe, Report};
-use crate::plan::{plan, Plan, PlanOptions};
+use crate::plan::{deleted_entries, plan, Plan, PlanOptions};
 use crate::session::{Session, SessionError};
 use ferry_protocol::local;
 use ferry_protocol::meta::{Compare, Entry};
@@ -107,10 +107,27 @@ pub async fn plan_under(
             )))
         }
     };
+    let mut planned = plan(&local, &remote, plan_options(session, group));
+    // What could not be read is not known to be gone: nothing at or below it is deleted
+    // (rsync's rule after I/O errors).
+    let unreadable: Vec<RelPath> = scan_errors.iter().map(|(p, _)| p.clone()).collect();
+    planned.keep_unreadable(&unreadable);
     for (p, e) in scan_errors {
         report.failures.push((p, e.to_string()));
     }
-    Ok(plan(&local, &remote, plan_options(session, group)))
+    if under.is_root() {
+        let deleting = deleted_entries(&planned.deletes, &remote);
+        let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
+        let source_empty = local.iter().all(|e| e.path.is_root());
+        if let Some(why) = group.guard.objection(deleting, total, source_empty) {
+            return Err(SessionError::Paused(format!(
+                "sync {}: {why}; nothing was deleted. If that is what you want, stop the \
+                 daemon and run `ferry send --once --confirm-deletes {} --config …`",
+                group.name, group.name
+            )));
+        }
+    }
+    Ok(planned)
 }
 
 /// The planning options of `group` on the receiver behind `session`.

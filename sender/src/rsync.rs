@@ -37,13 +37,18 @@ pub enum Verdict {
     /// Wrong password, unknown module, access denied, unsupported option, missing binary:
     /// retrying cannot help; the target stops with this message.
     Config(String),
+    /// Not run: the mass-delete guard wants an operator's confirmation.
+    Guarded(String),
 }
 
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Verdict::Done => f.write_str("done"),
-            Verdict::Partial(m) | Verdict::Transient(m) | Verdict::Config(m) => f.write_str(m),
+            Verdict::Partial(m)
+            | Verdict::Transient(m)
+            | Verdict::Config(m)
+            | Verdict::Guarded(m) => f.write_str(m),
         }
     }
 }
@@ -257,6 +262,17 @@ pub fn parse_itemized(out: &[u8]) -> Vec<(RelPath, Difference)> {
 
 /// One `rsync -a [--delete]` of the whole source into the module.
 pub async fn full(group: &SyncGroup, target: &RsyncTarget, address: &str) -> Verdict {
+    // rsync --delete from an empty source wipes the module (a disk that did not mount).
+    if group.delete && source_is_empty(&group.source) {
+        let held = module_entries(group, target, address).await;
+        if let Some(why) = group.guard.objection(held, held, true) {
+            return Verdict::Guarded(format!(
+                "sync {}: {why}; `rsync --delete` was not run. If that is what you want, stop \
+                 the daemon and run `ferry send --once --confirm-deletes {} --config …`",
+                group.name, group.name
+            ));
+        }
+    }
     let mut args = Vec::new();
     if group.delete {
         args.push("--delete".to_string());
@@ -433,6 +449,31 @@ fn missing_binary(path: &std::path::Path) -> String {
     )
 }
 
+/// How many entries the module holds (`rsync --list-only`); 0 if it cannot be listed (the
+/// run that follows reports why).
+async fn module_entries(group: &SyncGroup, target: &RsyncTarget, address: &str) -> u64 {
+    let mut cmd = tokio::process::Command::new(&target.rsync_path);
+    cmd.args(base_args(group, target))
+        .arg("--list-only")
+        .arg(url(address, target, &group.module))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    match cmd.output().await {
+        Ok(out) if out.status.success() => {
+            // Every entry but the module root itself (`.`).
+            let lines = out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+            lines.count().saturating_sub(1) as u64
+        }
+        _ => 0,
+    }
+}
+
+/// True if `dir` has no entries (or cannot be read: then nothing may be deleted either).
+fn source_is_empty(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
 /// An rsync target as a worker's last hop: one `rsync` run at a time.
 pub struct RsyncLink {
     /// The group it serves.
@@ -489,7 +530,11 @@ impl Transport for RsyncLink {
                 Outcome::Done(report)
             }
             Verdict::Partial(msg) | Verdict::Transient(msg) => Outcome::Retry(msg),
-            Verdict::Config(msg) => Outcome::Stop(format!("module {}: {msg}", self.group.module)),
+            Verdict::Config(msg) => Outcome::Stop(format!(
+                "module {}: {msg}; fix the target's configuration and restart ferry",
+                self.group.module
+            )),
+            Verdict::Guarded(msg) => Outcome::Stop(msg),
         }
     }
 
@@ -582,6 +627,7 @@ mod tests {
                 Verdict::Partial(_) => "partial",
                 Verdict::Transient(_) => "transient",
                 Verdict::Config(_) => "config",
+                Verdict::Guarded(_) => "guarded",
             };
             assert_eq!(got, *want, "exit {code}: {stderr}");
         }

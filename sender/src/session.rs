@@ -35,6 +35,9 @@ pub enum SessionError {
     /// The receiver answered a request with `Failed`.
     #[error("{0}")]
     Failed(String),
+    /// Going on needs an operator (the mass-delete guard objected).
+    #[error("{0}")]
+    Paused(String),
     /// The receiver answered with something unexpected.
     #[error("{address}: protocol violation: {what}")]
     Protocol {
@@ -48,7 +51,7 @@ pub enum SessionError {
 impl SessionError {
     /// True for errors that end the whole session (as opposed to one request failing).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, SessionError::Failed(_))
+        !matches!(self, SessionError::Failed(_) | SessionError::Paused(_))
     }
 }
 

@@ -12,7 +12,7 @@ use crate::batch::send_batch;
 use crate::config::{SyncGroup, Target};
 use crate::execute::{Report, Step, StepKind};
 use crate::queue::{Batch, Queue};
-use crate::session::Session;
+use crate::session::{Session, SessionError};
 use crate::watch::PROGRESS_EVERY;
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::Intent;
@@ -278,8 +278,7 @@ impl<T: Transport> Worker<T> {
                     tracing::error!(
                         sync = group,
                         target,
-                        "target stopped: {e}. Fix the target's configuration and restart \
-                         ferry; other targets continue"
+                        "target stopped: {e}; other targets continue"
                     );
                     return;
                 }
@@ -440,6 +439,7 @@ impl Transport for FerryLink {
         let sent = send_batch(&session, &self.group, batch, &mut report, &mut observe).await;
         match sent {
             Ok(()) => {}
+            Err(SessionError::Paused(why)) => return Outcome::Stop(why),
             Err(e) if e.is_fatal() => return Outcome::Lost(e.to_string()),
             // The batch as a whole failed, but the connection is fine (the source root went
             // away mid-batch, the receiver refused a listing): back off, keep the work.

@@ -96,6 +96,7 @@ impl Pair {
             filter: Filter::empty(),
             delete: true,
             timing: Default::default(),
+            guard: Default::default(),
         }
     }
 }
