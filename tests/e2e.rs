@@ -51,7 +51,10 @@ fn guide_walkthrough_matches_after_every_step() {
 
 #[test]
 fn special_bits_nanosecond_times_types_and_nested_trees_round_trip() {
-    let s = Setup::new();
+    let s = Setup::with(ModuleOpts {
+        extra: "setuid = true\ndevices = true\n".into(),
+        ..Default::default()
+    });
     fs::create_dir_all(s.src.join("d/e/f")).unwrap();
     fs::write(s.src.join("d/e/f/setuid"), "x").unwrap();
     set_mode(&s.src.join("d/e/f/setuid"), 0o4755);
@@ -195,6 +198,9 @@ fn verify_uses_cached_digests_unless_checksum() {
             filetime::FileTime::from_unix_time(1_000_000, 0),
         )
         .unwrap();
+    }
+    for root in [&a, &b] {
+        filetime::set_file_mtime(root, filetime::FileTime::from_unix_time(1_000_000, 0)).unwrap();
     }
     // Digests of files changed in the last two seconds are not cached; wait that out.
     std::thread::sleep(std::time::Duration::from_millis(2100));
@@ -376,4 +382,44 @@ fn local_verify_leaves_out_excluded_paths_on_both_sides() {
     assert_eq!(stdout(&o), "extra app.log\nmissing cache/x\n");
     let o = verify(&["*.log", "cache/"]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+}
+
+/// A sender could create setuid files, device nodes (`1:1` mode 0666 is `/dev/mem`) and
+/// foreign owners in a module of a root receiver. By default a module now drops setuid and
+/// setgid bits and refuses device nodes; `owner` decides whose files they are.
+#[test]
+fn a_module_keeps_no_setuid_bits_or_devices_unless_it_says_so() {
+    let root = unsafe { libc::geteuid() } == 0;
+    let s = Setup::with(ModuleOpts {
+        extra: "owner = \"4242:4343\"\n".into(),
+        ..Default::default()
+    });
+    fs::write(s.src.join("suid"), "x").unwrap();
+    set_mode(&s.src.join("suid"), 0o4755);
+    if root {
+        let dev = std::ffi::CString::new(s.src.join("mem").as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(
+            unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 1)) },
+            0
+        );
+    }
+    s.push();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(s.dst.join("suid")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o7777, 0o755, "setuid dropped");
+    assert!(!s.dst.join("mem").exists(), "no device node");
+    if root {
+        use std::os::unix::fs::MetadataExt;
+        let md = fs::metadata(s.dst.join("suid")).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid()),
+            (4242, 4343),
+            "owner as the module says"
+        );
+    }
+    // Pushed again: nothing left to do (the stripped bits are not re-sent for ever).
+    let again = s.push();
+    assert_eq!(summary_value(&again, "meta"), 0, "{again}");
+    assert_eq!(summary_value(&again, "files"), 0, "{again}");
 }

@@ -407,3 +407,13 @@ fn names_in(dir: &std::path::Path) -> Vec<String> {
     out.sort();
     out
 }
+
+#[test]
+fn a_key_readable_by_others_is_warned_about() {
+    let s = Setup::new();
+    let key = s.root().join("recv/key.pem");
+    set_mode(&key, 0o644);
+    let r = Receiver::start(&s.root().join("recv/receiver.toml"));
+    assert!(r.wait_log("is readable by others"), "{}", r.log());
+    assert!(r.log().contains("chmod 600"), "{}", r.log());
+}

@@ -485,7 +485,8 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
     }
     let start = |site: &Site, dst: &str| {
         let d = Daemon::spawn(ferry().arg("mirror").arg(&src).arg(site.path(dst)));
-        d.wait_log_n("mirroring", 1, 20);
+        // The initial sync is under way.
+        d.wait_log_n("reconcile planned", 1, 20);
         d
     };
     // One Ctrl-C: a clean stop, but not a success.

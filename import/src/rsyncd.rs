@@ -144,7 +144,28 @@ pub fn rsyncd_conf(text: &str, file: &Path, opts: &ReceiverOptions) -> Result<St
                 "# line {line}: hosts deny = {deny} has no equivalent; narrow hosts_allow instead."
             );
         }
-        let dropped: Vec<&str> = ["uid", "gid", "use chroot", "list", "exclude", "timeout"]
+        // rsyncd's uid/gid: whose files a module's transfers make. root keeps the senders'
+        // owners; another user makes them all that user's.
+        match (get("uid"), get("gid")) {
+            (None, None) => {}
+            (uid, gid) => {
+                let uid = uid.map_or("root", |(v, _)| v.as_str());
+                let gid = gid.map_or("root", |(v, _)| v.as_str());
+                let line = get("uid").or(get("gid")).map_or(0, |(_, l)| *l);
+                let owner = owner_of(uid, gid).map_err(|e| error(file, line, e))?;
+                let _ = writeln!(
+                    out,
+                    "owner = {}   # uid = {uid}, gid = {gid}",
+                    quote(&owner)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# devices = false, setuid = false: no device nodes, no setuid/setgid bits (the \
+             safe defaults; say true to keep them)"
+        );
+        let dropped: Vec<&str> = ["use chroot", "list", "exclude", "timeout"]
             .into_iter()
             .filter(|k| m.values.contains_key(*k))
             .collect();
@@ -161,6 +182,32 @@ pub fn rsyncd_conf(text: &str, file: &Path, opts: &ReceiverOptions) -> Result<St
     checked(out, file, |text, f| {
         ferry_receiver::Config::parse(text, f).map(drop)
     })
+}
+
+/// rsyncd's `uid`/`gid` as a ferry `owner`: root (or 0) keeps the senders' owners; names are
+/// resolved on this host (where the receiver runs) to numeric ids.
+fn owner_of(uid: &str, gid: &str) -> Result<String, String> {
+    if matches!(uid, "root" | "0") && matches!(gid, "root" | "0") {
+        return Ok("preserve".into());
+    }
+    let id = |name: &str, what: &str| -> Result<u32, String> {
+        if let Ok(n) = name.parse() {
+            return Ok(n);
+        }
+        let c = std::ffi::CString::new(name).map_err(|_| format!("{what} {name:?}"))?;
+        // SAFETY: `c` is NUL-terminated; the returned records are read at once.
+        let found = unsafe {
+            if what == "uid" {
+                let p = libc::getpwnam(c.as_ptr());
+                (!p.is_null()).then(|| (*p).pw_uid)
+            } else {
+                let g = libc::getgrnam(c.as_ptr());
+                (!g.is_null()).then(|| (*g).gr_gid)
+            }
+        };
+        found.ok_or_else(|| format!("{what} = {name}: no such {what} on this host"))
+    };
+    Ok(format!("{}:{}", id(uid, "uid")?, id(gid, "gid")?))
 }
 
 fn boolean(v: &str) -> Option<bool> {
@@ -227,6 +274,7 @@ mod tests {
             &ReceiverOptions::default(),
         )
         .unwrap();
+        assert!(out.contains("owner = \"preserve\""), "{out}");
         assert!(
             out.contains("[modules.file]\npath = \"/data/file\""),
             "{out}"
@@ -274,5 +322,16 @@ mod tests {
             assert!(e.starts_with(&format!("r.conf:{line}: ")), "{e}");
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn rsyncd_uid_and_gid_become_an_owner() {
+        let conf = "uid = 1234\ngid = 99\n[m]\npath = /m\n";
+        let out = rsyncd_conf(conf, Path::new("r.conf"), &ReceiverOptions::default()).unwrap();
+        assert!(out.contains("owner = \"1234:99\""), "{out}");
+        let conf = "[m]\npath = /m\nuid = no-such-user-here\n";
+        let e = rsyncd_conf(conf, Path::new("r.conf"), &ReceiverOptions::default()).unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.to_string().contains("no such uid"), "{e}");
     }
 }

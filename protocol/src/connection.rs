@@ -5,7 +5,7 @@
 //! `write_all`, so a frame never goes out in pieces interleaved with another.
 
 use crate::frame::{self, FrameError, MAX_FRAME};
-use crate::message::{Intent, Message, MAGIC, PROTOCOL_VERSION};
+use crate::message::{Intent, Keeps, Message, MAGIC, PROTOCOL_VERSION};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -223,13 +223,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 /// handshake): short, because an unauthenticated connection holds a handshake slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs the sender's half of the session handshake; returns whether the receiver is privileged.
+/// Runs the sender's half of the session handshake; returns what the receiver keeps.
 pub async fn client_handshake<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     module: &str,
     intent: Intent,
-) -> Result<bool, ConnError>
+) -> Result<Keeps, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -245,10 +245,7 @@ where
         .await
         .map_err(|_| ConnError::Timeout("waiting for the receiver's welcome"))??;
     match reply {
-        Message::Welcome {
-            version,
-            privileged,
-        } if version == PROTOCOL_VERSION => Ok(privileged),
+        Message::Welcome { version, keeps } if version == PROTOCOL_VERSION => Ok(keeps),
         Message::Welcome { version, .. } => Err(ConnError::Protocol(format!(
             "receiver speaks protocol version {version}, we speak {PROTOCOL_VERSION}"
         ))),
@@ -288,17 +285,17 @@ where
 /// The receiver's second half: `Welcome` (the session is open) or `Refused` and a close.
 pub async fn server_answer<W>(
     writer: &mut FrameWriter<W>,
-    answer: Result<bool, String>,
+    answer: Result<Keeps, String>,
 ) -> Result<(), ConnError>
 where
     W: AsyncWrite + Unpin,
 {
     match answer {
-        Ok(privileged) => {
+        Ok(keeps) => {
             writer
                 .write(&Message::Welcome {
                     version: PROTOCOL_VERSION,
-                    privileged,
+                    keeps,
                 })
                 .await
         }
@@ -317,6 +314,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEEPS: Keeps = Keeps {
+        owners: true,
+        devices: false,
+        setid: true,
+    };
 
     #[tokio::test]
     async fn frames_survive_a_byte_at_a_time_stream() {
@@ -354,12 +357,15 @@ mod tests {
             let (mut r, mut w) = (FrameReader::new(br), FrameWriter::new(bw));
             let (module, intent) = server_hello(&mut r).await.unwrap().unwrap();
             assert_eq!((module.as_str(), intent), ("m", Intent::Read));
-            server_answer(&mut w, Ok(true)).await.unwrap();
+            server_answer(&mut w, Ok(KEEPS)).await.unwrap();
         });
         let (mut r, mut w) = (FrameReader::new(ar), FrameWriter::new(aw));
-        assert!(client_handshake(&mut r, &mut w, "m", Intent::Read)
-            .await
-            .unwrap());
+        assert_eq!(
+            client_handshake(&mut r, &mut w, "m", Intent::Read)
+                .await
+                .unwrap(),
+            KEEPS
+        );
         server.await.unwrap();
     }
 

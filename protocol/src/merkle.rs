@@ -157,7 +157,7 @@ mod tests {
 
     #[test]
     fn compare_dirs_table() {
-        let cmp = Compare { owner: true };
+        let cmp = Compare::all(true);
         let left = vec![
             de("a", Kind::File, 1),
             de("b", Kind::Dir, 2),
@@ -190,8 +190,8 @@ mod tests {
         let a = de("x", Kind::File, 1);
         let mut b = a.clone();
         b.entry.meta.uid = 42;
-        let with = Compare { owner: true };
-        let without = Compare { owner: false };
+        let with = Compare::all(true);
+        let without = Compare::all(false);
         assert_ne!(
             entry_digest(&a.entry, &a.digest, with),
             entry_digest(&b.entry, &b.digest, with)

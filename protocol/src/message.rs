@@ -51,6 +51,18 @@ pub enum Body {
     Delta,
 }
 
+/// What a receiver keeps in a module (its privileges and the module's policy), so the sender
+/// neither sends what would be refused nor compares what cannot match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keeps {
+    /// Owners and groups as sent (root receiver, `owner = "preserve"`).
+    pub owners: bool,
+    /// Device nodes (root receiver, `devices = true`).
+    pub devices: bool,
+    /// setuid and setgid bits (`setuid = true`).
+    pub setid: bool,
+}
+
 /// One entry of a [`Message::DirDigests`] reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DigestEntry {
@@ -79,8 +91,8 @@ pub enum Message {
     Welcome {
         /// Receiver's [`PROTOCOL_VERSION`].
         version: u32,
-        /// The receiver runs as root and applies owners, groups and device nodes.
-        privileged: bool,
+        /// What the receiver keeps in this module.
+        keeps: Keeps,
     },
     /// Either direction: a fatal refusal or error, printed by the other side; the connection
     /// closes after it.

@@ -103,6 +103,15 @@ impl Difference {
 pub struct Compare {
     /// Compare uid/gid (only meaningful when the destination is written by root).
     pub owner: bool,
+    /// Compare the setuid and setgid bits (a module may strip them).
+    pub setid: bool,
+}
+
+impl Compare {
+    /// Everything, owners as `owner` says.
+    pub fn all(owner: bool) -> Compare {
+        Compare { owner, setid: true }
+    }
 }
 
 impl Meta {
@@ -115,7 +124,8 @@ impl Meta {
     /// `verify` reports them. Symlink permission bits are not compared (Linux ignores them).
     pub fn attr_differences(&self, other: &Meta, cmp: Compare) -> Vec<Difference> {
         let mut out = Vec::new();
-        if self.kind != Kind::Symlink && self.mode != other.mode {
+        let mask = if cmp.setid { !0 } else { !0o6000 };
+        if self.kind != Kind::Symlink && self.mode & mask != other.mode & mask {
             out.push(Difference::Mode);
         }
         if self.mtime != other.mtime || self.mtime_nsec != other.mtime_nsec {
@@ -154,17 +164,17 @@ mod tests {
         b.uid = 7;
         b.mtime_nsec = 1;
         assert_eq!(
-            a.attr_differences(&b, Compare { owner: true }),
+            a.attr_differences(&b, Compare::all(true)),
             vec![Difference::Mode, Difference::Mtime, Difference::Owner]
         );
         assert_eq!(
-            a.attr_differences(&b, Compare { owner: false }),
+            a.attr_differences(&b, Compare::all(false)),
             vec![Difference::Mode, Difference::Mtime]
         );
         let mut l = a.clone();
         l.kind = Kind::Symlink;
         let mut l2 = l.clone();
         l2.mode = 0o777;
-        assert!(l.attr_differences(&l2, Compare { owner: true }).is_empty());
+        assert!(l.attr_differences(&l2, Compare::all(true)).is_empty());
     }
 }

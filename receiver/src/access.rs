@@ -93,6 +93,9 @@ mod tests {
             read_only: false,
             max_connections: Some(2),
             comment: None,
+            devices: false,
+            setuid: false,
+            owner: Default::default(),
         }
     }
 

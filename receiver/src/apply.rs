@@ -6,11 +6,13 @@
 //! Directories whose entries changed are remembered as dirty; [`Apply::sync_dirty`] fsyncs
 //! them before any of those changes is acknowledged (group commit).
 
+use crate::config::Owner;
 use crate::confine::{chmod_nofollow, confine, confine_entry, ConfineError, Confined};
 use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
 use ferry_protocol::local;
+use ferry_protocol::message::Keeps;
 use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::RelPath;
 use std::collections::HashSet;
@@ -27,8 +29,10 @@ use std::sync::Arc;
 pub struct Apply {
     pub(crate) state: Arc<ModuleState>,
     pub(crate) stats: Arc<Stats>,
-    /// The receiver runs as root: owners and device nodes are applied.
+    /// The receiver runs as root: it can set owners and make device nodes.
     pub(crate) privileged: bool,
+    /// What the module keeps (owners, devices, setuid bits).
+    pub(crate) keeps: Keeps,
     /// Directories (module-relative) whose entries changed since the last commit.
     dirty: HashSet<RelPath>,
     seq: u64,
@@ -46,7 +50,9 @@ fn refused(e: ConfineError) -> io::Error {
 impl Apply {
     /// The filesystem side of a session on `state`.
     pub fn new(state: Arc<ModuleState>, stats: Arc<Stats>, privileged: bool) -> Apply {
+        let keeps = state.keeps(privileged);
         Apply {
+            keeps,
             state,
             stats,
             privileged,
@@ -217,11 +223,13 @@ impl Apply {
             Kind::BlockDevice => libc::S_IFBLK,
             _ => return Err(io::Error::other("not a special file")),
         };
-        if meta.kind != Kind::Fifo && !self.privileged {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "device nodes need a receiver running as root",
-            ));
+        if meta.kind != Kind::Fifo && !self.keeps.devices {
+            let why = if self.privileged {
+                "device nodes are not kept in this module (devices = false)"
+            } else {
+                "device nodes need a receiver running as root"
+            };
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
         }
         let tmp = self.temp_beside(&path);
         let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(tmp.as_os_str()))
@@ -263,13 +271,34 @@ impl Apply {
 
     /// Owner first (chown clears setuid/setgid), then mode; symlinks have no mode.
     pub fn apply_owner_mode(&self, path: &Path, meta: &Meta) -> io::Result<()> {
-        if self.privileged {
-            std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
+        if let Some((uid, gid)) = self.owner_for(meta) {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
         }
         if meta.kind != Kind::Symlink {
-            chmod_nofollow(path, meta.mode)?;
+            chmod_nofollow(path, self.mode_for(meta))?;
         }
         Ok(())
+    }
+
+    /// The owner to give an entry, if any (a root receiver, as the module's `owner` says).
+    pub fn owner_for(&self, meta: &Meta) -> Option<(u32, u32)> {
+        if !self.privileged {
+            return None;
+        }
+        match self.state.module.owner {
+            Owner::Preserve => Some((meta.uid, meta.gid)),
+            Owner::Fixed(u, g) => Some((u, g)),
+            Owner::Receiver => None,
+        }
+    }
+
+    /// The mode to give an entry: without `setuid = true`, never setuid or setgid.
+    pub fn mode_for(&self, meta: &Meta) -> u32 {
+        if self.keeps.setid {
+            meta.mode
+        } else {
+            meta.mode & !0o6000
+        }
     }
 
     /// Sets mode, owner and mtime of an existing entry of the same kind.

@@ -40,6 +40,11 @@ struct RawModule {
     read_only: bool,
     max_connections: Option<usize>,
     comment: Option<String>,
+    #[serde(default)]
+    devices: bool,
+    #[serde(default)]
+    setuid: bool,
+    owner: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -80,6 +85,46 @@ pub struct Module {
     pub max_connections: Option<usize>,
     /// Free text.
     pub comment: Option<String>,
+    /// Device nodes may be created (default false: a sender could make `/dev/mem`).
+    pub devices: bool,
+    /// setuid and setgid bits are kept (default false: they are dropped on the receiver).
+    pub setuid: bool,
+    /// Whose files they are on the receiver.
+    pub owner: Owner,
+}
+
+/// Owners of what a module receives (rsyncd's `uid`/`gid`); applied by a root receiver only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Owner {
+    /// As on the source (`"preserve"`, the default).
+    #[default]
+    Preserve,
+    /// The receiver's own user (`"receiver"`).
+    Receiver,
+    /// These numeric ids (`"UID:GID"`).
+    Fixed(u32, u32),
+}
+
+impl std::str::FromStr for Owner {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Owner, String> {
+        match s {
+            "preserve" => Ok(Owner::Preserve),
+            "receiver" => Ok(Owner::Receiver),
+            _ => {
+                let (u, g) = s
+                    .split_once(':')
+                    .ok_or(())
+                    .and_then(|(u, g)| Ok((u.parse().map_err(|_| ())?, g.parse().map_err(|_| ())?)))
+                    .map_err(|()| {
+                        format!(
+                            "{s:?}: expected \"preserve\", \"receiver\" or \"UID:GID\" (numbers)"
+                        )
+                    })?;
+                Ok(Owner::Fixed(u, g))
+            }
+        }
+    }
 }
 
 impl Config {
@@ -138,6 +183,12 @@ impl Config {
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .transpose()?;
+            let owner = match &m.owner {
+                None => Owner::Preserve,
+                Some(o) => o
+                    .parse()
+                    .map_err(|e: String| err(format!("{}: {e}", key("owner"))))?,
+            };
             if m.max_connections == Some(0) {
                 return Err(err(format!(
                     "{}: must be at least 1",
@@ -154,6 +205,9 @@ impl Config {
                     read_only: m.read_only,
                     max_connections: m.max_connections,
                     comment: m.comment,
+                    devices: m.devices,
+                    setuid: m.setuid,
+                    owner,
                 },
             );
         }

@@ -334,10 +334,10 @@ fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> 
     }
     let file = &inc.tmp.file;
     file.sync_all()?;
-    if fs.privileged {
-        std::os::unix::fs::fchown(file, Some(inc.meta.uid), Some(inc.meta.gid))?;
+    if let Some((uid, gid)) = fs.owner_for(&inc.meta) {
+        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
-    file.set_permissions(fs::Permissions::from_mode(inc.meta.mode))?;
+    file.set_permissions(fs::Permissions::from_mode(fs.mode_for(&inc.meta)))?;
     let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
     filetime::set_file_handle_times(file, None, Some(mtime))?;
     let at = fs.entry(&inc.path)?;

@@ -1,10 +1,11 @@
 //! A module as the running server holds it: its configuration, its live session count, its
 //! digest cache, and the start-up clean-up of its staging directory.
 
-use crate::config::Module;
+use crate::config::{Module, Owner};
 use crate::incoming::Partials;
 use crate::{LEGACY_STAGING_DIR, TEMP_PREFIX};
 use ferry_protocol::local::DigestCache;
+use ferry_protocol::message::Keeps;
 use ferry_protocol::{io_reason, RelPath};
 use std::fs;
 use std::io;
@@ -27,6 +28,16 @@ pub struct ModuleState {
 }
 
 impl ModuleState {
+    /// What this module keeps, on a receiver that is (or is not) `privileged` (root).
+    pub fn keeps(&self, privileged: bool) -> Keeps {
+        let m = &self.module;
+        Keeps {
+            owners: privileged && m.owner == Owner::Preserve,
+            devices: privileged && m.devices,
+            setid: m.setuid,
+        }
+    }
+
     /// Prepares a module: checks its root (a directory, writable if the module is), empties
     /// its staging directory. The error is the reason its clients are refused with.
     pub fn open(module: Module, state_dir: Option<&Path>) -> Result<ModuleState, String> {

@@ -304,9 +304,7 @@ impl Requests {
             return self.fail(id, format!("{rel}: {e}"));
         }
         if self.tree.as_ref().map(|(c, _)| *c) != Some(checksum) {
-            let cmp = Compare {
-                owner: self.fs.privileged,
-            };
+            let cmp = Compare::all(self.fs.keeps.owners);
             let mut errors = Vec::new();
             let built = {
                 let mut cache = self.fs.state.cache.lock().expect("cache lock");

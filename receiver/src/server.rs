@@ -53,6 +53,7 @@ impl Server {
     /// Loads the identity and opens every module (cleaning staging leftovers).
     pub fn new(config: &Config) -> Result<Server, ServerError> {
         let identity = config.identity()?;
+        warn_if_key_readable(&config.key);
         Server::with_identity(
             identity,
             config.listen,
@@ -154,6 +155,22 @@ impl Server {
     }
 }
 
+/// The private key proves the receiver to every sender: others must not read it.
+fn warn_if_key_readable(key: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(md) = std::fs::metadata(key) {
+        let mode = md.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "key {} is readable by others (mode {:o}); run `chmod 600 {}`",
+                key.display(),
+                mode & 0o777,
+                key.display()
+            );
+        }
+    }
+}
+
 /// Runs a receiver from its configuration until `shutdown` fires.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), ServerError> {
     let server = Arc::new(Server::new(config)?);
@@ -192,6 +209,10 @@ impl Loopback {
             read_only: false,
             max_connections: None,
             comment: None,
+            // A local copy by the user who runs it: keep everything that user can.
+            devices: true,
+            setuid: true,
+            owner: Default::default(),
         };
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let server = Arc::new(Server::with_identity(

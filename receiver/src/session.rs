@@ -108,7 +108,7 @@ where
         return server_answer(&mut writer, refuse(&module_name, reason)).await;
     };
     reader.set_limit(MAX_FRAME);
-    server_answer(&mut writer, Ok(server.privileged)).await?;
+    server_answer(&mut writer, Ok(state.keeps(server.privileged))).await?;
     tracing::info!(%peer, %fingerprint, module = %module_name, ?intent, "session open");
 
     let (req_tx, req_rx) = mpsc::channel::<Request>(1024);

@@ -409,7 +409,7 @@ mod tests {
     fn opts() -> PlanOptions {
         PlanOptions {
             delete: true,
-            compare: Compare { owner: true },
+            compare: Compare::all(true),
             devices: false,
         }
     }
@@ -481,7 +481,7 @@ mod tests {
         remote[1].meta.mode = 0o644;
         remote[1].meta.uid = 9;
         let no_owner = PlanOptions {
-            compare: Compare { owner: false },
+            compare: Compare::all(false),
             ..opts()
         };
         assert!(plan(&local, &remote, no_owner).is_empty());

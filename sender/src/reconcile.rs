@@ -135,8 +135,9 @@ pub fn plan_options(session: &Session, group: &SyncGroup) -> PlanOptions {
     PlanOptions {
         delete: group.delete,
         compare: Compare {
-            owner: session.privileged,
+            owner: session.keeps.owners,
+            setid: session.keeps.setid,
         },
-        devices: session.privileged,
+        devices: session.keeps.devices,
     }
 }

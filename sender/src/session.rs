@@ -5,7 +5,7 @@
 use crate::config::Target;
 use ferry_protocol::connection::{client_handshake, ConnError, FrameReader, FrameWriter};
 use ferry_protocol::identity::Identity;
-use ferry_protocol::message::{DigestEntry, Intent, Message, RequestId};
+use ferry_protocol::message::{DigestEntry, Intent, Keeps, Message, RequestId};
 use ferry_protocol::{Entry, Fingerprint, RelPath};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,8 +63,8 @@ pub struct Session {
     out: mpsc::Sender<Message>,
     pending: Pending,
     next_id: AtomicU64,
-    /// The receiver applies owners and device nodes.
-    pub privileged: bool,
+    /// What the receiver keeps in this module (owners, devices, setuid bits).
+    pub keeps: Keeps,
     bytes_sent: Arc<AtomicU64>,
     writer: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
@@ -121,7 +121,7 @@ impl Session {
         let (r, w) = tokio::io::split(stream);
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w);
-        let privileged = client_handshake(&mut reader, &mut writer, module, intent).await?;
+        let keeps = client_handshake(&mut reader, &mut writer, module, intent).await?;
 
         let (out, out_rx) = mpsc::channel::<Message>(64);
         let bytes_sent = Arc::new(AtomicU64::new(writer.bytes_written()));
@@ -175,7 +175,7 @@ impl Session {
             out,
             pending,
             next_id: AtomicU64::new(1),
-            privileged,
+            keeps,
             bytes_sent,
             writer: writer_task,
             reader: reader_task,

@@ -114,9 +114,7 @@ pub async fn verify_local(
     cache_dir: Option<PathBuf>,
 ) -> Result<Differences, VerifyError> {
     // SAFETY: geteuid has no preconditions.
-    let cmp = Compare {
-        owner: unsafe { libc::geteuid() } == 0,
-    };
+    let cmp = Compare::all(unsafe { libc::geteuid() } == 0);
     let canonical = |p: &Path| {
         p.canonicalize().map_err(|source| VerifyError::Read {
             path: p.to_path_buf(),
@@ -159,9 +157,9 @@ pub async fn verify_target(
             context: context(),
             source,
         })?;
-    let cmp = Compare {
-        owner: session.privileged,
-    };
+    // Everything the module keeps; setuid bits always count (a module that drops them is
+    // reported as different, truthfully).
+    let cmp = Compare::all(session.keeps.owners);
     let (source, filter) = (group.source.clone(), group.filter.clone());
     let tree = tokio::task::spawn_blocking(move || {
         build_tree(&source, &filter, cache_dir.as_deref(), cmp, checksum)

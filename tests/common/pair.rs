@@ -43,6 +43,9 @@ impl Pair {
             read_only: false,
             max_connections,
             comment: None,
+            devices: false,
+            setuid: false,
+            owner: Default::default(),
         };
         let listen = "127.0.0.1:0".parse().unwrap();
         let server = Server::with_identity(identity, listen, vec![module], None).unwrap();

@@ -144,6 +144,8 @@ pub struct ModuleOpts {
     pub hosts_allow: Option<Vec<String>>,
     pub read_only: bool,
     pub max_connections: Option<usize>,
+    /// More module keys, one `key = value` per line.
+    pub extra: String,
 }
 
 impl Setup {
@@ -173,6 +175,7 @@ impl Setup {
         if let Some(m) = opts.max_connections {
             module.push_str(&format!("max_connections = {m}\n"));
         }
+        module.push_str(&opts.extra);
         fs::write(
             root.join("recv/receiver.toml"),
             format!("listen = \"127.0.0.1:0\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n{module}"),
