@@ -413,4 +413,37 @@ mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_delta_bytes_fail_cleanly_or_fill_the_window(
+            base in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            window in 0u64..8192,
+        ) {
+            let f = file_of(&base);
+            let mut d = DELTA_MAGIC.to_be_bytes().to_vec();
+            d.extend_from_slice(&tail);
+            let mut out = Vec::new();
+            let r = apply_window_at(&f, base.len() as u64, &d, window, &mut out);
+            proptest::prop_assert!(out.len() as u64 <= window);
+            if r.is_ok() {
+                proptest::prop_assert_eq!(out.len() as u64, window);
+            }
+        }
+
+        #[test]
+        fn a_delta_against_a_file_rebuilds_the_new_bytes(
+            base in proptest::collection::vec(0u8..4, 0..20_000),
+            new in proptest::collection::vec(0u8..4, 1..20_000),
+        ) {
+            let f = file_of(&base);
+            let sig = parse_peer_signature(sign_file(&f, base.len() as u64).unwrap()).unwrap();
+            let mut d = Vec::new();
+            diff_window(&sig.index(), &new, &mut d).unwrap();
+            let mut out = Vec::new();
+            apply_window_at(&f, base.len() as u64, &d, new.len() as u64, &mut out).unwrap();
+            proptest::prop_assert_eq!(out, new);
+        }
+    }
 }
