@@ -9,15 +9,6 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The configuration of one group `file` at `src` pushed to `backup`.
-fn one_group(backup: &Backup, src: &Path, extra: &str) -> String {
-    format!(
-        "{}{}",
-        backup.target("backup"),
-        sync("file", src, &["backup"], "file", extra)
-    )
-}
-
 /// One group, one target: the usual set-up.
 fn simple(extra: &str) -> (Site, Backup, PathBuf, PathBuf, Daemon) {
     let live = Site::new();

@@ -200,7 +200,7 @@ pub struct SyncGroup {
 /// `percent` % of the module's entries, and at least `min` of them, or that finds the source
 /// empty while the module holds [`EMPTY_SOURCE_FLOOR`] entries or more, pauses the target until an operator confirms with
 /// `ferry send --once --confirm-deletes GROUP`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteGuard {
     /// Share of the module's entries (0 switches the guard off).
     pub percent: u8,
@@ -208,6 +208,9 @@ pub struct DeleteGuard {
     pub min: u64,
     /// The operator confirmed: delete anyway (this run only).
     pub confirmed: bool,
+    /// Where the source's filesystem (device number) is recorded between runs (in
+    /// `state_dir`), so a different disk mounted at the source is noticed.
+    pub record: Option<PathBuf>,
 }
 
 impl Default for DeleteGuard {
@@ -216,6 +219,7 @@ impl Default for DeleteGuard {
             percent: 50,
             min: 1000,
             confirmed: false,
+            record: None,
         }
     }
 }
@@ -226,6 +230,29 @@ impl Default for DeleteGuard {
 pub const EMPTY_SOURCE_FLOOR: u64 = 10;
 
 impl DeleteGuard {
+    /// Why deleting needs confirming because the source is on another filesystem than the
+    /// last time (`device` now): a different disk mounted there. Records `device` otherwise.
+    pub fn device_objection(&self, device: u64, deleting: u64) -> Option<String> {
+        let record = self.record.as_ref()?;
+        let before = std::fs::read_to_string(record)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        if let Some(before) = before {
+            if before != device && deleting > 0 && self.percent > 0 && !self.confirmed {
+                return Some(format!(
+                    "the source is on another filesystem than last time (device {device:#x}, \
+                     was {before:#x}): a different disk mounted there?"
+                ));
+            }
+        }
+        if before != Some(device) {
+            if let Err(e) = std::fs::write(record, format!("{device}\n")) {
+                tracing::warn!(path = %record.display(), "cannot record the source's filesystem: {e}");
+            }
+        }
+        None
+    }
+
     /// Why deleting `deleting` of the module's `total` entries needs confirming, if it does;
     /// `source_empty` is the source root having no entries at all.
     pub fn objection(&self, deleting: u64, total: u64, source_empty: bool) -> Option<String> {
@@ -410,6 +437,7 @@ impl Config {
                 },
             );
         }
+        let state_dir = raw.state_dir.clone().map(resolve);
         let mut syncs: Vec<SyncGroup> = Vec::new();
         for (i, s) in raw.sync.into_iter().enumerate() {
             let name = s.name.clone().unwrap_or_else(|| s.module.clone());
@@ -452,6 +480,9 @@ impl Config {
                 percent: s.delete_guard_percent.unwrap_or(defaults.percent),
                 min: s.delete_guard_min.unwrap_or(defaults.min),
                 confirmed: false,
+                record: state_dir
+                    .as_ref()
+                    .map(|d| d.join(format!("{name}.source-device"))),
             };
             if guard.percent > 100 {
                 return Err(err(format!(
@@ -474,7 +505,7 @@ impl Config {
             file: file.to_path_buf(),
             cert: resolve(raw.cert),
             key: resolve(raw.key),
-            state_dir: raw.state_dir.map(resolve),
+            state_dir,
             targets,
             syncs,
         })
@@ -570,7 +601,10 @@ exclude = ["tmp/", "*.log"]
             g.objection(4000, 10_000, false).is_none(),
             "under the share"
         );
-        let off = DeleteGuard { percent: 0, ..g };
+        let off = DeleteGuard {
+            percent: 0,
+            ..g.clone()
+        };
         assert!(off.objection(10_000, 10_000, true).is_none());
         let ok = DeleteGuard {
             confirmed: true,

@@ -9,6 +9,7 @@ use crate::session::{Session, SessionError};
 use ferry_protocol::local;
 use ferry_protocol::meta::{Compare, Entry};
 use ferry_protocol::RelPath;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,7 +120,9 @@ pub async fn plan_under(
         let deleting = deleted_entries(&planned.deletes, &remote);
         let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
         let source_empty = local.iter().all(|e| e.path.is_root());
-        if let Some(why) = group.guard.objection(deleting, total, source_empty) {
+        let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
+        let moved = device.and_then(|d| group.guard.device_objection(d, deleting));
+        if let Some(why) = moved.or_else(|| group.guard.objection(deleting, total, source_empty)) {
             return Err(SessionError::Paused(format!(
                 "sync {}: {why}; nothing was deleted. If that is what you want, stop the \
                  daemon and run `ferry send --once --confirm-deletes {} --config …`",

@@ -41,6 +41,14 @@ impl Site {
         self.path("send/sender.toml")
     }
 
+    /// The usual set-up: a source `src`, and a receiver `recv` serving `dst` as module `file`
+    /// to this site's sender.
+    pub fn one_backup(&self) -> (PathBuf, PathBuf, Backup) {
+        let (src, dst) = (self.dir("src"), self.path("dst"));
+        let backup = Backup::start(self.root(), "recv", &[("file", &dst)], &self.fingerprint);
+        (src, dst, backup)
+    }
+
     /// Writes sender.toml (`cert`/`key` prepended).
     pub fn write_config(&self, body: &str) {
         fs::write(
@@ -65,6 +73,15 @@ impl Site {
         assert!(o.status.success(), "stats: {}", stderr(&o));
         stdout(&o)
     }
+}
+
+/// The configuration of one group `file` at `src` pushed to `backup`'s module `file`.
+pub fn one_group(backup: &Backup, src: &Path, extra: &str) -> String {
+    format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", src, &["backup"], "file", extra)
+    )
 }
 
 /// A `[[sync]]` group.
