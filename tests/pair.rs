@@ -309,3 +309,57 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
         "written outside the module: {escaped:?}"
     );
 }
+
+/// A source file rewritten (truncated, regrown) over and over while it is being sent: what
+/// the receiver shows under the final name is always one whole version, never a mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_during_transfer_is_never_committed_torn() {
+    let mut pair = Pair::new();
+    let versions: Vec<Vec<u8>> = (0..6)
+        .map(|i| pseudo_random((3 << 20) + i * 777_777, i as u64))
+        .collect();
+    // Truncating is a state of its own: an empty file was really there for a moment.
+    let digests: std::collections::HashSet<[u8; 32]> = versions
+        .iter()
+        .chain([&Vec::new()])
+        .map(|v| *blake3::hash(v).as_bytes())
+        .collect();
+    fs::write(pair.src.join("big"), &versions[0]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path, versions) = (stop.clone(), pair.src.join("big"), versions.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // In place, as a careless writer does: truncate, then write.
+                fs::write(&path, &versions[n % versions.len()]).unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(4);
+    let mut committed = 0;
+    while Instant::now() < deadline {
+        let (report, _) = send(&mut pair, vec![dirty("big", Need::Content)]).await;
+        committed += report.files;
+        if let Ok(got) = fs::read(pair.dst.join("big")) {
+            assert!(
+                digests.contains(blake3::hash(&got).as_bytes()),
+                "torn: {} bytes that are no version written",
+                got.len()
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rewrites = writer.join().unwrap();
+    eprintln!("{rewrites} rewrites, {committed} commits");
+    assert!(rewrites > 20, "the race did not run");
+    // Quiet again: it converges.
+    let (report, _) = send(&mut pair, vec![dirty("big", Need::Content)]).await;
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(
+        fs::read(pair.dst.join("big")).unwrap(),
+        fs::read(pair.src.join("big")).unwrap()
+    );
+}
