@@ -310,20 +310,18 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
     );
 }
 
-/// A source file rewritten (truncated, regrown) over and over while it is being sent: what
-/// the receiver shows under the final name is always one whole version, never a mix.
+/// A source file rewritten in place (truncated, then written) over and over while it is being
+/// sent: what the receiver shows under the final name is always a state the source really had
+/// — a version, or the start of one while it was being written — never a mix of two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_rewritten_during_transfer_is_never_committed_torn() {
     let mut pair = Pair::new();
     let versions: Vec<Vec<u8>> = (0..6)
         .map(|i| pseudo_random((3 << 20) + i * 777_777, i as u64))
         .collect();
-    // Truncating is a state of its own: an empty file was really there for a moment.
-    let digests: std::collections::HashSet<[u8; 32]> = versions
-        .iter()
-        .chain([&Vec::new()])
-        .map(|v| *blake3::hash(v).as_bytes())
-        .collect();
+    // Between the truncate and the end of the write, the source holds the start of a version
+    // (its length grows as the kernel copies the write in): those states are real too.
+    let real_state = |got: &[u8]| versions.iter().any(|v| v.starts_with(got));
     fs::write(pair.src.join("big"), &versions[0]).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -345,8 +343,8 @@ async fn a_file_rewritten_during_transfer_is_never_committed_torn() {
         committed += report.files;
         if let Ok(got) = fs::read(pair.dst.join("big")) {
             assert!(
-                digests.contains(blake3::hash(&got).as_bytes()),
-                "torn: {} bytes that are no version written",
+                real_state(&got),
+                "torn: {} bytes that no version starts with",
                 got.len()
             );
         }

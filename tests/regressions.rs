@@ -261,25 +261,19 @@ fn one_bad_module_stopped_the_whole_receiver() {
         "{target}{}",
         sync("file", &src, &["b"], "file", "")
     ));
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     assert!(o.status.success(), "good module: {}", stderr(&o));
     assert_trees_equal(&src, &good);
     site.write_config(&format!(
         "{target}{}",
         sync("code", &src, &["b"], "code", "")
     ));
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains(&reason), "{}", stderr(&o));
     // Fixed while the receiver runs: served at the next connection.
     fs::create_dir_all(&bad).unwrap();
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     assert!(o.status.success(), "after the fix: {}", stderr(&o));
     assert_trees_equal(&src, &bad);
 }
@@ -365,9 +359,7 @@ fn errors_repeated_their_text_or_leaked_debug_output() {
         backup.target("backup"),
         sync("file", &src, &["backup"], "file", "")
     ));
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
     let want = format!(
@@ -387,9 +379,7 @@ fn errors_repeated_their_text_or_leaked_debug_output() {
         "{rsync_target}{}",
         sync("file", &src, &["old"], "file", "")
     ));
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("rsync exit"), "{err}");
@@ -449,12 +439,7 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
     let site = Site::new();
     let src = site.dir("src");
     // Big enough that the shutdown grace (5 s) cannot finish it (every file is fsynced).
-    for d in 0..40 {
-        fs::create_dir(src.join(format!("d{d}"))).unwrap();
-        for i in 0..500 {
-            fs::write(src.join(format!("d{d}/f{i}")), pseudo_random(4096, i)).unwrap();
-        }
-    }
+    fill_tree(&src, 40, 500, |i| pseudo_random(4096, i as u64));
     let start = |site: &Site, dst: &str| {
         let d = Daemon::spawn(ferry().arg("mirror").arg(&src).arg(site.path(dst)));
         // The initial sync is under way.
@@ -684,9 +669,7 @@ fn idle_connections_before_the_handshake_locked_senders_out() {
         sync("file", &src, &["backup"], "file", "")
     ));
     let started = Instant::now();
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     let took = started.elapsed();
     assert!(o.status.success(), "{}", stderr(&o));
     eprintln!(
@@ -743,12 +726,7 @@ fn connect_from(from: [u8; 4], port: u16) -> Option<std::os::fd::OwnedFd> {
 fn an_emptied_source_wiped_the_backup() {
     let site = Site::new();
     let src = site.dir("src");
-    for d in 0..11 {
-        fs::create_dir(src.join(format!("d{d}"))).unwrap();
-        for i in 0..100 {
-            fs::write(src.join(format!("d{d}/f{i}")), "x").unwrap();
-        }
-    }
+    fill_tree(&src, 11, 100, |_| b"x".to_vec());
     let dst = site.path("dst");
     let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
     site.write_config(&format!(
@@ -756,12 +734,7 @@ fn an_emptied_source_wiped_the_backup() {
         backup.target("backup"),
         sync("file", &src, &["backup"], "file", "delete_guard_min = 500")
     ));
-    let once = |extra: &[&str]| {
-        run(ferry()
-            .args(["send", "--once", "--config"])
-            .arg(site.config())
-            .args(extra))
-    };
+    let once = |extra: &[&str]| site.send_once(extra);
     assert!(once(&[]).status.success());
     let count = |p: &std::path::Path| fs::read_dir(p).unwrap().count();
     // Most of it gone (as after a bad `rm`): refused, nothing deleted.
@@ -869,12 +842,7 @@ fn a_different_disk_mounted_at_the_source_deleted_the_backup() {
         state.display().to_string(),
         one_group(&backup, &src, "")
     ));
-    let once = |extra: &[&str]| {
-        run(ferry()
-            .args(["send", "--once", "--config"])
-            .arg(site.config())
-            .args(extra))
-    };
+    let once = |extra: &[&str]| site.send_once(extra);
     assert!(once(&[]).status.success());
     let record = state.join("file.source-device");
     let real: u64 = fs::read_to_string(&record).unwrap().trim().parse().unwrap();

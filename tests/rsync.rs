@@ -468,9 +468,7 @@ fn verify_config_on_an_rsync_target_checked_nothing() {
         rsyncd.target("legacy", PASSWORD),
         sync("file", &src, &["legacy"], "file", "exclude = [\"*.log\"]")
     ));
-    let o = run(ferry()
-        .args(["send", "--once", "--config"])
-        .arg(site.config()));
+    let o = site.send_once(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let verify = |extra: &[&str]| {
         run(ferry()
@@ -523,12 +521,7 @@ fn an_empty_source_made_rsync_empty_the_module() {
         rsyncd.target("legacy", PASSWORD),
         sync("file", &src, &["legacy"], "file", "")
     ));
-    let once = |extra: &[&str]| {
-        run(ferry()
-            .args(["send", "--once", "--config"])
-            .arg(site.config())
-            .args(extra))
-    };
+    let once = |extra: &[&str]| site.send_once(extra);
     assert!(once(&[]).status.success());
     for i in 0..20 {
         fs::remove_file(src.join(format!("f{i}"))).unwrap();

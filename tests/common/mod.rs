@@ -9,7 +9,7 @@ pub mod site;
 pub mod trees;
 
 pub use proc::{Daemon, Proc, Receiver};
-pub use site::{one_group, sync, Backup, ModuleOpts, Setup, Site};
+pub use site::{fill_tree, one_group, sync, Backup, ModuleOpts, Setup, Site};
 pub use trees::*;
 
 use std::os::unix::fs::PermissionsExt;

@@ -67,6 +67,14 @@ impl Site {
         d
     }
 
+    /// `ferry send --once` of the current config, with `extra` flags.
+    pub fn send_once(&self, extra: &[&str]) -> Output {
+        run(ferry()
+            .args(["send", "--once", "--config"])
+            .arg(self.config())
+            .args(extra))
+    }
+
     /// `ferry stats` of the current config.
     pub fn stats(&self) -> String {
         let o = run(ferry().arg("stats").arg("--config").arg(self.config()));
@@ -82,6 +90,17 @@ pub fn one_group(backup: &Backup, src: &Path, extra: &str) -> String {
         backup.target("backup"),
         sync("file", src, &["backup"], "file", extra)
     )
+}
+
+/// Fills `root` with `dirs` directories `d0…` of `files` files `f0…` each, whose content
+/// `content(i)` gives.
+pub fn fill_tree(root: &Path, dirs: usize, files: usize, content: impl Fn(usize) -> Vec<u8>) {
+    for d in 0..dirs {
+        fs::create_dir(root.join(format!("d{d}"))).unwrap();
+        for i in 0..files {
+            fs::write(root.join(format!("d{d}/f{i}")), content(i)).unwrap();
+        }
+    }
 }
 
 /// A `[[sync]]` group.
