@@ -78,19 +78,6 @@ async fn a_delta_needs_a_base_and_falls_back_to_whole_without_one() {
     assert_eq!(fs::read(pair.dst.join("big")).unwrap(), data);
 }
 
-fn file_meta(size: u64) -> Meta {
-    Meta {
-        kind: Kind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        size,
-        mtime: 1_700_000_000,
-        mtime_nsec: 0,
-        rdev: 0,
-    }
-}
-
 #[tokio::test]
 async fn an_aborted_file_leaves_nothing_and_the_session_goes_on() {
     let mut pair = Pair::new();

@@ -155,19 +155,6 @@ fn max_connections_is_enforced() {
     });
 }
 
-fn file_meta(size: u64) -> Meta {
-    Meta {
-        kind: Kind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        size,
-        mtime: 1,
-        mtime_nsec: 0,
-        rdev: 0,
-    }
-}
-
 #[test]
 fn hostile_paths_are_refused_and_nothing_escapes() {
     let s = Setup::new();

@@ -470,22 +470,12 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
 async fn a_base_truncated_during_a_delta_killed_the_receiver_with_sigbus() {
     use ferry_protocol::delta;
     use ferry_protocol::message::Body;
-    use ferry_protocol::meta::{Kind, Meta};
     let mut pair = Pair::new();
     let base = pseudo_random(4 << 20, 1);
     fs::write(pair.dst.join("big"), &base).unwrap();
     let mut new = base.clone();
     new[10..20].fill(0);
-    let meta = Meta {
-        kind: Kind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        size: new.len() as u64,
-        mtime: 1_700_000_000,
-        mtime_nsec: 0,
-        rdev: 0,
-    };
+    let meta = file_meta(new.len() as u64);
     let session = pair.session().await;
     let (id, mut rx) = session.register();
     let path = RelPath::from("big");
@@ -570,19 +560,9 @@ async fn sessions_past_512_were_welcomed_and_never_served() {
 #[tokio::test]
 async fn file_begins_without_end_held_unbounded_descriptors() {
     use ferry_protocol::message::Body;
-    use ferry_protocol::meta::{Kind, Meta};
     let mut pair = Pair::new();
     let session = pair.session().await;
-    let meta = Meta {
-        kind: Kind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        size: 10,
-        mtime: 1,
-        mtime_nsec: 0,
-        rdev: 0,
-    };
+    let meta = file_meta(10);
     let mut replies = Vec::new();
     for i in 0..300 {
         let (id, rx) = session.register();

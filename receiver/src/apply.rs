@@ -1,13 +1,15 @@
 //! Applying requests to a module's tree: make a directory, symlink or special file, set
 //! metadata, delete, rename, and install a staged entry under its final name.
 //!
-//! Every peer path passes through [`confine`] (or [`confine_entry`] where the request replaces,
+//! Every peer path passes through [`confine_in`] (and [`not_root`] where the request replaces,
 //! removes or renames what is there, so the module root itself is refused in one place).
 //! Directories whose entries changed are remembered as dirty; [`Apply::sync_dirty`] fsyncs
 //! them before any of those changes is acknowledged (group commit).
 
 use crate::config::Owner;
-use crate::confine::{chmod_nofollow, confine, confine_entry, ConfineError, Confined};
+use crate::confine::{
+    chmod_nofollow, confine, confine_in, not_root, open_root, ConfineError, Confined,
+};
 use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
@@ -18,7 +20,7 @@ use ferry_protocol::RelPath;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,8 @@ pub struct Apply {
     pub(crate) privileged: bool,
     /// What the module keeps (owners, devices, setuid bits).
     pub(crate) keeps: Keeps,
+    /// The module root, opened once for the session; every path is resolved beneath it.
+    root_fd: Option<OwnedFd>,
     /// Directories (module-relative) whose entries changed since the last commit.
     dirty: HashSet<RelPath>,
     seq: u64,
@@ -51,8 +55,11 @@ impl Apply {
     /// The filesystem side of a session on `state`.
     pub fn new(state: Arc<ModuleState>, stats: Arc<Stats>, privileged: bool) -> Apply {
         let keeps = state.keeps(privileged);
+        // If the root cannot be opened now, each request resolves it anew and says why.
+        let root_fd = open_root(&state.module.path).ok();
         Apply {
             keeps,
+            root_fd,
             state,
             stats,
             privileged,
@@ -74,12 +81,17 @@ impl Apply {
 
     /// A peer path resolved beneath the module (the root allowed).
     pub fn local(&self, rel: &RelPath) -> io::Result<Confined> {
-        confine(self.root(), rel).map_err(refused)
+        match &self.root_fd {
+            Some(fd) => confine_in(self.root(), fd, rel),
+            None => confine(self.root(), rel),
+        }
+        .map_err(refused)
     }
 
     /// A peer path resolved beneath the module, naming an entry below the root.
     pub fn entry(&self, rel: &RelPath) -> io::Result<Confined> {
-        confine_entry(self.root(), rel).map_err(refused)
+        not_root(rel).map_err(refused)?;
+        self.local(rel)
     }
 
     /// A fresh name beside `path` (in its directory) for an entry about to be renamed to it.

@@ -75,20 +75,23 @@ impl Confined {
             None => dir.join("."),
         }
     }
-
-    /// The directory that holds the entry (the root itself for the root), as a path.
-    pub fn dir_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
-    }
 }
 
 /// [`confine`] for requests that replace, remove or rename what is at the path: the module
 /// root itself is refused.
 pub fn confine_entry(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
-    if rel.is_root() {
-        return Err(ConfineError::Root);
-    }
+    not_root(rel)?;
     confine(root, rel)
+}
+
+/// The rule for requests that replace, remove or rename what is at a path: never the module
+/// root itself.
+pub fn not_root(rel: &RelPath) -> Result<(), ConfineError> {
+    if rel.is_root() {
+        Err(ConfineError::Root)
+    } else {
+        Ok(())
+    }
 }
 
 /// Resolves a peer's relative path beneath `root`, at the moment of use.
@@ -101,6 +104,21 @@ pub fn confine_entry(root: &Path, rel: &RelPath) -> Result<Confined, ConfineErro
 /// and a use cannot redirect anything outside the module (rsync's secure relative open). The
 /// last component may be a symlink: it is replaced or removed, never followed.
 pub fn confine(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
+    let root_fd = open_root(root).map_err(|source| ConfineError::Io {
+        path: rel.clone(),
+        source,
+    })?;
+    confine_in(root, &root_fd, rel)
+}
+
+/// Opens a module root (followed if it is a symlink: the administrator configured it) to
+/// resolve peer paths beneath it with [`confine_in`].
+pub fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    open_dir(libc::AT_FDCWD, root.as_os_str().as_bytes(), false)
+}
+
+/// [`confine`] beneath a root opened once with [`open_root`] (`root` names it in messages).
+pub fn confine_in(root: &Path, root_fd: &OwnedFd, rel: &RelPath) -> Result<Confined, ConfineError> {
     rel.validate().map_err(|reason| ConfineError::Invalid {
         path: rel.clone(),
         reason,
@@ -115,18 +133,17 @@ pub fn confine(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
         path: rel.clone(),
         source,
     };
-    let root_fd = open_dir(libc::AT_FDCWD, root.as_os_str().as_bytes(), false).map_err(io_err)?;
     let parts: Vec<&[u8]> = rel.components().collect();
     let Some((name, ancestors)) = parts.split_last() else {
         return Ok(Confined {
-            dir: root_fd,
+            dir: root_fd.try_clone().map_err(io_err)?,
             name: None,
         });
     };
     let dir = if ancestors.is_empty() {
-        root_fd
+        root_fd.try_clone().map_err(io_err)?
     } else {
-        beneath(&root_fd, ancestors).map_err(|e| explain(root, rel, ancestors, e))?
+        beneath(root_fd, ancestors).map_err(|e| explain(root, rel, ancestors, e))?
     };
     Ok(Confined {
         dir,

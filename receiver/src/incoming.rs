@@ -308,16 +308,6 @@ impl Partials {
             p.tmp.discard();
         }
     }
-
-    /// How many are kept.
-    pub fn len(&self) -> usize {
-        self.0.lock().expect("partials lock").len()
-    }
-
-    /// True if none are kept.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {

@@ -111,11 +111,6 @@ impl ModuleSlot {
         }
     }
 
-    /// The module's name.
-    pub fn name(&self) -> &str {
-        &self.module.name
-    }
-
     /// The open module, or why it cannot be served.
     pub fn get(&self) -> Result<Arc<ModuleState>, String> {
         let mut state = self.state.lock().expect("module lock");

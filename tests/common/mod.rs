@@ -75,3 +75,17 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// The metadata of a plain 0644 file of `size` bytes, for hand-built protocol messages.
+pub fn file_meta(size: u64) -> ferry_protocol::meta::Meta {
+    ferry_protocol::meta::Meta {
+        kind: ferry_protocol::meta::Kind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime: 1_700_000_000,
+        mtime_nsec: 0,
+        rdev: 0,
+    }
+}
