@@ -11,6 +11,7 @@ use ferry_protocol::RelPath;
 use ferry_sender::batch::send_batch;
 use ferry_sender::coalesce::{Change, Need, Rename};
 use ferry_sender::execute::{Report, Step, StepKind};
+use ferry_sender::guard::DeleteTally;
 use ferry_sender::queue::Batch;
 use std::fs;
 use std::time::Instant;
@@ -25,9 +26,17 @@ async fn send(pair: &mut Pair, changes: Vec<Change>) -> (Report, Vec<Step>) {
     let mut report = Report::default();
     let mut seen = Vec::new();
     let mut observe = |s: &Step| seen.push(s.clone());
-    send_batch(&session, &pair.group(), &batch, &mut report, &mut observe)
-        .await
-        .unwrap();
+    let mut tally = DeleteTally::default();
+    send_batch(
+        &session,
+        &pair.group(),
+        &batch,
+        &mut tally,
+        &mut report,
+        &mut observe,
+    )
+    .await
+    .unwrap();
     (report, seen)
 }
 
@@ -182,25 +191,7 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
     let mut pair = Pair::new();
     let outside = pair.tmp.path().join("outside");
     fs::create_dir(&outside).unwrap();
-    let (d, parked) = (pair.dst.join("d"), pair.dst.join("d.parked"));
-    fs::create_dir(&d).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flipper = {
-        let (stop, d, parked, outside) = (stop.clone(), d.clone(), parked.clone(), outside.clone());
-        std::thread::spawn(move || {
-            let mut flips = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if fs::rename(&d, &parked).is_ok() {
-                    let _ = std::os::unix::fs::symlink(&outside, &d);
-                    std::thread::yield_now();
-                    let _ = fs::remove_file(&d);
-                    let _ = fs::rename(&parked, &d);
-                    flips += 1;
-                }
-            }
-            flips
-        })
-    };
+    let flipper = Flipper::start(pair.dst.join("d"), outside.clone());
     let session = pair.session().await;
     let dir_meta = Meta {
         kind: Kind::Dir,
@@ -282,8 +273,7 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
                 .await;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let flips = flipper.join().unwrap();
+    let flips = flipper.stop();
     let escaped: Vec<_> = fs::read_dir(&outside).unwrap().collect();
     eprintln!(
         "{i} rounds of writes against {flips} flips; {} entries outside",
@@ -295,6 +285,90 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
         escaped.is_empty(),
         "written outside the module: {escaped:?}"
     );
+}
+
+/// A local user on the backup host flips a module directory between a real directory and a
+/// symlink to somewhere else while a sender lists and verifies the module: no name from
+/// outside may ever show (the walk used to read directories by path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_flipped_to_a_symlink_showed_outside_names_in_listings() {
+    let mut pair = Pair::new();
+    let outside = pair.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("outside-secret"), "not yours").unwrap();
+    fs::create_dir(pair.dst.join("d")).unwrap();
+    fs::write(pair.dst.join("d/inside"), "yours").unwrap();
+    let flipper = Flipper::start(pair.dst.join("d"), outside.clone());
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    let (mut rounds, mut inside_seen) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        rounds += 1;
+        // A fresh session per round: a session builds its verification tree once.
+        let session = pair.open("file", Intent::Read).await.unwrap();
+        let mut names: Vec<String> = Vec::new();
+        for under in [RelPath::root(), RelPath::from("d")] {
+            if let Ok(entries) = session.list(&under).await {
+                names.extend(entries.iter().map(|e| e.path.to_string()));
+            }
+        }
+        if let Ok((_, entries)) = session
+            .verify_dir(&RelPath::from("d"), rounds % 2 == 0)
+            .await
+        {
+            names.extend(entries.iter().map(|e| e.entry.path.to_string()));
+        }
+        inside_seen += names.iter().filter(|n| *n == "d/inside").count() as u64;
+        assert!(
+            !names.iter().any(|n| n.contains("outside-secret")),
+            "round {rounds}: a name from outside the module was listed: {names:?}"
+        );
+        session.close().await;
+    }
+    let flips = flipper.stop();
+    eprintln!(
+        "{rounds} rounds of listings against {flips} flips; d/inside seen {inside_seen} times"
+    );
+    assert!(flips > 100, "the race did not run ({flips} flips)");
+    assert!(rounds > 50, "the listings did not run ({rounds} rounds)");
+    assert!(
+        inside_seen > 0,
+        "the listings never saw the module's own file"
+    );
+}
+
+/// Flips a directory between itself and a symlink to `outside` in a tight loop until stopped.
+struct Flipper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Flipper {
+    fn start(d: std::path::PathBuf, outside: std::path::PathBuf) -> Flipper {
+        let parked = d.with_extension("parked");
+        fs::create_dir_all(&d).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if fs::rename(&d, &parked).is_ok() {
+                    let _ = std::os::unix::fs::symlink(&outside, &d);
+                    std::thread::yield_now();
+                    let _ = fs::remove_file(&d);
+                    let _ = fs::rename(&parked, &d);
+                    flips += 1;
+                }
+            }
+            flips
+        });
+        Flipper { stop, thread }
+    }
+
+    /// Stops flipping (the directory is left real); returns how many flips ran.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 /// A source file rewritten in place (truncated, then written) over and over while it is being

@@ -759,6 +759,72 @@ fn an_emptied_source_wiped_the_backup() {
     assert_eq!(count(&dst), 0);
 }
 
+/// `rm -rf` of most of a source while the daemon ran went through event by event: live
+/// deletions were never counted against the delete guard. Now they add up over the guard's
+/// window, a batch that would cross it turns into a whole-tree compare, and that compare
+/// counts the live deletions too: the target stops with the rule's share or less deleted.
+#[test]
+fn rm_rf_under_the_running_daemon_wiped_the_backup() {
+    let site = Site::new();
+    let src = site.dir("src");
+    fill_tree(&src, 20, 100, |_| b"x".to_vec());
+    let dst = site.path("dst");
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    site.write_config(&format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", &src, &["backup"], "file", "delete_guard_min = 500")
+    ));
+    let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    daemon.wait_log_n("reconciled", 1, 30);
+    let entries = |p: &std::path::Path| walk_count(p);
+    assert_eq!(entries(&dst), 2020);
+    // 14 of 20 directories: 1,414 of 2,020 entries (70%).
+    for d in 0..14 {
+        fs::remove_dir_all(src.join(format!("d{d}"))).unwrap();
+    }
+    daemon.wait_log_n("target stopped", 1, 30);
+    let log = daemon.log();
+    assert!(log.contains("--confirm-deletes file"), "{log}");
+    assert_eq!(log.matches("target stopped").count(), 1, "said once: {log}");
+    // Past every settle and retry window, twice.
+    std::thread::sleep(Duration::from_secs(3));
+    let left = entries(&dst);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        entries(&dst),
+        left,
+        "nothing deleted while waiting for the operator"
+    );
+    eprintln!(
+        "{} of 2020 entries deleted before the target stopped",
+        2020 - left
+    );
+    assert!(
+        2020 - left < 1010,
+        "the guard's share (50%) was crossed: {left} of 2020 entries left"
+    );
+    assert!(daemon.stop().success());
+    let o = site.send_once(&["--confirm-deletes", "file"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(entries(&dst), 606);
+}
+
+/// Entries below `root` (itself not counted), never following symlinks.
+fn walk_count(root: &std::path::Path) -> usize {
+    fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            if e.file_type().unwrap().is_dir() {
+                1 + walk_count(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
 /// kill -9 of the receiver, then of the sender, in the middle of big transfers: nothing torn
 /// ever appears under a final name (checked byte for byte, not with `ferry verify`), and the
 /// trees converge once both run again.

@@ -2,8 +2,12 @@
 //! [`Entry`]s, hashing file contents, and the digest cache that lets `verify` skip files whose
 //! digest is already known.
 //!
-//! Nothing here follows symlinks: every stat is an `lstat`, and directories are read through
-//! their own path only.
+//! Nothing here follows symlinks below the root it is given: directories are held open and
+//! read through their descriptors ([`open_beneath`], `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)` or a component-by-component `openat(O_NOFOLLOW)` walk), and every
+//! entry is `lstat`ed through the directory that holds it. A local user who swaps a directory
+//! for a symlink while a tree is read cannot make the walk leave it (rsync's secure relative
+//! open); the receiver resolves its writes with the same functions.
 
 use crate::merkle;
 use crate::message::{Digest, DigestEntry};
@@ -11,8 +15,10 @@ use crate::meta::{Compare, Entry, Kind, Meta};
 use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fs::Metadata;
 use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -56,6 +62,147 @@ pub fn meta_of(md: &Metadata) -> Option<Meta> {
     })
 }
 
+/// Metadata of an `lstat` result in the kernel's form; `None` for sockets.
+fn meta_of_stat(st: &libc::stat) -> Option<Meta> {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        libc::S_IFIFO => Kind::Fifo,
+        libc::S_IFCHR => Kind::CharDevice,
+        libc::S_IFBLK => Kind::BlockDevice,
+        _ => return None,
+    };
+    Some(Meta {
+        kind,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: if kind == Kind::File {
+            st.st_size as u64
+        } else {
+            0
+        },
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec as u32,
+        rdev: if kind.is_special() { st.st_rdev } else { 0 },
+    })
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` as the name stats `dir` itself.
+fn lstat_at(dir: &OwnedFd, name: Option<&[u8]>) -> io::Result<libc::stat> {
+    let c = CString::new(name.unwrap_or(b"")).map_err(io::Error::other)?;
+    let flags = libc::AT_SYMLINK_NOFOLLOW
+        | if name.is_none() {
+            libc::AT_EMPTY_PATH
+        } else {
+            0
+        };
+    // SAFETY: `stat` is plain data that fstatat fills in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor, NUL-terminated name, and a `stat` to write to.
+    if unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// The target of the symlink `name` in `dir`.
+fn readlink_at(dir: &OwnedFd, name: &[u8]) -> io::Result<Vec<u8>> {
+    let c = CString::new(name).map_err(io::Error::other)?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: `buf` is writable for its length; the name is NUL-terminated.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (n as usize) < buf.len() {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// The names in the held directory `dir` (without `.` and `..`), in the order the
+/// filesystem returns them.
+fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    // SAFETY: "." relative to a valid descriptor; a new descriptor is returned.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours; on success the stream owns it, on failure we close it.
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        let e = io::Error::last_os_error();
+        // SAFETY: `fd` is still ours.
+        unsafe { libc::close(fd) };
+        return Err(e);
+    }
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; readdir reports errors only through it.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `stream` is a valid, open directory stream.
+        let ent = unsafe { libc::readdir64(stream) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error().unwrap_or(0) == 0 {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: `d_name` is a NUL-terminated name inside the entry readdir returned.
+        let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    };
+    // SAFETY: closes the stream and its descriptor once.
+    unsafe { libc::closedir(stream) };
+    result.map(|()| names)
+}
+
+/// The entry `name` of the held directory `dir` (`None`: `dir` itself) as `rel`; `Ok(None)`
+/// for a socket.
+fn entry_at(dir: &OwnedFd, name: Option<&[u8]>, rel: RelPath) -> io::Result<Option<Entry>> {
+    let st = lstat_at(dir, name)?;
+    let Some(meta) = meta_of_stat(&st) else {
+        return Ok(None);
+    };
+    let link = match (meta.kind, name) {
+        (Kind::Symlink, Some(n)) => Some(readlink_at(dir, n)?),
+        (Kind::Symlink, None) => Some(
+            std::fs::read_link(fd_path(dir))?
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        ),
+        _ => None,
+    };
+    Ok(Some(Entry {
+        path: rel,
+        meta,
+        link,
+    }))
+}
+
 /// The local path of `rel` under `root`.
 pub fn local_path(root: &Path, rel: &RelPath) -> PathBuf {
     if rel.is_root() {
@@ -65,79 +212,155 @@ pub fn local_path(root: &Path, rel: &RelPath) -> PathBuf {
     }
 }
 
-/// `lstat`s one entry; `Ok(None)` if it does not exist or is a socket.
+/// Opens a tree's root directory (followed if it is a symlink: the operator configured it),
+/// to resolve paths beneath it with [`open_beneath`].
+pub fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    open_dir(libc::AT_FDCWD, root.as_os_str().as_bytes(), false)
+}
+
+/// Opens the directory `components` (joined) beneath `root` without following any symlink
+/// and without leaving `root`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` on Linux
+/// 5.6+, else one `openat(O_NOFOLLOW | O_DIRECTORY)` per component. A symlink or a
+/// non-directory on the way fails with `ELOOP`, `ENOTDIR` or `EXDEV`.
+pub fn open_beneath(root: &OwnedFd, components: &[&[u8]]) -> io::Result<OwnedFd> {
+    if components.is_empty() {
+        return root.try_clone();
+    }
+    let joined = components.join(&b'/');
+    match openat2_beneath(root, &joined) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => walk_beneath(root, components),
+        r => r,
+    }
+}
+
+/// A held descriptor as a path (`/proc/self/fd/N`): calls through it reach exactly the
+/// directory that was opened, whatever is renamed or swapped meanwhile.
+pub fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// True for the errors of [`open_beneath`] that mean "a symlink or a non-directory is in the
+/// way" rather than a failure of the disk.
+pub fn is_not_beneath(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
+    )
+}
+
+fn openat2_beneath(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(io::Error::other)?;
+    // SAFETY: `open_how` is plain data; all-zero is a valid starting value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: valid fd, NUL-terminated path, and a correctly sized `open_how`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The fallback of [`open_beneath`]: one `openat(O_NOFOLLOW | O_DIRECTORY)` per component.
+pub fn walk_beneath(root: &OwnedFd, components: &[&[u8]]) -> io::Result<OwnedFd> {
+    let mut dir = root.try_clone()?;
+    for part in components {
+        dir = open_child(&dir, part)?;
+    }
+    Ok(dir)
+}
+
+/// Opens the child directory `name` of `dir`, never following a symlink there.
+pub fn open_child(dir: &OwnedFd, name: &[u8]) -> io::Result<OwnedFd> {
+    open_dir(dir.as_raw_fd(), name, true)
+}
+
+fn open_dir(at: RawFd, path: &[u8], nofollow: bool) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(io::Error::other)?;
+    let mut flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    if nofollow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    // SAFETY: `at` is a valid descriptor (or AT_FDCWD) and `c` is NUL-terminated.
+    let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The directory holding `rel` (opened beneath `root`) and `rel`'s name in it; `None` as
+/// the name for the root itself.
+fn parent_of<'a>(root: &OwnedFd, rel: &'a RelPath) -> io::Result<(OwnedFd, Option<&'a [u8]>)> {
+    let parts: Vec<&[u8]> = rel.components().collect();
+    match parts.split_last() {
+        None => Ok((root.try_clone()?, None)),
+        Some((name, ancestors)) => Ok((open_beneath(root, ancestors)?, Some(name))),
+    }
+}
+
+/// `lstat`s one entry; `Ok(None)` if it does not exist (also when a symlink or a file stands
+/// where one of its ancestors should be: the path as such is gone) or is a socket.
 pub fn read_entry(root: &Path, rel: &RelPath) -> io::Result<Option<Entry>> {
-    let path = local_path(root, rel);
-    let md = match std::fs::symlink_metadata(&path) {
-        Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+    read_entry_at(&open_root(root)?, rel)
+}
+
+/// [`read_entry`] beneath a root held open.
+pub fn read_entry_at(root: &OwnedFd, rel: &RelPath) -> io::Result<Option<Entry>> {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || is_not_beneath(e);
+    let (dir, name) = match parent_of(root, rel) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
-    entry_from(&path, rel.clone(), &md)
+    match entry_at(&dir, name, rel.clone()) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        r => r,
+    }
 }
 
-fn entry_from(path: &Path, rel: RelPath, md: &Metadata) -> io::Result<Option<Entry>> {
-    let Some(meta) = meta_of(md) else {
-        return Ok(None);
-    };
-    let link = if meta.kind == Kind::Symlink {
-        Some(std::fs::read_link(path)?.as_os_str().as_bytes().to_vec())
-    } else {
-        None
-    };
-    Ok(Some(Entry {
-        path: rel,
-        meta,
-        link,
-    }))
-}
-
-/// The children of directory `rel`, sorted by name, filtered. Unreadable children are reported
-/// in `errors` and left out.
-pub fn read_dir_sorted(
-    root: &Path,
+/// The children of the held directory `dir` (which is `rel`), sorted by name, filtered.
+/// Unreadable children are reported in `errors` and left out.
+fn read_children(
+    dir: &OwnedFd,
     rel: &RelPath,
     filter: Filter<'_>,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> Vec<Entry> {
-    let dir = local_path(root, rel);
-    let iter = match std::fs::read_dir(&dir) {
-        Ok(it) => it,
+    let mut names = match read_names(dir) {
+        Ok(n) => n,
         Err(e) => {
             errors.push((rel.clone(), e));
             return Vec::new();
         }
     };
-    let mut out = Vec::new();
-    for item in iter {
-        let item = match item {
-            Ok(i) => i,
-            Err(e) => {
-                errors.push((rel.clone(), e));
-                continue;
+    names.sort_unstable();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let child = rel.join(&name);
+        match entry_at(dir, Some(&name), child.clone()) {
+            Ok(Some(e)) => {
+                if filter(&child, e.meta.kind == Kind::Dir) {
+                    out.push(e);
+                }
             }
-        };
-        let child = rel.join(item.file_name().as_bytes());
-        // DirEntry::metadata does not traverse symlinks.
-        let md = match item.metadata() {
-            Ok(md) => md,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                errors.push((child, e));
-                continue;
-            }
-        };
-        if !filter(&child, md.is_dir()) {
-            continue;
-        }
-        match entry_from(&item.path(), child.clone(), &md) {
-            Ok(Some(e)) => out.push(e),
             Ok(None) => {}
+            // Gone since the directory was read.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => errors.push((child, e)),
         }
     }
-    out.sort_by(|a, b| a.path.file_name().cmp(b.path.file_name()));
     out
 }
 
@@ -159,39 +382,87 @@ pub fn scan_from(
     filter: Filter<'_>,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> io::Result<Vec<Entry>> {
-    let Some(top) = read_entry(root, start)? else {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{}: not found", local_path(root, start).display()),
-        ));
+    scan_at(&open_root(root)?, start, filter, errors).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: not found", local_path(root, start).display()),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// [`scan_from`] beneath a root held open. A symlink or a file where `start` or one of its
+/// ancestors should be makes it `NotADirectory`.
+pub fn scan_at(
+    root: &OwnedFd,
+    start: &RelPath,
+    filter: Filter<'_>,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
+    let not_dir = |e: io::Error| {
+        if is_not_beneath(&e) {
+            io::Error::new(io::ErrorKind::NotADirectory, e)
+        } else {
+            e
+        }
     };
+    let Some(top) = read_entry_at(root, start)? else {
+        return Err(io::ErrorKind::NotFound.into());
+    };
+    let is_dir = top.meta.kind == Kind::Dir;
     let mut out = vec![top];
-    if out[0].meta.kind == Kind::Dir {
-        walk(root, start, filter, errors, &mut out);
+    if is_dir {
+        let parts: Vec<&[u8]> = start.components().collect();
+        let dir = open_beneath(root, &parts).map_err(not_dir)?;
+        walk(&dir, start, filter, errors, &mut out);
     }
     Ok(out)
 }
 
+/// Appends the subtree of the held directory `dir` (which is `rel`) in tree order. Each
+/// directory below is opened through its parent's descriptor without following symlinks, so
+/// the walk holds one descriptor per level.
 fn walk(
-    root: &Path,
+    dir: &OwnedFd,
     rel: &RelPath,
     filter: Filter<'_>,
     errors: &mut Vec<(RelPath, io::Error)>,
     out: &mut Vec<Entry>,
 ) {
-    for child in read_dir_sorted(root, rel, filter, errors) {
+    for child in read_children(dir, rel, filter, errors) {
         let is_dir = child.meta.kind == Kind::Dir;
         let path = child.path.clone();
         out.push(child);
         if is_dir {
-            walk(root, &path, filter, errors, out);
+            match open_child(dir, path.file_name()) {
+                Ok(sub) => walk(&sub, &path, filter, errors, out),
+                // Gone since it was listed: its entry stays, its contents are unknown.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => errors.push((path, e)),
+            }
         }
     }
 }
 
-/// blake3 of a file's contents.
-pub fn file_digest(path: &Path) -> io::Result<Digest> {
-    let mut f = std::fs::File::open(path)?;
+/// Opens the regular file `name` of the held directory `dir` for reading; a symlink there is
+/// refused (`O_NOFOLLOW`), and a fifo does not block the open.
+fn open_file_at(dir: &OwnedFd, name: &[u8]) -> io::Result<std::fs::File> {
+    let c = CString::new(name).map_err(io::Error::other)?;
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    // SAFETY: valid descriptor and NUL-terminated name.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// blake3 of everything `f` reads.
+fn digest_of(f: &mut std::fs::File) -> io::Result<Digest> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0; 256 * 1024];
     loop {
@@ -216,16 +487,26 @@ struct CacheKey {
 }
 
 impl CacheKey {
-    fn of(md: &Metadata) -> Self {
+    fn of(st: &libc::stat) -> Self {
         CacheKey {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.len(),
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec(),
-            ctime: md.ctime(),
-            ctime_nsec: md.ctime_nsec(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mtime: st.st_mtime,
+            mtime_nsec: st.st_mtime_nsec,
+            ctime: st.st_ctime,
+            ctime_nsec: st.st_ctime_nsec,
         }
+    }
+
+    fn recent(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        let limit = now - DigestCache::SETTLE_SECS as i128 * 1_000_000_000;
+        ns(self.ctime, self.ctime_nsec) >= limit || ns(self.mtime, self.mtime_nsec) >= limit
     }
 }
 
@@ -303,16 +584,16 @@ impl DigestCache {
         Ok(())
     }
 
-    /// The digest of the regular file `rel` under `root`, from the cache when `md` still
-    /// matches, else by reading it. `checksum` forces a read.
+    /// The digest of the regular file `rel`, which is `name` in the held directory `dir`,
+    /// from the cache when the file is unchanged, else by reading it. `checksum` forces a read.
     pub fn digest(
         &mut self,
-        root: &Path,
+        dir: &OwnedFd,
+        name: &[u8],
         rel: &RelPath,
-        md: &Metadata,
         checksum: bool,
     ) -> io::Result<Digest> {
-        let key = CacheKey::of(md);
+        let key = CacheKey::of(&lstat_at(dir, Some(name))?);
         if !checksum {
             if let Some((k, d)) = self.map.get(rel) {
                 if *k == key {
@@ -321,12 +602,10 @@ impl DigestCache {
                 }
             }
         }
-        let path = local_path(root, rel);
-        let digest = file_digest(&path)?;
+        let digest = digest_of(&mut open_file_at(dir, name)?)?;
         self.hashed += 1;
         // Re-stat: if the file changed while we read it, do not remember the result.
-        let after = std::fs::symlink_metadata(&path)?;
-        if CacheKey::of(&after) == key && !recent(md) {
+        if CacheKey::of(&lstat_at(dir, Some(name))?) == key && !key.recent() {
             self.map.insert(rel.clone(), (key, digest));
             self.dirty = true;
         }
@@ -339,16 +618,6 @@ impl DigestCache {
         self.map.retain(|p, _| keep(p));
         self.dirty |= self.map.len() != before;
     }
-}
-
-fn recent(md: &Metadata) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
-    let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
-    let limit = now - DigestCache::SETTLE_SECS as i128 * 1_000_000_000;
-    ns(md.ctime(), md.ctime_nsec()) >= limit || ns(md.mtime(), md.mtime_nsec()) >= limit
 }
 
 /// One directory of a [`DigestTree`].
@@ -377,7 +646,8 @@ impl DigestTree {
         checksum: bool,
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> io::Result<DigestTree> {
-        let Some(top) = read_entry(root, &RelPath::root())? else {
+        let root_fd = open_root(root)?;
+        let Some(top) = read_entry_at(&root_fd, &RelPath::root())? else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{}: not found", root.display()),
@@ -387,7 +657,15 @@ impl DigestTree {
             dirs: HashMap::new(),
         };
         let mut live = Vec::new();
-        tree.visit(root, top, filter, cache, cmp, checksum, errors, &mut live);
+        let mut at = Visit {
+            filter,
+            cache,
+            cmp,
+            checksum,
+            errors,
+            live: &mut live,
+        };
+        tree.visit(&root_fd, None, top, &mut at);
         let live: std::collections::HashSet<RelPath> = live.into_iter().collect();
         cache.retain(|p| live.contains(p));
         Ok(tree)
@@ -398,42 +676,54 @@ impl DigestTree {
         &self.dirs[&RelPath::root()]
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Digests `entry`, which is `name` in the held directory `parent` (`None`: `parent`
+    /// itself, the root).
     fn visit(
         &mut self,
-        root: &Path,
+        parent: &OwnedFd,
+        name: Option<&[u8]>,
         entry: Entry,
-        filter: Filter<'_>,
-        cache: &mut DigestCache,
-        cmp: Compare,
-        checksum: bool,
-        errors: &mut Vec<(RelPath, io::Error)>,
-        live: &mut Vec<RelPath>,
+        at: &mut Visit<'_>,
     ) -> DigestEntry {
         let digest = match entry.meta.kind {
             Kind::File => {
-                live.push(entry.path.clone());
-                let path = local_path(root, &entry.path);
-                match std::fs::symlink_metadata(&path)
-                    .and_then(|md| cache.digest(root, &entry.path, &md, checksum))
-                {
+                at.live.push(entry.path.clone());
+                let name = name.unwrap_or(b".");
+                match at.cache.digest(parent, name, &entry.path, at.checksum) {
                     Ok(d) => d,
                     Err(e) => {
-                        errors.push((entry.path.clone(), e));
+                        at.errors.push((entry.path.clone(), e));
                         [0; 32]
                     }
                 }
             }
             Kind::Symlink => merkle::link_digest(entry.link.as_deref().unwrap_or_default()),
             Kind::Dir => {
-                let children = read_dir_sorted(root, &entry.path, filter, errors);
+                let opened = match name {
+                    Some(n) => open_child(parent, n),
+                    None => parent.try_clone(),
+                };
+                let (dir, children) = match opened {
+                    Ok(dir) => {
+                        let children = read_children(&dir, &entry.path, at.filter, at.errors);
+                        (Some(dir), children)
+                    }
+                    Err(e) => {
+                        at.errors.push((entry.path.clone(), e));
+                        (None, Vec::new())
+                    }
+                };
                 let entries: Vec<DigestEntry> = children
                     .into_iter()
-                    .map(|c| self.visit(root, c, filter, cache, cmp, checksum, errors, live))
+                    .map(|c| {
+                        let dir = dir.as_ref().expect("children come from an open directory");
+                        let child_name = c.path.file_name().to_vec();
+                        self.visit(dir, Some(&child_name), c, at)
+                    })
                     .collect();
                 let child_digests: Vec<Digest> = entries
                     .iter()
-                    .map(|e| merkle::entry_digest(&e.entry, &e.digest, cmp))
+                    .map(|e| merkle::entry_digest(&e.entry, &e.digest, at.cmp))
                     .collect();
                 let digest = merkle::dir_content_digest(child_digests.iter());
                 let dir = DigestEntry {
@@ -448,6 +738,16 @@ impl DigestTree {
         };
         DigestEntry { entry, digest }
     }
+}
+
+/// What a [`DigestTree`] walk carries along.
+struct Visit<'a> {
+    filter: Filter<'a>,
+    cache: &'a mut DigestCache,
+    cmp: Compare,
+    checksum: bool,
+    errors: &'a mut Vec<(RelPath, io::Error)>,
+    live: &'a mut Vec<RelPath>,
 }
 
 #[cfg(test)]
@@ -483,9 +783,9 @@ mod tests {
         filetime_set(&f, old);
         let mut cache = DigestCache::in_memory();
         let rel = RelPath::from("f");
-        let md = std::fs::symlink_metadata(&f).unwrap();
-        let d1 = cache.digest(root, &rel, &md, false).unwrap();
-        let d2 = cache.digest(root, &rel, &md, false).unwrap();
+        let held = open_root(root).unwrap();
+        let d1 = cache.digest(&held, b"f", &rel, false).unwrap();
+        let d2 = cache.digest(&held, b"f", &rel, false).unwrap();
         assert_eq!(d1, d2);
         // ctime is recent (we just set mtime), so the entry must not have been cached.
         assert_eq!(cache.hashed, 2);

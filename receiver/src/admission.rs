@@ -1,6 +1,8 @@
-//! What an unauthenticated peer can cost, bounded: a connection is admitted to the handshake
-//! only while fewer than [`MAX_HANDSHAKES`] handshakes are in progress and fewer than
-//! [`MAX_HANDSHAKES_PER_ADDRESS`] from its address; each has [`HANDSHAKE_TIMEOUT`] to prove
+//! What an unauthenticated peer can cost, bounded: a connection is accepted only while fewer
+//! than [`MAX_HANDSHAKES`] handshakes are in progress (past that, new connections wait in the
+//! kernel's listen backlog, where they cost the receiver nothing, until a handshake ends), and
+//! is closed at once when [`MAX_HANDSHAKES_PER_ADDRESS`] handshakes from its address are in
+//! progress already, so no one address can fill the slots; each has [`HANDSHAKE_TIMEOUT`] to prove
 //! its certificate and say `Hello`, and its frames may not exceed [`PRE_AUTH_FRAME`] bytes
 //! until it is authorised. Only then does it take one of [`MAX_SESSIONS`] session slots; when
 //! none is free it is refused with a reason, never left hanging.
@@ -68,11 +70,27 @@ impl Admission {
         }
     }
 
-    /// A handshake slot for a connection from `address`, or `None`: close it at once.
-    pub fn handshake(&self, address: IpAddr) -> Option<Handshake> {
+    /// Waits for one of the [`MAX_HANDSHAKES`] slots; the accept loop takes one before it
+    /// accepts.
+    pub async fn slot(&self) -> OwnedSemaphorePermit {
+        self.handshakes
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// A slot if one is free now.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.handshakes.clone().try_acquire_owned().ok()
+    }
+
+    /// Admits a connection from `address` to its handshake with `slot`, or `None`: too many
+    /// handshakes from that address; close it at once.
+    pub fn handshake(&self, slot: OwnedSemaphorePermit, address: IpAddr) -> Option<Handshake> {
         let address = canonical(address);
         let admitted = (|| {
-            let permit = self.handshakes.clone().try_acquire_owned().ok()?;
+            let permit = slot;
             let mut map = self.per_address.lock().expect("admission lock");
             let n = map.entry(address).or_insert(0);
             if *n >= MAX_HANDSHAKES_PER_ADDRESS {
@@ -140,24 +158,31 @@ mod tests {
     fn one_address_cannot_take_every_handshake_slot() {
         let a = Admission::new(40, 10);
         let attacker: IpAddr = "127.0.0.2".parse().unwrap();
-        let held: Vec<_> = (0..100).filter_map(|_| a.handshake(attacker)).collect();
+        let held: Vec<_> = (0..100)
+            .filter_map(|_| a.handshake(a.try_slot()?, attacker))
+            .collect();
         assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDRESS);
-        assert!(a.handshake("127.0.0.1".parse().unwrap()).is_some());
+        let legit = a.try_slot().expect("slots are left for others");
+        assert!(a.handshake(legit, "127.0.0.1".parse().unwrap()).is_some());
         assert_eq!(
             a.turned_away_count(),
             100 - MAX_HANDSHAKES_PER_ADDRESS as u64
         );
         drop(held);
-        assert!(a.handshake(attacker).is_some(), "slots come back");
+        assert!(
+            a.handshake(a.try_slot().unwrap(), attacker).is_some(),
+            "slots come back"
+        );
     }
 
     #[test]
     fn the_global_handshake_cap_holds_across_addresses() {
         let a = Admission::new(3, 10);
         let held: Vec<_> = (1..=5)
-            .filter_map(|i| a.handshake(format!("10.0.0.{i}").parse().unwrap()))
+            .filter_map(|i| a.handshake(a.try_slot()?, format!("10.0.0.{i}").parse().unwrap()))
             .collect();
         assert_eq!(held.len(), 3);
+        assert!(a.try_slot().is_none(), "the accept loop waits for a slot");
     }
 
     #[test]

@@ -74,6 +74,15 @@ impl Apply {
         &self.state.module.path
     }
 
+    /// The module root for whole-tree reads (listings, verification): the root held open
+    /// for this session when there is one, so a walk starts exactly where writes resolve.
+    pub fn tree_root(&self) -> PathBuf {
+        match &self.root_fd {
+            Some(fd) => ferry_protocol::local::fd_path(fd),
+            None => self.root().to_path_buf(),
+        }
+    }
+
     /// The module's name, for logs.
     pub fn module(&self) -> &str {
         &self.state.module.name

@@ -2,11 +2,12 @@
 //! [`confine`] before any filesystem call.
 
 use crate::TEMP_PREFIX;
+use ferry_protocol::local;
 use ferry_protocol::path::PathError;
 use ferry_protocol::RelPath;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -114,7 +115,7 @@ pub fn confine(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
 /// Opens a module root (followed if it is a symlink: the administrator configured it) to
 /// resolve peer paths beneath it with [`confine_in`].
 pub fn open_root(root: &Path) -> io::Result<OwnedFd> {
-    open_dir(libc::AT_FDCWD, root.as_os_str().as_bytes(), false)
+    local::open_root(root)
 }
 
 /// [`confine`] beneath a root opened once with [`open_root`] (`root` names it in messages).
@@ -143,7 +144,7 @@ pub fn confine_in(root: &Path, root_fd: &OwnedFd, rel: &RelPath) -> Result<Confi
     let dir = if ancestors.is_empty() {
         root_fd.try_clone().map_err(io_err)?
     } else {
-        beneath(root_fd, ancestors).map_err(|e| explain(root, rel, ancestors, e))?
+        local::open_beneath(root_fd, ancestors).map_err(|e| explain(root, rel, ancestors, e))?
     };
     Ok(Confined {
         dir,
@@ -151,69 +152,9 @@ pub fn confine_in(root: &Path, root_fd: &OwnedFd, rel: &RelPath) -> Result<Confi
     })
 }
 
-/// Opens the directory `ancestors` (joined) beneath `root` without following symlinks.
-fn beneath(root: &OwnedFd, ancestors: &[&[u8]]) -> io::Result<OwnedFd> {
-    let joined = ancestors.join(&b'/');
-    match openat2_beneath(root, &joined) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => walk(root, ancestors),
-        r => r,
-    }
-}
-
-fn openat2_beneath(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
-    let c = CString::new(path).map_err(io::Error::other)?;
-    // SAFETY: `open_how` is plain data; all-zero is a valid starting value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: valid fd, NUL-terminated path, and a correctly sized `open_how`.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// The fallback: one `openat(O_NOFOLLOW | O_DIRECTORY)` per component.
-pub(crate) fn walk(root: &OwnedFd, ancestors: &[&[u8]]) -> io::Result<OwnedFd> {
-    let mut dir = open_dir(root.as_raw_fd(), b".", true)?;
-    for part in ancestors {
-        dir = open_dir(dir.as_raw_fd(), part, true)?;
-    }
-    Ok(dir)
-}
-
-fn open_dir(at: RawFd, path: &[u8], nofollow: bool) -> io::Result<OwnedFd> {
-    let c = CString::new(path).map_err(io::Error::other)?;
-    let mut flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    if nofollow {
-        flags |= libc::O_NOFOLLOW;
-    }
-    // SAFETY: `at` is a valid descriptor (or AT_FDCWD) and `c` is NUL-terminated.
-    let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: openat returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Turns a failed resolution into the refusal that says which ancestor was the problem.
 fn explain(root: &Path, rel: &RelPath, ancestors: &[&[u8]], e: io::Error) -> ConfineError {
-    let refusal = matches!(
-        e.raw_os_error(),
-        Some(libc::ELOOP | libc::ENOTDIR | libc::EXDEV)
-    );
-    if refusal {
+    if local::is_not_beneath(&e) {
         // Name the culprit for the message (looked up after the fact, for the message only).
         let mut ancestor = RelPath::root();
         for part in ancestors {
@@ -428,20 +369,15 @@ mod tests {
     #[test]
     fn the_fallback_walk_refuses_symlinks_too() {
         let dir = setup();
-        let root = open_dir(
-            libc::AT_FDCWD,
-            dir.path().join("module").as_os_str().as_bytes(),
-            false,
-        )
-        .unwrap();
-        assert!(walk(&root, &[b"sub"]).is_ok());
+        let root = open_root(&dir.path().join("module")).unwrap();
+        assert!(local::walk_beneath(&root, &[b"sub"]).is_ok());
         // O_PATH | O_NOFOLLOW opens the link itself, which O_DIRECTORY then refuses.
-        let e = walk(&root, &[b"evil"]).unwrap_err();
+        let e = local::walk_beneath(&root, &[b"evil"]).unwrap_err();
         assert!(
             matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
             "{e}"
         );
-        let e = walk(&root, &[b"file"]).unwrap_err();
+        let e = local::walk_beneath(&root, &[b"file"]).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTDIR));
     }
 

@@ -4,11 +4,12 @@
 use crate::config::{Module, Owner};
 use crate::incoming::Partials;
 use crate::{LEGACY_STAGING_DIR, TEMP_PREFIX};
-use ferry_protocol::local::DigestCache;
+use ferry_protocol::local::{self, DigestCache};
 use ferry_protocol::message::Keeps;
 use ferry_protocol::{io_reason, RelPath};
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
@@ -155,7 +156,7 @@ pub fn clean_staging(root: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let removed = sweep_dir(root)?;
+    let removed = sweep_dir(&local::open_root(root)?)?;
     if removed > 0 {
         tracing::info!(path = %root.display(), removed, "removed entries left in flight by an earlier run");
     }
@@ -190,14 +191,15 @@ fn is_leftover(name: &[u8]) -> bool {
     name.starts_with(TEMP_PREFIX.as_bytes()) && !name.starts_with(own_prefix().as_bytes())
 }
 
-/// Removes leftovers directly in `dir`.
-fn sweep_dir(dir: &Path) -> io::Result<usize> {
+/// Removes leftovers directly in the held directory `dir`.
+fn sweep_dir(dir: &OwnedFd) -> io::Result<usize> {
     let mut removed = 0;
-    for item in fs::read_dir(dir)? {
+    for item in fs::read_dir(local::fd_path(dir))? {
         let item = item?;
         if !is_leftover(item.file_name().as_bytes()) {
             continue;
         }
+        // The path goes through the held directory; neither call follows a symlink there.
         let p = item.path();
         let r = if item.file_type()?.is_dir() {
             fs::remove_dir_all(&p)
@@ -213,23 +215,28 @@ fn sweep_dir(dir: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// [`sweep_dir`] over every directory below `root`, never following symlinks; errors are
-/// skipped (a directory that cannot be read has nothing of ours in it).
+/// [`sweep_dir`] over every directory below `root`, each opened through its parent's
+/// descriptor without following symlinks; errors are skipped (a directory that cannot be read
+/// has nothing of ours in it).
 fn sweep_tree(root: &Path) -> usize {
+    let Ok(root) = local::open_root(root) else {
+        return 0;
+    };
     let mut removed = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(items) = fs::read_dir(&dir) else {
+    let mut stack = vec![(root, true)];
+    while let Some((dir, is_root)) = stack.pop() {
+        let Ok(items) = fs::read_dir(local::fd_path(&dir)) else {
             continue;
         };
         for item in items.flatten() {
-            if item.file_type().is_ok_and(|t| t.is_dir())
-                && !is_leftover(item.file_name().as_bytes())
-            {
-                stack.push(item.path());
+            let name = item.file_name();
+            if item.file_type().is_ok_and(|t| t.is_dir()) && !is_leftover(name.as_bytes()) {
+                if let Ok(sub) = local::open_child(&dir, name.as_bytes()) {
+                    stack.push((sub, false));
+                }
             }
         }
-        if dir != root {
+        if !is_root {
             removed += sweep_dir(&dir).unwrap_or(0);
         }
     }

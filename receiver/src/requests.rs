@@ -262,16 +262,17 @@ impl Requests {
             return self.fail(id, format!("{under}: {e}"));
         }
         let mut errors = Vec::new();
-        let entries = match local::scan_from(self.fs.root(), under, &module_filter, &mut errors) {
-            Ok(e) => e,
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.kind() == io::ErrorKind::NotADirectory =>
-            {
-                Vec::new()
-            }
-            Err(e) => return self.fail(id, format!("listing {under:?}: {e}")),
-        };
+        let entries =
+            match local::scan_from(&self.fs.tree_root(), under, &module_filter, &mut errors) {
+                Ok(e) => e,
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.kind() == io::ErrorKind::NotADirectory =>
+                {
+                    Vec::new()
+                }
+                Err(e) => return self.fail(id, format!("listing {under:?}: {e}")),
+            };
         for (p, e) in &errors {
             tracing::warn!(module = self.fs.module(), path = %p, "cannot list: {e}");
         }
@@ -309,7 +310,7 @@ impl Requests {
             let built = {
                 let mut cache = self.fs.state.cache.lock().expect("cache lock");
                 DigestTree::build(
-                    self.fs.root(),
+                    &self.fs.tree_root(),
                     &module_filter,
                     &mut cache,
                     cmp,

@@ -107,6 +107,11 @@ impl Server {
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(10);
         loop {
+            // Past the handshake cap, connections wait in the listen backlog.
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                s = self.admission.slot() => s,
+            };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 a = listener.accept() => a,
@@ -114,8 +119,8 @@ impl Server {
             match accepted {
                 Ok((tcp, peer)) => {
                     backoff = Duration::from_millis(10);
-                    // Over the handshake caps: closed at once, costing nothing more.
-                    let Some(handshake) = self.admission.handshake(peer.ip()) else {
+                    // Over its address's cap: closed at once, costing nothing more.
+                    let Some(handshake) = self.admission.handshake(slot, peer.ip()) else {
                         drop(tcp);
                         continue;
                     };

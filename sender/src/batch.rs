@@ -7,10 +7,16 @@
 //! compared as a subtree, because its watches are re-placed after the move and something may
 //! have been written in between (an equal subtree sends nothing). Without `delete` the old
 //! name must stay, so a rename is sent as a copy.
+//!
+//! Deletions count against the group's delete guard ([`crate::guard`]): before a batch deletes
+//! anything, what it would remove on the receiver is counted (subtree compares know it from
+//! their listing; a gone path is listed on the receiver), and a batch that trips the guard's
+//! tally is replaced by a whole-tree compare, which applies the guard with exact figures.
 
 use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
 use crate::execute::{execute, rename_all, Observe, Report};
+use crate::guard::DeleteTally;
 use crate::plan::{order_dir_meta, plan_batch, Dirty};
 use crate::queue::Batch;
 use crate::reconcile::{plan_options, plan_under, reconcile_under};
@@ -21,11 +27,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Sends `batch` to the module behind `session`; per-path failures land in `report`.
+/// How many receiver listings a batch's deletion count has in flight at once.
+const COUNT_CONCURRENCY: usize = 32;
+
+/// Sends `batch` to the module behind `session`; per-path failures land in `report`. `tally`
+/// is the target's record of recent deletions (see [`crate::guard`]).
 pub async fn send_batch(
     session: &Arc<Session>,
     group: &SyncGroup,
     batch: &Batch,
+    tally: &mut DeleteTally,
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
@@ -63,9 +74,7 @@ pub async fn send_batch(
         }
     }
     if batch.full {
-        let r = reconcile_under(session, group, &RelPath::root(), observe).await?;
-        report.absorb(r);
-        return Ok(());
+        return compare_whole(session, group, tally, report, observe).await;
     }
 
     let mut paths: Vec<(RelPath, Need)> = batch
@@ -106,9 +115,30 @@ pub async fn send_batch(
         report.failures.push((path, e));
     }
     let mut plan = planned.plan;
+    let gone = plan.deletes.clone();
     parents.extend(planned.parents);
     for tree in planned.trees {
-        plan.extend(plan_under(session, group, &tree, report).await?);
+        plan.extend(plan_under(session, group, &tree, 0, report).await?);
+    }
+    if !plan.deletes.is_empty() && group.guard.percent > 0 && !group.guard.confirmed {
+        let deleting = plan.removes + entries_on_receiver(session, &gone).await?;
+        let source_empty = source_is_empty(group).await;
+        let now = Instant::now();
+        if group
+            .guard
+            .live_tripwire(tally, deleting, source_empty, now)
+        {
+            tracing::warn!(
+                sync = %group.name,
+                target = %session.address(),
+                deleting,
+                source_empty,
+                "a batch would delete more than the delete guard lets through live; \
+                 comparing the whole tree instead"
+            );
+            return compare_whole(session, group, tally, report, observe).await;
+        }
+        tally.record(deleting, now);
     }
     // Parents whose entries changed get their times back, after their contents.
     let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
@@ -126,4 +156,65 @@ pub async fn send_batch(
     plan.dir_meta.extend(parents);
     order_dir_meta(&mut plan.dir_meta);
     execute(session, &group.source, plan, report, observe).await
+}
+
+/// A whole-tree compare under the delete guard; the tally starts again from the module's size.
+async fn compare_whole(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    tally: &mut DeleteTally,
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<(), SessionError> {
+    let recent = tally.recent(Instant::now());
+    let r = reconcile_under(session, group, &RelPath::root(), recent, observe).await?;
+    if let Some(n) = r.module_entries {
+        tally.compared(n);
+    }
+    report.absorb(r);
+    Ok(())
+}
+
+/// How many entries deleting `paths` removes on the receiver (each with its subtree), from
+/// the receiver's own listings. A path it refuses to list counts as one entry.
+async fn entries_on_receiver(
+    session: &Arc<Session>,
+    paths: &[RelPath],
+) -> Result<u64, SessionError> {
+    let mut total = 0;
+    for chunk in paths.chunks(COUNT_CONCURRENCY) {
+        let mut lists = tokio::task::JoinSet::new();
+        for path in chunk {
+            let (session, path) = (session.clone(), path.clone());
+            lists.spawn(async move { session.list(&path).await.map(|v| v.len() as u64) });
+        }
+        while let Some(listed) = lists.join_next().await {
+            total += match listed.expect("list task") {
+                Ok(n) => n,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(_) => 1,
+            };
+        }
+    }
+    Ok(total)
+}
+
+/// True if the group's source root holds no entry that takes part (what is left is excluded,
+/// or nothing is): the live form of the guard's empty-source rule.
+async fn source_is_empty(group: &SyncGroup) -> bool {
+    let (root, filter) = (group.source.clone(), group.filter.clone());
+    tokio::task::spawn_blocking(move || {
+        let Ok(items) = std::fs::read_dir(&root) else {
+            return false;
+        };
+        !items.flatten().any(|item| {
+            let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
+            filter.accepts(
+                &RelPath::from_bytes(item.file_name().as_encoded_bytes().to_vec()),
+                is_dir,
+            )
+        })
+    })
+    .await
+    .expect("read_dir task")
 }

@@ -2,6 +2,7 @@
 
 use crate::coalesce::Timing;
 use crate::filter::{Filter, FilterError};
+pub use crate::guard::DeleteGuard;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -194,85 +195,6 @@ pub struct SyncGroup {
     pub timing: Timing,
     /// When a whole-tree compare may not delete without an operator's confirmation.
     pub guard: DeleteGuard,
-}
-
-/// The mass-delete guard of a group: a whole-tree compare that would delete more than
-/// `percent` % of the module's entries, and at least `min` of them, or that finds the source
-/// empty while the module holds [`EMPTY_SOURCE_FLOOR`] entries or more, pauses the target until an operator confirms with
-/// `ferry send --once --confirm-deletes GROUP`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeleteGuard {
-    /// Share of the module's entries (0 switches the guard off).
-    pub percent: u8,
-    /// Fewest deletions that can trip it.
-    pub min: u64,
-    /// The operator confirmed: delete anyway (this run only).
-    pub confirmed: bool,
-    /// Where the source's filesystem (device number) is recorded between runs (in
-    /// `state_dir`), so a different disk mounted at the source is noticed.
-    pub record: Option<PathBuf>,
-}
-
-impl Default for DeleteGuard {
-    fn default() -> Self {
-        DeleteGuard {
-            percent: 50,
-            min: 1000,
-            confirmed: false,
-            record: None,
-        }
-    }
-}
-
-/// An empty source may empty a module of fewer entries than this without confirmation (the
-/// last files of a small tree removed by hand); from this many on, it looks like a disk that
-/// did not mount.
-pub const EMPTY_SOURCE_FLOOR: u64 = 10;
-
-impl DeleteGuard {
-    /// Why deleting needs confirming because the source is on another filesystem than the
-    /// last time (`device` now): a different disk mounted there. Records `device` otherwise.
-    pub fn device_objection(&self, device: u64, deleting: u64) -> Option<String> {
-        let record = self.record.as_ref()?;
-        let before = std::fs::read_to_string(record)
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok());
-        if let Some(before) = before {
-            if before != device && deleting > 0 && self.percent > 0 && !self.confirmed {
-                return Some(format!(
-                    "the source is on another filesystem than last time (device {device:#x}, \
-                     was {before:#x}): a different disk mounted there?"
-                ));
-            }
-        }
-        if before != Some(device) {
-            if let Err(e) = std::fs::write(record, format!("{device}\n")) {
-                tracing::warn!(path = %record.display(), "cannot record the source's filesystem: {e}");
-            }
-        }
-        None
-    }
-
-    /// Why deleting `deleting` of the module's `total` entries needs confirming, if it does;
-    /// `source_empty` is the source root having no entries at all.
-    pub fn objection(&self, deleting: u64, total: u64, source_empty: bool) -> Option<String> {
-        if self.confirmed || self.percent == 0 || deleting == 0 {
-            return None;
-        }
-        if source_empty && total >= EMPTY_SOURCE_FLOOR {
-            return Some(format!(
-                "the source is empty but the module holds {total} entries (a missing disk?)"
-            ));
-        }
-        let share = deleting.saturating_mul(100) / total.max(1);
-        (deleting >= self.min && share >= self.percent as u64).then(|| {
-            format!(
-                "this would delete {deleting} of the module's {total} entries ({share}%, more \
-                 than {}%)",
-                self.percent
-            )
-        })
-    }
 }
 
 impl Config {

@@ -52,6 +52,8 @@ pub struct Report {
     /// for the daemon (the watcher reports what became of them), but a one-shot reconcile
     /// has not converged.
     pub vanished: u64,
+    /// Entries the module held when a whole-tree compare listed it (before deleting).
+    pub module_entries: Option<u64>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -75,6 +77,7 @@ impl Report {
         self.bytes_sent += other.bytes_sent;
         self.failures.extend(other.failures);
         self.vanished += other.vanished;
+        self.module_entries = other.module_entries.or(self.module_entries);
         self.elapsed += other.elapsed;
     }
 

@@ -23,6 +23,7 @@
 //! Around it:
 //! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`].
 //! - [`filter`]: rsync-style exclude patterns.
+//! - [`guard`]: the mass-delete rule and the live tally of deletions it is applied to.
 //! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
 //!   start-up, overflow, new directories).
 //! - [`rsync`]: compatibility mode: the rsync transport, its command lines and exit codes.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod daemon;
 pub mod execute;
 pub mod filter;
+pub mod guard;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;

@@ -120,6 +120,9 @@ pub struct Plan {
     pub creates: Vec<Op>,
     /// Directories whose metadata must be (re)applied, deepest first.
     pub dir_meta: Vec<Entry>,
+    /// Entries the deletes remove on the receiver (each takes its subtree), as far as a
+    /// listing of the receiver told; deletes planned without one are not counted here.
+    pub removes: u64,
 }
 
 impl Plan {
@@ -145,6 +148,7 @@ impl Plan {
         self.deletes.extend(other.deletes);
         self.creates.extend(other.creates);
         self.dir_meta.extend(other.dir_meta);
+        self.removes += other.removes;
     }
 }
 

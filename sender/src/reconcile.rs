@@ -52,21 +52,23 @@ pub fn filter_remote(group: &SyncGroup, remote: Vec<Entry>) -> Vec<Entry> {
 
 /// Reconciles `group`'s source with the module behind `session`.
 pub async fn reconcile(session: &Arc<Session>, group: &SyncGroup) -> Result<Report, SessionError> {
-    reconcile_under(session, group, &RelPath::root(), &mut |_| {}).await
+    reconcile_under(session, group, &RelPath::root(), 0, &mut |_| {}).await
 }
 
 /// Reconciles the subtree at `under` (the whole tree for the root): lists both sides, plans
 /// and executes. A subtree missing locally is deleted on the receiver (if the group deletes).
+/// `recent_deletes` are entries deleted live just before (see [`plan_under`]).
 pub async fn reconcile_under(
     session: &Arc<Session>,
     group: &SyncGroup,
     under: &RelPath,
+    recent_deletes: u64,
     observe: Observe<'_>,
 ) -> Result<Report, SessionError> {
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
-    let plan = plan_under(session, group, under, &mut report).await?;
+    let plan = plan_under(session, group, under, recent_deletes, &mut report).await?;
     if under.is_root() {
         tracing::info!(
             sync = %group.name,
@@ -83,11 +85,14 @@ pub async fn reconcile_under(
 }
 
 /// Lists the subtree at `under` on both sides and plans what makes the receiver's equal.
-/// Local read errors land in `report`.
+/// Local read errors land in `report`. For the whole tree, the delete guard applies, counting
+/// `recent_deletes` (entries deleted live within the guard's window) as part of this plan, so
+/// a mass deletion cannot slip through half live and half here.
 pub async fn plan_under(
     session: &Arc<Session>,
     group: &SyncGroup,
     under: &RelPath,
+    recent_deletes: u64,
     report: &mut Report,
 ) -> Result<Plan, SessionError> {
     let g = group.clone();
@@ -116,9 +121,12 @@ pub async fn plan_under(
     for (p, e) in scan_errors {
         report.failures.push((p, e.to_string()));
     }
+    planned.removes = deleted_entries(&planned.deletes, &remote);
     if under.is_root() {
-        let deleting = deleted_entries(&planned.deletes, &remote);
         let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
+        report.module_entries = Some(total);
+        // The module before the recent live deletions, and all of them.
+        let (deleting, total) = (planned.removes + recent_deletes, total + recent_deletes);
         let source_empty = local.iter().all(|e| e.path.is_root());
         let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
         let moved = device.and_then(|d| group.guard.device_objection(d, deleting));

@@ -11,6 +11,7 @@
 use crate::batch::send_batch;
 use crate::config::{SyncGroup, Target};
 use crate::execute::{Report, Step, StepKind};
+use crate::guard::DeleteTally;
 use crate::queue::{Batch, Queue};
 use crate::session::{Session, SessionError};
 use crate::watch::PROGRESS_EVERY;
@@ -365,6 +366,7 @@ pub struct FerryLink {
     /// Who sees each step.
     pub observer: Arc<dyn Observer>,
     session: Option<Arc<Session>>,
+    tally: DeleteTally,
 }
 
 impl FerryLink {
@@ -381,6 +383,7 @@ impl FerryLink {
             identity,
             observer,
             session: None,
+            tally: DeleteTally::default(),
         }
     }
 }
@@ -436,7 +439,15 @@ impl Transport for FerryLink {
             }
         };
         let mut report = Report::default();
-        let sent = send_batch(&session, &self.group, batch, &mut report, &mut observe).await;
+        let sent = send_batch(
+            &session,
+            &self.group,
+            batch,
+            &mut self.tally,
+            &mut report,
+            &mut observe,
+        )
+        .await;
         match sent {
             Ok(()) => {}
             Err(SessionError::Paused(why)) => return Outcome::Stop(why),

@@ -89,3 +89,33 @@ pub fn file_meta(size: u64) -> ferry_protocol::meta::Meta {
         rdev: 0,
     }
 }
+
+/// Sends `data` as the whole file `path` over `session` and waits for its `Ack`.
+pub async fn push_whole(
+    session: &ferry_sender::session::Session,
+    path: &str,
+    data: &[u8],
+) -> Result<(), ferry_sender::session::SessionError> {
+    use ferry_protocol::message::{Body, Message};
+    let (id, mut rx) = session.register();
+    let msgs = [
+        Message::FileBegin {
+            id,
+            path: ferry_protocol::RelPath::from(path),
+            meta: file_meta(data.len() as u64),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: data.to_vec(),
+        },
+        Message::FileEnd {
+            id,
+            digest: *blake3::hash(data).as_bytes(),
+        },
+    ];
+    for m in msgs {
+        session.send(m).await?;
+    }
+    session.expect_ack(&mut rx).await
+}

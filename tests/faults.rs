@@ -1,0 +1,98 @@
+//! Fault injection on the backup host's disk: a module on a small tmpfs fills up.
+//!
+//! Needs root (it mounts a tmpfs); run as another user it fails, loudly.
+
+mod common;
+
+use common::trees::wait_equal;
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A tmpfs mounted for the length of a test.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let o = run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at));
+        assert!(
+            o.status.success(),
+            "this test mounts a tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            stderr(&o)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every file of `dst` is byte for byte its namesake in `src` (read independently of
+/// `ferry verify`); returns how many there are.
+fn whole_files(src: &Path, dst: &Path) -> usize {
+    let mut n = 0;
+    for item in fs::read_dir(dst).unwrap().flatten() {
+        let name = item.file_name();
+        let got = fs::read(item.path()).unwrap();
+        let want = fs::read(src.join(&name)).unwrap_or_default();
+        assert!(
+            got == want,
+            "{name:?} is torn or stale on the full disk: {} bytes, the source has {}",
+            got.len(),
+            want.len()
+        );
+        n += 1;
+    }
+    n
+}
+
+/// A module whose disk fills up: the files that fit arrive whole, the rest fail with the
+/// disk's error and never show under their name half-written, the receiver keeps serving,
+/// and once space is freed (the source deletes one big file) everything converges.
+#[test]
+fn a_module_disk_filling_up_never_shows_a_torn_file() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let _disk = Tmpfs::mount(&dst, "8m");
+    for i in 0..3 {
+        fs::write(src.join(format!("big{i}")), pseudo_random(3 << 20, i)).unwrap();
+    }
+    for i in 0..20 {
+        fs::write(src.join(format!("small{i}")), pseudo_random(4096, 100 + i)).unwrap();
+    }
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    site.write_config(&one_group(&backup, &src, ""));
+    let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    daemon.wait_log_n("reconciled", 1, 60);
+    assert!(
+        daemon.log().contains("No space left on device"),
+        "the full disk was not reported: {}",
+        daemon.log()
+    );
+    // Full for 4 s, past two retries: whatever is there is whole, and not everything fits.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut present = 0;
+    while Instant::now() < deadline {
+        present = whole_files(&src, &dst);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(present < 23, "9 MiB cannot fit on an 8 MiB disk");
+    assert!(
+        present >= 20,
+        "the small files fit: {present} files arrived"
+    );
+    // Space is freed the way an operator would: the source lets go of a big file.
+    fs::remove_file(src.join("big0")).unwrap();
+    wait_equal(&src, &dst, 30, "after space was freed");
+    whole_files(&src, &dst);
+    assert!(daemon.stop().success());
+}
