@@ -64,7 +64,7 @@ async fn one_sender(
     let mut backoff = Backoff::default();
     let mut failed = 0;
     let session = loop {
-        match open(local, server, &identity, pin.clone()).await {
+        match open(local, server, &identity, pin).await {
             Ok(s) => break Arc::new(s),
             Err(e) => {
                 failed += 1;
@@ -122,7 +122,7 @@ async fn a_thousand_senders_at_once_are_all_served() {
     let start = Instant::now();
     let mut senders = tokio::task::JoinSet::new();
     for i in 0..SENDERS {
-        senders.spawn(one_sender(i, server, identity.clone(), pin.clone(), start));
+        senders.spawn(one_sender(i, server, identity.clone(), pin, start));
     }
     let mut times = Vec::new();
     let mut refused = 0;
