@@ -203,23 +203,7 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
     while Instant::now() < deadline {
         i += 1;
         let name = |what: &str| RelPath::from(format!("d/{what}{i}").as_str());
-        let (id, mut rx) = session.register();
-        let data = b"escaped?".to_vec();
-        let meta = file_meta(data.len() as u64);
-        let digest = *blake3::hash(&data).as_bytes();
-        for m in [
-            Message::FileBegin {
-                id,
-                path: name("f"),
-                meta,
-                body: Body::Whole,
-            },
-            Message::FileData { id, data },
-            Message::FileEnd { id, digest },
-        ] {
-            session.send(m).await.unwrap();
-        }
-        let _ = session.expect_ack(&mut rx).await;
+        let _ = push_whole(&session, &name("f").to_string(), b"escaped?").await;
         let requests = [
             Message::Mkdir {
                 id: 0,
@@ -333,6 +317,234 @@ async fn a_directory_flipped_to_a_symlink_showed_outside_names_in_listings() {
     assert!(
         inside_seen > 0,
         "the listings never saw the module's own file"
+    );
+}
+
+/// The hostile-client suite: one session speaks the protocol badly on purpose — paths out of
+/// the module, reserved names, a digest that lies, a delta reaching past its base, a window
+/// larger than the file, a body longer than announced, an unknown request id, files in flight
+/// past the cap — while a well-behaved session on the same module keeps pushing files. Every
+/// attack is refused with a reason, the attacker's session itself goes on, nothing lands
+/// outside the module or half-written inside it, and the good sender is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
+    let mut pair = Pair::new();
+    let outside = pair.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, pair.dst.join("evil")).unwrap();
+    fs::write(pair.dst.join("plainfile"), "x").unwrap();
+    fs::write(pair.dst.join("base"), pseudo_random(64 << 10, 9)).unwrap();
+    let good = pair.session().await;
+    let attacker = pair.session().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = {
+        let (good, stop) = (good.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = pseudo_random(1000 + n as usize, n);
+                push_whole(&good, &format!("good{n}"), &data)
+                    .await
+                    .unwrap_or_else(|e| panic!("the good sender was refused: {e}"));
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut refusals: Vec<String> = Vec::new();
+    let dir = Meta {
+        kind: Kind::Dir,
+        ..file_meta(0)
+    };
+    for path in [
+        &b"../outside/x"[..],
+        b"/tmp/abs",
+        b"evil/x",
+        b"a\0b",
+        b"a//b",
+        b".ferry-tmp.1.2.3",
+        b"sub/.ferry-tmp.x",
+        b"plainfile/x",
+    ] {
+        let path = RelPath::from_bytes(path.to_vec());
+        let (p1, p2, p3) = (path.clone(), path.clone(), path.clone());
+        let mkdir = attacker
+            .call(|id| Message::Mkdir {
+                id,
+                path: p1,
+                meta: dir.clone(),
+            })
+            .await;
+        let e = mkdir.expect_err("mkdir must be refused").to_string();
+        assert!(e.contains("refused path"), "{path:?}: {e}");
+        refusals.push(e);
+        let e = push_whole(&attacker, &p2.to_string(), b"x").await;
+        refusals.push(e.expect_err("a file must be refused").to_string());
+        let e = attacker.call(|id| Message::Delete { id, path: p3 }).await;
+        refusals.push(e.expect_err("a delete must be refused").to_string());
+    }
+    let e = attacker
+        .call(|id| Message::Rename {
+            id,
+            from: RelPath::from("plainfile"),
+            to: RelPath::from("evil/stolen"),
+        })
+        .await;
+    refusals.push(e.expect_err("a rename out must be refused").to_string());
+    // A digest that lies.
+    let (id, mut rx) = attacker.register();
+    for m in [
+        Message::FileBegin {
+            id,
+            path: RelPath::from("liar"),
+            meta: file_meta(1),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: b"x".to_vec(),
+        },
+        Message::FileEnd {
+            id,
+            digest: [0; 32],
+        },
+    ] {
+        attacker.send(m).await.unwrap();
+    }
+    let e = attacker.expect_ack(&mut rx).await.unwrap_err().to_string();
+    assert!(e.contains("digest mismatch"), "{e}");
+    refusals.push(e);
+    // More body than announced.
+    let (id, mut rx) = attacker.register();
+    for m in [
+        Message::FileBegin {
+            id,
+            path: RelPath::from("long"),
+            meta: file_meta(4),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: vec![7; 4096],
+        },
+        Message::FileEnd {
+            id,
+            digest: [0; 32],
+        },
+    ] {
+        attacker.send(m).await.unwrap();
+    }
+    refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
+    // Deltas: a copy reaching past the base, and a window of 1 TiB.
+    for (window, delta) in [
+        (
+            16u64,
+            // librsync magic, COPY (u64 offset, u64 len) past the 64 KiB base, END.
+            [
+                &[0x72, 0x73, 0x02, 0x36][..],
+                &[0x54],
+                &(1u64 << 40).to_be_bytes(),
+                &16u64.to_be_bytes(),
+                &[0],
+            ]
+            .concat(),
+        ),
+        (1 << 40, vec![0x72, 0x73, 0x02, 0x36, 0]),
+    ] {
+        let (id, mut rx) = attacker.register();
+        attacker
+            .send(Message::FileBegin {
+                id,
+                path: RelPath::from("base"),
+                meta: file_meta(window),
+                body: Body::Delta,
+            })
+            .await
+            .unwrap();
+        match attacker.reply(&mut rx).await {
+            Ok(Message::Signature { .. }) => {
+                attacker
+                    .send(Message::FileDelta { id, window, delta })
+                    .await
+                    .unwrap();
+                attacker
+                    .send(Message::FileEnd {
+                        id,
+                        digest: [0; 32],
+                    })
+                    .await
+                    .unwrap();
+                refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
+            }
+            Ok(other) => panic!("unexpected answer to a delta: {other:?}"),
+            Err(e) => refusals.push(e.to_string()),
+        }
+    }
+    // Data for a transfer that was never begun.
+    attacker
+        .send(Message::FileData {
+            id: 999_999,
+            data: b"stray".to_vec(),
+        })
+        .await
+        .unwrap();
+    // The attacker's own session still works for honest requests.
+    push_whole(&attacker, "honest", b"fine").await.unwrap();
+    // Past the cap of files in flight.
+    let mut held = Vec::new();
+    for i in 0..80 {
+        let (id, rx) = attacker.register();
+        attacker
+            .send(Message::FileBegin {
+                id,
+                path: RelPath::from(format!("open{i}").as_str()),
+                meta: file_meta(10),
+                body: Body::Whole,
+            })
+            .await
+            .unwrap();
+        held.push(rx);
+    }
+    // Requests are handled in order: once this is answered, so are the 80.
+    attacker.stats().await.unwrap();
+    let mut capped = 0;
+    for rx in held.iter_mut() {
+        if let Ok(Message::Failed { error, .. }) = rx.try_recv() {
+            assert!(error.contains("files in flight"), "{error}");
+            capped += 1;
+        }
+    }
+    assert_eq!(capped, 16, "80 begun, 64 allowed");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pushed = served.await.unwrap();
+    eprintln!(
+        "{} attacks refused; the good sender pushed {pushed} files meanwhile",
+        refusals.len()
+    );
+    for r in &refusals {
+        eprintln!("  refused: {r}");
+        assert!(!r.is_empty());
+    }
+    assert!(pushed > 10, "the good sender was starved: {pushed} files");
+    for n in 0..pushed {
+        assert_eq!(
+            fs::read(pair.dst.join(format!("good{n}"))).unwrap(),
+            pseudo_random(1000 + n as usize, n)
+        );
+    }
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written outside"
+    );
+    assert_eq!(fs::read(pair.dst.join("honest")).unwrap(), b"fine");
+    for name in ["liar", "long", "open0", "stolen"] {
+        assert!(!pair.dst.join(name).exists(), "{name} was committed");
+    }
+    assert_eq!(
+        fs::read(pair.dst.join("base")).unwrap(),
+        pseudo_random(64 << 10, 9),
+        "a refused delta changed its base"
     );
 }
 
