@@ -219,6 +219,15 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 }
 
+/// How often a receiver says [`Message::Alive`] on an open session.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// How long a sender with requests outstanding waits without hearing anything from the
+/// receiver (a reply or [`Message::Alive`]) before it gives the connection up: a link that
+/// still acknowledges at the TCP level but delivers nothing (a stalled proxy, a stopped
+/// process) never trips TCP's own timeouts.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(45);
+
 /// How long either side waits for the handshake messages (and the receiver for the TLS
 /// handshake): short, because an unauthenticated connection holds a handshake slot.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -20,7 +20,7 @@ use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -282,6 +282,10 @@ pub enum Message {
         /// `(name, value)` counters.
         counters: Vec<(String, u64)>,
     },
+    /// The receiver is there: sent every [`crate::connection::HEARTBEAT`] while a session is
+    /// open, whatever its requests are doing, so a sender waiting on replies can tell a slow
+    /// receiver from a link or a process that went silent.
+    Alive,
 }
 
 impl Message {
@@ -353,6 +357,7 @@ impl Message {
             Message::Resume { .. } => "Resume",
             Message::DirDigests { .. } => "DirDigests",
             Message::StatsReply { .. } => "StatsReply",
+            Message::Alive => "Alive",
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::admission::{Handshake, MAX_SESSIONS};
 use crate::requests::{Request, Requests};
 use crate::server::Server;
 use ferry_protocol::connection::{
-    server_answer, server_hello, ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT,
+    server_answer, server_hello, ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, HEARTBEAT,
     PRE_AUTH_FRAME,
 };
 use ferry_protocol::frame::MAX_FRAME;
@@ -113,6 +113,22 @@ where
 
     let (req_tx, req_rx) = mpsc::channel::<Request>(1024);
     let (rep_tx, rep_rx) = mpsc::channel::<Message>(1024);
+    // Said on its own timer, so a sender can tell a slow request from a silent link.
+    // It holds the reply channel weakly: the session's end (or its future dropped) closes it.
+    let heartbeat = {
+        let rep_tx = rep_tx.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(tx) = rep_tx.upgrade() else { break };
+                if tx.send(Message::Alive).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let budget = Arc::new(Semaphore::new(SESSION_BUFFER >> 10));
     let worker = Requests::new(
         state.clone(),
@@ -159,6 +175,7 @@ where
     drop(guard);
     drop(req_tx);
     let _ = worker.await;
+    heartbeat.abort();
     let write_result = write_task.await.unwrap_or(Ok(()));
     tracing::info!(%peer, module = %module_name, "session closed");
     read_result.and(write_result)

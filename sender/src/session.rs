@@ -3,17 +3,19 @@
 //! be in flight at once.
 
 use crate::config::Target;
-use ferry_protocol::connection::{client_handshake, ConnError, FrameReader, FrameWriter};
+use ferry_protocol::connection::{
+    client_handshake, ConnError, FrameReader, FrameWriter, STALL_TIMEOUT,
+};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::{DigestEntry, Intent, Keeps, Message, RequestId};
 use ferry_protocol::{Entry, Fingerprint, RelPath};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// How long connecting (TCP and TLS) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -141,9 +143,23 @@ impl Session {
 
         let pending_r = pending.clone();
         let lost_r = lost.clone();
+        let heard = Arc::new(Mutex::new(Instant::now()));
+        let stalled = stall_watch(&pending, heard.clone());
         let reader_task = tokio::spawn(async move {
             let why = loop {
-                match reader.read().await {
+                let read = tokio::select! {
+                    r = reader.read() => r,
+                    _ = stalled.notified() => {
+                        break format!(
+                            "no word from the receiver for {} s while requests waited; \
+                             giving the connection up",
+                            STALL_TIMEOUT.as_secs()
+                        );
+                    }
+                };
+                *heard.lock().expect("lock") = Instant::now();
+                match read {
+                    Ok(Some(Message::Alive)) => {}
                     Ok(Some(Message::Refused { reason })) => break format!("receiver: {reason}"),
                     Ok(Some(msg)) => {
                         let Some(id) = msg.reply_id() else {
@@ -319,12 +335,42 @@ impl Session {
     }
 
     /// Says goodbye and waits for the receiver to answer everything and close.
-    pub async fn close(self) {
-        let _ = self.out.send(Message::Bye).await;
-        drop(self.out);
-        let _ = self.writer.await;
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.reader).await;
+    pub async fn close(mut self) {
+        if self.out.send(Message::Bye).await.is_ok() {
+            // The receiver closes once it has answered everything before `Bye`.
+            let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.reader).await;
+        }
     }
+}
+
+impl Drop for Session {
+    /// A session given up (lost, stalled, abandoned) lets go of its connection at once.
+    fn drop(&mut self) {
+        self.writer.abort();
+        self.reader.abort();
+    }
+}
+
+/// Watches a session for silence: with requests outstanding and nothing heard from the
+/// receiver for [`STALL_TIMEOUT`], wakes the reader (through the returned `Notify`) to give the
+/// connection up. Ends with the session.
+fn stall_watch(pending: &Pending, heard: Arc<Mutex<Instant>>) -> Arc<Notify> {
+    let stalled = Arc::new(Notify::new());
+    let (wake, pending) = (stalled.clone(), Arc::downgrade(pending));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(STALL_TIMEOUT / 9).await;
+            let Some(pending) = pending.upgrade() else {
+                break;
+            };
+            let waiting = !pending.lock().expect("lock").is_empty();
+            if waiting && heard.lock().expect("lock").elapsed() > STALL_TIMEOUT {
+                wake.notify_one();
+                break;
+            }
+        }
+    });
+    stalled
 }
 
 impl Target {

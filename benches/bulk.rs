@@ -1,0 +1,543 @@
+//! Bulk benchmark: ferry beside rsync on the work an operator's first hour is made of, all
+//! in one run on 127.0.0.1, real processes, TLS on, every ferry file durable before its `Ack`.
+//!
+//! Builds a deterministic tree (20,000 files of ~4 KiB in 1,000 directories and one 256 MiB
+//! file), starts a real `rsync --daemon` and a real `ferry receive`, and prints, per workload,
+//! ferry's figure, rsync's, and the ratio:
+//! - initial sync (`send --once` vs `rsync -a`, and `rsync -a --fsync` for reference);
+//! - 1 MiB changed in the middle of the 256 MiB file: time and bytes on the wire in both
+//!   directions (through a counting proxy, for both);
+//! - nothing changed, fresh process;
+//! - peak RSS of each process (VmHWM of the receiver, `wait4` of the clients);
+//! - one new 1 GiB file, beside the disk's own write + fdatasync of 1 GiB;
+//! - a burst of 50,000 new files under the live daemon, until the module has them all,
+//!   beside lsyncd (delay 0, same rsyncd) when `lsyncd` is installed.
+//!
+//! Run: `cargo bench --bench bulk` (needs `rsync`; `lsyncd` optional). About 2–4 minutes and
+//! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir). `FERRY_BENCH_SCALE=0.1`
+//! shrinks every size tenfold for a quick look.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn scale() -> f64 {
+    std::env::var("FERRY_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn scaled(n: usize) -> usize {
+    ((n as f64 * scale()) as usize).max(1)
+}
+
+/// Deterministic bytes (xorshift), so every run builds the same tree.
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+fn write_big(path: &Path, len: usize, seed: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(buf.len());
+        fill(&mut buf[..n], seed + i);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+        i += 1;
+    }
+}
+
+fn build_tree(src: &Path) -> (usize, u64) {
+    let (dirs, per_dir) = (scaled(1000), 20);
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 8192];
+    for d in 0..dirs {
+        let dir = src.join(format!("d{d:04}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..per_dir {
+            let len = 2048 + (d * 31 + f * 97) % 4096;
+            fill(&mut buf[..len], (d * per_dir + f) as u64);
+            std::fs::write(dir.join(format!("f{f:02}")), &buf[..len]).unwrap();
+            bytes += len as u64;
+        }
+    }
+    let big = scaled(256 << 20);
+    write_big(&src.join("big.img"), big, 1 << 32);
+    (dirs * per_dir + 1, bytes + big as u64)
+}
+
+/// Runs `cmd`, returning its wall time and peak RSS (KiB) from `wait4`.
+fn timed(cmd: &mut Command) -> (Duration, u64) {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as i32;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut status = 0;
+    // SAFETY: plain data for the kernel to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child.
+    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let took = started.elapsed();
+    let err = reader.join().unwrap();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed: {err}"
+    );
+    (took, usage.ru_maxrss as u64)
+}
+
+/// Peak RSS of a running process (KiB), then reset for the next workload.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    kb
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP proxy counting the bytes of every connection, both directions.
+struct Counter {
+    port: u16,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl Counter {
+    fn start(upstream: u16) -> Counter {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (u, d) = (up.clone(), down.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (u, d) = (u.clone(), d.clone());
+                std::thread::spawn(move || pump(client, server, u));
+                std::thread::spawn(move || pump(s2, c2, d));
+            }
+        });
+        Counter { port, up, down }
+    }
+
+    fn take(&self) -> (u64, u64) {
+        (self.up.swap(0, Ordering::SeqCst), self.down.swap(0, Ordering::SeqCst))
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+struct Site {
+    dir: PathBuf,
+    src: PathBuf,
+    ferry_dst: PathBuf,
+    rsync_dst: PathBuf,
+    receiver: Child,
+    rsyncd: Child,
+    ferry_port: u16,
+    rsync_port: u16,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.receiver.kill();
+        let _ = self.rsyncd.kill();
+        let _ = self.receiver.wait();
+        let _ = self.rsyncd.wait();
+    }
+}
+
+fn ferry(args: &[&str]) -> Command {
+    let mut c = Command::new(FERRY);
+    c.args(args).env("FERRY_LOG", "warn");
+    c
+}
+
+fn fingerprint(dir: &Path) -> String {
+    let o = ferry(&["keygen"]).arg(dir).output().unwrap();
+    assert!(o.status.success());
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+impl Site {
+    fn start(dir: &Path) -> Site {
+        let (src, ferry_dst, rsync_dst) = (dir.join("src"), dir.join("ferry"), dir.join("rsync"));
+        for d in [&src, &ferry_dst, &rsync_dst] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let send_fp = fingerprint(&dir.join("send"));
+        let recv_fp = fingerprint(&dir.join("recv"));
+        let ferry_port = free_port();
+        std::fs::write(
+            dir.join("recv/receiver.toml"),
+            format!(
+                "listen = \"127.0.0.1:{ferry_port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+                 [modules.bench]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n",
+                ferry_dst.display().to_string()
+            ),
+        )
+        .unwrap();
+        let receiver = ferry(&["receive", "--config"])
+            .arg(dir.join("recv/receiver.toml"))
+            .spawn()
+            .unwrap();
+        let rsync_port = free_port();
+        std::fs::write(
+            dir.join("rsyncd.conf"),
+            format!(
+                "use chroot = no\nuid = root\ngid = root\n[bench]\npath = {}\nread only = false\n",
+                rsync_dst.display()
+            ),
+        )
+        .unwrap();
+        let rsyncd = Command::new("rsync")
+            .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+            .arg(format!("--port={rsync_port}"))
+            .arg(format!("--config={}", dir.join("rsyncd.conf").display()))
+            .spawn()
+            .expect("rsync is needed (apt-get install rsync)");
+        wait_port(ferry_port);
+        wait_port(rsync_port);
+        let site = Site {
+            dir: dir.to_path_buf(),
+            src,
+            ferry_dst,
+            rsync_dst,
+            receiver,
+            rsyncd,
+            ferry_port,
+            rsync_port,
+        };
+        site.sender_config(ferry_port, &recv_fp);
+        site
+    }
+
+    fn sender_config(&self, port: u16, recv_fp: &str) {
+        std::fs::write(
+            self.dir.join("send/sender.toml"),
+            format!(
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\n\
+                 [targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {recv_fp:?}\n\
+                 [[sync]]\nname = \"bench\"\nsource = {:?}\ntargets = [\"backup\"]\n\
+                 module = \"bench\"\ndelete = true\n",
+                self.src.display().to_string()
+            ),
+        )
+        .unwrap();
+    }
+
+    fn ferry_once(&self) -> (Duration, u64) {
+        timed(ferry(&["send", "--once", "--config"]).arg(self.dir.join("send/sender.toml")))
+    }
+
+    fn rsync_once(&self, port: u16, extra: &[&str]) -> (Duration, u64) {
+        timed(
+            Command::new("rsync")
+                .arg("-a")
+                .args(extra)
+                .arg(format!("{}/", self.src.display()))
+                .arg(format!("rsync://127.0.0.1:{port}/bench/")),
+        )
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn row(what: &str, ferry: String, rsync: String, ratio: f64) {
+    println!("{what:<44} {ferry:>14} {rsync:>14} {ratio:>8.2}×");
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+fn count_files(dir: &Path) -> usize {
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    items
+        .flatten()
+        .map(|e| {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Writes `n` new files of 1 KiB under `root/burst`; returns when the last is closed.
+fn burst(root: &Path, n: usize) -> Instant {
+    let buf = vec![b'x'; 1024];
+    for i in 0..n {
+        let dir = root.join(format!("burst/b{:03}", i / 100));
+        if i % 100 == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::write(dir.join(format!("f{i}")), &buf).unwrap();
+    }
+    Instant::now()
+}
+
+/// Waits until `dir/burst` holds `n` files; the time since `written`.
+fn converged(dir: &Path, n: usize, written: Instant) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if count_files(&dir.join("burst")) >= n {
+            return written.elapsed();
+        }
+        assert!(Instant::now() < deadline, "never converged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn disk_write(dir: &Path, len: usize) -> Duration {
+    let path = dir.join("disk-reference");
+    let started = Instant::now();
+    write_big(&path, len, 99);
+    std::fs::File::open(&path).unwrap().sync_data().unwrap();
+    let took = started.elapsed();
+    std::fs::remove_file(&path).unwrap();
+    took
+}
+
+fn main() {
+    let base = std::env::var_os("FERRY_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::tempdir_in(base).unwrap();
+    let site = Site::start(tmp.path());
+    let started = Instant::now();
+    let (files, bytes) = build_tree(&site.src);
+    println!(
+        "tree: {files} files, {:.0} MB, built in {:.1} s (scale {})",
+        bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64(),
+        scale()
+    );
+    // Everything written so far reaches the disk before anything is timed.
+    Command::new("sync").status().unwrap();
+    println!("{:<44} {:>14} {:>14} {:>9}", "workload", "ferry", "rsync", "ratio");
+
+    let recv_pid = site.receiver.id();
+    peak_rss(recv_pid);
+    let (f, f_rss) = site.ferry_once();
+    let r_rss_recv = peak_rss(recv_pid);
+    let (r, r_rss) = site.rsync_once(site.rsync_port, &[]);
+    row("initial sync", secs(f), secs(r), ratio(f, r));
+    std::fs::remove_dir_all(&site.rsync_dst).unwrap();
+    std::fs::create_dir(&site.rsync_dst).unwrap();
+    let (rf, _) = site.rsync_once(site.rsync_port, &["--fsync"]);
+    row("  (rsync --fsync)", secs(f), secs(rf), ratio(f, rf));
+    row(
+        "peak RSS, initial sync: sender / client",
+        format!("{} MB", f_rss / 1024),
+        format!("{} MB", r_rss / 1024),
+        f_rss as f64 / r_rss as f64,
+    );
+    println!("{:<44} {:>14}", "peak RSS, initial sync: receiver", format!("{} MB", r_rss_recv / 1024));
+
+    // 1 MiB changed in the middle of the big file, through counting proxies.
+    let big = site.src.join("big.img");
+    let len = std::fs::metadata(&big).unwrap().len();
+    let mut patch = vec![0u8; (1 << 20).min(len as usize / 4)];
+    fill(&mut patch, 7);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .write_all_at(&patch, len / 2)
+        .unwrap();
+    let ferry_proxy = Counter::start(site.ferry_port);
+    let rsync_proxy = Counter::start(site.rsync_port);
+    let recv_fp = std::fs::read_to_string(site.dir.join("send/sender.toml")).unwrap();
+    let pin = recv_fp
+        .lines()
+        .find(|l| l.starts_with("fingerprint"))
+        .and_then(|l| l.split('"').nth(1))
+        .unwrap()
+        .to_string();
+    site.sender_config(ferry_proxy.port, &pin);
+    let (f, _) = site.ferry_once();
+    let (fu, fd) = ferry_proxy.take();
+    let (r, _) = site.rsync_once(rsync_proxy.port, &[]);
+    let (ru, rd) = rsync_proxy.take();
+    row("1 MiB changed in the big file: time", secs(f), secs(r), ratio(f, r));
+    row(
+        "  bytes on the wire, both directions",
+        format!("{:.2} MB", (fu + fd) as f64 / 1e6),
+        format!("{:.2} MB", (ru + rd) as f64 / 1e6),
+        (fu + fd) as f64 / (ru + rd) as f64,
+    );
+    site.sender_config(site.ferry_port, &pin);
+
+    let (f, _) = site.ferry_once();
+    let (r, _) = site.rsync_once(site.rsync_port, &[]);
+    row("nothing changed, fresh process", secs(f), secs(r), ratio(f, r));
+
+    // One new 1 GiB file, beside the disk.
+    let gib = scaled(1 << 30);
+    write_big(&site.src.join("new-1g.img"), gib, 1 << 40);
+    Command::new("sync").status().unwrap();
+    peak_rss(recv_pid);
+    let (f, f_rss) = site.ferry_once();
+    let recv_rss = peak_rss(recv_pid);
+    let (r, _) = site.rsync_once(site.rsync_port, &[]);
+    let disk = disk_write(&site.dir, gib);
+    row("one new 1 GiB file", secs(f), secs(r), ratio(f, r));
+    let mib_s = |d: Duration| gib as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    println!(
+        "  ferry {:.0} MiB/s; the disk's own write + fdatasync: {:.0} MiB/s ({:.0}%)",
+        mib_s(f),
+        mib_s(disk),
+        100.0 * mib_s(f) / mib_s(disk)
+    );
+    println!(
+        "  peak RSS with the 1 GiB file: sender {} MB, receiver {} MB",
+        f_rss / 1024,
+        recv_rss / 1024
+    );
+
+    // A burst under the live daemon.
+    let n = scaled(50_000);
+    let mut daemon = ferry(&["send", "--config"])
+        .arg(site.dir.join("send/sender.toml"))
+        .env("FERRY_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = daemon.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(log).lines().map_while(Result::ok) {
+            if line.contains("reconciled") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(120)).unwrap();
+    let written = burst(&site.src, n);
+    let f = converged(&site.ferry_dst, n, written);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    match lsyncd_burst(&site, n) {
+        Some(l) => row(&format!("burst of {n} files, live, after the last write"), secs(f), secs(l) + " (lsyncd)", ratio(f, l)),
+        None => println!(
+            "{:<44} {:>14} {:>14}",
+            format!("burst of {n} files, live, after the last write"),
+            secs(f),
+            "lsyncd not installed"
+        ),
+    }
+}
+
+/// The same burst (written again under a fresh name) through lsyncd with delay 0 into the
+/// rsyncd; `None` without lsyncd.
+fn lsyncd_burst(site: &Site, n: usize) -> Option<Duration> {
+    if Command::new("lsyncd").arg("-version").output().is_err() {
+        return None;
+    }
+    std::fs::remove_dir_all(site.src.join("burst")).unwrap();
+    // lsyncd starts with a full rsync; let it settle on the tree first.
+    let _ = site.rsync_once(site.rsync_port, &["--delete"]);
+    let conf = site.dir.join("lsyncd.lua");
+    std::fs::write(
+        &conf,
+        format!(
+            "settings {{ nodaemon = true, insist = true }}\n\
+             sync {{ default.rsync, source = {:?}, target = \"rsync://127.0.0.1:{}/bench/\", \
+             delay = 0, rsync = {{ archive = true }} }}\n",
+            site.src.display().to_string(),
+            site.rsync_port
+        ),
+    )
+    .unwrap();
+    let mut lsyncd = Command::new("lsyncd")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let log = lsyncd.stderr.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(log).lines().map_while(Result::ok) {
+            if line.contains("Startup of") && line.contains("finished") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(300)).ok()?;
+    let written = burst(&site.src, n);
+    let took = converged(&site.rsync_dst, n, written);
+    let _ = lsyncd.kill();
+    let _ = lsyncd.wait();
+    Some(took)
+}
