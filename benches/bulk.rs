@@ -84,7 +84,8 @@ fn build_tree(src: &Path) -> (usize, u64) {
     (dirs * per_dir + 1, bytes + big as u64)
 }
 
-/// Runs `cmd`, returning its wall time and peak RSS (KiB) from `wait4`.
+/// Runs `cmd`, returning its wall time and peak RSS (KiB) from `wait4` (which reaps it).
+#[allow(clippy::zombie_processes)]
 fn timed(cmd: &mut Command) -> (Duration, u64) {
     let started = Instant::now();
     let child = cmd
@@ -169,7 +170,10 @@ impl Counter {
     }
 
     fn take(&self) -> (u64, u64) {
-        (self.up.swap(0, Ordering::SeqCst), self.down.swap(0, Ordering::SeqCst))
+        (
+            self.up.swap(0, Ordering::SeqCst),
+            self.down.swap(0, Ordering::SeqCst),
+        )
     }
 }
 
@@ -382,7 +386,10 @@ fn main() {
     );
     // Everything written so far reaches the disk before anything is timed.
     Command::new("sync").status().unwrap();
-    println!("{:<44} {:>14} {:>14} {:>9}", "workload", "ferry", "rsync", "ratio");
+    println!(
+        "{:<44} {:>14} {:>14} {:>9}",
+        "workload", "ferry", "rsync", "ratio"
+    );
 
     let recv_pid = site.receiver.id();
     peak_rss(recv_pid);
@@ -400,7 +407,11 @@ fn main() {
         format!("{} MB", r_rss / 1024),
         f_rss as f64 / r_rss as f64,
     );
-    println!("{:<44} {:>14}", "peak RSS, initial sync: receiver", format!("{} MB", r_rss_recv / 1024));
+    println!(
+        "{:<44} {:>14}",
+        "peak RSS, initial sync: receiver",
+        format!("{} MB", r_rss_recv / 1024)
+    );
 
     // 1 MiB changed in the middle of the big file, through counting proxies.
     let big = site.src.join("big.img");
@@ -427,7 +438,12 @@ fn main() {
     let (fu, fd) = ferry_proxy.take();
     let (r, _) = site.rsync_once(rsync_proxy.port, &[]);
     let (ru, rd) = rsync_proxy.take();
-    row("1 MiB changed in the big file: time", secs(f), secs(r), ratio(f, r));
+    row(
+        "1 MiB changed in the big file: time",
+        secs(f),
+        secs(r),
+        ratio(f, r),
+    );
     row(
         "  bytes on the wire, both directions",
         format!("{:.2} MB", (fu + fd) as f64 / 1e6),
@@ -438,7 +454,12 @@ fn main() {
 
     let (f, _) = site.ferry_once();
     let (r, _) = site.rsync_once(site.rsync_port, &[]);
-    row("nothing changed, fresh process", secs(f), secs(r), ratio(f, r));
+    row(
+        "nothing changed, fresh process",
+        secs(f),
+        secs(r),
+        ratio(f, r),
+    );
 
     // One new 1 GiB file, beside the disk.
     let gib = scaled(1 << 30);
@@ -487,7 +508,12 @@ fn main() {
     let _ = daemon.kill();
     let _ = daemon.wait();
     match lsyncd_burst(&site, n) {
-        Some(l) => row(&format!("burst of {n} files, live, after the last write"), secs(f), secs(l) + " (lsyncd)", ratio(f, l)),
+        Some(l) => row(
+            &format!("burst of {n} files, live, after the last write"),
+            secs(f),
+            secs(l) + " (lsyncd)",
+            ratio(f, l),
+        ),
         None => println!(
             "{:<44} {:>14} {:>14}",
             format!("burst of {n} files, live, after the last write"),
@@ -501,6 +527,7 @@ fn main() {
 /// rsyncd; `None` without lsyncd.
 fn lsyncd_burst(site: &Site, n: usize) -> Option<Duration> {
     if Command::new("lsyncd").arg("-version").output().is_err() {
+        // Not installed.
         return None;
     }
     std::fs::remove_dir_all(site.src.join("burst")).unwrap();
@@ -520,11 +547,11 @@ fn lsyncd_burst(site: &Site, n: usize) -> Option<Duration> {
     .unwrap();
     let mut lsyncd = Command::new("lsyncd")
         .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let log = lsyncd.stderr.take().unwrap();
+    let log = lsyncd.stdout.take().unwrap();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;

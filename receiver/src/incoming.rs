@@ -4,7 +4,7 @@
 //! name. A transfer that fails at any step is dropped and remembered, so the
 //! frames the sender already had in flight for it are dropped without further replies.
 
-use crate::apply::{Apply, Staged};
+use crate::apply::{Apply, Sealed, Staged};
 use ferry_protocol::delta;
 use ferry_protocol::message::{Body, Digest, Message, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
@@ -37,6 +37,9 @@ pub enum Outcome {
     /// The transfer ended: committed (`Ok`, to be acknowledged after the next group commit)
     /// or failed with the message to send.
     Done(Result<(), String>),
+    /// The file is whole and sealed: the group commit makes it durable, names it and
+    /// answers.
+    Sealed,
     /// The frame belongs to a transfer that already failed: say nothing.
     Silent,
 }
@@ -202,11 +205,23 @@ impl Transfers {
         let Some(mut inc) = self.incoming.remove(&id) else {
             return Outcome::Done(Err(format!("FileEnd for unknown transfer {id}")));
         };
-        let r = commit(fs, &mut inc, digest).map_err(|e| format!("{}: {e}", inc.path));
-        if r.is_err() {
-            inc.tmp.discard();
+        match seal(fs, &mut inc, digest) {
+            Ok(()) => {
+                let delta = inc.base.take().is_some();
+                fs.seal(Sealed {
+                    id,
+                    path: inc.path,
+                    staged: inc.tmp,
+                    bytes: inc.written,
+                    delta,
+                });
+                Outcome::Sealed
+            }
+            Err(e) => {
+                inc.tmp.discard();
+                Outcome::Done(Err(format!("{}: {e}", inc.path)))
+            }
         }
-        Outcome::Done(r)
     }
 
     /// `FileAbort`: the sender gave up on this file.
@@ -310,7 +325,9 @@ impl Partials {
     }
 }
 
-fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
+/// Checks size and digest and applies the metadata to the unnamed file; the group commit
+/// makes it durable and names it.
+fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
     if inc.written != inc.meta.size {
         return Err(io::Error::other(format!(
             "received {} bytes, expected {}",
@@ -323,24 +340,12 @@ fn commit(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> 
         ));
     }
     let file = &inc.tmp.file;
-    file.sync_all()?;
     if let Some((uid, gid)) = fs.owner_for(&inc.meta) {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
     file.set_permissions(fs::Permissions::from_mode(fs.mode_for(&inc.meta)))?;
     let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
     filetime::set_file_handle_times(file, None, Some(mtime))?;
-    let at = fs.entry(&inc.path)?;
-    let delta = inc.base.take().is_some();
-    fs.install_file(&inc.tmp, &at.path(), &inc.path)?;
-    fs.stats.files.fetch_add(1, Ordering::Relaxed);
-    fs.stats
-        .bytes_written
-        .fetch_add(inc.written, Ordering::Relaxed);
-    if delta {
-        fs.stats.delta_files.fetch_add(1, Ordering::Relaxed);
-    }
-    tracing::debug!(module = fs.module(), path = %inc.path, bytes = inc.written, delta, "committed");
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 //! `Ack`s. So an `Ack` always means "durable under its final name", and a burst of small files
 //! costs one directory fsync per directory, not one per file.
 
-use crate::apply::Apply;
+use crate::apply::{Apply, MAX_SEALED};
 use crate::incoming::{Outcome, Transfers};
 use crate::module::{module_filter, ModuleState};
 use crate::stats::Stats;
@@ -102,7 +102,7 @@ impl Requests {
             if let Flow::Stop = self.handle(msg) {
                 return Flow::Stop;
             }
-            if self.pending_acks.len() >= GROUP_COMMIT && !self.commit() {
+            if self.pending_acks.len() + self.fs.sealed() >= GROUP_COMMIT && !self.commit() {
                 return Flow::Stop;
             }
             msg = match requests.try_recv() {
@@ -151,6 +151,11 @@ impl Requests {
     fn file(&mut self, id: RequestId, outcome: Outcome) {
         match outcome {
             Outcome::Pending | Outcome::Silent => {}
+            Outcome::Sealed => {
+                if self.fs.sealed() >= MAX_SEALED {
+                    self.commit();
+                }
+            }
             Outcome::Reply(m) => {
                 self.reply(m);
             }
@@ -165,6 +170,24 @@ impl Requests {
                 self.fail(id, "session is read-only".into());
                 return Flow::Continue;
             }
+        }
+        // Requests apply in order: one on a sealed file's path (or above or below it) waits
+        // until the sealed files have their names.
+        let touches = match &msg {
+            Message::Mkdir { path, .. }
+            | Message::Symlink { path, .. }
+            | Message::Special { path, .. }
+            | Message::SetMeta { path, .. }
+            | Message::Delete { path, .. }
+            | Message::List { under: path, .. }
+            | Message::VerifyDir { path, .. } => self.fs.touches_sealed(path),
+            Message::Rename { from, to, .. } => {
+                self.fs.touches_sealed(from) || self.fs.touches_sealed(to)
+            }
+            _ => false,
+        };
+        if touches && !self.commit() {
+            return Flow::Stop;
         }
         let fs = &mut self.fs;
         match msg {
@@ -246,12 +269,29 @@ impl Requests {
         Flow::Continue
     }
 
-    /// fsyncs dirty directories, then acknowledges. Returns false if the peer is gone.
+    /// The group commit: sealed files made durable and named, dirty directories made
+    /// durable, then everything acknowledged. Returns false if the peer is gone.
     fn commit(&mut self) -> bool {
-        self.fs.sync_dirty();
-        for id in std::mem::take(&mut self.pending_acks) {
-            if !self.reply(Message::Ack { id }) {
-                return false;
+        let files = self.fs.flush();
+        let synced = self.fs.sync_dirty();
+        let mut answers: Vec<(RequestId, Result<(), String>)> = files;
+        answers.extend(
+            std::mem::take(&mut self.pending_acks)
+                .into_iter()
+                .map(|id| (id, Ok(()))),
+        );
+        for (id, r) in answers {
+            let r = match (&synced, r) {
+                (Err(e), Ok(())) => Err(format!("not durable: {e}")),
+                (_, r) => r,
+            };
+            match r {
+                Ok(()) => {
+                    if !self.reply(Message::Ack { id }) {
+                        return false;
+                    }
+                }
+                Err(error) => self.fail(id, error),
             }
         }
         true

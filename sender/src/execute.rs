@@ -20,8 +20,12 @@ use tokio::task::JoinSet;
 
 /// Requests in flight per session.
 pub const MAX_IN_FLIGHT: usize = 512;
-/// File bodies being read at once per session.
+/// File bodies being read and sent at once per session (each holds a descriptor and up to
+/// a window of data); the receiver allows 64 begun and not ended.
 pub const MAX_FILES_IN_FLIGHT: usize = 16;
+/// Files sent and waiting for their `Ack` per session: the receiver makes them durable
+/// together at its group commit, so many must be on their way for a commit to cover many.
+pub const MAX_FILES_UNACKED: usize = 1024;
 /// Attempts for a file that keeps changing while it is read.
 pub const FILE_ATTEMPTS: usize = 3;
 
@@ -52,7 +56,7 @@ pub struct Report {
     /// for the daemon (the watcher reports what became of them), but a one-shot reconcile
     /// has not converged.
     pub vanished: u64,
-    /// Entries the module held when a whole-tree compare listed it (before deleting).
+    /// Entries the module holds after a whole-tree compare (the source's, as scanned).
     pub module_entries: Option<u64>,
     /// Wall time.
     pub elapsed: Duration,
@@ -182,10 +186,12 @@ pub async fn execute(
         .await?;
     }
     let file_slots = Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT));
+    let unacked = Arc::new(Semaphore::new(MAX_FILES_UNACKED));
     for op in plan.creates {
         let kind = match &op {
             Op::File { entry, base } => {
-                let permit = file_slots
+                let waiting = unacked.clone().acquire_owned().await.expect("never closed");
+                let sending = file_slots
                     .clone()
                     .acquire_owned()
                     .await
@@ -194,8 +200,8 @@ pub async fn execute(
                 let (path, base) = (entry.path.clone(), *base);
                 let (session, root) = (session.clone(), root.to_path_buf());
                 run.tasks.spawn(async move {
-                    let _permit = permit;
-                    send_file(&session, &root, path, base).await
+                    let _waiting = waiting;
+                    send_file(&session, &root, path, base, sending).await
                 });
                 continue;
             }
@@ -260,17 +266,20 @@ pub async fn rename_all<'r>(
 }
 
 /// Sends one file, starting again (up to [`FILE_ATTEMPTS`] times) if it changes while read.
+/// `sending` is held while the body goes out, and let go once `FileEnd` has.
 async fn send_file(
     session: &Session,
     root: &Path,
     path: RelPath,
     base: crate::plan::Base,
+    sending: tokio::sync::OwnedSemaphorePermit,
 ) -> Outcome {
     let mut attempt = 1;
+    let mut sending = Some(sending);
     loop {
         let sent = async {
             match transfer::begin(session, root, &path, base).await? {
-                Some(flight) => flight.finish(session).await.map(Some),
+                Some(flight) => flight.finish(session, &mut sending).await.map(Some),
                 None => Ok(None),
             }
         }

@@ -4,7 +4,7 @@
 //!
 //! A whole-tree compare (start-up, overflow, `send --once`) knows both sides exactly and asks
 //! [`DeleteGuard::objection`] directly. Live batches do not list the module, so each target
-//! keeps a [`DeleteTally`]: the module's size at the last whole compare and the entries deleted
+//! keeps a [`DeleteTally`]: the module's size after the last whole compare and the entries deleted
 //! live since, over a sliding [`DELETE_WINDOW`]. When the deletions of a batch, added to the
 //! window, would meet the same rule, or would leave the source empty, the batch is not acted on
 //! piecemeal: the target runs a whole-tree compare instead, which deletes what the rule allows
@@ -105,8 +105,8 @@ pub struct DeleteTally {
 }
 
 impl DeleteTally {
-    /// A whole-tree compare found `module_entries` entries on the target (before it deleted
-    /// anything): the window starts again from there.
+    /// A whole-tree compare left `module_entries` entries on the target: the window starts
+    /// again from there.
     pub fn compared(&mut self, module_entries: u64) {
         self.module_entries = Some(module_entries);
         self.recent.clear();

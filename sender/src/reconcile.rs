@@ -124,7 +124,8 @@ pub async fn plan_under(
     planned.removes = deleted_entries(&planned.deletes, &remote);
     if under.is_root() {
         let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
-        report.module_entries = Some(total);
+        // What the module holds once this compare is done: the source's entries.
+        report.module_entries = Some(local.iter().filter(|e| !e.path.is_root()).count() as u64);
         // The module before the recent live deletions, and all of them.
         let (deleting, total) = (planned.removes + recent_deletes, total + recent_deletes);
         let source_empty = local.iter().all(|e| e.path.is_root());

@@ -124,8 +124,13 @@ pub async fn begin(
 }
 
 impl InFlight {
-    /// Sends the body and `FileEnd`, then waits for the receiver's verdict.
-    pub async fn finish(mut self, session: &Session) -> Result<Sent, TransferError> {
+    /// Sends the body and `FileEnd`, lets go of `sending` (the caller's slot for files being
+    /// sent), then waits for the receiver's verdict.
+    pub async fn finish<T>(
+        mut self,
+        session: &Session,
+        sending: &mut Option<T>,
+    ) -> Result<Sent, TransferError> {
         let mut signature = None;
         let mut resume = None;
         if self.body == Body::Delta {
@@ -165,6 +170,7 @@ impl InFlight {
                 digest,
             })
             .await?;
+        sending.take();
         session.expect_ack(&mut self.rx).await?;
         Ok(sent)
     }
