@@ -228,7 +228,15 @@ fn fingerprint(dir: &Path) -> String {
 impl Site {
     fn start(dir: &Path) -> Site {
         let (src, ferry_dst, rsync_dst) = (dir.join("src"), dir.join("ferry"), dir.join("rsync"));
-        for d in [&src, &ferry_dst, &rsync_dst] {
+        let (ferry_spare, rsync_spare) = (dir.join("ferry-spare"), dir.join("rsync-spare"));
+        for d in [
+            &src,
+            &ferry_dst,
+            &rsync_dst,
+            &ferry_spare,
+            &rsync_spare,
+            &dir.join("rsync-fsync"),
+        ] {
             std::fs::create_dir_all(d).unwrap();
         }
         let send_fp = fingerprint(&dir.join("send"));
@@ -238,8 +246,10 @@ impl Site {
             dir.join("recv/receiver.toml"),
             format!(
                 "listen = \"127.0.0.1:{ferry_port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
-                 [modules.bench]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n",
-                ferry_dst.display().to_string()
+                 [modules.bench]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n\
+                 [modules.spare]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n",
+                ferry_dst.display().to_string(),
+                ferry_spare.display().to_string()
             ),
         )
         .unwrap();
@@ -251,8 +261,12 @@ impl Site {
         std::fs::write(
             dir.join("rsyncd.conf"),
             format!(
-                "use chroot = no\nuid = root\ngid = root\n[bench]\npath = {}\nread only = false\n",
-                rsync_dst.display()
+                "use chroot = no\nuid = root\ngid = root\n[bench]\npath = {}\nread only = false\n\
+                 [spare]\npath = {}\nread only = false\n\
+                 [fsync]\npath = {}\nread only = false\n",
+                rsync_dst.display(),
+                rsync_spare.display(),
+                dir.join("rsync-fsync").display()
             ),
         )
         .unwrap();
@@ -274,18 +288,18 @@ impl Site {
             ferry_port,
             rsync_port,
         };
-        site.sender_config(ferry_port, &recv_fp);
+        site.sender_config(ferry_port, &recv_fp, "bench");
         site
     }
 
-    fn sender_config(&self, port: u16, recv_fp: &str) {
+    fn sender_config(&self, port: u16, recv_fp: &str, module: &str) {
         std::fs::write(
             self.dir.join("send/sender.toml"),
             format!(
                 "cert = \"cert.pem\"\nkey = \"key.pem\"\n\
                  [targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {recv_fp:?}\n\
                  [[sync]]\nname = \"bench\"\nsource = {:?}\ntargets = [\"backup\"]\n\
-                 module = \"bench\"\ndelete = true\n",
+                 module = {module:?}\ndelete = true\n",
                 self.src.display().to_string()
             ),
         )
@@ -297,12 +311,16 @@ impl Site {
     }
 
     fn rsync_once(&self, port: u16, extra: &[&str]) -> (Duration, u64) {
+        self.rsync_into(port, "bench", extra)
+    }
+
+    fn rsync_into(&self, port: u16, module: &str, extra: &[&str]) -> (Duration, u64) {
         timed(
             Command::new("rsync")
                 .arg("-a")
                 .args(extra)
                 .arg(format!("{}/", self.src.display()))
-                .arg(format!("rsync://127.0.0.1:{port}/bench/")),
+                .arg(format!("rsync://127.0.0.1:{port}/{module}/")),
         )
     }
 }
@@ -392,15 +410,39 @@ fn main() {
     );
 
     let recv_pid = site.receiver.id();
+    let pin = std::fs::read_to_string(site.dir.join("send/sender.toml"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("fingerprint"))
+        .and_then(|l| l.split('"').nth(1))
+        .unwrap()
+        .to_string();
+    // Two rounds into fresh modules, in both orders: on these disks the second writer of a
+    // run can be slowed by the first (writeback, inode allocation after mass deletes).
     peak_rss(recv_pid);
-    let (f, f_rss) = site.ferry_once();
+    let (f1, f_rss) = site.ferry_once();
     let r_rss_recv = peak_rss(recv_pid);
-    let (r, r_rss) = site.rsync_once(site.rsync_port, &[]);
-    row("initial sync", secs(f), secs(r), ratio(f, r));
-    std::fs::remove_dir_all(&site.rsync_dst).unwrap();
-    std::fs::create_dir(&site.rsync_dst).unwrap();
-    let (rf, _) = site.rsync_once(site.rsync_port, &["--fsync"]);
-    row("  (rsync --fsync)", secs(f), secs(rf), ratio(f, rf));
+    let (r1, r_rss) = site.rsync_once(site.rsync_port, &[]);
+    row(
+        "initial sync (ferry first)",
+        secs(f1),
+        secs(r1),
+        ratio(f1, r1),
+    );
+    site.sender_config(site.ferry_port, &pin, "spare");
+    let (r2, _) = site.rsync_into(site.rsync_port, "spare", &[]);
+    let (f2, _) = site.ferry_once();
+    row(
+        "initial sync (rsync first)",
+        secs(f2),
+        secs(r2),
+        ratio(f2, r2),
+    );
+    site.sender_config(site.ferry_port, &pin, "bench");
+    let (f, r) = (f1 + f2, r1 + r2);
+    row("initial sync, both rounds", secs(f), secs(r), ratio(f, r));
+    let (rf, _) = site.rsync_into(site.rsync_port, "fsync", &["--fsync"]);
+    row("  (rsync --fsync)", secs(f1), secs(rf), ratio(f1, rf));
     row(
         "peak RSS, initial sync: sender / client",
         format!("{} MB", f_rss / 1024),
@@ -426,14 +468,7 @@ fn main() {
         .unwrap();
     let ferry_proxy = Counter::start(site.ferry_port);
     let rsync_proxy = Counter::start(site.rsync_port);
-    let recv_fp = std::fs::read_to_string(site.dir.join("send/sender.toml")).unwrap();
-    let pin = recv_fp
-        .lines()
-        .find(|l| l.starts_with("fingerprint"))
-        .and_then(|l| l.split('"').nth(1))
-        .unwrap()
-        .to_string();
-    site.sender_config(ferry_proxy.port, &pin);
+    site.sender_config(ferry_proxy.port, &pin, "bench");
     let (f, _) = site.ferry_once();
     let (fu, fd) = ferry_proxy.take();
     let (r, _) = site.rsync_once(rsync_proxy.port, &[]);
@@ -450,7 +485,7 @@ fn main() {
         format!("{:.2} MB", (ru + rd) as f64 / 1e6),
         (fu + fd) as f64 / (ru + rd) as f64,
     );
-    site.sender_config(site.ferry_port, &pin);
+    site.sender_config(site.ferry_port, &pin, "bench");
 
     let (f, _) = site.ferry_once();
     let (r, _) = site.rsync_once(site.rsync_port, &[]);

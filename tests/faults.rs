@@ -131,3 +131,84 @@ fn a_stalled_link_held_the_sender_for_ever() {
     assert!(proxy.connections.load(std::sync::atomic::Ordering::Relaxed) >= 2);
     assert!(daemon.stop().success());
 }
+
+/// Batched durability: the receiver is killed (-9) in the middle of a burst of small files.
+/// Every file under its name is whole, and every file the sender saw acknowledged is there
+/// (an `Ack` is sent only after the batch's data, names and directories were flushed).
+#[test]
+fn kill_9_mid_batch_loses_no_acknowledged_file() {
+    let site = Site::new();
+    let (src, dst, mut backup) = site.one_backup();
+    fill_tree(&src, 30, 100, |i| pseudo_random(3000 + i % 2000, i as u64));
+    site.write_config(&one_group(&backup, &src, ""));
+    let mut sender = Proc::spawn(
+        ferry()
+            .env("FERRY_LOG", "debug")
+            .args(["send", "--config"])
+            .arg(site.config()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_files(&dst) < 500 {
+        assert!(Instant::now() < deadline, "nothing arrived");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let receiver = backup.receiver.take().unwrap();
+    unsafe { libc::kill(receiver.child.id() as i32, libc::SIGKILL) };
+    drop(receiver);
+    sender.wait_log("connection lost");
+    sender.stop();
+    let log = sender.log();
+    let acked: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("synced") && l.contains("op=File"))
+        .filter_map(|l| l.split(" path=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(
+        !acked.is_empty(),
+        "no file was acknowledged before the kill: {log}"
+    );
+    for path in &acked {
+        let got = fs::read(dst.join(path))
+            .unwrap_or_else(|e| panic!("{path} was acknowledged but is not there: {e}"));
+        assert!(got == fs::read(src.join(path)).unwrap(), "{path} differs");
+    }
+    let named = count_whole(&src, &dst);
+    eprintln!(
+        "killed after {} acknowledged files; {named} files under their names, all whole",
+        acked.len()
+    );
+    assert!(named < 3000, "the kill came too late to test anything");
+}
+
+fn count_files(dir: &Path) -> usize {
+    fs::read_dir(dir).map_or(0, |items| {
+        items
+            .flatten()
+            .map(|e| {
+                if e.file_type().unwrap().is_dir() {
+                    count_files(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
+}
+
+/// Checks every file under `dst` against its namesake in `src`; returns how many.
+fn count_whole(src: &Path, dst: &Path) -> usize {
+    let mut n = 0;
+    for e in fs::read_dir(dst).unwrap().flatten() {
+        let (s, d) = (src.join(e.file_name()), e.path());
+        if e.file_type().unwrap().is_dir() {
+            n += count_whole(&s, &d);
+        } else {
+            assert!(
+                fs::read(&d).unwrap() == fs::read(&s).unwrap(),
+                "{d:?} is torn"
+            );
+            n += 1;
+        }
+    }
+    n
+}

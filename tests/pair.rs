@@ -634,3 +634,36 @@ async fn a_file_rewritten_during_transfer_is_never_committed_torn() {
         fs::read(pair.src.join("big")).unwrap()
     );
 }
+
+/// A big file changed across window boundaries — bytes inserted where one 8 MiB window ends,
+/// a stretch deleted inside the next, data appended — travels as a delta: the copy is
+/// rebuilt exactly, for a fraction of its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_window_inserts_deletes_and_appends_rebuild_exactly() {
+    let mut pair = Pair::new();
+    let base = pseudo_random(20 << 20, 31);
+    fs::write(pair.dst.join("big"), &base).unwrap();
+    let window = ferry_protocol::delta::WINDOW;
+    let mut new = base.clone();
+    new.splice(window - 500..window - 500, pseudo_random(1000, 32));
+    new.drain(12 << 20..(12 << 20) + 5000);
+    new.extend_from_slice(&pseudo_random(300 << 10, 33));
+    fs::write(pair.src.join("big"), &new).unwrap();
+    let (report, steps) = send(&mut pair, vec![dirty("big", Need::Content)]).await;
+    assert!(report.failures.is_empty(), "{report:?}");
+    assert_eq!(fs::read(pair.dst.join("big")).unwrap(), new);
+    assert!(
+        steps.iter().any(|s| s.kind == StepKind::Delta),
+        "not sent as a delta: {steps:?}"
+    );
+    eprintln!(
+        "{} bytes of payload for a {} byte file",
+        report.payload_bytes,
+        new.len()
+    );
+    assert!(
+        report.payload_bytes < 2 << 20,
+        "delta too large: {} bytes",
+        report.payload_bytes
+    );
+}

@@ -12,6 +12,7 @@ use ferry_protocol::RelPath;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -364,9 +365,27 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
     }
     inc.tmp.file.write_all(data)?;
     inc.hasher.update(data);
+    let before = inc.written;
     inc.written += data.len() as u64;
+    // Start writing back each full stretch at once, so the disk works while the rest
+    // arrives and the fsync at the commit has little left to wait for.
+    if inc.written / WRITEBACK_EVERY > before / WRITEBACK_EVERY {
+        let end = inc.written / WRITEBACK_EVERY * WRITEBACK_EVERY;
+        // SAFETY: a valid descriptor; the call only schedules writeback of that range.
+        unsafe {
+            libc::sync_file_range(
+                inc.tmp.file.as_raw_fd(),
+                (end - WRITEBACK_EVERY) as i64,
+                WRITEBACK_EVERY as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
     Ok(())
 }
+
+/// Stretch of a big file whose writeback starts as soon as it has been received.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 fn open_base(path: &Path) -> Option<(fs::File, u64)> {
     let f = fs::OpenOptions::new()

@@ -125,7 +125,7 @@ impl Session {
         let mut writer = FrameWriter::new(w);
         let keeps = client_handshake(&mut reader, &mut writer, module, intent).await?;
 
-        let (out, out_rx) = mpsc::channel::<Message>(64);
+        let (out, out_rx) = mpsc::channel::<Message>(16);
         let bytes_sent = Arc::new(AtomicU64::new(writer.bytes_written()));
         let lost = Arc::new(Mutex::new(None));
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
@@ -134,7 +134,7 @@ impl Session {
         let lost_w = lost.clone();
         let writer_task = tokio::spawn(async move {
             let pumped = writer
-                .pump(out_rx, 64, |n| sent.store(n, Ordering::Relaxed))
+                .pump(out_rx, 16, |n| sent.store(n, Ordering::Relaxed))
                 .await;
             if let Err(e) = pumped {
                 lost_w.lock().expect("lock").get_or_insert(e.to_string());
