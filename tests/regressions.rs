@@ -705,15 +705,9 @@ fn connect_from(from: [u8; 4], port: u16) -> Option<std::os::fd::OwnedFd> {
 #[test]
 fn an_emptied_source_wiped_the_backup() {
     let site = Site::new();
-    let src = site.dir("src");
+    let (src, dst, backup) = site.one_backup();
     fill_tree(&src, 11, 100, |_| b"x".to_vec());
-    let dst = site.path("dst");
-    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
-    site.write_config(&format!(
-        "{}{}",
-        backup.target("backup"),
-        sync("file", &src, &["backup"], "file", "delete_guard_min = 500")
-    ));
+    site.write_config(&one_group(&backup, &src, "delete_guard_min = 500"));
     let once = |extra: &[&str]| site.send_once(extra);
     assert!(once(&[]).status.success());
     let count = |p: &std::path::Path| fs::read_dir(p).unwrap().count();
@@ -766,15 +760,9 @@ fn an_emptied_source_wiped_the_backup() {
 #[test]
 fn rm_rf_under_the_running_daemon_wiped_the_backup() {
     let site = Site::new();
-    let src = site.dir("src");
+    let (src, dst, backup) = site.one_backup();
     fill_tree(&src, 20, 100, |_| b"x".to_vec());
-    let dst = site.path("dst");
-    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
-    site.write_config(&format!(
-        "{}{}",
-        backup.target("backup"),
-        sync("file", &src, &["backup"], "file", "delete_guard_min = 500")
-    ));
+    site.write_config(&one_group(&backup, &src, "delete_guard_min = 500"));
     let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
     daemon.wait_log_n("reconciled", 1, 30);
     let entries = |p: &std::path::Path| walk_count(p);

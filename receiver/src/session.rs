@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Bytes of received frames a session may hold before the writer thread has handled them.
 /// Larger than one frame, so a maximal frame always fits.
-const SESSION_BUFFER: usize = 40 * 1024 * 1024;
+const SESSION_BUFFER: usize = 20 * 1024 * 1024;
 
 /// Serves one connection to completion. Errors are logged, never propagated: a bad peer
 /// never affects other sessions.
