@@ -1,7 +1,7 @@
-//! Files being received: `FileBegin` opens an unnamed file in the target's directory (and, for a delta, maps the current
-//! copy as its base and answers with its signature), body frames append to it while hashing,
-//! `FileEnd` checks size and digest, fsyncs, applies metadata and installs it under its final
-//! name. A transfer that fails at any step is dropped and remembered, so the
+//! Files being received: `FileBegin` opens an unnamed file in the target's directory (and, for
+//! a delta, opens the current copy as its base and answers with its signature), body frames
+//! append to it while hashing, `FileEnd` checks size and digest, applies metadata and seals it;
+//! the group commit makes it durable and installs it under its final name. A transfer that fails at any step is dropped and remembered, so the
 //! frames the sender already had in flight for it are dropped without further replies.
 
 use crate::apply::{Apply, Sealed, Staged};
@@ -45,8 +45,8 @@ pub enum Outcome {
     Silent,
 }
 
-/// Files one session may have open at once (each holds a descriptor and an unnamed file);
-/// the sender keeps 16 in flight.
+/// Files one session may have begun and not ended (each holds a descriptor and an unnamed
+/// file); the sender streams 16 at once. Sealed files are bounded apart ([`crate::apply::MAX_SEALED`]).
 pub const MAX_FILES_IN_FLIGHT: usize = 64;
 
 /// The transfers of one session.

@@ -18,7 +18,7 @@
 //! - [`apply`]: changes to the module tree (mkdir, symlink, special, metadata, delete, rename,
 //!   installing staged entries), each through [`confine`].
 //! - [`incoming`]: files being received: staging, deltas against the current copy, digest
-//!   check, fsync, atomic install.
+//!   check, sealing until the group commit makes it durable and installs it atomically.
 //! - [`server`]: the listener, connection limits and shutdown.
 #![warn(missing_docs)]
 

@@ -1,11 +1,14 @@
 //! The request loop of one session. It takes requests in arrival order and answers each one
 //! exactly once; it runs on a blocking thread only while requests are waiting.
 //!
-//! Durability (group commit): a change is acknowledged only after the directories it touched
-//! are fsynced. Whenever no further request is already queued, or [`GROUP_COMMIT`]
-//! acknowledgements are waiting, the loop fsyncs every dirty directory and only then sends the
-//! `Ack`s. So an `Ack` always means "durable under its final name", and a burst of small files
-//! costs one directory fsync per directory, not one per file.
+//! Durability (group commit): a change is acknowledged only after it and the directories it
+//! touched are durable. Whenever no further request is already queued, [`GROUP_COMMIT`]
+//! answers are waiting or [`MAX_SEALED`] files are sealed, the loop makes the sealed files
+//! durable and names them ([`Apply::flush`]), makes every dirty directory durable
+//! ([`Apply::sync_dirty`]), and only then sends the `Ack`s. So an `Ack` always means "durable
+//! under its final name", and a burst of small files costs a few flushes, not one per file.
+//! A request on a sealed file's path, or above or below it, commits first, so requests apply
+//! in arrival order.
 
 use crate::apply::{Apply, MAX_SEALED};
 use crate::incoming::{Outcome, Transfers};
