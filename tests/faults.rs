@@ -148,7 +148,7 @@ fn kill_9_mid_batch_loses_no_acknowledged_file() {
             .arg(site.config()),
     );
     let deadline = Instant::now() + Duration::from_secs(60);
-    while count_files(&dst) < 500 {
+    while count_entries(&dst, false) < 500 {
         assert!(Instant::now() < deadline, "nothing arrived");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -178,21 +178,6 @@ fn kill_9_mid_batch_loses_no_acknowledged_file() {
         acked.len()
     );
     assert!(named < 3000, "the kill came too late to test anything");
-}
-
-fn count_files(dir: &Path) -> usize {
-    fs::read_dir(dir).map_or(0, |items| {
-        items
-            .flatten()
-            .map(|e| {
-                if e.file_type().unwrap().is_dir() {
-                    count_files(&e.path())
-                } else {
-                    1
-                }
-            })
-            .sum()
-    })
 }
 
 /// Checks every file under `dst` against its namesake in `src`; returns how many.

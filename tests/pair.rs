@@ -92,23 +92,7 @@ async fn an_aborted_file_leaves_nothing_and_the_session_goes_on() {
     let mut pair = Pair::new();
     let session = pair.session().await;
     let (id, mut rx) = session.register();
-    let path = RelPath::from("half");
-    session
-        .send(Message::FileBegin {
-            id,
-            path: path.clone(),
-            meta: file_meta(10),
-            body: Body::Whole,
-        })
-        .await
-        .unwrap();
-    session
-        .send(Message::FileData {
-            id,
-            data: b"12345".to_vec(),
-        })
-        .await
-        .unwrap();
+    begin_half(&session, id, "half").await;
     session.send(Message::FileAbort { id }).await.unwrap();
     match session.reply(&mut rx).await.unwrap() {
         Message::Failed { error, .. } => assert_eq!(error, "aborted by sender"),

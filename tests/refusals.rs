@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use ferry_protocol::identity::Identity;
-use ferry_protocol::message::{Body, Intent, Message};
+use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::{Fingerprint, RelPath};
 use ferry_sender::session::{Session, SessionError};
 use std::fs;
@@ -177,22 +177,7 @@ fn interrupted_transfer_leaves_nothing_and_is_cleaned() {
     runtime().block_on(async {
         let session = open(&s).await.unwrap();
         let (id, _rx) = session.register();
-        session
-            .send(Message::FileBegin {
-                id,
-                path: RelPath::from("half"),
-                meta: file_meta(10),
-                body: Body::Whole,
-            })
-            .await
-            .unwrap();
-        session
-            .send(Message::FileData {
-                id,
-                data: b"12345".to_vec(),
-            })
-            .await
-            .unwrap();
+        begin_half(&session, id, "half").await;
         session.stats().await.unwrap(); // make sure the receiver has handled both
         drop(session); // connection drops mid-file
     });

@@ -765,7 +765,7 @@ fn rm_rf_under_the_running_daemon_wiped_the_backup() {
     site.write_config(&one_group(&backup, &src, "delete_guard_min = 500"));
     let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
     daemon.wait_log_n("reconciled", 1, 30);
-    let entries = |p: &std::path::Path| walk_count(p);
+    let entries = |p: &std::path::Path| count_entries(p, true);
     assert_eq!(entries(&dst), 2020);
     // 14 of 20 directories: 1,414 of 2,020 entries (70%).
     for d in 0..14 {
@@ -796,21 +796,6 @@ fn rm_rf_under_the_running_daemon_wiped_the_backup() {
     let o = site.send_once(&["--confirm-deletes", "file"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(entries(&dst), 606);
-}
-
-/// Entries below `root` (itself not counted), never following symlinks.
-fn walk_count(root: &std::path::Path) -> usize {
-    fs::read_dir(root)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            if e.file_type().unwrap().is_dir() {
-                1 + walk_count(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
 }
 
 /// kill -9 of the receiver, then of the sender, in the middle of big transfers: nothing torn

@@ -20,7 +20,7 @@ use std::fs::Metadata;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Decides whether a path takes part; `is_dir` tells if it is a directory. Returning `false`
@@ -34,37 +34,44 @@ pub fn no_filter(_: &RelPath, _: bool) -> bool {
 
 /// Metadata of an `lstat` result; `None` for sockets, which are never transferred.
 pub fn meta_of(md: &Metadata) -> Option<Meta> {
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        Kind::File
-    } else if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_symlink() {
-        Kind::Symlink
-    } else if ft.is_fifo() {
-        Kind::Fifo
-    } else if ft.is_char_device() {
-        Kind::CharDevice
-    } else if ft.is_block_device() {
-        Kind::BlockDevice
-    } else {
-        return None;
-    };
-    Some(Meta {
-        kind,
-        mode: md.mode() & 0o7777,
+    meta_from(Raw {
+        mode: md.mode(),
         uid: md.uid(),
         gid: md.gid(),
-        size: if kind == Kind::File { md.len() } else { 0 },
+        size: md.len(),
         mtime: md.mtime(),
-        mtime_nsec: md.mtime_nsec() as u32,
-        rdev: if kind.is_special() { md.rdev() } else { 0 },
+        mtime_nsec: md.mtime_nsec(),
+        rdev: md.rdev(),
     })
 }
 
-/// Metadata of an `lstat` result in the kernel's form; `None` for sockets.
+/// [`meta_of`] for a `stat` filled in by the kernel.
 fn meta_of_stat(st: &libc::stat) -> Option<Meta> {
-    let kind = match st.st_mode & libc::S_IFMT {
+    meta_from(Raw {
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec,
+        rdev: st.st_rdev,
+    })
+}
+
+/// The fields of an `lstat` that [`Meta`] keeps, however they were read.
+struct Raw {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    rdev: u64,
+}
+
+/// The one rule from an `lstat` to [`Meta`].
+fn meta_from(r: Raw) -> Option<Meta> {
+    let kind = match r.mode & libc::S_IFMT {
         libc::S_IFREG => Kind::File,
         libc::S_IFDIR => Kind::Dir,
         libc::S_IFLNK => Kind::Symlink,
@@ -75,17 +82,13 @@ fn meta_of_stat(st: &libc::stat) -> Option<Meta> {
     };
     Some(Meta {
         kind,
-        mode: st.st_mode & 0o7777,
-        uid: st.st_uid,
-        gid: st.st_gid,
-        size: if kind == Kind::File {
-            st.st_size as u64
-        } else {
-            0
-        },
-        mtime: st.st_mtime,
-        mtime_nsec: st.st_mtime_nsec as u32,
-        rdev: if kind.is_special() { st.st_rdev } else { 0 },
+        mode: r.mode & 0o7777,
+        uid: r.uid,
+        gid: r.gid,
+        size: if kind == Kind::File { r.size } else { 0 },
+        mtime: r.mtime,
+        mtime_nsec: r.mtime_nsec as u32,
+        rdev: if kind.is_special() { r.rdev } else { 0 },
     })
 }
 
@@ -310,13 +313,9 @@ fn parent_of<'a>(root: &OwnedFd, rel: &'a RelPath) -> io::Result<(OwnedFd, Optio
     }
 }
 
-/// `lstat`s one entry; `Ok(None)` if it does not exist (also when a symlink or a file stands
-/// where one of its ancestors should be: the path as such is gone) or is a socket.
-pub fn read_entry(root: &Path, rel: &RelPath) -> io::Result<Option<Entry>> {
-    read_entry_at(&open_root(root)?, rel)
-}
-
-/// [`read_entry`] beneath a root held open.
+/// `lstat`s one entry beneath a root held open ([`open_root`]); `Ok(None)` if it does not
+/// exist (also when a symlink or a file stands where one of its ancestors should be: the path
+/// as such is gone) or is a socket.
 pub fn read_entry_at(root: &OwnedFd, rel: &RelPath) -> io::Result<Option<Entry>> {
     let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || is_not_beneath(e);
     let (dir, name) = match parent_of(root, rel) {

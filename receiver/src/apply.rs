@@ -225,9 +225,10 @@ impl Apply {
         if batch.is_empty() {
             return Vec::new();
         }
+        let root_dev = self.root_dev();
         let on_root = |s: &Sealed| {
             let dev = s.staged.file.metadata().map(|m| m.dev()).ok();
-            dev.is_some() && dev == self.root_dev()
+            dev.is_some() && dev == root_dev
         };
         // Data first: one flush of the filesystem for a batch, else one per file.
         let whole_fs =

@@ -1,8 +1,9 @@
 //! Files being received: `FileBegin` opens an unnamed file in the target's directory (and, for
 //! a delta, opens the current copy as its base and answers with its signature), body frames
 //! append to it while hashing, `FileEnd` checks size and digest, applies metadata and seals it;
-//! the group commit makes it durable and installs it under its final name. A transfer that fails at any step is dropped and remembered, so the
-//! frames the sender already had in flight for it are dropped without further replies.
+//! the group commit makes it durable and installs it under its final name. A transfer that
+//! fails at any step is dropped and remembered, so the frames the sender already had in flight
+//! for it are dropped without further replies.
 
 use crate::apply::{Apply, Sealed, Staged};
 use ferry_protocol::delta;
@@ -35,9 +36,8 @@ pub enum Outcome {
     Pending,
     /// Answer with this message (a `Signature` or `NoBase`); the transfer goes on.
     Reply(Message),
-    /// The transfer ended: committed (`Ok`, to be acknowledged after the next group commit)
-    /// or failed with the message to send.
-    Done(Result<(), String>),
+    /// The transfer failed: answer with this message.
+    Failed(String),
     /// The file is whole and sealed: the group commit makes it durable, names it and
     /// answers.
     Sealed,
@@ -72,7 +72,7 @@ impl Transfers {
             Ok(reply) => reply.map_or(Outcome::Pending, Outcome::Reply),
             Err(e) => {
                 self.failed.insert(id);
-                Outcome::Done(Err(format!("{rel}: {e}")))
+                Outcome::Failed(format!("{rel}: {e}"))
             }
         }
     }
@@ -185,7 +185,7 @@ impl Transfers {
             return Outcome::Silent;
         }
         let Some(inc) = self.incoming.get_mut(&id) else {
-            return Outcome::Done(Err(format!("file data for unknown transfer {id}")));
+            return Outcome::Failed(format!("file data for unknown transfer {id}"));
         };
         match f(inc, &mut self.scratch) {
             Ok(()) => Outcome::Pending,
@@ -193,7 +193,7 @@ impl Transfers {
                 let inc = self.incoming.remove(&id).expect("looked up above");
                 inc.tmp.discard();
                 self.failed.insert(id);
-                Outcome::Done(Err(format!("{}: {e}", inc.path)))
+                Outcome::Failed(format!("{}: {e}", inc.path))
             }
         }
     }
@@ -204,7 +204,7 @@ impl Transfers {
             return Outcome::Silent;
         }
         let Some(mut inc) = self.incoming.remove(&id) else {
-            return Outcome::Done(Err(format!("FileEnd for unknown transfer {id}")));
+            return Outcome::Failed(format!("FileEnd for unknown transfer {id}"));
         };
         match seal(fs, &mut inc, digest) {
             Ok(()) => {
@@ -220,7 +220,7 @@ impl Transfers {
             }
             Err(e) => {
                 inc.tmp.discard();
-                Outcome::Done(Err(format!("{}: {e}", inc.path)))
+                Outcome::Failed(format!("{}: {e}", inc.path))
             }
         }
     }
@@ -233,7 +233,7 @@ impl Transfers {
         if let Some(inc) = self.incoming.remove(&id) {
             inc.tmp.discard();
         }
-        Outcome::Done(Err("aborted by sender".into()))
+        Outcome::Failed("aborted by sender".into())
     }
 
     /// The session ended: unfinished transfers that got somewhere are kept in the module's

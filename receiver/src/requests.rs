@@ -162,8 +162,7 @@ impl Requests {
             Outcome::Reply(m) => {
                 self.reply(m);
             }
-            Outcome::Done(Ok(())) => self.pending_acks.push(id),
-            Outcome::Done(Err(e)) => self.fail(id, e),
+            Outcome::Failed(e) => self.fail(id, e),
         }
     }
 
@@ -248,7 +247,7 @@ impl Requests {
             Message::FileAbort { id } => {
                 let o = self.files.abort(id);
                 // The sender waits for this answer; it is no failure of ours.
-                if let Outcome::Done(Err(error)) = o {
+                if let Outcome::Failed(error) = o {
                     self.reply(Message::Failed { id, error });
                 }
             }

@@ -87,10 +87,15 @@ pub async fn send_batch(
     paths.dedup_by(|later, earlier| later.0 == earlier.0);
     let root = group.source.clone();
     let dirty = tokio::task::spawn_blocking(move || {
+        // One open of the source root for the whole batch; each path resolved beneath it.
+        let root = local::open_root(&root).map_err(|e| e.to_string());
         paths
             .into_iter()
             .map(|(path, need)| Dirty {
-                entry: local::read_entry(&root, &path).map_err(|e| e.to_string()),
+                entry: root
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|fd| local::read_entry_at(fd, &path).map_err(|e| e.to_string())),
                 path,
                 need,
             })
@@ -120,7 +125,7 @@ pub async fn send_batch(
     for tree in planned.trees {
         plan.extend(plan_under(session, group, &tree, 0, report).await?);
     }
-    if !plan.deletes.is_empty() && group.guard.percent > 0 && !group.guard.confirmed {
+    if !plan.deletes.is_empty() && group.guard.active() {
         let deleting = plan.removes + entries_on_receiver(session, &gone).await?;
         let source_empty = source_is_empty(group).await;
         let now = Instant::now();
@@ -145,9 +150,12 @@ pub async fn send_batch(
     let missing: Vec<RelPath> = parents.into_iter().filter(|d| !have.contains(d)).collect();
     let root = group.source.clone();
     let parents: Vec<Entry> = tokio::task::spawn_blocking(move || {
+        let Ok(root) = local::open_root(&root) else {
+            return Vec::new();
+        };
         missing
             .into_iter()
-            .filter_map(|d| local::read_entry(&root, &d).ok().flatten())
+            .filter_map(|d| local::read_entry_at(&root, &d).ok().flatten())
             .filter(|e| e.meta.kind == Kind::Dir)
             .collect()
     })

@@ -48,6 +48,11 @@ impl Default for DeleteGuard {
 pub const EMPTY_SOURCE_FLOOR: u64 = 10;
 
 impl DeleteGuard {
+    /// True unless the guard is off (`percent = 0`) or the operator confirmed this run.
+    pub fn active(&self) -> bool {
+        self.percent > 0 && !self.confirmed
+    }
+
     /// Why deleting needs confirming because the source is on another filesystem than the
     /// last time (`device` now): a different disk mounted there. Records `device` otherwise.
     pub fn device_objection(&self, device: u64, deleting: u64) -> Option<String> {
@@ -56,7 +61,7 @@ impl DeleteGuard {
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok());
         if let Some(before) = before {
-            if before != device && deleting > 0 && self.percent > 0 && !self.confirmed {
+            if before != device && deleting > 0 && self.active() {
                 return Some(format!(
                     "the source is on another filesystem than last time (device {device:#x}, \
                      was {before:#x}): a different disk mounted there?"
@@ -74,7 +79,7 @@ impl DeleteGuard {
     /// Why deleting `deleting` of the module's `total` entries needs confirming, if it does;
     /// `source_empty` is the source root having no entries at all.
     pub fn objection(&self, deleting: u64, total: u64, source_empty: bool) -> Option<String> {
-        if self.confirmed || self.percent == 0 || deleting == 0 {
+        if !self.active() || deleting == 0 {
             return None;
         }
         if source_empty && total >= EMPTY_SOURCE_FLOOR {
@@ -145,7 +150,7 @@ impl DeleteGuard {
         source_empty: bool,
         now: Instant,
     ) -> bool {
-        if self.confirmed || self.percent == 0 || deleting == 0 {
+        if !self.active() || deleting == 0 {
             return false;
         }
         let deleting = tally.recent(now) + deleting;

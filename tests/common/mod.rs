@@ -119,3 +119,27 @@ pub async fn push_whole(
     }
     session.expect_ack(&mut rx).await
 }
+
+/// Begins the file `path` (announced as 10 bytes) as request `id` and sends only its first
+/// 5: a transfer left half-way.
+pub async fn begin_half(
+    session: &ferry_sender::session::Session,
+    id: ferry_protocol::message::RequestId,
+    path: &str,
+) {
+    use ferry_protocol::message::{Body, Message};
+    for m in [
+        Message::FileBegin {
+            id,
+            path: ferry_protocol::RelPath::from(path),
+            meta: file_meta(10),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: b"12345".to_vec(),
+        },
+    ] {
+        session.send(m).await.unwrap();
+    }
+}

@@ -146,3 +146,20 @@ fn walk(root: &Path, dir: &Path, out: &mut Listing) {
         }
     }
 }
+
+/// Files below `root` (directories too with `dirs`; `root` itself not counted), never
+/// following symlinks; 0 if it cannot be read.
+pub fn count_entries(root: &Path, dirs: bool) -> usize {
+    std::fs::read_dir(root).map_or(0, |items| {
+        items
+            .flatten()
+            .map(|e| {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    usize::from(dirs) + count_entries(&e.path(), dirs)
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
+}
