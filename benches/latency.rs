@@ -130,6 +130,7 @@ async fn bench(writes: usize, burst: usize) {
                 address: recv.address.clone(),
                 kind: TargetKind::Ferry {
                     fingerprint: recv.pin,
+                    compress: false,
                 },
             },
         )]

@@ -144,6 +144,7 @@ pub(crate) enum Import {
 }
 
 fn main() -> ExitCode {
+    ferry_protocol::tune_allocator();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -56,6 +56,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         address,
         kind: TargetKind::Ferry {
             fingerprint: recv.pin,
+            compress: false,
         },
     };
     let code = if once {

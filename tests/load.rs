@@ -45,7 +45,7 @@ async fn open(
         .connect(ferry_protocol::tls::server_name(), tcp)
         .await
         .map_err(|e| e.to_string())?;
-    Session::over(stream, &server.to_string(), "file", Intent::Write)
+    Session::over(stream, &server.to_string(), "file", Intent::Write, false)
         .await
         .map_err(|e| e.to_string())
 }

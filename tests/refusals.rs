@@ -126,6 +126,7 @@ async fn open(s: &Setup) -> Result<Session, SessionError> {
         &sender_identity(s),
         "file",
         Intent::Write,
+        false,
     )
     .await
 }

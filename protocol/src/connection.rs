@@ -4,7 +4,7 @@
 //! requests while another collects replies. Each write encodes into one buffer and issues one
 //! `write_all`, so a frame never goes out in pieces interleaved with another.
 
-use crate::frame::{self, FrameError, MAX_FRAME};
+use crate::frame::{self, FrameError, Packer, MAX_FRAME};
 use crate::message::{Intent, Keeps, Message, MAGIC, PROTOCOL_VERSION};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -86,9 +86,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message; `Ok(None)` on a clean close at a frame boundary.
     pub async fn read(&mut self) -> Result<Option<Message>, ConnError> {
         loop {
-            if let Some((msg, used)) = frame::decode(&self.buf[self.start..])? {
+            if let Some((msg, used, held)) =
+                frame::decode_sized(&self.buf[self.start..], self.limit)?
+            {
                 self.start += used;
-                self.last_len = used;
+                self.last_len = frame::HEADER_LEN + held;
                 if self.start == self.buf.len() {
                     self.buf.clear();
                     self.start = 0;
@@ -100,10 +102,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            if let Some(header) = self.buf.get(..frame::HEADER_LEN) {
-                let announced = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-                if announced as usize > self.limit {
-                    return Err(FrameError::TooLarge(announced as usize).into());
+            if let Some(announced) = frame::announced(&self.buf) {
+                if announced > self.limit {
+                    return Err(FrameError::TooLarge(announced).into());
                 }
             }
             let want = frame::check(&self.buf)?
@@ -132,7 +133,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Encoded size of the message last returned by [`FrameReader::read`].
+    /// Encoded size of the message last returned by [`FrameReader::read`], unpacked: a packed
+    /// frame counts what it holds in memory, not its size on the wire.
     pub fn last_frame_len(&self) -> usize {
         self.last_len
     }
@@ -148,6 +150,7 @@ pub struct FrameWriter<W> {
     inner: W,
     buf: Vec<u8>,
     written: u64,
+    packer: Packer,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -157,7 +160,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             inner,
             buf: Vec::new(),
             written: 0,
+            packer: Packer::new(false),
         }
+    }
+
+    /// Packs file bodies too (see [`Packer`]); listings are packed either way.
+    pub fn pack_data(mut self, data: bool) -> Self {
+        self.packer = Packer::new(data);
+        self
     }
 
     /// Writes one message and flushes.
@@ -169,7 +179,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn write_all(&mut self, msgs: &[Message]) -> Result<(), ConnError> {
         self.buf.clear();
         for m in msgs {
-            frame::encode(m, &mut self.buf)?;
+            self.packer.encode(m, &mut self.buf)?;
         }
         self.inner.write_all(&self.buf).await?;
         self.inner.flush().await?;
@@ -407,6 +417,21 @@ mod tests {
             Err(ConnError::Frame(FrameError::TooLarge(n))) if n == 16 << 20
         ));
         assert!(r.buf.capacity() <= 64 * 1024 + PRE_AUTH_FRAME);
+    }
+
+    #[tokio::test]
+    async fn a_packed_frame_counts_what_it_holds_not_what_it_took() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut w = FrameWriter::new(a).pack_data(true);
+        let msg = Message::FileData {
+            id: 1,
+            data: vec![0; 1 << 20],
+        };
+        w.write(&msg).await.unwrap();
+        assert!(w.bytes_written() < 64 << 10, "{}", w.bytes_written());
+        let mut r = FrameReader::new(b);
+        assert_eq!(r.read().await.unwrap(), Some(msg));
+        assert!(r.last_frame_len() > 1 << 20, "{}", r.last_frame_len());
     }
 
     #[tokio::test]

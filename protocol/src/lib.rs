@@ -38,6 +38,34 @@ pub use message::Message;
 pub use meta::{Entry, Kind, Meta};
 pub use path::RelPath;
 
+/// Sets the allocator up for a daemon that moves 8 MiB windows through several threads; call
+/// once, first thing in `main`. glibc's defaults raise the `mmap` threshold to the largest
+/// block ever freed and the trim threshold to twice that, so after one 8 MiB window every
+/// thread arena keeps up to 16 MiB it no longer uses, which `malloc_trim` cannot return (it
+/// never trims the top of a thread arena). Measured on the receiver after a 256 MiB delta:
+/// 36 MB resident at rest with the defaults, 12 MB with these. Fixed values: blocks under
+/// 16 MiB (every frame and window) are reused from the arenas, not mapped and faulted in
+/// each time (a 256 KiB threshold cost twice the system time), and an arena keeps at most
+/// 4 MiB of free space at its top.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+    }
+}
+
+/// Hands memory freed by a finished piece of work (a session, a whole-tree compare) back to
+/// the system: free blocks inside the arenas, which the trim threshold does not cover.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// An I/O error as an operator reads it: the system's words without Rust's `(os error N)`.
 pub fn io_reason(e: &std::io::Error) -> String {
     let text = e.to_string();

@@ -178,6 +178,7 @@ where
     heartbeat.abort();
     let write_result = write_task.await.unwrap_or(Ok(()));
     tracing::info!(%peer, module = %module_name, "session closed");
+    ferry_protocol::release_free_memory();
     read_result.and(write_result)
 }
 

@@ -94,7 +94,6 @@ fn rsync_only_key(t: &RawTarget) -> Option<&'static str> {
         ("password_file", t.password_file.is_some()),
         ("rsync_path", t.rsync_path.is_some()),
         ("rsync_args", !t.rsync_args.is_empty()),
-        ("compress", t.compress),
         ("bwlimit_kib", t.bwlimit_kib.is_some()),
         ("timeout_s", t.timeout_s.is_some()),
         ("transport", t.transport.is_some()),
@@ -140,6 +139,9 @@ pub enum TargetKind {
     Ferry {
         /// Pinned receiver certificate.
         fingerprint: Fingerprint,
+        /// Pack file bodies with zstd (`compress = true`): pays on slow links and compressible
+        /// data; frames that would not shrink go as they are.
+        compress: bool,
     },
     /// A stock rsyncd, driven through the `rsync` client.
     Rsync(RsyncTarget),
@@ -170,7 +172,7 @@ impl Target {
     /// The pinned certificate of a ferry receiver.
     pub fn fingerprint(&self) -> Option<Fingerprint> {
         match &self.kind {
-            TargetKind::Ferry { fingerprint } => Some(*fingerprint),
+            TargetKind::Ferry { fingerprint, .. } => Some(*fingerprint),
             TargetKind::Rsync(_) => None,
         }
     }
@@ -288,7 +290,10 @@ impl Config {
                             t.address
                         )));
                     }
-                    TargetKind::Ferry { fingerprint }
+                    TargetKind::Ferry {
+                        fingerprint,
+                        compress: t.compress,
+                    }
                 }
                 "rsync" => {
                     if t.fingerprint.is_some() {
@@ -460,6 +465,19 @@ exclude = ["tmp/", "*.log"]
         assert_eq!(g.name, "file");
         assert!(g.delete);
         assert_eq!(g.targets, vec!["backup".to_string()]);
+        assert!(matches!(
+            c.targets["backup"].kind,
+            TargetKind::Ferry {
+                compress: false,
+                ..
+            }
+        ));
+        let packed = GOOD.replace("fingerprint =", "compress = true\nfingerprint =");
+        let c = Config::parse(&packed, Path::new("/etc/ferry/sender.toml")).unwrap();
+        assert!(matches!(
+            c.targets["backup"].kind,
+            TargetKind::Ferry { compress: true, .. }
+        ));
     }
 
     #[test]

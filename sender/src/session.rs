@@ -2,7 +2,7 @@
 //! replies are routed back to whoever issued the request by a reader task. Many requests can
 //! be in flight at once.
 
-use crate::config::Target;
+use crate::config::{Target, TargetKind};
 use ferry_protocol::connection::{
     client_handshake, ConnError, FrameReader, FrameWriter, STALL_TIMEOUT,
 };
@@ -74,13 +74,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects to `address`, pins `fingerprint`, and opens `module` with `intent`.
+    /// Connects to `address`, pins `fingerprint`, and opens `module` with `intent`; file
+    /// bodies are packed with zstd if `compress`.
     pub async fn connect(
         address: &str,
         fingerprint: Fingerprint,
         identity: &Identity,
         module: &str,
         intent: Intent,
+        compress: bool,
     ) -> Result<Session, SessionError> {
         let conn_err = |source: ConnError| SessionError::Conn {
             address: address.to_string(),
@@ -104,7 +106,7 @@ impl Session {
             .await
             .map_err(|_| conn_err(ConnError::Timeout("connecting")))?
             .map_err(|e| conn_err(e.into()))?;
-        Session::over(stream, address, module, intent)
+        Session::over(stream, address, module, intent, compress)
             .await
             .map_err(conn_err)
     }
@@ -116,13 +118,14 @@ impl Session {
         address: &str,
         module: &str,
         intent: Intent,
+        compress: bool,
     ) -> Result<Session, ConnError>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
         let mut reader = FrameReader::new(r);
-        let mut writer = FrameWriter::new(w);
+        let mut writer = FrameWriter::new(w).pack_data(compress);
         let keeps = client_handshake(&mut reader, &mut writer, module, intent).await?;
 
         let (out, out_rx) = mpsc::channel::<Message>(16);
@@ -382,13 +385,25 @@ impl Target {
         module: &str,
         intent: Intent,
     ) -> Result<Session, SessionError> {
-        let Some(fingerprint) = self.fingerprint() else {
+        let TargetKind::Ferry {
+            fingerprint,
+            compress,
+        } = self.kind
+        else {
             return Err(SessionError::Failed(format!(
                 "target {}: an rsync target has no ferry session",
                 self.name
             )));
         };
-        Session::connect(&self.address, fingerprint, identity, module, intent).await
+        Session::connect(
+            &self.address,
+            fingerprint,
+            identity,
+            module,
+            intent,
+            compress,
+        )
+        .await
     }
 }
 

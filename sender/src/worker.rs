@@ -34,6 +34,9 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often a worker logs its summary at info level (when it did something).
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+/// How often, at most, an idle worker hands freed memory back after live batches (after a
+/// whole-tree compare it always does).
+pub const RELEASE_EVERY: Duration = Duration::from_secs(5);
 /// How often a group whose source directory is missing looks for it again.
 pub const SOURCE_RECHECK: Duration = Duration::from_secs(10);
 
@@ -158,6 +161,7 @@ impl<T: Transport> Worker<T> {
         let mut paused = false;
         let mut summary = Report::default();
         let mut last_summary = Instant::now();
+        let mut last_release = Instant::now();
         loop {
             if !wait_for_work(&self.queue, &self.shutdown).await {
                 break;
@@ -244,6 +248,12 @@ impl<T: Transport> Worker<T> {
                     self.queue
                         .settle(&batch, &report.failed_paths(), Instant::now());
                     summary.absorb(report);
+                    if batch.full
+                        || (self.queue.is_empty() && last_release.elapsed() >= RELEASE_EVERY)
+                    {
+                        ferry_protocol::release_free_memory();
+                        last_release = Instant::now();
+                    }
                     if last_summary.elapsed() >= SUMMARY_EVERY {
                         log_summary(group, target, &summary, last_summary.elapsed());
                         summary = Report::default();

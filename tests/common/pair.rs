@@ -24,6 +24,8 @@ pub struct Pair {
     pub client: Fingerprint,
     /// Served sessions, to wait for after a close.
     pub served: tokio::task::JoinSet<()>,
+    /// Sessions opened from now on pack file bodies (`compress = true`).
+    pub compress: bool,
 }
 
 impl Pair {
@@ -56,6 +58,7 @@ impl Pair {
             server: Arc::new(server),
             client,
             served: tokio::task::JoinSet::new(),
+            compress: false,
         }
     }
 
@@ -79,7 +82,7 @@ impl Pair {
             )
             .await;
         });
-        Session::over(ours, "pair", module, intent)
+        Session::over(ours, "pair", module, intent, self.compress)
             .await
             .map_err(|e| e.to_string())
     }
