@@ -145,6 +145,7 @@ async fn bench(writes: usize, burst: usize) {
             timing: Default::default(),
             guard: Default::default(),
         }],
+        liveness: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(daemon.run(shutdown.clone(), probe));

@@ -4,6 +4,7 @@
 mod import;
 mod mirror;
 mod send;
+mod service;
 mod verify;
 
 use anyhow::{bail, Result};
@@ -226,6 +227,7 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
                 std::process::exit(130);
             }
             tracing::info!("{which}: shutting down (again to exit at once)");
+            service::stopping();
             t.cancel();
         }
     });
@@ -246,7 +248,15 @@ async fn run(command: Command) -> Result<u8> {
         }
         Command::Receive { config } => {
             let config = ferry_receiver::Config::load(&config)?;
-            ferry_receiver::run(&config, shutdown_on_signals()).await?;
+            let modules = config.modules.len();
+            ferry_receiver::run(&config, shutdown_on_signals(), |server| {
+                service::ready(&format!(
+                    "listening on {}, {modules} modules",
+                    config.listen
+                ));
+                service::watchdog(server.liveness.clone());
+            })
+            .await?;
             Ok(0)
         }
         Command::Send {

@@ -80,6 +80,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
             identity: Arc::new(recv.client.clone()),
             targets: [("local".to_string(), target)].into(),
             syncs: vec![group],
+            liveness: Default::default(),
         };
         let observer = Arc::new(MirrorObserver {
             src: src.clone(),

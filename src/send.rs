@@ -3,11 +3,12 @@
 use anyhow::{Context, Result};
 use ferry_protocol::message::Intent;
 use ferry_sender::config::TargetKind;
-use ferry_sender::daemon::{Daemon, LogObserver};
+use ferry_sender::daemon::{Daemon, Observer};
 use ferry_sender::execute::Report;
 use ferry_sender::reconcile;
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// `ferry send --config FILE [--once]`.
 pub async fn send(config: &Path, once: bool, confirm_deletes: &[String]) -> Result<u8> {
@@ -23,15 +24,53 @@ pub async fn send(config: &Path, once: bool, confirm_deletes: &[String]) -> Resu
         return send_once(&config).await;
     }
     let identity = config.identity()?;
+    let groups = config.syncs.len();
+    let pairs = config.syncs.iter().map(|g| g.targets.len()).sum();
     let daemon = Daemon {
         identity: Arc::new(identity),
         targets: config.targets,
         syncs: config.syncs,
+        liveness: Default::default(),
     };
-    daemon
-        .run(crate::shutdown_on_signals(), Arc::new(LogObserver))
-        .await?;
+    crate::service::watchdog(daemon.liveness.clone());
+    let observer = Arc::new(ServiceObserver {
+        groups,
+        pairs,
+        reconciled: Mutex::new(BTreeSet::new()),
+    });
+    daemon.run(crate::shutdown_on_signals(), observer).await?;
     Ok(0)
+}
+
+/// Logs, and tells systemd when the daemon is ready and when every target first converged.
+struct ServiceObserver {
+    groups: usize,
+    /// (group, target) pairs.
+    pairs: usize,
+    reconciled: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Observer for ServiceObserver {
+    fn ready(&self) {
+        crate::service::ready(&format!(
+            "watching {} sync groups; initial reconcile running",
+            self.groups
+        ));
+    }
+
+    fn reconciled(&self, group: &str, target: &str, report: &Report) {
+        if !report.converged() {
+            return;
+        }
+        let mut done = self.reconciled.lock().expect("lock");
+        if done.insert((group.to_string(), target.to_string())) {
+            crate::service::status(&if done.len() == self.pairs {
+                "every target reconciled; following changes".to_string()
+            } else {
+                format!("{} of {} targets reconciled", done.len(), self.pairs)
+            });
+        }
+    }
 }
 
 /// One line of figures per (group, target), failures on stderr.

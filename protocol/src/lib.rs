@@ -19,6 +19,9 @@
 //!   content-digest cache that `verify` relies on. Both daemons and `verify` share it so the
 //!   two sides of a comparison read metadata the same way.
 //! - [`identity`]: loads and generates certificate/key PEM files.
+//!
+//! Shared by both daemons: [`liveness`], which main loops are still turning (for the
+//! service watchdog).
 #![warn(missing_docs)]
 
 pub mod connection;
@@ -26,6 +29,7 @@ pub mod delta;
 pub mod fingerprint;
 pub mod frame;
 pub mod identity;
+pub mod liveness;
 pub mod local;
 pub mod merkle;
 pub mod message;

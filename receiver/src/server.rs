@@ -5,6 +5,7 @@ use crate::config::{Config, Module};
 use crate::module::ModuleSlot;
 use crate::stats::Stats;
 use ferry_protocol::identity::Identity;
+use ferry_protocol::liveness::Liveness;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The accept loop goes round at least this often while idle, to show it is alive.
+const LOOP_TICK: Duration = Duration::from_secs(1);
 
 /// How long shutdown waits for sessions to finish their queued requests.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -47,6 +51,8 @@ pub struct Server {
     pub(crate) privileged: bool,
     pub(crate) admission: Admission,
     listen: SocketAddr,
+    /// Where the accept loop registers as a main loop (for the service watchdog).
+    pub liveness: Liveness,
 }
 
 impl Server {
@@ -83,6 +89,7 @@ impl Server {
             privileged,
             admission: Admission::default(),
             listen,
+            liveness: Liveness::default(),
         })
     }
 
@@ -106,14 +113,19 @@ impl Server {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let mut backoff = Duration::from_millis(10);
+        let beat = self.liveness.register("accept loop");
+        let mut tick = tokio::time::interval(LOOP_TICK);
         loop {
+            beat.beat();
             // Past the handshake cap, connections wait in the listen backlog.
             let slot = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = tick.tick() => continue,
                 s = self.admission.slot() => s,
             };
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = tick.tick() => continue,
                 a = listener.accept() => a,
             };
             match accepted {
@@ -176,11 +188,17 @@ fn warn_if_key_readable(key: &std::path::Path) {
     }
 }
 
-/// Runs a receiver from its configuration until `shutdown` fires.
-pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+/// Runs a receiver from its configuration until `shutdown` fires; `ready` is called once it
+/// listens.
+pub async fn run(
+    config: &Config,
+    shutdown: CancellationToken,
+    ready: impl FnOnce(&Arc<Server>),
+) -> Result<(), ServerError> {
     let server = Arc::new(Server::new(config)?);
     let listener = server.bind().await?;
     tracing::info!(listen = %listener.local_addr()?, modules = server.modules.len(), "receiver listening");
+    ready(&server);
     server.serve(listener, shutdown).await;
     Ok(())
 }

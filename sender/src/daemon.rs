@@ -9,6 +9,7 @@ use crate::rsync::{self, RsyncLink};
 use crate::watch::GroupWatcher;
 use crate::worker::{FerryLink, Worker};
 use ferry_protocol::identity::Identity;
+use ferry_protocol::liveness::Liveness;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +55,8 @@ pub struct Daemon {
     pub targets: BTreeMap<String, Target>,
     /// Sync groups.
     pub syncs: Vec<SyncGroup>,
+    /// Where each group's event router registers as a main loop (for the service watchdog).
+    pub liveness: Liveness,
 }
 
 impl Daemon {
@@ -91,8 +94,11 @@ impl Daemon {
             }
             // Watches first, so nothing changed during the reconcile is missed.
             let g = group.clone();
+            let beat = self
+                .liveness
+                .register(format!("event router of sync {}", group.name));
             let started = tokio::task::spawn_blocking(move || {
-                GroupWatcher::start(g.clone(), g.timing, queues)
+                GroupWatcher::start(g.clone(), g.timing, queues, beat)
             })
             .await
             .expect("watcher start task");
@@ -127,6 +133,7 @@ impl Daemon {
                 }
             }
         }
+        observer.ready();
         while workers.join_next().await.is_some() {}
         for w in watchers {
             tokio::task::spawn_blocking(move || w.stop())

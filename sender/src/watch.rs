@@ -11,6 +11,7 @@ use crate::coalesce::{Change, Coalescer, Event as Ev, Timing, What};
 use crate::config::SyncGroup;
 use crate::queue::Queue;
 use crate::route::{route, Lookup, Routed};
+use ferry_protocol::liveness::Beat;
 use ferry_protocol::RelPath;
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use std::collections::HashSet;
@@ -61,6 +62,7 @@ impl GroupWatcher {
         group: SyncGroup,
         timing: Timing,
         queues: Vec<Queue>,
+        beat: Beat,
     ) -> Result<GroupWatcher, notify::Error> {
         let (tx, rx) = mpsc::sync_channel(EVENT_BACKLOG);
         let overflowed = Arc::new(AtomicBool::new(false));
@@ -95,6 +97,7 @@ impl GroupWatcher {
             watcher,
             group,
             queues,
+            beat,
         };
         let started = Instant::now();
         router.watch_tree(&RelPath::root(), true);
@@ -145,6 +148,8 @@ struct Router {
     watcher: RecommendedWatcher,
     group: SyncGroup,
     queues: Vec<Queue>,
+    /// Beaten every time round the loop (at least every [`TICK`]).
+    beat: Beat,
 }
 
 impl Router {
@@ -152,6 +157,7 @@ impl Router {
         let mut next_rescan = Instant::now() + DEGRADED_RESCAN;
         let mut next_root_check = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            self.beat.beat();
             let now = Instant::now();
             let wait = self
                 .coalescer

@@ -42,6 +42,9 @@ pub const SOURCE_RECHECK: Duration = Duration::from_secs(10);
 
 /// Sees what the daemon does; the `ferry` binary prints or logs it.
 pub trait Observer: Send + Sync + 'static {
+    /// Every group is watched and every worker started (its first batch is the initial
+    /// reconcile): the daemon is ready.
+    fn ready(&self) {}
     /// The initial (or post-overflow) full reconcile of `group` on `target` finished.
     fn reconciled(&self, group: &str, target: &str, report: &Report) {
         let _ = (group, target, report);
