@@ -1,5 +1,6 @@
-//! Running under systemd (`Type=notify`): readiness, status lines, reload and stop notices,
-//! and the watchdog. Every call is a no-op outside a service (no `NOTIFY_SOCKET`).
+//! Running under systemd (`Type=notify`): readiness, status lines, the stop notice, the
+//! watchdog, and log lines in journald's format. Every notice is a no-op outside a service
+//! (no `NOTIFY_SOCKET`).
 //!
 //! The watchdog's keep-alives are sent from a timer task, but only while every main loop
 //! registered in the daemon's [`Liveness`] has gone round within half the watchdog interval:
@@ -9,6 +10,67 @@
 use ferry_protocol::liveness::Liveness;
 use sd_notify::NotifyState;
 use std::time::{Duration, Instant};
+use tracing_subscriber::fmt::format::{Format, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// True when stderr is connected to the journal (systemd sets `JOURNAL_STREAM` to its
+/// `device:inode`; a child whose stderr was redirected does not match).
+pub fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a stat into the buffer we own; fd 2 may be closed (then -1).
+    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let st = unsafe { st.assume_init() };
+    stream.to_str() == Some(&format!("{}:{}", st.st_dev, st.st_ino))
+}
+
+/// Log lines for journald: the syslog priority as a `<N>` prefix (sd-daemon(3)), no time
+/// stamp and no level word of our own.
+pub struct JournalFormat(Format<tracing_subscriber::fmt::format::Full, ()>);
+
+impl Default for JournalFormat {
+    fn default() -> Self {
+        JournalFormat(
+            Format::default()
+                .without_time()
+                .with_level(false)
+                .with_target(false)
+                .with_ansi(false),
+        )
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JournalFormat
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The syslog priority of a level.
+fn priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
+    }
+}
 
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(false, states) {
@@ -24,11 +86,6 @@ pub fn ready(status: &str) {
 /// A new status line.
 pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
-}
-
-/// A reload began (`ready` again when it is done).
-pub fn reloading() {
-    notify(&[NotifyState::Reloading]);
 }
 
 /// Shutdown began.

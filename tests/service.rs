@@ -162,3 +162,194 @@ fn the_sender_is_ready_once_its_watches_are_in_place_and_says_when_it_converged(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Under journald (`JOURNAL_STREAM` naming stderr), lines carry the syslog priority and no
+/// time stamp of ours; elsewhere they keep the human format.
+#[test]
+fn under_journald_logs_carry_priorities_and_no_time_stamps() {
+    use std::os::unix::fs::MetadataExt;
+    let site = Site::new();
+    let (config, _, _) = receiver_config(&site.path("recv"), &site.fingerprint, &site.path("dst"));
+    // A key readable by others: the receiver warns at start-up.
+    set_mode(&site.path("recv/key.pem"), 0o644);
+    let run = |journal: bool| {
+        let log = site.path(if journal { "journal.log" } else { "plain.log" });
+        let file = std::fs::File::create(&log).unwrap();
+        let md = file.metadata().unwrap();
+        let mut cmd = ferry();
+        cmd.args(["receive", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        if journal {
+            cmd.env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()));
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("receiver listening")
+        {
+            assert!(Instant::now() < deadline, "no start-up line");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let journal = run(true);
+    let warn = journal
+        .lines()
+        .find(|l| l.contains("readable by others"))
+        .unwrap();
+    assert!(warn.starts_with("<4>"), "{journal}");
+    let listening = journal
+        .lines()
+        .find(|l| l.contains("receiver listening"))
+        .unwrap();
+    assert!(listening.starts_with("<6>receiver listening"), "{journal}");
+    assert!(journal.lines().all(|l| l.starts_with('<')), "{journal}");
+    assert!(!journal.contains("INFO"), "{journal}");
+    let plain = run(false);
+    let listening = plain
+        .lines()
+        .find(|l| l.contains("receiver listening"))
+        .unwrap();
+    assert!(
+        listening.starts_with("20") && listening.contains("INFO"),
+        "{plain}"
+    );
+}
+
+#[test]
+fn quiet_leaves_only_warnings_and_errors() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    std::fs::write(src.join("a"), b"a").unwrap();
+    site.write_config(&one_group(&backup, &src, ""));
+    let out = run(ferry()
+        .env_remove("FERRY_LOG")
+        .args(["-q", "send", "--once", "--config"])
+        .arg(site.config()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(dst.join("a")).unwrap(), b"a");
+    assert!(!stderr(&out).contains("INFO"), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("files=1"),
+        "the summary is output, not a log line"
+    );
+}
+
+#[test]
+fn check_config_names_file_line_and_key_for_either_kind() {
+    let site = Site::new();
+    let (config, _, _) = receiver_config(
+        &site.path("other"),
+        &site.fingerprint,
+        &site.path("other-dst"),
+    );
+    let check = |file: &Path| run(ferry().arg("check-config").arg(file));
+    let ok = check(&config);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("receiver configuration, 1 modules: OK"));
+
+    let (src, _, backup) = site.one_backup();
+    site.write_config(&one_group(&backup, &src, ""));
+    let ok = check(&site.config());
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("sender configuration, 1 sync groups, 1 targets: OK"));
+
+    // A semantic error: the line of the key.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("127.0.0.1:", "localhost-")).unwrap();
+    let bad = check(&config);
+    assert_eq!(bad.status.code(), Some(2));
+    let at = format!("{}:1: listen: invalid address", config.display());
+    assert!(stderr(&bad).contains(&at), "{}", stderr(&bad));
+    // An unknown target in the sender's third line of its group.
+    let text = std::fs::read_to_string(site.config()).unwrap();
+    std::fs::write(
+        site.config(),
+        text.replace("targets = [\"backup\"]", "targets = [\"typo\"]"),
+    )
+    .unwrap();
+    let bad = check(&site.config());
+    assert_eq!(bad.status.code(), Some(2));
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("targets = "))
+        .unwrap();
+    let at = format!(
+        "{}:{line}: sync[0] (file).targets: unknown target \"typo\"",
+        site.config().display()
+    );
+    assert!(stderr(&bad).contains(&at), "{}", stderr(&bad));
+    assert_eq!(
+        stderr(&bad).matches("unknown target").count(),
+        1,
+        "said once"
+    );
+    // Neither kind.
+    std::fs::write(site.path("other.toml"), "colour = 1\n").unwrap();
+    let bad = check(&site.path("other.toml"));
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("neither a sender.toml"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+/// The units in `deploy/` are valid for systemd and score at most 5.0 in `systemd-analyze
+/// security`. systemd finds an unqualified `ferry` in /usr/local/bin or /usr/bin; the copies
+/// verified here name the binary under test instead.
+#[test]
+fn the_units_verify_and_score_at_most_5() {
+    let bin = env!("CARGO_BIN_EXE_ferry");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["ferry-receiver.service", "ferry-sender.service"] {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("deploy")
+                .join(name),
+        )
+        .unwrap();
+        let ours = format!("={bin} ");
+        let text: String = text
+            .lines()
+            .map(|l| match l.starts_with("ExecStart") {
+                true => l.replacen("=ferry ", &ours, 1) + "\n",
+                false => l.to_string() + "\n",
+            })
+            .collect();
+        assert_eq!(
+            text.matches(&ours).count(),
+            2,
+            "ExecStartPre and ExecStart run ferry"
+        );
+        let unit = tmp.path().join(name);
+        std::fs::write(&unit, text).unwrap();
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .expect("systemd-analyze (Debian package systemd) must be installed");
+        assert!(
+            verify.status.success() && verify.stderr.is_empty(),
+            "{name}: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+        let security = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--threshold=50"])
+            .arg(&unit)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&security.stdout);
+        let score = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .unwrap_or_default()
+            .to_string();
+        eprintln!("{score}");
+        assert!(security.status.success(), "{name}: {score}");
+    }
+}

@@ -20,10 +20,12 @@
 //!   two sides of a comparison read metadata the same way.
 //! - [`identity`]: loads and generates certificate/key PEM files.
 //!
-//! Shared by both daemons: [`liveness`], which main loops are still turning (for the
+//! Shared by both daemons: [`config_text`], where a configuration key is (for errors that
+//! name the line); [`liveness`], which main loops are still turning (for the
 //! service watchdog).
 #![warn(missing_docs)]
 
+pub mod config_text;
 pub mod connection;
 pub mod delta;
 pub mod fingerprint;

@@ -11,18 +11,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Each registered loop's name and last beat (milliseconds since the registry's epoch).
+type Loops = Arc<Mutex<Vec<(String, Arc<AtomicU64>)>>>;
+
 /// The registry of a process's main loops.
 #[derive(Clone)]
 pub struct Liveness {
     epoch: Instant,
-    loops: Arc<Mutex<Vec<(String, Arc<AtomicU64>)>>>,
+    loops: Loops,
 }
 
 /// One loop's heartbeat; dropping it unregisters the loop.
 pub struct Beat {
     epoch: Instant,
     last: Arc<AtomicU64>,
-    loops: Arc<Mutex<Vec<(String, Arc<AtomicU64>)>>>,
+    loops: Loops,
 }
 
 impl Default for Liveness {

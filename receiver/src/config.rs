@@ -7,15 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// A configuration file could not be used. Messages name the file and the key.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
-pub struct ConfigError {
-    /// The configuration file.
-    pub file: PathBuf,
-    /// What is wrong, naming the key (and line, for syntax errors).
-    pub message: String,
-}
+pub use ferry_protocol::config_text::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,21 +129,16 @@ impl Config {
 
     /// Reads and validates `file`; relative paths resolve against its directory.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-            file: file.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(file, ferry_protocol::io_reason(&e)))?;
         Config::parse(&text, file)
     }
 
     /// Parses and validates `text` as if read from `file`.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError {
-            file: file.to_path_buf(),
-            message,
-        };
+        let err = |message: String| ConfigError::at(file, text, message);
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let listen = raw
@@ -260,23 +247,30 @@ max_connections = 200
     #[test]
     fn errors_name_file_and_key() {
         let cases = [
-            (GOOD.replace("read_only", "readonly"), "readonly"),
+            (GOOD.replace("read_only", "readonly"), 9, "readonly"),
             (
                 GOOD.replace("sha256:0000", "sha256:zz00"),
+                7,
                 "modules.file.clients",
             ),
             (
                 GOOD.replace("10.255.60.0/24", "10.255.60.0/99"),
+                8,
                 "modules.file.hosts_allow",
             ),
-            (GOOD.replace("127.0.0.1:8730", "nowhere"), "listen"),
-            (format!("{GOOD}\n[modules.file]\npath = \"/y\"\n"), "file"),
+            (GOOD.replace("127.0.0.1:8730", "nowhere"), 2, "listen"),
+            (
+                format!("{GOOD}\n[modules.file]\npath = \"/y\"\n"),
+                12,
+                "duplicate key: `[modules.file]`",
+            ),
         ];
-        for (text, needle) in cases {
+        for (text, line, needle) in cases {
             let e = Config::parse(&text, Path::new("/etc/ferry/receiver.toml"))
                 .unwrap_err()
                 .to_string();
-            assert!(e.starts_with("/etc/ferry/receiver.toml: "), "{e}");
+            let at = format!("/etc/ferry/receiver.toml:{line}: ");
+            assert!(e.starts_with(&at), "{e} should start with {at}");
             assert!(e.contains(needle), "{e} should mention {needle}");
         }
     }

@@ -9,15 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A configuration file could not be used. Messages name the file and the key.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {message}")]
-pub struct ConfigError {
-    /// The configuration file.
-    pub file: PathBuf,
-    /// What is wrong, naming the key (and line, for syntax errors).
-    pub message: String,
-}
+pub use ferry_protocol::config_text::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -202,15 +194,12 @@ pub struct SyncGroup {
 impl Config {
     /// Reads and validates `file`; relative paths resolve against its directory.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
-            file: file.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::new(file, ferry_protocol::io_reason(&e)))?;
         let config = Config::parse(&text, file)?;
-        config.check_files().map_err(|message| ConfigError {
-            file: file.to_path_buf(),
-            message,
-        })?;
+        config
+            .check_files()
+            .map_err(|message| ConfigError::at(file, &text, message))?;
         Ok(config)
     }
 
@@ -259,12 +248,9 @@ impl Config {
 
     /// Parses and validates `text` as if read from `file`; reads nothing else.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |message: String| ConfigError {
-            file: file.to_path_buf(),
-            message,
-        };
+        let err = |message: String| ConfigError::at(file, text, message);
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| err(e.to_string().trim_end().to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let mut targets = BTreeMap::new();
@@ -485,40 +471,47 @@ exclude = ["tmp/", "*.log"]
         let cases = [
             (
                 GOOD.replace("targets = [\"backup\"]", "targets = [\"nope\"]"),
+                10,
                 "unknown target \"nope\"",
             ),
             (
                 GOOD.replace("module = \"file\"", "module = \"file\"\ncolour = 1"),
+                12,
                 "colour",
             ),
             (
                 GOOD.replace("192.168.74.20:8730", "192.168.74.20"),
+                6,
                 "targets.backup.address",
             ),
             (
                 GOOD.replace("sha256:0000", "sha1:0000"),
+                7,
                 "targets.backup.fingerprint",
             ),
             (
                 format!(
                     "{GOOD}[[sync]]\nsource = \"/x\"\ntargets = [\"backup\"]\nmodule = \"file\"\n"
                 ),
+                13,
                 "duplicate sync name",
             ),
-            (GOOD.replace("\"*.log\"", "\"[\""), "exclude"),
+            (GOOD.replace("\"*.log\"", "\"[\""), 12, "exclude"),
             (
                 GOOD.replace(
                     "module = \"file\"",
                     "module = \"file\"\nsettle_ms = 500\nmax_delay_ms = 100",
                 ),
+                13,
                 "max_delay_ms: must not be shorter",
             ),
         ];
-        for (text, needle) in cases {
+        for (text, line, needle) in cases {
             let e = Config::parse(&text, Path::new("/etc/ferry/sender.toml"))
                 .unwrap_err()
                 .to_string();
-            assert!(e.starts_with("/etc/ferry/sender.toml: "), "{e}");
+            let at = format!("/etc/ferry/sender.toml:{line}: ");
+            assert!(e.starts_with(&at), "{e} should start with {at}");
             assert!(e.contains(needle), "{e} should mention {needle}");
         }
     }

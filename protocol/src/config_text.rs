@@ -1,0 +1,152 @@
+//! Where a key of a TOML configuration file is, so both daemons' configuration errors can name
+//! the line as well as the key.
+
+use std::path::{Path, PathBuf};
+use toml::de::{DeTable, DeValue};
+
+/// A configuration file could not be used: `FILE:LINE: KEY: what is wrong` (the line when the
+/// key, or the place of a syntax error, is in the file).
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// Where in it, when known.
+    pub line: Option<usize>,
+    /// What is wrong, starting with the key.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about the file as a whole (it cannot be read).
+    pub fn new(file: &Path, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: None,
+            message: message.into(),
+        }
+    }
+
+    /// An error whose message starts with the key it is about (`targets.backup.address: …`),
+    /// placed on that key's line of `text`.
+    pub fn at(file: &Path, text: &str, message: String) -> ConfigError {
+        let key = message.split(": ").next().unwrap_or_default();
+        ConfigError {
+            file: file.to_path_buf(),
+            line: line_of(text, key),
+            message,
+        }
+    }
+
+    /// A TOML syntax or type error, on its own line; a message that names nothing (`duplicate
+    /// key`) quotes the line.
+    pub fn syntax(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+        let line = e.span().map(|s| line_at(text, s.start));
+        let mut message = e.message().trim_end().to_string();
+        let quoted = line.and_then(|l| text.lines().nth(l - 1)).map(str::trim);
+        if let Some(quoted) = quoted.filter(|q| !q.is_empty() && !message.contains('`')) {
+            message = format!("{message}: `{quoted}`");
+        }
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            message,
+        }
+    }
+}
+
+/// The 1-based line of `text` holding the key that `path` names, in the form configuration
+/// errors use: dotted segments, an array element as `name[i]` optionally followed by a
+/// description (`sync[2] (photos).targets`). A key that is missing gives the line of the
+/// deepest table on its path that exists; `None` if nothing on the path exists or the text
+/// does not parse.
+pub fn line_of(text: &str, path: &str) -> Option<usize> {
+    let root = DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut found = None;
+    for segment in split(path) {
+        let (name, index) = match segment.split_once('[') {
+            Some((name, rest)) => (name, rest.split(']').next()?.parse::<usize>().ok()),
+            None => (segment.split(' ').next()?, None),
+        };
+        let Some((key, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else {
+            break;
+        };
+        found = Some(key.span().start);
+        let value = match (value.get_ref(), index) {
+            (DeValue::Array(items), Some(i)) => match items.get(i) {
+                Some(item) => {
+                    found = Some(item.span().start);
+                    item.get_ref()
+                }
+                None => break,
+            },
+            (v, _) => v,
+        };
+        match value {
+            DeValue::Table(t) => table = t,
+            _ => break,
+        }
+    }
+    found.map(|at| line_at(text, at))
+}
+
+/// The 1-based line of byte offset `at`.
+pub fn line_at(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// `a.b[1] (x.y).c` → `a`, `b[1] (x.y)`, `c`: dots inside a description do not split.
+fn split(path: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in path.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            '.' if depth == 0 => {
+                out.push(&path[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&path[start..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"cert = "cert.pem"
+
+[targets.backup]
+address = "10.0.0.2:8730"
+fingerprint = "sha256:00"
+
+[[sync]]
+source = "/a"
+
+[[sync]]
+source = "/b"
+targets = ["nope"]
+"#;
+
+    #[test]
+    fn keys_tables_and_array_elements_are_found() {
+        assert_eq!(line_of(TEXT, "cert"), Some(1));
+        assert_eq!(line_of(TEXT, "targets.backup.address"), Some(4));
+        assert_eq!(line_of(TEXT, "targets.backup.fingerprint"), Some(5));
+        assert_eq!(line_of(TEXT, "sync[1] (b).targets"), Some(12));
+        assert_eq!(line_of(TEXT, "sync[0] (a.b).source"), Some(8));
+        // Missing key: its table's line; missing everything: none.
+        assert_eq!(line_of(TEXT, "targets.backup.rsh"), Some(3));
+        assert_eq!(line_of(TEXT, "state_dir"), None);
+        assert_eq!(line_of("not = [toml", "not"), None);
+    }
+}
