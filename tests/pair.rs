@@ -321,8 +321,9 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
     let good = pair.session().await;
     let attacker = pair.session().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good_files = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let served = {
-        let (good, stop) = (good.clone(), stop.clone());
+        let (good, stop, count) = (good.clone(), stop.clone(), good_files.clone());
         tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -331,6 +332,7 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
                     .await
                     .unwrap_or_else(|e| panic!("the good sender was refused: {e}"));
                 n += 1;
+                count.store(n, std::sync::atomic::Ordering::Relaxed);
             }
             n
         })
@@ -499,6 +501,13 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
         }
     }
     assert_eq!(capped, 16, "80 begun, 64 allowed");
+    // The attacker still holds its 64 files open: the good sender goes on being served (a
+    // slow machine may need longer than the attacks took; a starved sender never gets there).
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while good_files.load(std::sync::atomic::Ordering::Relaxed) <= 10 {
+        assert!(Instant::now() < deadline, "the good sender was starved");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let pushed = served.await.unwrap();
     eprintln!(
