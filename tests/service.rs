@@ -44,15 +44,19 @@ impl FakeSystemd {
         c
     }
 
+    /// The next message, if one arrives within the socket's 50 ms read timeout.
+    fn next(&self) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        let n = self.sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
     /// Every message received for `over`.
     fn collect(&self, over: Duration) -> Vec<String> {
         let deadline = Instant::now() + over;
         let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
+            out.extend(self.next());
         }
         out
     }
@@ -61,10 +65,8 @@ impl FakeSystemd {
     fn wait_for(&self, needle: &str, secs: u64, daemon: &Proc) -> Vec<String> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(msg) = self.next() {
                 let found = msg.contains(needle);
                 seen.push(msg);
                 if found {

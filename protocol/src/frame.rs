@@ -101,12 +101,12 @@ impl Packer {
         if len < PACK_MIN || !self.wants(msg) {
             return Ok(());
         }
-        let zstd = match &mut self.zstd {
-            Some(z) => z,
-            slot => slot.insert(
-                zstd::bulk::Compressor::new(PACK_LEVEL)
-                    .map_err(|e| FrameError::Unpack(e.to_string()))?,
-            ),
+        if self.zstd.is_none() {
+            self.zstd = zstd::bulk::Compressor::new(PACK_LEVEL).ok();
+        }
+        // Packing is optional: without a context (out of memory) the frame goes as it is.
+        let Some(zstd) = &mut self.zstd else {
+            return Ok(());
         };
         self.scratch.clear();
         self.scratch.reserve(zstd::zstd_safe::compress_bound(len));
@@ -154,16 +154,12 @@ pub fn check(buf: &[u8]) -> Result<Option<usize>, FrameError> {
 /// Decodes the frame at the start of `buf`: `Ok(None)` if incomplete, else the message and the
 /// number of bytes consumed.
 pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, FrameError> {
-    decode_within(buf, MAX_FRAME)
+    Ok(decode_sized(buf, MAX_FRAME)?.map(|(msg, total, _)| (msg, total)))
 }
 
-/// [`decode`] for a reader that accepts at most `limit` payload bytes, packed or not.
-pub fn decode_within(buf: &[u8], limit: usize) -> Result<Option<(Message, usize)>, FrameError> {
-    Ok(decode_sized(buf, limit)?.map(|(msg, total, _)| (msg, total)))
-}
-
-/// [`decode_within`], also returning the payload's unpacked length: what the message holds in
-/// memory, which is what a reader's budget must count, not the bytes it took on the wire.
+/// [`decode`] for a reader that accepts at most `limit` payload bytes, packed or not, also
+/// returning the payload's unpacked length: what the message holds in memory, which is what a
+/// reader's budget must count, not the bytes it took on the wire.
 pub fn decode_sized(
     buf: &[u8],
     limit: usize,
@@ -426,7 +422,7 @@ mod tests {
         let small = zstd::bulk::compress(&vec![0u8; 64 << 10], 1).unwrap();
         let buf = packed_frame(&small);
         assert!(matches!(
-            decode_within(&buf, 4096),
+            decode_sized(&buf, 4096),
             Err(FrameError::TooLarge(_))
         ));
     }
