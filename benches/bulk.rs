@@ -296,7 +296,7 @@ impl Site {
         std::fs::write(
             self.dir.join("send/sender.toml"),
             format!(
-                "cert = \"cert.pem\"\nkey = \"key.pem\"\n\
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\nstatus_socket = \"status.sock\"\n\
                  [targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {recv_fp:?}\n\
                  [[sync]]\nname = \"bench\"\nsource = {:?}\ntargets = [\"backup\"]\n\
                  module = {module:?}\ndelete = true\n",

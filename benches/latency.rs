@@ -122,6 +122,7 @@ async fn bench(writes: usize, burst: usize) {
         reconciled: Mutex::new(Some(ready_tx)),
     });
     let daemon = Daemon {
+        status: Default::default(),
         identity: Arc::new(recv.client.clone()),
         targets: [(
             "local".to_string(),

@@ -2,9 +2,11 @@
 //! the library crates; exit codes: 0 success, 1 "not converged" or "trees differ", 2 errors.
 
 mod import;
+mod metrics;
 mod mirror;
 mod send;
 mod service;
+mod status;
 mod verify;
 
 use anyhow::{bail, Result};
@@ -12,6 +14,7 @@ use clap::{Parser, Subcommand};
 use ferry_protocol::identity::Identity;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -88,6 +91,21 @@ enum Command {
     CheckConfig {
         /// The configuration file.
         file: PathBuf,
+    },
+    /// Show what the running sender is doing: per sync group and target, its state (and why),
+    /// pending changes, lag, last error, files and bytes sent. Exit 0 when every target is
+    /// connected, has converged and owes nothing; 1 otherwise; 2 when the sender cannot be
+    /// asked.
+    Status {
+        /// sender.toml, for its `status_socket`.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The sender's status socket (default /run/ferry/sender.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
     Stats {
@@ -217,9 +235,15 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 /// Cancelled on the first SIGINT or SIGTERM; a second one exits at once (status 130). SIGHUP
-/// never kills: it is logged and ignored (this version has no reload). The handlers are in
-/// place when this returns.
+/// never kills: it is logged and ignored (commands that reload use [`signals`]). The handlers
+/// are in place when this returns.
 pub(crate) fn shutdown_on_signals() -> CancellationToken {
+    signals(None)
+}
+
+/// As [`shutdown_on_signals`], and each SIGHUP is passed to `reload` (several arriving
+/// during one reload make one more).
+pub(crate) fn signals(reload: Option<tokio::sync::mpsc::Sender<()>>) -> CancellationToken {
     use tokio::signal::unix::{signal, SignalKind};
     let token = CancellationToken::new();
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -237,8 +261,10 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
                 _ = hup.recv() => {
-                    tracing::warn!("SIGHUP: configuration reload is not supported yet; \
-                                    still running with the configuration read at start-up");
+                    match &reload {
+                        Some(tx) => { let _ = tx.try_send(()); }
+                        None => tracing::warn!("SIGHUP ignored: this command does not reload"),
+                    }
                     continue;
                 }
             };
@@ -288,6 +314,71 @@ fn check_config(file: &std::path::Path) -> Result<u8> {
     Ok(0)
 }
 
+/// `ferry receive --config FILE`: serves until SIGTERM; SIGHUP re-reads the file.
+async fn receive(file: &std::path::Path) -> Result<u8> {
+    let config = ferry_receiver::Config::load(file)?;
+    let (hup_tx, hups) = tokio::sync::mpsc::channel(1);
+    let shutdown = signals(Some(hup_tx));
+    // Bound before the receiver starts, so a bad address stops the start.
+    let running = Arc::new(std::sync::OnceLock::<Arc<ferry_receiver::Server>>::new());
+    if let Some(address) = config.metrics_listen {
+        let r = running.clone();
+        let render = Arc::new(move || {
+            r.get().map_or_else(String::new, |s| {
+                let (sessions, away) = s.load();
+                metrics::receiver(&s.stats(), sessions, away)
+            })
+        });
+        metrics::serve(address, render, shutdown.clone()).await?;
+    }
+    let (modules, listen) = (config.modules.len(), config.listen);
+    let file = file.to_path_buf();
+    let first = config.clone();
+    ferry_receiver::run(&config, shutdown, move |server| {
+        service::ready(&format!("listening on {listen}, {modules} modules"));
+        service::watchdog(server.liveness.clone());
+        let _ = running.set(server.clone());
+        tokio::spawn(reload_receiver(file, first, server.clone(), hups));
+    })
+    .await?;
+    Ok(0)
+}
+
+/// On each SIGHUP: re-reads the receiver's configuration and switches new sessions to it, or
+/// says why not (the previous one keeps serving).
+async fn reload_receiver(
+    file: PathBuf,
+    first: ferry_receiver::Config,
+    server: Arc<ferry_receiver::Server>,
+    mut hups: tokio::sync::mpsc::Receiver<()>,
+) {
+    while hups.recv().await.is_some() {
+        service::reloading();
+        tracing::info!("SIGHUP: reloading {}", file.display());
+        let outcome = ferry_receiver::Config::load(&file)
+            .map_err(anyhow::Error::from)
+            .and_then(|new| {
+                if new.metrics_listen != first.metrics_listen {
+                    tracing::warn!("metrics_listen takes effect at the next restart");
+                }
+                Ok(server.reload(&new)?)
+            });
+        match outcome {
+            Ok(summary) => {
+                tracing::info!("configuration reloaded: {summary}");
+                service::ready(&format!("reloaded: {summary}"));
+            }
+            Err(e) => {
+                tracing::error!(
+                    "reload refused: {}; still running the previous configuration",
+                    describe(&e)
+                );
+                service::ready("last reload refused; running the previous configuration");
+            }
+        }
+    }
+}
+
 async fn run(command: Command) -> Result<u8> {
     match command {
         Command::Keygen { dir, name } => {
@@ -300,19 +391,12 @@ async fn run(command: Command) -> Result<u8> {
             println!("{}", ferry_protocol::Fingerprint::of_der(&certs[0]));
             Ok(0)
         }
-        Command::Receive { config } => {
-            let config = ferry_receiver::Config::load(&config)?;
-            let modules = config.modules.len();
-            ferry_receiver::run(&config, shutdown_on_signals(), |server| {
-                service::ready(&format!(
-                    "listening on {}, {modules} modules",
-                    config.listen
-                ));
-                service::watchdog(server.liveness.clone());
-            })
-            .await?;
-            Ok(0)
-        }
+        Command::Receive { config } => receive(&config).await,
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status::status(config.as_deref(), socket, json).await,
         Command::Send {
             config,
             once,

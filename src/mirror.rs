@@ -77,6 +77,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         }
     } else {
         let daemon = Daemon {
+            status: Default::default(),
             identity: Arc::new(recv.client.clone()),
             targets: [("local".to_string(), target)].into(),
             syncs: vec![group],

@@ -3,51 +3,128 @@
 use anyhow::{Context, Result};
 use ferry_protocol::message::Intent;
 use ferry_sender::config::TargetKind;
-use ferry_sender::daemon::{Daemon, Observer};
+use ferry_sender::daemon::{Daemon, Observer, Reload};
 use ferry_sender::execute::Report;
 use ferry_sender::reconcile;
-use std::collections::BTreeSet;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use ferry_sender::status::Board;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// `ferry send --config FILE [--once]`.
-pub async fn send(config: &Path, once: bool, confirm_deletes: &[String]) -> Result<u8> {
-    let mut config = ferry_sender::Config::load(config)?;
-    for name in confirm_deletes {
-        let Some(group) = config.syncs.iter_mut().find(|g| &g.name == name) else {
-            anyhow::bail!("--confirm-deletes {name}: no sync group of that name");
-        };
-        group.guard.confirmed = true;
-        tracing::warn!(sync = %name, "deletions confirmed past the mass-delete guard for this run");
-    }
+pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result<u8> {
+    let config = load(file, confirm_deletes, true)?;
     if once {
         return send_once(&config).await;
     }
     let identity = config.identity()?;
+    let status = Board::default();
+    let (hup_tx, hups) = tokio::sync::mpsc::channel(1);
+    let shutdown = crate::signals(Some(hup_tx));
+    if let Some(address) = config.metrics_listen {
+        let board = status.clone();
+        let render = Arc::new(move || crate::metrics::sender(&board.snapshot()));
+        crate::metrics::serve(address, render, shutdown.clone()).await?;
+    }
+    if let Err(e) = crate::status::serve(&config.status_socket, status.clone(), shutdown.clone()) {
+        tracing::warn!(
+            "{}; `ferry status` cannot ask this sender",
+            crate::describe(&e)
+        );
+    }
     let groups = config.syncs.len();
-    let pairs = config.syncs.iter().map(|g| g.targets.len()).sum();
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(reload_on_hup(
+        file.to_path_buf(),
+        confirm_deletes.to_vec(),
+        config.clone(),
+        hups,
+        reload_tx,
+    ));
     let daemon = Daemon {
         identity: Arc::new(identity),
         targets: config.targets,
         syncs: config.syncs,
         liveness: Default::default(),
+        status: status.clone(),
     };
     crate::service::watchdog(daemon.liveness.clone());
-    let observer = Arc::new(ServiceObserver {
-        groups,
-        pairs,
-        reconciled: Mutex::new(BTreeSet::new()),
-    });
-    daemon.run(crate::shutdown_on_signals(), observer).await?;
+    let observer = Arc::new(ServiceObserver { groups, status });
+    daemon.run_reloading(shutdown, observer, reloads).await?;
     Ok(0)
 }
 
-/// Logs, and tells systemd when the daemon is ready and when every target first converged.
+/// Reads `file`, confirming deletions past the guard for `confirm_deletes` (this run only:
+/// also on reloads, so a reload alone does not restart those groups without it).
+fn load(file: &Path, confirm_deletes: &[String], announce: bool) -> Result<ferry_sender::Config> {
+    let mut config = ferry_sender::Config::load(file)?;
+    for name in confirm_deletes {
+        let Some(group) = config.syncs.iter_mut().find(|g| &g.name == name) else {
+            anyhow::bail!("--confirm-deletes {name}: no sync group of that name");
+        };
+        group.guard.confirmed = true;
+        if announce {
+            tracing::warn!(sync = %name, "deletions confirmed past the mass-delete guard for this run");
+        }
+    }
+    Ok(config)
+}
+
+/// On each SIGHUP: re-reads the configuration and hands it to the daemon, or says why not
+/// (the daemon keeps running the previous one); tells systemd the reload began and ended.
+async fn reload_on_hup(
+    file: PathBuf,
+    confirm_deletes: Vec<String>,
+    first: ferry_sender::Config,
+    mut hups: tokio::sync::mpsc::Receiver<()>,
+    daemon: tokio::sync::mpsc::Sender<Reload>,
+) {
+    while hups.recv().await.is_some() {
+        crate::service::reloading();
+        tracing::info!("SIGHUP: reloading {}", file.display());
+        let parsed = load(&file, &confirm_deletes, false).and_then(|c| {
+            let identity = c.identity()?;
+            Ok((c, identity))
+        });
+        let (config, identity) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(
+                    "reload refused: {}; still running the previous configuration",
+                    crate::describe(&e)
+                );
+                crate::service::ready("last reload refused; running the previous configuration");
+                continue;
+            }
+        };
+        if config.status_socket != first.status_socket
+            || config.metrics_listen != first.metrics_listen
+        {
+            tracing::warn!("status_socket and metrics_listen take effect at the next restart");
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reload = Reload {
+            identity: Arc::new(identity),
+            targets: config.targets,
+            syncs: config.syncs,
+            done: Some(tx),
+        };
+        if daemon.send(reload).await.is_err() {
+            return;
+        }
+        match rx.await {
+            Ok(Ok(summary)) => crate::service::ready(&format!("reloaded: {summary}")),
+            Ok(Err(_)) => {
+                crate::service::ready("last reload refused; running the previous configuration")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Tells systemd when the daemon is ready and when every target has converged once.
 struct ServiceObserver {
     groups: usize,
-    /// (group, target) pairs.
-    pairs: usize,
-    reconciled: Mutex<BTreeSet<(String, String)>>,
+    status: Board,
 }
 
 impl Observer for ServiceObserver {
@@ -62,14 +139,17 @@ impl Observer for ServiceObserver {
         if !report.converged() {
             return;
         }
-        let mut done = self.reconciled.lock().expect("lock");
-        if done.insert((group.to_string(), target.to_string())) {
-            crate::service::status(&if done.len() == self.pairs {
-                "every target reconciled; following changes".to_string()
-            } else {
-                format!("{} of {} targets reconciled", done.len(), self.pairs)
-            });
-        }
+        // This pair's own tracker learns of it just after this call.
+        let pairs = self.status.snapshot().targets;
+        let done = pairs
+            .iter()
+            .filter(|t| t.reconciled || (t.sync == group && t.target == target))
+            .count();
+        crate::service::status(&if done == pairs.len() {
+            "every target reconciled; following changes".to_string()
+        } else {
+            format!("{done} of {} targets reconciled", pairs.len())
+        });
     }
 }
 

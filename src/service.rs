@@ -88,6 +88,14 @@ pub fn status(status: &str) {
     notify(&[NotifyState::Status(status)]);
 }
 
+/// A reload began; [`ready`] says it ended.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(_) => notify(&[NotifyState::Reloading]),
+    }
+}
+
 /// Shutdown began.
 pub fn stopping() {
     notify(&[NotifyState::Stopping]);

@@ -163,6 +163,18 @@ fn the_sender_is_ready_once_its_watches_are_in_place_and_says_when_it_converged(
         assert!(Instant::now() < deadline, "not sent:\n{}", daemon.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A reload is announced (RELOADING=1 with the monotonic time), then ready again.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+    let msgs = systemd.wait_for("RELOADING=1", 10, &daemon);
+    assert!(
+        msgs.last().unwrap().contains("MONOTONIC_USEC="),
+        "{msgs:?}"
+    );
+    let msgs = systemd.wait_for("READY=1", 10, &daemon);
+    assert!(
+        msgs.last().unwrap().contains("STATUS=reloaded: 1 groups running"),
+        "{msgs:?}"
+    );
 }
 
 /// Under journald (`JOURNAL_STREAM` naming stderr), lines carry the syslog priority and no
@@ -318,16 +330,17 @@ fn the_units_verify_and_score_at_most_5() {
         let ours = format!("={bin} ");
         let text: String = text
             .lines()
-            .map(|l| match l.starts_with("ExecStart") {
+            .map(|l| match l.starts_with("ExecStart") || l.starts_with("ExecReload") {
                 true => l.replacen("=ferry ", &ours, 1) + "\n",
                 false => l.to_string() + "\n",
             })
             .collect();
         assert_eq!(
             text.matches(&ours).count(),
-            2,
-            "ExecStartPre and ExecStart run ferry"
+            3,
+            "ExecStartPre, ExecStart and the first ExecReload run ferry"
         );
+        assert!(text.contains("ExecReload=/bin/kill -HUP $MAINPID"));
         let unit = tmp.path().join(name);
         std::fs::write(&unit, text).unwrap();
         let verify = Command::new("systemd-analyze")

@@ -119,6 +119,13 @@ fn split(path: &str) -> Vec<&str> {
     out
 }
 
+/// Parses `value` of `key` as an `address:port` to listen on.
+pub fn socket_address(key: &str, value: &str) -> Result<std::net::SocketAddr, String> {
+    value.parse().map_err(|e| {
+        format!("{key}: invalid address {value:?}: {e} (expected e.g. \"127.0.0.1:9730\")")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

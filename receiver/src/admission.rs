@@ -28,6 +28,7 @@ pub const MAX_SESSIONS: usize = 4096;
 pub struct Admission {
     handshakes: Arc<Semaphore>,
     sessions: Arc<Semaphore>,
+    session_cap: usize,
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
     last_warning: AtomicU64,
     turned_away: AtomicU64,
@@ -64,6 +65,7 @@ impl Admission {
         Admission {
             handshakes: Arc::new(Semaphore::new(handshakes)),
             sessions: Arc::new(Semaphore::new(sessions)),
+            session_cap: sessions,
             per_address: Arc::default(),
             last_warning: AtomicU64::new(0),
             turned_away: AtomicU64::new(0),
@@ -112,6 +114,11 @@ impl Admission {
     /// A session slot, or `None`: refuse the session as busy.
     pub fn session(&self) -> Option<OwnedSemaphorePermit> {
         self.sessions.clone().try_acquire_owned().ok()
+    }
+
+    /// Sessions being served now.
+    pub fn sessions_open(&self) -> usize {
+        self.session_cap - self.sessions.available_permits()
     }
 
     /// Connections closed before their handshake, so far.

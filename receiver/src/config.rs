@@ -16,6 +16,7 @@ struct RawConfig {
     cert: PathBuf,
     key: PathBuf,
     state_dir: Option<PathBuf>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     modules: BTreeMap<String, RawModule>,
 }
@@ -56,12 +57,14 @@ pub struct Config {
     pub key: PathBuf,
     /// Where digest caches are kept, if anywhere.
     pub state_dir: Option<PathBuf>,
+    /// Where Prometheus metrics are served over plain HTTP, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Modules by name.
     pub modules: BTreeMap<String, Module>,
 }
 
 /// One module: a directory tree peers may write into.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Module {
     /// Module name.
     pub name: String,
@@ -141,10 +144,14 @@ impl Config {
             toml::from_str(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
-        let listen = raw
-            .listen
-            .parse()
-            .map_err(|e| err(format!("listen: invalid address {:?}: {e}", raw.listen)))?;
+        let listen =
+            ferry_protocol::config_text::socket_address("listen", &raw.listen).map_err(err)?;
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|a| ferry_protocol::config_text::socket_address("metrics_listen", a))
+            .transpose()
+            .map_err(err)?;
         let mut modules = BTreeMap::new();
         for (name, m) in raw.modules {
             let key = |k: &str| format!("modules.{name}.{k}");
@@ -204,6 +211,7 @@ impl Config {
             cert: resolve(raw.cert),
             key: resolve(raw.key),
             state_dir: raw.state_dir.map(resolve),
+            metrics_listen,
             modules,
         })
     }

@@ -112,6 +112,11 @@ impl ModuleSlot {
         }
     }
 
+    /// Its configuration.
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+
     /// The open module, or why it cannot be served.
     pub fn get(&self) -> Result<Arc<ModuleState>, String> {
         let mut state = self.state.lock().expect("module lock");

@@ -9,7 +9,7 @@ use ferry_protocol::liveness::Liveness;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,10 +43,14 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
+/// Modules by name, as served to new sessions.
+type ModuleTable = HashMap<String, Arc<ModuleSlot>>;
+
 /// A running receiver's shared state.
 pub struct Server {
-    pub(crate) tls: Arc<rustls::ServerConfig>,
-    pub(crate) modules: HashMap<String, ModuleSlot>,
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+    modules: RwLock<Arc<ModuleTable>>,
+    state_dir: Option<PathBuf>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) privileged: bool,
     pub(crate) admission: Admission,
@@ -78,13 +82,19 @@ impl Server {
         let tls = ferry_protocol::tls::server_config(identity.certs, identity.key)?;
         let map = modules
             .into_iter()
-            .map(|m| (m.name.clone(), ModuleSlot::new(m, state_dir.clone())))
+            .map(|m| {
+                (
+                    m.name.clone(),
+                    Arc::new(ModuleSlot::new(m, state_dir.clone())),
+                )
+            })
             .collect();
         // SAFETY: geteuid has no preconditions.
         let privileged = unsafe { libc::geteuid() } == 0;
         Ok(Server {
-            tls,
-            modules: map,
+            tls: RwLock::new(tls),
+            modules: RwLock::new(Arc::new(map)),
+            state_dir,
             stats: Arc::new(Stats::default()),
             privileged,
             admission: Admission::default(),
@@ -103,9 +113,94 @@ impl Server {
             })
     }
 
+    /// The TLS configuration new connections get.
+    pub(crate) fn tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tls.read().expect("tls lock").clone()
+    }
+
+    /// The module new sessions asking for `name` get.
+    pub(crate) fn module(&self, name: &str) -> Option<Arc<ModuleSlot>> {
+        self.modules
+            .read()
+            .expect("modules lock")
+            .get(name)
+            .cloned()
+    }
+
+    fn table(&self) -> Arc<ModuleTable> {
+        self.modules.read().expect("modules lock").clone()
+    }
+
+    /// Switches new connections to `config` (SIGHUP): its identity, and its modules, where an
+    /// unchanged module keeps its open state (sessions, digest cache) and an added or changed
+    /// one is opened as at start-up. Sessions already open finish with what they started
+    /// with. `listen` is bound once: a change waits for a restart (logged). Nothing changes
+    /// if the new identity cannot be loaded. Returns what changed, for the log.
+    pub fn reload(&self, config: &Config) -> Result<String, ServerError> {
+        let identity = config.identity()?;
+        warn_if_key_readable(&config.key);
+        let tls = ferry_protocol::tls::server_config(identity.certs, identity.key)?;
+        if config.listen != self.listen {
+            tracing::warn!(
+                "listen changed to {}: it takes effect at the next restart (still on {})",
+                config.listen,
+                self.listen
+            );
+        }
+        let old = self.table();
+        let same_dir = config.state_dir == self.state_dir;
+        let (mut added, mut changed, mut kept) = (0, 0, 0);
+        let mut table = ModuleTable::new();
+        for m in config.modules.values() {
+            let slot = match old.get(&m.name) {
+                Some(slot) if same_dir && slot.module() == m => {
+                    kept += 1;
+                    slot.clone()
+                }
+                before => {
+                    if before.is_some() {
+                        changed += 1;
+                    } else {
+                        added += 1;
+                    }
+                    Arc::new(ModuleSlot::new(m.clone(), config.state_dir.clone()))
+                }
+            };
+            table.insert(m.name.clone(), slot);
+        }
+        let removed = old
+            .keys()
+            .filter(|n| !config.modules.contains_key(*n))
+            .count();
+        // Replaced and removed modules keep their digests for the next start.
+        for (name, slot) in old.iter() {
+            if !table.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                save_cache(slot);
+            }
+        }
+        *self.modules.write().expect("modules lock") = Arc::new(table);
+        *self.tls.write().expect("tls lock") = tls;
+        Ok(format!(
+            "{kept} modules unchanged, {added} added, {changed} changed, {removed} removed"
+        ))
+    }
+
+    /// Modules served.
+    pub fn module_count(&self) -> usize {
+        self.table().len()
+    }
+
     /// Process-wide counters.
     pub fn stats(&self) -> Vec<(String, u64)> {
         self.stats.snapshot()
+    }
+
+    /// Sessions being served now, and connections turned away before their handshake so far.
+    pub fn load(&self) -> (usize, u64) {
+        (
+            self.admission.sessions_open(),
+            self.admission.turned_away_count(),
+        )
     }
 
     /// Accepts sessions until `shutdown` fires, then lets open sessions finish their queued
@@ -157,10 +252,8 @@ impl Server {
         {
             tracing::warn!("sessions still open after {SHUTDOWN_GRACE:?}; abandoning them");
         }
-        for state in self.modules.values().filter_map(ModuleSlot::opened) {
-            if let Err(e) = state.cache.lock().expect("cache lock").save() {
-                tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
-            }
+        for slot in self.table().values() {
+            save_cache(slot);
         }
         let counters: Vec<String> = self
             .stats
@@ -169,6 +262,15 @@ impl Server {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         tracing::info!("receiver stopped; {}", counters.join(" "));
+    }
+}
+
+/// Writes an open module's digest cache to its state file.
+fn save_cache(slot: &ModuleSlot) {
+    if let Some(state) = slot.opened() {
+        if let Err(e) = state.cache.lock().expect("cache lock").save() {
+            tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
+        }
     }
 }
 
@@ -197,7 +299,7 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let server = Arc::new(Server::new(config)?);
     let listener = server.bind().await?;
-    tracing::info!(listen = %listener.local_addr()?, modules = server.modules.len(), "receiver listening");
+    tracing::info!(listen = %listener.local_addr()?, modules = server.module_count(), "receiver listening");
     ready(&server);
     server.serve(listener, shutdown).await;
     Ok(())

@@ -50,7 +50,7 @@ async fn serve_inner(
     shutdown: CancellationToken,
 ) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
-    let acceptor = tokio_rustls::TlsAcceptor::from(server.tls.clone());
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.tls());
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| ConnError::Timeout("TLS handshake"))??;
@@ -86,7 +86,7 @@ where
         Ok(hello) => hello,
         Err(reason) => return server_answer(&mut writer, refuse("-", reason)).await,
     };
-    let Some(slot) = server.modules.get(&module_name) else {
+    let Some(slot) = server.module(&module_name) else {
         let reason = Refusal::UnknownModule(module_name.clone()).to_string();
         return server_answer(&mut writer, refuse(&module_name, reason)).await;
     };

@@ -17,6 +17,8 @@ struct RawConfig {
     cert: PathBuf,
     key: PathBuf,
     state_dir: Option<PathBuf>,
+    status_socket: Option<PathBuf>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     targets: BTreeMap<String, RawTarget>,
     #[serde(default)]
@@ -107,6 +109,10 @@ pub struct Config {
     pub key: PathBuf,
     /// Where the sender keeps state (digest caches).
     pub state_dir: Option<PathBuf>,
+    /// The local socket `ferry status` asks (default [`DEFAULT_STATUS_SOCKET`]).
+    pub status_socket: PathBuf,
+    /// Where Prometheus metrics are served over plain HTTP, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Targets by name.
     pub targets: BTreeMap<String, Target>,
     /// Sync groups, in file order.
@@ -114,7 +120,7 @@ pub struct Config {
 }
 
 /// A receiver to push to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Target {
     /// Name in the configuration.
     pub name: String,
@@ -125,7 +131,7 @@ pub struct Target {
 }
 
 /// What kind of receiver a target is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum TargetKind {
     /// A ferry receiver, its certificate pinned.
     Ferry {
@@ -157,6 +163,10 @@ pub struct RsyncTarget {
     pub rsh: Option<String>,
 }
 
+/// Where the daemon answers `ferry status` unless `status_socket` says otherwise (the unit's
+/// `RuntimeDirectory`).
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/ferry/sender.sock";
+
 /// Default rsync I/O timeout.
 pub const RSYNC_TIMEOUT_S: u64 = 60;
 
@@ -171,7 +181,7 @@ impl Target {
 }
 
 /// A source directory kept equal to a module on one or more targets.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SyncGroup {
     /// Group name (defaults to the module name).
     pub name: String,
@@ -351,6 +361,16 @@ impl Config {
             );
         }
         let state_dir = raw.state_dir.clone().map(resolve);
+        let metrics_listen = raw
+            .metrics_listen
+            .as_deref()
+            .map(|a| ferry_protocol::config_text::socket_address("metrics_listen", a))
+            .transpose()
+            .map_err(err)?;
+        let status_socket = raw
+            .status_socket
+            .clone()
+            .map_or_else(|| DEFAULT_STATUS_SOCKET.into(), resolve);
         let mut syncs: Vec<SyncGroup> = Vec::new();
         for (i, s) in raw.sync.into_iter().enumerate() {
             let name = s.name.clone().unwrap_or_else(|| s.module.clone());
@@ -419,6 +439,8 @@ impl Config {
             cert: resolve(raw.cert),
             key: resolve(raw.key),
             state_dir,
+            status_socket,
+            metrics_listen,
             targets,
             syncs,
         })

@@ -6,11 +6,12 @@ use crate::coalesce::Change;
 use crate::config::{SyncGroup, Target, TargetKind};
 use crate::queue::Queue;
 use crate::rsync::{self, RsyncLink};
+use crate::status::Board;
 use crate::watch::GroupWatcher;
 use crate::worker::{FerryLink, Worker};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::liveness::Liveness;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +58,186 @@ pub struct Daemon {
     pub syncs: Vec<SyncGroup>,
     /// Where each group's event router registers as a main loop (for the service watchdog).
     pub liveness: Liveness,
+    /// Where every worker reports its state (for `ferry status` and the metrics).
+    pub status: Board,
+}
+
+/// A configuration to switch to while running (SIGHUP), already parsed and checked.
+pub struct Reload {
+    /// Client identity.
+    pub identity: Arc<Identity>,
+    /// Targets by name.
+    pub targets: BTreeMap<String, Target>,
+    /// Sync groups.
+    pub syncs: Vec<SyncGroup>,
+    /// Told what the reload changed, or why it was refused.
+    pub done: Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+}
+
+/// One running sync group: its watcher and a worker per target.
+struct Unit {
+    group: SyncGroup,
+    /// The targets as configured when it started, with the identity's fingerprint if any of
+    /// them is a ferry target: what must be equal for a reload to leave it running.
+    targets: Vec<Target>,
+    identity: Option<ferry_protocol::Fingerprint>,
+    watcher: GroupWatcher,
+    workers: tokio::task::JoinSet<()>,
+    stop: CancellationToken,
+}
+
+/// A group whose watches are in place and whose workers are not started yet.
+struct Prepared {
+    unit: Unit,
+    queues: Vec<Queue>,
+}
+
+/// What is needed to start units.
+struct Parts<'a> {
+    identity: &'a Arc<Identity>,
+    targets: &'a BTreeMap<String, Target>,
+    liveness: &'a Liveness,
+    status: &'a Board,
+    observer: &'a Arc<dyn Observer>,
+}
+
+impl Parts<'_> {
+    /// Checks `group`'s targets and watches its source; its queues start with a whole compare,
+    /// so nothing changed before or during this is missed.
+    async fn prepare(
+        &self,
+        group: &SyncGroup,
+        shutdown: &CancellationToken,
+    ) -> Result<Prepared, DaemonError> {
+        let mut targets = Vec::new();
+        for name in &group.targets {
+            let target =
+                self.targets
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| DaemonError::UnknownTarget {
+                        group: group.name.clone(),
+                        target: name.clone(),
+                    })?;
+            if let TargetKind::Rsync(r) = &target.kind {
+                rsync::probe(r).map_err(|message| DaemonError::Rsync {
+                    target: name.clone(),
+                    message,
+                })?;
+            }
+            targets.push(target);
+        }
+        let queues: Vec<Queue> = targets
+            .iter()
+            .map(|_| {
+                let queue = Queue::new();
+                queue.push([Change::Full]);
+                queue
+            })
+            .collect();
+        let g = group.clone();
+        let beat = self
+            .liveness
+            .register(format!("event router of sync {}", group.name));
+        let watch_queues = queues.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            GroupWatcher::start(g.clone(), g.timing, watch_queues, beat)
+        })
+        .await
+        .expect("watcher start task");
+        let watcher = started.map_err(|error| DaemonError::Watch {
+            group: group.name.clone(),
+            source_dir: group.source.display().to_string(),
+            error,
+        })?;
+        let identity = targets
+            .iter()
+            .any(|t| t.fingerprint().is_some())
+            .then(|| self.identity.fingerprint());
+        Ok(Prepared {
+            unit: Unit {
+                group: group.clone(),
+                targets,
+                identity,
+                watcher,
+                workers: tokio::task::JoinSet::new(),
+                stop: shutdown.child_token(),
+            },
+            queues,
+        })
+    }
+
+    /// Starts the workers of a prepared group.
+    fn launch(&self, prepared: Prepared) -> Unit {
+        let Prepared { mut unit, queues } = prepared;
+        let group = &unit.group;
+        self.status.remove_group(&group.name);
+        for (target, queue) in unit.targets.iter().zip(queues) {
+            let (t, stop) = (target.name.clone(), unit.stop.clone());
+            let kind = if target.fingerprint().is_some() {
+                "ferry"
+            } else {
+                "rsync"
+            };
+            let tracker =
+                self.status
+                    .register(&group.name, &t, kind, &target.address, queue.clone());
+            match &target.kind {
+                TargetKind::Rsync(r) => {
+                    let link = RsyncLink {
+                        group: group.clone(),
+                        name: target.name.clone(),
+                        address: target.address.clone(),
+                        rsync: r.clone(),
+                        observer: self.observer.clone(),
+                    };
+                    unit.workers
+                        .spawn(Worker::new(group, t, queue, link, stop, tracker).run());
+                }
+                TargetKind::Ferry { .. } => {
+                    let link = FerryLink::new(
+                        group.clone(),
+                        target.clone(),
+                        self.identity.clone(),
+                        self.observer.clone(),
+                    );
+                    unit.workers
+                        .spawn(Worker::new(group, t, queue, link, stop, tracker).run());
+                }
+            }
+        }
+        unit
+    }
+}
+
+impl Unit {
+    /// True if `group`, with these targets and identity, is what this unit already runs.
+    fn runs(&self, group: &SyncGroup, parts: &Parts<'_>) -> bool {
+        let targets: Vec<Option<&Target>> =
+            group.targets.iter().map(|n| parts.targets.get(n)).collect();
+        let identity = targets
+            .iter()
+            .any(|t| t.is_some_and(|t| t.fingerprint().is_some()))
+            .then(|| parts.identity.fingerprint());
+        &self.group == group
+            && self.identity == identity
+            && targets.len() == self.targets.len()
+            && targets
+                .iter()
+                .zip(&self.targets)
+                .all(|(new, old)| *new == Some(old))
+    }
+
+    /// Lets the workers finish their batches in flight (see [`crate::worker::SHUTDOWN_GRACE`]),
+    /// then stops watching.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        while self.workers.join_next().await.is_some() {}
+        let w = self.watcher;
+        tokio::task::spawn_blocking(move || w.stop())
+            .await
+            .expect("watcher stop task");
+    }
 }
 
 impl Daemon {
@@ -66,79 +247,131 @@ impl Daemon {
         shutdown: CancellationToken,
         observer: Arc<dyn Observer>,
     ) -> Result<(), DaemonError> {
-        let mut watchers = Vec::new();
-        let mut workers = tokio::task::JoinSet::new();
-        for group in &self.syncs {
-            let mut queues = Vec::new();
-            let mut targets = Vec::new();
-            for name in &group.targets {
-                let target =
-                    self.targets
-                        .get(name)
-                        .cloned()
-                        .ok_or_else(|| DaemonError::UnknownTarget {
-                            group: group.name.clone(),
-                            target: name.clone(),
-                        })?;
-                if let TargetKind::Rsync(r) = &target.kind {
-                    rsync::probe(r).map_err(|message| DaemonError::Rsync {
-                        target: name.clone(),
-                        message,
-                    })?;
-                }
-                let queue = Queue::new();
-                // The first batch of every worker is a full reconcile.
-                queue.push([Change::Full]);
-                queues.push(queue.clone());
-                targets.push((target, queue));
-            }
-            // Watches first, so nothing changed during the reconcile is missed.
-            let g = group.clone();
-            let beat = self
-                .liveness
-                .register(format!("event router of sync {}", group.name));
-            let started = tokio::task::spawn_blocking(move || {
-                GroupWatcher::start(g.clone(), g.timing, queues, beat)
-            })
-            .await
-            .expect("watcher start task");
-            let watcher = started.map_err(|error| DaemonError::Watch {
-                group: group.name.clone(),
-                source_dir: group.source.display().to_string(),
-                error,
-            })?;
-            watchers.push(watcher);
-            for (target, queue) in targets {
-                let (t, stop) = (target.name.clone(), shutdown.clone());
-                match &target.kind {
-                    TargetKind::Rsync(r) => {
-                        let link = RsyncLink {
-                            group: group.clone(),
-                            name: target.name.clone(),
-                            address: target.address.clone(),
-                            rsync: r.clone(),
-                            observer: observer.clone(),
-                        };
-                        workers.spawn(Worker::new(group, t, queue, link, stop).run());
+        let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+        self.run_reloading(shutdown, observer, reloads).await
+    }
+
+    /// As [`Daemon::run`], switching to each configuration that arrives on `reloads`: groups
+    /// that did not change (nor their targets, nor the identity) run on untouched, pending
+    /// changes and connections included; removed groups stop; added and changed ones start
+    /// with a whole compare, which covers whatever was pending in the group they replace. A
+    /// reload whose new groups cannot start (a source that cannot be watched, a missing rsync
+    /// client) changes nothing.
+    pub async fn run_reloading(
+        self,
+        shutdown: CancellationToken,
+        observer: Arc<dyn Observer>,
+        mut reloads: tokio::sync::mpsc::Receiver<Reload>,
+    ) -> Result<(), DaemonError> {
+        let Daemon {
+            identity,
+            targets,
+            syncs,
+            liveness,
+            status,
+        } = self;
+        let mut units: BTreeMap<String, Unit> = BTreeMap::new();
+        {
+            let parts = Parts {
+                identity: &identity,
+                targets: &targets,
+                liveness: &liveness,
+                status: &status,
+                observer: &observer,
+            };
+            for group in &syncs {
+                match parts.prepare(group, &shutdown).await {
+                    Ok(p) => {
+                        units.insert(group.name.clone(), parts.launch(p));
                     }
-                    TargetKind::Ferry { .. } => {
-                        let link = FerryLink::new(
-                            group.clone(),
-                            target.clone(),
-                            self.identity.clone(),
-                            observer.clone(),
-                        );
-                        workers.spawn(Worker::new(group, t, queue, link, stop).run());
+                    Err(e) => {
+                        for (_, u) in std::mem::take(&mut units) {
+                            u.stop().await;
+                        }
+                        return Err(e);
                     }
                 }
             }
         }
         observer.ready();
-        while workers.join_next().await.is_some() {}
-        for w in watchers {
-            tokio::task::spawn_blocking(move || w.stop())
-                .await
-                .expect("watcher stop task");
+        loop {
+            let reload = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = reloads.recv() => match r {
+                    Some(r) => r,
+                    None => { shutdown.cancelled().await; break; }
+                },
+            };
+            let parts = Parts {
+                identity: &reload.identity,
+                targets: &reload.targets,
+                liveness: &liveness,
+                status: &status,
+                observer: &observer,
+            };
+            let mut prepared = Vec::new();
+            let mut refused = None;
+            for group in &reload.syncs {
+                if units
+                    .get(&group.name)
+                    .is_some_and(|u| u.runs(group, &parts))
+                {
+                    continue;
+                }
+                match parts.prepare(group, &shutdown).await {
+                    Ok(p) => prepared.push(p),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            let done = |outcome| {
+                if let Some(tx) = reload.done {
+                    let _ = tx.send(outcome);
+                }
+            };
+            if let Some(e) = refused {
+                tracing::error!("reload refused: {e}; still running the previous configuration");
+                done(Err(e.to_string()));
+                for p in prepared {
+                    let w = p.unit.watcher;
+                    tokio::task::spawn_blocking(move || w.stop())
+                        .await
+                        .expect("watcher stop task");
+                }
+                continue;
+            }
+            let keep: BTreeSet<&str> = reload.syncs.iter().map(|g| g.name.as_str()).collect();
+            let replaced: BTreeSet<String> =
+                prepared.iter().map(|p| p.unit.group.name.clone()).collect();
+            let changed = replaced.iter().filter(|n| units.contains_key(*n)).count();
+            let added = replaced.len() - changed;
+            let mut removed = 0;
+            let names: Vec<String> = units.keys().cloned().collect();
+            for name in names {
+                if replaced.contains(&name) || !keep.contains(name.as_str()) {
+                    units.remove(&name).expect("unit").stop().await;
+                    if !replaced.contains(&name) {
+                        removed += 1;
+                        status.remove_group(&name);
+                        tracing::info!(sync = %name, "removed by reload");
+                    }
+                }
+            }
+            for p in prepared {
+                units.insert(p.unit.group.name.clone(), parts.launch(p));
+            }
+            status.config_loaded();
+            let summary = format!(
+                "{} groups running: {added} added, {changed} changed, {removed} removed",
+                units.len()
+            );
+            tracing::info!("configuration reloaded: {summary}");
+            done(Ok(summary));
+        }
+        for (_, u) in units {
+            u.stop().await;
         }
         Ok(())
     }

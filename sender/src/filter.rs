@@ -30,6 +30,13 @@ pub struct FilterError {
     pub message: String,
 }
 
+/// Two filters are equal when they were compiled from the same patterns.
+impl PartialEq for Filter {
+    fn eq(&self, other: &Filter) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
 impl Filter {
     /// Compiles `patterns`.
     pub fn new(patterns: &[String]) -> Result<Filter, FilterError> {

@@ -27,7 +27,8 @@
 //! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
 //!   start-up, overflow, new directories).
 //! - [`rsync`]: compatibility mode: the rsync transport, its command lines and exit codes.
-//! - [`daemon`]: wiring: watchers, queues and workers for every group and target.
+//! - [`daemon`]: wiring: watchers, queues and workers for every group and target; reloads.
+//! - [`status`]: what each (group, target) pair is doing, for `ferry status` and metrics.
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
 #![warn(missing_docs)]
 
@@ -44,6 +45,7 @@ pub mod reconcile;
 pub mod route;
 pub mod rsync;
 pub mod session;
+pub mod status;
 pub mod transfer;
 pub mod verify;
 pub mod watch;

@@ -32,6 +32,8 @@ pub fn retry_delay(failures: u32) -> Duration {
 pub struct Batch {
     /// Compare the whole tree.
     pub full: bool,
+    /// When the whole-tree compare was asked for (the oldest, if asked more than once).
+    pub full_since: Option<Instant>,
     /// Renames, oldest first; applied before `paths`.
     pub renames: Vec<Rename>,
     /// Dirty paths with their need and the time of their first event.
@@ -49,6 +51,13 @@ impl Batch {
         self.renames.len() + self.paths.len()
     }
 
+    /// When the oldest change in the batch happened.
+    pub fn oldest(&self) -> Option<Instant> {
+        let paths = self.paths.values().map(|(_, t)| *t);
+        let renames = self.renames.iter().map(|r| r.since);
+        paths.chain(renames).chain(self.full_since).min()
+    }
+
     /// Adds a dirty path, keeping the highest need and the earliest time.
     pub fn mark(&mut self, path: RelPath, need: Need, since: Instant) {
         merge(&mut self.paths, path, need, since)
@@ -57,7 +66,10 @@ impl Batch {
     /// Adds one coalesced change.
     pub fn add(&mut self, change: Change) {
         match change {
-            Change::Full => self.full = true,
+            Change::Full => {
+                self.full = true;
+                self.full_since.get_or_insert_with(Instant::now);
+            }
             Change::Path { path, need, since } => self.mark(path, need, since),
             Change::Rename(r) => {
                 // Dirty paths under the old name are now under the new one.
@@ -85,6 +97,7 @@ impl Batch {
     pub fn prepend(&mut self, earlier: Batch) {
         let later = std::mem::replace(self, earlier);
         self.full |= later.full;
+        self.full_since = self.full_since.into_iter().chain(later.full_since).min();
         // Later renames happened after the earlier paths were dirtied: they move them. Later
         // paths were already recorded under their current names.
         for r in later.renames {
@@ -109,12 +122,35 @@ struct Retry {
     failures: u32,
     /// When to try again; `None` once handed out (the count stays until the outcome is known).
     due: Option<Instant>,
+    /// When the change that first failed happened (its lag runs from there).
+    since: Instant,
 }
 
 #[derive(Debug, Default)]
 struct State {
     batch: Batch,
     retries: BTreeMap<RelPath, Retry>,
+    /// The batch taken and not yet settled or put back.
+    in_flight: Option<Flight>,
+}
+
+/// What is known of a batch out with the worker.
+#[derive(Debug, Clone, Copy, Default)]
+struct Flight {
+    changes: usize,
+    full: bool,
+    oldest: Option<Instant>,
+}
+
+/// What a target still owes: everything not yet acknowledged by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pending {
+    /// Paths and renames waiting, in flight, or waiting for a retry.
+    pub changes: usize,
+    /// A whole-tree compare is waiting or in flight.
+    pub full: bool,
+    /// When the oldest of them happened.
+    pub oldest: Option<Instant>,
 }
 
 impl State {
@@ -156,10 +192,18 @@ impl Queue {
         for (path, r) in st.retries.iter_mut() {
             if r.due.is_some_and(|d| d <= now) {
                 r.due = None;
-                st.batch.mark(path.clone(), Need::Tree, now);
+                st.batch.mark(path.clone(), Need::Tree, r.since);
             }
         }
-        std::mem::take(&mut st.batch)
+        let batch = std::mem::take(&mut st.batch);
+        if !batch.is_empty() {
+            st.in_flight = Some(Flight {
+                changes: batch.len() + usize::from(batch.full),
+                full: batch.full,
+                oldest: batch.oldest(),
+            });
+        }
+        batch
     }
 
     /// Records the outcome of a batch taken earlier: the paths in `failed` are tried again
@@ -167,6 +211,7 @@ impl Queue {
     /// succeeded and is forgotten by the retry set.
     pub fn settle(&self, batch: &Batch, failed: &[RelPath], now: Instant) {
         let mut st = self.state();
+        st.in_flight = None;
         let failed_set: HashSet<&RelPath> = failed.iter().collect();
         for path in batch.paths.keys() {
             if !failed_set.contains(path) {
@@ -174,10 +219,13 @@ impl Queue {
             }
         }
         for path in failed {
+            let since = batch.paths.get(path).map_or(now, |(_, t)| *t);
             let r = st.retries.entry(path.clone()).or_insert(Retry {
                 failures: 0,
                 due: None,
+                since,
             });
+            r.since = r.since.min(since);
             r.failures += 1;
             r.due = Some(now + retry_delay(r.failures));
         }
@@ -198,13 +246,36 @@ impl Queue {
 
     /// Puts unfinished work back in front of whatever arrived since.
     pub fn put_back(&self, unfinished: Batch) {
-        self.state().batch.prepend(unfinished);
+        let mut st = self.state();
+        st.in_flight = None;
+        st.batch.prepend(unfinished);
+        drop(st);
         self.inner.1.notify_one();
     }
 
     /// Number of dirty paths and renames waiting (retries not yet due excluded).
     pub fn len(&self) -> usize {
         self.state().batch.len()
+    }
+
+    /// Everything not yet acknowledged: waiting, in flight, or failed and waiting for a retry.
+    pub fn pending(&self) -> Pending {
+        let st = self.state();
+        let flight = st.in_flight.unwrap_or_default();
+        let retrying = st.retries.values().filter(|r| r.due.is_some());
+        let oldest = [st.batch.oldest(), flight.oldest]
+            .into_iter()
+            .flatten()
+            .chain(retrying.clone().map(|r| r.since))
+            .min();
+        Pending {
+            changes: st.batch.len()
+                + usize::from(st.batch.full)
+                + flight.changes
+                + retrying.count(),
+            full: st.batch.full || flight.full,
+            oldest,
+        }
     }
 
     /// True if nothing is ready to be taken at `now`.

@@ -14,6 +14,7 @@ use crate::execute::{Report, Step, StepKind};
 use crate::guard::DeleteTally;
 use crate::queue::{Batch, Queue};
 use crate::session::{Session, SessionError};
+use crate::status::{State, Tracker};
 use crate::watch::PROGRESS_EVERY;
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::Intent;
@@ -135,6 +136,8 @@ pub struct Worker<T> {
     pub transport: T,
     /// Stops the loop.
     pub shutdown: CancellationToken,
+    /// Where its state is shown.
+    pub status: Tracker,
 }
 
 impl<T: Transport> Worker<T> {
@@ -145,6 +148,7 @@ impl<T: Transport> Worker<T> {
         queue: Queue,
         transport: T,
         shutdown: CancellationToken,
+        status: Tracker,
     ) -> Self {
         Worker {
             group: group.name.clone(),
@@ -153,6 +157,7 @@ impl<T: Transport> Worker<T> {
             queue,
             transport,
             shutdown,
+            status,
         }
     }
 
@@ -173,6 +178,10 @@ impl<T: Transport> Worker<T> {
             // from it would delete the backup. One error, then a quiet re-check.
             match source_missing(&self.source).await {
                 Some(why) => {
+                    self.status.fail(
+                        State::Paused,
+                        &format!("source {}: {why}", self.source.display()),
+                    );
                     if !paused {
                         tracing::error!(
                             sync = group,
@@ -201,6 +210,7 @@ impl<T: Transport> Worker<T> {
             };
             match connected {
                 Ok(fresh) => {
+                    self.status.set(State::Connected, None);
                     if fresh && backoff.failing() {
                         tracing::info!(sync = group, target, "reconnected");
                         // The receiver (or its disk) is back: what failed goes again now.
@@ -209,6 +219,8 @@ impl<T: Transport> Worker<T> {
                     }
                 }
                 Err(e) => {
+                    self.status
+                        .fail(State::Retrying, &format!("cannot connect: {e}"));
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         sync = group,
@@ -248,6 +260,7 @@ impl<T: Transport> Worker<T> {
             match outcome {
                 Outcome::Done(report) => {
                     backoff.reset();
+                    self.status.sent(&report, batch.full);
                     self.queue
                         .settle(&batch, &report.failed_paths(), Instant::now());
                     summary.absorb(report);
@@ -264,6 +277,8 @@ impl<T: Transport> Worker<T> {
                     }
                 }
                 Outcome::Lost(e) => {
+                    self.status
+                        .fail(State::Retrying, &format!("connection lost: {e}"));
                     tracing::warn!(
                         sync = group,
                         target,
@@ -274,6 +289,7 @@ impl<T: Transport> Worker<T> {
                     self.transport.disconnect();
                 }
                 Outcome::Retry(e) => {
+                    self.status.fail(State::Retrying, &e);
                     let delay = backoff.next_delay();
                     tracing::warn!(
                         sync = group,
@@ -288,6 +304,7 @@ impl<T: Transport> Worker<T> {
                     }
                 }
                 Outcome::Stop(e) => {
+                    self.status.fail(State::Stopped, &e);
                     self.queue.put_back(batch);
                     tracing::error!(
                         sync = group,

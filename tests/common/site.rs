@@ -53,7 +53,9 @@ impl Site {
     pub fn write_config(&self, body: &str) {
         fs::write(
             self.config(),
-            format!("cert = \"cert.pem\"\nkey = \"key.pem\"\n{body}"),
+            format!(
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\nstatus_socket = \"status.sock\"\n{body}"
+            ),
         )
         .unwrap();
     }
@@ -246,7 +248,7 @@ impl Setup {
         fs::write(
             self.sender_config(),
             format!(
-                "cert = \"cert.pem\"\nkey = \"key.pem\"\n[targets.backup]\naddress = {addr:?}\nfingerprint = {pin:?}\n\
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\nstatus_socket = \"status.sock\"\n[targets.backup]\naddress = {addr:?}\nfingerprint = {pin:?}\n\
                  [[sync]]\nname = \"file\"\nsource = {:?}\ntargets = [\"backup\"]\nmodule = {module:?}\nexclude = {exclude:?}\n",
                 self.src.display().to_string()
             ),

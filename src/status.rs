@@ -1,0 +1,211 @@
+//! `ferry status`: the running sender answers on a local socket with a JSON [`Snapshot`];
+//! this file holds both ends.
+//!
+//! The socket is for the daemon's own user and root: the directory the daemon creates for it
+//! is mode 0700, the socket 0600, and a peer whose credentials (`SO_PEERCRED`) are anyone
+//! else's is closed without an answer.
+
+use anyhow::{bail, Context, Result};
+use ferry_sender::status::{Board, Snapshot, State, TargetStatus};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a `ferry status` client may take to read its answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer a client accepts.
+const MAX_ANSWER: u64 = 16 << 20;
+
+/// Binds `path` (replacing a stale socket, refusing when another daemon answers there) and
+/// answers every permitted connection with the board's snapshot until `shutdown`; the socket
+/// file is removed then.
+pub fn serve(path: &Path, board: Board, shutdown: CancellationToken) -> Result<()> {
+    let listener = bind(path)?;
+    let path = path.to_path_buf();
+    tokio::spawn(async move {
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = listener.accept() => match a {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("status socket {}: accept failed: {e}", path.display());
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let allowed = stream
+                .peer_cred()
+                .is_ok_and(|c| c.uid() == 0 || c.uid() == me);
+            if !allowed {
+                continue;
+            }
+            let answer = serde_json::to_vec(&board.snapshot()).expect("snapshot serializes");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+                    stream.write_all(&answer).await?;
+                    stream.shutdown().await
+                })
+                .await;
+            });
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+fn bind(path: &Path) -> Result<UnixListener> {
+    let shown = path.display();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| {
+                    format!("status socket {shown}: cannot create {}", dir.display())
+                })?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("status socket {shown}: another ferry sender answers there");
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("status socket {shown}: cannot remove the stale one"))?;
+        }
+        Ok(_) => bail!("status socket {shown}: exists and is not a socket"),
+        Err(_) => {}
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("status socket {shown}: cannot bind"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("status socket {shown}: cannot restrict"))?;
+    Ok(listener)
+}
+
+/// Asks the sender answering on `socket` for its snapshot.
+pub async fn ask(socket: &Path) -> Result<Snapshot> {
+    let shown = socket.display();
+    let mut stream = UnixStream::connect(socket).await.with_context(|| {
+        format!("status socket {shown}: is the sender running (and are you its user or root)?")
+    })?;
+    let mut text = Vec::new();
+    tokio::time::timeout(
+        ANSWER_TIMEOUT,
+        (&mut stream).take(MAX_ANSWER).read_to_end(&mut text),
+    )
+    .await
+    .with_context(|| format!("status socket {shown}: no answer within {ANSWER_TIMEOUT:?}"))?
+    .with_context(|| format!("status socket {shown}"))?;
+    if text.is_empty() {
+        bail!("status socket {shown}: closed without an answer (only the sender's user and root are answered)");
+    }
+    serde_json::from_slice(&text).with_context(|| format!("status socket {shown}: bad answer"))
+}
+
+/// `ferry status`: prints the snapshot (or its JSON); exit 0 when every target is connected,
+/// has converged once and owes nothing, 1 otherwise.
+pub async fn status(config: Option<&Path>, socket: Option<PathBuf>, json: bool) -> Result<u8> {
+    let socket = match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => ferry_sender::Config::load(c)?.status_socket,
+        (None, None) => ferry_sender::config::DEFAULT_STATUS_SOCKET.into(),
+    };
+    let snap = ask(&socket).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snap)?);
+    } else {
+        print!("{}", render(&snap));
+    }
+    Ok(if snap.targets.iter().all(in_step) {
+        0
+    } else {
+        1
+    })
+}
+
+/// Connected, converged once, owing nothing.
+fn in_step(t: &TargetStatus) -> bool {
+    t.state == State::Connected && t.reconciled && t.pending == 0
+}
+
+/// The snapshot as an operator reads it: one block per (group, target).
+pub fn render(s: &Snapshot) -> String {
+    let mut out = format!(
+        "ferry sender {} (pid {}), up {}\n",
+        s.version,
+        s.pid,
+        age(s.uptime_seconds)
+    );
+    for t in &s.targets {
+        let mut state = format!("{} for {}", t.state.name(), age(t.state_seconds));
+        if let Some(why) = &t.why {
+            state.push_str(&format!(": {why}"));
+        }
+        let progress = if in_step(t) {
+            "in step"
+        } else if t.reconciled {
+            "catching up"
+        } else if t.compare_pending {
+            "initial compare not finished"
+        } else {
+            "not converged yet"
+        };
+        out.push_str(&format!(
+            "{} → {} ({} {}): {state}\n  {}; pending {}, lag {:.1} s; sent {} files, {}, {} deleted, {} failures\n",
+            t.sync,
+            t.target,
+            t.kind,
+            t.address,
+            progress,
+            t.pending,
+            t.lag_seconds,
+            t.files,
+            bytes(t.bytes),
+            t.deleted,
+            t.failures,
+        ));
+        let shown = t.why.is_some() && t.why == t.last_error;
+        if let (Some(e), Some(ago), false) = (&t.last_error, t.last_error_seconds, shown) {
+            out.push_str(&format!("  last error {} ago: {e}\n", age(ago)));
+        }
+    }
+    if s.targets.is_empty() {
+        out.push_str("no sync groups\n");
+    }
+    out
+}
+
+fn age(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{secs:.0} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        3600..86400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        _ => format!("{} d {} h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
