@@ -465,4 +465,39 @@ mod tests {
         q.retry_now(now);
         assert_eq!(paths(&q.take(now)), vec!["a", "b"]);
     }
+
+    #[test]
+    fn pending_counts_work_in_flight_and_failed_paths_from_their_first_event() {
+        let q = Queue::new();
+        let first = Instant::now();
+        q.push([Change::Path {
+            path: p("a"),
+            need: Need::Content,
+            since: first,
+        }]);
+        q.push([path("b", Need::Content)]);
+        assert_eq!(q.pending().changes, 2);
+        assert_eq!(q.pending().oldest, Some(first));
+        // Taken by the worker, not yet acknowledged: still owed.
+        let later = first + Duration::from_secs(3);
+        let b = q.take(later);
+        assert_eq!(q.pending().changes, 2);
+        assert_eq!(q.pending().oldest, Some(first));
+        // "a" failed: owed until it succeeds, its lag still running from its first event,
+        // also after its retry is handed out again.
+        q.settle(&b, &[p("a")], later);
+        assert_eq!(q.pending().changes, 1);
+        assert_eq!(q.pending().oldest, Some(first));
+        let retried = q.take(later + MAX_RETRY);
+        assert_eq!(retried.paths[&p("a")].1, first);
+        assert_eq!(q.pending().oldest, Some(first));
+        q.settle(&retried, &[], later + MAX_RETRY);
+        assert_eq!(q.pending(), Pending::default());
+        // A whole compare counts as one change, also while it is out.
+        q.push([Change::Full]);
+        let full = q.take(Instant::now());
+        assert!(q.pending().full && q.pending().changes == 1);
+        q.put_back(full);
+        assert!(q.pending().full && q.pending().changes == 1);
+    }
 }
