@@ -4,6 +4,7 @@
 mod import;
 mod metrics;
 mod mirror;
+mod progress;
 mod send;
 mod service;
 mod status;
@@ -219,7 +220,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let filter = std::env::var("FERRY_LOG").unwrap_or_else(|_| default.to_string());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(progress::LogWriter)
         .with_target(false);
     if service::stderr_is_journal() {
         // journald stamps every line itself and takes the priority from the prefix.

@@ -1,16 +1,17 @@
 //! `ferry mirror SRC DST`: a receiver on 127.0.0.1 and a live sender in one process, no
 //! configuration. Progress on stderr, one line per change on stdout.
 
+use crate::progress::{Count, Progress};
 use anyhow::{bail, Context, Result};
 use ferry_protocol::message::Intent;
 use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, Observer};
-use ferry_sender::execute::{Report, Step, StepKind};
+use ferry_sender::execute::{Report, Step, StepKind, Totals, Watch};
 use ferry_sender::filter::Filter;
 use ferry_sender::reconcile;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// `ferry mirror SRC DST [--once]`.
@@ -65,7 +66,10 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
                 .connect(&recv.client, "mirror", Intent::Write)
                 .await?,
         );
-        let report = reconcile::reconcile(&session, &group).await?;
+        let mut watch = ProgressWatch::new();
+        let root = ferry_protocol::RelPath::root();
+        let report = reconcile::reconcile_under(&session, &group, &root, 0, &mut watch).await?;
+        drop(watch);
         if let Ok(s) = Arc::try_unwrap(session) {
             s.close().await;
         }
@@ -85,7 +89,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         };
         let observer = Arc::new(MirrorObserver {
             src: src.clone(),
-            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            progress: Mutex::new(None),
             synced: AtomicBool::new(false),
         });
         daemon
@@ -106,33 +110,69 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
     Ok(code)
 }
 
-/// Prints `mirror`'s progress on stderr and one line per change on stdout.
+/// `mirror --once`'s progress.
+struct ProgressWatch {
+    progress: Progress,
+    done: Totals,
+}
+
+impl ProgressWatch {
+    fn new() -> ProgressWatch {
+        ProgressWatch {
+            progress: Progress::start("initial sync"),
+            done: Totals::default(),
+        }
+    }
+}
+
+impl Watch for ProgressWatch {
+    fn planned(&mut self, totals: Totals) {
+        self.progress.total(count(totals));
+    }
+
+    fn step(&mut self, step: &Step) {
+        self.done.add(step);
+        self.progress.update(count(self.done));
+    }
+}
+
+fn count(t: Totals) -> Count {
+    Count {
+        entries: t.steps,
+        bytes: t.bytes,
+    }
+}
+
+/// Shows `mirror`'s initial sync as progress on stderr, then one line per change on stdout.
 struct MirrorObserver {
     src: PathBuf,
-    tty: bool,
+    /// The initial sync's progress, while it runs.
+    progress: Mutex<Option<Progress>>,
     /// The initial sync finished.
     synced: AtomicBool,
 }
 
 impl Observer for MirrorObserver {
+    fn planned(&self, _group: &str, _target: &str, totals: Totals) {
+        let progress = Progress::start("initial sync");
+        progress.total(count(totals));
+        *self.progress.lock().expect("progress lock") = Some(progress);
+    }
+
+    fn progress(&self, _group: &str, _target: &str, done: Totals) {
+        if let Some(p) = &*self.progress.lock().expect("progress lock") {
+            p.update(count(done));
+        }
+    }
+
     fn reconciled(&self, group: &str, target: &str, report: &Report) {
         self.synced.store(true, Ordering::Relaxed);
-        if self.tty {
-            eprint!("\r\x1b[K");
-        }
+        self.progress.lock().expect("progress lock").take();
         crate::send::print_report(group, target, report);
         eprintln!(
             "ferry: initial sync done; watching {} (Ctrl-C to stop)",
             self.src.display()
         );
-    }
-
-    fn progress(&self, _group: &str, _target: &str, done: u64) {
-        if self.tty {
-            eprint!("\r\x1b[Kferry: initial sync: {done} entries sent");
-        } else {
-            eprintln!("ferry: initial sync: {done} entries sent");
-        }
     }
 
     fn step(&self, _group: &str, _target: &str, step: &Step, latency: Option<Duration>) {

@@ -185,7 +185,7 @@ pub fn render(s: &Snapshot) -> String {
     out
 }
 
-fn age(secs: f64) -> String {
+pub(crate) fn age(secs: f64) -> String {
     let s = secs as u64;
     match s {
         0..60 => format!("{secs:.0} s"),
@@ -195,7 +195,7 @@ fn age(secs: f64) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;

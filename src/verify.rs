@@ -1,17 +1,67 @@
 //! `ferry verify`: prints one `<kind> <path>` line per difference; 0 equal, 1 different.
 
+use crate::progress::{Count, Progress};
 use anyhow::{bail, Result};
+use ferry_protocol::local::Tally;
 use ferry_protocol::meta::Difference;
 use ferry_protocol::RelPath;
 use ferry_sender::config::{SyncGroup, TargetKind};
 use ferry_sender::filter::Filter;
 use ferry_sender::verify::{default_cache_dir, verify_local, verify_target};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 fn print_differences(diffs: &[(RelPath, Difference)]) {
     for (path, kind) in diffs {
         println!("{} {}", kind.as_str(), path);
     }
+}
+
+/// Runs `work` (which digests trees, counting into the tally it is given) with progress
+/// shown; the totals come from a stat walk of `roots` run beside it, so nothing waits for them.
+async fn with_progress<T, F>(
+    what: &str,
+    roots: Vec<(PathBuf, Filter)>,
+    work: impl FnOnce(Arc<Tally>) -> F,
+) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let progress = Arc::new(Progress::start(what));
+    let tally = Arc::new(Tally::default());
+    let p = progress.clone();
+    let counting = tokio::task::spawn_blocking(move || {
+        let mut total = Count::default();
+        for (root, filter) in roots {
+            let accept = |p: &RelPath, d: bool| filter.accepts(p, d);
+            let entries = ferry_protocol::local::scan(&root, &accept, &mut Vec::new());
+            for e in entries.into_iter().flatten() {
+                total.entries += 1;
+                if e.meta.kind == ferry_protocol::Kind::File {
+                    total.bytes += e.meta.size;
+                }
+            }
+        }
+        p.total(total);
+    });
+    let (t, p) = (tally.clone(), progress.clone());
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            every.tick().await;
+            p.update(Count {
+                entries: t.entries.load(Ordering::Relaxed),
+                bytes: t.bytes.load(Ordering::Relaxed),
+            });
+        }
+    });
+    let out = work(tally).await;
+    ticker.abort();
+    counting.abort();
+    progress.finish();
+    out
 }
 
 /// `ferry verify LEFT RIGHT`.
@@ -24,7 +74,15 @@ pub async fn local(
 ) -> Result<u8> {
     let filter = Filter::new(excludes)?;
     let cache_dir = cache_dir.or_else(default_cache_dir);
-    let diffs = verify_local(left, right, &filter, checksum, cache_dir).await?;
+    // The right side is counted as the same size as the left.
+    let roots = vec![
+        (left.to_path_buf(), filter.clone()),
+        (left.to_path_buf(), filter.clone()),
+    ];
+    let diffs = with_progress("verify", roots, |tally| {
+        verify_local(left, right, &filter, checksum, cache_dir, Some(tally))
+    })
+    .await?;
     print_differences(&diffs);
     Ok(if diffs.is_empty() { 0 } else { 1 })
 }
@@ -53,7 +111,13 @@ pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result
                         .map_err(|e| anyhow::anyhow!("{} → {target_name}: {e}", group.name))?
                 }
                 TargetKind::Ferry { .. } => {
-                    verify_target(group, target, &identity, checksum, cache_dir.clone()).await?
+                    let what = format!("verify {} → {target_name}", group.name);
+                    let roots = vec![(group.source.clone(), group.filter.clone())];
+                    with_progress(&what, roots, |tally| {
+                        let dir = cache_dir.clone();
+                        verify_target(group, target, &identity, checksum, dir, Some(tally))
+                    })
+                    .await?
                 }
             };
             eprintln!(

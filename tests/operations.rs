@@ -389,3 +389,44 @@ fn a_receiver_reload_serves_a_new_module_and_refuses_a_broken_file() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(fs::read(extra.join("f")).unwrap(), b"x");
 }
+
+/// `mirror --once` on a terminal (`script` gives it one): a bar with totals, and log lines
+/// that never share a line with it.
+#[test]
+fn the_initial_sync_shows_a_progress_bar_that_log_lines_do_not_tear() {
+    let site = Site::new();
+    let src = site.dir("src");
+    fill_tree(&src, 20, 10, |i| pseudo_random(100_000 + i, i as u64));
+    let command = format!(
+        "{} mirror --once {} {}",
+        env!("CARGO_BIN_EXE_ferry"),
+        src.display(),
+        site.path("dst").display()
+    );
+    let o = run(std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("COLUMNS", "100"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let screen = stdout(&o);
+    // Every redraw starts a line of its own (`\r` and erase-line); split on them.
+    let lines: Vec<&str> = screen.split(['\r', '\n']).collect();
+    let bars: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("initial sync [") && l.contains("MiB"))
+        .collect();
+    assert!(!bars.is_empty(), "no progress bar:\n{screen}");
+    // 200 files, 20 directories made, 21 directory times set.
+    assert!(
+        bars.iter()
+            .any(|l| l.contains("19.07 MiB") && l.contains("/241")),
+        "no totals: {bars:?}"
+    );
+    for l in &lines {
+        assert!(
+            !(l.contains("INFO") && l.contains("initial sync [")),
+            "a log line tore the bar: {l:?}"
+        );
+    }
+    assert!(screen.contains("files=200"), "{screen}");
+    assert_eq!(fs::read_dir(site.path("dst/d3")).unwrap().count(), 10);
+}

@@ -166,13 +166,12 @@ fn the_sender_is_ready_once_its_watches_are_in_place_and_says_when_it_converged(
     // A reload is announced (RELOADING=1 with the monotonic time), then ready again.
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
     let msgs = systemd.wait_for("RELOADING=1", 10, &daemon);
-    assert!(
-        msgs.last().unwrap().contains("MONOTONIC_USEC="),
-        "{msgs:?}"
-    );
+    assert!(msgs.last().unwrap().contains("MONOTONIC_USEC="), "{msgs:?}");
     let msgs = systemd.wait_for("READY=1", 10, &daemon);
     assert!(
-        msgs.last().unwrap().contains("STATUS=reloaded: 1 groups running"),
+        msgs.last()
+            .unwrap()
+            .contains("STATUS=reloaded: 1 groups running"),
         "{msgs:?}"
     );
 }
@@ -330,10 +329,12 @@ fn the_units_verify_and_score_at_most_5() {
         let ours = format!("={bin} ");
         let text: String = text
             .lines()
-            .map(|l| match l.starts_with("ExecStart") || l.starts_with("ExecReload") {
-                true => l.replacen("=ferry ", &ours, 1) + "\n",
-                false => l.to_string() + "\n",
-            })
+            .map(
+                |l| match l.starts_with("ExecStart") || l.starts_with("ExecReload") {
+                    true => l.replacen("=ferry ", &ours, 1) + "\n",
+                    false => l.to_string() + "\n",
+                },
+            )
             .collect();
         assert_eq!(
             text.matches(&ours).count(),

@@ -509,6 +509,16 @@ impl CacheKey {
     }
 }
 
+/// Entries and file bytes a [`DigestTree`] walk has been through so far, readable from
+/// another thread (for progress).
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Entries visited.
+    pub entries: std::sync::atomic::AtomicU64,
+    /// Sizes of the files visited.
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
 /// Content digests remembered by path, valid while the file's inode, size, mtime *and ctime*
 /// are unchanged. ctime cannot be set from user space, so a content change (even one that
 /// restores size and mtime) invalidates the entry. Files changed in the last
@@ -522,6 +532,8 @@ pub struct DigestCache {
     pub hashed: u64,
     /// Files served from the cache since creation.
     pub hits: u64,
+    /// Counts what walks through this cache visit, if set.
+    pub tally: Option<std::sync::Arc<Tally>>,
 }
 
 impl DigestCache {
@@ -536,6 +548,7 @@ impl DigestCache {
             dirty: false,
             hashed: 0,
             hits: 0,
+            tally: None,
         }
     }
 
@@ -558,6 +571,7 @@ impl DigestCache {
             dirty: false,
             hashed: 0,
             hits: 0,
+            tally: None,
         }
     }
 
@@ -684,6 +698,13 @@ impl DigestTree {
         entry: Entry,
         at: &mut Visit<'_>,
     ) -> DigestEntry {
+        if let Some(t) = &at.cache.tally {
+            use std::sync::atomic::Ordering::Relaxed;
+            t.entries.fetch_add(1, Relaxed);
+            if entry.meta.kind == Kind::File {
+                t.bytes.fetch_add(entry.meta.size, Relaxed);
+            }
+        }
         let digest = match entry.meta.kind {
             Kind::File => {
                 at.live.push(entry.path.clone());

@@ -122,10 +122,62 @@ pub struct Step {
     pub path: RelPath,
     /// Payload bytes (files only).
     pub bytes: u64,
+    /// The file's size as planned (files only): what progress counts.
+    pub size: u64,
 }
 
-/// Called once per acknowledged step.
-pub type Observe<'a> = &'a mut (dyn FnMut(&Step) + Send);
+/// What a plan holds, for progress: its steps and the bytes of the files it sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Steps (each delete, creation, file and metadata update).
+    pub steps: u64,
+    /// Sizes of the files to send.
+    pub bytes: u64,
+}
+
+impl Totals {
+    /// What `plan` will do.
+    pub fn of(plan: &Plan) -> Totals {
+        let bytes = plan
+            .creates
+            .iter()
+            .filter_map(|op| match op {
+                Op::File { entry, .. } => Some(entry.meta.size),
+                _ => None,
+            })
+            .sum();
+        Totals {
+            steps: (plan.deletes.len() + plan.creates.len() + plan.dir_meta.len()) as u64,
+            bytes,
+        }
+    }
+
+    /// Counts one acknowledged step in.
+    pub fn add(&mut self, step: &Step) {
+        self.steps += 1;
+        self.bytes += step.size;
+    }
+}
+
+/// Sees an execution: what it plans, then each step the receiver acknowledged. Any
+/// `FnMut(&Step)` closure is one that ignores the plan.
+pub trait Watch: Send {
+    /// The plan about to be executed.
+    fn planned(&mut self, totals: Totals) {
+        let _ = totals;
+    }
+    /// One acknowledged step.
+    fn step(&mut self, step: &Step);
+}
+
+impl<F: FnMut(&Step) + Send> Watch for F {
+    fn step(&mut self, step: &Step) {
+        self(step)
+    }
+}
+
+/// Who sees an execution.
+pub type Observe<'a> = &'a mut dyn Watch;
 
 /// A step that did not succeed.
 #[derive(Debug)]
@@ -171,6 +223,7 @@ pub async fn execute(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
+    observe.planned(Totals::of(&plan));
     let mut run = Run {
         session,
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -197,11 +250,15 @@ pub async fn execute(
                     .await
                     .expect("never closed");
                 run.reap()?;
-                let (path, base) = (entry.path.clone(), *base);
+                let (path, base, size) = (entry.path.clone(), *base, entry.meta.size);
                 let (session, root) = (session.clone(), root.to_path_buf());
                 run.tasks.spawn(async move {
                     let _waiting = waiting;
-                    send_file(&session, &root, path, base, sending).await
+                    let mut done = send_file(&session, &root, path, base, sending).await;
+                    if let Ok(step) = &mut done {
+                        step.size = size;
+                    }
+                    done
                 });
                 continue;
             }
@@ -249,10 +306,11 @@ pub async fn rename_all<'r>(
         match session.expect_ack(&mut rx).await {
             Ok(()) => {
                 report.renamed += 1;
-                observe(&Step {
+                observe.step(&Step {
                     kind: StepKind::Renamed(r.to.clone()),
                     path: r.from.clone(),
                     bytes: 0,
+                    size: 0,
                 });
             }
             Err(e) if e.is_fatal() => return Err(e),
@@ -294,6 +352,7 @@ async fn send_file(
                     },
                     path,
                     bytes: sent.payload,
+                    size: 0,
                 })
             }
             Ok(None) => return Err(Failure::Vanished(path)),
@@ -339,6 +398,7 @@ impl Run<'_, '_> {
                     kind,
                     path,
                     bytes: 0,
+                    size: 0,
                 }),
                 Err(e) if e.is_fatal() => Err(Failure::Fatal(e)),
                 Err(e) => Err(Failure::path(path, e)),
@@ -362,7 +422,7 @@ impl Run<'_, '_> {
                         report.payload_bytes += step.bytes;
                     }
                 }
-                (self.observe)(&step);
+                self.observe.step(&step);
             }
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Vanished(path)) => {

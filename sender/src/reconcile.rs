@@ -3,7 +3,7 @@
 //! new directories all come through here.
 
 use crate::config::SyncGroup;
-use crate::execute::{execute, Observe, Report};
+use crate::execute::{execute, Observe, Report, Step};
 use crate::plan::{deleted_entries, plan, Plan, PlanOptions};
 use crate::session::{Session, SessionError};
 use ferry_protocol::local;
@@ -52,7 +52,7 @@ pub fn filter_remote(group: &SyncGroup, remote: Vec<Entry>) -> Vec<Entry> {
 
 /// Reconciles `group`'s source with the module behind `session`.
 pub async fn reconcile(session: &Arc<Session>, group: &SyncGroup) -> Result<Report, SessionError> {
-    reconcile_under(session, group, &RelPath::root(), 0, &mut |_| {}).await
+    reconcile_under(session, group, &RelPath::root(), 0, &mut |_: &Step| {}).await
 }
 
 /// Reconciles the subtree at `under` (the whole tree for the root): lists both sides, plans

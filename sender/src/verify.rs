@@ -7,13 +7,14 @@ use crate::config::{SyncGroup, Target};
 use crate::filter::{Filter, FilterError};
 use crate::session::{Session, SessionError};
 use ferry_protocol::identity::Identity;
-use ferry_protocol::local::{DigestCache, DigestTree};
+use ferry_protocol::local::{DigestCache, DigestTree, Tally};
 use ferry_protocol::merkle::compare_dirs;
 use ferry_protocol::message::{DigestEntry, Intent};
 use ferry_protocol::meta::{Compare, Difference, Entry, Kind};
 use ferry_protocol::RelPath;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Why a comparison could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +80,10 @@ pub fn build_tree(
     cache_dir: Option<&Path>,
     cmp: Compare,
     checksum: bool,
+    tally: Option<Arc<Tally>>,
 ) -> Result<DigestTree, VerifyError> {
     let mut cache = cache_for(cache_dir, root);
+    cache.tally = tally;
     let accept = |p: &RelPath, d: bool| filter.accepts(p, d);
     let mut errors = Vec::new();
     let tree = DigestTree::build(root, &accept, &mut cache, cmp, checksum, &mut errors).map_err(
@@ -112,6 +115,7 @@ pub async fn verify_local(
     filter: &Filter,
     checksum: bool,
     cache_dir: Option<PathBuf>,
+    tally: Option<Arc<Tally>>,
 ) -> Result<Differences, VerifyError> {
     // SAFETY: geteuid has no preconditions.
     let cmp = Compare::all(unsafe { libc::geteuid() } == 0);
@@ -126,8 +130,8 @@ pub async fn verify_local(
     let (l, r) = tokio::task::spawn_blocking(move || -> Result<_, VerifyError> {
         let dir = cache_dir.as_deref();
         Ok((
-            build_tree(&left, &f, dir, cmp, checksum)?,
-            build_tree(&right, &f, dir, cmp, checksum)?,
+            build_tree(&left, &f, dir, cmp, checksum, tally.clone())?,
+            build_tree(&right, &f, dir, cmp, checksum, tally)?,
         ))
     })
     .await
@@ -148,6 +152,7 @@ pub async fn verify_target(
     identity: &Identity,
     checksum: bool,
     cache_dir: Option<PathBuf>,
+    tally: Option<Arc<Tally>>,
 ) -> Result<Differences, VerifyError> {
     let context = || format!("{} → {}", group.name, target.name);
     let session = target
@@ -162,7 +167,7 @@ pub async fn verify_target(
     let cmp = Compare::all(session.keeps.owners);
     let (source, filter) = (group.source.clone(), group.filter.clone());
     let tree = tokio::task::spawn_blocking(move || {
-        build_tree(&source, &filter, cache_dir.as_deref(), cmp, checksum)
+        build_tree(&source, &filter, cache_dir.as_deref(), cmp, checksum, tally)
     })
     .await
     .expect("digest task")?;

@@ -10,7 +10,7 @@
 
 use crate::batch::send_batch;
 use crate::config::{SyncGroup, Target};
-use crate::execute::{Report, Step, StepKind};
+use crate::execute::{Report, Step, StepKind, Totals, Watch};
 use crate::guard::DeleteTally;
 use crate::queue::{Batch, Queue};
 use crate::session::{Session, SessionError};
@@ -55,8 +55,12 @@ pub trait Observer: Send + Sync + 'static {
     fn step(&self, group: &str, target: &str, step: &Step, latency: Option<Duration>) {
         let _ = (group, target, step, latency);
     }
-    /// A full reconcile progressed: `done` steps so far.
-    fn progress(&self, group: &str, target: &str, done: u64) {
+    /// A full reconcile of `group` on `target` is about to do what `totals` says.
+    fn planned(&self, group: &str, target: &str, totals: Totals) {
+        let _ = (group, target, totals);
+    }
+    /// A full reconcile progressed: `done` so far, after each acknowledged step.
+    fn progress(&self, group: &str, target: &str, done: Totals) {
         let _ = (group, target, done);
     }
 }
@@ -439,34 +443,15 @@ impl Transport for FerryLink {
         let started = Instant::now();
         let sent_before = session.bytes_sent();
         let (group, target) = (self.group.name.as_str(), self.target.name.as_str());
-        let observer = self.observer.clone();
         let full = batch.full;
-        let renamed_since: HashMap<&RelPath, Instant> =
-            batch.renames.iter().map(|r| (&r.from, r.since)).collect();
-        let mut done = 0u64;
-        let mut last_progress = Instant::now();
-        let mut observe = |step: &Step| {
-            let latency = match &step.kind {
-                StepKind::Renamed(_) => renamed_since.get(&step.path).map(|t| t.elapsed()),
-                _ => first_event(&batch.paths, &step.path).map(|t| t.elapsed()),
-            };
-            tracing::debug!(
-                sync = group,
-                target,
-                op = ?step.kind,
-                path = %step.path,
-                bytes = step.bytes,
-                latency_ms = latency.map(|l| l.as_secs_f64() * 1e3),
-                "synced"
-            );
-            done += 1;
-            if !full {
-                observer.step(group, target, step, latency);
-            } else if last_progress.elapsed() >= PROGRESS_EVERY {
-                last_progress = Instant::now();
-                tracing::info!(sync = group, target, done, "reconcile progress");
-                observer.progress(group, target, done);
-            }
+        let mut observe = BatchWatch {
+            group,
+            target,
+            observer: &self.observer,
+            batch,
+            renamed_since: batch.renames.iter().map(|r| (&r.from, r.since)).collect(),
+            done: Totals::default(),
+            last_log: Instant::now(),
         };
         let mut report = Report::default();
         let sent = send_batch(
@@ -510,6 +495,60 @@ impl Transport for FerryLink {
     async fn close(self) {
         if let Some(s) = self.session.and_then(|s| Arc::try_unwrap(s).ok()) {
             s.close().await;
+        }
+    }
+}
+
+/// Where the steps of one batch go: the debug log and the observer (live steps one by one, a
+/// whole compare as progress against its plan, logged every [`PROGRESS_EVERY`]).
+struct BatchWatch<'a> {
+    group: &'a str,
+    target: &'a str,
+    observer: &'a Arc<dyn Observer>,
+    batch: &'a Batch,
+    renamed_since: HashMap<&'a RelPath, Instant>,
+    done: Totals,
+    last_log: Instant,
+}
+
+impl Watch for BatchWatch<'_> {
+    fn planned(&mut self, totals: Totals) {
+        if self.batch.full {
+            self.done = Totals::default();
+            self.observer.planned(self.group, self.target, totals);
+        }
+    }
+
+    fn step(&mut self, step: &Step) {
+        let (group, target) = (self.group, self.target);
+        let latency = match &step.kind {
+            StepKind::Renamed(_) => self.renamed_since.get(&step.path).map(|t| t.elapsed()),
+            _ => first_event(&self.batch.paths, &step.path).map(|t| t.elapsed()),
+        };
+        tracing::debug!(
+            sync = group,
+            target,
+            op = ?step.kind,
+            path = %step.path,
+            bytes = step.bytes,
+            latency_ms = latency.map(|l| l.as_secs_f64() * 1e3),
+            "synced"
+        );
+        if !self.batch.full {
+            self.observer.step(group, target, step, latency);
+            return;
+        }
+        self.done.add(step);
+        self.observer.progress(group, target, self.done);
+        if self.last_log.elapsed() >= PROGRESS_EVERY {
+            self.last_log = Instant::now();
+            tracing::info!(
+                sync = group,
+                target,
+                done = self.done.steps,
+                bytes = self.done.bytes,
+                "reconcile progress"
+            );
         }
     }
 }

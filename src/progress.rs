@@ -1,0 +1,221 @@
+//! Progress of long one-off work (the initial sync of `mirror`, `verify`'s digesting): a bar
+//! with totals, bytes, rate and ETA when stderr is a terminal, a plain line every
+//! [`PLAIN_EVERY`] otherwise. Log lines go through [`LogWriter`], which lifts the bar out of
+//! the way while a line is written, so they never tear it.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often the plain form prints a line.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// The bar on screen, if any, for the log writer to step around.
+static SHOWN: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Units of work done: entries and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Count {
+    /// Entries (files, directories, links, deletions…).
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
+}
+
+/// One piece of work's progress.
+pub struct Progress {
+    what: String,
+    bar: Option<ProgressBar>,
+    state: Mutex<Plain>,
+}
+
+struct Plain {
+    finished: bool,
+    total: Count,
+    started: Instant,
+    last_line: Instant,
+}
+
+impl Progress {
+    /// Starts showing progress of `what` (e.g. "initial sync").
+    pub fn start(what: &str) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            bar.set_prefix(what.to_string());
+            bar.set_style(
+                ProgressStyle::with_template("{prefix} {spinner} {bytes} {binary_bytes_per_sec}")
+                    .expect("progress template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            *SHOWN.lock().expect("progress lock") = Some(bar.clone());
+            bar
+        });
+        let now = Instant::now();
+        Progress {
+            what: what.to_string(),
+            bar,
+            state: Mutex::new(Plain {
+                finished: false,
+                total: Count::default(),
+                started: now,
+                last_line: now,
+            }),
+        }
+    }
+
+    /// The work is known to be `total`. Counting is in bytes when there are any, else in
+    /// entries.
+    pub fn total(&self, total: Count) {
+        let mut st = self.state.lock().expect("progress lock");
+        if st.finished {
+            return;
+        }
+        st.total = total;
+        if let Some(bar) = &self.bar {
+            let template = if total.bytes > 0 {
+                "{prefix} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}"
+            } else {
+                "{prefix} [{wide_bar}] {pos}/{len} entries {per_sec} ETA {eta}"
+            };
+            bar.set_style(
+                ProgressStyle::with_template(template)
+                    .expect("progress template")
+                    .progress_chars("=> "),
+            );
+            bar.set_length(if total.bytes > 0 {
+                total.bytes
+            } else {
+                total.entries.max(1)
+            });
+        }
+    }
+
+    /// `done` so far.
+    pub fn update(&self, done: Count) {
+        let mut st = self.state.lock().expect("progress lock");
+        if st.finished {
+            return;
+        }
+        let total = st.total;
+        match &self.bar {
+            Some(bar) => {
+                // Before the totals are known the spinner shows bytes.
+                if total.bytes > 0 || total == Count::default() {
+                    bar.set_position(done.bytes);
+                    bar.set_message(format!("{}/{}", done.entries, total.entries));
+                } else {
+                    bar.set_position(done.entries);
+                }
+            }
+            None => {
+                if st.last_line.elapsed() < PLAIN_EVERY {
+                    return;
+                }
+                st.last_line = Instant::now();
+                eprintln!(
+                    "ferry: {}: {}",
+                    self.what,
+                    plain(done, total, st.started.elapsed())
+                );
+            }
+        }
+    }
+
+    /// Takes the bar off the screen.
+    pub fn finish(&self) {
+        self.state.lock().expect("progress lock").finished = true;
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+            SHOWN.lock().expect("progress lock").take();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// `120/5000 entries, 30.0 MiB/1.2 GiB, 12.0 MiB/s, ETA 1 min 40 s`.
+fn plain(done: Count, total: Count, elapsed: Duration) -> String {
+    let mut line = format!("{}/{} entries", done.entries, total.entries);
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let (d, t) = if total.bytes > 0 {
+        line.push_str(&format!(
+            ", {}/{}, {}/s",
+            crate::status::bytes(done.bytes),
+            crate::status::bytes(total.bytes),
+            crate::status::bytes((done.bytes as f64 / secs) as u64)
+        ));
+        (done.bytes, total.bytes)
+    } else {
+        (done.entries, total.entries)
+    };
+    if d > 0 && t > d {
+        let left = secs * (t - d) as f64 / d as f64;
+        line.push_str(&format!(", ETA {}", crate::status::age(left)));
+    }
+    line
+}
+
+/// Log output that steps around the progress bar: each write lifts the bar, writes, and
+/// lets it be drawn again.
+#[derive(Clone, Copy, Default)]
+pub struct LogWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let shown = SHOWN.lock().expect("progress lock").clone();
+        match shown {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_line_gives_totals_rate_and_eta() {
+        let done = Count {
+            entries: 10,
+            bytes: 10 << 20,
+        };
+        let total = Count {
+            entries: 40,
+            bytes: 40 << 20,
+        };
+        assert_eq!(
+            plain(done, total, Duration::from_secs(10)),
+            "10/40 entries, 10.0 MiB/40.0 MiB, 1.0 MiB/s, ETA 30 s"
+        );
+        let entries_only = Count {
+            entries: 5,
+            bytes: 0,
+        };
+        let of = Count {
+            entries: 20,
+            bytes: 0,
+        };
+        assert_eq!(
+            plain(entries_only, of, Duration::from_secs(5)),
+            "5/20 entries, ETA 15 s"
+        );
+    }
+}
