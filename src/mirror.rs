@@ -1,12 +1,12 @@
 //! `ferry mirror SRC DST`: a receiver on 127.0.0.1 and a live sender in one process, no
 //! configuration. Progress on stderr, one line per change on stdout.
 
-use crate::progress::{Count, Progress};
+use crate::progress::{count, PlanProgress, Progress};
 use anyhow::{bail, Context, Result};
 use ferry_protocol::message::Intent;
 use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, Observer};
-use ferry_sender::execute::{Report, Step, StepKind, Totals, Watch};
+use ferry_sender::execute::{Report, Step, StepKind, Totals};
 use ferry_sender::filter::Filter;
 use ferry_sender::reconcile;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
                 .connect(&recv.client, "mirror", Intent::Write)
                 .await?,
         );
-        let mut watch = ProgressWatch::new();
+        let mut watch = PlanProgress::new("initial sync");
         let root = ferry_protocol::RelPath::root();
         let report = reconcile::reconcile_under(&session, &group, &root, 0, &mut watch).await?;
         drop(watch);
@@ -108,39 +108,6 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
     };
     recv.stop().await;
     Ok(code)
-}
-
-/// `mirror --once`'s progress.
-struct ProgressWatch {
-    progress: Progress,
-    done: Totals,
-}
-
-impl ProgressWatch {
-    fn new() -> ProgressWatch {
-        ProgressWatch {
-            progress: Progress::start("initial sync"),
-            done: Totals::default(),
-        }
-    }
-}
-
-impl Watch for ProgressWatch {
-    fn planned(&mut self, totals: Totals) {
-        self.progress.total(count(totals));
-    }
-
-    fn step(&mut self, step: &Step) {
-        self.done.add(step);
-        self.progress.update(count(self.done));
-    }
-}
-
-fn count(t: Totals) -> Count {
-    Count {
-        entries: t.steps,
-        bytes: t.bytes,
-    }
 }
 
 /// Shows `mirror`'s initial sync as progress on stderr, then one line per change on stdout.

@@ -3,6 +3,7 @@
 //! [`PLAIN_EVERY`] otherwise. Log lines go through [`LogWriter`], which lifts the bar out of
 //! the way while a line is written, so they never tear it.
 
+use ferry_sender::execute::{Step, Totals, Watch};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
@@ -158,6 +159,41 @@ fn plain(done: Count, total: Count, elapsed: Duration) -> String {
         line.push_str(&format!(", ETA {}", crate::status::age(left)));
     }
     line
+}
+
+/// Progress of one execution, against its plan.
+pub struct PlanProgress {
+    progress: Progress,
+    done: Totals,
+}
+
+impl PlanProgress {
+    /// Starts showing `what`.
+    pub fn new(what: &str) -> PlanProgress {
+        PlanProgress {
+            progress: Progress::start(what),
+            done: Totals::default(),
+        }
+    }
+}
+
+impl Watch for PlanProgress {
+    fn planned(&mut self, totals: Totals) {
+        self.progress.total(count(totals));
+    }
+
+    fn step(&mut self, step: &Step) {
+        self.done.add(step);
+        self.progress.update(count(self.done));
+    }
+}
+
+/// A plan's totals as progress counts.
+pub fn count(t: Totals) -> Count {
+    Count {
+        entries: t.steps,
+        bytes: t.bytes,
+    }
 }
 
 /// Log output that steps around the progress bar: each write lifts the bar, writes, and

@@ -202,7 +202,12 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                         .connect(&identity, &group.module, Intent::Write)
                         .await?,
                 );
-                let report = reconcile::reconcile(&session, group).await?;
+                let mut watch =
+                    crate::progress::PlanProgress::new(&format!("{} → {target_name}", group.name));
+                let root = ferry_protocol::RelPath::root();
+                let report =
+                    reconcile::reconcile_under(&session, group, &root, 0, &mut watch).await?;
+                drop(watch);
                 if let Ok(s) = Arc::try_unwrap(session) {
                     s.close().await;
                 }

@@ -451,6 +451,7 @@ impl Transport for FerryLink {
             batch,
             renamed_since: batch.renames.iter().map(|r| (&r.from, r.since)).collect(),
             done: Totals::default(),
+            planned: Totals::default(),
             last_log: Instant::now(),
         };
         let mut report = Report::default();
@@ -508,6 +509,7 @@ struct BatchWatch<'a> {
     batch: &'a Batch,
     renamed_since: HashMap<&'a RelPath, Instant>,
     done: Totals,
+    planned: Totals,
     last_log: Instant,
 }
 
@@ -515,6 +517,7 @@ impl Watch for BatchWatch<'_> {
     fn planned(&mut self, totals: Totals) {
         if self.batch.full {
             self.done = Totals::default();
+            self.planned = totals;
             self.observer.planned(self.group, self.target, totals);
         }
     }
@@ -546,7 +549,9 @@ impl Watch for BatchWatch<'_> {
                 sync = group,
                 target,
                 done = self.done.steps,
+                of = self.planned.steps,
                 bytes = self.done.bytes,
+                of_bytes = self.planned.bytes,
                 "reconcile progress"
             );
         }
