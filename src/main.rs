@@ -108,6 +108,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the manual pages (DIR/man1/ferry*.1) and shell completions (DIR/completions/) made
+    /// from these definitions; packaging runs it.
+    #[command(hide = true)]
+    Manual {
+        /// Where to write.
+        dir: PathBuf,
+    },
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
     Stats {
         /// sender.toml
@@ -281,6 +288,39 @@ pub(crate) fn signals(reload: Option<tokio::sync::mpsc::Sender<()>>) -> Cancella
     token
 }
 
+/// `ferry manual DIR`: man pages for ferry and each visible subcommand, and completions for
+/// bash, zsh and fish.
+fn manual(dir: &std::path::Path) -> Result<u8> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let write = |path: PathBuf, bytes: &[u8]| -> Result<()> {
+        std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
+        std::fs::write(&path, bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), ferry_protocol::io_reason(&e)))
+    };
+    let cli = Cli::command();
+    let mut pages = vec![(String::from("ferry"), cli.clone())];
+    for sub in cli.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("ferry-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, cmd) in pages {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut page)?;
+        write(dir.join(format!("man1/{name}.1")), &page)?;
+    }
+    for (shell, file) in [
+        (Shell::Bash, "ferry.bash"),
+        (Shell::Zsh, "_ferry"),
+        (Shell::Fish, "ferry.fish"),
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut out);
+        write(dir.join("completions").join(file), &out)?;
+    }
+    Ok(0)
+}
+
 /// `ferry check-config FILE`.
 fn check_config(file: &std::path::Path) -> Result<u8> {
     let text = std::fs::read_to_string(file)
@@ -411,6 +451,7 @@ async fn run(command: Command) -> Result<u8> {
         } => mirror::mirror(&src, &dst, once, confirm_deletes).await,
         Command::Stats { config } => send::stats(&config).await,
         Command::CheckConfig { file } => check_config(&file),
+        Command::Manual { dir } => manual(&dir),
         Command::Import(what) => import::import(what),
         Command::Verify {
             config: Some(config),

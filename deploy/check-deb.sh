@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the .deb with cargo-deb from the binary the tests just built (only the contents are
+# checked here; a release package is made as README says) and checks that it carries the
+# binary, both units, the sysctl file, example configurations, man pages and completions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=target/debug/ferry
+[[ -x $bin ]] || { echo "check-deb: $bin missing; run the tests first" >&2; exit 1; }
+rm -rf target/assets
+"$bin" manual target/assets
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# cargo-deb warns that the dev profile is not for releases; that is the point here.
+if ! cargo deb --no-build --profile dev --no-strip --locked -o "$work/ferry.deb" >"$work/log" 2>&1; then
+    cat "$work/log" >&2
+    exit 1
+fi
+list=$(dpkg-deb -c "$work/ferry.deb" | awk '{ print $NF }')
+fail=0
+for path in \
+    ./usr/bin/ferry \
+    ./usr/lib/systemd/system/ferry-receiver.service \
+    ./usr/lib/systemd/system/ferry-sender.service \
+    ./usr/lib/sysctl.d/90-ferry.conf \
+    ./usr/share/doc/ferry/examples/receiver.toml \
+    ./usr/share/doc/ferry/examples/sender.toml \
+    ./usr/share/man/man1/ferry.1.gz \
+    ./usr/share/man/man1/ferry-send.1.gz \
+    ./usr/share/man/man1/ferry-receive.1.gz \
+    ./usr/share/man/man1/ferry-status.1.gz \
+    ./usr/share/bash-completion/completions/ferry \
+    ./usr/share/zsh/vendor-completions/_ferry \
+    ./usr/share/fish/vendor_completions.d/ferry.fish; do
+    grep -qxF "$path" <<<"$list" || { echo "check-deb: the package lacks $path" >&2; fail=1; }
+done
+# What is inside works and is what deploy/ holds.
+dpkg-deb -x "$work/ferry.deb" "$work/root"
+"$work/root/usr/bin/ferry" --version >/dev/null
+for unit in ferry-receiver.service ferry-sender.service; do
+    cmp -s "deploy/$unit" "$work/root/usr/lib/systemd/system/$unit" ||
+        { echo "check-deb: $unit differs from deploy/$unit" >&2; fail=1; }
+done
+grep -qF 'json' <(zcat "$work/root/usr/share/man/man1/ferry-status.1.gz") ||
+    { echo "check-deb: ferry-status(1) does not document --json" >&2; fail=1; }
+((fail == 0)) && echo "check-deb: $(grep -c . <<<"$list") entries, all expected files present"
+exit "$fail"
