@@ -123,6 +123,7 @@ async fn bench(writes: usize, burst: usize) {
     });
     let daemon = Daemon {
         status: Default::default(),
+        watcher: ferry_sender::watch::Backend::Inotify,
         identity: Arc::new(recv.client.clone()),
         targets: [(
             "local".to_string(),

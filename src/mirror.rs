@@ -9,6 +9,7 @@ use ferry_sender::daemon::{Daemon, Observer};
 use ferry_sender::execute::{Report, Step, StepKind, Totals};
 use ferry_sender::filter::Filter;
 use ferry_sender::reconcile;
+use ferry_sender::watch::Backend;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,8 +81,11 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
             1
         }
     } else {
+        let (watcher, why) = Backend::choose(Default::default()).map_err(anyhow::Error::msg)?;
+        tracing::info!("watching {} with {why}", src.display());
         let daemon = Daemon {
             status: Default::default(),
+            watcher,
             identity: Arc::new(recv.client.clone()),
             targets: [("local".to_string(), target)].into(),
             syncs: vec![group],

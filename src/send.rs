@@ -17,6 +17,9 @@ pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result
         return send_once(&config).await;
     }
     let identity = config.identity()?;
+    let (watcher, why) = ferry_sender::watch::Backend::choose(config.watcher)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    tracing::info!("watching sources with {why}");
     let status = Board::default();
     let (hup_tx, hups) = tokio::sync::mpsc::channel(1);
     let shutdown = crate::signals(Some(hup_tx));
@@ -46,6 +49,7 @@ pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result
         syncs: config.syncs,
         liveness: Default::default(),
         status: status.clone(),
+        watcher,
     };
     crate::service::watchdog(daemon.liveness.clone());
     let observer = Arc::new(ServiceObserver { groups, status });

@@ -19,6 +19,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     status_socket: Option<PathBuf>,
     metrics_listen: Option<String>,
+    watcher: Option<String>,
     #[serde(default)]
     targets: BTreeMap<String, RawTarget>,
     #[serde(default)]
@@ -113,6 +114,8 @@ pub struct Config {
     pub status_socket: PathBuf,
     /// Where Prometheus metrics are served over plain HTTP, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Which kernel interface watches the sources.
+    pub watcher: WatcherChoice,
     /// Targets by name.
     pub targets: BTreeMap<String, Target>,
     /// Sync groups, in file order.
@@ -161,6 +164,18 @@ pub struct RsyncTarget {
     /// `Some(remote shell)` to run rsync over ssh (`-e`, `user@host:/path`) instead of
     /// talking to an rsyncd; the group's `module` is then the destination path.
     pub rsh: Option<String>,
+}
+
+/// `watcher = "auto" | "fanotify" | "inotify"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WatcherChoice {
+    /// fanotify when this process may use it, else inotify (the default).
+    #[default]
+    Auto,
+    /// fanotify, or refuse to start.
+    Fanotify,
+    /// inotify.
+    Inotify,
 }
 
 /// Where the daemon answers `ferry status` unless `status_socket` says otherwise (the unit's
@@ -367,6 +382,16 @@ impl Config {
             .map(|a| ferry_protocol::config_text::socket_address("metrics_listen", a))
             .transpose()
             .map_err(err)?;
+        let watcher = match raw.watcher.as_deref() {
+            None | Some("auto") => WatcherChoice::Auto,
+            Some("fanotify") => WatcherChoice::Fanotify,
+            Some("inotify") => WatcherChoice::Inotify,
+            Some(other) => {
+                return Err(err(format!(
+                    "watcher: unknown watcher {other:?} (expected \"auto\", \"fanotify\" or \"inotify\")"
+                )))
+            }
+        };
         let status_socket = raw
             .status_socket
             .clone()
@@ -441,6 +466,7 @@ impl Config {
             state_dir,
             status_socket,
             metrics_listen,
+            watcher,
             targets,
             syncs,
         })

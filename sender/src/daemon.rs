@@ -7,7 +7,7 @@ use crate::config::{SyncGroup, Target, TargetKind};
 use crate::queue::Queue;
 use crate::rsync::{self, RsyncLink};
 use crate::status::Board;
-use crate::watch::GroupWatcher;
+use crate::watch::{Backend, GroupWatcher};
 use crate::worker::{FerryLink, Worker};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::liveness::Liveness;
@@ -60,6 +60,8 @@ pub struct Daemon {
     pub liveness: Liveness,
     /// Where every worker reports its state (for `ferry status` and the metrics).
     pub status: Board,
+    /// How sources are watched.
+    pub watcher: Backend,
 }
 
 /// A configuration to switch to while running (SIGHUP), already parsed and checked.
@@ -99,6 +101,7 @@ struct Parts<'a> {
     liveness: &'a Liveness,
     status: &'a Board,
     observer: &'a Arc<dyn Observer>,
+    watcher: Backend,
 }
 
 impl Parts<'_> {
@@ -140,8 +143,9 @@ impl Parts<'_> {
             .liveness
             .register(format!("event router of sync {}", group.name));
         let watch_queues = queues.clone();
+        let backend = self.watcher;
         let started = tokio::task::spawn_blocking(move || {
-            GroupWatcher::start(g.clone(), g.timing, watch_queues, beat)
+            GroupWatcher::start(g.clone(), g.timing, watch_queues, beat, backend)
         })
         .await
         .expect("watcher start task");
@@ -269,6 +273,7 @@ impl Daemon {
             syncs,
             liveness,
             status,
+            watcher,
         } = self;
         let mut units: BTreeMap<String, Unit> = BTreeMap::new();
         {
@@ -278,6 +283,7 @@ impl Daemon {
                 liveness: &liveness,
                 status: &status,
                 observer: &observer,
+                watcher,
             };
             for group in &syncs {
                 match parts.prepare(group, &shutdown).await {
@@ -308,6 +314,7 @@ impl Daemon {
                 liveness: &liveness,
                 status: &status,
                 observer: &observer,
+                watcher,
             };
             let mut prepared = Vec::new();
             let mut refused = None;

@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! A live change, in the order it travels:
-//! - [`watch`]: one thread per sync group owning its inotify watches; raw events in.
+//! - [`watch`]: one thread per sync group owning its inotify watches or its fanotify reader
+//!   ([`fanotify`]); raw events in.
 //! - [`route`]: what one raw event means (pure, table-tested): a coalescer event, and which
 //!   directories to watch or forget first.
 //! - [`coalesce`]: settle and max-delay rules, move pairing, one [`coalesce::Rename`] type
@@ -37,6 +38,7 @@ pub mod coalesce;
 pub mod config;
 pub mod daemon;
 pub mod execute;
+pub mod fanotify;
 pub mod filter;
 pub mod guard;
 pub mod plan;

@@ -8,7 +8,8 @@
 //! going when the kernel's watch limit is reached.
 
 use crate::coalesce::{Change, Coalescer, Event as Ev, Timing, What};
-use crate::config::SyncGroup;
+use crate::config::{SyncGroup, WatcherChoice};
+use crate::fanotify::FanWatch;
 use crate::queue::Queue;
 use crate::route::{route, Lookup, Routed};
 use ferry_protocol::liveness::Beat;
@@ -34,7 +35,57 @@ pub const EVENT_BACKLOG: usize = 65_536;
 
 type RawEvent = notify::Result<notify::Event>;
 
-/// notify's side of the bounded hop to the router: a full channel becomes an overflow.
+/// Which kernel interface watches a group's source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// One inotify watch per directory.
+    Inotify,
+    /// One fanotify mark per filesystem.
+    Fanotify,
+}
+
+impl Backend {
+    /// The backend for `choice` on this machine, and why (for the one start-up line); an
+    /// error when fanotify was demanded and cannot be had.
+    pub fn choose(choice: WatcherChoice) -> Result<(Backend, String), String> {
+        let why_not = || crate::fanotify::unavailable();
+        match choice {
+            WatcherChoice::Inotify => Ok((Backend::Inotify, "inotify, as configured".into())),
+            WatcherChoice::Fanotify => match why_not() {
+                None => Ok((Backend::Fanotify, "fanotify, as configured".into())),
+                Some(why) => Err(format!("watcher = \"fanotify\": fanotify {why}")),
+            },
+            WatcherChoice::Auto => Ok(match why_not() {
+                None => (
+                    Backend::Fanotify,
+                    "fanotify (one mark per filesystem; no watch limit)".into(),
+                ),
+                Some(why) => (
+                    Backend::Inotify,
+                    format!("inotify (fanotify {why}; one watch per directory)"),
+                ),
+            }),
+        }
+    }
+
+    fn queue_sysctl(self) -> &'static str {
+        match self {
+            Backend::Inotify => "fs.inotify.max_queued_events",
+            Backend::Fanotify => "fs.fanotify.max_queued_events",
+        }
+    }
+}
+
+/// The kernel side of a group's watching.
+enum Source {
+    Inotify(RecommendedWatcher),
+    /// `None` while the source is gone.
+    Fanotify(Option<FanWatch>),
+}
+
+/// The event source's side of the bounded hop to the router: a full channel becomes an
+/// overflow.
+#[derive(Clone)]
 struct Bounded {
     tx: mpsc::SyncSender<RawEvent>,
     overflowed: Arc<AtomicBool>,
@@ -63,6 +114,7 @@ impl GroupWatcher {
         timing: Timing,
         queues: Vec<Queue>,
         beat: Beat,
+        backend: Backend,
     ) -> Result<GroupWatcher, notify::Error> {
         let (tx, rx) = mpsc::sync_channel(EVENT_BACKLOG);
         let overflowed = Arc::new(AtomicBool::new(false));
@@ -70,7 +122,57 @@ impl GroupWatcher {
             tx,
             overflowed: overflowed.clone(),
         };
-        let watcher = RecommendedWatcher::new(
+        let source = match backend {
+            Backend::Fanotify => Source::Fanotify(Some(
+                FanWatch::start(&group.source, handler.clone()).map_err(notify::Error::io)?,
+            )),
+            Backend::Inotify => Source::Inotify(Self::inotify(&group, handler.clone())?),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut router = Router {
+            coalescer: Coalescer::new(timing),
+            watched: HashSet::new(),
+            unwatched: 0,
+            limit_logged: false,
+            root_gone: false,
+            overflowed,
+            source,
+            handler,
+            on_dir: false,
+            group,
+            queues,
+            beat,
+        };
+        let started = Instant::now();
+        router.watch_tree(&RelPath::root(), true);
+        match &router.source {
+            Source::Inotify(_) => tracing::info!(
+                sync = %router.group.name,
+                dirs = router.watched.len(),
+                unwatched = router.unwatched,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "watches in place"
+            ),
+            Source::Fanotify(_) => tracing::info!(
+                sync = %router.group.name,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "watches in place (fanotify filesystem marks)"
+            ),
+        }
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("watch {}", router.group.name))
+            .spawn(move || router.run(rx, &stop2))
+            .expect("spawn watcher thread");
+        Ok(GroupWatcher {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    /// A `notify` inotify watcher feeding `handler` (no watches yet).
+    fn inotify(group: &SyncGroup, handler: Bounded) -> Result<RecommendedWatcher, notify::Error> {
+        RecommendedWatcher::new(
             handler,
             notify::Config::default().with_follow_symlinks(false),
         )
@@ -85,37 +187,6 @@ impl GroupWatcher {
                     );
                 }
             }
-        })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut router = Router {
-            coalescer: Coalescer::new(timing),
-            watched: HashSet::new(),
-            unwatched: 0,
-            limit_logged: false,
-            root_gone: false,
-            overflowed,
-            watcher,
-            group,
-            queues,
-            beat,
-        };
-        let started = Instant::now();
-        router.watch_tree(&RelPath::root(), true);
-        tracing::info!(
-            sync = %router.group.name,
-            dirs = router.watched.len(),
-            unwatched = router.unwatched,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "watches in place"
-        );
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("watch {}", router.group.name))
-            .spawn(move || router.run(rx, &stop2))
-            .expect("spawn watcher thread");
-        Ok(GroupWatcher {
-            thread: Some(thread),
-            stop,
         })
     }
 
@@ -143,9 +214,14 @@ struct Router {
     limit_logged: bool,
     /// The source root was removed or moved away: its watches are gone.
     root_gone: bool,
-    /// Set by notify's thread when the channel to us was full and events were dropped.
+    /// Set by the event source's thread when the channel to us was full and events were
+    /// dropped.
     overflowed: Arc<AtomicBool>,
-    watcher: RecommendedWatcher,
+    source: Source,
+    /// The sending end of our channel, for a fanotify reader started again.
+    handler: Bounded,
+    /// fanotify said the event being routed is on a directory.
+    on_dir: bool,
     group: SyncGroup,
     queues: Vec<Queue>,
     /// Beaten every time round the loop (at least every [`TICK`]).
@@ -185,9 +261,17 @@ impl Router {
                 self.rewatch_all();
                 self.coalescer.event(Ev::Overflow, now);
             }
+            if !self.root_gone && now >= next_root_check {
+                next_root_check = now + crate::worker::SOURCE_RECHECK;
+                if self.remark_if_moved() {
+                    tracing::warn!(sync = %self.group.name, "the source's filesystem changed (remounted?); marked it again and comparing the whole tree");
+                    self.coalescer.event(Ev::Overflow, now);
+                }
+            }
             if self.root_gone && now >= next_root_check {
                 next_root_check = now + crate::worker::SOURCE_RECHECK;
                 if self.group.source.is_dir() {
+                    self.remark_if_moved();
                     tracing::info!(sync = %self.group.name, "source directory is back; comparing the whole tree");
                     self.root_gone = false;
                     self.watched.clear();
@@ -243,8 +327,9 @@ impl Router {
         if ev.need_rescan() {
             tracing::warn!(
                 sync = %self.group.name,
-                "inotify queue overflowed; comparing the whole tree (raise \
-                 fs.inotify.max_queued_events to make this rarer)"
+                "kernel event queue overflowed; comparing the whole tree (raise {} to make \
+                 this rarer)",
+                self.backend().queue_sysctl()
             );
             self.rewatch_all();
             self.coalescer.event(Ev::Overflow, now);
@@ -255,6 +340,7 @@ impl Router {
             return;
         };
         let cookie = ev.tracker().map(|c| c as u32);
+        self.on_dir = ev.info() == Some(crate::fanotify::ON_DIR);
         match route(&ev.kind, rel, cookie, &*self) {
             Routed::Ignore => {}
             Routed::RootGone => {
@@ -284,6 +370,40 @@ impl Router {
         }
     }
 
+    fn backend(&self) -> Backend {
+        match self.source {
+            Source::Inotify(_) => Backend::Inotify,
+            Source::Fanotify(_) => Backend::Fanotify,
+        }
+    }
+
+    /// fanotify: marks the source's filesystems again if they are not the ones marked (the
+    /// source was remounted, or came back after it was gone); true if it did.
+    fn remark_if_moved(&mut self) -> bool {
+        let Source::Fanotify(watch) = &mut self.source else {
+            return false;
+        };
+        let Ok(md) = std::fs::metadata(&self.group.source) else {
+            *watch = None;
+            return false;
+        };
+        let dev = std::os::unix::fs::MetadataExt::dev(&md);
+        if watch.as_ref().is_some_and(|w| w.devices.contains(&dev)) {
+            return false;
+        }
+        *watch = None;
+        match FanWatch::start(&self.group.source, self.handler.clone()) {
+            Ok(w) => {
+                *watch = Some(w);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(sync = %self.group.name, "cannot mark the source with fanotify: {e}");
+                false
+            }
+        }
+    }
+
     /// Drops our record of watches at and below `rel` (notify drops the watches themselves
     /// when a watched directory is removed or moved away).
     fn forget_under(&mut self, rel: &RelPath) {
@@ -295,8 +415,12 @@ impl Router {
         self.watch_tree(&RelPath::root(), false);
     }
 
-    /// Places a watch on every directory at and below `start` that the filter accepts.
+    /// Places a watch on every directory at and below `start` that the filter accepts
+    /// (inotify; fanotify's filesystem marks cover everything already).
     fn watch_tree(&mut self, start: &RelPath, log_progress: bool) {
+        if !matches!(self.source, Source::Inotify(_)) {
+            return;
+        }
         let mut stack = vec![start.clone()];
         let mut last_log = Instant::now();
         let mut limit = self.unwatched > 0;
@@ -307,7 +431,10 @@ impl Router {
             } else if limit {
                 self.unwatched += 1;
             } else {
-                match self.watcher.watch(&abs, RecursiveMode::NonRecursive) {
+                let Source::Inotify(watcher) = &mut self.source else {
+                    return;
+                };
+                match watcher.watch(&abs, RecursiveMode::NonRecursive) {
                     Ok(()) => {
                         self.watched.insert(dir.clone());
                     }
@@ -387,7 +514,11 @@ impl Lookup for Router {
     }
 
     fn watched(&self, rel: &RelPath) -> bool {
-        self.watched.contains(rel)
+        match self.source {
+            Source::Inotify(_) => self.watched.contains(rel),
+            // Asked of the event's own path only: fanotify said whether it is a directory.
+            Source::Fanotify(_) => self.on_dir,
+        }
     }
 
     fn excluded(&self, rel: &RelPath, is_dir: bool) -> bool {

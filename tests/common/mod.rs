@@ -143,3 +143,25 @@ pub async fn begin_half(
         session.send(m).await.unwrap();
     }
 }
+
+/// A live scenario run once per watcher backend: `fn NAME(watcher) { … }` becomes the tests
+/// `NAME::inotify` and `NAME::fanotify`, each with `watcher` naming its backend.
+#[macro_export]
+macro_rules! on_each_watcher {
+    (fn $name:ident($w:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn inotify() {
+                let $w: &str = "inotify";
+                $body
+            }
+            #[test]
+            fn fanotify() {
+                let $w: &str = "fanotify";
+                $body
+            }
+        }
+    };
+}

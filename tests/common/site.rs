@@ -12,13 +12,27 @@ pub struct Site {
     pub tmp: tempfile::TempDir,
     /// The sender's fingerprint.
     pub fingerprint: String,
+    /// `watcher = …` in sender.toml, if set.
+    pub watcher: Option<String>,
 }
 
 impl Site {
     pub fn new() -> Site {
         let tmp = tempfile::tempdir().unwrap();
         let fingerprint = keygen(&tmp.path().join("send"));
-        Site { tmp, fingerprint }
+        Site {
+            tmp,
+            fingerprint,
+            watcher: None,
+        }
+    }
+
+    /// A site whose sender watches with `watcher` ("inotify" or "fanotify").
+    pub fn watching(watcher: &str) -> Site {
+        Site {
+            watcher: Some(watcher.to_string()),
+            ..Site::new()
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -54,7 +68,10 @@ impl Site {
         fs::write(
             self.config(),
             format!(
-                "cert = \"cert.pem\"\nkey = \"key.pem\"\nstatus_socket = \"status.sock\"\n{body}"
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\nstatus_socket = \"status.sock\"\n{}{body}",
+                self.watcher
+                    .as_ref()
+                    .map_or(String::new(), |w| format!("watcher = {w:?}\n"))
             ),
         )
         .unwrap();
