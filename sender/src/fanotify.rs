@@ -195,6 +195,7 @@ impl FanWatch {
             real,
             given: source.to_path_buf(),
             cache: HashMap::new(),
+            key: Vec::with_capacity(160),
             cookie: 0,
             handler,
         };
@@ -264,6 +265,8 @@ struct Reader<H> {
     given: PathBuf,
     /// Directory handle → its path below the source (`None`: outside, or gone).
     cache: HashMap<Vec<u8>, Option<PathBuf>>,
+    /// The key being looked up (reused: no allocation per event).
+    key: Vec<u8>,
     cookie: usize,
     handler: H,
 }
@@ -424,21 +427,22 @@ impl<H: EventHandler> Reader<H> {
     /// The path (under the configured source) of a record's entry, if it is at or below the
     /// source.
     fn path(&mut self, r: &Record<'_>) -> Option<PathBuf> {
-        let mut key = Vec::with_capacity(8 + r.handle.len());
-        key.extend_from_slice(&r.fsid[0].to_ne_bytes());
-        key.extend_from_slice(&r.fsid[1].to_ne_bytes());
-        key.extend_from_slice(r.handle);
-        let dir = match self.cache.get(&key) {
-            Some(d) => d.clone(),
+        self.key.clear();
+        self.key.extend_from_slice(&r.fsid[0].to_ne_bytes());
+        self.key.extend_from_slice(&r.fsid[1].to_ne_bytes());
+        self.key.extend_from_slice(r.handle);
+        let dir = match self.cache.get(self.key.as_slice()) {
+            Some(None) => return None,
+            Some(Some(d)) => d.clone(),
             None => {
                 let d = self.resolve(r);
                 if self.cache.len() >= HANDLE_CACHE {
                     self.cache.clear();
                 }
-                self.cache.insert(key, d.clone());
-                d
+                self.cache.insert(self.key.clone(), d.clone());
+                d?
             }
-        }?;
+        };
         // `.` (or no name): the event is on the directory itself.
         let rel = match r.name {
             b"" | b"." => dir,
