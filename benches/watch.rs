@@ -90,7 +90,8 @@ impl Bench {
     fn start(&self, config: &Path) -> (Child, Duration) {
         let _ = std::fs::remove_file(&self.notify);
         let sock = UnixDatagram::bind(&self.notify).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(900))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(900)))
+            .unwrap();
         let started = Instant::now();
         let mut child = Command::new(FERRY)
             .args(["send", "--config"])
@@ -185,14 +186,20 @@ fn main() {
     if old_limit.trim().parse::<usize>().unwrap() < need {
         std::fs::write(watches, need.to_string()).unwrap();
     }
-    let closed = ("127.0.0.1:9", "sha256:0000000000000000000000000000000000000000000000000000000000000000");
+    let closed = (
+        "127.0.0.1:9",
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    );
 
     println!("start-up (until READY=1 / \"Watches established.\"), closed target:");
     for &n in &sizes {
         let tree = bench.dir.join(format!("tree{n}"));
         let t = Instant::now();
         build_dirs(&tree, n);
-        println!("{n} directories (built in {:.1} s):", t.elapsed().as_secs_f64());
+        println!(
+            "{n} directories (built in {:.1} s):",
+            t.elapsed().as_secs_f64()
+        );
         for watcher in ["fanotify", "inotify"] {
             let config = bench.config(watcher, watcher, &tree, closed);
             let before = slab_kib();
@@ -237,7 +244,11 @@ fn main() {
 
     println!("burst: 100,000 new files in 10,000 new directories, live, to a real receiver:");
     let recv = bench.dir.join("recv");
-    let out = Command::new(FERRY).arg("keygen").arg(&recv).output().unwrap();
+    let out = Command::new(FERRY)
+        .arg("keygen")
+        .arg(&recv)
+        .output()
+        .unwrap();
     let pin = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let client = String::from_utf8(
         Command::new(FERRY)
@@ -279,7 +290,8 @@ fn main() {
         let log = bench.dir.join(format!("burst-{watcher}.log"));
         let _ = std::fs::remove_file(&bench.notify);
         let sock = UnixDatagram::bind(&bench.notify).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let sender = Command::new(FERRY)
             .args(["send", "--config"])
             .arg(&config)
@@ -290,7 +302,9 @@ fn main() {
             .unwrap();
         let mut buf = [0u8; 4096];
         loop {
-            let n = sock.recv(&mut buf).expect("the sender converges on an empty tree");
+            let n = sock
+                .recv(&mut buf)
+                .expect("the sender converges on an empty tree");
             if String::from_utf8_lossy(&buf[..n]).contains("every target reconciled") {
                 break;
             }

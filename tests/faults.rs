@@ -7,33 +7,8 @@ mod common;
 use common::trees::wait_equal;
 use common::*;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A tmpfs mounted for the length of a test.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(at).unwrap();
-        let o = run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at));
-        assert!(
-            o.status.success(),
-            "this test mounts a tmpfs and needs root (CAP_SYS_ADMIN): {}",
-            stderr(&o)
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Every file of `dst` is byte for byte its namesake in `src` (read independently of
 /// `ferry verify`); returns how many there are.
@@ -62,7 +37,7 @@ fn a_module_disk_filling_up_never_shows_a_torn_file() {
     let site = Site::new();
     let src = site.dir("src");
     let dst = site.path("dst");
-    let _disk = Tmpfs::mount(&dst, "8m");
+    let _disk = Mount::tmpfs(&dst, "8m");
     for i in 0..3 {
         fs::write(src.join(format!("big{i}")), pseudo_random(3 << 20, i)).unwrap();
     }

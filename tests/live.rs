@@ -435,3 +435,43 @@ fn watch_limit_is_reported_with_the_sysctl_and_the_rest_keeps_working() {
     fs::write(src.join("top-level"), "live").unwrap();
     wait_equal(&src, &dst, 20, "live change in a watched directory");
 }
+
+/// fanotify marks each filesystem a source spans: a tmpfs mounted inside the source is
+/// followed like the rest.
+#[test]
+fn fanotify_follows_a_filesystem_mounted_inside_the_source() {
+    let live = Site::watching("fanotify");
+    let (src, dst) = (live.dir("src"), live.path("dst"));
+    let _tmpfs = Mount::tmpfs(&src.join("scratch"), "8m");
+    fs::write(src.join("scratch/before"), "before").unwrap();
+    let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
+    let mut d = live.run(&one_group(&backup, &src, ""), 1);
+    wait_equal(&src, &dst, 20, "initial");
+    fs::write(src.join("scratch/after"), "on the tmpfs").unwrap();
+    fs::create_dir_all(src.join("scratch/a/b")).unwrap();
+    fs::write(src.join("scratch/a/b/c"), "deep on the tmpfs").unwrap();
+    fs::write(src.join("beside"), "on the source's own filesystem").unwrap();
+    wait_equal(&src, &dst, 20, "changes on both filesystems");
+    assert!(!d.log().contains("cannot watch"), "{}", d.log());
+    assert!(d.stop().success());
+}
+
+/// A source reached through a bind mount: events are resolved through the path configured,
+/// and changes made through the other name arrive too.
+#[test]
+fn fanotify_follows_a_source_reached_through_a_bind_mount() {
+    let live = Site::watching("fanotify");
+    let real = live.dir("real/data");
+    let src = live.path("bound");
+    let _bind = Mount::bind(&real, &src);
+    let dst = live.path("dst");
+    let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
+    let mut d = live.run(&one_group(&backup, &src, ""), 1);
+    fs::write(src.join("through-bind"), "1").unwrap();
+    fs::create_dir_all(real.join("x/y")).unwrap();
+    fs::write(real.join("x/y/through-real"), "2").unwrap();
+    fs::write(live.path("real/outside"), "not in the source").unwrap();
+    wait_equal(&src, &dst, 20, "through both names");
+    assert!(!dst.join("outside").exists());
+    assert!(d.stop().success());
+}

@@ -13,7 +13,7 @@ pub use site::{fill_tree, one_group, sync, Backup, ModuleOpts, Setup, Site};
 pub use trees::*;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn ferry() -> Command {
@@ -164,4 +164,40 @@ macro_rules! on_each_watcher {
             }
         }
     };
+}
+
+/// A filesystem mounted for the length of a test (root only; a failure says so, loudly).
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    fn run(at: &Path, args: &[&str], what: &str) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let o = run(Command::new("mount").args(args).arg(at));
+        assert!(
+            o.status.success(),
+            "this test mounts {what} and needs root (CAP_SYS_ADMIN): {}",
+            stderr(&o)
+        );
+        Mount(at.to_path_buf())
+    }
+
+    /// A tmpfs of `size` at `at`.
+    pub fn tmpfs(at: &Path, size: &str) -> Mount {
+        Mount::run(
+            at,
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            "a tmpfs",
+        )
+    }
+
+    /// `from` bind-mounted at `at`.
+    pub fn bind(from: &Path, at: &Path) -> Mount {
+        Mount::run(at, &["--bind", from.to_str().unwrap()], "a bind mount")
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
