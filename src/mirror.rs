@@ -81,7 +81,8 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
             1
         }
     } else {
-        let (watcher, why) = Backend::choose(Default::default()).map_err(anyhow::Error::msg)?;
+        let (watcher, why) =
+            Backend::choose(Default::default(), &[src.as_path()]).map_err(anyhow::Error::msg)?;
         tracing::info!("watching {} with {why}", src.display());
         let daemon = Daemon {
             status: Default::default(),

@@ -17,7 +17,8 @@ pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result
         return send_once(&config).await;
     }
     let identity = config.identity()?;
-    let (watcher, why) = ferry_sender::watch::Backend::choose(config.watcher)
+    let sources: Vec<&Path> = config.syncs.iter().map(|g| g.source.as_path()).collect();
+    let (watcher, why) = ferry_sender::watch::Backend::choose(config.watcher, &sources)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     tracing::info!("watching sources with {why}");
     let status = Board::default();

@@ -475,3 +475,41 @@ fn fanotify_follows_a_source_reached_through_a_bind_mount() {
     assert!(!dst.join("outside").exists());
     assert!(d.stop().success());
 }
+
+/// Without CAP_SYS_ADMIN, `auto` says once why it falls back to inotify and works;
+/// `fanotify` refuses to start, saying why.
+#[test]
+fn without_cap_sys_admin_auto_falls_back_to_inotify_and_fanotify_refuses() {
+    let live = Site::new();
+    let (src, dst, backup) = live.one_backup();
+    let without = |watcher: &str| {
+        live.write_config(&format!(
+            "watcher = {watcher:?}\n{}",
+            one_group(&backup, &src, "")
+        ));
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--inh-caps=-sys_admin", "--bounding-set=-sys_admin", "--"])
+            .arg(env!("CARGO_BIN_EXE_ferry"))
+            .args(["send", "--config"])
+            .arg(live.config());
+        cmd
+    };
+    let d = Daemon::spawn(&mut without("auto"));
+    d.wait_log_n("reconciled", 1, 30);
+    let log = d.log();
+    assert_eq!(log.matches("watching sources with").count(), 1, "{log}");
+    assert!(
+        log.contains("watching sources with inotify (fanotify needs CAP_SYS_ADMIN"),
+        "{log}"
+    );
+    fs::write(src.join("f"), "followed by inotify").unwrap();
+    wait_equal(&src, &dst, 20, "inotify fallback");
+    drop(d);
+    let o = run(&mut without("fanotify"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("watcher = \"fanotify\": fanotify needs CAP_SYS_ADMIN"),
+        "{}",
+        stderr(&o)
+    );
+}

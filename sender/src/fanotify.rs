@@ -46,41 +46,51 @@ const POLL_MS: i32 = 200;
 /// that from its watch list; fanotify says so with `FAN_ONDIR`).
 pub const ON_DIR: &str = "ferry:dir";
 
-/// Why fanotify cannot be used here, if it cannot.
-pub fn unavailable() -> Option<String> {
-    match init() {
-        Ok(fd) => {
-            // FAN_RENAME is checked by a mark; the source's filesystem decides the rest.
-            let root = c"/";
-            // SAFETY: a valid fanotify descriptor and a NUL-terminated path.
-            let r = unsafe {
-                libc::fanotify_mark(
-                    fd.as_raw_fd(),
-                    libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                    MASK,
-                    libc::AT_FDCWD,
-                    root.as_ptr(),
-                )
-            };
-            if r == 0 {
-                return None;
-            }
-            let e = io::Error::last_os_error();
-            Some(match e.raw_os_error() {
-                Some(libc::EINVAL) => "the kernel lacks FAN_RENAME (Linux 5.17 or later)".into(),
+/// Why fanotify cannot watch every one of `sources` from this process, if it cannot.
+pub fn unavailable(sources: &[&Path]) -> Option<String> {
+    let fd = match init() {
+        Ok(fd) => fd,
+        Err(e) => {
+            return Some(match e.raw_os_error() {
                 Some(libc::EPERM) => "needs CAP_SYS_ADMIN".into(),
-                _ => format!("fanotify_mark: {e}"),
+                Some(libc::EINVAL) => "needs Linux 5.9 or later (FAN_REPORT_DFID_NAME)".into(),
+                Some(libc::ENOSYS) => "is not in this kernel".into(),
+                _ => format!("cannot start: {e}"),
             })
         }
-        Err(e) => Some(match e.raw_os_error() {
-            Some(libc::EPERM) => "needs CAP_SYS_ADMIN".into(),
-            Some(libc::EINVAL) => {
-                "the kernel lacks FAN_REPORT_DFID_NAME (Linux 5.9 or later)".into()
-            }
-            Some(libc::ENOSYS) => "the kernel has no fanotify".into(),
-            _ => format!("fanotify_init: {e}"),
-        }),
+    };
+    for source in sources {
+        let Ok(c) = CString::new(source.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // A missing source is refused elsewhere; only what fanotify itself says counts here.
+        if !source.exists() {
+            continue;
+        }
+        // SAFETY: a valid fanotify descriptor and a NUL-terminated path.
+        let r = unsafe {
+            libc::fanotify_mark(
+                fd.as_raw_fd(),
+                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+                MASK,
+                libc::AT_FDCWD,
+                c.as_ptr(),
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            let shown = source.display();
+            return Some(match e.raw_os_error() {
+                Some(libc::EINVAL) => "needs Linux 5.17 or later (FAN_RENAME)".into(),
+                Some(libc::EPERM) => "needs CAP_SYS_ADMIN".into(),
+                Some(libc::EXDEV) | Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) => {
+                    format!("cannot watch {shown}: its filesystem has no file handles")
+                }
+                _ => format!("cannot watch {shown}: {e}"),
+            });
+        }
     }
+    None
 }
 
 fn init() -> io::Result<OwnedFd> {

@@ -45,10 +45,10 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// The backend for `choice` on this machine, and why (for the one start-up line); an
-    /// error when fanotify was demanded and cannot be had.
-    pub fn choose(choice: WatcherChoice) -> Result<(Backend, String), String> {
-        let why_not = || crate::fanotify::unavailable();
+    /// The backend for `choice` on this machine and these sources, and why (for the one
+    /// start-up line); an error when fanotify was demanded and cannot be had.
+    pub fn choose(choice: WatcherChoice, sources: &[&Path]) -> Result<(Backend, String), String> {
+        let why_not = || crate::fanotify::unavailable(sources);
         match choice {
             WatcherChoice::Inotify => Ok((Backend::Inotify, "inotify, as configured".into())),
             WatcherChoice::Fanotify => match why_not() {
