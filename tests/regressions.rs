@@ -140,61 +140,62 @@ fn backup_log(b: &Backup) -> String {
     b.receiver.as_ref().map(|r| r.log()).unwrap_or_default()
 }
 
-/// A missing source directory made the daemon spin: thousands of log lines and hundreds of
-/// sessions a second. Now it is refused at start-up, and one that vanishes at run time
-/// pauses its group with one error until it is back.
-#[test]
-fn a_missing_source_directory_made_the_daemon_spin() {
-    let site = Site::new();
-    let (src, dst, backup) = site.one_backup();
-    let body = format!(
-        "{}{}",
-        backup.target("backup"),
-        sync("file", &site.path("nowhere"), &["backup"], "file", "")
-    );
-    site.write_config(&body);
-    let o = run(ferry().arg("send").arg("--config").arg(site.config()));
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    let err = stderr(&o);
-    assert_eq!(err.matches("nowhere").count(), 1, "named once: {err}");
-    assert!(
-        err.contains("sender.toml") && err.contains("source"),
-        "{err}"
-    );
+on_each_watcher! {
+    /// A missing source directory made the daemon spin: thousands of log lines and hundreds of
+    /// sessions a second. Now it is refused at start-up, and one that vanishes at run time
+    /// pauses its group with one error until it is back.
+    fn a_missing_source_directory_made_the_daemon_spin(watcher) {
+        let site = Site::watching(watcher);
+        let (src, dst, backup) = site.one_backup();
+        let body = format!(
+            "{}{}",
+            backup.target("backup"),
+            sync("file", &site.path("nowhere"), &["backup"], "file", "")
+        );
+        site.write_config(&body);
+        let o = run(ferry().arg("send").arg("--config").arg(site.config()));
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.matches("nowhere").count(), 1, "named once: {err}");
+        assert!(
+            err.contains("sender.toml") && err.contains("source"),
+            "{err}"
+        );
 
-    fs::write(src.join("f"), "1").unwrap();
-    let body = one_group(&backup, &src, "");
-    let daemon = site.run(&body, 1);
-    wait_equal(&src, &dst, 20, "initial");
-    let away = site.path("away");
-    fs::rename(&src, &away).unwrap();
-    fs::write(away.join("f"), "changed while away").unwrap();
-    std::thread::sleep(Duration::from_secs(6));
-    let log = daemon.log();
-    assert_eq!(
-        log.matches("nothing is sent until it is back").count(),
-        1,
-        "{log}"
-    );
-    let sessions = backup_log(&backup).matches("session open").count();
-    assert!(
-        sessions <= 2,
-        "{sessions} sessions while the source was away"
-    );
-    assert!(
-        log.lines().count() < 30,
-        "log grew to {} lines",
-        log.lines().count()
-    );
-    assert_eq!(
-        fs::read_to_string(dst.join("f")).unwrap(),
-        "1",
-        "backup untouched"
-    );
-    fs::rename(&away, &src).unwrap();
-    wait_equal(&src, &dst, 30, "after the source came back");
-    fs::write(src.join("g"), "new").unwrap();
-    wait_equal(&src, &dst, 20, "live again");
+        fs::write(src.join("f"), "1").unwrap();
+        let body = one_group(&backup, &src, "");
+        let daemon = site.run(&body, 1);
+        wait_equal(&src, &dst, 20, "initial");
+        let away = site.path("away");
+        fs::rename(&src, &away).unwrap();
+        fs::write(away.join("f"), "changed while away").unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+        let log = daemon.log();
+        assert_eq!(
+            log.matches("nothing is sent until it is back").count(),
+            1,
+            "{log}"
+        );
+        let sessions = backup_log(&backup).matches("session open").count();
+        assert!(
+            sessions <= 2,
+            "{sessions} sessions while the source was away"
+        );
+        assert!(
+            log.lines().count() < 30,
+            "log grew to {} lines",
+            log.lines().count()
+        );
+        assert_eq!(
+            fs::read_to_string(dst.join("f")).unwrap(),
+            "1",
+            "backup untouched"
+        );
+        fs::rename(&away, &src).unwrap();
+        wait_equal(&src, &dst, 30, "after the source came back");
+        fs::write(src.join("g"), "new").unwrap();
+        wait_equal(&src, &dst, 20, "live again");
+    }
 }
 
 /// SIGHUP killed both daemons (exit 129), and under the shipped units systemd would not have

@@ -42,6 +42,12 @@ pub const HANDLE_CACHE: usize = 65_536;
 /// How long the reader blocks before looking for a stop.
 const POLL_MS: i32 = 200;
 
+/// After a read whose events all lay outside the source, the reader waits this long before
+/// the next, so churn elsewhere on the filesystem is read in batches (a few system calls per
+/// thousand events instead of two per event). A change in the source arriving amid such
+/// churn waits at most this much longer; with no churn, nothing waits.
+const CHURN_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The `notify` attribute info that marks an event on a directory (inotify's router learns
 /// that from its watch list; fanotify says so with `FAN_ONDIR`).
 pub const ON_DIR: &str = "ferry:dir";
@@ -206,6 +212,7 @@ impl FanWatch {
             given: source.to_path_buf(),
             cache: HashMap::new(),
             key: Vec::with_capacity(160),
+            delivered: 0,
             cookie: 0,
             handler,
         };
@@ -273,12 +280,26 @@ struct Reader<H> {
     real: PathBuf,
     /// The source as configured (events are handed on under this).
     given: PathBuf,
-    /// Directory handle → its path below the source (`None`: outside, or gone).
-    cache: HashMap<Vec<u8>, Option<PathBuf>>,
+    /// Directory handle → where it is.
+    cache: HashMap<Vec<u8>, Place>,
     /// The key being looked up (reused: no allocation per event).
     key: Vec<u8>,
+    /// Events handed on from the current read.
+    delivered: usize,
     cookie: usize,
     handler: H,
+}
+
+/// Where a directory is, as far as a source is concerned.
+#[derive(Debug, Clone)]
+enum Place {
+    /// At or below the source: its path relative to it.
+    Inside(PathBuf),
+    /// The source's parent: only the entry that is the source itself matters (the source
+    /// removed or moved away).
+    Parent,
+    /// Elsewhere, or gone.
+    Outside,
 }
 
 /// One directory-entry record of an event: the directory's handle and the entry's name.
@@ -314,7 +335,11 @@ impl<H: EventHandler> Reader<H> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
+            self.delivered = 0;
             self.events(&buf[..n as usize]);
+            if self.delivered == 0 {
+                std::thread::sleep(CHURN_PAUSE);
+            }
         }
     }
 
@@ -349,6 +374,7 @@ impl<H: EventHandler> Reader<H> {
         );
         if mask & libc::FAN_Q_OVERFLOW != 0 {
             let ev = Event::new(EventKind::Other).set_flag(Flag::Rescan);
+            self.delivered += 1;
             self.handler.handle_event(Ok(ev));
             return;
         }
@@ -431,6 +457,7 @@ impl<H: EventHandler> Reader<H> {
         if on_dir {
             ev = ev.set_info(ON_DIR);
         }
+        self.delivered += 1;
         self.handler.handle_event(Ok(ev));
     }
 
@@ -441,29 +468,34 @@ impl<H: EventHandler> Reader<H> {
         self.key.extend_from_slice(&r.fsid[0].to_ne_bytes());
         self.key.extend_from_slice(&r.fsid[1].to_ne_bytes());
         self.key.extend_from_slice(r.handle);
-        let dir = match self.cache.get(self.key.as_slice()) {
-            Some(None) => return None,
-            Some(Some(d)) => d.clone(),
+        let place = match self.cache.get(self.key.as_slice()) {
+            Some(Place::Outside) => return None,
+            Some(p) => p.clone(),
             None => {
-                let d = self.resolve(r);
+                let p = self.resolve(r);
                 if self.cache.len() >= HANDLE_CACHE {
                     self.cache.clear();
                 }
-                self.cache.insert(self.key.clone(), d.clone());
-                d?
+                self.cache.insert(self.key.clone(), p.clone());
+                p
             }
         };
-        // `.` (or no name): the event is on the directory itself.
-        let rel = match r.name {
-            b"" | b"." => dir,
-            name => dir.join(OsStr::from_bytes(name)),
-        };
-        Some(self.given.join(rel))
+        let name = OsStr::from_bytes(r.name);
+        match place {
+            // `.` (or no name): the event is on the directory itself.
+            Place::Inside(dir) if matches!(r.name, b"" | b".") => Some(self.given.join(dir)),
+            Place::Inside(dir) => Some(self.given.join(dir).join(name)),
+            Place::Parent if self.real.file_name() == Some(name) => Some(self.given.clone()),
+            Place::Parent | Place::Outside => None,
+        }
     }
 
-    /// The directory a handle stands for, relative to the source, if it is the source or
-    /// below it and still exists.
-    fn resolve(&self, r: &Record<'_>) -> Option<PathBuf> {
+    /// Where the directory a handle stands for is.
+    fn resolve(&self, r: &Record<'_>) -> Place {
+        self.locate(r).unwrap_or(Place::Outside)
+    }
+
+    fn locate(&self, r: &Record<'_>) -> Option<Place> {
         let m = self.marked.iter().find(|m| m.fsid == r.fsid)?;
         // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
         let mut handle = r.handle.to_vec();
@@ -487,7 +519,12 @@ impl<H: EventHandler> Reader<H> {
         if path.as_os_str().as_bytes().ends_with(b" (deleted)") {
             return None;
         }
-        path.strip_prefix(&self.real).ok().map(Path::to_path_buf)
+        if Some(path.as_path()) == self.real.parent() {
+            return Some(Place::Parent);
+        }
+        path.strip_prefix(&self.real)
+            .ok()
+            .map(|rel| Place::Inside(rel.to_path_buf()))
     }
 }
 

@@ -50,6 +50,9 @@ fn event(event: Event) -> Routed {
 pub fn route(kind: &EventKind, rel: RelPath, cookie: Option<u32>, fs: &impl Lookup) -> Routed {
     if rel.is_root() {
         return match kind {
+            // Moved back into place (fanotify sees that; inotify has no watch on the parent):
+            // the router's check for the source's return takes it from there.
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => Routed::Ignore,
             EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => Routed::RootGone,
             EventKind::Modify(ModifyKind::Metadata(_)) => event(Event::Attrib(rel)),
             _ => Routed::Ignore,
@@ -248,6 +251,8 @@ mod tests {
             ),
             (EventKind::Remove(RemoveKind::File), "", None, "root gone"),
             (from, "", Some(1), "root gone"),
+            // The source moved back into place: its return is noticed by the router's check.
+            (to, "", Some(1), "ignore"),
             // Excluded paths never get through, whatever the event.
             (EventKind::Create(CreateKind::File), "a.log", None, "ignore"),
             (data, "a.log", None, "ignore"),

@@ -353,6 +353,9 @@ impl Router {
                     );
                 }
                 self.root_gone = true;
+                // Wake the workers: they find the source missing, pause (saying so once, and
+                // showing it in `ferry status`), and keep the whole compare for its return.
+                self.coalescer.event(Ev::Overflow, now);
             }
             Routed::Event {
                 event,

@@ -148,7 +148,8 @@ pub async fn begin_half(
 /// `NAME::inotify` and `NAME::fanotify`, each with `watcher` naming its backend.
 #[macro_export]
 macro_rules! on_each_watcher {
-    (fn $name:ident($w:ident) $body:block) => {
+    ($(#[$meta:meta])* fn $name:ident($w:ident) $body:block) => {
+        $(#[$meta])*
         mod $name {
             #[allow(unused_imports)]
             use super::*;
