@@ -119,6 +119,14 @@ fn split(path: &str) -> Vec<&str> {
     out
 }
 
+/// Parses an optional `value` of `key` as an `address:port` to listen on.
+pub fn optional_socket_address(
+    key: &str,
+    value: Option<&str>,
+) -> Result<Option<std::net::SocketAddr>, String> {
+    value.map(|v| socket_address(key, v)).transpose()
+}
+
 /// Parses `value` of `key` as an `address:port` to listen on.
 pub fn socket_address(key: &str, value: &str) -> Result<std::net::SocketAddr, String> {
     value.parse().map_err(|e| {

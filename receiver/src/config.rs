@@ -146,12 +146,11 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let listen =
             ferry_protocol::config_text::socket_address("listen", &raw.listen).map_err(err)?;
-        let metrics_listen = raw
-            .metrics_listen
-            .as_deref()
-            .map(|a| ferry_protocol::config_text::socket_address("metrics_listen", a))
-            .transpose()
-            .map_err(err)?;
+        let metrics_listen = ferry_protocol::config_text::optional_socket_address(
+            "metrics_listen",
+            raw.metrics_listen.as_deref(),
+        )
+        .map_err(err)?;
         let mut modules = BTreeMap::new();
         for (name, m) in raw.modules {
             let key = |k: &str| format!("modules.{name}.{k}");

@@ -376,12 +376,11 @@ impl Config {
             );
         }
         let state_dir = raw.state_dir.clone().map(resolve);
-        let metrics_listen = raw
-            .metrics_listen
-            .as_deref()
-            .map(|a| ferry_protocol::config_text::socket_address("metrics_listen", a))
-            .transpose()
-            .map_err(err)?;
+        let metrics_listen = ferry_protocol::config_text::optional_socket_address(
+            "metrics_listen",
+            raw.metrics_listen.as_deref(),
+        )
+        .map_err(err)?;
         let watcher = match raw.watcher.as_deref() {
             None | Some("auto") => WatcherChoice::Auto,
             Some("fanotify") => WatcherChoice::Fanotify,
@@ -495,6 +494,9 @@ exclude = ["tmp/", "*.log"]
     fn parses_with_defaults() {
         let c = Config::parse(GOOD, Path::new("/etc/ferry/sender.toml")).unwrap();
         assert_eq!(c.cert, PathBuf::from("/etc/ferry/cert.pem"));
+        assert_eq!(c.watcher, WatcherChoice::Auto);
+        assert_eq!(c.status_socket, PathBuf::from(DEFAULT_STATUS_SOCKET));
+        assert_eq!(c.metrics_listen, None);
         let g = &c.syncs[0];
         assert_eq!(g.name, "file");
         assert!(g.delete);
@@ -552,6 +554,16 @@ exclude = ["tmp/", "*.log"]
                 ),
                 13,
                 "max_delay_ms: must not be shorter",
+            ),
+            (
+                GOOD.replace("state_dir", "watcher = \"dnotify\"\nstate_dir"),
+                4,
+                "watcher: unknown watcher \"dnotify\"",
+            ),
+            (
+                GOOD.replace("state_dir", "metrics_listen = \"localhost\"\nstate_dir"),
+                4,
+                "metrics_listen: invalid address",
             ),
         ];
         for (text, line, needle) in cases {

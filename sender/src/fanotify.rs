@@ -73,18 +73,7 @@ pub fn unavailable(sources: &[&Path]) -> Option<String> {
         if !source.exists() {
             continue;
         }
-        // SAFETY: a valid fanotify descriptor and a NUL-terminated path.
-        let r = unsafe {
-            libc::fanotify_mark(
-                fd.as_raw_fd(),
-                libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                MASK,
-                libc::AT_FDCWD,
-                c.as_ptr(),
-            )
-        };
-        if r != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = mark(&fd, &c) {
             let shown = source.display();
             return Some(match e.raw_os_error() {
                 Some(libc::EINVAL) => "needs Linux 5.17 or later (FAN_RENAME)".into(),
@@ -97,6 +86,25 @@ pub fn unavailable(sources: &[&Path]) -> Option<String> {
         }
     }
     None
+}
+
+/// Marks the filesystem `path` is on.
+fn mark(fd: &OwnedFd, path: &CStr) -> io::Result<()> {
+    // SAFETY: a valid fanotify descriptor and a NUL-terminated path.
+    let r = unsafe {
+        libc::fanotify_mark(
+            fd.as_raw_fd(),
+            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+            MASK,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn init() -> io::Result<OwnedFd> {
@@ -177,18 +185,7 @@ impl FanWatch {
         let mut marked = Vec::new();
         for point in mounts_under(&real) {
             let c = CString::new(point.as_os_str().as_bytes()).map_err(io::Error::other)?;
-            // SAFETY: a valid fanotify descriptor and a NUL-terminated path.
-            let r = unsafe {
-                libc::fanotify_mark(
-                    fd.as_raw_fd(),
-                    libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-                    MASK,
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                )
-            };
-            if r != 0 {
-                let e = io::Error::last_os_error();
+            if let Err(e) = mark(&fd, &c) {
                 if point == real {
                     return Err(e);
                 }
