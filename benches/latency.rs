@@ -146,6 +146,7 @@ async fn bench(writes: usize, burst: usize) {
             delete: true,
             timing: Default::default(),
             guard: Default::default(),
+            preserve: Default::default(),
         }],
         liveness: Default::default(),
     };

@@ -47,6 +47,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
             confirmed: confirm_deletes,
             ..Default::default()
         },
+        preserve: Default::default(),
     };
     eprintln!(
         "ferry: mirroring {} → {} via {address}",

@@ -423,3 +423,24 @@ fn a_module_keeps_no_setuid_bits_or_devices_unless_it_says_so() {
     assert_eq!(summary_value(&again, "meta"), 0, "{again}");
     assert_eq!(summary_value(&again, "files"), 0, "{again}");
 }
+
+/// `preserve = []` sends a sparse file's holes as the zeros they read as.
+#[test]
+fn preserve_without_sparse_writes_holes_out() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    let data = pseudo_random(1 << 20, 8);
+    write_sparse(&src.join("img"), 32 << 20, &data, &[8 << 20]);
+    site.write_config(&one_group(&backup, &src, "preserve = []"));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(src.join("img")).unwrap(),
+        fs::read(dst.join("img")).unwrap()
+    );
+    assert!(
+        allocated(&dst.join("img")) >= 32 << 20,
+        "holes kept without \"sparse\""
+    );
+    assert_eq!(summary_value(&stdout(&o), "payload_bytes"), 32 << 20);
+}

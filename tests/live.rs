@@ -513,3 +513,28 @@ fn without_cap_sys_admin_auto_falls_back_to_inotify_and_fanotify_refuses() {
         stderr(&o)
     );
 }
+
+on_each_watcher! {
+    /// A sparse file (a hole in the middle and one at the end) arrives with its holes, live
+    /// and with `send --once`, costing its data on the wire and on the receiver's disk.
+    fn sparse_files_arrive_sparse_live_and_once(watcher) {
+        let (live, _backup, src, dst, mut daemon) = simple(watcher, "");
+        let data = pseudo_random(1 << 20, 3);
+        let held = write_sparse(&src.join("vm.img"), 256 << 20, &data, &[0, 100 << 20]);
+        wait_equal(&src, &dst, 30, "sparse file, live");
+        assert!(
+            allocated(&dst.join("vm.img")) <= held + (1 << 20),
+            "{} bytes allocated on the receiver for {held} bytes of data",
+            allocated(&dst.join("vm.img"))
+        );
+        assert!(daemon.stop().success());
+        // Rewritten while the daemon is down: send --once sends the data, not the size.
+        let held = write_sparse(&src.join("vm.img"), 512 << 20, &data, &[50 << 20, 300 << 20]);
+        let o = live.send_once(&[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let payload = summary_value(&stdout(&o), "payload_bytes");
+        assert!(payload <= held + 4096, "{payload} payload bytes for {held} of data");
+        assert_eq!(fs::read(src.join("vm.img")).unwrap(), fs::read(dst.join("vm.img")).unwrap());
+        assert!(allocated(&dst.join("vm.img")) <= held + (1 << 20));
+    }
+}

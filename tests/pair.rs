@@ -716,3 +716,80 @@ async fn compressed_bodies_shrink_on_the_wire_and_arrive_exact() {
     assert!(packed < plain * 6 / 10, "{packed} packed vs {plain} plain");
     assert!(packed > 1 << 20, "the random MiB cannot shrink: {packed}");
 }
+
+/// A peer's holes are bounded by the size it announced, and a hole counts in the digest as
+/// the zeros it reads as: a hole past the end is refused, an honest sparse body arrives
+/// sparse and exact.
+#[tokio::test]
+async fn a_hole_past_the_announced_size_is_refused_and_an_honest_one_stays_a_hole() {
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let send_all = |msgs: Vec<Message>| {
+        let session = session.clone();
+        async move {
+            for m in msgs {
+                session.send(m).await.unwrap();
+            }
+        }
+    };
+    // 1 PiB of hole in a file announced as 4 KiB.
+    let (id, mut rx) = session.register();
+    send_all(vec![
+        Message::FileBegin {
+            id,
+            path: RelPath::from("huge"),
+            meta: file_meta(4096),
+            body: Body::Whole,
+        },
+        Message::FileHole { id, len: 1 << 50 },
+        Message::FileEnd {
+            id,
+            digest: [0; 32],
+        },
+    ])
+    .await;
+    let e = session.expect_ack(&mut rx).await.unwrap_err().to_string();
+    assert!(e.contains("hole past the announced 4096 bytes"), "{e}");
+    assert!(!pair.dst.join("huge").exists());
+    // 80 MiB: 1 MiB of data, a 62 MiB hole, 1 MiB of data, and a 16 MiB hole at the end.
+    let data = pseudo_random(1 << 20, 9);
+    let size = 80u64 << 20;
+    let mut whole = vec![0u8; size as usize];
+    whole[..1 << 20].copy_from_slice(&data);
+    whole[63 << 20..64 << 20].copy_from_slice(&data);
+    let (id, mut rx) = session.register();
+    send_all(vec![
+        Message::FileBegin {
+            id,
+            path: RelPath::from("sparse"),
+            meta: file_meta(size),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: data.clone(),
+        },
+        Message::FileHole { id, len: 62 << 20 },
+        Message::FileData {
+            id,
+            data: data.clone(),
+        },
+        Message::FileHole { id, len: 16 << 20 },
+        Message::FileEnd {
+            id,
+            digest: *blake3::hash(&whole).as_bytes(),
+        },
+    ])
+    .await;
+    session.expect_ack(&mut rx).await.unwrap();
+    let got = pair.dst.join("sparse");
+    assert_eq!(fs::read(&got).unwrap(), whole);
+    let md = fs::metadata(&got).unwrap();
+    assert_eq!(md.len(), size);
+    assert!(
+        md.blocks() * 512 <= 3 << 20,
+        "{} bytes allocated for 2 MiB of data",
+        md.blocks() * 512
+    );
+}

@@ -537,3 +537,34 @@ fn an_empty_source_made_rsync_empty_the_module() {
     assert!(once(&["--confirm-deletes", "file"]).status.success());
     assert_eq!(fs::read_dir(&dst).unwrap().count(), 0);
 }
+
+/// Compatibility mode keeps holes too (`--sparse`), and `preserve = []` writes them out.
+#[test]
+fn sparse_files_stay_sparse_through_rsync_unless_preserve_says_otherwise() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(&src).unwrap();
+    let data = pseudo_random(1 << 20, 5);
+    let held = write_sparse(&src.join("disk.img"), 64 << 20, &data, &[0, 40 << 20]);
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    for (preserve, sparse) in [("", true), ("preserve = []", false)] {
+        let _ = fs::remove_file(dst.join("disk.img"));
+        site.write_config(&format!(
+            "{}{}",
+            rsyncd.target("legacy", PASSWORD),
+            sync("file", &src, &["legacy"], "file", preserve)
+        ));
+        let o = site.send_once(&[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(
+            fs::read(src.join("disk.img")).unwrap(),
+            fs::read(dst.join("disk.img")).unwrap()
+        );
+        let got = allocated(&dst.join("disk.img"));
+        assert_eq!(
+            got <= held + (1 << 20),
+            sparse,
+            "{preserve:?}: {got} bytes allocated"
+        );
+    }
+}

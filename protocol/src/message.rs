@@ -20,7 +20,7 @@ use crate::path::RelPath;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -192,6 +192,15 @@ pub enum Message {
         /// fast_rsync delta bytes.
         delta: Vec<u8>,
     },
+    /// The next `len` bytes of a whole body are zeros the source does not store (a hole of a
+    /// sparse file): the receiver leaves them unallocated. Counted in the size and the digest
+    /// like written zeros.
+    FileHole {
+        /// Request id of the `FileBegin`.
+        id: RequestId,
+        /// Length of the hole.
+        len: u64,
+    },
     /// The body is complete; commit if the written bytes hash to `digest`.
     FileEnd {
         /// Request id of the `FileBegin`.
@@ -344,6 +353,7 @@ impl Message {
             Message::FileBegin { .. } => "FileBegin",
             Message::FileData { .. } => "FileData",
             Message::FileDelta { .. } => "FileDelta",
+            Message::FileHole { .. } => "FileHole",
             Message::FileEnd { .. } => "FileEnd",
             Message::FileAbort { .. } => "FileAbort",
             Message::VerifyDir { .. } => "VerifyDir",

@@ -161,6 +161,12 @@ impl Transfers {
         })
     }
 
+    /// `FileHole`: the next `len` bytes are a hole: skipped over, not written, so the file
+    /// stays sparse; hashed as the zeros they read as.
+    pub fn hole(&mut self, _fs: &Apply, id: RequestId, len: u64) -> Outcome {
+        self.body(id, |inc, _| skip(inc, len))
+    }
+
     /// `FileDelta`: the delta of the next `window` bytes against the base.
     pub fn delta(&mut self, fs: &Apply, id: RequestId, window: u64, delta: &[u8]) -> Outcome {
         self.body(id, |inc, scratch| {
@@ -341,6 +347,10 @@ fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
         ));
     }
     let file = &inc.tmp.file;
+    // A body that ended in a hole left the file short: its length is the announced size.
+    if file.metadata()?.len() != inc.meta.size {
+        file.set_len(inc.meta.size)?;
+    }
     if let Some((uid, gid)) = fs.owner_for(&inc.meta) {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
@@ -354,6 +364,32 @@ fn received(fs: &Apply, bytes: usize) {
     fs.stats
         .bytes_received
         .fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
+/// Zeros hashed per step over a hole.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+fn skip(inc: &mut Incoming, len: u64) -> io::Result<()> {
+    if inc
+        .written
+        .checked_add(len)
+        .is_none_or(|end| end > inc.meta.size)
+    {
+        return Err(io::Error::other(format!(
+            "a hole past the announced {} bytes",
+            inc.meta.size
+        )));
+    }
+    use std::io::Seek;
+    inc.tmp.file.seek(io::SeekFrom::Current(len as i64))?;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        inc.hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+    inc.written += len;
+    Ok(())
 }
 
 fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {

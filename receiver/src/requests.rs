@@ -240,6 +240,10 @@ impl Requests {
                 let o = self.files.delta(fs, id, window, &delta);
                 self.file(id, o)
             }
+            Message::FileHole { id, len } => {
+                let o = self.files.hole(fs, id, len);
+                self.file(id, o)
+            }
             Message::FileEnd { id, digest } => {
                 let o = self.files.end(fs, id, digest);
                 self.file(id, o)

@@ -163,7 +163,7 @@ pub async fn send_batch(
     .expect("stat task");
     plan.dir_meta.extend(parents);
     order_dir_meta(&mut plan.dir_meta);
-    execute(session, &group.source, plan, report, observe).await
+    execute(session, group, plan, report, observe).await
 }
 
 /// A whole-tree compare under the delete guard; the tally starts again from the module's size.

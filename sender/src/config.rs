@@ -61,6 +61,7 @@ struct RawSync {
     max_delay_ms: Option<u64>,
     delete_guard_percent: Option<u8>,
     delete_guard_min: Option<u64>,
+    preserve: Option<Vec<String>>,
 }
 
 fn default_true() -> bool {
@@ -214,6 +215,44 @@ pub struct SyncGroup {
     pub timing: Timing,
     /// When a whole-tree compare may not delete without an operator's confirmation.
     pub guard: DeleteGuard,
+    /// What is kept beyond `rsync -a`.
+    pub preserve: Preserve,
+}
+
+/// `preserve = [...]`: what a group keeps beyond what `rsync -a` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preserve {
+    /// Holes of sparse files stay holes (`"sparse"`; on by default: a hole reads as the zeros
+    /// it stands for, so keeping it changes no content and saves the receiver's disk and the
+    /// wire).
+    pub sparse: bool,
+}
+
+impl Default for Preserve {
+    fn default() -> Self {
+        Preserve { sparse: true }
+    }
+}
+
+impl Preserve {
+    /// Parses the list (`[]` keeps nothing beyond `rsync -a`).
+    pub fn parse(items: &[String]) -> Result<Preserve, String> {
+        let mut p = Preserve { sparse: false };
+        for item in items {
+            match item.as_str() {
+                "sparse" => p.sparse = true,
+                "hardlinks" | "acls" | "xattrs" => {
+                    return Err(format!("{item:?} is not supported by this version of ferry"))
+                }
+                other => {
+                    return Err(format!(
+                        "unknown item {other:?} (expected \"sparse\", \"hardlinks\", \"acls\" or \"xattrs\")"
+                    ))
+                }
+            }
+        }
+        Ok(p)
+    }
 }
 
 impl Config {
@@ -447,6 +486,12 @@ impl Config {
                     key("delete_guard_percent")
                 )));
             }
+            let preserve = match &s.preserve {
+                None => Preserve::default(),
+                Some(items) => {
+                    Preserve::parse(items).map_err(|e| err(format!("{}: {e}", key("preserve"))))?
+                }
+            };
             syncs.push(SyncGroup {
                 name,
                 source: resolve(s.source),
@@ -456,6 +501,7 @@ impl Config {
                 delete: s.delete,
                 timing,
                 guard,
+                preserve,
             });
         }
         Ok(Config {
@@ -554,6 +600,14 @@ exclude = ["tmp/", "*.log"]
                 ),
                 13,
                 "max_delay_ms: must not be shorter",
+            ),
+            (
+                GOOD.replace(
+                    "module = \"file\"",
+                    "module = \"file\"\npreserve = [\"xattrs\"]",
+                ),
+                12,
+                "preserve: \"xattrs\" is not supported",
             ),
             (
                 GOOD.replace("state_dir", "watcher = \"dnotify\"\nstate_dir"),

@@ -7,6 +7,7 @@
 //! connection ends execution (with an error, so the caller can put the work back).
 
 use crate::coalesce::Rename;
+use crate::config::SyncGroup;
 use crate::plan::{Op, Plan};
 use crate::session::{Session, SessionError};
 use crate::transfer::{self, TransferError};
@@ -218,12 +219,13 @@ type Outcome = Result<Step, Failure>;
 /// a lost connection ends execution with an error. `observe` sees each acknowledged step.
 pub async fn execute(
     session: &Arc<Session>,
-    root: &Path,
+    group: &SyncGroup,
     plan: Plan,
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
     observe.planned(Totals::of(&plan));
+    let (root, sparse) = (group.source.as_path(), group.preserve.sparse);
     let mut run = Run {
         session,
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -254,7 +256,7 @@ pub async fn execute(
                 let (session, root) = (session.clone(), root.to_path_buf());
                 run.tasks.spawn(async move {
                     let _waiting = waiting;
-                    let mut done = send_file(&session, &root, path, base, sending).await;
+                    let mut done = send_file(&session, &root, path, base, sparse, sending).await;
                     if let Ok(step) = &mut done {
                         step.size = size;
                     }
@@ -330,13 +332,14 @@ async fn send_file(
     root: &Path,
     path: RelPath,
     base: crate::plan::Base,
+    sparse: bool,
     sending: tokio::sync::OwnedSemaphorePermit,
 ) -> Outcome {
     let mut attempt = 1;
     let mut sending = Some(sending);
     loop {
         let sent = async {
-            match transfer::begin(session, root, &path, base).await? {
+            match transfer::begin(session, root, &path, base, sparse).await? {
                 Some(flight) => flight.finish(session, &mut sending).await.map(Some),
                 None => Ok(None),
             }

@@ -78,7 +78,7 @@ pub async fn reconcile_under(
             "reconcile planned"
         );
     }
-    execute(session, &group.source, plan, &mut report, observe).await?;
+    execute(session, group, plan, &mut report, observe).await?;
     report.bytes_sent = session.bytes_sent() - sent_before;
     report.elapsed = started.elapsed();
     Ok(report)

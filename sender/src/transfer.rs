@@ -8,7 +8,8 @@ use ferry_protocol::local;
 use ferry_protocol::message::{Body, Message, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::RelPath;
-use std::io::Read;
+use std::io::{Read, Seek};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use tokio::sync::mpsc;
@@ -47,6 +48,8 @@ pub struct InFlight {
     file: std::fs::File,
     meta: Meta,
     body: Body,
+    /// The source has holes: its body goes whole, holes as `FileHole`.
+    sparse: bool,
 }
 
 /// What one file cost.
@@ -64,7 +67,7 @@ pub struct Sent {
 fn open_source(
     root: &Path,
     path: &RelPath,
-) -> Result<Option<(std::fs::File, Meta)>, TransferError> {
+) -> Result<Option<(std::fs::File, Meta, bool)>, TransferError> {
     let read_err = |source| TransferError::Read {
         path: path.clone(),
         source,
@@ -80,19 +83,28 @@ fn open_source(
         Err(e) => return Err(read_err(e)),
     };
     let md = file.metadata().map_err(read_err)?;
+    let sparse = is_sparse(&md);
     Ok(local::meta_of(&md)
         .filter(|m| m.kind == Kind::File)
-        .map(|m| (file, m)))
+        .map(|m| (file, m, sparse)))
+}
+
+/// True if the file stores fewer blocks than its length needs: it has holes.
+fn is_sparse(md: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    md.blocks().saturating_mul(512) < md.len()
 }
 
 /// Sends `FileBegin` for `path` under `root`, with the metadata of the opened file; whole or
-/// delta as [`body_for`] decides from its size and what the receiver may hold. Returns
-/// `Ok(None)` if the path is no longer a regular file.
+/// delta as [`body_for`] decides from its size and what the receiver may hold. With
+/// `keep_holes`, a sparse file's body goes whole with its holes as holes. Returns `Ok(None)`
+/// if the path is no longer a regular file.
 pub async fn begin(
     session: &Session,
     root: &Path,
     path: &RelPath,
     base: Base,
+    keep_holes: bool,
 ) -> Result<Option<InFlight>, TransferError> {
     let opened = {
         let (root, path) = (root.to_path_buf(), path.clone());
@@ -100,9 +112,10 @@ pub async fn begin(
             .await
             .expect("open task")?
     };
-    let Some((file, meta)) = opened else {
+    let Some((file, meta, sparse)) = opened else {
         return Ok(None);
     };
+    let sparse = sparse && keep_holes;
     let body = body_for(meta.size, base);
     let (id, rx) = session.register();
     session
@@ -120,6 +133,7 @@ pub async fn begin(
         file,
         meta,
         body,
+        sparse,
     }))
 }
 
@@ -148,10 +162,21 @@ impl InFlight {
                 }
             }
         }
+        // A sparse file goes whole, its holes as holes: a delta would rebuild it dense.
+        if self.sparse {
+            signature = None;
+        }
         let out = session.sender();
         let (id, meta, path, mut file) = (self.id, self.meta.clone(), self.path.clone(), self.file);
+        let sparse = self.sparse;
         let streamed = tokio::task::spawn_blocking(move || {
-            stream_body(id, &mut file, &meta, &path, signature, resume, &out)
+            let to = Stream {
+                id,
+                meta: &meta,
+                path: &path,
+                out: &out,
+            };
+            stream_body(&to, &mut file, signature, resume, sparse)
         })
         .await
         .expect("reader task");
@@ -176,15 +201,22 @@ impl InFlight {
     }
 }
 
-fn stream_body(
+/// Where a body goes, and what it is of.
+struct Stream<'a> {
     id: RequestId,
+    meta: &'a Meta,
+    path: &'a RelPath,
+    out: &'a mpsc::Sender<Message>,
+}
+
+fn stream_body(
+    to: &Stream<'_>,
     file: &mut std::fs::File,
-    meta: &Meta,
-    path: &RelPath,
     signature: Option<Vec<u8>>,
     resume: Option<(u64, [u8; 32])>,
-    out: &mpsc::Sender<Message>,
+    sparse: bool,
 ) -> Result<([u8; 32], Sent), TransferError> {
+    let (id, meta, path, out) = (to.id, to.meta, to.path, to.out);
     let read_err = |source| TransferError::Read {
         path: path.clone(),
         source,
@@ -246,7 +278,31 @@ fn stream_body(
             }
         }
         None => loop {
-            let mut chunk = vec![0; CHUNK.min(meta.size.saturating_sub(total) as usize + 1)];
+            // Sparse: skip to the next data, sending what lies before it as a hole, and read
+            // no further than the hole after it.
+            let mut upto = u64::MAX;
+            if sparse && total < meta.size {
+                let data = seek_data(file, total).map_err(read_err)?.min(meta.size);
+                if data > total {
+                    out.blocking_send(Message::FileHole {
+                        id,
+                        len: data - total,
+                    })
+                    .map_err(|_| lost())?;
+                    hash_zeros(&mut hasher, data - total);
+                    total = data;
+                }
+                upto = seek_hole(file, total).map_err(read_err)?;
+                file.seek(std::io::SeekFrom::Start(total))
+                    .map_err(read_err)?;
+                if total >= meta.size {
+                    // The file ends in a hole; a read tells whether it grew meanwhile.
+                    upto = u64::MAX;
+                }
+            }
+            let want = CHUNK.min(meta.size.saturating_sub(total) as usize + 1);
+            let want = want.min(upto.saturating_sub(total).max(1) as usize);
+            let mut chunk = vec![0; want];
             let n = read_full(file, &mut chunk).map_err(read_err)?;
             if n == 0 {
                 break;
@@ -266,6 +322,43 @@ fn stream_body(
         return Err(TransferError::Changed(path.clone()));
     }
     Ok((*hasher.finalize().as_bytes(), sent))
+}
+
+/// Zeros hashed per step over a hole.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Hashes `len` zeros (a hole reads as zeros).
+fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+}
+
+/// The first offset at or after `from` that holds data; the file's length if none does.
+fn seek_data(f: &std::fs::File, from: u64) -> std::io::Result<u64> {
+    seek(f, from, libc::SEEK_DATA)
+}
+
+/// The first offset at or after `from` in a hole (the file's length counts as one).
+fn seek_hole(f: &std::fs::File, from: u64) -> std::io::Result<u64> {
+    seek(f, from, libc::SEEK_HOLE)
+}
+
+fn seek(f: &std::fs::File, from: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    // SAFETY: a valid descriptor; lseek only moves its offset.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), from as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(r as u64);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // Past the last data: the rest is a hole.
+        Some(libc::ENXIO) => Ok(f.metadata()?.len().max(from)),
+        _ => Err(e),
+    }
 }
 
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

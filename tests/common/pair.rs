@@ -103,6 +103,7 @@ impl Pair {
             delete: true,
             timing: Default::default(),
             guard: Default::default(),
+            preserve: Default::default(),
         }
     }
 }

@@ -163,3 +163,22 @@ pub fn count_entries(root: &Path, dirs: bool) -> usize {
             .sum()
     })
 }
+
+/// Makes `path` a sparse file of `size` bytes with `data` written at each of `at`; returns
+/// the bytes it holds (the rest reads as zeros).
+pub fn write_sparse(path: &Path, size: u64, data: &[u8], at: &[u64]) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for &offset in at {
+        f.write_all_at(data, offset).unwrap();
+    }
+    f.sync_all().unwrap();
+    (data.len() * at.len()) as u64
+}
+
+/// Bytes the filesystem allocated for `path`.
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
