@@ -44,6 +44,20 @@ pub use message::Message;
 pub use meta::{Entry, Kind, Meta};
 pub use path::RelPath;
 
+/// Zeros hashed per step over a hole.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Feeds `len` zeros to a content digest: a hole of a sparse file counts as the zeros it reads
+/// as, on the side that skips it as on the side that reads it.
+pub fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64) as usize;
+        hasher.update(&ZEROS[..n]);
+        left -= n as u64;
+    }
+}
+
 /// Sets the allocator up for a daemon that moves 8 MiB windows through several threads; call
 /// once, first thing in `main`. glibc's defaults raise the `mmap` threshold to the largest
 /// block ever freed and the trim threshold to twice that, so after one 8 MiB window every

@@ -347,10 +347,6 @@ fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
         ));
     }
     let file = &inc.tmp.file;
-    // A body that ended in a hole left the file short: its length is the announced size.
-    if file.metadata()?.len() != inc.meta.size {
-        file.set_len(inc.meta.size)?;
-    }
     if let Some((uid, gid)) = fs.owner_for(&inc.meta) {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
@@ -366,9 +362,6 @@ fn received(fs: &Apply, bytes: usize) {
         .fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
-/// Zeros hashed per step over a hole.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
 fn skip(inc: &mut Incoming, len: u64) -> io::Result<()> {
     if inc
         .written
@@ -382,13 +375,12 @@ fn skip(inc: &mut Incoming, len: u64) -> io::Result<()> {
     }
     use std::io::Seek;
     inc.tmp.file.seek(io::SeekFrom::Current(len as i64))?;
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64) as usize;
-        inc.hasher.update(&ZEROS[..n]);
-        left -= n as u64;
-    }
+    ferry_protocol::hash_zeros(&mut inc.hasher, len);
     inc.written += len;
+    // A hole that ends the body leaves nothing after it to make the file that long.
+    if inc.written == inc.meta.size {
+        inc.tmp.file.set_len(inc.meta.size)?;
+    }
     Ok(())
 }
 

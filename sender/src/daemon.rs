@@ -105,6 +105,15 @@ struct Parts<'a> {
 }
 
 impl Parts<'_> {
+    /// The identity's fingerprint if any of `targets` is a ferry target (rsync targets do not
+    /// use it, so a new certificate leaves their groups alone).
+    fn identity_for(&self, targets: &[Target]) -> Option<ferry_protocol::Fingerprint> {
+        targets
+            .iter()
+            .any(|t| t.fingerprint().is_some())
+            .then(|| self.identity.fingerprint())
+    }
+
     /// Checks `group`'s targets and watches its source; its queues start with a whole compare,
     /// so nothing changed before or during this is missed.
     async fn prepare(
@@ -154,10 +163,7 @@ impl Parts<'_> {
             source_dir: group.source.display().to_string(),
             error,
         })?;
-        let identity = targets
-            .iter()
-            .any(|t| t.fingerprint().is_some())
-            .then(|| self.identity.fingerprint());
+        let identity = self.identity_for(&targets);
         Ok(Prepared {
             unit: Unit {
                 group: group.clone(),
@@ -217,19 +223,13 @@ impl Parts<'_> {
 impl Unit {
     /// True if `group`, with these targets and identity, is what this unit already runs.
     fn runs(&self, group: &SyncGroup, parts: &Parts<'_>) -> bool {
-        let targets: Vec<Option<&Target>> =
-            group.targets.iter().map(|n| parts.targets.get(n)).collect();
-        let identity = targets
-            .iter()
-            .any(|t| t.is_some_and(|t| t.fingerprint().is_some()))
-            .then(|| parts.identity.fingerprint());
-        &self.group == group
-            && self.identity == identity
-            && targets.len() == self.targets.len()
-            && targets
+        let same_targets = group.targets.len() == self.targets.len()
+            && group
+                .targets
                 .iter()
                 .zip(&self.targets)
-                .all(|(new, old)| *new == Some(old))
+                .all(|(name, old)| parts.targets.get(name) == Some(old));
+        &self.group == group && same_targets && self.identity == parts.identity_for(&self.targets)
     }
 
     /// Lets the workers finish their batches in flight (see [`crate::worker::SHUTDOWN_GRACE`]),

@@ -277,64 +277,53 @@ fn stream_body(
                 }
             }
         }
-        None => loop {
-            // Sparse: skip to the next data, sending what lies before it as a hole, and read
-            // no further than the hole after it.
-            let mut upto = u64::MAX;
-            if sparse && total < meta.size {
-                let data = seek_data(file, total).map_err(read_err)?.min(meta.size);
-                if data > total {
-                    out.blocking_send(Message::FileHole {
-                        id,
-                        len: data - total,
-                    })
+        None => {
+            // Sparse: where the data extent being read ends; at it, skip to the next data,
+            // sending what lies before it as a hole. Dense files read straight through.
+            let mut extent_end = if sparse { 0 } else { u64::MAX };
+            loop {
+                if total >= extent_end && total < meta.size {
+                    let data = seek_data(file, total).map_err(read_err)?.min(meta.size);
+                    if data > total {
+                        out.blocking_send(Message::FileHole {
+                            id,
+                            len: data - total,
+                        })
+                        .map_err(|_| lost())?;
+                        ferry_protocol::hash_zeros(&mut hasher, data - total);
+                        total = data;
+                    }
+                    extent_end = seek_hole(file, total).map_err(read_err)?;
+                    file.seek(std::io::SeekFrom::Start(total))
+                        .map_err(read_err)?;
+                    if total >= meta.size {
+                        // The file ends in a hole; a read tells whether it grew meanwhile.
+                        extent_end = u64::MAX;
+                    }
+                }
+                let want = CHUNK.min(meta.size.saturating_sub(total) as usize + 1);
+                let want = want.min(extent_end.saturating_sub(total).max(1) as usize);
+                let mut chunk = vec![0; want];
+                let n = read_full(file, &mut chunk).map_err(read_err)?;
+                if n == 0 {
+                    break;
+                }
+                chunk.truncate(n);
+                hasher.update(&chunk);
+                total += n as u64;
+                if total > meta.size {
+                    return Err(TransferError::Changed(path.clone()));
+                }
+                sent.payload += n as u64;
+                out.blocking_send(Message::FileData { id, data: chunk })
                     .map_err(|_| lost())?;
-                    hash_zeros(&mut hasher, data - total);
-                    total = data;
-                }
-                upto = seek_hole(file, total).map_err(read_err)?;
-                file.seek(std::io::SeekFrom::Start(total))
-                    .map_err(read_err)?;
-                if total >= meta.size {
-                    // The file ends in a hole; a read tells whether it grew meanwhile.
-                    upto = u64::MAX;
-                }
             }
-            let want = CHUNK.min(meta.size.saturating_sub(total) as usize + 1);
-            let want = want.min(upto.saturating_sub(total).max(1) as usize);
-            let mut chunk = vec![0; want];
-            let n = read_full(file, &mut chunk).map_err(read_err)?;
-            if n == 0 {
-                break;
-            }
-            chunk.truncate(n);
-            hasher.update(&chunk);
-            total += n as u64;
-            if total > meta.size {
-                return Err(TransferError::Changed(path.clone()));
-            }
-            sent.payload += n as u64;
-            out.blocking_send(Message::FileData { id, data: chunk })
-                .map_err(|_| lost())?;
-        },
+        }
     }
     if total != meta.size || !same(&file.metadata().map_err(read_err)?) {
         return Err(TransferError::Changed(path.clone()));
     }
     Ok((*hasher.finalize().as_bytes(), sent))
-}
-
-/// Zeros hashed per step over a hole.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-/// Hashes `len` zeros (a hole reads as zeros).
-fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        left -= n as u64;
-    }
 }
 
 /// The first offset at or after `from` that holds data; the file's length if none does.

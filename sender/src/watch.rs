@@ -261,16 +261,14 @@ impl Router {
                 self.rewatch_all();
                 self.coalescer.event(Ev::Overflow, now);
             }
-            if !self.root_gone && now >= next_root_check {
+            if now >= next_root_check {
                 next_root_check = now + crate::worker::SOURCE_RECHECK;
-                if self.remark_if_moved() {
-                    tracing::warn!(sync = %self.group.name, "the source's filesystem changed (remounted?); marked it again and comparing the whole tree");
-                    self.coalescer.event(Ev::Overflow, now);
-                }
-            }
-            if self.root_gone && now >= next_root_check {
-                next_root_check = now + crate::worker::SOURCE_RECHECK;
-                if self.group.source.is_dir() {
+                if !self.root_gone {
+                    if self.remark_if_moved() {
+                        tracing::warn!(sync = %self.group.name, "the source's filesystem changed (remounted?); marked it again and comparing the whole tree");
+                        self.coalescer.event(Ev::Overflow, now);
+                    }
+                } else if self.group.source.is_dir() {
                     self.remark_if_moved();
                     tracing::info!(sync = %self.group.name, "source directory is back; comparing the whole tree");
                     self.root_gone = false;
