@@ -147,6 +147,7 @@ async fn bench(writes: usize, burst: usize) {
             timing: Default::default(),
             guard: Default::default(),
             preserve: Default::default(),
+            links: Default::default(),
         }],
         liveness: Default::default(),
     };

@@ -48,6 +48,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
             ..Default::default()
         },
         preserve: Default::default(),
+        links: Default::default(),
     };
     eprintln!(
         "ferry: mirroring {} → {} via {address}",

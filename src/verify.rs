@@ -36,7 +36,8 @@ where
         let mut total = Count::default();
         for (root, filter) in roots {
             let accept = |p: &RelPath, d: bool| filter.accepts(p, d);
-            let entries = ferry_protocol::local::scan(&root, &accept, &mut Vec::new());
+            let none = ferry_protocol::xattr::Namespaces::NONE;
+            let entries = ferry_protocol::local::scan(&root, &accept, none, &mut Vec::new());
             for e in entries.into_iter().flatten() {
                 total.entries += 1;
                 if e.meta.kind == ferry_protocol::Kind::File {

@@ -6,7 +6,8 @@ mod common;
 use common::pair::Pair;
 use common::*;
 use ferry_protocol::message::{Body, Intent, Message};
-use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::meta::{Compare, Kind, Meta};
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
 use ferry_sender::batch::send_batch;
 use ferry_sender::coalesce::{Change, Need, Rename};
@@ -122,7 +123,7 @@ async fn a_read_only_session_lists_but_changes_nothing() {
     let mut pair = Pair::new();
     fs::write(pair.dst.join("kept"), "x").unwrap();
     let session = pair.open("file", Intent::Read).await.unwrap();
-    let listing = session.list(&RelPath::root()).await.unwrap();
+    let listing = session.list(&RelPath::root(), Namespaces::ALL).await.unwrap();
     assert!(listing.iter().any(|e| e.path == RelPath::from("kept")));
     let refused = session
         .call(|id| Message::Delete {
@@ -275,12 +276,12 @@ async fn a_directory_flipped_to_a_symlink_showed_outside_names_in_listings() {
         let session = pair.open("file", Intent::Read).await.unwrap();
         let mut names: Vec<String> = Vec::new();
         for under in [RelPath::root(), RelPath::from("d")] {
-            if let Ok(entries) = session.list(&under).await {
+            if let Ok(entries) = session.list(&under, Namespaces::ALL).await {
                 names.extend(entries.iter().map(|e| e.path.to_string()));
             }
         }
         if let Ok((_, entries)) = session
-            .verify_dir(&RelPath::from("d"), rounds % 2 == 0)
+            .verify_dir(&RelPath::from("d"), rounds % 2 == 0, Compare::all(false))
             .await
         {
             names.extend(entries.iter().map(|e| e.entry.path.to_string()));

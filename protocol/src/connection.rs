@@ -338,6 +338,7 @@ mod tests {
         owners: true,
         devices: false,
         setid: true,
+        xattrs: crate::xattr::Namespaces::ALL,
     };
 
     #[tokio::test]

@@ -229,6 +229,10 @@ mod tests {
                 mtime,
                 mtime_nsec,
                 rdev,
+                xattrs: crate::xattr::Xattrs {
+                    covers: crate::xattr::Namespaces::USER,
+                    list: vec![(b"user.a".to_vec(), rdev.to_le_bytes().to_vec())],
+                },
             })
     }
 
@@ -268,7 +272,7 @@ mod tests {
             )
                 .prop_map(|(id, path, meta, link)| Message::Listing {
                     id,
-                    entries: vec![Entry { path, meta, link }],
+                    entries: vec![Entry { path, meta, link, inode: None }],
                     done: true
                 }),
             (
@@ -283,11 +287,13 @@ mod tests {
                         dir: None,
                         entries: vec![DigestEntry {
                             entry: Entry {
-                                path,
+                                path: path.clone(),
                                 meta,
                                 link: None,
+                                inode: Some(crate::meta::Inode { dev: 1, ino: 2 }),
                             },
                             digest,
+                            hardlink: Some(path),
                         }],
                     }
                 }),
@@ -345,8 +351,10 @@ mod tests {
                     mtime: 1_790_000_000 + i as i64 / 7,
                     mtime_nsec: (i as u32).wrapping_mul(2_654_435_761) % 1_000_000_000,
                     rdev: 0,
+                    xattrs: Default::default(),
                 },
                 link: None,
+                inode: None,
             })
             .collect();
         Message::Listing {

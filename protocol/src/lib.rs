@@ -19,6 +19,8 @@
 //!   content-digest cache that `verify` relies on. Both daemons and `verify` share it so the
 //!   two sides of a comparison read metadata the same way.
 //! - [`identity`]: loads and generates certificate/key PEM files.
+//! - [`xattr`]: extended attributes (ACLs and file capabilities among them): which
+//!   namespaces travel, reading and applying them through held descriptors.
 //!
 //! Shared by both daemons: [`config_text`], where a configuration key is (for errors that
 //! name the line); [`liveness`], which main loops are still turning (for the
@@ -38,6 +40,7 @@ pub mod message;
 pub mod meta;
 pub mod path;
 pub mod tls;
+pub mod xattr;
 
 pub use fingerprint::Fingerprint;
 pub use message::Message;

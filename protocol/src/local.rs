@@ -11,8 +11,9 @@
 
 use crate::merkle;
 use crate::message::{Digest, DigestEntry};
-use crate::meta::{Compare, Entry, Kind, Meta};
+use crate::meta::{Compare, Entry, Inode, Kind, Meta};
 use crate::path::RelPath;
+use crate::xattr::{At, Namespaces, Xattrs};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -89,6 +90,7 @@ fn meta_from(r: Raw) -> Option<Meta> {
         mtime: r.mtime,
         mtime_nsec: r.mtime_nsec as u32,
         rdev: if kind.is_special() { r.rdev } else { 0 },
+        xattrs: Xattrs::default(),
     })
 }
 
@@ -182,11 +184,18 @@ fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
     result.map(|()| names)
 }
 
-/// The entry `name` of the held directory `dir` (`None`: `dir` itself) as `rel`; `Ok(None)`
-/// for a socket.
-fn entry_at(dir: &OwnedFd, name: Option<&[u8]>, rel: RelPath) -> io::Result<Option<Entry>> {
+/// The entry `name` of the held directory `dir` (`None`: `dir` itself) as `rel`, with its
+/// attributes in `xattrs`; `Ok(None)` for a socket. Attributes that cannot be read leave the
+/// entry's unmanaged (`Xattrs::default()`) and are reported in `errors`.
+fn entry_at(
+    dir: &OwnedFd,
+    name: Option<&[u8]>,
+    rel: RelPath,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Option<Entry>> {
     let st = lstat_at(dir, name)?;
-    let Some(meta) = meta_of_stat(&st) else {
+    let Some(mut meta) = meta_of_stat(&st) else {
         return Ok(None);
     };
     let link = match (meta.kind, name) {
@@ -199,10 +208,28 @@ fn entry_at(dir: &OwnedFd, name: Option<&[u8]>, rel: RelPath) -> io::Result<Opti
         ),
         _ => None,
     };
+    if !xattrs.is_empty() {
+        let held = fd_path(dir);
+        let path = name.map(|n| held.join(std::ffi::OsStr::from_bytes(n)));
+        let at = match &path {
+            Some(p) => At::Entry(p),
+            None => At::Held(&held),
+        };
+        match at.read(xattrs) {
+            Ok(x) => meta.xattrs = x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Err(e) => errors.push((rel.clone(), e)),
+        }
+    }
+    let inode = (meta.kind == Kind::File && st.st_nlink > 1).then_some(Inode {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    });
     Ok(Some(Entry {
         path: rel,
         meta,
         link,
+        inode,
     }))
 }
 
@@ -313,17 +340,23 @@ fn parent_of<'a>(root: &OwnedFd, rel: &'a RelPath) -> io::Result<(OwnedFd, Optio
     }
 }
 
-/// `lstat`s one entry beneath a root held open ([`open_root`]); `Ok(None)` if it does not
-/// exist (also when a symlink or a file stands where one of its ancestors should be: the path
-/// as such is gone) or is a socket.
-pub fn read_entry_at(root: &OwnedFd, rel: &RelPath) -> io::Result<Option<Entry>> {
+/// `lstat`s one entry beneath a root held open ([`open_root`]), with its attributes in
+/// `xattrs` (see [`scan`] for `errors`); `Ok(None)` if it does not exist (also when a symlink
+/// or a file stands where one of its ancestors should be: the path as such is gone) or is a
+/// socket.
+pub fn read_entry_at(
+    root: &OwnedFd,
+    rel: &RelPath,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Option<Entry>> {
     let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || is_not_beneath(e);
     let (dir, name) = match parent_of(root, rel) {
         Ok(d) => d,
         Err(e) if gone(&e) => return Ok(None),
         Err(e) => return Err(e),
     };
-    match entry_at(&dir, name, rel.clone()) {
+    match entry_at(&dir, name, rel.clone(), xattrs, errors) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         r => r,
     }
@@ -335,6 +368,7 @@ fn read_children(
     dir: &OwnedFd,
     rel: &RelPath,
     filter: Filter<'_>,
+    xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> Vec<Entry> {
     let mut names = match read_names(dir) {
@@ -348,7 +382,7 @@ fn read_children(
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let child = rel.join(&name);
-        match entry_at(dir, Some(&name), child.clone()) {
+        match entry_at(dir, Some(&name), child.clone(), xattrs, errors) {
             Ok(Some(e)) => {
                 if filter(&child, e.meta.kind == Kind::Dir) {
                     out.push(e);
@@ -364,14 +398,16 @@ fn read_children(
 }
 
 /// Every entry below `root` in tree order (a directory right before its contents), the root
-/// itself first with the empty path. Per-entry errors go to `errors`; an unreadable root is an
-/// error.
+/// itself first with the empty path, with their attributes in `xattrs`. Per-entry errors go
+/// to `errors` (an entry whose attributes could not be read is kept, its attributes
+/// unmanaged); an unreadable root is an error.
 pub fn scan(
     root: &Path,
     filter: Filter<'_>,
+    xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> io::Result<Vec<Entry>> {
-    scan_from(root, &RelPath::root(), filter, errors)
+    scan_from(root, &RelPath::root(), filter, xattrs, errors)
 }
 
 /// Like [`scan`] for the subtree at `start` (which is listed first).
@@ -379,9 +415,10 @@ pub fn scan_from(
     root: &Path,
     start: &RelPath,
     filter: Filter<'_>,
+    xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> io::Result<Vec<Entry>> {
-    scan_at(&open_root(root)?, start, filter, errors).map_err(|e| {
+    scan_at(&open_root(root)?, start, filter, xattrs, errors).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -399,6 +436,7 @@ pub fn scan_at(
     root: &OwnedFd,
     start: &RelPath,
     filter: Filter<'_>,
+    xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> io::Result<Vec<Entry>> {
     let not_dir = |e: io::Error| {
@@ -408,7 +446,7 @@ pub fn scan_at(
             e
         }
     };
-    let Some(top) = read_entry_at(root, start)? else {
+    let Some(top) = read_entry_at(root, start, xattrs, errors)? else {
         return Err(io::ErrorKind::NotFound.into());
     };
     let is_dir = top.meta.kind == Kind::Dir;
@@ -416,7 +454,7 @@ pub fn scan_at(
     if is_dir {
         let parts: Vec<&[u8]> = start.components().collect();
         let dir = open_beneath(root, &parts).map_err(not_dir)?;
-        walk(&dir, start, filter, errors, &mut out);
+        walk(&dir, start, filter, xattrs, errors, &mut out);
     }
     Ok(out)
 }
@@ -428,16 +466,17 @@ fn walk(
     dir: &OwnedFd,
     rel: &RelPath,
     filter: Filter<'_>,
+    xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
     out: &mut Vec<Entry>,
 ) {
-    for child in read_children(dir, rel, filter, errors) {
+    for child in read_children(dir, rel, filter, xattrs, errors) {
         let is_dir = child.meta.kind == Kind::Dir;
         let path = child.path.clone();
         out.push(child);
         if is_dir {
             match open_child(dir, path.file_name()) {
-                Ok(sub) => walk(&sub, &path, filter, errors, out),
+                Ok(sub) => walk(&sub, &path, filter, xattrs, errors, out),
                 // Gone since it was listed: its entry stays, its contents are unknown.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => errors.push((path, e)),
@@ -650,7 +689,9 @@ pub struct DigestTree {
 
 impl DigestTree {
     /// Walks `root`, hashing files through `cache`. Unreadable entries are reported in
-    /// `errors` and take part with a zero digest, so they show up as differences.
+    /// `errors` and take part with a zero digest, so they show up as differences. Attributes
+    /// in `cmp.xattrs` are read; with `cmp.hardlinks` every file with two or more names in
+    /// the tree carries the first of them.
     pub fn build(
         root: &Path,
         filter: Filter<'_>,
@@ -660,7 +701,7 @@ impl DigestTree {
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> io::Result<DigestTree> {
         let root_fd = open_root(root)?;
-        let Some(top) = read_entry_at(&root_fd, &RelPath::root())? else {
+        let Some(top) = read_entry_at(&root_fd, &RelPath::root(), cmp.xattrs, errors)? else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("{}: not found", root.display()),
@@ -670,6 +711,7 @@ impl DigestTree {
             dirs: HashMap::new(),
         };
         let mut live = Vec::new();
+        let mut names = HashMap::new();
         let mut at = Visit {
             filter,
             cache,
@@ -677,10 +719,12 @@ impl DigestTree {
             checksum,
             errors,
             live: &mut live,
+            names: &mut names,
         };
         tree.visit(&root_fd, None, top, &mut at);
         let live: std::collections::HashSet<RelPath> = live.into_iter().collect();
         cache.retain(|p| live.contains(p));
+        tree.seal(cmp, &names);
         Ok(tree)
     }
 
@@ -689,8 +733,9 @@ impl DigestTree {
         &self.dirs[&RelPath::root()]
     }
 
-    /// Digests `entry`, which is `name` in the held directory `parent` (`None`: `parent`
-    /// itself, the root).
+    /// Reads `entry`, which is `name` in the held directory `parent` (`None`: `parent` itself,
+    /// the root), with its content digest; a directory's listing is recorded and its digest
+    /// left for [`DigestTree::seal`].
     fn visit(
         &mut self,
         parent: &OwnedFd,
@@ -704,6 +749,10 @@ impl DigestTree {
             if entry.meta.kind == Kind::File {
                 t.bytes.fetch_add(entry.meta.size, Relaxed);
             }
+        }
+        if let Some(inode) = entry.inode {
+            let first = at.names.entry(inode).or_insert((entry.path.clone(), 0));
+            first.1 += 1;
         }
         let digest = match entry.meta.kind {
             Kind::File => {
@@ -725,7 +774,13 @@ impl DigestTree {
                 };
                 let (dir, children) = match opened {
                     Ok(dir) => {
-                        let children = read_children(&dir, &entry.path, at.filter, at.errors);
+                        let children = read_children(
+                            &dir,
+                            &entry.path,
+                            at.filter,
+                            at.cmp.xattrs,
+                            at.errors,
+                        );
                         (Some(dir), children)
                     }
                     Err(e) => {
@@ -741,22 +796,54 @@ impl DigestTree {
                         self.visit(dir, Some(&child_name), c, at)
                     })
                     .collect();
-                let child_digests: Vec<Digest> = entries
-                    .iter()
-                    .map(|e| merkle::entry_digest(&e.entry, &e.digest, at.cmp))
-                    .collect();
-                let digest = merkle::dir_content_digest(child_digests.iter());
                 let dir = DigestEntry {
                     entry: entry.clone(),
-                    digest,
+                    digest: [0; 32],
+                    hardlink: None,
                 };
                 self.dirs
                     .insert(entry.path.clone(), DirListing { dir, entries });
-                digest
+                [0; 32]
             }
             Kind::Fifo | Kind::CharDevice | Kind::BlockDevice => [0; 32],
         };
-        DigestEntry { entry, digest }
+        DigestEntry {
+            entry,
+            digest,
+            hardlink: None,
+        }
+    }
+
+    /// Gives files their first names (`names`: inode → first name and count) and every
+    /// directory its digest, deepest first.
+    fn seal(&mut self, cmp: Compare, names: &HashMap<Inode, (RelPath, u32)>) {
+        let mut order: Vec<RelPath> = self.dirs.keys().cloned().collect();
+        order.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+        for path in order {
+            let mut listing = self.dirs.remove(&path).expect("listed above");
+            for e in &mut listing.entries {
+                if cmp.hardlinks {
+                    e.hardlink = e
+                        .entry
+                        .inode
+                        .and_then(|i| names.get(&i))
+                        .filter(|(_, count)| *count > 1)
+                        .map(|(first, _)| first.clone());
+                }
+                if e.entry.meta.kind == Kind::Dir {
+                    if let Some(sub) = self.dirs.get(&e.entry.path) {
+                        e.digest = sub.dir.digest;
+                    }
+                }
+            }
+            let child_digests: Vec<Digest> = listing
+                .entries
+                .iter()
+                .map(|e| merkle::entry_digest(e, cmp))
+                .collect();
+            listing.dir.digest = merkle::dir_content_digest(child_digests.iter());
+            self.dirs.insert(path, listing);
+        }
     }
 }
 
@@ -768,6 +855,9 @@ struct Visit<'a> {
     checksum: bool,
     errors: &'a mut Vec<(RelPath, io::Error)>,
     live: &'a mut Vec<RelPath>,
+    /// Inode of each file with several names → its first name in tree order and how many
+    /// names the tree holds.
+    names: &'a mut HashMap<Inode, (RelPath, u32)>,
 }
 
 #[cfg(test)]
@@ -785,7 +875,7 @@ mod tests {
         std::os::unix::fs::symlink("a-b", root.join("link")).unwrap();
         let filter = |p: &RelPath, _: bool| p.as_bytes() != b"skip";
         let mut errors = Vec::new();
-        let entries = scan(root, &filter, &mut errors).unwrap();
+        let entries = scan(root, &filter, Namespaces::NONE, &mut errors).unwrap();
         let paths: Vec<String> = entries.iter().map(|e| e.path.to_string()).collect();
         assert_eq!(paths, vec![".", "a", "a/b", "a/b/f", "a-b", "link"]);
         assert_eq!(entries[5].link.as_deref(), Some(&b"a-b"[..]));

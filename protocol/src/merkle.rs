@@ -6,10 +6,12 @@
 //! trees compare in one exchange and a difference costs one listing per directory on its path.
 
 use crate::message::{Digest, DigestEntry};
-use crate::meta::{Compare, Difference, Entry, Kind};
+use crate::meta::{Compare, Difference, Kind};
 
-/// Digest of one entry given the digest of its content.
-pub fn entry_digest(entry: &Entry, content: &Digest, cmp: Compare) -> Digest {
+/// Digest of one entry from its metadata, its content digest and (when hard links are
+/// compared) the first name of its file.
+pub fn entry_digest(de: &DigestEntry, cmp: Compare) -> Digest {
+    let (entry, content) = (&de.entry, &de.digest);
     let m = &entry.meta;
     let mut h = blake3::Hasher::new();
     let name = entry.path.file_name();
@@ -38,6 +40,19 @@ pub fn entry_digest(entry: &Entry, content: &Digest, cmp: Compare) -> Digest {
     }
     if m.kind.is_special() {
         h.update(&m.rdev.to_le_bytes());
+    }
+    for (name, value) in m.xattrs.within(cmp.xattrs) {
+        for part in [name, value] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    if cmp.hardlinks {
+        if let Some(first) = &de.hardlink {
+            h.update(b"link");
+            h.update(&(first.as_bytes().len() as u64).to_le_bytes());
+            h.update(first.as_bytes());
+        }
     }
     h.update(content);
     *h.finalize().as_bytes()
@@ -94,6 +109,9 @@ pub fn entry_differences(left: &DigestEntry, right: &DigestEntry, cmp: Compare) 
         Kind::Dir => {}
     }
     out.extend(l.attr_differences(r, cmp));
+    if cmp.hardlinks && left.hardlink != right.hardlink {
+        out.push(Difference::Hardlink);
+    }
     out
 }
 
@@ -141,7 +159,7 @@ pub fn compare_dirs(left: &[DigestEntry], right: &[DigestEntry], cmp: Compare) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::test_meta;
+    use crate::meta::{test_meta, Entry};
     use crate::RelPath;
 
     fn de(name: &str, kind: Kind, digest: u8) -> DigestEntry {
@@ -150,8 +168,10 @@ mod tests {
                 path: RelPath::from(name),
                 meta: test_meta(kind, 1, 5),
                 link: None,
+                inode: None,
             },
             digest: [digest; 32],
+            hardlink: None,
         }
     }
 
@@ -193,18 +213,46 @@ mod tests {
         let with = Compare::all(true);
         let without = Compare::all(false);
         assert_ne!(
-            entry_digest(&a.entry, &a.digest, with),
-            entry_digest(&b.entry, &b.digest, with)
+            entry_digest(&a, with),
+            entry_digest(&b, with)
         );
         assert_eq!(
-            entry_digest(&a.entry, &a.digest, without),
-            entry_digest(&b.entry, &b.digest, without)
+            entry_digest(&a, without),
+            entry_digest(&b, without)
         );
         let mut c = a.clone();
         c.entry.meta.mtime_nsec = 1;
         assert_ne!(
-            entry_digest(&a.entry, &a.digest, without),
-            entry_digest(&c.entry, &c.digest, without)
+            entry_digest(&a, without),
+            entry_digest(&c, without)
+        );
+    }
+
+    #[test]
+    fn digest_and_differences_cover_xattrs_acls_and_links_only_when_compared() {
+        use crate::xattr::{Namespaces, Xattrs};
+        let a = de("x", Kind::File, 1);
+        let mut b = a.clone();
+        b.entry.meta.xattrs = Xattrs {
+            covers: Namespaces::ALL,
+            list: vec![(b"system.posix_acl_access".to_vec(), b"acl".to_vec())],
+        };
+        let mut a_read = a.clone();
+        a_read.entry.meta.xattrs.covers = Namespaces::ALL;
+        b.hardlink = Some(RelPath::from("w"));
+        let plain = Compare::all(true);
+        let all = plain.with(Namespaces::ALL, true);
+        assert_eq!(entry_digest(&a_read, plain), entry_digest(&b, plain));
+        assert_ne!(entry_digest(&a_read, all), entry_digest(&b, all));
+        assert_eq!(entry_differences(&a_read, &b, plain), vec![]);
+        assert_eq!(
+            entry_differences(&a_read, &b, all),
+            vec![Difference::Acl, Difference::Hardlink]
+        );
+        assert_eq!(
+            entry_differences(&a_read, &b, plain.with(Namespaces::XATTRS, false)),
+            vec![],
+            "an ACL is not an xattr difference"
         );
     }
 }

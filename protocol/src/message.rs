@@ -17,10 +17,11 @@
 
 use crate::meta::{Entry, Meta};
 use crate::path::RelPath;
+use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -61,6 +62,9 @@ pub struct Keeps {
     pub devices: bool,
     /// setuid and setgid bits (`setuid = true`).
     pub setid: bool,
+    /// Extended attribute namespaces the receiver can write there (its privileges and the
+    /// module filesystem's support).
+    pub xattrs: Namespaces,
 }
 
 /// One entry of a [`Message::DirDigests`] reply.
@@ -70,6 +74,9 @@ pub struct DigestEntry {
     pub entry: Entry,
     /// Content digest of a file, subtree digest of a directory, digest of a link target.
     pub digest: Digest,
+    /// For a file with two or more names in the tree: the first of them in tree order (its
+    /// own path for that first name). Set only when hard links are compared.
+    pub hardlink: Option<RelPath>,
 }
 
 /// A protocol message. Variants are grouped by direction.
@@ -109,6 +116,8 @@ pub enum Message {
         id: RequestId,
         /// Subtree to list.
         under: RelPath,
+        /// Extended attribute namespaces to read for each entry.
+        xattrs: Namespaces,
     },
     /// Make `path` a directory with `meta` (replacing a non-directory). Directory times are
     /// set by a later `SetMeta`, after their contents.
@@ -155,6 +164,19 @@ pub enum Message {
         id: RequestId,
         /// Target path.
         path: RelPath,
+    },
+    /// Make `path` another name of the regular file `target` (a hard link), replacing what
+    /// is at `path`. Refused unless `target` is a regular file of `meta`'s size and mtime:
+    /// the sender then sends `target`'s content first.
+    Link {
+        /// Request id.
+        id: RequestId,
+        /// The new name.
+        path: RelPath,
+        /// The existing name.
+        target: RelPath,
+        /// The file's metadata as the sender has it.
+        meta: Meta,
     },
     /// Rename `from` to `to`, replacing `to`.
     Rename {
@@ -221,6 +243,10 @@ pub enum Message {
         path: RelPath,
         /// Re-read every file instead of trusting the digest cache.
         checksum: bool,
+        /// Extended attribute namespaces to compare.
+        xattrs: Namespaces,
+        /// Compare hard links.
+        hardlinks: bool,
     },
     /// Counters of this receiver process, for monitoring and tests.
     Stats {
@@ -322,6 +348,7 @@ impl Message {
             | Message::SetMeta { id, .. }
             | Message::Delete { id, .. }
             | Message::Rename { id, .. }
+            | Message::Link { id, .. }
             | Message::FileBegin { id, .. } => Some(*id),
             _ => None,
         }
@@ -350,6 +377,7 @@ impl Message {
             Message::SetMeta { .. } => "SetMeta",
             Message::Delete { .. } => "Delete",
             Message::Rename { .. } => "Rename",
+            Message::Link { .. } => "Link",
             Message::FileBegin { .. } => "FileBegin",
             Message::FileData { .. } => "FileData",
             Message::FileDelta { .. } => "FileDelta",
@@ -381,6 +409,7 @@ mod tests {
         let list = Message::List {
             id: 1,
             under: RelPath::root(),
+            xattrs: Namespaces::ALL,
         };
         let delete = Message::Delete {
             id: 2,

@@ -1,6 +1,7 @@
 //! What `rsync -a` preserves about a tree entry, and how two entries differ.
 
 use crate::path::RelPath;
+use crate::xattr::{Namespaces, Xattrs};
 use serde::{Deserialize, Serialize};
 
 /// The type of a tree entry. Sockets are never transferred (rsync skips them too).
@@ -47,6 +48,19 @@ pub struct Meta {
     pub mtime_nsec: u32,
     /// Device number for device nodes.
     pub rdev: u64,
+    /// Extended attributes (ACLs and file capabilities among them) in the namespaces that
+    /// were read; the default covers none and leaves a receiver's attributes alone.
+    pub xattrs: Xattrs,
+}
+
+/// Which file a name belongs to, on the host that read it: only names in one listing with
+/// equal `Inode`s are hard links of each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Inode {
+    /// Device.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
 }
 
 /// One entry of a tree: its path, metadata and, for symlinks, the target bytes.
@@ -58,6 +72,8 @@ pub struct Entry {
     pub meta: Meta,
     /// Symlink target, as stored (never resolved).
     pub link: Option<Vec<u8>>,
+    /// For a regular file with more than one name: its inode, to find its other names.
+    pub inode: Option<Inode>,
 }
 
 /// One way in which two entries at the same path differ. The names are what `ferry verify`
@@ -80,6 +96,12 @@ pub enum Difference {
     Owner,
     /// Different symlink targets.
     Symlink,
+    /// Different extended attributes (file capabilities and security labels included).
+    Xattr,
+    /// Different POSIX ACLs (access or default).
+    Acl,
+    /// Hard-linked to different names (or linked on one side only).
+    Hardlink,
 }
 
 impl Difference {
@@ -94,6 +116,9 @@ impl Difference {
             Difference::Mtime => "mtime",
             Difference::Owner => "owner",
             Difference::Symlink => "symlink",
+            Difference::Xattr => "xattr",
+            Difference::Acl => "acl",
+            Difference::Hardlink => "hardlink",
         }
     }
 }
@@ -105,12 +130,30 @@ pub struct Compare {
     pub owner: bool,
     /// Compare the setuid and setgid bits (a module may strip them).
     pub setid: bool,
+    /// Extended attributes in these namespaces (what is preserved and kept).
+    pub xattrs: Namespaces,
+    /// Which names share a file.
+    pub hardlinks: bool,
 }
 
 impl Compare {
-    /// Everything, owners as `owner` says.
+    /// What `rsync -a` keeps, owners as `owner` says.
     pub fn all(owner: bool) -> Compare {
-        Compare { owner, setid: true }
+        Compare {
+            owner,
+            setid: true,
+            xattrs: Namespaces::NONE,
+            hardlinks: false,
+        }
+    }
+
+    /// These comparisons and also the attributes in `xattrs` and hard links if `hardlinks`.
+    pub fn with(self, xattrs: Namespaces, hardlinks: bool) -> Compare {
+        Compare {
+            xattrs,
+            hardlinks,
+            ..self
+        }
     }
 }
 
@@ -134,6 +177,17 @@ impl Meta {
         if cmp.owner && (self.uid != other.uid || self.gid != other.gid) {
             out.push(Difference::Owner);
         }
+        // Only what both sides read can be compared.
+        let ns = cmp
+            .xattrs
+            .intersect(self.xattrs.covers)
+            .intersect(other.xattrs.covers);
+        if self.xattrs.differ(&other.xattrs, ns.intersect(Namespaces::XATTRS)) {
+            out.push(Difference::Xattr);
+        }
+        if self.xattrs.differ(&other.xattrs, ns.intersect(Namespaces::ACL)) {
+            out.push(Difference::Acl);
+        }
         out
     }
 }
@@ -149,6 +203,7 @@ pub(crate) fn test_meta(kind: Kind, size: u64, mtime: i64) -> Meta {
         mtime,
         mtime_nsec: 0,
         rdev: 0,
+        xattrs: Xattrs::default(),
     }
 }
 

@@ -22,6 +22,7 @@ use crate::stats::Stats;
 use ferry_protocol::local;
 use ferry_protocol::message::{Keeps, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::xattr::{self, At};
 use ferry_protocol::RelPath;
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -344,6 +345,7 @@ impl Apply {
             Err(e) => return Err(e),
         }
         self.apply_owner_mode(&path, meta)?;
+        self.apply_xattrs(At::Entry(&path), rel, meta)?;
         self.dirty.insert(rel.clone());
         self.mark_parent_dirty(rel);
         self.stats.mkdirs.fetch_add(1, Ordering::Relaxed);
@@ -418,6 +420,7 @@ impl Apply {
     ) -> io::Result<()> {
         let r = self
             .apply_owner_mode(tmp, meta)
+            .and_then(|_| self.apply_xattrs(At::Entry(tmp), rel, meta))
             .and_then(|_| set_mtime(tmp, meta))
             .and_then(|_| self.install(tmp, path, rel));
         if r.is_err() {
@@ -437,6 +440,39 @@ impl Apply {
             chmod_nofollow(path, self.mode_for(meta))?;
         }
         Ok(())
+    }
+
+    /// Makes an entry's extended attributes (ACLs, capabilities) what `meta` says in the
+    /// namespaces this module keeps; after the owner and mode, since `chown` clears file
+    /// capabilities and `chmod` rewrites an ACL's mask. A filesystem (or, for `user.*`, an
+    /// entry type) that cannot hold them is said once per path and does not fail the request.
+    pub fn apply_xattrs(&self, at: At<'_>, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        meta.xattrs
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match at.apply(&meta.xattrs, self.keeps.xattrs) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if xattr::unsupported(&e)
+                    || (meta.kind != Kind::File
+                        && meta.kind != Kind::Dir
+                        && e.raw_os_error() == Some(libc::EPERM)) =>
+            {
+                if self.state.first_warning(rel) {
+                    tracing::warn!(
+                        module = self.module(),
+                        path = %rel,
+                        "extended attributes not kept: {}",
+                        ferry_protocol::io_reason(&e)
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("extended attributes: {}", ferry_protocol::io_reason(&e)),
+            )),
+        }
     }
 
     /// The owner to give an entry, if any (a root receiver, as the module's `owner` says).
@@ -473,6 +509,7 @@ impl Apply {
             )));
         }
         self.apply_owner_mode(&path, meta)?;
+        self.apply_xattrs(At::Entry(&path), rel, meta)?;
         set_mtime(&path, meta)?;
         // Inode metadata reaches the disk with its directory entry's journal commit on the
         // filesystems we target; fsyncing the entry itself covers the rest.
@@ -512,6 +549,39 @@ impl Apply {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Makes `rel` another name of the regular file `target` (a hard link), replacing what is
+    /// at `rel`. `target` must be current: a regular file of `meta`'s size and mtime (else the
+    /// sender sends its content first); a name that already is that file is left alone.
+    pub fn link(&mut self, rel: &RelPath, target: &RelPath, meta: &Meta) -> io::Result<()> {
+        let (to_at, from_at) = (self.entry(rel)?, self.entry(target)?);
+        let (to, from) = (to_at.path(), from_at.path());
+        let have = fs::symlink_metadata(&from)?;
+        let current = local::meta_of(&have).is_some_and(|m| {
+            m.kind == Kind::File && m.quick_equal(meta)
+        });
+        if !current {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("link target {target} is not current"),
+            ));
+        }
+        if let Ok(md) = fs::symlink_metadata(&to) {
+            if md.dev() == have.dev() && md.ino() == have.ino() {
+                return Ok(());
+            }
+        }
+        // Linked beside the name, then renamed over it: the name is never missing.
+        let tmp = self.temp_beside(&to);
+        hard_link(&from, &tmp)?;
+        let r = self.install(&tmp, &to, rel);
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        r?;
+        self.stats.links.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Renames `from` to `to`, replacing whatever `to` is.
@@ -573,6 +643,20 @@ fn link(fd: &str, to: &Path) -> io::Result<()> {
             libc::AT_SYMLINK_FOLLOW,
         )
     };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `linkat` of the entry `from` (never following a symlink there) to the new name `to`.
+fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+    let cstr =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both are valid NUL-terminated paths; linkat has no other memory effects.
+    let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), 0) };
     if rc == 0 {
         Ok(())
     } else {

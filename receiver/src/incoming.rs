@@ -88,6 +88,9 @@ impl Transfers {
         if meta.kind != Kind::File {
             return Err(io::Error::other("not a regular file"));
         }
+        meta.xattrs
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         if self.incoming.contains_key(&id) {
             return Err(io::Error::other(format!("duplicate transfer id {id}")));
         }
@@ -351,6 +354,11 @@ fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
     }
     file.set_permissions(fs::Permissions::from_mode(fs.mode_for(&inc.meta)))?;
+    fs.apply_xattrs(
+        ferry_protocol::xattr::At::Fd(file.as_raw_fd()),
+        &inc.path,
+        &inc.meta,
+    )?;
     let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
     filetime::set_file_handle_times(file, None, Some(mtime))?;
     Ok(())

@@ -6,6 +6,7 @@ use crate::incoming::Partials;
 use crate::{LEGACY_STAGING_DIR, TEMP_PREFIX};
 use ferry_protocol::local::{self, DigestCache};
 use ferry_protocol::message::Keeps;
+use ferry_protocol::xattr::{self, Namespaces};
 use ferry_protocol::{io_reason, RelPath};
 use std::fs;
 use std::io;
@@ -26,17 +27,41 @@ pub struct ModuleState {
     pub cache: Mutex<DigestCache>,
     /// Transfers cut off with their session, kept to resume.
     pub partials: Partials,
+    /// Attribute namespaces the module's filesystem can hold.
+    pub xattr_support: Namespaces,
+    /// Paths already warned about (attributes their filesystem cannot hold), said once each.
+    warned: Mutex<std::collections::HashSet<RelPath>>,
 }
+
+/// Paths remembered as warned about, per module.
+const MAX_WARNED: usize = 10_000;
 
 impl ModuleState {
     /// What this module keeps, on a receiver that is (or is not) `privileged` (root).
+    /// Unprivileged, only `user.*` attributes and ACLs can be written; file capabilities are
+    /// kept only where setuid bits are.
     pub fn keeps(&self, privileged: bool) -> Keeps {
         let m = &self.module;
+        let mut xattrs = if privileged {
+            Namespaces::ALL
+        } else {
+            Namespaces::USER.union(Namespaces::ACL)
+        };
+        if !m.setuid {
+            xattrs = xattrs.without(Namespaces::CAPABILITY);
+        }
         Keeps {
             owners: privileged && m.owner == Owner::Preserve,
             devices: privileged && m.devices,
             setid: m.setuid,
+            xattrs: xattrs.intersect(self.xattr_support),
         }
+    }
+
+    /// True the first time `path` is named (per module, while it is open).
+    pub fn first_warning(&self, path: &RelPath) -> bool {
+        let mut warned = self.warned.lock().expect("warned lock");
+        warned.len() < MAX_WARNED && warned.insert(path.clone())
     }
 
     /// Prepares a module: checks its root (a directory, writable if the module is), empties
@@ -70,13 +95,65 @@ impl ModuleState {
             Some(dir) => DigestCache::open(dir.join(format!("{}.digests", module.name))),
             None => DigestCache::in_memory(),
         };
+        let xattr_support = if module.read_only {
+            Namespaces::ALL
+        } else {
+            probe_xattrs(&module.path)
+        };
+        let missing = Namespaces::USER
+            .union(Namespaces::ACL)
+            .without(xattr_support);
+        if !missing.is_empty() {
+            tracing::warn!(
+                module = %module.name,
+                "the filesystem of {} cannot hold {} attributes: they are not kept there",
+                module.path.display(),
+                missing.describe()
+            );
+        }
         Ok(ModuleState {
             module,
             active: AtomicUsize::new(0),
             cache: Mutex::new(cache),
             partials: Partials::default(),
+            xattr_support,
+            warned: Mutex::default(),
         })
     }
+}
+
+/// Which attributes the filesystem at `root` holds: a `user.*` attribute and an ACL are set on
+/// an unnamed file there (`EOPNOTSUPP` means no). Anything else (no `O_TMPFILE`, a
+/// permission error) assumes support and leaves the answer to each file.
+fn probe_xattrs(root: &Path) -> Namespaces {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(file) = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(root)
+    else {
+        return Namespaces::ALL;
+    };
+    // A minimal access ACL (owner rw, group and others nothing), equal to mode 0600.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 0), (0x20, 0)] {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(u32::MAX.to_le_bytes());
+    }
+    let at = xattr::At::Fd(file.as_raw_fd());
+    let mut support = Namespaces::ALL;
+    for (ns, name, value) in [
+        (Namespaces::USER, &b"user.ferry-probe"[..], &b"1"[..]),
+        (Namespaces::ACL, b"system.posix_acl_access", &acl),
+    ] {
+        if at.set(name, value).is_err_and(|e| xattr::unsupported(&e)) {
+            support = support.without(ns);
+        }
+    }
+    support
 }
 
 fn writable(path: &Path) -> io::Result<()> {

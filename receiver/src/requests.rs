@@ -17,6 +17,7 @@ use crate::stats::Stats;
 use ferry_protocol::local::{self, DigestTree};
 use ferry_protocol::message::{DigestEntry, Message, RequestId};
 use ferry_protocol::meta::Compare;
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -45,7 +46,7 @@ pub struct Requests {
     replies: mpsc::Sender<Message>,
     pending_acks: Vec<RequestId>,
     /// The digest tree `VerifyDir` answers from, built on first use (`bool`: `--checksum`).
-    tree: Option<(bool, DigestTree)>,
+    tree: Option<(bool, Compare, DigestTree)>,
 }
 
 enum Flow {
@@ -183,9 +184,12 @@ impl Requests {
             | Message::Delete { path, .. }
             | Message::List { under: path, .. }
             | Message::VerifyDir { path, .. } => self.fs.touches_sealed(path),
-            Message::Rename { from, to, .. } => {
-                self.fs.touches_sealed(from) || self.fs.touches_sealed(to)
-            }
+            Message::Rename { from, to, .. }
+            | Message::Link {
+                path: from,
+                target: to,
+                ..
+            } => self.fs.touches_sealed(from) || self.fs.touches_sealed(to),
             _ => false,
         };
         if touches && !self.commit() {
@@ -193,7 +197,7 @@ impl Requests {
         }
         let fs = &mut self.fs;
         match msg {
-            Message::List { id, under } => self.list(id, &under),
+            Message::List { id, under, xattrs } => self.list(id, &under, xattrs),
             Message::Mkdir { id, path, meta } => {
                 let r = fs.mkdir(&path, &meta);
                 self.finish(id, &path, r)
@@ -222,6 +226,15 @@ impl Requests {
             Message::Rename { id, from, to } => {
                 let r = fs.rename(&from, &to);
                 self.finish(id, &from, r)
+            }
+            Message::Link {
+                id,
+                path,
+                target,
+                meta,
+            } => {
+                let r = fs.link(&path, &target, &meta);
+                self.finish(id, &path, r)
             }
             Message::FileBegin {
                 id,
@@ -255,7 +268,13 @@ impl Requests {
                     self.reply(Message::Failed { id, error });
                 }
             }
-            Message::VerifyDir { id, path, checksum } => self.verify_dir(id, &path, checksum),
+            Message::VerifyDir {
+                id,
+                path,
+                checksum,
+                xattrs,
+                hardlinks,
+            } => self.verify_dir(id, &path, checksum, xattrs, hardlinks),
             Message::Stats { id } => {
                 self.reply(Message::StatsReply {
                     id,
@@ -303,13 +322,19 @@ impl Requests {
         true
     }
 
-    fn list(&mut self, id: RequestId, under: &RelPath) {
+    fn list(&mut self, id: RequestId, under: &RelPath, xattrs: Namespaces) {
         if let Err(e) = self.fs.local(under) {
             return self.fail(id, format!("{under}: {e}"));
         }
         let mut errors = Vec::new();
         let entries =
-            match local::scan_from(&self.fs.tree_root(), under, &module_filter, &mut errors) {
+            match local::scan_from(
+                &self.fs.tree_root(),
+                under,
+                &module_filter,
+                xattrs,
+                &mut errors,
+            ) {
                 Ok(e) => e,
                 Err(e)
                     if e.kind() == io::ErrorKind::NotFound
@@ -325,7 +350,16 @@ impl Requests {
         let mut batch = Vec::new();
         let mut size = 0;
         for entry in entries {
-            size += 64 + entry.path.as_bytes().len() + entry.link.as_ref().map_or(0, Vec::len);
+            size += 64
+                + entry.path.as_bytes().len()
+                + entry.link.as_ref().map_or(0, Vec::len)
+                + entry
+                    .meta
+                    .xattrs
+                    .list
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>();
             batch.push(entry);
             if size >= LISTING_BATCH_BYTES {
                 let entries = std::mem::take(&mut batch);
@@ -346,12 +380,19 @@ impl Requests {
         });
     }
 
-    fn verify_dir(&mut self, id: RequestId, rel: &RelPath, checksum: bool) {
+    fn verify_dir(
+        &mut self,
+        id: RequestId,
+        rel: &RelPath,
+        checksum: bool,
+        xattrs: Namespaces,
+        hardlinks: bool,
+    ) {
         if let Err(e) = rel.validate() {
             return self.fail(id, format!("{rel}: {e}"));
         }
-        if self.tree.as_ref().map(|(c, _)| *c) != Some(checksum) {
-            let cmp = Compare::all(self.fs.keeps.owners);
+        let cmp = Compare::all(self.fs.keeps.owners).with(xattrs, hardlinks);
+        if self.tree.as_ref().map(|(c, cmp, _)| (*c, *cmp)) != Some((checksum, cmp)) {
             let mut errors = Vec::new();
             let built = {
                 let mut cache = self.fs.state.cache.lock().expect("cache lock");
@@ -368,11 +409,11 @@ impl Requests {
                 tracing::warn!(module = self.fs.module(), path = %p, "verify: {e}");
             }
             match built {
-                Ok(tree) => self.tree = Some((checksum, tree)),
+                Ok(tree) => self.tree = Some((checksum, cmp, tree)),
                 Err(e) => return self.fail(id, format!("verify: {e}")),
             }
         }
-        let (_, tree) = self.tree.as_ref().expect("built above");
+        let (_, _, tree) = self.tree.as_ref().expect("built above");
         let (dir, entries) = match tree.dirs.get(rel) {
             Some(listing) => (Some(listing.dir.entry.clone()), listing.entries.clone()),
             None => (None, Vec::<DigestEntry>::new()),

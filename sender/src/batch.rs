@@ -19,9 +19,10 @@ use crate::execute::{execute, rename_all, Observe, Report};
 use crate::guard::DeleteTally;
 use crate::plan::{order_dir_meta, plan_batch, Dirty};
 use crate::queue::Batch;
-use crate::reconcile::{plan_options, plan_under, reconcile_under};
+use crate::reconcile::{link_names, plan_options, plan_under, reconcile_under};
 use crate::session::{Session, SessionError};
 use ferry_protocol::meta::Kind;
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{local, Entry, RelPath};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -57,6 +58,9 @@ pub async fn send_batch(
         if group.delete {
             let refused = rename_all(session, &renames, report, observe).await?;
             for r in &renames {
+                if !refused.iter().any(|x| std::ptr::eq(*x, *r)) {
+                    group.links.rename(&r.from, &r.to);
+                }
                 parents.extend(r.from.parent());
                 parents.extend(r.to.parent());
                 if r.dir {
@@ -85,24 +89,37 @@ pub async fn send_batch(
         .collect();
     paths.sort_by(|a, b| a.0.tree_cmp(&b.0).then(b.1.cmp(&a.1)));
     paths.dedup_by(|later, earlier| later.0 == earlier.0);
-    let root = group.source.clone();
-    let dirty = tokio::task::spawn_blocking(move || {
+    let g = group.clone();
+    let (dirty, xattr_errors, names) = tokio::task::spawn_blocking(move || {
         // One open of the source root for the whole batch; each path resolved beneath it.
-        let root = local::open_root(&root).map_err(|e| e.to_string());
-        paths
+        let root = local::open_root(&g.source).map_err(|e| e.to_string());
+        let ns = g.preserve.namespaces();
+        let mut errors = Vec::new();
+        let dirty: Vec<Dirty> = paths
             .into_iter()
             .map(|(path, need)| Dirty {
-                entry: root
-                    .as_ref()
-                    .map_err(Clone::clone)
-                    .and_then(|fd| local::read_entry_at(fd, &path).map_err(|e| e.to_string())),
+                entry: root.as_ref().map_err(Clone::clone).and_then(|fd| {
+                    local::read_entry_at(fd, &path, ns, &mut errors).map_err(|e| e.to_string())
+                }),
                 path,
                 need,
             })
-            .collect::<Vec<_>>()
+            .collect();
+        let linked: Vec<Entry> = dirty
+            .iter()
+            .filter_map(|d| d.entry.as_ref().ok().and_then(Option::as_ref))
+            .filter(|e| e.inode.is_some())
+            .cloned()
+            .collect();
+        let names = link_names(&g, false, &linked);
+        (dirty, errors, names)
     })
     .await
     .expect("stat task");
+    for (path, e) in xattr_errors {
+        tracing::warn!(sync = %group.name, %path, "cannot read extended attributes: {e}");
+        report.failures.push((path, e.to_string()));
+    }
     // Paths read while the source root was vanishing look deleted: never act on them.
     if !group.source.is_dir() {
         return Err(SessionError::Failed(format!(
@@ -112,7 +129,7 @@ pub async fn send_batch(
     }
 
     let filter = &group.filter;
-    let planned = plan_batch(dirty, plan_options(session, group), |p, d| {
+    let planned = plan_batch(dirty, plan_options(session, group), &names, |p, d| {
         filter.excludes_dirty(p, d)
     });
     for (path, e) in planned.failures {
@@ -149,13 +166,18 @@ pub async fn send_batch(
     let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
     let missing: Vec<RelPath> = parents.into_iter().filter(|d| !have.contains(d)).collect();
     let root = group.source.clone();
+    let ns = group.preserve.namespaces();
     let parents: Vec<Entry> = tokio::task::spawn_blocking(move || {
         let Ok(root) = local::open_root(&root) else {
             return Vec::new();
         };
         missing
             .into_iter()
-            .filter_map(|d| local::read_entry_at(&root, &d).ok().flatten())
+            .filter_map(|d| {
+                local::read_entry_at(&root, &d, ns, &mut Vec::new())
+                    .ok()
+                    .flatten()
+            })
             .filter(|e| e.meta.kind == Kind::Dir)
             .collect()
     })
@@ -194,7 +216,10 @@ async fn entries_on_receiver(
         let mut lists = tokio::task::JoinSet::new();
         for path in chunk {
             let (session, path) = (session.clone(), path.clone());
-            lists.spawn(async move { session.list(&path).await.map(|v| v.len() as u64) });
+            lists.spawn(async move {
+                let listed = session.list(&path, Namespaces::NONE).await;
+                listed.map(|v| v.len() as u64)
+            });
         }
         while let Some(listed) = lists.join_next().await {
             total += match listed.expect("list task") {

@@ -3,6 +3,7 @@
 use crate::coalesce::Timing;
 use crate::filter::{Filter, FilterError};
 pub use crate::guard::DeleteGuard;
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -217,33 +218,56 @@ pub struct SyncGroup {
     pub guard: DeleteGuard,
     /// What is kept beyond `rsync -a`.
     pub preserve: Preserve,
+    /// What the group has learned about its source's multiply-linked files (not
+    /// configuration: always equal).
+    pub links: crate::links::Names,
 }
 
-/// `preserve = [...]`: what a group keeps beyond what `rsync -a` keeps.
+/// `preserve = [...]`: what a group keeps beyond what `rsync -a` keeps. All of it by default:
+/// a backup is judged when it is restored, and a restored tree without its file capabilities,
+/// ACLs, security labels or hard links does not work like the original (a `setcap`'d binary
+/// loses its privilege, a shared directory its access rules, a hard-linked store doubles).
+/// The cost is one `llistxattr` per entry read and a map of the files with several names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Preserve {
-    /// Holes of sparse files stay holes (`"sparse"`; on by default: a hole reads as the zeros
-    /// it stands for, so keeping it changes no content and saves the receiver's disk and the
-    /// wire).
+    /// Holes of sparse files stay holes (`"sparse"`: a hole reads as the zeros it stands
+    /// for, so keeping it changes no content and saves the receiver's disk and the wire).
     pub sparse: bool,
+    /// Names of one file stay names of one file (`"hardlinks"`), within the group.
+    pub hardlinks: bool,
+    /// POSIX ACLs, access and default (`"acls"`).
+    pub acls: bool,
+    /// Extended attributes: `user.*`, and as root `trusted.*` and `security.*` (SELinux
+    /// labels, file capabilities) (`"xattrs"`).
+    pub xattrs: bool,
 }
 
 impl Default for Preserve {
     fn default() -> Self {
-        Preserve { sparse: true }
+        Preserve {
+            sparse: true,
+            hardlinks: true,
+            acls: true,
+            xattrs: true,
+        }
     }
 }
 
 impl Preserve {
     /// Parses the list (`[]` keeps nothing beyond `rsync -a`).
     pub fn parse(items: &[String]) -> Result<Preserve, String> {
-        let mut p = Preserve { sparse: false };
+        let mut p = Preserve {
+            sparse: false,
+            hardlinks: false,
+            acls: false,
+            xattrs: false,
+        };
         for item in items {
             match item.as_str() {
                 "sparse" => p.sparse = true,
-                "hardlinks" | "acls" | "xattrs" => {
-                    return Err(format!("{item:?} is not supported by this version of ferry"))
-                }
+                "hardlinks" => p.hardlinks = true,
+                "acls" => p.acls = true,
+                "xattrs" => p.xattrs = true,
                 other => {
                     return Err(format!(
                         "unknown item {other:?} (expected \"sparse\", \"hardlinks\", \"acls\" or \"xattrs\")"
@@ -252,6 +276,18 @@ impl Preserve {
             }
         }
         Ok(p)
+    }
+
+    /// The attribute namespaces the group carries.
+    pub fn namespaces(&self) -> Namespaces {
+        let mut ns = Namespaces::NONE;
+        if self.acls {
+            ns = ns.union(Namespaces::ACL);
+        }
+        if self.xattrs {
+            ns = ns.union(Namespaces::XATTRS);
+        }
+        ns
     }
 }
 
@@ -502,6 +538,7 @@ impl Config {
                 timing,
                 guard,
                 preserve,
+                links: Default::default(),
             });
         }
         Ok(Config {
@@ -604,10 +641,10 @@ exclude = ["tmp/", "*.log"]
             (
                 GOOD.replace(
                     "module = \"file\"",
-                    "module = \"file\"\npreserve = [\"xattrs\"]",
+                    "module = \"file\"\npreserve = [\"xattrs\", \"acl\"]",
                 ),
                 12,
-                "preserve: \"xattrs\" is not supported",
+                "preserve: unknown item \"acl\"",
             ),
             (
                 GOOD.replace("state_dir", "watcher = \"dnotify\"\nstate_dir"),

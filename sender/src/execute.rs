@@ -8,7 +8,7 @@
 
 use crate::coalesce::Rename;
 use crate::config::SyncGroup;
-use crate::plan::{Op, Plan};
+use crate::plan::{Base, Link, Op, Plan};
 use crate::session::{Session, SessionError};
 use crate::transfer::{self, TransferError};
 use ferry_protocol::message::{Message, RequestId};
@@ -148,7 +148,8 @@ impl Totals {
             })
             .sum();
         Totals {
-            steps: (plan.deletes.len() + plan.creates.len() + plan.dir_meta.len()) as u64,
+            steps: (plan.deletes.len() + plan.creates.len() + plan.links.len() + plan.dir_meta.len())
+                as u64,
             bytes,
         }
     }
@@ -271,8 +272,42 @@ pub async fn execute(
         run.issue(kind, path, |id, _| op.request(id).expect("not a file"))
             .await?;
     }
-    // Barrier: directory times only after everything inside them is durable.
+    // Barrier: links name files sent above, directory times wait for everything inside.
     run.drain().await?;
+    let refused = link_all(run.session, &plan.links, run.report, run.observe).await?;
+    if !refused.is_empty() {
+        // The receiver's copy of these files is not current: send it, then link again.
+        let mut firsts: Vec<RelPath> = Vec::new();
+        for l in &refused {
+            if !firsts.contains(&l.target) {
+                firsts.push(l.target.clone());
+                let waiting = unacked.clone().acquire_owned().await.expect("never closed");
+                let sending = file_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
+                run.reap()?;
+                let (session, root, size) = (session.clone(), root.to_path_buf(), l.entry.meta.size);
+                let path = l.target.clone();
+                run.tasks.spawn(async move {
+                    let _waiting = waiting;
+                    let mut done =
+                        send_file(&session, &root, path, Base::Unknown, sparse, sending).await;
+                    if let Ok(step) = &mut done {
+                        step.size = size;
+                    }
+                    done
+                });
+            }
+        }
+        run.drain().await?;
+        for l in refused {
+            let (path, req) = (l.entry.path.clone(), link_request(l));
+            run.issue(StepKind::Created, path, |id, _| req(id)).await?;
+        }
+        run.drain().await?;
+    }
     for e in plan.dir_meta {
         let path = e.path.clone();
         let op = Op::SetMeta(e);
@@ -319,6 +354,58 @@ pub async fn rename_all<'r>(
             Err(e) => {
                 tracing::debug!(from = %r.from, to = %r.to, "rename refused, sending content instead: {e}");
                 refused.push(r);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// The request that makes `link`'s name a hard link.
+fn link_request(link: &Link) -> impl FnOnce(RequestId) -> Message {
+    let (path, target, meta) = (
+        link.entry.path.clone(),
+        link.target.clone(),
+        link.entry.meta.clone(),
+    );
+    move |id| Message::Link {
+        id,
+        path,
+        target,
+        meta,
+    }
+}
+
+/// Makes every name of `links` a hard link, pipelined. Returns the ones the receiver refused
+/// (typically because its copy of the file is not current), for the caller to send the file
+/// and try again.
+async fn link_all<'l>(
+    session: &Arc<Session>,
+    links: &'l [Link],
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<Vec<&'l Link>, SessionError> {
+    let mut refused = Vec::new();
+    for chunk in links.chunks(MAX_IN_FLIGHT) {
+        let mut replies = Vec::with_capacity(chunk.len());
+        for l in chunk {
+            replies.push((l, session.start(link_request(l)).await?));
+        }
+        for (l, mut rx) in replies {
+            match session.expect_ack(&mut rx).await {
+                Ok(()) => {
+                    report.created += 1;
+                    observe.step(&Step {
+                        kind: StepKind::Created,
+                        path: l.entry.path.clone(),
+                        bytes: 0,
+                        size: 0,
+                    });
+                }
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(path = %l.entry.path, target = %l.target, "link refused, sending the file first: {e}");
+                    refused.push(l);
+                }
             }
         }
     }

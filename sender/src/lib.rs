@@ -25,6 +25,7 @@
 //! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`].
 //! - [`filter`]: rsync-style exclude patterns.
 //! - [`guard`]: the mass-delete rule and the live tally of deletions it is applied to.
+//! - [`links`]: the names of the source's multiply-linked files, learned as the group runs.
 //! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
 //!   start-up, overflow, new directories).
 //! - [`rsync`]: compatibility mode: the rsync transport, its command lines and exit codes.
@@ -41,6 +42,7 @@ pub mod execute;
 pub mod fanotify;
 pub mod filter;
 pub mod guard;
+pub mod links;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;

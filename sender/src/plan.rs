@@ -7,12 +7,14 @@
 //!   (devices only for a privileged receiver);
 //! - [`body_for`]: whole file or delta;
 //! - [`order_dir_meta`]: which directories get their times back, and in what order;
-//! - [`plan_batch`]: a live batch of dirty paths into a plan plus the subtrees to compare.
+//! - [`plan_batch`]: a live batch of dirty paths into a plan plus the subtrees to compare;
+//! - [`link_ops`]: which names of a multiply-linked file become links to its first name.
 
 use crate::coalesce::Need;
+use crate::links::LinkNames;
 use ferry_protocol::delta::{DELTA_THRESHOLD, RESUME_THRESHOLD};
 use ferry_protocol::message::{Body, Message, RequestId};
-use ferry_protocol::meta::{Compare, Entry, Kind};
+use ferry_protocol::meta::{Compare, Entry, Inode, Kind};
 use ferry_protocol::RelPath;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -109,15 +111,38 @@ impl Op {
     }
 }
 
-/// A reconcile plan, executed in three phases: `deletes`, then `creates` in tree order (parents
-/// first), then — once every earlier step is acknowledged — `dir_meta` deepest first, so
-/// directory times are set after their contents stop changing.
+/// A name to make another name of a file the receiver holds under `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// The name, with the file's metadata.
+    pub entry: Entry,
+    /// The file's first name (in tree order), which the receiver holds.
+    pub target: RelPath,
+}
+
+impl Link {
+    /// The file under its first name: what is sent when the receiver's copy of it is not
+    /// current.
+    pub fn target_entry(&self) -> Entry {
+        Entry {
+            path: self.target.clone(),
+            ..self.entry.clone()
+        }
+    }
+}
+
+/// A reconcile plan, executed in four phases: `deletes`, then `creates` in tree order (parents
+/// first), then — once every earlier step is acknowledged — `links` (the files they name are
+/// in place by then), then `dir_meta` deepest first, so directory times are set after their
+/// contents stop changing.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Extraneous receiver paths, topmost only.
     pub deletes: Vec<RelPath>,
     /// Creations and updates, in tree order.
     pub creates: Vec<Op>,
+    /// Names to make hard links of files already sent.
+    pub links: Vec<Link>,
     /// Directories whose metadata must be (re)applied, deepest first.
     pub dir_meta: Vec<Entry>,
     /// Entries the deletes remove on the receiver (each takes its subtree), as far as a
@@ -128,7 +153,10 @@ pub struct Plan {
 impl Plan {
     /// True if nothing needs doing.
     pub fn is_empty(&self) -> bool {
-        self.deletes.is_empty() && self.creates.is_empty() && self.dir_meta.is_empty()
+        self.deletes.is_empty()
+            && self.creates.is_empty()
+            && self.links.is_empty()
+            && self.dir_meta.is_empty()
     }
 
     /// Drops deletions at or below any of `unreadable` (paths whose local state is unknown).
@@ -147,6 +175,7 @@ impl Plan {
     pub fn extend(&mut self, other: Plan) {
         self.deletes.extend(other.deletes);
         self.creates.extend(other.creates);
+        self.links.extend(other.links);
         self.dir_meta.extend(other.dir_meta);
         self.removes += other.removes;
     }
@@ -218,6 +247,29 @@ pub fn entry_op(local: &Entry, remote: Remote<'_>, opts: PlanOptions) -> Option<
     }
 }
 
+/// For a changed file with several current names (`names`, when hard links are compared):
+/// every name but the first becomes a link to the first. Its content travels only if the
+/// receiver's first name is not current, which the receiver says by refusing the links
+/// (see `execute`). `None` for a file with one name.
+pub fn link_ops(local: &Entry, opts: PlanOptions, names: &LinkNames) -> Option<Vec<Link>> {
+    let group = names
+        .get(&local.inode.filter(|_| opts.compare.hardlinks)?)
+        .filter(|n| n.len() > 1)?;
+    let first = &group[0];
+    Some(
+        group[1..]
+            .iter()
+            .map(|name| Link {
+                entry: Entry {
+                    path: name.clone(),
+                    ..local.clone()
+                },
+                target: first.clone(),
+            })
+            .collect(),
+    )
+}
+
 /// Orders directories whose times must be restored: children before parents (deepest
 /// first), each once. They are sent after everything inside them is acknowledged.
 pub fn order_dir_meta(dirs: &mut Vec<Entry>) {
@@ -231,9 +283,28 @@ pub fn order_dir_meta(dirs: &mut Vec<Entry>) {
 }
 
 /// Computes the plan that turns `remote` into `local`. Both are tree-order listings starting
-/// with the root; `remote` must already exclude what the sender's filter excludes.
-pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions) -> Plan {
+/// with the root; `remote` must already exclude what the sender's filter excludes. `names`
+/// holds every current name of the multiply-linked files of `local` (also those outside it);
+/// it is ignored unless hard links are compared.
+pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions, names: &LinkNames) -> Plan {
     let remote_by_path: HashMap<&RelPath, &Entry> = remote.iter().map(|e| (&e.path, e)).collect();
+    let linking = opts.compare.hardlinks;
+    // The receiver's names of each of its files, as far as the listing shows.
+    let mut remote_names: HashMap<Inode, Vec<&RelPath>> = HashMap::new();
+    if linking {
+        for r in remote {
+            if let Some(i) = r.inode {
+                remote_names.entry(i).or_default().push(&r.path);
+            }
+        }
+    }
+    let shared_on_receiver = |r: &Entry| -> &[&RelPath] {
+        r.inode
+            .and_then(|i| remote_names.get(&i))
+            .map_or(&[], |v| v.as_slice())
+    };
+    let mut followers: Vec<(&Entry, &RelPath)> = Vec::new();
+    let mut sent_first: HashSet<Inode> = HashSet::new();
     let local_paths: HashSet<&RelPath> = local.iter().map(|e| &e.path).collect();
     let mut out = Plan::default();
     // Directories whose contents change, so their mtime must be restored afterwards.
@@ -272,9 +343,52 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions) -> Plan {
                 touched.insert(l.path.clone());
             }
         }
-        if let Some(op) = entry_op(l, remote, opts) {
+        let group = l
+            .inode
+            .filter(|_| linking)
+            .and_then(|i| names.get(&i).map(|n| (i, n)))
+            .filter(|(_, n)| n.len() > 1);
+        if let Some((_, group)) = group {
+            if group[0] != l.path {
+                followers.push((l, &group[0]));
+                continue;
+            }
+        }
+        let mut op = entry_op(l, remote, opts);
+        // A receiver file that is also other names there, not names of this file here, must
+        // become a file of its own.
+        if let (Remote::Known(r), true) = (remote, linking) {
+            let mine: &[RelPath] = group.map_or(&[], |(_, g)| g.as_slice());
+            let foreign = shared_on_receiver(r)
+                .iter()
+                .any(|n| **n != l.path && !mine.contains(n));
+            if foreign && l.meta.kind == Kind::File && !matches!(op, Some(Op::File { .. })) {
+                op = Some(Op::File {
+                    entry: l.clone(),
+                    base: Base::of(Some(r)),
+                });
+            }
+        }
+        if let (Some(Op::File { .. }), Some((inode, _))) = (&op, group) {
+            sent_first.insert(inode);
+        }
+        if let Some(op) = op {
             touched.insert(l.path.parent().unwrap_or_default());
             out.creates.push(op);
+        }
+    }
+    for (l, first) in followers {
+        let inode = l.inode.expect("followers have inodes");
+        let linked_there = match (remote_by_path.get(&l.path), remote_by_path.get(first)) {
+            (Some(r), Some(f)) => r.meta.kind == Kind::File && r.inode.is_some() && r.inode == f.inode,
+            _ => false,
+        };
+        if sent_first.contains(&inode) || !linked_there {
+            touched.insert(l.path.parent().unwrap_or_default());
+            out.links.push(Link {
+                entry: l.clone(),
+                target: first.clone(),
+            });
         }
     }
 
@@ -334,14 +448,17 @@ pub struct BatchPlan {
 /// Plans a live batch. `dirty` is in tree order, one entry per path; a path below a deleted
 /// path or a subtree to compare is covered by it and skipped. `excluded` (the group's
 /// [`Filter::excludes_dirty`](crate::filter::Filter::excludes_dirty)) drops what must never
-/// reach the receiver, however it got into the batch.
+/// reach the receiver, however it got into the batch. A changed file with several names
+/// (`names`, when hard links are compared) is planned by [`link_ops`].
 pub fn plan_batch(
     dirty: Vec<Dirty>,
     opts: PlanOptions,
+    names: &LinkNames,
     excluded: impl Fn(&RelPath, Option<bool>) -> bool,
 ) -> BatchPlan {
     let mut out = BatchPlan::default();
     let mut covered: Option<RelPath> = None;
+    let mut linked: HashSet<Inode> = HashSet::new();
     for Dirty { path, need, entry } in dirty {
         if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
             continue;
@@ -376,7 +493,13 @@ pub fn plan_batch(
             }
             Some(e) if need == Need::Meta => out.plan.creates.push(Op::SetMeta(e)),
             Some(e) => {
-                if let Some(op) = entry_op(&e, Remote::Unknown, opts) {
+                if let Some(links) = link_ops(&e, opts, names) {
+                    if linked.insert(e.inode.expect("linked files have inodes")) {
+                        out.parents
+                            .extend(links.iter().filter_map(|l| l.entry.path.parent()));
+                        out.plan.links.extend(links);
+                    }
+                } else if let Some(op) = entry_op(&e, Remote::Unknown, opts) {
                     out.parents.extend(path.parent());
                     out.plan.creates.push(op);
                 }
@@ -401,13 +524,20 @@ mod tests {
             mtime,
             mtime_nsec: 0,
             rdev: 0,
+            xattrs: Default::default(),
         };
         let link = (kind == Kind::Symlink).then(|| b"target".to_vec());
         Entry {
             path: RelPath::from(path),
             meta,
             link,
+            inode: None,
         }
+    }
+
+    /// A plan without hard links to consider.
+    fn plan_of(local: &[Entry], remote: &[Entry], opts: PlanOptions) -> Plan {
+        plan(local, remote, opts, &LinkNames::new())
     }
 
     fn opts() -> PlanOptions {
@@ -425,7 +555,7 @@ mod tests {
             e("a", Kind::Dir, 0, 1),
             e("a/f", Kind::File, 5, 1),
         ];
-        assert!(plan(&t, &t, opts()).is_empty());
+        assert!(plan_of(&t, &t, opts()).is_empty());
     }
 
     #[test]
@@ -446,7 +576,7 @@ mod tests {
             e("gone/inner", Kind::File, 1, 1),
             e("x", Kind::File, 3, 1),
         ];
-        let p = plan(&local, &remote, opts());
+        let p = plan_of(&local, &remote, opts());
         assert_eq!(
             p.deletes,
             vec![RelPath::from("gone")],
@@ -480,7 +610,7 @@ mod tests {
         let local = vec![e("", Kind::Dir, 0, 1), e("f", Kind::File, 5, 1)];
         let mut remote = local.clone();
         remote[1].meta.mode = 0o600;
-        let p = plan(&local, &remote, opts());
+        let p = plan_of(&local, &remote, opts());
         assert_eq!(p.creates, vec![Op::SetMeta(local[1].clone())]);
         remote[1].meta.mode = 0o644;
         remote[1].meta.uid = 9;
@@ -488,14 +618,14 @@ mod tests {
             compare: Compare::all(false),
             ..opts()
         };
-        assert!(plan(&local, &remote, no_owner).is_empty());
+        assert!(plan_of(&local, &remote, no_owner).is_empty());
     }
 
     #[test]
     fn delete_false_keeps_extras() {
         let local = vec![e("", Kind::Dir, 0, 1)];
         let remote = vec![e("", Kind::Dir, 0, 1), e("old", Kind::File, 1, 1)];
-        assert!(plan(
+        assert!(plan_of(
             &local,
             &remote,
             PlanOptions {
@@ -511,7 +641,7 @@ mod tests {
         let local = vec![e("", Kind::Dir, 0, 1), e("f", Kind::File, 100, 2)];
         let remote = vec![e("", Kind::Dir, 0, 1), e("f", Kind::File, 100, 1)];
         assert_eq!(
-            plan(&local, &remote, opts()).creates,
+            plan_of(&local, &remote, opts()).creates,
             vec![Op::File {
                 entry: local[1].clone(),
                 base: Base::Present
@@ -616,7 +746,7 @@ mod tests {
                 entry: Err("Permission denied".into()),
             },
         ];
-        let out = plan_batch(batch, opts(), |_, _| false);
+        let out = plan_batch(batch, opts(), &LinkNames::new(), |_, _| false);
         assert_eq!(out.trees, vec![RelPath::from("a")], "a/inner is covered");
         assert_eq!(out.plan.deletes, vec![RelPath::from("g")]);
         assert_eq!(
@@ -644,7 +774,7 @@ mod tests {
             delete: false,
             ..opts()
         };
-        let out = plan_batch(vec![dirty("g", Need::Content, None)], o, |_, _| false);
+        let out = plan_batch(vec![dirty("g", Need::Content, None)], o, &LinkNames::new(), |_, _| false);
         assert!(out.plan.is_empty() && out.parents.is_empty());
     }
 
@@ -659,7 +789,7 @@ mod tests {
             dirty("keep", Need::Content, Some(e("keep", Kind::File, 1, 1))),
             dirty("old.log", Need::Content, None),
         ];
-        let out = plan_batch(batch, opts(), |p, d| filter.excludes_dirty(p, d));
+        let out = plan_batch(batch, opts(), &LinkNames::new(), |p, d| filter.excludes_dirty(p, d));
         assert!(out.plan.deletes.is_empty(), "{:?}", out.plan.deletes);
         let sent: Vec<String> = out
             .plan

@@ -4,6 +4,7 @@
 
 use crate::config::SyncGroup;
 use crate::execute::{execute, Observe, Report, Step};
+use crate::links::LinkNames;
 use crate::plan::{deleted_entries, plan, Plan, PlanOptions};
 use crate::session::{Session, SessionError};
 use ferry_protocol::local;
@@ -16,15 +17,32 @@ use std::time::Instant;
 /// Per-path errors of a tree walk.
 pub type ScanErrors = Vec<(RelPath, std::io::Error)>;
 
-/// Lists the local subtree at `under`, applying the group's excludes.
+/// Lists the local subtree at `under`, applying the group's excludes, with the attributes the
+/// group preserves.
 pub fn scan_source_under(
     group: &SyncGroup,
     under: &RelPath,
 ) -> std::io::Result<(Vec<Entry>, ScanErrors)> {
     let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
     let mut errors = Vec::new();
-    let entries = local::scan_from(&group.source, under, &filter, &mut errors)?;
+    let ns = group.preserve.namespaces();
+    let entries = local::scan_from(&group.source, under, &filter, ns, &mut errors)?;
     Ok((entries, errors))
+}
+
+/// Every current name of the multiply-linked files among `entries` (read from the source; a
+/// scan of the `whole` tree or not), the names outside them included; what was learned is
+/// kept in the group. Empty unless the group preserves hard links.
+pub fn link_names(group: &SyncGroup, whole: bool, entries: &[Entry]) -> LinkNames {
+    if !group.preserve.hardlinks {
+        return LinkNames::new();
+    }
+    group.links.learn(entries, whole);
+    let linked: Vec<&Entry> = entries.iter().filter(|e| e.inode.is_some()).collect();
+    match local::open_root(&group.source) {
+        Ok(root) if !linked.is_empty() => group.links.current(&root, &linked),
+        _ => LinkNames::new(),
+    }
 }
 
 /// Drops excluded entries (and their subtrees) from a tree-order remote listing.
@@ -68,6 +86,9 @@ pub async fn reconcile_under(
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
+    if under.is_root() {
+        warn_unkept(session, group);
+    }
     let plan = plan_under(session, group, under, recent_deletes, &mut report).await?;
     if under.is_root() {
         tracing::info!(
@@ -97,14 +118,20 @@ pub async fn plan_under(
 ) -> Result<Plan, SessionError> {
     let g = group.clone();
     let start = under.clone();
-    let remote = session.list(under);
-    let local = tokio::task::spawn_blocking(move || scan_source_under(&g, &start));
+    let opts = plan_options(session, group);
+    let remote = session.list(under, opts.compare.xattrs);
+    let local = tokio::task::spawn_blocking(move || {
+        scan_source_under(&g, &start).map(|(entries, errors)| {
+            let names = link_names(&g, start.is_root(), &entries);
+            (entries, errors, names)
+        })
+    });
     let (remote, local) = tokio::join!(remote, local);
     let remote = filter_remote(group, remote?);
-    let (local, scan_errors) = match local.expect("scan task") {
+    let (local, scan_errors, names) = match local.expect("scan task") {
         Ok(v) => v,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !under.is_root() => {
-            (Vec::new(), Vec::new())
+            (Vec::new(), Vec::new(), LinkNames::new())
         }
         Err(e) => {
             return Err(SessionError::Failed(format!(
@@ -113,7 +140,7 @@ pub async fn plan_under(
             )))
         }
     };
-    let mut planned = plan(&local, &remote, plan_options(session, group));
+    let mut planned = plan(&local, &remote, opts, &names);
     // What could not be read is not known to be gone: nothing at or below it is deleted
     // (rsync's rule after I/O errors).
     let unreadable: Vec<RelPath> = scan_errors.iter().map(|(p, _)| p.clone()).collect();
@@ -142,14 +169,32 @@ pub async fn plan_under(
     Ok(planned)
 }
 
-/// The planning options of `group` on the receiver behind `session`.
+/// The planning options of `group` on the receiver behind `session`: attributes are compared
+/// where the group preserves them and the module keeps them.
 pub fn plan_options(session: &Session, group: &SyncGroup) -> PlanOptions {
+    let keeps = &session.keeps;
     PlanOptions {
         delete: group.delete,
         compare: Compare {
-            owner: session.keeps.owners,
-            setid: session.keeps.setid,
+            owner: keeps.owners,
+            setid: keeps.setid,
+            xattrs: group.preserve.namespaces().intersect(keeps.xattrs),
+            hardlinks: group.preserve.hardlinks,
         },
-        devices: session.keeps.devices,
+        devices: keeps.devices,
+    }
+}
+
+/// Says once per whole compare which preserved attributes the module cannot keep.
+fn warn_unkept(session: &Session, group: &SyncGroup) {
+    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
+    if !unkept.is_empty() {
+        tracing::warn!(
+            sync = %group.name,
+            target = %session.address(),
+            "the module does not keep {} attributes (receiver not root, setuid = false for \
+             capabilities, or a filesystem that cannot hold them): they are not sent",
+            unkept.describe()
+        );
     }
 }

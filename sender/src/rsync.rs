@@ -101,8 +101,16 @@ pub fn url(address: &str, target: &RsyncTarget, module: &str) -> String {
 /// The command line shared by full and batch runs (everything but the file arguments).
 fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
     let mut args = vec!["-a".to_string(), format!("--timeout={}", target.timeout_s)];
-    if group.preserve.sparse {
-        args.push("--sparse".into());
+    let p = &group.preserve;
+    for (on, flag) in [
+        (p.sparse, "--sparse"),
+        (p.hardlinks, "--hard-links"),
+        (p.acls, "--acls"),
+        (p.xattrs, "--xattrs"),
+    ] {
+        if on {
+            args.push(flag.into());
+        }
     }
     if let Some(pf) = &target.password_file {
         args.push(format!("--password-file={}", pf.display()));

@@ -8,6 +8,8 @@ use ferry_protocol::connection::{
 };
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::{DigestEntry, Intent, Keeps, Message, RequestId};
+use ferry_protocol::meta::Compare;
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{Entry, Fingerprint, RelPath};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -283,13 +285,18 @@ impl Session {
         Ok(rx)
     }
 
-    /// The listing of the subtree at `under` (the root for the whole module), in tree order;
-    /// empty if it does not exist on the receiver.
-    pub async fn list(&self, under: &RelPath) -> Result<Vec<Entry>, SessionError> {
+    /// The listing of the subtree at `under` (the root for the whole module), in tree order,
+    /// with the attributes in `xattrs`; empty if it does not exist on the receiver.
+    pub async fn list(
+        &self,
+        under: &RelPath,
+        xattrs: Namespaces,
+    ) -> Result<Vec<Entry>, SessionError> {
         let mut rx = self
             .start(|id| Message::List {
                 id,
                 under: under.clone(),
+                xattrs,
             })
             .await?;
         let mut out = Vec::new();
@@ -307,17 +314,20 @@ impl Session {
         }
     }
 
-    /// One directory's digests.
+    /// One directory's digests, covering the attributes and links `cmp` compares.
     pub async fn verify_dir(
         &self,
         path: &RelPath,
         checksum: bool,
+        cmp: Compare,
     ) -> Result<(Option<Entry>, Vec<DigestEntry>), SessionError> {
         let mut rx = self
             .start(|id| Message::VerifyDir {
                 id,
                 path: path.clone(),
                 checksum,
+                xattrs: cmp.xattrs,
+                hardlinks: cmp.hardlinks,
             })
             .await?;
         match self.reply(&mut rx).await? {

@@ -11,6 +11,7 @@ use ferry_protocol::local::{DigestCache, DigestTree, Tally};
 use ferry_protocol::merkle::compare_dirs;
 use ferry_protocol::message::{DigestEntry, Intent};
 use ferry_protocol::meta::{Compare, Difference, Entry, Kind};
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -117,8 +118,10 @@ pub async fn verify_local(
     cache_dir: Option<PathBuf>,
     tally: Option<Arc<Tally>>,
 ) -> Result<Differences, VerifyError> {
+    // Everything, attributes and hard links included (what a user cannot read, such as
+    // `trusted.*` without privilege, is absent on both sides alike).
     // SAFETY: geteuid has no preconditions.
-    let cmp = Compare::all(unsafe { libc::geteuid() } == 0);
+    let cmp = Compare::all(unsafe { libc::geteuid() } == 0).with(Namespaces::ALL, true);
     let canonical = |p: &Path| {
         p.canonicalize().map_err(|source| VerifyError::Read {
             path: p.to_path_buf(),
@@ -162,9 +165,11 @@ pub async fn verify_target(
             context: context(),
             source,
         })?;
-    // Everything the module keeps; setuid bits always count (a module that drops them is
-    // reported as different, truthfully).
-    let cmp = Compare::all(session.keeps.owners);
+    // Everything the module keeps and the group preserves; setuid bits and preserved
+    // attributes always count (a module that drops them is reported as different,
+    // truthfully).
+    let cmp = Compare::all(session.keeps.owners)
+        .with(group.preserve.namespaces(), group.preserve.hardlinks);
     let (source, filter) = (group.source.clone(), group.filter.clone());
     let tree = tokio::task::spawn_blocking(move || {
         build_tree(&source, &filter, cache_dir.as_deref(), cmp, checksum, tally)
@@ -174,6 +179,7 @@ pub async fn verify_target(
     let remote = Side::Remote {
         session: &session,
         checksum,
+        cmp,
     };
     let diffs = compare(&Side::Local(tree), &remote, cmp, &group.filter)
         .await
@@ -195,6 +201,8 @@ pub enum Side<'a> {
         session: &'a Session,
         /// Ask the receiver to re-read every file.
         checksum: bool,
+        /// What the receiver's digests cover.
+        cmp: Compare,
     },
 }
 
@@ -208,8 +216,12 @@ impl Side<'_> {
                 .dirs
                 .get(path)
                 .map(|l| (l.dir.entry.clone(), l.entries.clone()))),
-            Side::Remote { session, checksum } => {
-                let (dir, entries) = session.verify_dir(path, *checksum).await?;
+            Side::Remote {
+                session,
+                checksum,
+                cmp,
+            } => {
+                let (dir, entries) = session.verify_dir(path, *checksum, *cmp).await?;
                 Ok(dir.map(|d| (d, entries)))
             }
         }

@@ -87,6 +87,7 @@ pub fn file_meta(size: u64) -> ferry_protocol::meta::Meta {
         mtime: 1_700_000_000,
         mtime_nsec: 0,
         rdev: 0,
+        xattrs: Default::default(),
     }
 }
 

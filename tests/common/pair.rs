@@ -104,6 +104,7 @@ impl Pair {
             timing: Default::default(),
             guard: Default::default(),
             preserve: Default::default(),
+            links: Default::default(),
         }
     }
 }

@@ -1,0 +1,394 @@
+//! Extended attributes: which namespaces travel, reading an entry's attributes, and making an
+//! entry's attributes equal to a list. POSIX ACLs travel as their xattrs
+//! (`system.posix_acl_access`, `system.posix_acl_default`), file capabilities as
+//! `security.capability`; values are copied byte for byte (numeric ids in ACLs included).
+//!
+//! Every call goes through a descriptor or a `/proc/self/fd/N/name` path of a held directory,
+//! never following the last component (`l*xattr`), so reading and writing stay where the
+//! caller's confinement put them.
+
+use serde::{Deserialize, Serialize};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// A set of xattr namespaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Namespaces(u8);
+
+impl Namespaces {
+    /// None at all.
+    pub const NONE: Namespaces = Namespaces(0);
+    /// `user.*`.
+    pub const USER: Namespaces = Namespaces(1);
+    /// `trusted.*` (readable and writable with `CAP_SYS_ADMIN` only).
+    pub const TRUSTED: Namespaces = Namespaces(2);
+    /// `security.*` other than capabilities: SELinux/SMACK labels (written as root only).
+    pub const SECURITY: Namespaces = Namespaces(4);
+    /// The POSIX ACLs, `system.posix_acl_access` and `system.posix_acl_default`.
+    pub const ACL: Namespaces = Namespaces(8);
+    /// `security.capability`, file capabilities: privilege like a setuid bit, so a module
+    /// keeps them only where it keeps setuid bits.
+    pub const CAPABILITY: Namespaces = Namespaces(16);
+    /// Every namespace of `preserve = ["xattrs"]`.
+    pub const XATTRS: Namespaces = Namespaces(1 | 2 | 4 | 16);
+    /// Everything ferry carries.
+    pub const ALL: Namespaces = Namespaces(1 | 2 | 4 | 8 | 16);
+
+    /// Both sets together.
+    pub const fn union(self, other: Namespaces) -> Namespaces {
+        Namespaces(self.0 | other.0)
+    }
+
+    /// What both sets hold.
+    pub const fn intersect(self, other: Namespaces) -> Namespaces {
+        Namespaces(self.0 & other.0)
+    }
+
+    /// This set without `other`'s namespaces.
+    pub const fn without(self, other: Namespaces) -> Namespaces {
+        Namespaces(self.0 & !other.0)
+    }
+
+    /// True if every namespace of `other` is in this set.
+    pub const fn contains(self, other: Namespaces) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// True for the empty set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The namespace of an attribute name; `None` for names ferry does not carry (other
+    /// `system.*` attributes, which are views of something else, and unknown prefixes).
+    pub fn of(name: &[u8]) -> Option<Namespaces> {
+        if name.starts_with(b"user.") {
+            Some(Self::USER)
+        } else if name.starts_with(b"trusted.") {
+            Some(Self::TRUSTED)
+        } else if name == b"security.capability" {
+            Some(Self::CAPABILITY)
+        } else if name.starts_with(b"security.") {
+            Some(Self::SECURITY)
+        } else if name == b"system.posix_acl_access" || name == b"system.posix_acl_default" {
+            Some(Self::ACL)
+        } else {
+            None
+        }
+    }
+
+    /// The words of the configuration and of logs.
+    pub fn describe(self) -> String {
+        let words: Vec<&str> = [
+            (Self::USER, "user"),
+            (Self::TRUSTED, "trusted"),
+            (Self::SECURITY, "security"),
+            (Self::CAPABILITY, "capability"),
+            (Self::ACL, "acl"),
+        ]
+        .iter()
+        .filter(|(n, _)| self.contains(*n))
+        .map(|(_, w)| *w)
+        .collect();
+        if words.is_empty() {
+            "none".into()
+        } else {
+            words.join(", ")
+        }
+    }
+}
+
+/// Largest total of names and values carried for one entry (ext4 holds at most one block
+/// of them without `ea_inode`; the kernel caps a value at 64 KiB).
+pub const MAX_BYTES: usize = 64 << 10;
+
+/// One attribute: name and value.
+pub type Xattr = (Vec<u8>, Vec<u8>);
+
+/// The extended attributes of an entry in the namespaces `covers`, sorted by name. The default
+/// (covering nothing) means "not read, not managed": a receiver leaves the entry's attributes
+/// as they are.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Xattrs {
+    /// The namespaces this list is complete for.
+    pub covers: Namespaces,
+    /// Attributes in `covers`, sorted by name, names unique.
+    pub list: Vec<Xattr>,
+}
+
+impl Xattrs {
+    /// The attributes in `ns`.
+    pub fn within(&self, ns: Namespaces) -> impl Iterator<Item = &Xattr> {
+        self.list
+            .iter()
+            .filter(move |(n, _)| Namespaces::of(n).is_some_and(|x| ns.contains(x)))
+    }
+
+    /// True if the two lists differ in `ns`.
+    pub fn differ(&self, other: &Xattrs, ns: Namespaces) -> bool {
+        !self.within(ns).eq(other.within(ns))
+    }
+
+    /// Checks a list from a peer: names unique, sorted, in a carried namespace that `covers`
+    /// includes, without NUL, at most 255 bytes; names and values at most [`MAX_BYTES`].
+    pub fn validate(&self) -> Result<(), String> {
+        let mut total = 0;
+        for (i, (name, value)) in self.list.iter().enumerate() {
+            let shown = String::from_utf8_lossy(name);
+            if name.is_empty() || name.len() > 255 || name.contains(&0) {
+                return Err(format!("invalid xattr name {shown:?}"));
+            }
+            match Namespaces::of(name) {
+                Some(ns) if self.covers.contains(ns) => {}
+                _ => return Err(format!("xattr {shown:?} is outside the namespaces sent")),
+            }
+            if i > 0 && self.list[i - 1].0 >= *name {
+                return Err(format!("xattr {shown:?} out of order or repeated"));
+            }
+            total += name.len() + value.len();
+        }
+        if total > MAX_BYTES {
+            return Err(format!(
+                "xattrs total {total} bytes, more than {MAX_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where attributes are read or written.
+#[derive(Clone, Copy, Debug)]
+pub enum At<'a> {
+    /// An open file (a received file before it is named).
+    Fd(RawFd),
+    /// A path whose last component is not followed (`/proc/self/fd/N/name` of a held
+    /// directory).
+    Entry(&'a Path),
+    /// A path followed to its end (`/proc/self/fd/N` of a held directory itself).
+    Held(&'a Path),
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+fn cname(n: &[u8]) -> io::Result<CString> {
+    CString::new(n).map_err(io::Error::other)
+}
+
+fn check(rc: isize) -> io::Result<usize> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+impl At<'_> {
+    fn list_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+        // SAFETY: `buf` is writable for `len` bytes; paths are NUL-terminated.
+        check(unsafe {
+            match *self {
+                At::Fd(fd) => libc::flistxattr(fd, ptr, len),
+                At::Entry(p) => libc::llistxattr(cpath(p)?.as_ptr(), ptr, len),
+                At::Held(p) => libc::listxattr(cpath(p)?.as_ptr(), ptr, len),
+            }
+        })
+    }
+
+    fn get_raw(&self, name: &CString, buf: &mut [u8]) -> io::Result<usize> {
+        let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+        // SAFETY: as in `list_raw`.
+        check(unsafe {
+            match *self {
+                At::Fd(fd) => libc::fgetxattr(fd, name.as_ptr(), ptr, len),
+                At::Entry(p) => libc::lgetxattr(cpath(p)?.as_ptr(), name.as_ptr(), ptr, len),
+                At::Held(p) => libc::getxattr(cpath(p)?.as_ptr(), name.as_ptr(), ptr, len),
+            }
+        })
+    }
+
+    /// Sets one attribute.
+    pub fn set(&self, name: &[u8], value: &[u8]) -> io::Result<()> {
+        let name = cname(name)?;
+        let (ptr, len) = (value.as_ptr().cast(), value.len());
+        // SAFETY: `value` is readable for `len` bytes; names and paths are NUL-terminated.
+        let rc = unsafe {
+            match *self {
+                At::Fd(fd) => libc::fsetxattr(fd, name.as_ptr(), ptr, len, 0),
+                At::Entry(p) => libc::lsetxattr(cpath(p)?.as_ptr(), name.as_ptr(), ptr, len, 0),
+                At::Held(p) => libc::setxattr(cpath(p)?.as_ptr(), name.as_ptr(), ptr, len, 0),
+            }
+        };
+        check(rc as isize).map(drop)
+    }
+
+    fn remove(&self, name: &[u8]) -> io::Result<()> {
+        let name = cname(name)?;
+        // SAFETY: NUL-terminated name and path.
+        let rc = unsafe {
+            match *self {
+                At::Fd(fd) => libc::fremovexattr(fd, name.as_ptr()),
+                At::Entry(p) => libc::lremovexattr(cpath(p)?.as_ptr(), name.as_ptr()),
+                At::Held(p) => libc::removexattr(cpath(p)?.as_ptr(), name.as_ptr()),
+            }
+        };
+        match check(rc as isize) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// Calls `f` with a buffer until it is large enough (`ERANGE` grows it).
+    fn sized(&self, mut f: impl FnMut(&mut [u8]) -> io::Result<usize>) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 1024];
+        loop {
+            match f(&mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ERANGE) && buf.len() < 1 << 20 => {
+                    buf.resize(buf.len() * 4, 0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The attributes in `ns`. A filesystem without xattrs has none; an entry whose
+    /// attributes exceed [`MAX_BYTES`] is an error naming the limit.
+    pub fn read(&self, ns: Namespaces) -> io::Result<Xattrs> {
+        let mut out = Xattrs {
+            covers: ns,
+            list: Vec::new(),
+        };
+        if ns.is_empty() {
+            return Ok(out);
+        }
+        let names = match self.sized(|b| self.list_raw(b)) {
+            Ok(n) => n,
+            Err(e) if unsupported(&e) => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        let mut total = 0;
+        for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if !Namespaces::of(name).is_some_and(|n| ns.contains(n)) {
+                continue;
+            }
+            let value = match self.sized(|b| self.get_raw(&cname(name)?, b)) {
+                Ok(v) => v,
+                // Removed since it was listed, or not ours to read (trusted.* unprivileged).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EPERM)) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            total += name.len() + value.len();
+            if total > MAX_BYTES {
+                return Err(io::Error::other(format!(
+                    "extended attributes larger than {MAX_BYTES} bytes are not carried"
+                )));
+            }
+            out.list.push((name.to_vec(), value));
+        }
+        out.list.sort();
+        Ok(out)
+    }
+
+    /// Makes the attributes in `want.covers ∩ keep` equal to `want`'s: removes the others
+    /// there, sets those that differ. Returns `Ok(false)` if nothing had to change.
+    pub fn apply(&self, want: &Xattrs, keep: Namespaces) -> io::Result<bool> {
+        let ns = want.covers.intersect(keep);
+        if ns.is_empty() {
+            return Ok(false);
+        }
+        let have = self.read(ns)?;
+        let mut changed = false;
+        for (name, _) in have.within(ns) {
+            if !want.within(ns).any(|(n, _)| n == name) {
+                self.remove(name)?;
+                changed = true;
+            }
+        }
+        for (name, value) in want.within(ns) {
+            if !have.within(ns).any(|(n, v)| n == name && v == value) {
+                self.set(name, value)?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// True for "this filesystem (or this kind of entry) has no such attributes".
+pub fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTSUP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn x(covers: Namespaces, list: &[(&str, &str)]) -> Xattrs {
+        Xattrs {
+            covers,
+            list: list
+                .iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn differences_count_only_the_namespaces_compared() {
+        let a = x(
+            Namespaces::ALL,
+            &[("system.posix_acl_access", "A"), ("user.a", "1")],
+        );
+        let b = x(Namespaces::ALL, &[("user.a", "1")]);
+        assert!(a.differ(&b, Namespaces::ACL));
+        assert!(!a.differ(&b, Namespaces::USER));
+        assert!(!a.differ(&b, Namespaces::NONE));
+    }
+
+    #[test]
+    fn a_peer_list_out_of_order_outside_its_namespaces_or_too_large_is_refused() {
+        assert!(x(Namespaces::USER, &[("user.a", "1"), ("user.b", "2")])
+            .validate()
+            .is_ok());
+        let unsorted = x(Namespaces::USER, &[("user.b", "1"), ("user.a", "2")]);
+        assert!(unsorted.validate().unwrap_err().contains("out of order"));
+        let outside = x(Namespaces::USER, &[("trusted.a", "1")]);
+        assert!(outside.validate().unwrap_err().contains("outside"));
+        let other = x(Namespaces::ALL, &[("system.nfs4_acl", "1")]);
+        assert!(other.validate().is_err());
+        let big = "v".repeat(MAX_BYTES);
+        assert!(x(Namespaces::USER, &[("user.a", &big)])
+            .validate()
+            .unwrap_err()
+            .contains("more than"));
+    }
+
+    #[test]
+    fn apply_sets_changes_and_removes_only_within_the_kept_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let at = At::Entry(&f);
+        at.set(b"user.old", b"1").unwrap();
+        at.set(b"user.same", b"2").unwrap();
+        let want = x(Namespaces::USER, &[("user.new", "3"), ("user.same", "2")]);
+        assert!(at.apply(&want, Namespaces::ALL).unwrap());
+        assert_eq!(at.read(Namespaces::USER).unwrap(), want);
+        assert!(!at.apply(&want, Namespaces::ALL).unwrap(), "already equal");
+        // Not kept: untouched.
+        let other = x(Namespaces::USER, &[]);
+        assert!(!at.apply(&other, Namespaces::ACL).unwrap());
+        assert_eq!(at.read(Namespaces::USER).unwrap(), want);
+    }
+}

@@ -1,0 +1,150 @@
+//! The names of the source's files that have more than one, learned from every scan and live
+//! read of a group, so a subtree compare or a live change can make a new name another name of
+//! a file the receiver already holds (`Link`) instead of sending its content again.
+//!
+//! What is remembered is a hint: every name is checked (`lstat`, same inode) before it is
+//! used, and names that no longer are are forgotten then.
+
+use ferry_protocol::local;
+use ferry_protocol::meta::{Entry, Inode};
+use ferry_protocol::xattr::Namespaces;
+use ferry_protocol::RelPath;
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+/// Every current name of each multiply-linked source file in a plan's view, in tree order:
+/// the first is the one the others are linked to on the receiver.
+pub type LinkNames = HashMap<Inode, Vec<RelPath>>;
+
+/// What a group has learned about its source's multiply-linked files. Shared by every target
+/// of the group; it is knowledge about the source, not configuration, so two are always equal
+/// (a reload compares groups by their settings).
+#[derive(Clone, Default)]
+pub struct Names(Arc<Mutex<HashMap<Inode, BTreeSet<RelPath>>>>);
+
+impl PartialEq for Names {
+    fn eq(&self, _: &Names) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let known = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "Names({known} files)")
+    }
+}
+
+impl Names {
+    /// Remembers the names of `entries` that have an inode (files with several names). A
+    /// scan of the whole tree (`whole`) replaces everything known.
+    pub fn learn(&self, entries: &[Entry], whole: bool) {
+        let mut map = self.0.lock().expect("names lock");
+        if whole {
+            map.clear();
+        }
+        for e in entries {
+            if let Some(i) = e.inode {
+                map.entry(i).or_default().insert(e.path.clone());
+            }
+        }
+    }
+
+    /// Follows a rename: every name at or below `from` moves below `to`.
+    pub fn rename(&self, from: &RelPath, to: &RelPath) {
+        let mut map = self.0.lock().expect("names lock");
+        for names in map.values_mut() {
+            let moved: Vec<RelPath> = names
+                .iter()
+                .filter(|n| n.starts_with(from))
+                .cloned()
+                .collect();
+            for n in moved {
+                names.remove(&n);
+                let rest = &n.as_bytes()[from.as_bytes().len()..];
+                let mut path = to.as_bytes().to_vec();
+                path.extend_from_slice(rest);
+                names.insert(RelPath::from_bytes(path));
+            }
+        }
+    }
+
+    /// The current names of the files of `entries` (each checked beneath `root`; names that
+    /// are gone or another file now are forgotten), with the entries' own names.
+    pub fn current(&self, root: &OwnedFd, entries: &[&Entry]) -> LinkNames {
+        let mut out: LinkNames = HashMap::new();
+        for e in entries {
+            if let Some(inode) = e.inode {
+                out.entry(inode).or_default().push(e.path.clone());
+            }
+        }
+        for (inode, names) in &mut out {
+            let known: Vec<RelPath> = {
+                let map = self.0.lock().expect("names lock");
+                map.get(inode)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default()
+            };
+            let seen: BTreeSet<RelPath> = names.iter().cloned().collect();
+            let mut stale = Vec::new();
+            for n in known.into_iter().filter(|n| !seen.contains(n)) {
+                let read = local::read_entry_at(root, &n, Namespaces::NONE, &mut Vec::new());
+                match read {
+                    Ok(Some(x)) if x.inode == Some(*inode) => names.push(n),
+                    _ => stale.push(n),
+                }
+            }
+            if !stale.is_empty() {
+                let mut map = self.0.lock().expect("names lock");
+                if let Some(set) = map.get_mut(inode) {
+                    for n in &stale {
+                        set.remove(n);
+                    }
+                }
+            }
+            names.sort_by(|a, b| a.tree_cmp(b));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn names_are_checked_before_use_and_follow_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/a"), b"x").unwrap();
+        std::fs::hard_link(root.join("d/a"), root.join("b")).unwrap();
+        std::fs::hard_link(root.join("d/a"), root.join("c")).unwrap();
+        let fd = local::open_root(root).unwrap();
+        let read = |p: &str| {
+            local::read_entry_at(&fd, &RelPath::from(p), Namespaces::NONE, &mut Vec::new())
+                .unwrap()
+                .unwrap()
+        };
+        let names = Names::default();
+        names.learn(&[read("d/a"), read("b"), read("c")], true);
+        // `c` now another file; `d` renamed to `e`.
+        std::fs::remove_file(root.join("c")).unwrap();
+        std::fs::write(root.join("c"), b"y").unwrap();
+        std::fs::rename(root.join("d"), root.join("e")).unwrap();
+        names.rename(&RelPath::from("d"), &RelPath::from("e"));
+        let b = read("b");
+        let got = names.current(&fd, &[&b]);
+        let ino = std::fs::metadata(root.join("b")).unwrap().ino();
+        assert_eq!(b.inode.unwrap().ino, ino);
+        assert_eq!(
+            got[&b.inode.unwrap()],
+            vec![RelPath::from("b"), RelPath::from("e/a")]
+        );
+        assert_eq!(format!("{names:?}"), "Names(1 files)");
+        let again = names.current(&fd, &[&b]);
+        assert_eq!(again, got, "the stale name was forgotten, nothing else");
+    }
+}
