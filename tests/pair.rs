@@ -123,7 +123,10 @@ async fn a_read_only_session_lists_but_changes_nothing() {
     let mut pair = Pair::new();
     fs::write(pair.dst.join("kept"), "x").unwrap();
     let session = pair.open("file", Intent::Read).await.unwrap();
-    let listing = session.list(&RelPath::root(), Namespaces::ALL).await.unwrap();
+    let listing = session
+        .list(&RelPath::root(), Namespaces::ALL)
+        .await
+        .unwrap();
     assert!(listing.iter().any(|e| e.path == RelPath::from("kept")));
     let refused = session
         .call(|id| Message::Delete {

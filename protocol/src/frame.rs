@@ -272,7 +272,12 @@ mod tests {
             )
                 .prop_map(|(id, path, meta, link)| Message::Listing {
                     id,
-                    entries: vec![Entry { path, meta, link, inode: None }],
+                    entries: vec![Entry {
+                        path,
+                        meta,
+                        link,
+                        inode: None
+                    }],
                     done: true
                 }),
             (

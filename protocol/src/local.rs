@@ -774,13 +774,8 @@ impl DigestTree {
                 };
                 let (dir, children) = match opened {
                     Ok(dir) => {
-                        let children = read_children(
-                            &dir,
-                            &entry.path,
-                            at.filter,
-                            at.cmp.xattrs,
-                            at.errors,
-                        );
+                        let children =
+                            read_children(&dir, &entry.path, at.filter, at.cmp.xattrs, at.errors);
                         (Some(dir), children)
                     }
                     Err(e) => {

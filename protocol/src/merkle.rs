@@ -212,20 +212,11 @@ mod tests {
         b.entry.meta.uid = 42;
         let with = Compare::all(true);
         let without = Compare::all(false);
-        assert_ne!(
-            entry_digest(&a, with),
-            entry_digest(&b, with)
-        );
-        assert_eq!(
-            entry_digest(&a, without),
-            entry_digest(&b, without)
-        );
+        assert_ne!(entry_digest(&a, with), entry_digest(&b, with));
+        assert_eq!(entry_digest(&a, without), entry_digest(&b, without));
         let mut c = a.clone();
         c.entry.meta.mtime_nsec = 1;
-        assert_ne!(
-            entry_digest(&a, without),
-            entry_digest(&c, without)
-        );
+        assert_ne!(entry_digest(&a, without), entry_digest(&c, without));
     }
 
     #[test]

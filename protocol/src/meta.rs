@@ -182,10 +182,16 @@ impl Meta {
             .xattrs
             .intersect(self.xattrs.covers)
             .intersect(other.xattrs.covers);
-        if self.xattrs.differ(&other.xattrs, ns.intersect(Namespaces::XATTRS)) {
+        if self
+            .xattrs
+            .differ(&other.xattrs, ns.intersect(Namespaces::XATTRS))
+        {
             out.push(Difference::Xattr);
         }
-        if self.xattrs.differ(&other.xattrs, ns.intersect(Namespaces::ACL)) {
+        if self
+            .xattrs
+            .differ(&other.xattrs, ns.intersect(Namespaces::ACL))
+        {
             out.push(Difference::Acl);
         }
         out

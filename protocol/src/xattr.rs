@@ -151,9 +151,7 @@ impl Xattrs {
             total += name.len() + value.len();
         }
         if total > MAX_BYTES {
-            return Err(format!(
-                "xattrs total {total} bytes, more than {MAX_BYTES}"
-            ));
+            return Err(format!("xattrs total {total} bytes, more than {MAX_BYTES}"));
         }
         Ok(())
     }
@@ -283,9 +281,7 @@ impl At<'_> {
             let value = match self.sized(|b| self.get_raw(&cname(name)?, b)) {
                 Ok(v) => v,
                 // Removed since it was listed, or not ours to read (trusted.* unprivileged).
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EPERM)) => {
-                    continue
-                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EPERM)) => continue,
                 Err(e) => return Err(e),
             };
             total += name.len() + value.len();

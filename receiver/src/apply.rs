@@ -558,9 +558,8 @@ impl Apply {
         let (to_at, from_at) = (self.entry(rel)?, self.entry(target)?);
         let (to, from) = (to_at.path(), from_at.path());
         let have = fs::symlink_metadata(&from)?;
-        let current = local::meta_of(&have).is_some_and(|m| {
-            m.kind == Kind::File && m.quick_equal(meta)
-        });
+        let current =
+            local::meta_of(&have).is_some_and(|m| m.kind == Kind::File && m.quick_equal(meta));
         if !current {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -656,7 +655,15 @@ fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
         |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
     let (from, to) = (cstr(from)?, cstr(to)?);
     // SAFETY: both are valid NUL-terminated paths; linkat has no other memory effects.
-    let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), 0) };
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            0,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {

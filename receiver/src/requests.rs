@@ -327,23 +327,22 @@ impl Requests {
             return self.fail(id, format!("{under}: {e}"));
         }
         let mut errors = Vec::new();
-        let entries =
-            match local::scan_from(
-                &self.fs.tree_root(),
-                under,
-                &module_filter,
-                xattrs,
-                &mut errors,
-            ) {
-                Ok(e) => e,
-                Err(e)
-                    if e.kind() == io::ErrorKind::NotFound
-                        || e.kind() == io::ErrorKind::NotADirectory =>
-                {
-                    Vec::new()
-                }
-                Err(e) => return self.fail(id, format!("listing {under:?}: {e}")),
-            };
+        let entries = match local::scan_from(
+            &self.fs.tree_root(),
+            under,
+            &module_filter,
+            xattrs,
+            &mut errors,
+        ) {
+            Ok(e) => e,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::NotADirectory =>
+            {
+                Vec::new()
+            }
+            Err(e) => return self.fail(id, format!("listing {under:?}: {e}")),
+        };
         for (p, e) in &errors {
             tracing::warn!(module = self.fs.module(), path = %p, "cannot list: {e}");
         }

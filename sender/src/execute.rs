@@ -7,7 +7,7 @@
 //! connection ends execution (with an error, so the caller can put the work back).
 
 use crate::coalesce::Rename;
-use crate::config::SyncGroup;
+use crate::config::{Preserve, SyncGroup};
 use crate::plan::{Base, Link, Op, Plan};
 use crate::session::{Session, SessionError};
 use crate::transfer::{self, TransferError};
@@ -148,8 +148,10 @@ impl Totals {
             })
             .sum();
         Totals {
-            steps: (plan.deletes.len() + plan.creates.len() + plan.links.len() + plan.dir_meta.len())
-                as u64,
+            steps: (plan.deletes.len()
+                + plan.creates.len()
+                + plan.links.len()
+                + plan.dir_meta.len()) as u64,
             bytes,
         }
     }
@@ -226,7 +228,7 @@ pub async fn execute(
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
     observe.planned(Totals::of(&plan));
-    let (root, sparse) = (group.source.as_path(), group.preserve.sparse);
+    let (root, preserve) = (group.source.as_path(), group.preserve);
     let mut run = Run {
         session,
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -257,7 +259,7 @@ pub async fn execute(
                 let (session, root) = (session.clone(), root.to_path_buf());
                 run.tasks.spawn(async move {
                     let _waiting = waiting;
-                    let mut done = send_file(&session, &root, path, base, sparse, sending).await;
+                    let mut done = send_file(&session, &root, path, base, preserve, sending).await;
                     if let Ok(step) = &mut done {
                         step.size = size;
                     }
@@ -288,12 +290,13 @@ pub async fn execute(
                     .await
                     .expect("never closed");
                 run.reap()?;
-                let (session, root, size) = (session.clone(), root.to_path_buf(), l.entry.meta.size);
+                let (session, root, size) =
+                    (session.clone(), root.to_path_buf(), l.entry.meta.size);
                 let path = l.target.clone();
                 run.tasks.spawn(async move {
                     let _waiting = waiting;
                     let mut done =
-                        send_file(&session, &root, path, Base::Unknown, sparse, sending).await;
+                        send_file(&session, &root, path, Base::Unknown, preserve, sending).await;
                     if let Ok(step) = &mut done {
                         step.size = size;
                     }
@@ -419,14 +422,14 @@ async fn send_file(
     root: &Path,
     path: RelPath,
     base: crate::plan::Base,
-    sparse: bool,
+    preserve: Preserve,
     sending: tokio::sync::OwnedSemaphorePermit,
 ) -> Outcome {
     let mut attempt = 1;
     let mut sending = Some(sending);
     loop {
         let sent = async {
-            match transfer::begin(session, root, &path, base, sparse).await? {
+            match transfer::begin(session, root, &path, base, preserve).await? {
                 Some(flight) => flight.finish(session, &mut sending).await.map(Some),
                 None => Ok(None),
             }

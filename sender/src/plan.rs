@@ -248,17 +248,27 @@ pub fn entry_op(local: &Entry, remote: Remote<'_>, opts: PlanOptions) -> Option<
 }
 
 /// For a changed file with several current names (`names`, when hard links are compared):
-/// every name but the first becomes a link to the first. Its content travels only if the
-/// receiver's first name is not current, which the receiver says by refusing the links
-/// (see `execute`). `None` for a file with one name.
-pub fn link_ops(local: &Entry, opts: PlanOptions, names: &LinkNames) -> Option<Vec<Link>> {
+/// every name but one becomes a link to that one, the first in tree order that is not
+/// `fresh` (new or rewritten in this batch, so perhaps not on the receiver yet). Its content
+/// travels only if the receiver's copy under that name is not current, which the receiver
+/// says by refusing the links (see `execute`). `None` for a file with one name.
+pub fn link_ops(
+    local: &Entry,
+    opts: PlanOptions,
+    names: &LinkNames,
+    fresh: &HashSet<&RelPath>,
+) -> Option<Vec<Link>> {
     let group = names
         .get(&local.inode.filter(|_| opts.compare.hardlinks)?)
         .filter(|n| n.len() > 1)?;
-    let first = &group[0];
+    let first = group
+        .iter()
+        .find(|n| !fresh.contains(n))
+        .unwrap_or(&group[0]);
     Some(
-        group[1..]
+        group
             .iter()
+            .filter(|name| *name != first)
             .map(|name| Link {
                 entry: Entry {
                     path: name.clone(),
@@ -380,7 +390,9 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions, names: &LinkNa
     for (l, first) in followers {
         let inode = l.inode.expect("followers have inodes");
         let linked_there = match (remote_by_path.get(&l.path), remote_by_path.get(first)) {
-            (Some(r), Some(f)) => r.meta.kind == Kind::File && r.inode.is_some() && r.inode == f.inode,
+            (Some(r), Some(f)) => {
+                r.meta.kind == Kind::File && r.inode.is_some() && r.inode == f.inode
+            }
             _ => false,
         };
         if sent_first.contains(&inode) || !linked_there {
@@ -459,6 +471,12 @@ pub fn plan_batch(
     let mut out = BatchPlan::default();
     let mut covered: Option<RelPath> = None;
     let mut linked: HashSet<Inode> = HashSet::new();
+    let fresh_paths: Vec<RelPath> = dirty
+        .iter()
+        .filter(|d| d.need >= Need::Content)
+        .map(|d| d.path.clone())
+        .collect();
+    let fresh: HashSet<&RelPath> = fresh_paths.iter().collect();
     for Dirty { path, need, entry } in dirty {
         if covered.as_ref().is_some_and(|c| path.starts_with(c)) {
             continue;
@@ -491,14 +509,22 @@ pub fn plan_batch(
                     out.plan.dir_meta.push(e);
                 }
             }
-            Some(e) if need == Need::Meta => out.plan.creates.push(Op::SetMeta(e)),
             Some(e) => {
-                if let Some(links) = link_ops(&e, opts, names) {
+                // A file with several names: every name a link to the first (a new name, as
+                // `ln` makes, shows as a change of the old one's attributes).
+                if let Some(links) = link_ops(&e, opts, names, &fresh) {
                     if linked.insert(e.inode.expect("linked files have inodes")) {
-                        out.parents
-                            .extend(links.iter().filter_map(|l| l.entry.path.parent()));
+                        for l in &links {
+                            out.parents.extend(l.entry.path.parent());
+                            out.parents.extend(l.target.parent());
+                        }
                         out.plan.links.extend(links);
                     }
+                    if need == Need::Meta {
+                        out.plan.creates.push(Op::SetMeta(e));
+                    }
+                } else if need == Need::Meta {
+                    out.plan.creates.push(Op::SetMeta(e));
                 } else if let Some(op) = entry_op(&e, Remote::Unknown, opts) {
                     out.parents.extend(path.parent());
                     out.plan.creates.push(op);
@@ -774,7 +800,12 @@ mod tests {
             delete: false,
             ..opts()
         };
-        let out = plan_batch(vec![dirty("g", Need::Content, None)], o, &LinkNames::new(), |_, _| false);
+        let out = plan_batch(
+            vec![dirty("g", Need::Content, None)],
+            o,
+            &LinkNames::new(),
+            |_, _| false,
+        );
         assert!(out.plan.is_empty() && out.parents.is_empty());
     }
 
@@ -789,7 +820,9 @@ mod tests {
             dirty("keep", Need::Content, Some(e("keep", Kind::File, 1, 1))),
             dirty("old.log", Need::Content, None),
         ];
-        let out = plan_batch(batch, opts(), &LinkNames::new(), |p, d| filter.excludes_dirty(p, d));
+        let out = plan_batch(batch, opts(), &LinkNames::new(), |p, d| {
+            filter.excludes_dirty(p, d)
+        });
         assert!(out.plan.deletes.is_empty(), "{:?}", out.plan.deletes);
         let sent: Vec<String> = out
             .plan

@@ -1,12 +1,14 @@
 //! Sending one file: `FileBegin`, optionally the receiver's signature, the body as whole
 //! chunks or windowed deltas read on a blocking thread, then `FileEnd` with the digest.
 
+use crate::config::Preserve;
 use crate::plan::{body_for, Base};
 use crate::session::{Session, SessionError};
 use ferry_protocol::delta::{self, WINDOW};
 use ferry_protocol::local;
 use ferry_protocol::message::{Body, Message, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::xattr::{At, Namespaces};
 use ferry_protocol::RelPath;
 use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
@@ -67,6 +69,7 @@ pub struct Sent {
 fn open_source(
     root: &Path,
     path: &RelPath,
+    xattrs: Namespaces,
 ) -> Result<Option<(std::fs::File, Meta, bool)>, TransferError> {
     let read_err = |source| TransferError::Read {
         path: path.clone(),
@@ -84,9 +87,16 @@ fn open_source(
     };
     let md = file.metadata().map_err(read_err)?;
     let sparse = is_sparse(&md);
-    Ok(local::meta_of(&md)
-        .filter(|m| m.kind == Kind::File)
-        .map(|m| (file, m, sparse)))
+    let Some(mut meta) = local::meta_of(&md).filter(|m| m.kind == Kind::File) else {
+        return Ok(None);
+    };
+    // The attributes of the file being sent, read through its descriptor; ones that cannot be
+    // read travel as "not managed" (the receiver leaves its own alone), and the file still goes.
+    match At::Fd(file.as_raw_fd()).read(xattrs) {
+        Ok(x) => meta.xattrs = x,
+        Err(e) => tracing::warn!(%path, "extended attributes not sent: {e}"),
+    }
+    Ok(Some((file, meta, sparse)))
 }
 
 /// True if the file stores fewer blocks than its length needs: it has holes.
@@ -96,26 +106,27 @@ fn is_sparse(md: &std::fs::Metadata) -> bool {
 }
 
 /// Sends `FileBegin` for `path` under `root`, with the metadata of the opened file; whole or
-/// delta as [`body_for`] decides from its size and what the receiver may hold. With
-/// `keep_holes`, a sparse file's body goes whole with its holes as holes. Returns `Ok(None)`
-/// if the path is no longer a regular file.
+/// delta as [`body_for`] decides from its size and what the receiver may hold, with the
+/// attributes `preserve` carries. If it preserves holes, a sparse file's body goes whole with
+/// its holes as holes. Returns `Ok(None)` if the path is no longer a regular file.
 pub async fn begin(
     session: &Session,
     root: &Path,
     path: &RelPath,
     base: Base,
-    keep_holes: bool,
+    preserve: Preserve,
 ) -> Result<Option<InFlight>, TransferError> {
     let opened = {
         let (root, path) = (root.to_path_buf(), path.clone());
-        tokio::task::spawn_blocking(move || open_source(&root, &path))
+        let ns = preserve.namespaces();
+        tokio::task::spawn_blocking(move || open_source(&root, &path, ns))
             .await
             .expect("open task")?
     };
     let Some((file, meta, sparse)) = opened else {
         return Ok(None);
     };
-    let sparse = sparse && keep_holes;
+    let sparse = sparse && preserve.sparse;
     let body = body_for(meta.size, base);
     let (id, rx) = session.register();
     session

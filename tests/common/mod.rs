@@ -2,12 +2,14 @@
 //! 127.0.0.1 only.
 #![allow(dead_code, unused_imports)]
 
+pub mod attrs;
 pub mod pair;
 pub mod proc;
 pub mod proxy;
 pub mod site;
 pub mod trees;
 
+pub use attrs::*;
 pub use proc::{Daemon, Proc, Receiver};
 pub use site::{fill_tree, one_group, sync, Backup, ModuleOpts, Setup, Site};
 pub use trees::*;

@@ -141,6 +141,17 @@ pub struct Backup {
 impl Backup {
     /// `modules`: (name, path) pairs, all writable by `client`.
     pub fn start(root: &Path, name: &str, modules: &[(&str, &Path)], client: &str) -> Backup {
+        Backup::start_with(root, name, modules, client, "")
+    }
+
+    /// [`Backup::start`] with more keys (`key = value` lines) for every module.
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        modules: &[(&str, &Path)],
+        client: &str,
+        module_keys: &str,
+    ) -> Backup {
         let dir = root.join(name);
         let fingerprint = keygen(&dir);
         let port = free_port();
@@ -149,7 +160,7 @@ impl Backup {
         for (m, path) in modules {
             fs::create_dir_all(path).unwrap();
             text.push_str(&format!(
-                "[modules.{m}]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n",
+                "[modules.{m}]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n{module_keys}\n",
                 path.display().to_string()
             ));
         }

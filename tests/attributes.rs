@@ -1,0 +1,183 @@
+//! Beyond `rsync -a`: file capabilities, ACLs, extended attributes (user, trusted, security),
+//! hard links and holes, live and with `send --once`, each checked on the receiver with the
+//! system's tools (`getfattr`, `getfacl`, `getcap`, inode numbers, allocated blocks), and
+//! `verify`'s kinds for them. Needs root (trusted.* and security.* attributes, setcap).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const SPARSE: &[&str] = &["vm.img"];
+
+/// A receiver whose module keeps setuid bits and so file capabilities.
+fn backup_keeping_capabilities(site: &Site) -> (PathBuf, PathBuf, Backup) {
+    let (src, dst) = (site.dir("src"), site.path("dst"));
+    let backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        "setuid = true",
+    );
+    (src, dst, backup)
+}
+
+fn files_received(site: &Site) -> u64 {
+    summary_value(&site.stats(), "files")
+}
+
+fn verify_lines(out: &str) -> Vec<String> {
+    let mut lines: Vec<String> = out.lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// The receiver really holds what the source holds, checked by the system's tools, and not
+/// vacuously (the source has each thing to hold).
+fn assert_rich_copy(src: &Path, dst: &Path) {
+    attrs_difference(src, dst, RICH_PATHS, SPARSE).map(|d| panic!("{d}"));
+    assert!(caps_of(&dst.join("bin/tool")).contains("cap_net_bind_service"));
+    assert!(xattrs_of(&dst.join("labelled")).contains("security.selinux="));
+    assert!(xattrs_of(&dst.join("labelled")).contains("trusted.origin="));
+    assert!(xattrs_of(&dst.join("notes.txt")).contains("user.comment="));
+    assert!(acl_of(&dst.join("shared")).contains("default:user:1234:rwx"));
+    assert!(acl_of(&dst.join("shared/doc")).contains("group:3456:rw-"));
+    assert_eq!(
+        inode_groups(dst),
+        vec![vec![
+            "other/c".to_string(),
+            "store/a".into(),
+            "store/b".into()
+        ]]
+    );
+}
+
+on_each_watcher! {
+    /// Everything arrives live; a name of a hard-linked file rewritten in place updates every
+    /// name; a new name arrives as a link; attribute changes travel as metadata.
+    fn capabilities_acls_xattrs_and_hard_links_arrive_live(watcher) {
+        let live = Site::watching(watcher);
+        let (src, dst, backup) = backup_keeping_capabilities(&live);
+        let mut daemon = live.run(&one_group(&backup, &src, ""), 1);
+        rich_tree(&src);
+        wait_equal(&src, &dst, 30, "rich tree, live");
+        wait_attrs_equal(&src, &dst, RICH_PATHS, SPARSE, 30, "attributes, live");
+        assert_rich_copy(&src, &dst);
+
+        // One of three names rewritten in place: all three change, still one file.
+        fs::write(src.join("store/b"), pseudo_random(300_000, 9)).unwrap();
+        wait_equal(&src, &dst, 30, "a hard-linked file rewritten");
+        wait_attrs_equal(&src, &dst, RICH_PATHS, SPARSE, 30, "links after a rewrite");
+
+        // A new name for it: a link on the receiver, no content sent.
+        let files = files_received(&live);
+        fs::hard_link(src.join("store/a"), src.join("fourth")).unwrap();
+        wait_equal(&src, &dst, 30, "a new name");
+        wait_attrs_equal(&src, &dst, &["fourth"], &[], 30, "a new name is a link");
+        assert_eq!(inode_groups(&dst)[0].len(), 4);
+
+        // Attribute changes only: a user xattr changed, an ACL entry added, the capability
+        // taken away; none of them resends content.
+        let notes = src.join("notes.txt");
+        let notes = notes.to_str().unwrap();
+        tool(&["setfattr", "-n", "user.comment", "-v", "changed", notes]);
+        tool(&["setfacl", "-m", "u:4321:r", notes]);
+        tool(&["setcap", "-r", src.join("bin/tool").to_str().unwrap()]);
+        wait_attrs_equal(&src, &dst, RICH_PATHS, SPARSE, 30, "attribute changes");
+        assert!(caps_of(&dst.join("bin/tool")).trim().is_empty());
+        assert!(acl_of(&dst.join("notes.txt")).contains("user:4321:r--"));
+        assert_eq!(files_received(&live), files, "links and attributes sent no content");
+        assert!(daemon.stop().success());
+    }
+}
+
+/// `send --once` carries everything, the three names once; `verify` names each kind of
+/// difference the receiver's copy can have; the next `send --once` repairs them without
+/// sending content.
+#[test]
+fn send_once_keeps_all_of_it_and_verify_names_each_kind() {
+    let site = Site::new();
+    let (src, dst, backup) = backup_keeping_capabilities(&site);
+    let held = rich_tree(&src);
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let payload = summary_value(&stdout(&o), "payload_bytes");
+    assert!(
+        payload <= held + 4096,
+        "{payload} payload bytes for {held} bytes of content: the linked file went more than once"
+    );
+    assert_trees_equal(&src, &dst);
+    assert_rich_copy(&src, &dst);
+    let verify = || run(ferry().arg("verify").arg("--config").arg(site.config()));
+    let o = verify();
+    assert_eq!(
+        (o.status.code(), stdout(&o)),
+        (Some(0), String::new()),
+        "{}",
+        stderr(&o)
+    );
+
+    // Each kind broken on the receiver by hand.
+    let d = |n: &str| dst.join(n).to_str().unwrap().to_string();
+    tool(&["setfacl", "-k", &d("shared")]);
+    tool(&["setfattr", "-x", "user.comment", &d("notes.txt")]);
+    tool(&["setcap", "-r", &d("bin/tool")]);
+    let (b, store) = (dst.join("store/b"), dst.join("store"));
+    let mtime =
+        |p: &Path| filetime::FileTime::from_last_modification_time(&fs::metadata(p).unwrap());
+    let (b_mtime, store_mtime) = (mtime(&b), mtime(&store));
+    let content = fs::read(&b).unwrap();
+    fs::remove_file(&b).unwrap();
+    fs::write(&b, content).unwrap();
+    filetime::set_file_mtime(&b, b_mtime).unwrap();
+    filetime::set_file_mtime(&store, store_mtime).unwrap();
+    let expected = vec![
+        "acl shared".to_string(),
+        "hardlink store/b".into(),
+        "xattr bin/tool".into(),
+        "xattr notes.txt".into(),
+    ];
+    let o = verify();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(verify_lines(&stdout(&o)), expected);
+    let o = run(ferry().arg("verify").arg(&src).arg(&dst));
+    assert_eq!(verify_lines(&stdout(&o)), expected, "local verify");
+
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(summary_value(&stdout(&o), "payload_bytes"), 0);
+    assert_rich_copy(&src, &dst);
+    let o = verify();
+    assert_eq!((o.status.code(), stdout(&o)), (Some(0), String::new()));
+}
+
+/// File capabilities are privilege like a setuid bit: a module without `setuid = true`
+/// keeps neither, and says so instead of resending them for ever.
+#[test]
+fn capabilities_follow_the_modules_setuid_policy() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    rich_tree(&src);
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("does not keep capability attributes"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(caps_of(&dst.join("bin/tool")).trim().is_empty());
+    assert!(xattrs_of(&dst.join("labelled")).contains("security.selinux="));
+    // Nothing left to do: the capability is not compared where it is not kept.
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(
+        (summary_value(&out, "files"), summary_value(&out, "meta")),
+        (0, 0),
+        "{out}"
+    );
+}
