@@ -797,3 +797,106 @@ async fn a_hole_past_the_announced_size_is_refused_and_an_honest_one_stays_a_hol
         md.blocks() * 512
     );
 }
+
+/// A peer's `Link` and attributes are hostile input: a link reaches only a current regular
+/// file of the module (never a symlink a local user planted, never a path outside), and
+/// attributes outside what was announced, or a capability where setuid bits are not kept,
+/// are refused or dropped.
+#[tokio::test]
+async fn links_and_attributes_from_a_peer_stay_inside_the_module() {
+    use ferry_protocol::xattr::Xattrs;
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let request = |m: Message| {
+        let session = session.clone();
+        async move {
+            let (id, mut rx) = session.register();
+            let m = match m {
+                Message::Link {
+                    path, target, meta, ..
+                } => Message::Link {
+                    id,
+                    path,
+                    target,
+                    meta,
+                },
+                Message::SetMeta { path, meta, .. } => Message::SetMeta { id, path, meta },
+                other => other,
+            };
+            session.send(m).await.unwrap();
+            session.expect_ack(&mut rx).await.map_err(|e| e.to_string())
+        }
+    };
+    let link = |path: &str, target: &str, meta: Meta| Message::Link {
+        id: 0,
+        path: RelPath::from(path),
+        target: RelPath::from(target),
+        meta,
+    };
+    let outside = pair.tmp.path().join("outside");
+    fs::write(&outside, b"secret").unwrap();
+    std::os::unix::fs::symlink(&outside, pair.dst.join("planted")).unwrap();
+    let mut meta = file_meta(6);
+    let e = request(link("l1", "planted", meta.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("not current"), "{e}");
+    let e = request(link("l2", "../outside", meta.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("l2"), "{e}");
+    assert!(!pair.dst.join("l1").exists() && !pair.dst.join("l2").exists());
+    assert_eq!(fs::metadata(&outside).unwrap().nlink(), 1);
+
+    // A current file links; one that differs from what the sender believes does not.
+    let f = pair.dst.join("f");
+    fs::write(&f, b"hello!").unwrap();
+    let mtime = fs::metadata(&f).unwrap().mtime();
+    meta.mtime = mtime;
+    meta.mtime_nsec = fs::metadata(&f).unwrap().mtime_nsec() as u32;
+    request(link("sub-not-there/l3", "f", meta.clone()))
+        .await
+        .unwrap_err();
+    request(link("l3", "f", meta.clone())).await.unwrap();
+    assert_eq!(
+        fs::metadata(pair.dst.join("l3")).unwrap().ino(),
+        fs::metadata(&f).unwrap().ino()
+    );
+    let mut stale = meta.clone();
+    stale.mtime -= 10;
+    let e = request(link("l4", "f", stale)).await.unwrap_err();
+    assert!(e.contains("not current"), "{e}");
+
+    // Attributes: an undeclared namespace is refused; a capability is dropped where setuid
+    // bits are not kept, the rest applied.
+    let mut odd = meta.clone();
+    odd.xattrs = Xattrs {
+        covers: Namespaces::USER,
+        list: vec![(b"trusted.x".to_vec(), b"1".to_vec())],
+    };
+    let set = |m: Meta| Message::SetMeta {
+        id: 0,
+        path: RelPath::from("f"),
+        meta: m,
+    };
+    let e = request(set(odd)).await.unwrap_err();
+    assert!(e.contains("outside the namespaces"), "{e}");
+    let mut capable = meta.clone();
+    capable.xattrs = Xattrs {
+        covers: Namespaces::ALL,
+        list: vec![
+            (
+                b"security.capability".to_vec(),
+                vec![1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+            (b"user.a".to_vec(), b"1".to_vec()),
+        ],
+    };
+    request(set(capable)).await.unwrap();
+    let attrs = xattrs_of(&f);
+    assert!(
+        attrs.contains("user.a=") && !attrs.contains("security.capability"),
+        "{attrs}"
+    );
+}

@@ -568,3 +568,26 @@ fn sparse_files_stay_sparse_through_rsync_unless_preserve_says_otherwise() {
         );
     }
 }
+
+/// Compatibility mode passes `-H -A -X` as the group preserves them: capabilities, ACLs,
+/// every namespace of xattrs and the three names of one file arrive through a stock rsyncd.
+#[test]
+fn hard_links_acls_and_xattrs_travel_through_rsync() {
+    let site = Site::new();
+    let (src, dst) = (site.path("src"), site.path("dst"));
+    fs::create_dir_all(&src).unwrap();
+    rich_tree(&src);
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    site.write_config(&format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync("file", &src, &["legacy"], "file", "")
+    ));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    if let Some(d) = attrs_difference(&src, &dst, RICH_PATHS, &["vm.img"]) {
+        panic!("{d}");
+    }
+    assert_eq!(inode_groups(&dst).len(), 1);
+    assert!(caps_of(&dst.join("bin/tool")).contains("cap_net_bind_service"));
+}

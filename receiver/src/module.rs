@@ -337,6 +337,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn capabilities_are_kept_only_with_setuid_bits_and_privileged_namespaces_only_as_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let module = |setuid| Module {
+            name: "m".into(),
+            path: dir.path().to_path_buf(),
+            clients: vec![],
+            hosts_allow: None,
+            read_only: false,
+            max_connections: None,
+            comment: None,
+            devices: false,
+            setuid,
+            owner: Default::default(),
+        };
+        let open = |setuid| ModuleState::open(module(setuid), None).unwrap();
+        let unprivileged = open(true).keeps(false).xattrs;
+        assert_eq!(unprivileged, Namespaces::USER.union(Namespaces::ACL));
+        assert_eq!(open(true).keeps(true).xattrs, Namespaces::ALL);
+        let no_setuid = open(false).keeps(true).xattrs;
+        assert_eq!(no_setuid, Namespaces::ALL.without(Namespaces::CAPABILITY));
+    }
+
+    #[test]
     fn opening_removes_what_an_earlier_run_left_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();

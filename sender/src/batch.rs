@@ -108,7 +108,7 @@ pub async fn send_batch(
         let linked: Vec<Entry> = dirty
             .iter()
             .filter_map(|d| d.entry.as_ref().ok().and_then(Option::as_ref))
-            .filter(|e| e.inode.is_some())
+            .filter(|e| e.inode.is_some() && !g.filter.excludes_dirty(&e.path, Some(false)))
             .cloned()
             .collect();
         let names = link_names(&g, false, &linked);

@@ -584,6 +584,16 @@ exclude = ["tmp/", "*.log"]
         assert_eq!(g.name, "file");
         assert!(g.delete);
         assert_eq!(g.targets, vec!["backup".to_string()]);
+        assert_eq!(g.preserve.namespaces(), Namespaces::ALL);
+        assert!(g.preserve.hardlinks && g.preserve.sparse);
+        let acls_only = GOOD.replace(
+            "module = \"file\"",
+            "module = \"file\"\npreserve = [\"acls\"]",
+        );
+        let c2 = Config::parse(&acls_only, Path::new("/etc/ferry/sender.toml")).unwrap();
+        let p = c2.syncs[0].preserve;
+        assert_eq!(p.namespaces(), Namespaces::ACL);
+        assert!(!p.hardlinks && !p.sparse && !p.xattrs);
         assert!(matches!(
             c.targets["backup"].kind,
             TargetKind::Ferry {

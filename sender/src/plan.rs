@@ -854,4 +854,124 @@ mod tests {
         p.keep_unreadable(&[RelPath::from("c"), RelPath::from("a/1")]);
         assert_eq!(p.deletes, vec![RelPath::from("d")]);
     }
+
+    fn linked(path: &str, ino: u64) -> Entry {
+        Entry {
+            inode: Some(Inode { dev: 1, ino }),
+            ..e(path, Kind::File, 10, 5)
+        }
+    }
+
+    fn link_names(groups: &[(u64, &[&str])]) -> LinkNames {
+        groups
+            .iter()
+            .map(|(ino, names)| {
+                let names = names.iter().map(|n| RelPath::from(*n)).collect();
+                (Inode { dev: 1, ino: *ino }, names)
+            })
+            .collect()
+    }
+
+    fn links_of(p: &Plan) -> Vec<(String, String)> {
+        p.links
+            .iter()
+            .map(|l| (l.entry.path.to_string(), l.target.to_string()))
+            .collect()
+    }
+
+    fn linking() -> PlanOptions {
+        PlanOptions {
+            compare: Compare::all(true).with(Default::default(), true),
+            ..opts()
+        }
+    }
+
+    #[test]
+    fn names_of_one_file_travel_once_then_as_links_and_only_where_the_receiver_differs() {
+        let local = vec![
+            e("", Kind::Dir, 0, 1),
+            linked("a", 7),
+            linked("b", 7),
+            linked("c", 7),
+            e("d", Kind::File, 10, 5),
+        ];
+        let names = link_names(&[(7, &["a", "b", "c"])]);
+        // An empty receiver: the file once, under its first name, then two links.
+        let p = plan(&local, &local[..1], linking(), &names);
+        let files: Vec<String> = p
+            .creates
+            .iter()
+            .map(|o| o.entry().path.to_string())
+            .collect();
+        assert_eq!(files, vec!["a", "d"]);
+        assert_eq!(
+            links_of(&p),
+            vec![("b".into(), "a".into()), ("c".into(), "a".into())]
+        );
+        // The receiver has a and b as one file (its own inode numbers), c apart, and d linked
+        // to a file that is not d here: only c is linked, and d becomes a file of its own.
+        let remote = vec![
+            e("", Kind::Dir, 0, 1),
+            linked("a", 70),
+            linked("b", 70),
+            linked("c", 71),
+            linked("d", 72),
+            linked("x", 72),
+        ];
+        let p = plan(&local, &remote, linking(), &names);
+        assert_eq!(links_of(&p), vec![("c".into(), "a".into())]);
+        let files: Vec<String> = p
+            .creates
+            .iter()
+            .map(|o| o.entry().path.to_string())
+            .collect();
+        assert_eq!(files, vec!["d"]);
+        // Without hard links compared, names are files like any other.
+        let p = plan(&local, &local[..1], opts(), &names);
+        assert_eq!((p.creates.len(), p.links.len()), (4, 0));
+        // A first name linked there to a stranger is sent anew, and every name relinked.
+        let remote = vec![
+            e("", Kind::Dir, 0, 1),
+            linked("a", 70),
+            linked("b", 70),
+            linked("c", 70),
+            linked("z", 70),
+        ];
+        let p = plan(&local, &remote, linking(), &names);
+        assert!(matches!(&p.creates[0], Op::File { entry, .. } if entry.path.as_bytes() == b"a"));
+        assert_eq!(
+            links_of(&p),
+            vec![("b".into(), "a".into()), ("c".into(), "a".into())]
+        );
+    }
+
+    #[test]
+    fn a_batch_links_new_names_to_one_the_receiver_already_has() {
+        let names = link_names(&[(7, &["a", "m", "z"])]);
+        // `ln m a`: a is new (created), m only changed attributes (its link count).
+        let batch = vec![
+            dirty("a", Need::Content, Some(linked("a", 7))),
+            dirty("m", Need::Meta, Some(linked("m", 7))),
+        ];
+        let out = plan_batch(batch, linking(), &names, |_, _| false);
+        assert_eq!(
+            links_of(&out.plan),
+            vec![("a".into(), "m".into()), ("z".into(), "m".into())]
+        );
+        let meta: Vec<String> = out
+            .plan
+            .creates
+            .iter()
+            .map(|o| o.entry().path.to_string())
+            .collect();
+        assert_eq!(meta, vec!["m"], "no content, m's attributes");
+        assert!(out.parents.contains(&RelPath::root()));
+        // One name rewritten: the others are linked to the first name that was not.
+        let batch = vec![dirty("a", Need::Content, Some(linked("a", 7)))];
+        let out = plan_batch(batch, linking(), &names, |_, _| false);
+        assert_eq!(
+            links_of(&out.plan),
+            vec![("a".into(), "m".into()), ("z".into(), "m".into())]
+        );
+    }
 }
