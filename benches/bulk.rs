@@ -4,7 +4,8 @@
 //! Builds a deterministic tree (20,000 files of ~4 KiB in 1,000 directories and one 256 MiB
 //! file), starts a real `rsync --daemon` and a real `ferry receive`, and prints, per workload,
 //! ferry's figure, rsync's, and the ratio:
-//! - initial sync (`send --once` vs `rsync -a`, and `rsync -a --fsync` for reference);
+//! - initial sync (`send --once` vs `rsync -a`, and `rsync -a --fsync` and `rsync -aHAXS`,
+//!   which keeps what ferry keeps by default, for reference);
 //! - 1 MiB changed in the middle of the 256 MiB file: time and bytes on the wire in both
 //!   directions (through a counting proxy, for both);
 //! - nothing changed, fresh process;
@@ -236,6 +237,7 @@ impl Site {
             &ferry_spare,
             &rsync_spare,
             &dir.join("rsync-fsync"),
+            &dir.join("rsync-hax"),
         ] {
             std::fs::create_dir_all(d).unwrap();
         }
@@ -263,10 +265,12 @@ impl Site {
             format!(
                 "use chroot = no\nuid = root\ngid = root\n[bench]\npath = {}\nread only = false\n\
                  [spare]\npath = {}\nread only = false\n\
-                 [fsync]\npath = {}\nread only = false\n",
+                 [fsync]\npath = {}\nread only = false\n\
+                 [hax]\npath = {}\nread only = false\n",
                 rsync_dst.display(),
                 rsync_spare.display(),
-                dir.join("rsync-fsync").display()
+                dir.join("rsync-fsync").display(),
+                dir.join("rsync-hax").display()
             ),
         )
         .unwrap();
@@ -443,6 +447,9 @@ fn main() {
     row("initial sync, both rounds", secs(f), secs(r), ratio(f, r));
     let (rf, _) = site.rsync_into(site.rsync_port, "fsync", &["--fsync"]);
     row("  (rsync --fsync)", secs(f1), secs(rf), ratio(f1, rf));
+    // What ferry keeps by default (hard links, ACLs, xattrs, holes) is rsync's -aHAXS.
+    let (rh, _) = site.rsync_into(site.rsync_port, "hax", &["-HAXS"]);
+    row("  (rsync -aHAXS)", secs(f1), secs(rh), ratio(f1, rh));
     row(
         "peak RSS, initial sync: sender / client",
         format!("{} MB", f_rss / 1024),

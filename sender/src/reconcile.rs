@@ -86,9 +86,6 @@ pub async fn reconcile_under(
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
-    if under.is_root() {
-        warn_unkept(session, group);
-    }
     let plan = plan_under(session, group, under, recent_deletes, &mut report).await?;
     if under.is_root() {
         tracing::info!(
@@ -150,6 +147,7 @@ pub async fn plan_under(
     }
     planned.removes = deleted_entries(&planned.deletes, &remote);
     if under.is_root() {
+        warn_unkept(session, group, &local);
         let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
         // What the module holds once this compare is done: the source's entries.
         report.module_entries = Some(local.iter().filter(|e| !e.path.is_root()).count() as u64);
@@ -185,13 +183,22 @@ pub fn plan_options(session: &Session, group: &SyncGroup) -> PlanOptions {
     }
 }
 
-/// Says once per whole compare which preserved attributes the module cannot keep.
-fn warn_unkept(session: &Session, group: &SyncGroup) {
+/// Says once per whole compare which attributes of the source the module cannot keep, if the
+/// source has any.
+fn warn_unkept(session: &Session, group: &SyncGroup, local: &[Entry]) {
     let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
-    if !unkept.is_empty() {
+    if unkept.is_empty() {
+        return;
+    }
+    let mut holding = local
+        .iter()
+        .filter(|e| e.meta.xattrs.within(unkept).next().is_some());
+    if let Some(first) = holding.next() {
         tracing::warn!(
             sync = %group.name,
             target = %session.address(),
+            entries = 1 + holding.count(),
+            example = %first.path,
             "the module does not keep {} attributes (receiver not root, setuid = false for \
              capabilities, or a filesystem that cannot hold them): they are not sent",
             unkept.describe()
