@@ -15,7 +15,7 @@ pub struct Stats {
     pub bytes_received: AtomicU64,
     /// Directories created.
     pub mkdirs: AtomicU64,
-    /// Symlinks and special files created.
+    /// Symlinks, special files and hard links created.
     pub links: AtomicU64,
     /// Metadata-only updates.
     pub set_meta: AtomicU64,

@@ -211,7 +211,8 @@ pub async fn verify(
 }
 
 /// Reads rsync's itemized changes (`%i %n`): `*deleting NAME`, or `YXcstpoguax NAME` where a
-/// new entry has `+` in every attribute column. A path both deleted and created changed type.
+/// new entry has `+` in every attribute column (`a`: ACL, `x`: xattrs; `Y` = `h`: a hard link
+/// to another name). A path both deleted and created changed type.
 pub fn parse_itemized(out: &[u8]) -> Vec<(RelPath, Difference)> {
     let mut diffs: Vec<(RelPath, Difference)> = Vec::new();
     for line in out.split(|b| *b == b'\n') {
@@ -255,6 +256,16 @@ pub fn parse_itemized(out: &[u8]) -> Vec<(RelPath, Difference)> {
         }
         if has(4, b'o') || has(5, b'g') {
             add(Difference::Owner);
+        }
+        if has(7, b'a') {
+            add(Difference::Acl);
+        }
+        if has(8, b'x') {
+            add(Difference::Xattr);
+        }
+        // `h`: made a hard link of another name (with `--hard-links`).
+        if flags[0] == b'h' {
+            add(Difference::Hardlink);
         }
     }
     // Deleted and created again: another type.
@@ -587,6 +598,9 @@ mod tests {
             .d..t...... sub/\n\
             cL+++++++++ link\n\
             cLc.t...... moved\n\
+            .f.......a. acl\n\
+            .f........x attrs\n\
+            hf......... linked\n\
             *deleting   retyped\n\
             >f+++++++++ retyped\n";
         let got: Vec<String> = parse_itemized(out)
@@ -596,7 +610,9 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                "mode chmodded".to_string(),
+                "acl acl".to_string(),
+                "xattr attrs".into(),
+                "mode chmodded".into(),
                 "owner chowned".into(),
                 "content edited".into(),
                 "mtime edited".into(),
@@ -604,6 +620,7 @@ mod tests {
                 "content grown".into(),
                 "mtime grown".into(),
                 "missing link".into(),
+                "hardlink linked".into(),
                 "mtime moved".into(),
                 "symlink moved".into(),
                 "missing new".into(),
