@@ -46,6 +46,7 @@ fn assert_rich_copy(src: &Path, dst: &Path) {
     assert!(xattrs_of(&dst.join("notes.txt")).contains("user.comment="));
     assert!(acl_of(&dst.join("shared")).contains("default:user:1234:rwx"));
     assert!(acl_of(&dst.join("shared/doc")).contains("group:3456:rw-"));
+    assert!(!acl_of(&dst.join("shared/plain")).contains("user:1234"));
     assert_eq!(
         inode_groups(dst),
         vec![vec![
@@ -87,9 +88,11 @@ on_each_watcher! {
         tool(&["setfattr", "-n", "user.comment", "-v", "changed", notes]);
         tool(&["setfacl", "-m", "u:4321:r", notes]);
         tool(&["setcap", "-r", src.join("bin/tool").to_str().unwrap()]);
+        tool(&["setfacl", "-m", "u:4321:rx", src.join("shared").to_str().unwrap()]);
         wait_attrs_equal(&src, &dst, RICH_PATHS, SPARSE, 30, "attribute changes");
         assert!(caps_of(&dst.join("bin/tool")).trim().is_empty());
         assert!(acl_of(&dst.join("notes.txt")).contains("user:4321:r--"));
+        assert!(acl_of(&dst.join("shared")).contains("user:4321:r-x"));
         assert_eq!(files_received(&live), files, "links and attributes sent no content");
         assert!(daemon.stop().success());
     }

@@ -95,6 +95,7 @@ pub const RICH_PATHS: &[&str] = &[
     "labelled",
     "shared",
     "shared/doc",
+    "shared/plain",
     "store/a",
     "store/b",
     "other/c",
@@ -103,8 +104,8 @@ pub const RICH_PATHS: &[&str] = &[
 
 /// Builds what the guides' trees hold beyond `rsync -a` below `root` (as root): a binary with
 /// `cap_net_bind_service+ep`, a `user.` xattr, an SELinux-style `security.` label and a
-/// `trusted.` attribute, a directory with a default and an access ACL and a file with an
-/// ACL inside it, three names for one file, a symlink with a label, and a sparse file with a
+/// `trusted.` attribute, a directory with a default and an access ACL, a file with an ACL
+/// inside it and one whose inherited ACL was removed, three names for one file, a symlink with a label, and a sparse file with a
 /// hole in the middle and one at the end (`vm.img`, 64 MiB holding 2 MiB). Returns the bytes
 /// of content the tree holds once (each file counted once, holes not at all).
 pub fn rich_tree(root: &Path) -> u64 {
@@ -146,6 +147,10 @@ pub fn rich_tree(root: &Path) -> u64 {
     tool(&["setfacl", "-d", "-m", "u:1234:rwx", s(&p("shared"))]);
     std::fs::write(p("shared/doc"), b"shared document\n").unwrap();
     tool(&["setfacl", "-m", "g:3456:rw", s(&p("shared/doc"))]);
+    // Created under the default ACL, then stripped of it: the receiver's copy, which inherits
+    // the default too, must lose it as well.
+    std::fs::write(p("shared/plain"), b"plain\n").unwrap();
+    tool(&["setfacl", "-b", s(&p("shared/plain"))]);
     let linked = super::pseudo_random(300_000, 2);
     std::fs::write(p("store/a"), &linked).unwrap();
     std::fs::hard_link(p("store/a"), p("store/b")).unwrap();
@@ -162,7 +167,7 @@ pub fn rich_tree(root: &Path) -> u64 {
     ]);
     let data = super::pseudo_random(1 << 20, 3);
     let held = super::write_sparse(&p("vm.img"), 64 << 20, &data, &[0, 30 << 20]);
-    40_000 + 6 + 7 + 16 + 300_000 + held
+    40_000 + 6 + 7 + 16 + 6 + 300_000 + held
 }
 
 /// The first way in which `b` differs from `a` beyond `rsync -a` (attributes, ACLs and
