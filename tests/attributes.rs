@@ -186,3 +186,79 @@ fn capabilities_follow_the_modules_setuid_policy() {
         "{out}"
     );
 }
+
+/// A module on a filesystem that holds no attributes (ramfs) is found out when it opens: the
+/// receiver says so once, the sender is told and says which entries lose what, the files land,
+/// and nothing is sent again for ever.
+#[test]
+fn a_module_that_cannot_hold_attributes_says_so_and_still_takes_the_files() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let _ram = Mount::ramfs(&dst);
+    let backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        "setuid = true",
+    );
+    rich_tree(&src);
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "the module does not keep user, trusted, security, capability, acl attributes"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(backup
+        .receiver
+        .as_ref()
+        .unwrap()
+        .log()
+        .contains("cannot hold user"));
+    assert_trees_equal(&src, &dst);
+    assert_eq!(inode_groups(&dst).len(), 1, "hard links need no attributes");
+    let o = site.send_once(&[]);
+    let out = stdout(&o);
+    assert_eq!(
+        (summary_value(&out, "files"), summary_value(&out, "meta")),
+        (0, 0),
+        "{out}"
+    );
+}
+
+/// A directory of the module on another filesystem that cannot hold attributes: its files
+/// land, and the receiver says so once per path however often they are sent.
+#[test]
+fn attributes_a_filesystem_below_the_module_cannot_hold_are_said_once_per_path() {
+    let site = Site::new();
+    let (src, dst, backup) = backup_keeping_capabilities(&site);
+    let _ram = Mount::ramfs(&dst.join("ram"));
+    fs::create_dir(src.join("ram")).unwrap();
+    fs::write(src.join("ram/f"), b"x").unwrap();
+    tool(&[
+        "setfattr",
+        "-n",
+        "user.k",
+        "-v",
+        "v",
+        src.join("ram/f").to_str().unwrap(),
+    ]);
+    site.write_config(&one_group(&backup, &src, ""));
+    for _ in 0..2 {
+        let o = site.send_once(&[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(fs::read(dst.join("ram/f")).unwrap(), b"x");
+    let log = backup.receiver.as_ref().unwrap().log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("extended attributes not kept"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(said[0].contains("ram/f"), "{}", said[0]);
+}

@@ -100,9 +100,7 @@ impl ModuleState {
         } else {
             probe_xattrs(&module.path)
         };
-        let missing = Namespaces::USER
-            .union(Namespaces::ACL)
-            .without(xattr_support);
+        let missing = Namespaces::ALL.without(xattr_support);
         if !missing.is_empty() {
             tracing::warn!(
                 module = %module.name,
@@ -122,19 +120,43 @@ impl ModuleState {
     }
 }
 
-/// Which attributes the filesystem at `root` holds: a `user.*` attribute and an ACL are set on
-/// an unnamed file there (`EOPNOTSUPP` means no). Anything else (no `O_TMPFILE`, a
-/// permission error) assumes support and leaves the answer to each file.
+/// Which attributes the filesystem at `root` holds: one of each namespace is set on a new
+/// file there (unnamed, or under a reserved name removed at once where `O_TMPFILE` is
+/// missing); `EOPNOTSUPP` means no. Anything else (a permission error, no file at all) assumes
+/// support and leaves the answer to each file.
 fn probe_xattrs(root: &Path) -> Namespaces {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let Ok(file) = fs::OpenOptions::new()
+    let unnamed = fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_TMPFILE)
         .mode(0o600)
-        .open(root)
-    else {
-        return Namespaces::ALL;
+        .open(root);
+    let file = match unnamed {
+        Ok(f) => f,
+        Err(_) => {
+            // The root's times are the source's: put them back after the name comes and goes.
+            let times = fs::metadata(root).ok().map(|m| {
+                (
+                    filetime::FileTime::from_last_access_time(&m),
+                    filetime::FileTime::from_last_modification_time(&m),
+                )
+            });
+            let name = root.join(format!("{}probe", own_prefix()));
+            let named = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&name);
+            let _ = fs::remove_file(&name);
+            if let Some((atime, mtime)) = times {
+                let _ = filetime::set_file_times(root, atime, mtime);
+            }
+            match named {
+                Ok(f) => f,
+                Err(_) => return Namespaces::ALL,
+            }
+        }
     };
     // A minimal access ACL (owner rw, group and others nothing), equal to mode 0600.
     let mut acl = 2u32.to_le_bytes().to_vec();
@@ -147,6 +169,12 @@ fn probe_xattrs(root: &Path) -> Namespaces {
     let mut support = Namespaces::ALL;
     for (ns, name, value) in [
         (Namespaces::USER, &b"user.ferry-probe"[..], &b"1"[..]),
+        (Namespaces::TRUSTED, b"trusted.ferry-probe", b"1"),
+        (
+            Namespaces::SECURITY.union(Namespaces::CAPABILITY),
+            b"security.ferry-probe",
+            b"1",
+        ),
         (Namespaces::ACL, b"system.posix_acl_access", &acl),
     ] {
         if at.set(name, value).is_err_and(|e| xattr::unsupported(&e)) {

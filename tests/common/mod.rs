@@ -194,6 +194,11 @@ impl Mount {
         )
     }
 
+    /// A ramfs at `at`: a filesystem that holds no extended attributes at all.
+    pub fn ramfs(at: &Path) -> Mount {
+        Mount::run(at, &["-t", "ramfs", "ramfs"], "a ramfs")
+    }
+
     /// `from` bind-mounted at `at`.
     pub fn bind(from: &Path, at: &Path) -> Mount {
         Mount::run(at, &["--bind", from.to_str().unwrap()], "a bind mount")
