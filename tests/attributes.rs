@@ -116,14 +116,7 @@ fn send_once_keeps_all_of_it_and_verify_names_each_kind() {
     );
     assert_trees_equal(&src, &dst);
     assert_rich_copy(&src, &dst);
-    let verify = || run(ferry().arg("verify").arg("--config").arg(site.config()));
-    let o = verify();
-    assert_eq!(
-        (o.status.code(), stdout(&o)),
-        (Some(0), String::new()),
-        "{}",
-        stderr(&o)
-    );
+    site.assert_verified();
 
     // Each kind broken on the receiver by hand.
     let d = |n: &str| dst.join(n).to_str().unwrap().to_string();
@@ -145,7 +138,7 @@ fn send_once_keeps_all_of_it_and_verify_names_each_kind() {
         "xattr bin/tool".into(),
         "xattr notes.txt".into(),
     ];
-    let o = verify();
+    let o = site.verify();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(verify_lines(&stdout(&o)), expected);
     let o = run(ferry().arg("verify").arg(&src).arg(&dst));
@@ -155,8 +148,7 @@ fn send_once_keeps_all_of_it_and_verify_names_each_kind() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(summary_value(&stdout(&o), "payload_bytes"), 0);
     assert_rich_copy(&src, &dst);
-    let o = verify();
-    assert_eq!((o.status.code(), stdout(&o)), (Some(0), String::new()));
+    site.assert_verified();
 }
 
 /// File capabilities are privilege like a setuid bit: a module without `setuid = true`
@@ -177,14 +169,7 @@ fn capabilities_follow_the_modules_setuid_policy() {
     assert!(caps_of(&dst.join("bin/tool")).trim().is_empty());
     assert!(xattrs_of(&dst.join("labelled")).contains("security.selinux="));
     // Nothing left to do: the capability is not compared where it is not kept.
-    let o = site.send_once(&[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert_eq!(
-        (summary_value(&out, "files"), summary_value(&out, "meta")),
-        (0, 0),
-        "{out}"
-    );
+    site.assert_nothing_to_send();
 }
 
 /// A module on a filesystem that holds no attributes (ramfs) is found out when it opens: the
@@ -222,13 +207,7 @@ fn a_module_that_cannot_hold_attributes_says_so_and_still_takes_the_files() {
         .contains("cannot hold user"));
     assert_trees_equal(&src, &dst);
     assert_eq!(inode_groups(&dst).len(), 1, "hard links need no attributes");
-    let o = site.send_once(&[]);
-    let out = stdout(&o);
-    assert_eq!(
-        (summary_value(&out, "files"), summary_value(&out, "meta")),
-        (0, 0),
-        "{out}"
-    );
+    site.assert_nothing_to_send();
 }
 
 /// A directory of the module on another filesystem that cannot hold attributes: its files

@@ -590,14 +590,7 @@ fn hard_links_acls_and_xattrs_travel_through_rsync() {
     }
     assert_eq!(inode_groups(&dst).len(), 1);
     assert!(caps_of(&dst.join("bin/tool")).contains("cap_net_bind_service"));
-    let verify = || run(ferry().arg("verify").arg("--config").arg(site.config()));
-    let o = verify();
-    assert_eq!(
-        (o.status.code(), stdout(&o)),
-        (Some(0), String::new()),
-        "{}",
-        stderr(&o)
-    );
+    site.assert_verified();
     tool(&["setfacl", "-k", dst.join("shared").to_str().unwrap()]);
     tool(&[
         "setfattr",
@@ -605,7 +598,7 @@ fn hard_links_acls_and_xattrs_travel_through_rsync() {
         "user.comment",
         dst.join("notes.txt").to_str().unwrap(),
     ]);
-    let o = verify();
+    let o = site.verify();
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(stdout(&o), "xattr notes.txt\nacl shared\n");
 }

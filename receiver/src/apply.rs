@@ -629,28 +629,15 @@ impl Staged {
 /// `linkat` of an open file (through its `/proc/self/fd` entry, which needs no privilege) to
 /// `to`; fails with `AlreadyExists` if `to` exists.
 fn link(fd: &str, to: &Path) -> io::Result<()> {
-    let cstr =
-        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-    let (from, to) = (cstr(Path::new(fd))?, cstr(to)?);
-    // SAFETY: both are valid NUL-terminated paths; linkat has no other memory effects.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    linkat(Path::new(fd), to, libc::AT_SYMLINK_FOLLOW)
 }
 
 /// `linkat` of the entry `from` (never following a symlink there) to the new name `to`.
 fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+    linkat(from, to, 0)
+}
+
+fn linkat(from: &Path, to: &Path, flags: libc::c_int) -> io::Result<()> {
     let cstr =
         |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
     let (from, to) = (cstr(from)?, cstr(to)?);
@@ -661,7 +648,7 @@ fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
             from.as_ptr(),
             libc::AT_FDCWD,
             to.as_ptr(),
-            0,
+            flags,
         )
     };
     if rc == 0 {

@@ -228,10 +228,13 @@ pub async fn execute(
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
     observe.planned(Totals::of(&plan));
-    let (root, preserve) = (group.source.as_path(), group.preserve);
     let mut run = Run {
         session,
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        file_slots: Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT)),
+        unacked: Arc::new(Semaphore::new(MAX_FILES_UNACKED)),
+        root: Arc::from(group.source.as_path()),
+        preserve: group.preserve,
         tasks: JoinSet::new(),
         report,
         observe,
@@ -243,28 +246,11 @@ pub async fn execute(
         })
         .await?;
     }
-    let file_slots = Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT));
-    let unacked = Arc::new(Semaphore::new(MAX_FILES_UNACKED));
     for op in plan.creates {
         let kind = match &op {
             Op::File { entry, base } => {
-                let waiting = unacked.clone().acquire_owned().await.expect("never closed");
-                let sending = file_slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("never closed");
-                run.reap()?;
-                let (path, base, size) = (entry.path.clone(), *base, entry.meta.size);
-                let (session, root) = (session.clone(), root.to_path_buf());
-                run.tasks.spawn(async move {
-                    let _waiting = waiting;
-                    let mut done = send_file(&session, &root, path, base, preserve, sending).await;
-                    if let Ok(step) = &mut done {
-                        step.size = size;
-                    }
-                    done
-                });
+                run.send_file(entry.path.clone(), *base, entry.meta.size)
+                    .await?;
                 continue;
             }
             Op::SetMeta(_) => StepKind::Meta,
@@ -283,25 +269,8 @@ pub async fn execute(
         for l in &refused {
             if !firsts.contains(&l.target) {
                 firsts.push(l.target.clone());
-                let waiting = unacked.clone().acquire_owned().await.expect("never closed");
-                let sending = file_slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("never closed");
-                run.reap()?;
-                let (session, root, size) =
-                    (session.clone(), root.to_path_buf(), l.entry.meta.size);
-                let path = l.target.clone();
-                run.tasks.spawn(async move {
-                    let _waiting = waiting;
-                    let mut done =
-                        send_file(&session, &root, path, Base::Unknown, preserve, sending).await;
-                    if let Ok(step) = &mut done {
-                        step.size = size;
-                    }
-                    done
-                });
+                run.send_file(l.target.clone(), Base::Unknown, l.entry.meta.size)
+                    .await?;
             }
         }
         run.drain().await?;
@@ -462,12 +431,52 @@ async fn send_file(
 struct Run<'a, 'o> {
     session: &'a Arc<Session>,
     slots: Arc<Semaphore>,
+    /// File bodies being sent.
+    file_slots: Arc<Semaphore>,
+    /// Files sent and not yet acknowledged.
+    unacked: Arc<Semaphore>,
+    /// The group's source and what it preserves.
+    root: Arc<Path>,
+    preserve: Preserve,
     tasks: JoinSet<Outcome>,
     report: &'a mut Report,
     observe: Observe<'o>,
 }
 
 impl Run<'_, '_> {
+    /// Starts sending the file `path` (of `size` bytes as planned) once a body slot and an
+    /// unacknowledged slot are free; its outcome is collected like a request's.
+    async fn send_file(
+        &mut self,
+        path: RelPath,
+        base: Base,
+        size: u64,
+    ) -> Result<(), SessionError> {
+        let waiting = self
+            .unacked
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let sending = self
+            .file_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        self.reap()?;
+        let (session, root, preserve) = (self.session.clone(), self.root.clone(), self.preserve);
+        self.tasks.spawn(async move {
+            let _waiting = waiting;
+            let mut done = send_file(&session, &root, path, base, preserve, sending).await;
+            if let Ok(step) = &mut done {
+                step.size = size;
+            }
+            done
+        });
+        Ok(())
+    }
+
     /// Sends one request and spawns the wait for its acknowledgement.
     async fn issue(
         &mut self,

@@ -94,6 +94,34 @@ impl Site {
             .args(extra))
     }
 
+    /// `ferry verify --config` of the current config.
+    pub fn verify(&self) -> Output {
+        run(ferry().arg("verify").arg("--config").arg(self.config()))
+    }
+
+    /// `verify` finds the targets equal to their sources.
+    pub fn assert_verified(&self) {
+        let o = self.verify();
+        assert_eq!(
+            (o.status.code(), stdout(&o)),
+            (Some(0), String::new()),
+            "{}",
+            stderr(&o)
+        );
+    }
+
+    /// A `send --once` that finds nothing to send, not even metadata.
+    pub fn assert_nothing_to_send(&self) {
+        let o = self.send_once(&[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert_eq!(
+            (summary_value(&out, "files"), summary_value(&out, "meta")),
+            (0, 0),
+            "{out}"
+        );
+    }
+
     /// `ferry stats` of the current config.
     pub fn stats(&self) -> String {
         let o = run(ferry().arg("stats").arg("--config").arg(self.config()));
