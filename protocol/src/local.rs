@@ -210,9 +210,12 @@ fn entry_at(
     };
     if !xattrs.is_empty() {
         let held = fd_path(dir);
-        let path = name.map(|n| held.join(std::ffi::OsStr::from_bytes(n)));
-        let at = match &path {
-            Some(p) => At::Entry(p),
+        let cname = name
+            .map(CString::new)
+            .transpose()
+            .map_err(io::Error::other)?;
+        let at = match &cname {
+            Some(n) => At::Child(dir.as_raw_fd(), n),
             None => At::Held(&held),
         };
         match at.read(xattrs) {
