@@ -116,9 +116,10 @@ pub async fn send_batch(
     })
     .await
     .expect("stat task");
+    // The entry still goes, its attributes left as the receiver has them; retrying would not
+    // read them any better (the next whole compare reports it as a failure).
     for (path, e) in xattr_errors {
-        tracing::warn!(sync = %group.name, %path, "cannot read extended attributes: {e}");
-        report.failures.push((path, e.to_string()));
+        tracing::warn!(sync = %group.name, %path, "extended attributes not sent: {e}");
     }
     // Paths read while the source root was vanishing look deleted: never act on them.
     if !group.source.is_dir() {
