@@ -80,6 +80,18 @@ on_each_watcher! {
         wait_equal(&src, &dst, 30, "a new name");
         wait_attrs_equal(&src, &dst, &["fourth"], &[], 30, "a new name is a link");
         assert_eq!(inode_groups(&dst)[0].len(), 4);
+        // A snapshot of a directory as `cp -al` makes it (rsnapshot, package caches): a new
+        // directory compared as a subtree, whose files are other names of files outside it.
+        let o = std::process::Command::new("cp")
+            .arg("-al")
+            .arg(src.join("store"))
+            .arg(src.join("snap"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        wait_equal(&src, &dst, 30, "a hard-linked snapshot");
+        wait_attrs_equal(&src, &dst, &["snap/a", "snap/b"], &[], 30, "the snapshot is links");
+        assert_eq!(inode_groups(&dst)[0].len(), 6);
 
         // Attribute changes only: a user xattr changed, an ACL entry added, the capability
         // taken away; none of them resends content.
