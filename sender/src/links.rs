@@ -9,7 +9,7 @@ use ferry_protocol::local;
 use ferry_protocol::meta::{Entry, Inode};
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +21,41 @@ pub type LinkNames = HashMap<Inode, Vec<RelPath>>;
 /// of the group; it is knowledge about the source, not configuration, so two are always equal
 /// (a reload compares groups by their settings).
 #[derive(Clone, Default)]
-pub struct Names(Arc<Mutex<HashMap<Inode, BTreeSet<RelPath>>>>);
+pub struct Names(Arc<Mutex<Known>>);
+
+/// The names by file and, to follow a rename without visiting every file, the files by name
+/// (in byte order, so a directory's names are one range).
+#[derive(Default)]
+struct Known {
+    by_inode: HashMap<Inode, BTreeSet<RelPath>>,
+    by_path: BTreeMap<Vec<u8>, Inode>,
+}
+
+impl Known {
+    fn insert(&mut self, path: RelPath, inode: Inode) {
+        if let Some(before) = self.by_path.insert(path.as_bytes().to_vec(), inode) {
+            if before != inode {
+                self.drop_name(before, &path);
+            }
+        }
+        self.by_inode.entry(inode).or_default().insert(path);
+    }
+
+    fn remove(&mut self, path: &RelPath) {
+        if let Some(inode) = self.by_path.remove(path.as_bytes()) {
+            self.drop_name(inode, path);
+        }
+    }
+
+    fn drop_name(&mut self, inode: Inode, path: &RelPath) {
+        if let Some(set) = self.by_inode.get_mut(&inode) {
+            set.remove(path);
+            if set.is_empty() {
+                self.by_inode.remove(&inode);
+            }
+        }
+    }
+}
 
 impl PartialEq for Names {
     fn eq(&self, _: &Names) -> bool {
@@ -31,7 +65,7 @@ impl PartialEq for Names {
 
 impl std::fmt::Debug for Names {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let known = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        let known = self.0.lock().map(|m| m.by_inode.len()).unwrap_or(0);
         write!(f, "Names({known} files)")
     }
 }
@@ -40,33 +74,37 @@ impl Names {
     /// Remembers the names of `entries` that have an inode (files with several names). A
     /// scan of the whole tree (`whole`) replaces everything known.
     pub fn learn(&self, entries: &[Entry], whole: bool) {
-        let mut map = self.0.lock().expect("names lock");
+        let mut known = self.0.lock().expect("names lock");
         if whole {
-            map.clear();
+            *known = Known::default();
         }
         for e in entries {
             if let Some(i) = e.inode {
-                map.entry(i).or_default().insert(e.path.clone());
+                known.insert(e.path.clone(), i);
             }
         }
     }
 
-    /// Follows a rename: every name at or below `from` moves below `to`.
+    /// Follows a rename: every name at or below `from` moves below `to`. Costs the names
+    /// moved, not the names known.
     pub fn rename(&self, from: &RelPath, to: &RelPath) {
-        let mut map = self.0.lock().expect("names lock");
-        for names in map.values_mut() {
-            let moved: Vec<RelPath> = names
-                .iter()
-                .filter(|n| n.starts_with(from))
-                .cloned()
-                .collect();
-            for n in moved {
-                names.remove(&n);
-                let rest = &n.as_bytes()[from.as_bytes().len()..];
-                let mut path = to.as_bytes().to_vec();
-                path.extend_from_slice(rest);
-                names.insert(RelPath::from_bytes(path));
-            }
+        let mut known = self.0.lock().expect("names lock");
+        let mut below = from.as_bytes().to_vec();
+        below.push(b'/');
+        let mut past = from.as_bytes().to_vec();
+        past.push(b'/' + 1);
+        let moved: Vec<(Vec<u8>, Inode)> = known
+            .by_path
+            .range(from.as_bytes().to_vec()..=from.as_bytes().to_vec())
+            .chain(known.by_path.range(below..past))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        for (path, inode) in moved {
+            let old = RelPath::from_bytes(path);
+            known.remove(&old);
+            let mut renamed = to.as_bytes().to_vec();
+            renamed.extend_from_slice(&old.as_bytes()[from.as_bytes().len()..]);
+            known.insert(RelPath::from_bytes(renamed), inode);
         }
     }
 
@@ -81,8 +119,10 @@ impl Names {
         }
         for (inode, names) in &mut out {
             let known: Vec<RelPath> = {
-                let map = self.0.lock().expect("names lock");
-                map.get(inode)
+                let known = self.0.lock().expect("names lock");
+                known
+                    .by_inode
+                    .get(inode)
                     .map(|s| s.iter().cloned().collect())
                     .unwrap_or_default()
             };
@@ -96,10 +136,10 @@ impl Names {
                 }
             }
             if !stale.is_empty() {
-                let mut map = self.0.lock().expect("names lock");
-                if let Some(set) = map.get_mut(inode) {
-                    for n in &stale {
-                        set.remove(n);
+                let mut known = self.0.lock().expect("names lock");
+                for n in &stale {
+                    if known.by_path.get(n.as_bytes()) == Some(inode) {
+                        known.remove(n);
                     }
                 }
             }
@@ -121,6 +161,7 @@ mod tests {
         std::fs::create_dir(root.join("d")).unwrap();
         std::fs::write(root.join("d/a"), b"x").unwrap();
         std::fs::hard_link(root.join("d/a"), root.join("b")).unwrap();
+        std::fs::hard_link(root.join("d/a"), root.join("d-a")).unwrap();
         std::fs::hard_link(root.join("d/a"), root.join("c")).unwrap();
         let fd = local::open_root(root).unwrap();
         let read = |p: &str| {
@@ -129,7 +170,7 @@ mod tests {
                 .unwrap()
         };
         let names = Names::default();
-        names.learn(&[read("d/a"), read("b"), read("c")], true);
+        names.learn(&[read("d/a"), read("b"), read("c"), read("d-a")], true);
         // `c` now another file; `d` renamed to `e`.
         std::fs::remove_file(root.join("c")).unwrap();
         std::fs::write(root.join("c"), b"y").unwrap();
@@ -141,7 +182,11 @@ mod tests {
         assert_eq!(b.inode.unwrap().ino, ino);
         assert_eq!(
             got[&b.inode.unwrap()],
-            vec![RelPath::from("b"), RelPath::from("e/a")]
+            vec![
+                RelPath::from("b"),
+                RelPath::from("d-a"),
+                RelPath::from("e/a")
+            ]
         );
         assert_eq!(format!("{names:?}"), "Names(1 files)");
         let again = names.current(&fd, &[&b]);
