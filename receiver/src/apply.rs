@@ -573,7 +573,16 @@ impl Apply {
         }
         // Linked beside the name, then renamed over it: the name is never missing.
         let tmp = self.temp_beside(&to);
-        hard_link(&from, &tmp)?;
+        hard_link(&from, &tmp).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot make a hard link of {target} here ({}); a module on a filesystem \
+                     without hard links needs a sync group without \"hardlinks\" in preserve",
+                    ferry_protocol::io_reason(&e)
+                ),
+            )
+        })?;
         let r = self.install(&tmp, &to, rel);
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
