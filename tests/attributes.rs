@@ -190,16 +190,8 @@ fn capabilities_follow_the_modules_setuid_policy() {
 #[test]
 fn a_module_that_cannot_hold_attributes_says_so_and_still_takes_the_files() {
     let site = Site::new();
-    let src = site.dir("src");
-    let dst = site.path("dst");
-    let _ram = Mount::ramfs(&dst);
-    let backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        "setuid = true",
-    );
+    let _ram = Mount::ramfs(&site.path("dst"));
+    let (src, dst, backup) = backup_keeping_capabilities(&site);
     rich_tree(&src);
     site.write_config(&one_group(&backup, &src, ""));
     let o = site.send_once(&[]);

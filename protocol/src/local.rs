@@ -209,16 +209,14 @@ fn entry_at(
         _ => None,
     };
     if !xattrs.is_empty() {
-        let held = fd_path(dir);
-        let cname = name
-            .map(CString::new)
-            .transpose()
-            .map_err(io::Error::other)?;
-        let at = match &cname {
-            Some(n) => At::Child(dir.as_raw_fd(), n),
-            None => At::Held(&held),
+        let read = match name {
+            Some(n) => {
+                let n = CString::new(n).map_err(io::Error::other)?;
+                At::Child(dir.as_raw_fd(), &n).read(xattrs)
+            }
+            None => At::Held(&fd_path(dir)).read(xattrs),
         };
-        match at.read(xattrs) {
+        match read {
             Ok(x) => meta.xattrs = x,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
             Err(e) => errors.push((rel.clone(), e)),
@@ -753,7 +751,7 @@ impl DigestTree {
                 t.bytes.fetch_add(entry.meta.size, Relaxed);
             }
         }
-        if let Some(inode) = entry.inode {
+        if let Some(inode) = entry.inode.filter(|_| at.cmp.hardlinks) {
             let first = at.names.entry(inode).or_insert((entry.path.clone(), 0));
             first.1 += 1;
         }

@@ -220,6 +220,13 @@ impl Parts<'_> {
     }
 }
 
+/// Stops a group's watcher (its thread joins, so off the runtime's threads).
+async fn stop_watching(w: GroupWatcher) {
+    tokio::task::spawn_blocking(move || w.stop())
+        .await
+        .expect("watcher stop task");
+}
+
 impl Unit {
     /// True if `group`, with these targets and identity, is what this unit already runs.
     fn runs(&self, group: &SyncGroup, parts: &Parts<'_>) -> bool {
@@ -237,10 +244,7 @@ impl Unit {
     async fn stop(mut self) {
         self.stop.cancel();
         while self.workers.join_next().await.is_some() {}
-        let w = self.watcher;
-        tokio::task::spawn_blocking(move || w.stop())
-            .await
-            .expect("watcher stop task");
+        stop_watching(self.watcher).await;
     }
 }
 
@@ -342,10 +346,7 @@ impl Daemon {
                 tracing::error!("reload refused: {e}; still running the previous configuration");
                 done(Err(e.to_string()));
                 for p in prepared {
-                    let w = p.unit.watcher;
-                    tokio::task::spawn_blocking(move || w.stop())
-                        .await
-                        .expect("watcher stop task");
+                    stop_watching(p.unit.watcher).await;
                 }
                 continue;
             }

@@ -275,8 +275,9 @@ pub async fn execute(
         }
         run.drain().await?;
         for l in refused {
-            let (path, req) = (l.entry.path.clone(), link_request(l));
-            run.issue(StepKind::Created, path, |id, _| req(id)).await?;
+            let path = l.entry.path.clone();
+            run.issue(StepKind::Created, path, |id, _| link_request(l, id))
+                .await?;
         }
         run.drain().await?;
     }
@@ -299,51 +300,30 @@ pub async fn rename_all<'r>(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<Vec<&'r Rename>, SessionError> {
-    let mut replies = Vec::new();
-    for &r in renames {
-        let rx = session
-            .start(|id| Message::Rename {
-                id,
-                from: r.from.clone(),
-                to: r.to.clone(),
-            })
-            .await?;
-        replies.push((r, rx));
-    }
-    let mut refused = Vec::new();
-    for (r, mut rx) in replies {
-        match session.expect_ack(&mut rx).await {
-            Ok(()) => {
-                report.renamed += 1;
-                observe.step(&Step {
-                    kind: StepKind::Renamed(r.to.clone()),
-                    path: r.from.clone(),
-                    bytes: 0,
-                    size: 0,
-                });
-            }
-            Err(e) if e.is_fatal() => return Err(e),
-            Err(e) => {
-                tracing::debug!(from = %r.from, to = %r.to, "rename refused, sending content instead: {e}");
-                refused.push(r);
-            }
-        }
-    }
-    Ok(refused)
+    let request = |r: &Rename, id| Message::Rename {
+        id,
+        from: r.from.clone(),
+        to: r.to.clone(),
+    };
+    let done = |r: &Rename| {
+        report.renamed += 1;
+        observe.step(&Step {
+            kind: StepKind::Renamed(r.to.clone()),
+            path: r.from.clone(),
+            bytes: 0,
+            size: 0,
+        });
+    };
+    pipelined(session, renames, request, done).await
 }
 
 /// The request that makes `link`'s name a hard link.
-fn link_request(link: &Link) -> impl FnOnce(RequestId) -> Message {
-    let (path, target, meta) = (
-        link.entry.path.clone(),
-        link.target.clone(),
-        link.entry.meta.clone(),
-    );
-    move |id| Message::Link {
+fn link_request(link: &Link, id: RequestId) -> Message {
+    Message::Link {
         id,
-        path,
-        target,
-        meta,
+        path: link.entry.path.clone(),
+        target: link.target.clone(),
+        meta: link.entry.meta.clone(),
     }
 }
 
@@ -356,27 +336,41 @@ async fn link_all<'l>(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<Vec<&'l Link>, SessionError> {
+    let done = |l: &Link| {
+        report.created += 1;
+        observe.step(&Step {
+            kind: StepKind::Created,
+            path: l.entry.path.clone(),
+            bytes: 0,
+            size: 0,
+        });
+    };
+    let links: Vec<&Link> = links.iter().collect();
+    pipelined(session, &links, link_request, done).await
+}
+
+/// Sends one request per item, [`MAX_IN_FLIGHT`] at a time, and reads the answers in order:
+/// `done` sees each acknowledged item, the refused ones are returned for the caller to deal
+/// with, and a lost connection ends it.
+async fn pipelined<'t, T: std::fmt::Debug>(
+    session: &Arc<Session>,
+    items: &[&'t T],
+    request: impl Fn(&T, RequestId) -> Message,
+    mut done: impl FnMut(&T),
+) -> Result<Vec<&'t T>, SessionError> {
     let mut refused = Vec::new();
-    for chunk in links.chunks(MAX_IN_FLIGHT) {
+    for chunk in items.chunks(MAX_IN_FLIGHT) {
         let mut replies = Vec::with_capacity(chunk.len());
-        for l in chunk {
-            replies.push((l, session.start(link_request(l)).await?));
+        for &item in chunk {
+            replies.push((item, session.start(|id| request(item, id)).await?));
         }
-        for (l, mut rx) in replies {
+        for (item, mut rx) in replies {
             match session.expect_ack(&mut rx).await {
-                Ok(()) => {
-                    report.created += 1;
-                    observe.step(&Step {
-                        kind: StepKind::Created,
-                        path: l.entry.path.clone(),
-                        bytes: 0,
-                        size: 0,
-                    });
-                }
+                Ok(()) => done(item),
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
-                    tracing::debug!(path = %l.entry.path, target = %l.target, "link refused, sending the file first: {e}");
-                    refused.push(l);
+                    tracing::debug!(?item, "refused: {e}");
+                    refused.push(item);
                 }
             }
         }

@@ -824,12 +824,7 @@ mod tests {
             filter.excludes_dirty(p, d)
         });
         assert!(out.plan.deletes.is_empty(), "{:?}", out.plan.deletes);
-        let sent: Vec<String> = out
-            .plan
-            .creates
-            .iter()
-            .map(|op| op.entry().path.to_string())
-            .collect();
+        let sent = paths_of(&out.plan.creates);
         assert_eq!(sent, vec!["keep"]);
         assert_eq!(out.trees, vec![RelPath::from("cache2")]);
     }
@@ -872,6 +867,10 @@ mod tests {
             .collect()
     }
 
+    fn paths_of(ops: &[Op]) -> Vec<String> {
+        ops.iter().map(|o| o.entry().path.to_string()).collect()
+    }
+
     fn links_of(p: &Plan) -> Vec<(String, String)> {
         p.links
             .iter()
@@ -898,11 +897,7 @@ mod tests {
         let names = link_names(&[(7, &["a", "b", "c"])]);
         // An empty receiver: the file once, under its first name, then two links.
         let p = plan(&local, &local[..1], linking(), &names);
-        let files: Vec<String> = p
-            .creates
-            .iter()
-            .map(|o| o.entry().path.to_string())
-            .collect();
+        let files = paths_of(&p.creates);
         assert_eq!(files, vec!["a", "d"]);
         assert_eq!(
             links_of(&p),
@@ -920,11 +915,7 @@ mod tests {
         ];
         let p = plan(&local, &remote, linking(), &names);
         assert_eq!(links_of(&p), vec![("c".into(), "a".into())]);
-        let files: Vec<String> = p
-            .creates
-            .iter()
-            .map(|o| o.entry().path.to_string())
-            .collect();
+        let files = paths_of(&p.creates);
         assert_eq!(files, vec!["d"]);
         // Without hard links compared, names are files like any other.
         let p = plan(&local, &local[..1], opts(), &names);
@@ -958,12 +949,7 @@ mod tests {
             links_of(&out.plan),
             vec![("a".into(), "m".into()), ("z".into(), "m".into())]
         );
-        let meta: Vec<String> = out
-            .plan
-            .creates
-            .iter()
-            .map(|o| o.entry().path.to_string())
-            .collect();
+        let meta = paths_of(&out.plan.creates);
         assert_eq!(meta, vec!["m"], "no content, m's attributes");
         assert!(out.parents.contains(&RelPath::root()));
         // One name rewritten: the others are linked to the first name that was not.
