@@ -279,11 +279,40 @@ pub fn is_not_beneath(e: &io::Error) -> bool {
     )
 }
 
+/// Opens the regular file `rel` beneath the held root `root` for reading, at the moment of
+/// use: no component may be a symlink or lead out of `root` (`openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)`, else one `openat(O_NOFOLLOW)` per component), and a fifo swapped in
+/// does not block the open. A directory flipped into a symlink between the scan and this
+/// open fails with `ELOOP`, `ENOTDIR` or `EXDEV` ([`is_not_beneath`]) instead of reading what
+/// the symlink points at.
+pub fn open_file_beneath(root: &OwnedFd, rel: &RelPath) -> io::Result<std::fs::File> {
+    if rel.is_root() {
+        return Err(io::Error::from_raw_os_error(libc::EISDIR));
+    }
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    match openat2(root, rel.as_bytes(), flags) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            let (dir, name) = parent_of(root, rel)?;
+            open_file_at(&dir, name.expect("not the root"))
+        }
+        r => r.map(std::fs::File::from),
+    }
+}
+
 fn openat2_beneath(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
+    openat2(
+        root,
+        path,
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+    )
+}
+
+/// `openat2(root, path, flags)` resolving beneath `root` through no symlink at all.
+fn openat2(root: &OwnedFd, path: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
     let c = CString::new(path).map_err(io::Error::other)?;
     // SAFETY: `open_how` is plain data; all-zero is a valid starting value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.flags = flags as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: valid fd, NUL-terminated path, and a correctly sized `open_how`.
     let fd = unsafe {

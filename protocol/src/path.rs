@@ -110,6 +110,11 @@ impl RelPath {
         }
     }
 
+    /// The directories above `self`, nearest first, ending with the root.
+    pub fn ancestors(&self) -> impl Iterator<Item = RelPath> {
+        std::iter::successors(self.parent(), RelPath::parent)
+    }
+
     /// The last component; empty for the root.
     pub fn file_name(&self) -> &[u8] {
         match self.0.iter().rposition(|&b| b == b'/') {
@@ -226,6 +231,10 @@ mod tests {
         assert_eq!(RelPath::root().parent(), None);
         assert_eq!(RelPath::root().join(b"x"), RelPath::from("x"));
         assert_eq!(p.file_name(), b"c");
+        assert_eq!(
+            p.ancestors().collect::<Vec<_>>(),
+            vec![RelPath::from("a/b"), RelPath::from("a"), RelPath::root()]
+        );
         assert!(p.starts_with(&RelPath::from("a/b")));
         assert!(!RelPath::from("a/bc").starts_with(&RelPath::from("a/b")));
         assert!(p.starts_with(&RelPath::root()));

@@ -144,12 +144,14 @@ pub async fn send_batch(
         plan.extend(plan_under(session, group, &tree, 0, report).await?);
     }
     if !plan.deletes.is_empty() && group.guard.active() {
-        let deleting = plan.removes + entries_on_receiver(session, &gone).await?;
+        let mut deleted = entries_on_receiver(session, &gone).await?;
+        deleted.extend(plan.removes.iter().cloned());
+        let deleting: u64 = deleted.iter().map(|(_, n)| n).sum();
         let source_empty = source_is_empty(group).await;
         let now = Instant::now();
         if group
             .guard
-            .live_tripwire(tally, deleting, source_empty, now)
+            .live_tripwire(tally, &deleted, source_empty, now)
         {
             tracing::warn!(
                 sync = %group.name,
@@ -161,7 +163,7 @@ pub async fn send_batch(
             );
             return compare_whole(session, group, tally, report, observe).await;
         }
-        tally.record(deleting, now);
+        tally.record(&deleted, now);
     }
     // Parents whose entries changed get their times back, after their contents.
     let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
@@ -206,31 +208,33 @@ async fn compare_whole(
     Ok(())
 }
 
-/// How many entries deleting `paths` removes on the receiver (each with its subtree), from
+/// How many entries deleting each of `paths` removes on the receiver (with its subtree), from
 /// the receiver's own listings. A path it refuses to list counts as one entry.
 async fn entries_on_receiver(
     session: &Arc<Session>,
     paths: &[RelPath],
-) -> Result<u64, SessionError> {
-    let mut total = 0;
+) -> Result<Vec<(RelPath, u64)>, SessionError> {
+    let mut out = Vec::with_capacity(paths.len());
     for chunk in paths.chunks(COUNT_CONCURRENCY) {
         let mut lists = tokio::task::JoinSet::new();
         for path in chunk {
             let (session, path) = (session.clone(), path.clone());
             lists.spawn(async move {
                 let listed = session.list(&path, Namespaces::NONE).await;
-                listed.map(|v| v.len() as u64)
+                (path, listed.map(|v| v.len() as u64))
             });
         }
         while let Some(listed) = lists.join_next().await {
-            total += match listed.expect("list task") {
+            let (path, listed) = listed.expect("list task");
+            let n = match listed {
                 Ok(n) => n,
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(_) => 1,
             };
+            out.push((path, n));
         }
     }
-    Ok(total)
+    Ok(out)
 }
 
 /// True if the group's source root holds no entry that takes part (what is left is excluded,

@@ -12,8 +12,8 @@ use crate::plan::{Base, Link, Op, Plan};
 use crate::session::{Session, SessionError};
 use crate::transfer::{self, TransferError};
 use ferry_protocol::message::{Message, RequestId};
-use ferry_protocol::RelPath;
-use std::path::Path;
+use ferry_protocol::{local, RelPath};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -233,7 +233,7 @@ pub async fn execute(
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         file_slots: Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT)),
         unacked: Arc::new(Semaphore::new(MAX_FILES_UNACKED)),
-        root: Arc::from(group.source.as_path()),
+        root: Arc::new(open_source_root(group).await?),
         preserve: group.preserve,
         tasks: JoinSet::new(),
         report,
@@ -290,6 +290,17 @@ pub async fn execute(
         .await?;
     }
     run.drain().await
+}
+
+/// The group's source root, opened once for a plan's execution.
+async fn open_source_root(group: &SyncGroup) -> Result<OwnedFd, SessionError> {
+    let source = group.source.clone();
+    tokio::task::spawn_blocking(move || {
+        local::open_root(&source)
+            .map_err(|e| SessionError::Failed(format!("source {}: {e}", source.display())))
+    })
+    .await
+    .expect("open task")
 }
 
 /// Applies renames in order, pipelined. Returns the ones the receiver refused (typically
@@ -382,7 +393,7 @@ async fn pipelined<'t, T: std::fmt::Debug>(
 /// `sending` is held while the body goes out, and let go once `FileEnd` has.
 async fn send_file(
     session: &Session,
-    root: &Path,
+    root: &Arc<OwnedFd>,
     path: RelPath,
     base: crate::plan::Base,
     preserve: Preserve,
@@ -429,8 +440,8 @@ struct Run<'a, 'o> {
     file_slots: Arc<Semaphore>,
     /// Files sent and not yet acknowledged.
     unacked: Arc<Semaphore>,
-    /// The group's source and what it preserves.
-    root: Arc<Path>,
+    /// The group's source root, held open: every file sent is opened beneath it.
+    root: Arc<OwnedFd>,
     preserve: Preserve,
     tasks: JoinSet<Outcome>,
     report: &'a mut Report,

@@ -10,7 +10,8 @@
 //! piecemeal: the target runs a whole-tree compare instead, which deletes what the rule allows
 //! and pauses the target otherwise.
 
-use std::collections::VecDeque;
+use ferry_protocol::RelPath;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -102,11 +103,22 @@ impl DeleteGuard {
 /// it, while ordinary churn (a log rotated each day) never adds up.
 pub const DELETE_WINDOW: Duration = Duration::from_secs(600);
 
-/// One target's live deletions (see the module documentation).
-#[derive(Debug, Default)]
+/// How many deleted names a tally tells apart; past it the oldest half are kept as bare
+/// counts (which can only count more, never less).
+const NAMED: usize = 65_536;
+
+/// One target's live deletions (see the module documentation). Deletions are counted by
+/// name: a name deleted again within the window counts once, at the most entries it took,
+/// and a name below one already counted adds nothing. So a directory that a local user flips
+/// between a directory and a symlink a thousand times counts as its entries once, not a
+/// thousand times over.
+#[derive(Debug, Default, Clone)]
 pub struct DeleteTally {
     module_entries: Option<u64>,
-    recent: VecDeque<(Instant, u64)>,
+    /// Topmost names deleted within the window: when last, and the most entries taken.
+    named: BTreeMap<RelPath, (Instant, u64)>,
+    /// Deletions whose names were let go to bound memory.
+    bare: VecDeque<(Instant, u64)>,
 }
 
 impl DeleteTally {
@@ -114,46 +126,88 @@ impl DeleteTally {
     /// again from there.
     pub fn compared(&mut self, module_entries: u64) {
         self.module_entries = Some(module_entries);
-        self.recent.clear();
+        self.named.clear();
+        self.bare.clear();
     }
 
-    /// `n` entries were deleted live at `now`.
-    pub fn record(&mut self, n: u64, now: Instant) {
-        if n > 0 {
-            self.recent.push_back((now, n));
+    /// Each `(name, entries)` of `deleted` was deleted live at `now`, taking `entries`
+    /// entries with it.
+    pub fn record(&mut self, deleted: &[(RelPath, u64)], now: Instant) {
+        for (path, n) in deleted {
+            if let Some(slot) = self.named.get_mut(path) {
+                *slot = (now, slot.1.max(*n));
+                continue;
+            }
+            if let Some(above) = path.ancestors().find(|a| self.named.contains_key(a)) {
+                if let Some(slot) = self.named.get_mut(&above) {
+                    slot.0 = now;
+                }
+                continue;
+            }
+            // Names below this one are counted by it now.
+            // Byte order keeps every name below `path/` together, right after it.
+            let mut inside = path.as_bytes().to_vec();
+            inside.push(b'/');
+            let below: Vec<RelPath> = self
+                .named
+                .range(RelPath::from_bytes(inside.clone())..)
+                .map(|(p, _)| p)
+                .take_while(|p| p.as_bytes().starts_with(&inside))
+                .cloned()
+                .collect();
+            let mut entries = *n;
+            for p in below {
+                if let Some((_, m)) = self.named.remove(&p) {
+                    entries = entries.max(m);
+                }
+            }
+            self.named.insert(path.clone(), (now, entries));
+        }
+        if self.named.len() > NAMED {
+            let mut by_age: Vec<(Instant, RelPath)> =
+                self.named.iter().map(|(p, (t, _))| (*t, p.clone())).collect();
+            by_age.sort_unstable();
+            for (_, p) in by_age.into_iter().take(NAMED / 2) {
+                if let Some(slot) = self.named.remove(&p) {
+                    self.bare.push_back(slot);
+                }
+            }
         }
     }
 
     /// Entries deleted live within [`DELETE_WINDOW`] before `now`.
     pub fn recent(&mut self, now: Instant) -> u64 {
-        while self
-            .recent
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > DELETE_WINDOW)
-        {
-            self.recent.pop_front();
-        }
-        self.recent.iter().map(|(_, n)| n).sum()
+        let fresh = |t: &Instant| now.saturating_duration_since(*t) <= DELETE_WINDOW;
+        self.named.retain(|_, (t, _)| fresh(t));
+        self.bare.retain(|(t, _)| fresh(t));
+        self.named.values().chain(self.bare.iter()).map(|(_, n)| n).sum()
+    }
+
+    /// What [`DeleteTally::recent`] would say after [`DeleteTally::record`]ing `deleted`.
+    fn recent_with(&self, deleted: &[(RelPath, u64)], now: Instant) -> u64 {
+        let mut after = self.clone();
+        after.record(deleted, now);
+        after.recent(now)
     }
 }
 
 impl DeleteGuard {
-    /// True if a live batch deleting `deleting` entries now must go through a whole-tree
-    /// compare (and so through [`DeleteGuard::objection`] with exact figures) instead of being
-    /// applied: the deletions of the window would meet the rule, or the source would be empty.
-    /// Before any whole compare the module's size is unknown: `min` deletions alone, or an
-    /// empty source, are enough.
+    /// True if a live batch deleting `deleted` (names and the entries each takes) now must go
+    /// through a whole-tree compare (and so through [`DeleteGuard::objection`] with exact
+    /// figures) instead of being applied: the deletions of the window would meet the rule, or
+    /// the source would be empty. Before any whole compare the module's size is unknown: `min`
+    /// deletions alone, or an empty source, are enough.
     pub fn live_tripwire(
         &self,
-        tally: &mut DeleteTally,
-        deleting: u64,
+        tally: &DeleteTally,
+        deleted: &[(RelPath, u64)],
         source_empty: bool,
         now: Instant,
     ) -> bool {
-        if !self.active() || deleting == 0 {
+        if !self.active() || deleted.is_empty() {
             return false;
         }
-        let deleting = tally.recent(now) + deleting;
+        let deleting = tally.recent_with(deleted, now);
         match tally.module_entries {
             Some(total) => self.objection(deleting, total, source_empty).is_some(),
             None => source_empty || deleting >= self.min,
@@ -188,38 +242,45 @@ mod tests {
         assert!(confirmed.objection(5000, 5000, true).is_none());
     }
 
+    /// `n` deletions of one entry each, named `prefix0…`.
+    fn singles(prefix: &str, n: usize) -> Vec<(RelPath, u64)> {
+        (0..n)
+            .map(|i| (RelPath::from(format!("{prefix}{i}").as_str()), 1))
+            .collect()
+    }
+
     #[test]
     fn live_deletions_add_up_within_the_window_only() {
         let g = DeleteGuard::default();
         let mut tally = DeleteTally::default();
         let t0 = Instant::now();
         assert!(
-            g.live_tripwire(&mut tally, 1000, false, t0),
+            g.live_tripwire(&tally, &singles("a", 1000), false, t0),
             "unknown size: the minimum"
         );
         assert!(
-            g.live_tripwire(&mut tally, 1, true, t0),
+            g.live_tripwire(&tally, &singles("a", 1), true, t0),
             "unknown size: an empty source"
         );
         tally.compared(3000);
-        assert!(!g.live_tripwire(&mut tally, 1000, false, t0));
-        tally.record(900, t0);
+        assert!(!g.live_tripwire(&tally, &singles("a", 1000), false, t0));
+        tally.record(&singles("a", 900), t0);
         assert!(
-            !g.live_tripwire(&mut tally, 500, false, t0),
+            !g.live_tripwire(&tally, &singles("b", 500), false, t0),
             "1,400 of 3,000"
         );
-        tally.record(500, t0 + Duration::from_secs(1));
+        tally.record(&singles("b", 500), t0 + Duration::from_secs(1));
         assert!(
-            g.live_tripwire(&mut tally, 100, false, t0 + Duration::from_secs(2)),
+            g.live_tripwire(&tally, &singles("c", 100), false, t0 + Duration::from_secs(2)),
             "1,500 of 3,000 within the window"
         );
         let later = t0 + DELETE_WINDOW + Duration::from_secs(1);
         assert!(
-            !g.live_tripwire(&mut tally, 100, false, later),
+            !g.live_tripwire(&tally, &singles("c", 100), false, later),
             "the first 900 left the window"
         );
         assert!(
-            g.live_tripwire(&mut tally, 1, true, later),
+            g.live_tripwire(&tally, &singles("c", 1), true, later),
             "an empty source"
         );
         tally.compared(3000);
@@ -228,5 +289,55 @@ mod tests {
             0,
             "a whole compare starts the window again"
         );
+    }
+
+    #[test]
+    fn a_name_that_comes_and_goes_counts_once() {
+        let mut tally = DeleteTally::default();
+        let t0 = Instant::now();
+        let pub_dir = RelPath::from("pub");
+        for i in 0..1000u64 {
+            tally.record(&[(pub_dir.clone(), 50 + i % 2)], t0 + Duration::from_millis(i));
+        }
+        assert_eq!(tally.recent(t0 + Duration::from_secs(1)), 51, "the most it took, once");
+        // Inside a counted name: nothing more.
+        tally.record(&[(RelPath::from("pub/f3"), 1)], t0 + Duration::from_secs(2));
+        assert_eq!(tally.recent(t0 + Duration::from_secs(2)), 51);
+        // A sibling whose name sorts between `pub` and `pub/…` is a name of its own.
+        tally.record(&[(RelPath::from("pub.real"), 50)], t0 + Duration::from_secs(2));
+        assert_eq!(tally.recent(t0 + Duration::from_secs(2)), 101);
+        // A name above counted ones takes their place: its own count covers them.
+        tally.record(
+            &[(RelPath::from("x/a"), 3), (RelPath::from("x/b"), 4)],
+            t0 + Duration::from_secs(3),
+        );
+        assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 108);
+        tally.record(&[(RelPath::from("x"), 8)], t0 + Duration::from_secs(3));
+        assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 109);
+        // Counting again refreshes the name's time: a flip that keeps going stays counted once.
+        tally.record(&[(pub_dir, 50)], t0 + DELETE_WINDOW);
+        assert_eq!(tally.recent(t0 + DELETE_WINDOW + Duration::from_secs(4)), 51);
+        let g = DeleteGuard::default();
+        tally.compared(52);
+        for i in 0..5000u64 {
+            let now = t0 + Duration::from_millis(i);
+            let flip = [(RelPath::from("pub"), 50)];
+            assert!(!g.live_tripwire(&tally, &flip, false, now), "flip {i}");
+            tally.record(&flip, now);
+        }
+    }
+
+    #[test]
+    fn names_past_the_bound_still_count() {
+        let mut tally = DeleteTally::default();
+        let t0 = Instant::now();
+        for chunk in 0..3 {
+            let names: Vec<(RelPath, u64)> = (0..NAMED / 2 + 1)
+                .map(|i| (RelPath::from(format!("d{chunk}/f{i}").as_str()), 1))
+                .collect();
+            tally.record(&names, t0 + Duration::from_secs(chunk as u64));
+        }
+        assert!(tally.named.len() <= NAMED);
+        assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 3 * (NAMED as u64 / 2 + 1));
     }
 }

@@ -145,9 +145,9 @@ pub struct Plan {
     pub links: Vec<Link>,
     /// Directories whose metadata must be (re)applied, deepest first.
     pub dir_meta: Vec<Entry>,
-    /// Entries the deletes remove on the receiver (each takes its subtree), as far as a
+    /// Entries each delete removes on the receiver (it takes its subtree), as far as a
     /// listing of the receiver told; deletes planned without one are not counted here.
-    pub removes: u64,
+    pub removes: Vec<(RelPath, u64)>,
 }
 
 impl Plan {
@@ -177,7 +177,12 @@ impl Plan {
         self.creates.extend(other.creates);
         self.links.extend(other.links);
         self.dir_meta.extend(other.dir_meta);
-        self.removes += other.removes;
+        self.removes.extend(other.removes);
+    }
+
+    /// Entries the deletes counted in `removes` take from the receiver, in all.
+    pub fn removed(&self) -> u64 {
+        self.removes.iter().map(|(_, n)| n).sum()
     }
 }
 
@@ -413,23 +418,23 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions, names: &LinkNa
     out
 }
 
-/// How many entries of the receiver's tree-order listing `remote` the `deletes` remove (each
-/// delete takes its whole subtree).
-pub fn deleted_entries(deletes: &[RelPath], remote: &[Entry]) -> u64 {
+/// How many entries of the receiver's tree-order listing `remote` each of the `deletes`
+/// removes (it takes its whole subtree); deletes that name nothing listed are left out.
+pub fn deleted_entries(deletes: &[RelPath], remote: &[Entry]) -> Vec<(RelPath, u64)> {
     let gone: HashSet<&RelPath> = deletes.iter().collect();
-    let mut count = 0;
+    let mut out: Vec<(RelPath, u64)> = Vec::new();
     let mut under: Option<&RelPath> = None;
     for e in remote {
-        if under.is_some_and(|u| e.path.starts_with(u)) {
-            count += 1;
+        if let Some(last) = out.last_mut().filter(|_| under.is_some_and(|u| e.path.starts_with(u))) {
+            last.1 += 1;
         } else if gone.contains(&e.path) {
             under = Some(&e.path);
-            count += 1;
+            out.push((e.path.clone(), 1));
         } else {
             under = None;
         }
     }
-    count
+    out
 }
 
 /// A dirty path of a live batch, as the source has it now.
@@ -841,7 +846,10 @@ mod tests {
             e("c/x", Kind::File, 1, 1),
         ];
         let dels = vec![RelPath::from("a"), RelPath::from("c/x")];
-        assert_eq!(deleted_entries(&dels, &remote), 4);
+        assert_eq!(
+            deleted_entries(&dels, &remote),
+            vec![(RelPath::from("a"), 3), (RelPath::from("c/x"), 1)]
+        );
         let mut p = Plan {
             deletes: vec![RelPath::from("a"), RelPath::from("c/x"), RelPath::from("d")],
             ..Plan::default()

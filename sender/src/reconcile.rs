@@ -152,7 +152,7 @@ pub async fn plan_under(
         // What the module holds once this compare is done: the source's entries.
         report.module_entries = Some(local.iter().filter(|e| !e.path.is_root()).count() as u64);
         // The module before the recent live deletions, and all of them.
-        let (deleting, total) = (planned.removes + recent_deletes, total + recent_deletes);
+        let (deleting, total) = (planned.removed() + recent_deletes, total + recent_deletes);
         let source_empty = local.iter().all(|e| e.path.is_root());
         let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
         let moved = device.and_then(|d| group.guard.device_objection(d, deleting));

@@ -12,8 +12,8 @@ use ferry_protocol::xattr::{At, Namespaces};
 use ferry_protocol::RelPath;
 use std::io::{Read, Seek};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Size of a whole-body chunk (one frame): small enough that a link which drops every
@@ -63,11 +63,14 @@ pub struct Sent {
     pub delta: bool,
 }
 
-/// Opens `path` under `root` (never following a symlink, never blocking on a fifo swapped in)
-/// and reads its metadata from the open file: the one read that counts, since it is the file
-/// whose bytes are sent. `Ok(None)` if it is gone or no longer a regular file.
+/// Opens `path` beneath the held source root `root` (no symlink anywhere on the way, never
+/// leaving the root, never blocking on a fifo swapped in) and reads its metadata from the
+/// open file: the one read that counts, since it is the file whose bytes are sent. `Ok(None)`
+/// if it is gone, no longer a regular file, or no longer reached without a symlink (a
+/// directory on its way was replaced by one since the scan: the next event of that name
+/// plans it again).
 fn open_source(
-    root: &Path,
+    root: &OwnedFd,
     path: &RelPath,
     xattrs: Namespaces,
 ) -> Result<Option<(std::fs::File, Meta, bool)>, TransferError> {
@@ -75,14 +78,10 @@ fn open_source(
         path: path.clone(),
         source,
     };
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(local::local_path(root, path))
-    {
+    let file = match local::open_file_beneath(root, path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(None),
+        Err(e) if local::is_not_beneath(&e) => return Ok(None),
         Err(e) => return Err(read_err(e)),
     };
     let md = file.metadata().map_err(read_err)?;
@@ -111,13 +110,13 @@ fn is_sparse(md: &std::fs::Metadata) -> bool {
 /// its holes as holes. Returns `Ok(None)` if the path is no longer a regular file.
 pub async fn begin(
     session: &Session,
-    root: &Path,
+    root: &Arc<OwnedFd>,
     path: &RelPath,
     base: Base,
     preserve: Preserve,
 ) -> Result<Option<InFlight>, TransferError> {
     let opened = {
-        let (root, path) = (root.to_path_buf(), path.clone());
+        let (root, path) = (root.clone(), path.clone());
         let ns = preserve.namespaces();
         tokio::task::spawn_blocking(move || open_source(&root, &path, ns))
             .await
