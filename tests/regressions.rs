@@ -758,45 +758,13 @@ fn an_emptied_source_wiped_the_backup() {
 /// deletions were never counted against the delete guard. Now they add up over the guard's
 /// window, a batch that would cross it turns into a whole-tree compare, and that compare
 /// counts the live deletions too: the target stops with the rule's share or less deleted.
+/// (The same scenario through an rsyncd: `rsync::a_live_rm_rf_of_90_percent_is_held`.)
 #[test]
 fn rm_rf_under_the_running_daemon_wiped_the_backup() {
     let site = Site::new();
     let (src, dst, backup) = site.one_backup();
-    fill_tree(&src, 20, 100, |_| b"x".to_vec());
-    site.write_config(&one_group(&backup, &src, "delete_guard_min = 500"));
-    let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
-    daemon.wait_log_n("reconciled", 1, 30);
-    let entries = |p: &std::path::Path| count_entries(p, true);
-    assert_eq!(entries(&dst), 2020);
-    // 14 of 20 directories: 1,414 of 2,020 entries (70%).
-    for d in 0..14 {
-        fs::remove_dir_all(src.join(format!("d{d}"))).unwrap();
-    }
-    daemon.wait_log_n("target stopped", 1, 30);
-    let log = daemon.log();
-    assert!(log.contains("--confirm-deletes file"), "{log}");
-    assert_eq!(log.matches("target stopped").count(), 1, "said once: {log}");
-    // Past every settle and retry window, twice.
-    std::thread::sleep(Duration::from_secs(3));
-    let left = entries(&dst);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        entries(&dst),
-        left,
-        "nothing deleted while waiting for the operator"
-    );
-    eprintln!(
-        "{} of 2020 entries deleted before the target stopped",
-        2020 - left
-    );
-    assert!(
-        2020 - left < 1010,
-        "the guard's share (50%) was crossed: {left} of 2020 entries left"
-    );
-    assert!(daemon.stop().success());
-    let o = site.send_once(&["--confirm-deletes", "file"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(entries(&dst), 606);
+    let body = one_group(&backup, &src, "delete_guard_min = 500");
+    guard::live_rm_rf_of_90_percent_is_held(&site, &src, &dst, &body);
 }
 
 /// kill -9 of the receiver, then of the sender, in the middle of big transfers: nothing torn

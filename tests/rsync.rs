@@ -538,6 +538,22 @@ fn an_empty_source_made_rsync_empty_the_module() {
     assert_eq!(fs::read_dir(&dst).unwrap().count(), 0);
 }
 
+/// Compatibility mode had no live mass-delete guard: a live `rm -rf` of 90% of a tree went
+/// through to the rsyncd module in seconds. Now rsync deletes at most what the guard allows
+/// (`--max-delete`), the rest is held and the target stops, as a ferry target's does.
+#[test]
+fn a_live_rm_rf_of_90_percent_is_held() {
+    let site = Site::new();
+    let (src, dst) = (site.dir("src"), site.path("dst"));
+    let rsyncd = Rsyncd::start(&site.path("rsyncd"), &[("file", &dst)]);
+    let body = format!(
+        "{}{}",
+        rsyncd.target("legacy", PASSWORD),
+        sync("file", &src, &["legacy"], "file", "delete_guard_min = 500")
+    );
+    guard::live_rm_rf_of_90_percent_is_held(&site, &src, &dst, &body);
+}
+
 /// Compatibility mode keeps holes too (`--sparse`), and `preserve = []` writes them out.
 #[test]
 fn sparse_files_stay_sparse_through_rsync_unless_preserve_says_otherwise() {

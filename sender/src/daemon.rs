@@ -200,6 +200,7 @@ impl Parts<'_> {
                         address: target.address.clone(),
                         rsync: r.clone(),
                         observer: self.observer.clone(),
+                        tally: Default::default(),
                     };
                     unit.workers
                         .spawn(Worker::new(group, t, queue, link, stop, tracker).run());

@@ -108,8 +108,9 @@ pub const DELETE_WINDOW: Duration = Duration::from_secs(600);
 const NAMED: usize = 65_536;
 
 /// One target's live deletions (see the module documentation). Deletions are counted by
-/// name: a name deleted again within the window counts once, at the most entries it took,
-/// and a name below one already counted adds nothing. So a directory that a local user flips
+/// name: a name deleted again within the window counts once, at the most entries it took; a
+/// name below one already counted adds nothing; a name above counted ones takes them in
+/// (`rm -rf` deletes the files of a directory, then the directory with what is left). So a directory that a local user flips
 /// between a directory and a symlink a thousand times counts as its entries once, not a
 /// thousand times over.
 #[derive(Debug, Default, Clone)]
@@ -155,10 +156,13 @@ impl DeleteTally {
                 .take_while(|p| p.as_bytes().starts_with(&inside))
                 .cloned()
                 .collect();
+            // They went before this name did, so its count (read from the receiver as it
+            // was then) lacks them: they add up. (Had some come back in between, they count
+            // twice: once more at most, never a thousand times.)
             let mut entries = *n;
             for p in below {
                 if let Some((_, m)) = self.named.remove(&p) {
-                    entries = entries.max(m);
+                    entries += m;
                 }
             }
             self.named.insert(path.clone(), (now, entries));
@@ -183,6 +187,13 @@ impl DeleteTally {
         self.named.values().chain(self.bare.iter()).map(|(_, n)| n).sum()
     }
 
+    /// How many more entries the guard lets through now ([`DeleteGuard::allowance`] for the
+    /// module's size after the last whole compare and the window's deletions).
+    pub fn allowance(&mut self, guard: &DeleteGuard, now: Instant) -> Option<u64> {
+        let recent = self.recent(now);
+        guard.allowance(self.module_entries, recent)
+    }
+
     /// What [`DeleteTally::recent`] would say after [`DeleteTally::record`]ing `deleted`.
     fn recent_with(&self, deleted: &[(RelPath, u64)], now: Instant) -> u64 {
         let mut after = self.clone();
@@ -192,6 +203,21 @@ impl DeleteTally {
 }
 
 impl DeleteGuard {
+    /// How many more entries may be deleted now without meeting the rule, in a module of
+    /// `total` entries (`None`: not known yet, then `min` deletions alone meet it) from which
+    /// `recent` were deleted within the window; `None` when the guard is off. A transport
+    /// that cannot count before it deletes (rsync) deletes at most this many and holds the
+    /// rest (`--max-delete`).
+    pub fn allowance(&self, total: Option<u64>, recent: u64) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
+        // The rule meets `deleting * 100 / total >= percent`, i.e. deleting ≥ ⌈percent·total/100⌉.
+        let share = total.map_or(0, |t| (t.max(1) * self.percent as u64).div_ceil(100));
+        let limit = self.min.max(share);
+        Some(limit.saturating_sub(1).saturating_sub(recent))
+    }
+
     /// True if a live batch deleting `deleted` (names and the entries each takes) now must go
     /// through a whole-tree compare (and so through [`DeleteGuard::objection`] with exact
     /// figures) instead of being applied: the deletions of the window would meet the rule, or
@@ -292,6 +318,32 @@ mod tests {
     }
 
     #[test]
+    fn the_allowance_is_the_most_the_rule_lets_through() {
+        let g = DeleteGuard::default();
+        for total in [1u64, 9, 10, 999, 1000, 1999, 2000, 2001, 3000, 123_457] {
+            for recent in [0u64, 1, 400, 999, 1500] {
+                let Some(a) = g.allowance(Some(total), recent) else {
+                    panic!("the guard is on")
+                };
+                if a > 0 {
+                    assert!(
+                        g.objection(recent + a, total, false).is_none(),
+                        "{total} {recent}: {a} more pass"
+                    );
+                }
+                assert!(
+                    g.objection(recent.max(recent + a + 1), total, false).is_some(),
+                    "{total} {recent}: one more than {a} is held"
+                );
+            }
+        }
+        assert_eq!(g.allowance(None, 0), Some(999), "unknown size: under the minimum");
+        assert_eq!(g.allowance(None, 2000), Some(0));
+        let off = DeleteGuard { percent: 0, ..DeleteGuard::default() };
+        assert_eq!(off.allowance(Some(10), 0), None);
+    }
+
+    #[test]
     fn a_name_that_comes_and_goes_counts_once() {
         let mut tally = DeleteTally::default();
         let t0 = Instant::now();
@@ -306,14 +358,15 @@ mod tests {
         // A sibling whose name sorts between `pub` and `pub/…` is a name of its own.
         tally.record(&[(RelPath::from("pub.real"), 50)], t0 + Duration::from_secs(2));
         assert_eq!(tally.recent(t0 + Duration::from_secs(2)), 101);
-        // A name above counted ones takes their place: its own count covers them.
+        // A name above counted ones takes them in: `rm -rf x` deletes x/a and x/b first, then
+        // x with what is left.
         tally.record(
             &[(RelPath::from("x/a"), 3), (RelPath::from("x/b"), 4)],
             t0 + Duration::from_secs(3),
         );
         assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 108);
-        tally.record(&[(RelPath::from("x"), 8)], t0 + Duration::from_secs(3));
-        assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 109);
+        tally.record(&[(RelPath::from("x"), 2)], t0 + Duration::from_secs(3));
+        assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 110);
         // Counting again refreshes the name's time: a flip that keeps going stays counted once.
         tally.record(&[(pub_dir, 50)], t0 + DELETE_WINDOW);
         assert_eq!(tally.recent(t0 + DELETE_WINDOW + Duration::from_secs(4)), 51);

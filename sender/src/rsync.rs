@@ -14,6 +14,7 @@
 use crate::coalesce::Need;
 use crate::config::{RsyncTarget, SyncGroup};
 use crate::execute::Report;
+use crate::guard::DeleteTally;
 use crate::queue::Batch;
 use crate::reconcile::scan_source_under;
 use crate::worker::{Observer, Outcome, Transport};
@@ -53,6 +54,9 @@ impl std::fmt::Display for Verdict {
     }
 }
 
+/// What rsync says when `--max-delete` held deletions back.
+const MAX_DELETE_HELD: &str = "Deletions stopped due to --max-delete limit";
+
 /// Classifies an rsync exit `code` using what it printed on stderr (5 and 10 mean either a
 /// refused login or a network problem; only the message tells which).
 pub fn classify(code: i32, stderr: &str) -> Verdict {
@@ -74,6 +78,11 @@ pub fn classify(code: i32, stderr: &str) -> Verdict {
         "password file must not be other-accessible",
         "ERROR: module is read only",
     ];
+    // --max-delete stopped deletions: the delete guard's share was reached. A local or ssh
+    // run exits 25; a push to an rsyncd exits 0 and relays only the daemon's message.
+    if code == 25 || (code == 0 && stderr.contains(MAX_DELETE_HELD)) {
+        return Verdict::Guarded(msg());
+    }
     match code {
         0 | 24 => Verdict::Done,
         23 => Verdict::Partial(msg()),
@@ -128,19 +137,9 @@ fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
     args
 }
 
-/// Runs rsync with `args`, then SRC/SUB/ and the module's URL/SUB/; returns its verdict.
+/// Runs rsync with `args`, then SRC/SUB/ and the module's URL/SUB/; returns its verdict and
+/// what it printed on standard output.
 async fn run(
-    group: &SyncGroup,
-    target: &RsyncTarget,
-    address: &str,
-    sub: &RelPath,
-    args: Vec<String>,
-) -> Verdict {
-    run_capturing(group, target, address, sub, args).await.0
-}
-
-/// [`run`], also returning what rsync printed on standard output.
-async fn run_capturing(
     group: &SyncGroup,
     target: &RsyncTarget,
     address: &str,
@@ -204,7 +203,7 @@ pub async fn verify(
     if checksum {
         args.push("--checksum".into());
     }
-    match run_capturing(group, target, address, &RelPath::root(), args).await {
+    match run(group, target, address, &RelPath::root(), args).await {
         (Verdict::Done, out) => Ok(parse_itemized(&out)),
         (v, _) => Err(v.to_string()),
     }
@@ -282,33 +281,107 @@ pub fn parse_itemized(out: &[u8]) -> Vec<(RelPath, Difference)> {
     out
 }
 
-/// One `rsync -a [--delete]` of the whole source into the module.
-pub async fn full(group: &SyncGroup, target: &RsyncTarget, address: &str) -> Verdict {
-    // rsync --delete from an empty source wipes the module (a disk that did not mount).
-    if group.delete && source_is_empty(&group.source) {
-        let held = module_entries(group, target, address).await;
-        if let Some(why) = group.guard.objection(held, held, true) {
-            return Verdict::Guarded(format!(
-                "sync {}: {why}; `rsync --delete` was not run. If that is what you want, stop \
-                 the daemon and run `ferry send --once --confirm-deletes {} --config …`",
-                group.name, group.name
-            ));
-        }
-    }
-    let mut args = Vec::new();
+/// One `rsync -a [--delete]` of the whole source into the module. Under the delete guard
+/// rsync deletes at most what the guard still allows (`--max-delete`, counted against the
+/// module as listed before the run and the deletions of the window in `tally`) and holds the
+/// rest; afterwards the tally starts again from the module's size.
+pub async fn full(
+    group: &SyncGroup,
+    target: &RsyncTarget,
+    address: &str,
+    tally: &mut DeleteTally,
+) -> Verdict {
+    let mut args = vec!["--stats".to_string()];
     if group.delete {
         args.push("--delete".to_string());
+        if group.guard.active() {
+            let held = module_entries(group, target, address).await;
+            // rsync --delete from an empty source wipes the module (a disk that did not mount).
+            if source_is_empty(&group.source) {
+                if let Some(why) = group.guard.objection(held, held, true) {
+                    return Verdict::Guarded(format!(
+                        "sync {}: {why}; `rsync --delete` was not run. {}",
+                        group.name,
+                        confirm_hint(group)
+                    ));
+                }
+            }
+            // The module before the window's live deletions, and all of them, as a ferry
+            // target's whole compare counts.
+            let recent = tally.recent(Instant::now());
+            if let Some(allowed) = group.guard.allowance(Some(held + recent), recent) {
+                args.push(format!("--max-delete={allowed}"));
+                args.push("--out-format=%i %n".to_string());
+            }
+        }
     }
-    run(group, target, address, &RelPath::root(), args).await
+    let (verdict, out) = run(group, target, address, &RelPath::root(), args).await;
+    let deleted = deletions(&out);
+    match verdict {
+        Verdict::Guarded(why) => Verdict::Guarded(held_message(group, deleted, &why)),
+        Verdict::Done => {
+            if let Some(n) = files_in_stats(&out) {
+                tally.compared(n);
+            }
+            Verdict::Done
+        }
+        v => v,
+    }
+}
+
+/// The operator's way out of a held deletion.
+fn confirm_hint(group: &SyncGroup) -> String {
+    format!(
+        "If that is what you want, stop the daemon and run `ferry send --once \
+         --confirm-deletes {} --config …`",
+        group.name
+    )
+}
+
+/// What to say when rsync's `--max-delete` held deletions back: how many went, that the rest
+/// did not.
+fn held_message(group: &SyncGroup, deleted: u64, rsync: &str) -> String {
+    format!(
+        "sync {}: this would delete more than the delete guard allows ({}% of the module, at \
+         least {}): {deleted} entries were deleted in this run and the rest held ({rsync}). {}",
+        group.name,
+        group.guard.percent,
+        group.guard.min,
+        confirm_hint(group)
+    )
+}
+
+/// How many `*deleting` lines rsync's itemized output (`%i %n`) has.
+fn deletions(out: &[u8]) -> u64 {
+    out.split(|b| *b == b'\n')
+        .filter(|l| l.starts_with(b"*deleting "))
+        .count() as u64
+}
+
+/// The entries of the source as `--stats` counts them ("Number of files: 1,234 (reg: …"),
+/// less the root: what the module holds after a whole run.
+fn files_in_stats(out: &[u8]) -> Option<u64> {
+    let text = String::from_utf8_lossy(out);
+    let line = text.lines().find_map(|l| l.strip_prefix("Number of files: "))?;
+    let digits: String = line
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == ',')
+        .filter(char::is_ascii_digit)
+        .collect();
+    digits.parse::<u64>().ok().map(|n| n.saturating_sub(1))
 }
 
 /// Sends `batch`'s paths (and what they imply) with `--files-from`. Returns the verdict
-/// and how many paths were listed.
+/// and how many paths were listed. Deletions count against the delete guard as a ferry
+/// target's do ([`crate::guard`]): each run deletes at most what the guard still allows
+/// (`--max-delete`); what rsync deletes is counted from its itemized output, by name, in
+/// `tally`; when the limit holds deletions back the target stops, as a ferry target's does.
 pub async fn batch(
     group: &SyncGroup,
     target: &RsyncTarget,
     address: &str,
     batch: &Batch,
+    tally: &mut DeleteTally,
 ) -> (Verdict, usize) {
     let g = group.clone();
     let paths: Vec<(RelPath, Need)> = batch
@@ -326,6 +399,17 @@ pub async fn batch(
         .await
         .expect("list task");
     let n = lists.missing.len() + lists.present.len();
+    if group.delete && !lists.missing.is_empty() && group.guard.active() {
+        // The live form of the empty-source rule: the whole run decides, with the module's
+        // size in hand.
+        let source = group.source.clone();
+        let empty = tokio::task::spawn_blocking(move || source_is_empty(&source))
+            .await
+            .expect("read_dir task");
+        if empty {
+            return (full(group, target, address, tally).await, n);
+        }
+    }
     // Deletions (only when there are any) go first, one run per parent directory with bare
     // names: rsync 3.2.7 fails ("invalid file mode 00", exit 2) when a missing argument
     // shares its list with any directory, implied ones included. Then one run for the rest.
@@ -333,10 +417,23 @@ pub async fn batch(
         for (parent, names) in by_parent(&lists.missing) {
             // --force: a directory deleted here is removed there with its contents (without
             // it rsync only warns, and exits 0).
-            let args = vec!["--delete-missing-args".into(), "--force".into()];
-            let v = with_list(group, target, address, &parent, &names, args).await;
-            if v != Verdict::Done {
-                return (v, n);
+            let mut args = vec!["--delete-missing-args".into(), "--force".into()];
+            let allowed = tally.allowance(&group.guard, Instant::now());
+            if let Some(allowed) = allowed {
+                args.push(format!("--max-delete={allowed}"));
+                args.push("--out-format=%i %n".to_string());
+            }
+            let (v, out) = with_list(group, target, address, &parent, &names, args).await;
+            if allowed.is_some() {
+                tally.record(&deleted_by_name(&out, &parent, &names), Instant::now());
+            }
+            match v {
+                Verdict::Done => {}
+                Verdict::Guarded(why) => {
+                    let deleted = deletions(&out);
+                    return (Verdict::Guarded(held_message(group, deleted, &why)), n);
+                }
+                v => return (v, n),
             }
         }
     }
@@ -349,11 +446,32 @@ pub async fn batch(
         let root = RelPath::root();
         let ignore = vec!["--ignore-missing-args".to_string()];
         return (
-            with_list(group, target, address, &root, &send, ignore).await,
+            with_list(group, target, address, &root, &send, ignore).await.0,
             n,
         );
     }
     (Verdict::Done, n)
+}
+
+/// The entries rsync's itemized output `out` says it deleted, counted by the listed name
+/// (one of `names`, below `parent`) each lies at or under.
+fn deleted_by_name(out: &[u8], parent: &RelPath, names: &BTreeSet<Vec<u8>>) -> Vec<(RelPath, u64)> {
+    let mut counts: std::collections::BTreeMap<&[u8], u64> = Default::default();
+    for line in out.split(|b| *b == b'\n') {
+        let Some(rest) = line.strip_prefix(b"*deleting") else {
+            continue;
+        };
+        let name = rest.trim_ascii_start();
+        let name = name.strip_suffix(b"/").unwrap_or(name);
+        let top = name.split(|b| *b == b'/').next().unwrap_or(name);
+        if let Some(listed) = names.get(top) {
+            *counts.entry(listed.as_slice()).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(name, n)| (parent.join(name), n))
+        .collect()
 }
 
 /// Groups missing paths by parent directory (the topmost missing path of a subtree only),
@@ -379,6 +497,8 @@ fn by_parent(missing: &BTreeSet<Vec<u8>>) -> Vec<(RelPath, BTreeSet<Vec<u8>>)> {
     groups.into_iter().collect()
 }
 
+/// Runs rsync over `paths` (`--files-from`, names relative to `sub`); the verdict and what
+/// rsync printed.
 async fn with_list(
     group: &SyncGroup,
     target: &RsyncTarget,
@@ -386,10 +506,13 @@ async fn with_list(
     sub: &RelPath,
     paths: &BTreeSet<Vec<u8>>,
     mut args: Vec<String>,
-) -> Verdict {
+) -> (Verdict, Vec<u8>) {
     let list = match write_list(paths) {
         Ok(f) => f,
-        Err(e) => return Verdict::Transient(format!("cannot write the file list: {e}")),
+        Err(e) => {
+            let why = format!("cannot write the file list: {e}");
+            return (Verdict::Transient(why), Vec::new());
+        }
     };
     args.push(format!("--files-from={}", list.path().display()));
     args.push("--from0".to_string());
@@ -508,6 +631,8 @@ pub struct RsyncLink {
     pub rsync: RsyncTarget,
     /// Who hears about full runs.
     pub observer: Arc<dyn Observer>,
+    /// Deletions of the delete guard's window.
+    pub tally: DeleteTally,
 }
 
 impl Transport for RsyncLink {
@@ -520,9 +645,10 @@ impl Transport for RsyncLink {
         let started = Instant::now();
         // A killed rsync (an abandoned batch) leaves only its own temp names behind.
         let (verdict, listed) = if b.full {
-            (full(&self.group, &self.rsync, &self.address).await, 0)
+            let tally = &mut self.tally;
+            (full(&self.group, &self.rsync, &self.address, tally).await, 0)
         } else {
-            batch(&self.group, &self.rsync, &self.address, b).await
+            batch(&self.group, &self.rsync, &self.address, b, &mut self.tally).await
         };
         let (group, target) = (self.group.name.as_str(), self.name.as_str());
         match verdict {
@@ -646,6 +772,8 @@ mod tests {
             (30, "rsync error: timeout in data send/receive (code 30)", "transient"),
             (35, "rsync error: timeout waiting for daemon connection (code 35)", "transient"),
             (1, "rsync: --delete-missing-args: unknown option", "config"),
+            (25, "rsync error: the --max-delete limit stopped deletions (code 25)", "guarded"),
+            (0, "Deletions stopped due to --max-delete limit (17 skipped)", "guarded"),
             (4, "rsync error: requested action not supported (code 4)", "config"),
             (12, "ERROR: password file must not be other-accessible", "config"),
         ];

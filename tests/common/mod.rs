@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod attrs;
+pub mod guard;
 pub mod pair;
 pub mod proc;
 pub mod proxy;
