@@ -429,7 +429,7 @@ async fn run(command: Command) -> Result<u8> {
         }
         Command::Fingerprint { cert } => {
             let certs = ferry_protocol::identity::load_certs(&cert)?;
-            println!("{}", ferry_protocol::Fingerprint::of_der(&certs[0]));
+            println!("{}", ferry_protocol::fingerprint::of_der(&certs[0]));
             Ok(0)
         }
         Command::Receive { config } => receive(&config).await,

@@ -33,7 +33,7 @@ fn refused(s: &Setup, sender_side: &str, receiver_side: &str) {
 
 #[test]
 fn unknown_client_fingerprint_is_refused() {
-    let other = Fingerprint::of_der(b"someone else").to_string();
+    let other = ferry_protocol::fingerprint::of_der(b"someone else").to_string();
     let s = Setup::with(ModuleOpts {
         clients: Some(vec![other]),
         ..Default::default()
@@ -89,7 +89,7 @@ fn host_not_in_hosts_allow_is_refused() {
 #[test]
 fn wrong_receiver_pin_is_refused_by_the_sender() {
     let s = Setup::new();
-    let wrong = Fingerprint::of_der(b"not the receiver").to_string();
+    let wrong = ferry_protocol::fingerprint::of_der(b"not the receiver").to_string();
     s.write_sender_config_full("file", &[], &wrong, &s.receiver.addr.clone());
     fs::write(s.src.join("f"), "x").unwrap();
     let o = s.send_once();

@@ -1,7 +1,7 @@
 //! A hostile signature or delta: parsing a peer signature, and applying a peer delta to a base
 //! file (as the receiver does), never panic, never loop, never exceed the window.
 #![no_main]
-use ferry_protocol::delta;
+use ferry_wire::delta;
 use libfuzzer_sys::fuzz_target;
 use std::io::Write;
 

@@ -2,7 +2,7 @@
 //! never panics, and a decoded message survives encoding and decoding again unchanged.
 //! (bincode accepts non-canonical varints, so the bytes themselves may differ.)
 #![no_main]
-use ferry_protocol::frame;
+use ferry_wire::frame;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

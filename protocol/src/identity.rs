@@ -85,7 +85,7 @@ impl Identity {
 
     /// Fingerprint of the leaf certificate.
     pub fn fingerprint(&self) -> Fingerprint {
-        Fingerprint::of_der(&self.certs[0])
+        crate::fingerprint::of_der(&self.certs[0])
     }
 
     /// A fresh self-signed identity, with the PEM texts of certificate and key.

@@ -2,15 +2,9 @@
 //!
 //! # Layout
 //!
-//! Pure modules (no sockets, no files, no clock):
-//! - [`path`]: [`RelPath`], the `/`-separated relative path that travels on the wire,
-//!   and its syntactic validation.
-//! - [`meta`]: [`Meta`] and [`Entry`], what `rsync -a` preserves about one tree entry.
-//! - [`message`]: every [`Message`] of the protocol and the handshake constants.
-//! - [`frame`]: length-prefixed framing with a hard size cap and a bounded bincode decode.
-//! - [`delta`]: signature parameters, peer signature validation, windowed rsync deltas.
-//! - [`merkle`]: the digest of a directory listing, so two trees compare top-down.
-//! - [`fingerprint`]: `sha256:<hex>` certificate pins.
+//! Pure modules, from the `ferry-wire` crate (no sockets, no async runtime, no TLS) and
+//! re-exported here under the same names: [`path`], [`meta`], [`message`], [`frame`],
+//! [`delta`], [`merkle`], [`fingerprint`], and the attribute types of [`xattr`].
 //! - [`tls`]: rustls configurations for TLS 1.3 with mutual, pinned authentication.
 //!
 //! The I/O edge, kept small and named for what it touches:
@@ -19,8 +13,8 @@
 //!   content-digest cache that `verify` relies on. Both daemons and `verify` share it so the
 //!   two sides of a comparison read metadata the same way.
 //! - [`identity`]: loads and generates certificate/key PEM files.
-//! - [`xattr`]: extended attributes (ACLs and file capabilities among them): which
-//!   namespaces travel, reading and applying them through held descriptors.
+//! - [`xattr`]: extended attributes (ACLs and file capabilities among them): reading and
+//!   applying them through held descriptors.
 //!
 //! Shared by both daemons: [`config_text`], where a configuration key is (for errors that
 //! name the line); [`liveness`], which main loops are still turning (for the
@@ -29,18 +23,26 @@
 
 pub mod config_text;
 pub mod connection;
-pub mod delta;
-pub mod fingerprint;
-pub mod frame;
 pub mod identity;
 pub mod liveness;
 pub mod local;
-pub mod merkle;
-pub mod message;
-pub mod meta;
-pub mod path;
 pub mod tls;
 pub mod xattr;
+
+pub use ferry_wire::{delta, frame, merkle, message, meta, path};
+
+/// Certificate pins ([`ferry_wire::fingerprint`]), and computing one from a certificate.
+pub mod fingerprint {
+    pub use ferry_wire::fingerprint::*;
+
+    /// The fingerprint of a DER-encoded certificate.
+    pub fn of_der(der: &[u8]) -> Fingerprint {
+        let d = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut out = [0; 32];
+        out.copy_from_slice(d.as_ref());
+        Fingerprint::from_sha256(out)
+    }
+}
 
 pub use fingerprint::Fingerprint;
 pub use message::Message;

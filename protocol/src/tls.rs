@@ -71,7 +71,7 @@ pub fn client_config(
 pub fn peer_fingerprint(certs: Option<&[CertificateDer<'_>]>) -> Option<Fingerprint> {
     certs
         .and_then(|c| c.first())
-        .map(|c| Fingerprint::of_der(c))
+        .map(|c| crate::fingerprint::of_der(c))
 }
 
 /// Handshake signature checks with the provider's algorithms: both verifiers do them alike.
@@ -123,7 +123,7 @@ impl ServerCertVerifier for PinnedServer {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = Fingerprint::of_der(end_entity);
+        let got = crate::fingerprint::of_der(end_entity);
         if got == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {

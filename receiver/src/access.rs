@@ -85,7 +85,7 @@ mod tests {
         Module {
             name: "file".into(),
             path: "/data/file".into(),
-            clients: vec![Fingerprint::of_der(b"good")],
+            clients: vec![ferry_protocol::fingerprint::of_der(b"good")],
             hosts_allow: Some(vec![
                 "10.255.60.0/24".parse().unwrap(),
                 "127.0.0.1".parse().unwrap(),
@@ -102,8 +102,8 @@ mod tests {
     #[test]
     fn authorize_table() {
         let m = module();
-        let good = Fingerprint::of_der(b"good");
-        let bad = Fingerprint::of_der(b"bad");
+        let good = ferry_protocol::fingerprint::of_der(b"good");
+        let bad = ferry_protocol::fingerprint::of_der(b"bad");
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let far: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(authorize(&m, good, lo, Intent::Write, 0), Ok(()));

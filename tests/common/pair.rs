@@ -36,7 +36,7 @@ impl Pair {
         std::fs::create_dir_all(&src).unwrap();
         std::fs::create_dir_all(&dst).unwrap();
         let (identity, _, _) = Identity::generate("pair-receiver").unwrap();
-        let client = Fingerprint::of_der(b"pair-sender");
+        let client = ferry_protocol::fingerprint::of_der(b"pair-sender");
         let module = Module {
             name: "file".into(),
             path: dst.clone(),

@@ -317,7 +317,7 @@ pub enum Message {
         /// `(name, value)` counters.
         counters: Vec<(String, u64)>,
     },
-    /// The receiver is there: sent every [`crate::connection::HEARTBEAT`] while a session is
+    /// The receiver is there: sent every `ferry_protocol::connection::HEARTBEAT` while a session is
     /// open, whatever its requests are doing, so a sender waiting on replies can tell a slow
     /// receiver from a link or a process that went silent.
     Alive,
