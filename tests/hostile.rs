@@ -1,10 +1,20 @@
-//! Attacks from a local user of the source host: someone who can write in a source tree tries
-//! to make the root-run sender ship what lies outside it, or to stop the backup.
+//! Every attack ferry is tested against, in one place:
+//! - a local user of a source host, who can write in a source tree, tries to make the
+//!   root-run sender ship what lies outside it, or to stop the backup;
+//! - a hostile sender (a peer with a pinned, valid certificate) and a local user of the backup
+//!   host try to write or read outside a module, or to take the receiver down;
+//! - peers that are not ferry at all (plain TCP, garbage, idle connections, floods).
 
 mod common;
 
+use common::pair::Pair;
 use common::*;
+use ferry_protocol::message::{Body, Intent, Message};
+use ferry_protocol::meta::{Compare, Kind, Meta};
+use ferry_protocol::xattr::Namespaces;
+use ferry_protocol::RelPath;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,4 +137,851 @@ on_each_watcher! {
         wait_equal(&src, &dst, 20, "a change after the race");
         eprintln!("{flips} flips in {RACE:?}, none leaked, the target kept going");
     }
+}
+
+// ---- A hostile sender, and a local user of the backup host, against the receiver in memory.
+
+/// Flips a directory between itself and a symlink to `outside` in a tight loop until stopped.
+struct Flipper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Flipper {
+    fn start(d: std::path::PathBuf, outside: std::path::PathBuf) -> Flipper {
+        let parked = d.with_extension("parked");
+        fs::create_dir_all(&d).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if fs::rename(&d, &parked).is_ok() {
+                    let _ = std::os::unix::fs::symlink(&outside, &d);
+                    std::thread::yield_now();
+                    let _ = fs::remove_file(&d);
+                    let _ = fs::rename(&parked, &d);
+                    flips += 1;
+                }
+            }
+            flips
+        });
+        Flipper { stop, thread }
+    }
+
+    /// Stops flipping (the directory is left real); returns how many flips ran.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// A local user on the backup host flips a module directory between a real directory and a
+/// symlink to somewhere else while the sender writes into it. The race runs for 3 s; nothing
+/// may land outside the module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
+    let mut pair = Pair::new();
+    let outside = pair.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let flipper = Flipper::start(pair.dst.join("d"), outside.clone());
+    let session = pair.session().await;
+    let dir_meta = Meta {
+        kind: Kind::Dir,
+        mode: 0o755,
+        ..file_meta(0)
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        i += 1;
+        let name = |what: &str| RelPath::from(format!("d/{what}{i}").as_str());
+        let _ = push_whole(&session, &name("f").to_string(), b"escaped?").await;
+        let requests = [
+            Message::Mkdir {
+                id: 0,
+                path: name("m"),
+                meta: dir_meta.clone(),
+            },
+            Message::Symlink {
+                id: 0,
+                path: name("l"),
+                target: b"x".to_vec(),
+                meta: Meta {
+                    kind: Kind::Symlink,
+                    ..file_meta(0)
+                },
+            },
+            Message::SetMeta {
+                id: 0,
+                path: name("f"),
+                meta: Meta {
+                    mode: 0o777,
+                    ..file_meta(8)
+                },
+            },
+            Message::Rename {
+                id: 0,
+                from: name("f"),
+                to: name("g"),
+            },
+            Message::Delete {
+                id: 0,
+                path: name("m"),
+            },
+        ];
+        for r in requests {
+            let _ = session
+                .call(|id| match r {
+                    Message::Mkdir { path, meta, .. } => Message::Mkdir { id, path, meta },
+                    Message::Symlink {
+                        path, target, meta, ..
+                    } => Message::Symlink {
+                        id,
+                        path,
+                        target,
+                        meta,
+                    },
+                    Message::SetMeta { path, meta, .. } => Message::SetMeta { id, path, meta },
+                    Message::Rename { from, to, .. } => Message::Rename { id, from, to },
+                    Message::Delete { path, .. } => Message::Delete { id, path },
+                    other => other,
+                })
+                .await;
+        }
+    }
+    let flips = flipper.stop();
+    let escaped: Vec<_> = fs::read_dir(&outside).unwrap().collect();
+    eprintln!(
+        "{i} rounds of writes against {flips} flips; {} entries outside",
+        escaped.len()
+    );
+    assert!(flips > 100, "the race did not run ({flips} flips)");
+    assert!(i > 100, "the writes did not run ({i} rounds)");
+    assert!(
+        escaped.is_empty(),
+        "written outside the module: {escaped:?}"
+    );
+}
+
+/// A local user on the backup host flips a module directory between a real directory and a
+/// symlink to somewhere else while a sender lists and verifies the module: no name from
+/// outside may ever show (the walk used to read directories by path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_flipped_to_a_symlink_showed_outside_names_in_listings() {
+    let mut pair = Pair::new();
+    let outside = pair.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("outside-secret"), "not yours").unwrap();
+    fs::create_dir(pair.dst.join("d")).unwrap();
+    fs::write(pair.dst.join("d/inside"), "yours").unwrap();
+    let flipper = Flipper::start(pair.dst.join("d"), outside.clone());
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    let (mut rounds, mut inside_seen) = (0u64, 0u64);
+    while Instant::now() < deadline {
+        rounds += 1;
+        // A fresh session per round: a session builds its verification tree once.
+        let session = pair.open("file", Intent::Read).await.unwrap();
+        let mut names: Vec<String> = Vec::new();
+        for under in [RelPath::root(), RelPath::from("d")] {
+            if let Ok(entries) = session.list(&under, Namespaces::ALL).await {
+                names.extend(entries.iter().map(|e| e.path.to_string()));
+            }
+        }
+        if let Ok((_, entries)) = session
+            .verify_dir(&RelPath::from("d"), rounds % 2 == 0, Compare::all(false))
+            .await
+        {
+            names.extend(entries.iter().map(|e| e.entry.path.to_string()));
+        }
+        inside_seen += names.iter().filter(|n| *n == "d/inside").count() as u64;
+        assert!(
+            !names.iter().any(|n| n.contains("outside-secret")),
+            "round {rounds}: a name from outside the module was listed: {names:?}"
+        );
+        session.close().await;
+    }
+    let flips = flipper.stop();
+    eprintln!(
+        "{rounds} rounds of listings against {flips} flips; d/inside seen {inside_seen} times"
+    );
+    assert!(flips > 100, "the race did not run ({flips} flips)");
+    assert!(rounds > 50, "the listings did not run ({rounds} rounds)");
+    assert!(
+        inside_seen > 0,
+        "the listings never saw the module's own file"
+    );
+}
+
+/// The hostile-client suite: one session speaks the protocol badly on purpose — paths out of
+/// the module, reserved names, a digest that lies, a delta reaching past its base, a window
+/// larger than the file, a body longer than announced, an unknown request id, files in flight
+/// past the cap — while a well-behaved session on the same module keeps pushing files. Every
+/// attack is refused with a reason, the attacker's session itself goes on, nothing lands
+/// outside the module or half-written inside it, and the good sender is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
+    let mut pair = Pair::new();
+    let outside = pair.tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, pair.dst.join("evil")).unwrap();
+    fs::write(pair.dst.join("plainfile"), "x").unwrap();
+    fs::write(pair.dst.join("base"), pseudo_random(64 << 10, 9)).unwrap();
+    let good = pair.session().await;
+    let attacker = pair.session().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let good_files = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let served = {
+        let (good, stop, count) = (good.clone(), stop.clone(), good_files.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = pseudo_random(1000 + n as usize, n);
+                push_whole(&good, &format!("good{n}"), &data)
+                    .await
+                    .unwrap_or_else(|e| panic!("the good sender was refused: {e}"));
+                n += 1;
+                count.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            n
+        })
+    };
+    let mut refusals: Vec<String> = Vec::new();
+    let dir = Meta {
+        kind: Kind::Dir,
+        ..file_meta(0)
+    };
+    for path in [
+        &b"../outside/x"[..],
+        b"/tmp/abs",
+        b"evil/x",
+        b"a\0b",
+        b"a//b",
+        b".ferry-tmp.1.2.3",
+        b"sub/.ferry-tmp.x",
+        b"plainfile/x",
+    ] {
+        let path = RelPath::from_bytes(path.to_vec());
+        let (p1, p2, p3) = (path.clone(), path.clone(), path.clone());
+        let mkdir = attacker
+            .call(|id| Message::Mkdir {
+                id,
+                path: p1,
+                meta: dir.clone(),
+            })
+            .await;
+        let e = mkdir.expect_err("mkdir must be refused").to_string();
+        assert!(e.contains("refused path"), "{path:?}: {e}");
+        refusals.push(e);
+        let e = push_whole(&attacker, &p2.to_string(), b"x").await;
+        refusals.push(e.expect_err("a file must be refused").to_string());
+        let e = attacker.call(|id| Message::Delete { id, path: p3 }).await;
+        refusals.push(e.expect_err("a delete must be refused").to_string());
+    }
+    let e = attacker
+        .call(|id| Message::Rename {
+            id,
+            from: RelPath::from("plainfile"),
+            to: RelPath::from("evil/stolen"),
+        })
+        .await;
+    refusals.push(e.expect_err("a rename out must be refused").to_string());
+    // A digest that lies.
+    let (id, mut rx) = attacker.register();
+    for m in [
+        Message::FileBegin {
+            id,
+            path: RelPath::from("liar"),
+            meta: file_meta(1),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: b"x".to_vec(),
+        },
+        Message::FileEnd {
+            id,
+            digest: [0; 32],
+        },
+    ] {
+        attacker.send(m).await.unwrap();
+    }
+    let e = attacker.expect_ack(&mut rx).await.unwrap_err().to_string();
+    assert!(e.contains("digest mismatch"), "{e}");
+    refusals.push(e);
+    // More body than announced.
+    let (id, mut rx) = attacker.register();
+    for m in [
+        Message::FileBegin {
+            id,
+            path: RelPath::from("long"),
+            meta: file_meta(4),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: vec![7; 4096],
+        },
+        Message::FileEnd {
+            id,
+            digest: [0; 32],
+        },
+    ] {
+        attacker.send(m).await.unwrap();
+    }
+    refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
+    // Deltas: a copy reaching past the base, and a window of 1 TiB.
+    for (window, delta) in [
+        (
+            16u64,
+            // librsync magic, COPY (u64 offset, u64 len) past the 64 KiB base, END.
+            [
+                &[0x72, 0x73, 0x02, 0x36][..],
+                &[0x54],
+                &(1u64 << 40).to_be_bytes(),
+                &16u64.to_be_bytes(),
+                &[0],
+            ]
+            .concat(),
+        ),
+        (1 << 40, vec![0x72, 0x73, 0x02, 0x36, 0]),
+    ] {
+        let (id, mut rx) = attacker.register();
+        attacker
+            .send(Message::FileBegin {
+                id,
+                path: RelPath::from("base"),
+                meta: file_meta(window),
+                body: Body::Delta,
+            })
+            .await
+            .unwrap();
+        match attacker.reply(&mut rx).await {
+            Ok(Message::Signature { .. }) => {
+                attacker
+                    .send(Message::FileDelta { id, window, delta })
+                    .await
+                    .unwrap();
+                attacker
+                    .send(Message::FileEnd {
+                        id,
+                        digest: [0; 32],
+                    })
+                    .await
+                    .unwrap();
+                refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
+            }
+            Ok(other) => panic!("unexpected answer to a delta: {other:?}"),
+            Err(e) => refusals.push(e.to_string()),
+        }
+    }
+    // Data for a transfer that was never begun.
+    attacker
+        .send(Message::FileData {
+            id: 999_999,
+            data: b"stray".to_vec(),
+        })
+        .await
+        .unwrap();
+    // The attacker's own session still works for honest requests.
+    push_whole(&attacker, "honest", b"fine").await.unwrap();
+    // Past the cap of files in flight.
+    let mut held = Vec::new();
+    for i in 0..80 {
+        let (id, rx) = attacker.register();
+        attacker
+            .send(Message::FileBegin {
+                id,
+                path: RelPath::from(format!("open{i}").as_str()),
+                meta: file_meta(10),
+                body: Body::Whole,
+            })
+            .await
+            .unwrap();
+        held.push(rx);
+    }
+    // Requests are handled in order: once this is answered, so are the 80.
+    attacker.stats().await.unwrap();
+    let mut capped = 0;
+    for rx in held.iter_mut() {
+        if let Ok(Message::Failed { error, .. }) = rx.try_recv() {
+            assert!(error.contains("files in flight"), "{error}");
+            capped += 1;
+        }
+    }
+    assert_eq!(capped, 16, "80 begun, 64 allowed");
+    // The attacker still holds its 64 files open: the good sender goes on being served (a
+    // slow machine may need longer than the attacks took; a starved sender never gets there).
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while good_files.load(std::sync::atomic::Ordering::Relaxed) <= 10 {
+        assert!(Instant::now() < deadline, "the good sender was starved");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let pushed = served.await.unwrap();
+    eprintln!(
+        "{} attacks refused; the good sender pushed {pushed} files meanwhile",
+        refusals.len()
+    );
+    for r in &refusals {
+        eprintln!("  refused: {r}");
+        assert!(!r.is_empty());
+    }
+    assert!(pushed > 10, "the good sender was starved: {pushed} files");
+    for n in 0..pushed {
+        assert_eq!(
+            fs::read(pair.dst.join(format!("good{n}"))).unwrap(),
+            pseudo_random(1000 + n as usize, n)
+        );
+    }
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written outside"
+    );
+    assert_eq!(fs::read(pair.dst.join("honest")).unwrap(), b"fine");
+    for name in ["liar", "long", "open0", "stolen"] {
+        assert!(!pair.dst.join(name).exists(), "{name} was committed");
+    }
+    assert_eq!(
+        fs::read(pair.dst.join("base")).unwrap(),
+        pseudo_random(64 << 10, 9),
+        "a refused delta changed its base"
+    );
+}
+
+/// A peer's holes are bounded by the size it announced, and a hole counts in the digest as
+/// the zeros it reads as: a hole past the end is refused, an honest sparse body arrives
+/// sparse and exact.
+#[tokio::test]
+async fn a_hole_past_the_announced_size_is_refused_and_an_honest_one_stays_a_hole() {
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let send_all = |msgs: Vec<Message>| {
+        let session = session.clone();
+        async move {
+            for m in msgs {
+                session.send(m).await.unwrap();
+            }
+        }
+    };
+    // 1 PiB of hole in a file announced as 4 KiB.
+    let (id, mut rx) = session.register();
+    send_all(vec![
+        Message::FileBegin {
+            id,
+            path: RelPath::from("huge"),
+            meta: file_meta(4096),
+            body: Body::Whole,
+        },
+        Message::FileHole { id, len: 1 << 50 },
+        Message::FileEnd {
+            id,
+            digest: [0; 32],
+        },
+    ])
+    .await;
+    let e = session.expect_ack(&mut rx).await.unwrap_err().to_string();
+    assert!(e.contains("hole past the announced 4096 bytes"), "{e}");
+    assert!(!pair.dst.join("huge").exists());
+    // 80 MiB: 1 MiB of data, a 62 MiB hole, 1 MiB of data, and a 16 MiB hole at the end.
+    let data = pseudo_random(1 << 20, 9);
+    let size = 80u64 << 20;
+    let mut whole = vec![0u8; size as usize];
+    whole[..1 << 20].copy_from_slice(&data);
+    whole[63 << 20..64 << 20].copy_from_slice(&data);
+    let (id, mut rx) = session.register();
+    send_all(vec![
+        Message::FileBegin {
+            id,
+            path: RelPath::from("sparse"),
+            meta: file_meta(size),
+            body: Body::Whole,
+        },
+        Message::FileData {
+            id,
+            data: data.clone(),
+        },
+        Message::FileHole { id, len: 62 << 20 },
+        Message::FileData {
+            id,
+            data: data.clone(),
+        },
+        Message::FileHole { id, len: 16 << 20 },
+        Message::FileEnd {
+            id,
+            digest: *blake3::hash(&whole).as_bytes(),
+        },
+    ])
+    .await;
+    session.expect_ack(&mut rx).await.unwrap();
+    let got = pair.dst.join("sparse");
+    assert_eq!(fs::read(&got).unwrap(), whole);
+    let md = fs::metadata(&got).unwrap();
+    assert_eq!(md.len(), size);
+    assert!(
+        md.blocks() * 512 <= 3 << 20,
+        "{} bytes allocated for 2 MiB of data",
+        md.blocks() * 512
+    );
+}
+
+/// A peer's `Link` and attributes are hostile input: a link reaches only a current regular
+/// file of the module (never a symlink a local user planted, never a path outside), and
+/// attributes outside what was announced, or a capability where setuid bits are not kept,
+/// are refused or dropped.
+#[tokio::test]
+async fn links_and_attributes_from_a_peer_stay_inside_the_module() {
+    use ferry_protocol::xattr::Xattrs;
+    use std::os::unix::fs::MetadataExt;
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let request = |m: Message| {
+        let session = session.clone();
+        async move {
+            let (id, mut rx) = session.register();
+            let m = match m {
+                Message::Link {
+                    path, target, meta, ..
+                } => Message::Link {
+                    id,
+                    path,
+                    target,
+                    meta,
+                },
+                Message::SetMeta { path, meta, .. } => Message::SetMeta { id, path, meta },
+                other => other,
+            };
+            session.send(m).await.unwrap();
+            session.expect_ack(&mut rx).await.map_err(|e| e.to_string())
+        }
+    };
+    let link = |path: &str, target: &str, meta: Meta| Message::Link {
+        id: 0,
+        path: RelPath::from(path),
+        target: RelPath::from(target),
+        meta,
+    };
+    let outside = pair.tmp.path().join("outside");
+    fs::write(&outside, b"secret").unwrap();
+    std::os::unix::fs::symlink(&outside, pair.dst.join("planted")).unwrap();
+    let mut meta = file_meta(6);
+    let e = request(link("l1", "planted", meta.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("not current"), "{e}");
+    let e = request(link("l2", "../outside", meta.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("l2"), "{e}");
+    assert!(!pair.dst.join("l1").exists() && !pair.dst.join("l2").exists());
+    assert_eq!(fs::metadata(&outside).unwrap().nlink(), 1);
+
+    // A current file links; one that differs from what the sender believes does not.
+    let f = pair.dst.join("f");
+    fs::write(&f, b"hello!").unwrap();
+    let mtime = fs::metadata(&f).unwrap().mtime();
+    meta.mtime = mtime;
+    meta.mtime_nsec = fs::metadata(&f).unwrap().mtime_nsec() as u32;
+    request(link("sub-not-there/l3", "f", meta.clone()))
+        .await
+        .unwrap_err();
+    request(link("l3", "f", meta.clone())).await.unwrap();
+    assert_eq!(
+        fs::metadata(pair.dst.join("l3")).unwrap().ino(),
+        fs::metadata(&f).unwrap().ino()
+    );
+    let mut stale = meta.clone();
+    stale.mtime -= 10;
+    let e = request(link("l4", "f", stale)).await.unwrap_err();
+    assert!(e.contains("not current"), "{e}");
+
+    // Attributes: an undeclared namespace is refused; a capability is dropped where setuid
+    // bits are not kept, the rest applied.
+    let mut odd = meta.clone();
+    odd.xattrs = Xattrs {
+        covers: Namespaces::USER,
+        list: vec![(b"trusted.x".to_vec(), b"1".to_vec())],
+    };
+    let set = |m: Meta| Message::SetMeta {
+        id: 0,
+        path: RelPath::from("f"),
+        meta: m,
+    };
+    let e = request(set(odd)).await.unwrap_err();
+    assert!(e.contains("outside the namespaces"), "{e}");
+    let mut capable = meta.clone();
+    capable.xattrs = Xattrs {
+        covers: Namespaces::ALL,
+        list: vec![
+            (
+                b"security.capability".to_vec(),
+                vec![1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+            (b"user.a".to_vec(), b"1".to_vec()),
+        ],
+    };
+    request(set(capable)).await.unwrap();
+    let attrs = xattrs_of(&f);
+    assert!(
+        attrs.contains("user.a=") && !attrs.contains("security.capability"),
+        "{attrs}"
+    );
+}
+
+// ---- Hostile peers that once hurt the receiver (each named after the bug it pins).
+
+/// A module file used as a delta base, truncated by a local user while the delta was applied,
+/// killed the whole receiver with SIGBUS (the base was mapped). Now that file fails alone.
+#[tokio::test]
+async fn a_base_truncated_during_a_delta_killed_the_receiver_with_sigbus() {
+    use ferry_protocol::delta;
+    use ferry_protocol::message::Body;
+    let mut pair = Pair::new();
+    let base = pseudo_random(4 << 20, 1);
+    fs::write(pair.dst.join("big"), &base).unwrap();
+    let mut new = base.clone();
+    new[10..20].fill(0);
+    let meta = file_meta(new.len() as u64);
+    let session = pair.session().await;
+    let (id, mut rx) = session.register();
+    let path = RelPath::from("big");
+    session
+        .send(Message::FileBegin {
+            id,
+            path,
+            meta,
+            body: Body::Delta,
+        })
+        .await
+        .unwrap();
+    let Message::Signature { signature, .. } = session.reply(&mut rx).await.unwrap() else {
+        panic!("expected a signature");
+    };
+    // The local user truncates the base now.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(pair.dst.join("big"))
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let index = delta::parse_peer_signature(signature).unwrap();
+    let index = index.index();
+    for window in new.chunks(delta::WINDOW) {
+        let mut d = Vec::new();
+        delta::diff_window(&index, window, &mut d).unwrap();
+        session
+            .send(Message::FileDelta {
+                id,
+                window: window.len() as u64,
+                delta: d,
+            })
+            .await
+            .unwrap();
+    }
+    let digest = *blake3::hash(&new).as_bytes();
+    session.send(Message::FileEnd { id, digest }).await.unwrap();
+    let failed = session.expect_ack(&mut rx).await.unwrap_err();
+    assert!(failed.to_string().contains("big"), "{failed}");
+    // This process (the receiver) is alive, and the session still works.
+    session
+        .call(|id| Message::Delete {
+            id,
+            path: RelPath::from("nothing"),
+        })
+        .await
+        .unwrap();
+}
+
+/// 600 authenticated idle sessions: a new session got `Welcome` but was never served, because
+/// every session held a blocking thread and the pool stops at 512.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_512_were_welcomed_and_never_served() {
+    let mut pair = Pair::new();
+    let mut idle = Vec::new();
+    for _ in 0..600 {
+        idle.push(pair.session().await);
+    }
+    let fresh = pair.session().await;
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        fresh.call(|id| Message::Delete {
+            id,
+            path: RelPath::from("x"),
+        }),
+    )
+    .await
+    .expect("the 601st session was never served");
+    served.unwrap();
+    // And the idle ones are still there and work.
+    idle[0]
+        .call(|id| Message::Delete {
+            id,
+            path: RelPath::from("y"),
+        })
+        .await
+        .unwrap();
+}
+
+/// 3,000 `FileBegin`s without `FileEnd` opened 3,000 descriptors and staging files.
+#[tokio::test]
+async fn file_begins_without_end_held_unbounded_descriptors() {
+    use ferry_protocol::message::Body;
+    let mut pair = Pair::new();
+    let session = pair.session().await;
+    let meta = file_meta(10);
+    let mut replies = Vec::new();
+    for i in 0..300 {
+        let (id, rx) = session.register();
+        let path = RelPath::from(format!("f{i}").as_str());
+        let body = Body::Whole;
+        session
+            .send(Message::FileBegin {
+                id,
+                path,
+                meta: meta.clone(),
+                body,
+            })
+            .await
+            .unwrap();
+        replies.push(rx);
+    }
+    let fds_before_end = fs::read_dir("/proc/self/fd").unwrap().count();
+    // Past the cap, each is refused at once.
+    let refused = replies.split_off(ferry_receiver::incoming::MAX_FILES_IN_FLIGHT);
+    for mut rx in refused {
+        let e = session.expect_ack(&mut rx).await.unwrap_err();
+        assert!(e.to_string().contains("files in flight"), "{e}");
+    }
+    assert!(
+        fds_before_end < 64 + ferry_receiver::incoming::MAX_FILES_IN_FLIGHT + 100,
+        "{fds_before_end} descriptors open"
+    );
+}
+
+/// An unauthenticated peer that sent one 17 MiB frame before `Hello` cost the receiver 17 MB
+/// of memory per connection. Now its frame is refused from its length alone.
+#[tokio::test]
+async fn a_huge_frame_before_hello_was_buffered_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pair = Pair::new();
+    let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+    let (server, client) = (pair.server.clone(), pair.client);
+    let served = tokio::spawn(async move {
+        ferry_receiver::session::serve_stream(
+            &server,
+            theirs,
+            "127.0.0.1:1".parse().unwrap(),
+            client,
+            None,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+    });
+    ours.write_all(&(17u32 << 20).to_be_bytes()).await.unwrap();
+    // The receiver gives up at once; what we write after that goes nowhere.
+    let mut sent = 0usize;
+    let chunk = vec![0u8; 64 * 1024];
+    while sent < 17 << 20 {
+        match tokio::time::timeout(Duration::from_secs(2), ours.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break,
+        }
+    }
+    let result = served.await.unwrap();
+    assert!(result.is_err(), "the frame was accepted");
+    assert!(sent < 1 << 20, "the receiver read {sent} bytes of it");
+    let mut rest = Vec::new();
+    let _ = ours.read_to_end(&mut rest).await;
+}
+
+/// 1,100 idle TCP connections made a legitimate sender wait 28 s: handshakes counted against
+/// the session cap and timed out only after 30 s.
+#[test]
+fn idle_connections_before_the_handshake_locked_senders_out() {
+    let site = Site::new();
+    let src = site.dir("src");
+    fs::write(src.join("f"), "x").unwrap();
+    let dst = site.path("dst");
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    raise_fd_limit(4096);
+    // The attacker, from another loopback address, opens connections and says nothing.
+    let idle: Vec<std::os::fd::OwnedFd> = (0..1100)
+        .filter_map(|_| connect_from([127, 0, 0, 2], backup.port))
+        .collect();
+    assert!(idle.len() > 1000, "only {} idle connections", idle.len());
+    site.write_config(&format!(
+        "{}{}",
+        backup.target("backup"),
+        sync("file", &src, &["backup"], "file", "")
+    ));
+    let started = Instant::now();
+    let o = site.send_once(&[]);
+    let took = started.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    eprintln!(
+        "send --once beside {} idle connections: {took:?}",
+        idle.len()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(backup_log(&backup).contains("too many unauthenticated connections"));
+}
+
+fn raise_fd_limit(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim.rlim_cur = lim.rlim_max.min(n);
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the local address `from` (any of 127/8).
+fn connect_from(from: [u8; 4], port: u16) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_be_bytes(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return None;
+        }
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let local = addr(from, 0);
+        let remote = addr([127, 0, 0, 1], port);
+        if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0
+            || libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0
+        {
+            return None;
+        }
+        Some(owned)
+    }
+}
+
+// ---- Peers that are not ferry at all.
+
+#[test]
+fn garbage_and_plain_tcp_peers_do_not_stop_the_receiver() {
+    let s = Setup::new();
+    for junk in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &[0u8; 5][..],
+        &[0x16, 3, 1, 0xff, 0xff][..],
+    ] {
+        let mut tcp = std::net::TcpStream::connect(&s.receiver.addr).unwrap();
+        let _ = tcp.write_all(junk);
+        drop(tcp);
+    }
+    fs::write(s.src.join("f"), "still serving").unwrap();
+    s.push();
+    assert_eq!(fs::read(s.dst.join("f")).unwrap(), b"still serving");
 }

@@ -9,7 +9,6 @@ use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::{Fingerprint, RelPath};
 use ferry_sender::session::{Session, SessionError};
 use std::fs;
-use std::io::Write;
 
 fn refused(s: &Setup, sender_side: &str, receiver_side: &str) {
     fs::write(s.src.join("f"), "x").unwrap();
@@ -153,23 +152,6 @@ fn max_connections_is_enforced() {
             .close()
             .await;
     });
-}
-
-#[test]
-fn garbage_and_plain_tcp_peers_do_not_stop_the_receiver() {
-    let s = Setup::new();
-    for junk in [
-        &b"GET / HTTP/1.0\r\n\r\n"[..],
-        &[0u8; 5][..],
-        &[0x16, 3, 1, 0xff, 0xff][..],
-    ] {
-        let mut tcp = std::net::TcpStream::connect(&s.receiver.addr).unwrap();
-        let _ = tcp.write_all(junk);
-        drop(tcp);
-    }
-    fs::write(s.src.join("f"), "still serving").unwrap();
-    s.push();
-    assert_eq!(fs::read(s.dst.join("f")).unwrap(), b"still serving");
 }
 
 #[test]

@@ -21,10 +21,7 @@ pub fn live_rm_rf_of_90_percent_is_held(site: &Site, src: &Path, dst: &Path, bod
     }
     daemon.wait_log_n("target stopped", 1, 60);
     // The worker has returned: nothing deletes on the target from here on.
-    let socket = site.path("send/status.sock");
-    let o = run(ferry().args(["status", "--json", "--socket"]).arg(&socket));
-    let status: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("status JSON");
-    assert_eq!(status["targets"][0]["state"], "stopped", "{status}");
+    site.wait_state("stopped", 10);
     let log = daemon.log();
     assert!(log.contains("--confirm-deletes file"), "{log}");
     assert_eq!(log.matches("target stopped").count(), 1, "said once: {log}");

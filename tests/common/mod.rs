@@ -12,7 +12,7 @@ pub mod trees;
 
 pub use attrs::*;
 pub use proc::{Daemon, Proc, Receiver};
-pub use site::{fill_tree, one_group, sync, Backup, ModuleOpts, Setup, Site};
+pub use site::{backup_log, fill_tree, one_group, sync, Backup, ModuleOpts, Setup, Site};
 pub use trees::*;
 
 use std::os::unix::fs::PermissionsExt;

@@ -6,6 +6,7 @@ use super::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 /// A temp directory holding a sender identity (`send/`) and its `sender.toml`.
 pub struct Site {
@@ -122,12 +123,56 @@ impl Site {
         );
     }
 
+    /// The running sender's `ferry status --json`: its exit code and answer.
+    pub fn status(&self) -> (i32, serde_json::Value) {
+        let o = run(ferry()
+            .args(["status", "--json", "--socket"])
+            .arg(self.path("send/status.sock")));
+        let code = o.status.code().unwrap_or(-1);
+        let v = serde_json::from_str(&stdout(&o)).unwrap_or(serde_json::Value::Null);
+        (code, v)
+    }
+
+    /// Waits (`secs` at most) until the running sender says every target is connected, has
+    /// converged and owes nothing (`ferry status` exit 0): every change it has heard of is
+    /// acknowledged. Write a marker after the changes a negative assertion is about and wait
+    /// for it first, so they were heard.
+    pub fn wait_settled(&self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (code, v) = self.status();
+            if code == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not settled after {secs}s: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (`secs` at most) until the running sender's only target is in `state`.
+    pub fn wait_state(&self, state: &str, secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, v) = self.status();
+            if v["targets"][0]["state"] == state {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "not {state} after {secs}s: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// `ferry stats` of the current config.
     pub fn stats(&self) -> String {
         let o = run(ferry().arg("stats").arg("--config").arg(self.config()));
         assert!(o.status.success(), "stats: {}", stderr(&o));
         stdout(&o)
     }
+}
+
+/// What the backup's receiver has logged so far (nothing while it is stopped).
+pub fn backup_log(b: &Backup) -> String {
+    b.receiver.as_ref().map(|r| r.log()).unwrap_or_default()
 }
 
 /// The configuration of one group `file` at `src` pushed to `backup`'s module `file`.
