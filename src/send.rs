@@ -187,7 +187,8 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
             let target = &config.targets[target_name];
             if let TargetKind::Rsync(r) = &target.kind {
                 let started = std::time::Instant::now();
-                let verdict = ferry_sender::rsync::full(group, r, &target.address, &mut Default::default())
+                let verdict =
+                    ferry_sender::rsync::full(group, r, &target.address, &mut Default::default())
                         .await;
                 let ok = verdict == ferry_sender::rsync::Verdict::Done;
                 println!(

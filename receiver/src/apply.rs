@@ -12,6 +12,7 @@
 //! directories. So a name never appears before its data is on disk, an `Ack` still means
 //! durable, and a burst of files costs a few flushes instead of one per file.
 
+use crate::commit::Sealed;
 use crate::config::Owner;
 use crate::confine::{
     chmod_nofollow, confine, confine_in, not_root, open_root, ConfineError, Confined,
@@ -20,7 +21,7 @@ use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
 use ferry_protocol::local;
-use ferry_protocol::message::{Keeps, RequestId};
+use ferry_protocol::message::Keeps;
 use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::xattr::{self, At};
 use ferry_protocol::RelPath;
@@ -43,37 +44,14 @@ pub struct Apply {
     /// What the module keeps (owners, devices, setuid bits).
     pub(crate) keeps: Keeps,
     /// The module root, opened once for the session; every path is resolved beneath it.
-    root_fd: Option<OwnedFd>,
+    pub(crate) root_fd: Option<OwnedFd>,
     /// Directories (module-relative) whose entries changed since the last commit.
-    dirty: HashSet<RelPath>,
+    pub(crate) dirty: HashSet<RelPath>,
     /// Files received whole, waiting for the group commit to be made durable and named.
-    sealed: Vec<Sealed>,
+    pub(crate) sealed: Vec<Sealed>,
     seq: u64,
     tag: u64,
 }
-
-/// A received file, checked (size, digest) and with its metadata applied, still unnamed:
-/// [`Apply::flush`] makes it durable and puts it under its name.
-pub struct Sealed {
-    /// The request to answer.
-    pub id: RequestId,
-    /// Where it goes.
-    pub path: RelPath,
-    /// The file.
-    pub staged: Staged,
-    /// Its size.
-    pub bytes: u64,
-    /// Rebuilt from a delta.
-    pub delta: bool,
-}
-
-/// From this many sealed files (or dirty directories) on, a group commit flushes the module's
-/// filesystem once (`syncfs`) instead of each file (`fsync`).
-pub const SYNCFS_BATCH: usize = 8;
-
-/// Sealed files one session may hold (each an open descriptor) before a group commit is
-/// forced.
-pub const MAX_SEALED: usize = 256;
 
 fn refused(e: ConfineError) -> io::Error {
     match e {
@@ -197,137 +175,6 @@ impl Apply {
                 r
             }
             Err(e) => Err(e),
-        }
-    }
-
-    /// Holds `file` for the next [`Apply::flush`].
-    pub fn seal(&mut self, file: Sealed) {
-        self.sealed.push(file);
-    }
-
-    /// Sealed files waiting.
-    pub fn sealed(&self) -> usize {
-        self.sealed.len()
-    }
-
-    /// True if a request on `path` must wait for the sealed files to be named: it is one of
-    /// them, or above or below one.
-    pub fn touches_sealed(&self, path: &RelPath) -> bool {
-        self.sealed
-            .iter()
-            .any(|s| s.path.starts_with(path) || path.starts_with(&s.path))
-    }
-
-    /// Makes the sealed files durable, then names them (see the module documentation).
-    /// Returns each one's request and outcome; their directories are made durable by the
-    /// [`Apply::sync_dirty`] that must follow before any is acknowledged.
-    pub fn flush(&mut self) -> Vec<(RequestId, Result<(), String>)> {
-        let batch = std::mem::take(&mut self.sealed);
-        if batch.is_empty() {
-            return Vec::new();
-        }
-        let root_dev = self.root_dev();
-        let on_root = |s: &Sealed| {
-            let dev = s.staged.file.metadata().map(|m| m.dev()).ok();
-            dev.is_some() && dev == root_dev
-        };
-        // Data first: one flush of the filesystem for a batch, else one per file.
-        let whole_fs =
-            batch.len() >= SYNCFS_BATCH && batch.iter().all(on_root) && self.syncfs().is_ok();
-        let mut out = Vec::with_capacity(batch.len());
-        for s in batch {
-            let r = (|| {
-                if !whole_fs {
-                    s.staged.file.sync_all()?;
-                }
-                let at = self.entry(&s.path)?;
-                self.install_file(&s.staged, &at.path(), &s.path)
-            })();
-            match r {
-                Ok(()) => {
-                    self.stats.files.fetch_add(1, Ordering::Relaxed);
-                    self.stats
-                        .bytes_written
-                        .fetch_add(s.bytes, Ordering::Relaxed);
-                    if s.delta {
-                        self.stats.delta_files.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::debug!(module = self.module(), path = %s.path, bytes = s.bytes, delta = s.delta, "committed");
-                    out.push((s.id, Ok(())));
-                }
-                Err(e) => {
-                    s.staged.discard();
-                    out.push((s.id, Err(format!("{}: {e}", s.path))));
-                }
-            }
-        }
-        out
-    }
-
-    fn root_dev(&self) -> Option<u64> {
-        let fd = self.root_fd.as_ref()?;
-        fs::metadata(local::fd_path(fd)).ok().map(|m| m.dev())
-    }
-
-    /// `syncfs` of the module's filesystem.
-    fn syncfs(&self) -> io::Result<()> {
-        let root = self
-            .root_fd
-            .as_ref()
-            .ok_or_else(|| io::Error::other("no root"))?;
-        // The held root is an `O_PATH` descriptor, which syncfs refuses: open it for reading.
-        let dir = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(local::fd_path(root))?;
-        // SAFETY: a valid descriptor.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Makes every directory whose entries changed since the last call durable (each resolved
-    /// beneath the module again, never through a symlink): one `syncfs` for many on the
-    /// module's filesystem, else an `fsync` each. An error means the changes in them may not
-    /// be durable: nothing of this commit may be acknowledged.
-    pub fn sync_dirty(&mut self) -> io::Result<()> {
-        let dirs = std::mem::take(&mut self.dirty);
-        let root_dev = self.root_dev();
-        let whole_fs = dirs.len() >= SYNCFS_BATCH && root_dev.is_some();
-        let mut first_error = None;
-        for dir in dirs {
-            // A directory that is no longer there as one (deleted, replaced, moved under a
-            // symlink) holds nothing of this commit; its parent, also dirty, holds the change.
-            let Ok(f) = self.local(&dir).and_then(|c| {
-                fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-                    .open(c.path())
-            }) else {
-                continue;
-            };
-            let same_fs = f.metadata().is_ok_and(|m| Some(m.dev()) == root_dev);
-            if whole_fs && same_fs {
-                continue;
-            }
-            if let Err(e) = f.sync_all() {
-                tracing::warn!(module = self.module(), path = %dir, "fsync failed: {e}");
-                first_error.get_or_insert(io::Error::new(e.kind(), format!("{dir}: {e}")));
-            }
-        }
-        if whole_fs {
-            if let Err(e) = self.syncfs() {
-                tracing::warn!(module = self.module(), "syncfs failed: {e}");
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    fn mark_parent_dirty(&mut self, rel: &RelPath) {
-        if let Some(parent) = rel.parent() {
-            self.dirty.insert(parent);
         }
     }
 

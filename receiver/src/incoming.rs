@@ -5,7 +5,8 @@
 //! fails at any step is dropped and remembered, so the frames the sender already had in flight
 //! for it are dropped without further replies.
 
-use crate::apply::{Apply, Sealed, Staged};
+use crate::apply::{Apply, Staged};
+use crate::commit::Sealed;
 use ferry_protocol::delta;
 use ferry_protocol::message::{Body, Digest, Message, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
@@ -46,7 +47,7 @@ pub enum Outcome {
 }
 
 /// Files one session may have begun and not ended (each holds a descriptor and an unnamed
-/// file); the sender streams 16 at once. Sealed files are bounded apart ([`crate::apply::MAX_SEALED`]).
+/// file); the sender streams 16 at once. Sealed files are bounded apart ([`crate::commit::MAX_SEALED`]).
 pub const MAX_FILES_IN_FLIGHT: usize = 64;
 
 /// The transfers of one session.

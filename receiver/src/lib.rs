@@ -17,6 +17,8 @@
 //!   one answer per request, group commit, and the read requests (List, VerifyDir, Stats).
 //! - [`apply`]: changes to the module tree (mkdir, symlink, special, metadata, delete, rename,
 //!   installing staged entries), each through [`confine`].
+//! - [`commit`]: the group commit: sealed files made durable together, then named, then the
+//!   directories whose entries changed flushed, before any of it is acknowledged.
 //! - [`incoming`]: files being received: staging, deltas against the current copy, digest
 //!   check, sealing until the group commit makes it durable and installs it atomically.
 //! - [`server`]: the listener, connection limits and shutdown.
@@ -25,6 +27,7 @@
 pub mod access;
 pub mod admission;
 pub mod apply;
+pub mod commit;
 pub mod config;
 pub mod confine;
 pub mod hosts;

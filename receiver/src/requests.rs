@@ -10,7 +10,8 @@
 //! A request on a sealed file's path, or above or below it, commits first, so requests apply
 //! in arrival order.
 
-use crate::apply::{Apply, MAX_SEALED};
+use crate::apply::Apply;
+use crate::commit::MAX_SEALED;
 use crate::incoming::{Outcome, Transfers};
 use crate::module::{module_filter, ModuleState};
 use crate::stats::Stats;

@@ -168,8 +168,11 @@ impl DeleteTally {
             self.named.insert(path.clone(), (now, entries));
         }
         if self.named.len() > NAMED {
-            let mut by_age: Vec<(Instant, RelPath)> =
-                self.named.iter().map(|(p, (t, _))| (*t, p.clone())).collect();
+            let mut by_age: Vec<(Instant, RelPath)> = self
+                .named
+                .iter()
+                .map(|(p, (t, _))| (*t, p.clone()))
+                .collect();
             by_age.sort_unstable();
             for (_, p) in by_age.into_iter().take(NAMED / 2) {
                 if let Some(slot) = self.named.remove(&p) {
@@ -184,7 +187,11 @@ impl DeleteTally {
         let fresh = |t: &Instant| now.saturating_duration_since(*t) <= DELETE_WINDOW;
         self.named.retain(|_, (t, _)| fresh(t));
         self.bare.retain(|(t, _)| fresh(t));
-        self.named.values().chain(self.bare.iter()).map(|(_, n)| n).sum()
+        self.named
+            .values()
+            .chain(self.bare.iter())
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// How many more entries the guard lets through now ([`DeleteGuard::allowance`] for the
@@ -297,7 +304,12 @@ mod tests {
         );
         tally.record(&singles("b", 500), t0 + Duration::from_secs(1));
         assert!(
-            g.live_tripwire(&tally, &singles("c", 100), false, t0 + Duration::from_secs(2)),
+            g.live_tripwire(
+                &tally,
+                &singles("c", 100),
+                false,
+                t0 + Duration::from_secs(2)
+            ),
             "1,500 of 3,000 within the window"
         );
         let later = t0 + DELETE_WINDOW + Duration::from_secs(1);
@@ -332,14 +344,22 @@ mod tests {
                     );
                 }
                 assert!(
-                    g.objection(recent.max(recent + a + 1), total, false).is_some(),
+                    g.objection(recent.max(recent + a + 1), total, false)
+                        .is_some(),
                     "{total} {recent}: one more than {a} is held"
                 );
             }
         }
-        assert_eq!(g.allowance(None, 0), Some(999), "unknown size: under the minimum");
+        assert_eq!(
+            g.allowance(None, 0),
+            Some(999),
+            "unknown size: under the minimum"
+        );
         assert_eq!(g.allowance(None, 2000), Some(0));
-        let off = DeleteGuard { percent: 0, ..DeleteGuard::default() };
+        let off = DeleteGuard {
+            percent: 0,
+            ..DeleteGuard::default()
+        };
         assert_eq!(off.allowance(Some(10), 0), None);
     }
 
@@ -349,14 +369,24 @@ mod tests {
         let t0 = Instant::now();
         let pub_dir = RelPath::from("pub");
         for i in 0..1000u64 {
-            tally.record(&[(pub_dir.clone(), 50 + i % 2)], t0 + Duration::from_millis(i));
+            tally.record(
+                &[(pub_dir.clone(), 50 + i % 2)],
+                t0 + Duration::from_millis(i),
+            );
         }
-        assert_eq!(tally.recent(t0 + Duration::from_secs(1)), 51, "the most it took, once");
+        assert_eq!(
+            tally.recent(t0 + Duration::from_secs(1)),
+            51,
+            "the most it took, once"
+        );
         // Inside a counted name: nothing more.
         tally.record(&[(RelPath::from("pub/f3"), 1)], t0 + Duration::from_secs(2));
         assert_eq!(tally.recent(t0 + Duration::from_secs(2)), 51);
         // A sibling whose name sorts between `pub` and `pub/…` is a name of its own.
-        tally.record(&[(RelPath::from("pub.real"), 50)], t0 + Duration::from_secs(2));
+        tally.record(
+            &[(RelPath::from("pub.real"), 50)],
+            t0 + Duration::from_secs(2),
+        );
         assert_eq!(tally.recent(t0 + Duration::from_secs(2)), 101);
         // A name above counted ones takes them in: `rm -rf x` deletes x/a and x/b first, then
         // x with what is left.
@@ -369,7 +399,10 @@ mod tests {
         assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 110);
         // Counting again refreshes the name's time: a flip that keeps going stays counted once.
         tally.record(&[(pub_dir, 50)], t0 + DELETE_WINDOW);
-        assert_eq!(tally.recent(t0 + DELETE_WINDOW + Duration::from_secs(4)), 51);
+        assert_eq!(
+            tally.recent(t0 + DELETE_WINDOW + Duration::from_secs(4)),
+            51
+        );
         let g = DeleteGuard::default();
         tally.compared(52);
         for i in 0..5000u64 {
@@ -391,6 +424,9 @@ mod tests {
             tally.record(&names, t0 + Duration::from_secs(chunk as u64));
         }
         assert!(tally.named.len() <= NAMED);
-        assert_eq!(tally.recent(t0 + Duration::from_secs(3)), 3 * (NAMED as u64 / 2 + 1));
+        assert_eq!(
+            tally.recent(t0 + Duration::from_secs(3)),
+            3 * (NAMED as u64 / 2 + 1)
+        );
     }
 }

@@ -425,7 +425,10 @@ pub fn deleted_entries(deletes: &[RelPath], remote: &[Entry]) -> Vec<(RelPath, u
     let mut out: Vec<(RelPath, u64)> = Vec::new();
     let mut under: Option<&RelPath> = None;
     for e in remote {
-        if let Some(last) = out.last_mut().filter(|_| under.is_some_and(|u| e.path.starts_with(u))) {
+        if let Some(last) = out
+            .last_mut()
+            .filter(|_| under.is_some_and(|u| e.path.starts_with(u)))
+        {
             last.1 += 1;
         } else if gone.contains(&e.path) {
             under = Some(&e.path);

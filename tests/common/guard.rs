@@ -26,7 +26,10 @@ pub fn live_rm_rf_of_90_percent_is_held(site: &Site, src: &Path, dst: &Path, bod
     assert!(log.contains("--confirm-deletes file"), "{log}");
     assert_eq!(log.matches("target stopped").count(), 1, "said once: {log}");
     let left = entries(dst);
-    eprintln!("{} of 2020 entries deleted before the target stopped", 2020 - left);
+    eprintln!(
+        "{} of 2020 entries deleted before the target stopped",
+        2020 - left
+    );
     assert!(
         2020 - left < 1010,
         "the guard's share (50%) was crossed: {left} of 2020 entries left"

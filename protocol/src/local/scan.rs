@@ -1,0 +1,268 @@
+//! Reading a tree (or one entry) beneath a held root into [`Entry`]s, in tree order.
+
+use super::*;
+
+/// Decides whether a path takes part; `is_dir` tells if it is a directory. Returning `false`
+/// for a directory skips its whole subtree.
+pub type Filter<'a> = &'a (dyn Fn(&RelPath, bool) -> bool + Sync);
+
+/// Accepts everything.
+pub fn no_filter(_: &RelPath, _: bool) -> bool {
+    true
+}
+
+/// Metadata of an `lstat` result; `None` for sockets, which are never transferred.
+pub fn meta_of(md: &Metadata) -> Option<Meta> {
+    meta_from(Raw {
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        size: md.len(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec(),
+        rdev: md.rdev(),
+    })
+}
+
+/// [`meta_of`] for a `stat` filled in by the kernel.
+pub(crate) fn meta_of_stat(st: &libc::stat) -> Option<Meta> {
+    meta_from(Raw {
+        mode: st.st_mode,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        size: st.st_size as u64,
+        mtime: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec,
+        rdev: st.st_rdev,
+    })
+}
+
+/// The fields of an `lstat` that [`Meta`] keeps, however they were read.
+pub(crate) struct Raw {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    rdev: u64,
+}
+
+/// The one rule from an `lstat` to [`Meta`].
+pub(crate) fn meta_from(r: Raw) -> Option<Meta> {
+    let kind = match r.mode & libc::S_IFMT {
+        libc::S_IFREG => Kind::File,
+        libc::S_IFDIR => Kind::Dir,
+        libc::S_IFLNK => Kind::Symlink,
+        libc::S_IFIFO => Kind::Fifo,
+        libc::S_IFCHR => Kind::CharDevice,
+        libc::S_IFBLK => Kind::BlockDevice,
+        _ => return None,
+    };
+    Some(Meta {
+        kind,
+        mode: r.mode & 0o7777,
+        uid: r.uid,
+        gid: r.gid,
+        size: if kind == Kind::File { r.size } else { 0 },
+        mtime: r.mtime,
+        mtime_nsec: r.mtime_nsec as u32,
+        rdev: if kind.is_special() { r.rdev } else { 0 },
+        xattrs: Xattrs::default(),
+    })
+}
+
+/// The entry `name` of the held directory `dir` (`None`: `dir` itself) as `rel`, with its
+/// attributes in `xattrs`; `Ok(None)` for a socket. Attributes that cannot be read leave the
+/// entry's unmanaged (`Xattrs::default()`) and are reported in `errors`.
+pub(crate) fn entry_at(
+    dir: &OwnedFd,
+    name: Option<&[u8]>,
+    rel: RelPath,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Option<Entry>> {
+    let st = lstat_at(dir, name)?;
+    let Some(mut meta) = meta_of_stat(&st) else {
+        return Ok(None);
+    };
+    let link = match (meta.kind, name) {
+        (Kind::Symlink, Some(n)) => Some(readlink_at(dir, n)?),
+        (Kind::Symlink, None) => Some(
+            std::fs::read_link(fd_path(dir))?
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        ),
+        _ => None,
+    };
+    if !xattrs.is_empty() {
+        let read = match name {
+            Some(n) => {
+                let n = CString::new(n).map_err(io::Error::other)?;
+                At::Child(dir.as_raw_fd(), &n).read(xattrs)
+            }
+            None => At::Held(&fd_path(dir)).read(xattrs),
+        };
+        match read {
+            Ok(x) => meta.xattrs = x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(e),
+            Err(e) => errors.push((rel.clone(), e)),
+        }
+    }
+    let inode = (meta.kind == Kind::File && st.st_nlink > 1).then_some(Inode {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    });
+    Ok(Some(Entry {
+        path: rel,
+        meta,
+        link,
+        inode,
+    }))
+}
+
+/// `lstat`s one entry beneath a root held open ([`open_root`]), with its attributes in
+/// `xattrs` (see [`scan`] for `errors`); `Ok(None)` if it does not exist (also when a symlink
+/// or a file stands where one of its ancestors should be: the path as such is gone) or is a
+/// socket.
+pub fn read_entry_at(
+    root: &OwnedFd,
+    rel: &RelPath,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Option<Entry>> {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || is_not_beneath(e);
+    let (dir, name) = match parent_of(root, rel) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match entry_at(&dir, name, rel.clone(), xattrs, errors) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        r => r,
+    }
+}
+
+/// The children of the held directory `dir` (which is `rel`), sorted by name, filtered.
+/// Unreadable children are reported in `errors` and left out.
+pub(crate) fn read_children(
+    dir: &OwnedFd,
+    rel: &RelPath,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> Vec<Entry> {
+    let mut names = match read_names(dir) {
+        Ok(n) => n,
+        Err(e) => {
+            errors.push((rel.clone(), e));
+            return Vec::new();
+        }
+    };
+    names.sort_unstable();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let child = rel.join(&name);
+        match entry_at(dir, Some(&name), child.clone(), xattrs, errors) {
+            Ok(Some(e)) => {
+                if filter(&child, e.meta.kind == Kind::Dir) {
+                    out.push(e);
+                }
+            }
+            Ok(None) => {}
+            // Gone since the directory was read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => errors.push((child, e)),
+        }
+    }
+    out
+}
+
+/// Every entry below `root` in tree order (a directory right before its contents), the root
+/// itself first with the empty path, with their attributes in `xattrs`. Per-entry errors go
+/// to `errors` (an entry whose attributes could not be read is kept, its attributes
+/// unmanaged); an unreadable root is an error.
+pub fn scan(
+    root: &Path,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
+    scan_from(root, &RelPath::root(), filter, xattrs, errors)
+}
+
+/// Like [`scan`] for the subtree at `start` (which is listed first).
+pub fn scan_from(
+    root: &Path,
+    start: &RelPath,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
+    scan_at(&open_root(root)?, start, filter, xattrs, errors).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: not found", local_path(root, start).display()),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// [`scan_from`] beneath a root held open. A symlink or a file where `start` or one of its
+/// ancestors should be makes it `NotADirectory`.
+pub fn scan_at(
+    root: &OwnedFd,
+    start: &RelPath,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
+    let not_dir = |e: io::Error| {
+        if is_not_beneath(&e) {
+            io::Error::new(io::ErrorKind::NotADirectory, e)
+        } else {
+            e
+        }
+    };
+    let Some(top) = read_entry_at(root, start, xattrs, errors)? else {
+        return Err(io::ErrorKind::NotFound.into());
+    };
+    let is_dir = top.meta.kind == Kind::Dir;
+    let mut out = vec![top];
+    if is_dir {
+        let parts: Vec<&[u8]> = start.components().collect();
+        let dir = open_beneath(root, &parts).map_err(not_dir)?;
+        walk(&dir, start, filter, xattrs, errors, &mut out);
+    }
+    Ok(out)
+}
+
+/// Appends the subtree of the held directory `dir` (which is `rel`) in tree order. Each
+/// directory below is opened through its parent's descriptor without following symlinks, so
+/// the walk holds one descriptor per level.
+pub(crate) fn walk(
+    dir: &OwnedFd,
+    rel: &RelPath,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+    out: &mut Vec<Entry>,
+) {
+    for child in read_children(dir, rel, filter, xattrs, errors) {
+        let is_dir = child.meta.kind == Kind::Dir;
+        let path = child.path.clone();
+        out.push(child);
+        if is_dir {
+            match open_child(dir, path.file_name()) {
+                Ok(sub) => walk(&sub, &path, filter, xattrs, errors, out),
+                // Gone since it was listed: its entry stays, its contents are unknown.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => errors.push((path, e)),
+            }
+        }
+    }
+}
