@@ -73,9 +73,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         let root = ferry_protocol::RelPath::root();
         let report = reconcile::reconcile_under(&session, &group, &root, 0, &mut watch).await?;
         drop(watch);
-        if let Ok(s) = Arc::try_unwrap(session) {
-            s.close().await;
-        }
+        session.close().await;
         crate::send::print_report("mirror", "local", &report);
         if report.converged() {
             0

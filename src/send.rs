@@ -215,9 +215,7 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                 let report =
                     reconcile::reconcile_under(&session, group, &root, 0, &mut watch).await?;
                 drop(watch);
-                if let Ok(s) = Arc::try_unwrap(session) {
-                    s.close().await;
-                }
+                session.close().await;
                 Ok::<_, ferry_sender::session::SessionError>(report)
             }
             .await;

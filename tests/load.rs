@@ -97,9 +97,7 @@ async fn one_sender(
         r.unwrap().map_err(|e| format!("sender {i}: {e}"))?;
     }
     let took = start.elapsed();
-    if let Ok(s) = Arc::try_unwrap(session) {
-        s.close().await;
-    }
+    session.close().await;
     Ok((took, failed))
 }
 

@@ -610,3 +610,104 @@ fn a_different_disk_mounted_at_the_source_deleted_the_backup() {
         real.to_string()
     );
 }
+
+/// Closing went through `Arc::try_unwrap`: while any clone of the session lived (a request
+/// task, a progress watcher), `Bye` was silently skipped and the receiver kept the module slot
+/// until the connection dropped. Now any holder closes: with a clone alive and
+/// `max_connections = 1`, the next session is served at once, and the clone sees the session
+/// gone.
+#[tokio::test]
+async fn a_session_with_a_clone_alive_was_never_closed() {
+    let mut pair = Pair::with_limit(Some(1));
+    for round in 0..20 {
+        let session = std::sync::Arc::new(
+            pair.open("file", Intent::Write)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}")),
+        );
+        let clone = session.clone();
+        session.close().await;
+        let after = clone
+            .call(|id| Message::Delete {
+                id,
+                path: RelPath::from("x"),
+            })
+            .await;
+        assert!(
+            after.is_err(),
+            "round {round}: a closed session still answered"
+        );
+        drop(session);
+        // `clone` is still alive here: the slot must be free all the same.
+        let next = pair.open("file", Intent::Write).await;
+        assert!(next.is_ok(), "round {round}: {:?}", next.err());
+        next.unwrap().close().await;
+        drop(clone);
+    }
+}
+
+/// The session's reader handed each reply over a bounded channel and waited when it was full:
+/// a request whose replies nobody read (a long listing read slowly) held up the replies of
+/// every other request. Now replies queue per request and the reader never waits. A scripted
+/// receiver answers a listing with 100 chunks, then acknowledges a second request.
+#[tokio::test]
+async fn replies_nobody_reads_held_up_every_other_request() {
+    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let receiver = tokio::spawn(async move {
+        let (r, w) = tokio::io::split(theirs);
+        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+        server_hello(&mut reader).await.unwrap().unwrap();
+        server_answer(
+            &mut writer,
+            Ok(ferry_protocol::message::Keeps {
+                owners: false,
+                devices: false,
+                setid: false,
+                xattrs: Default::default(),
+            }),
+        )
+        .await
+        .unwrap();
+        let Message::List { id: list, .. } = reader.expect().await.unwrap() else {
+            panic!("expected List")
+        };
+        let other = reader.expect().await.unwrap().mutation_id().unwrap();
+        for _ in 0..100 {
+            let chunk = Message::Listing {
+                id: list,
+                entries: Vec::new(),
+                done: false,
+            };
+            writer.write(&chunk).await.unwrap();
+        }
+        writer.write(&Message::Ack { id: other }).await.unwrap();
+        // Hold the connection until the sender goes.
+        while let Ok(Some(_)) = reader.read().await {}
+    });
+    let session =
+        ferry_sender::session::Session::over(ours, "scripted", "file", Intent::Write, false)
+            .await
+            .unwrap();
+    let unread = session
+        .start(|id| Message::List {
+            id,
+            under: RelPath::root(),
+            xattrs: Default::default(),
+        })
+        .await
+        .unwrap();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        session.call(|id| Message::Delete {
+            id,
+            path: RelPath::from("x"),
+        }),
+    )
+    .await
+    .expect("a request behind unread replies must still be answered");
+    answered.unwrap();
+    drop(unread);
+    drop(session);
+    receiver.await.unwrap();
+}

@@ -59,9 +59,15 @@ impl SessionError {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<RequestId, mpsc::Sender<Message>>>>;
+type Pending = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Message>>>>;
 
-/// An open session on one module.
+/// Where the replies to one request arrive. Unbounded, so the session's reader never waits on
+/// a slow consumer (one request's replies held up would hold up every other's): what queues
+/// there is what that request asked for (a listing, a signature, its answer).
+pub type Replies = mpsc::UnboundedReceiver<Message>;
+
+/// An open session on one module. Shared as `Arc<Session>` by the requests in flight; any
+/// holder may [`Session::close`] it, and the connection goes when the last holder does.
 pub struct Session {
     address: String,
     out: mpsc::Sender<Message>,
@@ -71,7 +77,9 @@ pub struct Session {
     pub keeps: Keeps,
     bytes_sent: Arc<AtomicU64>,
     writer: tokio::task::JoinHandle<()>,
-    reader: tokio::task::JoinHandle<()>,
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Aborts the reader when the session goes (whoever took the handle to wait on it).
+    reader_abort: tokio::task::AbortHandle,
     lost: Arc<Mutex<Option<String>>>,
 }
 
@@ -179,7 +187,7 @@ impl Session {
                             }
                         };
                         if let Some(tx) = tx {
-                            let _ = tx.send(msg).await;
+                            let _ = tx.send(msg);
                         }
                     }
                     Ok(None) => break "closed by receiver".to_string(),
@@ -199,7 +207,8 @@ impl Session {
             keeps,
             bytes_sent,
             writer: writer_task,
-            reader: reader_task,
+            reader_abort: reader_task.abort_handle(),
+            reader: Mutex::new(Some(reader_task)),
             lost,
         })
     }
@@ -225,9 +234,9 @@ impl Session {
     }
 
     /// Registers a new request id and the channel its replies arrive on.
-    pub fn register(&self) -> (RequestId, mpsc::Receiver<Message>) {
+    pub fn register(&self) -> (RequestId, Replies) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(8);
+        let (tx, rx) = mpsc::unbounded_channel();
         self.pending.lock().expect("lock").insert(id, tx);
         // The reader records the loss before it clears `pending`: if the loss is already
         // recorded, nobody will clear this entry, so drop its sender here and the caller's
@@ -249,12 +258,12 @@ impl Session {
     }
 
     /// Waits for the next reply on `rx`.
-    pub async fn reply(&self, rx: &mut mpsc::Receiver<Message>) -> Result<Message, SessionError> {
+    pub async fn reply(&self, rx: &mut Replies) -> Result<Message, SessionError> {
         rx.recv().await.ok_or_else(|| self.lost_error())
     }
 
     /// Waits for a final reply and turns `Failed` into an error.
-    pub async fn expect_ack(&self, rx: &mut mpsc::Receiver<Message>) -> Result<(), SessionError> {
+    pub async fn expect_ack(&self, rx: &mut Replies) -> Result<(), SessionError> {
         match self.reply(rx).await? {
             Message::Ack { .. } => Ok(()),
             Message::Failed { error, .. } => Err(SessionError::Failed(error)),
@@ -279,7 +288,7 @@ impl Session {
     pub async fn start(
         &self,
         make: impl FnOnce(RequestId) -> Message,
-    ) -> Result<mpsc::Receiver<Message>, SessionError> {
+    ) -> Result<Replies, SessionError> {
         let (id, rx) = self.register();
         self.send(make(id)).await?;
         Ok(rx)
@@ -347,11 +356,17 @@ impl Session {
         }
     }
 
-    /// Says goodbye and waits for the receiver to answer everything and close.
-    pub async fn close(mut self) {
+    /// Says goodbye and waits (30 s at most) for the receiver to answer everything sent
+    /// before and close. Whoever holds the session may close it, whatever other holders
+    /// remain: they see the session lost from then on. A second close returns at once.
+    pub async fn close(&self) {
+        let reader = self.reader.lock().expect("lock").take();
+        let Some(reader) = reader else {
+            return;
+        };
         if self.out.send(Message::Bye).await.is_ok() {
             // The receiver closes once it has answered everything before `Bye`.
-            let _ = tokio::time::timeout(Duration::from_secs(30), &mut self.reader).await;
+            let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
         }
     }
 }
@@ -360,7 +375,7 @@ impl Drop for Session {
     /// A session given up (lost, stalled, abandoned) lets go of its connection at once.
     fn drop(&mut self) {
         self.writer.abort();
-        self.reader.abort();
+        self.reader_abort.abort();
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::config::Preserve;
 use crate::plan::{body_for, Base};
-use crate::session::{Session, SessionError};
+use crate::session::{Replies, Session, SessionError};
 use ferry_protocol::delta::{self, WINDOW};
 use ferry_protocol::local;
 use ferry_protocol::message::{Body, Message, RequestId};
@@ -45,7 +45,7 @@ pub enum TransferError {
 /// A file whose `FileBegin` went out; [`InFlight::finish`] sends the body.
 pub struct InFlight {
     id: RequestId,
-    rx: mpsc::Receiver<Message>,
+    rx: Replies,
     path: RelPath,
     file: std::fs::File,
     meta: Meta,

@@ -494,7 +494,7 @@ impl Transport for FerryLink {
     }
 
     async fn close(self) {
-        if let Some(s) = self.session.and_then(|s| Arc::try_unwrap(s).ok()) {
+        if let Some(s) = self.session {
             s.close().await;
         }
     }
