@@ -26,7 +26,6 @@ use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{local, Entry, RelPath};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// How many receiver listings a batch's deletion count has in flight at once.
 const COUNT_CONCURRENCY: usize = 32;
@@ -68,8 +67,8 @@ pub async fn send_batch(
                 }
             }
             for r in refused {
-                extra.mark(r.from.clone(), Need::Content, Instant::now());
-                extra.mark(r.to.clone(), Need::Tree, Instant::now());
+                extra.mark(r.from.clone(), Need::Content, crate::timing::now());
+                extra.mark(r.to.clone(), Need::Tree, crate::timing::now());
             }
         } else {
             for r in &renames {
@@ -148,7 +147,7 @@ pub async fn send_batch(
         deleted.extend(plan.removes.iter().cloned());
         let deleting: u64 = deleted.iter().map(|(_, n)| n).sum();
         let source_empty = source_is_empty(group).await;
-        let now = Instant::now();
+        let now = crate::timing::now();
         if group
             .guard
             .live_tripwire(tally, &deleted, source_empty, now)
@@ -199,7 +198,7 @@ async fn compare_whole(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
-    let recent = tally.recent(Instant::now());
+    let recent = tally.recent(crate::timing::now());
     let r = reconcile_under(session, group, &RelPath::root(), recent, observe).await?;
     if let Some(n) = r.module_entries {
         tally.compared(n);

@@ -12,6 +12,7 @@
 //!   deletion; a move in (a `to` with no `from`) is a creation; a matched pair is a rename,
 //!   and changes pending under the old name move with it.
 
+pub use crate::timing::Timing;
 use ferry_protocol::RelPath;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -118,24 +119,6 @@ pub fn under<V>(map: &BTreeMap<RelPath, V>, path: &RelPath) -> Vec<RelPath> {
         .filter(|(p, _)| p.starts_with(path))
         .map(|(p, _)| p.clone())
         .collect()
-}
-
-/// Settle and max-delay times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timing {
-    /// Quiet time after which a written, still-open file is sent.
-    pub settle: Duration,
-    /// Longest a continuously written file waits.
-    pub max_delay: Duration,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Timing {
-            settle: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -326,6 +309,7 @@ mod tests {
         Timing {
             settle: ms(100),
             max_delay: ms(1000),
+            ..Timing::default()
         }
     }
 

@@ -142,7 +142,7 @@ impl Parts<'_> {
         let queues: Vec<Queue> = targets
             .iter()
             .map(|_| {
-                let queue = Queue::new();
+                let queue = Queue::with_timing(group.timing);
                 queue.push([Change::Full]);
                 queue
             })
@@ -240,7 +240,7 @@ impl Unit {
         &self.group == group && same_targets && self.identity == parts.identity_for(&self.targets)
     }
 
-    /// Lets the workers finish their batches in flight (see [`crate::worker::SHUTDOWN_GRACE`]),
+    /// Lets the workers finish their batches in flight (see [`crate::timing::Timing::shutdown_grace`]),
     /// then stops watching.
     async fn stop(mut self) {
         self.stop.cancel();

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// The mass-delete guard of a group: a whole-tree compare that would delete more than
+/// The mass-delete guard of a group: a whole-tree compare that would delete at least
 /// `percent` % of the module's entries, and at least `min` of them, or that finds the source
 /// empty while the module holds [`EMPTY_SOURCE_FLOOR`] entries or more, pauses the target until an operator confirms with
 /// `ferry send --once --confirm-deletes GROUP`.
@@ -91,8 +91,8 @@ impl DeleteGuard {
         let share = deleting.saturating_mul(100) / total.max(1);
         (deleting >= self.min && share >= self.percent as u64).then(|| {
             format!(
-                "this would delete {deleting} of the module's {total} entries ({share}%, more \
-                 than {}%)",
+                "this would delete {deleting} of the module's {total} entries ({share}%; the \
+                 guard holds at {}%)",
                 self.percent
             )
         })

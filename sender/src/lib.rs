@@ -11,15 +11,18 @@
 //!   (pure; time passed in).
 //! - [`queue`]: a target's dirty paths, renames and retry due times (data).
 //! - [`worker`]: the one loop per (group, target): wait, connect with backoff, take a batch,
-//!   send it over a transport, put back or settle; [`worker::FerryLink`] is the ferry transport.
+//!   send it over a transport, put back or settle; [`worker::FerryLink`] is the ferry transport
+//!   (its sessions opened by a [`worker::Dial`]: TLS to a target, or in memory in tests).
 //! - [`batch`]: one live batch on a ferry target: renames, dirty paths, subtrees, parents' times.
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
 //!   pure).
 //! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`].
-//! - [`transfer`]: one file: open, `fstat`, `FileBegin`, whole chunks or windowed deltas,
+//! - [`transfer`]: one file: open beneath the held source root (never through a symlink),
+//!   `fstat`, `FileBegin`, whole chunks or windowed deltas,
 //!   `FileEnd` with the digest.
 //! - [`session`]: one connection to one module over any stream; requests out, replies routed
-//!   back; [`config::Target`]`::connect`.
+//!   back to each request's own queue (the reader never waits); any holder closes it;
+//!   [`config::Target`]`::connect`.
 //!
 //! Around it:
 //! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`].
@@ -28,7 +31,10 @@
 //! - [`links`]: the names of the source's multiply-linked files, learned as the group runs.
 //! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
 //!   start-up, overflow, new directories).
-//! - [`rsync`]: compatibility mode: the rsync transport, its command lines and exit codes.
+//! - [`rsync`]: compatibility mode: the rsync transport and its command lines (deletions under
+//!   the guard through `--max-delete`); `rsync::output` reads its exit codes, messages and
+//!   itemized changes.
+//! - [`timing`]: every delay of the live loop in one value, and the clock it reads.
 //! - [`daemon`]: wiring: watchers, queues and workers for every group and target; reloads.
 //! - [`status`]: what each (group, target) pair is doing, for `ferry status` and metrics.
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
@@ -50,6 +56,7 @@ pub mod route;
 pub mod rsync;
 pub mod session;
 pub mod status;
+pub mod timing;
 pub mod transfer;
 pub mod verify;
 pub mod watch;

@@ -3,29 +3,20 @@
 //! of changed paths, never with the number of events, however long the target is away.
 //!
 //! Retries are data, not timers: a failed path gets a due time that grows with its failures
-//! ([`retry_delay`]); [`Queue::take`] hands it out once due, and the worker sleeps until the
+//! ([`Timing::retry_delay`]); [`Queue::take`] hands it out once due, and the worker sleeps until the
 //! earliest due time. A path that succeeds, or changes again, is forgotten by the retry set.
 
 use crate::coalesce::{self, Change, Need, Rename};
+use crate::timing::Timing;
 use ferry_protocol::RelPath;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::Notify;
 
 /// Renames kept as renames while the target is away; past this many they are folded into
 /// dirty paths (the new names are compared whole, the old names deleted).
 pub const MAX_RENAMES: usize = 4096;
-/// Delay before a path that failed on the receiver is tried again; doubles per failure.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
-/// Longest delay between two tries of a failing path (a full disk freed, a permission fixed:
-/// the path goes again within this, or at once if it changes).
-pub const MAX_RETRY: Duration = Duration::from_secs(10);
-
-/// How long a path waits after its `failures`-th failure in a row (1, 2, 4, 8, 10 s).
-pub fn retry_delay(failures: u32) -> Duration {
-    (RETRY_AFTER * 2u32.saturating_pow(failures.saturating_sub(1).min(6))).min(MAX_RETRY)
-}
 
 /// Work taken from a [`Queue`] in one go.
 #[derive(Debug, Default)]
@@ -163,12 +154,22 @@ impl State {
 #[derive(Debug, Default, Clone)]
 pub struct Queue {
     inner: Arc<(Mutex<State>, Notify)>,
+    /// When failed paths are tried again ([`Timing::retry_delay`]).
+    timing: Timing,
 }
 
 impl Queue {
-    /// An empty queue.
+    /// An empty queue retrying failed paths on the default [`Timing`].
     pub fn new() -> Queue {
         Queue::default()
+    }
+
+    /// An empty queue retrying failed paths as `timing` says.
+    pub fn with_timing(timing: Timing) -> Queue {
+        Queue {
+            timing,
+            ..Queue::default()
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -227,7 +228,7 @@ impl Queue {
             });
             r.since = r.since.min(since);
             r.failures += 1;
-            r.due = Some(now + retry_delay(r.failures));
+            r.due = Some(now + self.timing.retry_delay(r.failures));
         }
         drop(st);
         self.inner.1.notify_one();
@@ -307,6 +308,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn p(s: &str) -> RelPath {
         RelPath::from(s)
@@ -411,9 +413,9 @@ mod tests {
         q.push([path("f", Need::Content)]);
         let b = q.take(t0);
         q.settle(&b, &[p("f")], t0);
-        assert!(q.is_idle(t0 + RETRY_AFTER / 2));
-        assert!(q.take(t0 + RETRY_AFTER / 2).is_empty());
-        let again = q.take(t0 + RETRY_AFTER);
+        assert!(q.is_idle(t0 + Timing::default().retry_after / 2));
+        assert!(q.take(t0 + Timing::default().retry_after / 2).is_empty());
+        let again = q.take(t0 + Timing::default().retry_after);
         assert_eq!(needs(&again), vec![("f".into(), Need::Tree)]);
     }
 
@@ -488,10 +490,10 @@ mod tests {
         q.settle(&b, &[p("a")], later);
         assert_eq!(q.pending().changes, 1);
         assert_eq!(q.pending().oldest, Some(first));
-        let retried = q.take(later + MAX_RETRY);
+        let retried = q.take(later + Timing::default().max_retry);
         assert_eq!(retried.paths[&p("a")].1, first);
         assert_eq!(q.pending().oldest, Some(first));
-        q.settle(&retried, &[], later + MAX_RETRY);
+        q.settle(&retried, &[], later + Timing::default().max_retry);
         assert_eq!(q.pending(), Pending::default());
         // A whole compare counts as one change, also while it is out.
         q.push([Change::Full]);

@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 /// While some directories cannot be watched (watch limit), the whole group is compared this
 /// often instead.
 pub const DEGRADED_RESCAN: Duration = Duration::from_secs(60);
-/// How often start-up progress is logged.
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Longest the thread sleeps without checking for shutdown.
 const TICK: Duration = Duration::from_millis(200);
 /// Raw events that may wait between notify's thread and the router. Past it, events are
@@ -262,7 +260,7 @@ impl Router {
                 self.coalescer.event(Ev::Overflow, now);
             }
             if now >= next_root_check {
-                next_root_check = now + crate::worker::SOURCE_RECHECK;
+                next_root_check = now + self.group.timing.source_recheck;
                 if !self.root_gone {
                     if self.remark_if_moved() {
                         tracing::warn!(sync = %self.group.name, "the source's filesystem changed (remounted?); marked it again and comparing the whole tree");
@@ -465,7 +463,7 @@ impl Router {
                     stack.push(child);
                 }
             }
-            if log_progress && last_log.elapsed() >= PROGRESS_EVERY {
+            if log_progress && last_log.elapsed() >= self.group.timing.progress_every {
                 last_log = Instant::now();
                 tracing::info!(
                     sync = %self.group.name,

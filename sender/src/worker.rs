@@ -5,7 +5,7 @@
 //! The loop: wait for work (or a retry falling due), connect (retrying with one [`Backoff`]),
 //! take a batch, send it; a batch that fails as a whole goes back to the queue (requests are
 //! idempotent, so replaying it is safe), per-path failures are settled into the queue's retry
-//! set. On shutdown the batch in flight gets [`SHUTDOWN_GRACE`] to finish. Targets never wait
+//! set. On shutdown the batch in flight gets [`Timing::shutdown_grace`] to finish. Targets never wait
 //! for each other: each has its own queue, worker and connection.
 
 use crate::batch::send_batch;
@@ -15,7 +15,7 @@ use crate::guard::DeleteTally;
 use crate::queue::{Batch, Queue};
 use crate::session::{Session, SessionError};
 use crate::status::{State, Tracker};
-use crate::watch::PROGRESS_EVERY;
+use crate::timing::{now, Timing};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::Intent;
 use ferry_protocol::RelPath;
@@ -25,21 +25,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-/// First delay after a failed connection or run; doubles per failure up to [`MAX_BACKOFF`].
-pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
-/// Longest delay between two attempts. Short, because a target that comes back should be
-/// used within seconds, and an attempt against one that is down costs a refused connection.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How long a batch in flight may take to finish after SIGTERM before it is abandoned.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// How often a worker logs its summary at info level (when it did something).
-pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
-/// How often, at most, an idle worker hands freed memory back after live batches (after a
-/// whole-tree compare it always does).
-pub const RELEASE_EVERY: Duration = Duration::from_secs(5);
-/// How often a group whose source directory is missing looks for it again.
-pub const SOURCE_RECHECK: Duration = Duration::from_secs(10);
 
 /// Sees what the daemon does; the `ferry` binary prints or logs it.
 pub trait Observer: Send + Sync + 'static {
@@ -70,34 +55,45 @@ pub struct LogObserver;
 
 impl Observer for LogObserver {}
 
-/// Capped exponential backoff.
+/// Capped exponential backoff ([`Timing::min_backoff`] doubling to [`Timing::max_backoff`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     next: Duration,
+    min: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: MIN_BACKOFF }
+        Backoff::new(&Timing::default())
     }
 }
 
 impl Backoff {
-    /// The delay to wait now; the one after it is twice as long, up to [`MAX_BACKOFF`].
+    /// A backoff on `timing`'s delays.
+    pub fn new(timing: &Timing) -> Backoff {
+        Backoff {
+            next: timing.min_backoff,
+            min: timing.min_backoff,
+            max: timing.max_backoff,
+        }
+    }
+
+    /// The delay to wait now; the one after it is twice as long, up to the cap.
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(MAX_BACKOFF);
+        self.next = (self.next * 2).min(self.max);
         d
     }
 
     /// True if the last attempts failed.
     pub fn failing(&self) -> bool {
-        self.next > MIN_BACKOFF
+        self.next > self.min
     }
 
     /// After a success.
     pub fn reset(&mut self) {
-        self.next = MIN_BACKOFF;
+        self.next = self.min;
     }
 }
 
@@ -142,6 +138,8 @@ pub struct Worker<T> {
     pub shutdown: CancellationToken,
     /// Where its state is shown.
     pub status: Tracker,
+    /// Its delays (the group's).
+    pub timing: Timing,
 }
 
 impl<T: Transport> Worker<T> {
@@ -162,6 +160,7 @@ impl<T: Transport> Worker<T> {
             transport,
             shutdown,
             status,
+            timing: group.timing,
         }
     }
 
@@ -169,11 +168,12 @@ impl<T: Transport> Worker<T> {
     pub async fn run(mut self) {
         let (group, target) = (self.group.clone(), self.target.clone());
         let (group, target) = (group.as_str(), target.as_str());
-        let mut backoff = Backoff::default();
+        let timing = self.timing;
+        let mut backoff = Backoff::new(&timing);
         let mut paused = false;
         let mut summary = Report::default();
-        let mut last_summary = Instant::now();
-        let mut last_release = Instant::now();
+        let mut last_summary = now();
+        let mut last_release = now();
         loop {
             if !wait_for_work(&self.queue, &self.shutdown).await {
                 break;
@@ -193,11 +193,11 @@ impl<T: Transport> Worker<T> {
                             "source {}: {why}; nothing is sent until it is back (checking \
                              every {} s)",
                             self.source.display(),
-                            SOURCE_RECHECK.as_secs()
+                            timing.source_recheck.as_secs()
                         );
                         paused = true;
                     }
-                    if !sleep_unless_shutdown(SOURCE_RECHECK, &self.shutdown).await {
+                    if !sleep_unless_shutdown(timing.source_recheck, &self.shutdown).await {
                         break;
                     }
                     continue;
@@ -218,7 +218,7 @@ impl<T: Transport> Worker<T> {
                     if fresh && backoff.failing() {
                         tracing::info!(sync = group, target, "reconnected");
                         // The receiver (or its disk) is back: what failed goes again now.
-                        self.queue.retry_now(Instant::now());
+                        self.queue.retry_now(now());
                         backoff.reset();
                     }
                 }
@@ -239,12 +239,16 @@ impl<T: Transport> Worker<T> {
                     continue;
                 }
             }
-            let batch = self.queue.take(Instant::now());
+            let batch = self.queue.take(now());
             if batch.is_empty() {
                 continue;
             }
-            let Some(outcome) =
-                finish_or_abandon(self.transport.send(&batch), &self.shutdown).await
+            let Some(outcome) = finish_or_abandon(
+                self.transport.send(&batch),
+                &self.shutdown,
+                timing.shutdown_grace,
+            )
+            .await
             else {
                 let what = if batch.full {
                     "the whole-tree compare in flight".to_string()
@@ -265,19 +269,20 @@ impl<T: Transport> Worker<T> {
                 Outcome::Done(report) => {
                     backoff.reset();
                     self.status.sent(&report, batch.full);
-                    self.queue
-                        .settle(&batch, &report.failed_paths(), Instant::now());
+                    self.queue.settle(&batch, &report.failed_paths(), now());
                     summary.absorb(report);
                     if batch.full
-                        || (self.queue.is_empty() && last_release.elapsed() >= RELEASE_EVERY)
+                        || (self.queue.is_empty()
+                            && now().duration_since(last_release) >= timing.release_every)
                     {
                         ferry_protocol::release_free_memory();
-                        last_release = Instant::now();
+                        last_release = now();
                     }
-                    if last_summary.elapsed() >= SUMMARY_EVERY {
-                        log_summary(group, target, &summary, last_summary.elapsed());
+                    let since = now().duration_since(last_summary);
+                    if since >= timing.summary_every {
+                        log_summary(group, target, &summary, since);
                         summary = Report::default();
-                        last_summary = Instant::now();
+                        last_summary = now();
                     }
                 }
                 Outcome::Lost(e) => {
@@ -344,16 +349,17 @@ fn log_summary(group: &str, target: &str, r: &Report, over: Duration) {
     );
 }
 
-/// Runs `work` to completion; once `shutdown` is cancelled it gets [`SHUTDOWN_GRACE`] more,
-/// after which it is dropped (abandoned) and `None` returned.
+/// Runs `work` to completion; once `shutdown` is cancelled it gets `grace` more, after which
+/// it is dropped (abandoned) and `None` returned.
 pub async fn finish_or_abandon<F: Future>(
     work: F,
     shutdown: &CancellationToken,
+    grace: Duration,
 ) -> Option<F::Output> {
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => Some(r),
-        _ = shutdown.cancelled() => tokio::time::timeout(SHUTDOWN_GRACE, &mut work).await.ok(),
+        _ = shutdown.cancelled() => tokio::time::timeout(grace, &mut work).await.ok(),
     }
 }
 
@@ -380,7 +386,7 @@ async fn source_missing(source: &Path) -> Option<String> {
 
 /// Waits until `queue` has work ready; false once `shutdown` is cancelled.
 async fn wait_for_work(queue: &Queue, shutdown: &CancellationToken) -> bool {
-    while queue.is_idle(Instant::now()) {
+    while queue.is_idle(now()) {
         tokio::select! {
             _ = queue.wait() => {}
             _ = shutdown.cancelled() => return false,
@@ -389,14 +395,22 @@ async fn wait_for_work(queue: &Queue, shutdown: &CancellationToken) -> bool {
     !shutdown.is_cancelled()
 }
 
-/// A ferry target: a TLS session to the receiver's module.
+/// Opens a session on the target's module: over TLS for a configured target
+/// ([`FerryLink::new`]), or however a test likes (an in-memory receiver, one that is down).
+pub type Dial = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Session, SessionError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A ferry target: a session on the receiver's module.
 pub struct FerryLink {
     /// The group it serves.
     pub group: SyncGroup,
-    /// The target.
-    pub target: Target,
-    /// Our identity.
-    pub identity: Arc<Identity>,
+    /// The target's name, for logs.
+    pub name: String,
+    /// How a session is opened.
+    pub dial: Dial,
     /// Who sees each step.
     pub observer: Arc<dyn Observer>,
     session: Option<Arc<Session>>,
@@ -404,17 +418,33 @@ pub struct FerryLink {
 }
 
 impl FerryLink {
-    /// A link, not yet connected.
+    /// A link to the configured `target`, not yet connected.
     pub fn new(
         group: SyncGroup,
         target: Target,
         identity: Arc<Identity>,
         observer: Arc<dyn Observer>,
     ) -> FerryLink {
+        let module = group.module.clone();
+        let name = target.name.clone();
+        let dial: Dial = Arc::new(move || {
+            let (target, identity, module) = (target.clone(), identity.clone(), module.clone());
+            Box::pin(async move { target.connect(&identity, &module, Intent::Write).await })
+        });
+        FerryLink::with_dial(group, name, dial, observer)
+    }
+
+    /// A link that opens its sessions with `dial`.
+    pub fn with_dial(
+        group: SyncGroup,
+        name: String,
+        dial: Dial,
+        observer: Arc<dyn Observer>,
+    ) -> FerryLink {
         FerryLink {
             group,
-            target,
-            identity,
+            name,
+            dial,
             observer,
             session: None,
             tally: DeleteTally::default(),
@@ -427,11 +457,7 @@ impl Transport for FerryLink {
         if self.session.is_some() {
             return Ok(false);
         }
-        let s = self
-            .target
-            .connect(&self.identity, &self.group.module, Intent::Write)
-            .await
-            .map_err(|e| e.to_string())?;
+        let s = (self.dial)().await.map_err(|e| e.to_string())?;
         self.session = Some(Arc::new(s));
         Ok(true)
     }
@@ -442,7 +468,7 @@ impl Transport for FerryLink {
         };
         let started = Instant::now();
         let sent_before = session.bytes_sent();
-        let (group, target) = (self.group.name.as_str(), self.target.name.as_str());
+        let (group, target) = (self.group.name.as_str(), self.name.as_str());
         let full = batch.full;
         let mut observe = BatchWatch {
             group,
@@ -452,7 +478,8 @@ impl Transport for FerryLink {
             renamed_since: batch.renames.iter().map(|r| (&r.from, r.since)).collect(),
             done: Totals::default(),
             planned: Totals::default(),
-            last_log: Instant::now(),
+            last_log: now(),
+            progress_every: self.group.timing.progress_every,
         };
         let mut report = Report::default();
         let sent = send_batch(
@@ -501,7 +528,7 @@ impl Transport for FerryLink {
 }
 
 /// Where the steps of one batch go: the debug log and the observer (live steps one by one, a
-/// whole compare as progress against its plan, logged every [`PROGRESS_EVERY`]).
+/// whole compare as progress against its plan, logged every [`Timing::progress_every`]).
 struct BatchWatch<'a> {
     group: &'a str,
     target: &'a str,
@@ -511,6 +538,7 @@ struct BatchWatch<'a> {
     done: Totals,
     planned: Totals,
     last_log: Instant,
+    progress_every: Duration,
 }
 
 impl Watch for BatchWatch<'_> {
@@ -543,8 +571,8 @@ impl Watch for BatchWatch<'_> {
         }
         self.done.add(step);
         self.observer.progress(group, target, self.done);
-        if self.last_log.elapsed() >= PROGRESS_EVERY {
-            self.last_log = Instant::now();
+        if now().duration_since(self.last_log) >= self.progress_every {
+            self.last_log = now();
             tracing::info!(
                 sync = group,
                 target,
@@ -588,6 +616,6 @@ mod tests {
         );
         assert!(b.failing());
         b.reset();
-        assert_eq!(b.next_delay(), MIN_BACKOFF);
+        assert_eq!(b.next_delay(), Timing::default().min_backoff);
     }
 }

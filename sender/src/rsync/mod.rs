@@ -172,7 +172,7 @@ pub async fn full(
             }
             // The module before the window's live deletions, and all of them, as a ferry
             // target's whole compare counts.
-            let recent = tally.recent(Instant::now());
+            let recent = tally.recent(crate::timing::now());
             if let Some(allowed) = group.guard.allowance(Some(held + recent), recent) {
                 args.push(format!("--max-delete={allowed}"));
                 args.push("--out-format=%i %n".to_string());
@@ -262,14 +262,17 @@ pub async fn batch(
             // --force: a directory deleted here is removed there with its contents (without
             // it rsync only warns, and exits 0).
             let mut args = vec!["--delete-missing-args".into(), "--force".into()];
-            let allowed = tally.allowance(&group.guard, Instant::now());
+            let allowed = tally.allowance(&group.guard, crate::timing::now());
             if let Some(allowed) = allowed {
                 args.push(format!("--max-delete={allowed}"));
                 args.push("--out-format=%i %n".to_string());
             }
             let (v, out) = with_list(group, target, address, &parent, &names, args).await;
             if allowed.is_some() {
-                tally.record(&deleted_by_name(&out, &parent, &names), Instant::now());
+                tally.record(
+                    &deleted_by_name(&out, &parent, &names),
+                    crate::timing::now(),
+                );
             }
             match v {
                 Verdict::Done => {}
