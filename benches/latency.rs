@@ -12,7 +12,6 @@ use ferry_receiver::Loopback;
 use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, Observer};
 use ferry_sender::execute::{Report, Step, StepKind};
-use ferry_sender::filter::Filter;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -121,36 +120,21 @@ async fn bench(writes: usize, burst: usize) {
         steps: tx,
         reconciled: Mutex::new(Some(ready_tx)),
     });
-    let daemon = Daemon {
-        status: Default::default(),
-        watcher: ferry_sender::watch::Backend::Inotify,
-        identity: Arc::new(recv.client.clone()),
-        targets: [(
-            "local".to_string(),
-            Target {
-                name: "local".into(),
-                address: recv.address.clone(),
-                kind: TargetKind::Ferry {
-                    fingerprint: recv.pin,
-                    compress: false,
-                },
-            },
-        )]
-        .into(),
-        syncs: vec![SyncGroup {
-            name: "bench".into(),
-            source: src.clone(),
-            targets: vec!["local".into()],
-            module: "bench".into(),
-            filter: Filter::empty(),
-            delete: true,
-            timing: Default::default(),
-            guard: Default::default(),
-            preserve: Default::default(),
-            links: Default::default(),
-        }],
-        liveness: Default::default(),
+    let target = Target {
+        name: "local".into(),
+        address: recv.address.clone(),
+        kind: TargetKind::Ferry {
+            fingerprint: recv.pin,
+            compress: false,
+        },
     };
+    let group = SyncGroup::new("bench", src.clone(), vec!["local".into()], "bench");
+    let daemon = Daemon::new(
+        Arc::new(recv.client.clone()),
+        [("local".to_string(), target)].into(),
+        vec![group],
+        ferry_sender::watch::Backend::Inotify,
+    );
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(daemon.run(shutdown.clone(), probe));
     ready_rx.await.unwrap();

@@ -7,7 +7,6 @@ use ferry_protocol::message::Intent;
 use ferry_sender::config::{SyncGroup, Target, TargetKind};
 use ferry_sender::daemon::{Daemon, Observer};
 use ferry_sender::execute::{Report, Step, StepKind, Totals};
-use ferry_sender::filter::Filter;
 use ferry_sender::reconcile;
 use ferry_sender::watch::Backend;
 use std::path::{Path, PathBuf};
@@ -35,21 +34,8 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
     std::fs::create_dir_all(&dst).with_context(|| format!("{}", dst.display()))?;
     let recv = ferry_receiver::Loopback::start("mirror", dst.clone()).await?;
     let address = recv.address.clone();
-    let group = SyncGroup {
-        name: "mirror".into(),
-        source: src.clone(),
-        targets: vec!["local".into()],
-        module: "mirror".into(),
-        filter: Filter::empty(),
-        delete: true,
-        timing: Default::default(),
-        guard: ferry_sender::config::DeleteGuard {
-            confirmed: confirm_deletes,
-            ..Default::default()
-        },
-        preserve: Default::default(),
-        links: Default::default(),
-    };
+    let mut group = SyncGroup::new("mirror", src.clone(), vec!["local".into()], "mirror");
+    group.guard.confirmed = confirm_deletes;
     eprintln!(
         "ferry: mirroring {} → {} via {address}",
         src.display(),
@@ -84,14 +70,9 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         let (watcher, why) =
             Backend::choose(Default::default(), &[src.as_path()]).map_err(anyhow::Error::msg)?;
         tracing::info!("watching {} with {why}", src.display());
-        let daemon = Daemon {
-            status: Default::default(),
-            watcher,
-            identity: Arc::new(recv.client.clone()),
-            targets: [("local".to_string(), target)].into(),
-            syncs: vec![group],
-            liveness: Default::default(),
-        };
+        let targets = [("local".to_string(), target)].into();
+        let identity = Arc::new(recv.client.clone());
+        let daemon = Daemon::new(identity, targets, vec![group], watcher);
         let observer = Arc::new(MirrorObserver {
             src: src.clone(),
             progress: Mutex::new(None),

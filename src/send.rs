@@ -45,12 +45,8 @@ pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result
         reload_tx,
     ));
     let daemon = Daemon {
-        identity: Arc::new(identity),
-        targets: config.targets,
-        syncs: config.syncs,
-        liveness: Default::default(),
         status: status.clone(),
-        watcher,
+        ..Daemon::new(Arc::new(identity), config.targets, config.syncs, watcher)
     };
     crate::service::watchdog(daemon.liveness.clone());
     let observer = Arc::new(ServiceObserver { groups, status });

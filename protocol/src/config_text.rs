@@ -44,8 +44,13 @@ impl ConfigError {
         let line = e.span().map(|s| line_at(text, s.start));
         let mut message = e.message().trim_end().to_string();
         let quoted = line.and_then(|l| text.lines().nth(l - 1)).map(str::trim);
-        if let Some(quoted) = quoted.filter(|q| !q.is_empty() && !message.contains('`')) {
-            message = format!("{message}: `{quoted}`");
+        if let Some(quoted) = quoted.filter(|q| !q.is_empty() && !message.contains(*q)) {
+            // A message that quotes a value (an unknown variant) still names the key.
+            message = if message.contains('`') {
+                format!("{message}, in `{quoted}`")
+            } else {
+                format!("{message}: `{quoted}`")
+            };
         }
         ConfigError {
             file: file.to_path_buf(),

@@ -20,7 +20,8 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     status_socket: Option<PathBuf>,
     metrics_listen: Option<String>,
-    watcher: Option<String>,
+    #[serde(default)]
+    watcher: WatcherChoice,
     #[serde(default)]
     targets: BTreeMap<String, RawTarget>,
     #[serde(default)]
@@ -30,7 +31,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
-    kind: Option<String>,
+    #[serde(default)]
+    kind: RawKind,
     address: String,
     fingerprint: Option<String>,
     // kind = "rsync"
@@ -43,8 +45,25 @@ struct RawTarget {
     compress: bool,
     bwlimit_kib: Option<u64>,
     timeout_s: Option<u64>,
-    transport: Option<String>,
+    transport: Option<RawTransport>,
     rsh: Option<String>,
+}
+
+/// `kind = "ferry" | "rsync"`.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawKind {
+    #[default]
+    Ferry,
+    Rsync,
+}
+
+/// `transport = "daemon" | "ssh"` (rsync targets; daemon when not given).
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawTransport {
+    Daemon,
+    Ssh,
 }
 
 #[derive(Deserialize)]
@@ -169,7 +188,8 @@ pub struct RsyncTarget {
 }
 
 /// `watcher = "auto" | "fanotify" | "inotify"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WatcherChoice {
     /// fanotify when this process may use it, else inotify (the default).
     #[default]
@@ -346,7 +366,9 @@ impl Config {
         Ok(())
     }
 
-    /// Parses and validates `text` as if read from `file`; reads nothing else.
+    /// Parses and validates `text` as if read from `file`; reads nothing else. Each section
+    /// is built by its own constructor ([`Target::from_raw`], [`SyncGroup::from_raw`]), which
+    /// names the key; the error gets the file and line here.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let err = |message: String| ConfigError::at(file, text, message);
         let raw: RawConfig =
@@ -355,191 +377,29 @@ impl Config {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let mut targets = BTreeMap::new();
         for (name, t) in raw.targets {
-            let key = |k: &str| format!("targets.{name}.{k}");
-            let kind = match t.kind.as_deref().unwrap_or("ferry") {
-                "ferry" => {
-                    if let Some(k) = rsync_only_key(&t) {
-                        return Err(err(format!("{}: only for kind = \"rsync\"", key(k))));
-                    }
-                    let fp = t
-                        .fingerprint
-                        .as_deref()
-                        .ok_or_else(|| err(format!("{}: required", key("fingerprint"))))?;
-                    let fingerprint = fp
-                        .parse()
-                        .map_err(|e| err(format!("{}: {e}", key("fingerprint"))))?;
-                    if !t.address.contains(':') {
-                        return Err(err(format!(
-                            "{}: {:?} needs a port, e.g. {}:8730",
-                            key("address"),
-                            t.address,
-                            t.address
-                        )));
-                    }
-                    TargetKind::Ferry {
-                        fingerprint,
-                        compress: t.compress,
-                    }
-                }
-                "rsync" => {
-                    if t.fingerprint.is_some() {
-                        return Err(err(format!(
-                            "{}: an rsyncd has no certificate; remove it",
-                            key("fingerprint")
-                        )));
-                    }
-                    let mut args = t.rsync_args.clone();
-                    if t.compress {
-                        args.push("--compress".into());
-                    }
-                    if let Some(kib) = t.bwlimit_kib {
-                        args.push(format!("--bwlimit={kib}"));
-                    }
-                    let rsh = match (t.transport.as_deref().unwrap_or("daemon"), &t.rsh) {
-                        ("daemon", None) => None,
-                        ("daemon", Some(_)) => {
-                            return Err(err(format!(
-                                "{}: only with transport = \"ssh\"",
-                                key("rsh")
-                            )))
-                        }
-                        ("ssh", rsh) => Some(rsh.clone().unwrap_or_else(|| "ssh".into())),
-                        (other, _) => {
-                            return Err(err(format!(
-                                "{}: unknown transport {other:?} (expected \"daemon\" or \"ssh\")",
-                                key("transport")
-                            )))
-                        }
-                    };
-                    if rsh.is_some() && t.password_file.is_some() {
-                        return Err(err(format!(
-                            "{}: rsync over ssh authenticates with ssh keys, not a password file",
-                            key("password_file")
-                        )));
-                    }
-                    let password_file = t.password_file.clone().map(resolve);
-                    TargetKind::Rsync(RsyncTarget {
-                        user: t.user.clone(),
-                        password_file,
-                        rsync_path: t.rsync_path.clone().unwrap_or_else(|| "rsync".into()),
-                        args,
-                        timeout_s: t.timeout_s.unwrap_or(RSYNC_TIMEOUT_S),
-                        rsh,
-                    })
-                }
-                other => {
-                    return Err(err(format!(
-                        "{}: unknown kind {other:?} (expected \"ferry\" or \"rsync\")",
-                        key("kind")
-                    )))
-                }
-            };
-            let address = match &kind {
-                // rsyncd's port is optional, as in rsync://host/module.
-                TargetKind::Rsync(r) if r.rsh.is_none() && !t.address.contains(':') => {
-                    format!("{}:873", t.address)
-                }
-                _ => t.address.clone(),
-            };
-            targets.insert(
-                name.clone(),
-                Target {
-                    name,
-                    address,
-                    kind,
-                },
-            );
+            let target = Target::from_raw(name.clone(), t, &resolve).map_err(err)?;
+            targets.insert(name, target);
         }
-        let state_dir = raw.state_dir.clone().map(resolve);
+        let state_dir = raw.state_dir.map(resolve);
         let metrics_listen = ferry_protocol::config_text::optional_socket_address(
             "metrics_listen",
             raw.metrics_listen.as_deref(),
         )
         .map_err(err)?;
-        let watcher = match raw.watcher.as_deref() {
-            None | Some("auto") => WatcherChoice::Auto,
-            Some("fanotify") => WatcherChoice::Fanotify,
-            Some("inotify") => WatcherChoice::Inotify,
-            Some(other) => {
-                return Err(err(format!(
-                    "watcher: unknown watcher {other:?} (expected \"auto\", \"fanotify\" or \"inotify\")"
-                )))
-            }
-        };
         let status_socket = raw
             .status_socket
-            .clone()
             .map_or_else(|| DEFAULT_STATUS_SOCKET.into(), resolve);
         let mut syncs: Vec<SyncGroup> = Vec::new();
         for (i, s) in raw.sync.into_iter().enumerate() {
-            let name = s.name.clone().unwrap_or_else(|| s.module.clone());
-            let key = |k: &str| format!("sync[{i}] ({name}).{k}");
-            if syncs.iter().any(|g| g.name == name) {
+            let group =
+                SyncGroup::from_raw(i, s, &targets, state_dir.as_deref(), &resolve).map_err(err)?;
+            if syncs.iter().any(|g| g.name == group.name) {
+                let name = &group.name;
                 return Err(err(format!(
-                    "{}: duplicate sync name {name:?}",
-                    key("name")
+                    "sync[{i}] ({name}).name: duplicate sync name {name:?}"
                 )));
             }
-            if s.targets.is_empty() {
-                return Err(err(format!(
-                    "{}: at least one target is required",
-                    key("targets")
-                )));
-            }
-            for t in &s.targets {
-                if !targets.contains_key(t) {
-                    return Err(err(format!("{}: unknown target {t:?}", key("targets"))));
-                }
-            }
-            let filter = Filter::new(&s.exclude)
-                .map_err(|e: FilterError| err(format!("{}: {e}", key("exclude"))))?;
-            let mut timing = Timing::default();
-            if let Some(ms) = s.settle_ms {
-                timing.settle = Duration::from_millis(ms);
-            }
-            if let Some(ms) = s.max_delay_ms {
-                timing.max_delay = Duration::from_millis(ms);
-            }
-            if timing.max_delay < timing.settle {
-                return Err(err(format!(
-                    "{}: must not be shorter than settle_ms ({} ms)",
-                    key("max_delay_ms"),
-                    timing.settle.as_millis()
-                )));
-            }
-            let defaults = DeleteGuard::default();
-            let guard = DeleteGuard {
-                percent: s.delete_guard_percent.unwrap_or(defaults.percent),
-                min: s.delete_guard_min.unwrap_or(defaults.min),
-                confirmed: false,
-                record: state_dir
-                    .as_ref()
-                    .map(|d| d.join(format!("{name}.source-device"))),
-            };
-            if guard.percent > 100 {
-                return Err(err(format!(
-                    "{}: a percentage, 0 (off) to 100",
-                    key("delete_guard_percent")
-                )));
-            }
-            let preserve = match &s.preserve {
-                None => Preserve::default(),
-                Some(items) => {
-                    Preserve::parse(items).map_err(|e| err(format!("{}: {e}", key("preserve"))))?
-                }
-            };
-            syncs.push(SyncGroup {
-                name,
-                source: resolve(s.source),
-                targets: s.targets,
-                module: s.module,
-                filter,
-                delete: s.delete,
-                timing,
-                guard,
-                preserve,
-                links: Default::default(),
-            });
+            syncs.push(group);
         }
         Ok(Config {
             file: file.to_path_buf(),
@@ -548,9 +408,187 @@ impl Config {
             state_dir,
             status_socket,
             metrics_listen,
-            watcher,
+            watcher: raw.watcher,
             targets,
             syncs,
+        })
+    }
+}
+
+impl Target {
+    /// `[targets.NAME]`, validated; the error names the key (`targets.NAME.KEY: …`).
+    fn from_raw(
+        name: String,
+        t: RawTarget,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Result<Target, String> {
+        let key = |k: &str| format!("targets.{name}.{k}");
+        let kind = match t.kind {
+            RawKind::Ferry => {
+                if let Some(k) = rsync_only_key(&t) {
+                    return Err(format!("{}: only for kind = \"rsync\"", key(k)));
+                }
+                let fp = t
+                    .fingerprint
+                    .as_deref()
+                    .ok_or_else(|| format!("{}: required", key("fingerprint")))?;
+                let fingerprint = fp
+                    .parse()
+                    .map_err(|e| format!("{}: {e}", key("fingerprint")))?;
+                if !t.address.contains(':') {
+                    return Err(format!(
+                        "{}: {:?} needs a port, e.g. {}:8730",
+                        key("address"),
+                        t.address,
+                        t.address
+                    ));
+                }
+                TargetKind::Ferry {
+                    fingerprint,
+                    compress: t.compress,
+                }
+            }
+            RawKind::Rsync => TargetKind::Rsync(RsyncTarget::from_raw(&t, &key, resolve)?),
+        };
+        let address = match &kind {
+            // rsyncd's port is optional, as in rsync://host/module.
+            TargetKind::Rsync(r) if r.rsh.is_none() && !t.address.contains(':') => {
+                format!("{}:873", t.address)
+            }
+            _ => t.address,
+        };
+        Ok(Target {
+            name,
+            address,
+            kind,
+        })
+    }
+}
+
+impl RsyncTarget {
+    /// The rsync side of a `[targets.NAME]` with `kind = "rsync"`.
+    fn from_raw(
+        t: &RawTarget,
+        key: &dyn Fn(&str) -> String,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Result<RsyncTarget, String> {
+        if t.fingerprint.is_some() {
+            return Err(format!(
+                "{}: an rsyncd has no certificate; remove it",
+                key("fingerprint")
+            ));
+        }
+        let mut args = t.rsync_args.clone();
+        if t.compress {
+            args.push("--compress".into());
+        }
+        if let Some(kib) = t.bwlimit_kib {
+            args.push(format!("--bwlimit={kib}"));
+        }
+        let rsh = match (t.transport.unwrap_or(RawTransport::Daemon), &t.rsh) {
+            (RawTransport::Daemon, None) => None,
+            (RawTransport::Daemon, Some(_)) => {
+                return Err(format!("{}: only with transport = \"ssh\"", key("rsh")))
+            }
+            (RawTransport::Ssh, rsh) => Some(rsh.clone().unwrap_or_else(|| "ssh".into())),
+        };
+        if rsh.is_some() && t.password_file.is_some() {
+            return Err(format!(
+                "{}: rsync over ssh authenticates with ssh keys, not a password file",
+                key("password_file")
+            ));
+        }
+        Ok(RsyncTarget {
+            user: t.user.clone(),
+            password_file: t.password_file.clone().map(resolve),
+            rsync_path: t.rsync_path.clone().unwrap_or_else(|| "rsync".into()),
+            args,
+            timeout_s: t.timeout_s.unwrap_or(RSYNC_TIMEOUT_S),
+            rsh,
+        })
+    }
+}
+
+impl SyncGroup {
+    /// A group `name` pushing `source` to `module` on `targets`, with every default: no
+    /// excludes, deletions propagated, the default [`Timing`], guard and [`Preserve`].
+    pub fn new(name: &str, source: PathBuf, targets: Vec<String>, module: &str) -> SyncGroup {
+        SyncGroup {
+            name: name.to_string(),
+            source,
+            targets,
+            module: module.to_string(),
+            filter: Filter::empty(),
+            delete: true,
+            timing: Timing::default(),
+            guard: DeleteGuard::default(),
+            preserve: Preserve::default(),
+            links: Default::default(),
+        }
+    }
+
+    /// The `i`-th `[[sync]]`, validated against the configured `targets`; the error names
+    /// the key (`sync[i] (NAME).KEY: …`).
+    fn from_raw(
+        i: usize,
+        s: RawSync,
+        targets: &BTreeMap<String, Target>,
+        state_dir: Option<&Path>,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Result<SyncGroup, String> {
+        let name = s.name.clone().unwrap_or_else(|| s.module.clone());
+        let key = |k: &str| format!("sync[{i}] ({name}).{k}");
+        if s.targets.is_empty() {
+            return Err(format!(
+                "{}: at least one target is required",
+                key("targets")
+            ));
+        }
+        if let Some(t) = s.targets.iter().find(|t| !targets.contains_key(*t)) {
+            return Err(format!("{}: unknown target {t:?}", key("targets")));
+        }
+        let filter =
+            Filter::new(&s.exclude).map_err(|e: FilterError| format!("{}: {e}", key("exclude")))?;
+        let mut timing = Timing::default();
+        if let Some(ms) = s.settle_ms {
+            timing.settle = Duration::from_millis(ms);
+        }
+        if let Some(ms) = s.max_delay_ms {
+            timing.max_delay = Duration::from_millis(ms);
+        }
+        if timing.max_delay < timing.settle {
+            return Err(format!(
+                "{}: must not be shorter than settle_ms ({} ms)",
+                key("max_delay_ms"),
+                timing.settle.as_millis()
+            ));
+        }
+        let defaults = DeleteGuard::default();
+        let guard = DeleteGuard {
+            percent: s.delete_guard_percent.unwrap_or(defaults.percent),
+            min: s.delete_guard_min.unwrap_or(defaults.min),
+            confirmed: false,
+            record: state_dir.map(|d| d.join(format!("{name}.source-device"))),
+        };
+        if guard.percent > 100 {
+            return Err(format!(
+                "{}: a percentage, 0 (off) to 100",
+                key("delete_guard_percent")
+            ));
+        }
+        let preserve = match &s.preserve {
+            None => Preserve::default(),
+            Some(items) => {
+                Preserve::parse(items).map_err(|e| format!("{}: {e}", key("preserve")))?
+            }
+        };
+        Ok(SyncGroup {
+            filter,
+            delete: s.delete,
+            timing,
+            guard,
+            preserve,
+            ..SyncGroup::new(&name, resolve(s.source), s.targets, &s.module)
         })
     }
 }
@@ -659,7 +697,12 @@ exclude = ["tmp/", "*.log"]
             (
                 GOOD.replace("state_dir", "watcher = \"dnotify\"\nstate_dir"),
                 4,
-                "watcher: unknown watcher \"dnotify\"",
+                "unknown variant `dnotify`, expected one of `auto`, `fanotify`, `inotify`",
+            ),
+            (
+                GOOD.replace("fingerprint =", "kind = \"rsyn\"\nfingerprint ="),
+                7,
+                "unknown variant `rsyn`, expected `ferry` or `rsync`, in `kind = \"rsyn\"`",
             ),
             (
                 GOOD.replace("state_dir", "metrics_listen = \"localhost\"\nstate_dir"),

@@ -5,13 +5,14 @@
 use crate::coalesce::Change;
 use crate::config::{SyncGroup, Target, TargetKind};
 use crate::queue::Queue;
+use crate::reload::{self, Runs};
 use crate::rsync::{self, RsyncLink};
 use crate::status::Board;
 use crate::watch::{Backend, GroupWatcher};
 use crate::worker::{FerryLink, Worker};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::liveness::Liveness;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -229,15 +230,13 @@ async fn stop_watching(w: GroupWatcher) {
 }
 
 impl Unit {
-    /// True if `group`, with these targets and identity, is what this unit already runs.
-    fn runs(&self, group: &SyncGroup, parts: &Parts<'_>) -> bool {
-        let same_targets = group.targets.len() == self.targets.len()
-            && group
-                .targets
-                .iter()
-                .zip(&self.targets)
-                .all(|(name, old)| parts.targets.get(name) == Some(old));
-        &self.group == group && same_targets && self.identity == parts.identity_for(&self.targets)
+    /// What this unit runs, for [`reload::plan`].
+    fn running(&self) -> Runs {
+        Runs {
+            group: self.group.clone(),
+            targets: self.targets.clone(),
+            identity: self.identity,
+        }
     }
 
     /// Lets the workers finish their batches in flight (see [`crate::timing::Timing::shutdown_grace`]),
@@ -250,6 +249,24 @@ impl Unit {
 }
 
 impl Daemon {
+    /// A daemon for `syncs` pushing to `targets` as `identity`, watching with `watcher`; its
+    /// status board and liveness start empty (clone them out before running it).
+    pub fn new(
+        identity: Arc<Identity>,
+        targets: BTreeMap<String, Target>,
+        syncs: Vec<SyncGroup>,
+        watcher: Backend,
+    ) -> Daemon {
+        Daemon {
+            identity,
+            targets,
+            syncs,
+            liveness: Liveness::default(),
+            status: Board::default(),
+            watcher,
+        }
+    }
+
     /// Watches every group, reconciles every target, then follows changes until `shutdown`.
     pub async fn run(
         self,
@@ -321,15 +338,20 @@ impl Daemon {
                 observer: &observer,
                 watcher,
             };
+            let running: BTreeMap<String, Runs> = units
+                .iter()
+                .map(|(n, u)| (n.clone(), u.running()))
+                .collect();
+            let fingerprint = reload.identity.fingerprint();
+            let wanted: Vec<Runs> = reload
+                .syncs
+                .iter()
+                .map(|g| Runs::of(g, &reload.targets, fingerprint))
+                .collect();
+            let plan = reload::plan(&running, &wanted);
             let mut prepared = Vec::new();
             let mut refused = None;
-            for group in &reload.syncs {
-                if units
-                    .get(&group.name)
-                    .is_some_and(|u| u.runs(group, &parts))
-                {
-                    continue;
-                }
+            for group in reload.syncs.iter().filter(|g| plan.starts(&g.name)) {
                 match parts.prepare(group, &shutdown).await {
                     Ok(p) => prepared.push(p),
                     Err(e) => {
@@ -351,31 +373,18 @@ impl Daemon {
                 }
                 continue;
             }
-            let keep: BTreeSet<&str> = reload.syncs.iter().map(|g| g.name.as_str()).collect();
-            let replaced: BTreeSet<String> =
-                prepared.iter().map(|p| p.unit.group.name.clone()).collect();
-            let changed = replaced.iter().filter(|n| units.contains_key(*n)).count();
-            let added = replaced.len() - changed;
-            let mut removed = 0;
-            let names: Vec<String> = units.keys().cloned().collect();
-            for name in names {
-                if replaced.contains(&name) || !keep.contains(name.as_str()) {
-                    units.remove(&name).expect("unit").stop().await;
-                    if !replaced.contains(&name) {
-                        removed += 1;
-                        status.remove_group(&name);
-                        tracing::info!(sync = %name, "removed by reload");
-                    }
-                }
+            for name in plan.changed.iter().chain(&plan.removed) {
+                units.remove(name).expect("unit").stop().await;
+            }
+            for name in &plan.removed {
+                status.remove_group(name);
+                tracing::info!(sync = %name, "removed by reload");
             }
             for p in prepared {
                 units.insert(p.unit.group.name.clone(), parts.launch(p));
             }
             status.config_loaded();
-            let summary = format!(
-                "{} groups running: {added} added, {changed} changed, {removed} removed",
-                units.len()
-            );
+            let summary = plan.summary();
             tracing::info!("configuration reloaded: {summary}");
             done(Ok(summary));
         }

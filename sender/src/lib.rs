@@ -25,7 +25,9 @@
 //!   [`config::Target`]`::connect`.
 //!
 //! Around it:
-//! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`].
+//! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`], one
+//!   constructor per section (`Target`, `RsyncTarget`, `SyncGroup::from_raw`; `SyncGroup::new`
+//!   for a group with every default).
 //! - [`filter`]: rsync-style exclude patterns.
 //! - [`guard`]: the mass-delete rule and the live tally of deletions it is applied to.
 //! - [`links`]: the names of the source's multiply-linked files, learned as the group runs.
@@ -36,6 +38,7 @@
 //!   itemized changes.
 //! - [`timing`]: every delay of the live loop in one value, and the clock it reads.
 //! - [`daemon`]: wiring: watchers, queues and workers for every group and target; reloads.
+//! - [`reload`]: which groups a reload keeps, starts, restarts and stops (pure).
 //! - [`status`]: what each (group, target) pair is doing, for `ferry status` and metrics.
 //! - [`verify`]: top-down digest comparison of two trees, local or remote.
 #![warn(missing_docs)]
@@ -52,6 +55,7 @@ pub mod links;
 pub mod plan;
 pub mod queue;
 pub mod reconcile;
+pub mod reload;
 pub mod route;
 pub mod rsync;
 pub mod session;

@@ -9,7 +9,6 @@ use ferry_protocol::Fingerprint;
 use ferry_receiver::config::Module;
 use ferry_receiver::Server;
 use ferry_sender::config::SyncGroup;
-use ferry_sender::filter::Filter;
 use ferry_sender::session::Session;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,17 +93,6 @@ impl Pair {
 
     /// The sync group `file`: `src` to module `file`.
     pub fn group(&self) -> SyncGroup {
-        SyncGroup {
-            name: "file".into(),
-            source: self.src.clone(),
-            targets: vec!["pair".into()],
-            module: "file".into(),
-            filter: Filter::empty(),
-            delete: true,
-            timing: Default::default(),
-            guard: Default::default(),
-            preserve: Default::default(),
-            links: Default::default(),
-        }
+        SyncGroup::new("file", self.src.clone(), vec!["pair".into()], "file")
     }
 }
