@@ -367,7 +367,7 @@ impl Config {
     }
 
     /// Parses and validates `text` as if read from `file`; reads nothing else. Each section
-    /// is built by its own constructor ([`Target::from_raw`], [`SyncGroup::from_raw`]), which
+    /// is built by its own constructor (`Target::from_raw`, `SyncGroup::from_raw`), which
     /// names the key; the error gets the file and line here.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let err = |message: String| ConfigError::at(file, text, message);
