@@ -56,8 +56,9 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
                 .await?,
         );
         let mut watch = PlanProgress::new("initial sync");
-        let root = ferry_protocol::RelPath::root();
-        let report = reconcile::reconcile_under(&session, &group, &root, 0, &mut watch).await?;
+        let (root, links) = (ferry_protocol::RelPath::root(), Default::default());
+        let report =
+            reconcile::reconcile_under(&session, &group, &links, &root, 0, &mut watch).await?;
         drop(watch);
         session.close().await;
         crate::send::print_report("mirror", "local", &report);

@@ -179,6 +179,8 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
     let identity = config.identity()?;
     let mut converged = true;
     for group in &config.syncs {
+        // What a compare learns of the group's multiply-linked files serves its next target.
+        let links = ferry_sender::links::Names::default();
         for target_name in &group.targets {
             let target = &config.targets[target_name];
             if let TargetKind::Rsync(r) = &target.kind {
@@ -209,7 +211,8 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                     crate::progress::PlanProgress::new(&format!("{} → {target_name}", group.name));
                 let root = ferry_protocol::RelPath::root();
                 let report =
-                    reconcile::reconcile_under(&session, group, &root, 0, &mut watch).await?;
+                    reconcile::reconcile_under(&session, group, &links, &root, 0, &mut watch)
+                        .await?;
                 drop(watch);
                 session.close().await;
                 Ok::<_, ferry_sender::session::SessionError>(report)

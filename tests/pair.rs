@@ -9,10 +9,9 @@ use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::meta::Kind;
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
-use ferry_sender::batch::send_batch;
+use ferry_sender::batch::{send_batch, Learned};
 use ferry_sender::coalesce::{Change, Need, Rename};
 use ferry_sender::execute::{Report, Step, StepKind};
-use ferry_sender::guard::DeleteTally;
 use ferry_sender::queue::Batch;
 use std::fs;
 use std::time::Instant;
@@ -27,12 +26,12 @@ async fn send(pair: &mut Pair, changes: Vec<Change>) -> (Report, Vec<Step>) {
     let mut report = Report::default();
     let mut seen = Vec::new();
     let mut observe = |s: &Step| seen.push(s.clone());
-    let mut tally = DeleteTally::default();
+    let mut learned = Learned::default();
     send_batch(
         &session,
         &pair.group(),
+        &mut learned,
         &batch,
-        &mut tally,
         &mut report,
         &mut observe,
     )

@@ -17,6 +17,7 @@ use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
 use crate::execute::{execute, rename_all, Observe, Report};
 use crate::guard::DeleteTally;
+use crate::links::Names;
 use crate::plan::{order_dir_meta, plan_batch, Dirty};
 use crate::queue::Batch;
 use crate::reconcile::{link_names, plan_options, plan_under, reconcile_under};
@@ -30,13 +31,22 @@ use std::sync::Arc;
 /// How many receiver listings a batch's deletion count has in flight at once.
 const COUNT_CONCURRENCY: usize = 32;
 
-/// Sends `batch` to the module behind `session`; per-path failures land in `report`. `tally`
-/// is the target's record of recent deletions (see [`crate::guard`]).
+/// What a target's worker carries from batch to batch.
+#[derive(Default)]
+pub struct Learned {
+    /// The group's multiply-linked names (shared by every target of the group).
+    pub links: Names,
+    /// This target's recent deletions (see [`crate::guard`]).
+    pub tally: DeleteTally,
+}
+
+/// Sends `batch` to the module behind `session`; per-path failures land in `report`.
+/// `learned` is what the target's worker knows from earlier batches.
 pub async fn send_batch(
     session: &Arc<Session>,
     group: &SyncGroup,
+    learned: &mut Learned,
     batch: &Batch,
-    tally: &mut DeleteTally,
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
@@ -58,7 +68,7 @@ pub async fn send_batch(
             let refused = rename_all(session, &renames, report, observe).await?;
             for r in &renames {
                 if !refused.iter().any(|x| std::ptr::eq(*x, *r)) {
-                    group.links.rename(&r.from, &r.to);
+                    learned.links.rename(&r.from, &r.to);
                 }
                 parents.extend(r.from.parent());
                 parents.extend(r.to.parent());
@@ -77,7 +87,7 @@ pub async fn send_batch(
         }
     }
     if batch.full {
-        return compare_whole(session, group, tally, report, observe).await;
+        return compare_whole(session, group, learned, report, observe).await;
     }
 
     let mut paths: Vec<(RelPath, Need)> = batch
@@ -88,7 +98,7 @@ pub async fn send_batch(
         .collect();
     paths.sort_by(|a, b| a.0.tree_cmp(&b.0).then(b.1.cmp(&a.1)));
     paths.dedup_by(|later, earlier| later.0 == earlier.0);
-    let g = group.clone();
+    let (g, links) = (group.clone(), learned.links.clone());
     let (dirty, xattr_errors, names) = tokio::task::spawn_blocking(move || {
         // One open of the source root for the whole batch; each path resolved beneath it.
         let root = local::open_root(&g.source).map_err(|e| e.to_string());
@@ -110,7 +120,7 @@ pub async fn send_batch(
             .filter(|e| e.inode.is_some() && !g.filter.excludes_dirty(&e.path, Some(false)))
             .cloned()
             .collect();
-        let names = link_names(&g, false, &linked);
+        let names = link_names(&g, &links, false, &linked);
         (dirty, errors, names)
     })
     .await
@@ -140,7 +150,8 @@ pub async fn send_batch(
     let gone = plan.deletes.clone();
     parents.extend(planned.parents);
     for tree in planned.trees {
-        plan.extend(plan_under(session, group, &tree, 0, report).await?);
+        let links = &learned.links;
+        plan.extend(plan_under(session, group, links, &tree, 0, report).await?);
     }
     if !plan.deletes.is_empty() && group.guard.active() {
         let mut deleted = entries_on_receiver(session, &gone).await?;
@@ -150,7 +161,7 @@ pub async fn send_batch(
         let now = crate::timing::now();
         if group
             .guard
-            .live_tripwire(tally, &deleted, source_empty, now)
+            .live_tripwire(&learned.tally, &deleted, source_empty, now)
         {
             tracing::warn!(
                 sync = %group.name,
@@ -160,9 +171,9 @@ pub async fn send_batch(
                 "a batch would delete more than the delete guard lets through live; \
                  comparing the whole tree instead"
             );
-            return compare_whole(session, group, tally, report, observe).await;
+            return compare_whole(session, group, learned, report, observe).await;
         }
-        tally.record(&deleted, now);
+        learned.tally.record(&deleted, now);
     }
     // Parents whose entries changed get their times back, after their contents.
     let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
@@ -194,14 +205,15 @@ pub async fn send_batch(
 async fn compare_whole(
     session: &Arc<Session>,
     group: &SyncGroup,
-    tally: &mut DeleteTally,
+    learned: &mut Learned,
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
-    let recent = tally.recent(crate::timing::now());
-    let r = reconcile_under(session, group, &RelPath::root(), recent, observe).await?;
+    let recent = learned.tally.recent(crate::timing::now());
+    let root = RelPath::root();
+    let r = reconcile_under(session, group, &learned.links, &root, recent, observe).await?;
     if let Some(n) = r.module_entries {
-        tally.compared(n);
+        learned.tally.compared(n);
     }
     report.absorb(r);
     Ok(())

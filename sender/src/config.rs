@@ -238,9 +238,6 @@ pub struct SyncGroup {
     pub guard: DeleteGuard,
     /// What is kept beyond `rsync -a`.
     pub preserve: Preserve,
-    /// What the group has learned about its source's multiply-linked files (not
-    /// configuration: always equal).
-    pub links: crate::links::Names,
 }
 
 /// `preserve = [...]`: what a group keeps beyond what `rsync -a` keeps. All of it by default:
@@ -523,7 +520,6 @@ impl SyncGroup {
             timing: Timing::default(),
             guard: DeleteGuard::default(),
             preserve: Preserve::default(),
-            links: Default::default(),
         }
     }
 

@@ -183,6 +183,8 @@ impl Parts<'_> {
         let Prepared { mut unit, queues } = prepared;
         let group = &unit.group;
         self.status.remove_group(&group.name);
+        // Learned about the source, not configured: one for the group, shared by its targets.
+        let links = crate::links::Names::default();
         for (target, queue) in unit.targets.iter().zip(queues) {
             let (t, stop) = (target.name.clone(), unit.stop.clone());
             let kind = if target.fingerprint().is_some() {
@@ -211,6 +213,7 @@ impl Parts<'_> {
                         group.clone(),
                         target.clone(),
                         self.identity.clone(),
+                        links.clone(),
                         self.observer.clone(),
                     );
                     unit.workers

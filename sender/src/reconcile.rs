@@ -4,7 +4,7 @@
 
 use crate::config::SyncGroup;
 use crate::execute::{execute, Observe, Report, Step};
-use crate::links::LinkNames;
+use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, plan, Plan, PlanOptions};
 use crate::session::{Session, SessionError};
 use ferry_protocol::local;
@@ -32,15 +32,15 @@ pub fn scan_source_under(
 
 /// Every current name of the multiply-linked files among `entries` (read from the source; a
 /// scan of the `whole` tree or not), the names outside them included; what was learned is
-/// kept in the group. Empty unless the group preserves hard links.
-pub fn link_names(group: &SyncGroup, whole: bool, entries: &[Entry]) -> LinkNames {
+/// kept in `links` (the group's). Empty unless the group preserves hard links.
+pub fn link_names(group: &SyncGroup, links: &Names, whole: bool, entries: &[Entry]) -> LinkNames {
     if !group.preserve.hardlinks {
         return LinkNames::new();
     }
-    group.links.learn(entries, whole);
+    links.learn(entries, whole);
     let linked: Vec<&Entry> = entries.iter().filter(|e| e.inode.is_some()).collect();
     match local::open_root(&group.source) {
-        Ok(root) if !linked.is_empty() => group.links.current(&root, &linked),
+        Ok(root) if !linked.is_empty() => links.current(&root, &linked),
         _ => LinkNames::new(),
     }
 }
@@ -70,15 +70,18 @@ pub fn filter_remote(group: &SyncGroup, remote: Vec<Entry>) -> Vec<Entry> {
 
 /// Reconciles `group`'s source with the module behind `session`.
 pub async fn reconcile(session: &Arc<Session>, group: &SyncGroup) -> Result<Report, SessionError> {
-    reconcile_under(session, group, &RelPath::root(), 0, &mut |_: &Step| {}).await
+    let (links, root) = (Names::default(), RelPath::root());
+    reconcile_under(session, group, &links, &root, 0, &mut |_: &Step| {}).await
 }
 
 /// Reconciles the subtree at `under` (the whole tree for the root): lists both sides, plans
 /// and executes. A subtree missing locally is deleted on the receiver (if the group deletes).
-/// `recent_deletes` are entries deleted live just before (see [`plan_under`]).
+/// `recent_deletes` are entries deleted live just before (see [`plan_under`]); `links` is what
+/// the group knows of its multiply-linked files.
 pub async fn reconcile_under(
     session: &Arc<Session>,
     group: &SyncGroup,
+    links: &Names,
     under: &RelPath,
     recent_deletes: u64,
     observe: Observe<'_>,
@@ -86,7 +89,7 @@ pub async fn reconcile_under(
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
-    let plan = plan_under(session, group, under, recent_deletes, &mut report).await?;
+    let plan = plan_under(session, group, links, under, recent_deletes, &mut report).await?;
     if under.is_root() {
         tracing::info!(
             sync = %group.name,
@@ -109,17 +112,18 @@ pub async fn reconcile_under(
 pub async fn plan_under(
     session: &Arc<Session>,
     group: &SyncGroup,
+    links: &Names,
     under: &RelPath,
     recent_deletes: u64,
     report: &mut Report,
 ) -> Result<Plan, SessionError> {
-    let g = group.clone();
+    let (g, links) = (group.clone(), links.clone());
     let start = under.clone();
     let opts = plan_options(session, group);
     let remote = session.list(under, opts.compare.xattrs);
     let local = tokio::task::spawn_blocking(move || {
         scan_source_under(&g, &start).map(|(entries, errors)| {
-            let names = link_names(&g, start.is_root(), &entries);
+            let names = link_names(&g, &links, start.is_root(), &entries);
             (entries, errors, names)
         })
     });

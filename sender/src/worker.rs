@@ -8,10 +8,11 @@
 //! set. On shutdown the batch in flight gets [`Timing::shutdown_grace`] to finish. Targets never wait
 //! for each other: each has its own queue, worker and connection.
 
-use crate::batch::send_batch;
+use crate::batch::{send_batch, Learned};
 use crate::config::{SyncGroup, Target};
 use crate::execute::{Report, Step, StepKind, Totals, Watch};
 use crate::guard::DeleteTally;
+use crate::links::Names;
 use crate::queue::{Batch, Queue};
 use crate::session::{Session, SessionError};
 use crate::status::{State, Tracker};
@@ -414,7 +415,7 @@ pub struct FerryLink {
     /// Who sees each step.
     pub observer: Arc<dyn Observer>,
     session: Option<Arc<Session>>,
-    tally: DeleteTally,
+    learned: Learned,
 }
 
 impl FerryLink {
@@ -423,6 +424,7 @@ impl FerryLink {
         group: SyncGroup,
         target: Target,
         identity: Arc<Identity>,
+        links: Names,
         observer: Arc<dyn Observer>,
     ) -> FerryLink {
         let module = group.module.clone();
@@ -431,14 +433,16 @@ impl FerryLink {
             let (target, identity, module) = (target.clone(), identity.clone(), module.clone());
             Box::pin(async move { target.connect(&identity, &module, Intent::Write).await })
         });
-        FerryLink::with_dial(group, name, dial, observer)
+        FerryLink::with_dial(group, name, dial, links, observer)
     }
 
-    /// A link that opens its sessions with `dial`.
+    /// A link that opens its sessions with `dial`; `links` is the group's knowledge of its
+    /// multiply-linked files (shared by its targets).
     pub fn with_dial(
         group: SyncGroup,
         name: String,
         dial: Dial,
+        links: Names,
         observer: Arc<dyn Observer>,
     ) -> FerryLink {
         FerryLink {
@@ -447,7 +451,10 @@ impl FerryLink {
             dial,
             observer,
             session: None,
-            tally: DeleteTally::default(),
+            learned: Learned {
+                links,
+                tally: DeleteTally::default(),
+            },
         }
     }
 }
@@ -485,8 +492,8 @@ impl Transport for FerryLink {
         let sent = send_batch(
             &session,
             &self.group,
+            &mut self.learned,
             batch,
-            &mut self.tally,
             &mut report,
             &mut observe,
         )

@@ -40,7 +40,9 @@ impl Live {
         let down = Arc::new(AtomicBool::new(false));
         let dials = Arc::new(Mutex::new(Vec::new()));
         let dial = dialer(&pair, down.clone(), dials.clone());
-        let link = FerryLink::with_dial(group.clone(), "pair".into(), dial, Arc::new(LogObserver));
+        let links = Default::default();
+        let observer = Arc::new(LogObserver);
+        let link = FerryLink::with_dial(group.clone(), "pair".into(), dial, links, observer);
         let board = Board::default();
         let tracker = board.register(&group.name, "pair", "ferry", "in memory", queue.clone());
         let shutdown = CancellationToken::new();
