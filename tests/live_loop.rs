@@ -226,3 +226,37 @@ async fn deletions_add_up_within_the_guard_window_only() {
         "the held batch deleted nothing"
     );
 }
+
+/// A link that stalls (a middlebox that still acknowledges, so TCP's own timeouts never fire)
+/// used to hold the sender's batch for ever. With requests outstanding and nothing heard for
+/// 45 s (the receiver says `Alive` every 10 s), the session is given up and the worker
+/// reconnects; what waited arrives. In virtual time: no 45 s wait.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_stalled_link_is_given_up_and_the_worker_reconnects() {
+    let pair = Pair::new();
+    fs::write(pair.src.join("before"), "b").unwrap();
+    let group = pair.group();
+    let live = Live::start(pair, group, Vec::new());
+    live.silent.store(true, Ordering::SeqCst);
+    live.queue.push([content("before")]);
+    live.wait(Duration::from_secs(5), "a session", |s| {
+        s.state.name() == "connected"
+    })
+    .await;
+    let stalled_at = tokio::time::Instant::now();
+    // The next session reaches the real receiver.
+    live.silent.store(false, Ordering::SeqCst);
+    live.settled(Duration::from_secs(120)).await;
+    let took = stalled_at.elapsed();
+    assert!(
+        took >= ferry_protocol::connection::STALL_TIMEOUT,
+        "given up after {took:?}, before the stall timeout"
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "given up only after {took:?}"
+    );
+    assert_eq!(live.dials.lock().unwrap().len(), 2, "one reconnect");
+    let pair = live.stop().await;
+    assert_eq!(fs::read(pair.dst.join("before")).unwrap(), b"b");
+}

@@ -14,7 +14,7 @@ use ferry_protocol::{Entry, Fingerprint, RelPath};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -156,7 +156,7 @@ impl Session {
 
         let pending_r = pending.clone();
         let lost_r = lost.clone();
-        let heard = Arc::new(Mutex::new(Instant::now()));
+        let heard = Arc::new(Mutex::new(tokio::time::Instant::now()));
         let stalled = stall_watch(&pending, heard.clone());
         let reader_task = tokio::spawn(async move {
             let why = loop {
@@ -170,7 +170,7 @@ impl Session {
                         );
                     }
                 };
-                *heard.lock().expect("lock") = Instant::now();
+                *heard.lock().expect("lock") = tokio::time::Instant::now();
                 match read {
                     Ok(Some(Message::Alive)) => {}
                     Ok(Some(Message::Refused { reason })) => break format!("receiver: {reason}"),
@@ -379,10 +379,11 @@ impl Drop for Session {
     }
 }
 
-/// Watches a session for silence: with requests outstanding and nothing heard from the
+/// Watches a session for silence (on tokio's clock, so virtual time in tests): with requests
+/// outstanding and nothing heard from the
 /// receiver for [`STALL_TIMEOUT`], wakes the reader (through the returned `Notify`) to give the
 /// connection up. Ends with the session.
-fn stall_watch(pending: &Pending, heard: Arc<Mutex<Instant>>) -> Arc<Notify> {
+fn stall_watch(pending: &Pending, heard: Arc<Mutex<tokio::time::Instant>>) -> Arc<Notify> {
     let stalled = Arc::new(Notify::new());
     let (wake, pending) = (stalled.clone(), Arc::downgrade(pending));
     tokio::spawn(async move {

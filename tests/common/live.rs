@@ -25,6 +25,9 @@ pub struct Live {
     pub queue: Queue,
     /// While set, the receiver refuses connections (as one that is down).
     pub down: Arc<AtomicBool>,
+    /// While set, new sessions reach a receiver that welcomes them and then says nothing,
+    /// ever (a link that stalled behind a middlebox that still acknowledges).
+    pub silent: Arc<AtomicBool>,
     /// When (on tokio's clock) each connection was attempted.
     pub dials: Arc<Mutex<Vec<tokio::time::Instant>>>,
     board: Board,
@@ -38,8 +41,9 @@ impl Live {
         let queue = Queue::with_timing(group.timing);
         queue.push(first);
         let down = Arc::new(AtomicBool::new(false));
+        let silent = Arc::new(AtomicBool::new(false));
         let dials = Arc::new(Mutex::new(Vec::new()));
-        let dial = dialer(&pair, down.clone(), dials.clone());
+        let dial = dialer(&pair, down.clone(), silent.clone(), dials.clone());
         let links = Default::default();
         let observer = Arc::new(LogObserver);
         let link = FerryLink::with_dial(group.clone(), "pair".into(), dial, links, observer);
@@ -59,6 +63,7 @@ impl Live {
             pair,
             queue,
             down,
+            silent,
             dials,
             board,
             shutdown,
@@ -100,16 +105,18 @@ impl Live {
     }
 }
 
-/// Opens sessions on the pair's module `file`, served in memory, unless `down` is set;
-/// records each attempt's time in `dials`.
+/// Opens sessions on the pair's module `file`, served in memory, unless `down` is set (or by
+/// a receiver that never answers, while `silent` is); records each attempt's time in `dials`.
 fn dialer(
     pair: &Pair,
     down: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     dials: Arc<Mutex<Vec<tokio::time::Instant>>>,
 ) -> Dial {
     let (server, client) = (pair.server.clone(), pair.client);
     Arc::new(move || {
         let (server, down, dials) = (server.clone(), down.clone(), dials.clone());
+        let silent = silent.load(Ordering::SeqCst);
         Box::pin(async move {
             dials.lock().unwrap().push(tokio::time::Instant::now());
             if down.load(Ordering::SeqCst) {
@@ -120,6 +127,15 @@ fn dialer(
                 });
             }
             let (ours, theirs) = tokio::io::duplex(1 << 20);
+            if silent {
+                tokio::spawn(say_nothing(theirs));
+                return Session::over(ours, "in memory", "file", Intent::Write, false)
+                    .await
+                    .map_err(|source| SessionError::Conn {
+                        address: "in memory".into(),
+                        source,
+                    });
+            }
             tokio::spawn(async move {
                 let peer = "127.0.0.1:40000".parse().unwrap();
                 let _ = ferry_receiver::session::serve_stream(
@@ -140,4 +156,24 @@ fn dialer(
                 })
         })
     })
+}
+
+/// A receiver that welcomes a session, then reads whatever comes and never answers.
+async fn say_nothing(stream: tokio::io::DuplexStream) {
+    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    if server_hello(&mut reader).await.is_err() {
+        return;
+    }
+    let keeps = ferry_protocol::message::Keeps {
+        owners: false,
+        devices: false,
+        setid: false,
+        xattrs: Default::default(),
+    };
+    if server_answer(&mut writer, Ok(keeps)).await.is_err() {
+        return;
+    }
+    while let Ok(Some(_)) = reader.read().await {}
 }

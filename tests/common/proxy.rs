@@ -1,6 +1,6 @@
 //! A TCP proxy on 127.0.0.1 that forwards to a receiver and can cut every connection after
-//! a number of bytes from the client (a link that drops), or stall the connections it holds
-//! (a link that still acknowledges but delivers nothing). Stops on drop.
+//! a number of bytes from the client (a link that drops). Stops on drop. (A link that stalls
+//! is tested in memory and in virtual time: `live_loop::a_stalled_link_…`.)
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -12,8 +12,6 @@ pub struct Proxy {
     /// Connections accepted so far.
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    /// Connections numbered below this deliver nothing more.
-    stalled_below: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -23,9 +21,7 @@ impl Proxy {
         let addr = listener.local_addr().unwrap().to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
-        let stalled_below = Arc::new(AtomicUsize::new(0));
         let (upstream, stop2, count) = (upstream.to_string(), stop.clone(), connections.clone());
-        let stalled = stalled_below.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 if stop2.load(Ordering::Relaxed) {
@@ -35,51 +31,29 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                let n = count.fetch_add(1, Ordering::Relaxed);
+                count.fetch_add(1, Ordering::Relaxed);
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (st1, st2) = (stalled.clone(), stalled.clone());
-                std::thread::spawn(move || pump(client, server, cut_after, n, st1));
-                std::thread::spawn(move || pump(s2, c2, None, n, st2));
+                std::thread::spawn(move || pump(client, server, cut_after));
+                std::thread::spawn(move || pump(s2, c2, None));
             }
         });
         Proxy {
             addr,
             connections,
             stop,
-            stalled_below,
         }
-    }
-
-    /// Every connection open now stops delivering, in both directions, but stays open (its
-    /// bytes are read by the kernel and acknowledged); new connections are forwarded.
-    pub fn stall_open_connections(&self) {
-        self.stalled_below
-            .store(self.connections.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 
 /// Copies `from` → `to` until either closes, or `limit` bytes went through; then closes both.
-/// Connection number `n` holds everything once `stalled_below` passes it.
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    limit: Option<usize>,
-    n: usize,
-    stalled_below: Arc<AtomicUsize>,
-) {
+fn pump(mut from: TcpStream, mut to: TcpStream, limit: Option<usize>) {
     let mut buf = [0u8; 16 * 1024];
     let mut sent = 0usize;
     loop {
-        let n_read = match from.read(&mut buf) {
+        let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(k) => k,
         };
-        if n < stalled_below.load(Ordering::Relaxed) {
-            // Stalled: hold the connection open, deliver nothing, until the test ends.
-            std::thread::sleep(std::time::Duration::from_secs(600));
-            break;
-        }
-        let n = n_read;
         let n = limit.map_or(n, |l| n.min(l.saturating_sub(sent)));
         if to.write_all(&buf[..n]).is_err() {
             break;
