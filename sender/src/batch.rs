@@ -16,7 +16,7 @@
 use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
 use crate::execute::{execute, rename_all, Observe, Report};
-use crate::guard::DeleteTally;
+use crate::guard::{source_is_empty, DeleteTally};
 use crate::links::Names;
 use crate::plan::{order_dir_meta, plan_batch, Dirty};
 use crate::queue::Batch;
@@ -157,7 +157,10 @@ pub async fn send_batch(
         let mut deleted = entries_on_receiver(session, &gone).await?;
         deleted.extend(plan.removes.iter().cloned());
         let deleting: u64 = deleted.iter().map(|(_, n)| n).sum();
-        let source_empty = source_is_empty(group).await;
+        let g = group.clone();
+        let source_empty = tokio::task::spawn_blocking(move || source_is_empty(&g))
+            .await
+            .expect("read_dir task");
         let now = crate::timing::now();
         if group
             .guard
@@ -246,24 +249,4 @@ async fn entries_on_receiver(
         }
     }
     Ok(out)
-}
-
-/// True if the group's source root holds no entry that takes part (what is left is excluded,
-/// or nothing is): the live form of the guard's empty-source rule.
-async fn source_is_empty(group: &SyncGroup) -> bool {
-    let (root, filter) = (group.source.clone(), group.filter.clone());
-    tokio::task::spawn_blocking(move || {
-        let Ok(items) = std::fs::read_dir(&root) else {
-            return false;
-        };
-        !items.flatten().any(|item| {
-            let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
-            filter.accepts(
-                &RelPath::from_bytes(item.file_name().as_encoded_bytes().to_vec()),
-                is_dir,
-            )
-        })
-    })
-    .await
-    .expect("read_dir task")
 }

@@ -99,6 +99,20 @@ impl DeleteGuard {
     }
 }
 
+/// The one meaning of "the source is empty" for the guard: its root holds no entry that takes
+/// part (excluded ones do not count), or cannot be read (then nothing may be deleted either).
+/// A whole compare reads the same from its scan (only the root accepted).
+pub fn source_is_empty(group: &crate::config::SyncGroup) -> bool {
+    let Ok(items) = std::fs::read_dir(&group.source) else {
+        return true;
+    };
+    !items.flatten().any(|item| {
+        let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
+        let name = RelPath::from_bytes(item.file_name().as_encoded_bytes().to_vec());
+        group.filter.accepts(&name, is_dir)
+    })
+}
+
 /// How far back live deletions count together: an `rm -rf` or a vanished disk shows within
 /// it, while ordinary churn (a log rotated each day) never adds up.
 pub const DELETE_WINDOW: Duration = Duration::from_secs(600);

@@ -14,7 +14,7 @@
 use crate::coalesce::Need;
 use crate::config::{RsyncTarget, SyncGroup};
 use crate::execute::Report;
-use crate::guard::DeleteTally;
+use crate::guard::{source_is_empty, DeleteTally};
 use crate::queue::Batch;
 use crate::reconcile::scan_source_under;
 use crate::worker::{Observer, Outcome, Transport};
@@ -161,7 +161,7 @@ pub async fn full(
         if group.guard.active() {
             let held = module_entries(group, target, address).await;
             // rsync --delete from an empty source wipes the module (a disk that did not mount).
-            if source_is_empty(&group.source) {
+            if source_is_empty(group) {
                 if let Some(why) = group.guard.objection(held, held, true) {
                     return Verdict::Guarded(format!(
                         "sync {}: {why}; `rsync --delete` was not run. {}",
@@ -246,8 +246,8 @@ pub async fn batch(
     if group.delete && !lists.missing.is_empty() && group.guard.active() {
         // The live form of the empty-source rule: the whole run decides, with the module's
         // size in hand.
-        let source = group.source.clone();
-        let empty = tokio::task::spawn_blocking(move || source_is_empty(&source))
+        let g = group.clone();
+        let empty = tokio::task::spawn_blocking(move || source_is_empty(&g))
             .await
             .expect("read_dir task");
         if empty {
@@ -440,11 +440,6 @@ async fn module_entries(group: &SyncGroup, target: &RsyncTarget, address: &str) 
         }
         _ => 0,
     }
-}
-
-/// True if `dir` has no entries (or cannot be read: then nothing may be deleted either).
-fn source_is_empty(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
 }
 
 /// An rsync target as a worker's last hop: one `rsync` run at a time.
