@@ -19,6 +19,7 @@ use crate::queue::Batch;
 use crate::reconcile::scan_source_under;
 use crate::worker::{Observer, Outcome, Transport};
 use ferry_protocol::meta::Difference;
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -358,8 +359,17 @@ struct Lists {
     parents: BTreeSet<Vec<u8>>,
 }
 
+/// Reads each dirty path beneath the source root held open (no symlink on the way: a
+/// directory swapped for a symlink makes its paths gone, never a look outside the source).
 fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
     let mut lists = Lists::default();
+    let root = match ferry_protocol::local::open_root(&group.source) {
+        Ok(root) => root,
+        Err(e) => {
+            tracing::warn!(sync = %group.name, source = %group.source.display(), "cannot read: {e}");
+            return lists;
+        }
+    };
     let name = |p: &RelPath| {
         if p.is_root() {
             b".".to_vec()
@@ -373,19 +383,23 @@ fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
                 .parents
                 .insert(name(&path.parent().unwrap_or_default()));
         }
-        let md = std::fs::symlink_metadata(ferry_protocol::local::local_path(&group.source, &path));
-        let is_dir = md.as_ref().ok().map(|m| m.is_dir());
+        let read =
+            ferry_protocol::local::read_entry_at(&root, &path, Namespaces::NONE, &mut Vec::new());
+        let is_dir = match &read {
+            Ok(Some(e)) => Some(e.meta.kind == ferry_protocol::Kind::Dir),
+            _ => None,
+        };
         if group.filter.excludes_dirty(&path, is_dir) {
             continue;
         }
         // Only a path that is really gone is deleted; one we cannot read is left alone.
         let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-        match md {
-            Err(e) if gone(&e) => {
+        match read {
+            Ok(None) => {
                 lists.missing.insert(name(&path));
             }
             Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
-            Ok(md) if md.is_dir() && need >= Need::Content => {
+            Ok(Some(_)) if is_dir == Some(true) && need >= Need::Content => {
                 match scan_source_under(group, &path) {
                     Ok((entries, _)) => lists.present.extend(entries.iter().map(|e| name(&e.path))),
                     Err(e) if gone(&e) => {
@@ -394,7 +408,7 @@ fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
                     Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
                 }
             }
-            Ok(_) => {
+            Ok(Some(_)) => {
                 lists.present.insert(name(&path));
             }
         }
