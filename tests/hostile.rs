@@ -985,3 +985,63 @@ fn garbage_and_plain_tcp_peers_do_not_stop_the_receiver() {
     s.push();
     assert_eq!(fs::read(s.dst.join("f")).unwrap(), b"still serving");
 }
+
+// ---- A hostile receiver.
+
+/// A receiver that answered a file's `FileBegin` with a malformed signature made that file
+/// fail and be retried, on the same session, for ever. It broke the protocol: now the sender
+/// gives the session up (a fatal protocol error; its worker reconnects with backoff).
+#[tokio::test]
+async fn a_malformed_signature_from_the_receiver_ends_the_session() {
+    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
+    use ferry_sender::session::{Session, SessionError};
+    use ferry_sender::transfer::{self, TransferError};
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("big"), pseudo_random(2 << 20, 3)).unwrap();
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let receiver = tokio::spawn(async move {
+        let (r, w) = tokio::io::split(theirs);
+        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+        server_hello(&mut reader).await.unwrap().unwrap();
+        let keeps = ferry_protocol::message::Keeps {
+            owners: false,
+            devices: false,
+            setid: false,
+            xattrs: Default::default(),
+        };
+        server_answer(&mut writer, Ok(keeps)).await.unwrap();
+        let Message::FileBegin { id, body, .. } = reader.expect().await.unwrap() else {
+            panic!("expected FileBegin")
+        };
+        assert_eq!(body, Body::Delta, "a 2 MiB file asks for a signature first");
+        let garbage = Message::Signature {
+            id,
+            signature: b"not a signature at all".to_vec(),
+        };
+        writer.write(&garbage).await.unwrap();
+        while let Ok(Some(_)) = reader.read().await {}
+    });
+    let session = Session::over(ours, "hostile", "file", Intent::Write, false)
+        .await
+        .unwrap();
+    let root = Arc::new(ferry_protocol::local::open_root(src.path()).unwrap());
+    let path = RelPath::from("big");
+    let base = ferry_sender::plan::Base::Unknown;
+    let preserve = ferry_sender::config::Preserve::default();
+    let flight = transfer::begin(&session, &root, &path, base, preserve)
+        .await
+        .unwrap()
+        .expect("the file is there");
+    let mut slot = Some(());
+    let sent = flight.finish(&session, &mut slot).await;
+    assert!(
+        matches!(
+            sent,
+            Err(TransferError::Session(SessionError::Protocol { .. }))
+        ),
+        "{sent:?}"
+    );
+    assert!(sent.unwrap_err().to_string().contains("invalid signature"));
+    drop(session);
+    receiver.await.unwrap();
+}

@@ -37,6 +37,9 @@ pub enum TransferError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The receiver broke the protocol (a malformed signature): the session is given up.
+    #[error("{0}")]
+    Peer(String),
     /// The receiver refused or the connection failed.
     #[error(transparent)]
     Session(#[from] SessionError),
@@ -192,6 +195,14 @@ impl InFlight {
         .expect("reader task");
         let (digest, sent) = match streamed {
             Ok(v) => v,
+            // A receiver that breaks the protocol is not asked anything more on this session.
+            Err(TransferError::Peer(what)) => {
+                return Err(SessionError::Protocol {
+                    address: session.address().to_string(),
+                    what,
+                }
+                .into())
+            }
             Err(e) => {
                 session.send(Message::FileAbort { id: self.id }).await?;
                 // The receiver answers the abort with Failed; wait for it so the id is settled.
@@ -262,7 +273,7 @@ fn stream_body(
     match signature {
         Some(sig) => {
             let sig = delta::parse_peer_signature(sig)
-                .map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
+                .map_err(|e| TransferError::Peer(format!("{path}: {e}")))?;
             let index = sig.index();
             let mut window = vec![0; WINDOW.min(meta.size as usize).max(1)];
             loop {
