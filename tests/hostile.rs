@@ -1045,3 +1045,46 @@ async fn a_malformed_signature_from_the_receiver_ends_the_session() {
     drop(session);
     receiver.await.unwrap();
 }
+
+/// A sender whose delta was malformed had that file fail and went on with the session as if
+/// nothing had happened. It broke the protocol: the receiver now tells it why and ends the
+/// session; the file under the name is untouched.
+#[tokio::test]
+async fn a_malformed_delta_from_a_sender_ends_its_session() {
+    let mut pair = Pair::new();
+    let base = pseudo_random(200_000, 5);
+    fs::write(pair.dst.join("f"), &base).unwrap();
+    let session = pair.session().await;
+    let (id, mut rx) = session.register();
+    let begin = Message::FileBegin {
+        id,
+        path: RelPath::from("f"),
+        meta: file_meta(200_000),
+        body: Body::Delta,
+    };
+    session.send(begin).await.unwrap();
+    let reply = session.reply(&mut rx).await.unwrap();
+    assert!(matches!(reply, Message::Signature { .. }), "{reply:?}");
+    // The delta magic, then a command that does not exist.
+    let mut garbage = 0x7273_0236u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff, 1, 2, 3]);
+    let delta = Message::FileDelta {
+        id,
+        window: 200_000,
+        delta: garbage,
+    };
+    session.send(delta).await.unwrap();
+    let after = session
+        .call(|id| Message::Delete {
+            id,
+            path: RelPath::from("other"),
+        })
+        .await;
+    let err = after.expect_err("the session is over").to_string();
+    assert!(err.contains("protocol violation"), "{err}");
+    assert_eq!(
+        fs::read(pair.dst.join("f")).unwrap(),
+        base,
+        "the file is untouched"
+    );
+}

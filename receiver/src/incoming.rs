@@ -44,6 +44,30 @@ pub enum Outcome {
     Sealed,
     /// The frame belongs to a transfer that already failed: say nothing.
     Silent,
+    /// The sender broke the protocol (a malformed delta): the session ends.
+    Violation(String),
+}
+
+/// An error of the peer's making, not of this host's: carried through `io::Error` to
+/// [`Outcome::Violation`].
+#[derive(Debug)]
+struct PeerError(delta::DeltaError);
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for PeerError {}
+
+/// A delta that failed to apply: the peer's fault (malformed, copies outside the base it was
+/// told of, the wrong length), or this host's (the base could not be read, e.g. it shrank).
+fn delta_error(e: delta::DeltaError) -> io::Error {
+    match e {
+        delta::DeltaError::Base(e) => e,
+        e => io::Error::other(PeerError(e)),
+    }
 }
 
 /// Files one session may have begun and not ended (each holds a descriptor and an unnamed
@@ -181,7 +205,7 @@ impl Transfers {
                 .ok_or_else(|| io::Error::other("delta without a base"))?;
             scratch.clear();
             let (file, len) = base;
-            delta::apply_window_at(file, *len, delta, window, scratch).map_err(io::Error::other)?;
+            delta::apply_window_at(file, *len, delta, window, scratch).map_err(delta_error)?;
             append(inc, scratch)
         })
     }
@@ -203,7 +227,13 @@ impl Transfers {
                 let inc = self.incoming.remove(&id).expect("looked up above");
                 inc.tmp.discard();
                 self.failed.insert(id);
-                Outcome::Failed(format!("{}: {e}", inc.path))
+                let peer = e.get_ref().is_some_and(|i| i.is::<PeerError>());
+                let why = format!("{}: {e}", inc.path);
+                if peer {
+                    Outcome::Violation(why)
+                } else {
+                    Outcome::Failed(why)
+                }
             }
         }
     }

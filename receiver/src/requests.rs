@@ -153,19 +153,33 @@ impl Requests {
         }
     }
 
-    fn file(&mut self, id: RequestId, outcome: Outcome) {
+    fn file(&mut self, id: RequestId, outcome: Outcome) -> Flow {
         match outcome {
             Outcome::Pending | Outcome::Silent => {}
             Outcome::Sealed => {
-                if self.fs.sealed() >= MAX_SEALED {
-                    self.commit();
+                if self.fs.sealed() >= MAX_SEALED && !self.commit() {
+                    return Flow::Stop;
                 }
             }
             Outcome::Reply(m) => {
                 self.reply(m);
             }
             Outcome::Failed(e) => self.fail(id, e),
+            Outcome::Violation(e) => {
+                // The sender broke the protocol: it is told why, and the session ends (what
+                // was acknowledged stays; unfinished files are discarded).
+                tracing::warn!(
+                    module = self.fs.module(),
+                    "protocol violation from the sender: {e}"
+                );
+                self.fs.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.reply(Message::Refused {
+                    reason: format!("protocol violation: {e}"),
+                });
+                return Flow::Stop;
+            }
         }
+        Flow::Continue
     }
 
     fn handle(&mut self, msg: Message) -> Flow {
@@ -244,23 +258,23 @@ impl Requests {
                 body,
             } => {
                 let o = self.files.begin(fs, id, &path, meta, body);
-                self.file(id, o)
+                return self.file(id, o);
             }
             Message::FileData { id, data } => {
                 let o = self.files.data(fs, id, &data);
-                self.file(id, o)
+                return self.file(id, o);
             }
             Message::FileDelta { id, window, delta } => {
                 let o = self.files.delta(fs, id, window, &delta);
-                self.file(id, o)
+                return self.file(id, o);
             }
             Message::FileHole { id, len } => {
                 let o = self.files.hole(fs, id, len);
-                self.file(id, o)
+                return self.file(id, o);
             }
             Message::FileEnd { id, digest } => {
                 let o = self.files.end(fs, id, digest);
-                self.file(id, o)
+                return self.file(id, o);
             }
             Message::FileAbort { id } => {
                 let o = self.files.abort(id);
