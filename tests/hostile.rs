@@ -430,7 +430,9 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
         attacker.send(m).await.unwrap();
     }
     refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
-    // Deltas: a copy reaching past the base, and a window of 1 TiB.
+    // Deltas: a copy reaching past the base, and a window of 1 TiB. A malformed delta breaks
+    // the protocol: the receiver says so and ends that session, so each goes on a session of
+    // its own.
     for (window, delta) in [
         (
             16u64,
@@ -446,30 +448,28 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
         ),
         (1 << 40, vec![0x72, 0x73, 0x02, 0x36, 0]),
     ] {
-        let (id, mut rx) = attacker.register();
-        attacker
-            .send(Message::FileBegin {
-                id,
-                path: RelPath::from("base"),
-                meta: file_meta(window),
-                body: Body::Delta,
-            })
-            .await
-            .unwrap();
-        match attacker.reply(&mut rx).await {
+        let bad = pair.session().await;
+        let (id, mut rx) = bad.register();
+        bad.send(Message::FileBegin {
+            id,
+            path: RelPath::from("base"),
+            meta: file_meta(window),
+            body: Body::Delta,
+        })
+        .await
+        .unwrap();
+        match bad.reply(&mut rx).await {
             Ok(Message::Signature { .. }) => {
-                attacker
-                    .send(Message::FileDelta { id, window, delta })
-                    .await
-                    .unwrap();
-                attacker
-                    .send(Message::FileEnd {
-                        id,
-                        digest: [0; 32],
-                    })
-                    .await
-                    .unwrap();
-                refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
+                // The session may already be gone when the end goes out.
+                let _ = bad.send(Message::FileDelta { id, window, delta }).await;
+                let end = Message::FileEnd {
+                    id,
+                    digest: [0; 32],
+                };
+                let _ = bad.send(end).await;
+                let e = bad.expect_ack(&mut rx).await.unwrap_err().to_string();
+                assert!(e.contains("protocol violation"), "{e}");
+                refusals.push(e);
             }
             Ok(other) => panic!("unexpected answer to a delta: {other:?}"),
             Err(e) => refusals.push(e.to_string()),
