@@ -11,8 +11,10 @@
 //!   (pure; time passed in).
 //! - [`queue`]: a target's dirty paths, renames and retry due times (data).
 //! - [`worker`]: the one loop per (group, target): wait, connect with backoff, take a batch,
-//!   send it over a transport, put back or settle; [`worker::FerryLink`] is the ferry transport
-//!   (its sessions opened by a [`worker::Dial`]: TLS to a target, or in memory in tests).
+//!   send it over a transport, put back or settle.
+//! - [`ferry_link`]: the ferry transport, [`ferry_link::FerryLink`] (its sessions opened by a
+//!   [`ferry_link::Dial`]: TLS to a target, or in memory in tests), and the batch's steps
+//!   reported to the log and the observer.
 //! - [`batch`]: one live batch on a ferry target: renames, dirty paths, subtrees, parents' times.
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
 //!   pure).
@@ -49,6 +51,7 @@ pub mod config;
 pub mod daemon;
 pub mod execute;
 pub mod fanotify;
+pub mod ferry_link;
 pub mod filter;
 pub mod guard;
 pub mod links;

@@ -8,24 +8,17 @@
 //! set. On shutdown the batch in flight gets [`Timing::shutdown_grace`] to finish. Targets never wait
 //! for each other: each has its own queue, worker and connection.
 
-use crate::batch::{send_batch, Learned};
-use crate::config::{SyncGroup, Target};
-use crate::execute::{Report, Step, StepKind, Totals, Watch};
-use crate::guard::DeleteTally;
-use crate::links::Names;
+use crate::config::SyncGroup;
+use crate::execute::{Report, Step, Totals};
 use crate::queue::{Batch, Queue};
-use crate::session::{Session, SessionError};
 use crate::status::{State, Tracker};
 use crate::timing::{now, Timing};
-use ferry_protocol::identity::Identity;
-use ferry_protocol::message::Intent;
-use ferry_protocol::RelPath;
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::ferry_link::{Dial, FerryLink};
 
 /// Sees what the daemon does; the `ferry` binary prints or logs it.
 pub trait Observer: Send + Sync + 'static {
@@ -394,218 +387,6 @@ async fn wait_for_work(queue: &Queue, shutdown: &CancellationToken) -> bool {
         }
     }
     !shutdown.is_cancelled()
-}
-
-/// Opens a session on the target's module: over TLS for a configured target
-/// ([`FerryLink::new`]), or however a test likes (an in-memory receiver, one that is down).
-pub type Dial = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Session, SessionError>> + Send>>
-        + Send
-        + Sync,
->;
-
-/// A ferry target: a session on the receiver's module.
-pub struct FerryLink {
-    /// The group it serves.
-    pub group: SyncGroup,
-    /// The target's name, for logs.
-    pub name: String,
-    /// How a session is opened.
-    pub dial: Dial,
-    /// Who sees each step.
-    pub observer: Arc<dyn Observer>,
-    session: Option<Arc<Session>>,
-    learned: Learned,
-}
-
-impl FerryLink {
-    /// A link to the configured `target`, not yet connected.
-    pub fn new(
-        group: SyncGroup,
-        target: Target,
-        identity: Arc<Identity>,
-        links: Names,
-        observer: Arc<dyn Observer>,
-    ) -> FerryLink {
-        let module = group.module.clone();
-        let name = target.name.clone();
-        let dial: Dial = Arc::new(move || {
-            let (target, identity, module) = (target.clone(), identity.clone(), module.clone());
-            Box::pin(async move { target.connect(&identity, &module, Intent::Write).await })
-        });
-        FerryLink::with_dial(group, name, dial, links, observer)
-    }
-
-    /// A link that opens its sessions with `dial`; `links` is the group's knowledge of its
-    /// multiply-linked files (shared by its targets).
-    pub fn with_dial(
-        group: SyncGroup,
-        name: String,
-        dial: Dial,
-        links: Names,
-        observer: Arc<dyn Observer>,
-    ) -> FerryLink {
-        FerryLink {
-            group,
-            name,
-            dial,
-            observer,
-            session: None,
-            learned: Learned {
-                links,
-                tally: DeleteTally::default(),
-            },
-        }
-    }
-}
-
-impl Transport for FerryLink {
-    async fn connect(&mut self) -> Result<bool, String> {
-        if self.session.is_some() {
-            return Ok(false);
-        }
-        let s = (self.dial)().await.map_err(|e| e.to_string())?;
-        self.session = Some(Arc::new(s));
-        Ok(true)
-    }
-
-    async fn send(&mut self, batch: &Batch) -> Outcome {
-        let Some(session) = self.session.clone() else {
-            return Outcome::Lost("not connected".into());
-        };
-        let started = Instant::now();
-        let sent_before = session.bytes_sent();
-        let (group, target) = (self.group.name.as_str(), self.name.as_str());
-        let full = batch.full;
-        let mut observe = BatchWatch {
-            group,
-            target,
-            observer: &self.observer,
-            batch,
-            renamed_since: batch.renames.iter().map(|r| (&r.from, r.since)).collect(),
-            done: Totals::default(),
-            planned: Totals::default(),
-            last_log: now(),
-            progress_every: self.group.timing.progress_every,
-        };
-        let mut report = Report::default();
-        let sent = send_batch(
-            &session,
-            &self.group,
-            &mut self.learned,
-            batch,
-            &mut report,
-            &mut observe,
-        )
-        .await;
-        match sent {
-            Ok(()) => {}
-            Err(SessionError::Paused(why)) => return Outcome::Stop(why),
-            Err(e) if e.is_fatal() => return Outcome::Lost(e.to_string()),
-            // The batch as a whole failed, but the connection is fine (the source root went
-            // away mid-batch, the receiver refused a listing): back off, keep the work.
-            Err(e) => return Outcome::Retry(e.to_string()),
-        }
-        report.bytes_sent = session.bytes_sent() - sent_before;
-        report.elapsed = started.elapsed();
-        if full {
-            self.observer.reconciled(group, target, &report);
-            tracing::info!(
-                sync = group,
-                target,
-                files = report.files,
-                deleted = report.deleted,
-                failures = report.failures.len(),
-                elapsed_ms = report.elapsed.as_millis() as u64,
-                "reconciled"
-            );
-        }
-        Outcome::Done(report)
-    }
-
-    fn disconnect(&mut self) {
-        self.session = None;
-    }
-
-    async fn close(self) {
-        if let Some(s) = self.session {
-            s.close().await;
-        }
-    }
-}
-
-/// Where the steps of one batch go: the debug log and the observer (live steps one by one, a
-/// whole compare as progress against its plan, logged every [`Timing::progress_every`]).
-struct BatchWatch<'a> {
-    group: &'a str,
-    target: &'a str,
-    observer: &'a Arc<dyn Observer>,
-    batch: &'a Batch,
-    renamed_since: HashMap<&'a RelPath, Instant>,
-    done: Totals,
-    planned: Totals,
-    last_log: Instant,
-    progress_every: Duration,
-}
-
-impl Watch for BatchWatch<'_> {
-    fn planned(&mut self, totals: Totals) {
-        if self.batch.full {
-            self.done = Totals::default();
-            self.planned = totals;
-            self.observer.planned(self.group, self.target, totals);
-        }
-    }
-
-    fn step(&mut self, step: &Step) {
-        let (group, target) = (self.group, self.target);
-        let latency = match &step.kind {
-            StepKind::Renamed(_) => self.renamed_since.get(&step.path).map(|t| t.elapsed()),
-            _ => first_event(&self.batch.paths, &step.path).map(|t| t.elapsed()),
-        };
-        tracing::debug!(
-            sync = group,
-            target,
-            op = ?step.kind,
-            path = %step.path,
-            bytes = step.bytes,
-            latency_ms = latency.map(|l| l.as_secs_f64() * 1e3),
-            "synced"
-        );
-        if !self.batch.full {
-            self.observer.step(group, target, step, latency);
-            return;
-        }
-        self.done.add(step);
-        self.observer.progress(group, target, self.done);
-        if now().duration_since(self.last_log) >= self.progress_every {
-            self.last_log = now();
-            tracing::info!(
-                sync = group,
-                target,
-                done = self.done.steps,
-                of = self.planned.steps,
-                bytes = self.done.bytes,
-                of_bytes = self.planned.bytes,
-                "reconcile progress"
-            );
-        }
-    }
-}
-
-/// When the first event on `path` (or the nearest ancestor that was dirty) arrived.
-fn first_event(
-    paths: &BTreeMap<RelPath, (crate::coalesce::Need, Instant)>,
-    path: &RelPath,
-) -> Option<Instant> {
-    let mut p = Some(path.clone());
-    while let Some(q) = p {
-        if let Some((_, t)) = paths.get(&q) {
-            return Some(*t);
-        }
-        p = q.parent();
-    }
-    None
 }
 
 #[cfg(test)]
