@@ -993,23 +993,13 @@ fn garbage_and_plain_tcp_peers_do_not_stop_the_receiver() {
 /// gives the session up (a fatal protocol error; its worker reconnects with backoff).
 #[tokio::test]
 async fn a_malformed_signature_from_the_receiver_ends_the_session() {
-    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
     use ferry_sender::session::{Session, SessionError};
     use ferry_sender::transfer::{self, TransferError};
     let src = tempfile::tempdir().unwrap();
     fs::write(src.path().join("big"), pseudo_random(2 << 20, 3)).unwrap();
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let receiver = tokio::spawn(async move {
-        let (r, w) = tokio::io::split(theirs);
-        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-        server_hello(&mut reader).await.unwrap().unwrap();
-        let keeps = ferry_protocol::message::Keeps {
-            owners: false,
-            devices: false,
-            setid: false,
-            xattrs: Default::default(),
-        };
-        server_answer(&mut writer, Ok(keeps)).await.unwrap();
+        let (mut reader, mut writer) = common::pair::welcome(theirs).await.unwrap();
         let Message::FileBegin { id, body, .. } = reader.expect().await.unwrap() else {
             panic!("expected FileBegin")
         };

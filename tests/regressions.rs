@@ -652,23 +652,9 @@ async fn a_session_with_a_clone_alive_was_never_closed() {
 /// receiver answers a listing with 100 chunks, then acknowledges a second request.
 #[tokio::test]
 async fn replies_nobody_reads_held_up_every_other_request() {
-    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
     let (ours, theirs) = tokio::io::duplex(1 << 20);
     let receiver = tokio::spawn(async move {
-        let (r, w) = tokio::io::split(theirs);
-        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-        server_hello(&mut reader).await.unwrap().unwrap();
-        server_answer(
-            &mut writer,
-            Ok(ferry_protocol::message::Keeps {
-                owners: false,
-                devices: false,
-                setid: false,
-                xattrs: Default::default(),
-            }),
-        )
-        .await
-        .unwrap();
+        let (mut reader, mut writer) = common::pair::welcome(theirs).await.unwrap();
         let Message::List { id: list, .. } = reader.expect().await.unwrap() else {
             panic!("expected List")
         };

@@ -126,28 +126,15 @@ fn dialer(
                     source: ConnError::Io(refused),
                 });
             }
-            let (ours, theirs) = tokio::io::duplex(1 << 20);
-            if silent {
+            let ours = if silent {
+                let (ours, theirs) = tokio::io::duplex(1 << 20);
                 tokio::spawn(say_nothing(theirs));
-                return Session::over(ours, "in memory", "file", Intent::Write, false)
-                    .await
-                    .map_err(|source| SessionError::Conn {
-                        address: "in memory".into(),
-                        source,
-                    });
-            }
-            tokio::spawn(async move {
-                let peer = "127.0.0.1:40000".parse().unwrap();
-                let _ = ferry_receiver::session::serve_stream(
-                    &server,
-                    theirs,
-                    peer,
-                    client,
-                    None,
-                    CancellationToken::new(),
-                )
-                .await;
-            });
+                ours
+            } else {
+                let (ours, serving) = super::pair::serve(server, client);
+                tokio::spawn(serving);
+                ours
+            };
             Session::over(ours, "in memory", "file", Intent::Write, false)
                 .await
                 .map_err(|source| SessionError::Conn {
@@ -160,20 +147,7 @@ fn dialer(
 
 /// A receiver that welcomes a session, then reads whatever comes and never answers.
 async fn say_nothing(stream: tokio::io::DuplexStream) {
-    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
-    let (r, w) = tokio::io::split(stream);
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    if server_hello(&mut reader).await.is_err() {
-        return;
+    if let Some((mut reader, _writer)) = super::pair::welcome(stream).await {
+        while let Ok(Some(_)) = reader.read().await {}
     }
-    let keeps = ferry_protocol::message::Keeps {
-        owners: false,
-        devices: false,
-        setid: false,
-        xattrs: Default::default(),
-    };
-    if server_answer(&mut writer, Ok(keeps)).await.is_err() {
-        return;
-    }
-    while let Ok(Some(_)) = reader.read().await {}
 }

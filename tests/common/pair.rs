@@ -3,8 +3,10 @@
 //! of TCP and TLS. No binaries, no sockets; the peer's fingerprint is given, as TLS would
 //! have proven it.
 
+use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::Intent;
+use ferry_protocol::message::Keeps;
 use ferry_protocol::Fingerprint;
 use ferry_receiver::config::Module;
 use ferry_receiver::Server;
@@ -12,6 +14,7 @@ use ferry_sender::config::SyncGroup;
 use ferry_sender::session::Session;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 /// A source tree, a module tree, and a receiver serving the module to one client.
@@ -67,20 +70,8 @@ impl Pair {
 
     /// Opens a session on `module` with `intent`, served in memory.
     pub async fn open(&mut self, module: &str, intent: Intent) -> Result<Session, String> {
-        let (ours, theirs) = tokio::io::duplex(1 << 20);
-        let (server, client) = (self.server.clone(), self.client);
-        self.served.spawn(async move {
-            let peer = "127.0.0.1:40000".parse().unwrap();
-            let _ = ferry_receiver::session::serve_stream(
-                &server,
-                theirs,
-                peer,
-                client,
-                None,
-                CancellationToken::new(),
-            )
-            .await;
-        });
+        let (ours, serving) = serve(self.server.clone(), self.client);
+        self.served.spawn(serving);
         Session::over(ours, "pair", module, intent, self.compress)
             .await
             .map_err(|e| e.to_string())
@@ -95,4 +86,43 @@ impl Pair {
     pub fn group(&self) -> SyncGroup {
         SyncGroup::new("file", self.src.clone(), vec!["pair".into()], "file")
     }
+}
+
+/// One end of an in-memory connection, and the future that serves the other with the real
+/// receiver as if `client` had proven its certificate over TLS.
+pub fn serve(
+    server: Arc<Server>,
+    client: Fingerprint,
+) -> (DuplexStream, impl std::future::Future<Output = ()> + Send) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let serving = async move {
+        let peer = "127.0.0.1:40000".parse().unwrap();
+        let cancel = CancellationToken::new();
+        let _ = ferry_receiver::session::serve_stream(&server, theirs, peer, client, None, cancel)
+            .await;
+    };
+    (ours, serving)
+}
+
+/// The reading and writing ends of a scripted receiver.
+pub type Scripted = (
+    FrameReader<ReadHalf<DuplexStream>>,
+    FrameWriter<WriteHalf<DuplexStream>>,
+);
+
+/// A scripted receiver on `stream`: it reads the sender's `Hello` and welcomes the session
+/// (keeping nothing beyond `rsync -a`); what it says next is the test's. `None` if the sender
+/// went away first.
+pub async fn welcome(stream: DuplexStream) -> Option<Scripted> {
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    server_hello(&mut reader).await.ok()?.ok()?;
+    let keeps = Keeps {
+        owners: false,
+        devices: false,
+        setid: false,
+        xattrs: Default::default(),
+    };
+    server_answer(&mut writer, Ok(keeps)).await.ok()?;
+    Some((reader, writer))
 }
