@@ -406,7 +406,11 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
     ] {
         attacker.send(m).await.unwrap();
     }
-    let e = attacker.expect_ack(&mut rx).await.unwrap_err().to_string();
+    let e = attacker
+        .expect_ack(&mut rx, &Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("digest mismatch"), "{e}");
     refusals.push(e);
     // More body than announced.
@@ -429,7 +433,13 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
     ] {
         attacker.send(m).await.unwrap();
     }
-    refusals.push(attacker.expect_ack(&mut rx).await.unwrap_err().to_string());
+    refusals.push(
+        attacker
+            .expect_ack(&mut rx, &Default::default())
+            .await
+            .unwrap_err()
+            .to_string(),
+    );
     // Deltas: a copy reaching past the base, and a window of 1 TiB. A malformed delta breaks
     // the protocol: the receiver says so and ends that session, so each goes on a session of
     // its own.
@@ -467,7 +477,11 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
                     digest: [0; 32],
                 };
                 let _ = bad.send(end).await;
-                let e = bad.expect_ack(&mut rx).await.unwrap_err().to_string();
+                let e = bad
+                    .expect_ack(&mut rx, &Default::default())
+                    .await
+                    .unwrap_err()
+                    .to_string();
                 assert!(e.contains("protocol violation"), "{e}");
                 refusals.push(e);
             }
@@ -582,7 +596,11 @@ async fn a_hole_past_the_announced_size_is_refused_and_an_honest_one_stays_a_hol
         },
     ])
     .await;
-    let e = session.expect_ack(&mut rx).await.unwrap_err().to_string();
+    let e = session
+        .expect_ack(&mut rx, &Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hole past the announced 4096 bytes"), "{e}");
     assert!(!pair.dst.join("huge").exists());
     // 80 MiB: 1 MiB of data, a 62 MiB hole, 1 MiB of data, and a 16 MiB hole at the end.
@@ -615,7 +633,10 @@ async fn a_hole_past_the_announced_size_is_refused_and_an_honest_one_stays_a_hol
         },
     ])
     .await;
-    session.expect_ack(&mut rx).await.unwrap();
+    session
+        .expect_ack(&mut rx, &Default::default())
+        .await
+        .unwrap();
     let got = pair.dst.join("sparse");
     assert_eq!(fs::read(&got).unwrap(), whole);
     let md = fs::metadata(&got).unwrap();
@@ -654,7 +675,10 @@ async fn links_and_attributes_from_a_peer_stay_inside_the_module() {
                 other => other,
             };
             session.send(m).await.unwrap();
-            session.expect_ack(&mut rx).await.map_err(|e| e.to_string())
+            session
+                .expect_ack(&mut rx, &Default::default())
+                .await
+                .map_err(|e| e.to_string())
         }
     };
     let link = |path: &str, target: &str, meta: Meta| Message::Link {
@@ -782,7 +806,10 @@ async fn a_base_truncated_during_a_delta_killed_the_receiver_with_sigbus() {
     }
     let digest = *blake3::hash(&new).as_bytes();
     session.send(Message::FileEnd { id, digest }).await.unwrap();
-    let failed = session.expect_ack(&mut rx).await.unwrap_err();
+    let failed = session
+        .expect_ack(&mut rx, &Default::default())
+        .await
+        .unwrap_err();
     assert!(failed.to_string().contains("big"), "{failed}");
     // This process (the receiver) is alive, and the session still works.
     session
@@ -851,7 +878,10 @@ async fn file_begins_without_end_held_unbounded_descriptors() {
     // Past the cap, each is refused at once.
     let refused = replies.split_off(ferry_receiver::incoming::MAX_FILES_IN_FLIGHT);
     for mut rx in refused {
-        let e = session.expect_ack(&mut rx).await.unwrap_err();
+        let e = session
+            .expect_ack(&mut rx, &Default::default())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("files in flight"), "{e}");
     }
     assert!(
@@ -1034,6 +1064,44 @@ async fn a_malformed_signature_from_the_receiver_ends_the_session() {
     assert!(sent.unwrap_err().to_string().contains("invalid signature"));
     drop(session);
     receiver.await.unwrap();
+}
+
+/// A receiver that answered one request twice, or answered a request never asked, had the
+/// extra answer dropped without a word (or, before requests answered once had a one-shot
+/// channel, queued for a caller that never read it). Either is a protocol violation: the
+/// sender gives the session up and says why.
+#[tokio::test]
+async fn an_answer_to_no_request_in_flight_ends_the_session() {
+    use ferry_sender::session::{Session, SessionError};
+    for twice in [true, false] {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let receiver = tokio::spawn(async move {
+            let (mut reader, mut writer) = common::pair::welcome(theirs).await.unwrap();
+            let Message::Stats { id } = reader.expect().await.unwrap() else {
+                panic!("expected Stats")
+            };
+            let counters = Vec::new();
+            writer
+                .write(&Message::StatsReply { id, counters })
+                .await
+                .unwrap();
+            // The same answer again, or an answer to an id the sender never used.
+            let id = if twice { id } else { id + 1000 };
+            writer.write(&Message::Ack { id }).await.unwrap();
+            while let Ok(Some(_)) = reader.read().await {}
+        });
+        let session = Session::over(ours, "hostile", "file", Intent::Write, false)
+            .await
+            .unwrap();
+        session.stats().await.expect("the first answer is good");
+        let second = session.stats().await;
+        assert!(
+            matches!(&second, Err(SessionError::Lost(why)) if why.contains("protocol violation: Ack for no request in flight")),
+            "twice = {twice}: {second:?}"
+        );
+        drop(session);
+        receiver.await.unwrap();
+    }
 }
 
 /// A sender whose delta was malformed had that file fail and went on with the session as if

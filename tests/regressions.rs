@@ -675,14 +675,13 @@ async fn replies_nobody_reads_held_up_every_other_request() {
         ferry_sender::session::Session::over(ours, "scripted", "file", Intent::Write, false)
             .await
             .unwrap();
-    let unread = session
-        .start(|id| Message::List {
-            id,
-            under: RelPath::root(),
-            xattrs: Default::default(),
-        })
-        .await
-        .unwrap();
+    let (id, unread) = session.register();
+    let list = Message::List {
+        id,
+        under: RelPath::root(),
+        xattrs: Default::default(),
+    };
+    session.send(list).await.unwrap();
     let answered = tokio::time::timeout(
         Duration::from_secs(10),
         session.call(|id| Message::Delete {

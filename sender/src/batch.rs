@@ -20,13 +20,15 @@ use crate::guard::{source_is_empty, DeleteTally};
 use crate::links::Names;
 use crate::plan::{order_dir_meta, plan_batch, Dirty};
 use crate::queue::Batch;
-use crate::reconcile::{link_names, plan_options, plan_under, reconcile_under};
+use crate::reconcile::{link_names, open_source, plan_options, plan_under, reconcile_under};
 use crate::session::{Session, SessionError};
 use ferry_protocol::meta::Kind;
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{local, Entry, RelPath};
 use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// How many receiver listings a batch's deletion count has in flight at once.
 const COUNT_CONCURRENCY: usize = 32;
@@ -40,8 +42,81 @@ pub struct Learned {
     pub tally: DeleteTally,
 }
 
+/// A batch's renames, planned: those a transport applies as renames, and the dirty paths
+/// the others become.
+#[derive(Debug, Default)]
+pub struct RenamePlan<'r> {
+    /// Sent as renames, in order.
+    pub send: Vec<&'r Rename>,
+    /// What the others become (see [`Rename::as_paths`]), and the new name of a renamed
+    /// directory (compared whole: its watches were re-placed after the move, and something
+    /// may have been written in between).
+    pub paths: Vec<(RelPath, Need, Instant)>,
+}
+
+/// Plans `renames` for a transport that applies renames (`can_rename`) or not, on a group
+/// that deletes or not. A rename with an excluded end (`excluded`, as
+/// [`Filter::excludes_dirty`](crate::filter::Filter::excludes_dirty)) is not a rename on the
+/// receiver; without `delete` the old name must stay, so a rename is a copy.
+pub fn plan_renames<'r>(
+    renames: &'r [Rename],
+    delete: bool,
+    can_rename: bool,
+    excluded: impl Fn(&RelPath, Option<bool>) -> bool,
+) -> RenamePlan<'r> {
+    let mut out = RenamePlan::default();
+    for r in renames {
+        let hidden = excluded(&r.from, Some(r.dir)) || excluded(&r.to, Some(r.dir));
+        if !delete {
+            out.paths.push((r.to.clone(), Need::Tree, r.since));
+        } else if hidden || !can_rename {
+            out.paths.extend(r.as_paths());
+        } else {
+            out.send.push(r);
+            if r.dir {
+                out.paths.push((r.to.clone(), Need::Tree, r.since));
+            }
+        }
+    }
+    out
+}
+
+/// The dirty paths of `batch` and `more`, in tree order, one per path (the greatest need).
+pub fn batch_paths(batch: &Batch, more: Vec<(RelPath, Need, Instant)>) -> Vec<(RelPath, Need)> {
+    let mut paths: Vec<(RelPath, Need)> = batch
+        .paths
+        .iter()
+        .map(|(p, (n, _))| (p.clone(), *n))
+        .chain(more.into_iter().map(|(p, n, _)| (p, n)))
+        .collect();
+    paths.sort_by(|a, b| a.0.tree_cmp(&b.0).then(b.1.cmp(&a.1)));
+    paths.dedup_by(|later, earlier| later.0 == earlier.0);
+    paths
+}
+
+/// Reads each of `paths` beneath the held source `root`, once (a symlink on the way makes a
+/// path gone, never a look outside the source), with the attributes `ns`. Attributes that
+/// could not be read are returned apart: the entry still goes without them.
+pub fn read_batch(
+    root: &OwnedFd,
+    paths: Vec<(RelPath, Need)>,
+    ns: Namespaces,
+) -> (Vec<Dirty>, Vec<(RelPath, std::io::Error)>) {
+    let mut errors = Vec::new();
+    let dirty = paths
+        .into_iter()
+        .map(|(path, need)| Dirty {
+            entry: local::read_entry_at(root, &path, ns, &mut errors).map_err(|e| e.to_string()),
+            path,
+            need,
+        })
+        .collect();
+    (dirty, errors)
+}
+
 /// Sends `batch` to the module behind `session`; per-path failures land in `report`.
-/// `learned` is what the target's worker knows from earlier batches.
+/// `learned` is what the target's worker knows from earlier batches. The source is read
+/// beneath one descriptor of its root, held from the first read to the last file sent.
 pub async fn send_batch(
     session: &Arc<Session>,
     group: &SyncGroup,
@@ -50,77 +125,41 @@ pub async fn send_batch(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
-    let mut extra = Batch::default();
     let mut parents: BTreeSet<RelPath> = BTreeSet::new();
-    // A rename with an excluded end is not a rename on the receiver: the old name is
-    // compared (so deleted, unless excluded) and the new one sent (unless excluded).
-    let (renames, touching_excluded): (Vec<&Rename>, Vec<&Rename>) =
-        batch.renames.iter().partition(|r| {
-            !group.filter.excludes_dirty(&r.from, Some(r.dir))
-                && !group.filter.excludes_dirty(&r.to, Some(r.dir))
-        });
-    for r in touching_excluded {
-        extra.mark(r.from.clone(), Need::Content, r.since);
-        extra.mark(r.to.clone(), Need::Tree, r.since);
-    }
-    if !renames.is_empty() {
-        if group.delete {
-            let refused = rename_all(session, &renames, report, observe).await?;
-            for r in &renames {
-                if !refused.iter().any(|x| std::ptr::eq(*x, *r)) {
-                    learned.links.rename(&r.from, &r.to);
-                }
-                parents.extend(r.from.parent());
-                parents.extend(r.to.parent());
-                if r.dir {
-                    extra.mark(r.to.clone(), Need::Tree, r.since);
-                }
+    let filter = &group.filter;
+    let renames = plan_renames(&batch.renames, group.delete, true, |p, d| {
+        filter.excludes_dirty(p, d)
+    });
+    let mut more = renames.paths;
+    if !renames.send.is_empty() {
+        let refused = rename_all(session, &renames.send, report, observe).await?;
+        for r in &renames.send {
+            if !refused.iter().any(|x| std::ptr::eq(*x, *r)) {
+                learned.links.rename(&r.from, &r.to);
             }
-            for r in refused {
-                extra.mark(r.from.clone(), Need::Content, crate::timing::now());
-                extra.mark(r.to.clone(), Need::Tree, crate::timing::now());
-            }
-        } else {
-            for r in &renames {
-                extra.mark(r.to.clone(), Need::Tree, r.since);
-            }
+            parents.extend(r.from.parent());
+            parents.extend(r.to.parent());
+        }
+        for r in refused {
+            more.extend(r.as_paths());
         }
     }
     if batch.full {
         return compare_whole(session, group, learned, report, observe).await;
     }
 
-    let mut paths: Vec<(RelPath, Need)> = batch
-        .paths
-        .iter()
-        .chain(extra.paths.iter())
-        .map(|(p, (n, _))| (p.clone(), *n))
-        .collect();
-    paths.sort_by(|a, b| a.0.tree_cmp(&b.0).then(b.1.cmp(&a.1)));
-    paths.dedup_by(|later, earlier| later.0 == earlier.0);
-    let (g, links) = (group.clone(), learned.links.clone());
+    let paths = batch_paths(batch, more);
+    let root = open_source(group).await?;
+    let (g, links, held) = (group.clone(), learned.links.clone(), root.clone());
     let (dirty, xattr_errors, names) = tokio::task::spawn_blocking(move || {
-        // One open of the source root for the whole batch; each path resolved beneath it.
-        let root = local::open_root(&g.source).map_err(|e| e.to_string());
-        let ns = g.preserve.namespaces();
-        let mut errors = Vec::new();
-        let dirty: Vec<Dirty> = paths
-            .into_iter()
-            .map(|(path, need)| Dirty {
-                entry: root.as_ref().map_err(Clone::clone).and_then(|fd| {
-                    local::read_entry_at(fd, &path, ns, &mut errors).map_err(|e| e.to_string())
-                }),
-                path,
-                need,
-            })
-            .collect();
+        let (dirty, errors) = read_batch(&held, paths, g.preserve.namespaces());
         let linked: Vec<Entry> = dirty
             .iter()
             .filter_map(|d| d.entry.as_ref().ok().and_then(Option::as_ref))
             .filter(|e| e.inode.is_some() && !g.filter.excludes_dirty(&e.path, Some(false)))
             .cloned()
             .collect();
-        let names = link_names(&g, &links, false, &linked);
+        let names = link_names(&g, &held, &links, false, &linked);
         (dirty, errors, names)
     })
     .await
@@ -132,13 +171,12 @@ pub async fn send_batch(
     }
     // Paths read while the source root was vanishing look deleted: never act on them.
     if !group.source.is_dir() {
-        return Err(SessionError::Failed(format!(
-            "source {} vanished while the batch was read",
-            group.source.display()
-        )));
+        return Err(SessionError::Source {
+            path: group.source.clone(),
+            error: "vanished while the batch was read".into(),
+        });
     }
 
-    let filter = &group.filter;
     let planned = plan_batch(dirty, plan_options(session, group), &names, |p, d| {
         filter.excludes_dirty(p, d)
     });
@@ -151,7 +189,7 @@ pub async fn send_batch(
     parents.extend(planned.parents);
     for tree in planned.trees {
         let links = &learned.links;
-        plan.extend(plan_under(session, group, links, &tree, 0, report).await?);
+        plan.extend(plan_under(session, group, &root, links, &tree, 0, report).await?);
     }
     if !plan.deletes.is_empty() && group.guard.active() {
         let mut deleted = entries_on_receiver(session, &gone).await?;
@@ -181,16 +219,12 @@ pub async fn send_batch(
     // Parents whose entries changed get their times back, after their contents.
     let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
     let missing: Vec<RelPath> = parents.into_iter().filter(|d| !have.contains(d)).collect();
-    let root = group.source.clone();
-    let ns = group.preserve.namespaces();
+    let (ns, held) = (group.preserve.namespaces(), root.clone());
     let parents: Vec<Entry> = tokio::task::spawn_blocking(move || {
-        let Ok(root) = local::open_root(&root) else {
-            return Vec::new();
-        };
         missing
             .into_iter()
             .filter_map(|d| {
-                local::read_entry_at(&root, &d, ns, &mut Vec::new())
+                local::read_entry_at(&held, &d, ns, &mut Vec::new())
                     .ok()
                     .flatten()
             })
@@ -201,7 +235,7 @@ pub async fn send_batch(
     .expect("stat task");
     plan.dir_meta.extend(parents);
     order_dir_meta(&mut plan.dir_meta);
-    execute(session, group, plan, report, observe).await
+    execute(session, group, &root, plan, report, observe).await
 }
 
 /// A whole-tree compare under the delete guard; the tally starts again from the module's size.
@@ -249,4 +283,70 @@ async fn entries_on_receiver(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rename(from: &str, to: &str, dir: bool) -> Rename {
+        Rename {
+            from: RelPath::from(from),
+            to: RelPath::from(to),
+            dir,
+            since: Instant::now(),
+        }
+    }
+
+    /// What `plan_renames` makes of one rename: "R" sent as a rename, then the dirty paths.
+    fn planned(r: &Rename, delete: bool, can_rename: bool, excluded: &str) -> Vec<String> {
+        let renames = std::slice::from_ref(r);
+        let plan = plan_renames(renames, delete, can_rename, |p, _| {
+            !excluded.is_empty() && p.as_bytes().starts_with(excluded.as_bytes())
+        });
+        let sent = plan.send.iter().map(|r| format!("R {} {}", r.from, r.to));
+        let paths = plan.paths.iter().map(|(p, n, _)| format!("{n:?} {p}"));
+        sent.chain(paths).collect()
+    }
+
+    #[test]
+    fn the_rename_rules_of_both_transports_in_one_table() {
+        let file = rename("a", "b", false);
+        let dir = rename("d", "e", true);
+        let table: &[(&Rename, bool, bool, &str, &[&str])] = &[
+            // A ferry target applies a rename; a renamed directory is compared whole after.
+            (&file, true, true, "", &["R a b"]),
+            (&dir, true, true, "", &["R d e", "Tree e"]),
+            // rsync has no rename: both names, the old one compared (so deleted).
+            (&file, true, false, "", &["Content a", "Tree b"]),
+            (&dir, true, false, "", &["Content d", "Tree e"]),
+            // Without delete the old name stays: a rename is a copy, on either transport.
+            (&file, false, true, "", &["Tree b"]),
+            (&dir, false, false, "", &["Tree e"]),
+            // An excluded end: not a rename on the receiver.
+            (&file, true, true, "a", &["Content a", "Tree b"]),
+            (&file, true, true, "b", &["Content a", "Tree b"]),
+        ];
+        for (i, (r, delete, can_rename, excluded, want)) in table.iter().enumerate() {
+            let got = planned(r, *delete, *can_rename, excluded);
+            assert_eq!(got, *want, "row {i}");
+        }
+    }
+
+    #[test]
+    fn batch_paths_are_in_tree_order_once_each_with_the_greatest_need() {
+        let mut batch = Batch::default();
+        let t = Instant::now();
+        batch.mark(RelPath::from("b"), Need::Meta, t);
+        batch.mark(RelPath::from("a/x"), Need::Content, t);
+        let more = vec![
+            (RelPath::from("b"), Need::Tree, t),
+            (RelPath::from("a"), Need::Meta, t),
+        ];
+        let got: Vec<String> = batch_paths(&batch, more)
+            .iter()
+            .map(|(p, n)| format!("{n:?} {p}"))
+            .collect();
+        assert_eq!(got, ["Meta a", "Content a/x", "Tree b"]);
+    }
 }

@@ -96,6 +96,18 @@ pub struct Rename {
     pub since: Instant,
 }
 
+impl Rename {
+    /// The rename as dirty paths, for a transport or a receiver that does not apply it as a
+    /// rename: the old name compared (so deleted, unless it exists again) and the new one
+    /// compared whole. The one rule for a rename that is not sent as one.
+    pub fn as_paths(&self) -> [(RelPath, Need, Instant); 2] {
+        [
+            (self.from.clone(), Need::Content, self.since),
+            (self.to.clone(), Need::Tree, self.since),
+        ]
+    }
+}
+
 /// Moves the entries of `map` at and below `from` to the same places below `to`; `merge` puts
 /// each moved entry in (an entry may already exist under the new name).
 pub fn rekey<V>(

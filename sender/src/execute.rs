@@ -12,7 +12,7 @@ use crate::plan::{Base, Link, Op, Plan};
 use crate::session::{Session, SessionError};
 use crate::transfer::{self, TransferError};
 use ferry_protocol::message::{Message, RequestId};
-use ferry_protocol::{local, RelPath};
+use ferry_protocol::RelPath;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -218,11 +218,13 @@ impl Failure {
 
 type Outcome = Result<Step, Failure>;
 
-/// Executes a plan with many requests in flight. Per-path failures land in the report;
-/// a lost connection ends execution with an error. `observe` sees each acknowledged step.
+/// Executes a plan with many requests in flight, reading files beneath the source `root` the
+/// plan was made under. Per-path failures land in the report; a lost connection ends
+/// execution with an error. `observe` sees each acknowledged step.
 pub async fn execute(
     session: &Arc<Session>,
     group: &SyncGroup,
+    root: &Arc<OwnedFd>,
     plan: Plan,
     report: &mut Report,
     observe: Observe<'_>,
@@ -233,7 +235,7 @@ pub async fn execute(
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         file_slots: Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT)),
         unacked: Arc::new(Semaphore::new(MAX_FILES_UNACKED)),
-        root: Arc::new(open_source_root(group).await?),
+        root: root.clone(),
         preserve: group.preserve,
         tasks: JoinSet::new(),
         report,
@@ -290,17 +292,6 @@ pub async fn execute(
         .await?;
     }
     run.drain().await
-}
-
-/// The group's source root, opened once for a plan's execution.
-async fn open_source_root(group: &SyncGroup) -> Result<OwnedFd, SessionError> {
-    let source = group.source.clone();
-    tokio::task::spawn_blocking(move || {
-        local::open_root(&source)
-            .map_err(|e| SessionError::Failed(format!("source {}: {e}", source.display())))
-    })
-    .await
-    .expect("open task")
 }
 
 /// Applies renames in order, pipelined. Returns the ones the receiver refused (typically
@@ -375,8 +366,8 @@ async fn pipelined<'t, T: std::fmt::Debug>(
         for &item in chunk {
             replies.push((item, session.start(|id| request(item, id)).await?));
         }
-        for (item, mut rx) in replies {
-            match session.expect_ack(&mut rx).await {
+        for (item, answer) in replies {
+            match session.ack(answer).await {
                 Ok(()) => done(item),
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
@@ -496,11 +487,11 @@ impl Run<'_, '_> {
             .await
             .expect("never closed");
         self.reap()?;
-        let mut rx = self.session.start(|id| make(id, path.clone())).await?;
+        let answer = self.session.start(|id| make(id, path.clone())).await?;
         let session = self.session.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
-            match session.expect_ack(&mut rx).await {
+            match session.ack(answer).await {
                 Ok(()) => Ok(Step {
                     kind,
                     path,

@@ -124,7 +124,7 @@ impl Transport for FerryLink {
         .await;
         match sent {
             Ok(()) => {}
-            Err(SessionError::Paused(why)) => return Outcome::Stop(why),
+            Err(SessionError::Guard(why)) => return Outcome::Stop(why),
             Err(e) if e.is_fatal() => return Outcome::Lost(e.to_string()),
             // The batch as a whole failed, but the connection is fine (the source root went
             // away mid-batch, the receiver refused a listing): back off, keep the work.

@@ -79,8 +79,9 @@ impl Batch {
     /// and the new name, compared whole.
     pub fn fold_renames(&mut self) {
         for r in std::mem::take(&mut self.renames) {
-            self.mark(r.from, Need::Content, r.since);
-            self.mark(r.to, Need::Tree, r.since);
+            for (path, need, since) in r.as_paths() {
+                self.mark(path, need, since);
+            }
         }
     }
 

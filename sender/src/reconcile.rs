@@ -10,6 +10,7 @@ use crate::session::{Session, SessionError};
 use ferry_protocol::local;
 use ferry_protocol::meta::{Compare, Entry};
 use ferry_protocol::RelPath;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,32 +18,55 @@ use std::time::Instant;
 /// Per-path errors of a tree walk.
 pub type ScanErrors = Vec<(RelPath, std::io::Error)>;
 
-/// Lists the local subtree at `under`, applying the group's excludes, with the attributes the
-/// group preserves.
+/// Opens the group's source root: the one descriptor a batch or a compare reads the source
+/// beneath, from its first read to its last file sent.
+pub async fn open_source(group: &SyncGroup) -> Result<Arc<OwnedFd>, SessionError> {
+    let source = group.source.clone();
+    tokio::task::spawn_blocking(move || {
+        local::open_root(&source)
+            .map(Arc::new)
+            .map_err(|e| SessionError::Source {
+                path: source.clone(),
+                error: e.to_string(),
+            })
+    })
+    .await
+    .expect("open task")
+}
+
+/// Lists the local subtree at `under` beneath the held source `root`, applying the group's
+/// excludes, with the attributes the group preserves.
 pub fn scan_source_under(
     group: &SyncGroup,
+    root: &OwnedFd,
     under: &RelPath,
 ) -> std::io::Result<(Vec<Entry>, ScanErrors)> {
     let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
     let mut errors = Vec::new();
     let ns = group.preserve.namespaces();
-    let entries = local::scan_from(&group.source, under, &filter, ns, &mut errors)?;
+    let entries = local::scan_at(root, under, &filter, ns, &mut errors)?;
     Ok((entries, errors))
 }
 
 /// Every current name of the multiply-linked files among `entries` (read from the source; a
 /// scan of the `whole` tree or not), the names outside them included; what was learned is
 /// kept in `links` (the group's). Empty unless the group preserves hard links.
-pub fn link_names(group: &SyncGroup, links: &Names, whole: bool, entries: &[Entry]) -> LinkNames {
+pub fn link_names(
+    group: &SyncGroup,
+    root: &OwnedFd,
+    links: &Names,
+    whole: bool,
+    entries: &[Entry],
+) -> LinkNames {
     if !group.preserve.hardlinks {
         return LinkNames::new();
     }
     links.learn(entries, whole);
     let linked: Vec<&Entry> = entries.iter().filter(|e| e.inode.is_some()).collect();
-    match local::open_root(&group.source) {
-        Ok(root) if !linked.is_empty() => links.current(&root, &linked),
-        _ => LinkNames::new(),
+    if linked.is_empty() {
+        return LinkNames::new();
     }
+    links.current(root, &linked)
 }
 
 /// Drops excluded entries (and their subtrees) from a tree-order remote listing.
@@ -89,7 +113,17 @@ pub async fn reconcile_under(
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
-    let plan = plan_under(session, group, links, under, recent_deletes, &mut report).await?;
+    let root = open_source(group).await?;
+    let plan = plan_under(
+        session,
+        group,
+        &root,
+        links,
+        under,
+        recent_deletes,
+        &mut report,
+    )
+    .await?;
     if under.is_root() {
         tracing::info!(
             sync = %group.name,
@@ -99,31 +133,32 @@ pub async fn reconcile_under(
             "reconcile planned"
         );
     }
-    execute(session, group, plan, &mut report, observe).await?;
+    execute(session, group, &root, plan, &mut report, observe).await?;
     report.bytes_sent = session.bytes_sent() - sent_before;
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-/// Lists the subtree at `under` on both sides and plans what makes the receiver's equal.
-/// Local read errors land in `report`. For the whole tree, the delete guard applies, counting
+/// Lists the subtree at `under` on both sides (the source's beneath the held `root`) and plans
+/// what makes the receiver's equal. Local read errors land in `report`. For the whole tree, the delete guard applies, counting
 /// `recent_deletes` (entries deleted live within the guard's window) as part of this plan, so
 /// a mass deletion cannot slip through half live and half here.
 pub async fn plan_under(
     session: &Arc<Session>,
     group: &SyncGroup,
+    root: &Arc<OwnedFd>,
     links: &Names,
     under: &RelPath,
     recent_deletes: u64,
     report: &mut Report,
 ) -> Result<Plan, SessionError> {
-    let (g, links) = (group.clone(), links.clone());
+    let (g, links, held) = (group.clone(), links.clone(), root.clone());
     let start = under.clone();
     let opts = plan_options(session, group);
     let remote = session.list(under, opts.compare.xattrs);
     let local = tokio::task::spawn_blocking(move || {
-        scan_source_under(&g, &start).map(|(entries, errors)| {
-            let names = link_names(&g, &links, start.is_root(), &entries);
+        scan_source_under(&g, &held, &start).map(|(entries, errors)| {
+            let names = link_names(&g, &held, &links, start.is_root(), &entries);
             (entries, errors, names)
         })
     });
@@ -135,10 +170,10 @@ pub async fn plan_under(
             (Vec::new(), Vec::new(), LinkNames::new())
         }
         Err(e) => {
-            return Err(SessionError::Failed(format!(
-                "{}: {e}",
-                local::local_path(&group.source, under).display()
-            )))
+            return Err(SessionError::Source {
+                path: local::local_path(&group.source, under),
+                error: e.to_string(),
+            })
         }
     };
     let mut planned = plan(&local, &remote, opts, &names);
@@ -161,7 +196,7 @@ pub async fn plan_under(
         let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
         let moved = device.and_then(|d| group.guard.device_objection(d, deleting));
         if let Some(why) = moved.or_else(|| group.guard.objection(deleting, total, source_empty)) {
-            return Err(SessionError::Paused(format!(
+            return Err(SessionError::Guard(format!(
                 "sync {}: {why}; nothing was deleted. If that is what you want, stop the \
                  daemon and run `ferry send --once --confirm-deletes {} --config …`",
                 group.name, group.name

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// How long connecting (TCP and TLS) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -36,12 +36,29 @@ pub enum SessionError {
     /// The connection was lost while a request was outstanding.
     #[error("{0}: connection lost")]
     Lost(String),
-    /// The receiver answered a request with `Failed`.
+    /// The receiver refused one request (it answered `Failed`); the session goes on.
+    #[error("{reason}")]
+    Refused {
+        /// What the request was about.
+        path: RelPath,
+        /// The receiver's reason (it names the path).
+        reason: String,
+    },
+    /// The source could not be read as a whole (its root gone or unreadable); the session
+    /// goes on and the work waits.
+    #[error("source {}: {error}", path.display())]
+    Source {
+        /// The local path.
+        path: std::path::PathBuf,
+        /// Why.
+        error: String,
+    },
+    /// Going on needs an operator: the mass-delete guard objected.
     #[error("{0}")]
-    Failed(String),
-    /// Going on needs an operator (the mass-delete guard objected).
+    Guard(String),
+    /// The target cannot serve this request at all (an rsync target has no ferry session).
     #[error("{0}")]
-    Paused(String),
+    Unsupported(String),
     /// The receiver answered with something unexpected.
     #[error("{address}: protocol violation: {what}")]
     Protocol {
@@ -55,16 +72,32 @@ pub enum SessionError {
 impl SessionError {
     /// True for errors that end the whole session (as opposed to one request failing).
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, SessionError::Failed(_) | SessionError::Paused(_))
+        matches!(
+            self,
+            SessionError::Conn { .. } | SessionError::Lost(_) | SessionError::Protocol { .. }
+        )
     }
 }
 
-type Pending = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Message>>>>;
+/// Where the reader hands one request's replies: its one final reply, or (for a listing or a
+/// file, which are answered in steps) each reply as it comes. Neither ever makes the reader
+/// wait on a slow consumer (one request's replies held up would hold up every other's).
+enum Waiter {
+    Once(oneshot::Sender<Message>),
+    Many(mpsc::UnboundedSender<Message>),
+}
 
-/// Where the replies to one request arrive. Unbounded, so the session's reader never waits on
-/// a slow consumer (one request's replies held up would hold up every other's): what queues
-/// there is what that request asked for (a listing, a signature, its answer).
+type Pending = Arc<Mutex<HashMap<RequestId, Waiter>>>;
+
+/// Where the replies to a request answered in steps arrive (unbounded: what queues there is
+/// what that request asked for, a listing or a signature and its answer).
 pub type Replies = mpsc::UnboundedReceiver<Message>;
+
+/// Where the one final reply to a request arrives, with the path it is about.
+pub struct Answer {
+    rx: oneshot::Receiver<Message>,
+    about: RelPath,
+}
 
 /// An open session on one module. Shared as `Arc<Session>` by the requests in flight; any
 /// holder may [`Session::close`] it, and the connection goes when the last holder does.
@@ -178,17 +211,31 @@ impl Session {
                         let Some(id) = msg.reply_id() else {
                             break format!("unexpected {} from receiver", msg.name());
                         };
-                        let tx = {
-                            let mut map = pending_r.lock().expect("lock");
-                            if msg.is_final_reply() {
-                                map.remove(&id)
-                            } else {
-                                map.get(&id).cloned()
+                        // A reply to no request in flight (answered already, or never asked)
+                        // or a step of an answer to a request answered once is a violation.
+                        // `Failed` is not: it also answers a message the receiver could not
+                        // place (data for a transfer it already failed).
+                        let mut map = pending_r.lock().expect("lock");
+                        if msg.is_final_reply() {
+                            match map.remove(&id) {
+                                Some(Waiter::Once(tx)) => drop(tx.send(msg)),
+                                Some(Waiter::Many(tx)) => drop(tx.send(msg)),
+                                None if matches!(msg, Message::Failed { .. }) => {}
+                                None => {
+                                    break format!(
+                                        "protocol violation: {} for no request in flight",
+                                        msg.name()
+                                    )
+                                }
+                            }
+                        } else {
+                            match map.get(&id) {
+                                Some(Waiter::Many(tx)) => drop(tx.send(msg)),
+                                _ => {
+                                    break format!("protocol violation: unexpected {}", msg.name())
+                                }
                             }
                         };
-                        if let Some(tx) = tx {
-                            let _ = tx.send(msg);
-                        }
                     }
                     Ok(None) => break "closed by receiver".to_string(),
                     Err(e) => break e.to_string(),
@@ -233,18 +280,23 @@ impl Session {
         SessionError::Lost(format!("{}: {why}", self.address))
     }
 
-    /// Registers a new request id and the channel its replies arrive on.
+    /// Registers a new request id and the channel its replies arrive on, for a request
+    /// answered in steps (a file, a listing).
     pub fn register(&self) -> (RequestId, Replies) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.pending.lock().expect("lock").insert(id, tx);
+        (self.enter(Waiter::Many(tx)), rx)
+    }
+
+    fn enter(&self, waiter: Waiter) -> RequestId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pending.lock().expect("lock").insert(id, waiter);
         // The reader records the loss before it clears `pending`: if the loss is already
         // recorded, nobody will clear this entry, so drop its sender here and the caller's
         // wait ends at once.
         if self.lost.lock().expect("lock").is_some() {
             self.pending.lock().expect("lock").remove(&id);
         }
-        (id, rx)
+        id
     }
 
     /// Queues a message for the writer task; messages go out in call order.
@@ -262,36 +314,70 @@ impl Session {
         rx.recv().await.ok_or_else(|| self.lost_error())
     }
 
-    /// Waits for a final reply and turns `Failed` into an error.
-    pub async fn expect_ack(&self, rx: &mut Replies) -> Result<(), SessionError> {
-        match self.reply(rx).await? {
+    /// Waits for the final reply of a request answered in steps, about `path`, and turns
+    /// `Failed` into a refusal.
+    pub async fn expect_ack(&self, rx: &mut Replies, path: &RelPath) -> Result<(), SessionError> {
+        let reply = self.reply(rx).await?;
+        self.acked(reply, path)
+    }
+
+    fn acked(&self, reply: Message, path: &RelPath) -> Result<(), SessionError> {
+        match reply {
             Message::Ack { .. } => Ok(()),
-            Message::Failed { error, .. } => Err(SessionError::Failed(error)),
-            other => Err(self.protocol(&other)),
+            other => Err(self.unanswered(other, path)),
         }
     }
 
-    fn protocol(&self, msg: &Message) -> SessionError {
-        SessionError::Protocol {
-            address: self.address.clone(),
-            what: format!("unexpected {}", msg.name()),
+    /// The error for `reply`, which is not the answer a request about `path` wanted.
+    fn unanswered(&self, reply: Message, path: &RelPath) -> SessionError {
+        match reply {
+            Message::Failed { error, .. } => SessionError::Refused {
+                path: path.clone(),
+                reason: error,
+            },
+            other => SessionError::Protocol {
+                address: self.address.clone(),
+                what: format!("unexpected {}", other.name()),
+            },
         }
     }
 
     /// Sends a request built from a fresh id and waits for its acknowledgement.
     pub async fn call(&self, make: impl FnOnce(RequestId) -> Message) -> Result<(), SessionError> {
-        let mut rx = self.start(make).await?;
-        self.expect_ack(&mut rx).await
+        let answer = self.start(make).await?;
+        self.ack(answer).await
     }
 
-    /// Sends a request built from a fresh id; returns where its reply will arrive.
+    /// Sends a request answered once (not a listing or a file: see [`Session::register`])
+    /// built from a fresh id; returns where its one final reply will arrive.
     pub async fn start(
         &self,
         make: impl FnOnce(RequestId) -> Message,
-    ) -> Result<Replies, SessionError> {
-        let (id, rx) = self.register();
-        self.send(make(id)).await?;
-        Ok(rx)
+    ) -> Result<Answer, SessionError> {
+        let (tx, rx) = oneshot::channel();
+        let msg = make(self.enter(Waiter::Once(tx)));
+        debug_assert!(
+            !matches!(msg, Message::List { .. } | Message::FileBegin { .. }),
+            "{} is answered in steps",
+            msg.name()
+        );
+        let about = msg.subject().cloned().unwrap_or_default();
+        self.send(msg).await?;
+        Ok(Answer { rx, about })
+    }
+
+    /// Waits for a request's one final reply.
+    pub async fn answer(&self, answer: Answer) -> Result<(Message, RelPath), SessionError> {
+        match answer.rx.await {
+            Ok(reply) => Ok((reply, answer.about)),
+            Err(_) => Err(self.lost_error()),
+        }
+    }
+
+    /// Waits for a request's acknowledgement; `Failed` is a refusal naming its path.
+    pub async fn ack(&self, answer: Answer) -> Result<(), SessionError> {
+        let (reply, about) = self.answer(answer).await?;
+        self.acked(reply, &about)
     }
 
     /// The listing of the subtree at `under` (the root for the whole module), in tree order,
@@ -301,13 +387,14 @@ impl Session {
         under: &RelPath,
         xattrs: Namespaces,
     ) -> Result<Vec<Entry>, SessionError> {
-        let mut rx = self
-            .start(|id| Message::List {
-                id,
-                under: under.clone(),
-                xattrs,
-            })
-            .await?;
+        let (id, mut rx) = self.register();
+        let under_ = under.clone();
+        self.send(Message::List {
+            id,
+            under: under_,
+            xattrs,
+        })
+        .await?;
         let mut out = Vec::new();
         loop {
             match self.reply(&mut rx).await? {
@@ -317,8 +404,7 @@ impl Session {
                         return Ok(out);
                     }
                 }
-                Message::Failed { error, .. } => return Err(SessionError::Failed(error)),
-                other => return Err(self.protocol(&other)),
+                other => return Err(self.unanswered(other, under)),
             }
         }
     }
@@ -330,7 +416,7 @@ impl Session {
         checksum: bool,
         cmp: Compare,
     ) -> Result<(Option<Entry>, Vec<DigestEntry>), SessionError> {
-        let mut rx = self
+        let answer = self
             .start(|id| Message::VerifyDir {
                 id,
                 path: path.clone(),
@@ -339,20 +425,18 @@ impl Session {
                 hardlinks: cmp.hardlinks,
             })
             .await?;
-        match self.reply(&mut rx).await? {
+        match self.answer(answer).await?.0 {
             Message::DirDigests { dir, entries, .. } => Ok((dir, entries)),
-            Message::Failed { error, .. } => Err(SessionError::Failed(error)),
-            other => Err(self.protocol(&other)),
+            other => Err(self.unanswered(other, path)),
         }
     }
 
     /// The receiver's counters.
     pub async fn stats(&self) -> Result<Vec<(String, u64)>, SessionError> {
-        let mut rx = self.start(|id| Message::Stats { id }).await?;
-        match self.reply(&mut rx).await? {
+        let answer = self.start(|id| Message::Stats { id }).await?;
+        match self.answer(answer).await?.0 {
             Message::StatsReply { counters, .. } => Ok(counters),
-            Message::Failed { error, .. } => Err(SessionError::Failed(error)),
-            other => Err(self.protocol(&other)),
+            other => Err(self.unanswered(other, &RelPath::root())),
         }
     }
 
@@ -416,7 +500,7 @@ impl Target {
             compress,
         } = self.kind
         else {
-            return Err(SessionError::Failed(format!(
+            return Err(SessionError::Unsupported(format!(
                 "target {}: an rsync target has no ferry session",
                 self.name
             )));

@@ -165,12 +165,15 @@ impl InFlight {
                 Message::Signature { signature: s, .. } => signature = Some(s),
                 Message::Resume { offset, digest, .. } => resume = Some((offset, digest)),
                 Message::NoBase { .. } => {}
-                Message::Failed { error, .. } => return Err(SessionError::Failed(error).into()),
+                Message::Failed { error, .. } => {
+                    let (path, reason) = (self.path.clone(), error);
+                    return Err(SessionError::Refused { path, reason }.into());
+                }
                 other => {
-                    return Err(SessionError::Failed(format!(
-                        "unexpected {} from receiver",
-                        other.name()
-                    ))
+                    return Err(SessionError::Protocol {
+                        address: session.address().to_string(),
+                        what: format!("unexpected {} in answer to a file", other.name()),
+                    }
                     .into())
                 }
             }
@@ -217,7 +220,7 @@ impl InFlight {
             })
             .await?;
         sending.take();
-        session.expect_ack(&mut self.rx).await?;
+        session.expect_ack(&mut self.rx, &self.path).await?;
         Ok(sent)
     }
 }
@@ -285,7 +288,7 @@ fn stream_body(
                 total += n as u64;
                 let mut d = Vec::new();
                 delta::diff_window(&index, &window[..n], &mut d)
-                    .map_err(|e| SessionError::Failed(format!("{path}: {e}")))?;
+                    .map_err(|e| TransferError::Peer(format!("{path}: {e}")))?;
                 sent.payload += d.len() as u64;
                 out.blocking_send(Message::FileDelta {
                     id,

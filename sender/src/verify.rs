@@ -238,9 +238,10 @@ pub async fn compare(
 ) -> Result<Vec<(RelPath, Difference)>, SessionError> {
     let root = RelPath::root();
     let (Some(l), Some(r)) = (left.listing(&root).await?, right.listing(&root).await?) else {
-        return Err(SessionError::Failed(
-            "a tree root is missing or not a directory".into(),
-        ));
+        return Err(SessionError::Refused {
+            path: root,
+            reason: "a tree root is missing or not a directory".into(),
+        });
     };
     let mut out: Vec<(RelPath, Difference)> =
         l.0.meta

@@ -122,7 +122,9 @@ pub async fn push_whole(
     for m in msgs {
         session.send(m).await?;
     }
-    session.expect_ack(&mut rx).await
+    session
+        .expect_ack(&mut rx, &ferry_protocol::RelPath::from(path))
+        .await
 }
 
 /// Begins the file `path` (announced as 10 bytes) as request `id` and sends only its first

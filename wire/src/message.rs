@@ -324,6 +324,24 @@ pub enum Message {
 }
 
 impl Message {
+    /// The path a request is about (its new name, for a rename); `None` for messages that
+    /// are not about one path.
+    pub fn subject(&self) -> Option<&RelPath> {
+        match self {
+            Message::List { under: path, .. }
+            | Message::Mkdir { path, .. }
+            | Message::Symlink { path, .. }
+            | Message::Special { path, .. }
+            | Message::SetMeta { path, .. }
+            | Message::Delete { path, .. }
+            | Message::Link { path, .. }
+            | Message::Rename { to: path, .. }
+            | Message::FileBegin { path, .. }
+            | Message::VerifyDir { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+
     /// The request id a reply answers, if it is a reply.
     pub fn reply_id(&self) -> Option<RequestId> {
         match self {

@@ -4,19 +4,23 @@
 //! - A full compare is one `rsync -a [--delete] [--exclude …] SRC/ rsync://…/module/`.
 //! - A batch of dirty paths is one `rsync -a --files-from=LIST --from0
 //!   --delete-missing-args` (or `--ignore-missing-args` without `delete`): only those paths
-//!   travel, and paths missing locally are deleted on the module. New directories are expanded
-//!   locally into their entries; parents of changed entries are listed too, so their times
-//!   follow. rsync has no rename, so a rename is a delete of the old name plus the new one.
+//!   travel, and paths missing locally are deleted on the module. The batch is read and its
+//!   renames planned as a ferry target's ([`crate::batch`]); only the mapping to rsync runs is
+//!   rsync's. New directories are expanded locally into their entries; parents of changed
+//!   entries are listed too, so their times follow. rsync has no rename, so a rename is a
+//!   delete of the old name plus the new one.
 //! - At most one rsync runs per target; changes arriving meanwhile coalesce in the queue.
 //! - `transport = "ssh"` runs the same commands over a remote shell (`user@host:/path`), as
 //!   the old `file_watch.sh` scripts did.
 
+use crate::batch::{batch_paths, plan_renames, read_batch};
 use crate::coalesce::Need;
 use crate::config::{RsyncTarget, SyncGroup};
 use crate::execute::Report;
 use crate::guard::{source_is_empty, DeleteTally};
+use crate::plan::Dirty;
 use crate::queue::Batch;
-use crate::reconcile::scan_source_under;
+use crate::reconcile::{open_source, scan_source_under};
 use crate::worker::{Observer, Outcome, Transport};
 use ferry_protocol::meta::Difference;
 use ferry_protocol::xattr::Namespaces;
@@ -228,21 +232,26 @@ pub async fn batch(
     batch: &Batch,
     tally: &mut DeleteTally,
 ) -> (Verdict, usize) {
+    // rsync has no rename: each is its two names (the batch pipeline's rule).
+    let filter = &group.filter;
+    let renames = plan_renames(&batch.renames, group.delete, false, |p, d| {
+        filter.excludes_dirty(p, d)
+    });
+    let paths = batch_paths(batch, renames.paths);
+    let root = match open_source(group).await {
+        Ok(root) => root,
+        Err(e) => return (Verdict::Transient(e.to_string()), 0),
+    };
     let g = group.clone();
-    let paths: Vec<(RelPath, Need)> = batch
-        .paths
-        .iter()
-        .map(|(p, (n, _))| (p.clone(), *n))
-        .chain(
-            batch
-                .renames
-                .iter()
-                .flat_map(|r| [(r.from.clone(), Need::Content), (r.to.clone(), Need::Tree)]),
-        )
-        .collect();
-    let lists = tokio::task::spawn_blocking(move || expand(&g, paths))
-        .await
-        .expect("list task");
+    let lists = tokio::task::spawn_blocking(move || {
+        let (dirty, _) = read_batch(&root, paths, Namespaces::NONE);
+        lists_of(&g, dirty, |under| {
+            scan_source_under(&g, &root, under)
+                .map(|(entries, _)| entries.into_iter().map(|e| e.path).collect())
+        })
+    })
+    .await
+    .expect("list task");
     let n = lists.missing.len() + lists.present.len();
     if group.delete && !lists.missing.is_empty() && group.guard.active() {
         // The live form of the empty-source rule: the whole run decides, with the module's
@@ -359,17 +368,15 @@ struct Lists {
     parents: BTreeSet<Vec<u8>>,
 }
 
-/// Reads each dirty path beneath the source root held open (no symlink on the way: a
-/// directory swapped for a symlink makes its paths gone, never a look outside the source).
-fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
+/// The rsync runs a batch needs, from its dirty paths as read (see
+/// [`read_batch`](crate::batch::read_batch)). A directory new or moved in is listed whole
+/// (`scan` lists the subtree beneath the held root; `--files-from` does not recurse).
+fn lists_of(
+    group: &SyncGroup,
+    dirty: Vec<Dirty>,
+    mut scan: impl FnMut(&RelPath) -> std::io::Result<Vec<RelPath>>,
+) -> Lists {
     let mut lists = Lists::default();
-    let root = match ferry_protocol::local::open_root(&group.source) {
-        Ok(root) => root,
-        Err(e) => {
-            tracing::warn!(sync = %group.name, source = %group.source.display(), "cannot read: {e}");
-            return lists;
-        }
-    };
     let name = |p: &RelPath| {
         if p.is_root() {
             b".".to_vec()
@@ -377,15 +384,13 @@ fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
             p.as_bytes().to_vec()
         }
     };
-    for (path, need) in paths {
+    for Dirty { path, need, entry } in dirty {
         if need >= Need::Content && !path.is_root() {
             lists
                 .parents
                 .insert(name(&path.parent().unwrap_or_default()));
         }
-        let read =
-            ferry_protocol::local::read_entry_at(&root, &path, Namespaces::NONE, &mut Vec::new());
-        let is_dir = match &read {
+        let is_dir = match &entry {
             Ok(Some(e)) => Some(e.meta.kind == ferry_protocol::Kind::Dir),
             _ => None,
         };
@@ -393,21 +398,24 @@ fn expand(group: &SyncGroup, paths: Vec<(RelPath, Need)>) -> Lists {
             continue;
         }
         // Only a path that is really gone is deleted; one we cannot read is left alone.
-        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-        match read {
+        let gone = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            )
+        };
+        match entry {
             Ok(None) => {
                 lists.missing.insert(name(&path));
             }
             Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
-            Ok(Some(_)) if is_dir == Some(true) && need >= Need::Content => {
-                match scan_source_under(group, &path) {
-                    Ok((entries, _)) => lists.present.extend(entries.iter().map(|e| name(&e.path))),
-                    Err(e) if gone(&e) => {
-                        lists.missing.insert(name(&path));
-                    }
-                    Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
+            Ok(Some(_)) if is_dir == Some(true) && need >= Need::Content => match scan(&path) {
+                Ok(paths) => lists.present.extend(paths.iter().map(name)),
+                Err(e) if gone(&e) => {
+                    lists.missing.insert(name(&path));
                 }
-            }
+                Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
+            },
             Ok(Some(_)) => {
                 lists.present.insert(name(&path));
             }
@@ -550,6 +558,66 @@ pub fn probe(target: &RsyncTarget) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_read_becomes_rsync_lists() {
+        use ferry_protocol::meta::{Entry, Kind};
+        let mut group = SyncGroup::new("g", "/nonexistent".into(), vec![], "m");
+        group.filter = crate::filter::Filter::new(&["*.tmp".to_string()]).unwrap();
+        let entry = |p: &str, kind: Kind| {
+            let meta = ferry_protocol::Meta {
+                kind,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: 0,
+                mtime_nsec: 0,
+                rdev: 0,
+                xattrs: Default::default(),
+            };
+            let (path, link, inode) = (RelPath::from(p), None, None);
+            Ok(Some(Entry {
+                path,
+                meta,
+                link,
+                inode,
+            }))
+        };
+        let dirty = |p: &str, need, entry| Dirty {
+            path: RelPath::from(p),
+            need,
+            entry,
+        };
+        let read = vec![
+            dirty("gone", Need::Content, Ok(None)),
+            dirty("d/new", Need::Tree, entry("d/new", Kind::Dir)),
+            dirty("d/touched", Need::Meta, entry("d/touched", Kind::File)),
+            dirty("moved", Need::Tree, entry("moved", Kind::Dir)),
+            dirty("x.tmp", Need::Content, Ok(None)),
+            dirty("unreadable", Need::Content, Err("Permission denied".into())),
+        ];
+        let mut scanned = Vec::new();
+        let lists = lists_of(&group, read, |under| {
+            scanned.push(under.to_string());
+            if under.as_bytes() == b"moved" {
+                // Swapped for a symlink between the read and the scan: gone.
+                return Err(std::io::ErrorKind::NotADirectory.into());
+            }
+            Ok(vec![under.clone(), under.join(b"f")])
+        });
+        let show = |set: &BTreeSet<Vec<u8>>| -> Vec<String> {
+            set.iter()
+                .map(|p| String::from_utf8_lossy(p).into())
+                .collect()
+        };
+        assert_eq!(scanned, ["d/new", "moved"]);
+        // Excluded (whatever its kind) and unreadable paths are never deleted.
+        assert_eq!(show(&lists.missing), ["gone", "moved"]);
+        assert_eq!(show(&lists.present), ["d/new", "d/new/f", "d/touched"]);
+        // A metadata change does not touch its parent's times.
+        assert_eq!(show(&lists.parents), [".", "d"]);
+    }
 
     #[test]
     fn itemized_changes_in_ferry_terms() {
