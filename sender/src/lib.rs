@@ -15,7 +15,8 @@
 //! - [`ferry_link`]: the ferry transport, [`ferry_link::FerryLink`] (its sessions opened by a
 //!   [`ferry_link::Dial`]: TLS to a target, or in memory in tests), and the batch's steps
 //!   reported to the log and the observer.
-//! - [`batch`]: one live batch on a ferry target: renames, dirty paths, subtrees, parents' times.
+//! - [`batch`]: the live batch pipeline both transports share (renames planned by one rule,
+//!   dirty paths read once beneath one held source root), and its run on a ferry target.
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
 //!   pure).
 //! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`].
@@ -23,7 +24,8 @@
 //!   `fstat`, `FileBegin`, whole chunks or windowed deltas,
 //!   `FileEnd` with the digest.
 //! - [`session`]: one connection to one module over any stream; requests out, replies routed
-//!   back to each request's own queue (the reader never waits); any holder closes it;
+//!   back to each request (a oneshot, or a queue for answers in steps; the reader never
+//!   waits); any holder closes it;
 //!   [`config::Target`]`::connect`.
 //!
 //! Around it:
