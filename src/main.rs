@@ -1,6 +1,7 @@
 //! `ferry`: command-line front end. Parses flags, sets up logging and signals, and calls into
 //! the library crates; exit codes: 0 success, 1 "not converged" or "trees differ", 2 errors.
 
+mod history;
 mod import;
 mod metrics;
 mod mirror;
@@ -114,6 +115,21 @@ enum Command {
     Manual {
         /// Where to write.
         dir: PathBuf,
+    },
+    /// On the backup host: list the kept versions of a module's paths (time each stopped being
+    /// current, action, kind, size, where it is kept), oldest first, from the module's history
+    /// journal; the receiver need not run.
+    History {
+        /// receiver.toml
+        #[arg(long)]
+        config: PathBuf,
+        /// The module.
+        module: String,
+        /// Only this path and what is below it.
+        path: Option<String>,
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
     Stats {
@@ -330,6 +346,19 @@ fn check_config(file: &std::path::Path) -> Result<u8> {
     if has("listen") || has("modules") {
         let config = ferry_receiver::Config::load(file)?;
         config.identity()?;
+        for m in config.modules.values() {
+            // As the start would: history on the module's filesystem and mount, outside it.
+            if let (Some(h), false) = (&m.history, m.read_only) {
+                let dir = if h.dir.exists() {
+                    h.dir.clone()
+                } else {
+                    h.dir.parent().unwrap_or(&h.dir).to_path_buf()
+                };
+                if let Err(why) = ferry_receiver::history::check_place(&m.path, &dir) {
+                    bail!("{}: modules.{}.history: {why}", file.display(), m.name);
+                }
+            }
+        }
         println!(
             "{}: receiver configuration, {} modules: OK",
             file.display(),
@@ -450,6 +479,12 @@ async fn run(command: Command) -> Result<u8> {
             confirm_deletes,
         } => mirror::mirror(&src, &dst, once, confirm_deletes).await,
         Command::Stats { config } => send::stats(&config).await,
+        Command::History {
+            config,
+            module,
+            path,
+            json,
+        } => history::history(&config, &module, path.as_deref(), json),
         Command::CheckConfig { file } => check_config(&file),
         Command::Manual { dir } => manual(&dir),
         Command::Import(what) => import::import(what),

@@ -96,6 +96,7 @@ mod tests {
             devices: false,
             setuid: false,
             owner: Default::default(),
+            history: None,
         }
     }
 

@@ -17,13 +17,14 @@ use crate::config::Owner;
 use crate::confine::{
     chmod_nofollow, confine, confine_in, not_root, open_root, ConfineError, Confined,
 };
+use crate::history::{Action, How, Pending};
 use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
 use ferry_protocol::local;
 use ferry_protocol::message::Keeps;
 use ferry_protocol::meta::{Kind, Meta};
-use ferry_protocol::xattr::{self, At};
+use ferry_protocol::xattr::{self, At, Namespaces};
 use ferry_protocol::RelPath;
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -49,6 +50,9 @@ pub struct Apply {
     pub(crate) dirty: HashSet<RelPath>,
     /// Files received whole, waiting for the group commit to be made durable and named.
     pub(crate) sealed: Vec<Sealed>,
+    /// Superseded states kept in the module's history since the last commit, their journal
+    /// rows waiting for it.
+    pub(crate) kept: Vec<Pending>,
     seq: u64,
     tag: u64,
 }
@@ -75,6 +79,7 @@ impl Apply {
             privileged,
             dirty: HashSet::new(),
             sealed: Vec::new(),
+            kept: Vec::new(),
             seq: 0,
             tag: session_tag(),
         }
@@ -185,7 +190,9 @@ impl Apply {
         match fs::symlink_metadata(&path) {
             Ok(md) if md.is_dir() => {}
             Ok(_) => {
-                fs::remove_file(&path)?;
+                if !self.keep(&path, rel, Action::Replaced, How::Move)? {
+                    fs::remove_file(&path)?;
+                }
                 fs::create_dir(&path)?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&path)?,
@@ -202,13 +209,85 @@ impl Apply {
     /// Renames a finished staged entry over `path` (the confined path of `rel`), replacing a
     /// directory there if need be.
     pub fn install(&mut self, tmp: &Path, path: &Path, rel: &RelPath) -> io::Result<()> {
-        if let Ok(md) = fs::symlink_metadata(path) {
-            if md.is_dir() {
-                fs::remove_dir_all(path)?;
+        let kept = if self.state.history.is_some() {
+            // The entry there is kept (a file linked, a directory moved) before it is replaced.
+            self.keep(path, rel, Action::Replaced, How::Link)?
+        } else {
+            if let Ok(md) = fs::symlink_metadata(path) {
+                if md.is_dir() {
+                    fs::remove_dir_all(path)?;
+                }
             }
+            false
+        };
+        if let Err(e) = fs::rename(tmp, path) {
+            if kept {
+                self.unkeep(path);
+            }
+            return Err(e);
         }
-        fs::rename(tmp, path)?;
         self.mark_parent_dirty(rel);
+        Ok(())
+    }
+
+    /// Keeps what is at `path` (module path `rel`) in the module's history before `action`
+    /// changes it; true if something was kept. Without history, nothing.
+    pub(crate) fn keep(
+        &mut self,
+        path: &Path,
+        rel: &RelPath,
+        action: Action,
+        how: How,
+    ) -> io::Result<bool> {
+        let Some(history) = &self.state.history else {
+            return Ok(false);
+        };
+        let kept = history
+            .keep_entry(path, rel, action, how)
+            .map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))?;
+        Ok(match kept {
+            Some(p) => {
+                self.kept.push(p);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Undoes the last [`Apply::keep`] (the change it was for failed): a moved entry goes back
+    /// to `path`, a link is dropped.
+    fn unkeep(&mut self, path: &Path) {
+        if let (Some(history), Some(p)) = (&self.state.history, self.kept.pop()) {
+            history.undo(p, path);
+        }
+    }
+
+    /// Notes the metadata of `path` in the history before `meta` replaces it, if it differs
+    /// in what the module keeps (a directory's times alone follow from its entries' changes,
+    /// which are kept themselves).
+    fn keep_meta(&mut self, path: &Path, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        let Some(history) = &self.state.history else {
+            return Ok(());
+        };
+        let Some(old) = history.note(path, rel, Action::Metadata, self.keeps.xattrs, None)? else {
+            return Ok(());
+        };
+        let mut want = meta.clone();
+        want.mode = self.mode_for(meta);
+        let cmp = ferry_protocol::meta::Compare {
+            owner: self.owner_for(meta).is_some(),
+            setid: self.keeps.setid,
+            xattrs: self.keeps.xattrs,
+            hardlinks: false,
+        };
+        let differs = old
+            .meta()
+            .attr_differences(&want, cmp)
+            .into_iter()
+            .any(|d| !(meta.kind == Kind::Dir && d == ferry_protocol::meta::Difference::Mtime));
+        if differs {
+            self.kept.push(old);
+        }
         Ok(())
     }
 
@@ -355,6 +434,7 @@ impl Apply {
                 have, meta.kind
             )));
         }
+        self.keep_meta(&path, rel, meta)?;
         self.apply_owner_mode(&path, meta)?;
         self.apply_xattrs(At::Entry(&path), rel, meta)?;
         set_mtime(&path, meta)?;
@@ -383,6 +463,10 @@ impl Apply {
         };
         let path = at.path();
         let r = match fs::symlink_metadata(&path) {
+            // With history, the entry (a directory with everything under it) moves there.
+            Ok(_) if self.state.history.is_some() => self
+                .keep(&path, rel, Action::Deleted, How::Move)
+                .map(|_| ()),
             Ok(md) if md.is_dir() => fs::remove_dir_all(&path),
             Ok(_) => fs::remove_file(&path),
             Err(e) => Err(e),
@@ -449,7 +533,19 @@ impl Apply {
         let (src_at, dst_at) = (self.entry(from)?, self.entry(to)?);
         let (src, dst) = (src_at.path(), dst_at.path());
         let src_md = fs::symlink_metadata(&src)?;
-        if let Ok(dst_md) = fs::symlink_metadata(&dst) {
+        let mut kept = 0;
+        if let Some(history) = &self.state.history {
+            // Where the entry was, and what it replaces, are kept (a file replaced by a
+            // rename linked, so the name is never missing; a directory moved).
+            let note = history.note(&src, from, Action::Renamed, Namespaces::NONE, Some(to));
+            if let Some(row) =
+                note.map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))?
+            {
+                self.kept.push(row);
+                kept += 1;
+            }
+            kept += self.keep(&dst, to, Action::Replaced, How::Link)? as usize;
+        } else if let Ok(dst_md) = fs::symlink_metadata(&dst) {
             // rename(2) replaces files and empty directories only; make it replace anything.
             if dst_md.is_dir() && (!src_md.is_dir() || fs::read_dir(&dst)?.next().is_some()) {
                 fs::remove_dir_all(&dst)?;
@@ -457,7 +553,18 @@ impl Apply {
                 fs::remove_file(&dst)?;
             }
         }
-        fs::rename(&src, &dst)?;
+        if let Ok(dst_md) = fs::symlink_metadata(&dst) {
+            // A file kept by a link is still there: rename(2) cannot put a directory over it.
+            if !dst_md.is_dir() && src_md.is_dir() {
+                fs::remove_file(&dst)?;
+            }
+        }
+        if let Err(e) = fs::rename(&src, &dst) {
+            for _ in 0..kept {
+                self.unkeep(&dst);
+            }
+            return Err(e);
+        }
         self.mark_parent_dirty(from);
         self.mark_parent_dirty(to);
         self.stats.renames.fetch_add(1, Ordering::Relaxed);

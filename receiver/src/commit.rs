@@ -163,6 +163,17 @@ impl Apply {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Makes the states kept in the history since the last commit durable with their journal
+    /// rows (one transaction), before the module's directories are made durable: a row never
+    /// names an object that is not there.
+    pub fn commit_history(&mut self) -> io::Result<()> {
+        let kept = std::mem::take(&mut self.kept);
+        match &self.state.history {
+            Some(history) if !kept.is_empty() => history.commit(kept),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn mark_parent_dirty(&mut self, rel: &RelPath) {
         if let Some(parent) = rel.parent() {
             self.dirty.insert(parent);

@@ -1,5 +1,6 @@
 //! `receiver.toml`: raw TOML structs, then validation into [`Config`].
 
+use crate::history::Keep;
 use crate::hosts::HostPattern;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
@@ -38,6 +39,10 @@ struct RawModule {
     #[serde(default)]
     setuid: bool,
     owner: Option<String>,
+    history: Option<PathBuf>,
+    keep: Option<Vec<String>>,
+    history_floor: Option<String>,
+    min_free_percent: Option<u8>,
 }
 
 fn default_true() -> bool {
@@ -86,6 +91,17 @@ pub struct Module {
     pub setuid: bool,
     /// Whose files they are on the receiver.
     pub owner: Owner,
+    /// Where superseded states are kept, and for how long; `None`: the module is a mirror.
+    pub history: Option<HistoryConfig>,
+}
+
+/// A module's `history` and retention keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryConfig {
+    /// The history directory (same filesystem as the module, outside it).
+    pub dir: PathBuf,
+    /// Retention.
+    pub keep: Keep,
 }
 
 /// Owners of what a module receives (rsyncd's `uid`/`gid`); applied by a root receiver only.
@@ -188,6 +204,58 @@ impl Config {
                     key("max_connections")
                 )));
             }
+            let history = match m.history {
+                None => {
+                    let stray = [
+                        ("keep", m.keep.is_some()),
+                        ("history_floor", m.history_floor.is_some()),
+                        ("min_free_percent", m.min_free_percent.is_some()),
+                    ];
+                    if let Some((k, _)) = stray.iter().find(|(_, set)| *set) {
+                        return Err(err(format!(
+                            "{}: retention without history (set {} too)",
+                            key(k),
+                            key("history")
+                        )));
+                    }
+                    None
+                }
+                Some(dir) => {
+                    let mut keep = Keep::default();
+                    if let Some(rules) = &m.keep {
+                        keep.rules = rules
+                            .iter()
+                            .map(|r| {
+                                r.parse()
+                                    .map_err(|e: String| err(format!("{}: {e}", key("keep"))))
+                            })
+                            .collect::<Result<_, _>>()?;
+                        if keep.rules.is_empty() {
+                            return Err(err(format!(
+                                "{}: keeps nothing (leave history out for a mirror)",
+                                key("keep")
+                            )));
+                        }
+                    }
+                    if let Some(f) = &m.history_floor {
+                        keep.floor = humantime::parse_duration(f)
+                            .map_err(|e| err(format!("{}: {f:?}: {e}", key("history_floor"))))?;
+                    }
+                    if let Some(p) = m.min_free_percent {
+                        if p > 90 {
+                            return Err(err(format!(
+                                "{}: {p}: at most 90",
+                                key("min_free_percent")
+                            )));
+                        }
+                        keep.min_free_percent = p;
+                    }
+                    Some(HistoryConfig {
+                        dir: resolve(dir),
+                        keep,
+                    })
+                }
+            };
             modules.insert(
                 name.clone(),
                 Module {
@@ -201,6 +269,7 @@ impl Config {
                     devices: m.devices,
                     setuid: m.setuid,
                     owner,
+                    history,
                 },
             );
         }

@@ -8,6 +8,8 @@
 //!   connection limits); pure decisions.
 //! - [`confine`]: the one function that turns a peer's path into a local path under the
 //!   module root, refusing every escape.
+//! - [`history`]: a module's history: superseded states linked or moved into `objects/`, the
+//!   SQLite journal that says what each was, retention and pruning.
 //! - [`hosts`]: `hosts_allow` patterns (addresses and CIDR blocks).
 //! - [`module`]: a served module's state; start-up clean-up of its staging directory.
 //! - [`stats`]: the process's counters.
@@ -30,6 +32,7 @@ pub mod apply;
 pub mod commit;
 pub mod config;
 pub mod confine;
+pub mod history;
 pub mod hosts;
 pub mod incoming;
 pub mod module;

@@ -2,6 +2,7 @@
 //! digest cache, and the start-up clean-up of its staging directory.
 
 use crate::config::{Module, Owner};
+use crate::history::History;
 use crate::incoming::Partials;
 use crate::{LEGACY_STAGING_DIR, TEMP_PREFIX};
 use ferry_protocol::local::{self, DigestCache};
@@ -31,6 +32,8 @@ pub struct ModuleState {
     pub xattr_support: Namespaces,
     /// Paths already warned about (attributes their filesystem cannot hold), said once each.
     warned: Mutex<std::collections::HashSet<RelPath>>,
+    /// Where superseded states are kept; `None` for a mirror (or a read-only module).
+    pub history: Option<History>,
 }
 
 /// Paths remembered as warned about, per module.
@@ -109,6 +112,23 @@ impl ModuleState {
                 missing.describe()
             );
         }
+        let history = match (&module.history, module.read_only) {
+            (Some(h), false) => Some(History::open(
+                &module.name,
+                &module.path,
+                &h.dir,
+                h.keep.clone(),
+            )?),
+            (None, false) => {
+                tracing::warn!(
+                    module = %module.name,
+                    "module {:?} keeps no history: it is a mirror, and a deletion or overwrite                      on the source (a mistake, ransomware) is final here within milliseconds;                      set `history = \"DIR\"` for it in the configuration to keep what is                      replaced and deleted",
+                    module.name
+                );
+                None
+            }
+            (_, true) => None,
+        };
         Ok(ModuleState {
             module,
             active: AtomicUsize::new(0),
@@ -116,6 +136,7 @@ impl ModuleState {
             partials: Partials::default(),
             xattr_support,
             warned: Mutex::default(),
+            history,
         })
     }
 }
@@ -207,8 +228,9 @@ impl ModuleSlot {
     /// Opens `module`, logging why if it cannot be served.
     pub fn new(module: Module, state_dir: Option<PathBuf>) -> ModuleSlot {
         let state = ModuleState::open(module.clone(), state_dir.as_deref()).map(Arc::new);
-        if let Err(why) = &state {
-            tracing::error!("{why}; its clients are refused until it is fixed");
+        match &state {
+            Err(why) => tracing::error!("{why}; its clients are refused until it is fixed"),
+            Ok(open) => prune_in_background(open),
         }
         ModuleSlot {
             module,
@@ -230,7 +252,9 @@ impl ModuleSlot {
             match again {
                 Ok(open) => {
                     tracing::info!(module = %self.module.name, "module is usable again");
-                    *state = Ok(Arc::new(open));
+                    let open = Arc::new(open);
+                    prune_in_background(&open);
+                    *state = Ok(open);
                 }
                 Err(why) => {
                     if &why != before {
@@ -251,6 +275,61 @@ impl ModuleSlot {
             .as_ref()
             .ok()
             .cloned()
+    }
+}
+
+/// Prunes the history of `module` (if it has one) now and then every minute (more often for
+/// retention counted in seconds), on a thread of its own that ends with the module.
+fn prune_in_background(module: &Arc<ModuleState>) {
+    let Some(history) = &module.history else {
+        return;
+    };
+    let every = history
+        .keep
+        .rules
+        .iter()
+        .map(|r| r.every.unwrap_or(r.span).min(r.span) / 2)
+        .chain([history.keep.floor / 2])
+        .min()
+        .unwrap_or(crate::history::PRUNE_EVERY)
+        .clamp(
+            std::time::Duration::from_secs(1),
+            crate::history::PRUNE_EVERY,
+        );
+    let weak = Arc::downgrade(module);
+    let (name, thread) = (
+        module.module.name.clone(),
+        format!("prune-{}", module.module.name),
+    );
+    let spawned = std::thread::Builder::new()
+        .name(thread)
+        .spawn(move || loop {
+            let Some(module) = weak.upgrade() else { break };
+            let Some(history) = &module.history else {
+                break;
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i64);
+            match history.prune(now) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(module = %name, pruned = n, "history pruned"),
+                Err(e) => tracing::warn!(module = %name, "history: pruning failed: {e}"),
+            }
+            let history = Arc::downgrade(&module);
+            drop(module);
+            // Until the next round, or a commit that finds the filesystem short of space.
+            match history.upgrade() {
+                Some(m) => match &m.history {
+                    Some(h) => h.wait_for_pressure(every),
+                    None => break,
+                },
+                None => break,
+            }
+        });
+    if let Err(e) = spawned {
+        let module = &module.module.name;
+        tracing::error!(%module, "history: cannot start pruning: {e}");
     }
 }
 
@@ -378,6 +457,7 @@ mod tests {
             devices: false,
             setuid,
             owner: Default::default(),
+            history: None,
         };
         let open = |setuid| ModuleState::open(module(setuid), None).unwrap();
         let unprivileged = open(true).keeps(false).xattrs;

@@ -5,7 +5,8 @@
 //! touched are durable. Whenever no further request is already queued, [`GROUP_COMMIT`]
 //! answers are waiting or [`MAX_SEALED`] files are sealed, the loop makes the sealed files
 //! durable and names them ([`Apply::flush`]), makes every dirty directory durable
-//! ([`Apply::sync_dirty`]), and only then sends the `Ack`s. So an `Ack` always means "durable
+//! ([`Apply::sync_dirty`]) — after the states it superseded are journaled in the module's
+//! history ([`Apply::commit_history`]) — and only then sends the `Ack`s. So an `Ack` always means "durable
 //! under its final name", and a burst of small files costs a few flushes, not one per file.
 //! A request on a sealed file's path, or above or below it, commits first, so requests apply
 //! in arrival order.
@@ -188,6 +189,15 @@ impl Requests {
                 self.fail(id, "session is read-only".into());
                 return Flow::Continue;
             }
+            let refusal = self.fs.state.history.as_ref().and_then(|h| h.refusal());
+            if let Some(why) = refusal {
+                self.fs
+                    .stats
+                    .refused_for_history
+                    .fetch_add(1, Ordering::Relaxed);
+                self.fail(id, format!("module {}: {why}", self.fs.module()));
+                return Flow::Continue;
+            }
         }
         // Requests apply in order: one on a sealed file's path (or above or below it) waits
         // until the sealed files have their names.
@@ -313,7 +323,8 @@ impl Requests {
     /// durable, then everything acknowledged. Returns false if the peer is gone.
     fn commit(&mut self) -> bool {
         let files = self.fs.flush();
-        let synced = self.fs.sync_dirty();
+        let kept = self.fs.commit_history();
+        let synced = kept.and(self.fs.sync_dirty());
         let mut answers: Vec<(RequestId, Result<(), String>)> = files;
         answers.extend(
             std::mem::take(&mut self.pending_acks)

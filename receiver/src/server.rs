@@ -338,6 +338,7 @@ impl Loopback {
             devices: true,
             setuid: true,
             owner: Default::default(),
+            history: None,
         };
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let server = Arc::new(Server::with_identity(

@@ -25,6 +25,8 @@ pub struct Stats {
     pub renames: AtomicU64,
     /// Failed requests.
     pub failures: AtomicU64,
+    /// Writes refused because a module's history could not keep its floor in the space left.
+    pub refused_for_history: AtomicU64,
 }
 
 impl Stats {
@@ -42,6 +44,7 @@ impl Stats {
             c("deletes", &self.deletes),
             c("renames", &self.renames),
             c("failures", &self.failures),
+            c("refused_for_history", &self.refused_for_history),
         ]
     }
 }

@@ -33,8 +33,34 @@ pub struct Pair {
 impl Pair {
     /// A pair whose module `file` allows `max_connections` sessions at once.
     pub fn with_limit(max_connections: Option<usize>) -> Pair {
+        Pair::build(max_connections, None, None)
+    }
+
+    /// A pair whose module keeps its history in `history` (beside `src` and `dst`) with
+    /// retention `keep`.
+    pub fn with_history(keep: ferry_receiver::history::Keep) -> Pair {
+        Pair::build(None, Some(keep), None)
+    }
+
+    /// [`Pair::with_history`] with the module (`dst`) and its history in `place` (a
+    /// filesystem of the test's).
+    pub fn with_history_in(keep: ferry_receiver::history::Keep, place: &std::path::Path) -> Pair {
+        Pair::build(None, Some(keep), Some(place.to_path_buf()))
+    }
+
+    /// The history directory of a pair made [`Pair::with_history`].
+    pub fn history(&self) -> PathBuf {
+        self.dst.parent().unwrap().join("history")
+    }
+
+    fn build(
+        max_connections: Option<usize>,
+        keep: Option<ferry_receiver::history::Keep>,
+        place: Option<PathBuf>,
+    ) -> Pair {
         let tmp = tempfile::tempdir().unwrap();
-        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        let place = place.unwrap_or_else(|| tmp.path().to_path_buf());
+        let (src, dst) = (tmp.path().join("src"), place.join("dst"));
         std::fs::create_dir_all(&src).unwrap();
         std::fs::create_dir_all(&dst).unwrap();
         let (identity, _, _) = Identity::generate("pair-receiver").unwrap();
@@ -50,6 +76,10 @@ impl Pair {
             devices: false,
             setuid: false,
             owner: Default::default(),
+            history: keep.map(|keep| ferry_receiver::config::HistoryConfig {
+                dir: place.join("history"),
+                keep,
+            }),
         };
         let listen = "127.0.0.1:0".parse().unwrap();
         let server = Server::with_identity(identity, listen, vec![module], None).unwrap();

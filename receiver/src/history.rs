@@ -1,0 +1,915 @@
+//! A module's history: every state the receiver replaces, deletes, renames away or changes the
+//! metadata of is kept, on the backup host, where no sender can reach it.
+//!
+//! The receiver never changes a file's content in place (a new file is linked over the old
+//! name), so the superseded inode *is* the old version: it is linked (a replaced entry) or
+//! moved (a deleted one, a directory with everything under it in one `rename`) into
+//! `HISTORY/objects/ID`, costing no copy. A journal, `HISTORY/journal.sqlite3` (SQLite, WAL),
+//! says what each object was: the path, when it stopped being current, the action, its kind,
+//! size and metadata. A metadata change keeps no object, only the old metadata in its row; a
+//! rename keeps no object, only where the entry went.
+//!
+//! Order, so that every row points at an object that exists: the object is made at the
+//! moment of the change; at the group commit the objects directory is made durable, then the
+//! rows are written in one transaction, then the module's directories are made durable, and
+//! only then is anything acknowledged. A crash before the transaction leaves objects without
+//! rows; [`History::open`] adopts them (action `unjournaled`, path `.unjournaled/ID`) so
+//! nothing kept is lost, and drops rows whose object is gone, saying how many of each.
+//!
+//! Retention ([`Keep`]) is the receiver's alone: no protocol message, sender option or
+//! `--confirm-deletes` prunes or rewrites it. [`History::prune`] runs at start and every
+//! minute, in bounded steps.
+
+use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::xattr::{At, Namespaces};
+use ferry_protocol::RelPath;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// The journal's file name in the history directory.
+pub const JOURNAL: &str = "journal.sqlite3";
+/// The objects' directory in the history directory.
+pub const OBJECTS: &str = "objects";
+/// How often a module's history is pruned (at most).
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Rows pruned per transaction: pruning never holds the journal for long.
+const PRUNE_STEP: usize = 500;
+
+/// How long versions are kept: each rule keeps one version per `every` (or all of them) for
+/// versions younger than `span`. A version older than every rule's span is pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// One version per this much time (the newest of each period); `None` keeps all.
+    pub every: Option<Duration>,
+    /// For versions younger than this.
+    pub span: Duration,
+}
+
+impl std::str::FromStr for Rule {
+    type Err = String;
+    /// `"all for 1d"`, `"hourly for 7d"`, `"daily for 30d"`, `"weekly for 1y"`,
+    /// `"every 10m for 1d"`; durations as `humantime` reads them (`90s`, `12h`, `2 weeks`).
+    fn from_str(s: &str) -> Result<Rule, String> {
+        let bad = || {
+            format!(
+                "{s:?}: expected \"WHICH for AGE\", WHICH being all, hourly, daily, weekly or \
+                 \"every DURATION\" (e.g. \"hourly for 7d\")"
+            )
+        };
+        let (which, span) = s.split_once(" for ").ok_or_else(bad)?;
+        let duration = |d: &str| {
+            humantime::parse_duration(d.trim()).map_err(|e| format!("{s:?}: {:?}: {e}", d.trim()))
+        };
+        let every = match which.trim() {
+            "all" => None,
+            "hourly" => Some(Duration::from_secs(3600)),
+            "daily" => Some(Duration::from_secs(86_400)),
+            "weekly" => Some(Duration::from_secs(7 * 86_400)),
+            w => match w.strip_prefix("every ") {
+                Some(d) => Some(duration(d)?),
+                None => return Err(bad()),
+            },
+        };
+        if every == Some(Duration::ZERO) {
+            return Err(format!("{s:?}: a period of zero"));
+        }
+        Ok(Rule {
+            every,
+            span: duration(span)?,
+        })
+    }
+}
+
+/// A module's retention: its rules, the floor below which nothing is pruned to make room,
+/// and the free space pruning keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keep {
+    /// The rules, by span.
+    pub rules: Vec<Rule>,
+    /// Versions younger than this are never pruned to make room; when only they are left and
+    /// the filesystem is short of space, the module refuses writes.
+    pub floor: Duration,
+    /// Pruning for space starts when less than this share of the filesystem is free.
+    pub min_free_percent: u8,
+}
+
+impl Default for Keep {
+    /// Every version for a day, one an hour for a week, one a day for 30 days; nothing of the
+    /// last day pruned for space; 10% of the filesystem kept free.
+    fn default() -> Keep {
+        let rules = ["all for 1d", "hourly for 7d", "daily for 30d"];
+        Keep {
+            rules: rules
+                .iter()
+                .map(|r| r.parse().expect("default rule"))
+                .collect(),
+            floor: Duration::from_secs(86_400),
+            min_free_percent: 10,
+        }
+    }
+}
+
+impl Keep {
+    /// The versions of one path to prune, given their times (ns since the epoch, any order)
+    /// and `now`: each version falls under the first rule (by span) it is young enough for,
+    /// and within a rule with a period only the newest of each period stays.
+    pub fn prune_of(&self, times: &[(i64, i64)], now: i64) -> Vec<i64> {
+        let mut rules = self.rules.clone();
+        rules.sort_by_key(|r| r.span);
+        let mut seen: BTreeSet<(usize, i64)> = BTreeSet::new();
+        let mut sorted: Vec<&(i64, i64)> = times.iter().collect();
+        // Newest first, so the first of a period met is the one that stays.
+        sorted.sort_by_key(|v| std::cmp::Reverse(v.1));
+        let mut out = Vec::new();
+        for &&(id, t) in &sorted {
+            let age = Duration::from_nanos(now.saturating_sub(t).max(0) as u64);
+            match rules.iter().position(|r| age <= r.span) {
+                None => out.push(id),
+                Some(i) => {
+                    if let Some(every) = rules[i].every {
+                        let period = t.div_euclid(every.as_nanos().max(1) as i64);
+                        if !seen.insert((i, period)) {
+                            out.push(id);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What happened to the state a version holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Another entry took its name.
+    Replaced,
+    /// Deleted (a directory with everything under it).
+    Deleted,
+    /// Renamed away (the row says where to; no object).
+    Renamed,
+    /// Its metadata changed (the row holds the old metadata; no object).
+    Metadata,
+    /// Found in the objects directory without a row after a crash.
+    Unjournaled,
+}
+
+impl Action {
+    /// The journal's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Replaced => "replaced",
+            Action::Deleted => "deleted",
+            Action::Renamed => "renamed",
+            Action::Metadata => "metadata",
+            Action::Unjournaled => "unjournaled",
+        }
+    }
+}
+
+/// One kept state, as the journal has it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Version {
+    /// Its id; its object (if it has one) is `objects/ID`.
+    pub id: i64,
+    /// The module path it was at.
+    pub path: String,
+    /// When it stopped being current (ns since the epoch).
+    pub time_ns: i64,
+    /// What happened to it.
+    pub action: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its size in bytes (a file's).
+    pub size: u64,
+    /// Whether `objects/ID` holds it.
+    pub object: bool,
+    /// For a rename, where it went.
+    pub renamed_to: Option<String>,
+    /// Its metadata then (mode, owner, times, attributes), as JSON.
+    pub meta: String,
+}
+
+/// A row waiting for the group commit.
+#[derive(Debug)]
+pub struct Pending {
+    id: i64,
+    path: RelPath,
+    time_ns: i64,
+    action: Action,
+    meta: Meta,
+    object: bool,
+    renamed_to: Option<RelPath>,
+}
+
+impl Pending {
+    /// The state it keeps.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+}
+
+/// How a changed entry's old state is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// A hard link to it (it is about to be replaced by a rename over its name).
+    Link,
+    /// It is moved into the history (it is being deleted, or is a directory being replaced).
+    Move,
+}
+
+/// An open history: the journal, the objects directory held open, the next id.
+pub struct History {
+    /// The history directory.
+    pub dir: PathBuf,
+    /// Retention.
+    pub keep: Keep,
+    objects: OwnedFd,
+    db: Mutex<Connection>,
+    next_id: AtomicU64,
+    /// Why writes are refused (the floor cannot be kept and space is short), if they are.
+    refusing: Mutex<Option<String>>,
+    /// Versions pruned since start.
+    pub pruned: AtomicU64,
+    /// Set (and the pruner woken) when a commit finds the filesystem short of space.
+    wake: (Mutex<bool>, std::sync::Condvar),
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn db_err(e: rusqlite::Error) -> io::Error {
+    io::Error::other(format!("history journal: {e}"))
+}
+
+/// The mount a path is on (`statx`'s mount id): a rename or link across two mounts of one
+/// filesystem fails as across two filesystems.
+fn mount_of(path: &Path) -> io::Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: zeroed statx is a valid out-parameter; `c` is NUL-terminated.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    Ok((dev, stx.stx_mnt_id))
+}
+
+/// Checks that `history` can hold the history of the module at `module`: on the same
+/// filesystem and mount (objects are links and renames, never copies), and neither inside
+/// the other. The error names both.
+pub fn check_place(module: &Path, history: &Path) -> Result<(), String> {
+    let canon = |p: &Path| {
+        fs::canonicalize(p)
+            .map_err(|e| format!("{}: {}", p.display(), ferry_protocol::io_reason(&e)))
+    };
+    let (m, h) = (canon(module)?, canon(history)?);
+    if h.starts_with(&m) {
+        return Err(format!(
+            "history {} is inside the module path {}: it must be outside it (a sender could \
+             reach it there)",
+            h.display(),
+            m.display()
+        ));
+    }
+    if m.starts_with(&h) {
+        return Err(format!(
+            "the module path {} is inside history {}",
+            m.display(),
+            h.display()
+        ));
+    }
+    let (mount_m, mount_h) = (
+        mount_of(&m).map_err(|e| format!("{}: {e}", m.display()))?,
+        mount_of(&h).map_err(|e| format!("{}: {e}", h.display()))?,
+    );
+    if mount_m.0 != mount_h.0 {
+        return Err(format!(
+            "history {} is on another filesystem than the module path {}: it must be on the \
+             same one (versions are kept as links, never copies)",
+            h.display(),
+            m.display()
+        ));
+    }
+    if mount_m.1 != mount_h.1 {
+        return Err(format!(
+            "history {} is on another mount of the filesystem of the module path {} (a bind \
+             mount?): it must be on the same mount (versions are kept as links, never copies)",
+            h.display(),
+            m.display()
+        ));
+    }
+    Ok(())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS versions (
+    id         INTEGER PRIMARY KEY,  -- objects/ID holds the entry when `object` is 1
+    path       BLOB NOT NULL,        -- the module path it was at
+    time_ns    INTEGER NOT NULL,     -- when it stopped being current (ns since 1970, UTC)
+    action     TEXT NOT NULL,        -- replaced, deleted, renamed, metadata, unjournaled
+    kind       TEXT NOT NULL,        -- file, dir, symlink, fifo, char, block
+    size       INTEGER NOT NULL,     -- bytes (files)
+    blocks     INTEGER NOT NULL,     -- bytes allocated (st_blocks * 512) when kept
+    object     INTEGER NOT NULL,
+    renamed_to BLOB,                 -- for a rename, where it went
+    meta       TEXT NOT NULL         -- mode, owner, times, attributes then (JSON)
+);
+CREATE INDEX IF NOT EXISTS versions_by_path ON versions (path, time_ns);
+CREATE INDEX IF NOT EXISTS versions_by_time ON versions (time_ns);
+";
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::File => "file",
+        Kind::Dir => "dir",
+        Kind::Symlink => "symlink",
+        Kind::Fifo => "fifo",
+        Kind::CharDevice => "char",
+        Kind::BlockDevice => "block",
+    }
+}
+
+impl History {
+    /// Opens (creating if need be, mode 0700) the history of `module` (named in errors) at
+    /// `dir`, after [`check_place`]; runs the start-up check.
+    pub fn open(
+        module: &str,
+        module_path: &Path,
+        dir: &Path,
+        keep: Keep,
+    ) -> Result<History, String> {
+        let why = |what: String| format!("module {module:?}: history {}: {what}", dir.display());
+        let io_why = |e: io::Error| why(ferry_protocol::io_reason(&e));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join(OBJECTS))
+            .map_err(io_why)?;
+        check_place(module_path, dir).map_err(|e| format!("module {module:?}: {e}"))?;
+        let objects = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir.join(OBJECTS))
+            .map_err(io_why)?;
+        let db = Connection::open(dir.join(JOURNAL)).map_err(|e| why(e.to_string()))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
+        )
+        .and_then(|_| db.execute_batch(SCHEMA))
+        .map_err(|e| why(format!("journal: {e}")))?;
+        let _ = fs::set_permissions(
+            dir.join(JOURNAL),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        );
+        let history = History {
+            dir: dir.to_path_buf(),
+            keep,
+            objects: OwnedFd::from(objects),
+            db: Mutex::new(db),
+            next_id: AtomicU64::new(1),
+            refusing: Mutex::new(None),
+            pruned: AtomicU64::new(0),
+            wake: Default::default(),
+        };
+        let (adopted, dropped) = history.check().map_err(io_why)?;
+        if adopted > 0 || dropped > 0 {
+            tracing::warn!(
+                module,
+                adopted,
+                dropped,
+                "history: {adopted} kept states had no journal row (a crash before their \
+                 commit) and were adopted as .unjournaled/ID; {dropped} rows named objects \
+                 that are gone and were dropped"
+            );
+        }
+        Ok(history)
+    }
+
+    /// `/proc/self/fd/N/name` of an object.
+    fn object_path(&self, id: i64) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}/{id}", self.objects.as_raw_fd()))
+    }
+
+    /// The start-up check: objects without rows are adopted, rows without objects dropped;
+    /// the next id follows the largest of both. Returns (adopted, dropped).
+    fn check(&self) -> io::Result<(u64, u64)> {
+        let mut on_disk: BTreeSet<i64> = BTreeSet::new();
+        for e in fs::read_dir(format!("/proc/self/fd/{}", self.objects.as_raw_fd()))? {
+            let e = e?;
+            match e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) {
+                Some(id) => {
+                    on_disk.insert(id);
+                }
+                None => tracing::warn!(
+                    history = %self.dir.display(),
+                    name = ?e.file_name(),
+                    "history: a stray entry in objects/ (left alone)"
+                ),
+            }
+        }
+        let mut db = self.db.lock().expect("journal lock");
+        let journaled: BTreeSet<i64> = {
+            let mut q = db
+                .prepare("SELECT id FROM versions WHERE object = 1")
+                .map_err(db_err)?;
+            let ids = q.query_map([], |r| r.get(0)).map_err(db_err)?;
+            ids.collect::<Result<_, _>>().map_err(db_err)?
+        };
+        let max_row: Option<i64> = db
+            .query_row("SELECT max(id) FROM versions", [], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?
+            .flatten();
+        let tx = db.transaction().map_err(db_err)?;
+        let mut adopted = 0;
+        for &id in on_disk.difference(&journaled) {
+            let md = fs::symlink_metadata(self.object_path(id))?;
+            let meta = ferry_protocol::local::meta_of(&md);
+            let kind = meta.as_ref().map_or("file", |m| kind_name(m.kind));
+            let json = meta.map(|m| serde_json::to_string(&m).unwrap_or_default());
+            tx.execute(
+                "INSERT OR REPLACE INTO versions (id, path, time_ns, action, kind, size, blocks, \
+                 object, meta) VALUES (?1, ?2, ?3, 'unjournaled', ?4, ?5, ?6, 1, ?7)",
+                params![
+                    id,
+                    format!(".unjournaled/{id}").into_bytes(),
+                    md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+                    kind,
+                    md.len() as i64,
+                    (md.blocks() * 512) as i64,
+                    json.unwrap_or_default(),
+                ],
+            )
+            .map_err(db_err)?;
+            adopted += 1;
+        }
+        let mut dropped = 0;
+        for &id in journaled.difference(&on_disk) {
+            tx.execute("DELETE FROM versions WHERE id = ?1", [id])
+                .map_err(db_err)?;
+            dropped += 1;
+        }
+        tx.commit().map_err(db_err)?;
+        let next = max_row
+            .into_iter()
+            .chain(on_disk.last().copied())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        self.next_id.store(next as u64, Ordering::Relaxed);
+        Ok((adopted, dropped))
+    }
+
+    /// Keeps the state of the entry at `path` (a `/proc/self/fd/N/name` path beneath the
+    /// module, for module path `rel`) before `action` changes it: linked or moved (`how`) into
+    /// the objects, and its row returned for the group commit. `None` if there is nothing
+    /// there.
+    pub fn keep_entry(
+        &self,
+        path: &Path,
+        rel: &RelPath,
+        action: Action,
+        how: How,
+    ) -> io::Result<Option<Pending>> {
+        let md = match fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(meta) = ferry_protocol::local::meta_of(&md) else {
+            return Ok(None);
+        };
+        // A directory cannot be linked: it is moved even when it is replaced.
+        let how = if meta.kind == Kind::Dir {
+            How::Move
+        } else {
+            how
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as i64;
+        let object = self.object_path(id);
+        match how {
+            How::Link => hard_link(path, &object)?,
+            How::Move => fs::rename(path, &object)?,
+        }
+        Ok(Some(Pending {
+            id,
+            path: rel.clone(),
+            time_ns: now_ns(),
+            action,
+            meta,
+            object: true,
+            renamed_to: None,
+        }))
+    }
+
+    /// A row for a change that keeps no object: the metadata of the entry at `path` before it
+    /// changes (with its attributes in `ns`), or a rename of `rel` to `renamed_to`.
+    pub fn note(
+        &self,
+        path: &Path,
+        rel: &RelPath,
+        action: Action,
+        ns: Namespaces,
+        renamed_to: Option<&RelPath>,
+    ) -> io::Result<Option<Pending>> {
+        let md = match fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(mut meta) = ferry_protocol::local::meta_of(&md) else {
+            return Ok(None);
+        };
+        if action == Action::Metadata {
+            meta.xattrs = At::Entry(path).read(ns).unwrap_or_default();
+        }
+        Ok(Some(Pending {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) as i64,
+            path: rel.clone(),
+            time_ns: now_ns(),
+            action,
+            meta,
+            object: false,
+            renamed_to: renamed_to.cloned(),
+        }))
+    }
+
+    /// Puts an object back where it came from (the change it was kept for failed).
+    pub fn undo(&self, pending: Pending, path: &Path) {
+        if pending.object {
+            let object = self.object_path(pending.id);
+            let back = if pending.meta.kind == Kind::Dir {
+                fs::rename(&object, path)
+            } else {
+                fs::remove_file(&object)
+            };
+            if let Err(e) = back {
+                tracing::warn!(path = %pending.path, "history: cannot undo keeping: {e}");
+            }
+        }
+    }
+
+    /// Makes `rows` durable: the objects directory first, then one transaction.
+    pub fn commit(&self, rows: Vec<Pending>) -> io::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let dir = fs::File::open(format!("/proc/self/fd/{}", self.objects.as_raw_fd()))?;
+        dir.sync_all()?;
+        let mut db = self.db.lock().expect("journal lock");
+        let tx = db.transaction().map_err(db_err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO versions (id, path, time_ns, action, kind, size, blocks, object, \
+                     renamed_to, meta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(db_err)?;
+            for r in &rows {
+                let blocks = if r.object {
+                    fs::symlink_metadata(self.object_path(r.id))
+                        .map(|m| m.blocks() * 512)
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                insert
+                    .execute(params![
+                        r.id,
+                        r.path.as_bytes(),
+                        r.time_ns,
+                        r.action.as_str(),
+                        kind_name(r.meta.kind),
+                        if r.meta.kind == Kind::File {
+                            r.meta.size as i64
+                        } else {
+                            0
+                        },
+                        blocks as i64,
+                        r.object as i64,
+                        r.renamed_to.as_ref().map(|p| p.as_bytes().to_vec()),
+                        serde_json::to_string(&r.meta).unwrap_or_default(),
+                    ])
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        drop(db);
+        if self.short_of_space().unwrap_or(false) {
+            *self.wake.0.lock().expect("wake lock") = true;
+            self.wake.1.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a commit to find the filesystem short of space.
+    pub fn wait_for_pressure(&self, timeout: Duration) {
+        let woken = self.wake.0.lock().expect("wake lock");
+        let (mut woken, _) = self
+            .wake
+            .1
+            .wait_timeout_while(woken, timeout, |w| !*w)
+            .expect("wake lock");
+        *woken = false;
+    }
+
+    /// Why writes to the module are refused, if they are.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusing.lock().expect("refusing lock").clone()
+    }
+
+    /// The versions at or below `under` (all of them for the root), oldest first.
+    pub fn versions(&self, under: &RelPath) -> io::Result<Vec<Version>> {
+        let db = self.db.lock().expect("journal lock");
+        versions_in(&db, under)
+    }
+
+    /// (versions, bytes allocated, oldest version's time) for metrics.
+    pub fn totals(&self) -> io::Result<(u64, u64, Option<i64>)> {
+        let db = self.db.lock().expect("journal lock");
+        db.query_row(
+            "SELECT count(*), coalesce(sum(blocks), 0), min(time_ns) FROM versions",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get(2)?,
+                ))
+            },
+        )
+        .map_err(db_err)
+    }
+
+    /// One pruning pass at `now` (ns): versions the rules let go, then, while less than
+    /// `min_free_percent` of the filesystem is free, the oldest versions older than the floor.
+    /// If space is still short with only the floor left, writes are refused until it is not.
+    /// Returns how many versions went.
+    pub fn prune(&self, now: i64) -> io::Result<u64> {
+        let by_rule = {
+            let db = self.db.lock().expect("journal lock");
+            let mut q = db
+                .prepare("SELECT id, path, time_ns FROM versions ORDER BY path, time_ns")
+                .map_err(db_err)?;
+            let rows = q
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            let mut group: Vec<(i64, i64)> = Vec::new();
+            let mut last: Option<Vec<u8>> = None;
+            for row in rows {
+                let (path, id, t) = row.map_err(db_err)?;
+                if last.as_ref() != Some(&path) {
+                    out.extend(self.keep.prune_of(&group, now));
+                    group.clear();
+                    last = Some(path);
+                }
+                group.push((id, t));
+            }
+            out.extend(self.keep.prune_of(&group, now));
+            out
+        };
+        let mut gone = self.remove(&by_rule)?;
+        let floor = now - self.keep.floor.as_nanos() as i64;
+        while self.short_of_space()? {
+            let oldest: Vec<i64> = {
+                let db = self.db.lock().expect("journal lock");
+                let mut q = db
+                    .prepare("SELECT id FROM versions WHERE time_ns < ?1 ORDER BY time_ns LIMIT ?2")
+                    .map_err(db_err)?;
+                let ids = q
+                    .query_map(params![floor, PRUNE_STEP as i64], |r| r.get(0))
+                    .map_err(db_err)?;
+                ids.collect::<Result<_, _>>().map_err(db_err)?
+            };
+            if oldest.is_empty() {
+                break;
+            }
+            gone += self.remove(&oldest)?;
+        }
+        let short = self.short_of_space()?;
+        let mut refusing = self.refusing.lock().expect("refusing lock");
+        match (short, refusing.is_some()) {
+            (true, false) => {
+                let why = format!(
+                    "history: less than {}% of the filesystem is free and every version left \
+                     is younger than the floor ({}); writes are refused rather than lose the \
+                     recent past (free space, or lower history_floor)",
+                    self.keep.min_free_percent,
+                    humantime::format_duration(self.keep.floor)
+                );
+                tracing::error!(history = %self.dir.display(), "{why}");
+                *refusing = Some(why);
+            }
+            (false, true) => {
+                tracing::info!(history = %self.dir.display(), "history: space again; writes accepted");
+                *refusing = None;
+            }
+            _ => {}
+        }
+        self.pruned.fetch_add(gone, Ordering::Relaxed);
+        Ok(gone)
+    }
+
+    fn short_of_space(&self) -> io::Result<bool> {
+        let st = rustix_statvfs(&format!("/proc/self/fd/{}", self.objects.as_raw_fd()))?;
+        Ok(st.0 * 100 < st.1 * self.keep.min_free_percent as u64)
+    }
+
+    /// Removes versions `ids` (objects first, then rows), [`PRUNE_STEP`] per transaction.
+    fn remove(&self, ids: &[i64]) -> io::Result<u64> {
+        let mut n = 0;
+        for chunk in ids.chunks(PRUNE_STEP) {
+            for &id in chunk {
+                let object = self.object_path(id);
+                let r = match fs::symlink_metadata(&object) {
+                    Ok(md) if md.is_dir() => fs::remove_dir_all(&object),
+                    Ok(_) => fs::remove_file(&object),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                };
+                r?;
+            }
+            let mut db = self.db.lock().expect("journal lock");
+            let tx = db.transaction().map_err(db_err)?;
+            for &id in chunk {
+                tx.execute("DELETE FROM versions WHERE id = ?1", [id])
+                    .map_err(db_err)?;
+            }
+            tx.commit().map_err(db_err)?;
+            n += chunk.len() as u64;
+        }
+        Ok(n)
+    }
+}
+
+/// (available blocks, total blocks) of the filesystem at `path`.
+fn rustix_statvfs(path: &str) -> io::Result<(u64, u64)> {
+    let c = std::ffi::CString::new(path).map_err(io::Error::other)?;
+    // SAFETY: zeroed statvfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64, st.f_blocks as u64))
+}
+
+fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn versions_in(db: &Connection, under: &RelPath) -> io::Result<Vec<Version>> {
+    let (sql, prefix) =
+        if under.is_root() {
+            ("SELECT id, path, time_ns, action, kind, size, object, renamed_to, meta FROM versions \
+          ORDER BY time_ns, id", Vec::new())
+        } else {
+            let mut p = under.as_bytes().to_vec();
+            p.push(b'/');
+            ("SELECT id, path, time_ns, action, kind, size, object, renamed_to, meta FROM versions \
+          WHERE path = ?1 OR substr(path, 1, length(?2)) = ?2 ORDER BY time_ns, id", p)
+        };
+    let mut q = db.prepare(sql).map_err(db_err)?;
+    let map = |r: &rusqlite::Row<'_>| {
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        Ok(Version {
+            id: r.get(0)?,
+            path: text(r.get(1)?),
+            time_ns: r.get(2)?,
+            action: r.get(3)?,
+            kind: r.get(4)?,
+            size: r.get::<_, i64>(5)? as u64,
+            object: r.get::<_, i64>(6)? != 0,
+            renamed_to: r.get::<_, Option<Vec<u8>>>(7)?.map(text),
+            meta: r.get(8)?,
+        })
+    };
+    let rows = if under.is_root() {
+        q.query_map([], map)
+    } else {
+        q.query_map(params![under.as_bytes(), prefix], map)
+    }
+    .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+/// The versions at or below `under` in the history at `dir`, read without the daemon (the
+/// journal opened read-only): what `ferry history` shows on the backup host.
+pub fn read_versions(dir: &Path, under: &RelPath) -> io::Result<Vec<Version>> {
+    let file = dir.join(JOURNAL);
+    if !file.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}: no history journal here", file.display()),
+        ));
+    }
+    let db = Connection::open_with_flags(&file, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| io::Error::other(format!("{}: {e}", file.display())))?;
+    db.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
+    versions_in(&db, under)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3_600_000_000_000;
+
+    #[test]
+    fn keep_rules_read_like_their_words() {
+        let r: Rule = "hourly for 7d".parse().unwrap();
+        assert_eq!(r.every, Some(Duration::from_secs(3600)));
+        assert_eq!(r.span, Duration::from_secs(7 * 86_400));
+        let r: Rule = "all for 90s".parse().unwrap();
+        assert_eq!((r.every, r.span), (None, Duration::from_secs(90)));
+        let r: Rule = "every 10m for 2 days".parse().unwrap();
+        assert_eq!(r.every, Some(Duration::from_secs(600)));
+        for bad in [
+            "hourly",
+            "sometimes for 1d",
+            "daily for ever",
+            "every 0s for 1d",
+        ] {
+            let e = bad.parse::<Rule>().unwrap_err();
+            assert!(e.contains(bad), "{e} names {bad}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_all_then_one_per_period_then_nothing() {
+        let keep = Keep {
+            rules: vec![
+                "all for 2h".parse().unwrap(),
+                "hourly for 10h".parse().unwrap(),
+            ],
+            ..Keep::default()
+        };
+        let now = 100 * H;
+        // Every 20 minutes for 12 hours back.
+        let times: Vec<(i64, i64)> = (0..36).map(|i| (i, now - i * H / 3)).collect();
+        let pruned: BTreeSet<i64> = keep.prune_of(&times, now).into_iter().collect();
+        for (id, t) in &times {
+            let age = now - t;
+            let kept = !pruned.contains(id);
+            if age <= 2 * H {
+                assert!(kept, "{id}: younger than 2h, all kept");
+            } else if age > 10 * H {
+                assert!(!kept, "{id}: older than every rule");
+            }
+        }
+        // Between 2h and 10h: one per clock hour, the newest of it.
+        let middle: Vec<i64> = times
+            .iter()
+            .filter(|(id, t)| now - t > 2 * H && now - t <= 10 * H && !pruned.contains(id))
+            .map(|(_, t)| t.div_euclid(H))
+            .collect();
+        let hours: BTreeSet<i64> = middle.iter().copied().collect();
+        assert_eq!(middle.len(), hours.len(), "one per hour: {middle:?}");
+        assert!(hours.len() >= 7, "{hours:?}");
+    }
+}
