@@ -6,6 +6,7 @@
 mod common;
 
 use common::pair::Pair;
+use common::site::{one_group, Backup, Site};
 use common::*;
 use ferry_receiver::history::Keep;
 use ferry_sender::reconcile::reconcile;
@@ -183,47 +184,17 @@ async fn retention_lets_old_versions_go_on_the_receivers_own_clock() {
     session.close().await;
 }
 
-/// A small tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let o = run(std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path()));
-        assert!(
-            o.status.success(),
-            "mount tmpfs (needs root): {}",
-            stderr(&o)
-        );
-        Tmpfs(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn a_full_filesystem_never_prunes_the_floor_it_refuses_writes_instead() {
-    let fs_ = Tmpfs::mount("16m");
+    let place = tempfile::tempdir().unwrap();
+    let _fs = Mount::tmpfs(place.path(), "16m");
     // Everything kept for a day, nothing of the last hour pruned for space, half kept free.
     let keep = Keep {
         rules: vec!["all for 1d".parse().unwrap()],
         floor: Duration::from_secs(3600),
         min_free_percent: 50,
     };
-    let mut pair = Pair::with_history_in(keep, fs_.path());
+    let mut pair = Pair::with_history_in(keep, place.path());
     let history = pair.history();
     let session = pair.session().await;
     let versions: Vec<Vec<u8>> = (0..3).map(|v| pseudo_random(3 << 20, v)).collect();
@@ -255,4 +226,218 @@ async fn a_full_filesystem_never_prunes_the_floor_it_refuses_writes_instead() {
     assert!(kept.contains(&versions[0]) && kept.contains(&versions[1]));
     assert_consistent(&history);
     session.close().await;
+}
+
+/// Every regular file under `dir` (recursively): its content digest and (mode, mtime).
+fn files_by_digest(dir: &Path) -> BTreeMap<[u8; 32], (u32, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                let digest = *blake3::hash(&fs::read(e.path()).unwrap()).as_bytes();
+                out.insert(digest, (md.mode(), md.mtime()));
+            }
+        }
+    }
+    out
+}
+
+/// `dirs` × `files` files of distinct content under `src`; their digests and (mode, mtime).
+fn originals(src: &Path, dirs: usize, files: usize) -> Vec<(String, [u8; 32], (u32, i64))> {
+    let mut out = Vec::new();
+    for d in 0..dirs {
+        fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
+        for i in 0..files {
+            let name = format!("d{d}/f{i}.doc");
+            let data = pseudo_random(200 + (i * 37) % 3000, (d * files + i) as u64);
+            fs::write(src.join(&name), &data).unwrap();
+            let md = fs::metadata(src.join(&name)).unwrap();
+            out.push((
+                name,
+                *blake3::hash(&data).as_bytes(),
+                (md.mode(), md.mtime()),
+            ));
+        }
+    }
+    out
+}
+
+/// Ransomware on a live source: every file encrypted in place (random bytes over it), renamed
+/// `NAME.locked`, and one in ten of those deleted. The mirror follows within milliseconds, and
+/// the history keeps every original, byte for byte, with its mode and mtime.
+#[test]
+fn ransomware_drill_live_every_original_stays_in_history() {
+    let site = Site::new();
+    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
+    let keys = format!("history = {:?}", history.display().to_string());
+    let backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        &keys,
+    );
+    let originals = originals(&src, 20, 100);
+    let _daemon = site.run(&one_group(&backup, &src, ""), 1);
+    site.wait_settled(60);
+    assert!(
+        objects(&history).is_empty(),
+        "the first copy supersedes nothing"
+    );
+
+    for (n, (name, _, _)) in originals.iter().enumerate() {
+        let path = src.join(name);
+        fs::write(&path, pseudo_random(4096, 1_000_000 + n as u64)).unwrap();
+        let locked = src.join(format!("{name}.locked"));
+        fs::rename(&path, &locked).unwrap();
+        if n % 10 == 0 {
+            fs::remove_file(&locked).unwrap();
+        }
+    }
+    fs::write(src.join("marker"), b"after the attack").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while fs::read(dst.join("marker")).ok().as_deref() != Some(b"after the attack") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the marker never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    site.wait_settled(120);
+    // The mirror is the attacked tree...
+    let mirrored = files_by_digest(&dst);
+    assert!(originals.iter().all(|(_, d, _)| !mirrored.contains_key(d)));
+    // ...and the history holds every original.
+    let kept = files_by_digest(&history.join("objects"));
+    let mut missing = Vec::new();
+    for (name, digest, attrs) in &originals {
+        match kept.get(digest) {
+            Some(k) if k == attrs => {}
+            Some(k) => missing.push(format!(
+                "{name}: kept with (mode, mtime) {k:?}, was {attrs:?}"
+            )),
+            None => missing.push(format!("{name}: not kept")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {}: {:?}",
+        missing.len(),
+        originals.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_consistent(&history);
+}
+
+/// The receiver killed (SIGKILL) while a sender replaces 3,000 files, its history on: after a
+/// restart, journal and objects agree, and every first version is in the module or in the
+/// history; a second run then keeps the rest.
+#[test]
+fn kill_9_of_the_receiver_mid_commit_leaves_journal_and_history_consistent() {
+    let site = Site::new();
+    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
+    let keys = format!("history = {:?}", history.display().to_string());
+    let mut backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        &keys,
+    );
+    let first = originals(&src, 30, 100);
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (n, (name, _, _)) in first.iter().enumerate() {
+        fs::write(src.join(name), pseudo_random(8192, 5_000_000 + n as u64)).unwrap();
+    }
+    let mut sending = common::proc::Proc::spawn(
+        ferry()
+            .args(["send", "--once", "--config"])
+            .arg(site.config()),
+    );
+    // Killed once some versions are journaled and before the sender is done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !history.join("journal.sqlite3").exists() || rows(&history).len() < 100 {
+        assert!(std::time::Instant::now() < deadline, "nothing journaled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let journaled_before = rows(&history).len();
+    assert!(
+        sending.running(),
+        "the sender finished before the kill: the test proves nothing"
+    );
+    backup.receiver = None; // SIGKILL
+    let _ = sending.stop();
+    assert!(
+        journaled_before < first.len(),
+        "killed after the last commit: {journaled_before}"
+    );
+
+    backup.restart();
+    assert_consistent(&history);
+    let module = files_by_digest(&dst);
+    let kept = files_by_digest(&history.join("objects"));
+    for (name, digest, _) in &first {
+        assert!(
+            module.contains_key(digest) || kept.contains_key(digest),
+            "{name}: its first version is neither in the module nor in the history"
+        );
+    }
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let kept = files_by_digest(&history.join("objects"));
+    let lost: Vec<&String> = first
+        .iter()
+        .filter(|(_, d, _)| !kept.contains_key(d))
+        .map(|(n, _, _)| n)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "first versions not in the history: {lost:?}"
+    );
+    assert_consistent(&history);
+}
+
+/// `history` inside the module, on another filesystem, or on another mount of the module's
+/// filesystem (a bind mount, across which links fail) is refused by `check-config`, naming
+/// the module key and both paths.
+#[test]
+fn history_inside_the_module_or_on_another_mount_is_refused_naming_both() {
+    let site = Site::new();
+    let dir = site.dir("recv");
+    keygen(&dir);
+    let dst = site.dir("dst");
+    let real = site.dir("real");
+    let bound = site.path("bound");
+    let _bind = Mount::bind(&real, &bound);
+    let small = site.path("small");
+    let _tmpfs = Mount::tmpfs(&small, "1m");
+    let cases = [
+        (dst.join("versions"), "inside the module path"),
+        (bound.join("h"), "another mount"),
+        (small.join("h"), "another filesystem"),
+    ];
+    for (history, says) in cases {
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             [modules.file]\npath = {:?}\nread_only = false\nhistory = {:?}\n",
+            dst.display().to_string(),
+            history.display().to_string()
+        );
+        fs::create_dir_all(&history).unwrap();
+        fs::write(dir.join("receiver.toml"), text).unwrap();
+        let o = run(ferry().arg("check-config").arg(dir.join("receiver.toml")));
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{history:?}: {e}");
+        for needle in [says, "modules.file.history", dst.to_str().unwrap()] {
+            assert!(e.contains(needle), "{history:?}: {e:?} should say {needle:?}");
+        }
+        assert_eq!(e.lines().count(), 1, "said once: {e}");
+    }
 }

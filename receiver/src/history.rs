@@ -912,4 +912,62 @@ mod tests {
         assert_eq!(middle.len(), hours.len(), "one per hour: {middle:?}");
         assert!(hours.len() >= 7, "{hours:?}");
     }
+
+    #[test]
+    fn start_up_adopts_unjournaled_objects_and_drops_rows_without_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (module, dir) = (tmp.path().join("module"), tmp.path().join("history"));
+        fs::create_dir(&module).unwrap();
+        fs::write(module.join("a"), b"old a").unwrap();
+        fs::write(module.join("b"), b"old b").unwrap();
+        {
+            let h = History::open("m", &module, &dir, Keep::default()).unwrap();
+            let keep = |name: &str| {
+                let rel = RelPath::from(name);
+                h.keep_entry(&module.join(name), &rel, Action::Deleted, How::Move)
+                    .unwrap()
+                    .unwrap()
+            };
+            let (a, b) = (keep("a"), keep("b"));
+            // `a` is journaled; `b` is not (a crash before its group commit).
+            h.commit(vec![a]).unwrap();
+            drop(b);
+        }
+        // Someone removed `a`'s object by hand.
+        let journaled = read_versions(&dir, &RelPath::root()).unwrap();
+        assert_eq!(journaled.len(), 1);
+        fs::remove_file(dir.join(OBJECTS).join(journaled[0].id.to_string())).unwrap();
+
+        let h = History::open("m", &module, &dir, Keep::default()).unwrap();
+        let after = h.versions(&RelPath::root()).unwrap();
+        assert_eq!(after.len(), 1, "{after:?}");
+        let adopted = &after[0];
+        assert_eq!(adopted.action, "unjournaled");
+        assert_eq!(adopted.path, format!(".unjournaled/{}", adopted.id));
+        let object = dir.join(OBJECTS).join(adopted.id.to_string());
+        assert_eq!(fs::read(object).unwrap(), b"old b");
+        // New ids never reuse an adopted one.
+        fs::write(module.join("c"), b"c").unwrap();
+        let c = h
+            .keep_entry(&module.join("c"), &"c".into(), Action::Deleted, How::Move)
+            .unwrap()
+            .unwrap();
+        assert!(c.id > adopted.id);
+    }
+
+    #[test]
+    fn history_must_be_outside_the_module_and_on_its_mount() {
+        let tmp = tempfile::tempdir().unwrap();
+        let module = tmp.path().join("module");
+        fs::create_dir_all(module.join("inner")).unwrap();
+        let e = check_place(&module, &module.join("inner")).unwrap_err();
+        assert!(e.contains("inside the module path") && e.contains("inner"), "{e}");
+        let e = check_place(&module.join("inner"), &module).unwrap_err();
+        assert!(e.contains("is inside history"), "{e}");
+        fs::create_dir(tmp.path().join("beside")).unwrap();
+        check_place(&module, &tmp.path().join("beside")).unwrap();
+        // /proc is another filesystem than any module.
+        let e = check_place(&module, Path::new("/proc")).unwrap_err();
+        assert!(e.contains("another filesystem") && e.contains("/proc"), "{e}");
+    }
 }
