@@ -332,6 +332,43 @@ fn ransomware_drill_live_every_original_stays_in_history() {
         &missing[..missing.len().min(5)]
     );
     assert_consistent(&history);
+    // `ferry history` on the backup host shows them, from the journal alone.
+    let config = site.path("recv/receiver.toml");
+    let o = run(ferry()
+        .args(["history", "--json", "--config"])
+        .arg(&config)
+        .args(["file", "d3"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    let in_d3 = originals
+        .iter()
+        .filter(|(n, _, _)| n.starts_with("d3/"))
+        .count();
+    let kept_d3 = listed.iter().filter(|v| v["object"] == true).count();
+    assert!(
+        kept_d3 >= in_d3,
+        "{kept_d3} kept in d3, {in_d3} files there"
+    );
+    assert!(listed
+        .iter()
+        .all(|v| v["path"].as_str().unwrap().starts_with("d3/")));
+    let o = run(ferry()
+        .args(["history", "--config"])
+        .arg(&config)
+        .args(["file", "d3/f7.doc"]));
+    let text = stdout(&o);
+    assert!(text.starts_with("SUPERSEDED (UTC)"), "{text}");
+    assert!(text.contains(" d3/f7.doc"), "{text}");
+    let o = run(ferry()
+        .args(["history", "--config"])
+        .arg(&config)
+        .args(["nope"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no module \"nope\" (modules: file)"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// The receiver killed (SIGKILL) while a sender replaces 3,000 files, its history on: after a
@@ -436,7 +473,10 @@ fn history_inside_the_module_or_on_another_mount_is_refused_naming_both() {
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{history:?}: {e}");
         for needle in [says, "modules.file.history", dst.to_str().unwrap()] {
-            assert!(e.contains(needle), "{history:?}: {e:?} should say {needle:?}");
+            assert!(
+                e.contains(needle),
+                "{history:?}: {e:?} should say {needle:?}"
+            );
         }
         assert_eq!(e.lines().count(), 1, "said once: {e}");
     }

@@ -961,13 +961,19 @@ mod tests {
         let module = tmp.path().join("module");
         fs::create_dir_all(module.join("inner")).unwrap();
         let e = check_place(&module, &module.join("inner")).unwrap_err();
-        assert!(e.contains("inside the module path") && e.contains("inner"), "{e}");
+        assert!(
+            e.contains("inside the module path") && e.contains("inner"),
+            "{e}"
+        );
         let e = check_place(&module.join("inner"), &module).unwrap_err();
         assert!(e.contains("is inside history"), "{e}");
         fs::create_dir(tmp.path().join("beside")).unwrap();
         check_place(&module, &tmp.path().join("beside")).unwrap();
         // /proc is another filesystem than any module.
         let e = check_place(&module, Path::new("/proc")).unwrap_err();
-        assert!(e.contains("another filesystem") && e.contains("/proc"), "{e}");
+        assert!(
+            e.contains("another filesystem") && e.contains("/proc"),
+            "{e}"
+        );
     }
 }
