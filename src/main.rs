@@ -396,7 +396,7 @@ async fn receive(file: &std::path::Path) -> Result<u8> {
         let render = Arc::new(move || {
             r.get().map_or_else(String::new, |s| {
                 let (sessions, away) = s.load();
-                metrics::receiver(&s.stats(), sessions, away)
+                metrics::receiver(&s.stats(), sessions, away, &s.history_figures())
             })
         });
         metrics::serve(address, render, shutdown.clone()).await?;

@@ -95,7 +95,12 @@ pub fn sender(s: &Snapshot) -> String {
 }
 
 /// The receiver's figures: its counters, sessions open, connections turned away.
-pub fn receiver(counters: &[(String, u64)], sessions: usize, turned_away: u64) -> String {
+pub fn receiver(
+    counters: &[(String, u64)],
+    sessions: usize,
+    turned_away: u64,
+    history: &[(String, ferry_receiver::history::Figures)],
+) -> String {
     let mut reg = Registry::with_prefix("ferry_receiver");
     for (name, value) in counters {
         let c = Counter::<u64>::default();
@@ -115,6 +120,47 @@ pub fn receiver(counters: &[(String, u64)], sessions: usize, turned_away: u64) -
         "turned_away",
         "Connections closed before their handshake (admission caps)",
         away,
+    );
+    let family = |reg: &mut Registry,
+                  name: &str,
+                  help: &str,
+                  value: &dyn Fn(&ferry_receiver::history::Figures) -> i64| {
+        let f = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+        for (module, figures) in history {
+            f.get_or_create(&vec![("module".to_string(), module.clone())])
+                .set(value(figures));
+        }
+        reg.register(name, help, f);
+    };
+    family(
+        &mut reg,
+        "history_versions",
+        "Versions kept in the module's history",
+        &|f| f.versions as i64,
+    );
+    family(
+        &mut reg,
+        "history_bytes",
+        "Bytes the kept versions held when kept",
+        &|f| f.bytes as i64,
+    );
+    family(
+        &mut reg,
+        "history_oldest_age_seconds",
+        "Age of the oldest kept version (0 when none)",
+        &|f| f.oldest_age.map_or(0, |a| a.as_secs() as i64),
+    );
+    family(
+        &mut reg,
+        "history_pruned",
+        "Versions pruned since the start",
+        &|f| f.pruned as i64,
+    );
+    family(
+        &mut reg,
+        "history_refusing_writes",
+        "1 while writes are refused because the history's floor does not fit in the space left",
+        &|f| f.refusing as i64,
     );
     text(&reg)
 }
@@ -265,7 +311,38 @@ mod tests {
 
     #[test]
     fn receiver_counters_become_totals() {
-        let text = receiver(&[("files".into(), 9), ("deletes".into(), 2)], 1, 4);
+        let figures = ferry_receiver::history::Figures {
+            versions: 12,
+            bytes: 49152,
+            oldest_age: Some(Duration::from_secs(90)),
+            pruned: 3,
+            refusing: true,
+        };
+        let history = [("www".to_string(), figures)];
+        let text = receiver(
+            &[("files".into(), 9), ("deletes".into(), 2)],
+            1,
+            4,
+            &history,
+        );
+        let m = "module=\"www\"";
+        assert_eq!(
+            sample(&text, "ferry_receiver_history_versions", m),
+            Some(12.0)
+        );
+        assert_eq!(
+            sample(&text, "ferry_receiver_history_bytes", m),
+            Some(49152.0)
+        );
+        assert_eq!(
+            sample(&text, "ferry_receiver_history_oldest_age_seconds", m),
+            Some(90.0)
+        );
+        assert_eq!(sample(&text, "ferry_receiver_history_pruned", m), Some(3.0));
+        assert_eq!(
+            sample(&text, "ferry_receiver_history_refusing_writes", m),
+            Some(1.0)
+        );
         assert_eq!(sample_plain(&text, "ferry_receiver_files_total"), Some(9.0));
         assert_eq!(
             sample_plain(&text, "ferry_receiver_deletes_total"),

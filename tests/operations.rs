@@ -192,9 +192,10 @@ fn the_receiver_serves_its_counters_as_metrics() {
     let metrics = free_port();
     let config = backup.dir.join("receiver.toml");
     let text = fs::read_to_string(&config).unwrap();
+    let history = site.path("history").display().to_string();
     fs::write(
         &config,
-        format!("metrics_listen = \"127.0.0.1:{metrics}\"\n{text}"),
+        format!("metrics_listen = \"127.0.0.1:{metrics}\"\n{text}history = {history:?}\n"),
     )
     .unwrap();
     backup.stop();
@@ -207,6 +208,13 @@ fn the_receiver_serves_its_counters_as_metrics() {
     let m = scrape(metrics);
     assert_eq!(sample(&m, "ferry_receiver_files_total"), 5.0);
     assert_eq!(sample(&m, "ferry_receiver_sessions"), 0.0);
+    let versions = "ferry_receiver_history_versions{module=\"file\"}";
+    assert_eq!(sample(&m, versions), 0.0);
+    for i in 0..3 {
+        fs::write(src.join(format!("f{i}")), b"second").unwrap();
+    }
+    assert!(site.send_once(&[]).status.success());
+    assert_eq!(sample(&scrape(metrics), versions), 3.0);
     // Anything else is refused, and a slow or huge request costs nothing lasting.
     let mut s = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
     s.write_all(b"GET /secret HTTP/1.1\r\n\r\n").unwrap();
@@ -215,7 +223,7 @@ fn the_receiver_serves_its_counters_as_metrics() {
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
     let mut big = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
     let _ = big.write_all(&vec![b'a'; 64 << 10]);
-    assert_eq!(sample(&scrape(metrics), "ferry_receiver_files_total"), 5.0);
+    assert_eq!(sample(&scrape(metrics), "ferry_receiver_files_total"), 8.0);
 }
 
 /// Polls until `path` holds `want` (30 s at most).

@@ -199,6 +199,21 @@ pub struct Version {
     pub meta: String,
 }
 
+/// What a module's history holds, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Figures {
+    /// Versions kept.
+    pub versions: u64,
+    /// Bytes they held when kept (a deleted directory's tree counted as its own entry only).
+    pub bytes: u64,
+    /// Age of the oldest version.
+    pub oldest_age: Option<Duration>,
+    /// Versions pruned since start.
+    pub pruned: u64,
+    /// Writes are refused (the floor does not fit).
+    pub refusing: bool,
+}
+
 /// A row waiting for the group commit.
 #[derive(Debug)]
 pub struct Pending {
@@ -647,21 +662,30 @@ impl History {
         versions_in(&db, under)
     }
 
-    /// (versions, bytes allocated, oldest version's time) for metrics.
-    pub fn totals(&self) -> io::Result<(u64, u64, Option<i64>)> {
+    /// What the history holds now, for metrics.
+    pub fn figures(&self) -> io::Result<Figures> {
         let db = self.db.lock().expect("journal lock");
-        db.query_row(
-            "SELECT count(*), coalesce(sum(blocks), 0), min(time_ns) FROM versions",
-            [],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get(2)?,
-                ))
-            },
-        )
-        .map_err(db_err)
+        let (versions, bytes, oldest) = db
+            .query_row(
+                "SELECT count(*), coalesce(sum(blocks), 0), min(time_ns) FROM versions",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                },
+            )
+            .map_err(db_err)?;
+        Ok(Figures {
+            versions: versions as u64,
+            bytes: bytes as u64,
+            oldest_age: oldest
+                .map(|t| Duration::from_nanos(now_ns().saturating_sub(t).max(0) as u64)),
+            pruned: self.pruned.load(Ordering::Relaxed),
+            refusing: self.refusal().is_some(),
+        })
     }
 
     /// One pruning pass at `now` (ns): versions the rules let go, then, while less than

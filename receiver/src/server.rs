@@ -195,6 +195,21 @@ impl Server {
         self.stats.snapshot()
     }
 
+    /// Each open module's history figures, by module name (modules without history left out).
+    pub fn history_figures(&self) -> Vec<(String, crate::history::Figures)> {
+        let mut out: Vec<(String, crate::history::Figures)> = self
+            .table()
+            .iter()
+            .filter_map(|(name, slot)| {
+                let open = slot.opened()?;
+                let figures = open.history.as_ref()?.figures().ok()?;
+                Some((name.clone(), figures))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Sessions being served now, and connections turned away before their handshake so far.
     pub fn load(&self) -> (usize, u64) {
         (
