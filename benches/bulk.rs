@@ -14,6 +14,10 @@
 //! - a burst of 50,000 new files under the live daemon, until the module has them all,
 //!   beside lsyncd (delay 0, same rsyncd) when `lsyncd` is installed.
 //!
+//! - every small file rewritten (same sizes, new bytes), `send --once` vs `rsync -a`: with
+//!   `FERRY_BENCH_HISTORY=1` the ferry modules keep history, so every file's old version is
+//!   kept; run once with and once without to see what history costs.
+//!
 //! Run: `cargo bench --bench bulk` (needs `rsync`; `lsyncd` optional). About 2–4 minutes and
 //! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir). `FERRY_BENCH_SCALE=0.1`
 //! shrinks every size tenfold for a quick look.
@@ -34,6 +38,11 @@ fn scale() -> f64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1.0)
+}
+
+/// `FERRY_BENCH_HISTORY=1`: the ferry modules keep history.
+fn with_history() -> bool {
+    std::env::var("FERRY_BENCH_HISTORY").is_ok_and(|v| v == "1")
 }
 
 fn scaled(n: usize) -> usize {
@@ -67,6 +76,14 @@ fn write_big(path: &Path, len: usize, seed: u64) {
 }
 
 fn build_tree(src: &Path) -> (usize, u64) {
+    let (files, bytes) = write_small(src, 0);
+    let big = scaled(256 << 20);
+    write_big(&src.join("big.img"), big, 1 << 32);
+    (files + 1, bytes + big as u64)
+}
+
+/// The 20,000 small files (their bytes from `round`); how many and their bytes.
+fn write_small(src: &Path, round: u64) -> (usize, u64) {
     let (dirs, per_dir) = (scaled(1000), 20);
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 8192];
@@ -75,14 +92,12 @@ fn build_tree(src: &Path) -> (usize, u64) {
         std::fs::create_dir_all(&dir).unwrap();
         for f in 0..per_dir {
             let len = 2048 + (d * 31 + f * 97) % 4096;
-            fill(&mut buf[..len], (d * per_dir + f) as u64);
+            fill(&mut buf[..len], (d * per_dir + f) as u64 + (round << 40));
             std::fs::write(dir.join(format!("f{f:02}")), &buf[..len]).unwrap();
             bytes += len as u64;
         }
     }
-    let big = scaled(256 << 20);
-    write_big(&src.join("big.img"), big, 1 << 32);
-    (dirs * per_dir + 1, bytes + big as u64)
+    (dirs * per_dir, bytes)
 }
 
 /// Runs `cmd`, returning its wall time and peak RSS (KiB) from `wait4` (which reaps it).
@@ -244,14 +259,23 @@ impl Site {
         let send_fp = fingerprint(&dir.join("send"));
         let recv_fp = fingerprint(&dir.join("recv"));
         let ferry_port = free_port();
+        let history = |name: &str| {
+            if with_history() {
+                format!("history = {:?}\n", dir.join(name).display().to_string())
+            } else {
+                String::new()
+            }
+        };
         std::fs::write(
             dir.join("recv/receiver.toml"),
             format!(
                 "listen = \"127.0.0.1:{ferry_port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
-                 [modules.bench]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n\
-                 [modules.spare]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n",
+                 [modules.bench]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n{}\
+                 [modules.spare]\npath = {:?}\nclients = [{send_fp:?}]\nread_only = false\n{}",
                 ferry_dst.display().to_string(),
-                ferry_spare.display().to_string()
+                history("history-bench"),
+                ferry_spare.display().to_string(),
+                history("history-spare"),
             ),
         )
         .unwrap();
@@ -406,6 +430,14 @@ fn main() {
         started.elapsed().as_secs_f64(),
         scale()
     );
+    println!(
+        "ferry modules keep history: {}",
+        if with_history() {
+            "yes (FERRY_BENCH_HISTORY=1)"
+        } else {
+            "no"
+        }
+    );
     // Everything written so far reaches the disk before anything is timed.
     Command::new("sync").status().unwrap();
     println!(
@@ -498,6 +530,21 @@ fn main() {
     let (r, _) = site.rsync_once(site.rsync_port, &[]);
     row(
         "nothing changed, fresh process",
+        secs(f),
+        secs(r),
+        ratio(f, r),
+    );
+
+    // Every small file rewritten: with history on, each old version is kept.
+    let (n, _) = write_small(&site.src, 1);
+    Command::new("sync").status().unwrap();
+    let (f, _) = site.ferry_once();
+    let (r, _) = site.rsync_once(site.rsync_port, &[]);
+    row(
+        &format!(
+            "{n} files rewritten (history {})",
+            if with_history() { "on" } else { "off" }
+        ),
         secs(f),
         secs(r),
         ratio(f, r),

@@ -113,7 +113,15 @@ async fn bench(writes: usize, burst: usize) {
             write_file(&dir.join(format!("f{i}")), i);
         }
     }
-    let recv = Loopback::start("bench", dst.clone()).await.unwrap();
+    // FERRY_BENCH_HISTORY=1: the module keeps history (each overwrite keeps the old version).
+    let history = std::env::var("FERRY_BENCH_HISTORY").is_ok_and(|v| v == "1");
+    let recv = Loopback::start_with_history(
+        "bench",
+        dst.clone(),
+        history.then(|| tmp.path().join("history")),
+    )
+    .await
+    .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let probe = Arc::new(Probe {
@@ -175,6 +183,31 @@ async fn bench(writes: usize, burst: usize) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
+    // 1b. The same files overwritten, one at a time: each replaces a version (which a module
+    // with history keeps).
+    let mut overwrite_lat = Vec::with_capacity(writes);
+    for i in 0..writes {
+        let name = format!("small-{i}");
+        let path = src.join(&name);
+        let closed = tokio::task::spawn_blocking(move || {
+            write_file(&path, i + 7_000_000);
+            Instant::now()
+        })
+        .await
+        .unwrap();
+        loop {
+            let (p, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("overwrite not acknowledged within 10 s")
+                .unwrap();
+            if p == name {
+                overwrite_lat.push(at.saturating_duration_since(closed));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
     // 2. A burst of new files in 20 new directories, as fast as the disk takes them.
     let per_dir = burst.div_ceil(20);
     let names: Vec<String> = (0..burst)
@@ -227,8 +260,12 @@ async fn bench(writes: usize, burst: usize) {
     recv.stop().await;
 
     println!();
-    println!("ferry latency benchmark (loopback, TLS, fsync on the receiver)");
+    println!(
+        "ferry latency benchmark (loopback, TLS, fsync on the receiver; history {})",
+        if history { "on" } else { "off" }
+    );
     println!("{}", summary("ferry: close → durable", ferry_lat));
+    println!("{}", summary("ferry: overwrite → durable", overwrite_lat));
     println!("{}", summary("rsync -a --delete per event", rsync_lat));
     println!("burst of {burst} new files (4 KiB each, 20 new directories):");
     println!(

@@ -109,6 +109,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Release the deletions the mass-delete guard holds for sync group GROUP in the running
+    /// sender: each of its targets runs a whole compare that deletes past the guard, once,
+    /// without a restart. Exit 0 when the sender took it.
+    ConfirmDeletes {
+        /// The sync group.
+        group: String,
+        /// sender.toml, for its `status_socket`.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// The sender's status socket (default /run/ferry/sender.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Write the manual pages (DIR/man1/ferry*.1) and shell completions (DIR/completions/) made
     /// from these definitions; packaging runs it.
     #[command(hide = true)]
@@ -467,6 +480,11 @@ async fn run(command: Command) -> Result<u8> {
             socket,
             json,
         } => status::status(config.as_deref(), socket, json).await,
+        Command::ConfirmDeletes {
+            group,
+            config,
+            socket,
+        } => status::confirm_deletes(config.as_deref(), socket, &group).await,
         Command::Send {
             config,
             once,

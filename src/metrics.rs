@@ -44,6 +44,8 @@ pub fn sender(s: &Snapshot) -> String {
     let deleted = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     let failures = Family::<Labels, Counter>::default();
+    let holding = Family::<Labels, Gauge>::default();
+    let mass = Family::<Labels, Counter>::default();
     for t in &s.targets {
         let labels = vec![
             ("sync".to_string(), t.sync.clone()),
@@ -63,6 +65,10 @@ pub fn sender(s: &Snapshot) -> String {
         deleted.get_or_create(&labels).inc_by(t.deleted);
         bytes.get_or_create(&labels).inc_by(t.bytes);
         failures.get_or_create(&labels).inc_by(t.failures);
+        holding
+            .get_or_create(&labels)
+            .set(i64::from(t.held_why.is_some()));
+        mass.get_or_create(&labels).inc_by(t.mass_changes);
     }
     reg.register(
         "target_state",
@@ -88,6 +94,16 @@ pub fn sender(s: &Snapshot) -> String {
     reg.register("deleted", "Paths deleted on the target", deleted);
     reg.register("bytes", "Bytes sent", bytes);
     reg.register("failures", "Paths the target refused, each try", failures);
+    reg.register(
+        "holding_deletes",
+        "1 while the mass-delete guard holds deletions back (`ferry confirm-deletes` releases them)",
+        holding,
+    );
+    reg.register(
+        "mass_changes",
+        "Mass deletions applied into the module's history (the guard would have held them)",
+        mass,
+    );
     let uptime = Gauge::<f64, AtomicU64>::default();
     uptime.set(s.uptime_seconds);
     reg.register("uptime_seconds", "Seconds since the sender started", uptime);
@@ -271,6 +287,10 @@ mod tests {
             deleted: 1,
             bytes: 4096,
             failures: 0,
+            held_deletes: 0,
+            held_why: None,
+            mass_changes: 0,
+            last_mass_change: None,
         }
     }
 

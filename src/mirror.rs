@@ -57,8 +57,15 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         );
         let mut watch = PlanProgress::new("initial sync");
         let (root, links) = (ferry_protocol::RelPath::root(), Default::default());
-        let report =
-            reconcile::reconcile_under(&session, &group, &links, &root, 0, &mut watch).await?;
+        let report = reconcile::reconcile_under(
+            &session,
+            &group,
+            &links,
+            &root,
+            Default::default(),
+            &mut watch,
+        )
+        .await?;
         drop(watch);
         session.close().await;
         crate::send::print_report("mirror", "local", &report);

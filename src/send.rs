@@ -173,6 +173,9 @@ pub fn print_report(group: &str, target: &str, r: &Report) {
     for (path, why) in &r.failures {
         eprintln!("ferry: {group} → {target}: {path}: {why}");
     }
+    if let Some(held) = &r.held {
+        eprintln!("ferry: {group} → {target}: {}", held.why);
+    }
 }
 
 async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
@@ -210,9 +213,15 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                 let mut watch =
                     crate::progress::PlanProgress::new(&format!("{} → {target_name}", group.name));
                 let root = ferry_protocol::RelPath::root();
-                let report =
-                    reconcile::reconcile_under(&session, group, &links, &root, 0, &mut watch)
-                        .await?;
+                let report = reconcile::reconcile_under(
+                    &session,
+                    group,
+                    &links,
+                    &root,
+                    Default::default(),
+                    &mut watch,
+                )
+                .await?;
                 drop(watch);
                 session.close().await;
                 Ok::<_, ferry_sender::session::SessionError>(report)

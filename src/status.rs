@@ -1,5 +1,7 @@
-//! `ferry status`: the running sender answers on a local socket with a JSON [`Snapshot`];
-//! this file holds both ends.
+//! `ferry status` and `ferry confirm-deletes`: the running sender answers on a local socket;
+//! this file holds both ends. A client writes one request line (`status`, or
+//! `confirm-deletes GROUP`; nothing at all means `status`) and closes its side; the answer is
+//! JSON: a [`Snapshot`], or `{"confirmed": [targets]}` / `{"error": why}`.
 //!
 //! The socket is for the daemon's own user and root: the directory the daemon creates for it
 //! is mode 0700, the socket 0600, and a peer whose credentials (`SO_PEERCRED`) are anyone
@@ -16,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a `ferry status` client may take to read its answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request the daemon reads.
+const MAX_REQUEST: u64 = 1024;
 /// Largest answer a client accepts.
 const MAX_ANSWER: u64 = 16 << 20;
 
@@ -46,10 +50,16 @@ pub fn serve(path: &Path, board: Board, shutdown: CancellationToken) -> Result<(
             if !allowed {
                 continue;
             }
-            let answer = serde_json::to_vec(&board.snapshot()).expect("snapshot serializes");
+            let board = board.clone();
             tokio::spawn(async move {
                 let mut stream = stream;
                 let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+                    let mut request = Vec::new();
+                    (&mut stream)
+                        .take(MAX_REQUEST)
+                        .read_to_end(&mut request)
+                        .await?;
+                    let answer = answer(&board, &String::from_utf8_lossy(&request));
                     stream.write_all(&answer).await?;
                     stream.shutdown().await
                 })
@@ -59,6 +69,29 @@ pub fn serve(path: &Path, board: Board, shutdown: CancellationToken) -> Result<(
         let _ = std::fs::remove_file(&path);
     });
     Ok(())
+}
+
+/// The daemon's answer to one request line.
+fn answer(board: &Board, request: &str) -> Vec<u8> {
+    let request = request.trim();
+    let reply = match request.split_once(' ') {
+        _ if request.is_empty() || request == "status" => {
+            return serde_json::to_vec(&board.snapshot()).expect("snapshot serializes")
+        }
+        Some(("confirm-deletes", group)) => match board.confirm_deletes(group.trim()) {
+            Ok(targets) => {
+                tracing::warn!(
+                    sync = group.trim(),
+                    ?targets,
+                    "the operator confirmed the held deletions"
+                );
+                serde_json::json!({ "confirmed": targets })
+            }
+            Err(e) => serde_json::json!({ "error": e }),
+        },
+        _ => serde_json::json!({ "error": format!("unknown request {request:?}") }),
+    };
+    serde_json::to_vec(&reply).expect("json")
 }
 
 fn bind(path: &Path) -> Result<UnixListener> {
@@ -95,9 +128,24 @@ fn bind(path: &Path) -> Result<UnixListener> {
 /// Asks the sender answering on `socket` for its snapshot.
 pub async fn ask(socket: &Path) -> Result<Snapshot> {
     let shown = socket.display();
+    let text = request(socket, "status").await?;
+    serde_json::from_slice(&text).with_context(|| format!("status socket {shown}: bad answer"))
+}
+
+/// Sends `line` to the sender answering on `socket`; its answer.
+async fn request(socket: &Path, line: &str) -> Result<Vec<u8>> {
+    let shown = socket.display();
     let mut stream = UnixStream::connect(socket).await.with_context(|| {
         format!("status socket {shown}: is the sender running (and are you its user or root)?")
     })?;
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .with_context(|| format!("status socket {shown}"))?;
+    stream
+        .shutdown()
+        .await
+        .with_context(|| format!("status socket {shown}"))?;
     let mut text = Vec::new();
     tokio::time::timeout(
         ANSWER_TIMEOUT,
@@ -109,17 +157,47 @@ pub async fn ask(socket: &Path) -> Result<Snapshot> {
     if text.is_empty() {
         bail!("status socket {shown}: closed without an answer (only the sender's user and root are answered)");
     }
-    serde_json::from_slice(&text).with_context(|| format!("status socket {shown}: bad answer"))
+    Ok(text)
+}
+
+/// `ferry confirm-deletes GROUP`: the running sender applies the deletions its guard holds
+/// for `group` on every target (one whole compare each, past the guard). Exit 0 when told.
+pub async fn confirm_deletes(
+    config: Option<&Path>,
+    socket: Option<PathBuf>,
+    group: &str,
+) -> Result<u8> {
+    let socket = socket_of(config, socket)?;
+    let text = request(&socket, &format!("confirm-deletes {group}")).await?;
+    let reply: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("status socket {}: bad answer", socket.display()))?;
+    if let Some(e) = reply["error"].as_str() {
+        bail!("{e}");
+    }
+    let targets: Vec<&str> = reply["confirmed"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "sync {group}: deletions confirmed on {}; each runs a whole compare that deletes past the \
+         guard (watch `ferry status`)",
+        targets.join(", ")
+    );
+    Ok(0)
+}
+
+fn socket_of(config: Option<&Path>, socket: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => ferry_sender::Config::load(c)?.status_socket,
+        (None, None) => ferry_sender::config::DEFAULT_STATUS_SOCKET.into(),
+    })
 }
 
 /// `ferry status`: prints the snapshot (or its JSON); exit 0 when every target is connected,
 /// has converged once and owes nothing, 1 otherwise.
 pub async fn status(config: Option<&Path>, socket: Option<PathBuf>, json: bool) -> Result<u8> {
-    let socket = match (socket, config) {
-        (Some(s), _) => s,
-        (None, Some(c)) => ferry_sender::Config::load(c)?.status_socket,
-        (None, None) => ferry_sender::config::DEFAULT_STATUS_SOCKET.into(),
-    };
+    let socket = socket_of(config, socket)?;
     let snap = ask(&socket).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&snap)?);
@@ -133,9 +211,9 @@ pub async fn status(config: Option<&Path>, socket: Option<PathBuf>, json: bool) 
     })
 }
 
-/// Connected, converged once, owing nothing.
+/// Connected, converged once, owing nothing, holding no deletions.
 fn in_step(t: &TargetStatus) -> bool {
-    t.state == State::Connected && t.reconciled && t.pending == 0
+    t.state == State::Connected && t.reconciled && t.pending == 0 && t.held_why.is_none()
 }
 
 /// The snapshot as an operator reads it: one block per (group, target).
@@ -153,6 +231,8 @@ pub fn render(s: &Snapshot) -> String {
         }
         let progress = if in_step(t) {
             "in step"
+        } else if t.held_why.is_some() && t.pending == 0 {
+            "in step but for held deletions"
         } else if t.reconciled {
             "catching up"
         } else if t.compare_pending {
@@ -174,6 +254,18 @@ pub fn render(s: &Snapshot) -> String {
             t.deleted,
             t.failures,
         ));
+        if let Some(why) = &t.held_why {
+            out.push_str(&format!(
+                "  deletions held ({} paths): {why}\n",
+                t.held_deletes
+            ));
+        }
+        if let Some(m) = &t.last_mass_change {
+            out.push_str(&format!(
+                "  mass changes into history: {}; last: {m}\n",
+                t.mass_changes
+            ));
+        }
         let shown = t.why.is_some() && t.why == t.last_error;
         if let (Some(e), Some(ago), false) = (&t.last_error, t.last_error_seconds, shown) {
             out.push_str(&format!("  last error {} ago: {e}\n", age(ago)));

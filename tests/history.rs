@@ -481,3 +481,57 @@ fn history_inside_the_module_or_on_another_mount_is_refused_naming_both() {
         assert_eq!(e.lines().count(), 1, "said once: {e}");
     }
 }
+
+/// With history on, a live `rm -rf` of 90% needs no operator: the deletions are applied into
+/// the history (nothing is lost), said once as a warning, and counted in `ferry status`.
+#[test]
+fn a_mass_deletion_into_history_is_applied_and_said_once() {
+    let site = Site::new();
+    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
+    let keys = format!("history = {:?}", history.display().to_string());
+    let backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        &keys,
+    );
+    fill_tree(&src, 20, 100, |i| format!("{i}\n").into_bytes());
+    let daemon = site.run(&one_group(&backup, &src, "delete_guard_min = 500"), 1);
+    for d in 0..18 {
+        fs::remove_dir_all(src.join(format!("d{d}"))).unwrap();
+    }
+    fs::write(src.join("marker"), b"after").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !dst.join("marker").exists() || dst.join("d0").exists() || dst.join("d17").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never applied: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    site.wait_settled(60);
+    let log = daemon.log();
+    assert_eq!(log.matches("keeps history").count(), 1, "said once: {log}");
+    let (code, v) = site.status();
+    assert_eq!(code, 0, "nothing waits for an operator: {v}");
+    assert!(
+        v["targets"][0]["mass_changes"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    // Every deleted directory is in the history, whole.
+    let kept: Vec<(String, String)> = rows(&history)
+        .into_iter()
+        .filter(|r| r.3)
+        .map(|r| (r.1, r.2))
+        .collect();
+    for d in 0..18 {
+        let name = format!("d{d}");
+        assert!(
+            kept.contains(&(name.clone(), "deleted".into())),
+            "{name}: {kept:?}"
+        );
+    }
+    assert_consistent(&history);
+}

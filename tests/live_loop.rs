@@ -176,8 +176,9 @@ async fn renames_travel_as_renames_and_fall_back_to_content() {
 }
 
 /// The delete guard's window is ten minutes: deletions spread over more than the window never
-/// add up, however many there are in all; deletions within one window do, and stop the target
-/// before the batch that crosses the rule deletes anything.
+/// add up, however many there are in all; deletions within one window do, and are held before
+/// the batch that crosses the rule deletes anything, while everything else still goes; an
+/// operator's confirmation releases them live.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn deletions_add_up_within_the_guard_window_only() {
     let pair = Pair::new();
@@ -209,22 +210,50 @@ async fn deletions_add_up_within_the_guard_window_only() {
         delete(&live, d);
     }
     live.wait(Duration::from_secs(30), "the guard", |s| {
-        s.state.name() == "stopped"
+        s.held_why.is_some()
     })
     .await;
-    let why = live.status().why.unwrap_or_default();
-    assert!(why.contains("--confirm-deletes file"), "{why}");
-    let pair = live.stop().await;
-    let mut left: Vec<String> = fs::read_dir(&pair.dst)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
+    let held = live.status();
+    assert_eq!(held.state.name(), "connected", "only the deletions wait");
+    assert!(
+        held.held_why
+            .as_deref()
+            .unwrap()
+            .contains("ferry confirm-deletes file"),
+        "{held:?}"
+    );
+    let names = |dst: &std::path::Path| {
+        let mut left: Vec<String> = fs::read_dir(dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        left
+    };
     assert_eq!(
-        left,
+        names(&live.pair.dst),
         ["d6", "d7", "d8", "d9"],
         "the held batch deleted nothing"
     );
+    // While they wait, new work goes, and a deletion too (held with the others).
+    fs::write(live.pair.src.join("d9/new"), "n").unwrap();
+    live.queue.push([content("d9/new")]);
+    fs::remove_dir_all(live.pair.src.join("d9")).unwrap();
+    fs::create_dir(live.pair.src.join("e")).unwrap();
+    let tree = Change::Path {
+        path: RelPath::from("e"),
+        need: Need::Tree,
+        since: Instant::now(),
+    };
+    live.queue.push([content("d9"), tree]);
+    live.settled_or_holding(Duration::from_secs(30)).await;
+    assert!(live.pair.dst.join("e").is_dir());
+    assert!(live.pair.dst.join("d9").is_dir(), "held with the rest");
+    // Released without a restart.
+    live.confirm_deletes("file");
+    live.settled(Duration::from_secs(30)).await;
+    assert_eq!(names(&live.pair.dst), ["e"]);
+    live.stop().await;
 }
 
 /// A link that stalls (a middlebox that still acknowledges, so TCP's own timeouts never fire)

@@ -459,7 +459,8 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
 
 /// `rm -rf` of a source, or an empty disk mounted over it and a sender restart, deleted the
 /// whole backup in half a second. Now a whole-tree compare that would empty the module, or
-/// delete more than half of it, waits for an operator.
+/// delete more than half of it, holds its deletions for an operator (a module without
+/// history) and sends the rest.
 #[test]
 fn an_emptied_source_wiped_the_backup() {
     let site = Site::new();
@@ -487,19 +488,20 @@ fn an_emptied_source_wiped_the_backup() {
         fs::remove_dir_all(src.join(format!("d{d}"))).unwrap();
     }
     let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
-    daemon.wait_log_n("target stopped", 1, 30);
+    daemon.wait_log_n("ferry confirm-deletes file", 1, 30);
     assert!(
         daemon.log().contains("the source is empty"),
         "{}",
         daemon.log()
     );
-    assert!(
-        daemon.log().contains("--confirm-deletes file"),
-        "{}",
-        daemon.log()
-    );
-    // The target's worker has returned: nothing deletes there any more.
-    site.wait_state("stopped", 10);
+    // Only the deletions wait: the target is connected and owes nothing else.
+    site.wait_settled_or_holding(30);
+    let (code, v) = site.status();
+    assert_eq!(code, 1, "{v}");
+    assert!(v["targets"][0]["held_why"]
+        .as_str()
+        .unwrap()
+        .contains("the source is empty"));
     assert_eq!(
         count(&dst),
         11,
@@ -515,7 +517,8 @@ fn an_emptied_source_wiped_the_backup() {
 /// `rm -rf` of most of a source while the daemon ran went through event by event: live
 /// deletions were never counted against the delete guard. Now they add up over the guard's
 /// window, a batch that would cross it turns into a whole-tree compare, and that compare
-/// counts the live deletions too: the target stops with the rule's share or less deleted.
+/// counts the live deletions too: the deletions are held with the rule's share or less
+/// deleted, everything else still goes, and `ferry confirm-deletes` releases them live.
 /// (The same scenario through an rsyncd: `rsync::a_live_rm_rf_of_90_percent_is_held`.)
 #[test]
 fn rm_rf_under_the_running_daemon_wiped_the_backup() {
@@ -523,6 +526,56 @@ fn rm_rf_under_the_running_daemon_wiped_the_backup() {
     let (src, dst, backup) = site.one_backup();
     let body = one_group(&backup, &src, "delete_guard_min = 500");
     guard::live_rm_rf_of_90_percent_is_held(&site, &src, &dst, &body);
+}
+
+/// Ransomware's pattern — write `NAME.locked`, unlink `NAME` — was never stopped by the guard:
+/// each new `.locked` file grew the module's count, the whole compare saw about 33% and let the
+/// rest go. Now a window's deletions are weighed against the module as it was when they began:
+/// the deletions are held with less than the rule's share gone, and every `.locked` file
+/// still arrives (a module without history; with history they would be kept there).
+#[test]
+fn the_ransomware_pattern_slipped_past_the_guard() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    fill_tree(&src, 20, 100, |i| format!("original {i}\n").into_bytes());
+    let _daemon = site.run(&one_group(&backup, &src, "delete_guard_min = 500"), 1);
+    for d in 0..20 {
+        for i in 0..100 {
+            let name = src.join(format!("d{d}/f{i}"));
+            fs::write(
+                name.with_extension("locked"),
+                pseudo_random(256, (d * 100 + i) as u64),
+            )
+            .unwrap();
+            fs::remove_file(&name).unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = site.status();
+        if !v["targets"][0]["held_why"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deletions were never held: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    site.wait_settled_or_holding(60);
+    let originals = (0..20)
+        .flat_map(|d| (0..100).map(move |i| format!("d{d}/f{i}")))
+        .filter(|n| dst.join(n).exists())
+        .count();
+    let locked = (0..20)
+        .flat_map(|d| (0..100).map(move |i| format!("d{d}/f{i}.locked")))
+        .filter(|n| dst.join(n).exists())
+        .count();
+    assert!(
+        originals > 1000,
+        "more than half the originals went: {originals} of 2000 left"
+    );
+    assert_eq!(locked, 2000, "everything but the deletions still arrives");
 }
 
 /// kill -9 of the receiver, then of the sender, in the middle of big transfers: nothing torn

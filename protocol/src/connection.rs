@@ -339,6 +339,7 @@ mod tests {
         devices: false,
         setid: true,
         xattrs: crate::xattr::Namespaces::ALL,
+        history: false,
     };
 
     #[tokio::test]

@@ -58,6 +58,7 @@ impl ModuleState {
             devices: privileged && m.devices,
             setid: m.setuid,
             xattrs: xattrs.intersect(self.xattr_support),
+            history: self.history.is_some(),
         }
     }
 

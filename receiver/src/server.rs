@@ -338,6 +338,15 @@ pub struct Loopback {
 impl Loopback {
     /// Starts serving `path` as module `module`.
     pub async fn start(module: &str, path: PathBuf) -> Result<Loopback, ServerError> {
+        Loopback::start_with_history(module, path, None).await
+    }
+
+    /// [`Loopback::start`], the module keeping its history in `history` (default retention).
+    pub async fn start_with_history(
+        module: &str,
+        path: PathBuf,
+        history: Option<PathBuf>,
+    ) -> Result<Loopback, ServerError> {
         let (server_id, _, _) = Identity::generate("ferry-loopback-receiver")?;
         let (client, _, _) = Identity::generate("ferry-loopback-sender")?;
         let pin = server_id.fingerprint();
@@ -353,7 +362,10 @@ impl Loopback {
             devices: true,
             setuid: true,
             owner: Default::default(),
-            history: None,
+            history: history.map(|dir| crate::config::HistoryConfig {
+                dir,
+                keep: Default::default(),
+            }),
         };
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let server = Arc::new(Server::with_identity(

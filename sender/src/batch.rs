@@ -40,6 +40,12 @@ pub struct Learned {
     pub links: Names,
     /// This target's recent deletions (see [`crate::guard`]).
     pub tally: DeleteTally,
+    /// Why deletions are being held (the guard objected, the module keeps no history): until
+    /// an operator confirms, or a whole compare finds nothing to hold, live batches send
+    /// everything but their deletions.
+    pub holding: Option<String>,
+    /// A mass deletion into the module's history was already said in this window.
+    pub mass_said: bool,
 }
 
 /// A batch's renames, planned: those a transport applies as renames, and the dirty paths
@@ -189,7 +195,24 @@ pub async fn send_batch(
     parents.extend(planned.parents);
     for tree in planned.trees {
         let links = &learned.links;
-        plan.extend(plan_under(session, group, &root, links, &tree, 0, report).await?);
+        let window = Default::default();
+        plan.extend(plan_under(session, group, &root, links, &tree, window, report).await?);
+    }
+    if let (Some(why), false) = (&learned.holding, plan.deletes.is_empty()) {
+        // Held like the deletions before them, until an operator confirms.
+        let held = crate::execute::Held {
+            paths: plan.deletes.len() as u64,
+            entries: plan.removes.iter().map(|(_, n)| n).sum::<u64>()
+                + (plan.deletes.len() - plan.removes.len().min(plan.deletes.len())) as u64,
+            why: why.clone(),
+            whole: false,
+        };
+        report.absorb(Report {
+            held: Some(held),
+            ..Report::default()
+        });
+        plan.deletes.clear();
+        plan.removes.clear();
     }
     if !plan.deletes.is_empty() && group.guard.active() {
         let mut deleted = entries_on_receiver(session, &gone).await?;
@@ -200,10 +223,24 @@ pub async fn send_batch(
             .await
             .expect("read_dir task");
         let now = crate::timing::now();
-        if group
+        let trips = group
             .guard
-            .live_tripwire(&learned.tally, &deleted, source_empty, now)
-        {
+            .live_tripwire(&learned.tally, &deleted, source_empty, now);
+        if trips && session.keeps.history {
+            // Nothing is lost: what goes is kept in the module's history. Said once a window.
+            if !learned.mass_said {
+                let recent = learned.tally.recent_with(&deleted, now);
+                let said = format!(
+                    "sync {}: {recent} entries deleted within 10 minutes, past the delete \
+                     guard; applied, because module {} keeps history (`ferry history` on the \
+                     backup host lists them)",
+                    group.name, group.module
+                );
+                tracing::warn!(target = %session.address(), "{said}");
+                report.mass_change = Some(said);
+                learned.mass_said = true;
+            }
+        } else if trips {
             tracing::warn!(
                 sync = %group.name,
                 target = %session.address(),
@@ -216,6 +253,7 @@ pub async fn send_batch(
         }
         learned.tally.record(&deleted, now);
     }
+    let grew = plan.creates.len() as u64;
     // Parents whose entries changed get their times back, after their contents.
     let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
     let missing: Vec<RelPath> = parents.into_iter().filter(|d| !have.contains(d)).collect();
@@ -235,22 +273,43 @@ pub async fn send_batch(
     .expect("stat task");
     plan.dir_meta.extend(parents);
     order_dir_meta(&mut plan.dir_meta);
-    execute(session, group, &root, plan, report, observe).await
+    execute(session, group, &root, plan, report, observe).await?;
+    let now = crate::timing::now();
+    learned.tally.grew(grew, now);
+    if learned.tally.recent(now) == 0 {
+        learned.mass_said = false;
+    }
+    Ok(())
 }
 
-/// A whole-tree compare under the delete guard; the tally starts again from the module's size.
-async fn compare_whole(
+/// A whole-tree compare under the delete guard, counting the window's live deletions with its
+/// own. If it holds deletions, live batches hold theirs too and the window goes on; otherwise
+/// the tally starts again from the module's size.
+pub(crate) async fn compare_whole(
     session: &Arc<Session>,
     group: &SyncGroup,
     learned: &mut Learned,
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
-    let recent = learned.tally.recent(crate::timing::now());
+    let window = learned.tally.window(crate::timing::now());
     let root = RelPath::root();
-    let r = reconcile_under(session, group, &learned.links, &root, recent, observe).await?;
-    if let Some(n) = r.module_entries {
-        learned.tally.compared(n);
+    let r = reconcile_under(session, group, &learned.links, &root, window, observe).await?;
+    match &r.held {
+        Some(held) => {
+            if learned.holding.is_none() {
+                tracing::error!(sync = %group.name, target = %session.address(), "{}", held.why);
+            }
+            learned.holding = Some(held.why.clone());
+        }
+        None => {
+            if learned.holding.take().is_some() {
+                tracing::info!(sync = %group.name, target = %session.address(), "deletions no longer held");
+            }
+            if let Some(n) = r.module_entries {
+                learned.tally.compared(n);
+            }
+        }
     }
     report.absorb(r);
     Ok(())

@@ -197,14 +197,13 @@ impl Parts<'_> {
                     .register(&group.name, &t, kind, &target.address, queue.clone());
             match &target.kind {
                 TargetKind::Rsync(r) => {
-                    let link = RsyncLink {
-                        group: group.clone(),
-                        name: target.name.clone(),
-                        address: target.address.clone(),
-                        rsync: r.clone(),
-                        observer: self.observer.clone(),
-                        tally: Default::default(),
-                    };
+                    let link = RsyncLink::new(
+                        group.clone(),
+                        target.name.clone(),
+                        target.address.clone(),
+                        r.clone(),
+                        self.observer.clone(),
+                    );
                     unit.workers
                         .spawn(Worker::new(group, t, queue, link, stop, tracker).run());
                 }

@@ -57,16 +57,36 @@ pub struct Report {
     /// for the daemon (the watcher reports what became of them), but a one-shot reconcile
     /// has not converged.
     pub vanished: u64,
-    /// Entries the module holds after a whole-tree compare (the source's, as scanned).
+    /// Entries the module holds after a whole-tree compare (the source's, as scanned, and
+    /// what held deletions left there).
     pub module_entries: Option<u64>,
+    /// Deletions the guard held back in this batch (the rest of it went): how many paths, the
+    /// entries they hold, and why.
+    pub held: Option<Held>,
+    /// A mass deletion applied because the module keeps history (what the guard would have
+    /// held without it), said once.
+    pub mass_change: Option<String>,
     /// Wall time.
     pub elapsed: Duration,
 }
 
+/// Deletions the mass-delete guard held back while everything else went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// Paths not deleted.
+    pub paths: u64,
+    /// Entries they hold on the receiver.
+    pub entries: u64,
+    /// Why (the guard's words, with the release command).
+    pub why: String,
+    /// Counted by a whole compare: the whole of what is held (else: added to it).
+    pub whole: bool,
+}
+
 impl Report {
-    /// True if every planned step succeeded.
+    /// True if every planned step succeeded and nothing was held back.
     pub fn converged(&self) -> bool {
-        self.failures.is_empty() && self.vanished == 0
+        self.failures.is_empty() && self.vanished == 0 && self.held.is_none()
     }
 
     /// Adds `other`'s counts to these.
@@ -83,6 +103,16 @@ impl Report {
         self.failures.extend(other.failures);
         self.vanished += other.vanished;
         self.module_entries = other.module_entries.or(self.module_entries);
+        self.held = match (self.held.take(), other.held) {
+            (Some(a), Some(b)) => Some(Held {
+                paths: a.paths + b.paths,
+                entries: a.entries + b.entries,
+                why: b.why,
+                whole: a.whole || b.whole,
+            }),
+            (a, b) => b.or(a),
+        };
+        self.mass_change = other.mass_change.or(self.mass_change.take());
         self.elapsed += other.elapsed;
     }
 

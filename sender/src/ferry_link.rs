@@ -40,6 +40,8 @@ pub struct FerryLink {
     pub observer: Arc<dyn Observer>,
     session: Option<Arc<Session>>,
     learned: Learned,
+    /// The operator confirmed held deletions: the next whole compare applies them.
+    confirm: bool,
 }
 
 impl FerryLink {
@@ -78,7 +80,10 @@ impl FerryLink {
             learned: Learned {
                 links,
                 tally: DeleteTally::default(),
+                holding: None,
+                mass_said: false,
             },
+            confirm: false,
         }
     }
 }
@@ -113,9 +118,16 @@ impl Transport for FerryLink {
             progress_every: self.group.timing.progress_every,
         };
         let mut report = Report::default();
+        // An operator confirmed the held deletions: the next whole compare deletes past the
+        // guard, once.
+        let confirmed = (self.confirm && full).then(|| {
+            let mut g = self.group.clone();
+            g.guard.confirmed = true;
+            g
+        });
         let sent = send_batch(
             &session,
-            &self.group,
+            confirmed.as_ref().unwrap_or(&self.group),
             &mut self.learned,
             batch,
             &mut report,
@@ -123,8 +135,17 @@ impl Transport for FerryLink {
         )
         .await;
         match sent {
-            Ok(()) => {}
-            Err(SessionError::Guard(why)) => return Outcome::Stop(why),
+            Ok(()) => {
+                if confirmed.is_some() {
+                    self.confirm = false;
+                    tracing::warn!(
+                        sync = group,
+                        target,
+                        deleted = report.deleted,
+                        "held deletions confirmed by the operator: applied"
+                    );
+                }
+            }
             Err(e) if e.is_fatal() => return Outcome::Lost(e.to_string()),
             // The batch as a whole failed, but the connection is fine (the source root went
             // away mid-batch, the receiver refused a listing): back off, keep the work.
@@ -145,6 +166,10 @@ impl Transport for FerryLink {
             );
         }
         Outcome::Done(report)
+    }
+
+    fn confirm_deletes(&mut self) {
+        self.confirm = true;
     }
 
     fn disconnect(&mut self) {

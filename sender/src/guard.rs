@@ -113,6 +113,16 @@ pub fn source_is_empty(group: &crate::config::SyncGroup) -> bool {
     })
 }
 
+/// The live deletions a whole compare counts with its own: the entries deleted within
+/// [`DELETE_WINDOW`], and the module's size when they began (if known).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Entries deleted live within the window.
+    pub recent: u64,
+    /// The module's entries when the window's first deletion came.
+    pub total: Option<u64>,
+}
+
 /// How far back live deletions count together: an `rm -rf` or a vanished disk shows within
 /// it, while ordinary churn (a log rotated each day) never adds up.
 pub const DELETE_WINDOW: Duration = Duration::from_secs(600);
@@ -196,9 +206,20 @@ impl DeleteTally {
         }
     }
 
-    /// Entries deleted live within [`DELETE_WINDOW`] before `now`.
+    /// Entries deleted live within [`DELETE_WINDOW`] before `now`. Deletions that leave the
+    /// window leave the module's size too.
     pub fn recent(&mut self, now: Instant) -> u64 {
         let fresh = |t: &Instant| now.saturating_duration_since(*t) <= DELETE_WINDOW;
+        let expired: u64 = self
+            .named
+            .values()
+            .chain(self.bare.iter())
+            .filter(|(t, _)| !fresh(t))
+            .map(|(_, n)| n)
+            .sum();
+        if let Some(m) = &mut self.module_entries {
+            *m = m.saturating_sub(expired);
+        }
         self.named.retain(|_, (t, _)| fresh(t));
         self.bare.retain(|(t, _)| fresh(t));
         self.named
@@ -206,6 +227,26 @@ impl DeleteTally {
             .chain(self.bare.iter())
             .map(|(_, n)| n)
             .sum()
+    }
+
+    /// A live batch added up to `entries` entries to the module. Counted only while no
+    /// deletion is within the window: the size a window's deletions are weighed against is
+    /// the module's when they began, so files created meanwhile (a `NAME.locked` written for
+    /// each `NAME` deleted) cannot dilute them.
+    pub fn grew(&mut self, entries: u64, now: Instant) {
+        if self.recent(now) == 0 {
+            if let Some(m) = &mut self.module_entries {
+                *m += entries;
+            }
+        }
+    }
+
+    /// The window a whole compare counts with its own deletions.
+    pub fn window(&mut self, now: Instant) -> Window {
+        Window {
+            recent: self.recent(now),
+            total: self.module_entries,
+        }
     }
 
     /// How many more entries the guard lets through now ([`DeleteGuard::allowance`] for the
@@ -216,7 +257,7 @@ impl DeleteTally {
     }
 
     /// What [`DeleteTally::recent`] would say after [`DeleteTally::record`]ing `deleted`.
-    fn recent_with(&self, deleted: &[(RelPath, u64)], now: Instant) -> u64 {
+    pub fn recent_with(&self, deleted: &[(RelPath, u64)], now: Instant) -> u64 {
         let mut after = self.clone();
         after.record(deleted, now);
         after.recent(now)

@@ -4,6 +4,7 @@
 
 use crate::config::SyncGroup;
 use crate::execute::{execute, Observe, Report, Step};
+use crate::guard::Window;
 use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, plan, Plan, PlanOptions};
 use crate::session::{Session, SessionError};
@@ -95,35 +96,27 @@ pub fn filter_remote(group: &SyncGroup, remote: Vec<Entry>) -> Vec<Entry> {
 /// Reconciles `group`'s source with the module behind `session`.
 pub async fn reconcile(session: &Arc<Session>, group: &SyncGroup) -> Result<Report, SessionError> {
     let (links, root) = (Names::default(), RelPath::root());
-    reconcile_under(session, group, &links, &root, 0, &mut |_: &Step| {}).await
+    let window = Window::default();
+    reconcile_under(session, group, &links, &root, window, &mut |_: &Step| {}).await
 }
 
 /// Reconciles the subtree at `under` (the whole tree for the root): lists both sides, plans
 /// and executes. A subtree missing locally is deleted on the receiver (if the group deletes).
-/// `recent_deletes` are entries deleted live just before (see [`plan_under`]); `links` is what
-/// the group knows of its multiply-linked files.
+/// `window` is what was deleted live just before (see [`plan_under`]); `links` is what the
+/// group knows of its multiply-linked files.
 pub async fn reconcile_under(
     session: &Arc<Session>,
     group: &SyncGroup,
     links: &Names,
     under: &RelPath,
-    recent_deletes: u64,
+    window: Window,
     observe: Observe<'_>,
 ) -> Result<Report, SessionError> {
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
     let root = open_source(group).await?;
-    let plan = plan_under(
-        session,
-        group,
-        &root,
-        links,
-        under,
-        recent_deletes,
-        &mut report,
-    )
-    .await?;
+    let plan = plan_under(session, group, &root, links, under, window, &mut report).await?;
     if under.is_root() {
         tracing::info!(
             sync = %group.name,
@@ -140,18 +133,23 @@ pub async fn reconcile_under(
 }
 
 /// Lists the subtree at `under` on both sides (the source's beneath the held `root`) and plans
-/// what makes the receiver's equal. Local read errors land in `report`. For the whole tree, the delete guard applies, counting
-/// `recent_deletes` (entries deleted live within the guard's window) as part of this plan, so
-/// a mass deletion cannot slip through half live and half here.
+/// what makes the receiver's equal. Local read errors land in `report`. For the whole tree the
+/// delete guard applies, counting `recent_deletes` (`window.recent`, entries deleted live within the guard's
+/// window) as part of this plan, so a mass deletion cannot slip through half live and half
+/// here, against the module as it was when they began (`window.total`, if known). When the
+/// guard objects, a module with history takes the deletions (said once, in
+/// [`Report::mass_change`]); one without holds them back ([`Report::held`]) and everything
+/// else goes.
 pub async fn plan_under(
     session: &Arc<Session>,
     group: &SyncGroup,
     root: &Arc<OwnedFd>,
     links: &Names,
     under: &RelPath,
-    recent_deletes: u64,
+    window: Window,
     report: &mut Report,
 ) -> Result<Plan, SessionError> {
+    let (recent_deletes, window_total) = (window.recent, window.total);
     let (g, links, held) = (group.clone(), links.clone(), root.clone());
     let start = under.clone();
     let opts = plan_options(session, group);
@@ -188,20 +186,54 @@ pub async fn plan_under(
     if under.is_root() {
         warn_unkept(session, group, &local);
         let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
-        // What the module holds once this compare is done: the source's entries.
-        report.module_entries = Some(local.iter().filter(|e| !e.path.is_root()).count() as u64);
-        // The module before the recent live deletions, and all of them.
-        let (deleting, total) = (planned.removed() + recent_deletes, total + recent_deletes);
         let source_empty = local.iter().all(|e| e.path.is_root());
+        // The module before the recent live deletions, and all of them; never more than it
+        // held when they began (`window_total`): entries created since (a `NAME.locked`
+        // beside each `NAME` deleted) must not dilute the share.
+        let deleting = planned.removed() + recent_deletes;
+        let total = window_total.map_or(total + recent_deletes, |w| w.min(total + recent_deletes));
         let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
         let moved = device.and_then(|d| group.guard.device_objection(d, deleting));
-        if let Some(why) = moved.or_else(|| group.guard.objection(deleting, total, source_empty)) {
-            return Err(SessionError::Guard(format!(
-                "sync {}: {why}; nothing was deleted. If that is what you want, stop the \
-                 daemon and run `ferry send --once --confirm-deletes {} --config …`",
-                group.name, group.name
-            )));
+        let objection = moved.or_else(|| group.guard.objection(deleting, total, source_empty));
+        let mut kept = 0;
+        if let Some(why) = objection {
+            if session.keeps.history {
+                // Nothing is lost: what goes is kept in the module's history.
+                let said = format!(
+                    "sync {}: {why}; applied, because module {} keeps history (`ferry history` \
+                     on the backup host lists it)",
+                    group.name, group.module
+                );
+                tracing::warn!(target = %session.address(), "{said}");
+                report.mass_change = Some(said);
+            } else {
+                let paths = planned.deletes.len() as u64;
+                kept = planned.removed();
+                let live = if recent_deletes > 0 {
+                    format!(", after {recent_deletes} entries deleted live within 10 minutes")
+                } else {
+                    String::new()
+                };
+                report.held = Some(crate::execute::Held {
+                    paths,
+                    entries: kept,
+                    why: format!(
+                        "sync {}: {why}; holding {paths} deletions ({kept} entries){live}, \
+                         replicating everything else; if they are meant, run `ferry \
+                         confirm-deletes {}` (the module keeps no history: what it deletes is \
+                         gone)",
+                        group.name, group.name
+                    ),
+                    whole: true,
+                });
+                planned.deletes.clear();
+                planned.removes.clear();
+            }
         }
+        // What the module holds once this compare is done: the source's entries, and what
+        // held deletions leave.
+        report.module_entries =
+            Some(local.iter().filter(|e| !e.path.is_root()).count() as u64 + kept);
     }
     Ok(planned)
 }

@@ -53,9 +53,6 @@ pub enum SessionError {
         /// Why.
         error: String,
     },
-    /// Going on needs an operator: the mass-delete guard objected.
-    #[error("{0}")]
-    Guard(String),
     /// The target cannot serve this request at all (an rsync target has no ferry session).
     #[error("{0}")]
     Unsupported(String),

@@ -87,6 +87,20 @@ pub struct TargetStatus {
     pub bytes: u64,
     /// Paths the target refused since the start (each try counted).
     pub failures: u64,
+    /// Deletions the mass-delete guard holds back (paths), everything else still sent;
+    /// `ferry confirm-deletes GROUP` releases them.
+    #[serde(default)]
+    pub held_deletes: u64,
+    /// Why they are held.
+    #[serde(default)]
+    pub held_why: Option<String>,
+    /// Mass deletions applied into the module's history since the start (the guard would have
+    /// held them without it); the last one said in `last_mass_change`.
+    #[serde(default)]
+    pub mass_changes: u64,
+    /// The last of them.
+    #[serde(default)]
+    pub last_mass_change: Option<String>,
 }
 
 /// What the running sender says about itself.
@@ -115,6 +129,11 @@ struct Live {
     deleted: u64,
     bytes: u64,
     failures: u64,
+    held: Option<crate::execute::Held>,
+    mass_changes: u64,
+    last_mass_change: Option<String>,
+    /// Operator confirmations of held deletions so far.
+    confirmations: u64,
 }
 
 #[derive(Debug)]
@@ -180,6 +199,10 @@ impl Board {
                 deleted: 0,
                 bytes: 0,
                 failures: 0,
+                held: None,
+                mass_changes: 0,
+                last_mass_change: None,
+                confirmations: 0,
             },
         };
         self.lock().entries.insert(key.clone(), entry);
@@ -192,6 +215,30 @@ impl Board {
     /// Forgets every pair of `group` (it was removed or is being restarted).
     pub fn remove_group(&self, group: &str) {
         self.lock().entries.retain(|(g, _), _| g != group);
+    }
+
+    /// `ferry confirm-deletes GROUP`: every target of `group` applies the deletions its guard
+    /// holds, through a whole compare queued now. Returns the targets told, or why none.
+    pub fn confirm_deletes(&self, group: &str) -> Result<Vec<String>, String> {
+        let mut inner = self.lock();
+        let mut told = Vec::new();
+        for ((g, t), e) in inner.entries.iter_mut() {
+            if g == group {
+                e.live.confirmations += 1;
+                e.queue.push([crate::coalesce::Change::Full]);
+                told.push(t.clone());
+            }
+        }
+        if told.is_empty() {
+            let groups: std::collections::BTreeSet<&str> =
+                inner.entries.keys().map(|(g, _)| g.as_str()).collect();
+            let known: Vec<&str> = groups.into_iter().collect();
+            return Err(format!(
+                "no sync group {group:?} in the running sender (groups: {})",
+                known.join(", ")
+            ));
+        }
+        Ok(told)
     }
 
     /// Notes that a configuration was (re)loaded now.
@@ -228,6 +275,10 @@ impl Board {
                     deleted: l.deleted,
                     bytes: l.bytes,
                     failures: l.failures,
+                    held_deletes: l.held.as_ref().map_or(0, |h| h.paths),
+                    held_why: l.held.as_ref().map(|h| h.why.clone()),
+                    mass_changes: l.mass_changes,
+                    last_mass_change: l.last_mass_change.clone(),
                 }
             })
             .collect();
@@ -275,9 +326,35 @@ impl Tracker {
         self.with(|l| l.last_error = Some((error.to_string(), Instant::now())));
     }
 
+    /// Operator confirmations of held deletions so far (see [`Board::confirm_deletes`]).
+    pub fn confirmations(&self) -> u64 {
+        let mut n = 0;
+        self.with(|l| n = l.confirmations);
+        n
+    }
+
     /// A batch was sent; `full` if it was a whole-tree compare.
     pub fn sent(&self, report: &Report, full: bool) {
         self.with(|l| {
+            // A whole compare says all that is held; a live batch adds to it.
+            match (&report.held, full) {
+                (Some(h), _) if h.whole => l.held = Some(h.clone()),
+                (Some(h), _) => {
+                    let before = l.held.take();
+                    l.held = Some(crate::execute::Held {
+                        paths: before.as_ref().map_or(0, |b| b.paths) + h.paths,
+                        entries: before.as_ref().map_or(0, |b| b.entries) + h.entries,
+                        why: h.why.clone(),
+                        whole: false,
+                    });
+                }
+                (None, true) => l.held = None,
+                (None, false) => {}
+            }
+            if let Some(m) = &report.mass_change {
+                l.mass_changes += 1;
+                l.last_mass_change = Some(m.clone());
+            }
             l.files += report.files + report.rsync_paths;
             l.deleted += report.deleted;
             l.bytes += report.bytes_sent.max(report.payload_bytes);

@@ -110,6 +110,9 @@ pub trait Transport: Send {
     fn connect(&mut self) -> impl Future<Output = Result<bool, String>> + Send;
     /// Sends one batch.
     fn send(&mut self, batch: &Batch) -> impl Future<Output = Outcome> + Send;
+    /// The operator confirmed the deletions the guard holds: the next whole compare (which
+    /// the confirmation queued) may delete past the guard, once.
+    fn confirm_deletes(&mut self);
     /// Drops the connection (it failed, or a batch was abandoned).
     fn disconnect(&mut self);
     /// Closes the connection cleanly at shutdown.
@@ -168,9 +171,17 @@ impl<T: Transport> Worker<T> {
         let mut summary = Report::default();
         let mut last_summary = now();
         let mut last_release = now();
+        let mut confirmations = self.status.confirmations();
         loop {
             if !wait_for_work(&self.queue, &self.shutdown).await {
                 break;
+            }
+            // `ferry confirm-deletes`: it queued a whole compare; the transport applies it
+            // past the guard.
+            let confirmed = self.status.confirmations();
+            if confirmed != confirmations {
+                confirmations = confirmed;
+                self.transport.confirm_deletes();
             }
             // A missing source (unmounted disk, removed directory) pauses the group: sending
             // from it would delete the backup. One error, then a quiet re-check.

@@ -72,6 +72,11 @@ impl Live {
     }
 
     /// The pair's status, as `ferry status` shows it.
+    /// `ferry confirm-deletes` of the group, as the status socket passes it on.
+    pub fn confirm_deletes(&self, group: &str) {
+        self.board.confirm_deletes(group).unwrap();
+    }
+
     pub fn status(&self) -> TargetStatus {
         self.board.snapshot().targets.remove(0)
     }
@@ -87,6 +92,14 @@ impl Live {
             assert!(tokio::time::Instant::now() < deadline, "{what}: {s:?}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Waits until the target is connected and owes nothing but held deletions.
+    pub async fn settled_or_holding(&self, within: Duration) {
+        self.wait(within, "settled or holding", |s| {
+            s.state.name() == "connected" && s.pending == 0
+        })
+        .await
     }
 
     /// Waits until the worker owes nothing and is connected.

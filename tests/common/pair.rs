@@ -152,6 +152,7 @@ pub async fn welcome(stream: DuplexStream) -> Option<Scripted> {
         devices: false,
         setid: false,
         xattrs: Default::default(),
+        history: false,
     };
     server_answer(&mut writer, Ok(keeps)).await.ok()?;
     Some((reader, writer))

@@ -149,6 +149,24 @@ impl Site {
         }
     }
 
+    /// Waits (`secs` at most) until every target of the running sender is connected and owes
+    /// nothing but the deletions its guard holds.
+    pub fn wait_settled_or_holding(&self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, v) = self.status();
+            let done = v["targets"].as_array().is_some_and(|ts| {
+                ts.iter()
+                    .all(|t| t["state"] == "connected" && t["pending"] == 0)
+            });
+            if done {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not settled after {secs}s: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (`secs` at most) until the running sender's only target is in `state`.
     pub fn wait_state(&self, state: &str, secs: u64) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(secs);

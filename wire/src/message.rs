@@ -21,7 +21,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -65,6 +65,9 @@ pub struct Keeps {
     /// Extended attribute namespaces the receiver can write there (its privileges and the
     /// module filesystem's support).
     pub xattrs: Namespaces,
+    /// The module keeps history: what a change replaces or deletes there can be brought back
+    /// (protocol 7), so a mass deletion needs no operator to be safe.
+    pub history: bool,
 }
 
 /// One entry of a [`Message::DirDigests`] reply.

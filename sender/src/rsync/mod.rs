@@ -165,14 +165,21 @@ pub async fn full(
         args.push("--delete".to_string());
         if group.guard.active() {
             let held = module_entries(group, target, address).await;
-            // rsync --delete from an empty source wipes the module (a disk that did not mount).
+            // rsync --delete from an empty source wipes the module (a disk that did not mount):
+            // the run goes without --delete, everything held.
             if source_is_empty(group) {
                 if let Some(why) = group.guard.objection(held, held, true) {
-                    return Verdict::Guarded(format!(
-                        "sync {}: {why}; `rsync --delete` was not run. {}",
-                        group.name,
-                        confirm_hint(group)
-                    ));
+                    args.pop();
+                    let (verdict, _) = run(group, target, address, &RelPath::root(), args).await;
+                    return match verdict {
+                        Verdict::Done => Verdict::Guarded(format!(
+                            "sync {}: {why}; holding every deletion (`rsync --delete` was not \
+                             run), replicating everything else. {}",
+                            group.name,
+                            confirm_hint(group)
+                        )),
+                        v => v,
+                    };
                 }
             }
             // The module before the window's live deletions, and all of them, as a ferry
@@ -201,9 +208,9 @@ pub async fn full(
 /// The operator's way out of a held deletion.
 fn confirm_hint(group: &SyncGroup) -> String {
     format!(
-        "If that is what you want, stop the daemon and run `ferry send --once \
-         --confirm-deletes {} --config …`",
-        group.name
+        "If they are meant, run `ferry confirm-deletes {}` (or, without the daemon, `ferry \
+         send --once --confirm-deletes {} --config …`)",
+        group.name, group.name
     )
 }
 
@@ -212,7 +219,8 @@ fn confirm_hint(group: &SyncGroup) -> String {
 fn held_message(group: &SyncGroup, deleted: u64, rsync: &str) -> String {
     format!(
         "sync {}: this would delete more than the delete guard allows ({}% of the module, at \
-         least {}): {deleted} entries were deleted in this run and the rest held ({rsync}). {}",
+         least {}): {deleted} entries were deleted in this run and the rest held ({rsync}); \
+         everything else is still sent. {}",
         group.name,
         group.guard.percent,
         group.guard.min,
@@ -231,6 +239,7 @@ pub async fn batch(
     address: &str,
     batch: &Batch,
     tally: &mut DeleteTally,
+    holding: Option<&str>,
 ) -> (Verdict, usize) {
     // rsync has no rename: each is its two names (the batch pipeline's rule).
     let filter = &group.filter;
@@ -267,7 +276,10 @@ pub async fn batch(
     // Deletions (only when there are any) go first, one run per parent directory with bare
     // names: rsync 3.2.7 fails ("invalid file mode 00", exit 2) when a missing argument
     // shares its list with any directory, implied ones included. Then one run for the rest.
-    if group.delete {
+    let mut guarded = None;
+    if group.delete && holding.is_some() && !lists.missing.is_empty() {
+        guarded = holding.map(str::to_string);
+    } else if group.delete {
         for (parent, names) in by_parent(&lists.missing) {
             // --force: a directory deleted here is removed there with its contents (without
             // it rsync only warns, and exits 0).
@@ -286,9 +298,11 @@ pub async fn batch(
             }
             match v {
                 Verdict::Done => {}
+                // The rest of the deletions wait; what changed still goes.
                 Verdict::Guarded(why) => {
                     let deleted = deletions(&out);
-                    return (Verdict::Guarded(held_message(group, deleted, &why)), n);
+                    guarded = Some(held_message(group, deleted, &why));
+                    break;
                 }
                 v => return (v, n),
             }
@@ -302,14 +316,12 @@ pub async fn batch(
     if !send.is_empty() {
         let root = RelPath::root();
         let ignore = vec!["--ignore-missing-args".to_string()];
-        return (
-            with_list(group, target, address, &root, &send, ignore)
-                .await
-                .0,
-            n,
-        );
+        let (v, _) = with_list(group, target, address, &root, &send, ignore).await;
+        if v != Verdict::Done {
+            return (v, n);
+        }
     }
-    (Verdict::Done, n)
+    (guarded.map_or(Verdict::Done, Verdict::Guarded), n)
 }
 
 /// Groups missing paths by parent directory (the topmost missing path of a subtree only),
@@ -478,6 +490,32 @@ pub struct RsyncLink {
     pub observer: Arc<dyn Observer>,
     /// Deletions of the delete guard's window.
     pub tally: DeleteTally,
+    /// Why deletions are held (see [`crate::batch::Learned::holding`]).
+    pub holding: Option<String>,
+    /// The operator confirmed held deletions: the next whole run applies them.
+    pub confirm: bool,
+}
+
+impl RsyncLink {
+    /// A link to `address`'s module for `group`, not yet run.
+    pub fn new(
+        group: SyncGroup,
+        name: String,
+        address: String,
+        rsync: RsyncTarget,
+        observer: Arc<dyn Observer>,
+    ) -> RsyncLink {
+        RsyncLink {
+            group,
+            name,
+            address,
+            rsync,
+            observer,
+            tally: DeleteTally::default(),
+            holding: None,
+            confirm: false,
+        }
+    }
 }
 
 impl Transport for RsyncLink {
@@ -489,21 +527,50 @@ impl Transport for RsyncLink {
     async fn send(&mut self, b: &Batch) -> Outcome {
         let started = Instant::now();
         // A killed rsync (an abandoned batch) leaves only its own temp names behind.
+        let confirmed = (self.confirm && b.full).then(|| {
+            let mut g = self.group.clone();
+            g.guard.confirmed = true;
+            g
+        });
+        let g = confirmed.as_ref().unwrap_or(&self.group);
         let (verdict, listed) = if b.full {
             let tally = &mut self.tally;
-            (
-                full(&self.group, &self.rsync, &self.address, tally).await,
-                0,
-            )
+            (full(g, &self.rsync, &self.address, tally).await, 0)
         } else {
-            batch(&self.group, &self.rsync, &self.address, b, &mut self.tally).await
+            let holding = self.holding.as_deref();
+            batch(g, &self.rsync, &self.address, b, &mut self.tally, holding).await
         };
         let (group, target) = (self.group.name.as_str(), self.name.as_str());
+        let held = match &verdict {
+            Verdict::Guarded(why) => {
+                if self.holding.is_none() {
+                    tracing::error!(sync = group, target, "{why}");
+                }
+                self.holding = Some(why.clone());
+                Some(crate::execute::Held {
+                    paths: 0,
+                    entries: 0,
+                    why: why.clone(),
+                    whole: b.full,
+                })
+            }
+            Verdict::Done if b.full => {
+                if self.holding.take().is_some() {
+                    tracing::info!(sync = group, target, "deletions no longer held");
+                }
+                if confirmed.is_some() {
+                    self.confirm = false;
+                }
+                None
+            }
+            _ => None,
+        };
         match verdict {
-            Verdict::Done => {
+            Verdict::Done | Verdict::Guarded(_) => {
                 let report = Report {
                     rsync_paths: listed as u64,
                     elapsed: started.elapsed(),
+                    held,
                     ..Report::default()
                 };
                 if b.full {
@@ -530,8 +597,11 @@ impl Transport for RsyncLink {
                 "module {}: {msg}; fix the target's configuration and restart ferry",
                 self.group.module
             )),
-            Verdict::Guarded(msg) => Outcome::Stop(msg),
         }
+    }
+
+    fn confirm_deletes(&mut self) {
+        self.confirm = true;
     }
 
     fn disconnect(&mut self) {}
