@@ -576,6 +576,11 @@ fn the_ransomware_pattern_slipped_past_the_guard() {
         "more than half the originals went: {originals} of 2000 left"
     );
     assert_eq!(locked, 2000, "everything but the deletions still arrives");
+    let log = backup_log(&backup);
+    assert!(
+        log.contains("keeps no history: it is a mirror"),
+        "said at start: {log}"
+    );
 }
 
 /// kill -9 of the receiver, then of the sender, in the middle of big transfers: nothing torn

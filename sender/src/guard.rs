@@ -4,11 +4,13 @@
 //!
 //! A whole-tree compare (start-up, overflow, `send --once`) knows both sides exactly and asks
 //! [`DeleteGuard::objection`] directly. Live batches do not list the module, so each target
-//! keeps a [`DeleteTally`]: the module's size after the last whole compare and the entries deleted
-//! live since, over a sliding [`DELETE_WINDOW`]. When the deletions of a batch, added to the
-//! window, would meet the same rule, or would leave the source empty, the batch is not acted on
-//! piecemeal: the target runs a whole-tree compare instead, which deletes what the rule allows
-//! and pauses the target otherwise.
+//! keeps a [`DeleteTally`]: the module's size (after the last whole compare, grown by live
+//! batches while no deletion is in the window, so it is the size the window's deletions began
+//! from) and the entries deleted live, over a sliding [`DELETE_WINDOW`]. When the deletions of
+//! a batch, added to the window, would meet the same rule, or would leave the source empty,
+//! the batch is not acted on piecemeal: the target runs a whole-tree compare instead. When the
+//! rule objects, a module with history takes the deletions (nothing is lost); one without
+//! holds them — and only them — until an operator confirms (`ferry confirm-deletes`).
 
 use ferry_protocol::RelPath;
 use std::collections::{BTreeMap, VecDeque};
@@ -17,8 +19,9 @@ use std::time::{Duration, Instant};
 
 /// The mass-delete guard of a group: a whole-tree compare that would delete at least
 /// `percent` % of the module's entries, and at least `min` of them, or that finds the source
-/// empty while the module holds [`EMPTY_SOURCE_FLOOR`] entries or more, pauses the target until an operator confirms with
-/// `ferry send --once --confirm-deletes GROUP`.
+/// empty while the module holds [`EMPTY_SOURCE_FLOOR`] entries or more, holds its deletions
+/// (on a module without history) until an operator confirms with `ferry confirm-deletes
+/// GROUP`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteGuard {
     /// Share of the module's entries (0 switches the guard off).

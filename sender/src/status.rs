@@ -22,8 +22,8 @@ pub enum State {
     Retrying,
     /// Nothing is sent for a reason outside ferry (the source is missing).
     Paused,
-    /// This target is given up until the daemon is restarted or reloaded (the mass-delete
-    /// guard held, or the target cannot work as configured).
+    /// This target is given up until the daemon is restarted or reloaded (it cannot work as
+    /// configured). The mass-delete guard never stops a target: it holds deletions only.
     Stopped,
 }
 
