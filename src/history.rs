@@ -1,15 +1,82 @@
-//! `ferry history`: the kept versions of a module's paths, read on the backup host straight
-//! from the module's history journal (the receiver need not run).
+//! `ferry history`: the kept versions of a module's paths. On the backup host it reads the
+//! module's history journal itself (the receiver need not run); from a source host it asks
+//! the receiver over a read session, for the modules that host may read.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use ferry_protocol::message::{Intent, Version};
 use ferry_protocol::RelPath;
-use ferry_receiver::history::{read_versions, Version};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// Lists the versions at or below `path` (the whole module without) of `module` in the
-/// receiver configuration `config`, oldest first; `json` prints one JSON array.
-pub fn history(config: &Path, module: &str, path: Option<&str>, json: bool) -> Result<u8> {
+/// `ferry history --config FILE ARGS`: with a receiver.toml, ARGS are `MODULE [PATH]`; with a
+/// sender.toml, `[PATH]` of the group `group` (on `target`, or its first ferry target).
+pub async fn history(
+    config: &Path,
+    args: &[String],
+    group: Option<&str>,
+    target: Option<&str>,
+    json: bool,
+) -> Result<u8> {
+    let text = std::fs::read_to_string(config)
+        .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), ferry_protocol::io_reason(&e)))?;
+    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let receiver = table.contains_key("listen") || table.contains_key("modules");
+    let (versions, place) = if receiver {
+        let [module, rest @ ..] = args else {
+            bail!("{}: a receiver configuration: name the module (`ferry history --config {} MODULE [PATH]`)", config.display(), config.display());
+        };
+        if group.is_some() || target.is_some() {
+            bail!(
+                "--group and --target are for a sender.toml; {} is a receiver's",
+                config.display()
+            );
+        }
+        local(config, module, path_arg(rest)?)?
+    } else {
+        let Some(group) = group else {
+            bail!(
+                "{}: a sender configuration: name the sync group (`--group NAME`)",
+                config.display()
+            );
+        };
+        remote(config, group, target, path_arg(args)?).await?
+    };
+    if json {
+        let out: Vec<serde_json::Value> = versions.iter().map(as_json).collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(0);
+    }
+    if versions.is_empty() {
+        println!("no versions kept ({place})");
+        return Ok(0);
+    }
+    println!(
+        "{:<24} {:<11} {:<7} {:>12}  {:>8}  PATH",
+        "SUPERSEDED (UTC)", "ACTION", "KIND", "SIZE", "ID"
+    );
+    for v in &versions {
+        println!("{}", line(v));
+    }
+    println!("{} versions; {place}", versions.len());
+    Ok(0)
+}
+
+/// The one optional PATH argument.
+fn path_arg(args: &[String]) -> Result<RelPath> {
+    match args {
+        [] => Ok(RelPath::root()),
+        [p] => {
+            let rel = RelPath::from(p.trim_matches('/'));
+            rel.validate()
+                .map_err(|why| anyhow::anyhow!("{p:?}: not a module path: {why}"))?;
+            Ok(rel)
+        }
+        more => bail!("one PATH at most, not {}", more.len()),
+    }
+}
+
+/// On the backup host: the journal itself.
+fn local(config: &Path, module: &str, under: RelPath) -> Result<(Vec<Version>, String)> {
     let config = ferry_receiver::Config::load(config)?;
     let Some(m) = config.modules.get(module) else {
         let known: Vec<&str> = config.modules.keys().map(String::as_str).collect();
@@ -26,41 +93,72 @@ pub fn history(config: &Path, module: &str, path: Option<&str>, json: bool) -> R
             config.file.display()
         );
     };
-    let under = match path {
-        None => RelPath::root(),
-        Some(p) => {
-            let rel = RelPath::from(p.trim_matches('/'));
-            rel.validate()
-                .map_err(|why| anyhow::anyhow!("{p:?}: not a module path: {why}"))?;
-            rel
-        }
+    let versions = ferry_receiver::history::read_versions(&h.dir, &under)?;
+    let place = format!("a kept entry is {}/objects/ID", h.dir.display());
+    Ok((versions.iter().map(|v| v.to_wire()).collect(), place))
+}
+
+/// From a source host: the receiver's answer over a read session.
+async fn remote(
+    config: &Path,
+    group: &str,
+    target: Option<&str>,
+    under: RelPath,
+) -> Result<(Vec<Version>, String)> {
+    let config = ferry_sender::Config::load(config)?;
+    let Some(g) = config.syncs.iter().find(|g| g.name == group) else {
+        let known: Vec<&str> = config.syncs.iter().map(|g| g.name.as_str()).collect();
+        bail!("no sync group {group:?} (groups: {})", known.join(", "));
     };
-    let versions = read_versions(&h.dir, &under)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&versions)?);
-        return Ok(0);
-    }
-    if versions.is_empty() {
-        println!("no versions of {under} kept in {}", h.dir.display());
-        return Ok(0);
-    }
-    println!(
-        "{:<24} {:<11} {:<7} {:>12}  {:>8}  PATH",
-        "SUPERSEDED (UTC)", "ACTION", "KIND", "SIZE", "ID"
+    let ferry_targets: Vec<&String> = g
+        .targets
+        .iter()
+        .filter(|t| config.targets[*t].fingerprint().is_some())
+        .collect();
+    let name = match target {
+        Some(t) if ferry_targets.iter().any(|f| *f == t) => t.to_string(),
+        Some(t) => {
+            bail!("sync {group}: no ferry target {t:?} (its ferry targets: {ferry_targets:?})")
+        }
+        None => match ferry_targets.first() {
+            Some(t) => t.to_string(),
+            None => bail!("sync {group}: no ferry target (an rsync target keeps no history)"),
+        },
+    };
+    let identity = config.identity()?;
+    let session = config.targets[&name]
+        .connect(&identity, &g.module, Intent::Read)
+        .await
+        .with_context(|| format!("target {name}"))?;
+    let versions = session.history(&under).await;
+    session.close().await;
+    let place = format!(
+        "kept by target {name}, module {}, on the backup host",
+        g.module
     );
-    for v in &versions {
-        println!("{}", line(v));
-    }
-    println!(
-        "{} versions; a kept entry is {}/objects/ID",
-        versions.len(),
-        h.dir.display()
-    );
-    Ok(0)
+    Ok((versions.with_context(|| format!("target {name}"))?, place))
+}
+
+fn when(v: &Version) -> String {
+    let t = UNIX_EPOCH + Duration::from_nanos(v.time_ns.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn as_json(v: &Version) -> serde_json::Value {
+    serde_json::json!({
+        "id": v.id,
+        "path": v.path.to_string(),
+        "superseded": when(v),
+        "time_ns": v.time_ns,
+        "action": v.action,
+        "kind": v.kind,
+        "size": v.size,
+        "object": v.object,
+        "renamed_to": v.renamed_to.as_ref().map(|p| p.to_string()),
+    })
 }
 
 fn line(v: &Version) -> String {
-    let when = UNIX_EPOCH + Duration::from_nanos(v.time_ns.max(0) as u64);
     let id = if v.object {
         v.id.to_string()
     } else {
@@ -68,11 +166,11 @@ fn line(v: &Version) -> String {
     };
     let path = match &v.renamed_to {
         Some(to) => format!("{} -> {to}", v.path),
-        None => v.path.clone(),
+        None => v.path.to_string(),
     };
     format!(
         "{:<24} {:<11} {:<7} {:>12}  {:>8}  {path}",
-        humantime::format_rfc3339_seconds(when).to_string(),
+        when(v),
         v.action,
         v.kind,
         v.size,

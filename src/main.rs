@@ -129,20 +129,26 @@ enum Command {
         /// Where to write.
         dir: PathBuf,
     },
-    /// On the backup host: list the kept versions of a module's paths (time each stopped being
-    /// current, action, kind, size, where it is kept), oldest first, from the module's history
-    /// journal; the receiver need not run.
+    /// List the kept versions of a module's paths (when each stopped being current, action,
+    /// kind, size, where it is kept), oldest first. On the backup host: `--config
+    /// receiver.toml MODULE [PATH]`, from the module's history journal (the receiver need not
+    /// run). From a source host: `--config sender.toml --group NAME [PATH]`, asked of the
+    /// group's receiver over a read session.
     History {
-        /// receiver.toml
+        /// receiver.toml or sender.toml.
         #[arg(long)]
         config: PathBuf,
-        /// The module.
-        module: String,
-        /// Only this path and what is below it.
-        path: Option<String>,
+        /// The sync group (with a sender.toml).
+        #[arg(long)]
+        group: Option<String>,
+        /// Its ferry target to ask (default: its first).
+        #[arg(long, requires = "group")]
+        target: Option<String>,
         /// Print JSON instead.
         #[arg(long)]
         json: bool,
+        /// MODULE [PATH] with a receiver.toml; [PATH] with a sender.toml.
+        args: Vec<String>,
     },
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
     Stats {
@@ -499,10 +505,11 @@ async fn run(command: Command) -> Result<u8> {
         Command::Stats { config } => send::stats(&config).await,
         Command::History {
             config,
-            module,
-            path,
+            group,
+            target,
             json,
-        } => history::history(&config, &module, path.as_deref(), json),
+            args,
+        } => history::history(&config, &args, group.as_deref(), target.as_deref(), json).await,
         Command::CheckConfig { file } => check_config(&file),
         Command::Manual { dir } => manual(&dir),
         Command::Import(what) => import::import(what),

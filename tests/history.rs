@@ -352,6 +352,17 @@ fn ransomware_drill_live_every_original_stays_in_history() {
     assert!(listed
         .iter()
         .all(|v| v["path"].as_str().unwrap().starts_with("d3/")));
+    // From the source host, over a read session: the same versions.
+    let o = run(ferry()
+        .args(["history", "--json", "--group", "file", "--config"])
+        .arg(site.config())
+        .arg("d3"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let remote: Vec<serde_json::Value> = serde_json::from_str(&stdout(&o)).unwrap();
+    let ids = |vs: &[serde_json::Value]| -> Vec<i64> {
+        vs.iter().map(|v| v["id"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(ids(&remote), ids(&listed));
     let o = run(ferry()
         .args(["history", "--config"])
         .arg(&config)
@@ -534,4 +545,37 @@ fn a_mass_deletion_into_history_is_applied_and_said_once() {
         );
     }
     assert_consistent(&history);
+}
+
+/// A sender asks a module's history over its session: the versions the journal holds, or a
+/// refusal naming the module when it keeps none. Asking changes nothing.
+#[tokio::test]
+async fn history_over_a_session_lists_versions_or_says_there_is_none() {
+    let mut mirror = Pair::new();
+    let session = mirror.session().await;
+    let none = session.history(&"".into()).await.unwrap_err().to_string();
+    assert!(none.contains("module file keeps no history"), "{none}");
+    session.close().await;
+
+    let mut pair = Pair::with_history(Keep::default());
+    fs::create_dir(pair.dst.join("a")).unwrap();
+    let session = pair.session().await;
+    for v in 0..3u8 {
+        push_whole(&session, "a/f", &[v; 10]).await.unwrap();
+    }
+    let versions = session.history(&"a".into()).await.unwrap();
+    let got: Vec<(String, &str, u64)> = versions
+        .iter()
+        .map(|v| (v.path.to_string(), v.action.as_str(), v.size))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a/f".to_string(), "replaced", 10),
+            ("a/f".to_string(), "replaced", 10)
+        ]
+    );
+    assert!(session.history(&"b".into()).await.unwrap().is_empty());
+    assert_eq!(rows(&pair.history()).len(), 2);
+    session.close().await;
 }

@@ -197,6 +197,28 @@ pub struct Version {
     pub renamed_to: Option<String>,
     /// Its metadata then (mode, owner, times, attributes), as JSON.
     pub meta: String,
+    /// `path` as stored (any bytes).
+    #[serde(skip)]
+    pub raw_path: Vec<u8>,
+    /// `renamed_to` as stored.
+    #[serde(skip)]
+    pub raw_renamed_to: Option<Vec<u8>>,
+}
+
+impl Version {
+    /// As the protocol carries it (`ferry history` from a source host).
+    pub fn to_wire(&self) -> ferry_protocol::message::Version {
+        ferry_protocol::message::Version {
+            id: self.id,
+            path: RelPath::from_bytes(self.raw_path.clone()),
+            time_ns: self.time_ns,
+            action: self.action.clone(),
+            kind: self.kind.clone(),
+            size: self.size,
+            object: self.object,
+            renamed_to: self.raw_renamed_to.clone().map(RelPath::from_bytes),
+        }
+    }
 }
 
 /// What a module's history holds, for metrics.
@@ -840,17 +862,20 @@ fn versions_in(db: &Connection, under: &RelPath) -> io::Result<Vec<Version>> {
         };
     let mut q = db.prepare(sql).map_err(db_err)?;
     let map = |r: &rusqlite::Row<'_>| {
-        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let (raw_path, raw_renamed_to): (Vec<u8>, Option<Vec<u8>>) = (r.get(1)?, r.get(7)?);
         Ok(Version {
             id: r.get(0)?,
-            path: text(r.get(1)?),
+            path: text(&raw_path),
             time_ns: r.get(2)?,
             action: r.get(3)?,
             kind: r.get(4)?,
             size: r.get::<_, i64>(5)? as u64,
             object: r.get::<_, i64>(6)? != 0,
-            renamed_to: r.get::<_, Option<Vec<u8>>>(7)?.map(text),
+            renamed_to: raw_renamed_to.as_deref().map(text),
             meta: r.get(8)?,
+            raw_path,
+            raw_renamed_to,
         })
     };
     let rows = if under.is_root() {

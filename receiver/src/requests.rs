@@ -12,6 +12,9 @@
 //! in arrival order.
 
 use crate::apply::Apply;
+
+/// Versions per `Versions` frame.
+const HISTORY_BATCH: usize = 500;
 use crate::commit::MAX_SEALED;
 use crate::incoming::{Outcome, Transfers};
 use crate::module::{module_filter, ModuleState};
@@ -306,6 +309,7 @@ impl Requests {
                     counters: self.fs.stats.snapshot(),
                 });
             }
+            Message::History { id, under } => self.history(id, &under),
             Message::Bye => return Flow::Stop,
             other => {
                 tracing::warn!(
@@ -317,6 +321,45 @@ impl Requests {
             }
         }
         Flow::Continue
+    }
+
+    /// Answers `History`: the module's kept versions at or below `under`, in batches.
+    fn history(&mut self, id: RequestId, under: &RelPath) {
+        let Some(history) = &self.fs.state.history else {
+            let module = self.fs.module().to_string();
+            self.fail(
+                id,
+                format!("module {module} keeps no history: it is a mirror"),
+            );
+            return;
+        };
+        if let Err(why) = under.validate() {
+            self.fail(id, format!("{under}: {why}"));
+            return;
+        }
+        let versions = match history.versions(under) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail(id, format!("{under}: {e}"));
+                return;
+            }
+        };
+        let wire: Vec<_> = versions.iter().map(|v| v.to_wire()).collect();
+        let mut chunks = wire.chunks(HISTORY_BATCH).peekable();
+        if chunks.peek().is_none() {
+            self.reply(Message::Versions {
+                id,
+                versions: Vec::new(),
+                done: true,
+            });
+        }
+        while let Some(chunk) = chunks.next() {
+            let done = chunks.peek().is_none();
+            let versions = chunk.to_vec();
+            if !self.reply(Message::Versions { id, versions, done }) {
+                return;
+            }
+        }
     }
 
     /// The group commit: sealed files made durable and named, dirty directories made

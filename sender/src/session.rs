@@ -7,7 +7,7 @@ use ferry_protocol::connection::{
     client_handshake, ConnError, FrameReader, FrameWriter, STALL_TIMEOUT,
 };
 use ferry_protocol::identity::Identity;
-use ferry_protocol::message::{DigestEntry, Intent, Keeps, Message, RequestId};
+use ferry_protocol::message::{DigestEntry, Intent, Keeps, Message, RequestId, Version};
 use ferry_protocol::meta::Compare;
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{Entry, Fingerprint, RelPath};
@@ -354,7 +354,10 @@ impl Session {
         let (tx, rx) = oneshot::channel();
         let msg = make(self.enter(Waiter::Once(tx)));
         debug_assert!(
-            !matches!(msg, Message::List { .. } | Message::FileBegin { .. }),
+            !matches!(
+                msg,
+                Message::List { .. } | Message::FileBegin { .. } | Message::History { .. }
+            ),
             "{} is answered in steps",
             msg.name()
         );
@@ -397,6 +400,26 @@ impl Session {
             match self.reply(&mut rx).await? {
                 Message::Listing { entries, done, .. } => {
                     out.extend(entries);
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(self.unanswered(other, under)),
+            }
+        }
+    }
+
+    /// The versions the module's history keeps at or below `under`, oldest first (a refusal
+    /// for a module without history).
+    pub async fn history(&self, under: &RelPath) -> Result<Vec<Version>, SessionError> {
+        let (id, mut rx) = self.register();
+        let under_ = under.clone();
+        self.send(Message::History { id, under: under_ }).await?;
+        let mut out = Vec::new();
+        loop {
+            match self.reply(&mut rx).await? {
+                Message::Versions { versions, done, .. } => {
+                    out.extend(versions);
                     if done {
                         return Ok(out);
                     }

@@ -70,6 +70,27 @@ pub struct Keeps {
     pub history: bool,
 }
 
+/// One kept version of a module path, as [`Message::Versions`] carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// Its id in the module's history (`HISTORY/objects/ID` when `object`).
+    pub id: i64,
+    /// The module path it was at.
+    pub path: RelPath,
+    /// When it stopped being current (ns since the epoch, UTC).
+    pub time_ns: i64,
+    /// `replaced`, `deleted`, `renamed`, `metadata` or `unjournaled`.
+    pub action: String,
+    /// `file`, `dir`, `symlink`, `fifo`, `char` or `block`.
+    pub kind: String,
+    /// Size in bytes (a file's).
+    pub size: u64,
+    /// The history holds the entry itself (not only its old metadata or a rename).
+    pub object: bool,
+    /// For a rename, where it went.
+    pub renamed_to: Option<RelPath>,
+}
+
 /// One entry of a [`Message::DirDigests`] reply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DigestEntry {
@@ -256,6 +277,15 @@ pub enum Message {
         /// Request id.
         id: RequestId,
     },
+    /// The versions the module's history keeps at or below `under` (protocol 7); answered by
+    /// `Versions` batches, or `Failed` for a module that keeps no history. A read: it never
+    /// changes the history.
+    History {
+        /// Request id.
+        id: RequestId,
+        /// The path (the root for the whole module).
+        under: RelPath,
+    },
     /// The sender is done; the receiver closes after answering everything before it.
     Bye,
 
@@ -320,6 +350,15 @@ pub enum Message {
         /// `(name, value)` counters.
         counters: Vec<(String, u64)>,
     },
+    /// A batch of the answer to `History`, oldest first; `done` marks the last.
+    Versions {
+        /// Request id.
+        id: RequestId,
+        /// The versions.
+        versions: Vec<Version>,
+        /// Last batch.
+        done: bool,
+    },
     /// The receiver is there: sent every `ferry_protocol::connection::HEARTBEAT` while a session is
     /// open, whatever its requests are doing, so a sender waiting on replies can tell a slow
     /// receiver from a link or a process that went silent.
@@ -332,6 +371,7 @@ impl Message {
     pub fn subject(&self) -> Option<&RelPath> {
         match self {
             Message::List { under: path, .. }
+            | Message::History { under: path, .. }
             | Message::Mkdir { path, .. }
             | Message::Symlink { path, .. }
             | Message::Special { path, .. }
@@ -355,7 +395,8 @@ impl Message {
             | Message::NoBase { id }
             | Message::Resume { id, .. }
             | Message::DirDigests { id, .. }
-            | Message::StatsReply { id, .. } => Some(*id),
+            | Message::StatsReply { id, .. }
+            | Message::Versions { id, .. } => Some(*id),
             _ => None,
         }
     }
@@ -379,7 +420,7 @@ impl Message {
     /// `Signature`/`NoBase`/`Resume` answer a `FileBegin` halfway; a `Listing` ends with `done`.
     pub fn is_final_reply(&self) -> bool {
         match self {
-            Message::Listing { done, .. } => *done,
+            Message::Listing { done, .. } | Message::Versions { done, .. } => *done,
             Message::Signature { .. } | Message::NoBase { .. } | Message::Resume { .. } => false,
             other => other.reply_id().is_some(),
         }
@@ -416,6 +457,8 @@ impl Message {
             Message::Resume { .. } => "Resume",
             Message::DirDigests { .. } => "DirDigests",
             Message::StatsReply { .. } => "StatsReply",
+            Message::History { .. } => "History",
+            Message::Versions { .. } => "Versions",
             Message::Alive => "Alive",
         }
     }
