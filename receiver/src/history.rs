@@ -41,6 +41,8 @@ pub const JOURNAL: &str = "journal.sqlite3";
 pub const OBJECTS: &str = "objects";
 /// How often a module's history is pruned (at most).
 pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Rows read per page when pruning by the rules.
+const PRUNE_PAGE: usize = 5_000;
 /// Rows pruned per transaction: pruning never holds the journal for long.
 const PRUNE_STEP: usize = 500;
 
@@ -715,35 +717,43 @@ impl History {
     /// If space is still short with only the floor left, writes are refused until it is not.
     /// Returns how many versions went.
     pub fn prune(&self, now: i64) -> io::Result<u64> {
-        let by_rule = {
-            let db = self.db.lock().expect("journal lock");
-            let mut q = db
-                .prepare("SELECT id, path, time_ns FROM versions ORDER BY path, time_ns")
-                .map_err(db_err)?;
-            let rows = q
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })
-                .map_err(db_err)?;
-            let mut out = Vec::new();
-            let mut group: Vec<(i64, i64)> = Vec::new();
-            let mut last: Option<Vec<u8>> = None;
-            for row in rows {
-                let (path, id, t) = row.map_err(db_err)?;
-                if last.as_ref() != Some(&path) {
-                    out.extend(self.keep.prune_of(&group, now));
+        // Read in pages, the journal's lock let go between them, so a commit never waits
+        // for more than one page however long the history is.
+        let mut by_rule = Vec::new();
+        let mut group: Vec<(i64, i64)> = Vec::new();
+        let mut last: Option<(Vec<u8>, i64, i64)> = None;
+        loop {
+            let page: Vec<(Vec<u8>, i64, i64)> = {
+                let db = self.db.lock().expect("journal lock");
+                let mut q = db
+                    .prepare_cached(
+                        "SELECT path, time_ns, id FROM versions \
+                         WHERE (path, time_ns, id) > (?1, ?2, ?3) \
+                         ORDER BY path, time_ns, id LIMIT ?4",
+                    )
+                    .map_err(db_err)?;
+                let (p, t, i) = last.clone().unwrap_or((Vec::new(), i64::MIN, i64::MIN));
+                let rows = q
+                    .query_map(params![p, t, i, PRUNE_PAGE as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .map_err(db_err)?;
+                rows.collect::<Result<_, _>>().map_err(db_err)?
+            };
+            let Some(end) = page.last().cloned() else {
+                break;
+            };
+            for (path, t, id) in page {
+                if last.as_ref().is_some_and(|l| l.0 != path) {
+                    by_rule.extend(self.keep.prune_of(&group, now));
                     group.clear();
-                    last = Some(path);
                 }
                 group.push((id, t));
+                last = Some((path, t, id));
             }
-            out.extend(self.keep.prune_of(&group, now));
-            out
-        };
+            last = Some(end);
+        }
+        by_rule.extend(self.keep.prune_of(&group, now));
         let mut gone = self.remove(&by_rule)?;
         let floor = now - self.keep.floor.as_nanos() as i64;
         while self.short_of_space()? {
@@ -1024,5 +1034,56 @@ mod tests {
             e.contains("another filesystem") && e.contains("/proc"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pruning_reads_the_journal_in_pages_and_keeps_one_per_period_per_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (module, dir) = (tmp.path().join("module"), tmp.path().join("history"));
+        fs::create_dir(&module).unwrap();
+        fs::write(module.join("f"), b"f").unwrap();
+        let keep = Keep {
+            rules: vec![
+                "all for 1h".parse().unwrap(),
+                "hourly for 1d".parse().unwrap(),
+            ],
+            ..Keep::default()
+        };
+        let h = History::open("m", &module, &dir, keep).unwrap();
+        // Three paths' worth of rows, more than two pages, all within one clock hour.
+        let per_path = PRUNE_PAGE + 7; // so a path's versions straddle pages
+        let mut rows = Vec::new();
+        for name in ["a", "b", "c"] {
+            for _ in 0..per_path {
+                let rel = RelPath::from(name);
+                let row = h.note(
+                    &module.join("f"),
+                    &rel,
+                    Action::Metadata,
+                    Namespaces::NONE,
+                    None,
+                );
+                rows.push(row.unwrap().unwrap());
+            }
+        }
+        let t = rows[0].time_ns;
+        let hour = 3_600_000_000_000;
+        let hours: BTreeSet<(String, i64)> = rows
+            .iter()
+            .map(|r| (r.path.to_string(), r.time_ns.div_euclid(hour)))
+            .collect();
+        h.commit(rows).unwrap();
+        assert_eq!(
+            h.prune(t).unwrap(),
+            0,
+            "an hour's versions kept within the day"
+        );
+        // Two hours on, still within a day: one per clock hour and path, the newest.
+        let pruned = h.prune(t + 2 * hour).unwrap();
+        assert_eq!(pruned, 3 * per_path as u64 - hours.len() as u64);
+        assert_eq!(h.figures().unwrap().versions, hours.len() as u64);
+        // Two days on: nothing left.
+        h.prune(t + 48 * hour).unwrap();
+        assert_eq!(h.figures().unwrap().versions, 0);
     }
 }
