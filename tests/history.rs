@@ -73,7 +73,11 @@ async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
     fs::write(src.join("m"), b"mode").unwrap();
     let session = pair.session().await;
     reconcile(&session, &pair.group()).await.unwrap();
-    assert!(rows(&history).is_empty(), "a first copy supersedes nothing");
+    // A first copy supersedes nothing: each name it makes is noted as created, no object.
+    let first = rows(&history);
+    assert!(first.iter().all(|r| r.2 == "created" && !r.3), "{first:?}");
+    assert_eq!(first.len(), 56, "f, a, b, m, d, d/e and 50 files");
+    assert!(objects(&history).is_empty());
     let f_before = fs::metadata(dst.join("f")).unwrap();
 
     fs::write(src.join("f"), b"version two, longer").unwrap();
@@ -119,7 +123,9 @@ async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
     assert_eq!(fs::read(dir.join("e/7")).unwrap(), b"file 7");
     assert_eq!(fs::read_dir(dir.join("e")).unwrap().count(), 50);
     assert!(
-        !rows.iter().any(|r| r.1.starts_with("d/")),
+        !rows
+            .iter()
+            .any(|r| r.1.starts_with("d/") && r.2 != "created"),
         "one row for the tree"
     );
     // The metadata change: no object, the old mode in the row.
@@ -129,7 +135,10 @@ async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
     let meta: serde_json::Value = serde_json::from_str(&versions[0].meta).unwrap();
     assert_eq!(meta["mode"].as_u64().unwrap() & 0o777, 0o644);
     // The rename: where `a` went, and what it replaced.
-    let renamed = rows.iter().find(|r| r.1 == "a").unwrap();
+    let renamed = rows
+        .iter()
+        .find(|r| r.1 == "a" && r.2 == "renamed")
+        .unwrap();
     assert_eq!(
         (renamed.2.as_str(), renamed.4.as_deref()),
         ("renamed", Some("b"))
@@ -349,9 +358,8 @@ fn ransomware_drill_live_every_original_stays_in_history() {
         kept_d3 >= in_d3,
         "{kept_d3} kept in d3, {in_d3} files there"
     );
-    assert!(listed
-        .iter()
-        .all(|v| v["path"].as_str().unwrap().starts_with("d3/")));
+    let in_dir = |p: &str| p == "d3" || p.starts_with("d3/");
+    assert!(listed.iter().all(|v| in_dir(v["path"].as_str().unwrap())));
     // From the source host, over a read session: the same versions.
     let o = run(ferry()
         .args(["history", "--json", "--group", "file", "--config"])
@@ -411,11 +419,13 @@ fn kill_9_of_the_receiver_mid_commit_leaves_journal_and_history_consistent() {
     );
     // Killed once some versions are journaled and before the sender is done.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !history.join("journal.sqlite3").exists() || rows(&history).len() < 100 {
+    // Versions superseded (each name's `created` row of the first copy aside).
+    let superseded = |h: &Path| rows(h).iter().filter(|r| r.2 != "created").count();
+    while !history.join("journal.sqlite3").exists() || superseded(&history) < 100 {
         assert!(std::time::Instant::now() < deadline, "nothing journaled");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let journaled_before = rows(&history).len();
+    let journaled_before = superseded(&history);
     assert!(
         sending.running(),
         "the sender finished before the kill: the test proves nothing"
@@ -571,12 +581,13 @@ async fn history_over_a_session_lists_versions_or_says_there_is_none() {
     assert_eq!(
         got,
         [
+            ("a/f".to_string(), "created", 10),
             ("a/f".to_string(), "replaced", 10),
             ("a/f".to_string(), "replaced", 10)
         ]
     );
     assert!(session.history(&"b".into()).await.unwrap().is_empty());
-    assert_eq!(rows(&pair.history()).len(), 2);
+    assert_eq!(rows(&pair.history()).len(), 3);
     session.close().await;
 }
 

@@ -168,7 +168,7 @@ impl Apply {
         match link(&fd, path) {
             Ok(()) => {
                 self.mark_parent_dirty(rel);
-                Ok(())
+                self.note_created(path, rel)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let tmp = self.temp_beside(path);
@@ -195,7 +195,10 @@ impl Apply {
                 }
                 fs::create_dir(&path)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&path)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&path)?;
+                self.note_created(&path, rel)?;
+            }
             Err(e) => return Err(e),
         }
         self.apply_owner_mode(&path, meta)?;
@@ -227,6 +230,23 @@ impl Apply {
             return Err(e);
         }
         self.mark_parent_dirty(rel);
+        if kept {
+            Ok(())
+        } else {
+            self.note_created(path, rel)
+        }
+    }
+
+    /// Notes in the history (if the module keeps one) that `path` (module path `rel`) just came
+    /// into being.
+    fn note_created(&mut self, path: &Path, rel: &RelPath) -> io::Result<()> {
+        let Some(history) = &self.state.history else {
+            return Ok(());
+        };
+        let note = history.note(path, rel, Action::Created, Namespaces::NONE, None);
+        if let Some(row) = note.map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))? {
+            self.kept.push(row);
+        }
         Ok(())
     }
 

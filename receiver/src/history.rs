@@ -7,7 +7,8 @@
 //! `HISTORY/objects/ID`, costing no copy. A journal, `HISTORY/journal.sqlite3` (SQLite, WAL),
 //! says what each object was: the path, when it stopped being current, the action, its kind,
 //! size and metadata. A metadata change keeps no object, only the old metadata in its row; a
-//! rename keeps no object, only where the entry went.
+//! rename keeps no object, only where the entry went; a name that comes into being gets a
+//! `created` row (no object), so a view of the module at an earlier time leaves it out.
 //!
 //! Order, so that every row points at an object that exists: the object is made at the
 //! moment of the change; at the group commit the objects directory is made durable, then the
@@ -163,6 +164,9 @@ pub enum Action {
     Metadata,
     /// Found in the objects directory without a row after a crash.
     Unjournaled,
+    /// The name came into being (nothing was there): no object, the new entry's metadata.
+    /// What a point-in-time view needs to leave out what did not exist yet.
+    Created,
 }
 
 impl Action {
@@ -174,6 +178,7 @@ impl Action {
             Action::Renamed => "renamed",
             Action::Metadata => "metadata",
             Action::Unjournaled => "unjournaled",
+            Action::Created => "created",
         }
     }
 }
@@ -368,7 +373,7 @@ CREATE TABLE IF NOT EXISTS versions (
     id         INTEGER PRIMARY KEY,  -- objects/ID holds the entry when `object` is 1
     path       BLOB NOT NULL,        -- the module path it was at
     time_ns    INTEGER NOT NULL,     -- when it stopped being current (ns since 1970, UTC)
-    action     TEXT NOT NULL,        -- replaced, deleted, renamed, metadata, unjournaled
+    action     TEXT NOT NULL,        -- created, replaced, deleted, renamed, metadata, unjournaled
     kind       TEXT NOT NULL,        -- file, dir, symlink, fifo, char, block
     size       INTEGER NOT NULL,     -- bytes (files)
     blocks     INTEGER NOT NULL,     -- bytes allocated (st_blocks * 512) when kept
@@ -616,8 +621,11 @@ impl History {
         if rows.is_empty() {
             return Ok(());
         }
-        let dir = fs::File::open(format!("/proc/self/fd/{}", self.objects.as_raw_fd()))?;
-        dir.sync_all()?;
+        // The objects' names first (none to sync when only creations were noted).
+        if rows.iter().any(|r| r.object) {
+            let dir = fs::File::open(format!("/proc/self/fd/{}", self.objects.as_raw_fd()))?;
+            dir.sync_all()?;
+        }
         let mut db = self.db.lock().expect("journal lock");
         let tx = db.transaction().map_err(db_err)?;
         {
