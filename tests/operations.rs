@@ -214,7 +214,11 @@ fn the_receiver_serves_its_counters_as_metrics() {
         fs::write(src.join(format!("f{i}")), b"second").unwrap();
     }
     assert!(site.send_once(&[]).status.success());
-    assert_eq!(sample(&scrape(metrics), versions), 8.0, "and 3 versions replaced");
+    assert_eq!(
+        sample(&scrape(metrics), versions),
+        8.0,
+        "and 3 versions replaced"
+    );
     // Anything else is refused, and a slow or huge request costs nothing lasting.
     let mut s = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
     s.write_all(b"GET /secret HTTP/1.1\r\n\r\n").unwrap();

@@ -237,80 +237,6 @@ impl Apply {
         }
     }
 
-    /// Notes in the history (if the module keeps one) that `path` (module path `rel`) just came
-    /// into being.
-    fn note_created(&mut self, path: &Path, rel: &RelPath) -> io::Result<()> {
-        let Some(history) = &self.state.history else {
-            return Ok(());
-        };
-        let note = history.note(path, rel, Action::Created, Namespaces::NONE, None);
-        if let Some(row) = note.map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))? {
-            self.kept.push(row);
-        }
-        Ok(())
-    }
-
-    /// Keeps what is at `path` (module path `rel`) in the module's history before `action`
-    /// changes it; true if something was kept. Without history, nothing.
-    pub(crate) fn keep(
-        &mut self,
-        path: &Path,
-        rel: &RelPath,
-        action: Action,
-        how: How,
-    ) -> io::Result<bool> {
-        let Some(history) = &self.state.history else {
-            return Ok(false);
-        };
-        let kept = history
-            .keep_entry(path, rel, action, how)
-            .map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))?;
-        Ok(match kept {
-            Some(p) => {
-                self.kept.push(p);
-                true
-            }
-            None => false,
-        })
-    }
-
-    /// Undoes the last [`Apply::keep`] (the change it was for failed): a moved entry goes back
-    /// to `path`, a link is dropped.
-    fn unkeep(&mut self, path: &Path) {
-        if let (Some(history), Some(p)) = (&self.state.history, self.kept.pop()) {
-            history.undo(p, path);
-        }
-    }
-
-    /// Notes the metadata of `path` in the history before `meta` replaces it, if it differs
-    /// in what the module keeps (a directory's times alone follow from its entries' changes,
-    /// which are kept themselves).
-    fn keep_meta(&mut self, path: &Path, rel: &RelPath, meta: &Meta) -> io::Result<()> {
-        let Some(history) = &self.state.history else {
-            return Ok(());
-        };
-        let Some(old) = history.note(path, rel, Action::Metadata, self.keeps.xattrs, None)? else {
-            return Ok(());
-        };
-        let mut want = meta.clone();
-        want.mode = self.mode_for(meta);
-        let cmp = ferry_protocol::meta::Compare {
-            owner: self.owner_for(meta).is_some(),
-            setid: self.keeps.setid,
-            xattrs: self.keeps.xattrs,
-            hardlinks: false,
-        };
-        let differs = old
-            .meta()
-            .attr_differences(&want, cmp)
-            .into_iter()
-            .any(|d| !(meta.kind == Kind::Dir && d == ferry_protocol::meta::Difference::Mtime));
-        if differs {
-            self.kept.push(old);
-        }
-        Ok(())
-    }
-
     /// Makes `rel` a symlink to `target`.
     pub fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
         let at = self.entry(rel)?;
@@ -554,9 +480,12 @@ impl Apply {
         let (src, dst) = (src_at.path(), dst_at.path());
         let src_md = fs::symlink_metadata(&src)?;
         let mut kept = 0;
-        if let Some(history) = &self.state.history {
-            // Where the entry was, and what it replaces, are kept (a file replaced by a
-            // rename linked, so the name is never missing; a directory moved).
+        if self.state.history.is_some() {
+            // What the rename replaces is kept (a file linked, so the name is never missing; a
+            // directory moved), then where the entry was: in the journal's order, so undoing
+            // newest first moves the entry back before the replaced one returns.
+            kept += self.keep(&dst, to, Action::Replaced, How::Link)? as usize;
+            let history = self.state.history.as_ref().expect("checked above");
             let note = history.note(&src, from, Action::Renamed, Namespaces::NONE, Some(to));
             if let Some(row) =
                 note.map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))?
@@ -564,7 +493,6 @@ impl Apply {
                 self.kept.push(row);
                 kept += 1;
             }
-            kept += self.keep(&dst, to, Action::Replaced, How::Link)? as usize;
         } else if let Ok(dst_md) = fs::symlink_metadata(&dst) {
             // rename(2) replaces files and empty directories only; make it replace anything.
             if dst_md.is_dir() && (!src_md.is_dir() || fs::read_dir(&dst)?.next().is_some()) {

@@ -21,6 +21,7 @@
 //!   installing staged entries), each through [`confine`].
 //! - [`commit`]: the group commit: sealed files made durable together, then named, then the
 //!   directories whose entries changed flushed, before any of it is acknowledged.
+//! - [`kept`]: what a change supersedes, kept in the module's history before the change.
 //! - [`incoming`]: files being received: staging, deltas against the current copy, digest
 //!   check, sealing until the group commit makes it durable and installs it atomically.
 //! - [`server`]: the listener, connection limits and shutdown.
@@ -35,6 +36,7 @@ pub mod confine;
 pub mod history;
 pub mod hosts;
 pub mod incoming;
+pub mod kept;
 pub mod module;
 pub mod requests;
 pub mod server;

@@ -1,0 +1,87 @@
+//! The module history's side of applying changes: what a change supersedes is kept (see
+//! [`crate::history`]) by these, called from `Apply`'s `install`, `mkdir`, `delete`, `rename`
+//! and `set_meta` only, and journaled at the group commit (`Apply::commit_history`).
+
+use crate::apply::Apply;
+use crate::history::{Action, How};
+use ferry_protocol::meta::{Kind, Meta};
+use ferry_protocol::xattr::Namespaces;
+use ferry_protocol::RelPath;
+use std::io;
+use std::path::Path;
+
+impl Apply {
+    /// Notes in the history (if the module keeps one) that `path` (module path `rel`) just came
+    /// into being.
+    pub(crate) fn note_created(&mut self, path: &Path, rel: &RelPath) -> io::Result<()> {
+        let Some(history) = &self.state.history else {
+            return Ok(());
+        };
+        let note = history.note(path, rel, Action::Created, Namespaces::NONE, None);
+        if let Some(row) = note.map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))? {
+            self.kept.push(row);
+        }
+        Ok(())
+    }
+
+    /// Keeps what is at `path` (module path `rel`) in the module's history before `action`
+    /// changes it; true if something was kept. Without history, nothing.
+    pub(crate) fn keep(
+        &mut self,
+        path: &Path,
+        rel: &RelPath,
+        action: Action,
+        how: How,
+    ) -> io::Result<bool> {
+        let Some(history) = &self.state.history else {
+            return Ok(false);
+        };
+        let kept = history
+            .keep_entry(path, rel, action, how)
+            .map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))?;
+        Ok(match kept {
+            Some(p) => {
+                self.kept.push(p);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Undoes the last [`Apply::keep`] (the change it was for failed): a moved entry goes back
+    /// to `path`, a link is dropped.
+    pub(crate) fn unkeep(&mut self, path: &Path) {
+        if let (Some(history), Some(p)) = (&self.state.history, self.kept.pop()) {
+            history.undo(p, path);
+        }
+    }
+
+    /// Notes the metadata of `path` in the history before `meta` replaces it, if it differs
+    /// in what the module keeps (a directory's times alone follow from its entries' changes,
+    /// which are kept themselves).
+    pub(crate) fn keep_meta(&mut self, path: &Path, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        let Some(history) = &self.state.history else {
+            return Ok(());
+        };
+        let Some(old) = history.note(path, rel, Action::Metadata, self.keeps.xattrs, None)? else {
+            return Ok(());
+        };
+        let mut want = meta.clone();
+        want.mode = self.mode_for(meta);
+        let cmp = ferry_protocol::meta::Compare {
+            owner: self.owner_for(meta).is_some(),
+            setid: self.keeps.setid,
+            xattrs: self.keeps.xattrs,
+            hardlinks: false,
+        };
+        let differs = old
+            .meta()
+            .attr_differences(&want, cmp)
+            .into_iter()
+            .any(|d| !(meta.kind == Kind::Dir && d == ferry_protocol::meta::Difference::Mtime));
+        if differs {
+            self.kept.push(old);
+        }
+        Ok(())
+    }
+}
