@@ -6,6 +6,7 @@ mod import;
 mod metrics;
 mod mirror;
 mod progress;
+mod restore;
 mod send;
 mod service;
 mod status;
@@ -149,6 +150,25 @@ enum Command {
         json: bool,
         /// MODULE [PATH] with a receiver.toml; [PATH] with a sender.toml.
         args: Vec<String>,
+    },
+    /// On the backup host: write a module (or some of its paths) as it was at a time into DEST
+    /// (new or empty), from the module and its history: whole, with mode, owner (as root),
+    /// times and attributes. Exit 0 when everything was written.
+    Restore {
+        /// receiver.toml
+        #[arg(long)]
+        config: PathBuf,
+        /// The module.
+        #[arg(long)]
+        module: Option<String>,
+        /// When: RFC 3339 (2026-12-03T07:00:00Z) or an age (2h, "3 days ago"); default now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Only this path (and what is below it); repeatable.
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// Where to write (created, or empty).
+        dest: PathBuf,
     },
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
     Stats {
@@ -503,6 +523,13 @@ async fn run(command: Command) -> Result<u8> {
             confirm_deletes,
         } => mirror::mirror(&src, &dst, once, confirm_deletes).await,
         Command::Stats { config } => send::stats(&config).await,
+        Command::Restore {
+            config,
+            module,
+            at,
+            paths,
+            dest,
+        } => restore::restore(&config, module.as_deref(), at.as_deref(), &paths, &dest),
         Command::History {
             config,
             group,

@@ -24,6 +24,8 @@
 //! - [`kept`]: what a change supersedes, kept in the module's history before the change.
 //! - [`incoming`]: files being received: staging, deltas against the current copy, digest
 //!   check, sealing until the group commit makes it durable and installs it atomically.
+//! - [`restore`]: `ferry restore` on the backup host: a module as it was at a time, written
+//!   into a new directory.
 //! - [`server`]: the listener, connection limits and shutdown.
 #![warn(missing_docs)]
 
@@ -39,6 +41,7 @@ pub mod incoming;
 pub mod kept;
 pub mod module;
 pub mod requests;
+pub mod restore;
 pub mod server;
 pub mod session;
 pub mod stats;

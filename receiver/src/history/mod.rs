@@ -38,6 +38,7 @@ use std::time::{Duration, SystemTime};
 
 mod journal;
 mod retention;
+pub mod view;
 
 use journal::versions_in;
 pub use journal::{check_place, read_versions, Version};

@@ -1,0 +1,287 @@
+//! `ferry restore` on the backup host, without a network: a module as it was at a time (see
+//! [`crate::history::view`]), or the parts of it asked for, written whole into a new or empty
+//! directory with mode, owner (as root), times and extended attributes.
+//!
+//! Every read goes beneath a held descriptor of the module root or of the history's objects
+//! (never through a symlink); the destination is the operator's own new directory.
+
+use crate::history::view::{view_at, Node, Source, View};
+use crate::history::{read_versions, OBJECTS};
+use ferry_protocol::local;
+use ferry_protocol::meta::{Entry, Kind, Meta};
+use ferry_protocol::xattr::{At, Namespaces};
+use ferry_protocol::RelPath;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// What a restore wrote, and what it could not.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Entries written (directories, files, links, fifos).
+    pub entries: u64,
+    /// File bytes written.
+    pub bytes: u64,
+    /// Entries not written, with why (device nodes without root, unreadable sources).
+    pub failures: Vec<(RelPath, String)>,
+}
+
+/// Why a restore cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The time asked for is before what the history reaches back to.
+    #[error("{at}: before the oldest kept state ({oldest}); the module's history does not reach back that far")]
+    TooOld {
+        /// The time asked for.
+        at: String,
+        /// The oldest kept state's time.
+        oldest: String,
+    },
+    /// The destination holds something.
+    #[error("{0}: not empty; restore writes into a new or empty directory")]
+    NotEmpty(PathBuf),
+    /// Nothing at a path asked for, at that time.
+    #[error("{path}: not in the module at {at}")]
+    Missing {
+        /// The path.
+        path: RelPath,
+        /// The time.
+        at: String,
+    },
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+fn rfc3339(ns: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
+/// `None`: now), limited to `paths` (all of it when empty).
+pub fn view(
+    module: &Path,
+    history: &Path,
+    at: Option<i64>,
+    paths: &[RelPath],
+) -> Result<View, RestoreError> {
+    let io_err = |what: &Path, e: io::Error| {
+        RestoreError::Io(format!(
+            "{}: {}",
+            what.display(),
+            ferry_protocol::io_reason(&e)
+        ))
+    };
+    let mut errors = Vec::new();
+    // The receiver's own names for the moment between creating and renaming are not content.
+    let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
+    let tree =
+        local::scan(module, &ours, Namespaces::NONE, &mut errors).map_err(|e| io_err(module, e))?;
+    let versions = read_versions(history, &RelPath::root()).map_err(|e| io_err(history, e))?;
+    let at_ns = at.unwrap_or(i64::MAX);
+    if let (Some(at), Some(oldest)) = (at, versions.iter().map(|v| v.time_ns).min()) {
+        if at < oldest {
+            return Err(RestoreError::TooOld {
+                at: rfc3339(at),
+                oldest: rfc3339(oldest),
+            });
+        }
+    }
+    let later: Vec<_> = versions.into_iter().filter(|v| v.time_ns > at_ns).collect();
+    let objects = history.join(OBJECTS);
+    let listed = |id: i64| -> Vec<RelPath> {
+        let top = objects.join(id.to_string());
+        if !fs::symlink_metadata(&top).is_ok_and(|m| m.is_dir()) {
+            return Vec::new();
+        }
+        let mut errors = Vec::new();
+        let under = local::scan(&top, &|_: &RelPath, _| true, Namespaces::NONE, &mut errors);
+        under
+            .map(|es| {
+                es.into_iter()
+                    .map(|e| e.path)
+                    .filter(|p| !p.is_root())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut view = view_at(tree.into_iter().map(|e| e.path), &later, listed);
+    if !paths.is_empty() {
+        let shown = at.map_or_else(|| "now".to_string(), rfc3339);
+        for p in paths {
+            if !view.contains_key(p) {
+                return Err(RestoreError::Missing {
+                    path: p.clone(),
+                    at: shown,
+                });
+            }
+        }
+        // The parents of what is asked for come too (their metadata as they were).
+        view.retain(|k, _| {
+            paths
+                .iter()
+                .any(|p| k == p || k.starts_with(p) || p.starts_with(k))
+        });
+    }
+    Ok(view)
+}
+
+/// Writes `view` of the module at `module` (history in `history`) into `dest` (created, or
+/// empty). Directories' times are set after their contents.
+pub fn write(
+    module: &Path,
+    history: &Path,
+    view: &View,
+    dest: &Path,
+) -> Result<Restored, RestoreError> {
+    let io_err = |what: &Path, e: io::Error| {
+        RestoreError::Io(format!(
+            "{}: {}",
+            what.display(),
+            ferry_protocol::io_reason(&e)
+        ))
+    };
+    match fs::read_dir(dest) {
+        Ok(d) => {
+            if d.into_iter().next().is_some() {
+                return Err(RestoreError::NotEmpty(dest.into()));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dest)
+            .map_err(|e| io_err(dest, e))?,
+        Err(e) => return Err(io_err(dest, e)),
+    }
+    let module_root = local::open_root(module).map_err(|e| io_err(module, e))?;
+    let objects = history.join(OBJECTS);
+    let objects_root = local::open_root(&objects).map_err(|e| io_err(&objects, e))?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut done = Restored::default();
+    let mut dirs: Vec<(PathBuf, Meta)> = Vec::new();
+    for (path, node) in view {
+        let (fd, rel) = match &node.source {
+            Source::Module(m) => (&module_root, m.clone()),
+            Source::Object { id, sub } => {
+                let top = RelPath::from(id.to_string().as_str());
+                let rel = if sub.is_root() {
+                    top
+                } else {
+                    top.join(sub.as_bytes())
+                };
+                (&objects_root, rel)
+            }
+        };
+        let out = dest.join(path.as_path());
+        match write_one(fd, &rel, node, &out, root) {
+            Ok(Some((meta, bytes))) => {
+                done.entries += 1;
+                done.bytes += bytes;
+                if meta.kind == Kind::Dir {
+                    dirs.push((out, meta));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => done
+                .failures
+                .push((path.clone(), ferry_protocol::io_reason(&e))),
+        }
+    }
+    // Deepest first: a directory's times after everything in it.
+    for (out, meta) in dirs.iter().rev() {
+        if let Err(e) = set_times(out, meta) {
+            done.failures.push((
+                RelPath::from(out.to_string_lossy().as_ref()),
+                ferry_protocol::io_reason(&e),
+            ));
+        }
+    }
+    Ok(done)
+}
+
+/// Writes one entry read beneath `fd` at `rel` to `out`; its metadata and file bytes.
+fn write_one(
+    fd: &OwnedFd,
+    rel: &RelPath,
+    node: &Node,
+    out: &Path,
+    root: bool,
+) -> io::Result<Option<(Meta, u64)>> {
+    let mut errors = Vec::new();
+    let Some(entry) = local::read_entry_at(fd, rel, Namespaces::ALL, &mut errors)? else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "gone since the view was made",
+        ));
+    };
+    let Entry {
+        meta: now, link, ..
+    } = entry;
+    let mut meta = node.meta.clone().unwrap_or_else(|| now.clone());
+    if node.meta.is_some() {
+        // A metadata row keeps mode, owner and times; the attributes are the entry's own
+        // unless the row read them.
+        if meta.xattrs.list.is_empty() {
+            meta.xattrs = now.xattrs.clone();
+        }
+    }
+    let mut bytes = 0;
+    match now.kind {
+        Kind::Dir => fs::DirBuilder::new().mode(0o700).create(out)?,
+        Kind::File => {
+            let mut from = local::open_file_beneath(fd, rel)?;
+            let mut to = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(out)?;
+            bytes = io::copy(&mut from, &mut to)?;
+            to.flush()?;
+            to.sync_all()?;
+        }
+        Kind::Symlink => {
+            let target = link.unwrap_or_default();
+            std::os::unix::fs::symlink(RelPath::from_bytes(target).as_path(), out)?;
+        }
+        Kind::Fifo => {
+            let c = std::ffi::CString::new(out.as_os_str().as_encoded_bytes())
+                .map_err(io::Error::other)?;
+            // SAFETY: a valid NUL-terminated path.
+            if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Kind::CharDevice | Kind::BlockDevice => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "device nodes are not restored (make them with mknod)",
+            ));
+        }
+    }
+    if root {
+        std::os::unix::fs::lchown(out, Some(meta.uid), Some(meta.gid))?;
+    }
+    if meta.kind != Kind::Symlink {
+        fs::set_permissions(
+            out,
+            std::os::unix::fs::PermissionsExt::from_mode(meta.mode & 0o7777),
+        )?;
+    }
+    if !meta.xattrs.list.is_empty() {
+        let _ = At::Entry(out).apply(&meta.xattrs, Namespaces::ALL);
+    }
+    if meta.kind != Kind::Dir {
+        set_times(out, &meta)?;
+    }
+    Ok(Some((meta, bytes)))
+}
+
+fn set_times(out: &Path, meta: &Meta) -> io::Result<()> {
+    let t = filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec);
+    filetime::set_symlink_file_times(out, t, t)
+}
