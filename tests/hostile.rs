@@ -958,6 +958,53 @@ fn idle_connections_before_the_handshake_locked_senders_out() {
     assert!(backup_log(&backup).contains("too many unauthenticated connections"));
 }
 
+/// A slowloris from the sender's own address (20 idle connections a second, kept open) locked
+/// that sender out: with 16 handshakes pending from one address the receiver closed the
+/// *newest* connection, which was the honest one. Now the oldest makes room: for 15 s of the
+/// attack, a new honest session from the same address opens within 1 s, every time.
+#[test]
+fn a_slowloris_from_the_senders_own_address_no_longer_locks_it_out() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    site.write_config(&one_group(&backup, &src, ""));
+    raise_fd_limit(4096);
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = backup.port;
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut idle = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                idle.extend(connect_from([127, 0, 0, 1], port));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            idle.len()
+        })
+    };
+    let started = Instant::now();
+    let mut sessions = 0;
+    while started.elapsed() < Duration::from_secs(15) {
+        let t = Instant::now();
+        let o = run(ferry().arg("stats").arg("--config").arg(site.config()));
+        let took = t.elapsed();
+        assert!(o.status.success(), "session {sessions}: {}", stderr(&o));
+        assert!(
+            took < Duration::from_secs(1),
+            "session {sessions} took {took:?}"
+        );
+        sessions += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened = attacker.join().unwrap();
+    eprintln!("{sessions} honest sessions beside {opened} idle connections from the same address");
+    assert!(opened > 200, "the attack ran: {opened} idle connections");
+    assert!(sessions >= 10, "{sessions} sessions");
+    assert!(backup_log(&backup).contains("closing the oldest from that address"));
+}
+
 fn raise_fd_limit(n: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,

@@ -1,8 +1,11 @@
 //! What an unauthenticated peer can cost, bounded: a connection is accepted only while fewer
 //! than [`MAX_HANDSHAKES`] handshakes are in progress (past that, new connections wait in the
 //! kernel's listen backlog, where they cost the receiver nothing, until a handshake ends), and
-//! is closed at once when [`MAX_HANDSHAKES_PER_ADDRESS`] handshakes from its address are in
-//! progress already, so no one address can fill the slots; each has [`HANDSHAKE_TIMEOUT`] to prove
+//! takes the place of the *oldest* handshake from its address when [`MAX_HANDSHAKES_PER_ADDRESS`]
+//! are in progress from there already — so no one address can fill the slots, and an honest
+//! peer behind the same address as a slowloris (NAT, a shared host) still gets in: its
+//! handshake takes milliseconds, the attacker's idle ones are the oldest. Each has
+//! [`HANDSHAKE_TIMEOUT`] to prove
 //! its certificate and say `Hello`, and its frames may not exceed [`PRE_AUTH_FRAME`] bytes
 //! until it is authorised. Only then does it take one of [`MAX_SESSIONS`] session slots; when
 //! none is free it is refused with a reason, never left hanging.
@@ -10,12 +13,13 @@
 //! [`HANDSHAKE_TIMEOUT`]: ferry_protocol::connection::HANDSHAKE_TIMEOUT
 //! [`PRE_AUTH_FRAME`]: ferry_protocol::connection::PRE_AUTH_FRAME
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// Handshakes in progress at once, across all addresses.
 pub const MAX_HANDSHAKES: usize = 128;
@@ -29,7 +33,8 @@ pub struct Admission {
     handshakes: Arc<Semaphore>,
     sessions: Arc<Semaphore>,
     session_cap: usize,
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_address: Arc<Mutex<HashMap<IpAddr, Pending>>>,
+    next: AtomicU64,
     last_warning: AtomicU64,
     turned_away: AtomicU64,
 }
@@ -40,19 +45,33 @@ impl Default for Admission {
     }
 }
 
+/// One address's handshakes in progress, oldest first: each one's number and the token that
+/// ends it when a newer one takes its place.
+type Pending = VecDeque<(u64, CancellationToken)>;
+
 /// A connection in its handshake; the slot is freed when this is dropped.
 pub struct Handshake {
     _permit: OwnedSemaphorePermit,
     address: IpAddr,
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    number: u64,
+    evicted: CancellationToken,
+    per_address: Arc<Mutex<HashMap<IpAddr, Pending>>>,
+}
+
+impl Handshake {
+    /// Cancelled when a newer handshake from the same address took this one's place: the
+    /// connection is closed.
+    pub fn evicted(&self) -> CancellationToken {
+        self.evicted.clone()
+    }
 }
 
 impl Drop for Handshake {
     fn drop(&mut self) {
         let mut map = self.per_address.lock().expect("admission lock");
-        if let Some(n) = map.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(pending) = map.get_mut(&self.address) {
+            pending.retain(|(n, _)| *n != self.number);
+            if pending.is_empty() {
                 map.remove(&self.address);
             }
         }
@@ -67,6 +86,7 @@ impl Admission {
             sessions: Arc::new(Semaphore::new(sessions)),
             session_cap: sessions,
             per_address: Arc::default(),
+            next: AtomicU64::new(0),
             last_warning: AtomicU64::new(0),
             turned_away: AtomicU64::new(0),
         }
@@ -87,28 +107,33 @@ impl Admission {
         self.handshakes.clone().try_acquire_owned().ok()
     }
 
-    /// Admits a connection from `address` to its handshake with `slot`, or `None`: too many
-    /// handshakes from that address; close it at once.
-    pub fn handshake(&self, slot: OwnedSemaphorePermit, address: IpAddr) -> Option<Handshake> {
+    /// Admits a connection from `address` to its handshake with `slot`. When
+    /// [`MAX_HANDSHAKES_PER_ADDRESS`] are in progress from that address already, the oldest of
+    /// them is ended (its [`Handshake::evicted`] fires) to make room.
+    pub fn handshake(&self, slot: OwnedSemaphorePermit, address: IpAddr) -> Handshake {
         let address = canonical(address);
-        let admitted = (|| {
-            let permit = slot;
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = CancellationToken::new();
+        let oldest = {
             let mut map = self.per_address.lock().expect("admission lock");
-            let n = map.entry(address).or_insert(0);
-            if *n >= MAX_HANDSHAKES_PER_ADDRESS {
-                return None;
-            }
-            *n += 1;
-            Some(Handshake {
-                _permit: permit,
-                address,
-                per_address: self.per_address.clone(),
-            })
-        })();
-        if admitted.is_none() {
+            let pending = map.entry(address).or_default();
+            let oldest = (pending.len() >= MAX_HANDSHAKES_PER_ADDRESS)
+                .then(|| pending.pop_front())
+                .flatten();
+            pending.push_back((number, evicted.clone()));
+            oldest
+        };
+        if let Some((_, token)) = oldest {
+            token.cancel();
             self.turned_away(address);
         }
-        admitted
+        Handshake {
+            _permit: slot,
+            address,
+            number,
+            evicted,
+            per_address: self.per_address.clone(),
+        }
     }
 
     /// A session slot, or `None`: refuse the session as busy.
@@ -143,7 +168,8 @@ impl Admission {
                 %address,
                 turned_away = count,
                 "too many unauthenticated connections (at most {MAX_HANDSHAKES} in handshake, \
-                 {MAX_HANDSHAKES_PER_ADDRESS} per address); closing new ones at once"
+                 {MAX_HANDSHAKES_PER_ADDRESS} per address); closing the oldest from that address \
+                 for each new one"
             );
         }
     }
@@ -162,31 +188,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_address_cannot_take_every_handshake_slot() {
+    fn one_address_cannot_take_every_handshake_slot_and_its_newest_gets_in() {
         let a = Admission::new(40, 10);
         let attacker: IpAddr = "127.0.0.2".parse().unwrap();
-        let held: Vec<_> = (0..100)
-            .filter_map(|_| a.handshake(a.try_slot()?, attacker))
-            .collect();
+        let mut held: Vec<Handshake> = Vec::new();
+        for _ in 0..100 {
+            let slot = a
+                .try_slot()
+                .expect("evicted handshakes give their slots back");
+            held.push(a.handshake(slot, attacker));
+            // An evicted connection's task ends and lets go of its handshake.
+            held.retain(|h| !h.evicted().is_cancelled());
+        }
         assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDRESS);
-        let legit = a.try_slot().expect("slots are left for others");
-        assert!(a.handshake(legit, "127.0.0.1".parse().unwrap()).is_some());
         assert_eq!(
             a.turned_away_count(),
             100 - MAX_HANDSHAKES_PER_ADDRESS as u64
         );
-        drop(held);
-        assert!(
-            a.handshake(a.try_slot().unwrap(), attacker).is_some(),
-            "slots come back"
-        );
+        // The newest from that address is in; the oldest made room for it.
+        let oldest = held[0].evicted();
+        let newest = a.handshake(a.try_slot().unwrap(), attacker);
+        assert!(oldest.is_cancelled() && !newest.evicted().is_cancelled());
+        // Another address is untouched by all this.
+        let other = a.handshake(a.try_slot().unwrap(), "127.0.0.1".parse().unwrap());
+        assert!(!other.evicted().is_cancelled());
+        assert!(held[1..].iter().all(|h| !h.evicted().is_cancelled()));
     }
 
     #[test]
     fn the_global_handshake_cap_holds_across_addresses() {
         let a = Admission::new(3, 10);
         let held: Vec<_> = (1..=5)
-            .filter_map(|i| a.handshake(a.try_slot()?, format!("10.0.0.{i}").parse().unwrap()))
+            .filter_map(|i| {
+                Some(a.handshake(a.try_slot()?, format!("10.0.0.{i}").parse().unwrap()))
+            })
             .collect();
         assert_eq!(held.len(), 3);
         assert!(a.try_slot().is_none(), "the accept loop waits for a slot");

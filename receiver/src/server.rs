@@ -241,11 +241,8 @@ impl Server {
             match accepted {
                 Ok((tcp, peer)) => {
                     backoff = Duration::from_millis(10);
-                    // Over its address's cap: closed at once, costing nothing more.
-                    let Some(handshake) = self.admission.handshake(slot, peer.ip()) else {
-                        drop(tcp);
-                        continue;
-                    };
+                    // Over its address's cap, the oldest handshake from there makes room.
+                    let handshake = self.admission.handshake(slot, peer.ip());
                     let server = self.clone();
                     let token = shutdown.child_token();
                     tracker.spawn(async move {

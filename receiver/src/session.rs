@@ -34,7 +34,15 @@ pub async fn serve(
     handshake: Handshake,
     shutdown: CancellationToken,
 ) {
-    if let Err(e) = serve_inner(&server, tcp, peer, handshake, shutdown).await {
+    // Until it is authorised, a newer handshake from the same address may take its place.
+    let evicted = handshake.evicted();
+    let served = tokio::select! {
+        r = serve_inner(&server, tcp, peer, handshake, shutdown) => r,
+        _ = evicted.cancelled() => Err(ConnError::Refused(
+            "a newer handshake from the same address took its place".into(),
+        )),
+    };
+    if let Err(e) = served {
         match e {
             ConnError::Refused(_) => {}
             e => tracing::warn!(%peer, "session ended: {e}"),
