@@ -249,13 +249,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("ferry: {}", describe(&e));
             ExitCode::from(2)
         }
-    }
+    };
+    // Work still running on blocking threads (it was told to stop) must not hold the exit
+    // past the units' stop timeouts (15 s receiver, 30 s sender).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
+    code
 }
 
 /// An error and its causes, each said once: a cause whose text the message already holds

@@ -1193,3 +1193,81 @@ async fn a_malformed_delta_from_a_sender_ends_its_session() {
         "the file is untouched"
     );
 }
+
+/// CPU seconds the process `pid` has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// One 20-byte `FileHole` frame announcing an 8 TiB hole kept the receiver hashing zeros for
+/// hours, after its client had gone and past SIGTERM ("receiver stopped", still running 25 s
+/// later). Now a hole's work gives up the moment its session ends, and SIGTERM during one ends
+/// the receiver within its unit's 15 s stop timeout, every acknowledged file intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_hole_stops_with_its_session_and_sigterm_ends_the_receiver() {
+    use ferry_sender::session::Session;
+    let site = Site::new();
+    let dst = site.path("dst");
+    let mut backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    let identity = ferry_protocol::identity::Identity::load(
+        &site.path("send/cert.pem"),
+        &site.path("send/key.pem"),
+    )
+    .unwrap();
+    let pin: ferry_protocol::Fingerprint = backup.fingerprint.parse().unwrap();
+    let address = format!("127.0.0.1:{}", backup.port);
+    let pid = backup.receiver.as_ref().unwrap().proc.child.id();
+    let huge = 8u64 << 40;
+    let open = || Session::connect(&address, pin, &identity, "file", Intent::Write, false);
+    async fn hole(session: &ferry_sender::session::Session, huge: u64) {
+        let (id, _rx) = session.register();
+        let begin = Message::FileBegin {
+            id,
+            path: RelPath::from("huge"),
+            meta: file_meta(huge),
+            body: Body::Whole,
+        };
+        session.send(begin).await.unwrap();
+        session
+            .send(Message::FileHole { id, len: huge })
+            .await
+            .unwrap();
+    }
+    // Busy: the receiver burns CPU on the hole.
+    let busy = |before: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cpu_seconds(pid) < before + 0.5 {
+            assert!(Instant::now() < deadline, "the hole never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // 1. The client goes: the work stops.
+    let session = open().await.unwrap();
+    push_whole(&session, "kept", b"acknowledged before")
+        .await
+        .unwrap();
+    hole(&session, huge).await;
+    busy(cpu_seconds(pid));
+    drop(session);
+    let receiver = backup.receiver.as_ref().unwrap();
+    assert!(
+        receiver.wait_log("a hole's work abandoned"),
+        "{}",
+        receiver.log()
+    );
+    // 2. SIGTERM while another hole is hashed: the receiver ends within the stop timeout.
+    let session = open().await.unwrap();
+    hole(&session, huge).await;
+    busy(cpu_seconds(pid));
+    let t = Instant::now();
+    let status = backup.receiver.as_mut().unwrap().stop();
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(15), "stopped after {took:?}");
+    assert_eq!(fs::read(dst.join("kept")).unwrap(), b"acknowledged before");
+    assert!(!dst.join("huge").exists());
+    drop(session);
+}

@@ -63,6 +63,27 @@ pub fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
     }
 }
 
+/// [`hash_zeros`], giving up (false) as soon as `stop` is set: it is checked every 256 MiB, so
+/// a hole that would take hours to hash costs at most a fraction of a second after its session
+/// ended.
+pub fn hash_zeros_until(
+    hasher: &mut blake3::Hasher,
+    len: u64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> bool {
+    const STEP: u64 = 256 << 20;
+    let mut left = len;
+    while left > 0 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let n = left.min(STEP);
+        hash_zeros(hasher, n);
+        left -= n;
+    }
+    true
+}
+
 /// Sets the allocator up for a daemon that moves 8 MiB windows through several threads; call
 /// once, first thing in `main`. glibc's defaults raise the `mmap` threshold to the largest
 /// block ever freed and the trim threshold to twice that, so after one 8 MiB window every

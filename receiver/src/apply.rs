@@ -53,6 +53,9 @@ pub struct Apply {
     /// Superseded states kept in the module's history since the last commit, their journal
     /// rows waiting for it.
     pub(crate) kept: Vec<Pending>,
+    /// Set when the session is over (the peer gone, or the receiver stopping): work that
+    /// could run long (hashing a huge hole) gives up.
+    pub ended: Arc<std::sync::atomic::AtomicBool>,
     seq: u64,
     tag: u64,
 }
@@ -80,6 +83,7 @@ impl Apply {
             dirty: HashSet::new(),
             sealed: Vec::new(),
             kept: Vec::new(),
+            ended: Arc::default(),
             seq: 0,
             tag: session_tag(),
         }

@@ -191,8 +191,8 @@ impl Transfers {
 
     /// `FileHole`: the next `len` bytes are a hole: skipped over, not written, so the file
     /// stays sparse; hashed as the zeros they read as.
-    pub fn hole(&mut self, _fs: &Apply, id: RequestId, len: u64) -> Outcome {
-        self.body(id, |inc, _| skip(inc, len))
+    pub fn hole(&mut self, fs: &Apply, id: RequestId, len: u64) -> Outcome {
+        self.body(id, |inc, _| skip(inc, len, &fs.ended))
     }
 
     /// `FileDelta`: the delta of the next `window` bytes against the base.
@@ -401,7 +401,7 @@ fn received(fs: &Apply, bytes: usize) {
         .fetch_add(bytes as u64, Ordering::Relaxed);
 }
 
-fn skip(inc: &mut Incoming, len: u64) -> io::Result<()> {
+fn skip(inc: &mut Incoming, len: u64, ended: &std::sync::atomic::AtomicBool) -> io::Result<()> {
     if inc
         .written
         .checked_add(len)
@@ -414,7 +414,10 @@ fn skip(inc: &mut Incoming, len: u64) -> io::Result<()> {
     }
     use std::io::Seek;
     inc.tmp.file.seek(io::SeekFrom::Current(len as i64))?;
-    ferry_protocol::hash_zeros(&mut inc.hasher, len);
+    if !ferry_protocol::hash_zeros_until(&mut inc.hasher, len, ended) {
+        tracing::warn!(path = %inc.path, hole = len, "session ended: a hole's work abandoned");
+        return Err(io::Error::other("session ended during a hole; abandoned"));
+    }
     inc.written += len;
     // A hole that ends the body leaves nothing after it to make the file that long.
     if inc.written == inc.meta.size {

@@ -78,6 +78,11 @@ impl Requests {
         }
     }
 
+    /// Set to make work that could run long give up (see [`Apply::ended`]).
+    pub fn ended(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.fs.ended.clone()
+    }
+
     /// Serves requests until `requests` closes or `Bye` arrives. In-flight file transfers that
     /// did not end are kept to resume; everything completed is committed and acknowledged.
     ///

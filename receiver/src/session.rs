@@ -145,9 +145,11 @@ where
         intent == Intent::Write,
         rep_tx,
     );
+    let ended = worker.ended();
     let worker = tokio::spawn(worker.serve(req_rx));
     let write_task = tokio::spawn(writer.pump(rep_rx, 256, |_| {}));
 
+    let mut said_bye = false;
     let read_result = loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -172,6 +174,7 @@ where
                     break Ok(());
                 }
                 if bye {
+                    said_bye = true;
                     break Ok(());
                 }
             }
@@ -179,6 +182,12 @@ where
             Err(e) => break Err(e),
         }
     };
+    // A peer gone without `Bye`, or the receiver stopping: long work in the request loop
+    // (a huge hole) gives up; what is queued still commits.
+    let said_bye = matches!(&read_result, Ok(())) && !shutdown.is_cancelled() && said_bye;
+    if !said_bye {
+        ended.store(true, Ordering::Relaxed);
+    }
     // Free the module slot before the peer can see the connection close.
     drop(guard);
     drop(req_tx);
