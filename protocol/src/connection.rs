@@ -104,7 +104,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             if let Some(announced) = frame::announced(&self.buf) {
                 if announced > self.limit {
-                    return Err(FrameError::TooLarge(announced).into());
+                    return Err(FrameError::TooLarge {
+                        len: announced,
+                        limit: self.limit,
+                    }
+                    .into());
                 }
             }
             let want = frame::check(&self.buf)?
@@ -416,7 +420,7 @@ mod tests {
         let mut r = FrameReader::with_limit(b, PRE_AUTH_FRAME);
         assert!(matches!(
             r.read().await,
-            Err(ConnError::Frame(FrameError::TooLarge(n))) if n == 16 << 20
+            Err(ConnError::Frame(FrameError::TooLarge { len, .. })) if len == 16 << 20
         ));
         assert!(r.buf.capacity() <= 64 * 1024 + PRE_AUTH_FRAME);
     }

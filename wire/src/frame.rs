@@ -32,9 +32,15 @@ const PACK_LEVEL: i32 = 1;
 /// A frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    /// The peer announced a frame larger than [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    /// A frame larger than the limit in force ([`MAX_FRAME`], or less before a peer is
+    /// authorised).
+    #[error("frame of {len} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit that applied.
+        limit: usize,
+    },
     /// The payload is not a valid message.
     #[error("malformed message: {0}")]
     Decode(#[from] bincode::error::DecodeError),
@@ -61,7 +67,10 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let len = out.len() - start - HEADER_LEN;
     if len > MAX_FRAME {
         out.truncate(start);
-        return Err(FrameError::TooLarge(len));
+        return Err(FrameError::TooLarge {
+            len,
+            limit: MAX_FRAME,
+        });
     }
     out[start..start + HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
@@ -146,7 +155,10 @@ pub fn check(buf: &[u8]) -> Result<Option<usize>, FrameError> {
         return Ok(None);
     };
     if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+        return Err(FrameError::TooLarge {
+            len,
+            limit: MAX_FRAME,
+        });
     }
     Ok((buf.len() >= HEADER_LEN + len).then_some(HEADER_LEN + len))
 }
@@ -189,7 +201,10 @@ fn unpack(packed: &[u8], limit: usize) -> Result<Vec<u8>, FrameError> {
         Err(_) => return Err(FrameError::Unpack("not a zstd frame".into())),
     };
     if size > limit as u64 {
-        return Err(FrameError::TooLarge(size as usize));
+        return Err(FrameError::TooLarge {
+            len: size as usize,
+            limit,
+        });
     }
     let out = zstd::bulk::decompress(packed, size as usize)
         .map_err(|e| FrameError::Unpack(e.to_string()))?;
@@ -430,13 +445,13 @@ mod tests {
         let bomb = zstd::bulk::compress(&vec![0u8; 18 << 20], 1).unwrap();
         assert!(bomb.len() < 4096);
         let buf = packed_frame(&bomb);
-        assert!(matches!(decode(&buf), Err(FrameError::TooLarge(n)) if n == 18 << 20));
+        assert!(matches!(decode(&buf), Err(FrameError::TooLarge { len, .. }) if len == 18 << 20));
         // Within the frame limit but past a reader's own (a peer not yet authorised).
         let small = zstd::bulk::compress(&vec![0u8; 64 << 10], 1).unwrap();
         let buf = packed_frame(&small);
         assert!(matches!(
             decode_sized(&buf, 4096),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge { .. })
         ));
     }
 
@@ -469,7 +484,9 @@ mod tests {
     fn oversized_length_is_refused_before_allocation() {
         let mut buf = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         buf.extend_from_slice(&[0; 16]);
-        assert!(matches!(decode(&buf), Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1));
+        assert!(
+            matches!(decode(&buf), Err(FrameError::TooLarge { len, .. }) if len == MAX_FRAME + 1)
+        );
     }
 
     #[test]
