@@ -123,7 +123,10 @@ impl ModuleState {
             (None, false) => {
                 tracing::warn!(
                     module = %module.name,
-                    "module {:?} keeps no history: it is a mirror, and a deletion or overwrite                      on the source (a mistake, ransomware) is final here within milliseconds;                      set `history = \"DIR\"` for it in the configuration to keep what is                      replaced and deleted",
+                    "module {:?} keeps no history: it is a mirror, and a deletion or overwrite on \
+                     the source (a mistake, ransomware) is final here within milliseconds (a \
+                     module keeps what is replaced and deleted with `history = \"DIR\"` in \
+                     receiver.toml)",
                     module.name
                 );
                 None
