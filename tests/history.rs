@@ -226,6 +226,17 @@ async fn a_full_filesystem_never_prunes_the_floor_it_refuses_writes_instead() {
         refusal.contains("module file") && refusal.contains("floor"),
         "{refusal}"
     );
+    // Refused writes are counted, not logged one by one (a busy sender would flood the log).
+    for _ in 0..20 {
+        assert!(push_whole(&session, "small", b"x").await.is_err());
+    }
+    let counters = session.stats().await.unwrap();
+    let refused = counters
+        .iter()
+        .find(|(k, _)| k == "refused_for_history")
+        .unwrap()
+        .1;
+    assert!(refused >= 21, "{counters:?}");
     // Both superseded versions are still there, byte for byte.
     let kept: Vec<Vec<u8>> = objects(&history)
         .iter()

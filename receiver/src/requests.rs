@@ -199,11 +199,13 @@ impl Requests {
             }
             let refusal = self.fs.state.history.as_ref().and_then(|h| h.refusal());
             if let Some(why) = refusal {
-                self.fs
-                    .stats
-                    .refused_for_history
-                    .fetch_add(1, Ordering::Relaxed);
-                self.fail(id, format!("module {}: {why}", self.fs.module()));
+                // Said once, when it began (`History::prune`), and counted: not a line per
+                // request, which a busy sender would turn into a flood.
+                let stats = &self.fs.stats;
+                stats.refused_for_history.fetch_add(1, Ordering::Relaxed);
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                let error = format!("module {}: {why}", self.fs.module());
+                self.reply(Message::Failed { id, error });
                 return Flow::Continue;
             }
         }
