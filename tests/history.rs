@@ -401,7 +401,7 @@ fn ransomware_drill_live_every_original_stays_in_history() {
     );
 }
 
-/// The receiver killed (SIGKILL) while a sender replaces 3,000 files, its history on: after a
+/// The receiver killed (SIGKILL) while a sender replaces 20,000 files, its history on: after a
 /// restart, journal and objects agree, and every first version is in the module or in the
 /// history; a second run then keeps the rest.
 #[test]
@@ -416,7 +416,7 @@ fn kill_9_of_the_receiver_mid_commit_leaves_journal_and_history_consistent() {
         &site.fingerprint,
         &keys,
     );
-    let first = originals(&src, 30, 100);
+    let first = originals(&src, 200, 100);
     site.write_config(&one_group(&backup, &src, ""));
     let o = site.send_once(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
