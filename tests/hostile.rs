@@ -26,21 +26,48 @@ const RACE: Duration = Duration::from_secs(10);
 
 /// Files in `root` (recursively, symlinks not followed) whose bytes hold `marker`.
 fn files_holding(root: &Path, marker: &[u8]) -> Vec<String> {
+    // Each directory is opened beneath the one before, never through a symlink, and listed
+    // through its descriptor: the module may legitimately hold a symlink (the source had one)
+    // where a directory was a moment ago, and reading "dst/pub/f3" by path would then follow
+    // it outside and find bytes the backup never held.
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let open_at = |dir: &OwnedFd, name: &std::ffi::OsStr, flags: libc::c_int| {
+        let c = std::ffi::CString::new(name.as_bytes()).ok()?;
+        // SAFETY: a valid descriptor and NUL-terminated name; the result is checked.
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        // SAFETY: a descriptor just returned to us.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let Ok(top) = fs::File::open(root) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(items) = fs::read_dir(&dir) else {
+    let mut stack = vec![(OwnedFd::from(top), root.to_path_buf())];
+    while let Some((dir, shown)) = stack.pop() {
+        let Ok(items) = fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else {
             continue;
         };
         for item in items.flatten() {
-            let Ok(t) = item.file_type() else { continue };
-            if t.is_dir() {
-                stack.push(item.path());
-            } else if t.is_file() {
-                if let Ok(bytes) = fs::read(item.path()) {
-                    if bytes.windows(marker.len()).any(|w| w == marker) {
-                        out.push(item.path().display().to_string());
-                    }
+            let name = item.file_name();
+            if let Some(sub) = open_at(&dir, &name, libc::O_RDONLY | libc::O_DIRECTORY) {
+                stack.push((sub, shown.join(&name)));
+            } else if let Some(fd) = open_at(&dir, &name, libc::O_RDONLY | libc::O_NONBLOCK) {
+                let mut file = fs::File::from(fd);
+                let mut bytes = Vec::new();
+                let regular = file.metadata().is_ok_and(|m| m.is_file());
+                if regular
+                    && file.read_to_end(&mut bytes).is_ok()
+                    && bytes.windows(marker.len()).any(|w| w == marker)
+                {
+                    out.push(shown.join(&name).display().to_string());
                 }
             }
         }
@@ -66,6 +93,8 @@ on_each_watcher! {
             fs::write(&s, format!("SECRET-BYTES {i}\n")).unwrap();
             set_mode(&s, 0o600);
         }
+        // The scanner finds what is there (it would see a leak).
+        assert_eq!(files_holding(&secret, b"SECRET-BYTES").len(), 50);
         let backup = Backup::start(live.root(), "recv", &[("file", &dst)], &live.fingerprint);
         let daemon = live.run(&one_group(&backup, &src, ""), 1);
         wait_equal(&src, &dst, 30, "initial sync");
