@@ -106,6 +106,28 @@ async fn remote(
     under: RelPath,
 ) -> Result<(Vec<Version>, String)> {
     let config = ferry_sender::Config::load(config)?;
+    let (g, name) = ferry_target(&config, group, target)?;
+    let identity = config.identity()?;
+    let session = config.targets[&name]
+        .connect(&identity, &g.module, Intent::Read)
+        .await
+        .with_context(|| format!("target {name}"))?;
+    let versions = session.history(&under).await;
+    session.close().await;
+    let place = format!(
+        "kept by target {name}, module {}, on the backup host",
+        g.module
+    );
+    Ok((versions.with_context(|| format!("target {name}"))?, place))
+}
+
+/// The sync group `group` of a sender's `config` and the name of its ferry target `target`
+/// (its first ferry target when `None`).
+pub fn ferry_target<'c>(
+    config: &'c ferry_sender::Config,
+    group: &str,
+    target: Option<&str>,
+) -> Result<(&'c ferry_sender::config::SyncGroup, String)> {
     let Some(g) = config.syncs.iter().find(|g| g.name == group) else {
         let known: Vec<&str> = config.syncs.iter().map(|g| g.name.as_str()).collect();
         bail!("no sync group {group:?} (groups: {})", known.join(", "));
@@ -125,18 +147,7 @@ async fn remote(
             None => bail!("sync {group}: no ferry target (an rsync target keeps no history)"),
         },
     };
-    let identity = config.identity()?;
-    let session = config.targets[&name]
-        .connect(&identity, &g.module, Intent::Read)
-        .await
-        .with_context(|| format!("target {name}"))?;
-    let versions = session.history(&under).await;
-    session.close().await;
-    let place = format!(
-        "kept by target {name}, module {}, on the backup host",
-        g.module
-    );
-    Ok((versions.with_context(|| format!("target {name}"))?, place))
+    Ok((g, name))
 }
 
 fn when(v: &Version) -> String {

@@ -151,15 +151,23 @@ enum Command {
         /// MODULE [PATH] with a receiver.toml; [PATH] with a sender.toml.
         args: Vec<String>,
     },
-    /// On the backup host: write a module (or some of its paths) as it was at a time into DEST
-    /// (new or empty), from the module and its history: whole, with mode, owner (as root),
-    /// times and attributes. Exit 0 when everything was written.
+    /// Bring a module (or some of its paths) back as it was at a time, into DEST. With a
+    /// sender.toml and --group: from the group's target over the network, only what differs
+    /// from DEST travelling (as deltas); nothing in DEST is removed without --delete. With a
+    /// receiver.toml and --module: on the backup host, into a new or empty DEST. Exit 0 when
+    /// everything was restored, 1 when some paths were not.
     Restore {
-        /// receiver.toml
+        /// sender.toml (with --group) or receiver.toml (with --module).
         #[arg(long)]
         config: PathBuf,
-        /// The module.
+        /// The sync group (sender.toml).
         #[arg(long)]
+        group: Option<String>,
+        /// Its target (default: its first ferry target).
+        #[arg(long, requires = "group")]
+        target: Option<String>,
+        /// The module (receiver.toml).
+        #[arg(long, conflicts_with = "group")]
         module: Option<String>,
         /// When: RFC 3339 (2026-12-03T07:00:00Z) or an age (2h, "3 days ago"); default now.
         #[arg(long)]
@@ -167,7 +175,16 @@ enum Command {
         /// Only this path (and what is below it); repeatable.
         #[arg(long = "path", value_name = "PATH")]
         paths: Vec<String>,
-        /// Where to write (created, or empty).
+        /// Remove what DEST holds that was not there at that time (under the paths asked for).
+        #[arg(long)]
+        delete: bool,
+        /// Make device nodes (as root; off by default, like rsync's --devices).
+        #[arg(long)]
+        devices: bool,
+        /// Keep setuid and setgid bits (off by default: they are dropped).
+        #[arg(long)]
+        setuid: bool,
+        /// Where to write.
         dest: PathBuf,
     },
     /// Print each target receiver's counters (files, renames, deletes, ...) since it started.
@@ -529,11 +546,28 @@ async fn run(command: Command) -> Result<u8> {
         Command::Stats { config } => send::stats(&config).await,
         Command::Restore {
             config,
+            group,
+            target,
             module,
             at,
             paths,
+            delete,
+            devices,
+            setuid,
             dest,
-        } => restore::restore(&config, module.as_deref(), at.as_deref(), &paths, &dest),
+        } => {
+            let ask = restore::Ask {
+                module,
+                group,
+                target,
+                at,
+                paths,
+                delete,
+                devices,
+                setuid,
+            };
+            restore::restore(&config, &ask, &dest).await
+        }
         Command::History {
             config,
             group,

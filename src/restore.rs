@@ -1,10 +1,47 @@
-//! `ferry restore` on the backup host: a module (or some of its paths) as it was at a time,
-//! from the module and its history, written whole into a new or empty directory.
+//! `ferry restore`: a module (or some of its paths) as it was at a time.
+//!
+//! From a source host (a sender.toml) it is a restore session to the receiver: the backup
+//! host sends the tree as a sender does (deltas against what DEST holds), and this process
+//! writes DEST as a receiver does, with the receiver's own confinement and commit code
+//! (nothing outside DEST, never through a symlink, every file durable and checked before it
+//! takes its name). On the backup host (a receiver.toml) it reads the module and its history
+//! itself and writes a new or empty DEST.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use ferry_protocol::connection::{client_handshake, FrameReader, FrameWriter};
+use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::RelPath;
+use ferry_receiver::config::{Module, Owner};
+use ferry_receiver::module::ModuleState;
+use ferry_receiver::requests::Requests;
+use ferry_receiver::stats::Stats;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+/// What to restore, and how.
+#[derive(Debug, Default)]
+pub struct Ask {
+    /// `--module` (receiver.toml).
+    pub module: Option<String>,
+    /// `--group` (sender.toml).
+    pub group: Option<String>,
+    /// `--target` (sender.toml).
+    pub target: Option<String>,
+    /// `--at`.
+    pub at: Option<String>,
+    /// `--path`s.
+    pub paths: Vec<String>,
+    /// `--delete`: remove what DEST holds beyond the restored tree (under the paths).
+    pub delete: bool,
+    /// `--devices`: make device nodes (as root).
+    pub devices: bool,
+    /// `--setuid`: keep setuid and setgid bits.
+    pub setuid: bool,
+}
 
 /// Reads `--at`: RFC 3339 (`2026-12-03T07:00:00Z`), or an age (`2h`, `3 days`, `3 days ago`).
 pub fn parse_time(text: &str, now: SystemTime) -> Result<i64> {
@@ -30,26 +67,67 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<i64> {
         .as_nanos() as i64)
 }
 
-/// `ferry restore --config receiver.toml --module M [--at TIME] [--path P]... DEST`.
-pub fn restore(
-    config: &Path,
-    module: Option<&str>,
-    at: Option<&str>,
-    paths: &[String],
-    dest: &Path,
-) -> Result<u8> {
+/// `ferry restore --config FILE ... DEST`: over the network with a sender.toml, locally with
+/// a receiver.toml.
+pub async fn restore(config: &Path, ask: &Ask, dest: &Path) -> Result<u8> {
     let text = std::fs::read_to_string(config)
         .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), ferry_protocol::io_reason(&e)))?;
     let table: toml::Table = toml::from_str(&text).unwrap_or_default();
-    if !(table.contains_key("listen") || table.contains_key("modules")) {
-        bail!(
-            "{}: restore runs on the backup host with its receiver.toml and --module (restoring \
-             from a source host over the network is not built yet)",
-            config.display()
-        );
+    let at = ask
+        .at
+        .as_deref()
+        .map(|t| parse_time(t, SystemTime::now()))
+        .transpose()?;
+    let paths = ask
+        .paths
+        .iter()
+        .map(|p| {
+            let rel = RelPath::from(p.trim_matches('/'));
+            rel.validate()
+                .map_err(|why| anyhow::anyhow!("--path {p:?}: not a module path: {why}"))?;
+            Ok(rel)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if table.contains_key("listen") || table.contains_key("modules") {
+        if ask.group.is_some() || ask.target.is_some() {
+            bail!(
+                "{}: a receiver configuration: name the module (--module), not a group",
+                config.display()
+            );
+        }
+        let config = ferry_receiver::Config::load(config)?;
+        local(&config, ask, at, &paths, dest)
+    } else {
+        if ask.module.is_some() {
+            bail!(
+                "{}: a sender configuration: name the sync group (--group), not a module",
+                config.display()
+            );
+        }
+        let config = ferry_sender::Config::load(config)?;
+        remote(&config, ask, at, paths, dest).await
     }
-    let config = ferry_receiver::Config::load(config)?;
-    let Some(name) = module else {
+}
+
+fn when(at: Option<i64>) -> String {
+    at.map_or_else(
+        || "as it is now".to_string(),
+        |ns| {
+            let t = UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+            format!("as at {}", humantime::format_rfc3339_seconds(t))
+        },
+    )
+}
+
+/// On the backup host, from the module and its history, into a new or empty DEST.
+fn local(
+    config: &ferry_receiver::Config,
+    ask: &Ask,
+    at: Option<i64>,
+    paths: &[RelPath],
+    dest: &Path,
+) -> Result<u8> {
+    let Some(name) = ask.module.as_deref() else {
         bail!("{}: name the module (--module NAME)", config.file.display());
     };
     let Some(m) = config.modules.get(name) else {
@@ -60,43 +138,158 @@ pub fn restore(
             known.join(", ")
         );
     };
-    let Some(h) = &m.history else {
+    if ask.delete {
+        bail!("--delete: a restore on the backup host writes into a new or empty directory");
+    }
+    let history = m.history.as_ref().map(|h| h.dir.as_path());
+    if history.is_none() && at.is_some() {
         bail!(
-            "{}: module {name:?} keeps no history: only its current state could be copied, \
-             and nothing it replaced or deleted was kept",
+            "{}: module {name:?} keeps no history: only its current state can be restored \
+             (leave --at out), and nothing it replaced or deleted was kept",
             config.file.display()
         );
-    };
-    let at = at.map(|t| parse_time(t, SystemTime::now())).transpose()?;
-    let paths = paths
-        .iter()
-        .map(|p| {
-            let rel = RelPath::from(p.trim_matches('/'));
-            rel.validate()
-                .map_err(|why| anyhow::anyhow!("--path {p:?}: not a module path: {why}"))?;
-            Ok(rel)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let view = ferry_receiver::restore::view(&m.path, &h.dir, at, &paths)?;
-    let done = ferry_receiver::restore::write(&m.path, &h.dir, &view, dest)?;
+    }
+    let view = ferry_receiver::restore::view(&m.path, history, at, paths)?;
+    let done = ferry_receiver::restore::write(&m.path, history, &view, dest)?;
     for (path, why) in &done.failures {
         eprintln!("ferry: restore {name}: {path}: {why}");
     }
-    let when = at.map_or_else(
-        || "now".to_string(),
-        |ns| {
-            let t = UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
-            format!("as at {}", humantime::format_rfc3339_seconds(t))
-        },
-    );
     println!(
-        "module {name} {when}: {} entries, {} bytes into {}; {} not restored",
+        "module {name} {}: {} entries, {} bytes into {}; {} not restored",
+        when(at),
         done.entries,
         done.bytes,
         dest.display(),
         done.failures.len()
     );
     Ok(if done.failures.is_empty() { 0 } else { 1 })
+}
+
+/// From a source host: a restore session to the group's target, DEST written as a receiver
+/// writes a module.
+async fn remote(
+    config: &ferry_sender::Config,
+    ask: &Ask,
+    at: Option<i64>,
+    paths: Vec<RelPath>,
+    dest: &Path,
+) -> Result<u8> {
+    let Some(group) = ask.group.as_deref() else {
+        bail!(
+            "{}: a sender configuration: name the sync group (--group NAME)",
+            config.file.display()
+        );
+    };
+    let (g, name) = crate::history::ferry_target(config, group, ask.target.as_deref())?;
+    let target = &config.targets[&name];
+    let fingerprint = target.fingerprint().expect("a ferry target");
+    let identity = config.identity()?;
+    match std::fs::symlink_metadata(dest) {
+        Ok(md) if md.is_dir() => {}
+        Ok(_) => bail!("{}: not a directory", dest.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dest)
+            .with_context(|| dest.display().to_string())?,
+        Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
+    }
+    // SAFETY: geteuid has no preconditions.
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let module = Module {
+        name: format!("restore of {}", g.module),
+        path: dest.to_path_buf(),
+        clients: Vec::new(),
+        restore_clients: Vec::new(),
+        hosts_allow: None,
+        read_only: false,
+        max_connections: None,
+        comment: None,
+        devices: ask.devices,
+        setuid: ask.setuid,
+        owner: Owner::Preserve,
+        history: None,
+    };
+    let state = Arc::new(ModuleState::destination(module).map_err(anyhow::Error::msg)?);
+    let keeps = state.keeps(privileged);
+
+    let stream = ferry_sender::session::dial(&target.address, fingerprint, &identity)
+        .await
+        .with_context(|| format!("target {name}"))?;
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    client_handshake(&mut reader, &mut writer, &g.module, Intent::Restore)
+        .await
+        .with_context(|| format!("target {name}, module {}", g.module))?;
+    writer
+        .write(&Message::Restore {
+            at,
+            paths,
+            delete: ask.delete,
+            keeps,
+        })
+        .await
+        .with_context(|| format!("target {name}"))?;
+    let stats = Arc::new(Stats::default());
+    let mut refused = None;
+    let mut unsent: Vec<(RelPath, String)> = Vec::new();
+    let started = std::time::Instant::now();
+    let delete = ask.delete;
+    let served = ferry_receiver::session::answer(
+        reader,
+        writer,
+        |replies| {
+            let r = Requests::new(state.clone(), stats.clone(), privileged, true, replies);
+            if delete {
+                r
+            } else {
+                r.without_removals()
+            }
+        },
+        &CancellationToken::new(),
+        |m| match m {
+            Message::Refused { reason } => {
+                refused = Some(reason.clone());
+                true
+            }
+            Message::Unsent { path, reason } => {
+                unsent.push((path.clone(), reason.clone()));
+                true
+            }
+            _ => false,
+        },
+        || {},
+    )
+    .await;
+    if let Some(reason) = refused {
+        bail!("target {name}: {reason}");
+    }
+    let complete = served.with_context(|| format!("target {name}"))?;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    for (path, why) in &unsent {
+        eprintln!("ferry: restore {group}: {path}: not sent by the backup host: {why}");
+    }
+    let failed = n(&stats.failures) + unsent.len() as u64;
+    println!(
+        "sync {group} from target {name}, module {} {}: {} files ({} as deltas, {} bytes \
+         received), {} directories, {} links and special files, {} metadata updates, {} \
+         deleted into {} in {:.1} s; {} not restored",
+        g.module,
+        when(at),
+        n(&stats.files),
+        n(&stats.delta_files),
+        n(&stats.bytes_received),
+        n(&stats.mkdirs),
+        n(&stats.links),
+        n(&stats.set_meta),
+        n(&stats.deletes),
+        dest.display(),
+        started.elapsed().as_secs_f64(),
+        failed,
+    );
+    if !complete {
+        bail!("target {name}: the connection ended before the restore was complete");
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
 }
 
 #[cfg(test)]

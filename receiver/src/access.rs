@@ -11,7 +11,8 @@ pub enum Refusal {
     /// No such module.
     #[error("unknown module {0:?}")]
     UnknownModule(String),
-    /// The client certificate is not listed in the module's `clients`.
+    /// The client certificate is not listed in the module's `clients` (`restore_clients` for a
+    /// restore).
     #[error("certificate {fingerprint} is not allowed into module {module:?}")]
     ClientNotAllowed {
         /// Module.
@@ -49,7 +50,11 @@ pub fn authorize(
     intent: Intent,
     active: usize,
 ) -> Result<(), Refusal> {
-    if !module.clients.contains(&fingerprint) {
+    let listed = match intent {
+        Intent::Restore => &module.restore_clients,
+        Intent::Write | Intent::Read => &module.clients,
+    };
+    if !listed.contains(&fingerprint) {
         return Err(Refusal::ClientNotAllowed {
             module: module.name.clone(),
             fingerprint,
@@ -86,6 +91,7 @@ mod tests {
             name: "file".into(),
             path: "/data/file".into(),
             clients: vec![ferry_protocol::fingerprint::of_der(b"good")],
+            restore_clients: vec![ferry_protocol::fingerprint::of_der(b"restorer")],
             hosts_allow: Some(vec![
                 "10.255.60.0/24".parse().unwrap(),
                 "127.0.0.1".parse().unwrap(),
@@ -129,5 +135,20 @@ mod tests {
             Err(Refusal::ReadOnly(_))
         ));
         assert_eq!(authorize(&ro, good, lo, Intent::Read, 0), Ok(()));
+        // Restores: `restore_clients` only, and a read-only module serves them.
+        let restorer = ferry_protocol::fingerprint::of_der(b"restorer");
+        assert_eq!(authorize(&ro, restorer, lo, Intent::Restore, 0), Ok(()));
+        assert!(matches!(
+            authorize(&ro, good, lo, Intent::Restore, 0),
+            Err(Refusal::ClientNotAllowed { .. })
+        ));
+        assert!(matches!(
+            authorize(&ro, restorer, lo, Intent::Write, 0),
+            Err(Refusal::ClientNotAllowed { .. })
+        ));
+        assert!(matches!(
+            authorize(&ro, restorer, far, Intent::Restore, 0),
+            Err(Refusal::HostNotAllowed { .. })
+        ));
     }
 }

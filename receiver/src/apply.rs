@@ -53,6 +53,9 @@ pub struct Apply {
     /// Superseded states kept in the module's history since the last commit, their journal
     /// rows waiting for it.
     pub(crate) kept: Vec<Pending>,
+    /// The state of each directory a change of this commit is in, noted before the change:
+    /// journaled at the commit if its times moved (see [`Apply::note_parent`]).
+    pub(crate) dirs_before: std::collections::HashMap<RelPath, Pending>,
     /// Set when the session is over (the peer gone, or the receiver stopping): work that
     /// could run long (hashing a huge hole) gives up.
     pub ended: Arc<std::sync::atomic::AtomicBool>,
@@ -83,6 +86,7 @@ impl Apply {
             dirty: HashSet::new(),
             sealed: Vec::new(),
             kept: Vec::new(),
+            dirs_before: Default::default(),
             ended: Arc::default(),
             seq: 0,
             tag: session_tag(),
@@ -117,9 +121,12 @@ impl Apply {
         .map_err(refused)
     }
 
-    /// A peer path resolved beneath the module, naming an entry below the root.
-    pub fn entry(&self, rel: &RelPath) -> io::Result<Confined> {
+    /// A peer path resolved beneath the module, naming an entry below the root, about to be
+    /// changed: with history, its directory's state is noted first (its times are about to
+    /// move), once per commit.
+    pub fn entry(&mut self, rel: &RelPath) -> io::Result<Confined> {
         not_root(rel).map_err(refused)?;
+        self.note_parent(rel);
         self.local(rel)
     }
 
@@ -189,6 +196,7 @@ impl Apply {
 
     /// Makes `rel` a directory (replacing a non-directory); its times come later.
     pub fn mkdir(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
+        self.note_parent(rel);
         let at = self.local(rel)?;
         let path = at.path();
         match fs::symlink_metadata(&path) {

@@ -167,6 +167,7 @@ impl Apply {
     /// rows (one transaction), before the module's directories are made durable: a row never
     /// names an object that is not there.
     pub fn commit_history(&mut self) -> io::Result<()> {
+        self.keep_dir_times();
         let kept = std::mem::take(&mut self.kept);
         match &self.state.history {
             Some(history) if !kept.is_empty() => history.commit(kept),

@@ -28,6 +28,7 @@ struct RawModule {
     path: PathBuf,
     #[serde(default)]
     clients: Vec<String>,
+    restore_clients: Option<Vec<String>>,
     #[serde(default)]
     hosts_allow: Option<Vec<String>>,
     #[serde(default = "default_true")]
@@ -77,6 +78,8 @@ pub struct Module {
     pub path: PathBuf,
     /// Sender fingerprints allowed in.
     pub clients: Vec<Fingerprint>,
+    /// Fingerprints allowed to restore from the module (`restore_clients`; default: `clients`).
+    pub restore_clients: Vec<Fingerprint>,
     /// Allowed peer addresses; `None` means any.
     pub hosts_allow: Option<Vec<HostPattern>>,
     /// Refuse writes.
@@ -173,14 +176,19 @@ impl Config {
             if name.is_empty() || name.contains('/') {
                 return Err(err(format!("modules.{name}: invalid module name")));
             }
-            let clients = m
-                .clients
-                .iter()
-                .map(|c| {
-                    c.parse::<Fingerprint>()
-                        .map_err(|e| err(format!("{}: {e}", key("clients"))))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let pins = |k: &str, list: &[String]| {
+                list.iter()
+                    .map(|c| {
+                        c.parse::<Fingerprint>()
+                            .map_err(|e| err(format!("{}: {e}", key(k))))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let clients = pins("clients", &m.clients)?;
+            let restore_clients = match &m.restore_clients {
+                Some(list) => pins("restore_clients", list)?,
+                None => clients.clone(),
+            };
             let hosts_allow = m
                 .hosts_allow
                 .map(|list| {
@@ -262,6 +270,7 @@ impl Config {
                     name: name.clone(),
                     path: resolve(m.path),
                     clients,
+                    restore_clients,
                     hosts_allow,
                     read_only: m.read_only,
                     max_connections: m.max_connections,

@@ -56,9 +56,47 @@ impl Apply {
         }
     }
 
+    /// Notes (with history, once per commit) the state of the directory `rel` is in, before a
+    /// change of `rel` moves its times: [`Apply::keep_dir_times`] journals it at the commit if
+    /// they did move. So a directory's times at any moment can be brought back: the sender's
+    /// later `SetMeta` of them is not journaled, and what it replaces is the receiver's own
+    /// time of the change, not the state before.
+    pub(crate) fn note_parent(&mut self, rel: &RelPath) {
+        let (Some(history), Some(parent)) = (&self.state.history, rel.parent()) else {
+            return;
+        };
+        if self.dirs_before.contains_key(&parent) {
+            return;
+        }
+        let Ok(at) = self.local(&parent) else {
+            return;
+        };
+        let noted = history.note(&at.path(), &parent, Action::Metadata, self.keeps.xattrs, None);
+        if let Ok(Some(p)) = noted {
+            if p.meta().kind == Kind::Dir {
+                self.dirs_before.insert(parent, p);
+            }
+        }
+    }
+
+    /// Journals, at the commit, the noted states of directories whose times moved.
+    pub(crate) fn keep_dir_times(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        for (dir, before) in std::mem::take(&mut self.dirs_before) {
+            let Ok(at) = self.local(&dir) else { continue };
+            let Ok(md) = std::fs::symlink_metadata(at.path()) else {
+                continue;
+            };
+            let was = before.meta();
+            if md.is_dir() && (md.mtime(), md.mtime_nsec()) != (was.mtime, i64::from(was.mtime_nsec)) {
+                self.kept.push(before);
+            }
+        }
+    }
+
     /// Notes the metadata of `path` in the history before `meta` replaces it, if it differs
-    /// in what the module keeps (a directory's times alone follow from its entries' changes,
-    /// which are kept themselves).
+    /// in what the module keeps (a directory's times alone are kept by
+    /// [`Apply::note_parent`], before its entries' changes move them).
     pub(crate) fn keep_meta(&mut self, path: &Path, rel: &RelPath, meta: &Meta) -> io::Result<()> {
         let Some(history) = &self.state.history else {
             return Ok(());

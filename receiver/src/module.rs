@@ -71,6 +71,20 @@ impl ModuleState {
     /// Prepares a module: checks its root (a directory, writable if the module is), empties
     /// its staging directory. The error is the reason its clients are refused with.
     pub fn open(module: Module, state_dir: Option<&Path>) -> Result<ModuleState, String> {
+        ModuleState::open_as(module, state_dir, true)
+    }
+
+    /// A restore client's destination, written as a module is (no history, and no warning
+    /// that it keeps none: it is not a backup).
+    pub fn destination(module: Module) -> Result<ModuleState, String> {
+        ModuleState::open_as(module, None, false)
+    }
+
+    fn open_as(
+        module: Module,
+        state_dir: Option<&Path>,
+        backup: bool,
+    ) -> Result<ModuleState, String> {
         let why = |what: String| {
             format!(
                 "module {:?}: path {} {what}",
@@ -120,6 +134,7 @@ impl ModuleState {
                 &h.dir,
                 h.keep.clone(),
             )?),
+            (None, false) if !backup => None,
             (None, false) => {
                 tracing::warn!(
                     module = %module.name,
@@ -454,6 +469,7 @@ mod tests {
             name: "m".into(),
             path: dir.path().to_path_buf(),
             clients: vec![],
+            restore_clients: vec![],
             hosts_allow: None,
             read_only: false,
             max_connections: None,

@@ -52,6 +52,8 @@ pub struct Requests {
     pending_acks: Vec<RequestId>,
     /// The digest tree `VerifyDir` answers from, built on first use (`bool`: `--checksum`).
     tree: Option<(bool, Compare, DigestTree)>,
+    /// `Delete` and `Rename` are served (a restore client without `--delete` refuses them).
+    removals: bool,
 }
 
 enum Flow {
@@ -75,7 +77,15 @@ impl Requests {
             replies,
             pending_acks: Vec::new(),
             tree: None,
+            removals: true,
         }
+    }
+
+    /// Refuses `Delete` and `Rename`: what the destination holds is only added to or
+    /// replaced (a restore without `--delete`, whatever the backup host asks).
+    pub fn without_removals(mut self) -> Self {
+        self.removals = false;
+        self
     }
 
     /// Set to make work that could run long give up (see [`Apply::ended`]).
@@ -206,6 +216,14 @@ impl Requests {
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 let error = format!("module {}: {why}", self.fs.module());
                 self.reply(Message::Failed { id, error });
+                return Flow::Continue;
+            }
+        }
+        if !self.removals {
+            if let Message::Delete { id, path } | Message::Rename { id, from: path, .. } = &msg {
+                let error =
+                    format!("{path}: not removed (a restore removes nothing without --delete)");
+                self.fail(*id, error);
                 return Flow::Continue;
             }
         }
@@ -399,8 +417,18 @@ impl Requests {
     }
 
     fn list(&mut self, id: RequestId, under: &RelPath, xattrs: Namespaces) {
-        if let Err(e) = self.fs.local(under) {
-            return self.fail(id, format!("{under}: {e}"));
+        match self.fs.local(under) {
+            // Not there (nor a parent of it): an empty listing, as for a missing leaf.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.reply(Message::Listing {
+                    id,
+                    entries: Vec::new(),
+                    done: true,
+                });
+                return;
+            }
+            Err(e) => return self.fail(id, format!("{under}: {e}")),
+            Ok(_) => {}
         }
         let mut errors = Vec::new();
         let entries = match local::scan_from(

@@ -351,6 +351,7 @@ impl Loopback {
             name: module.into(),
             path,
             clients: vec![client.fingerprint()],
+            restore_clients: vec![client.fingerprint()],
             hosts_allow: None,
             read_only: false,
             max_connections: None,

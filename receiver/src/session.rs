@@ -119,6 +119,48 @@ where
     server_answer(&mut writer, Ok(state.keeps(server.privileged))).await?;
     tracing::info!(%peer, %fingerprint, module = %module_name, ?intent, "session open");
 
+    if intent == Intent::Restore {
+        let served = crate::restore::serve::serve(&state, reader, writer, peer, &shutdown).await;
+        drop(guard);
+        tracing::info!(%peer, module = %module_name, "restore session closed");
+        return served;
+    }
+    let stats = server.stats.clone();
+    let privileged = server.privileged;
+    let writable = intent == Intent::Write;
+    let served = answer(
+        reader,
+        writer,
+        |replies| Requests::new(state.clone(), stats, privileged, writable, replies),
+        &shutdown,
+        |_| false,
+        // Free the module slot before the peer can see the connection close.
+        move || drop(guard),
+    )
+    .await;
+    tracing::info!(%peer, module = %module_name, "session closed");
+    ferry_protocol::release_free_memory();
+    served.map(|_| ())
+}
+
+/// Answers the requests read from `reader` with the request loop `make` builds around its
+/// reply channel, replies and heartbeats to `writer`, until `Bye`, the end of the stream or
+/// `shutdown`. A message `aside` takes (returns true for) is not a request. `read_done` runs
+/// once reading has stopped, before the loop's last answers go out. Returns whether the peer
+/// said `Bye`. The receiver's sessions run here, and so does a restore client for its
+/// destination.
+pub async fn answer<R, W>(
+    mut reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    make: impl FnOnce(mpsc::Sender<Message>) -> Requests,
+    shutdown: &CancellationToken,
+    mut aside: impl FnMut(&Message) -> bool,
+    read_done: impl FnOnce(),
+) -> Result<bool, ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (req_tx, req_rx) = mpsc::channel::<Request>(1024);
     let (rep_tx, rep_rx) = mpsc::channel::<Message>(1024);
     // Said on its own timer, so a sender can tell a slow request from a silent link.
@@ -138,13 +180,7 @@ where
         })
     };
     let budget = Arc::new(Semaphore::new(SESSION_BUFFER >> 10));
-    let worker = Requests::new(
-        state.clone(),
-        server.stats.clone(),
-        server.privileged,
-        intent == Intent::Write,
-        rep_tx,
-    );
+    let worker = make(rep_tx);
     let ended = worker.ended();
     let worker = tokio::spawn(worker.serve(req_rx));
     let write_task = tokio::spawn(writer.pump(rep_rx, 256, |_| {}));
@@ -156,6 +192,7 @@ where
             m = reader.read() => m,
         };
         match msg {
+            Ok(Some(m)) if aside(&m) => {}
             Ok(Some(m)) => {
                 let bye = matches!(m, Message::Bye);
                 // Hold back reading while the request loop is behind by more than the budget.
@@ -188,15 +225,12 @@ where
     if !said_bye {
         ended.store(true, Ordering::Relaxed);
     }
-    // Free the module slot before the peer can see the connection close.
-    drop(guard);
+    read_done();
     drop(req_tx);
     let _ = worker.await;
     heartbeat.abort();
     let write_result = write_task.await.unwrap_or(Ok(()));
-    tracing::info!(%peer, module = %module_name, "session closed");
-    ferry_protocol::release_free_memory();
-    read_result.and(write_result)
+    read_result.and(write_result).map(|()| said_bye)
 }
 
 struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicUsize);

@@ -273,7 +273,7 @@ pub async fn send_batch(
     .expect("stat task");
     plan.dir_meta.extend(parents);
     order_dir_meta(&mut plan.dir_meta);
-    execute(session, group, &root, plan, report, observe).await?;
+    execute(session, group.preserve, &root.into(), plan, report, observe).await?;
     let now = crate::timing::now();
     learned.tally.grew(grew, now);
     if learned.tally.recent(now) == 0 {

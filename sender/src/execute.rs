@@ -7,13 +7,12 @@
 //! connection ends execution (with an error, so the caller can put the work back).
 
 use crate::coalesce::Rename;
-use crate::config::{Preserve, SyncGroup};
+use crate::config::Preserve;
 use crate::plan::{Base, Link, Op, Plan};
 use crate::session::{Session, SessionError};
-use crate::transfer::{self, TransferError};
+use crate::transfer::{self, Origin, TransferError};
 use ferry_protocol::message::{Message, RequestId};
 use ferry_protocol::RelPath;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -253,8 +252,8 @@ type Outcome = Result<Step, Failure>;
 /// execution with an error. `observe` sees each acknowledged step.
 pub async fn execute(
     session: &Arc<Session>,
-    group: &SyncGroup,
-    root: &Arc<OwnedFd>,
+    preserve: Preserve,
+    origin: &Origin,
     plan: Plan,
     report: &mut Report,
     observe: Observe<'_>,
@@ -265,8 +264,8 @@ pub async fn execute(
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         file_slots: Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT)),
         unacked: Arc::new(Semaphore::new(MAX_FILES_UNACKED)),
-        root: root.clone(),
-        preserve: group.preserve,
+        origin: origin.clone(),
+        preserve,
         tasks: JoinSet::new(),
         report,
         observe,
@@ -414,7 +413,7 @@ async fn pipelined<'t, T: std::fmt::Debug>(
 /// `sending` is held while the body goes out, and let go once `FileEnd` has.
 async fn send_file(
     session: &Session,
-    root: &Arc<OwnedFd>,
+    origin: &Origin,
     path: RelPath,
     base: crate::plan::Base,
     preserve: Preserve,
@@ -424,7 +423,7 @@ async fn send_file(
     let mut sending = Some(sending);
     loop {
         let sent = async {
-            match transfer::begin(session, root, &path, base, preserve).await? {
+            match transfer::begin(session, origin, &path, base, preserve).await? {
                 Some(flight) => flight.finish(session, &mut sending).await.map(Some),
                 None => Ok(None),
             }
@@ -461,8 +460,9 @@ struct Run<'a, 'o> {
     file_slots: Arc<Semaphore>,
     /// Files sent and not yet acknowledged.
     unacked: Arc<Semaphore>,
-    /// The group's source root, held open: every file sent is opened beneath it.
-    root: Arc<OwnedFd>,
+    /// Where the files sent are read (the group's source root, held open: every file sent
+    /// is opened beneath it).
+    origin: Origin,
     preserve: Preserve,
     tasks: JoinSet<Outcome>,
     report: &'a mut Report,
@@ -491,10 +491,11 @@ impl Run<'_, '_> {
             .await
             .expect("never closed");
         self.reap()?;
-        let (session, root, preserve) = (self.session.clone(), self.root.clone(), self.preserve);
+        let (session, origin, preserve) =
+            (self.session.clone(), self.origin.clone(), self.preserve);
         self.tasks.spawn(async move {
             let _waiting = waiting;
-            let mut done = send_file(&session, &root, path, base, preserve, sending).await;
+            let mut done = send_file(&session, &origin, path, base, preserve, sending).await;
             if let Ok(step) = &mut done {
                 step.size = size;
             }

@@ -126,7 +126,15 @@ pub async fn reconcile_under(
             "reconcile planned"
         );
     }
-    execute(session, group, &root, plan, &mut report, observe).await?;
+    execute(
+        session,
+        group.preserve,
+        &root.into(),
+        plan,
+        &mut report,
+        observe,
+    )
+    .await?;
     report.bytes_sent = session.bytes_sent() - sent_before;
     report.elapsed = started.elapsed();
     Ok(report)

@@ -124,31 +124,13 @@ impl Session {
         intent: Intent,
         compress: bool,
     ) -> Result<Session, SessionError> {
-        let conn_err = |source: ConnError| SessionError::Conn {
-            address: address.to_string(),
-            source,
-        };
-        let tls = ferry_protocol::tls::client_config(
-            identity.certs.clone(),
-            identity.key.clone_key(),
-            fingerprint,
-        )
-        .map_err(|e| conn_err(ConnError::Protocol(e.to_string())))?;
-        let connect = async {
-            let tcp = TcpStream::connect(address).await?;
-            let _ = tcp.set_nodelay(true);
-            detect_dead_peers(&tcp);
-            tokio_rustls::TlsConnector::from(tls)
-                .connect(ferry_protocol::tls::server_name(), tcp)
-                .await
-        };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| conn_err(ConnError::Timeout("connecting")))?
-            .map_err(|e| conn_err(e.into()))?;
+        let stream = dial(address, fingerprint, identity).await?;
         Session::over(stream, address, module, intent, compress)
             .await
-            .map_err(conn_err)
+            .map_err(|source| SessionError::Conn {
+                address: address.to_string(),
+                source,
+            })
     }
 
     /// Opens `module` with `intent` over an already authenticated stream (TLS in daemons, an
@@ -167,7 +149,22 @@ impl Session {
         let mut reader = FrameReader::new(r);
         let mut writer = FrameWriter::new(w).pack_data(compress);
         let keeps = client_handshake(&mut reader, &mut writer, module, intent).await?;
+        Ok(Session::started(reader, writer, address, keeps))
+    }
 
+    /// A session whose handshake is done, over its two halves: the sender's, or the backup
+    /// host's side of a restore, where the roles turn round after the client's `Restore` and
+    /// `keeps` is what the client's destination keeps.
+    pub fn started<R, W>(
+        mut reader: FrameReader<R>,
+        writer: FrameWriter<W>,
+        address: &str,
+        keeps: Keeps,
+    ) -> Session
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (out, out_rx) = mpsc::channel::<Message>(16);
         let bytes_sent = Arc::new(AtomicU64::new(writer.bytes_written()));
         let lost = Arc::new(Mutex::new(None));
@@ -243,7 +240,7 @@ impl Session {
             pending_r.lock().expect("lock").clear();
         });
 
-        Ok(Session {
+        Session {
             address: address.to_string(),
             out,
             pending,
@@ -254,7 +251,7 @@ impl Session {
             reader_abort: reader_task.abort_handle(),
             reader: Mutex::new(Some(reader_task)),
             lost,
-        })
+        }
     }
 
     /// The receiver address.
@@ -504,6 +501,38 @@ fn stall_watch(pending: &Pending, heard: Arc<Mutex<tokio::time::Instant>>) -> Ar
         }
     });
     stalled
+}
+
+/// The mutually authenticated TLS connection to the receiver at `address`, its certificate
+/// pinned to `fingerprint`: what a session (or a restore client) runs over.
+pub async fn dial(
+    address: &str,
+    fingerprint: Fingerprint,
+    identity: &Identity,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, SessionError> {
+    let conn_err = |source: ConnError| SessionError::Conn {
+        address: address.to_string(),
+        source,
+    };
+    let tls = ferry_protocol::tls::client_config(
+        identity.certs.clone(),
+        identity.key.clone_key(),
+        fingerprint,
+    )
+    .map_err(|e| conn_err(ConnError::Protocol(e.to_string())))?;
+    let connect = async {
+        let tcp = TcpStream::connect(address).await?;
+        let _ = tcp.set_nodelay(true);
+        detect_dead_peers(&tcp);
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(ferry_protocol::tls::server_name(), tcp)
+            .await
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| conn_err(ConnError::Timeout("connecting")))?
+        .map_err(|e| conn_err(e.into()))?;
+    Ok(stream)
 }
 
 impl Target {

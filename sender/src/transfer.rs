@@ -66,7 +66,69 @@ pub struct Sent {
     pub delta: bool,
 }
 
-/// Opens `path` beneath the held source root `root` (no symlink anywhere on the way, never
+/// Where the files of a plan are read: each beneath a held directory, never by a path from
+/// `/`.
+#[derive(Clone)]
+pub enum Origin {
+    /// A source tree: every file beneath its held root, at its own path.
+    Root(Arc<OwnedFd>),
+    /// A tree pieced together from several held directories (a restore: the module and its
+    /// history's objects): where each path of the plan is read; `None` for a path it does
+    /// not hold.
+    Mapped(Arc<Locate>),
+}
+
+/// How an [`Origin::Mapped`] finds a path of the plan.
+pub type Locate = dyn Fn(&RelPath) -> Option<Located> + Send + Sync;
+
+/// Where an [`Origin::Mapped`] holds a path of the plan.
+#[derive(Clone)]
+pub struct Located {
+    /// The held directory.
+    pub dir: Arc<OwnedFd>,
+    /// The path beneath it.
+    pub rel: RelPath,
+    /// The metadata the file is sent with (mode, owner, times; its attributes unless this
+    /// holds none), when not what it has now: the state it had then, for a restore.
+    pub meta: Option<Meta>,
+}
+
+impl Origin {
+    fn locate(&self, path: &RelPath) -> Option<Located> {
+        match self {
+            Origin::Root(root) => Some(Located {
+                dir: root.clone(),
+                rel: path.clone(),
+                meta: None,
+            }),
+            Origin::Mapped(locate) => locate(path),
+        }
+    }
+}
+
+/// `now` (a file's metadata as opened) with the mode, owner, times and, when it holds any,
+/// the attributes of `then`.
+pub fn as_then(now: Meta, then: &Meta) -> Meta {
+    Meta {
+        kind: now.kind,
+        size: now.size,
+        rdev: now.rdev,
+        xattrs: if then.xattrs.list.is_empty() {
+            now.xattrs
+        } else {
+            then.xattrs.clone()
+        },
+        ..then.clone()
+    }
+}
+
+impl From<Arc<OwnedFd>> for Origin {
+    fn from(root: Arc<OwnedFd>) -> Origin {
+        Origin::Root(root)
+    }
+}
+
+/// Opens `rel` (the plan's `path`) beneath the held directory `root` (no symlink anywhere on the way, never
 /// leaving the root, never blocking on a fifo swapped in) and reads its metadata from the
 /// open file: the one read that counts, since it is the file whose bytes are sent. `Ok(None)`
 /// if it is gone, no longer a regular file, or no longer reached without a symlink (a
@@ -74,6 +136,7 @@ pub struct Sent {
 /// plans it again).
 fn open_source(
     root: &OwnedFd,
+    rel: &RelPath,
     path: &RelPath,
     xattrs: Namespaces,
 ) -> Result<Option<(std::fs::File, Meta, bool)>, TransferError> {
@@ -81,7 +144,7 @@ fn open_source(
         path: path.clone(),
         source,
     };
-    let file = match local::open_file_beneath(root, path) {
+    let file = match local::open_file_beneath(root, rel) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if local::is_not_beneath(&e) => return Ok(None),
@@ -107,26 +170,33 @@ fn is_sparse(md: &std::fs::Metadata) -> bool {
     md.blocks().saturating_mul(512) < md.len()
 }
 
-/// Sends `FileBegin` for `path` under `root`, with the metadata of the opened file; whole or
+/// Sends `FileBegin` for `path`, read where `origin` holds it, with the metadata of the opened file; whole or
 /// delta as [`body_for`] decides from its size and what the receiver may hold, with the
 /// attributes `preserve` carries. If it preserves holes, a sparse file's body goes whole with
 /// its holes as holes. Returns `Ok(None)` if the path is no longer a regular file.
 pub async fn begin(
     session: &Session,
-    root: &Arc<OwnedFd>,
+    origin: &Origin,
     path: &RelPath,
     base: Base,
     preserve: Preserve,
 ) -> Result<Option<InFlight>, TransferError> {
+    let Some(at) = origin.locate(path) else {
+        return Ok(None);
+    };
     let opened = {
-        let (root, path) = (root.clone(), path.clone());
+        let (path, dir, rel) = (path.clone(), at.dir, at.rel);
         let ns = preserve.namespaces();
-        tokio::task::spawn_blocking(move || open_source(&root, &path, ns))
+        tokio::task::spawn_blocking(move || open_source(&dir, &rel, &path, ns))
             .await
             .expect("open task")?
     };
     let Some((file, meta, sparse)) = opened else {
         return Ok(None);
+    };
+    let meta = match &at.meta {
+        Some(then) => as_then(meta, then),
+        None => meta,
     };
     let sparse = sparse && preserve.sparse;
     let body = body_for(meta.size, base);

@@ -69,6 +69,7 @@ impl Pair {
             name: "file".into(),
             path: dst.clone(),
             clients: vec![client],
+            restore_clients: vec![client],
             hosts_allow: None,
             read_only: false,
             max_connections,

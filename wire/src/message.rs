@@ -21,7 +21,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -39,6 +39,11 @@ pub enum Intent {
     Write,
     /// List and verify only.
     Read,
+    /// Restore (protocol 8): after `Welcome` the client sends one [`Message::Restore`] and the
+    /// roles turn round: the receiver sends the module as it was, with the requests a sender
+    /// uses, and the client answers them as a receiver does, for its destination. Never
+    /// changes the module or its history.
+    Restore,
 }
 
 /// How the file body will travel.
@@ -289,6 +294,29 @@ pub enum Message {
     /// The sender is done; the receiver closes after answering everything before it.
     Bye,
 
+    // --- restore (protocol 8) ------------------------------------------------------------
+    /// Restore client → receiver, once, after `Welcome` of a [`Intent::Restore`] session: what
+    /// to send. The receiver answers `Refused` (a time before the history, a path not there
+    /// then) or sends the module as it was at `at` with the sender's requests, then `Bye`.
+    Restore {
+        /// The moment (ns since the epoch, UTC); `None`: the module as it is now.
+        at: Option<i64>,
+        /// Only these paths (and their parents); all of it when empty.
+        paths: Vec<RelPath>,
+        /// Delete what the destination holds beyond what is restored (under `paths`).
+        delete: bool,
+        /// What the client's destination keeps, as a receiver's `Welcome` says it.
+        keeps: Keeps,
+    },
+    /// Receiver → restore client, before `Bye`: a path of the restored tree that could not be
+    /// sent (unreadable on the backup host), so the client counts it as not restored.
+    Unsent {
+        /// The path.
+        path: RelPath,
+        /// Why.
+        reason: String,
+    },
+
     // --- receiver → sender ---------------------------------------------------------------
     /// The request succeeded and its effect is durable.
     Ack {
@@ -460,6 +488,8 @@ impl Message {
             Message::History { .. } => "History",
             Message::Versions { .. } => "Versions",
             Message::Alive => "Alive",
+            Message::Restore { .. } => "Restore",
+            Message::Unsent { .. } => "Unsent",
         }
     }
 }

@@ -109,6 +109,16 @@ pub fn view_at(
     view
 }
 
+/// The module root's metadata at the chosen time, when a later change moved it (the state
+/// noted before the first of them); `None`: it is as it is now. `later` as for [`view_at`].
+pub fn root_at(later: &[Version]) -> Option<Meta> {
+    later
+        .iter()
+        .filter(|v| v.raw_path.is_empty() && v.action == "metadata")
+        .min_by_key(|v| v.id)
+        .and_then(|v| serde_json::from_str(&v.meta).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

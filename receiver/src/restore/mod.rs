@@ -4,8 +4,13 @@
 //!
 //! Every read goes beneath a held descriptor of the module root or of the history's objects
 //! (never through a symlink); the destination is the operator's own new directory.
+//!
+//! [`serve`] sends the same view over a restore session, to a client that writes it as a
+//! receiver does.
 
-use crate::history::view::{view_at, Node, Source, View};
+pub mod serve;
+
+use crate::history::view::{root_at, view_at, Node, Source, View};
 use crate::history::{read_versions, OBJECTS};
 use ferry_protocol::local;
 use ferry_protocol::meta::{Entry, Kind, Meta};
@@ -50,6 +55,11 @@ pub enum RestoreError {
         /// The time.
         at: String,
     },
+    /// A time asked of a module that keeps no history.
+    #[error(
+        "module {0:?} keeps no history: only its current state can be restored (leave --at out)"
+    )]
+    NoHistory(String),
     /// Reading or writing failed.
     #[error("{0}")]
     Io(String),
@@ -61,10 +71,11 @@ fn rfc3339(ns: i64) -> String {
 }
 
 /// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
-/// `None`: now), limited to `paths` (all of it when empty).
+/// `None`: now), limited to `paths` (all of it when empty). A module without history has
+/// only its present.
 pub fn view(
     module: &Path,
-    history: &Path,
+    history: Option<&Path>,
     at: Option<i64>,
     paths: &[RelPath],
 ) -> Result<View, RestoreError> {
@@ -80,7 +91,16 @@ pub fn view(
     let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
     let tree =
         local::scan(module, &ours, Namespaces::NONE, &mut errors).map_err(|e| io_err(module, e))?;
-    let versions = read_versions(history, &RelPath::root()).map_err(|e| io_err(history, e))?;
+    let versions = match (history, at) {
+        (Some(history), _) => {
+            read_versions(history, &RelPath::root()).map_err(|e| io_err(history, e))?
+        }
+        (None, None) => Vec::new(),
+        (None, Some(_)) => {
+            let name = module.file_name().unwrap_or_default().to_string_lossy();
+            return Err(RestoreError::NoHistory(name.into_owned()));
+        }
+    };
     let at_ns = at.unwrap_or(i64::MAX);
     if let (Some(at), Some(oldest)) = (at, versions.iter().map(|v| v.time_ns).min()) {
         if at < oldest {
@@ -91,7 +111,7 @@ pub fn view(
         }
     }
     let later: Vec<_> = versions.into_iter().filter(|v| v.time_ns > at_ns).collect();
-    let objects = history.join(OBJECTS);
+    let objects = history.map(|h| h.join(OBJECTS)).unwrap_or_default();
     let listed = |id: i64| -> Vec<RelPath> {
         let top = objects.join(id.to_string());
         if !fs::symlink_metadata(&top).is_ok_and(|m| m.is_dir()) {
@@ -109,6 +129,10 @@ pub fn view(
             .unwrap_or_default()
     };
     let mut view = view_at(tree.into_iter().map(|e| e.path), &later, listed);
+    if let Some(meta) = root_at(&later) {
+        let source = Source::Module(RelPath::root());
+        view.insert(RelPath::root(), Node { source, meta: Some(meta) });
+    }
     if !paths.is_empty() {
         let shown = at.map_or_else(|| "now".to_string(), rfc3339);
         for p in paths {
@@ -133,7 +157,7 @@ pub fn view(
 /// empty). Directories' times are set after their contents.
 pub fn write(
     module: &Path,
-    history: &Path,
+    history: Option<&Path>,
     view: &View,
     dest: &Path,
 ) -> Result<Restored, RestoreError> {
@@ -157,23 +181,29 @@ pub fn write(
         Err(e) => return Err(io_err(dest, e)),
     }
     let module_root = local::open_root(module).map_err(|e| io_err(module, e))?;
-    let objects = history.join(OBJECTS);
-    let objects_root = local::open_root(&objects).map_err(|e| io_err(&objects, e))?;
+    let objects_root = match history {
+        Some(h) => {
+            let objects = h.join(OBJECTS);
+            Some(local::open_root(&objects).map_err(|e| io_err(&objects, e))?)
+        }
+        None => None,
+    };
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let mut done = Restored::default();
     let mut dirs: Vec<(PathBuf, Meta)> = Vec::new();
     for (path, node) in view {
+        if path.is_root() {
+            // The destination's own root is the operator's directory.
+            continue;
+        }
         let (fd, rel) = match &node.source {
             Source::Module(m) => (&module_root, m.clone()),
             Source::Object { id, sub } => {
-                let top = RelPath::from(id.to_string().as_str());
-                let rel = if sub.is_root() {
-                    top
-                } else {
-                    top.join(sub.as_bytes())
+                let Some(objects_root) = &objects_root else {
+                    continue;
                 };
-                (&objects_root, rel)
+                (objects_root, object_path(*id, sub))
             }
         };
         let out = dest.join(path.as_path());
@@ -279,6 +309,16 @@ fn write_one(
         set_times(out, &meta)?;
     }
     Ok(Some((meta, bytes)))
+}
+
+/// Where object `id`'s `sub` is beneath the history's objects directory.
+pub fn object_path(id: i64, sub: &RelPath) -> RelPath {
+    let top = RelPath::from(id.to_string().as_str());
+    if sub.is_root() {
+        top
+    } else {
+        top.join(sub.as_bytes())
+    }
 }
 
 fn set_times(out: &Path, meta: &Meta) -> io::Result<()> {

@@ -1,0 +1,317 @@
+//! The backup host's side of a restore session: the module as it was at the time the client
+//! asked for, sent with the sender's own planning and transfer code to a client that answers
+//! as a receiver does for its destination. The roles turn round after the client's
+//! [`Message::Restore`]; nothing here writes to the module or its history.
+//!
+//! The client lists its destination in answer to our `List`; the plan is the sender's
+//! [`plan`] of the view against that listing (deletions only if the client asked, and the
+//! client refuses them otherwise); every file is read beneath the held module root or the
+//! held history objects directory ([`Origin::Mapped`]), and goes whole or as a delta against
+//! what the destination holds.
+
+use super::{view, RestoreError};
+use crate::history::view::{Source, View};
+use crate::history::OBJECTS;
+use crate::module::ModuleState;
+use ferry_protocol::connection::{ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT};
+use ferry_protocol::local;
+use ferry_protocol::message::{Keeps, Message};
+use ferry_protocol::meta::{Compare, Entry};
+use ferry_protocol::xattr::Namespaces;
+use ferry_protocol::{io_reason, RelPath};
+use ferry_sender::config::Preserve;
+use ferry_sender::execute::{execute, Report, Step};
+use ferry_sender::links::LinkNames;
+use ferry_sender::plan::{plan, PlanOptions};
+use ferry_sender::session::Session;
+use ferry_sender::transfer::{as_then, Located, Origin};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+/// What the client asked for.
+struct Asked {
+    at: Option<i64>,
+    paths: Vec<RelPath>,
+    delete: bool,
+    keeps: Keeps,
+}
+
+/// Serves one restore session after its `Welcome`: reads the client's `Restore`, refuses it
+/// with the reason (a time before the history, a path not there then) or sends the tree.
+pub async fn serve<R, W>(
+    state: &Arc<ModuleState>,
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let module = &state.module;
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
+        .await
+        .map_err(|_| ConnError::Timeout("waiting for Restore"))??;
+    let asked = match first {
+        Message::Restore {
+            at,
+            paths,
+            delete,
+            keeps,
+        } => Asked {
+            at,
+            paths,
+            delete,
+            keeps,
+        },
+        other => {
+            let reason = format!("expected Restore, got {}", other.name());
+            return refuse(&mut writer, reason).await;
+        }
+    };
+    if let Some(bad) = asked.paths.iter().find(|p| p.validate().is_err()) {
+        return refuse(&mut writer, format!("{bad:?}: not a module path")).await;
+    }
+    let history = module.history.as_ref().map(|h| h.dir.clone());
+    if asked.at.is_some() && history.is_none() {
+        return refuse(
+            &mut writer,
+            RestoreError::NoHistory(module.name.clone()).to_string(),
+        )
+        .await;
+    }
+    let prepared = {
+        let (path, history, at, paths) = (
+            module.path.clone(),
+            history.clone(),
+            asked.at,
+            asked.paths.clone(),
+        );
+        let ns = Preserve::default()
+            .namespaces()
+            .intersect(asked.keeps.xattrs);
+        tokio::task::spawn_blocking(move || -> Result<Tree, RestoreError> {
+            let view = view(&path, history.as_deref(), at, &paths)?;
+            Tree::read(&path, history.as_deref(), view, ns, paths.is_empty())
+        })
+        .await
+        .expect("view task")
+    };
+    let tree = match prepared {
+        Ok(t) => t,
+        Err(e) => return refuse(&mut writer, e.to_string()).await,
+    };
+    tracing::info!(
+        %peer,
+        module = %module.name,
+        at = ?asked.at,
+        entries = tree.entries.len(),
+        "restore: sending"
+    );
+    let session = Arc::new(Session::started(
+        reader,
+        writer,
+        &peer.to_string(),
+        asked.keeps,
+    ));
+    let sent = tokio::select! {
+        r = send(&session, &tree, &asked) => r,
+        _ = shutdown.cancelled() => Err("the receiver is stopping".to_string()),
+    };
+    match sent {
+        Ok(report) => {
+            for (path, reason) in tree.unreadable.iter().chain(&report.failures) {
+                let msg = Message::Unsent {
+                    path: path.clone(),
+                    reason: reason.clone(),
+                };
+                if session.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            session.close().await;
+            tracing::info!(
+                %peer,
+                module = %module.name,
+                files = report.files,
+                deltas = report.delta_files,
+                bytes = report.payload_bytes,
+                failures = report.failures.len() + tree.unreadable.len(),
+                "restore: sent"
+            );
+            Ok(())
+        }
+        Err(why) => {
+            // Said to the client, which fails naming it, before the session ends.
+            let reason = format!("restore of module {} stopped: {why}", module.name);
+            tracing::warn!(%peer, "{reason}");
+            let _ = session.send(Message::Refused { reason }).await;
+            session.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    reason: String,
+) -> Result<(), ConnError> {
+    writer.write(&Message::Refused { reason }).await
+}
+
+/// Lists the destination, plans, sends.
+async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Report, String> {
+    let keeps = asked.keeps;
+    let preserve = Preserve::default();
+    let compare = Compare {
+        owner: keeps.owners,
+        setid: keeps.setid,
+        xattrs: preserve.namespaces().intersect(keeps.xattrs),
+        hardlinks: preserve.hardlinks,
+    };
+    let mut remote = Vec::new();
+    if asked.paths.is_empty() {
+        remote = session
+            .list(&RelPath::root(), compare.xattrs)
+            .await
+            .map_err(|e| e.to_string())?;
+    } else {
+        for p in &asked.paths {
+            // A path whose parents the destination lacks lists as nothing.
+            match session.list(p, compare.xattrs).await {
+                Ok(entries) => remote.extend(entries),
+                Err(e) if e.is_fatal() => return Err(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        remote.sort_by(|a, b| a.path.tree_cmp(&b.path));
+        remote.dedup_by(|a, b| a.path == b.path);
+    }
+    let opts = PlanOptions {
+        delete: asked.delete,
+        compare,
+        devices: keeps.devices,
+    };
+    let mut names: LinkNames = HashMap::new();
+    for e in &tree.entries {
+        if let Some(i) = e.inode {
+            names.entry(i).or_default().push(e.path.clone());
+        }
+    }
+    let planned = plan(&tree.entries, &remote, opts, &names);
+    let located = tree.located.clone();
+    let origin = Origin::Mapped(Arc::new(move |p: &RelPath| located.get(p).cloned()));
+    let mut report = Report::default();
+    execute(
+        session,
+        preserve,
+        &origin,
+        planned,
+        &mut report,
+        &mut |_: &Step| {},
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(report)
+}
+
+/// The view read: its entries as they were (tree order, the root first) and where each is
+/// read now.
+struct Tree {
+    entries: Vec<Entry>,
+    located: Arc<HashMap<RelPath, Located>>,
+    unreadable: Vec<(RelPath, String)>,
+}
+
+impl Tree {
+    /// Reads every entry of `view` beneath the held module root or history objects, with the
+    /// metadata the journal says it had then. `whole`: the root is part of the restore (its
+    /// metadata too); else the client's own root is left as it is.
+    fn read(
+        module: &std::path::Path,
+        history: Option<&std::path::Path>,
+        view: View,
+        xattrs: Namespaces,
+        whole: bool,
+    ) -> Result<Tree, RestoreError> {
+        let io_err = |what: &std::path::Path, e: std::io::Error| {
+            RestoreError::Io(format!("{}: {}", what.display(), io_reason(&e)))
+        };
+        let module_root = Arc::new(local::open_root(module).map_err(|e| io_err(module, e))?);
+        let objects = match history {
+            Some(h) => {
+                let dir = h.join(OBJECTS);
+                Some(Arc::new(
+                    local::open_root(&dir).map_err(|e| io_err(&dir, e))?,
+                ))
+            }
+            None => None,
+        };
+        let mut entries = Vec::with_capacity(view.len() + 1);
+        let mut located = HashMap::with_capacity(view.len());
+        let mut unreadable = Vec::new();
+        let mut view = view;
+        let root_then = view.remove(&RelPath::root()).and_then(|n| n.meta);
+        let root_meta = {
+            let f = std::fs::File::from(module_root.try_clone().map_err(|e| io_err(module, e))?);
+            let md = f.metadata().map_err(|e| io_err(module, e))?;
+            local::meta_of(&md)
+                .ok_or_else(|| RestoreError::Io("module root: not a directory".into()))?
+        };
+        let root_meta = match &root_then {
+            Some(then) => as_then(root_meta, then),
+            None => root_meta,
+        };
+        entries.push(Entry {
+            path: RelPath::root(),
+            meta: root_meta,
+            link: None,
+            inode: None,
+        });
+        for (path, node) in view {
+            let (fd, rel) = match (&node.source, &objects) {
+                (Source::Module(m), _) => (module_root.clone(), m.clone()),
+                (Source::Object { id, sub }, Some(objects)) => {
+                    (objects.clone(), super::object_path(*id, sub))
+                }
+                (Source::Object { .. }, None) => continue,
+            };
+            let mut errors = Vec::new();
+            match local::read_entry_at(&fd, &rel, xattrs, &mut errors) {
+                Ok(Some(now)) => {
+                    let mut entry = Entry {
+                        path: path.clone(),
+                        ..now
+                    };
+                    // A metadata row keeps mode, owner and times; what the entry holds (its
+                    // kind, size, link, attributes unless the row read them) is its own.
+                    if let Some(then) = &node.meta {
+                        entry.meta = as_then(entry.meta, then);
+                    }
+                    let at = Located {
+                        dir: fd,
+                        rel,
+                        meta: node.meta,
+                    };
+                    located.insert(path, at);
+                    entries.push(entry);
+                }
+                Ok(None) => unreadable.push((path, "gone from the backup host".to_string())),
+                Err(e) => unreadable.push((path, io_reason(&e))),
+            }
+        }
+        if !whole {
+            entries.remove(0);
+        }
+        entries.sort_by(|a, b| a.path.tree_cmp(&b.path));
+        Ok(Tree {
+            entries,
+            located: Arc::new(located),
+            unreadable,
+        })
+    }
+}
