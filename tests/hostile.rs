@@ -339,7 +339,10 @@ async fn a_directory_flipped_to_a_symlink_showed_outside_names_in_listings() {
     // The same listings, the directory left real, do show the module's own file: they were
     // not refusing everything (during the race, whether one caught `d` real is luck).
     let session = pair.open("file", Intent::Read).await.unwrap();
-    let listed = session.list(&RelPath::from("d"), Namespaces::ALL).await.unwrap();
+    let listed = session
+        .list(&RelPath::from("d"), Namespaces::ALL)
+        .await
+        .unwrap();
     let (_, digests) = session
         .verify_dir(&RelPath::from("d"), true, Compare::all(false))
         .await
@@ -347,7 +350,9 @@ async fn a_directory_flipped_to_a_symlink_showed_outside_names_in_listings() {
     session.close().await;
     assert!(
         listed.iter().any(|e| e.path == RelPath::from("d/inside"))
-            && digests.iter().any(|e| e.entry.path == RelPath::from("d/inside")),
+            && digests
+                .iter()
+                .any(|e| e.entry.path == RelPath::from("d/inside")),
         "the listings do not show the module's own file: {listed:?}"
     );
 }

@@ -102,7 +102,9 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
     );
     rich_tree(&src);
     fs::create_dir(src.join("docs")).unwrap();
-    fill_tree(&src.join("docs"), 4, 25, |i| pseudo_random(3000 + i * 7, i as u64));
+    fill_tree(&src.join("docs"), 4, 25, |i| {
+        pseudo_random(3000 + i * 7, i as u64)
+    });
     fs::write(src.join("big.db"), pseudo_random(3 << 20, 77)).unwrap();
     site.write_config(&one_group(&backup, &src, ""));
     let once = || {
@@ -146,7 +148,10 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
     }
     fs::write(src.join("README-RANSOM.txt"), b"send bitcoin\n").unwrap();
     once();
-    assert!(tree_difference(&copy, &dst).is_some(), "the attack reached the backup");
+    assert!(
+        tree_difference(&copy, &dst).is_some(),
+        "the attack reached the backup"
+    );
     eprintln!("{encrypted} documents encrypted");
     let module_before = module_state(&dst, &history);
 
@@ -188,7 +193,10 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
         .and_then(|h| h.rsplit('(').next())
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no delta count in {said:?}"));
-    assert!(deltas >= 1, "the database did not travel as a delta: {said}");
+    assert!(
+        deltas >= 1,
+        "the database did not travel as a delta: {said}"
+    );
 
     // A restore reads: the module and its history are as they were.
     let module_after = module_state(&dst, &history);
@@ -227,9 +235,11 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     };
     let snap = |name: &str| {
         let p = site.path(name);
-        assert!(run(std::process::Command::new("cp").arg("-a").arg(&src).arg(&p))
-            .status
-            .success());
+        assert!(
+            run(std::process::Command::new("cp").arg("-a").arg(&src).arg(&p))
+                .status
+                .success()
+        );
         p
     };
     // Moment 1: created.
@@ -272,7 +282,11 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     let config = backup.dir.join("receiver.toml");
     let text = fs::read_to_string(&config).unwrap();
     backup.stop();
-    fs::write(&config, text.replace("read_only = false", "read_only = true")).unwrap();
+    fs::write(
+        &config,
+        text.replace("read_only = false", "read_only = true"),
+    )
+    .unwrap();
     backup.restart();
     let ro = site.path("ro");
     let o = restore(&site, &[], &ro);
@@ -301,4 +315,241 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     // The sender itself still writes (clients is unchanged).
     fs::write(src.join("after"), b"x").unwrap();
     once();
+}
+
+/// The hostile-server suite: a compromised backup host, holding the client's pinned
+/// certificate, answers `ferry restore` with paths out of DEST (`..`, absolute, through a
+/// symlink planted in DEST, through a symlink it made itself), a body longer than announced,
+/// a digest that does not match, a device node, a setuid file, and deletions and a rename the
+/// client did not ask for. Each is refused; nothing lands outside DEST, DEST's own files are
+/// intact, no half-written file takes a name, and the restore exits 1 naming what failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_backup_host_cannot_write_outside_dest_or_remove_what_it_holds() {
+    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
+    use ferry_protocol::message::{Body, Keeps, Message};
+    use ferry_protocol::meta::{Kind, Meta};
+    use ferry_protocol::RelPath;
+
+    let site = Site::new();
+    let (src, dest, outside) = (site.dir("src"), site.dir("dest"), site.dir("outside"));
+    fs::write(dest.join("keep.txt"), b"the operator's own").unwrap();
+    std::os::unix::fs::symlink(&outside, dest.join("planted")).unwrap();
+    // The impostor holds the certificate the client pins.
+    let evil = site.path("evil");
+    let pin = keygen(&evil);
+    let identity =
+        ferry_protocol::identity::Identity::load(&evil.join("cert.pem"), &evil.join("key.pem"))
+            .unwrap();
+    let tls = ferry_protocol::tls::server_config(identity.certs.clone(), identity.key.clone_key())
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    site.write_config(&format!(
+        "[targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {pin:?}\n{}",
+        sync("file", &src, &["backup"], "file", "")
+    ));
+    let client = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--config"])
+        .arg(site.config())
+        .args(["--group", "file"])
+        .arg(&dest)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the client connects")
+        .unwrap();
+    let stream = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(tcp)
+        .await
+        .unwrap();
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    server_hello(&mut reader).await.unwrap().unwrap();
+    let keeps = Keeps {
+        owners: true,
+        devices: true,
+        setid: true,
+        xattrs: Default::default(),
+        history: true,
+    };
+    server_answer(&mut writer, Ok(keeps)).await.unwrap();
+    let asked = reader.expect().await.unwrap();
+    assert!(
+        matches!(&asked, Message::Restore { delete: false, keeps, .. } if !keeps.devices && !keeps.setid),
+        "the client asks without --delete, devices or setuid: {asked:?}"
+    );
+
+    // Each attack: its requests, then the final answer to its id.
+    let mut next = 0u64;
+    let mut answers: Vec<(String, Message)> = Vec::new();
+    let digest = |d: &[u8]| *blake3::hash(d).as_bytes();
+    let dev = Meta {
+        kind: Kind::CharDevice,
+        rdev: libc::makedev(1, 1),
+        ..file_meta(0)
+    };
+    let attacks: Vec<(&str, Steps)> = vec![
+        ("dot-dot", file("../escaped", b"out", digest(b"out"))),
+        ("absolute", file("/tmp/escaped-abs", b"out", digest(b"out"))),
+        ("planted symlink", file("planted/f", b"out", digest(b"out"))),
+        (
+            "own symlink",
+            vec![Box::new(|id| Message::Symlink {
+                id,
+                path: RelPath::from("made"),
+                target: outside.as_os_str().as_encoded_bytes().to_vec(),
+                meta: Meta {
+                    kind: Kind::Symlink,
+                    ..file_meta(0)
+                },
+            })],
+        ),
+        (
+            "through own symlink",
+            file("made/f", b"out", digest(b"out")),
+        ),
+        ("longer than announced", {
+            let mut m = file("long", b"12345", digest(b"1234567890"));
+            m.insert(
+                2,
+                Box::new(|id| Message::FileData {
+                    id,
+                    data: b"67890".to_vec(),
+                }),
+            );
+            m
+        }),
+        ("lying digest", file("torn", b"hello", digest(b"HELLO"))),
+        (
+            "delete",
+            vec![Box::new(|id| Message::Delete {
+                id,
+                path: RelPath::from("keep.txt"),
+            })],
+        ),
+        (
+            "rename",
+            vec![Box::new(|id| Message::Rename {
+                id,
+                from: RelPath::from("keep.txt"),
+                to: RelPath::from("gone"),
+            })],
+        ),
+        (
+            "device",
+            vec![Box::new(move |id| Message::Special {
+                id,
+                path: RelPath::from("mem"),
+                meta: dev.clone(),
+            })],
+        ),
+        ("setuid", {
+            let mut m = file("suid", b"#!/bin/sh\n", digest(b"#!/bin/sh\n"));
+            m[0] = Box::new(|id| Message::FileBegin {
+                id,
+                path: RelPath::from("suid"),
+                meta: Meta {
+                    mode: 0o4755,
+                    ..file_meta(10)
+                },
+                body: Body::Whole,
+            });
+            m
+        }),
+    ];
+    for (name, steps) in &attacks {
+        next += 1;
+        for step in steps {
+            writer.write(&step(next)).await.unwrap();
+        }
+        let answer = loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), reader.expect())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no answer"))
+                .unwrap_or_else(|e| panic!("{name}: the client went away: {e}"));
+            if m.reply_id() == Some(next) && m.is_final_reply() {
+                break m;
+            }
+        };
+        answers.push((name.to_string(), answer));
+    }
+    writer.write(&Message::Bye).await.unwrap();
+    while let Ok(Some(_)) = reader.read().await {}
+    let out = client.wait_with_output().unwrap();
+
+    let refused: Vec<&str> = answers
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::Failed { .. }))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            "dot-dot",
+            "absolute",
+            "planted symlink",
+            "through own symlink",
+            "longer than announced",
+            "lying digest",
+            "delete",
+            "rename",
+            "device"
+        ],
+        "answers: {answers:?}"
+    );
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written outside DEST"
+    );
+    assert!(!site.root().join("escaped").exists() && !Path::new("/tmp/escaped-abs").exists());
+    assert_eq!(
+        fs::read(dest.join("keep.txt")).unwrap(),
+        b"the operator's own"
+    );
+    assert!(!dest.join("torn").exists() && !dest.join("long").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(dest.join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "setuid kept without --setuid");
+    let mut left: Vec<String> = fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["keep.txt", "made", "planted", "suid"],
+        "nothing half-written left"
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stdout(&out).contains("9 not restored"), "{}", stdout(&out));
+}
+
+/// The steps of a whole-file transfer of `data` to `path`, ending with `digest`.
+fn file(
+    path: &'static str,
+    data: &'static [u8],
+    digest: [u8; 32],
+) -> Vec<Box<dyn Fn(u64) -> ferry_protocol::message::Message>> {
+    use ferry_protocol::message::{Body, Message};
+    vec![
+        Box::new(move |id| Message::FileBegin {
+            id,
+            path: ferry_protocol::RelPath::from(path),
+            meta: file_meta(data.len() as u64),
+            body: Body::Whole,
+        }),
+        Box::new(move |id| Message::FileData {
+            id,
+            data: data.to_vec(),
+        }),
+        Box::new(move |id| Message::FileEnd { id, digest }),
+    ]
 }

@@ -71,7 +71,13 @@ impl Apply {
         let Ok(at) = self.local(&parent) else {
             return;
         };
-        let noted = history.note(&at.path(), &parent, Action::Metadata, self.keeps.xattrs, None);
+        let noted = history.note(
+            &at.path(),
+            &parent,
+            Action::Metadata,
+            self.keeps.xattrs,
+            None,
+        );
         if let Ok(Some(p)) = noted {
             if p.meta().kind == Kind::Dir {
                 self.dirs_before.insert(parent, p);
@@ -88,7 +94,9 @@ impl Apply {
                 continue;
             };
             let was = before.meta();
-            if md.is_dir() && (md.mtime(), md.mtime_nsec()) != (was.mtime, i64::from(was.mtime_nsec)) {
+            if md.is_dir()
+                && (md.mtime(), md.mtime_nsec()) != (was.mtime, i64::from(was.mtime_nsec))
+            {
                 self.kept.push(before);
             }
         }

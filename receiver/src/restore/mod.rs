@@ -131,7 +131,13 @@ pub fn view(
     let mut view = view_at(tree.into_iter().map(|e| e.path), &later, listed);
     if let Some(meta) = root_at(&later) {
         let source = Source::Module(RelPath::root());
-        view.insert(RelPath::root(), Node { source, meta: Some(meta) });
+        view.insert(
+            RelPath::root(),
+            Node {
+                source,
+                meta: Some(meta),
+            },
+        );
     }
     if !paths.is_empty() {
         let shown = at.map_or_else(|| "now".to_string(), rfc3339);
