@@ -532,12 +532,11 @@ async fn a_hostile_backup_host_cannot_write_outside_dest_or_remove_what_it_holds
     assert!(stdout(&out).contains("9 not restored"), "{}", stdout(&out));
 }
 
+/// Messages of one request, each made for its id.
+type Steps = Vec<Box<dyn Fn(u64) -> ferry_protocol::message::Message>>;
+
 /// The steps of a whole-file transfer of `data` to `path`, ending with `digest`.
-fn file(
-    path: &'static str,
-    data: &'static [u8],
-    digest: [u8; 32],
-) -> Vec<Box<dyn Fn(u64) -> ferry_protocol::message::Message>> {
+fn file(path: &'static str, data: &'static [u8], digest: [u8; 32]) -> Steps {
     use ferry_protocol::message::{Body, Message};
     vec![
         Box::new(move |id| Message::FileBegin {
