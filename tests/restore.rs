@@ -392,16 +392,17 @@ async fn a_hostile_backup_host_cannot_write_outside_dest_or_remove_what_it_holds
         rdev: libc::makedev(1, 1),
         ..file_meta(0)
     };
+    let outside_bytes = outside.as_os_str().as_encoded_bytes().to_vec();
     let attacks: Vec<(&str, Steps)> = vec![
         ("dot-dot", file("../escaped", b"out", digest(b"out"))),
         ("absolute", file("/tmp/escaped-abs", b"out", digest(b"out"))),
         ("planted symlink", file("planted/f", b"out", digest(b"out"))),
         (
             "own symlink",
-            vec![Box::new(|id| Message::Symlink {
+            vec![Box::new(move |id| Message::Symlink {
                 id,
                 path: RelPath::from("made"),
-                target: outside.as_os_str().as_encoded_bytes().to_vec(),
+                target: outside_bytes.clone(),
                 meta: Meta {
                     kind: Kind::Symlink,
                     ..file_meta(0)
