@@ -89,6 +89,10 @@ impl Apply {
     pub(crate) fn keep_dir_times(&mut self) {
         use std::os::unix::fs::MetadataExt;
         for (dir, before) in std::mem::take(&mut self.dirs_before) {
+            // One made in this commit had no earlier state: its `created` row undoes it.
+            if self.kept.iter().any(|p| p.creates(&dir)) {
+                continue;
+            }
             let Ok(at) = self.local(&dir) else { continue };
             let Ok(md) = std::fs::symlink_metadata(at.path()) else {
                 continue;

@@ -115,6 +115,11 @@ impl Pending {
     pub fn meta(&self) -> &Meta {
         &self.meta
     }
+
+    /// True for the note that `path` came into being.
+    pub fn creates(&self, path: &RelPath) -> bool {
+        self.action == Action::Created && self.path == *path
+    }
 }
 
 /// How a changed entry's old state is kept.
