@@ -14,6 +14,9 @@
 //! - a burst of 50,000 new files under the live daemon, until the module has them all,
 //!   beside lsyncd (delay 0, same rsyncd) when `lsyncd` is installed.
 //!
+//! - restore (`ferry restore --group` from the module) into an empty directory beside `rsync
+//!   -a` pulling from the rsyncd, then over those copies after 1 MiB of the big file was
+//!   damaged: time and bytes on the wire;
 //! - every small file rewritten (same sizes, new bytes), `send --once` vs `rsync -a`: with
 //!   `FERRY_BENCH_HISTORY=1` the ferry modules keep history, so every file's old version is
 //!   kept; run once with and once without to see what history costs.
@@ -535,6 +538,8 @@ fn main() {
         ratio(f, r),
     );
 
+    restore_rows(&site, &pin);
+
     // Every small file rewritten: with history on, each old version is kept.
     let (n, _) = write_small(&site.src, 1);
     Command::new("sync").status().unwrap();
@@ -610,6 +615,83 @@ fn main() {
             "lsyncd not installed"
         ),
     }
+}
+
+/// A source host pulling the module back, beside `rsync -a` pulling the same tree from the
+/// rsyncd: into an empty directory (ferry fsyncs every file, rsync none: `--fsync` shown too),
+/// then over those copies after 1 MiB of their big file was damaged, through counting proxies.
+fn restore_rows(site: &Site, pin: &str) {
+    let config = site.dir.join("send/sender.toml");
+    let restore = |dest: &Path| {
+        timed(
+            ferry(&["restore", "--config"])
+                .arg(&config)
+                .args(["--group", "bench"])
+                .arg(dest),
+        )
+    };
+    let pull = |port: u16, dest: &Path, extra: &[&str]| {
+        timed(
+            Command::new("rsync")
+                .arg("-a")
+                .args(extra)
+                .arg(format!("rsync://127.0.0.1:{port}/bench/"))
+                .arg(format!("{}/", dest.display())),
+        )
+    };
+    let (fd, rd, rfd) = (
+        site.dir.join("restore-ferry"),
+        site.dir.join("restore-rsync"),
+        site.dir.join("restore-rsync-fsync"),
+    );
+    Command::new("sync").status().unwrap();
+    let (f, _) = restore(&fd);
+    let (r, _) = pull(site.rsync_port, &rd, &[]);
+    row(
+        "restore into an empty directory",
+        secs(f),
+        secs(r),
+        ratio(f, r),
+    );
+    let (rf, _) = pull(site.rsync_port, &rfd, &["--fsync"]);
+    row("  (rsync --fsync)", secs(f), secs(rf), ratio(f, rf));
+    let _ = std::fs::remove_dir_all(&rfd);
+
+    let mut patch = vec![0u8; 1 << 20];
+    fill(&mut patch, 11);
+    for dest in [&fd, &rd] {
+        let big = dest.join("big.img");
+        let len = std::fs::metadata(&big).unwrap().len();
+        let patch = &patch[..patch.len().min(len as usize / 4)];
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&big)
+            .unwrap()
+            .write_all_at(patch, len / 3)
+            .unwrap();
+    }
+    let ferry_proxy = Counter::start(site.ferry_port);
+    let rsync_proxy = Counter::start(site.rsync_port);
+    site.sender_config(ferry_proxy.port, pin, "bench");
+    let (f, _) = restore(&fd);
+    let (fu, fdn) = ferry_proxy.take();
+    let (r, _) = pull(rsync_proxy.port, &rd, &[]);
+    let (ru, rdn) = rsync_proxy.take();
+    site.sender_config(site.ferry_port, pin, "bench");
+    row(
+        "restore over 1 MiB damaged: time",
+        secs(f),
+        secs(r),
+        ratio(f, r),
+    );
+    row(
+        "  bytes on the wire, both directions",
+        format!("{:.2} MB", (fu + fdn) as f64 / 1e6),
+        format!("{:.2} MB", (ru + rdn) as f64 / 1e6),
+        (fu + fdn) as f64 / (ru + rdn) as f64,
+    );
+    let _ = std::fs::remove_dir_all(&fd);
+    let _ = std::fs::remove_dir_all(&rd);
 }
 
 /// The same burst (written again under a fresh name) through lsyncd with delay 0 into the

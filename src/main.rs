@@ -181,9 +181,12 @@ enum Command {
         /// Make device nodes (as root; off by default, like rsync's --devices).
         #[arg(long)]
         devices: bool,
-        /// Keep setuid and setgid bits (off by default: they are dropped).
+        /// Keep setuid and setgid bits and file capabilities (off by default: dropped).
         #[arg(long)]
         setuid: bool,
+        /// List what would change (one line per step), change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Where to write.
         dest: PathBuf,
     },
@@ -554,6 +557,7 @@ async fn run(command: Command) -> Result<u8> {
             delete,
             devices,
             setuid,
+            dry_run,
             dest,
         } => {
             let ask = restore::Ask {
@@ -565,6 +569,7 @@ async fn run(command: Command) -> Result<u8> {
                 delete,
                 devices,
                 setuid,
+                dry_run,
             };
             restore::restore(&config, &ask, &dest).await
         }

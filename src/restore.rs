@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
+use crate::progress::{Count, Progress};
+
 /// What to restore, and how.
 #[derive(Debug, Default)]
 pub struct Ask {
@@ -41,6 +43,8 @@ pub struct Ask {
     pub devices: bool,
     /// `--setuid`: keep setuid and setgid bits.
     pub setuid: bool,
+    /// `--dry-run`: list what would change, change nothing.
+    pub dry_run: bool,
 }
 
 /// Reads `--at`: RFC 3339 (`2026-12-03T07:00:00Z`), or an age (`2h`, `3 days`, `3 days ago`).
@@ -138,8 +142,11 @@ fn local(
             known.join(", ")
         );
     };
-    if ask.delete {
-        bail!("--delete: a restore on the backup host writes into a new or empty directory");
+    if ask.delete || ask.dry_run {
+        bail!(
+            "--delete and --dry-run are for a restore from a source host; on the backup host \
+             restore writes into a new or empty directory"
+        );
     }
     let history = m.history.as_ref().map(|h| h.dir.as_path());
     if history.is_none() && at.is_some() {
@@ -226,13 +233,25 @@ async fn remote(
             paths,
             delete: ask.delete,
             keeps,
+            dry_run: ask.dry_run,
         })
         .await
         .with_context(|| format!("target {name}"))?;
     let stats = Arc::new(Stats::default());
     let mut refused = None;
     let mut unsent: Vec<(RelPath, String)> = Vec::new();
+    let mut planned = Count::default();
     let started = std::time::Instant::now();
+    let progress = Arc::new(Progress::start("restore"));
+    let ticker = {
+        let (progress, stats) = (progress.clone(), stats.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                progress.update(done(&stats));
+            }
+        })
+    };
     let delete = ask.delete;
     let served = ferry_receiver::session::answer(
         reader,
@@ -255,15 +274,45 @@ async fn remote(
                 unsent.push((path.clone(), reason.clone()));
                 true
             }
+            Message::Planned {
+                steps,
+                bytes,
+                changes,
+                ..
+            } => {
+                planned = Count {
+                    entries: *steps,
+                    bytes: *bytes,
+                };
+                progress.total(planned);
+                for (path, what) in changes {
+                    println!("{what} {path}");
+                }
+                true
+            }
             _ => false,
         },
         || {},
     )
     .await;
+    ticker.abort();
+    progress.finish();
     if let Some(reason) = refused {
         bail!("target {name}: {reason}");
     }
     let complete = served.with_context(|| format!("target {name}"))?;
+    if ask.dry_run && complete {
+        println!(
+            "sync {group} from target {name}, module {} {}: dry run: {} changes, {} of files \
+             to restore into {}; nothing changed",
+            g.module,
+            when(at),
+            planned.entries,
+            crate::status::bytes(planned.bytes),
+            dest.display()
+        );
+        return Ok(0);
+    }
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     for (path, why) in &unsent {
         eprintln!("ferry: restore {group}: {path}: not sent by the backup host: {why}");
@@ -290,6 +339,19 @@ async fn remote(
         bail!("target {name}: the connection ended before the restore was complete");
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// What the request loop has done so far, as progress counts.
+fn done(stats: &Stats) -> Count {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    Count {
+        entries: n(&stats.files)
+            + n(&stats.mkdirs)
+            + n(&stats.links)
+            + n(&stats.set_meta)
+            + n(&stats.deletes),
+        bytes: n(&stats.bytes_written),
+    }
 }
 
 #[cfg(test)]

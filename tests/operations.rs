@@ -209,15 +209,19 @@ fn the_receiver_serves_its_counters_as_metrics() {
     assert_eq!(sample(&m, "ferry_receiver_files_total"), 5.0);
     assert_eq!(sample(&m, "ferry_receiver_sessions"), 0.0);
     let versions = "ferry_receiver_history_versions{module=\"file\"}";
-    assert_eq!(sample(&m, versions), 5.0, "each new name noted as created");
+    assert_eq!(
+        sample(&m, versions),
+        6.0,
+        "each new name noted as created, and the root's times before the first"
+    );
     for i in 0..3 {
         fs::write(src.join(format!("f{i}")), b"second").unwrap();
     }
     assert!(site.send_once(&[]).status.success());
     assert_eq!(
         sample(&scrape(metrics), versions),
-        8.0,
-        "and 3 versions replaced"
+        10.0,
+        "and 3 versions replaced, and the root's times before them"
     );
     // Anything else is refused, and a slow or huge request costs nothing lasting.
     let mut s = TcpStream::connect(("127.0.0.1", metrics)).unwrap();

@@ -267,6 +267,20 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     // One directory at moment 1 into a tree holding other things: they stay (no --delete).
     let part = site.dir("part");
     fs::write(part.join("mine"), b"kept").unwrap();
+    // A dry run lists the steps and changes nothing.
+    let o = restore(&site, &["--at", &t1, "--path", "a/b", "--dry-run"], &part);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let said = stdout(&o);
+    assert!(
+        said.contains("directory a/b\n") && said.contains("file a/b/f\n"),
+        "{said}"
+    );
+    assert!(said.contains("dry run"), "{said}");
+    let names: Vec<_> = fs::read_dir(&part)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["mine"], "a dry run changed DEST");
     let o = restore(&site, &["--at", &t1, "--path", "a/b"], &part);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert_eq!(fs::read(part.join("a/b/f")).unwrap(), b"one");

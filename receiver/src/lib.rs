@@ -14,18 +14,21 @@
 //! - [`module`]: a served module's state; start-up clean-up of its staging directory.
 //! - [`stats`]: the process's counters.
 //! - [`session`]: one connection: TLS handshake, `Hello`, access check, then frames in to the
-//!   request loop and replies out.
+//!   request loop and replies out ([`session::answer`], which a restore client runs for its
+//!   destination too).
 //! - [`requests`]: the request loop of a session (its own thread): dispatch in arrival order,
 //!   one answer per request, group commit, and the read requests (List, VerifyDir, Stats).
 //! - [`apply`]: changes to the module tree (mkdir, symlink, special, metadata, delete, rename,
 //!   installing staged entries), each through [`confine`].
 //! - [`commit`]: the group commit: sealed files made durable together, then named, then the
 //!   directories whose entries changed flushed, before any of it is acknowledged.
-//! - [`kept`]: what a change supersedes, kept in the module's history before the change.
+//! - [`kept`]: what a change supersedes, kept in the module's history before the change, and a
+//!   directory's times before a change in it moves them.
 //! - [`incoming`]: files being received: staging, deltas against the current copy, digest
 //!   check, sealing until the group commit makes it durable and installs it atomically.
-//! - [`restore`]: `ferry restore` on the backup host: a module as it was at a time, written
-//!   into a new directory.
+//! - [`restore`]: a module as it was at a time: written into a new directory on the backup
+//!   host, or sent over a restore session ([`restore::serve`]) with the sender's planner and
+//!   transfer, to a client that writes it as a receiver does.
 //! - [`server`]: the listener, connection limits and shutdown.
 #![warn(missing_docs)]
 

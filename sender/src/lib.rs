@@ -20,10 +20,11 @@
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
 //!   pure).
 //! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`].
-//! - [`transfer`]: one file: open beneath the held source root (never through a symlink),
-//!   `fstat`, `FileBegin`, whole chunks or windowed deltas,
-//!   `FileEnd` with the digest.
-//! - [`session`]: one connection to one module over any stream; requests out, replies routed
+//! - [`transfer`]: one file: open beneath the held source root (never through a symlink) or,
+//!   for a restore the backup host sends, where [`transfer::Origin::Mapped`] says it is,
+//!   `fstat`, `FileBegin`, whole chunks or windowed deltas, `FileEnd` with the digest.
+//! - [`session`]: one connection to one module over any stream (or, turned round, the backup
+//!   host's side of a restore: [`session::Session::started`]); requests out, replies routed
 //!   back to each request (a oneshot, or a queue for answers in steps; the reader never
 //!   waits); any holder closes it;
 //!   [`config::Target`]`::connect`.

@@ -294,29 +294,6 @@ pub enum Message {
     /// The sender is done; the receiver closes after answering everything before it.
     Bye,
 
-    // --- restore (protocol 8) ------------------------------------------------------------
-    /// Restore client → receiver, once, after `Welcome` of a [`Intent::Restore`] session: what
-    /// to send. The receiver answers `Refused` (a time before the history, a path not there
-    /// then) or sends the module as it was at `at` with the sender's requests, then `Bye`.
-    Restore {
-        /// The moment (ns since the epoch, UTC); `None`: the module as it is now.
-        at: Option<i64>,
-        /// Only these paths (and their parents); all of it when empty.
-        paths: Vec<RelPath>,
-        /// Delete what the destination holds beyond what is restored (under `paths`).
-        delete: bool,
-        /// What the client's destination keeps, as a receiver's `Welcome` says it.
-        keeps: Keeps,
-    },
-    /// Receiver → restore client, before `Bye`: a path of the restored tree that could not be
-    /// sent (unreadable on the backup host), so the client counts it as not restored.
-    Unsent {
-        /// The path.
-        path: RelPath,
-        /// Why.
-        reason: String,
-    },
-
     // --- receiver → sender ---------------------------------------------------------------
     /// The request succeeded and its effect is durable.
     Ack {
@@ -391,6 +368,43 @@ pub enum Message {
     /// open, whatever its requests are doing, so a sender waiting on replies can tell a slow
     /// receiver from a link or a process that went silent.
     Alive,
+
+    // --- restore (protocol 8) ------------------------------------------------------------
+    /// Restore client → receiver, once, after `Welcome` of a [`Intent::Restore`] session: what
+    /// to send. The receiver answers `Refused` (a time before the history, a path not there
+    /// then) or sends the module as it was at `at` with the sender's requests, then `Bye`.
+    Restore {
+        /// The moment (ns since the epoch, UTC); `None`: the module as it is now.
+        at: Option<i64>,
+        /// Only these paths (and their parents); all of it when empty.
+        paths: Vec<RelPath>,
+        /// Delete what the destination holds beyond what is restored (under `paths`).
+        delete: bool,
+        /// What the client's destination keeps, as a receiver's `Welcome` says it.
+        keeps: Keeps,
+        /// Send only the plan (`Planned` with its changes), change nothing.
+        dry_run: bool,
+    },
+    /// Receiver → restore client, before the first change: what the restore will do (for
+    /// progress), in batches; `changes` lists each step (path, what) for a dry run only.
+    Planned {
+        /// Steps in all.
+        steps: u64,
+        /// Bytes of the files to send.
+        bytes: u64,
+        /// The steps, for a dry run.
+        changes: Vec<(RelPath, String)>,
+        /// Last batch.
+        done: bool,
+    },
+    /// Receiver → restore client, before `Bye`: a path of the restored tree that could not be
+    /// sent (unreadable on the backup host), so the client counts it as not restored.
+    Unsent {
+        /// The path.
+        path: RelPath,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Message {
@@ -490,6 +504,7 @@ impl Message {
             Message::Alive => "Alive",
             Message::Restore { .. } => "Restore",
             Message::Unsent { .. } => "Unsent",
+            Message::Planned { .. } => "Planned",
         }
     }
 }

@@ -20,9 +20,9 @@ use ferry_protocol::meta::{Compare, Entry};
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{io_reason, RelPath};
 use ferry_sender::config::Preserve;
-use ferry_sender::execute::{execute, Report, Step};
+use ferry_sender::execute::{execute, Report, Step, Totals};
 use ferry_sender::links::LinkNames;
-use ferry_sender::plan::{plan, PlanOptions};
+use ferry_sender::plan::{plan, Base, Op, Plan, PlanOptions};
 use ferry_sender::session::Session;
 use ferry_sender::transfer::{as_then, Located, Origin};
 use std::collections::HashMap;
@@ -37,7 +37,11 @@ struct Asked {
     paths: Vec<RelPath>,
     delete: bool,
     keeps: Keeps,
+    dry_run: bool,
 }
+
+/// Steps per `Planned` frame.
+const PLANNED_BATCH: usize = 2_000;
 
 /// Serves one restore session after its `Welcome`: reads the client's `Restore`, refuses it
 /// with the reason (a time before the history, a path not there then) or sends the tree.
@@ -62,11 +66,13 @@ where
             paths,
             delete,
             keeps,
+            dry_run,
         } => Asked {
             at,
             paths,
             delete,
             keeps,
+            dry_run,
         },
         other => {
             let reason = format!("expected Restore, got {}", other.name());
@@ -203,6 +209,30 @@ async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Repo
         }
     }
     let planned = plan(&tree.entries, &remote, opts, &names);
+    let totals = Totals::of(&planned);
+    let changes = if asked.dry_run {
+        described(&planned)
+    } else {
+        Vec::new()
+    };
+    let mut batches = changes.chunks(PLANNED_BATCH).peekable();
+    loop {
+        let batch = batches.next().unwrap_or_default();
+        let done = batches.peek().is_none();
+        let msg = Message::Planned {
+            steps: totals.steps,
+            bytes: totals.bytes,
+            changes: batch.to_vec(),
+            done,
+        };
+        session.send(msg).await.map_err(|e| e.to_string())?;
+        if done {
+            break;
+        }
+    }
+    if asked.dry_run {
+        return Ok(Report::default());
+    }
     let located = tree.located.clone();
     let origin = Origin::Mapped(Arc::new(move |p: &RelPath| located.get(p).cloned()));
     let mut report = Report::default();
@@ -217,6 +247,35 @@ async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Repo
     .await
     .map_err(|e| e.to_string())?;
     Ok(report)
+}
+
+/// Each step of `plan`, as a dry run lists it.
+fn described(plan: &Plan) -> Vec<(RelPath, String)> {
+    let mut out: Vec<(RelPath, String)> = Vec::new();
+    for d in &plan.deletes {
+        out.push((d.clone(), "delete".into()));
+    }
+    for op in &plan.creates {
+        let what = match op {
+            Op::Mkdir(_) => "directory",
+            Op::Symlink(_) => "symlink",
+            Op::Special(_) => "special file",
+            Op::File {
+                base: Base::Present,
+                ..
+            } => "file (delta)",
+            Op::File { .. } => "file",
+            Op::SetMeta(_) => "metadata",
+        };
+        out.push((op.entry().path.clone(), what.into()));
+    }
+    for l in &plan.links {
+        out.push((l.entry.path.clone(), format!("hard link to {}", l.target)));
+    }
+    for d in &plan.dir_meta {
+        out.push((d.path.clone(), "directory metadata".into()));
+    }
+    out
 }
 
 /// The view read: its entries as they were (tree order, the root first) and where each is
