@@ -199,11 +199,16 @@ enum Command {
     /// Compare trees: `verify LEFT RIGHT`, or `verify --config sender.toml` for every group.
     Verify {
         /// sender.toml: compare each source with its remote modules.
-        #[arg(long, conflicts_with_all = ["left", "right"])]
+        #[arg(long, conflicts_with = "right")]
         config: Option<PathBuf>,
         /// Only this sync group.
         #[arg(long, requires = "config")]
         sync: Option<String>,
+        /// With --config, --sync and one directory: compare it with the group's module as it
+        /// was at this time (RFC 3339 or an age), entry by entry: kind, size, mtime, mode,
+        /// owner (as root), attributes, hard links; what `restore --delete` would change.
+        #[arg(long, requires_all = ["config", "sync", "left"])]
+        at: Option<String>,
         /// Read every file instead of trusting cached digests.
         #[arg(long)]
         checksum: bool,
@@ -570,6 +575,7 @@ async fn run(command: Command) -> Result<u8> {
                 devices,
                 setuid,
                 dry_run,
+                verify: false,
             };
             restore::restore(&config, &ask, &dest).await
         }
@@ -583,6 +589,29 @@ async fn run(command: Command) -> Result<u8> {
         Command::CheckConfig { file } => check_config(&file),
         Command::Manual { dir } => manual(&dir),
         Command::Import(what) => import::import(what),
+        Command::Verify {
+            config: Some(config),
+            sync: Some(sync),
+            at: Some(at),
+            left: Some(left),
+            ..
+        } => {
+            let ask = restore::Ask {
+                group: Some(sync),
+                at: Some(at),
+                ..restore::Ask::verifying()
+            };
+            restore::restore(&config, &ask, &left).await
+        }
+        Command::Verify {
+            config: Some(_),
+            left: Some(left),
+            ..
+        } => bail!(
+            "verify --config compares each group's source with its targets; to compare {} \
+             with a module as it was, add --sync GROUP --at TIME",
+            left.display()
+        ),
         Command::Verify {
             config: Some(config),
             sync,

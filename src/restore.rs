@@ -45,6 +45,23 @@ pub struct Ask {
     pub setuid: bool,
     /// `--dry-run`: list what would change, change nothing.
     pub dry_run: bool,
+    /// `ferry verify --at`: a dry run with `--delete` into an existing DEST, keeping
+    /// everything, whose steps are the differences (exit 1 if any).
+    pub verify: bool,
+}
+
+impl Ask {
+    /// What `ferry verify --at` asks: every difference, nothing changed.
+    pub fn verifying() -> Ask {
+        Ask {
+            delete: true,
+            devices: true,
+            setuid: true,
+            dry_run: true,
+            verify: true,
+            ..Ask::default()
+        }
+    }
 }
 
 /// Reads `--at`: RFC 3339 (`2026-12-03T07:00:00Z`), or an age (`2h`, `3 days`, `3 days ago`).
@@ -193,6 +210,7 @@ async fn remote(
     let identity = config.identity()?;
     match std::fs::symlink_metadata(dest) {
         Ok(md) if md.is_dir() => {}
+        Err(e) if ask.verify => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
         Ok(_) => bail!("{}: not a directory", dest.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .mode(0o700)
@@ -301,6 +319,20 @@ async fn remote(
         bail!("target {name}: {reason}");
     }
     let complete = served.with_context(|| format!("target {name}"))?;
+    if ask.verify && complete {
+        println!(
+            "{} {} sync {group} on target {name}, module {} {}",
+            dest.display(),
+            if planned.entries == 0 {
+                "equals"
+            } else {
+                "differs from"
+            },
+            g.module,
+            when(at),
+        );
+        return Ok(if planned.entries == 0 { 0 } else { 1 });
+    }
     if ask.dry_run && complete {
         println!(
             "sync {group} from target {name}, module {} {}: dry run: {} changes, {} of files \

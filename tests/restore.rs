@@ -258,12 +258,30 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     fs::remove_dir_all(src.join("a")).unwrap();
     fs::write(src.join("later"), b"later").unwrap();
     once();
+    let verify_at = |t: &str, dir: &Path| {
+        run(ferry()
+            .args(["verify", "--config"])
+            .arg(site.config())
+            .args(["--sync", "file", "--at", t])
+            .arg(dir))
+    };
     for (i, (t, s)) in [(&t1, &s1), (&t2, &s2)].into_iter().enumerate() {
         let dest = site.path(&format!("at{i}"));
         let o = restore(&site, &["--at", t], &dest);
         assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
         assert_eq!(tree_difference(s, &dest), None, "at {t}");
+        // `verify --at` finds the copy taken then equal, and the other moment's not.
+        let o = verify_at(t, s);
+        assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+        assert!(stdout(&o).contains("equals"), "{}", stdout(&o));
     }
+    let o = verify_at(&t1, &s2);
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    let said = stdout(&o);
+    assert!(
+        said.contains("delete a/c\n") && said.contains("directory a/b\n"),
+        "{said}"
+    );
     // One directory at moment 1 into a tree holding other things: they stay (no --delete).
     let part = site.dir("part");
     fs::write(part.join("mine"), b"kept").unwrap();
