@@ -246,12 +246,15 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     fs::create_dir_all(src.join("a/b")).unwrap();
     fs::write(src.join("a/b/f"), b"one").unwrap();
     fs::write(src.join("top"), b"top").unwrap();
+    fs::create_dir(src.join("r")).unwrap();
+    fs::write(src.join("r/x"), b"renamed later").unwrap();
     once();
     let (t1, s1) = (now(), snap("s1"));
     // Moment 2: edited, chmodded, renamed.
     fs::write(src.join("a/b/f"), b"two, longer").unwrap();
     set_mode(&src.join("top"), 0o600);
     fs::rename(src.join("a/b"), src.join("a/c")).unwrap();
+    fs::rename(src.join("r"), src.join("s")).unwrap();
     once();
     let (t2, s2) = (now(), snap("s2"));
     // Moment 3: deleted.
@@ -304,6 +307,14 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     assert_eq!(fs::read(part.join("a/b/f")).unwrap(), b"one");
     assert_eq!(fs::read(part.join("mine")).unwrap(), b"kept");
     assert!(!part.join("top").exists());
+
+    // One file by the name it had then, found where a later rename put it (only the paths
+    // asked for, the renames' targets and the ancestors are read on the backup host).
+    let one = site.path("one");
+    let o = restore(&site, &["--at", &t1, "--path", "r/x"], &one);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(fs::read(one.join("r/x")).unwrap(), b"renamed later");
+    assert_eq!(tree_difference(&s1.join("r"), &one.join("r")), None);
 
     // Before the history began.
     let o = restore(&site, &["--at", "1 year ago"], &site.path("old"));

@@ -125,6 +125,43 @@ pub fn check_place(module: &Path, history: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The versions superseded after `after` (ns since the epoch), oldest first, and the time of
+/// the oldest the history keeps at all: what undoing the history back to `after` needs, read
+/// through the journal's time index without listing the rest.
+pub fn read_versions_after(dir: &Path, after: i64) -> io::Result<(Vec<Version>, Option<i64>)> {
+    let db = open_read_only(dir)?;
+    let oldest: Option<i64> = db
+        .query_row("SELECT min(time_ns) FROM versions", [], |r| r.get(0))
+        .map_err(db_err)?;
+    let mut q = db
+        .prepare(
+            "SELECT id, path, time_ns, action, kind, size, object, renamed_to, meta FROM versions \
+             WHERE time_ns > ?1 ORDER BY time_ns, id",
+        )
+        .map_err(db_err)?;
+    let rows = q.query_map([after], version_of).map_err(db_err)?;
+    let later = rows.collect::<Result<_, _>>().map_err(db_err)?;
+    Ok((later, oldest))
+}
+
+fn version_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Version> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let (raw_path, raw_renamed_to): (Vec<u8>, Option<Vec<u8>>) = (r.get(1)?, r.get(7)?);
+    Ok(Version {
+        id: r.get(0)?,
+        path: text(&raw_path),
+        time_ns: r.get(2)?,
+        action: r.get(3)?,
+        kind: r.get(4)?,
+        size: r.get::<_, i64>(5)? as u64,
+        object: r.get::<_, i64>(6)? != 0,
+        renamed_to: raw_renamed_to.as_deref().map(text),
+        meta: r.get(8)?,
+        raw_path,
+        raw_renamed_to,
+    })
+}
+
 pub(super) fn versions_in(db: &Connection, under: &RelPath) -> io::Result<Vec<Version>> {
     let (sql, prefix) =
         if under.is_root() {
@@ -137,23 +174,7 @@ pub(super) fn versions_in(db: &Connection, under: &RelPath) -> io::Result<Vec<Ve
           WHERE path = ?1 OR substr(path, 1, length(?2)) = ?2 ORDER BY time_ns, id", p)
         };
     let mut q = db.prepare(sql).map_err(db_err)?;
-    let map = |r: &rusqlite::Row<'_>| {
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        let (raw_path, raw_renamed_to): (Vec<u8>, Option<Vec<u8>>) = (r.get(1)?, r.get(7)?);
-        Ok(Version {
-            id: r.get(0)?,
-            path: text(&raw_path),
-            time_ns: r.get(2)?,
-            action: r.get(3)?,
-            kind: r.get(4)?,
-            size: r.get::<_, i64>(5)? as u64,
-            object: r.get::<_, i64>(6)? != 0,
-            renamed_to: raw_renamed_to.as_deref().map(text),
-            meta: r.get(8)?,
-            raw_path,
-            raw_renamed_to,
-        })
-    };
+    let map = version_of;
     let rows = if under.is_root() {
         q.query_map([], map)
     } else {
@@ -166,6 +187,11 @@ pub(super) fn versions_in(db: &Connection, under: &RelPath) -> io::Result<Vec<Ve
 /// The versions at or below `under` in the history at `dir`, read without the daemon (the
 /// journal opened read-only): what `ferry history` shows on the backup host.
 pub fn read_versions(dir: &Path, under: &RelPath) -> io::Result<Vec<Version>> {
+    versions_in(&open_read_only(dir)?, under)
+}
+
+/// The journal at `dir`, opened read-only.
+fn open_read_only(dir: &Path) -> io::Result<Connection> {
     let file = dir.join(JOURNAL);
     if !file.exists() {
         return Err(io::Error::new(
@@ -176,5 +202,5 @@ pub fn read_versions(dir: &Path, under: &RelPath) -> io::Result<Vec<Version>> {
     let db = Connection::open_with_flags(&file, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| io::Error::other(format!("{}: {e}", file.display())))?;
     db.busy_timeout(Duration::from_secs(10)).map_err(db_err)?;
-    versions_in(&db, under)
+    Ok(db)
 }

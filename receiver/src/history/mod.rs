@@ -41,7 +41,7 @@ mod retention;
 pub mod view;
 
 use journal::versions_in;
-pub use journal::{check_place, read_versions, Version};
+pub use journal::{check_place, read_versions, read_versions_after, Version};
 #[cfg(test)]
 use retention::PRUNE_PAGE;
 pub use retention::{Keep, Rule, PRUNE_EVERY};

@@ -11,7 +11,7 @@
 pub mod serve;
 
 use crate::history::view::{root_at, view_at, Node, Source, View};
-use crate::history::{read_versions, OBJECTS};
+use crate::history::{read_versions_after, Version, OBJECTS};
 use ferry_protocol::local;
 use ferry_protocol::meta::{Entry, Kind, Meta};
 use ferry_protocol::xattr::{At, Namespaces};
@@ -86,23 +86,17 @@ pub fn view(
             ferry_protocol::io_reason(&e)
         ))
     };
-    let mut errors = Vec::new();
-    // The receiver's own names for the moment between creating and renaming are not content.
-    let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
-    let tree =
-        local::scan(module, &ours, Namespaces::NONE, &mut errors).map_err(|e| io_err(module, e))?;
-    let versions = match (history, at) {
+    let (later, oldest) = match (history, at) {
         (Some(history), _) => {
-            read_versions(history, &RelPath::root()).map_err(|e| io_err(history, e))?
+            read_versions_after(history, at.unwrap_or(i64::MAX)).map_err(|e| io_err(history, e))?
         }
-        (None, None) => Vec::new(),
+        (None, None) => (Vec::new(), None),
         (None, Some(_)) => {
             let name = module.file_name().unwrap_or_default().to_string_lossy();
             return Err(RestoreError::NoHistory(name.into_owned()));
         }
     };
-    let at_ns = at.unwrap_or(i64::MAX);
-    if let (Some(at), Some(oldest)) = (at, versions.iter().map(|v| v.time_ns).min()) {
+    if let (Some(at), Some(oldest)) = (at, oldest) {
         if at < oldest {
             return Err(RestoreError::TooOld {
                 at: rfc3339(at),
@@ -110,7 +104,7 @@ pub fn view(
             });
         }
     }
-    let later: Vec<_> = versions.into_iter().filter(|v| v.time_ns > at_ns).collect();
+    let now = now_under(module, paths, &later).map_err(|e| io_err(module, e))?;
     let objects = history.map(|h| h.join(OBJECTS)).unwrap_or_default();
     let listed = |id: i64| -> Vec<RelPath> {
         let top = objects.join(id.to_string());
@@ -128,7 +122,7 @@ pub fn view(
             })
             .unwrap_or_default()
     };
-    let mut view = view_at(tree.into_iter().map(|e| e.path), &later, listed);
+    let mut view = view_at(now, &later, listed);
     if let Some(meta) = root_at(&later) {
         let source = Source::Module(RelPath::root());
         view.insert(
@@ -157,6 +151,57 @@ pub fn view(
         });
     }
     Ok(view)
+}
+
+/// The module's paths now that the view of `paths` (all of it when empty) can be made of,
+/// given the journal's `later` rows: for named paths, their subtrees, their ancestors and the
+/// subtrees later renames moved things to — not the whole module, so one file of a huge
+/// module is found in the time of a few lookups.
+fn now_under(module: &Path, paths: &[RelPath], later: &[Version]) -> io::Result<Vec<RelPath>> {
+    // The receiver's own names for the moment between creating and renaming are not content.
+    let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
+    let mut errors = Vec::new();
+    if paths.is_empty() {
+        let tree = local::scan(module, &ours, Namespaces::NONE, &mut errors)?;
+        return Ok(tree.into_iter().map(|e| e.path).collect());
+    }
+    let root = local::open_root(module)?;
+    let mut starts: Vec<RelPath> = paths.to_vec();
+    starts.extend(
+        later
+            .iter()
+            .filter(|v| v.action == "renamed")
+            .filter_map(|v| v.raw_renamed_to.clone().map(RelPath::from_bytes)),
+    );
+    starts.sort_by(|a, b| a.tree_cmp(b));
+    starts.dedup();
+    let mut out = Vec::new();
+    let mut last: Option<RelPath> = None;
+    for start in starts {
+        if last.as_ref().is_some_and(|l| start.starts_with(l)) {
+            continue;
+        }
+        match local::scan_at(&root, &start, &ours, Namespaces::NONE, &mut errors) {
+            Ok(entries) => out.extend(entries.into_iter().map(|e| e.path)),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::NotADirectory => {}
+            Err(e) => return Err(e),
+        }
+        last = Some(start);
+    }
+    for p in paths {
+        let mut up = p.parent();
+        while let Some(a) = up.filter(|a| !a.is_root()) {
+            if local::read_entry_at(&root, &a, Namespaces::NONE, &mut errors)?.is_some() {
+                out.push(a.clone());
+            }
+            up = a.parent();
+        }
+    }
+    out.sort_by(|a, b| a.tree_cmp(b));
+    out.dedup();
+    Ok(out)
 }
 
 /// Writes `view` of the module at `module` (history in `history`) into `dest` (created, or
