@@ -242,6 +242,8 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
         );
         p
     };
+    // Moment 0: the module empty, before any change (after the history began).
+    let t0 = now();
     // Moment 1: created.
     fs::create_dir_all(src.join("a/b")).unwrap();
     fs::write(src.join("a/b/f"), b"one").unwrap();
@@ -315,6 +317,12 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert_eq!(fs::read(one.join("r/x")).unwrap(), b"renamed later");
     assert_eq!(tree_difference(&s1.join("r"), &one.join("r")), None);
+
+    // Before the first change, after the history began: the empty module.
+    let empty = site.path("empty");
+    let o = restore(&site, &["--at", &t0], &empty);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0);
 
     // Before the history began.
     let o = restore(&site, &["--at", "1 year ago"], &site.path("old"));

@@ -125,14 +125,24 @@ pub fn check_place(module: &Path, history: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The versions superseded after `after` (ns since the epoch), oldest first, and the time of
-/// the oldest the history keeps at all: what undoing the history back to `after` needs, read
-/// through the journal's time index without listing the rest.
+/// The versions superseded after `after` (ns since the epoch), oldest first, and the
+/// earliest moment the history answers for: when it began, or, once retention has let
+/// versions go, the time of the oldest it keeps. What undoing the history back to `after`
+/// needs, read through the journal's time index without listing the rest.
 pub fn read_versions_after(dir: &Path, after: i64) -> io::Result<(Vec<Version>, Option<i64>)> {
     let db = open_read_only(dir)?;
     let oldest: Option<i64> = db
         .query_row("SELECT min(time_ns) FROM versions", [], |r| r.get(0))
         .map_err(db_err)?;
+    let reach: Option<(i64, bool)> = db
+        .query_row("SELECT since_ns, pruned FROM reach WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? != 0))
+        })
+        .ok();
+    let oldest = match reach {
+        Some((since, false)) => Some(since),
+        _ => oldest,
+    };
     let mut q = db
         .prepare(
             "SELECT id, path, time_ns, action, kind, size, object, renamed_to, meta FROM versions \

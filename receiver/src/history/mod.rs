@@ -174,6 +174,11 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 CREATE INDEX IF NOT EXISTS versions_by_path ON versions (path, time_ns);
 CREATE INDEX IF NOT EXISTS versions_by_time ON versions (time_ns);
+CREATE TABLE IF NOT EXISTS reach (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    since_ns INTEGER NOT NULL,       -- when the history began
+    pruned   INTEGER NOT NULL        -- 1 once retention let a version go
+);
 ";
 
 fn kind_name(kind: Kind) -> &'static str {
@@ -214,6 +219,14 @@ impl History {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
         )
         .and_then(|_| db.execute_batch(SCHEMA))
+        .and_then(|_| {
+            // A journal from before this table: its history began with its oldest row.
+            db.execute(
+                "INSERT OR IGNORE INTO reach (id, since_ns, pruned) \
+                 VALUES (1, coalesce((SELECT min(time_ns) FROM versions), ?1), 0)",
+                [now_ns()],
+            )
+        })
         .map_err(|e| why(format!("journal: {e}")))?;
         let _ = fs::set_permissions(
             dir.join(JOURNAL),

@@ -231,6 +231,9 @@ impl History {
                 tx.execute("DELETE FROM versions WHERE id = ?1", [id])
                     .map_err(db_err)?;
             }
+            // From now on the history reaches back to its oldest version, not to its start.
+            tx.execute("UPDATE reach SET pruned = 1 WHERE id = 1", [])
+                .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
             n += chunk.len() as u64;
         }

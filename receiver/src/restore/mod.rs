@@ -37,7 +37,7 @@ pub struct Restored {
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     /// The time asked for is before what the history reaches back to.
-    #[error("{at}: before the oldest kept state ({oldest}); the module's history does not reach back that far")]
+    #[error("{at}: before {oldest}, the earliest moment the module's history answers for; it does not reach back that far")]
     TooOld {
         /// The time asked for.
         at: String,
