@@ -8,7 +8,7 @@
 //! itself and writes a new or empty DEST.
 
 use anyhow::{bail, Context, Result};
-use ferry_protocol::connection::{client_handshake, FrameReader, FrameWriter};
+use ferry_protocol::connection::{client_handshake, FrameReader, FrameWriter, STALL_TIMEOUT};
 use ferry_protocol::message::{Intent, Message};
 use ferry_protocol::RelPath;
 use ferry_receiver::config::{Module, Owner};
@@ -283,7 +283,9 @@ async fn remote(
             }
         },
         &CancellationToken::new(),
+        Some(STALL_TIMEOUT),
         |m| match m {
+            Message::Alive => true,
             Message::Refused { reason } => {
                 refused = Some(reason.clone());
                 true

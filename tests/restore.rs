@@ -8,6 +8,8 @@ mod common;
 
 use common::site::{one_group, Backup, Site};
 use common::*;
+use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
+use ferry_protocol::message::Keeps;
 use std::fs;
 use std::path::Path;
 use std::process::Output;
@@ -376,8 +378,7 @@ fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
 /// intact, no half-written file takes a name, and the restore exits 1 naming what failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_backup_host_cannot_write_outside_dest_or_remove_what_it_holds() {
-    use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
-    use ferry_protocol::message::{Body, Keeps, Message};
+    use ferry_protocol::message::{Body, Message};
     use ferry_protocol::meta::{Kind, Meta};
     use ferry_protocol::RelPath;
 
@@ -385,49 +386,7 @@ async fn a_hostile_backup_host_cannot_write_outside_dest_or_remove_what_it_holds
     let (src, dest, outside) = (site.dir("src"), site.dir("dest"), site.dir("outside"));
     fs::write(dest.join("keep.txt"), b"the operator's own").unwrap();
     std::os::unix::fs::symlink(&outside, dest.join("planted")).unwrap();
-    // The impostor holds the certificate the client pins.
-    let evil = site.path("evil");
-    let pin = keygen(&evil);
-    let identity =
-        ferry_protocol::identity::Identity::load(&evil.join("cert.pem"), &evil.join("key.pem"))
-            .unwrap();
-    let tls = ferry_protocol::tls::server_config(identity.certs.clone(), identity.key.clone_key())
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    site.write_config(&format!(
-        "[targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {pin:?}\n{}",
-        sync("file", &src, &["backup"], "file", "")
-    ));
-    let client = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["restore", "--config"])
-        .arg(site.config())
-        .args(["--group", "file"])
-        .arg(&dest)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .expect("the client connects")
-        .unwrap();
-    let stream = tokio_rustls::TlsAcceptor::from(tls)
-        .accept(tcp)
-        .await
-        .unwrap();
-    let (r, w) = tokio::io::split(stream);
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    server_hello(&mut reader).await.unwrap().unwrap();
-    let keeps = Keeps {
-        owners: true,
-        devices: true,
-        setid: true,
-        xattrs: Default::default(),
-        history: true,
-    };
-    server_answer(&mut writer, Ok(keeps)).await.unwrap();
+    let (client, mut reader, mut writer) = impostor(&site, &src, &dest).await;
     let asked = reader.expect().await.unwrap();
     assert!(
         matches!(&asked, Message::Restore { delete: false, keeps, .. } if !keeps.devices && !keeps.setid),
@@ -603,4 +562,90 @@ fn file(path: &'static str, data: &'static [u8], digest: [u8; 32]) -> Steps {
         }),
         Box::new(move |id| Message::FileEnd { id, digest }),
     ]
+}
+
+/// What an impostor reads from the client, and where it writes.
+type ImpostorReader =
+    FrameReader<tokio::io::ReadHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
+type ImpostorWriter =
+    FrameWriter<tokio::io::WriteHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
+
+/// Starts `ferry restore` of the site's group `file` (source `src`) into `dest` against an
+/// impostor holding the certificate the client pins; returns the client and the impostor's
+/// ends once it has welcomed the session (the client's `Restore` not yet read).
+async fn impostor(
+    site: &Site,
+    src: &Path,
+    dest: &Path,
+) -> (std::process::Child, ImpostorReader, ImpostorWriter) {
+    let evil = site.path("evil");
+    let pin = keygen(&evil);
+    let identity =
+        ferry_protocol::identity::Identity::load(&evil.join("cert.pem"), &evil.join("key.pem"))
+            .unwrap();
+    let tls = ferry_protocol::tls::server_config(identity.certs.clone(), identity.key.clone_key())
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    site.write_config(&format!(
+        "[targets.backup]\naddress = \"127.0.0.1:{port}\"\nfingerprint = {pin:?}\n{}",
+        sync("file", src, &["backup"], "file", "")
+    ));
+    let client = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--config"])
+        .arg(site.config())
+        .args(["--group", "file"])
+        .arg(dest)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the client connects")
+        .unwrap();
+    let stream = tokio_rustls::TlsAcceptor::from(tls)
+        .accept(tcp)
+        .await
+        .unwrap();
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    server_hello(&mut reader).await.unwrap().unwrap();
+    let keeps = Keeps {
+        owners: true,
+        devices: true,
+        setid: true,
+        xattrs: Default::default(),
+        history: true,
+    };
+    server_answer(&mut writer, Ok(keeps)).await.unwrap();
+    (client, reader, writer)
+}
+
+/// A backup host that welcomes the restore and then says nothing, connection open: the
+/// client gives up after the stall limit (45 s without a word; a working backup host says
+/// `Alive` every 10 s), naming why, instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_backup_host_is_given_up() {
+    let site = Site::new();
+    let (src, dest) = (site.dir("src"), site.dir("dest"));
+    let (client, mut reader, _writer) = impostor(&site, &src, &dest).await;
+    let asked = reader.expect().await.unwrap();
+    assert_eq!(asked.name(), "Restore");
+    let started = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = started.elapsed();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a word from the peer"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        waited >= Duration::from_secs(40),
+        "gave up after {waited:?}, before the stall limit"
+    );
 }

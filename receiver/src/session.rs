@@ -133,6 +133,7 @@ where
         writer,
         |replies| Requests::new(state.clone(), stats, privileged, writable, replies),
         &shutdown,
+        None,
         |_| false,
         // Free the module slot before the peer can see the connection close.
         move || drop(guard),
@@ -145,15 +146,17 @@ where
 
 /// Answers the requests read from `reader` with the request loop `make` builds around its
 /// reply channel, replies and heartbeats to `writer`, until `Bye`, the end of the stream or
-/// `shutdown`. A message `aside` takes (returns true for) is not a request. `read_done` runs
-/// once reading has stopped, before the loop's last answers go out. Returns whether the peer
-/// said `Bye`. The receiver's sessions run here, and so does a restore client for its
-/// destination.
+/// `shutdown`. With `idle`, a peer heard from for that long is given up (a restore client:
+/// its backup host says `Alive` while it works). A message `aside` takes (returns true for)
+/// is not a request. `read_done` runs once reading has stopped, before the loop's last
+/// answers go out. Returns whether the peer said `Bye`. The receiver's sessions run here
+/// (a sender may be idle for hours), and so does a restore client for its destination.
 pub async fn answer<R, W>(
     mut reader: FrameReader<R>,
     writer: FrameWriter<W>,
     make: impl FnOnce(mpsc::Sender<Message>) -> Requests,
     shutdown: &CancellationToken,
+    idle: Option<std::time::Duration>,
     mut aside: impl FnMut(&Message) -> bool,
     read_done: impl FnOnce(),
 ) -> Result<bool, ConnError>
@@ -187,9 +190,17 @@ where
 
     let mut said_bye = false;
     let read_result = loop {
+        let read = async {
+            match idle {
+                Some(limit) => tokio::time::timeout(limit, reader.read())
+                    .await
+                    .unwrap_or(Err(ConnError::Timeout("a word from the peer"))),
+                None => reader.read().await,
+            }
+        };
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            m = reader.read() => m,
+            m = read => m,
         };
         match msg {
             Ok(Some(m)) if aside(&m) => {}

@@ -13,7 +13,9 @@ use super::{view, RestoreError};
 use crate::history::view::{Source, View};
 use crate::history::OBJECTS;
 use crate::module::ModuleState;
-use ferry_protocol::connection::{ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT};
+use ferry_protocol::connection::{
+    ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, HEARTBEAT,
+};
 use ferry_protocol::local;
 use ferry_protocol::message::{Keeps, Message};
 use ferry_protocol::meta::{Compare, Entry};
@@ -90,7 +92,7 @@ where
         )
         .await;
     }
-    let prepared = {
+    let mut preparing = {
         let (path, history, at, paths) = (
             module.path.clone(),
             history.clone(),
@@ -104,8 +106,16 @@ where
             let view = view(&path, history.as_deref(), at, &paths)?;
             Tree::read(&path, history.as_deref(), view, ns, paths.is_empty())
         })
-        .await
-        .expect("view task")
+    };
+    // The client gives up on a backup host it does not hear from: say `Alive` while the
+    // view is made (a whole module is scanned), as the session's heartbeat does after.
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.tick().await;
+    let prepared = loop {
+        tokio::select! {
+            done = &mut preparing => break done.expect("view task"),
+            _ = tick.tick() => writer.write(&Message::Alive).await?,
+        }
     };
     let tree = match prepared {
         Ok(t) => t,
@@ -124,10 +134,24 @@ where
         &peer.to_string(),
         asked.keeps,
     ));
+    let heartbeat = {
+        let out = session.sender();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if out.send(Message::Alive).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let sent = tokio::select! {
         r = send(&session, &tree, &asked) => r,
         _ = shutdown.cancelled() => Err("the receiver is stopping".to_string()),
     };
+    heartbeat.abort();
     match sent {
         Ok(report) => {
             for (path, reason) in tree.unreadable.iter().chain(&report.failures) {
