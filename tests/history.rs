@@ -721,6 +721,8 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     fs::write(src.join("d/x"), b"x").unwrap();
     fs::write(src.join("d/e/y"), b"y").unwrap();
     std::os::unix::fs::symlink("d/x", src.join("link")).unwrap();
+    fs::write(src.join("h1"), b"one file, two names").unwrap();
+    fs::hard_link(src.join("h1"), src.join("h2")).unwrap();
     site.write_config(&one_group(&backup, &src, ""));
     let once = || {
         let o = site.send_once(&[]);
@@ -749,6 +751,8 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     let o = restore(&["--at", &t0], &then);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(tree(&then), before);
+    let ino = |p: &str| fs::metadata(then.join(p)).unwrap().ino();
+    assert_eq!(ino("h1"), ino("h2"), "two names of one file stay one file");
     // Only `d`, at t0: it and what was under it.
     let part = site.path("part");
     let o = restore(&["--at", &t0, "--path", "d"], &part);

@@ -13,9 +13,10 @@ pub mod serve;
 use crate::history::view::{root_at, view_at, Node, Source, View};
 use crate::history::{read_versions_after, Version, OBJECTS};
 use ferry_protocol::local;
-use ferry_protocol::meta::{Entry, Kind, Meta};
+use ferry_protocol::meta::{Entry, Inode, Kind, Meta};
 use ferry_protocol::xattr::{At, Namespaces};
 use ferry_protocol::RelPath;
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -243,6 +244,8 @@ pub fn write(
     let root = unsafe { libc::geteuid() } == 0;
     let mut done = Restored::default();
     let mut dirs: Vec<(PathBuf, Meta)> = Vec::new();
+    // The first name written of each file with several names: the others become links to it.
+    let mut linked: HashMap<Inode, PathBuf> = HashMap::new();
     for (path, node) in view {
         if path.is_root() {
             // The destination's own root is the operator's directory.
@@ -258,7 +261,7 @@ pub fn write(
             }
         };
         let out = dest.join(path.as_path());
-        match write_one(fd, &rel, node, &out, root) {
+        match write_one(fd, &rel, node, &out, root, &mut linked) {
             Ok(Some((meta, bytes))) => {
                 done.entries += 1;
                 done.bytes += bytes;
@@ -284,13 +287,15 @@ pub fn write(
     Ok(done)
 }
 
-/// Writes one entry read beneath `fd` at `rel` to `out`; its metadata and file bytes.
+/// Writes one entry read beneath `fd` at `rel` to `out`; its metadata and file bytes. A file
+/// already written under another name (`linked`) becomes another name of it.
 fn write_one(
     fd: &OwnedFd,
     rel: &RelPath,
     node: &Node,
     out: &Path,
     root: bool,
+    linked: &mut HashMap<Inode, PathBuf>,
 ) -> io::Result<Option<(Meta, u64)>> {
     let mut errors = Vec::new();
     let Some(entry) = local::read_entry_at(fd, rel, Namespaces::ALL, &mut errors)? else {
@@ -300,8 +305,18 @@ fn write_one(
         ));
     };
     let Entry {
-        meta: now, link, ..
+        meta: now,
+        link,
+        inode,
+        ..
     } = entry;
+    if let Some(first) = inode.and_then(|i| linked.get(&i)) {
+        fs::hard_link(first, out)?;
+        return Ok(Some((now, 0)));
+    }
+    if let (Some(i), Kind::File) = (inode, now.kind) {
+        linked.insert(i, out.to_path_buf());
+    }
     let mut meta = node.meta.clone().unwrap_or_else(|| now.clone());
     if node.meta.is_some() {
         // A metadata row keeps mode, owner and times; the attributes are the entry's own
