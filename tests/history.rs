@@ -723,6 +723,7 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     std::os::unix::fs::symlink("d/x", src.join("link")).unwrap();
     fs::write(src.join("h1"), b"one file, two names").unwrap();
     fs::hard_link(src.join("h1"), src.join("h2")).unwrap();
+    write_sparse(&src.join("sparse"), 64 << 20, &[7u8; 4096], &[0, 32 << 20]);
     site.write_config(&one_group(&backup, &src, ""));
     let once = || {
         let o = site.send_once(&[]);
@@ -753,6 +754,11 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     assert_eq!(tree(&then), before);
     let ino = |p: &str| fs::metadata(then.join(p)).unwrap().ino();
     assert_eq!(ino("h1"), ino("h2"), "two names of one file stay one file");
+    let held = allocated(&then.join("sparse"));
+    assert!(
+        held < 1 << 20,
+        "the 64 MiB sparse file holds {held} bytes: holes were filled"
+    );
     // Only `d`, at t0: it and what was under it.
     let part = site.path("part");
     let o = restore(&["--at", &t0, "--path", "d"], &part);

@@ -18,7 +18,7 @@ use ferry_protocol::xattr::{At, Namespaces};
 use ferry_protocol::RelPath;
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -336,8 +336,7 @@ fn write_one(
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(out)?;
-            bytes = io::copy(&mut from, &mut to)?;
-            to.flush()?;
+            bytes = copy_sparse(&mut from, &mut to, now.size)?;
             to.sync_all()?;
         }
         Kind::Symlink => {
@@ -375,6 +374,41 @@ fn write_one(
         set_times(out, &meta)?;
     }
     Ok(Some((meta, bytes)))
+}
+
+/// Copies the `size` bytes of `from` into the new file `to`, its data extents only: holes
+/// stay holes (`SEEK_DATA`/`SEEK_HOLE`; a filesystem without them reports all data). Returns
+/// the bytes of data copied.
+fn copy_sparse(from: &mut fs::File, to: &mut fs::File, size: u64) -> io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let fd = from.as_raw_fd();
+    let seek = |whence: libc::c_int, at: u64| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on an open descriptor has no memory effects.
+        let r = unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error() {
+            // No data at or after `at`: the rest is a hole.
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut copied = 0;
+    let mut at = 0;
+    while at < size {
+        let Some(data) = seek(libc::SEEK_DATA, at)? else {
+            break;
+        };
+        let end = seek(libc::SEEK_HOLE, data)?.unwrap_or(size).min(size);
+        from.seek(SeekFrom::Start(data))?;
+        to.seek(SeekFrom::Start(data))?;
+        copied += io::copy(&mut Read::by_ref(from).take(end - data), to)?;
+        at = end;
+    }
+    to.set_len(size)?;
+    Ok(copied)
 }
 
 /// Where object `id`'s `sub` is beneath the history's objects directory.
