@@ -52,6 +52,8 @@ pub struct Report {
     pub bytes_sent: u64,
     /// Per-path failures: the path and why.
     pub failures: Vec<(RelPath, String)>,
+    /// Of those, the ones where reading the source failed (not a refusal of the receiver).
+    pub unread: Vec<(RelPath, String)>,
     /// Files that disappeared or changed type between planning and sending. Not failures
     /// for the daemon (the watcher reports what became of them), but a one-shot reconcile
     /// has not converged.
@@ -219,8 +221,8 @@ enum Failure {
     Fatal(SessionError),
     /// The path vanished or changed type: its own event will say what became of it.
     Vanished(RelPath),
-    /// The receiver refused it, or reading it failed: retried later.
-    Path(RelPath, String),
+    /// The receiver refused it, or reading it failed (`true`): retried later.
+    Path(RelPath, String, bool),
 }
 
 impl Failure {
@@ -229,6 +231,10 @@ impl Failure {
         match e {
             TransferError::Session(e) if e.is_fatal() => Failure::Fatal(e),
             TransferError::Vanished(_) => Failure::Vanished(path),
+            e @ TransferError::Read { .. } => match Failure::path(path, e) {
+                Failure::Path(p, why, _) => Failure::Path(p, why, true),
+                other => other,
+            },
             e => Failure::path(path, e),
         }
     }
@@ -241,7 +247,7 @@ impl Failure {
         let reason = text
             .strip_prefix(&prefix)
             .map_or(text.clone(), str::to_string);
-        Failure::Path(path, reason)
+        Failure::Path(path, reason, false)
     }
 }
 
@@ -558,8 +564,11 @@ impl Run<'_, '_> {
                 tracing::debug!(%path, "vanished or changed type while sending");
                 report.vanished += 1;
             }
-            Err(Failure::Path(path, error)) => {
+            Err(Failure::Path(path, error, unread)) => {
                 tracing::warn!(%path, target = %self.session.address(), "{error}");
+                if unread {
+                    report.unread.push((path.clone(), error.clone()));
+                }
                 report.failures.push((path, error));
             }
         }

@@ -154,7 +154,8 @@ where
     heartbeat.abort();
     match sent {
         Ok(report) => {
-            for (path, reason) in tree.unreadable.iter().chain(&report.failures) {
+            // What the client refused it knows; what could not be read here it is told.
+            for (path, reason) in tree.unreadable.iter().chain(&report.unread) {
                 let msg = Message::Unsent {
                     path: path.clone(),
                     reason: reason.clone(),
