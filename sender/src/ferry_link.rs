@@ -165,7 +165,7 @@ impl Transport for FerryLink {
                 "reconciled"
             );
         }
-        Outcome::Done(report)
+        Outcome::Done(Box::new(report))
     }
 
     fn confirm_deletes(&mut self) {

@@ -95,7 +95,7 @@ impl Backoff {
 #[derive(Debug)]
 pub enum Outcome {
     /// Sent; the report's failures are retried later, path by path.
-    Done(Report),
+    Done(Box<Report>),
     /// The connection was lost: put the batch back and reconnect.
     Lost(String),
     /// The whole batch failed for a passing reason: put it back and back off.
@@ -275,7 +275,7 @@ impl<T: Transport> Worker<T> {
                     backoff.reset();
                     self.status.sent(&report, batch.full);
                     self.queue.settle(&batch, &report.failed_paths(), now());
-                    summary.absorb(report);
+                    summary.absorb(*report);
                     if batch.full
                         || (self.queue.is_empty()
                             && now().duration_since(last_release) >= timing.release_every)

@@ -487,7 +487,7 @@ impl Transport for RsyncLink {
                         "synced (rsync --files-from)"
                     );
                 }
-                Outcome::Done(report)
+                Outcome::Done(Box::new(report))
             }
             Verdict::Partial(msg) | Verdict::Transient(msg) => Outcome::Retry(msg),
             Verdict::Config(msg) => Outcome::Stop(format!(
