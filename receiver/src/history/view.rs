@@ -139,6 +139,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_roots_state_then_is_its_oldest_note_after_that_time() {
+        let noted = |id, path: &str, mtime| {
+            let meta = Meta {
+                kind: ferry_protocol::meta::Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime,
+                mtime_nsec: 0,
+                rdev: 0,
+                xattrs: Default::default(),
+            };
+            Version {
+                meta: serde_json::to_string(&meta).unwrap(),
+                ..row(id, "metadata", path, false, None)
+            }
+        };
+        let (first, second, other) = (noted(5, "", 100), noted(9, "", 200), noted(7, "d", 300));
+        let at = |rows: &[Version]| root_at(rows).map(|m| m.mtime);
+        assert_eq!(at(&[second.clone(), other.clone(), first]), Some(100));
+        assert_eq!(at(&[second, other.clone()]), Some(200));
+        assert_eq!(at(&[other]), None, "another path's note is not the root's");
+        assert_eq!(at(&[]), None);
+    }
+
     fn shown(view: &View) -> Vec<String> {
         view.iter()
             .map(|(p, n)| match &n.source {
