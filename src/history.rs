@@ -17,10 +17,7 @@ pub async fn history(
     target: Option<&str>,
     json: bool,
 ) -> Result<u8> {
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), ferry_protocol::io_reason(&e)))?;
-    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
-    let receiver = table.contains_key("listen") || table.contains_key("modules");
+    let receiver = crate::is_receiver(&crate::config_table(config)?);
     let (versions, place) = if receiver {
         let [module, rest @ ..] = args else {
             bail!("{}: a receiver configuration: name the module (`ferry history --config {} MODULE [PATH]`)", config.display(), config.display());
@@ -65,14 +62,17 @@ pub async fn history(
 fn path_arg(args: &[String]) -> Result<RelPath> {
     match args {
         [] => Ok(RelPath::root()),
-        [p] => {
-            let rel = RelPath::from(p.trim_matches('/'));
-            rel.validate()
-                .map_err(|why| anyhow::anyhow!("{p:?}: not a module path: {why}"))?;
-            Ok(rel)
-        }
+        [p] => module_path("", p),
         more => bail!("one PATH at most, not {}", more.len()),
     }
+}
+
+/// `text` (named after `flag`, if any, in the error) as a path in a module.
+pub fn module_path(flag: &str, text: &str) -> Result<RelPath> {
+    let rel = RelPath::from(text.trim_matches('/'));
+    rel.validate()
+        .map_err(|why| anyhow::anyhow!("{flag}{text:?}: not a module path: {why}"))?;
+    Ok(rel)
 }
 
 /// On the backup host: the journal itself.

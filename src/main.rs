@@ -405,13 +405,24 @@ fn manual(dir: &std::path::Path) -> Result<u8> {
     Ok(0)
 }
 
-/// `ferry check-config FILE`.
-fn check_config(file: &std::path::Path) -> Result<u8> {
+/// A configuration file's top-level table: empty if it does not parse (its loader then says
+/// where and why).
+pub(crate) fn config_table(file: &std::path::Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), ferry_protocol::io_reason(&e)))?;
-    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+    Ok(toml::from_str(&text).unwrap_or_default())
+}
+
+/// A receiver.toml (`listen`, `[modules]`), not a sender.toml.
+pub(crate) fn is_receiver(table: &toml::Table) -> bool {
+    table.contains_key("listen") || table.contains_key("modules")
+}
+
+/// `ferry check-config FILE`.
+fn check_config(file: &std::path::Path) -> Result<u8> {
+    let table = config_table(file)?;
     let has = |k: &str| table.contains_key(k);
-    if has("listen") || has("modules") {
+    if is_receiver(&table) {
         let config = ferry_receiver::Config::load(file)?;
         config.identity()?;
         for m in config.modules.values() {

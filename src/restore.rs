@@ -91,9 +91,7 @@ pub fn parse_time(text: &str, now: SystemTime) -> Result<i64> {
 /// `ferry restore --config FILE ... DEST`: over the network with a sender.toml, locally with
 /// a receiver.toml.
 pub async fn restore(config: &Path, ask: &Ask, dest: &Path) -> Result<u8> {
-    let text = std::fs::read_to_string(config)
-        .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), ferry_protocol::io_reason(&e)))?;
-    let table: toml::Table = toml::from_str(&text).unwrap_or_default();
+    let receiver = crate::is_receiver(&crate::config_table(config)?);
     let at = ask
         .at
         .as_deref()
@@ -102,14 +100,9 @@ pub async fn restore(config: &Path, ask: &Ask, dest: &Path) -> Result<u8> {
     let paths = ask
         .paths
         .iter()
-        .map(|p| {
-            let rel = RelPath::from(p.trim_matches('/'));
-            rel.validate()
-                .map_err(|why| anyhow::anyhow!("--path {p:?}: not a module path: {why}"))?;
-            Ok(rel)
-        })
+        .map(|p| crate::history::module_path("--path ", p))
         .collect::<Result<Vec<_>>>()?;
-    if table.contains_key("listen") || table.contains_key("modules") {
+    if receiver {
         if ask.group.is_some() || ask.target.is_some() {
             bail!(
                 "{}: a receiver configuration: name the module (--module), not a group",

@@ -6,7 +6,7 @@
 mod common;
 
 use common::pair::Pair;
-use common::site::{one_group, Backup, Site};
+use common::site::{one_group, Site};
 use common::*;
 use ferry_receiver::history::Keep;
 use ferry_sender::reconcile::reconcile;
@@ -306,15 +306,7 @@ fn originals(src: &Path, dirs: usize, files: usize) -> Vec<(String, [u8; 32], (u
 #[test]
 fn ransomware_drill_live_every_original_stays_in_history() {
     let site = Site::new();
-    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
-    let keys = format!("history = {:?}", history.display().to_string());
-    let backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        &keys,
-    );
+    let (src, dst, history, backup) = site.history_backup("");
     let originals = originals(&src, 20, 100);
     let _daemon = site.run(&one_group(&backup, &src, ""), 1);
     site.wait_settled(60);
@@ -420,15 +412,7 @@ fn ransomware_drill_live_every_original_stays_in_history() {
 #[test]
 fn kill_9_of_the_receiver_mid_commit_leaves_journal_and_history_consistent() {
     let site = Site::new();
-    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
-    let keys = format!("history = {:?}", history.display().to_string());
-    let mut backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        &keys,
-    );
+    let (src, dst, history, mut backup) = site.history_backup("");
     let first = originals(&src, 200, 100);
     site.write_config(&one_group(&backup, &src, ""));
     let o = site.send_once(&[]);
@@ -532,15 +516,7 @@ fn history_inside_the_module_or_on_another_mount_is_refused_naming_both() {
 #[test]
 fn a_mass_deletion_into_history_is_applied_and_said_once() {
     let site = Site::new();
-    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
-    let keys = format!("history = {:?}", history.display().to_string());
-    let backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        &keys,
-    );
+    let (src, dst, history, backup) = site.history_backup("");
     fill_tree(&src, 20, 100, |i| format!("{i}\n").into_bytes());
     let daemon = site.run(&one_group(&backup, &src, "delete_guard_min = 500"), 1);
     for d in 0..18 {
@@ -706,15 +682,7 @@ fn tree(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, i64)> {
 #[test]
 fn restore_on_the_backup_host_brings_back_any_moment() {
     let site = Site::new();
-    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
-    let keys = format!("history = {:?}", history.display().to_string());
-    let backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        &keys,
-    );
+    let (src, _dst, _history, backup) = site.history_backup("");
     fs::create_dir_all(src.join("d/e")).unwrap();
     fs::write(src.join("a.txt"), b"first").unwrap();
     set_mode(&src.join("a.txt"), 0o640);

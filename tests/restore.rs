@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::site::{one_group, Backup, Site};
+use common::site::{one_group, Site};
 use common::*;
 use ferry_protocol::connection::{server_answer, server_hello, FrameReader, FrameWriter};
 use ferry_protocol::message::Keeps;
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 /// The receiver's module and history as bytes and names, and the journal's rows: what a
 /// restore must never change (SQLite's own `-wal` and `-shm` files move under any reader).
-fn module_state(dst: &Path, history: &Path) -> (Vec<String>, Vec<String>, Vec<String>) {
+fn module_state(dst: &Path, history: &Path) -> (Listing, Listing, Vec<String>) {
     let db = rusqlite::Connection::open_with_flags(
         history.join("journal.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -41,36 +41,13 @@ fn module_state(dst: &Path, history: &Path) -> (Vec<String>, Vec<String>, Vec<St
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let listing = |root: &Path| -> Vec<String> {
-        let mut out = Vec::new();
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in fs::read_dir(&d).unwrap() {
-                let p = e.unwrap().path();
-                let md = fs::symlink_metadata(&p).unwrap();
-                if md.is_dir() {
-                    stack.push(p.clone());
-                }
-                let body = if md.is_file() {
-                    blake3::hash(&fs::read(&p).unwrap()).to_hex().to_string()
-                } else {
-                    String::new()
-                };
-                use std::os::unix::fs::MetadataExt;
-                out.push(format!(
-                    "{} {:o} {} {}",
-                    p.strip_prefix(root).unwrap().display(),
-                    md.mode(),
-                    md.mtime_nsec(),
-                    body
-                ));
-            }
-        }
-        out.retain(|l| !l.starts_with("journal.sqlite3"));
-        out.sort();
-        out
+    // The roots' own entries and SQLite's files left out, as said above.
+    let ours = |root: &Path| -> Listing {
+        let mut l = listing(root);
+        l.retain(|e| !e.0.is_empty() && !e.0.starts_with("journal.sqlite3"));
+        l
     };
-    (listing(dst), listing(history), rows)
+    (ours(dst), ours(history), rows)
 }
 
 fn restore(site: &Site, extra: &[&str], dest: &Path) -> Output {
@@ -89,19 +66,8 @@ fn restore(site: &Site, extra: &[&str], dest: &Path) -> Output {
 #[test]
 fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
     let site = Site::new();
-    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
     // The module keeps what rich_tree holds: capabilities need `setuid = true`.
-    let keys = format!(
-        "history = {:?}\nsetuid = true",
-        history.display().to_string()
-    );
-    let backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        &keys,
-    );
+    let (src, dst, history, backup) = site.history_backup("setuid = true");
     rich_tree(&src);
     fs::create_dir(src.join("docs")).unwrap();
     fill_tree(&src.join("docs"), 4, 25, |i| {
@@ -215,15 +181,7 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
 #[test]
 fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     let site = Site::new();
-    let (src, dst, history) = (site.dir("src"), site.path("dst"), site.path("history"));
-    let keys = format!("history = {:?}", history.display().to_string());
-    let mut backup = Backup::start_with(
-        site.root(),
-        "recv",
-        &[("file", &dst)],
-        &site.fingerprint,
-        &keys,
-    );
+    let (src, _dst, _history, mut backup) = site.history_backup("");
     site.write_config(&one_group(&backup, &src, ""));
     let once = || {
         let o = site.send_once(&[]);

@@ -556,7 +556,7 @@ fn link(fd: &str, to: &Path) -> io::Result<()> {
 }
 
 /// `linkat` of the entry `from` (never following a symlink there) to the new name `to`.
-fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
     linkat(from, to, 0)
 }
 

@@ -417,18 +417,12 @@ impl Requests {
     }
 
     fn list(&mut self, id: RequestId, under: &RelPath, xattrs: Namespaces) {
+        // Not there (nor a parent of it) lists as empty, below; an escape is refused here.
         match self.fs.local(under) {
-            // Not there (nor a parent of it): an empty listing, as for a missing leaf.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.reply(Message::Listing {
-                    id,
-                    entries: Vec::new(),
-                    done: true,
-                });
-                return;
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return self.fail(id, format!("{under}: {e}"))
             }
-            Err(e) => return self.fail(id, format!("{under}: {e}")),
-            Ok(_) => {}
+            _ => {}
         }
         let mut errors = Vec::new();
         let entries = match local::scan_from(

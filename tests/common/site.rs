@@ -64,6 +64,21 @@ impl Site {
         (src, dst, backup)
     }
 
+    /// [`Site::one_backup`] with history: the module keeps it in `history` (returned third),
+    /// with the module keys `extra` too.
+    pub fn history_backup(&self, extra: &str) -> (PathBuf, PathBuf, PathBuf, Backup) {
+        let (src, dst, history) = (self.dir("src"), self.path("dst"), self.path("history"));
+        let keys = format!("history = {:?}\n{extra}", history.display().to_string());
+        let backup = Backup::start_with(
+            self.root(),
+            "recv",
+            &[("file", &dst)],
+            &self.fingerprint,
+            &keys,
+        );
+        (src, dst, history, backup)
+    }
+
     /// Writes sender.toml (`cert`/`key` prepended).
     pub fn write_config(&self, body: &str) {
         fs::write(

@@ -101,9 +101,12 @@ pub fn wait_equal_with(a: &Path, b: &Path, secs: u64, what: &str, exact: bool) {
     }
 }
 
-type Listing = Vec<(String, (u32, i64, i64, u32, u32), Vec<u8>)>;
+/// Every entry below `root` and `root` itself (as ""), sorted by path: (path, (mode, mtime,
+/// mtime ns, uid, gid), content or link target).
+pub type Listing = Vec<(String, (u32, i64, i64, u32, u32), Vec<u8>)>;
 
-fn listing(root: &Path) -> Listing {
+/// The [`Listing`] of `root`.
+pub fn listing(root: &Path) -> Listing {
     let mut out = Vec::new();
     walk(root, root, &mut out);
     out.sort_by(|x, y| x.0.cmp(&y.0));

@@ -29,7 +29,6 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -359,7 +358,7 @@ impl History {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) as i64;
         let object = self.object_path(id);
         match how {
-            How::Link => hard_link(path, &object)?,
+            How::Link => crate::apply::hard_link(path, &object)?,
             How::Move => fs::rename(path, &object)?,
         }
         Ok(Some(Pending {
@@ -522,26 +521,6 @@ impl History {
             pruned: self.pruned.load(Ordering::Relaxed),
             refusing: self.refusal().is_some(),
         })
-    }
-}
-
-fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: valid NUL-terminated paths.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -16,6 +16,7 @@ use ferry_protocol::local;
 use ferry_protocol::meta::{Entry, Inode, Kind, Meta};
 use ferry_protocol::xattr::{At, Namespaces};
 use ferry_protocol::RelPath;
+use ferry_sender::transfer::as_then;
 use std::collections::HashMap;
 use std::fs;
 use std::io;
@@ -287,6 +288,25 @@ pub fn write(
     Ok(done)
 }
 
+/// The entry beneath `fd` at `rel` (`None`: gone) with the metadata it had at the view's
+/// time: a metadata row's mode, owner and times, and its attributes when it read them.
+pub fn entry_then(
+    fd: &OwnedFd,
+    rel: &RelPath,
+    node: &Node,
+    xattrs: Namespaces,
+) -> io::Result<Option<Entry>> {
+    let mut errors = Vec::new();
+    Ok(
+        local::read_entry_at(fd, rel, xattrs, &mut errors)?.map(|mut e| {
+            if let Some(then) = &node.meta {
+                e.meta = as_then(e.meta, then);
+            }
+            e
+        }),
+    )
+}
+
 /// Writes one entry read beneath `fd` at `rel` to `out`; its metadata and file bytes. A file
 /// already written under another name (`linked`) becomes another name of it.
 fn write_one(
@@ -297,36 +317,24 @@ fn write_one(
     root: bool,
     linked: &mut HashMap<Inode, PathBuf>,
 ) -> io::Result<Option<(Meta, u64)>> {
-    let mut errors = Vec::new();
-    let Some(entry) = local::read_entry_at(fd, rel, Namespaces::ALL, &mut errors)? else {
+    let Some(Entry {
+        meta, link, inode, ..
+    }) = entry_then(fd, rel, node, Namespaces::ALL)?
+    else {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             "gone since the view was made",
         ));
     };
-    let Entry {
-        meta: now,
-        link,
-        inode,
-        ..
-    } = entry;
     if let Some(first) = inode.and_then(|i| linked.get(&i)) {
         fs::hard_link(first, out)?;
-        return Ok(Some((now, 0)));
+        return Ok(Some((meta, 0)));
     }
-    if let (Some(i), Kind::File) = (inode, now.kind) {
+    if let (Some(i), Kind::File) = (inode, meta.kind) {
         linked.insert(i, out.to_path_buf());
     }
-    let mut meta = node.meta.clone().unwrap_or_else(|| now.clone());
-    if node.meta.is_some() {
-        // A metadata row keeps mode, owner and times; the attributes are the entry's own
-        // unless the row read them.
-        if meta.xattrs.list.is_empty() {
-            meta.xattrs = now.xattrs.clone();
-        }
-    }
     let mut bytes = 0;
-    match now.kind {
+    match meta.kind {
         Kind::Dir => fs::DirBuilder::new().mode(0o700).create(out)?,
         Kind::File => {
             let mut from = local::open_file_beneath(fd, rel)?;
@@ -336,7 +344,7 @@ fn write_one(
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(out)?;
-            bytes = copy_sparse(&mut from, &mut to, now.size)?;
+            bytes = copy_sparse(&mut from, &mut to, meta.size)?;
             to.sync_all()?;
         }
         Kind::Symlink => {

@@ -364,18 +364,12 @@ impl Tree {
                 }
                 (Source::Object { .. }, None) => continue,
             };
-            let mut errors = Vec::new();
-            match local::read_entry_at(&fd, &rel, xattrs, &mut errors) {
-                Ok(Some(now)) => {
-                    let mut entry = Entry {
+            match super::entry_then(&fd, &rel, &node, xattrs) {
+                Ok(Some(then)) => {
+                    let entry = Entry {
                         path: path.clone(),
-                        ..now
+                        ..then
                     };
-                    // A metadata row keeps mode, owner and times; what the entry holds (its
-                    // kind, size, link, attributes unless the row read them) is its own.
-                    if let Some(then) = &node.meta {
-                        entry.meta = as_then(entry.meta, then);
-                    }
                     let at = Located {
                         dir: fd,
                         rel,
