@@ -176,9 +176,10 @@ async fn renames_travel_as_renames_and_fall_back_to_content() {
 }
 
 /// The delete guard's window is ten minutes: deletions spread over more than the window never
-/// add up, however many there are in all; deletions within one window do, and are held before
-/// the batch that crosses the rule deletes anything, while everything else still goes; an
-/// operator's confirmation releases them live.
+/// add up, however many there are in all; deletions within one window do: the batch that
+/// crosses the rule deletes up to it (the receiver counts each delete against the allowance)
+/// and the rest are held, while everything else still goes; an operator's confirmation
+/// releases them live.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn deletions_add_up_within_the_guard_window_only() {
     let pair = Pair::new();
@@ -205,9 +206,16 @@ async fn deletions_add_up_within_the_guard_window_only() {
     }
     assert_eq!(live.status().state.name(), "connected");
     assert!(!live.pair.dst.join("d5").exists());
-    // Then 3 more at once: with the 2 still in the window, 105 of 210 (50%).
+    // Then 3 more directories and 10 files at once. The module is 126 entries now (what left
+    // the window left the module), the rule holds at 63 and 42 are in the window: 20 more may
+    // go. Each directory takes 21 and is held; the 10 files (after them in tree order) go.
     for d in 6..9 {
         delete(&live, d);
+    }
+    for i in 0..10 {
+        let f = format!("d9/f{i}");
+        fs::remove_file(live.pair.src.join(&f)).unwrap();
+        live.queue.push([content(&f)]);
     }
     live.wait(Duration::from_secs(30), "the guard", |s| {
         s.held_why.is_some()
@@ -233,8 +241,11 @@ async fn deletions_add_up_within_the_guard_window_only() {
     assert_eq!(
         names(&live.pair.dst),
         ["d6", "d7", "d8", "d9"],
-        "the held batch deleted nothing"
+        "what would cross the rule is held"
     );
+    let d9 = fs::read_dir(live.pair.dst.join("d9")).unwrap().count();
+    assert_eq!(d9, 10, "what fits under it went");
+    assert_eq!(held.held_deletes, 3, "{held:?}");
     // While they wait, new work goes, and a deletion too (held with the others).
     fs::write(live.pair.src.join("d9/new"), "n").unwrap();
     live.queue.push([content("d9/new")]);

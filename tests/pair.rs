@@ -172,6 +172,73 @@ async fn every_change_is_acknowledged_once_and_only_when_it_is_in_place() {
     session.stats().await.expect("no request answered twice");
 }
 
+/// Under an allowance the receiver counts what each `Delete` would remove (the entry and
+/// everything under it, symlinks not followed) and removes only what fits in what is left,
+/// many deletes in flight at once; `Allowance { None }` goes back to plain acknowledgements.
+#[tokio::test]
+async fn deletes_under_an_allowance_are_counted_and_held_past_it() {
+    let mut pair = Pair::new();
+    for d in ["a", "b", "c"] {
+        fs::create_dir(pair.dst.join(d)).unwrap();
+        for i in 0..20 {
+            fs::write(pair.dst.join(format!("{d}/f{i}")), "x").unwrap();
+        }
+    }
+    fs::create_dir(pair.dst.join("b/link-target")).unwrap();
+    std::os::unix::fs::symlink("/etc", pair.dst.join("a/etc")).unwrap();
+    fs::write(pair.dst.join("one"), "x").unwrap();
+    let session = pair.session().await;
+    session
+        .send(Message::Allowance { entries: Some(45) })
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for path in ["a", "b", "missing", "one", "c"] {
+        let path = RelPath::from(path);
+        let answer = session
+            .start(|id| Message::Delete { id, path })
+            .await
+            .unwrap();
+        answers.push(answer);
+    }
+    let mut got = Vec::new();
+    for answer in answers {
+        got.push(session.deleted(answer).await.unwrap());
+    }
+    use ferry_sender::session::Removal::{Done, Held};
+    // a: itself, 20 files and a symlink (22 of 45); b: 22 more would be 44 — fits;
+    // missing: nothing; one: 45; c is held, "at least 1" (counting stops past what is left).
+    assert_eq!(
+        got,
+        [
+            Done(Some(22)),
+            Done(Some(22)),
+            Done(Some(0)),
+            Done(Some(1)),
+            Held(1)
+        ]
+    );
+    assert!(!pair.dst.join("a").exists() && !pair.dst.join("b").exists());
+    assert_eq!(fs::read_dir(pair.dst.join("c")).unwrap().count(), 20);
+    assert!(
+        std::path::Path::new("/etc/passwd").exists(),
+        "the symlink was not followed"
+    );
+    session
+        .send(Message::Allowance { entries: None })
+        .await
+        .unwrap();
+    let answer = session
+        .start(|id| Message::Delete {
+            id,
+            path: RelPath::from("c"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(session.deleted(answer).await.unwrap(), Done(None));
+    assert!(!pair.dst.join("c").exists());
+}
+
 /// A source file rewritten in place (truncated, then written) over and over while it is being
 /// sent: what the receiver shows under the final name is always a state the source really had
 /// — a version, or the start of one while it was being written — never a mix of two.

@@ -440,6 +440,17 @@ impl Apply {
         }
     }
 
+    /// How many entries [`Apply::delete`] of `rel` would remove (it and everything under it),
+    /// counted up to `limit + 1`; 0 if it is not there.
+    pub fn count(&self, rel: &RelPath, limit: u64) -> io::Result<u64> {
+        not_root(rel).map_err(refused)?;
+        match self.local(rel) {
+            Ok(at) => at.count(limit),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes `rel` another name of the regular file `target` (a hard link), replacing what is
     /// at `rel`. `target` must be current: a regular file of `meta`'s size and mtime (else the
     /// sender sends its content first); a name that already is that file is left alone.

@@ -76,6 +76,15 @@ impl Confined {
             None => dir.join("."),
         }
     }
+
+    /// How many entries removing this entry takes (see [`local::count_entries`]), up to
+    /// `limit + 1`; the module root is never removed (0).
+    pub fn count(&self, limit: u64) -> io::Result<u64> {
+        match &self.name {
+            Some(name) => local::count_entries(&self.dir, name, limit),
+            None => Ok(0),
+        }
+    }
 }
 
 /// [`confine`] for requests that replace, remove or rename what is at the path: the module

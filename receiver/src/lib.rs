@@ -17,7 +17,8 @@
 //!   request loop and replies out ([`session::answer`], which a restore client runs for its
 //!   destination too).
 //! - [`requests`]: the request loop of a session (its own thread): dispatch in arrival order,
-//!   one answer per request, group commit, and the read requests (List, VerifyDir, Stats).
+//!   one answer per request, group commit, the read requests (List, VerifyDir, Stats), and
+//!   deletes counted against the sender's allowance (its delete guard) and held past it.
 //! - [`apply`]: changes to the module tree (mkdir, symlink, special, metadata, delete, rename,
 //!   installing staged entries), each through [`confine`].
 //! - [`commit`]: the group commit: sealed files made durable together, then named, then the

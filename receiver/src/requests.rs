@@ -49,7 +49,11 @@ pub struct Requests {
     files: Transfers,
     writable: bool,
     replies: mpsc::Sender<Message>,
-    pending_acks: Vec<RequestId>,
+    /// Changes done, answered at the next group commit: `Ack`, or `Deleted` with the entries
+    /// a delete under an allowance removed.
+    pending_acks: Vec<(RequestId, Option<u64>)>,
+    /// Entries this session's deletes may still remove (see [`Message::Allowance`]).
+    allowance: Option<u64>,
     /// The digest tree `VerifyDir` answers from, built on first use (`bool`: `--checksum`).
     tree: Option<(bool, Compare, DigestTree)>,
     /// `Delete` and `Rename` are served (a restore client without `--delete` refuses them).
@@ -76,6 +80,7 @@ impl Requests {
             writable,
             replies,
             pending_acks: Vec::new(),
+            allowance: None,
             tree: None,
             removals: true,
         }
@@ -167,7 +172,34 @@ impl Requests {
     /// A change is acknowledged at the next group commit; a failure is answered at once.
     fn finish(&mut self, id: RequestId, path: &RelPath, result: io::Result<()>) {
         match result {
-            Ok(()) => self.pending_acks.push(id),
+            Ok(()) => self.pending_acks.push((id, None)),
+            Err(e) => self.fail(id, format!("{path}: {e}")),
+        }
+    }
+
+    /// A `Delete` under an allowance of `left` entries: counted first, removed only if it
+    /// fits (`u64::MAX`: always, counted), answered with the count.
+    fn delete_allowed(&mut self, id: RequestId, path: &RelPath, left: u64) {
+        let entries = match self.fs.count(path, left) {
+            Ok(n) => n,
+            Err(e) => return self.fail(id, format!("{path}: {e}")),
+        };
+        if entries > left {
+            self.fs.stats.deletes_held.fetch_add(1, Ordering::Relaxed);
+            self.reply(Message::Deleted {
+                id,
+                entries,
+                held: true,
+            });
+            return;
+        }
+        match self.fs.delete(path) {
+            Ok(()) => {
+                if left != u64::MAX {
+                    self.allowance = Some(left - entries);
+                }
+                self.pending_acks.push((id, Some(entries)));
+            }
             Err(e) => self.fail(id, format!("{path}: {e}")),
         }
     }
@@ -272,10 +304,14 @@ impl Requests {
                 let r = fs.set_meta(&path, &meta);
                 self.finish(id, &path, r)
             }
-            Message::Delete { id, path } => {
-                let r = fs.delete(&path);
-                self.finish(id, &path, r)
-            }
+            Message::Allowance { entries } => self.allowance = entries,
+            Message::Delete { id, path } => match self.allowance {
+                None => {
+                    let r = fs.delete(&path);
+                    self.finish(id, &path, r)
+                }
+                Some(left) => self.delete_allowed(id, &path, left),
+            },
             Message::Rename { id, from, to } => {
                 let r = fs.rename(&from, &to);
                 self.finish(id, &from, r)
@@ -393,24 +429,34 @@ impl Requests {
         let files = self.fs.flush();
         let kept = self.fs.commit_history();
         let synced = kept.and(self.fs.sync_dirty());
-        let mut answers: Vec<(RequestId, Result<(), String>)> = files;
+        let mut answers: Vec<(RequestId, Result<Option<u64>, String>)> = files
+            .into_iter()
+            .map(|(id, r)| (id, r.map(|()| None)))
+            .collect();
         answers.extend(
             std::mem::take(&mut self.pending_acks)
                 .into_iter()
-                .map(|id| (id, Ok(()))),
+                .map(|(id, deleted)| (id, Ok(deleted))),
         );
         for (id, r) in answers {
             let r = match (&synced, r) {
-                (Err(e), Ok(())) => Err(format!("not durable: {e}")),
+                (Err(e), Ok(_)) => Err(format!("not durable: {e}")),
                 (_, r) => r,
             };
-            match r {
-                Ok(()) => {
-                    if !self.reply(Message::Ack { id }) {
-                        return false;
-                    }
+            let answer = match r {
+                Ok(None) => Message::Ack { id },
+                Ok(Some(entries)) => Message::Deleted {
+                    id,
+                    entries,
+                    held: false,
+                },
+                Err(error) => {
+                    self.fail(id, error);
+                    continue;
                 }
-                Err(error) => self.fail(id, error),
+            };
+            if !self.reply(answer) {
+                return false;
             }
         }
         true

@@ -21,6 +21,8 @@ pub struct Stats {
     pub set_meta: AtomicU64,
     /// Deletions.
     pub deletes: AtomicU64,
+    /// Deletions not done: past the sender's allowance (its delete guard holds them).
+    pub deletes_held: AtomicU64,
     /// Renames.
     pub renames: AtomicU64,
     /// Failed requests.
@@ -42,6 +44,7 @@ impl Stats {
             c("links", &self.links),
             c("set_meta", &self.set_meta),
             c("deletes", &self.deletes),
+            c("deletes_held", &self.deletes_held),
             c("renames", &self.renames),
             c("failures", &self.failures),
             c("refused_for_history", &self.refused_for_history),

@@ -8,10 +8,10 @@
 //! have been written in between (an equal subtree sends nothing). Without `delete` the old
 //! name must stay, so a rename is sent as a copy.
 //!
-//! Deletions count against the group's delete guard ([`crate::guard`]): before a batch deletes
-//! anything, what it would remove on the receiver is counted (subtree compares know it from
-//! their listing; a gone path is listed on the receiver), and a batch that trips the guard's
-//! tally is replaced by a whole-tree compare, which applies the guard with exact figures.
+//! Deletions count against the group's delete guard ([`crate::guard`]): a batch's deletes go
+//! with the guard's allowance; the receiver counts what each would remove, holds back those
+//! past it and answers what it removed, which the tally records by name. A batch that finds
+//! the source empty is replaced by a whole-tree compare, which weighs it with exact figures.
 
 use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
@@ -29,9 +29,6 @@ use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// How many receiver listings a batch's deletion count has in flight at once.
-const COUNT_CONCURRENCY: usize = 32;
 
 /// What a target's worker carries from batch to batch.
 #[derive(Default)]
@@ -191,7 +188,6 @@ pub async fn send_batch(
         report.failures.push((path, e));
     }
     let mut plan = planned.plan;
-    let gone = plan.deletes.clone();
     parents.extend(planned.parents);
     for tree in planned.trees {
         let links = &learned.links;
@@ -214,44 +210,23 @@ pub async fn send_batch(
         plan.deletes.clear();
         plan.removes.clear();
     }
-    if !plan.deletes.is_empty() && group.guard.active() {
-        let mut deleted = entries_on_receiver(session, &gone).await?;
-        deleted.extend(plan.removes.iter().cloned());
-        let deleting: u64 = deleted.iter().map(|(_, n)| n).sum();
+    let guarded = !plan.deletes.is_empty() && group.guard.active();
+    if guarded {
         let g = group.clone();
         let source_empty = tokio::task::spawn_blocking(move || source_is_empty(&g))
             .await
             .expect("read_dir task");
-        let now = crate::timing::now();
-        let trips = group
-            .guard
-            .live_tripwire(&learned.tally, &deleted, source_empty, now);
-        if trips && session.keeps.history {
-            // Nothing is lost: what goes is kept in the module's history. Said once a window.
-            if !learned.mass_said {
-                let recent = learned.tally.recent_with(&deleted, now);
-                let said = format!(
-                    "sync {}: {recent} entries deleted within 10 minutes, past the delete \
-                     guard; applied, because module {} keeps history (`ferry history` on the \
-                     backup host lists them)",
-                    group.name, group.module
-                );
-                tracing::warn!(target = %session.address(), "{said}");
-                report.mass_change = Some(said);
-                learned.mass_said = true;
-            }
-        } else if trips {
-            tracing::warn!(
-                sync = %group.name,
-                target = %session.address(),
-                deleting,
-                source_empty,
-                "a batch would delete more than the delete guard lets through live; \
-                 comparing the whole tree instead"
-            );
+        if source_empty {
+            // A disk that did not mount looks like this: weighed with exact figures, as
+            // compatibility mode does.
             return compare_whole(session, group, learned, report, observe).await;
         }
-        learned.tally.record(&deleted, now);
+        // The receiver counts what each delete takes and holds back what would pass the
+        // guard; with history it takes everything (nothing is lost) and only counts.
+        plan.allowance = match session.keeps.history {
+            true => Some(u64::MAX),
+            false => learned.tally.allowance(&group.guard, crate::timing::now()),
+        };
     }
     let grew = plan.creates.len() as u64;
     // Parents whose entries changed get their times back, after their contents.
@@ -275,11 +250,60 @@ pub async fn send_batch(
     order_dir_meta(&mut plan.dir_meta);
     execute(session, group.preserve, &root.into(), plan, report, observe).await?;
     let now = crate::timing::now();
+    if guarded {
+        guard_answers(session, group, learned, report, now);
+    }
     learned.tally.grew(grew, now);
     if learned.tally.recent(now) == 0 {
         learned.mass_said = false;
     }
     Ok(())
+}
+
+/// What the receiver answered to a batch's deletes under the guard's allowance, into the
+/// tally (by name) and, for deletes it held back, into the target's holding state; a module
+/// with history says once a window that a mass deletion went into it.
+fn guard_answers(
+    session: &Session,
+    group: &SyncGroup,
+    learned: &mut Learned,
+    report: &mut Report,
+    now: Instant,
+) {
+    let removed = std::mem::take(&mut report.removed);
+    learned.tally.record(&removed, now);
+    let held = std::mem::take(&mut report.held_back);
+    if !held.is_empty() {
+        let deleted = removed.iter().map(|(_, n)| n).sum();
+        let detail = format!("the receiver held {} deletions", held.len());
+        let why = group.guard.held_message(&group.name, deleted, &detail);
+        if learned.holding.is_none() {
+            tracing::error!(sync = %group.name, target = %session.address(), "{why}");
+        }
+        learned.holding = Some(why.clone());
+        report.absorb(Report {
+            held: Some(crate::execute::Held {
+                paths: held.len() as u64,
+                entries: held.iter().map(|(_, n)| n).sum(),
+                why,
+                whole: false,
+            }),
+            ..Report::default()
+        });
+    }
+    if session.keeps.history && !learned.mass_said && learned.tally.meets(&group.guard, now) {
+        // Nothing is lost: what went is kept in the module's history. Said once a window.
+        let said = format!(
+            "sync {}: {} entries deleted within 10 minutes, past the delete guard; applied, \
+             because module {} keeps history (`ferry history` on the backup host lists them)",
+            group.name,
+            learned.tally.recent(now),
+            group.module
+        );
+        tracing::warn!(target = %session.address(), "{said}");
+        report.mass_change = Some(said);
+        learned.mass_said = true;
+    }
 }
 
 /// A whole-tree compare under the delete guard, counting the window's live deletions with its
@@ -313,35 +337,6 @@ pub(crate) async fn compare_whole(
     }
     report.absorb(r);
     Ok(())
-}
-
-/// How many entries deleting each of `paths` removes on the receiver (with its subtree), from
-/// the receiver's own listings. A path it refuses to list counts as one entry.
-async fn entries_on_receiver(
-    session: &Arc<Session>,
-    paths: &[RelPath],
-) -> Result<Vec<(RelPath, u64)>, SessionError> {
-    let mut out = Vec::with_capacity(paths.len());
-    for chunk in paths.chunks(COUNT_CONCURRENCY) {
-        let mut lists = tokio::task::JoinSet::new();
-        for path in chunk {
-            let (session, path) = (session.clone(), path.clone());
-            lists.spawn(async move {
-                let listed = session.list(&path, Namespaces::NONE).await;
-                (path, listed.map(|v| v.len() as u64))
-            });
-        }
-        while let Some(listed) = lists.join_next().await {
-            let (path, listed) = listed.expect("list task");
-            let n = match listed {
-                Ok(n) => n,
-                Err(e) if e.is_fatal() => return Err(e),
-                Err(_) => 1,
-            };
-            out.push((path, n));
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

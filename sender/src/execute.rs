@@ -9,7 +9,7 @@
 use crate::coalesce::Rename;
 use crate::config::Preserve;
 use crate::plan::{Base, Link, Op, Plan};
-use crate::session::{Session, SessionError};
+use crate::session::{Removal, Session, SessionError};
 use crate::transfer::{self, Origin, TransferError};
 use ferry_protocol::message::{Message, RequestId};
 use ferry_protocol::RelPath;
@@ -42,6 +42,12 @@ pub struct Report {
     pub meta: u64,
     /// Paths deleted.
     pub deleted: u64,
+    /// Deletes the receiver counted (under the plan's allowance): each path and the entries
+    /// it took with it.
+    pub removed: Vec<(RelPath, u64)>,
+    /// Deletes the receiver held back (past the plan's allowance): each path and at least how
+    /// many entries it would have taken.
+    pub held_back: Vec<(RelPath, u64)>,
     /// Paths renamed.
     pub renamed: u64,
     /// Paths handed to the rsync client (compatibility mode).
@@ -97,6 +103,8 @@ impl Report {
         self.created += other.created;
         self.meta += other.meta;
         self.deleted += other.deleted;
+        self.removed.extend(other.removed);
+        self.held_back.extend(other.held_back);
         self.renamed += other.renamed;
         self.rsync_paths += other.rsync_paths;
         self.payload_bytes += other.payload_bytes;
@@ -156,6 +164,8 @@ pub struct Step {
     pub bytes: u64,
     /// The file's size as planned (files only): what progress counts.
     pub size: u64,
+    /// Entries a delete took, as the receiver counted them (under an allowance).
+    pub removed: Option<u64>,
 }
 
 /// What a plan holds, for progress: its steps and the bytes of the files it sends.
@@ -223,6 +233,9 @@ enum Failure {
     Vanished(RelPath),
     /// The receiver refused it, or reading it failed (`true`): retried later.
     Path(RelPath, String, bool),
+    /// A delete the receiver held back past the allowance; it would take at least this many
+    /// entries.
+    Held(RelPath, u64),
 }
 
 impl Failure {
@@ -276,6 +289,11 @@ pub async fn execute(
         report,
         observe,
     };
+    if !plan.deletes.is_empty() {
+        // Each plan says its own: one an earlier plan left on the session must not apply.
+        let entries = plan.allowance;
+        session.send(Message::Allowance { entries }).await?;
+    }
     for path in plan.deletes {
         run.issue(StepKind::Deleted, path, |id, path| Message::Delete {
             id,
@@ -349,6 +367,7 @@ pub async fn rename_all<'r>(
             path: r.from.clone(),
             bytes: 0,
             size: 0,
+            removed: None,
         });
     };
     pipelined(session, renames, request, done).await
@@ -380,6 +399,7 @@ async fn link_all<'l>(
             path: l.entry.path.clone(),
             bytes: 0,
             size: 0,
+            removed: None,
         });
     };
     let links: Vec<&Link> = links.iter().collect();
@@ -446,6 +466,7 @@ async fn send_file(
                     path,
                     bytes: sent.payload,
                     size: 0,
+                    removed: None,
                 })
             }
             Ok(None) => return Err(Failure::Vanished(path)),
@@ -528,13 +549,19 @@ impl Run<'_, '_> {
         let session = self.session.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
-            match session.ack(answer).await {
-                Ok(()) => Ok(Step {
+            let done = match kind {
+                StepKind::Deleted => session.deleted(answer).await,
+                _ => session.ack(answer).await.map(|()| Removal::Done(None)),
+            };
+            match done {
+                Ok(Removal::Done(removed)) => Ok(Step {
                     kind,
                     path,
                     bytes: 0,
                     size: 0,
+                    removed,
                 }),
+                Ok(Removal::Held(entries)) => Err(Failure::Held(path, entries)),
                 Err(e) if e.is_fatal() => Err(Failure::Fatal(e)),
                 Err(e) => Err(Failure::path(path, e)),
             }
@@ -549,7 +576,12 @@ impl Run<'_, '_> {
                 match step.kind {
                     StepKind::Created => report.created += 1,
                     StepKind::Meta => report.meta += 1,
-                    StepKind::Deleted => report.deleted += 1,
+                    StepKind::Deleted => {
+                        report.deleted += 1;
+                        if let Some(n) = step.removed {
+                            report.removed.push((step.path.clone(), n));
+                        }
+                    }
                     StepKind::Renamed(_) => report.renamed += 1,
                     StepKind::File | StepKind::Delta => {
                         report.files += 1;
@@ -563,6 +595,10 @@ impl Run<'_, '_> {
             Err(Failure::Vanished(path)) => {
                 tracing::debug!(%path, "vanished or changed type while sending");
                 report.vanished += 1;
+            }
+            Err(Failure::Held(path, entries)) => {
+                tracing::debug!(%path, entries, "deletion held back past the guard's allowance");
+                report.held_back.push((path, entries));
             }
             Err(Failure::Path(path, error, unread)) => {
                 tracing::warn!(%path, target = %self.session.address(), "{error}");

@@ -6,11 +6,14 @@
 //! [`DeleteGuard::objection`] directly. Live batches do not list the module, so each target
 //! keeps a [`DeleteTally`]: the module's size (after the last whole compare, grown by live
 //! batches while no deletion is in the window, so it is the size the window's deletions began
-//! from) and the entries deleted live, over a sliding [`DELETE_WINDOW`]. When the deletions of
-//! a batch, added to the window, would meet the same rule, or would leave the source empty,
-//! the batch is not acted on piecemeal: the target runs a whole-tree compare instead. When the
-//! rule objects, a module with history takes the deletions (nothing is lost); one without
-//! holds them — and only them — until an operator confirms (`ferry confirm-deletes`).
+//! from) and the entries deleted live, over a sliding [`DELETE_WINDOW`]. From it,
+//! [`DeleteTally::allowance`] says how many more entries may go now; the transport deletes at
+//! most that many and holds the rest: a ferry receiver counts what each `Delete` would remove
+//! and refuses the one that does not fit (`Message::Allowance`), rsync stops at
+//! `--max-delete`. Both answer what they deleted, and the tally records it by name. A module
+//! with history takes every deletion (nothing is lost) and the rule only decides when to say
+//! so; one without holds them — and only them — until an operator confirms (`ferry
+//! confirm-deletes`). A live batch that finds the source empty is compared whole instead.
 
 use ferry_protocol::RelPath;
 use std::collections::{BTreeMap, VecDeque};
@@ -259,20 +262,24 @@ impl DeleteTally {
         guard.allowance(self.module_entries, recent)
     }
 
-    /// What [`DeleteTally::recent`] would say after [`DeleteTally::record`]ing `deleted`.
-    pub fn recent_with(&self, deleted: &[(RelPath, u64)], now: Instant) -> u64 {
-        let mut after = self.clone();
-        after.record(deleted, now);
-        after.recent(now)
+    /// True if the deletions within the window meet the rule (against the module's size when
+    /// they began; before any whole compare, `min` deletions alone): what a module with history
+    /// says once, having applied them.
+    pub fn meets(&mut self, guard: &DeleteGuard, now: Instant) -> bool {
+        let recent = self.recent(now);
+        match self.module_entries {
+            Some(total) => guard.objection(recent, total, false).is_some(),
+            None => guard.active() && recent >= guard.min,
+        }
     }
 }
 
 impl DeleteGuard {
     /// How many more entries may be deleted now without meeting the rule, in a module of
     /// `total` entries (`None`: not known yet, then `min` deletions alone meet it) from which
-    /// `recent` were deleted within the window; `None` when the guard is off. A transport
-    /// that cannot count before it deletes (rsync) deletes at most this many and holds the
-    /// rest (`--max-delete`).
+    /// `recent` were deleted within the window; `None` when the guard is off. The transport
+    /// deletes at most this many and holds the rest (a ferry receiver through
+    /// `Message::Allowance`, rsync through `--max-delete`).
     pub fn allowance(&self, total: Option<u64>, recent: u64) -> Option<u64> {
         if !self.active() {
             return None;
@@ -283,27 +290,26 @@ impl DeleteGuard {
         Some(limit.saturating_sub(1).saturating_sub(recent))
     }
 
-    /// True if a live batch deleting `deleted` (names and the entries each takes) now must go
-    /// through a whole-tree compare (and so through [`DeleteGuard::objection`] with exact
-    /// figures) instead of being applied: the deletions of the window would meet the rule, or
-    /// the source would be empty. Before any whole compare the module's size is unknown: `min`
-    /// deletions alone, or an empty source, are enough.
-    pub fn live_tripwire(
-        &self,
-        tally: &DeleteTally,
-        deleted: &[(RelPath, u64)],
-        source_empty: bool,
-        now: Instant,
-    ) -> bool {
-        if !self.active() || deleted.is_empty() {
-            return false;
-        }
-        let deleting = tally.recent_with(deleted, now);
-        match tally.module_entries {
-            Some(total) => self.objection(deleting, total, source_empty).is_some(),
-            None => source_empty || deleting >= self.min,
-        }
+    /// What to say when a transport held deletions of group `group` back at the allowance:
+    /// how many went in this run, that the rest did not (`detail`: who held them, how).
+    pub fn held_message(&self, group: &str, deleted: u64, detail: &str) -> String {
+        format!(
+            "sync {group}: this would delete more than the delete guard allows ({}% of the \
+             module, at least {}): {deleted} entries were deleted in this run and the rest held \
+             ({detail}); everything else is still sent. {}",
+            self.percent,
+            self.min,
+            confirm_hint(group)
+        )
     }
+}
+
+/// The operator's way out of held deletions of group `group`.
+pub fn confirm_hint(group: &str) -> String {
+    format!(
+        "If they are meant, run `ferry confirm-deletes {group}` (or, without the daemon, `ferry \
+         send --once --confirm-deletes {group} --config …`)"
+    )
 }
 
 #[cfg(test)]
@@ -345,46 +351,41 @@ mod tests {
         let g = DeleteGuard::default();
         let mut tally = DeleteTally::default();
         let t0 = Instant::now();
-        assert!(
-            g.live_tripwire(&tally, &singles("a", 1000), false, t0),
+        assert_eq!(
+            tally.allowance(&g, t0),
+            Some(999),
             "unknown size: the minimum"
         );
-        assert!(
-            g.live_tripwire(&tally, &singles("a", 1), true, t0),
-            "unknown size: an empty source"
-        );
+        tally.record(&singles("z", 999), t0);
+        assert!(!tally.meets(&g, t0));
+        tally.record(&singles("y", 1), t0);
+        assert!(tally.meets(&g, t0), "unknown size: the minimum alone");
         tally.compared(3000);
-        assert!(!g.live_tripwire(&tally, &singles("a", 1000), false, t0));
+        assert_eq!(tally.allowance(&g, t0), Some(1499));
         tally.record(&singles("a", 900), t0);
-        assert!(
-            !g.live_tripwire(&tally, &singles("b", 500), false, t0),
-            "1,400 of 3,000"
-        );
+        assert_eq!(tally.allowance(&g, t0), Some(599));
         tally.record(&singles("b", 500), t0 + Duration::from_secs(1));
-        assert!(
-            g.live_tripwire(
-                &tally,
-                &singles("c", 100),
-                false,
-                t0 + Duration::from_secs(2)
-            ),
-            "1,500 of 3,000 within the window"
-        );
+        let t2 = t0 + Duration::from_secs(2);
+        assert_eq!(tally.allowance(&g, t2), Some(99), "1,400 of 3,000");
+        assert!(!tally.meets(&g, t2));
+        tally.record(&singles("c", 100), t2);
+        assert!(tally.meets(&g, t2), "1,500 of 3,000 within the window");
         let later = t0 + DELETE_WINDOW + Duration::from_secs(1);
-        assert!(
-            !g.live_tripwire(&tally, &singles("c", 100), false, later),
-            "the first 900 left the window"
-        );
-        assert!(
-            g.live_tripwire(&tally, &singles("c", 1), true, later),
-            "an empty source"
-        );
+        // The first 900 left the window and the module (now 2,100: the rule holds at 1,050),
+        // the 600 after them are still in it.
+        assert_eq!(tally.allowance(&g, later), Some(1049 - 600));
+        assert!(!tally.meets(&g, later));
         tally.compared(3000);
         assert_eq!(
             tally.recent(later),
             0,
             "a whole compare starts the window again"
         );
+        let off = DeleteGuard {
+            percent: 0,
+            ..DeleteGuard::default()
+        };
+        assert_eq!(tally.allowance(&off, later), None);
     }
 
     #[test]
@@ -465,9 +466,10 @@ mod tests {
         tally.compared(52);
         for i in 0..5000u64 {
             let now = t0 + Duration::from_millis(i);
-            let flip = [(RelPath::from("pub"), 50)];
-            assert!(!g.live_tripwire(&tally, &flip, false, now), "flip {i}");
-            tally.record(&flip, now);
+            let allowed = tally.allowance(&g, now).expect("the guard is on");
+            assert!(allowed >= 50, "flip {i}: {allowed} allowed");
+            tally.record(&[(RelPath::from("pub"), 50)], now);
+            assert!(!tally.meets(&g, now), "flip {i}");
         }
     }
 

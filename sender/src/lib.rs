@@ -34,7 +34,8 @@
 //!   constructor per section (`Target`, `RsyncTarget`, `SyncGroup::from_raw`; `SyncGroup::new`
 //!   for a group with every default).
 //! - [`filter`]: rsync-style exclude patterns.
-//! - [`guard`]: the mass-delete rule and the live tally of deletions it is applied to.
+//! - [`guard`]: the mass-delete rule, the live tally of deletions it is applied to, and the
+//!   allowance both transports delete up to (a ferry receiver counts each delete against it).
 //! - [`links`]: the names of the source's multiply-linked files, learned as the group runs.
 //! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
 //!   start-up, overflow, new directories).

@@ -148,6 +148,9 @@ pub struct Plan {
     /// Entries each delete removes on the receiver (it takes its subtree), as far as a
     /// listing of the receiver told; deletes planned without one are not counted here.
     pub removes: Vec<(RelPath, u64)>,
+    /// The most entries the deletes may remove in all, counted by the receiver, which holds
+    /// back the deletes past it (the delete guard's allowance); `None`: no limit, uncounted.
+    pub allowance: Option<u64>,
 }
 
 impl Plan {

@@ -90,6 +90,15 @@ type Pending = Arc<Mutex<HashMap<RequestId, Waiter>>>;
 /// what that request asked for, a listing or a signature and its answer).
 pub type Replies = mpsc::UnboundedReceiver<Message>;
 
+/// What became of a `Delete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// Removed: the entries it took, as the receiver counted them (`None`: not counted).
+    Done(Option<u64>),
+    /// Not removed: it would take at least this many entries, past the session's allowance.
+    Held(u64),
+}
+
 /// Where the one final reply to a request arrives, with the path it is about.
 pub struct Answer {
     rx: oneshot::Receiver<Message>,
@@ -375,6 +384,26 @@ impl Session {
     pub async fn ack(&self, answer: Answer) -> Result<(), SessionError> {
         let (reply, about) = self.answer(answer).await?;
         self.acked(reply, &about)
+    }
+
+    /// Waits for the answer to a `Delete`: what it removed (the entries as the receiver
+    /// counted them under an allowance; `None` when answered `Ack`, uncounted), or that it was
+    /// held back past the allowance.
+    pub async fn deleted(&self, answer: Answer) -> Result<Removal, SessionError> {
+        let (reply, about) = self.answer(answer).await?;
+        match reply {
+            Message::Deleted {
+                entries,
+                held: false,
+                ..
+            } => Ok(Removal::Done(Some(entries))),
+            Message::Deleted {
+                entries,
+                held: true,
+                ..
+            } => Ok(Removal::Held(entries)),
+            other => self.acked(other, &about).map(|()| Removal::Done(None)),
+        }
     }
 
     /// The listing of the subtree at `under` (the root for the whole module), in tree order,

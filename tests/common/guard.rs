@@ -20,8 +20,8 @@ fn wait_exists(path: &Path, secs: u64) {
 
 /// A live `rm -rf` of 90% of a 2,020-entry tree (18 of its 20 directories) under a running
 /// sender whose configuration is `body` (one group `file`, `delete_guard_min = 500`, pushing
-/// `src` to a module without history behind `dst`): the guard holds the deletions with less
-/// than its 50% deleted and says so once, naming the release; new files still arrive while
+/// `src` to a module without history behind `dst`): the transport deletes up to the guard's
+/// 50% and holds the rest, and says so once, naming the release; new files still arrive while
 /// it holds; `ferry confirm-deletes file` releases them without a restart.
 pub fn live_rm_rf_of_90_percent_is_held(site: &Site, src: &Path, dst: &Path, body: &str) {
     fill_tree(src, 20, 100, |i| format!("{i}\n").into_bytes());
@@ -57,9 +57,16 @@ pub fn live_rm_rf_of_90_percent_is_held(site: &Site, src: &Path, dst: &Path, bod
         "{} of 2020 entries deleted before the guard held",
         2022 - left
     );
+    let deleted = 2022 - left;
     assert!(
-        2022 - left < 1010,
+        deleted < 1010,
         "the guard's share (50%) was crossed: {left} of 2022 entries left"
+    );
+    // Deleted up to the rule: what was held would have crossed it, and nothing held takes
+    // more than one directory (101 entries).
+    assert!(
+        deleted > 1009 - 101,
+        "held far short of the rule: {deleted} of 2020 deleted"
     );
     let log = daemon.log();
     assert_eq!(

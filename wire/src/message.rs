@@ -4,9 +4,10 @@
 //! the receiver answers [`Message::Welcome`] or [`Message::Refused`] (then closes). After that
 //! the sender issues requests, each carrying an `id` it chose, and may have many in flight: the
 //! receiver handles them in arrival order and answers each exactly once with a final reply
-//! ([`Message::Ack`], [`Message::Failed`], [`Message::Listing`] with `done`, or
-//! [`Message::DirDigests`]). Mutating requests are idempotent and say what the path must become
-//! ("make `a/b` a directory with this metadata"), so replaying one after a reconnect is safe.
+//! ([`Message::Ack`], [`Message::Failed`], [`Message::Listing`] with `done`,
+//! [`Message::DirDigests`], or [`Message::Deleted`] for a `Delete` under an allowance).
+//! Mutating requests are idempotent and say what the path must become ("make `a/b` a
+//! directory with this metadata"), so replaying one after a reconnect is safe.
 //!
 //! A file travels as `FileBegin`, then either a whole body (`FileData`*) or, when the sender
 //! asked first (`Body::Delta`), the receiver's answer: `Signature` (then `FileDelta`*
@@ -21,7 +22,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -405,6 +406,29 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+
+    // --- the delete guard on the receiver (protocol 9) -------------------------------------
+    /// Sender → receiver: how many entries the session's later `Delete`s may remove in all
+    /// (`None`: no limit, and `Delete` is answered `Ack` as before). Under an allowance each
+    /// `Delete` is answered `Deleted`: the receiver counts what it would remove (the path and
+    /// everything under it) and removes it only if that fits in what is left, so a sender's
+    /// mass-delete guard needs no listing of the module and can never be overshot by requests
+    /// in flight.
+    Allowance {
+        /// Entries the session may still delete; `u64::MAX` counts without limit.
+        entries: Option<u64>,
+    },
+    /// Answer to a `Delete` under an [`Message::Allowance`]: the entries it removed, or, when
+    /// `held`, that it removed nothing because it would have removed at least `entries`,
+    /// more than the allowance left.
+    Deleted {
+        /// Request id of the `Delete`.
+        id: RequestId,
+        /// Entries removed (0: there was nothing), or at least that many to remove.
+        entries: u64,
+        /// Not removed: past the allowance.
+        held: bool,
+    },
 }
 
 impl Message {
@@ -438,7 +462,8 @@ impl Message {
             | Message::Resume { id, .. }
             | Message::DirDigests { id, .. }
             | Message::StatsReply { id, .. }
-            | Message::Versions { id, .. } => Some(*id),
+            | Message::Versions { id, .. }
+            | Message::Deleted { id, .. } => Some(*id),
             _ => None,
         }
     }
@@ -505,6 +530,8 @@ impl Message {
             Message::Restore { .. } => "Restore",
             Message::Unsent { .. } => "Unsent",
             Message::Planned { .. } => "Planned",
+            Message::Allowance { .. } => "Allowance",
+            Message::Deleted { .. } => "Deleted",
         }
     }
 }

@@ -93,6 +93,61 @@ pub(crate) fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
     result.map(|()| names)
 }
 
+/// How many entries removing `name` of the held directory `dir` takes: the entry and, for a
+/// directory, everything under it (never following a symlink), counted up to `limit + 1` at
+/// most (past the limit the walk stops: enough to say "more than"). 0 when it does not exist.
+pub fn count_entries(dir: &OwnedFd, name: &[u8], limit: u64) -> io::Result<u64> {
+    let top = match open_child(dir, name) {
+        Ok(top) => top,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Gone, or a dangling name: only an lstat tells them apart.
+            let c = CString::new(name).map_err(io::Error::other)?;
+            // SAFETY: valid descriptor, NUL-terminated name, `st` is written by the call.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::fstatat(
+                    dir.as_raw_fd(),
+                    c.as_ptr(),
+                    &mut st,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            return Ok((r == 0) as u64);
+        }
+        // A symlink (ELOOP) or anything but a directory is one entry.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => return Ok(1),
+        Err(e) => return Err(e),
+    };
+    // One descriptor per level held (never one per pending directory): each level keeps its
+    // names and how far it got.
+    let mut count = 1u64;
+    let names = read_names(&top)?;
+    let mut stack = vec![(top, names.into_iter())];
+    while count <= limit {
+        let Some((dir, names)) = stack.last_mut() else {
+            break;
+        };
+        let Some(child) = names.next() else {
+            stack.pop();
+            continue;
+        };
+        count += 1;
+        match open_child(dir, &child) {
+            Ok(sub) => {
+                let names = read_names(&sub)?;
+                stack.push((sub, names.into_iter()));
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP | libc::ENOTDIR | libc::ENOENT)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
 /// The local path of `rel` under `root`.
 pub fn local_path(root: &Path, rel: &RelPath) -> PathBuf {
     if rel.is_root() {

@@ -58,6 +58,30 @@ mod tests {
     }
 
     #[test]
+    fn count_entries_counts_a_subtree_without_following_symlinks_and_stops_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("d/e/f")).unwrap();
+        std::fs::write(root.join("d/x"), b"x").unwrap();
+        std::fs::write(root.join("d/e/f/y"), b"y").unwrap();
+        std::fs::create_dir_all(root.join("outside/a/b")).unwrap();
+        std::os::unix::fs::symlink("../outside", root.join("d/link")).unwrap();
+        std::os::unix::fs::symlink("nowhere", root.join("dangling")).unwrap();
+        std::fs::write(root.join("file"), b"z").unwrap();
+        let held = open_root(root).unwrap();
+        // d, d/e, d/e/f, d/e/f/y, d/x, d/link (not what it points to).
+        assert_eq!(count_entries(&held, b"d", u64::MAX).unwrap(), 6);
+        assert_eq!(count_entries(&held, b"file", u64::MAX).unwrap(), 1);
+        assert_eq!(count_entries(&held, b"dangling", u64::MAX).unwrap(), 1);
+        assert_eq!(count_entries(&held, b"missing", u64::MAX).unwrap(), 0);
+        for limit in 0..6 {
+            let n = count_entries(&held, b"d", limit).unwrap();
+            assert_eq!(n, limit + 1, "stops right past a limit of {limit}");
+        }
+        assert_eq!(count_entries(&held, b"d", 6).unwrap(), 6);
+    }
+
+    #[test]
     fn cache_serves_unchanged_files_and_notices_same_size_rewrites() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();

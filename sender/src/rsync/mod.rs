@@ -175,7 +175,7 @@ pub async fn full(
                             "sync {}: {why}; holding every deletion (`rsync --delete` was not \
                              run), replicating everything else. {}",
                             group.name,
-                            confirm_hint(group)
+                            crate::guard::confirm_hint(&group.name)
                         )),
                         v => v,
                     };
@@ -193,7 +193,9 @@ pub async fn full(
     let (verdict, out) = run(group, target, address, &RelPath::root(), args).await;
     let deleted = deletions(&out);
     match verdict {
-        Verdict::Guarded(why) => Verdict::Guarded(held_message(group, deleted, &why)),
+        Verdict::Guarded(why) => {
+            Verdict::Guarded(group.guard.held_message(&group.name, deleted, &why))
+        }
         Verdict::Done => {
             if let Some(n) = files_in_stats(&out) {
                 tally.compared(n);
@@ -202,29 +204,6 @@ pub async fn full(
         }
         v => v,
     }
-}
-
-/// The operator's way out of a held deletion.
-fn confirm_hint(group: &SyncGroup) -> String {
-    format!(
-        "If they are meant, run `ferry confirm-deletes {}` (or, without the daemon, `ferry \
-         send --once --confirm-deletes {} --config …`)",
-        group.name, group.name
-    )
-}
-
-/// What to say when rsync's `--max-delete` held deletions back: how many went, that the rest
-/// did not.
-fn held_message(group: &SyncGroup, deleted: u64, rsync: &str) -> String {
-    format!(
-        "sync {}: this would delete more than the delete guard allows ({}% of the module, at \
-         least {}): {deleted} entries were deleted in this run and the rest held ({rsync}); \
-         everything else is still sent. {}",
-        group.name,
-        group.guard.percent,
-        group.guard.min,
-        confirm_hint(group)
-    )
 }
 
 /// Sends `batch`'s paths (and what they imply) with `--files-from`. Returns the verdict
@@ -300,7 +279,7 @@ pub async fn batch(
                 // The rest of the deletions wait; what changed still goes.
                 Verdict::Guarded(why) => {
                     let deleted = deletions(&out);
-                    guarded = Some(held_message(group, deleted, &why));
+                    guarded = Some(group.guard.held_message(&group.name, deleted, &why));
                     break;
                 }
                 v => return (v, n),
