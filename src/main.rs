@@ -418,6 +418,14 @@ pub(crate) fn is_receiver(table: &toml::Table) -> bool {
     table.contains_key("listen") || table.contains_key("modules")
 }
 
+/// `n` and `what`, plural unless one (`1 target`, `2 targets`).
+fn counted(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
+}
+
 /// `ferry check-config FILE`.
 fn check_config(file: &std::path::Path) -> Result<u8> {
     let table = config_table(file)?;
@@ -439,20 +447,26 @@ fn check_config(file: &std::path::Path) -> Result<u8> {
             }
         }
         println!(
-            "{}: receiver configuration, {} modules: OK",
+            "{}: receiver configuration, {}: OK",
             file.display(),
-            config.modules.len()
+            counted(config.modules.len(), "module")
         );
     } else if has("sync") || has("targets") || table.is_empty() {
         // An empty table may be a syntax error: the sender's parser reports it with its line.
         let config = ferry_sender::Config::load(file)?;
         config.identity()?;
         println!(
-            "{}: sender configuration, {} sync groups, {} targets: OK",
+            "{}: sender configuration, {}, {}: OK",
             file.display(),
-            config.syncs.len(),
-            config.targets.len()
+            counted(config.syncs.len(), "sync group"),
+            counted(config.targets.len(), "target")
         );
+        if let Some(dir) = config.state_dir.as_ref().filter(|d| !d.exists()) {
+            println!(
+                "state_dir {} does not exist yet: `ferry send` makes it (0700)",
+                dir.display()
+            );
+        }
     } else {
         bail!(
             "{}: neither a sender.toml ([targets.NAME], [[sync]]) nor a receiver.toml (listen, \

@@ -13,6 +13,10 @@ use std::sync::Arc;
 /// `ferry send --config FILE [--once]`.
 pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result<u8> {
     let config = load(file, confirm_deletes, true)?;
+    if config.make_state_dir()? {
+        let dir = config.state_dir.as_deref().unwrap_or(Path::new(""));
+        tracing::info!("made state_dir {} (0700)", dir.display());
+    }
     if once {
         return send_once(&config).await;
     }

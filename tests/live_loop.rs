@@ -300,3 +300,40 @@ async fn a_stalled_link_is_given_up_and_the_worker_reconnects() {
     let pair = live.stop().await;
     assert_eq!(fs::read(pair.dst.join("before")).unwrap(), b"b");
 }
+
+/// A link that falls silent while nothing is being sent was seen only when the next change
+/// came (`ferry status` said connected meanwhile). Silence past the liveness window now counts
+/// as a lost connection, idle or not: the worker says so and reconnects at once, with no work
+/// to send. In virtual time.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_idle_link_that_falls_silent_is_given_up_and_reconnected() {
+    let pair = Pair::new();
+    let mut group = pair.group();
+    // A change that sends nothing: the session is open and idle after it.
+    group.delete = false;
+    let live = Live::start(pair, group, Vec::new());
+    live.silent.store(true, Ordering::SeqCst);
+    live.queue.push([content("not-there")]);
+    live.settled(Duration::from_secs(5)).await;
+    assert_eq!(live.dials.lock().unwrap().len(), 1);
+    let idle_from = tokio::time::Instant::now();
+    live.silent.store(false, Ordering::SeqCst);
+    live.wait(Duration::from_secs(120), "the silence noticed", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no word from the receiver"))
+    })
+    .await;
+    let took = idle_from.elapsed();
+    assert!(
+        took >= ferry_protocol::connection::STALL_TIMEOUT && took < Duration::from_secs(60),
+        "given up after {took:?}"
+    );
+    live.settled(Duration::from_secs(30)).await;
+    assert_eq!(
+        live.dials.lock().unwrap().len(),
+        2,
+        "reconnected without work"
+    );
+    live.stop().await;
+}

@@ -205,9 +205,18 @@ fn the_receiver_serves_its_counters_as_metrics() {
     }
     site.write_config(&one_group(&backup, &src, ""));
     assert!(site.send_once(&[]).status.success());
-    let m = scrape(metrics);
+    // The client is gone once `send --once` returns; the receiver ends its side of the session
+    // when it reads that, a moment later (on a loaded machine, visibly later): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let m = loop {
+        let m = scrape(metrics);
+        if sample(&m, "ferry_receiver_sessions") == 0.0 {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the session never ended: {m:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(sample(&m, "ferry_receiver_files_total"), 5.0);
-    assert_eq!(sample(&m, "ferry_receiver_sessions"), 0.0);
     let versions = "ferry_receiver_history_versions{module=\"file\"}";
     // The journal's rows, of one action or all: the root's times are noted once per commit
     // that moves them, and how many commits a send takes is the receiver's business.

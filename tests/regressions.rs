@@ -755,3 +755,158 @@ async fn replies_nobody_reads_held_up_every_other_request() {
     drop(session);
     receiver.await.unwrap();
 }
+
+/// A `state_dir` that did not exist: `check-config` said OK, and the daemon warned and ran
+/// with the other-filesystem guard unarmed (it records the source's device there). Now
+/// check-config says the start makes it, the start makes it (0700) and the guard records the
+/// source's filesystem in it; a `state_dir` that is a file, or whose parent is missing, is
+/// refused by both, naming the key.
+#[test]
+fn a_missing_state_dir_left_the_device_guard_unarmed() {
+    let site = Site::new();
+    let (src, _dst, backup) = site.one_backup();
+    fs::write(src.join("f"), b"x").unwrap();
+    let state = site.path("state");
+    let body = format!(
+        "state_dir = {:?}\n{}",
+        state.display().to_string(),
+        one_group(&backup, &src, "")
+    );
+    site.write_config(&body);
+    let check = || run(ferry().arg("check-config").arg(site.config()));
+    let o = check();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("does not exist yet: `ferry send` makes it (0700)"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(!state.exists(), "check-config changes nothing");
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&state).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    assert!(
+        state.join("file.source-device").is_file(),
+        "the source's filesystem is recorded"
+    );
+    assert!(!stderr(&o).contains("cannot record"), "{}", stderr(&o));
+    // A file where the directory should be, or no parent: refused by both.
+    for (place, why) in [
+        (site.path("a-file"), "is not a directory"),
+        (site.path("nowhere/state"), "does not exist, nor does"),
+    ] {
+        fs::write(site.path("a-file"), b"x").unwrap();
+        let body = format!(
+            "state_dir = {:?}\n{}",
+            place.display().to_string(),
+            one_group(&backup, &src, "")
+        );
+        site.write_config(&body);
+        for o in [check(), site.send_once(&[])] {
+            assert!(!o.status.success());
+            let err = stderr(&o);
+            assert!(err.contains("state_dir: ") && err.contains(why), "{err}");
+            assert_eq!(err.matches(why).count(), 1, "said once: {err}");
+        }
+    }
+}
+
+/// One failing test binary stopped `cargo test` there, so one flaky test hid every test after
+/// it (175 of 242 never ran). The test command README.md gives, which `.ci/run` runs, runs
+/// every binary whatever an earlier one did.
+#[test]
+fn a_failing_test_binary_hid_every_later_one() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    let documented = readme
+        .lines()
+        .find(|l| l.starts_with("cargo test"))
+        .and_then(|l| l.split('#').next())
+        .map(str::trim)
+        .expect("README.md gives the test command");
+    let ci = fs::read_to_string(root.join(".ci/run")).unwrap();
+    let run_by_ci = ci
+        .lines()
+        .find(|l| l.starts_with("cargo test"))
+        .expect(".ci/run runs cargo test");
+    assert!(
+        run_by_ci.starts_with(documented),
+        ".ci/run runs `{run_by_ci}`, README.md says `{documented}`"
+    );
+    assert!(
+        documented.split_whitespace().any(|a| a == "--no-fail-fast"),
+        "{documented}"
+    );
+}
+
+/// Whole-tree compares never set the module root's own times: `send --once` said converged
+/// while `verify` said `mtime .` (exit 1), for ever, when nothing below the root changed.
+#[test]
+fn a_whole_compare_never_set_the_module_roots_mtime() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    fs::write(src.join("f"), b"x").unwrap();
+    site.write_config(&one_group(&backup, &src, ""));
+    assert!(site.send_once(&[]).status.success());
+    let past = filetime::FileTime::from_unix_time(1_000_000_000, 0);
+    filetime::set_file_mtime(&dst, past).unwrap();
+    let o = site.verify();
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = site.verify();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let (a, b) = (fs::metadata(&src).unwrap(), fs::metadata(&dst).unwrap());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((a.mtime(), a.mtime_nsec()), (b.mtime(), b.mtime_nsec()));
+}
+
+/// `ferry status` said "connected … in step" (exit 0) for a target whose receiver was gone,
+/// for as long as its group had nothing to send (the socket sat in CLOSE-WAIT). A closed
+/// connection is seen at once now, idle or not, and the worker reconnects on its own: the
+/// status goes back to connected when the receiver does, with no change on the source.
+#[test]
+fn status_said_connected_for_a_receiver_that_was_gone() {
+    let site = Site::new();
+    let (src, _dst, mut backup) = site.one_backup();
+    fs::write(src.join("f"), b"x").unwrap();
+    let daemon = site.run(&one_group(&backup, &src, ""), 1);
+    site.wait_settled(30);
+    backup.stop();
+    // Far below the 45 s liveness window: the closed connection itself is what is seen (then
+    // the reconnection, which the receiver, gone, refuses).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, v) = site.status();
+        let t = &v["targets"][0];
+        if t["state"] != "connected" {
+            assert_ne!(code, 0, "{v}");
+            let why = t["why"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("connection lost") || why.contains("cannot connect"),
+                "{v}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still connected: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        daemon.log().contains("connection lost while idle"),
+        "{}",
+        daemon.log()
+    );
+    backup.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, v) = site.status();
+        if v["targets"][0]["state"] == "connected" {
+            assert_eq!(code, 0, "in step again: {v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reconnected: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -263,13 +263,13 @@ fn check_config_names_file_line_and_key_for_either_kind() {
     let check = |file: &Path| run(ferry().arg("check-config").arg(file));
     let ok = check(&config);
     assert!(ok.status.success(), "{}", stderr(&ok));
-    assert!(stdout(&ok).contains("receiver configuration, 1 modules: OK"));
+    assert!(stdout(&ok).contains("receiver configuration, 1 module: OK"));
 
     let (src, _, backup) = site.one_backup();
     site.write_config(&one_group(&backup, &src, ""));
     let ok = check(&site.config());
     assert!(ok.status.success(), "{}", stderr(&ok));
-    assert!(stdout(&ok).contains("sender configuration, 1 sync groups, 1 targets: OK"));
+    assert!(stdout(&ok).contains("sender configuration, 1 sync group, 1 target: OK"));
 
     // A semantic error: the line of the key.
     let text = std::fs::read_to_string(&config).unwrap();

@@ -179,7 +179,12 @@ impl Apply {
         match link(&fd, path) {
             Ok(()) => {
                 self.mark_parent_dirty(rel);
-                self.note_created(path, rel)
+                // The file just named is the one held: no lookup of the name again.
+                let meta = match self.state.history {
+                    Some(_) => staged.file.metadata().ok().and_then(|m| local::meta_of(&m)),
+                    None => None,
+                };
+                self.note_created(path, rel, meta)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let tmp = self.temp_beside(path);
@@ -209,7 +214,7 @@ impl Apply {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&path)?;
-                self.note_created(&path, rel)?;
+                self.note_created(&path, rel, Some(meta.clone()))?;
             }
             Err(e) => return Err(e),
         }
@@ -245,7 +250,7 @@ impl Apply {
         if kept {
             Ok(())
         } else {
-            self.note_created(path, rel)
+            self.note_created(path, rel, None)
         }
     }
 

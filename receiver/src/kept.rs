@@ -12,12 +12,20 @@ use std::path::Path;
 
 impl Apply {
     /// Notes in the history (if the module keeps one) that `path` (module path `rel`) just came
-    /// into being.
-    pub(crate) fn note_created(&mut self, path: &Path, rel: &RelPath) -> io::Result<()> {
+    /// into being, as `meta` if the caller has it at hand (else read from `path`).
+    pub(crate) fn note_created(
+        &mut self,
+        path: &Path,
+        rel: &RelPath,
+        meta: Option<Meta>,
+    ) -> io::Result<()> {
         let Some(history) = &self.state.history else {
             return Ok(());
         };
-        let note = history.note(path, rel, Action::Created, Namespaces::NONE, None);
+        let note = match meta {
+            Some(meta) => Ok(Some(history.created(rel, meta))),
+            None => history.note(path, rel, Action::Created, Namespaces::NONE, None),
+        };
         if let Some(row) = note.map_err(|e| io::Error::new(e.kind(), format!("history: {e}")))? {
             self.kept.push(row);
         }

@@ -350,6 +350,27 @@ impl Config {
                 }
             }
         }
+        if let Some(dir) = &self.state_dir {
+            match std::fs::metadata(dir) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => return Err(format!("state_dir: {} is not a directory", dir.display())),
+                // Made at start (`Config::make_state_dir`) where its parent is a directory.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let parent = dir.parent().unwrap_or(Path::new("/"));
+                    if !parent.is_dir() {
+                        return Err(format!(
+                            "state_dir: {} does not exist, nor does {}",
+                            dir.display(),
+                            parent.display()
+                        ));
+                    }
+                }
+                Err(e) => {
+                    let why = ferry_protocol::io_reason(&e);
+                    return Err(format!("state_dir: {}: {why}", dir.display()));
+                }
+            }
+        }
         for (name, t) in &self.targets {
             if let TargetKind::Rsync(RsyncTarget {
                 password_file: Some(pf),
@@ -361,6 +382,26 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Makes `state_dir` (0700: it records the sources' filesystems and digests) if it is
+    /// missing; true if it was made. Its parent must exist ([`Config::check_files`]).
+    pub fn make_state_dir(&self) -> Result<bool, ConfigError> {
+        let Some(dir) = &self.state_dir else {
+            return Ok(false);
+        };
+        if dir.is_dir() {
+            return Ok(false);
+        }
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map(|()| true)
+            .map_err(|e| {
+                let why = ferry_protocol::io_reason(&e);
+                ConfigError::new(&self.file, format!("state_dir: {}: {why}", dir.display()))
+            })
     }
 
     /// Parses and validates `text` as if read from `file`; reads nothing else. Each section

@@ -98,6 +98,16 @@ impl Transport for FerryLink {
         Ok(true)
     }
 
+    fn lost(&self) -> impl Future<Output = String> + Send {
+        let session = self.session.clone();
+        async move {
+            match session {
+                Some(s) => s.lost().await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     async fn send(&mut self, batch: &Batch) -> Outcome {
         let Some(session) = self.session.clone() else {
             return Outcome::Lost("not connected".into());

@@ -343,6 +343,16 @@ pub fn plan(local: &[Entry], remote: &[Entry], opts: PlanOptions, names: &LinkNa
         }
     }
 
+    // The module root has no parent to mark: its own times and attributes, compared here
+    // (a whole compare whose tree is otherwise equal still sets them).
+    if let Some(l) = local.first().filter(|l| l.path.is_root()) {
+        let differs = remote_by_path.get(&l.path).is_some_and(|r| {
+            r.meta.kind == Kind::Dir && !l.meta.attr_differences(&r.meta, opts.compare).is_empty()
+        });
+        if differs {
+            touched.insert(RelPath::root());
+        }
+    }
     for l in local {
         if l.path.is_root() {
             continue;
@@ -593,6 +603,16 @@ mod tests {
             e("a/f", Kind::File, 5, 1),
         ];
         assert!(plan_of(&t, &t, opts()).is_empty());
+    }
+
+    #[test]
+    fn the_module_roots_own_times_are_set_when_nothing_else_differs() {
+        let local = vec![e("", Kind::Dir, 0, 2), e("a", Kind::File, 5, 1)];
+        let remote = vec![e("", Kind::Dir, 0, 1), e("a", Kind::File, 5, 1)];
+        let p = plan_of(&local, &remote, opts());
+        assert!(p.creates.is_empty() && p.deletes.is_empty());
+        let dirs: Vec<String> = p.dir_meta.iter().map(|d| d.path.to_string()).collect();
+        assert_eq!(dirs, ["."]);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// How long connecting (TCP and TLS) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -120,6 +121,9 @@ pub struct Session {
     /// Aborts the reader when the session goes (whoever took the handle to wait on it).
     reader_abort: tokio::task::AbortHandle,
     lost: Arc<Mutex<Option<String>>>,
+    /// Cancelled the moment the connection is gone (the reader saw it end, fail or fall
+    /// silent), whether or not anything was asked of it.
+    ended: CancellationToken,
 }
 
 impl Session {
@@ -179,19 +183,21 @@ impl Session {
         let lost = Arc::new(Mutex::new(None));
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
 
+        let ended = CancellationToken::new();
         let sent = bytes_sent.clone();
-        let lost_w = lost.clone();
+        let (lost_w, ended_w) = (lost.clone(), ended.clone());
         let writer_task = tokio::spawn(async move {
             let pumped = writer
                 .pump(out_rx, 16, |n| sent.store(n, Ordering::Relaxed))
                 .await;
             if let Err(e) = pumped {
                 lost_w.lock().expect("lock").get_or_insert(e.to_string());
+                ended_w.cancel();
             }
         });
 
         let pending_r = pending.clone();
-        let lost_r = lost.clone();
+        let (lost_r, ended_r) = (lost.clone(), ended.clone());
         let heard = Arc::new(Mutex::new(tokio::time::Instant::now()));
         let stalled = stall_watch(&pending, heard.clone());
         let reader_task = tokio::spawn(async move {
@@ -200,9 +206,10 @@ impl Session {
                     r = reader.read() => r,
                     _ = stalled.notified() => {
                         break format!(
-                            "no word from the receiver for {} s while requests waited; \
+                            "no word from the receiver for {} s (it says Alive every {} s); \
                              giving the connection up",
-                            STALL_TIMEOUT.as_secs()
+                            STALL_TIMEOUT.as_secs(),
+                            ferry_protocol::connection::HEARTBEAT.as_secs()
                         );
                     }
                 };
@@ -247,6 +254,7 @@ impl Session {
             lost_r.lock().expect("lock").get_or_insert(why);
             // Dropping the senders wakes everyone still waiting.
             pending_r.lock().expect("lock").clear();
+            ended_r.cancel();
         });
 
         Session {
@@ -260,7 +268,15 @@ impl Session {
             reader_abort: reader_task.abort_handle(),
             reader: Mutex::new(Some(reader_task)),
             lost,
+            ended,
         }
+    }
+
+    /// Waits until the connection is gone — closed or reset by the receiver, failed, or
+    /// silent past [`STALL_TIMEOUT`] — even when nothing was asked of it; returns why.
+    pub async fn lost(&self) -> String {
+        self.ended.cancelled().await;
+        self.lost_error().to_string()
     }
 
     /// The receiver address.
@@ -509,10 +525,10 @@ impl Drop for Session {
     }
 }
 
-/// Watches a session for silence (on tokio's clock, so virtual time in tests): with requests
-/// outstanding and nothing heard from the
-/// receiver for [`STALL_TIMEOUT`], wakes the reader (through the returned `Notify`) to give the
-/// connection up. Ends with the session.
+/// Watches a session for silence (on tokio's clock, so virtual time in tests): with nothing
+/// heard from the receiver for [`STALL_TIMEOUT`] — it says `Alive` every `HEARTBEAT` on every
+/// session, so this holds for an idle session too — wakes the reader (through the returned
+/// `Notify`) to give the connection up. Ends with the session.
 fn stall_watch(pending: &Pending, heard: Arc<Mutex<tokio::time::Instant>>) -> Arc<Notify> {
     let stalled = Arc::new(Notify::new());
     let (wake, pending) = (stalled.clone(), Arc::downgrade(pending));
@@ -522,8 +538,8 @@ fn stall_watch(pending: &Pending, heard: Arc<Mutex<tokio::time::Instant>>) -> Ar
             let Some(pending) = pending.upgrade() else {
                 break;
             };
-            let waiting = !pending.lock().expect("lock").is_empty();
-            if waiting && heard.lock().expect("lock").elapsed() > STALL_TIMEOUT {
+            drop(pending);
+            if heard.lock().expect("lock").elapsed() > STALL_TIMEOUT {
                 wake.notify_one();
                 break;
             }

@@ -115,6 +115,10 @@ pub trait Transport: Send {
     fn confirm_deletes(&mut self);
     /// Drops the connection (it failed, or a batch was abandoned).
     fn disconnect(&mut self);
+    /// Resolves, with why, when the open connection is gone while nothing is being sent
+    /// (closed by the peer, failed, or silent past its liveness window); never for a
+    /// transport that holds no connection between batches.
+    fn lost(&self) -> impl Future<Output = String> + Send;
     /// Closes the connection cleanly at shutdown.
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -172,9 +176,27 @@ impl<T: Transport> Worker<T> {
         let mut last_summary = now();
         let mut last_release = now();
         let mut confirmations = self.status.confirmations();
+        // The connection went while idle and is not open again: reconnect (on the backoff)
+        // without waiting for work, so the status says what is true.
+        let mut reconnect = false;
         loop {
-            if !wait_for_work(&self.queue, &self.shutdown).await {
-                break;
+            if !reconnect {
+                let lost = tokio::select! {
+                    more = wait_for_work(&self.queue, &self.shutdown) => {
+                        if !more {
+                            break;
+                        }
+                        None
+                    }
+                    why = self.transport.lost() => Some(why),
+                };
+                if let Some(why) = lost {
+                    self.status
+                        .fail(State::Retrying, &format!("connection lost: {why}"));
+                    tracing::warn!(sync = group, target, "connection lost while idle: {why}");
+                    self.transport.disconnect();
+                    reconnect = true;
+                }
             }
             // `ferry confirm-deletes`: it queued a whole compare; the transport applies it
             // past the guard.
@@ -219,6 +241,7 @@ impl<T: Transport> Worker<T> {
             };
             match connected {
                 Ok(fresh) => {
+                    reconnect = false;
                     self.status.set(State::Connected, None);
                     if fresh && backoff.failing() {
                         tracing::info!(sync = group, target, "reconnected");

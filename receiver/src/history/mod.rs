@@ -404,6 +404,20 @@ impl History {
         }))
     }
 
+    /// The row saying `rel` came into being as `meta` (no object: an earlier view leaves it
+    /// out).
+    pub fn created(&self, rel: &RelPath, meta: Meta) -> Pending {
+        Pending {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) as i64,
+            path: rel.clone(),
+            time_ns: now_ns(),
+            action: Action::Created,
+            meta,
+            object: false,
+            renamed_to: None,
+        }
+    }
+
     /// Puts an object back where it came from (the change it was kept for failed).
     pub fn undo(&self, pending: Pending, path: &Path) {
         if pending.object {

@@ -400,6 +400,11 @@ impl Transport for RsyncLink {
         Ok(false)
     }
 
+    fn lost(&self) -> impl std::future::Future<Output = String> + Send {
+        // No connection is held between runs.
+        std::future::pending()
+    }
+
     async fn send(&mut self, b: &Batch) -> Outcome {
         let started = Instant::now();
         // A killed rsync (an abandoned batch) leaves only its own temp names behind.
