@@ -81,6 +81,11 @@ enum Command {
         /// Reconcile once and exit (0 only if every group converged on every target).
         #[arg(long)]
         once: bool,
+        /// With --once: first compare contents by digest on both sides (as `verify --checksum`)
+        /// and re-send every file whose bytes differ although its size and time agree (a
+        /// copy damaged or edited in place on the backup host); rsync targets run `rsync -c`.
+        #[arg(long, requires = "once")]
+        checksum: bool,
         /// Let this group delete past its mass-delete guard, this run only (repeatable).
         #[arg(long = "confirm-deletes", value_name = "GROUP")]
         confirm_deletes: Vec<String>,
@@ -568,8 +573,9 @@ async fn run(command: Command) -> Result<u8> {
         Command::Send {
             config,
             once,
+            checksum,
             confirm_deletes,
-        } => send::send(&config, once, &confirm_deletes).await,
+        } => send::send(&config, once, checksum, &confirm_deletes).await,
         Command::Mirror {
             src,
             dst,

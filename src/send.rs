@@ -10,15 +10,20 @@ use ferry_sender::status::Board;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// `ferry send --config FILE [--once]`.
-pub async fn send(file: &Path, once: bool, confirm_deletes: &[String]) -> Result<u8> {
+/// `ferry send --config FILE [--once [--checksum]]`.
+pub async fn send(
+    file: &Path,
+    once: bool,
+    checksum: bool,
+    confirm_deletes: &[String],
+) -> Result<u8> {
     let config = load(file, confirm_deletes, true)?;
     if config.make_state_dir()? {
         let dir = config.state_dir.as_deref().unwrap_or(Path::new(""));
         tracing::info!("made state_dir {} (0700)", dir.display());
     }
     if once {
-        return send_once(&config).await;
+        return send_once(&config, checksum).await;
     }
     let identity = config.identity()?;
     let sources: Vec<&Path> = config.syncs.iter().map(|g| g.source.as_path()).collect();
@@ -182,7 +187,49 @@ pub fn print_report(group: &str, target: &str, r: &Report) {
     }
 }
 
-async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
+/// Re-sends every file of `group` whose content on the module behind `session` differs from
+/// the source's by digest (`verify --checksum`), whatever its size and time say: each goes as
+/// a change whose receiver copy is not trusted (a delta against it, checked by digest).
+/// Returns how many were found.
+async fn repair(
+    group: &ferry_sender::config::SyncGroup,
+    target: &ferry_sender::config::Target,
+    identity: &ferry_protocol::identity::Identity,
+    session: &Arc<ferry_sender::session::Session>,
+    links: &ferry_sender::links::Names,
+    report: &mut Report,
+) -> Result<usize> {
+    use ferry_protocol::meta::Difference;
+    use ferry_sender::coalesce::{Change, Need};
+    let diffs = ferry_sender::verify::verify_target(group, target, identity, true, None, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut batch = ferry_sender::queue::Batch::default();
+    let now = std::time::Instant::now();
+    let mut found = 0;
+    for (path, kind) in diffs {
+        if kind == Difference::Content {
+            batch.add(Change::Path {
+                path,
+                need: Need::Content,
+                since: now,
+            });
+            found += 1;
+        }
+    }
+    if found > 0 {
+        let mut learned = ferry_sender::batch::Learned {
+            links: links.clone(),
+            ..Default::default()
+        };
+        let mut quiet = |_: &ferry_sender::execute::Step| {};
+        ferry_sender::batch::send_batch(session, group, &mut learned, &batch, report, &mut quiet)
+            .await?;
+    }
+    Ok(found)
+}
+
+async fn send_once(config: &ferry_sender::Config, checksum: bool) -> Result<u8> {
     let identity = config.identity()?;
     let mut converged = true;
     for group in &config.syncs {
@@ -192,8 +239,12 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
             let target = &config.targets[target_name];
             if let TargetKind::Rsync(r) = &target.kind {
                 let started = std::time::Instant::now();
+                let mut r = r.clone();
+                if checksum {
+                    r.args.push("--checksum".into());
+                }
                 let verdict =
-                    ferry_sender::rsync::full(group, r, &target.address, &mut Default::default())
+                    ferry_sender::rsync::full(group, &r, &target.address, &mut Default::default())
                         .await;
                 let ok = verdict == ferry_sender::rsync::Verdict::Done;
                 println!(
@@ -214,10 +265,21 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                         .connect(&identity, &group.module, Intent::Write)
                         .await?,
                 );
+                let mut repaired = Report::default();
+                if checksum {
+                    let found =
+                        repair(group, target, &identity, &session, &links, &mut repaired).await?;
+                    eprintln!(
+                        "ferry: {} → {target_name}: {found} files whose content differed \
+                         re-sent ({} failed)",
+                        group.name,
+                        repaired.failures.len()
+                    );
+                }
                 let mut watch =
                     crate::progress::PlanProgress::new(&format!("{} → {target_name}", group.name));
                 let root = ferry_protocol::RelPath::root();
-                let report = reconcile::reconcile_under(
+                let mut report = reconcile::reconcile_under(
                     &session,
                     group,
                     &links,
@@ -228,7 +290,8 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                 .await?;
                 drop(watch);
                 session.close().await;
-                Ok::<_, ferry_sender::session::SessionError>(report)
+                report.absorb(repaired);
+                Ok::<_, anyhow::Error>(report)
             }
             .await;
             match result {
@@ -237,6 +300,7 @@ async fn send_once(config: &ferry_sender::Config) -> Result<u8> {
                     converged &= report.converged();
                 }
                 Err(e) => {
+                    let e = crate::describe(&e);
                     eprintln!("ferry: {} → {target_name}: {e}", group.name);
                     converged = false;
                 }

@@ -102,6 +102,7 @@ pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result
     }
     let cache_dir = config.state_dir.as_ref().map(|d| d.join("digests"));
     let mut equal = true;
+    let mut contents = false;
     for group in groups {
         for target_name in &group.targets {
             let target = &config.targets[target_name];
@@ -132,7 +133,22 @@ pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result
             );
             print_differences(&diffs);
             equal &= diffs.is_empty();
+            if diffs.iter().any(|(_, d)| *d == Difference::Content) {
+                contents = true;
+            }
         }
+    }
+    if !equal {
+        // How to mend it: a whole compare sees kinds, sizes, times and attributes; only
+        // digests see content that kept its size and time.
+        let how = if contents {
+            "`ferry send --once --checksum --config FILE` re-sends them (content that kept its \
+             size and time is found by digest only)"
+        } else {
+            "`ferry send --once --config FILE` (or the running daemon's next whole compare) \
+             mends them"
+        };
+        eprintln!("ferry: {how}");
     }
     Ok(if equal { 0 } else { 1 })
 }

@@ -910,3 +910,52 @@ fn status_said_connected_for_a_receiver_that_was_gone() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Nothing repaired what `verify` found: a backup file edited in place with its size and
+/// mtime kept was reported (`content …`, exit 1), and `send --once` exited 0 changing
+/// nothing. `send --once --checksum` re-sends whatever the digests say differs, and verify
+/// says how to repair.
+#[test]
+fn verify_found_what_nothing_repaired() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    fs::create_dir(src.join("other")).unwrap();
+    let body = pseudo_random(200_000, 7);
+    fs::write(src.join("other/doc1.txt"), &body).unwrap();
+    fs::write(src.join("kept.txt"), b"untouched").unwrap();
+    site.write_config(&one_group(&backup, &src, ""));
+    assert!(site.send_once(&[]).status.success());
+    // Edited in place on the backup host: same size, same mtime.
+    let copy = dst.join("other/doc1.txt");
+    let mtime = filetime::FileTime::from_last_modification_time(&fs::metadata(&copy).unwrap());
+    let mut damaged = body.clone();
+    damaged[100_000..100_100].fill(b'!');
+    fs::write(&copy, &damaged).unwrap();
+    filetime::set_file_mtime(&copy, mtime).unwrap();
+    let o = run(ferry()
+        .args(["verify", "--checksum", "--config"])
+        .arg(site.config()));
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("content other/doc1.txt"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains("ferry send --once --checksum"),
+        "says how to repair: {}",
+        stderr(&o)
+    );
+    let o = site.send_once(&["--checksum"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 files whose content differed"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read(&copy).unwrap(), body);
+    let o = run(ferry()
+        .args(["verify", "--checksum", "--config"])
+        .arg(site.config()));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+}

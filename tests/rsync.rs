@@ -506,6 +506,17 @@ fn verify_config_on_an_rsync_target_checked_nothing() {
     let o = verify(&["--checksum"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("content d/edited"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("--checksum"),
+        "says how: {}",
+        stderr(&o)
+    );
+    // A whole compare mends the rest; `--checksum` (rsync -c) the content too.
+    let o = site.send_once(&["--checksum"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read(dst.join("d/edited")).unwrap(), b"same size");
+    let o = verify(&["--checksum"]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
 }
 
 /// An empty source (a disk that did not mount) made `rsync --delete` empty the module.
