@@ -36,6 +36,11 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
     let address = recv.address.clone();
     let mut group = SyncGroup::new("mirror", src.clone(), vec!["local".into()], "mirror");
     group.guard.confirmed = confirm_deletes;
+    group.guard.release = Some(format!(
+        "ferry mirror --confirm-deletes {} {}",
+        src.display(),
+        dst.display()
+    ));
     eprintln!(
         "ferry: mirroring {} → {} via {address}",
         src.display(),

@@ -60,6 +60,7 @@ pub async fn send(
     crate::service::watchdog(daemon.liveness.clone());
     let observer = Arc::new(ServiceObserver { groups, status });
     daemon.run_reloading(shutdown, observer, reloads).await?;
+    tracing::info!("sender stopped");
     Ok(0)
 }
 

@@ -205,7 +205,9 @@ fn verify_uses_cached_digests_unless_checksum() {
     // Digests of files changed in the last two seconds are not cached; wait that out.
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let verify = |extra: &[&str]| {
+        // The per-tree figures are a debug line (a verify says nothing else at info).
         let o = run(ferry()
+            .env("FERRY_LOG", "debug")
             .arg("verify")
             .arg("--cache-dir")
             .arg(&cache)

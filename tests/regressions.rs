@@ -959,3 +959,80 @@ fn verify_found_what_nothing_repaired() {
         .arg(site.config()));
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
 }
+
+/// Messages that were not true or not clear, each as an operator met it: `[sync]` written for
+/// `[[sync]]` said "duplicate key" (or "expected a sequence"); a `verify` of equal trees printed
+/// INFO lines; an idle sender stopped by SIGTERM logged no final line; `mirror`'s guard named
+/// the daemon's `ferry confirm-deletes`, which cannot reach a mirror.
+#[test]
+fn messages_that_said_the_wrong_thing() {
+    let site = Site::new();
+    let (src, _dst, backup) = site.one_backup();
+    // One bracket: once, and after a real `[[sync]]`.
+    let group = sync("a", &src, &["backup"], "file", "");
+    for body in [
+        format!(
+            "{}{}",
+            backup.target("backup"),
+            group.replacen("[[sync]]", "[sync]", 1)
+        ),
+        format!(
+            "{}{group}{}",
+            backup.target("backup"),
+            group.replacen("[[sync]]", "[sync]", 1)
+        ),
+    ] {
+        site.write_config(&body);
+        let o = run(ferry().arg("check-config").arg(site.config()));
+        assert_eq!(o.status.code(), Some(2));
+        let err = stderr(&o);
+        assert!(err.contains("written `[[sync]]`"), "{err}");
+        assert!(!err.contains("duplicate key"), "{err}");
+    }
+    // An equal local verify says nothing but its answer.
+    let (a, b) = (site.dir("a"), site.dir("b"));
+    fs::write(a.join("f"), b"x").unwrap();
+    fs::write(b.join("f"), b"x").unwrap();
+    let o = run(ferry().arg("verify").arg(&a).arg(&b));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("INFO"), "{}", stderr(&o));
+    // An idle sender stopped by SIGTERM says it stopped.
+    fs::write(src.join("f"), b"x").unwrap();
+    let mut daemon = site.run(&one_group(&backup, &src, ""), 1);
+    site.wait_settled(30);
+    assert!(daemon.stop().success());
+    assert!(daemon.wait_log("sender stopped"), "{}", daemon.log());
+    // mirror's guard names mirror's own way out, and it works.
+    let (m_src, m_dst) = (site.dir("m-src"), site.path("m-dst"));
+    for i in 0..12 {
+        fs::write(m_src.join(format!("f{i}")), b"x").unwrap();
+    }
+    let mirror = |extra: &[&str]| {
+        run(ferry()
+            .arg("mirror")
+            .arg("--once")
+            .args(extra)
+            .arg(&m_src)
+            .arg(&m_dst))
+    };
+    assert!(mirror(&[]).status.success());
+    for i in 0..12 {
+        fs::remove_file(m_src.join(format!("f{i}"))).unwrap();
+    }
+    let o = mirror(&[]);
+    assert_eq!(o.status.code(), Some(1), "held: {}", stderr(&o));
+    let advice = format!(
+        "ferry mirror --confirm-deletes {} {}",
+        m_src.display(),
+        m_dst.display()
+    );
+    assert!(stderr(&o).contains(&advice), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("ferry confirm-deletes"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read_dir(&m_dst).unwrap().count(), 12);
+    assert!(mirror(&["--confirm-deletes"]).status.success());
+    assert_eq!(fs::read_dir(&m_dst).unwrap().count(), 0);
+}

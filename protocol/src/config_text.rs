@@ -44,6 +44,24 @@ impl ConfigError {
         let line = e.span().map(|s| line_at(text, s.start));
         let mut message = e.message().trim_end().to_string();
         let quoted = line.and_then(|l| text.lines().nth(l - 1)).map(str::trim);
+        // `[sync]` written for `[[sync]]`: toml says "expected a sequence" for the first and
+        // "duplicate key" for a second; say what was meant.
+        let table = quoted
+            .and_then(|q| q.strip_prefix('['))
+            .and_then(|q| q.strip_suffix(']'))
+            .filter(|name| !name.starts_with('[') && !name.contains(['.', '"', '\'']));
+        let list_meant = message.starts_with("invalid type: map, expected a sequence")
+            || message.starts_with("duplicate key");
+        if let (Some(name), true) = (table, list_meant) {
+            return ConfigError {
+                file: file.to_path_buf(),
+                line,
+                message: format!(
+                    "`[{name}]` makes one table; each entry of the list is written \
+                     `[[{name}]]` (two brackets, one header per entry)"
+                ),
+            };
+        }
         if let Some(quoted) = quoted.filter(|q| !q.is_empty() && !message.contains(*q)) {
             // A message that quotes a value (an unknown variant) still names the key.
             message = if message.contains('`') {

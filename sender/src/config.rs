@@ -606,6 +606,7 @@ impl SyncGroup {
             min: s.delete_guard_min.unwrap_or(defaults.min),
             confirmed: false,
             record: state_dir.map(|d| d.join(format!("{name}.source-device"))),
+            release: None,
         };
         if guard.percent > 100 {
             return Err(format!(

@@ -36,6 +36,10 @@ pub struct DeleteGuard {
     /// Where the source's filesystem (device number) is recorded between runs (in
     /// `state_dir`), so a different disk mounted at the source is noticed.
     pub record: Option<PathBuf>,
+    /// How an operator lets held deletions go, when not the daemon's way (`ferry
+    /// confirm-deletes GROUP`, or `send --once --confirm-deletes GROUP`): `mirror` says its
+    /// own command.
+    pub release: Option<String>,
 }
 
 impl Default for DeleteGuard {
@@ -45,6 +49,7 @@ impl Default for DeleteGuard {
             min: 1000,
             confirmed: false,
             record: None,
+            release: None,
         }
     }
 }
@@ -299,17 +304,20 @@ impl DeleteGuard {
              ({detail}); everything else is still sent. {}",
             self.percent,
             self.min,
-            confirm_hint(group)
+            self.confirm_hint(group)
         )
     }
-}
 
-/// The operator's way out of held deletions of group `group`.
-pub fn confirm_hint(group: &str) -> String {
-    format!(
-        "If they are meant, run `ferry confirm-deletes {group}` (or, without the daemon, `ferry \
-         send --once --confirm-deletes {group} --config …`)"
-    )
+    /// The operator's way out of held deletions of group `group`.
+    pub fn confirm_hint(&self, group: &str) -> String {
+        match &self.release {
+            Some(command) => format!("If they are meant, run `{command}`"),
+            None => format!(
+                "If they are meant, run `ferry confirm-deletes {group}` (or, without the \
+                 daemon, `ferry send --once --confirm-deletes {group} --config …`)"
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -227,10 +227,10 @@ pub async fn plan_under(
                     entries: kept,
                     why: format!(
                         "sync {}: {why}; holding {paths} deletions ({kept} entries){live}, \
-                         replicating everything else; if they are meant, run `ferry \
-                         confirm-deletes {}` (the module keeps no history: what it deletes is \
-                         gone)",
-                        group.name, group.name
+                         replicating everything else (the module keeps no history: what it \
+                         deletes is gone). {}",
+                        group.name,
+                        group.guard.confirm_hint(&group.name)
                     ),
                     whole: true,
                 });

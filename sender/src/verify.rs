@@ -104,7 +104,7 @@ pub fn build_tree(
     if let Err(e) = cache.save() {
         tracing::warn!("cannot save digest cache: {e}");
     }
-    tracing::info!(root = %root.display(), hashed = cache.hashed, cached = cache.hits, "tree digested");
+    tracing::debug!(root = %root.display(), hashed = cache.hashed, cached = cache.hits, "tree digested");
     Ok(tree)
 }
 

@@ -175,7 +175,7 @@ pub async fn full(
                             "sync {}: {why}; holding every deletion (`rsync --delete` was not \
                              run), replicating everything else. {}",
                             group.name,
-                            crate::guard::confirm_hint(&group.name)
+                            group.guard.confirm_hint(&group.name)
                         )),
                         v => v,
                     };
