@@ -42,12 +42,15 @@ impl Progress {
     /// Starts showing progress of `what` (e.g. "initial sync").
     pub fn start(what: &str) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            // Styled before it can be drawn: the default style would draw a full bar of
+            // `0/0` first, which stays in the scrollback.
+            let bar = ProgressBar::hidden();
             bar.set_prefix(what.to_string());
             bar.set_style(
                 ProgressStyle::with_template("{prefix} {spinner} {bytes} {binary_bytes_per_sec}")
                     .expect("progress template"),
             );
+            bar.set_draw_target(ProgressDrawTarget::stderr());
             bar.enable_steady_tick(Duration::from_millis(200));
             *SHOWN.lock().expect("progress lock") = Some(bar.clone());
             bar
@@ -123,11 +126,15 @@ impl Progress {
         }
     }
 
-    /// Takes the bar off the screen.
+    /// Stops the bar where it is, its last state drawn (its total, once every planned step
+    /// was counted done or missed).
     pub fn finish(&self) {
-        self.state.lock().expect("progress lock").finished = true;
+        let mut st = self.state.lock().expect("progress lock");
+        if std::mem::replace(&mut st.finished, true) {
+            return;
+        }
         if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
+            bar.abandon();
             SHOWN.lock().expect("progress lock").take();
         }
     }
@@ -161,9 +168,10 @@ fn plain(done: Count, total: Count, elapsed: Duration) -> String {
     line
 }
 
-/// Progress of one execution, against its plan.
+/// Progress of an execution (or several, one after the other), against their plans.
 pub struct PlanProgress {
     progress: Progress,
+    planned: Totals,
     done: Totals,
 }
 
@@ -172,6 +180,7 @@ impl PlanProgress {
     pub fn new(what: &str) -> PlanProgress {
         PlanProgress {
             progress: Progress::start(what),
+            planned: Totals::default(),
             done: Totals::default(),
         }
     }
@@ -179,11 +188,19 @@ impl PlanProgress {
 
 impl Watch for PlanProgress {
     fn planned(&mut self, totals: Totals) {
-        self.progress.total(count(totals));
+        self.planned.steps += totals.steps;
+        self.planned.bytes += totals.bytes;
+        self.progress.total(count(self.planned));
     }
 
     fn step(&mut self, step: &Step) {
         self.done.add(step);
+        self.progress.update(count(self.done));
+    }
+
+    fn missed(&mut self, bytes: u64) {
+        self.done.steps += 1;
+        self.done.bytes += bytes;
         self.progress.update(count(self.done));
     }
 }

@@ -213,6 +213,12 @@ pub trait Watch: Send {
     }
     /// One acknowledged step.
     fn step(&mut self, step: &Step);
+    /// A planned step that ended without being done (refused, failed, vanished, held back):
+    /// its share of the totals (one step, `bytes` of file content), so that progress ends at
+    /// its total.
+    fn missed(&mut self, bytes: u64) {
+        let _ = bytes;
+    }
 }
 
 impl<F: FnMut(&Step) + Send> Watch for F {
@@ -491,7 +497,8 @@ struct Run<'a, 'o> {
     /// is opened beneath it).
     origin: Origin,
     preserve: Preserve,
-    tasks: JoinSet<Outcome>,
+    /// Each step's outcome, and the bytes of content it was planned to carry.
+    tasks: JoinSet<(Outcome, u64)>,
     report: &'a mut Report,
     observe: Observe<'o>,
 }
@@ -526,7 +533,7 @@ impl Run<'_, '_> {
             if let Ok(step) = &mut done {
                 step.size = size;
             }
-            done
+            (done, size)
         });
         Ok(())
     }
@@ -549,28 +556,34 @@ impl Run<'_, '_> {
         let session = self.session.clone();
         self.tasks.spawn(async move {
             let _permit = permit;
-            let done = match kind {
-                StepKind::Deleted => session.deleted(answer).await,
-                _ => session.ack(answer).await.map(|()| Removal::Done(None)),
+            let outcome = async {
+                let done = match kind {
+                    StepKind::Deleted => session.deleted(answer).await,
+                    _ => session.ack(answer).await.map(|()| Removal::Done(None)),
+                };
+                match done {
+                    Ok(Removal::Done(removed)) => Ok(Step {
+                        kind,
+                        path,
+                        bytes: 0,
+                        size: 0,
+                        removed,
+                    }),
+                    Ok(Removal::Held(entries)) => Err(Failure::Held(path, entries)),
+                    Err(e) if e.is_fatal() => Err(Failure::Fatal(e)),
+                    Err(e) => Err(Failure::path(path, e)),
+                }
             };
-            match done {
-                Ok(Removal::Done(removed)) => Ok(Step {
-                    kind,
-                    path,
-                    bytes: 0,
-                    size: 0,
-                    removed,
-                }),
-                Ok(Removal::Held(entries)) => Err(Failure::Held(path, entries)),
-                Err(e) if e.is_fatal() => Err(Failure::Fatal(e)),
-                Err(e) => Err(Failure::path(path, e)),
-            }
+            (outcome.await, 0)
         });
         Ok(())
     }
 
-    fn record(&mut self, outcome: Outcome) -> Result<(), SessionError> {
+    fn record(&mut self, (outcome, planned): (Outcome, u64)) -> Result<(), SessionError> {
         let report = &mut *self.report;
+        if outcome.is_err() {
+            self.observe.missed(planned);
+        }
         match outcome {
             Ok(step) => {
                 match step.kind {

@@ -216,6 +216,14 @@ impl Watch for BatchWatch<'_> {
         }
     }
 
+    fn missed(&mut self, bytes: u64) {
+        if self.batch.full {
+            self.done.steps += 1;
+            self.done.bytes += bytes;
+            self.observer.progress(self.group, self.target, self.done);
+        }
+    }
+
     fn step(&mut self, step: &Step) {
         let (group, target) = (self.group, self.target);
         let latency = match &step.kind {
