@@ -244,14 +244,19 @@ async fn send_once(config: &ferry_sender::Config, checksum: bool) -> Result<u8> 
                 if checksum {
                     r.args.push("--checksum".into());
                 }
+                let mut counts = ferry_sender::rsync::Counts::default();
+                let (address, mut tally) = (&target.address, Default::default());
                 let verdict =
-                    ferry_sender::rsync::full(group, &r, &target.address, &mut Default::default())
-                        .await;
+                    ferry_sender::rsync::full(group, &r, address, &mut tally, &mut counts).await;
                 let ok = verdict == ferry_sender::rsync::Verdict::Done;
                 println!(
-                    "sync={} target={target_name} rsync={} elapsed_ms={}",
+                    "sync={} target={target_name} rsync={} files={} deleted={} bytes_sent={} \
+                     elapsed_ms={}",
                     group.name,
                     if ok { "ok" } else { "failed" },
+                    counts.files,
+                    counts.deleted,
+                    counts.bytes,
                     started.elapsed().as_millis()
                 );
                 if !ok {

@@ -158,6 +158,14 @@ fn initial_sync_then_the_guide_walkthrough_live() {
             panic!("{what}: not converged; sender log:\n{}", daemon.log());
         }
     }
+    // The status counts what rsync did (it said `0 B, 0 deleted` after all of the above):
+    // files sent, entries deleted, bytes.
+    site.wait_settled(30);
+    let (_, v) = site.status();
+    let t = &v["targets"][0];
+    assert!(t["files"].as_u64().unwrap() >= 3, "{v}");
+    assert!(t["deleted"].as_u64().unwrap() >= 5, "{v}");
+    assert!(t["bytes"].as_u64().unwrap() > 0, "{v}");
     assert!(daemon.stop().success(), "{}", daemon.log());
 }
 

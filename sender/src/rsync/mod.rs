@@ -31,7 +31,7 @@ use std::time::Instant;
 mod lists;
 mod output;
 use lists::{by_parent, lists_of, write_list};
-pub use output::{classify, parse_itemized, Verdict};
+pub use output::{classify, parse_itemized, Counts, Verdict};
 use output::{deleted_by_name, deletions, files_in_stats};
 
 /// The destination: `rsync://[user@]host:port/module/` for an rsyncd, or
@@ -84,8 +84,17 @@ async fn run(
     target: &RsyncTarget,
     address: &str,
     sub: &RelPath,
-    args: Vec<String>,
+    mut args: Vec<String>,
+    counts: Option<&mut Counts>,
 ) -> (Verdict, Vec<u8>) {
+    if counts.is_some() {
+        // What it did, for the report: its itemized lines and its figures.
+        for arg in ["--stats", "--out-format=%i %n"] {
+            if !args.iter().any(|a| a == arg) {
+                args.push(arg.into());
+            }
+        }
+    }
     let (mut from, mut to) = (
         format!("{}/", group.source.display()),
         url(address, target, &group.module),
@@ -125,6 +134,9 @@ async fn run(
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Killed by a signal: treat like a network failure and try again.
     let code = out.status.code().unwrap_or(20);
+    if let Some(counts) = counts {
+        counts.add(&out.stdout);
+    }
     (classify(code, &stderr), out.stdout)
 }
 
@@ -143,7 +155,7 @@ pub async fn verify(
     if checksum {
         args.push("--checksum".into());
     }
-    match run(group, target, address, &RelPath::root(), args).await {
+    match run(group, target, address, &RelPath::root(), args, None).await {
         (Verdict::Done, out) => Ok(parse_itemized(&out)),
         (v, _) => Err(v.to_string()),
     }
@@ -158,6 +170,7 @@ pub async fn full(
     target: &RsyncTarget,
     address: &str,
     tally: &mut DeleteTally,
+    counts: &mut Counts,
 ) -> Verdict {
     let mut args = vec!["--stats".to_string()];
     if group.delete {
@@ -169,7 +182,9 @@ pub async fn full(
             if source_is_empty(group) {
                 if let Some(why) = group.guard.objection(held, held, true) {
                     args.pop();
-                    let (verdict, _) = run(group, target, address, &RelPath::root(), args).await;
+                    let root = RelPath::root();
+                    let (verdict, _) =
+                        run(group, target, address, &root, args, Some(&mut *counts)).await;
                     return match verdict {
                         Verdict::Done => Verdict::Guarded(format!(
                             "sync {}: {why}; holding every deletion (`rsync --delete` was not \
@@ -190,7 +205,7 @@ pub async fn full(
             }
         }
     }
-    let (verdict, out) = run(group, target, address, &RelPath::root(), args).await;
+    let (verdict, out) = run(group, target, address, &RelPath::root(), args, Some(counts)).await;
     let deleted = deletions(&out);
     match verdict {
         Verdict::Guarded(why) => {
@@ -218,6 +233,7 @@ pub async fn batch(
     batch: &Batch,
     tally: &mut DeleteTally,
     holding: Option<&str>,
+    counts: &mut Counts,
 ) -> (Verdict, usize) {
     // rsync has no rename: each is its two names (the batch pipeline's rule).
     let filter = &group.filter;
@@ -248,7 +264,7 @@ pub async fn batch(
             .await
             .expect("read_dir task");
         if empty {
-            return (full(group, target, address, tally).await, n);
+            return (full(group, target, address, tally, counts).await, n);
         }
     }
     // Deletions (only when there are any) go first, one run per parent directory with bare
@@ -267,7 +283,7 @@ pub async fn batch(
                 args.push(format!("--max-delete={allowed}"));
                 args.push("--out-format=%i %n".to_string());
             }
-            let (v, out) = with_list(group, target, address, &parent, &names, args).await;
+            let (v, out) = with_list(group, target, address, &parent, &names, args, counts).await;
             if allowed.is_some() {
                 tally.record(
                     &deleted_by_name(&out, &parent, &names),
@@ -294,7 +310,7 @@ pub async fn batch(
     if !send.is_empty() {
         let root = RelPath::root();
         let ignore = vec!["--ignore-missing-args".to_string()];
-        let (v, _) = with_list(group, target, address, &root, &send, ignore).await;
+        let (v, _) = with_list(group, target, address, &root, &send, ignore, counts).await;
         if v != Verdict::Done {
             return (v, n);
         }
@@ -311,6 +327,7 @@ async fn with_list(
     sub: &RelPath,
     paths: &BTreeSet<Vec<u8>>,
     mut args: Vec<String>,
+    counts: &mut Counts,
 ) -> (Verdict, Vec<u8>) {
     let list = match write_list(paths) {
         Ok(f) => f,
@@ -321,7 +338,7 @@ async fn with_list(
     };
     args.push(format!("--files-from={}", list.path().display()));
     args.push("--from0".to_string());
-    run(group, target, address, sub, args).await
+    run(group, target, address, sub, args, Some(counts)).await
 }
 
 fn missing_binary(path: &std::path::Path) -> String {
@@ -414,12 +431,26 @@ impl Transport for RsyncLink {
             g
         });
         let g = confirmed.as_ref().unwrap_or(&self.group);
+        let mut counts = Counts::default();
         let (verdict, listed) = if b.full {
             let tally = &mut self.tally;
-            (full(g, &self.rsync, &self.address, tally).await, 0)
+            (
+                full(g, &self.rsync, &self.address, tally, &mut counts).await,
+                0,
+            )
         } else {
             let holding = self.holding.as_deref();
-            batch(g, &self.rsync, &self.address, b, &mut self.tally, holding).await
+            let tally = &mut self.tally;
+            batch(
+                g,
+                &self.rsync,
+                &self.address,
+                b,
+                tally,
+                holding,
+                &mut counts,
+            )
+            .await
         };
         let (group, target) = (self.group.name.as_str(), self.name.as_str());
         let held = match &verdict {
@@ -450,6 +481,9 @@ impl Transport for RsyncLink {
             Verdict::Done | Verdict::Guarded(_) => {
                 let report = Report {
                     rsync_paths: listed as u64,
+                    files: counts.files,
+                    deleted: counts.deleted,
+                    bytes_sent: counts.bytes,
                     elapsed: started.elapsed(),
                     held,
                     ..Report::default()
@@ -509,6 +543,24 @@ pub fn probe(target: &RsyncTarget) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_come_from_the_itemized_lines_and_the_stats() {
+        let out = b"*deleting   old/a\n*deleting   old/\n<f+++++++++ new/file\n\
+cd+++++++++ new/\n<f.st...... changed\n.d..t...... ./\n\n\
+Number of files: 1,234 (reg: 1,000, dir: 234)\nTotal bytes sent: 12,345\n\
+Total bytes received: 99\n";
+        let mut c = Counts::default();
+        c.add(out);
+        c.add(b"<f+++++++++ one-more\nTotal bytes sent: 5\n");
+        let want = Counts {
+            files: 3,
+            deleted: 2,
+            bytes: 12_350,
+        };
+        assert_eq!(c, want);
+        assert_eq!(files_in_stats(out), Some(1233));
+    }
     use crate::coalesce::Need;
     use crate::plan::Dirty;
 

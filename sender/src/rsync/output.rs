@@ -145,6 +145,42 @@ pub fn parse_itemized(out: &[u8]) -> Vec<(RelPath, Difference)> {
     out
 }
 
+/// What rsync runs did, from their itemized output (`%i %n`) and `--stats`: what a report
+/// and `ferry status` count for an rsync target.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Files sent (itemized `<f…`).
+    pub files: u64,
+    /// Entries deleted (`*deleting`).
+    pub deleted: u64,
+    /// Bytes rsync sent ("Total bytes sent").
+    pub bytes: u64,
+}
+
+impl Counts {
+    /// Adds what one run printed.
+    pub fn add(&mut self, out: &[u8]) {
+        self.files += out
+            .split(|b| *b == b'\n')
+            .filter(|l| l.starts_with(b"<f"))
+            .count() as u64;
+        self.deleted += deletions(out);
+        self.bytes += stat(out, "Total bytes sent: ").unwrap_or(0);
+    }
+}
+
+/// The number after `label` on a `--stats` line (`1,234` read as 1234).
+fn stat(out: &[u8], label: &str) -> Option<u64> {
+    let text = String::from_utf8_lossy(out);
+    let line = text.lines().find_map(|l| l.strip_prefix(label))?;
+    let digits: String = line
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == ',')
+        .filter(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
 /// How many `*deleting` lines rsync's itemized output (`%i %n`) has.
 pub(crate) fn deletions(out: &[u8]) -> u64 {
     out.split(|b| *b == b'\n')
@@ -155,16 +191,7 @@ pub(crate) fn deletions(out: &[u8]) -> u64 {
 /// The entries of the source as `--stats` counts them ("Number of files: 1,234 (reg: …"),
 /// less the root: what the module holds after a whole run.
 pub(crate) fn files_in_stats(out: &[u8]) -> Option<u64> {
-    let text = String::from_utf8_lossy(out);
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Number of files: "))?;
-    let digits: String = line
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == ',')
-        .filter(char::is_ascii_digit)
-        .collect();
-    digits.parse::<u64>().ok().map(|n| n.saturating_sub(1))
+    stat(out, "Number of files: ").map(|n| n.saturating_sub(1))
 }
 
 /// The entries rsync's itemized output `out` says it deleted, counted by the listed name
