@@ -456,6 +456,13 @@ fn check_config(file: &std::path::Path) -> Result<u8> {
             file.display(),
             counted(config.modules.len(), "module")
         );
+        for m in config.modules.values().filter(|m| m.clients.is_empty()) {
+            println!(
+                "warning: modules.{}.clients is empty: no sender can use this module (list each \
+                 sender's fingerprint, which `ferry keygen` prints)",
+                m.name
+            );
+        }
     } else if has("sync") || has("targets") || table.is_empty() {
         // An empty table may be a syntax error: the sender's parser reports it with its line.
         let config = ferry_sender::Config::load(file)?;

@@ -264,6 +264,29 @@ fn check_config_names_file_line_and_key_for_either_kind() {
     let ok = check(&config);
     assert!(ok.status.success(), "{}", stderr(&ok));
     assert!(stdout(&ok).contains("receiver configuration, 1 module: OK"));
+    assert!(!stdout(&ok).contains("warning"), "{}", stdout(&ok));
+    // A module nobody can use (an `import rsyncd` without --client): valid, and said.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let nobody = config.with_file_name("nobody.toml");
+    let emptied: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("clients") {
+                "clients = []"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&nobody, emptied).unwrap();
+    let o = check(&nobody);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("warning: modules.") && stdout(&o).contains("clients is empty"),
+        "{}",
+        stdout(&o)
+    );
 
     let (src, _, backup) = site.one_backup();
     site.write_config(&one_group(&backup, &src, ""));

@@ -137,7 +137,13 @@ pub fn rsyncd_conf(text: &str, file: &Path, opts: &ReceiverOptions) -> Result<St
             );
         }
         let clients: Vec<String> = opts.clients.iter().map(|c| quote(c)).collect();
-        let _ = writeln!(out, "clients = [{}]", clients.join(", "));
+        let none = if clients.is_empty() {
+            "   # none yet: nobody can use this module until a sender's fingerprint is here \
+             (`ferry keygen` prints it; or import with --client FINGERPRINT)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "clients = [{}]{none}", clients.join(", "));
         if let Some((deny, line)) = get("hosts deny") {
             let _ = writeln!(
                 out,
@@ -165,6 +171,13 @@ pub fn rsyncd_conf(text: &str, file: &Path, opts: &ReceiverOptions) -> Result<St
             "# devices = false, setuid = false: no device nodes, no setuid/setgid bits (the \
              safe defaults; say true to keep them)"
         );
+        if let Some((v, line)) = get("ignore errors") {
+            let _ = writeln!(
+                out,
+                "# line {line}: ignore errors = {v} is not carried over: ferry never skips a \
+                 failed deletion silently; each failed path is reported and retried"
+            );
+        }
         let dropped: Vec<&str> = ["use chroot", "list", "exclude", "timeout"]
             .into_iter()
             .filter(|k| m.values.contains_key(*k))
@@ -294,6 +307,15 @@ mod tests {
         );
         assert!(
             out.contains("# auth users = rsync (secrets file /etc/rsync.pass)"),
+            "{out}"
+        );
+        // Said, not dropped silently: `ignore errors`, and a module nobody can use yet.
+        assert!(
+            out.contains("# line 6: ignore errors = yes is not carried over"),
+            "{out}"
+        );
+        assert!(
+            out.contains("clients = []   # none yet: nobody can use this module"),
             "{out}"
         );
     }

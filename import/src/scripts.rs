@@ -45,8 +45,24 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
     let _ = writeln!(out, "cert = \"cert.pem\"   # ferry keygen /etc/ferry");
     let _ = writeln!(out, "key = \"key.pem\"");
     let _ = writeln!(out, "state_dir = \"/var/lib/ferry\"");
+    let carried = RsyncOptions::of(files);
     if let Some((Value::Scalar(host), file, line)) = var("DEST_HOST") {
         file_watch(&vars, host, file, *line, opts, &mut out)?;
+    } else if let (Some((Value::Scalar(host), file, line)), Some(_), Some(_)) =
+        (var("dest_host"), var("src_dir"), var("dest_dir"))
+    {
+        // The plain file_watch.sh: one directory, its settings as shell variables.
+        let mut one = BTreeMap::new();
+        for (from, to) in [
+            ("src_dir", "SRC_DIR_1"),
+            ("dest_dir", "DEST_DIR_1"),
+            ("user", "USER_1"),
+        ] {
+            if let Some(v) = vars.get(from) {
+                one.insert(to.to_string(), v.clone());
+            }
+        }
+        file_watch(&one, host, file, *line, opts, &mut out)?;
     } else if let Some((modules, file, line)) = var("rsync_module_name") {
         let Value::Map(modules) = modules else {
             return Err(error(
@@ -56,18 +72,109 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
             ));
         };
         inotify_sh(&vars, modules, opts, &mut out)?;
+    } else if let Some((_, file, line)) = var("des_ip") {
+        // sersync.sh names the hosts; inotify.sh the modules and directories.
+        return Err(error(
+            file,
+            *line,
+            "sersync.sh names the backup hosts, not what to copy: pass inotify.sh too \
+             (ferry import scripts inotify.sh sersync.sh)",
+        ));
     } else {
         let file = files.first().map_or(PathBuf::new(), |(f, _)| f.clone());
         return Err(error(
             &file,
             0,
-            "found neither DEST_HOST (file_watch.conf) nor rsync_module_name (inotify.sh)",
+            "found neither DEST_HOST (file_watch.conf), dest_host/src_dir/dest_dir \
+             (file_watch.sh) nor rsync_module_name (inotify.sh)",
         ));
     }
+    carried.write(&mut out);
     let file = files.first().map_or(PathBuf::new(), |(f, _)| f.clone());
     checked(out, &file, |text, f| {
         ferry_sender::Config::parse(text, f).map(drop)
     })
+}
+
+/// What the scripts' own `rsync` command lines asked for that a target can say: `-z` or
+/// `--compress`, `--timeout=N`, `--bwlimit=N`.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RsyncOptions {
+    compress: bool,
+    timeout: Option<u64>,
+    bwlimit: Option<String>,
+}
+
+impl RsyncOptions {
+    fn of(files: &[(PathBuf, String)]) -> RsyncOptions {
+        let mut o = RsyncOptions::default();
+        for (_, text) in files {
+            for line in text.lines().map(str::trim) {
+                if line.starts_with('#') || !line.split_whitespace().any(|w| w == "rsync") {
+                    continue;
+                }
+                for w in line.split_whitespace() {
+                    let w = w.trim_matches(['"', '\'']);
+                    if w == "--compress"
+                        || (w.starts_with('-') && !w.starts_with("--") && w.contains('z'))
+                    {
+                        o.compress = true;
+                    } else if let Some(t) = w.strip_prefix("--timeout=") {
+                        o.timeout = t.parse().ok().or(o.timeout);
+                    } else if let Some(b) = w.strip_prefix("--bwlimit=") {
+                        o.bwlimit = Some(b.to_string());
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    /// Adds the options to every `[targets.…]` table of `out` (the targets are the last
+    /// tables before the groups, so each gets its lines right after its header's block).
+    fn write(&self, out: &mut String) {
+        let mut lines = String::new();
+        if self.compress {
+            lines.push_str("compress = true   # rsync -z in the script\n");
+        }
+        if let Some(t) = self.timeout {
+            lines.push_str(&format!(
+                "timeout_s = {t}   # rsync --timeout={t} in the script\n"
+            ));
+        }
+        if let Some(b) = &self.bwlimit {
+            lines.push_str(&format!(
+                "rsync_args = [{}]   # from the script\n",
+                quote(&format!("--bwlimit={b}"))
+            ));
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let mut result = String::with_capacity(out.len());
+        let mut in_target = false;
+        for line in out.lines() {
+            if line.starts_with('[') && in_target {
+                // The target's block ended (a blank line came first: put ours before it).
+                if result.ends_with("\n\n") {
+                    result.pop();
+                    result.push_str(&lines);
+                    result.push('\n');
+                } else {
+                    result.push_str(&lines);
+                }
+            }
+            if line.starts_with('[') {
+                in_target = line.starts_with("[targets.");
+            }
+            result.push_str(line);
+            result.push('\n');
+        }
+        if in_target {
+            result.push_str(&lines);
+        }
+        *out = result;
+    }
 }
 
 fn file_watch(
@@ -415,6 +522,58 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("name = \"code\"\nsource = \"/code\""), "{out}");
+    }
+
+    /// The guide's plain file_watch.sh (one directory, shell variables, rsync over ssh):
+    /// it gave ":0: found neither …", and its `rsync -avzP --timeout=100` was not carried.
+    #[test]
+    fn the_plain_file_watch_sh_and_its_rsync_options() {
+        let script = r#"#!/bin/bash
+dest_host="192.168.56.12"
+src_dir="/var/lib/docker"
+dest_dir="/var/lib"
+user="root"
+inotifywait="/usr/bin/inotifywait"
+${inotifywait} -mrq --timefmt '%Y%m%d %H:%M:%S' \
+    --format '%T %w%f %e' \
+    --event modify,delete,create,attrib $src_dir |
+    while read -r files; do
+        rsync -avzP --delete --timeout=100 "${src_dir}" "${user}"@"${dest_host}":"${dest_dir}"
+        echo "${files} was rsynced" >>/tmp/rsync.log 2>&1
+    done
+"#;
+        let out = scripts(
+            &[(PathBuf::from("file_watch.sh"), script.into())],
+            &SenderOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            out.contains("source = \"/var/lib/docker\"\ntargets = [\"root_at_192_168_56_12\"]\nmodule = \"/var/lib/docker\""),
+            "{out}"
+        );
+        let target = out
+            .split("[targets.")
+            .nth(1)
+            .unwrap()
+            .split("[[sync]]")
+            .next()
+            .unwrap();
+        assert!(target.contains("compress = true"), "{out}");
+        assert!(target.contains("timeout_s = 100"), "{out}");
+        // sersync.sh alone says what is missing.
+        let e = scripts(
+            &[(
+                PathBuf::from("sersync.sh"),
+                "des_ip=(10.0.0.2)\nuser=rsync\n".into(),
+            )],
+            &SenderOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("sersync.sh:1: ") && e.contains("pass inotify.sh too"),
+            "{e}"
+        );
     }
 
     #[test]
