@@ -33,6 +33,32 @@ for path in \
     ./usr/share/fish/vendor_completions.d/ferry.fish; do
     grep -qxF "$path" <<<"$list" || { echo "check-deb: the package lacks $path" >&2; fail=1; }
 done
+# The maintainer scripts: nothing enabled or started at install, systemd reloaded, a running
+# daemon restarted after an upgrade (try-restart: only if it runs), stopped on removal, the
+# kernel limits applied; the example configurations are conffiles; a changelog.
+dpkg-deb -e "$work/ferry.deb" "$work/control"
+script() { cat "$work/control/$1" 2>/dev/null || true; }
+need() { # FILE TEXT WHY
+    grep -qF -- "$2" <<<"$(script "$1")" || { echo "check-deb: $1 lacks \`$2\` ($3)" >&2; fail=1; }
+}
+need postinst 'sysctl --quiet --system' 'kernel limits at install'
+need postinst 'systemctl --system daemon-reload' 'systemd sees new units'
+for unit in ferry-receiver.service ferry-sender.service; do
+    need postinst "deb-systemd-invoke try-restart $unit" "a running $unit restarted after an upgrade"
+    need prerm "deb-systemd-invoke stop $unit" "$unit stopped on removal"
+done
+# Enabling happens only where the operator had enabled it before (`was-enabled`).
+enables=$(script postinst | grep -c 'deb-systemd-helper enable' || true)
+kept=$(script postinst | grep -c 'deb-systemd-helper --quiet was-enabled' || true)
+if script postinst | grep -qE 'deb-systemd-invoke (start|\$_dh_action)' || ((enables != kept)); then
+    echo "check-deb: postinst starts or enables a unit at install" >&2
+    fail=1
+fi
+for conf in /etc/ferry/receiver.toml /etc/ferry/sender.toml; do
+    need conffiles "$conf" 'dpkg keeps the operator edits'
+done
+grep -qxF ./usr/share/doc/ferry/changelog.Debian.gz <<<"$list" ||
+    { echo "check-deb: the package lacks its changelog" >&2; fail=1; }
 # What is inside works and is what deploy/ holds.
 dpkg-deb -x "$work/ferry.deb" "$work/root"
 "$work/root/usr/bin/ferry" --version >/dev/null
