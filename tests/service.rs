@@ -343,8 +343,8 @@ fn check_config_names_file_line_and_key_for_either_kind() {
 fn the_units_verify_and_score_what_the_readme_says() {
     let bin = env!("CARGO_BIN_EXE_ferry");
     let tmp = tempfile::tempdir().unwrap();
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let words: Vec<&str> = readme.split_whitespace().collect();
     let documented = |who: &str| -> String {
         let at = words
