@@ -34,6 +34,8 @@ pub struct Progress {
 struct Plain {
     finished: bool,
     total: Count,
+    /// The last `done` seen.
+    done: Count,
     started: Instant,
     last_line: Instant,
 }
@@ -62,6 +64,7 @@ impl Progress {
             state: Mutex::new(Plain {
                 finished: false,
                 total: Count::default(),
+                done: Count::default(),
                 started: now,
                 last_line: now,
             }),
@@ -102,6 +105,7 @@ impl Progress {
             return;
         }
         let total = st.total;
+        st.done = done;
         match &self.bar {
             Some(bar) => {
                 // Before the totals are known the spinner shows bytes.
@@ -126,16 +130,20 @@ impl Progress {
         }
     }
 
-    /// Stops the bar where it is, its last state drawn (its total, once every planned step
-    /// was counted done or missed).
+    /// Takes the bar off the screen and leaves its final state as a line of its own (its
+    /// total, once every planned step was counted done or missed).
     pub fn finish(&self) {
         let mut st = self.state.lock().expect("progress lock");
         if std::mem::replace(&mut st.finished, true) {
             return;
         }
         if let Some(bar) = &self.bar {
-            bar.abandon();
+            bar.finish_and_clear();
             SHOWN.lock().expect("progress lock").take();
+            if st.total != Count::default() {
+                let line = plain(st.done, st.total, st.started.elapsed());
+                eprintln!("ferry: {}: {line}", self.what);
+            }
         }
     }
 }

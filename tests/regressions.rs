@@ -993,8 +993,12 @@ fn messages_that_said_the_wrong_thing() {
     let (a, b) = (site.dir("a"), site.dir("b"));
     fs::write(a.join("f"), b"x").unwrap();
     fs::write(b.join("f"), b"x").unwrap();
+    let then = filetime::FileTime::from_unix_time(1_700_000_000, 0);
+    for p in [a.join("f"), b.join("f"), a.clone(), b.clone()] {
+        filetime::set_file_mtime(&p, then).unwrap();
+    }
     let o = run(ferry().arg("verify").arg(&a).arg(&b));
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(!stderr(&o).contains("INFO"), "{}", stderr(&o));
     // An idle sender stopped by SIGTERM says it stopped.
     fs::write(src.join("f"), b"x").unwrap();
