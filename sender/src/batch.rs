@@ -278,7 +278,7 @@ fn guard_answers(
         let detail = format!("the receiver held {} deletions", held.len());
         let why = group.guard.held_message(&group.name, deleted, &detail);
         if learned.holding.is_none() {
-            tracing::error!(sync = %group.name, target = %session.address(), "{why}");
+            tracing::error!(sync = %group.name, target = %session.target(), "{why}");
         }
         learned.holding = Some(why.clone());
         report.absorb(Report {
@@ -300,7 +300,7 @@ fn guard_answers(
             learned.tally.recent(now),
             group.module
         );
-        tracing::warn!(target = %session.address(), "{said}");
+        tracing::warn!(target = %session.target(), "{said}");
         report.mass_change = Some(said);
         learned.mass_said = true;
     }
@@ -322,13 +322,13 @@ pub(crate) async fn compare_whole(
     match &r.held {
         Some(held) => {
             if learned.holding.is_none() {
-                tracing::error!(sync = %group.name, target = %session.address(), "{}", held.why);
+                tracing::error!(sync = %group.name, target = %session.target(), "{}", held.why);
             }
             learned.holding = Some(held.why.clone());
         }
         None => {
             if learned.holding.take().is_some() {
-                tracing::info!(sync = %group.name, target = %session.address(), "deletions no longer held");
+                tracing::info!(sync = %group.name, target = %session.target(), "deletions no longer held");
             }
             if let Some(n) = r.module_entries {
                 learned.tally.compared(n);

@@ -120,7 +120,7 @@ pub async fn reconcile_under(
     if under.is_root() {
         tracing::info!(
             sync = %group.name,
-            target = %session.address(),
+            target = %session.target(),
             deletes = plan.deletes.len(),
             updates = plan.creates.len(),
             "reconcile planned"
@@ -212,7 +212,7 @@ pub async fn plan_under(
                      on the backup host lists it)",
                     group.name, group.module
                 );
-                tracing::warn!(target = %session.address(), "{said}");
+                tracing::warn!(target = %session.target(), "{said}");
                 report.mass_change = Some(said);
             } else {
                 let paths = planned.deletes.len() as u64;
@@ -275,7 +275,7 @@ fn warn_unkept(session: &Session, group: &SyncGroup, local: &[Entry]) {
     if let Some(first) = holding.next() {
         tracing::warn!(
             sync = %group.name,
-            target = %session.address(),
+            target = %session.target(),
             entries = 1 + holding.count(),
             example = %first.path,
             "the module does not keep {} attributes (receiver not root, setuid = false for \

@@ -110,6 +110,8 @@ pub struct Answer {
 /// holder may [`Session::close`] it, and the connection goes when the last holder does.
 pub struct Session {
     address: String,
+    /// What logs call it: the configured target's name, else its address.
+    target: String,
     out: mpsc::Sender<Message>,
     pending: Pending,
     next_id: AtomicU64,
@@ -259,6 +261,7 @@ impl Session {
 
         Session {
             address: address.to_string(),
+            target: address.to_string(),
             out,
             pending,
             next_id: AtomicU64::new(1),
@@ -282,6 +285,18 @@ impl Session {
     /// The receiver address.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The name logs give it: the configured target's (see [`Session::named`]), else its
+    /// address — so a target is named the same way in every line.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The session of the configured target `name`.
+    pub fn named(mut self, name: &str) -> Session {
+        self.target = name.to_string();
+        self
     }
 
     /// Frame bytes written to the receiver so far.
@@ -608,6 +623,7 @@ impl Target {
             compress,
         )
         .await
+        .map(|s| s.named(&self.name))
     }
 }
 

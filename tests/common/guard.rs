@@ -74,6 +74,11 @@ pub fn live_rm_rf_of_90_percent_is_held(site: &Site, src: &Path, dst: &Path, bod
         1,
         "said once: {log}"
     );
+    // The target is named by its name in every line, never by its address in some.
+    assert!(
+        !log.contains("target=127.") && !log.contains("target=\"127."),
+        "{log}"
+    );
     let (code, _) = site.status();
     assert_eq!(code, 1, "held deletions are not in step");
     // The operator releases them, live.
