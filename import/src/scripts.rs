@@ -45,9 +45,9 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
     let _ = writeln!(out, "cert = \"cert.pem\"   # ferry keygen /etc/ferry");
     let _ = writeln!(out, "key = \"key.pem\"");
     let _ = writeln!(out, "state_dir = \"/var/lib/ferry\"");
-    let carried = RsyncOptions::of(files);
+    let carried = RsyncOptions::of(files).lines();
     if let Some((Value::Scalar(host), file, line)) = var("DEST_HOST") {
-        file_watch(&vars, host, file, *line, opts, &mut out)?;
+        file_watch(&vars, host, file, *line, opts, &carried, &mut out)?;
     } else if let (Some((Value::Scalar(host), file, line)), Some(_), Some(_)) =
         (var("dest_host"), var("src_dir"), var("dest_dir"))
     {
@@ -62,7 +62,7 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
                 one.insert(to.to_string(), v.clone());
             }
         }
-        file_watch(&one, host, file, *line, opts, &mut out)?;
+        file_watch(&one, host, file, *line, opts, &carried, &mut out)?;
     } else if let Some((modules, file, line)) = var("rsync_module_name") {
         let Value::Map(modules) = modules else {
             return Err(error(
@@ -71,7 +71,7 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
                 "rsync_module_name: expected an associative array ([module]='/dir' …)",
             ));
         };
-        inotify_sh(&vars, modules, opts, &mut out)?;
+        inotify_sh(&vars, modules, opts, &carried, &mut out)?;
     } else if let Some((_, file, line)) = var("des_ip") {
         // sersync.sh names the hosts; inotify.sh the modules and directories.
         return Err(error(
@@ -89,7 +89,6 @@ pub fn scripts(files: &[(PathBuf, String)], opts: &SenderOptions) -> Result<Stri
              (file_watch.sh) nor rsync_module_name (inotify.sh)",
         ));
     }
-    carried.write(&mut out);
     let file = files.first().map_or(PathBuf::new(), |(f, _)| f.clone());
     checked(out, &file, |text, f| {
         ferry_sender::Config::parse(text, f).map(drop)
@@ -130,9 +129,8 @@ impl RsyncOptions {
         o
     }
 
-    /// Adds the options to every `[targets.…]` table of `out` (the targets are the last
-    /// tables before the groups, so each gets its lines right after its header's block).
-    fn write(&self, out: &mut String) {
+    /// The options as lines of a `[targets.…]` table (empty if there are none).
+    fn lines(&self) -> String {
         let mut lines = String::new();
         if self.compress {
             lines.push_str("compress = true   # rsync -z in the script\n");
@@ -148,32 +146,7 @@ impl RsyncOptions {
                 quote(&format!("--bwlimit={b}"))
             ));
         }
-        if lines.is_empty() {
-            return;
-        }
-        let mut result = String::with_capacity(out.len());
-        let mut in_target = false;
-        for line in out.lines() {
-            if line.starts_with('[') && in_target {
-                // The target's block ended (a blank line came first: put ours before it).
-                if result.ends_with("\n\n") {
-                    result.pop();
-                    result.push_str(&lines);
-                    result.push('\n');
-                } else {
-                    result.push_str(&lines);
-                }
-            }
-            if line.starts_with('[') {
-                in_target = line.starts_with("[targets.");
-            }
-            result.push_str(line);
-            result.push('\n');
-        }
-        if in_target {
-            result.push_str(&lines);
-        }
-        *out = result;
+        lines
     }
 }
 
@@ -183,6 +156,7 @@ fn file_watch(
     file: &Path,
     line: usize,
     opts: &SenderOptions,
+    carried: &str,
     out: &mut String,
 ) -> Result<(), ImportError> {
     if host.is_empty() {
@@ -238,6 +212,7 @@ fn file_watch(
             quote(host),
             quote(user)
         );
+        out.push_str(carried);
     }
     for (n, src, dest, user) in &groups {
         let base = Path::new(src.trim_end_matches('/'))
@@ -263,6 +238,7 @@ fn inotify_sh(
     vars: &BTreeMap<String, (Value, PathBuf, usize)>,
     modules: &[(String, String)],
     opts: &SenderOptions,
+    carried: &str,
     out: &mut String,
 ) -> Result<(), ImportError> {
     let ips = match vars.get("des_ip") {
@@ -301,6 +277,7 @@ fn inotify_sh(
         if let Some(p) = &password {
             let _ = writeln!(out, "password_file = {}   # must be mode 0600", quote(p));
         }
+        out.push_str(carried);
     }
     let excludes = match vars.get("exclude_file_rule") {
         Some((Value::Map(m), _, _)) => m.clone(),

@@ -144,6 +144,23 @@ where
     served.map(|_| ())
 }
 
+/// Says `Alive` on `out` every [`HEARTBEAT`], on its own timer, until the channel closes. It
+/// holds the channel weakly: the end of whoever holds it (a session, or its future dropped)
+/// ends the heartbeat.
+pub(crate) fn heartbeat(out: mpsc::WeakSender<Message>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(tx) = out.upgrade() else { break };
+            if tx.send(Message::Alive).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
 /// Answers the requests read from `reader` with the request loop `make` builds around its
 /// reply channel, replies and heartbeats to `writer`, until `Bye`, the end of the stream or
 /// `shutdown`. With `idle`, a peer heard from for that long is given up (a restore client:
@@ -167,21 +184,7 @@ where
     let (req_tx, req_rx) = mpsc::channel::<Request>(1024);
     let (rep_tx, rep_rx) = mpsc::channel::<Message>(1024);
     // Said on its own timer, so a sender can tell a slow request from a silent link.
-    // It holds the reply channel weakly: the session's end (or its future dropped) closes it.
-    let heartbeat = {
-        let rep_tx = rep_tx.downgrade();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(tx) = rep_tx.upgrade() else { break };
-                if tx.send(Message::Alive).await.is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let heartbeat = heartbeat(rep_tx.downgrade());
     let budget = Arc::new(Semaphore::new(SESSION_BUFFER >> 10));
     let worker = make(rep_tx);
     let ended = worker.ended();

@@ -134,19 +134,7 @@ where
         &peer.to_string(),
         asked.keeps,
     ));
-    let heartbeat = {
-        let out = session.sender();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if out.send(Message::Alive).await.is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let heartbeat = crate::session::heartbeat(session.sender().downgrade());
     let sent = tokio::select! {
         r = send(&session, &tree, &asked) => r,
         _ = shutdown.cancelled() => Err("the receiver is stopping".to_string()),
