@@ -28,6 +28,8 @@ for path in \
     ./usr/share/man/man1/ferry-send.1.gz \
     ./usr/share/man/man1/ferry-receive.1.gz \
     ./usr/share/man/man1/ferry-status.1.gz \
+    ./usr/share/man/man5/ferry-sender.toml.5.gz \
+    ./usr/share/man/man5/ferry-receiver.toml.5.gz \
     ./usr/share/bash-completion/completions/ferry \
     ./usr/share/zsh/vendor-completions/_ferry \
     ./usr/share/fish/vendor_completions.d/ferry.fish; do
@@ -68,5 +70,14 @@ for unit in ferry-receiver.service ferry-sender.service; do
 done
 grep -qF 'json' <(zcat "$work/root/usr/share/man/man1/ferry-status.1.gz") ||
     { echo "check-deb: ferry-status(1) does not document --json" >&2; fail=1; }
+# The configuration reference: every key (its test holds the page to the parser).
+for key in delete_guard_min rsync_args watcher; do
+    grep -qF "\\fB$key\\fR = " <(zcat "$work/root/usr/share/man/man5/ferry-sender.toml.5.gz") ||
+        { echo "check-deb: ferry-sender.toml(5) lacks $key" >&2; fail=1; }
+done
+for key in restore_clients history_floor listen; do
+    grep -qF "\\fB$key\\fR = " <(zcat "$work/root/usr/share/man/man5/ferry-receiver.toml.5.gz") ||
+        { echo "check-deb: ferry-receiver.toml(5) lacks $key" >&2; fail=1; }
+done
 ((fail == 0)) && echo "check-deb: $(grep -c . <<<"$list") entries, all expected files present"
 exit "$fail"

@@ -3,6 +3,7 @@
 
 mod history;
 mod import;
+mod manual;
 mod metrics;
 mod mirror;
 mod progress;
@@ -128,8 +129,9 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Write the manual pages (DIR/man1/ferry*.1) and shell completions (DIR/completions/) made
-    /// from these definitions; packaging runs it.
+    /// Write the manual pages (DIR/man1/ferry*.1 from these definitions, DIR/man5/ferry-*.toml.5
+    /// from the configuration references) and shell completions (DIR/completions/); packaging
+    /// runs it.
     #[command(hide = true)]
     Manual {
         /// Where to write.
@@ -377,39 +379,6 @@ pub(crate) fn signals(reload: Option<tokio::sync::mpsc::Sender<()>>) -> Cancella
     token
 }
 
-/// `ferry manual DIR`: man pages for ferry and each visible subcommand, and completions for
-/// bash, zsh and fish.
-fn manual(dir: &std::path::Path) -> Result<u8> {
-    use clap::CommandFactory;
-    use clap_complete::Shell;
-    let write = |path: PathBuf, bytes: &[u8]| -> Result<()> {
-        std::fs::create_dir_all(path.parent().expect("a file in a directory"))?;
-        std::fs::write(&path, bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), ferry_protocol::io_reason(&e)))
-    };
-    let cli = Cli::command();
-    let mut pages = vec![(String::from("ferry"), cli.clone())];
-    for sub in cli.get_subcommands().filter(|c| !c.is_hide_set()) {
-        let name = format!("ferry-{}", sub.get_name());
-        pages.push((name.clone(), sub.clone().name(name)));
-    }
-    for (name, cmd) in pages {
-        let mut page = Vec::new();
-        clap_mangen::Man::new(cmd).render(&mut page)?;
-        write(dir.join(format!("man1/{name}.1")), &page)?;
-    }
-    for (shell, file) in [
-        (Shell::Bash, "ferry.bash"),
-        (Shell::Zsh, "_ferry"),
-        (Shell::Fish, "ferry.fish"),
-    ] {
-        let mut out = Vec::new();
-        clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut out);
-        write(dir.join("completions").join(file), &out)?;
-    }
-    Ok(0)
-}
-
 /// A configuration file's top-level table: empty if it does not parse (its loader then says
 /// where and why).
 pub(crate) fn config_table(file: &std::path::Path) -> Result<toml::Table> {
@@ -625,7 +594,7 @@ async fn run(command: Command) -> Result<u8> {
             args,
         } => history::history(&config, &args, group.as_deref(), target.as_deref(), json).await,
         Command::CheckConfig { file } => check_config(&file),
-        Command::Manual { dir } => manual(&dir),
+        Command::Manual { dir } => manual::write(&dir, <Cli as clap::CommandFactory>::command()),
         Command::Import(what) => import::import(what),
         Command::Verify {
             config: Some(config),

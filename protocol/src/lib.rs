@@ -21,6 +21,7 @@
 //! service watchdog).
 #![warn(missing_docs)]
 
+pub mod config_reference;
 pub mod config_text;
 pub mod connection;
 pub mod identity;

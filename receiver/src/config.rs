@@ -359,4 +359,18 @@ max_connections = 200
             assert!(e.contains(needle), "{e} should mention {needle}");
         }
     }
+
+    /// `ferry-receiver.toml(5)` describes every key the parser accepts and no other; its
+    /// examples parse, its defaults are what leaving a key out gives, its required keys are.
+    #[test]
+    fn the_configuration_reference_lists_every_key() {
+        use ferry_protocol::config_reference::At;
+        let tracer = serde_reflection::Tracer::new(Default::default());
+        let tables = [(At::Root, "RawConfig"), (At::Map("modules"), "RawModule")];
+        let parse = |text: &str| {
+            let config = Config::parse(text, Path::new("/etc/ferry/receiver.toml"));
+            config.map(|c| format!("{c:?}")).map_err(|e| e.to_string())
+        };
+        crate::config_reference::reference().assert_holds::<RawConfig>(tracer, &tables, &parse);
+    }
 }

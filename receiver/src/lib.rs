@@ -38,6 +38,7 @@ pub mod admission;
 pub mod apply;
 pub mod commit;
 pub mod config;
+pub mod config_reference;
 pub mod confine;
 pub mod history;
 pub mod hosts;

@@ -787,4 +787,25 @@ exclude = ["tmp/", "*.log"]
         };
         assert!(ok.objection(10_000, 10_000, true).is_none());
     }
+
+    /// `ferry-sender.toml(5)` describes every key the parser accepts and no other; its
+    /// examples parse, its defaults are what leaving a key out gives, its required keys are.
+    #[test]
+    fn the_configuration_reference_lists_every_key() {
+        use ferry_protocol::config_reference::At;
+        let mut tracer = serde_reflection::Tracer::new(Default::default());
+        tracer.trace_simple_type::<RawKind>().unwrap();
+        tracer.trace_simple_type::<RawTransport>().unwrap();
+        tracer.trace_simple_type::<WatcherChoice>().unwrap();
+        let tables = [
+            (At::Root, "RawConfig"),
+            (At::Map("targets"), "RawTarget"),
+            (At::List("sync"), "RawSync"),
+        ];
+        let parse = |text: &str| {
+            let config = Config::parse(text, Path::new("/etc/ferry/sender.toml"));
+            config.map(|c| format!("{c:?}")).map_err(|e| e.to_string())
+        };
+        crate::config_reference::reference().assert_holds::<RawConfig>(tracer, &tables, &parse);
+    }
 }

@@ -52,6 +52,7 @@
 pub mod batch;
 pub mod coalesce;
 pub mod config;
+pub mod config_reference;
 pub mod daemon;
 pub mod execute;
 pub mod fanotify;
