@@ -1040,3 +1040,63 @@ fn messages_that_said_the_wrong_thing() {
     assert!(mirror(&["--confirm-deletes"]).status.success());
     assert_eq!(fs::read_dir(&m_dst).unwrap().count(), 0);
 }
+
+/// The counters disagreed: temporary files written and renamed (or removed) before they were
+/// ever sent made the receiver count each declined rename as a failure (and log a warning)
+/// while the sender, which expects the answer and sends the file instead, said 0 failures;
+/// the sender counted each removed temporary name as deleted when the receiver deleted
+/// nothing. Declined requests are counted apart, and a name the receiver did not have is not
+/// "deleted".
+#[test]
+fn counters_disagreed_over_vanished_temp_files() {
+    let site = Site::new();
+    let (src, dst, backup) = site.one_backup();
+    let _daemon = site.run(&one_group(&backup, &src, ""), 1);
+    site.wait_settled(30);
+    // The editor's pattern, as fast as a loop writes: until at least one rename reached the
+    // receiver before its temporary file did (the case that was counted as a failure).
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        for i in 0..30 {
+            let tmp = src.join(format!(".f{i}.tmp"));
+            fs::write(&tmp, format!("{rounds} {i}")).unwrap();
+            if i % 2 == 0 {
+                fs::rename(&tmp, src.join(format!("f{i}"))).unwrap();
+            } else {
+                fs::remove_file(&tmp).unwrap();
+            }
+        }
+        site.wait_settled(60);
+        if summary_value(&site.stats(), "declined") > 0 {
+            break;
+        }
+        assert!(
+            rounds < 50,
+            "no rename ever came before its file: {}",
+            site.stats()
+        );
+    }
+    let stats = site.stats();
+    let (_, v) = site.status();
+    let t = &v["targets"][0];
+    assert_eq!(
+        summary_value(&stats, "failures"),
+        0,
+        "{stats}\n{}",
+        backup_log(&backup)
+    );
+    assert_eq!(t["failures"], 0, "{v}");
+    assert_eq!(
+        t["deleted"],
+        summary_value(&stats, "deletes"),
+        "{v}\n{stats}"
+    );
+    assert!(
+        !backup_log(&backup).contains("request failed"),
+        "{}",
+        backup_log(&backup)
+    );
+    let out = run(ferry().arg("verify").arg(&src).arg(&dst));
+    assert!(out.status.success(), "{}", stdout(&out));
+}

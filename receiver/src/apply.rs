@@ -460,16 +460,15 @@ impl Apply {
     /// at `rel`. `target` must be current: a regular file of `meta`'s size and mtime (else the
     /// sender sends its content first); a name that already is that file is left alone.
     pub fn link(&mut self, rel: &RelPath, target: &RelPath, meta: &Meta) -> io::Result<()> {
-        let (to_at, from_at) = (self.entry(rel)?, self.entry(target)?);
+        let not_current = || declined(format!("link target {target} is not current"));
+        let from_at = self.entry(target).map_err(|e| missing(e, not_current))?;
+        let to_at = self.entry(rel)?;
         let (to, from) = (to_at.path(), from_at.path());
-        let have = fs::symlink_metadata(&from)?;
+        let have = fs::symlink_metadata(&from).map_err(|e| missing(e, not_current))?;
         let current =
             local::meta_of(&have).is_some_and(|m| m.kind == Kind::File && m.quick_equal(meta));
         if !current {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("link target {target} is not current"),
-            ));
+            return Err(not_current());
         }
         if let Ok(md) = fs::symlink_metadata(&to) {
             if md.dev() == have.dev() && md.ino() == have.ino() {
@@ -504,9 +503,11 @@ impl Apply {
                 "cannot rename {from} into itself"
             )));
         }
-        let (src_at, dst_at) = (self.entry(from)?, self.entry(to)?);
+        let not_here = || declined(format!("{from} is not here to rename"));
+        let src_at = self.entry(from).map_err(|e| missing(e, not_here))?;
+        let dst_at = self.entry(to)?;
         let (src, dst) = (src_at.path(), dst_at.path());
-        let src_md = fs::symlink_metadata(&src)?;
+        let src_md = fs::symlink_metadata(&src).map_err(|e| missing(e, not_here))?;
         let mut kept = 0;
         if self.state.history.is_some() {
             // What the rename replaces is kept (a file linked, so the name is never missing; a
@@ -546,6 +547,37 @@ impl Apply {
         self.stats.renames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// A request the receiver declines as the protocol expects (a rename or hard link whose source
+/// it does not have): the sender sends the content instead.
+#[derive(Debug)]
+struct Declined(String);
+
+impl std::fmt::Display for Declined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Declined {}
+
+fn declined(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, Declined(what))
+}
+
+/// `e`, or `declined()` when it says the entry is missing.
+fn missing(e: io::Error, declined: impl Fn() -> io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::NotFound {
+        declined()
+    } else {
+        e
+    }
+}
+
+/// Whether `e` is a [`declined`] request, not a failure.
+pub fn is_declined(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Declined>())
 }
 
 /// A file being received, before it is put in place.

@@ -169,10 +169,20 @@ impl Requests {
         self.reply(Message::Failed { id, error });
     }
 
-    /// A change is acknowledged at the next group commit; a failure is answered at once.
+    /// A change is acknowledged at the next group commit; a failure is answered at once, and
+    /// so is a declined rename or link (answered `Failed`, which the sender expects, but
+    /// counted apart: a temporary file renamed before it was ever sent is no failure).
     fn finish(&mut self, id: RequestId, path: &RelPath, result: io::Result<()>) {
         match result {
             Ok(()) => self.pending_acks.push((id, None)),
+            Err(e) if crate::apply::is_declined(&e) => {
+                tracing::debug!(module = self.fs.module(), "declined: {e}");
+                self.fs.stats.declined.fetch_add(1, Ordering::Relaxed);
+                self.reply(Message::Failed {
+                    id,
+                    error: format!("{path}: {e}"),
+                });
+            }
             Err(e) => self.fail(id, format!("{path}: {e}")),
         }
     }

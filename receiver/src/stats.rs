@@ -27,6 +27,9 @@ pub struct Stats {
     pub renames: AtomicU64,
     /// Failed requests.
     pub failures: AtomicU64,
+    /// Renames and hard links declined because their source is not here (or not current):
+    /// the sender expects that and sends the content instead, so they are no failures.
+    pub declined: AtomicU64,
     /// Writes refused because a module's history could not keep its floor in the space left.
     pub refused_for_history: AtomicU64,
 }
@@ -47,6 +50,7 @@ impl Stats {
             c("deletes_held", &self.deletes_held),
             c("renames", &self.renames),
             c("failures", &self.failures),
+            c("declined", &self.declined),
             c("refused_for_history", &self.refused_for_history),
         ]
     }

@@ -40,7 +40,7 @@ pub struct Report {
     pub created: u64,
     /// Metadata-only updates (including directory times).
     pub meta: u64,
-    /// Paths deleted.
+    /// Paths deleted (a name the receiver did not have is not counted).
     pub deleted: u64,
     /// Deletes the receiver counted (under the plan's allowance): each path and the entries
     /// it took with it.
@@ -590,7 +590,9 @@ impl Run<'_, '_> {
                     StepKind::Created => report.created += 1,
                     StepKind::Meta => report.meta += 1,
                     StepKind::Deleted => {
-                        report.deleted += 1;
+                        // A name the receiver did not have (a temporary file deleted before
+                        // it was ever sent) was not deleted there.
+                        report.deleted += u64::from(step.removed != Some(0));
                         if let Some(n) = step.removed {
                             report.removed.push((step.path.clone(), n));
                         }
