@@ -391,11 +391,43 @@ fn errors_repeated_their_text_or_leaked_debug_output() {
 /// started it over. Now a cut-off transfer resumes from what the receiver holds.
 #[test]
 fn interrupted_transfers_started_over() {
+    let data = pseudo_random(8 << 20, 42);
+    let connections = arrives_over_a_link_cut_every_mib(|big| fs::write(big, &data).unwrap());
+    assert!(
+        connections >= 8,
+        "the link was cut only {connections} times"
+    );
+    eprintln!("8 MiB arrived over {connections} connections of at most 1 MiB each");
+}
+
+/// A sparse file resumes too: the prefix the receiver holds is read again as it was sent,
+/// holes as holes, so its digest matches and the transfer goes on from there.
+#[test]
+fn a_sparse_file_resumes_with_its_holes() {
+    use std::os::unix::fs::FileExt;
+    let connections = arrives_over_a_link_cut_every_mib(|big| {
+        let f = fs::File::create(big).unwrap();
+        // 1 MiB of data, a 3 MiB hole, 2 MiB of data, a 2 MiB hole at the end.
+        f.write_all_at(&pseudo_random(1 << 20, 5), 0).unwrap();
+        f.write_all_at(&pseudo_random(2 << 20, 6), 4 << 20).unwrap();
+        f.set_len(8 << 20).unwrap();
+    });
+    assert!(
+        connections >= 3,
+        "the link was cut only {connections} times"
+    );
+}
+
+/// Writes `src/big` with `write` and sends it through a link cut after every 1 MiB; returns
+/// once the backup's copy is the same (and sparse where the source is), having resumed at
+/// least once, with how many connections it took.
+fn arrives_over_a_link_cut_every_mib(write: impl Fn(&std::path::Path)) -> usize {
+    use std::os::unix::fs::MetadataExt;
     let site = Site::new();
     let (src, dst, backup) = site.one_backup();
     let proxy = common::proxy::Proxy::start(&format!("127.0.0.1:{}", backup.port), Some(1 << 20));
-    let data = pseudo_random(8 << 20, 42);
-    fs::write(src.join("big"), &data).unwrap();
+    write(&src.join("big"));
+    let data = fs::read(src.join("big")).unwrap();
     let target = format!(
         "[targets.backup]\naddress = {:?}\nfingerprint = {:?}\n",
         proxy.addr, backup.fingerprint
@@ -416,13 +448,22 @@ fn interrupted_transfers_started_over() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let connections = proxy.connections.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
-        connections >= 8,
-        "the link was cut only {connections} times"
+        backup_log(&backup).contains("resuming a cut-off transfer"),
+        "{}",
+        backup_log(&backup)
     );
-    assert!(backup_log(&backup).contains("resuming a cut-off transfer"));
-    eprintln!("8 MiB arrived over {connections} connections of at most 1 MiB each");
+    let (here, there) = (
+        fs::metadata(src.join("big")).unwrap(),
+        fs::metadata(dst.join("big")).unwrap(),
+    );
+    assert!(
+        there.blocks() <= here.blocks() + 8,
+        "{} blocks for {}",
+        there.blocks(),
+        here.blocks()
+    );
+    proxy.connections.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Ctrl-C during `mirror`'s initial sync exited 0, as if the copy were complete, and a second

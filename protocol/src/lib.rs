@@ -4,7 +4,7 @@
 //!
 //! Pure modules, from the `ferry-wire` crate (no sockets, no async runtime, no TLS) and
 //! re-exported here under the same names: [`path`], [`meta`], [`message`], [`frame`],
-//! [`delta`], [`merkle`], [`fingerprint`], and the attribute types of [`xattr`].
+//! [`body`], [`delta`], [`merkle`], [`fingerprint`], and the attribute types of [`xattr`].
 //! - [`tls`]: rustls configurations for TLS 1.3 with mutual, pinned authentication.
 //!
 //! The I/O edge, kept small and named for what it touches:
@@ -30,7 +30,7 @@ pub mod local;
 pub mod tls;
 pub mod xattr;
 
-pub use ferry_wire::{delta, frame, merkle, message, meta, path};
+pub use ferry_wire::{body, delta, frame, merkle, message, meta, path};
 
 /// Certificate pins ([`ferry_wire::fingerprint`]), and computing one from a certificate.
 pub mod fingerprint {
@@ -49,41 +49,6 @@ pub use fingerprint::Fingerprint;
 pub use message::Message;
 pub use meta::{Entry, Kind, Meta};
 pub use path::RelPath;
-
-/// Zeros hashed per step over a hole.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-/// Feeds `len` zeros to a content digest: a hole of a sparse file counts as the zeros it reads
-/// as, on the side that skips it as on the side that reads it.
-pub fn hash_zeros(hasher: &mut blake3::Hasher, len: u64) {
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        left -= n as u64;
-    }
-}
-
-/// [`hash_zeros`], giving up (false) as soon as `stop` is set: it is checked every 256 MiB, so
-/// a hole that would take hours to hash costs at most a fraction of a second after its session
-/// ended.
-pub fn hash_zeros_until(
-    hasher: &mut blake3::Hasher,
-    len: u64,
-    stop: &std::sync::atomic::AtomicBool,
-) -> bool {
-    const STEP: u64 = 256 << 20;
-    let mut left = len;
-    while left > 0 {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return false;
-        }
-        let n = left.min(STEP);
-        hash_zeros(hasher, n);
-        left -= n;
-    }
-    true
-}
 
 /// Sets the allocator up for a daemon that moves 8 MiB windows through several threads; call
 /// once, first thing in `main`. glibc's defaults raise the `mmap` threshold to the largest

@@ -56,9 +56,6 @@ pub struct Apply {
     /// The state of each directory a change of this commit is in, noted before the change:
     /// journaled at the commit if its times moved (see [`Apply::note_parent`]).
     pub(crate) dirs_before: std::collections::HashMap<RelPath, Pending>,
-    /// Set when the session is over (the peer gone, or the receiver stopping): work that
-    /// could run long (hashing a huge hole) gives up.
-    pub ended: Arc<std::sync::atomic::AtomicBool>,
     seq: u64,
     tag: u64,
 }
@@ -87,7 +84,6 @@ impl Apply {
             sealed: Vec::new(),
             kept: Vec::new(),
             dirs_before: Default::default(),
-            ended: Arc::default(),
             seq: 0,
             tag: session_tag(),
         }

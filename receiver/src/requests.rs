@@ -93,11 +93,6 @@ impl Requests {
         self
     }
 
-    /// Set to make work that could run long give up (see [`Apply::ended`]).
-    pub fn ended(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.fs.ended.clone()
-    }
-
     /// Serves requests until `requests` closes or `Bye` arrives. In-flight file transfers that
     /// did not end are kept to resume; everything completed is committed and acknowledged.
     ///
@@ -353,7 +348,7 @@ impl Requests {
                 return self.file(id, o);
             }
             Message::FileHole { id, len } => {
-                let o = self.files.hole(fs, id, len);
+                let o = self.files.hole(id, len);
                 return self.file(id, o);
             }
             Message::FileEnd { id, digest } => {

@@ -187,7 +187,6 @@ where
     let heartbeat = heartbeat(rep_tx.downgrade());
     let budget = Arc::new(Semaphore::new(SESSION_BUFFER >> 10));
     let worker = make(rep_tx);
-    let ended = worker.ended();
     let worker = tokio::spawn(worker.serve(req_rx));
     let write_task = tokio::spawn(writer.pump(rep_rx, 256, |_| {}));
 
@@ -233,12 +232,7 @@ where
             Err(e) => break Err(e),
         }
     };
-    // A peer gone without `Bye`, or the receiver stopping: long work in the request loop
-    // (a huge hole) gives up; what is queued still commits.
     let said_bye = matches!(&read_result, Ok(())) && !shutdown.is_cancelled() && said_bye;
-    if !said_bye {
-        ended.store(true, Ordering::Relaxed);
-    }
     read_done();
     drop(req_tx);
     let _ = worker.await;

@@ -4,6 +4,7 @@
 use crate::config::Preserve;
 use crate::plan::{body_for, Base};
 use crate::session::{Replies, Session, SessionError};
+use ferry_protocol::body::BodyDigest;
 use ferry_protocol::delta::{self, WINDOW};
 use ferry_protocol::local;
 use ferry_protocol::message::{Body, Message, RequestId};
@@ -319,29 +320,26 @@ fn stream_body(
         local::meta_of(m).is_some_and(|now| now.kind == Kind::File && now.quick_equal(meta))
     };
     let lost = || TransferError::Session(SessionError::Lost("sending file body".into()));
-    let mut hasher = blake3::Hasher::new();
+    let mut digest = BodyDigest::new();
     let mut sent = Sent {
         payload: 0,
         delta: signature.is_some(),
     };
     let mut total = 0u64;
-    if let Some((offset, digest)) = resume {
-        // The receiver holds the first `offset` bytes: go on from there if ours are the same.
-        let mut left = offset;
-        let mut buf = vec![0; CHUNK];
-        while left > 0 {
-            let want = buf.len().min(left as usize);
-            let n = read_full(file, &mut buf[..want]).map_err(read_err)?;
-            if n == 0 {
-                return Err(TransferError::Changed(path.clone()));
+    if let Some((offset, theirs)) = resume {
+        // The receiver holds the first `offset` bytes: go on from there if ours are the same,
+        // read as they were sent (holes as holes).
+        let mut note = |piece: Piece| {
+            match piece {
+                Piece::Data(data) => digest.data(&data),
+                Piece::Hole(len) => digest.hole(len),
             }
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
-        if *hasher.finalize().as_bytes() != digest {
+            Ok(())
+        };
+        total = walk(file, 0, offset, meta.size, sparse, path, &mut note)?;
+        if total != offset || digest.digest() != theirs {
             return Err(TransferError::Changed(path.clone()));
         }
-        total = offset;
     }
     match signature {
         Some(sig) => {
@@ -354,7 +352,7 @@ fn stream_body(
                 if n == 0 {
                     break;
                 }
-                hasher.update(&window[..n]);
+                digest.data(&window[..n]);
                 total += n as u64;
                 let mut d = Vec::new();
                 delta::diff_window(&index, &window[..n], &mut d)
@@ -372,52 +370,95 @@ fn stream_body(
             }
         }
         None => {
-            // Sparse: where the data extent being read ends; at it, skip to the next data,
-            // sending what lies before it as a hole. Dense files read straight through.
-            let mut extent_end = if sparse { 0 } else { u64::MAX };
-            loop {
-                if total >= extent_end && total < meta.size {
-                    let data = seek_data(file, total).map_err(read_err)?.min(meta.size);
-                    if data > total {
-                        out.blocking_send(Message::FileHole {
-                            id,
-                            len: data - total,
-                        })
-                        .map_err(|_| lost())?;
-                        ferry_protocol::hash_zeros(&mut hasher, data - total);
-                        total = data;
+            let mut send = |piece: Piece| {
+                let msg = match piece {
+                    Piece::Hole(len) => {
+                        digest.hole(len);
+                        Message::FileHole { id, len }
                     }
-                    extent_end = seek_hole(file, total).map_err(read_err)?;
-                    file.seek(std::io::SeekFrom::Start(total))
-                        .map_err(read_err)?;
-                    if total >= meta.size {
-                        // The file ends in a hole; a read tells whether it grew meanwhile.
-                        extent_end = u64::MAX;
+                    Piece::Data(data) => {
+                        digest.data(&data);
+                        sent.payload += data.len() as u64;
+                        Message::FileData { id, data }
                     }
-                }
-                let want = CHUNK.min(meta.size.saturating_sub(total) as usize + 1);
-                let want = want.min(extent_end.saturating_sub(total).max(1) as usize);
-                let mut chunk = vec![0; want];
-                let n = read_full(file, &mut chunk).map_err(read_err)?;
-                if n == 0 {
-                    break;
-                }
-                chunk.truncate(n);
-                hasher.update(&chunk);
-                total += n as u64;
-                if total > meta.size {
-                    return Err(TransferError::Changed(path.clone()));
-                }
-                sent.payload += n as u64;
-                out.blocking_send(Message::FileData { id, data: chunk })
-                    .map_err(|_| lost())?;
-            }
+                };
+                out.blocking_send(msg).map_err(|_| lost())
+            };
+            total = walk(file, total, u64::MAX, meta.size, sparse, path, &mut send)?;
         }
     }
     if total != meta.size || !same(&file.metadata().map_err(read_err)?) {
         return Err(TransferError::Changed(path.clone()));
     }
-    Ok((*hasher.finalize().as_bytes(), sent))
+    Ok((digest.digest(), sent))
+}
+
+/// A piece of a whole body, as it travels.
+enum Piece {
+    Data(Vec<u8>),
+    Hole(u64),
+}
+
+/// Reads `file` from `from` up to `until` (or its end) as a whole body travels, each piece
+/// to `each`: data in chunks of at most [`CHUNK`] and, when `sparse`, the holes between its
+/// data extents as holes (so the resumed prefix is read as it was sent). Returns where it
+/// stopped; a file grown past `size` has changed.
+fn walk(
+    file: &mut std::fs::File,
+    from: u64,
+    until: u64,
+    size: u64,
+    sparse: bool,
+    path: &RelPath,
+    each: &mut dyn FnMut(Piece) -> Result<(), TransferError>,
+) -> Result<u64, TransferError> {
+    let read_err = |source| TransferError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut total = from;
+    // Sparse: where the data extent being read ends; at it, skip to the next data, the
+    // stretch before it being a hole. Dense files read straight through.
+    let mut extent_end = if sparse { from } else { u64::MAX };
+    while total < until {
+        if total >= extent_end && total < size {
+            let data = seek_data(file, total)
+                .map_err(read_err)?
+                .min(size)
+                .min(until);
+            if data > total {
+                each(Piece::Hole(data - total))?;
+                total = data;
+                if total >= until {
+                    break;
+                }
+            }
+            extent_end = seek_hole(file, total).map_err(read_err)?;
+            file.seek(std::io::SeekFrom::Start(total))
+                .map_err(read_err)?;
+            if total >= size {
+                // The file ends in a hole; a read tells whether it grew meanwhile.
+                extent_end = u64::MAX;
+            }
+        }
+        // One byte past the size: a read that gets it tells the file grew.
+        let want = CHUNK
+            .min(size.saturating_sub(total) as usize + 1)
+            .min(extent_end.saturating_sub(total).max(1) as usize)
+            .min(usize::try_from(until - total).unwrap_or(usize::MAX));
+        let mut chunk = vec![0; want];
+        let n = read_full(file, &mut chunk).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        chunk.truncate(n);
+        total += n as u64;
+        if total > size {
+            return Err(TransferError::Changed(path.clone()));
+        }
+        each(Piece::Data(chunk))?;
+    }
+    Ok(total)
 }
 
 /// The first offset at or after `from` that holds data; the file's length if none does.

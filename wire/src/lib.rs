@@ -11,11 +11,14 @@
 //! - [`xattr`]: which attribute namespaces travel and the list an entry carries.
 //! - [`message`]: every [`Message`] of the protocol and the handshake constants.
 //! - [`frame`]: length-prefixed framing with a hard size cap and a bounded bincode decode.
+//! - [`body`]: [`body::BodyDigest`], the digest a file's body travels under (a hole counts
+//!   by its place and length, never its zeros).
 //! - [`delta`]: signature parameters, peer signature validation, windowed rsync deltas.
 //! - [`merkle`]: the digest of a directory listing, so two trees compare top-down.
 //! - [`fingerprint`]: `sha256:<hex>` certificate pins.
 #![warn(missing_docs)]
 
+pub mod body;
 pub mod delta;
 pub mod fingerprint;
 pub mod frame;

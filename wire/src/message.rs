@@ -12,9 +12,11 @@
 //! A file travels as `FileBegin`, then either a whole body (`FileData`*) or, when the sender
 //! asked first (`Body::Delta`), the receiver's answer: `Signature` (then `FileDelta`*
 //! forward), `Resume` (it holds the start of this very file from a cut-off transfer; the rest
-//! follows as `FileData`*) or `NoBase`; then `FileEnd` carrying the blake3 digest of the new
-//! content. The receiver commits only if
-//! the digest of what it wrote matches.
+//! follows as `FileData`*) or `NoBase`; then `FileEnd` carrying the [`BodyDigest`] of the body
+//! as it travelled (the plain blake3 digest of the content when it has no holes). The receiver
+//! commits only if the digest of what it wrote matches.
+//!
+//! [`BodyDigest`]: crate::body::BodyDigest
 
 use crate::meta::{Entry, Meta};
 use crate::path::RelPath;
@@ -22,7 +24,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -245,8 +247,9 @@ pub enum Message {
         delta: Vec<u8>,
     },
     /// The next `len` bytes of a whole body are zeros the source does not store (a hole of a
-    /// sparse file): the receiver leaves them unallocated. Counted in the size and the digest
-    /// like written zeros.
+    /// sparse file): the receiver leaves them unallocated. Counted in the size, and in the
+    /// digest by its place and length ([`BodyDigest::hole`](crate::body::BodyDigest::hole)):
+    /// constant work, whatever the length.
     FileHole {
         /// Request id of the `FileBegin`.
         id: RequestId,
@@ -257,7 +260,7 @@ pub enum Message {
     FileEnd {
         /// Request id of the `FileBegin`.
         id: RequestId,
-        /// blake3 of the complete new content.
+        /// [`BodyDigest`](crate::body::BodyDigest) of the complete body.
         digest: Digest,
     },
     /// Drop the transfer (the source changed while being read); answered by `Failed`.
@@ -332,7 +335,7 @@ pub enum Message {
         id: RequestId,
         /// Bytes already held.
         offset: u64,
-        /// blake3 of those bytes.
+        /// [`BodyDigest`](crate::body::BodyDigest) of those bytes, as they arrived (holes as holes).
         digest: Digest,
     },
     /// No usable base exists; the sender must send the whole body.
