@@ -6,7 +6,7 @@
 mod common;
 
 use common::pair::Pair;
-use common::site::{one_group, Site};
+use common::site::{backup_log, one_group, Backup, Site};
 use common::*;
 use ferry_receiver::history::Keep;
 use ferry_sender::reconcile::reconcile;
@@ -751,4 +751,112 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Bytes in use on the filesystem of `path`.
+fn used_bytes(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a struct to fill.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    (st.f_blocks - st.f_bfree) as u64 * st.f_frsize as u64
+}
+
+/// On a filesystem that clones files (XFS), a delta builds the new version as a clone of the
+/// one it replaces and writes only what changed, so the version history keeps and the new one
+/// share every unchanged extent: 1 MiB changed in a 64 MiB file costs the filesystem about
+/// 1 MiB, where a whole new file cost 64 MiB.
+#[test]
+fn a_delta_on_xfs_writes_only_what_changed_and_shares_the_rest_with_history() {
+    let site = Site::new();
+    let _xfs = Mount::xfs(&site.path("xfs.img"), &site.path("xfs"), "512M");
+    let (src, dst, history) = (
+        site.dir("src"),
+        site.path("xfs/dst"),
+        site.path("xfs/history"),
+    );
+    let keys = format!("history = {:?}\n", history.display().to_string());
+    let backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        &keys,
+    );
+    site.write_config(&one_group(&backup, &src, ""));
+    let old = pseudo_random(64 << 20, 7);
+    fs::write(src.join("big"), &old).unwrap();
+    // Beside it, made over clones too: a file that shrinks, one that grows, and a sparse one
+    // (which goes whole, holes as holes: the clone is dropped).
+    let shrinks = pseudo_random(4 << 20, 9);
+    let grows = pseudo_random(2 << 20, 10);
+    fs::write(src.join("shrinks"), &shrinks).unwrap();
+    fs::write(src.join("grows"), &grows).unwrap();
+    let sparse = |seed| {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(src.join("sparse")).unwrap();
+        f.write_all_at(&pseudo_random(1 << 20, seed), 0).unwrap();
+        f.write_all_at(&pseudo_random(1 << 20, seed + 1), 7 << 20)
+            .unwrap();
+    };
+    sparse(11);
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = used_bytes(&dst);
+    let mut new = old.clone();
+    new[30 << 20..31 << 20].copy_from_slice(&pseudo_random(1 << 20, 8));
+    fs::write(src.join("big"), &new).unwrap();
+    let mut shrunk = shrinks[..3 << 20].to_vec();
+    shrunk[1 << 20..(1 << 20) + 1024].copy_from_slice(&pseudo_random(1024, 12));
+    fs::write(src.join("shrinks"), &shrunk).unwrap();
+    let mut grown = grows.clone();
+    grown.extend(pseudo_random(1 << 20, 13));
+    fs::write(src.join("grows"), &grown).unwrap();
+    sparse(14);
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        summary_value(&stdout(&o), "delta_files"),
+        3,
+        "{}",
+        stderr(&o)
+    );
+    let grew = used_bytes(&dst) - before;
+    assert!(
+        grew < 8 << 20,
+        "the filesystem grew by {grew} bytes for a 1 MiB change"
+    );
+    assert!(
+        fs::read(dst.join("big")).unwrap() == new,
+        "the new version differs"
+    );
+    for name in ["shrinks", "grows", "sparse"] {
+        let (here, there) = (src.join(name), dst.join(name));
+        assert!(
+            fs::read(&here).unwrap() == fs::read(&there).unwrap(),
+            "{name} differs"
+        );
+    }
+    // 2 MiB of data in 8 MiB: the holes stayed holes (no base data left in them).
+    let blocks = fs::metadata(dst.join("sparse")).unwrap().blocks() * 512;
+    assert!(
+        blocks <= 3 << 20,
+        "{blocks} bytes allocated for 2 MiB of data"
+    );
+    let kept: Vec<_> = fs::read_dir(history.join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| fs::metadata(p).unwrap().len() == old.len() as u64)
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        fs::read(&kept[0]).unwrap() == old,
+        "the kept version differs"
+    );
+    assert!(
+        backup_log(&backup).contains("the filesystem clones files"),
+        "{}",
+        backup_log(&backup)
+    );
+    assert_consistent(&history);
 }

@@ -14,9 +14,9 @@ use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::RelPath;
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -29,6 +29,9 @@ struct Incoming {
     hasher: BodyDigest,
     /// The receiver's current copy (open, never mapped) and its length, for deltas.
     base: Option<(fs::File, u64)>,
+    /// The new file began as a clone of the base (a reflink): what a delta copies from the
+    /// same offset is already there, and only the rest is written.
+    cloned: bool,
     written: u64,
 }
 
@@ -145,6 +148,7 @@ impl Transfers {
                         tmp: p.tmp,
                         hasher: p.hasher,
                         base: None,
+                        cloned: p.cloned,
                         written: p.written,
                     },
                 );
@@ -155,6 +159,7 @@ impl Transfers {
         let tmp = fs.create_file(&path)?;
         let mut base = None;
         let mut reply = None;
+        let mut cloned = false;
         if body == Body::Delta {
             base = open_base(&path);
             let signature = base
@@ -167,6 +172,9 @@ impl Transfers {
                     Message::NoBase { id }
                 }
             });
+            if let Some((f, _)) = &base {
+                cloned = fs.state.reflinks.clone_into(&tmp.file, f, fs.module());
+            }
         }
         self.incoming.insert(
             id,
@@ -176,6 +184,7 @@ impl Transfers {
                 tmp,
                 hasher: BodyDigest::new(),
                 base,
+                cloned,
                 written: 0,
             },
         );
@@ -186,6 +195,7 @@ impl Transfers {
     pub fn data(&mut self, fs: &Apply, id: RequestId, data: &[u8]) -> Outcome {
         self.body(id, |inc, _| {
             received(fs, data.len());
+            whole_body(inc)?;
             append(inc, data)
         })
     }
@@ -194,7 +204,10 @@ impl Transfers {
     /// stays sparse; counted in the digest by its place and length (constant time, whatever
     /// the length).
     pub fn hole(&mut self, id: RequestId, len: u64) -> Outcome {
-        self.body(id, |inc, _| skip(inc, len))
+        self.body(id, |inc, _| {
+            whole_body(inc)?;
+            skip(inc, len)
+        })
     }
 
     /// `FileDelta`: the delta of the next `window` bytes against the base.
@@ -207,8 +220,14 @@ impl Transfers {
                 .ok_or_else(|| io::Error::other("delta without a base"))?;
             scratch.clear();
             let (file, len) = base;
-            delta::apply_window_at(file, *len, delta, window, scratch).map_err(delta_error)?;
-            append(inc, scratch)
+            let unmoved =
+                delta::apply_window_unmoved(file, *len, delta, window, inc.written, scratch)
+                    .map_err(delta_error)?;
+            if inc.cloned {
+                write_moved(inc, scratch, &unmoved)
+            } else {
+                append(inc, scratch)
+            }
         })
     }
 
@@ -294,6 +313,7 @@ impl Transfers {
                     meta: inc.meta,
                     tmp: inc.tmp,
                     hasher: inc.hasher,
+                    cloned: inc.cloned,
                     written: inc.written,
                     since: Instant::now(),
                 },
@@ -308,6 +328,7 @@ pub struct Partial {
     meta: Meta,
     tmp: Staged,
     hasher: BodyDigest,
+    cloned: bool,
     written: u64,
     since: Instant,
 }
@@ -382,6 +403,10 @@ fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
             "content digest mismatch; file not committed",
         ));
     }
+    if inc.cloned {
+        // The clone of a longer base keeps its tail until cut to the new size.
+        inc.tmp.file.set_len(inc.meta.size)?;
+    }
     let file = &inc.tmp.file;
     if let Some((uid, gid)) = fs.owner_for(&inc.meta) {
         std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
@@ -414,8 +439,10 @@ fn skip(inc: &mut Incoming, len: u64) -> io::Result<()> {
             inc.meta.size
         )));
     }
-    use std::io::Seek;
-    inc.tmp.file.seek(io::SeekFrom::Current(len as i64))?;
+    if inc.cloned {
+        // What the clone holds there is not this hole's zeros.
+        punch_hole(&inc.tmp.file, inc.written, len)?;
+    }
     inc.hasher.hole(len);
     inc.written += len;
     // A hole that ends the body leaves nothing after it to make the file that long.
@@ -432,7 +459,7 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
             inc.meta.size
         )));
     }
-    inc.tmp.file.write_all(data)?;
+    inc.tmp.file.write_all_at(data, inc.written)?;
     inc.hasher.data(data);
     let before = inc.written;
     inc.written += data.len() as u64;
@@ -451,6 +478,57 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
         };
     }
     Ok(())
+}
+
+/// A whole body (`FileData`, `FileHole`) into a file begun as a clone of its base (the sender
+/// chose not to send a delta, as it does for a sparse file): from its start, the clone is
+/// dropped and the file starts empty.
+fn whole_body(inc: &mut Incoming) -> io::Result<()> {
+    if inc.cloned && inc.written == 0 {
+        inc.tmp.file.set_len(0)?;
+        inc.cloned = false;
+    }
+    Ok(())
+}
+
+/// A window rebuilt from a delta, into a file begun as a clone of the base: hashed whole,
+/// written only where it is not `unmoved` (copied from the same offset of the base, which the
+/// clone already holds there).
+fn write_moved(
+    inc: &mut Incoming,
+    data: &[u8],
+    unmoved: &[std::ops::Range<usize>],
+) -> io::Result<()> {
+    if inc.written + data.len() as u64 > inc.meta.size {
+        return Err(io::Error::other(format!(
+            "more data than the announced {} bytes",
+            inc.meta.size
+        )));
+    }
+    let mut at = 0;
+    for r in unmoved.iter().chain([&(data.len()..data.len())]) {
+        if r.start > at {
+            inc.tmp
+                .file
+                .write_all_at(&data[at..r.start], inc.written + at as u64)?;
+        }
+        at = r.end;
+    }
+    inc.hasher.data(data);
+    inc.written += data.len() as u64;
+    Ok(())
+}
+
+/// Deallocates `len` bytes at `at` (they read as zeros after), keeping the size.
+fn punch_hole(file: &fs::File, at: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: a valid descriptor; fallocate only changes the file's allocation.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, at as i64, len as i64) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Stretch of a big file whose writeback starts as soon as it has been received.

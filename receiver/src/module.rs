@@ -34,6 +34,58 @@ pub struct ModuleState {
     warned: Mutex<std::collections::HashSet<RelPath>>,
     /// Where superseded states are kept; `None` for a mirror (or a read-only module).
     pub history: Option<History>,
+    /// Whether the module's filesystem clones files (reflinks), found out on the first delta.
+    pub reflinks: Reflinks,
+}
+
+/// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
+/// on the first delta and said once either way. A delta into a clone of its base writes only
+/// what moved or changed, so a 1 MiB change to a 256 MiB file writes and flushes about 1 MiB
+/// (and a kept history version shares every unchanged extent with its successor).
+#[derive(Default)]
+pub struct Reflinks(std::sync::atomic::AtomicU8);
+
+const UNKNOWN: u8 = 0;
+const CLONES: u8 = 1;
+const CANNOT: u8 = 2;
+
+impl Reflinks {
+    /// Makes the empty `dst` a clone of `src` where the filesystem can (true); false, with
+    /// `dst` as it was, where it cannot.
+    pub fn clone_into(&self, dst: &std::fs::File, src: &std::fs::File, module: &str) -> bool {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.0.load(Relaxed) == CANNOT {
+            return false;
+        }
+        // SAFETY: two valid descriptors; FICLONE shares src's extents into dst, nothing else.
+        let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+        if r == 0 {
+            if self.0.swap(CLONES, Relaxed) == UNKNOWN {
+                tracing::info!(
+                    module,
+                    "the filesystem clones files: a delta writes only what it changes"
+                );
+            }
+            return true;
+        }
+        let e = std::io::Error::last_os_error();
+        let unsupported = matches!(
+            e.raw_os_error(),
+            Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV | libc::EINVAL | libc::ENOSYS)
+        );
+        if unsupported && self.0.load(Relaxed) == UNKNOWN {
+            self.0.store(CANNOT, Relaxed);
+            tracing::info!(
+                module,
+                "the filesystem cannot clone files ({}): a delta writes the whole new file",
+                ferry_protocol::io_reason(&e)
+            );
+        } else {
+            tracing::debug!(module, "clone failed ({e}): this file is written whole");
+        }
+        false
+    }
 }
 
 /// Paths remembered as warned about, per module.
@@ -156,6 +208,7 @@ impl ModuleState {
             xattr_support,
             warned: Mutex::default(),
             history,
+            reflinks: Reflinks::default(),
         })
     }
 }

@@ -203,6 +203,22 @@ impl Mount {
         Mount::run(at, &["-t", "ramfs", "ramfs"], "a ramfs")
     }
 
+    /// A fresh XFS of `size` (reflinks on, as mkfs.xfs makes it), on a loop device over the
+    /// sparse file `image`, mounted at `at`. Needs mkfs.xfs (Debian's xfsprogs).
+    pub fn xfs(image: &Path, at: &Path, size: &str) -> Mount {
+        let o = run(Command::new("truncate").args(["-s", size]).arg(image));
+        assert!(o.status.success(), "truncate: {}", stderr(&o));
+        let mkfs = Command::new("mkfs.xfs")
+            .args(["-q", "-f"])
+            .arg(image)
+            .output();
+        match mkfs {
+            Ok(o) => assert!(o.status.success(), "mkfs.xfs: {}", stderr(&o)),
+            Err(e) => panic!("this test makes an XFS filesystem: mkfs.xfs ({e}); install xfsprogs"),
+        }
+        Mount::run(at, &["-o", "loop", image.to_str().unwrap()], "an XFS image")
+    }
+
     /// `from` bind-mounted at `at`.
     pub fn bind(from: &Path, at: &Path) -> Mount {
         Mount::run(at, &["--bind", from.to_str().unwrap()], "a bind mount")

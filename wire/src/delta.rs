@@ -123,7 +123,23 @@ pub fn apply_window_at(
     window_len: u64,
     out: &mut Vec<u8>,
 ) -> Result<(), DeltaError> {
+    apply_window_unmoved(base, base_len, delta, window_len, 0, out).map(drop)
+}
+
+/// [`apply_window_at`] for the window that starts at offset `at` of the new file, also
+/// saying which of its bytes are *unmoved*: copied from the same offset of the base. A new
+/// file made as a clone of its base (a reflink) already holds those, so only the rest needs
+/// writing. Window-relative ranges, in order, adjacent ones merged.
+pub fn apply_window_unmoved(
+    base: &std::fs::File,
+    base_len: u64,
+    delta: &[u8],
+    window_len: u64,
+    at: u64,
+    out: &mut Vec<u8>,
+) -> Result<Vec<std::ops::Range<usize>>, DeltaError> {
     use std::os::unix::fs::FileExt;
+    let mut unmoved: Vec<std::ops::Range<usize>> = Vec::new();
     let limit = window_len.min(WINDOW as u64);
     let mut rest = delta;
     let mut take = |n: usize| -> Result<&[u8], DeltaError> {
@@ -173,6 +189,13 @@ pub fn apply_window_at(
                 if offset.checked_add(len).is_none_or(|end| end > base_len) {
                     return Err(DeltaError::BadDelta("copy outside the base"));
                 }
+                let start = (produced - len) as usize;
+                if offset == at.saturating_add(start as u64) {
+                    match unmoved.last_mut() {
+                        Some(last) if last.end == start => last.end = produced as usize,
+                        _ => unmoved.push(start..produced as usize),
+                    }
+                }
                 let at = compact.len();
                 compact.resize(at + len as usize, 0);
                 base.read_exact_at(&mut compact[at..], offset)?;
@@ -187,7 +210,8 @@ pub fn apply_window_at(
         return Err(DeltaError::BadDelta("data after the end"));
     }
     rewritten.push(OP_END);
-    apply_window(&compact, &rewritten, window_len, out)
+    apply_window(&compact, &rewritten, window_len, out)?;
+    Ok(unmoved)
 }
 
 /// Signature of a whole base file.
@@ -387,6 +411,36 @@ mod tests {
         ]);
         assert!(apply_window_at(&f, 1000, &garbage, 1000, &mut out).is_err());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn unmoved_ranges_are_the_copies_from_the_same_offset() {
+        // 64 KiB of base; the new file changes 100 bytes at 10,000 and moves nothing else.
+        let base = pseudo_random(64 << 10, 3);
+        let mut new = base.clone();
+        new[10_000..10_100].copy_from_slice(&pseudo_random(100, 4));
+        let f = file_of(&base);
+        let sig = parse_peer_signature(sign(&base)).unwrap();
+        let mut d = Vec::new();
+        diff_window(&sig.index(), &new, &mut d).unwrap();
+        let mut out = Vec::new();
+        let unmoved =
+            apply_window_unmoved(&f, base.len() as u64, &d, new.len() as u64, 0, &mut out).unwrap();
+        assert_eq!(out, new);
+        let block = block_size_for(base.len() as u64) as usize;
+        // Everything but the changed block is unmoved, in two ranges.
+        assert_eq!(unmoved.len(), 2, "{unmoved:?}");
+        let kept: usize = unmoved.iter().map(|r| r.len()).sum();
+        assert!(kept >= new.len() - 2 * block, "{kept} of {}", new.len());
+        for r in &unmoved {
+            assert_eq!(&out[r.clone()], &base[r.clone()]);
+            assert!(!r.contains(&10_050), "{r:?}");
+        }
+        // The same delta seen as a window further on: copies from offset 0 have moved.
+        let unmoved =
+            apply_window_unmoved(&f, base.len() as u64, &d, new.len() as u64, 4096, &mut out)
+                .unwrap();
+        assert!(unmoved.is_empty(), "{unmoved:?}");
     }
 
     #[test]
