@@ -134,6 +134,7 @@ async fn bench(writes: usize, burst: usize) {
         kind: TargetKind::Ferry {
             fingerprint: recv.pin,
             compress: false,
+            bwlimit_kib: None,
         },
     };
     let group = SyncGroup::new("bench", src.clone(), vec!["local".into()], "bench");

@@ -52,6 +52,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         kind: TargetKind::Ferry {
             fingerprint: recv.pin,
             compress: false,
+            bwlimit_kib: None,
         },
     };
     let code = if once {

@@ -476,3 +476,63 @@ fn the_initial_sync_shows_a_progress_bar_that_log_lines_do_not_tear() {
     assert!(screen.contains("files=200"), "{screen}");
     assert_eq!(fs::read_dir(site.path("dst/d3")).unwrap().count(), 10);
 }
+
+/// A target's `bwlimit_kib` caps what it is sent, and only it: with one group pushing 4 MiB
+/// to two receivers, the uncapped one has the file while the one capped at 512 KiB/s is
+/// still receiving it, and that one's copy takes at least what the cap allows (4 MiB at
+/// 512 KiB/s: 8 s, less the cap's 0.25 s burst).
+#[test]
+fn a_bandwidth_cap_holds_its_target_and_no_other() {
+    let site = site::Site::new();
+    let src = site.dir("src");
+    let (fast_dst, slow_dst) = (site.path("fast"), site.path("slow"));
+    let fast = site::Backup::start(
+        site.root(),
+        "fast",
+        &[("file", &fast_dst)],
+        &site.fingerprint,
+    );
+    let slow = site::Backup::start(
+        site.root(),
+        "slow",
+        &[("file", &slow_dst)],
+        &site.fingerprint,
+    );
+    let data = pseudo_random(4 << 20, 21);
+    fs::write(src.join("big"), &data).unwrap();
+    let config = format!(
+        "{}{}bwlimit_kib = 512\n{}",
+        fast.target("fast"),
+        slow.target("slow"),
+        site::sync("file", &src, &["fast", "slow"], "file", "")
+    );
+    site.write_config(&config);
+    let started = Instant::now();
+    let daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    let arrived = |dst: &Path| fs::read(dst.join("big")).ok().as_deref() == Some(&data[..]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !arrived(&fast_dst) {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fast_took = started.elapsed();
+    assert!(
+        !arrived(&slow_dst),
+        "the capped copy arrived with the uncapped one"
+    );
+    while !arrived(&slow_dst) {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let slow_took = started.elapsed();
+    eprintln!(
+        "4 MiB: uncapped in {:.2} s, capped at 512 KiB/s in {:.2} s ({:.0} KiB/s)",
+        fast_took.as_secs_f64(),
+        slow_took.as_secs_f64(),
+        4096.0 / slow_took.as_secs_f64()
+    );
+    assert!(
+        slow_took >= Duration::from_millis(7750),
+        "{slow_took:?}: faster than the cap"
+    );
+}

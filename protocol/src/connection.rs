@@ -155,6 +155,7 @@ pub struct FrameWriter<W> {
     buf: Vec<u8>,
     written: u64,
     packer: Packer,
+    pace: Option<std::sync::Arc<crate::pace::Pace>>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -165,7 +166,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             buf: Vec::new(),
             written: 0,
             packer: Packer::new(false),
+            pace: None,
         }
+    }
+
+    /// Holds what it writes to `pace` (a target's bandwidth cap).
+    pub fn paced(mut self, pace: Option<std::sync::Arc<crate::pace::Pace>>) -> Self {
+        self.pace = pace;
+        self
     }
 
     /// Packs file bodies too (see [`Packer`]); listings are packed either way.
@@ -185,7 +193,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         for m in msgs {
             self.packer.encode(m, &mut self.buf)?;
         }
-        self.inner.write_all(&self.buf).await?;
+        match &self.pace {
+            None => self.inner.write_all(&self.buf).await?,
+            // Paced in small slices, so one big frame cannot run far past the cap.
+            Some(pace) => {
+                for slice in self.buf.chunks(PACED_SLICE) {
+                    self.inner.write_all(slice).await?;
+                    pace.spent(slice.len() as u64).await;
+                }
+            }
+        }
         self.inner.flush().await?;
         self.written += self.buf.len() as u64;
         if self.buf.capacity() > 1024 * 1024 {
@@ -232,6 +249,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 }
+
+/// What a paced writer writes between two looks at its cap.
+const PACED_SLICE: usize = 16 * 1024;
 
 /// How often a receiver says [`Message::Alive`] on an open session.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);

@@ -27,6 +27,7 @@ pub mod connection;
 pub mod identity;
 pub mod liveness;
 pub mod local;
+pub mod pace;
 pub mod tls;
 pub mod xattr;
 

@@ -110,7 +110,6 @@ fn rsync_only_key(t: &RawTarget) -> Option<&'static str> {
         ("password_file", t.password_file.is_some()),
         ("rsync_path", t.rsync_path.is_some()),
         ("rsync_args", !t.rsync_args.is_empty()),
-        ("bwlimit_kib", t.bwlimit_kib.is_some()),
         ("timeout_s", t.timeout_s.is_some()),
         ("transport", t.transport.is_some()),
         ("rsh", t.rsh.is_some()),
@@ -164,6 +163,9 @@ pub enum TargetKind {
         /// Pack file bodies with zstd (`compress = true`): pays on slow links and compressible
         /// data; frames that would not shrink go as they are.
         compress: bool,
+        /// What every session to this target may send together, in KiB/s (`bwlimit_kib`;
+        /// `None`: no cap).
+        bwlimit_kib: Option<u64>,
     },
     /// A stock rsyncd, driven through the `rsync` client.
     Rsync(RsyncTarget),
@@ -484,6 +486,8 @@ impl Target {
                 TargetKind::Ferry {
                     fingerprint,
                     compress: t.compress,
+                    // As rsync's `--bwlimit=0`: no cap.
+                    bwlimit_kib: t.bwlimit_kib.filter(|&kib| kib > 0),
                 }
             }
             RawKind::Rsync => TargetKind::Rsync(RsyncTarget::from_raw(&t, &key, resolve)?),

@@ -74,6 +74,11 @@ pub fn reference() -> Reference {
                         "Ferry: pack file bodies with zstd (a frame that would not shrink goes as \
                          it is; listings are always packed). Pays on slow links and compressible \
                          data; on a LAN it costs more CPU than it saves. Rsync: `--compress`."),
+                    key("bwlimit_kib", "integer", Default::Absent("no cap"), "10240",
+                        "A cap on what this target is sent, in KiB/s: for a ferry target, every \
+                         session to it together (all groups), held within 1% over a minute and \
+                         never slowing another target; for an rsync target, rsync's `--bwlimit` \
+                         per run. 0 means no cap. A reload applies a new value."),
                     key("user", "string", Default::Absent("none (an rsyncd module without auth \
                          users; over ssh, ssh's own default)"),
                         r#""rsync""#,
@@ -87,8 +92,6 @@ pub fn reference() -> Reference {
                     key("rsync_args", "list of strings", Default::Value("[]"),
                         r#"["--numeric-ids"]"#,
                         "Further rsync arguments, appended as given."),
-                    key("bwlimit_kib", "integer", Default::Absent("no limit"), "10240",
-                        "rsync's `--bwlimit`, in KiB/s."),
                     key("timeout_s", "integer", Default::Value("60"), "100",
                         "rsync's I/O and connect timeout in seconds (`--timeout`, \
                          `--contimeout`)."),

@@ -107,6 +107,7 @@ mod tests {
             kind: TargetKind::Ferry {
                 fingerprint: Fingerprint::from_sha256([7; 32]),
                 compress: false,
+                bwlimit_kib: None,
             },
         }
     }

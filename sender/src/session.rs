@@ -9,6 +9,7 @@ use ferry_protocol::connection::{
 use ferry_protocol::identity::Identity;
 use ferry_protocol::message::{DigestEntry, Intent, Keeps, Message, RequestId, Version};
 use ferry_protocol::meta::Compare;
+use ferry_protocol::pace::Pace;
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{Entry, Fingerprint, RelPath};
 use std::collections::HashMap;
@@ -160,9 +161,24 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Session::open(stream, address, module, intent, compress, None).await
+    }
+
+    /// [`Session::over`], what it sends held to `pace` if any (a target's `bwlimit_kib`).
+    async fn open<S>(
+        stream: S,
+        address: &str,
+        module: &str,
+        intent: Intent,
+        compress: bool,
+        pace: Option<Arc<Pace>>,
+    ) -> Result<Session, ConnError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let (r, w) = tokio::io::split(stream);
         let mut reader = FrameReader::new(r);
-        let mut writer = FrameWriter::new(w).pack_data(compress);
+        let mut writer = FrameWriter::new(w).pack_data(compress).paced(pace);
         let keeps = client_handshake(&mut reader, &mut writer, module, intent).await?;
         Ok(Session::started(reader, writer, address, keeps))
     }
@@ -607,6 +623,7 @@ impl Target {
         let TargetKind::Ferry {
             fingerprint,
             compress,
+            bwlimit_kib,
         } = self.kind
         else {
             return Err(SessionError::Unsupported(format!(
@@ -614,16 +631,15 @@ impl Target {
                 self.name
             )));
         };
-        Session::connect(
-            &self.address,
-            fingerprint,
-            identity,
-            module,
-            intent,
-            compress,
-        )
-        .await
-        .map(|s| s.named(&self.name))
+        let pace = bwlimit_kib.map(|kib| Pace::shared(&self.name, kib));
+        let stream = dial(&self.address, fingerprint, identity).await?;
+        Session::open(stream, &self.address, module, intent, compress, pace)
+            .await
+            .map(|s| s.named(&self.name))
+            .map_err(|source| SessionError::Conn {
+                address: self.address.clone(),
+                source,
+            })
     }
 }
 
