@@ -146,6 +146,14 @@ mod tests {
             .into_iter()
             .map(|t| (t.name.clone(), t))
             .collect();
+        let mut capped = targets.clone();
+        if let Some(Target {
+            kind: TargetKind::Ferry { bwlimit_kib, .. },
+            ..
+        }) = capped.get_mut("f")
+        {
+            *bwlimit_kib = Some(512);
+        }
         let running: BTreeMap<String, Runs> = [
             group("kept", &["f"]),
             group("gone", &["f"]),
@@ -193,6 +201,13 @@ mod tests {
                 "a ferry target moved: its groups restart, the rsync one does not",
                 vec![group("kept", &["f"]), group("to-rsync", &["r"])],
                 &moved,
+                me,
+                [&["to-rsync"], &[], &["kept"], &["excludes", "gone"]],
+            ),
+            (
+                "a ferry target's bandwidth cap changed: its groups restart with the new cap",
+                vec![group("kept", &["f"]), group("to-rsync", &["r"])],
+                &capped,
                 me,
                 [&["to-rsync"], &[], &["kept"], &["excludes", "gone"]],
             ),
