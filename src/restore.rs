@@ -230,7 +230,7 @@ async fn remote(
     let state = Arc::new(ModuleState::destination(module).map_err(anyhow::Error::msg)?);
     let keeps = state.keeps(privileged);
 
-    let stream = ferry_sender::session::dial(&target.address, fingerprint, &identity)
+    let stream = ferry_sender::dial::dial(&target.address, fingerprint, &identity)
         .await
         .with_context(|| format!("target {name}"))?;
     let (r, w) = tokio::io::split(stream);

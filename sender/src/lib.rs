@@ -19,20 +19,22 @@
 //!   dirty paths read once beneath one held source root), and its run on a ferry target.
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
 //!   pure).
-//! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`].
+//! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`]
+//!   and what a [`execute::Watch`] is told step by step.
 //! - [`transfer`]: one file: open beneath the held source root (never through a symlink) or,
 //!   for a restore the backup host sends, where [`transfer::Origin::Mapped`] says it is,
 //!   `fstat`, `FileBegin`, whole chunks or windowed deltas, `FileEnd` with the digest.
 //! - [`session`]: one connection to one module over any stream (or, turned round, the backup
 //!   host's side of a restore: [`session::Session::started`]); requests out, replies routed
 //!   back to each request (a oneshot, or a queue for answers in steps; the reader never
-//!   waits); any holder closes it;
-//!   [`config::Target`]`::connect`.
+//!   waits); any holder closes it.
+//! - [`dial`]: TLS to a target with a connect timeout ([`config::Target`]`::connect`), and
+//!   keepalives that find a dead peer.
 //!
 //! Around it:
 //! - [`config`]: `sender.toml` parsed and validated into one typed [`config::Config`], one
 //!   constructor per section (`Target`, `RsyncTarget`, `SyncGroup::from_raw`; `SyncGroup::new`
-//!   for a group with every default).
+//!   for a group with every default; [`config::Preserve`] for `preserve = [...]`).
 //! - [`filter`]: rsync-style exclude patterns.
 //! - [`guard`]: the mass-delete rule, the live tally of deletions it is applied to, and the
 //!   allowance both transports delete up to (a ferry receiver counts each delete against it).
@@ -54,6 +56,7 @@ pub mod coalesce;
 pub mod config;
 pub mod config_reference;
 pub mod daemon;
+pub mod dial;
 pub mod execute;
 pub mod fanotify;
 pub mod ferry_link;

@@ -1,0 +1,102 @@
+//! The small filesystem pieces [`Apply`](super::Apply) is built from: declined requests, a
+//! staged file, `linkat`, mtimes, the session tag of temporary names.
+
+use ferry_protocol::meta::Meta;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A request the receiver declines as the protocol expects (a rename or hard link whose source
+/// it does not have): the sender sends the content instead.
+#[derive(Debug)]
+struct Declined(String);
+
+impl std::fmt::Display for Declined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Declined {}
+
+pub(super) fn declined(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, Declined(what))
+}
+
+/// `e`, or `declined()` when it says the entry is missing.
+pub(super) fn missing(e: io::Error, declined: impl Fn() -> io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::NotFound {
+        declined()
+    } else {
+        e
+    }
+}
+
+/// Whether `e` is a [`declined`] request, not a failure.
+pub fn is_declined(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Declined>())
+}
+
+/// A file being received, before it is put in place.
+pub struct Staged {
+    /// Open for writing.
+    pub file: File,
+    /// Its temporary name, if it has one (no `O_TMPFILE` here).
+    pub name: Option<PathBuf>,
+}
+
+impl Staged {
+    /// Drops a file that will not be put in place.
+    pub fn discard(self) {
+        if let Some(name) = self.name {
+            let _ = fs::remove_file(name);
+        }
+    }
+}
+
+/// `linkat` of an open file (through its `/proc/self/fd` entry, which needs no privilege) to
+/// `to`; fails with `AlreadyExists` if `to` exists.
+pub(super) fn link(fd: &str, to: &Path) -> io::Result<()> {
+    linkat(Path::new(fd), to, libc::AT_SYMLINK_FOLLOW)
+}
+
+/// `linkat` of the entry `from` (never following a symlink there) to the new name `to`.
+pub(crate) fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
+    linkat(from, to, 0)
+}
+
+fn linkat(from: &Path, to: &Path, flags: libc::c_int) -> io::Result<()> {
+    let cstr =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (from, to) = (cstr(from)?, cstr(to)?);
+    // SAFETY: both are valid NUL-terminated paths; linkat has no other memory effects.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets an entry's mtime (and atime to the same), not following a symlink.
+pub fn set_mtime(path: &Path, meta: &Meta) -> io::Result<()> {
+    let t = filetime::FileTime::from_unix_time(meta.mtime, meta.mtime_nsec);
+    filetime::set_symlink_file_times(path, t, t)
+}
+
+/// A random tag that keeps temporary names of concurrent sessions apart.
+pub(super) fn session_tag() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish() & 0xffff_ffff
+}
