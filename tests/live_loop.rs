@@ -10,6 +10,7 @@ use ferry_protocol::RelPath;
 use ferry_sender::coalesce::{Change, Need, Rename};
 use std::fs;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn content(path: &str) -> Change {
@@ -336,4 +337,83 @@ async fn an_idle_link_that_falls_silent_is_given_up_and_reconnected() {
         "reconnected without work"
     );
     live.stop().await;
+}
+
+/// The log lines written while the returned guard lives (this thread only: the test's
+/// current-thread runtime runs the worker here).
+fn captured_log() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    #[derive(Clone)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let buffer = Buffer(lines.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || buffer.clone())
+        .finish();
+    (lines, tracing::subscriber::set_default(subscriber))
+}
+
+/// A source directory that goes away (an unmounted disk, a removed directory) pauses the
+/// group: said once, then a quiet re-check every 10 s for as long as it is away (a minute
+/// here, six re-checks), no connection, nothing sent, the backup untouched; when it is back
+/// the group resumes and sends what changed.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_missing_source_pauses_quietly_and_resumes_when_it_is_back() {
+    let (log, _guard) = captured_log();
+    let pair = Pair::new();
+    fs::write(pair.src.join("f"), "1").unwrap();
+    let group = pair.group();
+    let live = Live::start(pair, group, vec![Change::Full]);
+    live.settled(Duration::from_secs(10)).await;
+    let away = live.pair.tmp.path().join("away");
+    fs::rename(&live.pair.src, &away).unwrap();
+    fs::write(away.join("f"), "changed while away").unwrap();
+    live.queue.push([content("f")]);
+    live.wait(Duration::from_secs(5), "paused", |s| {
+        s.state.name() == "paused"
+    })
+    .await;
+    let dials = live.dials.lock().unwrap().len();
+    let paused_at = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(live.status().state.name(), "paused");
+    assert_eq!(
+        live.dials.lock().unwrap().len(),
+        dials,
+        "dialled while paused"
+    );
+    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("nothing is sent until it is back").count(),
+        1,
+        "{text}"
+    );
+    let errors = text.lines().filter(|l| l.contains("ERROR")).count();
+    assert_eq!(errors, 1, "{text}");
+    assert_eq!(
+        fs::read(live.pair.dst.join("f")).unwrap(),
+        b"1",
+        "backup untouched"
+    );
+    fs::rename(&away, &live.pair.src).unwrap();
+    live.settled(Duration::from_secs(11)).await;
+    assert!(paused_at.elapsed() <= Duration::from_secs(71));
+    let text = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("source is back; resuming").count(),
+        1,
+        "{text}"
+    );
+    let pair = live.stop().await;
+    assert_eq!(fs::read(pair.dst.join("f")).unwrap(), b"changed while away");
 }

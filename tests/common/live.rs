@@ -71,12 +71,12 @@ impl Live {
         }
     }
 
-    /// The pair's status, as `ferry status` shows it.
     /// `ferry confirm-deletes` of the group, as the status socket passes it on.
     pub fn confirm_deletes(&self, group: &str) {
         self.board.confirm_deletes(group).unwrap();
     }
 
+    /// The pair's status, as `ferry status` shows it.
     pub fn status(&self) -> TargetStatus {
         self.board.snapshot().targets.remove(0)
     }
