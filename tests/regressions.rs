@@ -55,8 +55,10 @@ async fn a_request_registered_after_the_connection_died_waited_for_ever() {
     let session = pair.session().await;
     pair.served.abort_all();
     while pair.served.join_next().await.is_some() {}
-    // Give the reader task a moment to see the close.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The reader has seen the close.
+    tokio::time::timeout(Duration::from_secs(5), session.lost())
+        .await
+        .expect("the session sees its peer gone");
     let (_, mut rx) = session.register();
     let reply = tokio::time::timeout(Duration::from_secs(5), session.reply(&mut rx))
         .await
@@ -622,8 +624,26 @@ fn kill_9_mid_transfer_leaves_no_torn_file() {
     let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| (format!("big{i}"), pseudo_random(8 << 20, i)))
         .collect();
-    let body = one_group(&backup, &src, "");
+    // 48 MiB at 16 MiB/s: each kill lands between two files' final names, whatever the
+    // machine's speed (the count at each kill proves it).
+    let body = format!(
+        "{}bwlimit_kib = 16384\n{}",
+        backup.target("backup"),
+        sync("file", &src, &["backup"], "file", "")
+    );
     site.write_config(&body);
+    let arrived =
+        |dst: &std::path::Path| files.iter().filter(|(n, _)| dst.join(n).exists()).count();
+    let arrive_past = |dst: &std::path::Path, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while arrived(dst) <= n {
+            assert!(Instant::now() < deadline, "no file past {n} arrived");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let now = arrived(dst);
+        assert!(now < files.len(), "all {now} had arrived before the kill");
+        now
+    };
     let check = |dst: &std::path::Path| {
         for (name, data) in &files {
             if let Ok(got) = fs::read(dst.join(name)) {
@@ -641,15 +661,14 @@ fn kill_9_mid_transfer_leaves_no_torn_file() {
     }
     let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
     // Receiver killed while files are arriving.
-    daemon.wait_log_n("reconcile planned", 1, 30);
-    std::thread::sleep(Duration::from_millis(200));
+    let before = arrive_past(&dst, 0);
     let receiver = backup.receiver.take().unwrap();
     unsafe { libc::kill(receiver.child.id() as i32, libc::SIGKILL) };
     drop(receiver);
     check(&dst);
     backup.restart();
     // Sender killed while files are arriving again.
-    std::thread::sleep(Duration::from_millis(300));
+    arrive_past(&dst, before);
     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGKILL) };
     let _ = daemon.child.wait();
     check(&dst);
