@@ -479,7 +479,7 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
     let mut twice = start(&site, "dst2");
     let pid = twice.child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGINT) };
-    std::thread::sleep(Duration::from_millis(50));
+    twice.wait_log_n("again to exit at once", 1, 20);
     unsafe { libc::kill(pid, libc::SIGINT) };
     let t = Instant::now();
     let status = twice.child.wait().unwrap();
