@@ -15,16 +15,15 @@
 
 use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
-use crate::execute::{execute, rename_all, Observe, Report};
-use crate::guard::{source_is_empty, DeleteTally};
+use crate::execute::{execute, rename_all, Held, Observe, Report};
+use crate::guard::DeleteTally;
 use crate::links::Names;
-use crate::plan::{order_dir_meta, plan_batch, Dirty};
+use crate::plan::{order_dir_meta, plan_batch, Plan, PlanOptions};
 use crate::queue::Batch;
-use crate::reconcile::{link_names, open_source, plan_options, plan_under, reconcile_under};
+use crate::reconcile::{plan_under, reconcile_under};
 use crate::session::{Session, SessionError};
-use ferry_protocol::meta::Kind;
-use ferry_protocol::xattr::Namespaces;
-use ferry_protocol::{local, Entry, RelPath};
+use crate::source::{self, BatchRead};
+use ferry_protocol::{Entry, RelPath};
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -97,29 +96,10 @@ pub fn batch_paths(batch: &Batch, more: Vec<(RelPath, Need, Instant)>) -> Vec<(R
     paths
 }
 
-/// Reads each of `paths` beneath the held source `root`, once (a symlink on the way makes a
-/// path gone, never a look outside the source), with the attributes `ns`. Attributes that
-/// could not be read are returned apart: the entry still goes without them.
-pub fn read_batch(
-    root: &OwnedFd,
-    paths: Vec<(RelPath, Need)>,
-    ns: Namespaces,
-) -> (Vec<Dirty>, Vec<(RelPath, std::io::Error)>) {
-    let mut errors = Vec::new();
-    let dirty = paths
-        .into_iter()
-        .map(|(path, need)| Dirty {
-            entry: local::read_entry_at(root, &path, ns, &mut errors).map_err(|e| e.to_string()),
-            path,
-            need,
-        })
-        .collect();
-    (dirty, errors)
-}
-
 /// Sends `batch` to the module behind `session`; per-path failures land in `report`.
-/// `learned` is what the target's worker knows from earlier batches. The source is read
-/// beneath one descriptor of its root, held from the first read to the last file sent.
+/// `learned` is what the target's worker knows from earlier batches. A batch goes through
+/// [`send_live`]; one that must be weighed as a whole (a full rescan, a source found empty)
+/// becomes a whole-tree compare ([`compare_whole`]) after its renames.
 pub async fn send_batch(
     session: &Arc<Session>,
     group: &SyncGroup,
@@ -128,50 +108,48 @@ pub async fn send_batch(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
-    let mut parents: BTreeSet<RelPath> = BTreeSet::new();
-    let filter = &group.filter;
-    let renames = plan_renames(&batch.renames, group.delete, true, |p, d| {
-        filter.excludes_dirty(p, d)
-    });
-    let mut more = renames.paths;
-    if !renames.send.is_empty() {
-        let refused = rename_all(session, &renames.send, report, observe).await?;
-        for r in &renames.send {
-            if !refused.iter().any(|x| std::ptr::eq(*x, *r)) {
-                learned.links.rename(&r.from, &r.to);
-            }
-            parents.extend(r.from.parent());
-            parents.extend(r.to.parent());
-        }
-        for r in refused {
-            more.extend(r.as_paths());
-        }
+    match send_live(session, group, learned, batch, report, observe).await? {
+        Live::Sent => Ok(()),
+        Live::Whole => compare_whole(session, group, learned, report, observe).await,
     }
-    if batch.full {
-        return compare_whole(session, group, learned, report, observe).await;
-    }
+}
 
-    let paths = batch_paths(batch, more);
-    let root = open_source(group).await?;
-    let (g, links, held) = (group.clone(), learned.links.clone(), root.clone());
-    let (dirty, xattr_errors, names) = tokio::task::spawn_blocking(move || {
-        let (dirty, errors) = read_batch(&held, paths, g.preserve.namespaces());
-        let linked: Vec<Entry> = dirty
-            .iter()
-            .filter_map(|d| d.entry.as_ref().ok().and_then(Option::as_ref))
-            .filter(|e| e.inode.is_some() && !g.filter.excludes_dirty(&e.path, Some(false)))
-            .cloned()
-            .collect();
-        let names = link_names(&g, &held, &links, false, &linked);
-        (dirty, errors, names)
-    })
-    .await
-    .expect("stat task");
-    // The entry still goes, its attributes left as the receiver has them; retrying would not
-    // read them any better (the next whole compare reports it as a failure).
-    for (path, e) in xattr_errors {
-        tracing::warn!(sync = %group.name, %path, "extended attributes not sent: {e}");
+/// How a live batch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Live {
+    /// Sent.
+    Sent,
+    /// Its renames sent, the rest is for a whole-tree compare.
+    Whole,
+}
+
+/// The live pipeline: each step runs once, in order: the renames, one read of the source
+/// beneath one held descriptor of its root ([`source::read_batch`]), the plan, the guard over
+/// it, the plan's execution, and what the receiver answered to the deletes, recorded.
+pub async fn send_live(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    learned: &mut Learned,
+    batch: &Batch,
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<Live, SessionError> {
+    let renamed = send_renames(
+        session,
+        group,
+        &learned.links,
+        &batch.renames,
+        report,
+        observe,
+    );
+    let renamed = renamed.await?;
+    if batch.full {
+        return Ok(Live::Whole);
     }
+    let root = source::open(group).await?;
+    let paths = batch_paths(batch, renamed.paths);
+    let wanted = renamed.parents.clone();
+    let read = source::read_batch(group, &root, &learned.links, paths, wanted).await;
     // Paths read while the source root was vanishing look deleted: never act on them.
     if !group.source.is_dir() {
         return Err(SessionError::Source {
@@ -179,8 +157,89 @@ pub async fn send_batch(
             error: "vanished while the batch was read".into(),
         });
     }
+    let plan = plan_read(
+        session,
+        group,
+        &root,
+        &learned.links,
+        read,
+        renamed.parents,
+        report,
+    );
+    let plan = plan.await?;
+    let Weighed::Send { plan, guarded } = weigh(group, learned, session, &root, plan, report).await
+    else {
+        return Ok(Live::Whole);
+    };
+    let grew = plan.creates.len() as u64;
+    execute(session, group.preserve, &root.into(), plan, report, observe).await?;
+    record_answers(session, group, learned, guarded, grew, report);
+    Ok(Live::Sent)
+}
 
-    let planned = plan_batch(dirty, plan_options(session, group), &names, |p, d| {
+/// What a batch's renames leave to the rest of it.
+struct Renamed {
+    /// Dirty paths: renames sent as content, refused, or compared whole after.
+    paths: Vec<(RelPath, Need, Instant)>,
+    /// The directories on either side of a rename sent: their times come back after.
+    parents: BTreeSet<RelPath>,
+}
+
+/// The renames step: plans `renames` ([`plan_renames`]), sends those a ferry target applies
+/// and teaches `links` the new names; a rename the receiver refuses becomes its two names.
+async fn send_renames(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    links: &Names,
+    renames: &[Rename],
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<Renamed, SessionError> {
+    let filter = &group.filter;
+    let plan = plan_renames(renames, group.delete, true, |p, d| {
+        filter.excludes_dirty(p, d)
+    });
+    let mut out = Renamed {
+        paths: plan.paths,
+        parents: BTreeSet::new(),
+    };
+    if plan.send.is_empty() {
+        return Ok(out);
+    }
+    let refused = rename_all(session, &plan.send, report, observe).await?;
+    for r in &plan.send {
+        if !refused.iter().any(|x| std::ptr::eq(*x, *r)) {
+            links.rename(&r.from, &r.to);
+        }
+        out.parents.extend(r.from.parent());
+        out.parents.extend(r.to.parent());
+    }
+    for r in refused {
+        out.paths.extend(r.as_paths());
+    }
+    Ok(out)
+}
+
+/// The plan step: plans what the batch `read` ([`plan_batch`]), compares its new or moved
+/// directories with the receiver as subtrees, and gives back the times of every parent whose
+/// entries change (`renamed`, and those the plan names), after their contents.
+async fn plan_read(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    root: &Arc<OwnedFd>,
+    links: &Names,
+    read: BatchRead,
+    renamed: BTreeSet<RelPath>,
+    report: &mut Report,
+) -> Result<Plan, SessionError> {
+    // The entry still goes, its attributes left as the receiver has them; retrying would not
+    // read them any better (the next whole compare reports it as a failure).
+    for (path, e) in read.errors {
+        tracing::warn!(sync = %group.name, %path, "extended attributes not sent: {e}");
+    }
+    let filter = &group.filter;
+    let opts = PlanOptions::new(group, &session.keeps);
+    let planned = plan_batch(read.dirty, opts, &read.names, |p, d| {
         filter.excludes_dirty(p, d)
     });
     for (path, e) in planned.failures {
@@ -188,15 +247,49 @@ pub async fn send_batch(
         report.failures.push((path, e));
     }
     let mut plan = planned.plan;
-    parents.extend(planned.parents);
     for tree in planned.trees {
-        let links = &learned.links;
-        let window = Default::default();
-        plan.extend(plan_under(session, group, &root, links, &tree, window, report).await?);
+        plan.extend(
+            plan_under(session, group, root, links, &tree, report)
+                .await?
+                .0,
+        );
     }
+    let have: BTreeSet<RelPath> = plan.dir_meta.iter().map(|e| e.path.clone()).collect();
+    let mut parents = read.parents;
+    let changed = renamed.into_iter().chain(planned.parents);
+    let missing = changed.filter(|d| !have.contains(d));
+    let back: Vec<Entry> = missing.filter_map(|d| parents.remove(&d)).collect();
+    plan.dir_meta.extend(back);
+    order_dir_meta(&mut plan.dir_meta);
+    Ok(plan)
+}
+
+/// What the guard step makes of a batch's plan.
+enum Weighed {
+    /// Send it; `guarded`: its deletes go with the guard's allowance, and the receiver's
+    /// answers are to be recorded.
+    Send { plan: Plan, guarded: bool },
+    /// The source looks empty: weigh the whole tree with exact figures instead.
+    Whole,
+}
+
+/// The guard step over a batch's `plan`: while deletions are held (`learned.holding`) the
+/// plan's are held too; otherwise its deletes go with the guard's allowance, which the
+/// receiver enforces (it counts what each takes, holds back what would pass it, and answers
+/// what it removed); a module with history takes everything and only counts. A plan that
+/// deletes from a source found empty (a disk that did not mount) is weighed whole, as
+/// compatibility mode does.
+async fn weigh(
+    group: &SyncGroup,
+    learned: &mut Learned,
+    session: &Session,
+    root: &Arc<OwnedFd>,
+    mut plan: Plan,
+    report: &mut Report,
+) -> Weighed {
     if let (Some(why), false) = (&learned.holding, plan.deletes.is_empty()) {
         // Held like the deletions before them, until an operator confirms.
-        let held = crate::execute::Held {
+        let held = Held {
             paths: plan.deletes.len() as u64,
             entries: plan.removes.iter().map(|(_, n)| n).sum::<u64>()
                 + (plan.deletes.len() - plan.removes.len().min(plan.deletes.len())) as u64,
@@ -212,43 +305,29 @@ pub async fn send_batch(
     }
     let guarded = !plan.deletes.is_empty() && group.guard.active();
     if guarded {
-        let g = group.clone();
-        let source_empty = tokio::task::spawn_blocking(move || source_is_empty(&g))
-            .await
-            .expect("read_dir task");
-        if source_empty {
-            // A disk that did not mount looks like this: weighed with exact figures, as
-            // compatibility mode does.
-            return compare_whole(session, group, learned, report, observe).await;
+        let (held, filter) = (root.clone(), group.filter.clone());
+        let empty = tokio::task::spawn_blocking(move || source::is_empty(&held, &filter));
+        if empty.await.expect("read_dir task") {
+            return Weighed::Whole;
         }
-        // The receiver counts what each delete takes and holds back what would pass the
-        // guard; with history it takes everything (nothing is lost) and only counts.
         plan.allowance = match session.keeps.history {
             true => Some(u64::MAX),
             false => learned.tally.allowance(&group.guard, crate::timing::now()),
         };
     }
-    let grew = plan.creates.len() as u64;
-    // Parents whose entries changed get their times back, after their contents.
-    let have: BTreeSet<&RelPath> = plan.dir_meta.iter().map(|e| &e.path).collect();
-    let missing: Vec<RelPath> = parents.into_iter().filter(|d| !have.contains(d)).collect();
-    let (ns, held) = (group.preserve.namespaces(), root.clone());
-    let parents: Vec<Entry> = tokio::task::spawn_blocking(move || {
-        missing
-            .into_iter()
-            .filter_map(|d| {
-                local::read_entry_at(&held, &d, ns, &mut Vec::new())
-                    .ok()
-                    .flatten()
-            })
-            .filter(|e| e.meta.kind == Kind::Dir)
-            .collect()
-    })
-    .await
-    .expect("stat task");
-    plan.dir_meta.extend(parents);
-    order_dir_meta(&mut plan.dir_meta);
-    execute(session, group.preserve, &root.into(), plan, report, observe).await?;
+    Weighed::Send { plan, guarded }
+}
+
+/// The last step: the `grew` entries a batch created, and, if it was `guarded`, what the
+/// receiver answered to its deletes ([`guard_answers`]), into the tally.
+fn record_answers(
+    session: &Session,
+    group: &SyncGroup,
+    learned: &mut Learned,
+    guarded: bool,
+    grew: u64,
+    report: &mut Report,
+) {
     let now = crate::timing::now();
     if guarded {
         guard_answers(session, group, learned, report, now);
@@ -257,7 +336,6 @@ pub async fn send_batch(
     if learned.tally.recent(now) == 0 {
         learned.mass_said = false;
     }
-    Ok(())
 }
 
 /// What the receiver answered to a batch's deletes under the guard's allowance, into the
@@ -282,7 +360,7 @@ fn guard_answers(
         }
         learned.holding = Some(why.clone());
         report.absorb(Report {
-            held: Some(crate::execute::Held {
+            held: Some(Held {
                 paths: held.len() as u64,
                 entries: held.iter().map(|(_, n)| n).sum(),
                 why,

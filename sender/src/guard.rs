@@ -110,20 +110,6 @@ impl DeleteGuard {
     }
 }
 
-/// The one meaning of "the source is empty" for the guard: its root holds no entry that takes
-/// part (excluded ones do not count), or cannot be read (then nothing may be deleted either).
-/// A whole compare reads the same from its scan (only the root accepted).
-pub fn source_is_empty(group: &crate::config::SyncGroup) -> bool {
-    let Ok(items) = std::fs::read_dir(&group.source) else {
-        return true;
-    };
-    !items.flatten().any(|item| {
-        let is_dir = item.file_type().is_ok_and(|t| t.is_dir());
-        let name = RelPath::from_bytes(item.file_name().as_encoded_bytes().to_vec());
-        group.filter.accepts(&name, is_dir)
-    })
-}
-
 /// The live deletions a whole compare counts with its own: the entries deleted within
 /// [`DELETE_WINDOW`], and the module's size when they began (if known).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

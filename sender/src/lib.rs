@@ -16,7 +16,10 @@
 //!   [`ferry_link::Dial`]: TLS to a target, or in memory in tests), and the batch's steps
 //!   reported to the log and the observer.
 //! - [`batch`]: the live batch pipeline both transports share (renames planned by one rule,
-//!   dirty paths read once beneath one held source root), and its run on a ferry target.
+//!   dirty paths read once beneath one held source root), and its run on a ferry target
+//!   ([`batch::send_live`]: renames → read → plan → guard → execute → record, each once).
+//! - [`source`]: every read of the source, beneath one held descriptor of its root: a batch's
+//!   paths, parents and link names in one pass, subtree scans, and "the source is empty".
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;
 //!   pure).
 //! - [`execute`]: a plan over a session, many requests in flight; the [`execute::Report`]
@@ -39,8 +42,8 @@
 //! - [`guard`]: the mass-delete rule, the live tally of deletions it is applied to, and the
 //!   allowance both transports delete up to (a ferry receiver counts each delete against it).
 //! - [`links`]: the names of the source's multiply-linked files, learned as the group runs.
-//! - [`reconcile`]: scan + list + plan + execute of a whole tree or a subtree (`send --once`,
-//!   start-up, overflow, new directories).
+//! - [`reconcile`]: scan + list + plan (+ the guard over a whole tree) + execute of a whole
+//!   tree or a subtree (`send --once`, start-up, overflow, new directories).
 //! - [`rsync`]: compatibility mode: the rsync transport and its command lines (deletions under
 //!   the guard through `--max-delete`); `rsync::output` reads its exit codes, messages and
 //!   itemized changes.
@@ -70,6 +73,7 @@ pub mod reload;
 pub mod route;
 pub mod rsync;
 pub mod session;
+pub mod source;
 pub mod status;
 pub mod timing;
 pub mod transfer;

@@ -11,9 +11,10 @@
 //! - [`link_ops`]: which names of a multiply-linked file become links to its first name.
 
 use crate::coalesce::Need;
+use crate::config::SyncGroup;
 use crate::links::LinkNames;
 use ferry_protocol::delta::{DELTA_THRESHOLD, RESUME_THRESHOLD};
-use ferry_protocol::message::{Body, Message, RequestId};
+use ferry_protocol::message::{Body, Keeps, Message, RequestId};
 use ferry_protocol::meta::{Compare, Entry, Inode, Kind};
 use ferry_protocol::RelPath;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -198,6 +199,23 @@ pub struct PlanOptions {
     pub compare: Compare,
     /// Whether the receiver can create device nodes.
     pub devices: bool,
+}
+
+impl PlanOptions {
+    /// The planning options of `group` on a module that `keeps` these attributes: they are
+    /// compared where the group preserves them and the module keeps them.
+    pub fn new(group: &SyncGroup, keeps: &Keeps) -> Self {
+        PlanOptions {
+            delete: group.delete,
+            compare: Compare {
+                owner: keeps.owners,
+                setid: keeps.setid,
+                xattrs: group.preserve.namespaces().intersect(keeps.xattrs),
+                hardlinks: group.preserve.hardlinks,
+            },
+            devices: keeps.devices,
+        }
+    }
 }
 
 /// What the receiver has at an entry's path.

@@ -8,67 +8,14 @@ use crate::guard::Window;
 use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, plan, Plan, PlanOptions};
 use crate::session::{Session, SessionError};
+use crate::source;
 use ferry_protocol::local;
-use ferry_protocol::meta::{Compare, Entry};
+use ferry_protocol::meta::Entry;
 use ferry_protocol::RelPath;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Per-path errors of a tree walk.
-pub type ScanErrors = Vec<(RelPath, std::io::Error)>;
-
-/// Opens the group's source root: the one descriptor a batch or a compare reads the source
-/// beneath, from its first read to its last file sent.
-pub async fn open_source(group: &SyncGroup) -> Result<Arc<OwnedFd>, SessionError> {
-    let source = group.source.clone();
-    tokio::task::spawn_blocking(move || {
-        local::open_root(&source)
-            .map(Arc::new)
-            .map_err(|e| SessionError::Source {
-                path: source.clone(),
-                error: e.to_string(),
-            })
-    })
-    .await
-    .expect("open task")
-}
-
-/// Lists the local subtree at `under` beneath the held source `root`, applying the group's
-/// excludes, with the attributes the group preserves.
-pub fn scan_source_under(
-    group: &SyncGroup,
-    root: &OwnedFd,
-    under: &RelPath,
-) -> std::io::Result<(Vec<Entry>, ScanErrors)> {
-    let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
-    let mut errors = Vec::new();
-    let ns = group.preserve.namespaces();
-    let entries = local::scan_at(root, under, &filter, ns, &mut errors)?;
-    Ok((entries, errors))
-}
-
-/// Every current name of the multiply-linked files among `entries` (read from the source; a
-/// scan of the `whole` tree or not), the names outside them included; what was learned is
-/// kept in `links` (the group's). Empty unless the group preserves hard links.
-pub fn link_names(
-    group: &SyncGroup,
-    root: &OwnedFd,
-    links: &Names,
-    whole: bool,
-    entries: &[Entry],
-) -> LinkNames {
-    if !group.preserve.hardlinks {
-        return LinkNames::new();
-    }
-    links.learn(entries, whole);
-    let linked: Vec<&Entry> = entries.iter().filter(|e| e.inode.is_some()).collect();
-    if linked.is_empty() {
-        return LinkNames::new();
-    }
-    links.current(root, &linked)
-}
 
 /// Drops excluded entries (and their subtrees) from a tree-order remote listing.
 pub fn filter_remote(group: &SyncGroup, remote: Vec<Entry>) -> Vec<Entry> {
@@ -115,8 +62,12 @@ pub async fn reconcile_under(
     let started = Instant::now();
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
-    let root = open_source(group).await?;
-    let plan = plan_under(session, group, &root, links, under, window, &mut report).await?;
+    let root = source::open(group).await?;
+    let (mut plan, listed) = plan_under(session, group, &root, links, under, &mut report).await?;
+    if under.is_root() {
+        warn_unkept(session, group, &listed.local);
+        guard_whole(session, group, window, &mut plan, &listed, &mut report);
+    }
     if under.is_root() {
         tracing::info!(
             sync = %group.name,
@@ -140,31 +91,33 @@ pub async fn reconcile_under(
     Ok(report)
 }
 
+/// What a compare listed on both sides, beyond its plan.
+pub struct Listed {
+    /// The source's entries.
+    pub local: Vec<Entry>,
+    /// How many entries the receiver listed (the subtree's root left out).
+    pub remote: u64,
+}
+
 /// Lists the subtree at `under` on both sides (the source's beneath the held `root`) and plans
-/// what makes the receiver's equal. Local read errors land in `report`. For the whole tree the
-/// delete guard applies, counting `recent_deletes` (`window.recent`, entries deleted live within the guard's
-/// window) as part of this plan, so a mass deletion cannot slip through half live and half
-/// here, against the module as it was when they began (`window.total`, if known). When the
-/// guard objects, a module with history takes the deletions (said once, in
-/// [`Report::mass_change`]); one without holds them back ([`Report::held`]) and everything
-/// else goes.
+/// what makes the receiver's equal; local read errors land in `report`. What could not be
+/// read is not known to be gone: nothing at or below it is deleted (rsync's rule after I/O
+/// errors).
 pub async fn plan_under(
     session: &Arc<Session>,
     group: &SyncGroup,
     root: &Arc<OwnedFd>,
     links: &Names,
     under: &RelPath,
-    window: Window,
     report: &mut Report,
-) -> Result<Plan, SessionError> {
-    let (recent_deletes, window_total) = (window.recent, window.total);
+) -> Result<(Plan, Listed), SessionError> {
     let (g, links, held) = (group.clone(), links.clone(), root.clone());
     let start = under.clone();
-    let opts = plan_options(session, group);
+    let opts = PlanOptions::new(group, &session.keeps);
     let remote = session.list(under, opts.compare.xattrs);
     let local = tokio::task::spawn_blocking(move || {
-        scan_source_under(&g, &held, &start).map(|(entries, errors)| {
-            let names = link_names(&g, &held, &links, start.is_root(), &entries);
+        source::scan_under(&g, &held, &start).map(|(entries, errors)| {
+            let names = source::link_names(&g, &held, &links, start.is_root(), &entries);
             (entries, errors, names)
         })
     });
@@ -183,83 +136,79 @@ pub async fn plan_under(
         }
     };
     let mut planned = plan(&local, &remote, opts, &names);
-    // What could not be read is not known to be gone: nothing at or below it is deleted
-    // (rsync's rule after I/O errors).
     let unreadable: Vec<RelPath> = scan_errors.iter().map(|(p, _)| p.clone()).collect();
     planned.keep_unreadable(&unreadable);
     for (p, e) in scan_errors {
         report.failures.push((p, e.to_string()));
     }
     planned.removes = deleted_entries(&planned.deletes, &remote);
-    if under.is_root() {
-        warn_unkept(session, group, &local);
-        let total = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
-        let source_empty = local.iter().all(|e| e.path.is_root());
-        // The module before the recent live deletions, and all of them; never more than it
-        // held when they began (`window_total`): entries created since (a `NAME.locked`
-        // beside each `NAME` deleted) must not dilute the share.
-        let deleting = planned.removed() + recent_deletes;
-        let total = window_total.map_or(total + recent_deletes, |w| w.min(total + recent_deletes));
-        let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
-        let moved = device.and_then(|d| group.guard.device_objection(d, deleting));
-        let objection = moved.or_else(|| group.guard.objection(deleting, total, source_empty));
-        let mut kept = 0;
-        if let Some(why) = objection {
-            if session.keeps.history {
-                // Nothing is lost: what goes is kept in the module's history.
-                let said = format!(
-                    "sync {}: {why}; applied, because module {} keeps history (`ferry history` \
-                     on the backup host lists it)",
-                    group.name, group.module
-                );
-                tracing::warn!(target = %session.target(), "{said}");
-                report.mass_change = Some(said);
-            } else {
-                let paths = planned.deletes.len() as u64;
-                kept = planned.removed();
-                let live = if recent_deletes > 0 {
-                    format!(", after {recent_deletes} entries deleted live within 10 minutes")
-                } else {
-                    String::new()
-                };
-                report.held = Some(crate::execute::Held {
-                    paths,
-                    entries: kept,
-                    why: format!(
-                        "sync {}: {why}; holding {paths} deletions ({kept} entries){live}, \
-                         replicating everything else (the module keeps no history: what it \
-                         deletes is gone). {}",
-                        group.name,
-                        group.guard.confirm_hint(&group.name)
-                    ),
-                    whole: true,
-                });
-                planned.deletes.clear();
-                planned.removes.clear();
-            }
-        }
-        // What the module holds once this compare is done: the source's entries, and what
-        // held deletions leave.
-        report.module_entries =
-            Some(local.iter().filter(|e| !e.path.is_root()).count() as u64 + kept);
-    }
-    Ok(planned)
+    let remote = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
+    Ok((planned, Listed { local, remote }))
 }
 
-/// The planning options of `group` on the receiver behind `session`: attributes are compared
-/// where the group preserves them and the module keeps them.
-pub fn plan_options(session: &Session, group: &SyncGroup) -> PlanOptions {
-    let keeps = &session.keeps;
-    PlanOptions {
-        delete: group.delete,
-        compare: Compare {
-            owner: keeps.owners,
-            setid: keeps.setid,
-            xattrs: group.preserve.namespaces().intersect(keeps.xattrs),
-            hardlinks: group.preserve.hardlinks,
-        },
-        devices: keeps.devices,
+/// The delete guard over a whole compare's `planned` deletions, counting `window.recent`
+/// (entries deleted live within the guard's window) as part of them, so a mass deletion
+/// cannot slip through half live and half here, against the module as it was when they
+/// began (`window.total`, if known). When the guard objects, a module with history takes the
+/// deletions (said once, in [`Report::mass_change`]); one without holds them back
+/// ([`Report::held`]) and everything else goes. [`Report::module_entries`] is what the
+/// module holds once the compare is done.
+fn guard_whole(
+    session: &Session,
+    group: &SyncGroup,
+    window: Window,
+    planned: &mut Plan,
+    listed: &Listed,
+    report: &mut Report,
+) {
+    let (recent_deletes, window_total) = (window.recent, window.total);
+    let local = &listed.local;
+    let source_empty = local.iter().all(|e| e.path.is_root());
+    // The module before the recent live deletions, and all of them; never more than it held
+    // when they began (`window_total`): entries created since (a `NAME.locked` beside each
+    // `NAME` deleted) must not dilute the share.
+    let deleting = planned.removed() + recent_deletes;
+    let total = listed.remote + recent_deletes;
+    let total = window_total.map_or(total, |w| w.min(total));
+    let device = std::fs::metadata(&group.source).map(|m| m.dev()).ok();
+    let moved = device.and_then(|d| group.guard.device_objection(d, deleting));
+    let objection = moved.or_else(|| group.guard.objection(deleting, total, source_empty));
+    let mut kept = 0;
+    if let Some(why) = objection {
+        if session.keeps.history {
+            // Nothing is lost: what goes is kept in the module's history.
+            let said = format!(
+                "sync {}: {why}; applied, because module {} keeps history (`ferry history` \
+                 on the backup host lists it)",
+                group.name, group.module
+            );
+            tracing::warn!(target = %session.target(), "{said}");
+            report.mass_change = Some(said);
+        } else {
+            let paths = planned.deletes.len() as u64;
+            kept = planned.removed();
+            let live = if recent_deletes > 0 {
+                format!(", after {recent_deletes} entries deleted live within 10 minutes")
+            } else {
+                String::new()
+            };
+            report.held = Some(crate::execute::Held {
+                paths,
+                entries: kept,
+                why: format!(
+                    "sync {}: {why}; holding {paths} deletions ({kept} entries){live}, \
+                     replicating everything else (the module keeps no history: what it \
+                     deletes is gone). {}",
+                    group.name,
+                    group.guard.confirm_hint(&group.name)
+                ),
+                whole: true,
+            });
+            planned.deletes.clear();
+            planned.removes.clear();
+        }
     }
+    report.module_entries = Some(local.iter().filter(|e| !e.path.is_root()).count() as u64 + kept);
 }
 
 /// Says once per whole compare which attributes of the source the module cannot keep, if the

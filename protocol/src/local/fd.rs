@@ -49,6 +49,40 @@ pub(crate) fn readlink_at(dir: &OwnedFd, name: &[u8]) -> io::Result<Vec<u8>> {
 /// The names in the held directory `dir` (without `.` and `..`), in the order the
 /// filesystem returns them.
 pub(crate) fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    each_name(dir, |name| {
+        names.push(name.to_vec());
+        true
+    })?;
+    Ok(names)
+}
+
+/// Whether the held directory `dir` has a child for which `accept(name, is_dir)` holds; the
+/// directory is read only until the first one (a child gone since it was listed is skipped).
+pub fn holds_any(dir: &OwnedFd, mut accept: impl FnMut(&[u8], bool) -> bool) -> io::Result<bool> {
+    let mut found = false;
+    let mut failed = None;
+    each_name(dir, |name| {
+        match lstat_at(dir, Some(name)) {
+            Ok(st) => found = accept(name, st.st_mode & libc::S_IFMT == libc::S_IFDIR),
+            // Gone since the directory was read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                failed = Some(e);
+                return false;
+            }
+        }
+        !found
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(found),
+    }
+}
+
+/// Calls `f` with each name in the held directory `dir` (without `.` and `..`) until it
+/// returns false.
+fn each_name(dir: &OwnedFd, mut f: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
     // SAFETY: "." relative to a valid descriptor; a new descriptor is returned.
     let fd = unsafe {
         libc::openat(
@@ -68,7 +102,6 @@ pub(crate) fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
         unsafe { libc::close(fd) };
         return Err(e);
     }
-    let mut names = Vec::new();
     let result = loop {
         // SAFETY: errno is thread-local; readdir reports errors only through it.
         unsafe { *libc::__errno_location() = 0 };
@@ -84,13 +117,13 @@ pub(crate) fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
         }
         // SAFETY: `d_name` is a NUL-terminated name inside the entry readdir returned.
         let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
+        if name != b"." && name != b".." && !f(name) {
+            break Ok(());
         }
     };
     // SAFETY: closes the stream and its descriptor once.
     unsafe { libc::closedir(stream) };
-    result.map(|()| names)
+    result
 }
 
 /// How many entries removing `name` of the held directory `dir` takes: the entry and, for a
@@ -101,18 +134,7 @@ pub fn count_entries(dir: &OwnedFd, name: &[u8], limit: u64) -> io::Result<u64> 
         Ok(top) => top,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // Gone, or a dangling name: only an lstat tells them apart.
-            let c = CString::new(name).map_err(io::Error::other)?;
-            // SAFETY: valid descriptor, NUL-terminated name, `st` is written by the call.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            let r = unsafe {
-                libc::fstatat(
-                    dir.as_raw_fd(),
-                    c.as_ptr(),
-                    &mut st,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            };
-            return Ok((r == 0) as u64);
+            return Ok(lstat_at(dir, Some(name)).is_ok() as u64);
         }
         // A symlink (ELOOP) or anything but a directory is one entry.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => return Ok(1),

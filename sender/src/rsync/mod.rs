@@ -13,12 +13,12 @@
 //! - `transport = "ssh"` runs the same commands over a remote shell (`user@host:/path`), as
 //!   the old `file_watch.sh` scripts did.
 
-use crate::batch::{batch_paths, plan_renames, read_batch};
+use crate::batch::{batch_paths, plan_renames};
 use crate::config::{RsyncTarget, SyncGroup};
 use crate::execute::Report;
-use crate::guard::{source_is_empty, DeleteTally};
+use crate::guard::DeleteTally;
 use crate::queue::Batch;
-use crate::reconcile::{open_source, scan_source_under};
+use crate::source;
 use crate::worker::{Observer, Outcome, Transport};
 use ferry_protocol::meta::Difference;
 use ferry_protocol::xattr::Namespaces;
@@ -179,7 +179,7 @@ pub async fn full(
             let held = module_entries(group, target, address).await;
             // rsync --delete from an empty source wipes the module (a disk that did not mount):
             // the run goes without --delete, everything held.
-            if source_is_empty(group) {
+            if source::is_empty_now(group).await {
                 if let Some(why) = group.guard.objection(held, held, true) {
                     args.pop();
                     let root = RelPath::root();
@@ -241,15 +241,15 @@ pub async fn batch(
         filter.excludes_dirty(p, d)
     });
     let paths = batch_paths(batch, renames.paths);
-    let root = match open_source(group).await {
+    let root = match source::open(group).await {
         Ok(root) => root,
         Err(e) => return (Verdict::Transient(e.to_string()), 0),
     };
     let g = group.clone();
     let lists = tokio::task::spawn_blocking(move || {
-        let (dirty, _) = read_batch(&root, paths, Namespaces::NONE);
+        let (dirty, _) = source::read_paths(&root, paths, Namespaces::NONE);
         lists_of(&g, dirty, |under| {
-            scan_source_under(&g, &root, under)
+            source::scan_under(&g, &root, under)
                 .map(|(entries, _)| entries.into_iter().map(|e| e.path).collect())
         })
     })
@@ -259,11 +259,7 @@ pub async fn batch(
     if group.delete && !lists.missing.is_empty() && group.guard.active() {
         // The live form of the empty-source rule: the whole run decides, with the module's
         // size in hand.
-        let g = group.clone();
-        let empty = tokio::task::spawn_blocking(move || source_is_empty(&g))
-            .await
-            .expect("read_dir task");
-        if empty {
+        if source::is_empty_now(group).await {
             return (full(group, target, address, tally, counts).await, n);
         }
     }
