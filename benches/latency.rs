@@ -84,6 +84,21 @@ fn write_file(path: &Path, i: usize) {
     std::fs::write(path, format!("{i:>4096}")).unwrap();
 }
 
+/// The disk's own floor for one durable small file, the steps ferry's receiver cannot skip:
+/// create a file beside its final name, write it, fsync it, rename it over the final name,
+/// fsync the directory. `i` names the file.
+fn durable_write(dir: &std::fs::File, at: &Path, i: usize) -> Duration {
+    use std::io::Write;
+    let started = Instant::now();
+    let temp = at.join(format!(".tmp-{i}"));
+    let mut f = std::fs::File::create(&temp).unwrap();
+    f.write_all(format!("{i:>4096}").as_bytes()).unwrap();
+    f.sync_all().unwrap();
+    std::fs::rename(&temp, at.join(format!("f{i}"))).unwrap();
+    dir.sync_all().unwrap();
+    started.elapsed()
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let writes = env_usize("FERRY_BENCH_WRITES", 300);
@@ -149,9 +164,15 @@ async fn bench(writes: usize, burst: usize) {
     ready_rx.await.unwrap();
     rsync(&src, &reference, false);
 
-    // 1. Small writes, one at a time: close → durable at the receiver.
+    // 1. Small writes, one at a time: close → durable at the receiver. Each is followed by
+    // the same durable write done directly on the same filesystem: the floor, measured in
+    // step with ferry (these disks drift within a minute).
     let mut ferry_lat = Vec::with_capacity(writes);
+    let mut floor_lat = Vec::with_capacity(writes);
     let mut rsync_lat = Vec::new();
+    let floor_dir = tmp.path().join("floor");
+    std::fs::create_dir(&floor_dir).unwrap();
+    let floor = Arc::new((std::fs::File::open(&floor_dir).unwrap(), floor_dir));
     for i in 0..writes {
         let name = format!("small-{i}");
         let path = src.join(&name);
@@ -171,6 +192,12 @@ async fn bench(writes: usize, burst: usize) {
                 break;
             }
         }
+        let f = floor.clone();
+        floor_lat.push(
+            tokio::task::spawn_blocking(move || durable_write(&f.0, &f.1, i))
+                .await
+                .unwrap(),
+        );
         // The old script: one rsync of the whole tree per event (every tenth write, to keep
         // the run short; each is independent).
         if i % 10 == 0 {
@@ -265,7 +292,20 @@ async fn bench(writes: usize, burst: usize) {
         "ferry latency benchmark (loopback, TLS, fsync on the receiver; history {})",
         if history { "on" } else { "off" }
     );
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        percentile(&v, 0.5)
+    };
+    let (ferry_p50, floor_p50) = (p50(&ferry_lat), p50(&floor_lat));
     println!("{}", summary("ferry: close → durable", ferry_lat));
+    println!("{}", summary("the disk's own durable write", floor_lat));
+    println!(
+        "  (create, write 4 KiB, fsync, rename, fsync the directory; one after each ferry \
+         write)\n  ferry's p50 is {:.2}× the disk's (+{:.2} ms: event, read, TLS, ack)",
+        ms(ferry_p50) / ms(floor_p50).max(1e-6),
+        ms(ferry_p50) - ms(floor_p50)
+    );
     println!("{}", summary("ferry: overwrite → durable", overwrite_lat));
     println!("{}", summary("rsync -a --delete per event", rsync_lat));
     println!("burst of {burst} new files (4 KiB each, 20 new directories):");
