@@ -115,8 +115,7 @@ pub async fn send_batch(
 }
 
 /// How a live batch ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Live {
+enum Live {
     /// Sent.
     Sent,
     /// Its renames sent, the rest is for a whole-tree compare.
@@ -126,7 +125,7 @@ pub enum Live {
 /// The live pipeline: each step runs once, in order: the renames, one read of the source
 /// beneath one held descriptor of its root ([`source::read_batch`]), the plan, the guard over
 /// it, the plan's execution, and what the receiver answered to the deletes, recorded.
-pub async fn send_live(
+async fn send_live(
     session: &Arc<Session>,
     group: &SyncGroup,
     learned: &mut Learned,
@@ -305,9 +304,7 @@ async fn weigh(
     }
     let guarded = !plan.deletes.is_empty() && group.guard.active();
     if guarded {
-        let (held, filter) = (root.clone(), group.filter.clone());
-        let empty = tokio::task::spawn_blocking(move || source::is_empty(&held, &filter));
-        if empty.await.expect("read_dir task") {
+        if source::holds_nothing(root, &group.filter).await {
             return Weighed::Whole;
         }
         plan.allowance = match session.keeps.history {

@@ -17,7 +17,7 @@
 //!   reported to the log and the observer.
 //! - [`batch`]: the live batch pipeline both transports share (renames planned by one rule,
 //!   dirty paths read once beneath one held source root), and its run on a ferry target
-//!   ([`batch::send_live`]: renames → read → plan → guard → execute → record, each once).
+//!   ([`batch::send_batch`]: renames → read → plan → guard → execute → record, each once).
 //! - [`source`]: every read of the source, beneath one held descriptor of its root: a batch's
 //!   paths, parents and link names in one pass, subtree scans, and "the source is empty".
 //! - [`plan`]: every planning rule (op by kind, whole or delta, directory times, live batches;

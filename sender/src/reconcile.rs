@@ -67,8 +67,6 @@ pub async fn reconcile_under(
     if under.is_root() {
         warn_unkept(session, group, &listed.local);
         guard_whole(session, group, window, &mut plan, &listed, &mut report);
-    }
-    if under.is_root() {
         tracing::info!(
             sync = %group.name,
             target = %session.target(),

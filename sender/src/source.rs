@@ -82,16 +82,21 @@ pub fn is_empty(root: &OwnedFd, filter: &Filter) -> bool {
     !accepted.unwrap_or(false)
 }
 
-/// [`is_empty`] on a fresh descriptor of the group's root; a root that cannot be opened
-/// counts as empty.
-pub async fn is_empty_now(group: &SyncGroup) -> bool {
-    let Ok(root) = open(group).await else {
-        return true;
-    };
-    let filter = group.filter.clone();
+/// [`is_empty`] of the held `root`, off the async threads.
+pub async fn holds_nothing(root: &Arc<OwnedFd>, filter: &Filter) -> bool {
+    let (root, filter) = (root.clone(), filter.clone());
     tokio::task::spawn_blocking(move || is_empty(&root, &filter))
         .await
         .expect("read_dir task")
+}
+
+/// [`is_empty`] on a fresh descriptor of the group's root, for a run that holds none yet; a
+/// root that cannot be opened counts as empty.
+pub async fn is_empty_now(group: &SyncGroup) -> bool {
+    match open(group).await {
+        Ok(root) => holds_nothing(&root, &group.filter).await,
+        Err(_) => true,
+    }
 }
 
 /// Reads each of `paths` beneath the held source `root`, once, with the attributes `ns`.

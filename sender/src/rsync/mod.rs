@@ -245,11 +245,11 @@ pub async fn batch(
         Ok(root) => root,
         Err(e) => return (Verdict::Transient(e.to_string()), 0),
     };
-    let g = group.clone();
+    let (g, held) = (group.clone(), root.clone());
     let lists = tokio::task::spawn_blocking(move || {
-        let (dirty, _) = source::read_paths(&root, paths, Namespaces::NONE);
+        let (dirty, _) = source::read_paths(&held, paths, Namespaces::NONE);
         lists_of(&g, dirty, |under| {
-            source::scan_under(&g, &root, under)
+            source::scan_under(&g, &held, under)
                 .map(|(entries, _)| entries.into_iter().map(|e| e.path).collect())
         })
     })
@@ -259,7 +259,7 @@ pub async fn batch(
     if group.delete && !lists.missing.is_empty() && group.guard.active() {
         // The live form of the empty-source rule: the whole run decides, with the module's
         // size in hand.
-        if source::is_empty_now(group).await {
+        if source::holds_nothing(&root, &group.filter).await {
             return (full(group, target, address, tally, counts).await, n);
         }
     }
