@@ -345,10 +345,20 @@ pub const MAX_PARTIALS: usize = 16;
 pub const PARTIAL_TTL: Duration = Duration::from_secs(3600);
 
 impl Partials {
-    /// Keeps `p` for `path`, replacing an older one.
+    /// Keeps `p` for `path`, replacing the one kept before unless that is a longer prefix of
+    /// the same version.
     pub fn keep(&self, path: RelPath, p: Partial) {
         let mut map = self.0.lock().expect("partials lock");
         map.retain(|_, p| p.since.elapsed() < PARTIAL_TTL);
+        // Two sessions can hold the same transfer (a sender that reconnected before the old
+        // connection was found dead): of one version, the longer prefix stays, so a resume
+        // never goes backwards.
+        if let Some(old) = map.get(&path) {
+            if old.meta == p.meta && old.written > p.written {
+                p.tmp.discard();
+                return;
+            }
+        }
         if let Some(old) = map.insert(path, p) {
             old.tmp.discard();
         }
