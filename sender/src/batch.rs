@@ -16,7 +16,7 @@
 use crate::coalesce::{Need, Rename};
 use crate::config::SyncGroup;
 use crate::execute::{execute, rename_all, Held, Observe, Report};
-use crate::guard::DeleteTally;
+use crate::guard::{DeleteTally, Step};
 use crate::links::Names;
 use crate::plan::{order_dir_meta, plan_batch, Plan, PlanOptions};
 use crate::queue::Batch;
@@ -98,8 +98,8 @@ pub fn batch_paths(batch: &Batch, more: Vec<(RelPath, Need, Instant)>) -> Vec<(R
 
 /// Sends `batch` to the module behind `session`; per-path failures land in `report`.
 /// `learned` is what the target's worker knows from earlier batches. A batch goes through
-/// [`send_live`]; one that must be weighed as a whole (a full rescan, a source found empty)
-/// becomes a whole-tree compare ([`compare_whole`]) after its renames.
+/// `send_live`; one that must be weighed as a whole (a full rescan, a source found empty)
+/// becomes a whole-tree compare (`compare_whole`) after its renames.
 pub async fn send_batch(
     session: &Arc<Session>,
     group: &SyncGroup,
@@ -286,32 +286,39 @@ async fn weigh(
     mut plan: Plan,
     report: &mut Report,
 ) -> Weighed {
-    if let (Some(why), false) = (&learned.holding, plan.deletes.is_empty()) {
-        // Held like the deletions before them, until an operator confirms.
-        let held = Held {
-            paths: plan.deletes.len() as u64,
-            entries: plan.removes.iter().map(|(_, n)| n).sum::<u64>()
-                + (plan.deletes.len() - plan.removes.len().min(plan.deletes.len())) as u64,
-            why: why.clone(),
-            whole: false,
-        };
-        report.absorb(Report {
-            held: Some(held),
-            ..Report::default()
-        });
-        plan.deletes.clear();
-        plan.removes.clear();
-    }
-    let guarded = !plan.deletes.is_empty() && group.guard.active();
-    if guarded {
-        if source::holds_nothing(root, &group.filter).await {
-            return Weighed::Whole;
+    let now = crate::timing::now();
+    let holding = learned.holding.as_deref();
+    let history = session.keeps.history;
+    let step = learned
+        .tally
+        .step(&group.guard, holding, plan.deletes.len(), history, now);
+    let guarded = match step {
+        Step::Go => false,
+        Step::Hold(why) => {
+            // Held like the deletions before them, until an operator confirms.
+            let held = Held {
+                paths: plan.deletes.len() as u64,
+                entries: plan.removes.iter().map(|(_, n)| n).sum::<u64>()
+                    + (plan.deletes.len() - plan.removes.len().min(plan.deletes.len())) as u64,
+                why,
+                whole: false,
+            };
+            report.absorb(Report {
+                held: Some(held),
+                ..Report::default()
+            });
+            plan.deletes.clear();
+            plan.removes.clear();
+            false
         }
-        plan.allowance = match session.keeps.history {
-            true => Some(u64::MAX),
-            false => learned.tally.allowance(&group.guard, crate::timing::now()),
-        };
-    }
+        Step::Weigh(allowance) => {
+            if source::holds_nothing(root, &group.filter).await {
+                return Weighed::Whole;
+            }
+            plan.allowance = Some(allowance);
+            true
+        }
+    };
     Weighed::Send { plan, guarded }
 }
 

@@ -120,6 +120,20 @@ pub struct Window {
     pub total: Option<u64>,
 }
 
+/// What the guard step makes of a live batch's deletions ([`DeleteTally::step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// None planned, or the guard is off: they go as planned, uncounted.
+    Go,
+    /// Deletions are held until an operator confirms (why): these wait with them, and
+    /// everything else in the batch still goes.
+    Hold(String),
+    /// They go, at most this many entries, and what the transport answers it deleted is
+    /// recorded (a module with history takes all of them). A source found empty is weighed
+    /// by a whole compare instead, which knows the module's size exactly.
+    Weigh(u64),
+}
+
 /// How far back live deletions count together: an `rm -rf` or a vanished disk shows within
 /// it, while ordinary churn (a log rotated each day) never adds up.
 pub const DELETE_WINDOW: Duration = Duration::from_secs(600);
@@ -253,6 +267,26 @@ impl DeleteTally {
         guard.allowance(self.module_entries, recent)
     }
 
+    /// The guard step of a live batch that plans `deletes` deletions, for either transport:
+    /// `holding` is why earlier deletions are held, if they are; `history`, that the module
+    /// keeps what is deleted. See [`Step`].
+    pub fn step(
+        &mut self,
+        guard: &DeleteGuard,
+        holding: Option<&str>,
+        deletes: usize,
+        history: bool,
+        now: Instant,
+    ) -> Step {
+        match (deletes, holding) {
+            (0, _) => Step::Go,
+            (_, Some(why)) => Step::Hold(why.to_string()),
+            _ if !guard.active() => Step::Go,
+            _ if history => Step::Weigh(u64::MAX),
+            _ => Step::Weigh(self.allowance(guard, now).unwrap_or(u64::MAX)),
+        }
+    }
+
     /// True if the deletions within the window meet the rule (against the module's size when
     /// they began; before any whole compare, `min` deletions alone): what a module with history
     /// says once, having applied them.
@@ -380,6 +414,42 @@ mod tests {
             ..DeleteGuard::default()
         };
         assert_eq!(tally.allowance(&off, later), None);
+    }
+
+    #[test]
+    fn the_live_step_is_one_rule_for_both_transports() {
+        let now = Instant::now();
+        let on = DeleteGuard::default();
+        let off = DeleteGuard {
+            percent: 0,
+            ..DeleteGuard::default()
+        };
+        let held = Some("held since 10:00");
+        let hold = || Step::Hold("held since 10:00".into());
+        // (guard, holding, deletes, history, module size, deleted in the window, step)
+        let table = [
+            (&on, None, 0, false, Some(3000), 0, Step::Go),
+            (&on, held, 0, false, Some(3000), 0, Step::Go),
+            (&on, held, 5, false, Some(3000), 0, hold()),
+            (&on, held, 5, true, Some(3000), 0, hold()),
+            (&off, None, 5, false, Some(3000), 0, Step::Go),
+            (&on, None, 5, true, Some(3000), 1400, Step::Weigh(u64::MAX)),
+            (&on, None, 5, false, Some(3000), 0, Step::Weigh(1499)),
+            (&on, None, 5, false, Some(3000), 1400, Step::Weigh(99)),
+            (&on, None, 5, false, Some(3000), 1600, Step::Weigh(0)),
+            (&on, None, 5, false, None, 0, Step::Weigh(999)),
+        ];
+        for (i, (guard, holding, deletes, history, size, recent, want)) in
+            table.into_iter().enumerate()
+        {
+            let mut tally = DeleteTally::default();
+            if let Some(size) = size {
+                tally.compared(size);
+            }
+            tally.record(&[(RelPath::from("gone"), recent)], now);
+            let got = tally.step(guard, holding, deletes, history, now);
+            assert_eq!(got, want, "row {i}");
+        }
     }
 
     #[test]

@@ -216,6 +216,16 @@ impl PlanOptions {
             devices: keeps.devices,
         }
     }
+
+    /// The planning options of a live batch for an rsync target: rsync itself decides what
+    /// the module can hold (devices, owners), so nothing is left out here.
+    pub fn rsync(delete: bool) -> Self {
+        PlanOptions {
+            delete,
+            compare: Compare::all(false),
+            devices: true,
+        }
+    }
 }
 
 /// What the receiver has at an entry's path.

@@ -1,9 +1,7 @@
-//! What a batch asks of rsync: its dirty paths, as read, mapped to `--files-from` lists
+//! What a batch's plan asks of rsync: `--files-from` lists
 //! (deletions grouped by parent, then what to send with the parents whose times follow).
 
-use crate::coalesce::Need;
-use crate::config::SyncGroup;
-use crate::plan::Dirty;
+use crate::plan::BatchPlan;
 use ferry_protocol::RelPath;
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -42,15 +40,16 @@ pub(super) struct Lists {
     pub(super) parents: BTreeSet<Vec<u8>>,
 }
 
-/// The rsync runs a batch needs, from its dirty paths as read (see
-/// [`read_batch`](crate::batch::read_batch)). A directory new or moved in is listed whole
-/// (`scan` lists the subtree beneath the held root; `--files-from` does not recurse).
+/// The rsync runs a batch's plan maps to ([`plan_batch`](crate::plan::plan_batch), the
+/// planner of every live batch): its deletes are missing, what it creates or changes is
+/// present, a subtree it compares (a directory new or moved in) is listed whole beneath the
+/// held root by `scan` (`--files-from` does not recurse), and the directories whose times
+/// it restores are the parents.
 pub(super) fn lists_of(
-    group: &SyncGroup,
-    dirty: Vec<Dirty>,
+    sync: &str,
+    planned: BatchPlan,
     mut scan: impl FnMut(&RelPath) -> std::io::Result<Vec<RelPath>>,
 ) -> Lists {
-    let mut lists = Lists::default();
     let name = |p: &RelPath| {
         if p.is_root() {
             b".".to_vec()
@@ -58,41 +57,40 @@ pub(super) fn lists_of(
             p.as_bytes().to_vec()
         }
     };
-    for Dirty { path, need, entry } in dirty {
-        if need >= Need::Content && !path.is_root() {
-            lists
-                .parents
-                .insert(name(&path.parent().unwrap_or_default()));
-        }
-        let is_dir = match &entry {
-            Ok(Some(e)) => Some(e.meta.kind == ferry_protocol::Kind::Dir),
-            _ => None,
-        };
-        if group.filter.excludes_dirty(&path, is_dir) {
-            continue;
-        }
-        // Only a path that is really gone is deleted; one we cannot read is left alone.
-        let gone = |e: &std::io::Error| {
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-            )
-        };
-        match entry {
-            Ok(None) => {
-                lists.missing.insert(name(&path));
+    let BatchPlan {
+        plan,
+        trees,
+        parents,
+        failures,
+    } = planned;
+    let mut lists = Lists {
+        parents: parents.iter().map(name).collect(),
+        ..Lists::default()
+    };
+    for (path, e) in failures {
+        tracing::warn!(sync, %path, "cannot read: {e}");
+    }
+    lists.missing.extend(plan.deletes.iter().map(name));
+    let created = plan.creates.iter().map(|op| &op.entry().path);
+    let linked = plan.links.iter().flat_map(|l| [&l.entry.path, &l.target]);
+    let dirs = plan.dir_meta.iter().map(|e| &e.path);
+    lists
+        .present
+        .extend(created.chain(linked).chain(dirs).map(name));
+    // Swapped for a symlink or removed since it was read: gone.
+    let gone = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+        )
+    };
+    for tree in trees {
+        match scan(&tree) {
+            Ok(paths) => lists.present.extend(paths.iter().map(name)),
+            Err(e) if gone(&e) => {
+                lists.missing.insert(name(&tree));
             }
-            Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
-            Ok(Some(_)) if is_dir == Some(true) && need >= Need::Content => match scan(&path) {
-                Ok(paths) => lists.present.extend(paths.iter().map(name)),
-                Err(e) if gone(&e) => {
-                    lists.missing.insert(name(&path));
-                }
-                Err(e) => tracing::warn!(sync = %group.name, %path, "cannot read: {e}"),
-            },
-            Ok(Some(_)) => {
-                lists.present.insert(name(&path));
-            }
+            Err(e) => tracing::warn!(sync, path = %tree, "cannot read: {e}"),
         }
     }
     lists

@@ -4,9 +4,9 @@
 //! - A full compare is one `rsync -a [--delete] [--exclude …] SRC/ rsync://…/module/`.
 //! - A batch of dirty paths is one `rsync -a --files-from=LIST --from0
 //!   --delete-missing-args` (or `--ignore-missing-args` without `delete`): only those paths
-//!   travel, and paths missing locally are deleted on the module. The batch is read and its
-//!   renames planned as a ferry target's ([`crate::batch`]); only the mapping to rsync runs is
-//!   rsync's. New directories are expanded locally into their entries; parents of changed
+//!   travel, and paths missing locally are deleted on the module. The batch is read, planned
+//!   ([`plan_batch`]) and its deletions weighed ([`DeleteTally::step`]) as a ferry target's
+//!   ([`crate::batch`]); only the mapping of the plan to rsync runs is rsync's. New directories are expanded locally into their entries; parents of changed
 //!   entries are listed too, so their times follow. rsync has no rename, so a rename is a
 //!   delete of the old name plus the new one.
 //! - At most one rsync runs per target; changes arriving meanwhile coalesce in the queue.
@@ -16,7 +16,9 @@
 use crate::batch::{batch_paths, plan_renames};
 use crate::config::{RsyncTarget, SyncGroup};
 use crate::execute::Report;
-use crate::guard::DeleteTally;
+use crate::guard::{DeleteTally, Step};
+use crate::links::LinkNames;
+use crate::plan::{plan_batch, PlanOptions};
 use crate::queue::Batch;
 use crate::source;
 use crate::worker::{Observer, Outcome, Transport};
@@ -221,11 +223,12 @@ pub async fn full(
     }
 }
 
-/// Sends `batch`'s paths (and what they imply) with `--files-from`. Returns the verdict
-/// and how many paths were listed. Deletions count against the delete guard as a ferry
-/// target's do ([`crate::guard`]): each run deletes at most what the guard still allows
-/// (`--max-delete`); what rsync deletes is counted from its itemized output, by name, in
-/// `tally`; when the limit holds deletions back the target stops, as a ferry target's does.
+/// Sends `batch` with `--files-from`: read and planned as a ferry target's batch is
+/// ([`plan_batch`]), the plan mapped to rsync runs (`lists_of`). Returns the verdict and
+/// how many paths were listed. Deletions go through the same guard step
+/// ([`DeleteTally::step`]): each run deletes at most the allowance (`--max-delete`), what
+/// rsync deletes is counted from its itemized output, by name, in `tally`, and when the
+/// limit holds deletions back the target holds them, as a ferry target does.
 pub async fn batch(
     group: &SyncGroup,
     target: &RsyncTarget,
@@ -246,55 +249,69 @@ pub async fn batch(
         Err(e) => return (Verdict::Transient(e.to_string()), 0),
     };
     let (g, held) = (group.clone(), root.clone());
-    let lists = tokio::task::spawn_blocking(move || {
+    let (mut lists, grew) = tokio::task::spawn_blocking(move || {
         let (dirty, _) = source::read_paths(&held, paths, Namespaces::NONE);
-        lists_of(&g, dirty, |under| {
+        let opts = PlanOptions::rsync(g.delete);
+        let filter = &g.filter;
+        let planned = plan_batch(dirty, opts, &LinkNames::default(), |p, d| {
+            filter.excludes_dirty(p, d)
+        });
+        let grew = planned.plan.creates.len() as u64;
+        let lists = lists_of(&g.name, planned, |under| {
             source::scan_under(&g, &held, under)
                 .map(|(entries, _)| entries.into_iter().map(|e| e.path).collect())
-        })
+        });
+        (lists, grew)
     })
     .await
     .expect("list task");
-    let n = lists.missing.len() + lists.present.len();
-    if group.delete && !lists.missing.is_empty() && group.guard.active() {
-        // The live form of the empty-source rule: the whole run decides, with the module's
-        // size in hand.
-        if source::holds_nothing(&root, &group.filter).await {
-            return (full(group, target, address, tally, counts).await, n);
-        }
+    if !group.delete {
+        // A subtree gone before it was listed is left on the module too.
+        lists.missing.clear();
     }
+    let n = lists.missing.len() + lists.present.len();
+    let now = crate::timing::now();
+    let step = tally.step(&group.guard, holding, lists.missing.len(), false, now);
     // Deletions (only when there are any) go first, one run per parent directory with bare
     // names: rsync 3.2.7 fails ("invalid file mode 00", exit 2) when a missing argument
     // shares its list with any directory, implied ones included. Then one run for the rest.
     let mut guarded = None;
-    if group.delete && holding.is_some() && !lists.missing.is_empty() {
-        guarded = holding.map(str::to_string);
-    } else if group.delete {
-        for (parent, names) in by_parent(&lists.missing) {
-            // --force: a directory deleted here is removed there with its contents (without
-            // it rsync only warns, and exits 0).
-            let mut args = vec!["--delete-missing-args".into(), "--force".into()];
-            let allowed = tally.allowance(&group.guard, crate::timing::now());
-            if let Some(allowed) = allowed {
-                args.push(format!("--max-delete={allowed}"));
-                args.push("--out-format=%i %n".to_string());
-            }
-            let (v, out) = with_list(group, target, address, &parent, &names, args, counts).await;
-            if allowed.is_some() {
-                tally.record(
-                    &deleted_by_name(&out, &parent, &names),
-                    crate::timing::now(),
-                );
-            }
-            match v {
-                Verdict::Done => {}
-                // The rest of the deletions wait; what changed still goes.
-                Verdict::Guarded(why) => {
-                    let deleted = deletions(&out);
-                    guarded = Some(group.guard.held_message(&group.name, deleted, &why));
-                    break;
+    match step {
+        Step::Go if lists.missing.is_empty() => {}
+        Step::Hold(why) => guarded = Some(why),
+        Step::Weigh(_) if source::holds_nothing(&root, &group.filter).await => {
+            // The live form of the empty-source rule: the whole run decides, with the
+            // module's size in hand.
+            return (full(group, target, address, tally, counts).await, n);
+        }
+        Step::Go | Step::Weigh(_) => {
+            let weighed = matches!(step, Step::Weigh(_));
+            for (parent, names) in by_parent(&lists.missing) {
+                // --force: a directory deleted here is removed there with its contents
+                // (without it rsync only warns, and exits 0).
+                let mut args = vec!["--delete-missing-args".into(), "--force".into()];
+                if weighed {
+                    let now = crate::timing::now();
+                    let allowed = tally.allowance(&group.guard, now).unwrap_or(u64::MAX);
+                    args.push(format!("--max-delete={allowed}"));
+                    args.push("--out-format=%i %n".to_string());
                 }
-                v => return (v, n),
+                let (v, out) =
+                    with_list(group, target, address, &parent, &names, args, counts).await;
+                if weighed {
+                    let deleted = deleted_by_name(&out, &parent, &names);
+                    tally.record(&deleted, crate::timing::now());
+                }
+                match v {
+                    Verdict::Done => {}
+                    // The rest of the deletions wait; what changed still goes.
+                    Verdict::Guarded(why) => {
+                        let deleted = deletions(&out);
+                        guarded = Some(group.guard.held_message(&group.name, deleted, &why));
+                        break;
+                    }
+                    v => return (v, n),
+                }
             }
         }
     }
@@ -311,6 +328,7 @@ pub async fn batch(
             return (v, n);
         }
     }
+    tally.grew(grew, crate::timing::now());
     (guarded.map_or(Verdict::Done, Verdict::Guarded), n)
 }
 
@@ -561,7 +579,7 @@ Total bytes received: 99\n";
     use crate::plan::Dirty;
 
     #[test]
-    fn a_batch_read_becomes_rsync_lists() {
+    fn a_batch_plan_becomes_rsync_lists() {
         use ferry_protocol::meta::{Entry, Kind};
         let mut group = SyncGroup::new("g", "/nonexistent".into(), vec![], "m");
         group.filter = crate::filter::Filter::new(&["*.tmp".to_string()]).unwrap();
@@ -598,8 +616,13 @@ Total bytes received: 99\n";
             dirty("x.tmp", Need::Content, Ok(None)),
             dirty("unreadable", Need::Content, Err("Permission denied".into())),
         ];
+        let opts = PlanOptions::rsync(true);
+        let filter = &group.filter;
+        let planned = plan_batch(read, opts, &LinkNames::default(), |p, d| {
+            filter.excludes_dirty(p, d)
+        });
         let mut scanned = Vec::new();
-        let lists = lists_of(&group, read, |under| {
+        let lists = lists_of("g", planned, |under| {
             scanned.push(under.to_string());
             if under.as_bytes() == b"moved" {
                 // Swapped for a symlink between the read and the scan: gone.
