@@ -159,10 +159,10 @@ enum Command {
         args: Vec<String>,
     },
     /// Bring a module (or some of its paths) back as it was at a time, into DEST. With a
-    /// sender.toml and --group: from the group's target over the network, only what differs
-    /// from DEST travelling (as deltas); nothing in DEST is removed without --delete. With a
-    /// receiver.toml and --module: on the backup host, into a new or empty DEST. Exit 0 when
-    /// everything was restored, 1 when some paths were not.
+    /// sender.toml and --group: from the group's target over the network. With a
+    /// receiver.toml and --module: on the backup host, without a network. Either way only
+    /// what differs from DEST is written (as deltas) and nothing in DEST is removed without
+    /// --delete. Exit 0 when everything was restored, 1 when some paths were not.
     Restore {
         /// sender.toml (with --group) or receiver.toml (with --module).
         #[arg(long)]

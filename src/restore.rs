@@ -110,7 +110,7 @@ pub async fn restore(config: &Path, ask: &Ask, dest: &Path) -> Result<u8> {
             );
         }
         let config = ferry_receiver::Config::load(config)?;
-        local(&config, ask, at, &paths, dest)
+        local(&config, ask, at, paths, dest).await
     } else {
         if ask.module.is_some() {
             bail!(
@@ -133,12 +133,17 @@ fn when(at: Option<i64>) -> String {
     )
 }
 
-/// On the backup host, from the module and its history, into a new or empty DEST.
-fn local(
+/// On the backup host, without a network: this process serves the module and its history
+/// to itself over an in-process pipe ([`serve`](ferry_receiver::restore::serve::serve), the
+/// backup host's half of a network restore) and writes DEST with the client's half
+/// ([`receive`]). So DEST is written the same way either way: deltas against what it holds,
+/// `--delete`, `--dry-run`, every file durable and checked before it takes its name. The
+/// module and its history are only read: a running receiver is not disturbed.
+async fn local(
     config: &ferry_receiver::Config,
     ask: &Ask,
     at: Option<i64>,
-    paths: &[RelPath],
+    paths: Vec<RelPath>,
     dest: &Path,
 ) -> Result<u8> {
     let Some(name) = ask.module.as_deref() else {
@@ -152,38 +157,29 @@ fn local(
             known.join(", ")
         );
     };
-    if ask.delete || ask.dry_run {
-        bail!(
-            "--delete and --dry-run are for a restore from a source host; on the backup host \
-             restore writes into a new or empty directory"
-        );
+    let (here, there) = tokio::io::duplex(1 << 20);
+    let module = m.clone();
+    let serving = tokio::spawn(async move {
+        let (r, w) = tokio::io::split(there);
+        let (reader, writer) = (FrameReader::new(r), FrameWriter::new(w));
+        let (peer, stop) = ("ferry restore", CancellationToken::new());
+        ferry_receiver::restore::serve::serve(&module, reader, writer, peer, &stop).await
+    });
+    let (r, w) = tokio::io::split(here);
+    let from = From {
+        what: format!("module {name}"),
+        short: name.to_string(),
+        module: format!("module {name}"),
+    };
+    let (reader, writer) = (FrameReader::new(r), FrameWriter::new(w));
+    let done = receive(reader, writer, &from, ask, at, paths, dest).await;
+    match serving.await.expect("restore serving task") {
+        Err(e) if done.is_ok() => Err(anyhow::Error::new(e).context(from.what)),
+        _ => done,
     }
-    let history = m.history.as_ref().map(|h| h.dir.as_path());
-    if history.is_none() && at.is_some() {
-        bail!(
-            "{}: module {name:?} keeps no history: only its current state can be restored \
-             (leave --at out), and nothing it replaced or deleted was kept",
-            config.file.display()
-        );
-    }
-    let view = ferry_receiver::restore::view(&m.path, history, at, paths)?;
-    let done = ferry_receiver::restore::write(&m.path, history, &view, dest)?;
-    for (path, why) in &done.failures {
-        eprintln!("ferry: restore {name}: {path}: {why}");
-    }
-    println!(
-        "module {name} {}: {} entries, {} bytes into {}; {} not restored",
-        when(at),
-        done.entries,
-        done.bytes,
-        dest.display(),
-        done.failures.len()
-    );
-    Ok(if done.failures.is_empty() { 0 } else { 1 })
 }
 
-/// From a source host: a restore session to the group's target, DEST written as a receiver
-/// writes a module.
+/// From a source host: a restore session to the group's target.
 async fn remote(
     config: &ferry_sender::Config,
     ask: &Ask,
@@ -201,6 +197,50 @@ async fn remote(
     let target = &config.targets[&name];
     let fingerprint = target.fingerprint().expect("a ferry target");
     let identity = config.identity()?;
+    let stream = ferry_sender::dial::dial(&target.address, fingerprint, &identity)
+        .await
+        .with_context(|| format!("target {name}"))?;
+    let (r, w) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    client_handshake(&mut reader, &mut writer, &g.module, Intent::Restore)
+        .await
+        .with_context(|| format!("target {name}, module {}", g.module))?;
+    let from = From {
+        what: format!("target {name}"),
+        short: group.to_string(),
+        module: format!("sync {group} from target {name}, module {}", g.module),
+    };
+    receive(reader, writer, &from, ask, at, paths, dest).await
+}
+
+/// Where a restore comes from, as its messages name it.
+struct From {
+    /// Who answers, for errors: `target NAME`, `module NAME`.
+    what: String,
+    /// The group or module, for per-path lines.
+    short: String,
+    /// The whole source, for the summary.
+    module: String,
+}
+
+/// The client's half of a restore, after the handshake: asks for the tree (`Restore`), then
+/// answers as a receiver answers for a module whose root is DEST (created if missing), with
+/// the receiver's own request loop, confinement and commit; progress while it runs and a
+/// summary after.
+async fn receive<R, W>(
+    reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    from: &From,
+    ask: &Ask,
+    at: Option<i64>,
+    paths: Vec<RelPath>,
+    dest: &Path,
+) -> Result<u8>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let what = &from.what;
     match std::fs::symlink_metadata(dest) {
         Ok(md) if md.is_dir() => {}
         Err(e) if ask.verify => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
@@ -214,7 +254,7 @@ async fn remote(
     // SAFETY: geteuid has no preconditions.
     let privileged = unsafe { libc::geteuid() } == 0;
     let module = Module {
-        name: format!("restore of {}", g.module),
+        name: format!("restore of {}", from.short),
         path: dest.to_path_buf(),
         clients: Vec::new(),
         restore_clients: Vec::new(),
@@ -229,15 +269,6 @@ async fn remote(
     };
     let state = Arc::new(ModuleState::destination(module).map_err(anyhow::Error::msg)?);
     let keeps = state.keeps(privileged);
-
-    let stream = ferry_sender::dial::dial(&target.address, fingerprint, &identity)
-        .await
-        .with_context(|| format!("target {name}"))?;
-    let (r, w) = tokio::io::split(stream);
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    client_handshake(&mut reader, &mut writer, &g.module, Intent::Restore)
-        .await
-        .with_context(|| format!("target {name}, module {}", g.module))?;
     writer
         .write(&Message::Restore {
             at,
@@ -247,7 +278,7 @@ async fn remote(
             dry_run: ask.dry_run,
         })
         .await
-        .with_context(|| format!("target {name}"))?;
+        .with_context(|| what.clone())?;
     let stats = Arc::new(Stats::default());
     let mut refused = None;
     let mut unsent: Vec<(RelPath, String)> = Vec::new();
@@ -311,28 +342,27 @@ async fn remote(
     ticker.abort();
     progress.finish();
     if let Some(reason) = refused {
-        bail!("target {name}: {reason}");
+        bail!("{what}: {reason}");
     }
-    let complete = served.with_context(|| format!("target {name}"))?;
+    let complete = served.with_context(|| what.clone())?;
     if ask.verify && complete {
         println!(
-            "{} {} sync {group} on target {name}, module {} {}",
+            "{} {} {} {}",
             dest.display(),
             if planned.entries == 0 {
                 "equals"
             } else {
                 "differs from"
             },
-            g.module,
+            from.module,
             when(at),
         );
         return Ok(if planned.entries == 0 { 0 } else { 1 });
     }
     if ask.dry_run && complete {
         println!(
-            "sync {group} from target {name}, module {} {}: dry run: {} changes, {} of files \
-             to restore into {}; nothing changed",
-            g.module,
+            "{} {}: dry run: {} changes, {} of files to restore into {}; nothing changed",
+            from.module,
             when(at),
             planned.entries,
             crate::status::bytes(planned.bytes),
@@ -342,14 +372,16 @@ async fn remote(
     }
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     for (path, why) in &unsent {
-        eprintln!("ferry: restore {group}: {path}: not sent by the backup host: {why}");
+        eprintln!(
+            "ferry: restore {}: {path}: not sent by the backup host: {why}",
+            from.short
+        );
     }
     let failed = n(&stats.failures) + unsent.len() as u64;
     println!(
-        "sync {group} from target {name}, module {} {}: {} files ({} as deltas, {} bytes \
-         received), {} directories, {} links and special files, {} metadata updates, {} \
-         deleted into {} in {:.1} s; {} not restored",
-        g.module,
+        "{} {}: {} files ({} as deltas, {} bytes received), {} directories, {} links and \
+         special files, {} metadata updates, {} deleted into {} in {:.1} s; {} not restored",
+        from.module,
         when(at),
         n(&stats.files),
         n(&stats.delta_files),
@@ -363,7 +395,7 @@ async fn remote(
         failed,
     );
     if !complete {
-        bail!("target {name}: the connection ended before the restore was complete");
+        bail!("{what}: the connection ended before the restore was complete");
     }
     Ok(if failed == 0 { 0 } else { 1 })
 }

@@ -738,13 +738,28 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     let o = restore(&[], &now);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(tree(&now), tree(&src));
-    // Refusals: before the history began, into a directory that holds something, a path
-    // that was not there.
+    // Over a tree that holds the earlier moment: only what differs is written, and nothing
+    // is removed without --delete. A dry run first changes nothing.
+    let o = restore(&["--dry-run", "--delete"], &then);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("delete d\n"), "{}", stdout(&o));
+    assert_eq!(tree(&then), before, "a dry run changed DEST");
+    let o = restore(&[], &then);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("module file as it is now: 2 files ("),
+        "{}",
+        stdout(&o)
+    );
+    assert!(then.join("d/e/y").exists(), "removed without --delete");
+    assert_eq!(fs::read(then.join("a.txt")).unwrap(), b"second, longer");
+    let o = restore(&["--delete"], &then);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(tree(&then), tree(&src));
+    // Refusals: before the history began, a path that was not there.
     let o = restore(&["--at", "1 year ago"], &site.path("old"));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("does not reach back"), "{}", stderr(&o));
-    let o = restore(&[], &then);
-    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
     let o = restore(&["--at", &t0, "--path", "new"], &site.path("x"));
     assert!(
         stderr(&o).contains("new: not in the module at"),

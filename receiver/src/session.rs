@@ -120,7 +120,8 @@ where
     tracing::info!(%peer, %fingerprint, module = %module_name, ?intent, "session open");
 
     if intent == Intent::Restore {
-        let served = crate::restore::serve::serve(&state, reader, writer, peer, &shutdown).await;
+        let (module, client) = (&state.module, peer.to_string());
+        let served = crate::restore::serve::serve(module, reader, writer, &client, &shutdown).await;
         drop(guard);
         tracing::info!(%peer, module = %module_name, "restore session closed");
         return served;

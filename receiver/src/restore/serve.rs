@@ -10,9 +10,9 @@
 //! what the destination holds.
 
 use super::{view, RestoreError};
+use crate::config::Module;
 use crate::history::view::{Source, View};
 use crate::history::OBJECTS;
-use crate::module::ModuleState;
 use ferry_protocol::connection::{
     ConnError, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, HEARTBEAT,
 };
@@ -28,7 +28,6 @@ use ferry_sender::plan::{plan, Base, Op, Plan, PlanOptions};
 use ferry_sender::session::Session;
 use ferry_sender::transfer::{as_then, Located, Origin};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -45,20 +44,21 @@ struct Asked {
 /// Steps per `Planned` frame.
 const PLANNED_BATCH: usize = 2_000;
 
-/// Serves one restore session after its `Welcome`: reads the client's `Restore`, refuses it
-/// with the reason (a time before the history, a path not there then) or sends the tree.
+/// Serves one restore session of `module` after its `Welcome`: reads the client's `Restore`,
+/// refuses it with the reason (a time before the history, a path not there then) or sends
+/// the tree. `peer` names the client in logs (its address, or `ferry restore` on the backup
+/// host, which serves itself over an in-process pipe).
 pub async fn serve<R, W>(
-    state: &Arc<ModuleState>,
+    module: &Module,
     mut reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
-    peer: SocketAddr,
+    peer: &str,
     shutdown: &CancellationToken,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let module = &state.module;
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.expect())
         .await
         .map_err(|_| ConnError::Timeout("waiting for Restore"))??;
@@ -128,12 +128,7 @@ where
         entries = tree.entries.len(),
         "restore: sending"
     );
-    let session = Arc::new(Session::started(
-        reader,
-        writer,
-        &peer.to_string(),
-        asked.keeps,
-    ));
+    let session = Arc::new(Session::started(reader, writer, peer, asked.keeps));
     let heartbeat = crate::session::heartbeat(session.sender().downgrade());
     let sent = tokio::select! {
         r = send(&session, &tree, &asked) => r,
