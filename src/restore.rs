@@ -417,6 +417,46 @@ fn done(stats: &Stats) -> Count {
 mod tests {
     use super::*;
 
+    /// A backup host that welcomes the restore and then says nothing, connection open: the
+    /// client gives up after the stall limit (45 s without a word; a working backup host says
+    /// `Alive` every 10 s), naming why, instead of waiting for ever. On virtual time.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_backup_host_is_given_up_after_the_stall_limit() {
+        let dest = tempfile::tempdir().unwrap();
+        let (here, there) = tokio::io::duplex(1 << 16);
+        let (r, w) = tokio::io::split(here);
+        let (pr, _pw) = tokio::io::split(there);
+        let mut peer = FrameReader::new(pr);
+        let from = From {
+            what: "target t".into(),
+            short: "g".into(),
+            module: "sync g from target t, module m".into(),
+        };
+        let ask = Ask::default();
+        let started = tokio::time::Instant::now();
+        let client = receive(
+            FrameReader::new(r),
+            FrameWriter::new(w),
+            &from,
+            &ask,
+            None,
+            Vec::new(),
+            dest.path(),
+        );
+        let (done, asked) = tokio::join!(client, peer.expect());
+        assert_eq!(asked.unwrap().name(), "Restore");
+        let waited = started.elapsed();
+        let e = format!("{:#}", done.unwrap_err());
+        assert!(
+            e.contains("target t") && e.contains("a word from the peer"),
+            "{e}"
+        );
+        assert!(
+            waited >= STALL_TIMEOUT && waited < STALL_TIMEOUT + Duration::from_secs(5),
+            "gave up after {waited:?}"
+        );
+    }
+
     #[test]
     fn times_read_as_operators_write_them() {
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);

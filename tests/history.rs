@@ -144,7 +144,8 @@ async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
     let (action, object, _) = by_path["m"];
     assert_eq!((action, object), ("metadata", false));
     let versions = ferry_receiver::history::read_versions(&history, &"m".into()).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&versions[0].meta).unwrap();
+    let changed = versions.iter().find(|v| v.action == "metadata").unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&changed.meta).unwrap();
     assert_eq!(meta["mode"].as_u64().unwrap() & 0o777, 0o644);
     // The rename: where `a` went, and what it replaced.
     let renamed = rows

@@ -17,7 +17,7 @@ use crate::config::Owner;
 use crate::confine::{
     chmod_nofollow, confine, confine_in, not_root, open_root, ConfineError, Confined,
 };
-use crate::history::{Action, How, Pending};
+use crate::history::{created_meta, Action, How, Pending};
 use crate::module::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
@@ -169,9 +169,15 @@ impl Apply {
         }
     }
 
-    /// Puts a finished file in place under `path`, atomically: linked in directly when the
-    /// name is free, else linked beside it and renamed over it.
-    pub fn install_file(&mut self, staged: &Staged, path: &Path, rel: &RelPath) -> io::Result<()> {
+    /// Puts a finished file of `size` bytes in place under `path`, atomically: linked in
+    /// directly when the name is free, else linked beside it and renamed over it.
+    pub fn install_file(
+        &mut self,
+        staged: &Staged,
+        size: u64,
+        path: &Path,
+        rel: &RelPath,
+    ) -> io::Result<()> {
         if let Some(name) = &staged.name {
             return self.install(name, path, rel);
         }
@@ -179,12 +185,8 @@ impl Apply {
         match link(&fd, path) {
             Ok(()) => {
                 self.mark_parent_dirty(rel);
-                // The file just named is the one held: no lookup of the name again.
-                let meta = match self.state.history {
-                    Some(_) => staged.file.metadata().ok().and_then(|m| local::meta_of(&m)),
-                    None => None,
-                };
-                self.note_created(path, rel, meta)
+                // A new name: its kind and size are all its row keeps (no lookup).
+                self.note_created(path, rel, Some(created_meta(Kind::File, size)))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let tmp = self.temp_beside(path);

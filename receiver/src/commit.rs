@@ -79,7 +79,7 @@ impl Apply {
                     s.staged.file.sync_all()?;
                 }
                 let at = self.entry(&s.path)?;
-                self.install_file(&s.staged, &at.path(), &s.path)
+                self.install_file(&s.staged, s.bytes, &at.path(), &s.path)
             })();
             match r {
                 Ok(()) => {
@@ -164,15 +164,31 @@ impl Apply {
     }
 
     /// Makes the states kept in the history since the last commit durable with their journal
-    /// rows (one transaction), before the module's directories are made durable: a row never
-    /// names an object that is not there.
-    pub fn commit_history(&mut self) -> io::Result<()> {
+    /// rows, and every dirty directory durable ([`Apply::sync_dirty`]). The kept objects'
+    /// names go first ([`History::sync_objects`](crate::history::History::sync_objects)), so
+    /// nothing a change superseded can be lost; then the journal's one transaction and the
+    /// directories' flushes run side by side (two flushes' wait instead of their sum): the
+    /// answers wait for both. A crash between them can leave an object without its row,
+    /// which the start-up check adopts, or a name made in this commit without its `created`
+    /// row — as a flush of the filesystem by anyone else between the change and the journal
+    /// always could.
+    pub fn commit_durable(&mut self) -> io::Result<()> {
         self.keep_dir_times();
         let kept = std::mem::take(&mut self.kept);
-        match &self.state.history {
-            Some(history) if !kept.is_empty() => history.commit(kept),
-            _ => Ok(()),
-        }
+        let state = self.state.clone();
+        let history = match &state.history {
+            Some(history) if !kept.is_empty() => history,
+            _ => return self.sync_dirty(),
+        };
+        history.sync_objects(&kept)?;
+        std::thread::scope(|s| {
+            let journal = s.spawn(|| history.journal(kept));
+            let dirs = self.sync_dirty();
+            let journaled = journal
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("history journal: its thread panicked")));
+            journaled.and(dirs)
+        })
     }
 
     pub(crate) fn mark_parent_dirty(&mut self, rel: &RelPath) {

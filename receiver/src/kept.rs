@@ -1,6 +1,6 @@
 //! The module history's side of applying changes: what a change supersedes is kept (see
 //! [`crate::history`]) by these, called from `Apply`'s `install`, `mkdir`, `delete`, `rename`
-//! and `set_meta` only, and journaled at the group commit (`Apply::commit_history`).
+//! and `set_meta` only, and journaled at the group commit (`Apply::commit_durable`).
 
 use crate::apply::Apply;
 use crate::history::{Action, How};

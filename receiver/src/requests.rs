@@ -4,9 +4,9 @@
 //! Durability (group commit): a change is acknowledged only after it and the directories it
 //! touched are durable. Whenever no further request is already queued, [`GROUP_COMMIT`]
 //! answers are waiting or [`MAX_SEALED`] files are sealed, the loop makes the sealed files
-//! durable and names them ([`Apply::flush`]), makes every dirty directory durable
-//! ([`Apply::sync_dirty`]) — after the states it superseded are journaled in the module's
-//! history ([`Apply::commit_history`]) — and only then sends the `Ack`s. So an `Ack` always means "durable
+//! durable and names them ([`Apply::flush`]), makes every dirty directory durable and the
+//! states it superseded journaled in the module's history ([`Apply::commit_durable`]), and
+//! only then sends the `Ack`s. So an `Ack` always means "durable
 //! under its final name", and a burst of small files costs a few flushes, not one per file.
 //! A request on a sealed file's path, or above or below it, commits first, so requests apply
 //! in arrival order.
@@ -432,8 +432,7 @@ impl Requests {
     /// durable, then everything acknowledged. Returns false if the peer is gone.
     fn commit(&mut self) -> bool {
         let files = self.fs.flush();
-        let kept = self.fs.commit_history();
-        let synced = kept.and(self.fs.sync_dirty());
+        let synced = self.fs.commit_durable();
         let mut answers: Vec<(RequestId, Result<Option<u64>, String>)> = files
             .into_iter()
             .map(|(id, r)| (id, r.map(|()| None)))

@@ -147,6 +147,21 @@ pub struct History {
     wake: (Mutex<bool>, std::sync::Condvar),
 }
 
+/// What a `created` row keeps of a new name: its kind and size (see [`History::created`]).
+pub fn created_meta(kind: Kind, size: u64) -> Meta {
+    Meta {
+        kind,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        size,
+        mtime: 0,
+        mtime_nsec: 0,
+        rdev: 0,
+        xattrs: Default::default(),
+    }
+}
+
 fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -405,7 +420,8 @@ impl History {
     }
 
     /// The row saying `rel` came into being as `meta` (no object: an earlier view leaves it
-    /// out).
+    /// out). Only its kind and size are journaled: nothing reads the rest of a name's state
+    /// from the moment it was made.
     pub fn created(&self, rel: &RelPath, meta: Meta) -> Pending {
         Pending {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) as i64,
@@ -433,15 +449,22 @@ impl History {
         }
     }
 
-    /// Makes `rows` durable: the objects directory first, then one transaction.
-    pub fn commit(&self, rows: Vec<Pending>) -> io::Result<()> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        // The objects' names first (none to sync when only creations were noted).
+    /// Makes the names of the objects `rows` keep durable (the objects directory), if any:
+    /// before their rows ([`History::journal`]) and before the module's changes that replaced
+    /// or removed what they keep, so a row never names a missing object and nothing
+    /// superseded is lost.
+    pub fn sync_objects(&self, rows: &[Pending]) -> io::Result<()> {
         if rows.iter().any(|r| r.object) {
             let dir = fs::File::open(format!("/proc/self/fd/{}", self.objects.as_raw_fd()))?;
             dir.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Makes `rows` durable in one transaction, after [`History::sync_objects`].
+    pub fn journal(&self, rows: Vec<Pending>) -> io::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
         }
         let mut db = self.db.lock().expect("journal lock");
         let tx = db.transaction().map_err(db_err)?;
@@ -475,7 +498,10 @@ impl History {
                         blocks as i64,
                         r.object as i64,
                         r.renamed_to.as_ref().map(|p| p.as_bytes().to_vec()),
-                        serde_json::to_string(&r.meta).unwrap_or_default(),
+                        match r.action {
+                            Action::Created => String::new(),
+                            _ => serde_json::to_string(&r.meta).unwrap_or_default(),
+                        },
                     ])
                     .map_err(db_err)?;
             }
@@ -614,7 +640,8 @@ mod tests {
             };
             let (a, b) = (keep("a"), keep("b"));
             // `a` is journaled; `b` is not (a crash before its group commit).
-            h.commit(vec![a]).unwrap();
+            h.sync_objects(std::slice::from_ref(&a)).unwrap();
+            h.journal(vec![a]).unwrap();
             drop(b);
         }
         // Someone removed `a`'s object by hand.
@@ -697,7 +724,7 @@ mod tests {
             .iter()
             .map(|r| (r.path.to_string(), r.time_ns.div_euclid(hour)))
             .collect();
-        h.commit(rows).unwrap();
+        h.journal(rows).unwrap();
         assert_eq!(
             h.prune(t).unwrap(),
             0,
