@@ -38,7 +38,7 @@ use std::sync::Arc;
 mod entry;
 pub(crate) use entry::hard_link;
 use entry::{declined, link, missing, session_tag};
-pub use entry::{is_declined, set_mtime, Staged};
+pub use entry::{is_declined, set_mtime, Staged, TempName};
 
 /// The filesystem side of one session on one module.
 pub struct Apply {
@@ -132,41 +132,28 @@ impl Apply {
 
     /// A fresh name beside `path` (in its directory) for an entry about to be renamed to it.
     pub fn temp_beside(&mut self, path: &Path) -> PathBuf {
+        path.parent().unwrap_or(path).join(self.temp_name())
+    }
+
+    /// A reserved name of this session's for a temporary entry.
+    pub fn temp_name(&mut self) -> std::ffi::OsString {
         self.seq += 1;
-        let name = format!("{}{}.{}", own_prefix(), self.tag, self.seq);
-        path.parent().unwrap_or(path).join(name)
+        format!("{}{}.{}", own_prefix(), self.tag, self.seq).into()
     }
 
     /// A new file for the content of `path`, in `path`'s directory: unnamed (`O_TMPFILE`)
-    /// where the filesystem allows, else under a [`Apply::temp_beside`] name.
+    /// where the filesystem allows, else under a [`Apply::temp_name`] held beneath its
+    /// directory ([`TempName`]).
     pub fn create_file(&mut self, path: &Path) -> io::Result<Staged> {
         let dir = path.parent().unwrap_or(path);
-        let unnamed = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(dir);
-        match unnamed {
-            Ok(file) => Ok(Staged { file, name: None }),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
-                ) =>
-            {
-                let name = self.temp_beside(path);
-                let file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&name)?;
-                Ok(Staged {
-                    file,
-                    name: Some(name),
-                })
-            }
-            Err(e) => Err(e),
+        if let Some(file) = self.state.unnamed.create(dir, self.module())? {
+            return Ok(Staged { file, name: None });
         }
+        let (file, name) = TempName::create(dir, self.temp_name())?;
+        Ok(Staged {
+            file,
+            name: Some(name),
+        })
     }
 
     /// Puts a finished file of `size` bytes in place under `path`, atomically: linked in
@@ -179,7 +166,7 @@ impl Apply {
         rel: &RelPath,
     ) -> io::Result<()> {
         if let Some(name) = &staged.name {
-            return self.install(name, path, rel);
+            return self.install(&name.path(), path, rel);
         }
         let fd = format!("/proc/self/fd/{}", staged.file.as_raw_fd());
         match link(&fd, path) {

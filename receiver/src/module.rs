@@ -36,6 +36,8 @@ pub struct ModuleState {
     pub history: Option<History>,
     /// Whether the module's filesystem clones files (reflinks), found out on the first delta.
     pub reflinks: Reflinks,
+    /// Whether the module's filesystem makes unnamed files, found out on the first file.
+    pub unnamed: Unnamed,
 }
 
 /// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
@@ -85,6 +87,52 @@ impl Reflinks {
             tracing::debug!(module, "clone failed ({e}): this file is written whole");
         }
         false
+    }
+}
+
+/// Whether a module's filesystem makes unnamed files (`O_TMPFILE`): found out on the first
+/// file and said once. Where it cannot (GlusterFS and other FUSE filesystems), a file is
+/// staged under a reserved name beside its destination instead, without trying again.
+#[derive(Default)]
+pub struct Unnamed(std::sync::atomic::AtomicU8);
+
+impl Unnamed {
+    /// An unnamed new file in `dir`, or `None` where the filesystem makes none (known, or
+    /// found out now).
+    pub fn create(&self, dir: &Path, module: &str) -> io::Result<Option<std::fs::File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.0.load(Relaxed) == CANNOT {
+            return Ok(None);
+        }
+        let unnamed = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(dir);
+        match unnamed {
+            Ok(file) => {
+                self.0.store(CLONES, Relaxed);
+                Ok(Some(file))
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                if self.0.swap(CANNOT, Relaxed) != CANNOT {
+                    tracing::info!(
+                        module,
+                        "the filesystem makes no unnamed files (O_TMPFILE: {}): files are staged \
+                         under reserved names beside their destination",
+                        io_reason(&e)
+                    );
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -209,6 +257,7 @@ impl ModuleState {
             warned: Mutex::default(),
             history,
             reflinks: Reflinks::default(),
+            unnamed: Unnamed::default(),
         })
     }
 }
@@ -515,12 +564,11 @@ pub fn module_filter(path: &RelPath, _is_dir: bool) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn capabilities_are_kept_only_with_setuid_bits_and_privileged_namespaces_only_as_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let module = |setuid| Module {
+    /// A writable module "m" at `path`, without history.
+    fn module_at(path: &Path, setuid: bool) -> Module {
+        Module {
             name: "m".into(),
-            path: dir.path().to_path_buf(),
+            path: path.to_path_buf(),
             clients: vec![],
             restore_clients: vec![],
             hosts_allow: None,
@@ -531,13 +579,70 @@ mod tests {
             setuid,
             owner: Default::default(),
             history: None,
-        };
-        let open = |setuid| ModuleState::open(module(setuid), None).unwrap();
+        }
+    }
+
+    #[test]
+    fn capabilities_are_kept_only_with_setuid_bits_and_privileged_namespaces_only_as_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |setuid| ModuleState::open(module_at(dir.path(), setuid), None).unwrap();
         let unprivileged = open(true).keeps(false).xattrs;
         assert_eq!(unprivileged, Namespaces::USER.union(Namespaces::ACL));
         assert_eq!(open(true).keeps(true).xattrs, Namespaces::ALL);
         let no_setuid = open(false).keeps(true).xattrs;
         assert_eq!(no_setuid, Namespaces::ALL.without(Namespaces::CAPABILITY));
+    }
+
+    /// Where the filesystem makes no unnamed files (GlusterFS), a staged file has a reserved
+    /// name until its commit. That name was a `/proc/self/fd/N/…` path whose `N` was closed
+    /// once the file was staged: at the commit `N` was whatever had been opened since, and a
+    /// `mirror --once` of /usr/share/doc onto a GlusterFS volume failed thousands of files
+    /// with "Not a directory" and left their temporary files behind.
+    #[test]
+    fn a_staged_file_keeps_its_reserved_name_beneath_its_own_directory() {
+        use crate::apply::Apply;
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["a", "b"] {
+            fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let state = Arc::new(ModuleState::open(module_at(dir.path(), false), None).unwrap());
+        state
+            .unnamed
+            .0
+            .store(CANNOT, std::sync::atomic::Ordering::Relaxed);
+        let stats = Arc::new(crate::stats::Stats::default());
+        let mut apply = Apply::new(state, stats, false);
+        let mut staged = Vec::new();
+        // Descriptors opened between staging and commit take the numbers staging let go.
+        let mut opened = Vec::new();
+        for i in 0..40 {
+            let rel = RelPath::from(format!("{}/f{i}", ["a", "b"][i % 2]).as_str());
+            let at = apply.entry(&rel).unwrap();
+            let mut file = apply.create_file(&at.path()).unwrap();
+            assert!(file.name.is_some(), "staged under a reserved name");
+            file.file.write_all(format!("file {i}").as_bytes()).unwrap();
+            drop(at);
+            opened.push(fs::File::open(dir.path().join(["b", "a"][i % 2])).unwrap());
+            let other = dir.path().join(format!("other{i}"));
+            opened.push(fs::File::create(other).unwrap());
+            staged.push((rel, file, i));
+        }
+        for (rel, file, i) in staged {
+            let at = apply.entry(&rel).unwrap();
+            let size = format!("file {i}").len() as u64;
+            apply.install_file(&file, size, &at.path(), &rel).unwrap();
+            let put = fs::read(dir.path().join(rel.as_path())).unwrap();
+            assert_eq!(put, format!("file {i}").as_bytes(), "{rel}");
+        }
+        for d in ["a", "b"] {
+            let names: Vec<_> = fs::read_dir(dir.path().join(d))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with('f'))
+                .collect();
+            assert!(names.is_empty(), "left in {d}: {names:?}");
+        }
     }
 
     #[test]

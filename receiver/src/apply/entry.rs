@@ -2,9 +2,12 @@
 //! staged file, `linkat`, mtimes, the session tag of temporary names.
 
 use ferry_protocol::meta::Meta;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A request the receiver declines as the protocol expects (a rename or hard link whose source
@@ -43,15 +46,50 @@ pub struct Staged {
     /// Open for writing.
     pub file: File,
     /// Its temporary name, if it has one (no `O_TMPFILE` here).
-    pub name: Option<PathBuf>,
+    pub name: Option<TempName>,
 }
 
 impl Staged {
     /// Drops a file that will not be put in place.
     pub fn discard(self) {
         if let Some(name) = self.name {
-            let _ = fs::remove_file(name);
+            let _ = fs::remove_file(name.path());
         }
+    }
+}
+
+/// A staged file's temporary name, beneath a descriptor of its directory held as long as the
+/// file waits: the name means the same entry at the commit, however many descriptors were
+/// closed and reused in between (a `/proc/self/fd/N/…` path kept without its `N` would not).
+pub struct TempName {
+    dir: OwnedFd,
+    name: OsString,
+}
+
+impl TempName {
+    /// Creates a new file named `name` in the directory `dir` (a path that names it now: a
+    /// confined `/proc/self/fd/N`, whose link is followed to exactly that directory), holding
+    /// the directory for later.
+    pub fn create(dir: &Path, name: OsString) -> io::Result<(File, TempName)> {
+        let dir = OwnedFd::from(
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(dir)?,
+        );
+        let at = TempName { dir, name };
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(at.path())?;
+        Ok((file, at))
+    }
+
+    /// The entry, as a path through the held directory.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd())).join(&self.name)
     }
 }
 
