@@ -70,8 +70,10 @@ impl Apply {
             dev.is_some() && dev == root_dev
         };
         // Data first: one flush of the filesystem for a batch, else one per file.
-        let whole_fs =
-            batch.len() >= SYNCFS_BATCH && batch.iter().all(on_root) && self.syncfs().is_ok();
+        let whole_fs = self.state.syncfs
+            && batch.len() >= SYNCFS_BATCH
+            && batch.iter().all(on_root)
+            && self.syncfs().is_ok();
         let mut out = Vec::with_capacity(batch.len());
         for s in batch {
             let r = (|| {
@@ -132,7 +134,7 @@ impl Apply {
     pub fn sync_dirty(&mut self) -> io::Result<()> {
         let dirs = std::mem::take(&mut self.dirty);
         let root_dev = self.root_dev();
-        let whole_fs = dirs.len() >= SYNCFS_BATCH && root_dev.is_some();
+        let whole_fs = self.state.syncfs && dirs.len() >= SYNCFS_BATCH && root_dev.is_some();
         let mut first_error = None;
         for dir in dirs {
             // A directory that is no longer there as one (deleted, replaced, moved under a

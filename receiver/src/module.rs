@@ -38,6 +38,9 @@ pub struct ModuleState {
     pub reflinks: Reflinks,
     /// Whether the module's filesystem makes unnamed files, found out on the first file.
     pub unnamed: Unnamed,
+    /// Whether one `syncfs` makes everything written to the module's filesystem durable (see
+    /// [`syncfs_reaches_storage`]); where not, every file and directory is flushed itself.
+    pub syncfs: bool,
 }
 
 /// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
@@ -136,6 +139,32 @@ impl Unnamed {
     }
 }
 
+/// Whether `syncfs` on the filesystem at `path` makes what was written there durable. Not on
+/// FUSE (GlusterFS, …: the kernel cannot ask most servers to flush, and the call returns at
+/// once) nor on NFS or SMB, whose flushes are per file; yes elsewhere, and if it cannot be
+/// told.
+pub fn syncfs_reaches_storage(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return true;
+    }
+    syncfs_flushes(st.f_type as i64)
+}
+
+/// [`syncfs_reaches_storage`] for a filesystem of `statfs` type `f_type`.
+fn syncfs_flushes(f_type: i64) -> bool {
+    const FUSE: i64 = 0x6573_5546;
+    const NFS: i64 = 0x6969;
+    const SMB2: i64 = 0xFE53_4D42;
+    const CIFS: i64 = 0xFF53_4D42;
+    const SMB: i64 = 0x517B;
+    !matches!(f_type, FUSE | NFS | SMB2 | CIFS | SMB)
+}
+
 /// Paths remembered as warned about, per module.
 const MAX_WARNED: usize = 10_000;
 
@@ -227,6 +256,15 @@ impl ModuleState {
                 missing.describe()
             );
         }
+        let syncfs = syncfs_reaches_storage(&module.path);
+        if !syncfs && !module.read_only {
+            tracing::info!(
+                module = %module.name,
+                "{} is on a network or FUSE filesystem, where syncfs may not reach the storage: \
+                 every file and directory is flushed itself (fsync) before it is acknowledged",
+                module.path.display()
+            );
+        }
         let history = match (&module.history, module.read_only) {
             (Some(h), false) => Some(History::open(
                 &module.name,
@@ -258,6 +296,7 @@ impl ModuleState {
             history,
             reflinks: Reflinks::default(),
             unnamed: Unnamed::default(),
+            syncfs,
         })
     }
 }
@@ -563,6 +602,27 @@ pub fn module_filter(path: &RelPath, _is_dir: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syncfs_is_trusted_on_local_filesystems_only() {
+        // (statfs type, trusted): XFS, ext4, btrfs, tmpfs; FUSE, NFS, SMB2, CIFS, SMB.
+        let table = [
+            (0x5846_5342, true),
+            (0xEF53, true),
+            (0x9123_683E, true),
+            (0x0102_1994, true),
+            (0x6573_5546, false),
+            (0x6969, false),
+            (0xFE53_4D42, false),
+            (0xFF53_4D42, false),
+            (0x517B, false),
+        ];
+        for (f_type, trusted) in table {
+            assert_eq!(syncfs_flushes(f_type), trusted, "{f_type:#x}");
+        }
+        let here = tempfile::tempdir().unwrap();
+        assert!(syncfs_reaches_storage(here.path()), "the test's own disk");
+    }
 
     /// A writable module "m" at `path`, without history.
     fn module_at(path: &Path, setuid: bool) -> Module {
