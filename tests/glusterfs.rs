@@ -1,0 +1,211 @@
+//! A module on a GlusterFS volume: Debian's `glusterfs-server` on this machine, one brick in
+//! the test's directory, mounted through FUSE (installed by `.ci/run`; the test starts
+//! `glusterd` and ends it, and stops and deletes its volume). Needs root.
+//!
+//! GlusterFS answers some calls differently from a local disk: no `O_TMPFILE` (files are
+//! staged under reserved names), and a `syncfs` that never reaches the bricks (each file and
+//! directory is flushed itself).
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A started one-brick volume, mounted; stopped, deleted and unmounted when dropped.
+struct Volume {
+    glusterd: Option<Child>,
+    name: String,
+    mount: PathBuf,
+}
+
+fn gluster(args: &[&str]) -> std::process::Output {
+    Command::new("gluster")
+        .arg("--mode=script")
+        .args(args)
+        .output()
+        .expect("gluster: this test needs Debian's glusterfs-server (installed by .ci/run)")
+}
+
+impl Volume {
+    fn start(dir: &Path) -> Volume {
+        let answers = || gluster(&["volume", "list"]).status.success();
+        // A glusterd already running (a service) serves the test as well as its own would.
+        let glusterd = (!answers()).then(|| {
+            Command::new("glusterd")
+                .arg("--no-daemon")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("glusterd: this test needs Debian's glusterfs-server")
+        });
+        let volume = Volume {
+            glusterd,
+            name: format!("ferrytest{}", std::process::id()),
+            mount: dir.join("mnt"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !answers() {
+            assert!(Instant::now() < deadline, "glusterd did not answer in 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Bricks are named by host; the loopback address is refused, the host's name is not.
+        let host = String::from_utf8(Command::new("hostname").output().unwrap().stdout).unwrap();
+        let brick = dir.join("brick");
+        fs::create_dir_all(&brick).unwrap();
+        let brick = format!("{}:{}", host.trim(), brick.display());
+        for args in [
+            vec!["volume", "create", &volume.name, &brick, "force"],
+            vec!["volume", "start", &volume.name],
+        ] {
+            let o = gluster(&args);
+            assert!(
+                o.status.success(),
+                "gluster {args:?}: {}{}",
+                stdout(&o),
+                stderr(&o)
+            );
+        }
+        fs::create_dir_all(&volume.mount).unwrap();
+        let source = format!("{}:/{}", host.trim(), volume.name);
+        let o = run(Command::new("mount")
+            .args(["-t", "glusterfs", &source])
+            .arg(&volume.mount));
+        assert!(o.status.success(), "mount {source}: {}", stderr(&o));
+        let fuse = fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(volume.mount.to_str().unwrap()) && l.contains("fuse"));
+        assert!(fuse, "{} is not a FUSE mount", volume.mount.display());
+        volume
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount").arg(&self.mount).status();
+        if !unmounted.is_ok_and(|s| s.success()) {
+            // Something still holds it (a failed assertion left a process): detach it.
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
+        let _ = gluster(&["volume", "stop", &self.name, "force"]);
+        let _ = gluster(&["volume", "delete", &self.name]);
+        if let Some(mut glusterd) = self.glusterd.take() {
+            let _ = glusterd.kill();
+            let _ = glusterd.wait();
+        }
+    }
+}
+
+/// A process killed when dropped (a failed assertion must not leave it holding the volume).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Entries of ferry's own (temporary names) left anywhere below `root`.
+fn leftovers(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().starts_with(".ferry") {
+                out.push(e.path());
+            }
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+fn verify(src: &Path, module: &Path) -> std::process::Output {
+    run(ferry().arg("verify").arg(src).arg(module))
+}
+
+/// `mirror --once` of a tree of 60 directories onto the volume converges first time with
+/// nothing of ferry's left (it used to fail thousands of files with "Not a directory" and
+/// leave their temporary files); a live mirror follows renames, deletions and new files
+/// there; a kill -9 in the middle of a file leaves a temporary file that the next run removes.
+#[test]
+fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = Volume::start(dir.path());
+    let (src, module) = (dir.path().join("src"), volume.mount.join("m"));
+    fs::create_dir_all(&module).unwrap();
+    for d in 0..60 {
+        let sub = src.join(format!("d{d}/sub"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..10 {
+            fs::write(sub.join(format!("f{f}")), format!("{d}/{f}").repeat(50)).unwrap();
+        }
+        std::os::unix::fs::symlink("sub/f0", src.join(format!("d{d}/link"))).unwrap();
+    }
+    let once = || run(ferry().args(["mirror", "--once"]).arg(&src).arg(&module));
+    let o = once();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("os error"), "{}", stderr(&o));
+    assert_eq!(leftovers(&module), Vec::<PathBuf>::new());
+    let v = verify(&src, &module);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    assert!(
+        stderr(&o).contains("flushed itself"),
+        "the module's filesystem was not found to need a flush per file: {}",
+        stderr(&o)
+    );
+
+    // Live: a directory renamed, one deleted, files added and appended to.
+    let mut live = Running(
+        ferry()
+            .arg("mirror")
+            .arg(&src)
+            .arg(&module)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    fs::rename(src.join("d3"), src.join("moved"))
+        .and_then(|()| fs::remove_dir_all(src.join("d5")))
+        .and_then(|()| fs::write(src.join("d7/new"), b"new"))
+        .unwrap();
+    wait_equal(&src, &module, 60, "the live mirror on GlusterFS");
+
+    // kill -9 while a 64 MiB file is being written into the module.
+    let big: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    fs::write(dir.path().join("big"), &big).unwrap();
+    fs::rename(dir.path().join("big"), src.join("big")).unwrap();
+    // Staged beside its destination, the module root: only that directory is watched.
+    let staged = || {
+        fs::read_dir(&module).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".ferry")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staged() {
+        assert!(Instant::now() < deadline, "the big file was never staged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    live.0.kill().unwrap();
+    live.0.wait().unwrap();
+    let o = once();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(leftovers(&module), Vec::<PathBuf>::new());
+    let v = verify(&src, &module);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    assert_eq!(fs::read(module.join("big")).unwrap(), big);
+    drop(volume);
+}
