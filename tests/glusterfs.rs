@@ -135,6 +135,9 @@ fn verify(src: &Path, module: &Path) -> std::process::Output {
 /// nothing of ferry's left (it used to fail thousands of files with "Not a directory" and
 /// leave their temporary files); a live mirror follows renames, deletions and new files
 /// there; a kill -9 in the middle of a file leaves a temporary file that the next run removes.
+/// Then the daemons: `send --once` and `verify` into a receiver's module on the volume, and
+/// kill -9 of that receiver while a live sender's file is staged: after its restart the module
+/// converges with nothing left.
 #[test]
 fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,5 +210,43 @@ fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
     let v = verify(&src, &module);
     assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
     assert_eq!(fs::read(module.join("big")).unwrap(), big);
+
+    // The daemons: a receiver serving a module on the volume, `send --once`, then a live
+    // sender and kill -9 of the receiver while a file is staged there.
+    let site = Site::new();
+    let served = volume.mount.join("served");
+    let mut backup = Backup::start(site.root(), "recv", &[("file", &served)], &site.fingerprint);
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    site.assert_verified();
+    let daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    daemon.wait_log_n("reconciled", 1, 60);
+    fs::rename(src.join("big"), src.join("big2")).unwrap();
+    fs::write(dir.path().join("big"), &big[1..]).unwrap();
+    fs::rename(dir.path().join("big"), src.join("big")).unwrap();
+    let staged = || {
+        fs::read_dir(&served).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".ferry")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staged() {
+        assert!(Instant::now() < deadline, "the new file was never staged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let receiver = backup.receiver.take().unwrap();
+    // SAFETY: a signal to a child of this test.
+    unsafe { libc::kill(receiver.child.id() as i32, libc::SIGKILL) };
+    drop(receiver);
+    backup.restart();
+    wait_equal(&src, &served, 90, "after the receiver came back");
+    assert_eq!(leftovers(&served), Vec::<PathBuf>::new());
+    drop(daemon);
+    site.assert_verified();
+    drop(backup);
     drop(volume);
 }
