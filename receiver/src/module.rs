@@ -140,9 +140,9 @@ impl Unnamed {
 }
 
 /// Whether `syncfs` on the filesystem at `path` makes what was written there durable. Not on
-/// FUSE (GlusterFS, …: the kernel cannot ask most servers to flush, and the call returns at
-/// once) nor on NFS or SMB, whose flushes are per file; yes elsewhere, and if it cannot be
-/// told.
+/// FUSE (GlusterFS, …: the kernel hands its dirty pages to the server but never asks the
+/// server to flush; only `fsync` does) nor on NFS or SMB, whose flushes are per file; yes
+/// elsewhere, and if it cannot be told.
 pub fn syncfs_reaches_storage(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return true;
