@@ -50,8 +50,9 @@ pub struct ModuleState {
 #[derive(Default)]
 pub struct Reflinks(std::sync::atomic::AtomicU8);
 
+/// What a module's filesystem was found to do (`Reflinks`, `Unnamed`): not yet known, yes, no.
 const UNKNOWN: u8 = 0;
-const CLONES: u8 = 1;
+const CAN: u8 = 1;
 const CANNOT: u8 = 2;
 
 impl Reflinks {
@@ -66,7 +67,7 @@ impl Reflinks {
         // SAFETY: two valid descriptors; FICLONE shares src's extents into dst, nothing else.
         let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
         if r == 0 {
-            if self.0.swap(CLONES, Relaxed) == UNKNOWN {
+            if self.0.swap(CAN, Relaxed) == UNKNOWN {
                 tracing::info!(
                     module,
                     "the filesystem clones files: a delta writes only what it changes"
@@ -115,7 +116,7 @@ impl Unnamed {
             .open(dir);
         match unnamed {
             Ok(file) => {
-                self.0.store(CLONES, Relaxed);
+                self.0.store(CAN, Relaxed);
                 Ok(Some(file))
             }
             Err(e)
