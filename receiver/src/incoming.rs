@@ -554,3 +554,56 @@ fn open_base(path: &Path) -> Option<(fs::File, u64)> {
     let len = md.len();
     (md.is_file() && len > 0).then_some((f, len))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cut-off transfer of a version (`mtime`) with `written` bytes, cut `age` ago.
+    fn partial(mtime: i64, written: u64, age: Duration) -> Partial {
+        let mut meta = crate::history::created_meta(Kind::File, 8 << 20);
+        meta.mtime = mtime;
+        let file = tempfile::tempfile().unwrap();
+        Partial {
+            meta,
+            tmp: Staged { file, name: None },
+            hasher: BodyDigest::new(),
+            cloned: false,
+            written,
+            since: Instant::now() - age,
+        }
+    }
+
+    #[test]
+    fn a_kept_transfer_never_goes_backwards_and_stays_bounded() {
+        let (kept, path) = (Partials::default(), RelPath::from("f"));
+        let second = Duration::from_secs(1);
+        let version = |mtime| partial(mtime, 0, second).meta;
+        // Two sessions held one transfer: the longer prefix of the version stays.
+        kept.keep(path.clone(), partial(1, 3 << 20, second));
+        kept.keep(path.clone(), partial(1, 1 << 20, second));
+        let got = kept.take(&path, &version(1)).expect("kept");
+        assert_eq!(got.written, 3 << 20);
+        assert!(kept.take(&path, &version(1)).is_none(), "taken once");
+        // Another version replaces it, however short.
+        kept.keep(path.clone(), partial(1, 3 << 20, second));
+        kept.keep(path.clone(), partial(2, 1 << 20, second));
+        assert!(kept.take(&path, &version(1)).is_none());
+        assert_eq!(
+            kept.take(&path, &version(2)).expect("kept").written,
+            1 << 20
+        );
+        // At most MAX_PARTIALS: the oldest go first; none past PARTIAL_TTL.
+        for i in 0..=MAX_PARTIALS as u64 {
+            let age = second * (100 - i as u32);
+            kept.keep(RelPath::from(format!("p{i}").as_str()), partial(1, 1, age));
+        }
+        assert!(
+            kept.take(&RelPath::from("p0"), &version(1)).is_none(),
+            "oldest"
+        );
+        assert!(kept.take(&RelPath::from("p1"), &version(1)).is_some());
+        kept.keep(path.clone(), partial(1, 1, PARTIAL_TTL + second));
+        assert!(kept.take(&path, &version(1)).is_none(), "past its time");
+    }
+}
