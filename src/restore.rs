@@ -166,7 +166,7 @@ async fn local(
         ferry_receiver::restore::serve::serve(&module, reader, writer, peer, &stop).await
     });
     let (r, w) = tokio::io::split(here);
-    let from = From {
+    let from = Source {
         what: format!("module {name}"),
         short: name.to_string(),
         module: format!("module {name}"),
@@ -205,7 +205,7 @@ async fn remote(
     client_handshake(&mut reader, &mut writer, &g.module, Intent::Restore)
         .await
         .with_context(|| format!("target {name}, module {}", g.module))?;
-    let from = From {
+    let from = Source {
         what: format!("target {name}"),
         short: group.to_string(),
         module: format!("sync {group} from target {name}, module {}", g.module),
@@ -214,7 +214,7 @@ async fn remote(
 }
 
 /// Where a restore comes from, as its messages name it.
-struct From {
+struct Source {
     /// Who answers, for errors: `target NAME`, `module NAME`.
     what: String,
     /// The group or module, for per-path lines.
@@ -230,7 +230,7 @@ struct From {
 async fn receive<R, W>(
     reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
-    from: &From,
+    from: &Source,
     ask: &Ask,
     at: Option<i64>,
     paths: Vec<RelPath>,
@@ -427,7 +427,7 @@ mod tests {
         let (r, w) = tokio::io::split(here);
         let (pr, _pw) = tokio::io::split(there);
         let mut peer = FrameReader::new(pr);
-        let from = From {
+        let from = Source {
             what: "target t".into(),
             short: "g".into(),
             module: "sync g from target t, module m".into(),

@@ -127,6 +127,24 @@ fn leftovers(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Waits (up to 60 s) until a file is staged in `dir` under one of ferry's temporary names:
+/// files are staged beside their destination, so only that directory is watched.
+fn wait_staged(dir: &Path, what: &str) {
+    let staged = || {
+        fs::read_dir(dir).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".ferry")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staged() {
+        assert!(Instant::now() < deadline, "{what} was never staged");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn verify(src: &Path, module: &Path) -> std::process::Output {
     run(ferry().arg("verify").arg(src).arg(module))
 }
@@ -188,20 +206,7 @@ fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
         .collect();
     fs::write(dir.path().join("big"), &big).unwrap();
     fs::rename(dir.path().join("big"), src.join("big")).unwrap();
-    // Staged beside its destination, the module root: only that directory is watched.
-    let staged = || {
-        fs::read_dir(&module).unwrap().any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".ferry")
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !staged() {
-        assert!(Instant::now() < deadline, "the big file was never staged");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_staged(&module, "the big file");
     live.0.kill().unwrap();
     live.0.wait().unwrap();
     let o = once();
@@ -225,19 +230,7 @@ fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
     fs::rename(src.join("big"), src.join("big2")).unwrap();
     fs::write(dir.path().join("big"), &big[1..]).unwrap();
     fs::rename(dir.path().join("big"), src.join("big")).unwrap();
-    let staged = || {
-        fs::read_dir(&served).unwrap().any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(".ferry")
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !staged() {
-        assert!(Instant::now() < deadline, "the new file was never staged");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_staged(&served, "the new file");
     let receiver = backup.receiver.take().unwrap();
     // SAFETY: a signal to a child of this test.
     unsafe { libc::kill(receiver.child.id() as i32, libc::SIGKILL) };

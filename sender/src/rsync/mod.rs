@@ -277,15 +277,16 @@ pub async fn batch(
     // shares its list with any directory, implied ones included. Then one run for the rest.
     let mut guarded = None;
     match step {
-        Step::Go if lists.missing.is_empty() => {}
         Step::Hold(why) => guarded = Some(why),
         Step::Weigh(_) if source::holds_nothing(&root, &group.filter).await => {
             // The live form of the empty-source rule: the whole run decides, with the
             // module's size in hand.
             return (full(group, target, address, tally, counts).await, n);
         }
-        Step::Go | Step::Weigh(_) => {
-            let weighed = matches!(step, Step::Weigh(_));
+        step => {
+            // Each run is allowed what the tally allows after the runs before it, not the
+            // step's figure for the whole batch.
+            let weighed = step != Step::Go;
             for (parent, names) in by_parent(&lists.missing) {
                 // --force: a directory deleted here is removed there with its contents
                 // (without it rsync only warns, and exits 0).
