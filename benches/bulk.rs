@@ -106,6 +106,10 @@ fn write_small(src: &Path, round: u64) -> (usize, u64) {
 /// Runs `cmd`, returning its wall time and peak RSS (KiB) from `wait4` (which reaps it).
 #[allow(clippy::zombie_processes)]
 fn timed(cmd: &mut Command) -> (Duration, u64) {
+    // Each run starts with nothing dirty: a `syncfs` of ferry's would otherwise write back
+    // what the run before it (rsync's, not durable) left in the page cache, and be charged
+    // for it.
+    Command::new("sync").status().unwrap();
     let started = Instant::now();
     let child = cmd
         .stdout(Stdio::null())

@@ -225,6 +225,54 @@ mod tests {
     use crate::path::RelPath;
     use proptest::prelude::*;
 
+    fn plain<T: serde::Serialize>(value: &T) -> Vec<u8> {
+        bincode::serde::encode_to_vec(value, config()).unwrap()
+    }
+
+    /// Byte fields are written as one length and the bytes (`serde_bytes`), not as a
+    /// sequence of `u8`s element by element: the same bytes on the wire as a plain `Vec<u8>`,
+    /// so peers of either kind read each other.
+    #[test]
+    fn byte_fields_encode_as_a_plain_sequence_of_u8_would() {
+        let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let msg = Message::FileData {
+            id: 7,
+            data: data.clone(),
+        };
+        let mut framed = Vec::new();
+        encode(&msg, &mut framed).unwrap();
+        let body = &framed[HEADER_LEN..];
+        // The variant's index (one byte here), then the fields as a tuple.
+        assert_eq!(&body[1..], plain(&(7u64, data)).as_slice());
+        let back: Message = bincode::serde::decode_from_slice(body, config()).unwrap().0;
+        assert_eq!(back, msg);
+
+        let meta = Meta {
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 5,
+            mtime: 1_790_000_000,
+            mtime_nsec: 0,
+            rdev: 0,
+            xattrs: Default::default(),
+        };
+        let entry = Entry {
+            path: RelPath::from("dir/name"),
+            meta: meta.clone(),
+            link: Some(b"target".to_vec()),
+            inode: None,
+        };
+        let as_plain = (
+            b"dir/name".to_vec(),
+            meta,
+            Some(b"target".to_vec()),
+            None::<(u64, u64)>,
+        );
+        assert_eq!(plain(&entry), plain(&as_plain));
+    }
+
     fn meta_strategy() -> impl Strategy<Value = Meta> {
         (
             0u32..0o10000,

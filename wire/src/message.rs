@@ -168,6 +168,7 @@ pub enum Message {
         /// Target path.
         path: RelPath,
         /// Link target bytes.
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
         /// Desired metadata.
         meta: Meta,
@@ -235,6 +236,7 @@ pub enum Message {
         /// Request id of the `FileBegin`.
         id: RequestId,
         /// Bytes.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The rsync delta of the next window of the new file against the receiver's base.
@@ -244,6 +246,7 @@ pub enum Message {
         /// Length of the window this delta rebuilds.
         window: u64,
         /// fast_rsync delta bytes.
+        #[serde(with = "serde_bytes")]
         delta: Vec<u8>,
     },
     /// The next `len` bytes of a whole body are zeros the source does not store (a hole of a
@@ -325,6 +328,7 @@ pub enum Message {
         /// Request id of the `FileBegin`.
         id: RequestId,
         /// Serialized fast_rsync signature.
+        #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
     },
     /// The receiver holds the first `offset` bytes of this very file (same size and mtime)

@@ -71,6 +71,7 @@ pub struct Entry {
     /// Metadata.
     pub meta: Meta,
     /// Symlink target, as stored (never resolved).
+    #[serde(with = "serde_bytes")]
     pub link: Option<Vec<u8>>,
     /// For a regular file with more than one name: its inode, to find its other names.
     pub inode: Option<Inode>,
