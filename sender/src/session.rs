@@ -329,12 +329,30 @@ impl Session {
     /// Registers a new request id and the channel its replies arrive on, for a request
     /// answered in steps (a file, a listing).
     pub fn register(&self) -> (RequestId, Replies) {
+        let id = self.reserve();
+        (id, self.register_as(id))
+    }
+
+    /// A fresh request id, its replies not yet awaited: for frames made before it is known
+    /// whether the request goes out at all ([`Session::register_as`] once it does).
+    pub fn reserve(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// [`Session::register`] under an id from [`Session::reserve`].
+    pub fn register_as(&self, id: RequestId) -> Replies {
         let (tx, rx) = mpsc::unbounded_channel();
-        (self.enter(Waiter::Many(tx)), rx)
+        self.enter_as(id, Waiter::Many(tx));
+        rx
     }
 
     fn enter(&self, waiter: Waiter) -> RequestId {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.reserve();
+        self.enter_as(id, waiter);
+        id
+    }
+
+    fn enter_as(&self, id: RequestId, waiter: Waiter) {
         self.pending.lock().expect("lock").insert(id, waiter);
         // The reader records the loss before it clears `pending`: if the loss is already
         // recorded, nobody will clear this entry, so drop its sender here and the caller's
@@ -342,7 +360,12 @@ impl Session {
         if self.lost.lock().expect("lock").is_some() {
             self.pending.lock().expect("lock").remove(&id);
         }
-        id
+    }
+
+    /// Requests whose replies are awaited.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.pending.lock().expect("lock").len()
     }
 
     /// Queues a message for the writer task; messages go out in call order.

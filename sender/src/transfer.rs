@@ -21,6 +21,11 @@ use tokio::sync::mpsc;
 /// megabyte still delivers whole frames, from which a cut transfer resumes.
 pub const CHUNK: usize = 256 * 1024;
 
+/// A file sent whole and at most this long is read in the same blocking call that opens it,
+/// before its `FileBegin` goes out: one hand-off to the blocking pool per small file instead
+/// of two (each file in flight holds at most one chunk so).
+pub const READ_AHEAD: u64 = CHUNK as u64;
+
 /// How a file transfer ended, when it did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -56,6 +61,15 @@ pub struct InFlight {
     body: Body,
     /// The source has holes: its body goes whole, holes as `FileHole`.
     sparse: bool,
+    /// The whole body, already read (a small file: see [`READ_AHEAD`]).
+    read: Option<ReadBody>,
+}
+
+/// A whole body read before its `FileBegin` went out: its frames, digest and cost.
+struct ReadBody {
+    frames: Vec<Message>,
+    digest: [u8; 32],
+    sent: Sent,
 }
 
 /// What one file cost.
@@ -171,10 +185,58 @@ fn is_sparse(md: &std::fs::Metadata) -> bool {
     md.blocks().saturating_mul(512) < md.len()
 }
 
+/// A source file opened for sending, and its body if it was small enough to read at once.
+struct Opened {
+    file: std::fs::File,
+    meta: Meta,
+    body: Body,
+    sparse: bool,
+    read: Option<ReadBody>,
+}
+
+/// Reads the whole body of `file` now if it goes whole and is at most [`READ_AHEAD`] long,
+/// as the frames of request `id`.
+fn read_ahead(
+    id: RequestId,
+    path: &RelPath,
+    mut file: std::fs::File,
+    meta: Meta,
+    body: Body,
+    sparse: bool,
+) -> Result<Opened, TransferError> {
+    let read = if body == Body::Whole && meta.size <= READ_AHEAD {
+        let mut to = Stream {
+            id,
+            meta: &meta,
+            path,
+            out: Sink::Keep(Vec::new()),
+        };
+        let (digest, sent) = stream_body(&mut to, &mut file, None, None, sparse)?;
+        let Sink::Keep(frames) = to.out else {
+            unreachable!("kept above")
+        };
+        Some(ReadBody {
+            frames,
+            digest,
+            sent,
+        })
+    } else {
+        None
+    };
+    Ok(Opened {
+        file,
+        meta,
+        body,
+        sparse,
+        read,
+    })
+}
+
 /// Sends `FileBegin` for `path`, read where `origin` holds it, with the metadata of the opened file; whole or
 /// delta as [`body_for`] decides from its size and what the receiver may hold, with the
 /// attributes `preserve` carries. If it preserves holes, a sparse file's body goes whole with
-/// its holes as holes. Returns `Ok(None)` if the path is no longer a regular file.
+/// its holes as holes. A small file sent whole is read here too ([`READ_AHEAD`]). Returns
+/// `Ok(None)` if the path is no longer a regular file.
 pub async fn begin(
     session: &Session,
     origin: &Origin,
@@ -185,23 +247,35 @@ pub async fn begin(
     let Some(at) = origin.locate(path) else {
         return Ok(None);
     };
-    let opened = {
-        let (path, dir, rel) = (path.clone(), at.dir, at.rel);
-        let ns = preserve.namespaces();
-        tokio::task::spawn_blocking(move || open_source(&dir, &rel, &path, ns))
-            .await
-            .expect("open task")?
-    };
-    let Some((file, meta, sparse)) = opened else {
+    // Its frames may be made before the file is known to be there: the id's replies are
+    // awaited only once its `FileBegin` goes out.
+    let id = session.reserve();
+    let (path_, ns) = (path.clone(), preserve.namespaces());
+    let opened = tokio::task::spawn_blocking(move || {
+        let Some((file, meta, sparse)) = open_source(&at.dir, &at.rel, &path_, ns)? else {
+            return Ok(None);
+        };
+        let meta = match &at.meta {
+            Some(then) => as_then(meta, then),
+            None => meta,
+        };
+        let sparse = sparse && preserve.sparse;
+        let body = body_for(meta.size, base);
+        read_ahead(id, &path_, file, meta, body, sparse).map(Some)
+    })
+    .await
+    .expect("open task")?;
+    let Some(Opened {
+        file,
+        meta,
+        body,
+        sparse,
+        read,
+    }) = opened
+    else {
         return Ok(None);
     };
-    let meta = match &at.meta {
-        Some(then) => as_then(meta, then),
-        None => meta,
-    };
-    let sparse = sparse && preserve.sparse;
-    let body = body_for(meta.size, base);
-    let (id, rx) = session.register();
+    let rx = session.register_as(id);
     session
         .send(Message::FileBegin {
             id,
@@ -218,6 +292,7 @@ pub async fn begin(
         meta,
         body,
         sparse,
+        read,
     }))
 }
 
@@ -253,20 +328,30 @@ impl InFlight {
         if self.sparse {
             signature = None;
         }
-        let out = session.sender();
-        let (id, meta, path, mut file) = (self.id, self.meta.clone(), self.path.clone(), self.file);
-        let sparse = self.sparse;
-        let streamed = tokio::task::spawn_blocking(move || {
-            let to = Stream {
-                id,
-                meta: &meta,
-                path: &path,
-                out: &out,
-            };
-            stream_body(&to, &mut file, signature, resume, sparse)
-        })
-        .await
-        .expect("reader task");
+        let streamed = match self.read.take() {
+            Some(read) => {
+                for frame in read.frames {
+                    session.send(frame).await?;
+                }
+                Ok((read.digest, read.sent))
+            }
+            None => {
+                let out = session.sender();
+                let (id, meta, path) = (self.id, self.meta.clone(), self.path.clone());
+                let (sparse, mut file) = (self.sparse, self.file);
+                tokio::task::spawn_blocking(move || {
+                    let mut to = Stream {
+                        id,
+                        meta: &meta,
+                        path: &path,
+                        out: Sink::Send(&out),
+                    };
+                    stream_body(&mut to, &mut file, signature, resume, sparse)
+                })
+                .await
+                .expect("reader task")
+            }
+        };
         let (digest, sent) = match streamed {
             Ok(v) => v,
             // A receiver that breaks the protocol is not asked anything more on this session.
@@ -301,17 +386,37 @@ struct Stream<'a> {
     id: RequestId,
     meta: &'a Meta,
     path: &'a RelPath,
-    out: &'a mpsc::Sender<Message>,
+    out: Sink<'a>,
+}
+
+/// Where a body's frames go: to the session as they are read, or kept to send later.
+enum Sink<'a> {
+    Send(&'a mpsc::Sender<Message>),
+    Keep(Vec<Message>),
+}
+
+impl Sink<'_> {
+    fn put(&mut self, msg: Message) -> Result<(), TransferError> {
+        match self {
+            Sink::Send(out) => out
+                .blocking_send(msg)
+                .map_err(|_| SessionError::Lost("sending file body".into()).into()),
+            Sink::Keep(frames) => {
+                frames.push(msg);
+                Ok(())
+            }
+        }
+    }
 }
 
 fn stream_body(
-    to: &Stream<'_>,
+    to: &mut Stream<'_>,
     file: &mut std::fs::File,
     signature: Option<Vec<u8>>,
     resume: Option<(u64, [u8; 32])>,
     sparse: bool,
 ) -> Result<([u8; 32], Sent), TransferError> {
-    let (id, meta, path, out) = (to.id, to.meta, to.path, to.out);
+    let (id, meta, path, out) = (to.id, to.meta, to.path, &mut to.out);
     let read_err = |source| TransferError::Read {
         path: path.clone(),
         source,
@@ -319,7 +424,6 @@ fn stream_body(
     let same = |m: &std::fs::Metadata| {
         local::meta_of(m).is_some_and(|now| now.kind == Kind::File && now.quick_equal(meta))
     };
-    let lost = || TransferError::Session(SessionError::Lost("sending file body".into()));
     let mut digest = BodyDigest::new();
     let mut sent = Sent {
         payload: 0,
@@ -358,12 +462,11 @@ fn stream_body(
                 delta::diff_window(&index, &window[..n], &mut d)
                     .map_err(|e| TransferError::Peer(format!("{path}: {e}")))?;
                 sent.payload += d.len() as u64;
-                out.blocking_send(Message::FileDelta {
+                out.put(Message::FileDelta {
                     id,
                     window: n as u64,
                     delta: d,
-                })
-                .map_err(|_| lost())?;
+                })?;
                 if total > meta.size {
                     return Err(TransferError::Changed(path.clone()));
                 }
@@ -382,7 +485,7 @@ fn stream_body(
                         Message::FileData { id, data }
                     }
                 };
-                out.blocking_send(msg).map_err(|_| lost())
+                out.put(msg)
             };
             total = walk(file, total, u64::MAX, meta.size, sparse, path, &mut send)?;
         }
@@ -496,4 +599,64 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::connection::{FrameReader, FrameWriter};
+    use ferry_protocol::message::Keeps;
+    use ferry_protocol::xattr::Namespaces;
+
+    /// A session over an in-memory pipe, and what arrives at its far end.
+    fn session() -> (
+        Session,
+        FrameReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+    ) {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(near);
+        let keeps = Keeps {
+            owners: false,
+            devices: false,
+            setid: false,
+            xattrs: Namespaces::NONE,
+            history: false,
+        };
+        let session = Session::started(FrameReader::new(r), FrameWriter::new(w), "test", keeps);
+        let (far_r, far_w) = tokio::io::split(far);
+        std::mem::forget(far_w);
+        (session, FrameReader::new(far_r))
+    }
+
+    /// A small file is read with its opening, before its `FileBegin`, under an id whose
+    /// replies are awaited only once that `FileBegin` is out: a file gone by then leaves no
+    /// request waiting (a daemon that keeps running would pile them up).
+    #[tokio::test]
+    async fn a_small_file_is_read_at_once_and_a_vanished_one_leaves_nothing_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("small"), b"small body").unwrap();
+        let origin = Origin::from(Arc::new(local::open_root(dir.path()).unwrap()));
+        let (session, mut far) = session();
+        let preserve = Preserve::default();
+
+        let (gone, small) = (RelPath::from("gone"), RelPath::from("small"));
+        let opened = begin(&session, &origin, &gone, Base::Absent, preserve).await;
+        assert!(opened.unwrap().is_none());
+        assert_eq!(session.waiting(), 0);
+
+        let small = begin(&session, &origin, &small, Base::Absent, preserve).await;
+        let small = small.unwrap().expect("there");
+        assert_eq!(session.waiting(), 1);
+        let read = small.read.as_ref().expect("read with its opening");
+        assert!(matches!(
+            &read.frames[..],
+            [Message::FileData { id, data }] if *id == small.id && data == b"small body"
+        ));
+        match far.read().await.unwrap() {
+            Some(Message::FileBegin { id, path, .. }) => {
+                assert_eq!((id, path), (small.id, RelPath::from("small")))
+            }
+            other => panic!("expected FileBegin, got {other:?}"),
+        }
+    }
 }
