@@ -194,42 +194,34 @@ struct Opened {
     read: Option<ReadBody>,
 }
 
-/// Reads the whole body of `file` now if it goes whole and is at most [`READ_AHEAD`] long,
-/// as the frames of request `id`.
+/// The whole body of `file` as the frames of request `id`, read now if it goes whole and is
+/// at most [`READ_AHEAD`] long; `None` (nothing read) otherwise.
 fn read_ahead(
     id: RequestId,
     path: &RelPath,
-    mut file: std::fs::File,
-    meta: Meta,
+    file: &mut std::fs::File,
+    meta: &Meta,
     body: Body,
     sparse: bool,
-) -> Result<Opened, TransferError> {
-    let read = if body == Body::Whole && meta.size <= READ_AHEAD {
-        let mut to = Stream {
-            id,
-            meta: &meta,
-            path,
-            out: Sink::Keep(Vec::new()),
-        };
-        let (digest, sent) = stream_body(&mut to, &mut file, None, None, sparse)?;
-        let Sink::Keep(frames) = to.out else {
-            unreachable!("kept above")
-        };
-        Some(ReadBody {
-            frames,
-            digest,
-            sent,
-        })
-    } else {
-        None
-    };
-    Ok(Opened {
-        file,
+) -> Result<Option<ReadBody>, TransferError> {
+    if body != Body::Whole || meta.size > READ_AHEAD {
+        return Ok(None);
+    }
+    let mut to = Stream {
+        id,
         meta,
-        body,
-        sparse,
-        read,
-    })
+        path,
+        out: Sink::Keep(Vec::new()),
+    };
+    let (digest, sent) = stream_body(&mut to, file, None, None, sparse)?;
+    let Sink::Keep(frames) = to.out else {
+        unreachable!("kept above")
+    };
+    Ok(Some(ReadBody {
+        frames,
+        digest,
+        sent,
+    }))
 }
 
 /// Sends `FileBegin` for `path`, read where `origin` holds it, with the metadata of the opened file; whole or
@@ -250,9 +242,9 @@ pub async fn begin(
     // Its frames may be made before the file is known to be there: the id's replies are
     // awaited only once its `FileBegin` goes out.
     let id = session.reserve();
-    let (path_, ns) = (path.clone(), preserve.namespaces());
-    let opened = tokio::task::spawn_blocking(move || {
-        let Some((file, meta, sparse)) = open_source(&at.dir, &at.rel, &path_, ns)? else {
+    let (wanted, ns) = (path.clone(), preserve.namespaces());
+    let opened = tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
+        let Some((mut file, meta, sparse)) = open_source(&at.dir, &at.rel, &wanted, ns)? else {
             return Ok(None);
         };
         let meta = match &at.meta {
@@ -261,7 +253,14 @@ pub async fn begin(
         };
         let sparse = sparse && preserve.sparse;
         let body = body_for(meta.size, base);
-        read_ahead(id, &path_, file, meta, body, sparse).map(Some)
+        let read = read_ahead(id, &wanted, &mut file, &meta, body, sparse)?;
+        Ok(Some(Opened {
+            file,
+            meta,
+            body,
+            sparse,
+            read,
+        }))
     })
     .await
     .expect("open task")?;
@@ -608,10 +607,14 @@ mod tests {
     use ferry_protocol::message::Keeps;
     use ferry_protocol::xattr::Namespaces;
 
-    /// A session over an in-memory pipe, and what arrives at its far end.
+    type Far = tokio::io::DuplexStream;
+
+    /// A session over an in-memory pipe; what arrives at its far end, and the far end's
+    /// writing half, held so the session's reader does not see it close.
     fn session() -> (
         Session,
-        FrameReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+        FrameReader<tokio::io::ReadHalf<Far>>,
+        tokio::io::WriteHalf<Far>,
     ) {
         let (near, far) = tokio::io::duplex(1 << 20);
         let (r, w) = tokio::io::split(near);
@@ -624,8 +627,7 @@ mod tests {
         };
         let session = Session::started(FrameReader::new(r), FrameWriter::new(w), "test", keeps);
         let (far_r, far_w) = tokio::io::split(far);
-        std::mem::forget(far_w);
-        (session, FrameReader::new(far_r))
+        (session, FrameReader::new(far_r), far_w)
     }
 
     /// A small file is read with its opening, before its `FileBegin`, under an id whose
@@ -636,7 +638,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("small"), b"small body").unwrap();
         let origin = Origin::from(Arc::new(local::open_root(dir.path()).unwrap()));
-        let (session, mut far) = session();
+        let (session, mut far, _far_w) = session();
         let preserve = Preserve::default();
 
         let (gone, small) = (RelPath::from("gone"), RelPath::from("small"));
