@@ -18,7 +18,7 @@ use crate::confine::{
     chmod_nofollow, confine, confine_in, not_root, open_root, ConfineError, Confined,
 };
 use crate::history::{created_meta, Action, How, Pending};
-use crate::module::own_prefix;
+use crate::leftovers::own_prefix;
 use crate::module::ModuleState;
 use crate::stats::Stats;
 use ferry_protocol::local;

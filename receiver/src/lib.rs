@@ -11,7 +11,9 @@
 //! - [`history`]: a module's history: superseded states linked or moved into `objects/`, the
 //!   SQLite journal that says what each was, retention and pruning.
 //! - [`hosts`]: `hosts_allow` patterns (addresses and CIDR blocks).
-//! - [`module`]: a served module's state; start-up clean-up of its staging directory.
+//! - [`module`]: a served module's state: what its filesystem supports, opened once.
+//! - [`leftovers`]: start-up removal of what an earlier run left in a module, and the name
+//!   prefix of this process's own entries in flight.
 //! - [`stats`]: the process's counters.
 //! - [`session`]: one connection: TLS handshake, `Hello`, access check, then frames in to the
 //!   request loop and replies out ([`session::answer`], which a restore client runs for its
@@ -44,6 +46,7 @@ pub mod history;
 pub mod hosts;
 pub mod incoming;
 pub mod kept;
+pub mod leftovers;
 pub mod module;
 pub mod requests;
 pub mod restore;
