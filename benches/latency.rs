@@ -146,6 +146,7 @@ async fn bench(writes: usize, burst: usize) {
     let target = Target {
         name: "local".into(),
         address: recv.address.clone(),
+        more_addresses: Vec::new(),
         kind: TargetKind::Ferry {
             fingerprint: recv.pin,
             compress: false,

@@ -46,6 +46,7 @@ pub fn sender(s: &Snapshot) -> String {
     let failures = Family::<Labels, Counter>::default();
     let holding = Family::<Labels, Gauge>::default();
     let mass = Family::<Labels, Counter>::default();
+    let gateway = Family::<Labels, Gauge>::default();
     for t in &s.targets {
         let labels = vec![
             ("sync".to_string(), t.sync.clone()),
@@ -69,7 +70,17 @@ pub fn sender(s: &Snapshot) -> String {
             .get_or_create(&labels)
             .set(i64::from(t.held_why.is_some()));
         mass.get_or_create(&labels).inc_by(t.mass_changes);
+        if let Some(g) = &t.gateway {
+            let mut l = labels.clone();
+            l.push(("address".into(), g.clone()));
+            gateway.get_or_create(&l).set(1);
+        }
     }
+    reg.register(
+        "gateway",
+        "1 for the receiver address each (sync, target) pair's last session went to",
+        gateway,
+    );
     reg.register(
         "target_state",
         "1 for the state each (sync, target) pair is in",
@@ -291,6 +302,7 @@ mod tests {
             held_why: None,
             mass_changes: 0,
             last_mass_change: None,
+            gateway: Some("10.0.0.3:8730".into()),
         }
     }
 
@@ -326,6 +338,8 @@ mod tests {
         };
         assert_eq!(st("retrying"), Some(1.0));
         assert_eq!(st("connected"), Some(0.0));
+        let via = format!("{l},address=\"10.0.0.3:8730\"");
+        assert_eq!(sample(&text, "ferry_sender_gateway", &via), Some(1.0));
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 

@@ -49,6 +49,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
     let target = Target {
         name: "local".into(),
         address,
+        more_addresses: Vec::new(),
         kind: TargetKind::Ferry {
             fingerprint: recv.pin,
             compress: false,

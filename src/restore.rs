@@ -266,6 +266,7 @@ where
         setuid: ask.setuid,
         owner: Owner::Preserve,
         history: None,
+        lease: None,
     };
     let state = Arc::new(ModuleState::destination(module).map_err(anyhow::Error::msg)?);
     let keeps = state.keeps(privileged);

@@ -246,12 +246,16 @@ pub fn render(s: &Snapshot) -> String {
         } else {
             "not converged yet"
         };
+        let address = match &t.gateway {
+            Some(g) if *g != t.address => format!("{}, via gateway {g}", t.address),
+            _ => t.address.clone(),
+        };
         out.push_str(&format!(
             "{} → {} ({} {}): {state}\n  {}; pending {}, lag {:.1} s; sent {} files, {}, {} deleted, {} failures\n",
             t.sync,
             t.target,
             t.kind,
-            t.address,
+            address,
             progress,
             t.pending,
             t.lag_seconds,

@@ -103,6 +103,7 @@ mod tests {
             setuid: false,
             owner: Default::default(),
             history: None,
+            lease: None,
         }
     }
 

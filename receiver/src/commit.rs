@@ -43,6 +43,13 @@ impl Apply {
         self.sealed.push(file);
     }
 
+    /// Drops the sealed files unnamed (the module may not be written any more).
+    pub fn discard_sealed(&mut self) {
+        for s in std::mem::take(&mut self.sealed) {
+            s.staged.discard();
+        }
+    }
+
     /// Sealed files waiting.
     pub fn sealed(&self) -> usize {
         self.sealed.len()

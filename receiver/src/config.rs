@@ -5,6 +5,7 @@ use crate::hosts::HostPattern;
 use ferry_protocol::Fingerprint;
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,7 @@ struct RawConfig {
     key: PathBuf,
     state_dir: Option<PathBuf>,
     metrics_listen: Option<String>,
+    gateway: Option<String>,
     #[serde(default)]
     modules: BTreeMap<String, RawModule>,
 }
@@ -44,6 +46,8 @@ struct RawModule {
     keep: Option<Vec<String>>,
     history_floor: Option<String>,
     min_free_percent: Option<u8>,
+    lease: Option<PathBuf>,
+    lease_seconds: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -65,6 +69,9 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Where Prometheus metrics are served over plain HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// This receiver's name as a gateway (`gateway`; default: the host's name and the listen
+    /// port), said in write leases and refusals.
+    pub gateway: String,
     /// Modules by name.
     pub modules: BTreeMap<String, Module>,
 }
@@ -96,7 +103,23 @@ pub struct Module {
     pub owner: Owner,
     /// Where superseded states are kept, and for how long; `None`: the module is a mirror.
     pub history: Option<HistoryConfig>,
+    /// The write lease of a module served by several gateways on a shared filesystem.
+    pub lease: Option<LeaseConfig>,
 }
+
+/// A module's `lease` keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseConfig {
+    /// The lease file, on the shared filesystem, outside the module.
+    pub path: PathBuf,
+    /// How long a lease goes unrenewed before another gateway may take it.
+    pub expiry: std::time::Duration,
+    /// This receiver's gateway name.
+    pub gateway: String,
+}
+
+/// Default expiry of a write lease.
+pub const LEASE_SECONDS: u64 = 10;
 
 /// A module's `history` and retention keys.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,6 +193,13 @@ impl Config {
             raw.metrics_listen.as_deref(),
         )
         .map_err(err)?;
+        let gateway = match raw.gateway {
+            Some(g) if g.is_empty() || g.contains(char::is_whitespace) => {
+                return Err(err(format!("gateway: {g:?}: a name without spaces")))
+            }
+            Some(g) => g,
+            None => format!("{}:{}", host_name(), listen.port()),
+        };
         let mut modules = BTreeMap::new();
         for (name, m) in raw.modules {
             let key = |k: &str| format!("modules.{name}.{k}");
@@ -264,6 +294,48 @@ impl Config {
                     })
                 }
             };
+            let lease = match (m.lease, m.lease_seconds) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(err(format!(
+                        "{}: without a lease (set {} too)",
+                        key("lease_seconds"),
+                        key("lease")
+                    )))
+                }
+                (Some(_), _) if history.is_some() => {
+                    return Err(err(format!(
+                        "{}: a module with history cannot be shared by gateways yet; leave \
+                         out {} or {}",
+                        key("lease"),
+                        key("lease"),
+                        key("history")
+                    )))
+                }
+                (Some(path), seconds) => {
+                    let seconds = seconds.unwrap_or(LEASE_SECONDS);
+                    if !(3..=600).contains(&seconds) {
+                        return Err(err(format!(
+                            "{}: {seconds}: between 3 and 600",
+                            key("lease_seconds")
+                        )));
+                    }
+                    let path = resolve(path);
+                    let module_path = resolve(m.path.clone());
+                    if path.starts_with(&module_path) {
+                        return Err(err(format!(
+                            "{}: {} is inside the module; put it beside it",
+                            key("lease"),
+                            path.display()
+                        )));
+                    }
+                    Some(LeaseConfig {
+                        path,
+                        expiry: std::time::Duration::from_secs(seconds),
+                        gateway: gateway.clone(),
+                    })
+                }
+            };
             modules.insert(
                 name.clone(),
                 Module {
@@ -279,6 +351,7 @@ impl Config {
                     setuid: m.setuid,
                     owner,
                     history,
+                    lease,
                 },
             );
         }
@@ -289,9 +362,19 @@ impl Config {
             key: resolve(raw.key),
             state_dir: raw.state_dir.map(resolve),
             metrics_listen,
+            gateway,
             modules,
         })
     }
+}
+
+/// This host's name, as the kernel has it.
+fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "receiver".into())
 }
 
 #[cfg(test)]
@@ -320,6 +403,14 @@ max_connections = 200
         assert!(!m.read_only);
         assert_eq!(m.max_connections, Some(200));
         assert_eq!(m.hosts_allow.as_ref().unwrap().len(), 2);
+        assert_eq!(m.lease, None);
+        assert!(c.gateway.ends_with(":8730"), "{}", c.gateway);
+        let leased = format!("{GOOD}lease = \"../leases/file\"\n");
+        let c = Config::parse(&leased, Path::new("/etc/ferry/receiver.toml")).unwrap();
+        let lease = c.modules["file"].lease.clone().unwrap();
+        assert_eq!(lease.path, PathBuf::from("/etc/ferry/../leases/file"));
+        assert_eq!(lease.expiry, std::time::Duration::from_secs(LEASE_SECONDS));
+        assert_eq!(lease.gateway, c.gateway);
     }
 
     #[test]
@@ -348,6 +439,31 @@ max_connections = 200
                 format!("{GOOD}\n[modules.file]\npath = \"/y\"\n"),
                 12,
                 "duplicate key: `[modules.file]`",
+            ),
+            (
+                format!("{GOOD}lease_seconds = 5\n"),
+                11,
+                "modules.file.lease_seconds: without a lease",
+            ),
+            (
+                format!("{GOOD}lease = \"data/file/.lease\"\n"),
+                11,
+                "modules.file.lease: /etc/ferry/data/file/.lease is inside the module",
+            ),
+            (
+                format!("{GOOD}lease = \"l\"\nlease_seconds = 1\n"),
+                12,
+                "modules.file.lease_seconds: 1: between 3 and 600",
+            ),
+            (
+                format!("{GOOD}lease = \"l\"\nhistory = \"h\"\n"),
+                11,
+                "a module with history cannot be shared by gateways yet",
+            ),
+            (
+                GOOD.replace("cert =", "gateway = \"gw a\"\ncert ="),
+                3,
+                "gateway: \"gw a\": a name without spaces",
             ),
         ];
         for (text, line, needle) in cases {

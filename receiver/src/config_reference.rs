@@ -69,6 +69,15 @@ pub fn reference() -> Reference {
                         r#""127.0.0.1:9814""#,
                         "Serve Prometheus metrics over plain HTTP at this address.",
                     ),
+                    key(
+                        "gateway",
+                        "string",
+                        Default::Absent("the host's name and the listen port"),
+                        r#""gw-a""#,
+                        "This receiver's name as one of several gateways to modules on a shared \
+                         filesystem: written in the write lease it holds, and named to senders \
+                         another gateway refuses.",
+                    ),
                 ],
             },
             Table {
@@ -201,6 +210,28 @@ pub fn reference() -> Reference {
                         "With `history`: below this much free space on the filesystem, the \
                          oldest versions are pruned first.",
                     ),
+                    key(
+                        "lease",
+                        "path",
+                        Default::Absent("none: this receiver is the module's only writer"),
+                        r#""/gluster/backup/.leases/www""#,
+                        "For a module that several receivers (gateways) serve on one shared \
+                         filesystem: the write lease file, on that filesystem, outside the \
+                         module. A gateway writes the module only while it holds the lease; \
+                         another refuses writers, naming the holder, until the holder has not \
+                         renewed it for `lease_seconds` (as measured by the one that takes it \
+                         over: no clocks are compared). Reads (verify, restore) go through any \
+                         gateway. Not with `history` (yet).",
+                    ),
+                    key(
+                        "lease_seconds",
+                        "integer 3-600",
+                        Default::Value("10"),
+                        "30",
+                        "With `lease`: how long an unrenewed lease holds. The holder renews every \
+                         third of it and stops writing a fifth of it before another may take it \
+                         over; a clean stop gives the lease up at once.",
+                    ),
                 ],
             },
         ],
@@ -248,6 +279,21 @@ min_free_percent = 15
 path = "/srv/backup/archive"
 restore_clients = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
 comment = "read only: served for restores"
+"#,
+            },
+            Example {
+                title: "one of two gateways to a module on a GlusterFS volume (the other has \
+                        gateway = \"gw-b\" and the same module)",
+                text: r#"listen = "0.0.0.0:8730"
+cert = "/etc/ferry/cert.pem"
+key = "/etc/ferry/key.pem"
+gateway = "gw-a"
+
+[modules.www]
+path = "/gluster/backup/www"
+clients = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
+read_only = false
+lease = "/gluster/backup/.leases/www"
 "#,
             },
         ],

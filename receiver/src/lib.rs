@@ -46,6 +46,7 @@ pub mod history;
 pub mod hosts;
 pub mod incoming;
 pub mod kept;
+pub mod lease;
 pub mod leftovers;
 pub mod module;
 pub mod requests;

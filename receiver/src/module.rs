@@ -4,6 +4,7 @@
 use crate::config::{Module, Owner};
 use crate::history::History;
 use crate::incoming::Partials;
+use crate::lease::Lease;
 use crate::leftovers::{clean_staging, own_prefix};
 use ferry_protocol::local::DigestCache;
 use ferry_protocol::message::Keeps;
@@ -40,6 +41,8 @@ pub struct ModuleState {
     /// Whether one `syncfs` makes everything written to the module's filesystem durable (see
     /// [`syncfs_reaches_storage`]); where not, every file and directory is flushed itself.
     pub syncfs: bool,
+    /// The write lease, for a module that several gateways serve on a shared filesystem.
+    pub lease: Option<Arc<Lease>>,
 }
 
 /// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
@@ -169,6 +172,39 @@ fn syncfs_flushes(f_type: i64) -> bool {
 const MAX_WARNED: usize = 10_000;
 
 impl ModuleState {
+    /// Before a session writes: holds the module's lease, if it has one, taking it when it is
+    /// free or expired (and then sweeping what an earlier holder left in flight). `Err`: the
+    /// refusal to send the peer. Blocking.
+    pub fn lease_for_writing(&self) -> Result<(), String> {
+        let Some(lease) = &self.lease else {
+            return Ok(());
+        };
+        let refused = |why: String| {
+            format!(
+                "module {}: this gateway ({}) may not write it: {why}",
+                self.module.name,
+                lease.gateway()
+            )
+        };
+        if lease.acquire().map_err(|r| refused(r.to_string()))? {
+            clean_staging(&self.module.path)
+                .map_err(|e| refused(format!("staging: {}", io_reason(&e))))?;
+        }
+        Ok(())
+    }
+
+    /// What a session is told when this gateway lost the module's lease while it wrote.
+    pub fn lease_lost(&self) -> String {
+        let gateway = self.lease.as_ref().map_or("", |l| l.gateway());
+        let name = &self.module.name;
+        format!("module {name}: this gateway ({gateway}) no longer holds the write lease")
+    }
+
+    /// Whether this gateway may write the module now (no lease, or the lease held).
+    pub fn may_write(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.holds())
+    }
+
     /// What this module keeps, on a receiver that is (or is not) `privileged` (root).
     /// Unprivileged, only `user.*` attributes and ACLs can be written; file capabilities are
     /// kept only where setuid bits are.
@@ -236,7 +272,12 @@ impl ModuleState {
                     _ => why(format!("is not writable: {}", io_reason(&e))),
                 });
             }
-            clean_staging(&module.path).map_err(|e| why(format!("staging: {}", io_reason(&e))))?;
+            // Under a lease another gateway may be writing now: what is left in flight is
+            // swept when this one takes the lease (`ModuleState::lease_for_writing`).
+            if module.lease.is_none() {
+                clean_staging(&module.path)
+                    .map_err(|e| why(format!("staging: {}", io_reason(&e))))?;
+            }
         }
         let cache = match state_dir {
             Some(dir) => DigestCache::open(dir.join(format!("{}.digests", module.name))),
@@ -286,7 +327,13 @@ impl ModuleState {
             }
             (_, true) => None,
         };
+        let lease = module
+            .lease
+            .as_ref()
+            .filter(|_| !module.read_only)
+            .map(|l| Arc::new(Lease::new(&l.path, &module.name, &l.gateway, l.expiry)));
         Ok(ModuleState {
+            lease,
             module,
             active: AtomicUsize::new(0),
             cache: Mutex::new(cache),
@@ -533,6 +580,7 @@ mod tests {
             setuid,
             owner: Default::default(),
             history: None,
+            lease: None,
         }
     }
 

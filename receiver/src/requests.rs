@@ -59,6 +59,8 @@ pub struct Requests {
     tree: Option<(bool, Compare, DigestTree)>,
     /// `Delete` and `Rename` are served (a restore client without `--delete` refuses them).
     removals: bool,
+    /// The module's write lease was lost, and the peer told.
+    lease_lost: bool,
 }
 
 enum Flow {
@@ -84,6 +86,7 @@ impl Requests {
             allowance: None,
             tree: None,
             removals: true,
+            lease_lost: false,
         }
     }
 
@@ -244,6 +247,9 @@ impl Requests {
             if !self.writable {
                 self.fail(id, "session is read-only".into());
                 return Flow::Continue;
+            }
+            if !self.fs.state.may_write() {
+                return self.lease_lost();
             }
             let refusal = self.fs.state.history.as_ref().and_then(|h| h.refusal());
             if let Some(why) = refusal {
@@ -432,6 +438,14 @@ impl Requests {
     /// The group commit: sealed files made durable and named, dirty directories made
     /// durable, then everything acknowledged. Returns false if the peer is gone.
     fn commit(&mut self) -> bool {
+        if !self.fs.state.may_write() {
+            // Nothing sealed is named, nothing waiting acknowledged: the sender sends it again
+            // through the gateway that holds the lease.
+            self.fs.discard_sealed();
+            self.pending_acks.clear();
+            let _ = self.lease_lost();
+            return false;
+        }
         let files = self.fs.flush();
         let synced = self.fs.commit_durable();
         let mut answers: Vec<(RequestId, Result<Option<u64>, String>)> = files
@@ -465,6 +479,17 @@ impl Requests {
             }
         }
         true
+    }
+
+    /// The module's lease went to another gateway (or could not be renewed in time): the
+    /// session ends, saying why once, so its sender goes to the gateway that holds it.
+    fn lease_lost(&mut self) -> Flow {
+        if !std::mem::replace(&mut self.lease_lost, true) {
+            let reason = self.fs.state.lease_lost();
+            tracing::warn!(module = self.fs.module(), "{reason}; session ends");
+            self.reply(Message::Refused { reason });
+        }
+        Flow::Stop
     }
 
     fn list(&mut self, id: RequestId, under: &RelPath, xattrs: Namespaces) {

@@ -172,10 +172,11 @@ impl Server {
             .keys()
             .filter(|n| !config.modules.contains_key(*n))
             .count();
-        // Replaced and removed modules keep their digests for the next start.
+        // Replaced and removed modules keep their digests for the next start, and give up
+        // their write lease (a replaced one takes it again at its first writer).
         for (name, slot) in old.iter() {
             if !table.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-                save_cache(slot);
+                retire(slot);
             }
         }
         *self.modules.write().expect("modules lock") = Arc::new(table);
@@ -265,7 +266,7 @@ impl Server {
             tracing::warn!("sessions still open after {SHUTDOWN_GRACE:?}; abandoning them");
         }
         for slot in self.table().values() {
-            save_cache(slot);
+            retire(slot);
         }
         let counters: Vec<String> = self
             .stats
@@ -277,11 +278,15 @@ impl Server {
     }
 }
 
-/// Writes an open module's digest cache to its state file.
-fn save_cache(slot: &ModuleSlot) {
+/// An open module no longer served: its digest cache written to its state file, its write
+/// lease given up.
+fn retire(slot: &ModuleSlot) {
     if let Some(state) = slot.opened() {
         if let Err(e) = state.cache.lock().expect("cache lock").save() {
             tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
+        }
+        if let Some(lease) = &state.lease {
+            lease.release();
         }
     }
 }
@@ -364,6 +369,7 @@ impl Loopback {
                 dir,
                 keep: Default::default(),
             }),
+            lease: None,
         };
         let listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let server = Arc::new(Server::with_identity(

@@ -108,6 +108,15 @@ where
     if let Err(refusal) = authorize(&state.module, fingerprint, peer.ip(), intent, active) {
         return server_answer(&mut writer, refuse(&module_name, refusal.to_string())).await;
     }
+    if intent == Intent::Write && state.lease.is_some() {
+        let leased = state.clone();
+        let held = tokio::task::spawn_blocking(move || leased.lease_for_writing())
+            .await
+            .unwrap_or_else(|_| Err("the lease check panicked".into()));
+        if let Err(reason) = held {
+            return server_answer(&mut writer, refuse(&module_name, reason)).await;
+        }
+    }
     drop(handshake);
     let Some(_session_slot) = server.admission.session() else {
         let reason = format!(

@@ -35,7 +35,7 @@ struct RawConfig {
 struct RawTarget {
     #[serde(default)]
     kind: RawKind,
-    address: String,
+    address: RawAddress,
     fingerprint: Option<String>,
     // kind = "rsync"
     user: Option<String>,
@@ -49,6 +49,40 @@ struct RawTarget {
     timeout_s: Option<u64>,
     transport: Option<RawTransport>,
     rsh: Option<String>,
+}
+
+/// `address = "HOST:PORT"`, or a list of gateways to the same module.
+enum RawAddress {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for RawAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawAddress, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawAddress;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\" or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAddress, E> {
+                Ok(RawAddress::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawAddress, A::Error> {
+                let mut list = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    list.push(a);
+                }
+                Ok(RawAddress::Several(list))
+            }
+        }
+        // TOML hands a string to `visit_str` whatever was asked; asking for a sequence lets
+        // the configuration reference's tracer see the field as a list of strings.
+        d.deserialize_seq(Either)
+    }
 }
 
 /// `kind = "ferry" | "rsync"`.
@@ -149,8 +183,11 @@ pub struct Config {
 pub struct Target {
     /// Name in the configuration.
     pub name: String,
-    /// `host:port`.
+    /// `host:port`: the receiver, or the first of its gateways.
     pub address: String,
+    /// The other gateways to the same module (`address = [...]`), tried in order after
+    /// `address` when it cannot take a session.
+    pub more_addresses: Vec<String>,
     /// What runs there.
     pub kind: TargetKind,
 }
@@ -393,10 +430,29 @@ impl Target {
     /// `[targets.NAME]`, validated; the error names the key (`targets.NAME.KEY: …`).
     fn from_raw(
         name: String,
-        t: RawTarget,
+        mut t: RawTarget,
         resolve: &dyn Fn(PathBuf) -> PathBuf,
     ) -> Result<Target, String> {
         let key = |k: &str| format!("targets.{name}.{k}");
+        let addresses = match std::mem::replace(&mut t.address, RawAddress::Several(Vec::new())) {
+            RawAddress::One(a) => vec![a],
+            RawAddress::Several(list) => list,
+        };
+        match (addresses.len(), t.kind) {
+            (0, _) => return Err(format!("{}: an empty list", key("address"))),
+            (1, _) | (_, RawKind::Ferry) => {}
+            (_, RawKind::Rsync) => {
+                return Err(format!(
+                    "{}: several addresses (gateways) are for ferry targets only",
+                    key("address")
+                ))
+            }
+        }
+        for (i, a) in addresses.iter().enumerate() {
+            if addresses[..i].contains(a) {
+                return Err(format!("{}: {a:?} twice", key("address")));
+            }
+        }
         let kind = match t.kind {
             RawKind::Ferry => {
                 if let Some(k) = rsync_only_key(&t) {
@@ -409,12 +465,10 @@ impl Target {
                 let fingerprint = fp
                     .parse()
                     .map_err(|e| format!("{}: {e}", key("fingerprint")))?;
-                if !t.address.contains(':') {
+                if let Some(a) = addresses.iter().find(|a| !a.contains(':')) {
                     return Err(format!(
-                        "{}: {:?} needs a port, e.g. {}:8730",
-                        key("address"),
-                        t.address,
-                        t.address
+                        "{}: {a:?} needs a port, e.g. {a}:8730",
+                        key("address")
                     ));
                 }
                 TargetKind::Ferry {
@@ -426,16 +480,20 @@ impl Target {
             }
             RawKind::Rsync => TargetKind::Rsync(RsyncTarget::from_raw(&t, &key, resolve)?),
         };
+        let mut addresses = addresses.into_iter();
+        let first = addresses.next().unwrap_or_default();
+        let more_addresses: Vec<String> = addresses.collect();
         let address = match &kind {
             // rsyncd's port is optional, as in rsync://host/module.
-            TargetKind::Rsync(r) if r.rsh.is_none() && !t.address.contains(':') => {
-                format!("{}:873", t.address)
+            TargetKind::Rsync(r) if r.rsh.is_none() && !first.contains(':') => {
+                format!("{first}:873")
             }
-            _ => t.address,
+            _ => first,
         };
         Ok(Target {
             name,
             address,
+            more_addresses,
             kind,
         })
     }
@@ -616,6 +674,18 @@ exclude = ["tmp/", "*.log"]
                 ..
             }
         ));
+        let two = GOOD.replace(
+            "\"192.168.74.20:8730\"",
+            r#"["10.0.0.2:8730", "10.0.0.3:8730"]"#,
+        );
+        let c = Config::parse(&two, Path::new("/etc/ferry/sender.toml")).unwrap();
+        let t = &c.targets["backup"];
+        assert_eq!(t.address, "10.0.0.2:8730");
+        assert_eq!(t.more_addresses, ["10.0.0.3:8730"]);
+        assert_eq!(
+            t.addresses().collect::<Vec<_>>(),
+            ["10.0.0.2:8730", "10.0.0.3:8730"]
+        );
         let packed = GOOD.replace("fingerprint =", "compress = true\nfingerprint =");
         let c = Config::parse(&packed, Path::new("/etc/ferry/sender.toml")).unwrap();
         assert!(matches!(
@@ -685,6 +755,32 @@ exclude = ["tmp/", "*.log"]
                 GOOD.replace("state_dir", "metrics_listen = \"localhost\"\nstate_dir"),
                 4,
                 "metrics_listen: invalid address",
+            ),
+            (
+                GOOD.replace("\"192.168.74.20:8730\"", r#"["a:8730", "a:8730"]"#),
+                6,
+                "targets.backup.address: \"a:8730\" twice",
+            ),
+            (
+                GOOD.replace("\"192.168.74.20:8730\"", r#"["a:8730", "b"]"#),
+                6,
+                "targets.backup.address: \"b\" needs a port",
+            ),
+            (
+                GOOD.replace("\"192.168.74.20:8730\"", "[]"),
+                6,
+                "targets.backup.address: an empty list",
+            ),
+            (
+                GOOD.replace("\"192.168.74.20:8730\"", r#"["a:873", "b:873"]"#)
+                    .replace("fingerprint =", "kind = \"rsync\"\nfingerprint ="),
+                6,
+                "several addresses (gateways) are for ferry targets only",
+            ),
+            (
+                GOOD.replace("\"192.168.74.20:8730\"", "8730"),
+                6,
+                "expected \"HOST:PORT\" or a list of them",
             ),
         ];
         for (text, line, needle) in cases {

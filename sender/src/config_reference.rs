@@ -61,9 +61,14 @@ pub fn reference() -> Reference {
                         "What runs there: `ferry receive`, or an rsyncd (compatibility mode). The \
                          keys from `user` on are for rsync targets only; a ferry target refuses \
                          them."),
-                    key("address", "\"HOST:PORT\"", Default::Required, r#""192.168.74.20:8730""#,
+                    key("address", "\"HOST:PORT\" or a list of them", Default::Required, r#""192.168.74.20:8730""#,
                         "Where the receiver listens. A ferry target needs the port; an rsyncd's \
-                         defaults to 873; over ssh, the host to log in to."),
+                         defaults to 873; over ssh, the host to log in to. A ferry target may \
+                         list several gateways to the same module on a shared filesystem \
+                         (`[\"10.0.0.2:8730\", \"10.0.0.3:8730\"]`): a session goes to the \
+                         first that takes it, starting from the one that took the last, so a \
+                         gateway that dies or does not hold the module's write lease passes the \
+                         turn to the next."),
                     key("fingerprint", "\"sha256:HEX\"", Default::Absent("required for a ferry \
                          target, refused for an rsync one"),
                         r#""sha256:0000000000000000000000000000000000000000000000000000000000000000""#,

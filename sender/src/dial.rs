@@ -49,13 +49,34 @@ pub async fn dial(
 
 impl Target {
     /// Opens `module` with `intent` on this (ferry) target; the one way every command and
-    /// worker connects.
+    /// worker connects. Gateways are tried in the configured order.
     pub async fn connect(
         &self,
         identity: &Identity,
         module: &str,
         intent: Intent,
     ) -> Result<Session, SessionError> {
+        self.connect_from(identity, module, intent, 0)
+            .await
+            .map(|(session, _)| session)
+    }
+
+    /// Every address of the target: the receiver, or its gateways in the configured order.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.address.as_str()).chain(self.more_addresses.iter().map(|a| a.as_str()))
+    }
+
+    /// [`Target::connect`], trying the gateways from the `first`-th round (the one that
+    /// worked last, for a worker): the first that takes the session, and its index. A gateway
+    /// that is down, or refuses because another holds the module's write lease, passes the
+    /// turn to the next.
+    pub async fn connect_from(
+        &self,
+        identity: &Identity,
+        module: &str,
+        intent: Intent,
+        first: usize,
+    ) -> Result<(Session, usize), SessionError> {
         let TargetKind::Ferry {
             fingerprint,
             compress,
@@ -67,15 +88,29 @@ impl Target {
                 self.name
             )));
         };
-        let pace = bwlimit_kib.map(|kib| Pace::shared(&self.name, kib));
-        let stream = dial(&self.address, fingerprint, identity).await?;
-        Session::open(stream, &self.address, module, intent, compress, pace)
-            .await
-            .map(|s| s.named(&self.name))
-            .map_err(|source| SessionError::Conn {
-                address: self.address.clone(),
-                source,
-            })
+        let addresses: Vec<&str> = self.addresses().collect();
+        let mut failed = Vec::new();
+        for turn in 0..addresses.len() {
+            let i = (first + turn) % addresses.len();
+            let address = addresses[i];
+            let pace = bwlimit_kib.map(|kib| Pace::shared(&self.name, kib));
+            let opened = async {
+                let stream = dial(address, fingerprint, identity).await?;
+                Session::open(stream, address, module, intent, compress, pace)
+                    .await
+                    .map(|s| s.named(&self.name))
+                    .map_err(|source| SessionError::Conn {
+                        address: address.to_string(),
+                        source,
+                    })
+            };
+            match opened.await {
+                Ok(session) => return Ok((session, i)),
+                Err(e) if addresses.len() == 1 => return Err(e),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        Err(SessionError::NoGateway(failed.join("; ")))
     }
 }
 

@@ -55,9 +55,19 @@ impl FerryLink {
     ) -> FerryLink {
         let module = group.module.clone();
         let name = target.name.clone();
+        // The gateway that took the last session is tried first next time.
+        let last = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let dial: Dial = Arc::new(move || {
             let (target, identity, module) = (target.clone(), identity.clone(), module.clone());
-            Box::pin(async move { target.connect(&identity, &module, Intent::Write).await })
+            let last = last.clone();
+            Box::pin(async move {
+                let first = last.load(std::sync::atomic::Ordering::Relaxed);
+                let (session, i) = target
+                    .connect_from(&identity, &module, Intent::Write, first)
+                    .await?;
+                last.store(i, std::sync::atomic::Ordering::Relaxed);
+                Ok(session)
+            })
         });
         FerryLink::with_dial(group, name, dial, links, observer)
     }
@@ -96,6 +106,10 @@ impl Transport for FerryLink {
         let s = (self.dial)().await.map_err(|e| e.to_string())?;
         self.session = Some(Arc::new(s));
         Ok(true)
+    }
+
+    fn gateway(&self) -> Option<String> {
+        self.session.as_ref().map(|s| s.address().to_string())
     }
 
     fn lost(&self) -> impl Future<Output = String> + Send {

@@ -104,6 +104,7 @@ mod tests {
         Target {
             name: name.into(),
             address: address.into(),
+            more_addresses: Vec::new(),
             kind: TargetKind::Ferry {
                 fingerprint: Fingerprint::from_sha256([7; 32]),
                 compress: false,
@@ -116,6 +117,7 @@ mod tests {
         Target {
             name: name.into(),
             address: "backup:873".into(),
+            more_addresses: Vec::new(),
             kind: TargetKind::Rsync(RsyncTarget {
                 user: None,
                 password_file: None,

@@ -31,6 +31,9 @@ pub enum SessionError {
         /// The cause.
         source: ConnError,
     },
+    /// None of a target's gateways took the session; why, for each.
+    #[error("no gateway took the session: {0}")]
+    NoGateway(String),
     /// The connection was lost while a request was outstanding.
     #[error("{0}: connection lost")]
     Lost(String),
@@ -69,7 +72,10 @@ impl SessionError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            SessionError::Conn { .. } | SessionError::Lost(_) | SessionError::Protocol { .. }
+            SessionError::Conn { .. }
+                | SessionError::NoGateway(_)
+                | SessionError::Lost(_)
+                | SessionError::Protocol { .. }
         )
     }
 }

@@ -58,8 +58,12 @@ pub struct TargetStatus {
     pub target: String,
     /// `ferry` or `rsync`.
     pub kind: String,
-    /// Where it is.
+    /// Where it is (the first gateway, for a target that has several).
     pub address: String,
+    /// The receiver the last session went to: for a target with several gateways, which one
+    /// it uses.
+    #[serde(default)]
+    pub gateway: Option<String>,
     /// State.
     pub state: State,
     /// Why, when retrying, paused or stopped.
@@ -134,6 +138,7 @@ struct Live {
     last_mass_change: Option<String>,
     /// Operator confirmations of held deletions so far.
     confirmations: u64,
+    gateway: Option<String>,
 }
 
 #[derive(Debug)]
@@ -203,6 +208,7 @@ impl Board {
                 mass_changes: 0,
                 last_mass_change: None,
                 confirmations: 0,
+                gateway: None,
             },
         };
         self.lock().entries.insert(key.clone(), entry);
@@ -262,6 +268,7 @@ impl Board {
                     target: target.clone(),
                     kind: e.kind.to_string(),
                     address: e.address.clone(),
+                    gateway: l.gateway.clone(),
                     state: l.state,
                     why: l.why.clone(),
                     state_seconds: secs(l.since),
@@ -318,6 +325,11 @@ impl Tracker {
             }
             l.why = why;
         })
+    }
+
+    /// A session went to the receiver at `address`.
+    pub fn gateway(&self, address: String) {
+        self.with(|l| l.gateway = Some(address));
     }
 
     /// Enters `state` because of `error`, which becomes the last error.

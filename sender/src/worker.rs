@@ -115,6 +115,10 @@ pub trait Transport: Send {
     fn confirm_deletes(&mut self);
     /// Drops the connection (it failed, or a batch was abandoned).
     fn disconnect(&mut self);
+    /// The address of the receiver (the gateway) the open connection goes to.
+    fn gateway(&self) -> Option<String> {
+        None
+    }
     /// Resolves, with why, when the open connection is gone while nothing is being sent
     /// (closed by the peer, failed, or silent past its liveness window); never for a
     /// transport that holds no connection between batches.
@@ -243,6 +247,12 @@ impl<T: Transport> Worker<T> {
                 Ok(fresh) => {
                     reconnect = false;
                     self.status.set(State::Connected, None);
+                    if fresh {
+                        if let Some(gateway) = self.transport.gateway() {
+                            tracing::info!(sync = group, target, %gateway, "connected");
+                            self.status.gateway(gateway);
+                        }
+                    }
                     if fresh && backoff.failing() {
                         tracing::info!(sync = group, target, "reconnected");
                         // The receiver (or its disk) is back: what failed goes again now.

@@ -81,6 +81,7 @@ impl Pair {
                 dir: place.join("history"),
                 keep,
             }),
+            lease: None,
         };
         let listen = "127.0.0.1:0".parse().unwrap();
         let server = Server::with_identity(identity, listen, vec![module], None).unwrap();
