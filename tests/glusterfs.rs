@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 struct Volume {
     glusterd: Option<Child>,
     name: String,
+    source: String,
     mount: PathBuf,
+    /// More mounts of the volume (as a second gateway host would have its own).
+    more: Vec<PathBuf>,
 }
 
 fn gluster(args: &[&str]) -> std::process::Output {
@@ -41,10 +44,12 @@ impl Volume {
                 .spawn()
                 .expect("glusterd: this test needs Debian's glusterfs-server")
         });
-        let volume = Volume {
+        let mut volume = Volume {
             glusterd,
             name: format!("ferrytest{}", std::process::id()),
+            source: String::new(),
             mount: dir.join("mnt"),
+            more: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !answers() {
@@ -68,27 +73,40 @@ impl Volume {
                 stderr(&o)
             );
         }
-        fs::create_dir_all(&volume.mount).unwrap();
-        let source = format!("{}:/{}", host.trim(), volume.name);
+        volume.source = format!("{}:/{}", host.trim(), volume.name);
+        let mount = volume.mount.clone();
+        volume.mount_at(&mount);
+        volume
+    }
+
+    fn mount_at(&self, at: &Path) {
+        fs::create_dir_all(at).unwrap();
         let o = run(Command::new("mount")
-            .args(["-t", "glusterfs", &source])
-            .arg(&volume.mount));
-        assert!(o.status.success(), "mount {source}: {}", stderr(&o));
+            .args(["-t", "glusterfs", &self.source])
+            .arg(at));
+        assert!(o.status.success(), "mount {}: {}", self.source, stderr(&o));
         let fuse = fs::read_to_string("/proc/mounts")
             .unwrap()
             .lines()
-            .any(|l| l.contains(volume.mount.to_str().unwrap()) && l.contains("fuse"));
-        assert!(fuse, "{} is not a FUSE mount", volume.mount.display());
-        volume
+            .any(|l| l.contains(at.to_str().unwrap()) && l.contains("fuse"));
+        assert!(fuse, "{} is not a FUSE mount", at.display());
+    }
+
+    /// Mounts the volume a second time at `at` (its own FUSE client), unmounted on drop.
+    fn mount_again(&mut self, at: &Path) {
+        self.mount_at(at);
+        self.more.push(at.to_path_buf());
     }
 }
 
 impl Drop for Volume {
     fn drop(&mut self) {
-        let unmounted = Command::new("umount").arg(&self.mount).status();
-        if !unmounted.is_ok_and(|s| s.success()) {
-            // Something still holds it (a failed assertion left a process): detach it.
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        for mount in self.more.iter().chain([&self.mount]) {
+            let unmounted = Command::new("umount").arg(mount).status();
+            if !unmounted.is_ok_and(|s| s.success()) {
+                // Something still holds it (a failed assertion left a process): detach it.
+                let _ = Command::new("umount").arg("-l").arg(mount).status();
+            }
         }
         let _ = gluster(&["volume", "stop", &self.name, "force"]);
         let _ = gluster(&["volume", "delete", &self.name]);
@@ -241,5 +259,195 @@ fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
     drop(daemon);
     site.assert_verified();
     drop(backup);
+    drop(volume);
+}
+
+/// A receiver serving module `file` at `module` as a gateway: its write lease at `lease`
+/// (3 s), its identity copied from `identity` (gateways to one module share a certificate, so
+/// a sender pins one fingerprint). Returns its configuration and port.
+fn gateway(
+    root: &Path,
+    name: &str,
+    identity: &Path,
+    client: &str,
+    module: &Path,
+    lease: &Path,
+) -> (PathBuf, u16) {
+    let dir = root.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    for f in ["cert.pem", "key.pem"] {
+        fs::copy(identity.join(f), dir.join(f)).unwrap();
+    }
+    let port = free_port();
+    let config = dir.join("receiver.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\ngateway = {name:?}\n\
+             [modules.file]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n\
+             lease = {:?}\nlease_seconds = 3\n",
+            module.display().to_string(),
+            lease.display().to_string()
+        ),
+    )
+    .unwrap();
+    (config, port)
+}
+
+/// Two receivers on two addresses serve one module on the volume, each through its own mount:
+/// the lease lets one write at a time, and the other refuses writers naming the holder. A
+/// sender with both addresses writes through the first; kill -9 of it in the middle of a
+/// burst, and the sender carries on through the second once the lease has gone unrenewed for
+/// its expiry, losing nothing; the module ends exact with nothing of ferry's left. The killed
+/// gateway, restarted, does not take the lease back while the other holds it.
+#[test]
+fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut volume = Volume::start(dir.path());
+    let second = dir.path().join("mnt2");
+    volume.mount_again(&second);
+    let site = Site::new();
+    let src = site.dir("src");
+    fill_tree(&src, 10, 20, |i| {
+        format!("file {i}\n").repeat(40).into_bytes()
+    });
+    fs::create_dir_all(volume.mount.join("served")).unwrap();
+    fs::create_dir_all(volume.mount.join("leases")).unwrap();
+    let served = volume.mount.join("served");
+    let identity = site.dir("identity");
+    let pin = keygen(&identity);
+    let (a_config, a_port) = gateway(
+        site.root(),
+        "gw-a",
+        &identity,
+        &site.fingerprint,
+        &served,
+        &volume.mount.join("leases/file"),
+    );
+    let (b_config, b_port) = gateway(
+        site.root(),
+        "gw-b",
+        &identity,
+        &site.fingerprint,
+        &second.join("served"),
+        &second.join("leases/file"),
+    );
+    let mut a = Receiver::start(&a_config);
+    let b = Receiver::start(&b_config);
+    let (a_addr, b_addr) = (format!("127.0.0.1:{a_port}"), format!("127.0.0.1:{b_port}"));
+    let target = |addresses: &str| {
+        format!(
+            "[targets.backup]\naddress = {addresses}\nfingerprint = {pin:?}\n{}",
+            sync("file", &src, &["backup"], "file", "")
+        )
+    };
+    // A one-off write through one gateway only.
+    let through = |addr: &str| {
+        let config = site.path("send/one.toml");
+        fs::write(
+            &config,
+            format!(
+                "cert = \"cert.pem\"\nkey = \"key.pem\"\n{}",
+                target(&format!("{addr:?}"))
+            ),
+        )
+        .unwrap();
+        run(ferry().args(["send", "--once", "--config"]).arg(&config))
+    };
+
+    let _daemon = site.run(&target(&format!("[{a_addr:?}, {b_addr:?}]")), 1);
+    wait_equal(&src, &served, 60, "the first sync through gw-a");
+    let gateway_in_use = || {
+        site.status().1["targets"][0]["gateway"]
+            .as_str()
+            .map(String::from)
+    };
+    assert_eq!(gateway_in_use().as_deref(), Some(a_addr.as_str()));
+    let o = through(&b_addr);
+    assert!(
+        !o.status.success(),
+        "gw-b took a write while gw-a holds the lease"
+    );
+    assert!(
+        stderr(&o).contains("gateway gw-a holds the write lease"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A burst of 400 files; gw-a is killed once a quarter of them are written.
+    let burst = src.join("burst");
+    fs::create_dir(&burst).unwrap();
+    let (writer, killed_at) = {
+        let into = burst.clone();
+        let writer = std::thread::spawn(move || {
+            for i in 0..400 {
+                fs::write(
+                    into.join(format!("b{i}")),
+                    format!("burst {i}\n").repeat(100),
+                )
+                .unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fs::read_dir(&burst).unwrap().count() < 100 {
+            assert!(Instant::now() < deadline, "the burst did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // SAFETY: a signal to a child of this test.
+        unsafe { libc::kill(a.child.id() as i32, libc::SIGKILL) };
+        (writer, Instant::now())
+    };
+    let deadline = killed_at + Duration::from_secs(60);
+    while gateway_in_use().as_deref() != Some(b_addr.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "no failover to gw-b in 60 s: {}",
+            site.status().1
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failover = killed_at.elapsed();
+    writer.join().unwrap();
+    eprintln!(
+        "failover to gw-b {:.1} s after kill -9 of gw-a (lease expiry 3 s)",
+        failover.as_secs_f64()
+    );
+    assert!(
+        failover <= Duration::from_secs(3 + 10),
+        "failover took {failover:?}"
+    );
+    wait_equal(&src, &served, 120, "the burst through gw-b");
+    site.wait_settled(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !leftovers(&served).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left in the module: {:?}",
+            leftovers(&served)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.log().contains("taking the write lease"), "{}", b.log());
+
+    // gw-a comes back: gw-b holds the lease, so gw-a refuses writers, and the sender stays.
+    let _ = a.stop();
+    let a = Receiver::start(&a_config);
+    let o = through(&a_addr);
+    assert!(
+        !o.status.success(),
+        "the restarted gw-a took a write while gw-b holds the lease"
+    );
+    assert!(
+        stderr(&o).contains("gateway gw-b holds the write lease"),
+        "{}",
+        stderr(&o)
+    );
+    fs::write(src.join("after"), b"after the restart").unwrap();
+    wait_equal(&src, &served, 60, "a change after gw-a's restart");
+    assert_eq!(gateway_in_use().as_deref(), Some(b_addr.as_str()));
+    let v = verify(&src, &served);
+    assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+    drop((a, b));
     drop(volume);
 }
