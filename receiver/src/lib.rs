@@ -12,6 +12,8 @@
 //!   SQLite journal that says what each was, retention and pruning.
 //! - [`hosts`]: `hosts_allow` patterns (addresses and CIDR blocks).
 //! - [`module`]: a served module's state: what its filesystem supports, opened once.
+//! - [`lease`]: a module's write lease, for several receivers (gateways) serving it on a shared
+//!   filesystem: taken, renewed, lost and given up; no clocks compared between hosts.
 //! - [`leftovers`]: start-up removal of what an earlier run left in a module, and the name
 //!   prefix of this process's own entries in flight.
 //! - [`stats`]: the process's counters.
