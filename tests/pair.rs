@@ -379,3 +379,51 @@ async fn compressed_bodies_shrink_on_the_wire_and_arrive_exact() {
     assert!(packed < plain * 6 / 10, "{packed} packed vs {plain} plain");
     assert!(packed > 1 << 20, "the random MiB cannot shrink: {packed}");
 }
+
+/// A gateway whose write lease another gateway took (the lease file now names another
+/// holder) lets go at its next renewal: the session writing through it ends, told why, what it
+/// acknowledged stays, the lease file is left to its new holder, and a new writer is refused
+/// naming that holder. Reads still go through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_that_lost_its_write_lease_ends_the_writing_session() {
+    let lease_dir = tempfile::tempdir().unwrap();
+    let lease = lease_dir.path().join("file.lease");
+    let mut pair = Pair::with_lease(&lease, std::time::Duration::from_millis(600));
+    let session = pair.session().await;
+    push_whole(&session, "first", b"while the lease is held")
+        .await
+        .unwrap();
+    assert!(fs::read_to_string(&lease)
+        .unwrap()
+        .contains("holder=pair-gw"));
+    let taken = "holder=gw-x\ntoken=1.other\ncounter=1000000\nttl_ms=600\n";
+    fs::write(&lease, taken).unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let mut acked = 0;
+    let why = loop {
+        assert!(
+            Instant::now() < deadline,
+            "still writing after the lease was taken"
+        );
+        match push_whole(&session, &format!("f{acked}"), b"x").await {
+            Ok(()) => acked += 1,
+            Err(e) => break e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(why.contains("no longer holds the write lease"), "{why}");
+    for i in 0..acked {
+        assert!(
+            pair.dst.join(format!("f{i}")).exists(),
+            "acknowledged f{i} is gone"
+        );
+    }
+    assert!(pair.dst.join("first").exists());
+    assert_eq!(fs::read_to_string(&lease).unwrap(), taken);
+    let refused = pair.open("file", Intent::Write).await.err().unwrap();
+    assert!(
+        refused.contains("gateway gw-x holds the write lease"),
+        "{refused}"
+    );
+    assert!(pair.open("file", Intent::Read).await.is_ok());
+}

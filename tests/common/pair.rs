@@ -33,19 +33,30 @@ pub struct Pair {
 impl Pair {
     /// A pair whose module `file` allows `max_connections` sessions at once.
     pub fn with_limit(max_connections: Option<usize>) -> Pair {
-        Pair::build(max_connections, None, None)
+        Pair::build(max_connections, None, None, None)
     }
 
     /// A pair whose module keeps its history in `history` (beside `src` and `dst`) with
     /// retention `keep`.
     pub fn with_history(keep: ferry_receiver::history::Keep) -> Pair {
-        Pair::build(None, Some(keep), None)
+        Pair::build(None, Some(keep), None, None)
     }
 
     /// [`Pair::with_history`] with the module (`dst`) and its history in `place` (a
     /// filesystem of the test's).
     pub fn with_history_in(keep: ferry_receiver::history::Keep, place: &std::path::Path) -> Pair {
-        Pair::build(None, Some(keep), Some(place.to_path_buf()))
+        Pair::build(None, Some(keep), Some(place.to_path_buf()), None)
+    }
+
+    /// A pair whose module is served as gateway `pair-gw` under the write lease `lease`
+    /// (expiring after `expiry`), as one of several receivers on a shared filesystem.
+    pub fn with_lease(lease: &std::path::Path, expiry: std::time::Duration) -> Pair {
+        let lease = ferry_receiver::config::LeaseConfig {
+            path: lease.to_path_buf(),
+            expiry,
+            gateway: "pair-gw".into(),
+        };
+        Pair::build(None, None, None, Some(lease))
     }
 
     /// The history directory of a pair made [`Pair::with_history`].
@@ -57,6 +68,7 @@ impl Pair {
         max_connections: Option<usize>,
         keep: Option<ferry_receiver::history::Keep>,
         place: Option<PathBuf>,
+        lease: Option<ferry_receiver::config::LeaseConfig>,
     ) -> Pair {
         let tmp = tempfile::tempdir().unwrap();
         let place = place.unwrap_or_else(|| tmp.path().to_path_buf());
@@ -81,7 +93,7 @@ impl Pair {
                 dir: place.join("history"),
                 keep,
             }),
-            lease: None,
+            lease,
         };
         let listen = "127.0.0.1:0".parse().unwrap();
         let server = Server::with_identity(identity, listen, vec![module], None).unwrap();
