@@ -22,7 +22,12 @@ struct Volume {
     mount: PathBuf,
     /// More mounts of the volume (as a second gateway host would have its own).
     more: Vec<PathBuf>,
+    /// One volume at a time: the tests of this file share one glusterd, which the first
+    /// starts and ends.
+    _one: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_VOLUME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn gluster(args: &[&str]) -> std::process::Output {
     Command::new("gluster")
@@ -34,6 +39,8 @@ fn gluster(args: &[&str]) -> std::process::Output {
 
 impl Volume {
     fn start(dir: &Path) -> Volume {
+        // A test that failed holding it poisoned it; its volume was still cleaned up.
+        let one = ONE_VOLUME.lock().unwrap_or_else(|e| e.into_inner());
         let answers = || gluster(&["volume", "list"]).status.success();
         // A glusterd already running (a service) serves the test as well as its own would.
         let glusterd = (!answers()).then(|| {
@@ -50,6 +57,7 @@ impl Volume {
             source: String::new(),
             mount: dir.join("mnt"),
             more: Vec::new(),
+            _one: one,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !answers() {
