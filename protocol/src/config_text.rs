@@ -4,6 +4,39 @@
 use std::path::{Path, PathBuf};
 use toml::de::{DeTable, DeValue};
 
+/// A key that takes one string or a list of them (`address = "H:P"` or `address = ["H:P", …]`),
+/// read as the list.
+#[derive(Default)]
+pub struct OneOrMore(pub Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for OneOrMore {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<OneOrMore, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = OneOrMore;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMore, E> {
+                Ok(OneOrMore(vec![v.to_string()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMore, A::Error> {
+                let mut list = Vec::new();
+                while let Some(one) = seq.next_element::<String>()? {
+                    list.push(one);
+                }
+                Ok(OneOrMore(list))
+            }
+        }
+        // TOML hands a string to `visit_str` whatever was asked; asking for a sequence lets
+        // the configuration reference's tracer see the key as a list of strings.
+        d.deserialize_seq(Either)
+    }
+}
+
 /// A configuration file could not be used: `FILE:LINE: KEY: what is wrong` (the line when the
 /// key, or the place of a syntax error, is in the file).
 #[derive(Debug, thiserror::Error)]

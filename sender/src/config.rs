@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use ferry_protocol::config_text::ConfigError;
+use ferry_protocol::config_text::OneOrMore;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +36,8 @@ struct RawConfig {
 struct RawTarget {
     #[serde(default)]
     kind: RawKind,
-    address: RawAddress,
+    /// `"HOST:PORT"`, or a list of gateways to the same module.
+    address: OneOrMore,
     fingerprint: Option<String>,
     // kind = "rsync"
     user: Option<String>,
@@ -49,40 +51,6 @@ struct RawTarget {
     timeout_s: Option<u64>,
     transport: Option<RawTransport>,
     rsh: Option<String>,
-}
-
-/// `address = "HOST:PORT"`, or a list of gateways to the same module.
-enum RawAddress {
-    One(String),
-    Several(Vec<String>),
-}
-
-impl<'de> Deserialize<'de> for RawAddress {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawAddress, D::Error> {
-        struct Either;
-        impl<'de> serde::de::Visitor<'de> for Either {
-            type Value = RawAddress;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("\"HOST:PORT\" or a list of them")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawAddress, E> {
-                Ok(RawAddress::One(v.to_string()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<RawAddress, A::Error> {
-                let mut list = Vec::new();
-                while let Some(a) = seq.next_element::<String>()? {
-                    list.push(a);
-                }
-                Ok(RawAddress::Several(list))
-            }
-        }
-        // TOML hands a string to `visit_str` whatever was asked; asking for a sequence lets
-        // the configuration reference's tracer see the field as a list of strings.
-        d.deserialize_seq(Either)
-    }
 }
 
 /// `kind = "ferry" | "rsync"`.
@@ -434,10 +402,7 @@ impl Target {
         resolve: &dyn Fn(PathBuf) -> PathBuf,
     ) -> Result<Target, String> {
         let key = |k: &str| format!("targets.{name}.{k}");
-        let addresses = match std::mem::replace(&mut t.address, RawAddress::Several(Vec::new())) {
-            RawAddress::One(a) => vec![a],
-            RawAddress::Several(list) => list,
-        };
+        let addresses = std::mem::take(&mut t.address.0);
         match (addresses.len(), t.kind) {
             (0, _) => return Err(format!("{}: an empty list", key("address"))),
             (1, _) | (_, RawKind::Ferry) => {}
@@ -780,7 +745,7 @@ exclude = ["tmp/", "*.log"]
             (
                 GOOD.replace("\"192.168.74.20:8730\"", "8730"),
                 6,
-                "expected \"HOST:PORT\" or a list of them",
+                "expected a string or a list of strings",
             ),
         ];
         for (text, line, needle) in cases {

@@ -28,6 +28,7 @@
 //!   for a restore the backup host sends, where [`transfer::Origin::Mapped`] says it is,
 //!   `fstat`, `FileBegin`, whole chunks or windowed deltas, `FileEnd` with the digest.
 //! - [`extents`]: a file's data and holes, read in the order a whole body travels.
+//! - [`error`]: [`error::SessionError`], how a session or one of its requests fails.
 //! - [`session`]: one connection to one module over any stream (or, turned round, the backup
 //!   host's side of a restore: [`session::Session::started`]); requests out, replies routed
 //!   back to each request (a oneshot, or a queue for answers in steps; the reader never
@@ -61,6 +62,7 @@ pub mod config;
 pub mod config_reference;
 pub mod daemon;
 pub mod dial;
+pub mod error;
 pub mod execute;
 pub mod extents;
 pub mod fanotify;
