@@ -271,8 +271,9 @@ fn a_module_on_glusterfs_converges_first_time_and_after_kill_9() {
 }
 
 /// A receiver serving module `file` at `module` as a gateway: its write lease at `lease`
-/// (3 s), its identity copied from `identity` (gateways to one module share a certificate, so
-/// a sender pins one fingerprint). Returns its configuration and port.
+/// (3 s), its history at `history`, its identity copied from `identity` (gateways to one
+/// module share a certificate, so a sender pins one fingerprint). Returns its configuration
+/// and port.
 fn gateway(
     root: &Path,
     name: &str,
@@ -280,6 +281,7 @@ fn gateway(
     client: &str,
     module: &Path,
     lease: &Path,
+    history: &Path,
 ) -> (PathBuf, u16) {
     let dir = root.join(name);
     fs::create_dir_all(&dir).unwrap();
@@ -293,9 +295,10 @@ fn gateway(
         format!(
             "listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\ngateway = {name:?}\n\
              [modules.file]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n\
-             lease = {:?}\nlease_seconds = 3\n",
+             lease = {:?}\nlease_seconds = 3\nhistory = {:?}\n",
             module.display().to_string(),
-            lease.display().to_string()
+            lease.display().to_string(),
+            history.display().to_string()
         ),
     )
     .unwrap();
@@ -307,7 +310,10 @@ fn gateway(
 /// sender with both addresses writes through the first; kill -9 of it in the middle of a
 /// burst, and the sender carries on through the second once the lease has gone unrenewed for
 /// its expiry, losing nothing; the module ends exact with nothing of ferry's left. The killed
-/// gateway, restarted, does not take the lease back while the other holds it.
+/// gateway, restarted, does not take the lease back while the other holds it. The module's
+/// history, on the volume beside it, is written by whichever gateway holds the lease: its
+/// journal keeps no write-ahead log (whose index is memory of one host), stays consistent
+/// with its objects across the kill, and restores the moment before the burst.
 #[test]
 fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,6 +337,7 @@ fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
         &site.fingerprint,
         &served,
         &volume.mount.join("leases/file"),
+        &volume.mount.join("history/file"),
     );
     let (b_config, b_port) = gateway(
         site.root(),
@@ -339,6 +346,7 @@ fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
         &site.fingerprint,
         &second.join("served"),
         &second.join("leases/file"),
+        &second.join("history/file"),
     );
     let mut a = Receiver::start(&a_config);
     let b = Receiver::start(&b_config);
@@ -365,6 +373,11 @@ fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
 
     let _daemon = site.run(&target(&format!("[{a_addr:?}, {b_addr:?}]")), 1);
     wait_equal(&src, &served, 60, "the first sync through gw-a");
+    let before = journal::tree(&src);
+    let t0 = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+    std::thread::sleep(Duration::from_millis(10));
+    fs::write(src.join("d0/f0"), b"rewritten through gw-a").unwrap();
+    wait_equal(&src, &served, 60, "a rewrite through gw-a");
     let gateway_in_use = || {
         site.status().1["targets"][0]["gateway"]
             .as_str()
@@ -437,6 +450,8 @@ fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(b.log().contains("taking the write lease"), "{}", b.log());
+    fs::remove_file(src.join("d1/f1")).unwrap();
+    wait_equal(&src, &served, 60, "a deletion through gw-b");
 
     // gw-a comes back: gw-b holds the lease, so gw-a refuses writers, and the sender stays.
     let _ = a.stop();
@@ -456,6 +471,26 @@ fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
     assert_eq!(gateway_in_use().as_deref(), Some(b_addr.as_str()));
     let v = verify(&src, &served);
     assert!(v.status.success(), "{}{}", stdout(&v), stderr(&v));
+
+    // The history: kept by gw-a before the kill and by gw-b after it, one journal.
+    site.wait_settled(60);
+    let history = volume.mount.join("history/file");
+    for f in ["journal.sqlite3-wal", "journal.sqlite3-shm"] {
+        assert!(!history.join(f).exists(), "{f} on a shared volume");
+    }
+    journal::assert_consistent(&history);
+    let rows = journal::rows(&history);
+    let row = |path: &str, action: &str| rows.iter().any(|r| r.1 == path && r.2 == action);
+    assert!(row("d0/f0", "replaced"), "gw-a's replaced row: {rows:?}");
+    assert!(row("d1/f1", "deleted"), "gw-b's deleted row: {rows:?}");
+    let then = site.path("then");
+    let o = run(ferry()
+        .args(["restore", "--config"])
+        .arg(&b_config)
+        .args(["--module", "file", "--at", &t0])
+        .arg(&then));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(journal::tree(&then), before, "the module at {t0}");
     drop((a, b));
     drop(volume);
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::journal::{assert_consistent, objects, rows, tree};
 use common::pair::Pair;
 use common::site::{backup_log, one_group, Backup, Site};
 use common::*;
@@ -15,49 +16,6 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
-
-/// The journal's rows: (id, path, action, object, renamed_to), by id.
-fn rows(history: &Path) -> Vec<(i64, String, String, bool, Option<String>)> {
-    let db = rusqlite::Connection::open_with_flags(
-        history.join("journal.sqlite3"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let mut q = db
-        .prepare("SELECT id, path, action, object, renamed_to FROM versions ORDER BY id")
-        .unwrap();
-    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    q.query_map([], |r| {
-        Ok((
-            r.get(0)?,
-            text(r.get(1)?),
-            r.get(2)?,
-            r.get::<_, i64>(3)? != 0,
-            r.get::<_, Option<Vec<u8>>>(4)?.map(text),
-        ))
-    })
-    .unwrap()
-    .collect::<Result<_, _>>()
-    .unwrap()
-}
-
-/// The ids in `objects/`.
-fn objects(history: &Path) -> BTreeSet<i64> {
-    fs::read_dir(history.join("objects"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
-        .collect()
-}
-
-/// Every row with an object names one that exists, and every object has its row.
-fn assert_consistent(history: &Path) {
-    let journaled: BTreeSet<i64> = rows(history)
-        .into_iter()
-        .filter(|r| r.3)
-        .map(|r| r.0)
-        .collect();
-    assert_eq!(journaled, objects(history), "journal and objects disagree");
-}
 
 #[tokio::test]
 async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
@@ -651,32 +609,6 @@ async fn a_full_disk_mid_commit_leaves_journal_and_history_consistent() {
 }
 
 /// Every entry below `root`: path → (content or symlink target or "dir", permission bits).
-fn tree(root: &Path) -> BTreeMap<String, (Vec<u8>, u32, i64)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let md = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let body = if md.is_dir() {
-                stack.push(p.clone());
-                b"dir".to_vec()
-            } else if md.file_type().is_symlink() {
-                fs::read_link(&p)
-                    .unwrap()
-                    .into_os_string()
-                    .into_encoded_bytes()
-            } else {
-                fs::read(&p).unwrap()
-            };
-            let mtime = if md.is_dir() { 0 } else { md.mtime() };
-            out.insert(rel, (body, md.mode() & 0o7777, mtime));
-        }
-    }
-    out
-}
-
 /// `ferry restore` on the backup host brings the module back as it was at a time — files
 /// rewritten, re-moded and deleted since come back, ones created since stay out — or only
 /// the paths asked for; without `--at`, as it is now.

@@ -303,15 +303,6 @@ impl Config {
                         key("lease")
                     )))
                 }
-                (Some(_), _) if history.is_some() => {
-                    return Err(err(format!(
-                        "{}: a module with history cannot be shared by gateways yet; leave \
-                         out {} or {}",
-                        key("lease"),
-                        key("lease"),
-                        key("history")
-                    )))
-                }
                 (Some(path), seconds) => {
                     let seconds = seconds.unwrap_or(LEASE_SECONDS);
                     if !(3..=600).contains(&seconds) {
@@ -411,6 +402,9 @@ max_connections = 200
         assert_eq!(lease.path, PathBuf::from("/etc/ferry/../leases/file"));
         assert_eq!(lease.expiry, std::time::Duration::from_secs(LEASE_SECONDS));
         assert_eq!(lease.gateway, c.gateway);
+        let both = format!("{GOOD}lease = \"../leases/file\"\nhistory = \"../history/file\"\n");
+        let c = Config::parse(&both, Path::new("/etc/ferry/receiver.toml")).unwrap();
+        assert!(c.modules["file"].lease.is_some() && c.modules["file"].history.is_some());
     }
 
     #[test]
@@ -454,11 +448,6 @@ max_connections = 200
                 format!("{GOOD}lease = \"l\"\nlease_seconds = 1\n"),
                 12,
                 "modules.file.lease_seconds: 1: between 3 and 600",
-            ),
-            (
-                format!("{GOOD}lease = \"l\"\nhistory = \"h\"\n"),
-                11,
-                "a module with history cannot be shared by gateways yet",
             ),
             (
                 GOOD.replace("cert =", "gateway = \"gw a\"\ncert ="),

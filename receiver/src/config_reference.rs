@@ -221,7 +221,8 @@ pub fn reference() -> Reference {
                          another refuses writers, naming the holder, until the holder has not \
                          renewed it for `lease_seconds` (as measured by the one that takes it \
                          over: no clocks are compared). Reads (verify, restore) go through any \
-                         gateway. Not with `history` (yet).",
+                         gateway. With `history`, it is on the same filesystem, and only the \
+                         lease holder writes and prunes it.",
                     ),
                     key(
                         "lease_seconds",

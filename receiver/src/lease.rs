@@ -141,7 +141,8 @@ impl Lease {
     }
 
     /// Holds the lease, taking it if it is free or its holder has not renewed it for a whole
-    /// expiry. `Ok(true)`: newly taken (what an earlier holder left in flight may be swept).
+    /// expiry. `Ok(true)`: taken from another holder or free (what an earlier holder left in
+    /// flight may be swept); `Ok(false)`: this one held it already.
     /// Blocking: it reads and writes the lease file.
     pub fn acquire(self: &Arc<Self>) -> Result<bool, Refusal> {
         if self.holds() {
@@ -182,13 +183,15 @@ impl Lease {
             write(file, &self.record(counter))?;
             state.ours = Some((counter, now));
             state.seen = None;
-            Ok(Ok(()))
+            // Still ours (a renewal came late, and nobody took it meanwhile): nothing of
+            // another writer's can be in flight.
+            Ok(Ok(record.token != self.token))
         });
         match taken {
-            Ok(Ok(())) => {
+            Ok(Ok(from_another)) => {
                 tracing::info!(module = %self.module, gateway = %self.gateway, "holding the write lease");
                 self.keep_renewing();
-                Ok(true)
+                Ok(from_another)
             }
             Ok(Err(refusal)) => Err(refusal),
             Err(e) => Err(Refusal::Io(format!(

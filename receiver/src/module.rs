@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A module as the running server sees it: configuration, live session count and the digest
@@ -43,6 +43,11 @@ pub struct ModuleState {
     pub syncfs: bool,
     /// The write lease, for a module that several gateways serve on a shared filesystem.
     pub lease: Option<Arc<Lease>>,
+    /// Held while the lease is taken and what the previous holder left is swept, so that no
+    /// writer of this gateway starts before the sweep and the history's check have ended.
+    taking: Mutex<()>,
+    /// What the lease's previous holder left has been swept since this gateway took it.
+    swept: AtomicBool,
 }
 
 /// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
@@ -179,6 +184,7 @@ impl ModuleState {
         let Some(lease) = &self.lease else {
             return Ok(());
         };
+        let _taking = self.taking.lock().expect("taking lock");
         let refused = |why: String| {
             format!(
                 "module {}: this gateway ({}) may not write it: {why}",
@@ -187,8 +193,16 @@ impl ModuleState {
             )
         };
         if lease.acquire().map_err(|r| refused(r.to_string()))? {
+            self.swept.store(false, Ordering::Relaxed);
+        }
+        // Until the sweep has once succeeded under this holding, no writer starts.
+        if !self.swept.load(Ordering::Relaxed) {
             clean_staging(&self.module.path)
                 .map_err(|e| refused(format!("staging: {}", io_reason(&e))))?;
+            if let Some(history) = &self.history {
+                history.recover(&self.module.name).map_err(refused)?;
+            }
+            self.swept.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -307,6 +321,12 @@ impl ModuleState {
             );
         }
         let history = match (&module.history, module.read_only) {
+            (Some(h), false) if module.lease.is_some() => Some(History::open_shared(
+                &module.name,
+                &module.path,
+                &h.dir,
+                h.keep.clone(),
+            )?),
             (Some(h), false) => Some(History::open(
                 &module.name,
                 &module.path,
@@ -334,6 +354,8 @@ impl ModuleState {
             .map(|l| Arc::new(Lease::new(&l.path, &module.name, &l.gateway, l.expiry)));
         Ok(ModuleState {
             lease,
+            taking: Mutex::default(),
+            swept: AtomicBool::new(false),
             module,
             active: AtomicUsize::new(0),
             cache: Mutex::new(cache),
@@ -486,7 +508,8 @@ impl ModuleSlot {
 }
 
 /// Prunes the history of `module` (if it has one) now and then every minute (more often for
-/// retention counted in seconds), on a thread of its own that ends with the module.
+/// retention counted in seconds), on a thread of its own that ends with the module. Under a
+/// write lease only the holder prunes.
 fn prune_in_background(module: &Arc<ModuleState>) {
     let Some(history) = &module.history else {
         return;
@@ -518,7 +541,13 @@ fn prune_in_background(module: &Arc<ModuleState>) {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i64);
-            match history.prune(now) {
+            // Under a lease, the holder prunes (taking the lease if it is free, as a writer
+            // would); the other gateways leave the history alone.
+            let pruned = match module.lease_for_writing() {
+                Ok(()) => history.prune_while(now, &|| module.may_write()),
+                Err(_) => Ok(0),
+            };
+            match pruned {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(module = %name, pruned = n, "history pruned"),
                 Err(e) => tracing::warn!(module = %name, "history: pruning failed: {e}"),

@@ -4,6 +4,7 @@
 
 pub mod attrs;
 pub mod guard;
+pub mod journal;
 pub mod live;
 pub mod pair;
 pub mod proc;

@@ -7,6 +7,7 @@ use ferry_protocol::RelPath;
 use rusqlite::{params, Connection, OpenFlags};
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
@@ -201,7 +202,20 @@ pub fn read_versions(dir: &Path, under: &RelPath) -> io::Result<Vec<Version>> {
 }
 
 /// The journal at `dir`, opened read-only.
-fn open_read_only(dir: &Path) -> io::Result<Connection> {
+/// Drops the kernel's cached pages of the journal (and of its rollback journal). On a shared
+/// filesystem another host may have written them since this one read them, and a FUSE
+/// client's page cache is not told: SQLite's locks keep its own cache right, not the
+/// kernel's.
+pub(super) fn forget_cached(dir: &Path) {
+    for name in [JOURNAL, "journal.sqlite3-journal"] {
+        if let Ok(f) = fs::File::open(dir.join(name)) {
+            // SAFETY: an open descriptor; advice only, nothing is read or written.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+pub(super) fn open_read_only(dir: &Path) -> io::Result<Connection> {
     let file = dir.join(JOURNAL);
     if !file.exists() {
         return Err(io::Error::new(

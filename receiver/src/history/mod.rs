@@ -39,8 +39,8 @@ mod journal;
 mod retention;
 pub mod view;
 
-use journal::versions_in;
 pub use journal::{check_place, read_versions, read_versions_after, Version};
+use journal::{forget_cached, open_read_only, versions_in};
 #[cfg(test)]
 use retention::PRUNE_PAGE;
 pub use retention::{Keep, Rule, PRUNE_EVERY};
@@ -138,6 +138,8 @@ pub struct History {
     pub keep: Keep,
     objects: OwnedFd,
     db: Mutex<Connection>,
+    /// Several gateways write it in turn (`History::open_shared`).
+    shared: bool,
     next_id: AtomicU64,
     /// Why writes are refused (the floor cannot be kept and space is short), if they are.
     refusing: Mutex<Option<String>>,
@@ -195,6 +197,17 @@ CREATE TABLE IF NOT EXISTS reach (
 );
 ";
 
+/// The journal's connection: a write-ahead log on a filesystem of one host; on a shared one a
+/// rollback journal (the log's index is memory that only the processes of one host share).
+fn connect(dir: &Path, shared: bool) -> rusqlite::Result<Connection> {
+    let db = Connection::open(dir.join(JOURNAL))?;
+    let mode = if shared { "DELETE" } else { "WAL" };
+    db.execute_batch(&format!(
+        "PRAGMA journal_mode = {mode}; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;"
+    ))?;
+    Ok(db)
+}
+
 fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::File => "file",
@@ -208,12 +221,39 @@ fn kind_name(kind: Kind) -> &'static str {
 
 impl History {
     /// Opens (creating if need be, mode 0700) the history of `module` (named in errors) at
-    /// `dir`, after [`check_place`]; runs the start-up check.
+    /// `dir`, after [`check_place`]; runs the start-up check ([`History::recover`]).
     pub fn open(
         module: &str,
         module_path: &Path,
         dir: &Path,
         keep: Keep,
+    ) -> Result<History, String> {
+        let history = History::open_with(module, module_path, dir, keep, false)?;
+        history.recover(module)?;
+        Ok(history)
+    }
+
+    /// Opens the history of a module that several gateways serve on a shared filesystem
+    /// (`lease`): its journal keeps a rollback journal beside it instead of a write-ahead log,
+    /// whose index lives in memory shared by the processes of one host only, and it is locked
+    /// with the filesystem's POSIX locks, which reach every host. The start-up check is left
+    /// to whichever gateway takes the write lease ([`History::recover`]): until then another
+    /// one may be writing.
+    pub fn open_shared(
+        module: &str,
+        module_path: &Path,
+        dir: &Path,
+        keep: Keep,
+    ) -> Result<History, String> {
+        History::open_with(module, module_path, dir, keep, true)
+    }
+
+    fn open_with(
+        module: &str,
+        module_path: &Path,
+        dir: &Path,
+        keep: Keep,
+        shared: bool,
     ) -> Result<History, String> {
         let why = |what: String| format!("module {module:?}: history {}: {what}", dir.display());
         let io_why = |e: io::Error| why(ferry_protocol::io_reason(&e));
@@ -228,35 +268,49 @@ impl History {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(dir.join(OBJECTS))
             .map_err(io_why)?;
-        let db = Connection::open(dir.join(JOURNAL)).map_err(|e| why(e.to_string()))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
-        )
-        .and_then(|_| db.execute_batch(SCHEMA))
-        .and_then(|_| {
-            // A journal from before this table: its history began with its oldest row.
-            db.execute(
-                "INSERT OR IGNORE INTO reach (id, since_ns, pruned) \
+        let db = connect(dir, shared).map_err(|e| why(e.to_string()))?;
+        db.execute_batch(SCHEMA)
+            .and_then(|_| {
+                // A journal from before this table: its history began with its oldest row.
+                db.execute(
+                    "INSERT OR IGNORE INTO reach (id, since_ns, pruned) \
                  VALUES (1, coalesce((SELECT min(time_ns) FROM versions), ?1), 0)",
-                [now_ns()],
-            )
-        })
-        .map_err(|e| why(format!("journal: {e}")))?;
+                    [now_ns()],
+                )
+            })
+            .map_err(|e| why(format!("journal: {e}")))?;
         let _ = fs::set_permissions(
             dir.join(JOURNAL),
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         );
-        let history = History {
+        Ok(History {
             dir: dir.to_path_buf(),
             keep,
             objects: OwnedFd::from(objects),
             db: Mutex::new(db),
+            shared,
             next_id: AtomicU64::new(1),
             refusing: Mutex::new(None),
             pruned: AtomicU64::new(0),
             wake: Default::default(),
-        };
-        let (adopted, dropped) = history.check().map_err(io_why)?;
+        })
+    }
+
+    /// The start-up check, by the one process about to write the history: objects without
+    /// rows (a crash before their commit) are adopted, rows without objects dropped, and the
+    /// next object's id follows the largest of both.
+    /// A shared history's journal is opened again first, as it is now on the filesystem.
+    pub fn recover(&self, module: &str) -> Result<(), String> {
+        let why =
+            |what: String| format!("module {module:?}: history {}: {what}", self.dir.display());
+        if self.shared {
+            forget_cached(&self.dir);
+            *self.db.lock().expect("journal lock") =
+                connect(&self.dir, true).map_err(|e| why(format!("journal: {e}")))?;
+        }
+        let (adopted, dropped) = self
+            .check()
+            .map_err(|e| why(ferry_protocol::io_reason(&e)))?;
         if adopted > 0 || dropped > 0 {
             tracing::warn!(
                 module,
@@ -267,7 +321,7 @@ impl History {
                  that are gone and were dropped"
             );
         }
-        Ok(history)
+        Ok(())
     }
 
     /// `/proc/self/fd/N/name` of an object.
@@ -533,13 +587,32 @@ impl History {
 
     /// The versions at or below `under` (all of them for the root), oldest first.
     pub fn versions(&self, under: &RelPath) -> io::Result<Vec<Version>> {
+        if self.shared {
+            return versions_in(&self.reader()?, under);
+        }
         let db = self.db.lock().expect("journal lock");
         versions_in(&db, under)
     }
 
+    /// A connection for one reading of a shared journal, which another gateway may have
+    /// written since this one last looked.
+    fn reader(&self) -> io::Result<Connection> {
+        forget_cached(&self.dir);
+        open_read_only(&self.dir)
+    }
+
     /// What the history holds now, for metrics.
     pub fn figures(&self) -> io::Result<Figures> {
-        let db = self.db.lock().expect("journal lock");
+        let fresh = if self.shared {
+            Some(self.reader()?)
+        } else {
+            None
+        };
+        let held = match &fresh {
+            Some(_) => None,
+            None => Some(self.db.lock().expect("journal lock")),
+        };
+        let db: &Connection = fresh.as_ref().or(held.as_deref()).expect("one of them");
         let (versions, bytes, oldest) = db
             .query_row(
                 "SELECT count(*), coalesce(sum(blocks), 0), min(time_ns) FROM versions",
@@ -664,6 +737,54 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(c.id > adopted.id);
+    }
+
+    /// A history several gateways share keeps a rollback journal, not a write-ahead log, and
+    /// leaves the start-up check to the one that takes the write lease: before that, another
+    /// gateway's commit may be half done.
+    #[test]
+    fn a_shared_history_logs_no_wal_and_checks_only_when_recovered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (module, dir) = (tmp.path().join("module"), tmp.path().join("history"));
+        fs::create_dir(&module).unwrap();
+        fs::write(module.join("a"), b"old a").unwrap();
+        let first = History::open_shared("m", &module, &dir, Keep::default()).unwrap();
+        first.recover("m").unwrap();
+        let a = first
+            .keep_entry(&module.join("a"), &"a".into(), Action::Deleted, How::Move)
+            .unwrap()
+            .unwrap();
+        // The writer dies between keeping `a` and journaling it.
+        drop(first);
+        let wal = dir.join(format!("{JOURNAL}-wal"));
+        assert!(!wal.exists(), "a write-ahead log on a shared history");
+        let second = History::open_shared("m", &module, &dir, Keep::default()).unwrap();
+        assert!(
+            second.versions(&RelPath::root()).unwrap().is_empty(),
+            "checked before taking the lease"
+        );
+        second.recover("m").unwrap();
+        let after = second.versions(&RelPath::root()).unwrap();
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(
+            (after[0].id, after[0].action.as_str()),
+            (a.id, "unjournaled")
+        );
+        fs::write(module.join("b"), b"b").unwrap();
+        let b = second
+            .keep_entry(&module.join("b"), &"b".into(), Action::Deleted, How::Move)
+            .unwrap()
+            .unwrap();
+        assert!(b.id > a.id, "an id reused after the takeover");
+        second.sync_objects(std::slice::from_ref(&b)).unwrap();
+        second.journal(vec![b]).unwrap();
+        assert_eq!(second.versions(&RelPath::root()).unwrap().len(), 2);
+        assert!(!wal.exists(), "a write-ahead log on a shared history");
+        let mode: String = Connection::open(dir.join(JOURNAL))
+            .unwrap()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
     }
 
     #[test]

@@ -127,6 +127,12 @@ impl History {
     /// If space is still short with only the floor left, writes are refused until it is not.
     /// Returns how many versions went.
     pub fn prune(&self, now: i64) -> io::Result<u64> {
+        self.prune_while(now, &|| true)
+    }
+
+    /// [`History::prune`], for as long as `writer()` says this process may still write the
+    /// history (a gateway that lost the module's write lease stops between two steps).
+    pub fn prune_while(&self, now: i64, writer: &dyn Fn() -> bool) -> io::Result<u64> {
         // Read in pages, the journal's lock let go between them, so a commit never waits
         // for more than one page however long the history is.
         let mut by_rule = Vec::new();
@@ -164,7 +170,7 @@ impl History {
             last = Some(end);
         }
         by_rule.extend(self.keep.prune_of(&group, now));
-        let mut gone = self.remove(&by_rule)?;
+        let mut gone = self.remove(&by_rule, writer)?;
         let floor = now - self.keep.floor.as_nanos() as i64;
         while self.short_of_space()? {
             let oldest: Vec<i64> = {
@@ -177,10 +183,10 @@ impl History {
                     .map_err(db_err)?;
                 ids.collect::<Result<_, _>>().map_err(db_err)?
             };
-            if oldest.is_empty() {
+            if oldest.is_empty() || !writer() {
                 break;
             }
-            gone += self.remove(&oldest)?;
+            gone += self.remove(&oldest, writer)?;
         }
         let short = self.short_of_space()?;
         let mut refusing = self.refusing.lock().expect("refusing lock");
@@ -212,9 +218,12 @@ impl History {
     }
 
     /// Removes versions `ids` (objects first, then rows), [`PRUNE_STEP`] per transaction.
-    fn remove(&self, ids: &[i64]) -> io::Result<u64> {
+    fn remove(&self, ids: &[i64], writer: &dyn Fn() -> bool) -> io::Result<u64> {
         let mut n = 0;
         for chunk in ids.chunks(PRUNE_STEP) {
+            if !writer() {
+                break;
+            }
             for &id in chunk {
                 let object = self.object_path(id);
                 let r = match fs::symlink_metadata(&object) {
