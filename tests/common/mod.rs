@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod attrs;
+pub mod gluster;
 pub mod guard;
 pub mod journal;
 pub mod live;
