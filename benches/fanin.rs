@@ -76,16 +76,18 @@ impl Receiver {
             .stderr(fs::File::create(log).unwrap())
             .spawn()
             .expect("ferry receive");
+        // Killed on a failed assertion below too.
+        let mut receiver = Receiver {
+            child,
+            address: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = fs::read_to_string(log).unwrap_or_default();
             if let Some(at) = text.find("listen=") {
-                let address = text[at + 7..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .to_string();
-                return Receiver { child, address };
+                let address = text[at + 7..].split_whitespace().next().unwrap();
+                receiver.address = address.to_string();
+                return receiver;
             }
             assert!(
                 Instant::now() < deadline,
