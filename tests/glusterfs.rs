@@ -239,6 +239,9 @@ fn two_gateways_share_a_module_and_the_sender_fails_over_after_kill_9() {
         &second.join("history/file"),
     );
     let mut a = Receiver::start(&a_config);
+    // A module with history is pruned by the lease holder, so a gateway takes the lease at
+    // start: gw-a first, before gw-b is there to take it.
+    a.wait_log_n("holding the write lease", 1, 30);
     let b = Receiver::start(&b_config);
     let (a_addr, b_addr) = (format!("127.0.0.1:{a_port}"), format!("127.0.0.1:{b_port}"));
     let target = |addresses: &str| {
