@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
 /// A module as the running server sees it: configuration, live session count and the digest
@@ -43,11 +43,10 @@ pub struct ModuleState {
     pub syncfs: bool,
     /// The write lease, for a module that several gateways serve on a shared filesystem.
     pub lease: Option<Arc<Lease>>,
-    /// Held while the lease is taken and what the previous holder left is swept, so that no
-    /// writer of this gateway starts before the sweep and the history's check have ended.
-    taking: Mutex<()>,
-    /// What the lease's previous holder left has been swept since this gateway took it.
-    swept: AtomicBool,
+    /// Whether what the lease's previous holder left has been swept (and the history checked)
+    /// since this gateway took it; held while the lease is taken and swept, so that no writer
+    /// of this gateway starts before that has ended.
+    swept: Mutex<bool>,
 }
 
 /// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
@@ -184,7 +183,7 @@ impl ModuleState {
         let Some(lease) = &self.lease else {
             return Ok(());
         };
-        let _taking = self.taking.lock().expect("taking lock");
+        let mut swept = self.swept.lock().expect("swept lock");
         let refused = |why: String| {
             format!(
                 "module {}: this gateway ({}) may not write it: {why}",
@@ -193,16 +192,16 @@ impl ModuleState {
             )
         };
         if lease.acquire().map_err(|r| refused(r.to_string()))? {
-            self.swept.store(false, Ordering::Relaxed);
+            *swept = false;
         }
         // Until the sweep has once succeeded under this holding, no writer starts.
-        if !self.swept.load(Ordering::Relaxed) {
+        if !*swept {
             clean_staging(&self.module.path)
                 .map_err(|e| refused(format!("staging: {}", io_reason(&e))))?;
             if let Some(history) = &self.history {
                 history.recover(&self.module.name).map_err(refused)?;
             }
-            self.swept.store(true, Ordering::Relaxed);
+            *swept = true;
         }
         Ok(())
     }
@@ -354,8 +353,7 @@ impl ModuleState {
             .map(|l| Arc::new(Lease::new(&l.path, &module.name, &l.gateway, l.expiry)));
         Ok(ModuleState {
             lease,
-            taking: Mutex::default(),
-            swept: AtomicBool::new(false),
+            swept: Mutex::new(false),
             module,
             active: AtomicUsize::new(0),
             cache: Mutex::new(cache),

@@ -201,13 +201,12 @@ pub fn read_versions(dir: &Path, under: &RelPath) -> io::Result<Vec<Version>> {
     versions_in(&open_read_only(dir)?, under)
 }
 
-/// The journal at `dir`, opened read-only.
 /// Drops the kernel's cached pages of the journal (and of its rollback journal). On a shared
 /// filesystem another host may have written them since this one read them, and a FUSE
 /// client's page cache is not told: SQLite's locks keep its own cache right, not the
 /// kernel's.
 pub(super) fn forget_cached(dir: &Path) {
-    for name in [JOURNAL, "journal.sqlite3-journal"] {
+    for name in [JOURNAL.to_string(), format!("{JOURNAL}-journal")] {
         if let Ok(f) = fs::File::open(dir.join(name)) {
             // SAFETY: an open descriptor; advice only, nothing is read or written.
             unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
@@ -215,6 +214,7 @@ pub(super) fn forget_cached(dir: &Path) {
     }
 }
 
+/// The journal at `dir`, opened read-only.
 pub(super) fn open_read_only(dir: &Path) -> io::Result<Connection> {
     let file = dir.join(JOURNAL);
     if !file.exists() {

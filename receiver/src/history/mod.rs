@@ -603,18 +603,8 @@ impl History {
 
     /// What the history holds now, for metrics.
     pub fn figures(&self) -> io::Result<Figures> {
-        let fresh = if self.shared {
-            Some(self.reader()?)
-        } else {
-            None
-        };
-        let held = match &fresh {
-            Some(_) => None,
-            None => Some(self.db.lock().expect("journal lock")),
-        };
-        let db: &Connection = fresh.as_ref().or(held.as_deref()).expect("one of them");
-        let (versions, bytes, oldest) = db
-            .query_row(
+        let count = |db: &Connection| {
+            db.query_row(
                 "SELECT count(*), coalesce(sum(blocks), 0), min(time_ns) FROM versions",
                 [],
                 |r| {
@@ -625,7 +615,13 @@ impl History {
                     ))
                 },
             )
-            .map_err(db_err)?;
+        };
+        let (versions, bytes, oldest) = if self.shared {
+            count(&self.reader()?)
+        } else {
+            count(&self.db.lock().expect("journal lock"))
+        }
+        .map_err(db_err)?;
         Ok(Figures {
             versions: versions as u64,
             bytes: bytes as u64,
