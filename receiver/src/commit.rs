@@ -136,12 +136,12 @@ impl Apply {
 
     /// Makes every directory whose entries changed since the last call durable (each resolved
     /// beneath the module again, never through a symlink): one `syncfs` for many on the
-    /// module's filesystem, else an `fsync` each. An error means the changes in them may not
-    /// be durable: nothing of this commit may be acknowledged.
+    /// module's filesystem ([`Apply::flushes_whole_fs`]), else an `fsync` each. An error means
+    /// the changes in them may not be durable: nothing of this commit may be acknowledged.
     pub fn sync_dirty(&mut self) -> io::Result<()> {
+        let whole_fs = self.flushes_whole_fs();
         let dirs = std::mem::take(&mut self.dirty);
         let root_dev = self.root_dev();
-        let whole_fs = self.state.syncfs && dirs.len() >= SYNCFS_BATCH && root_dev.is_some();
         let mut first_error = None;
         for dir in dirs {
             // A directory that is no longer there as one (deleted, replaced, moved under a
@@ -172,15 +172,22 @@ impl Apply {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// True if the next [`Apply::sync_dirty`] flushes the module's whole filesystem (many
+    /// directories changed) rather than each directory.
+    fn flushes_whole_fs(&self) -> bool {
+        self.state.syncfs && self.dirty.len() >= SYNCFS_BATCH && self.root_fd.is_some()
+    }
+
     /// Makes the states kept in the history since the last commit durable with their journal
     /// rows, and every dirty directory durable ([`Apply::sync_dirty`]). The kept objects'
     /// names go first ([`History::sync_objects`](crate::history::History::sync_objects)), so
-    /// nothing a change superseded can be lost; then the journal's one transaction and the
-    /// directories' flushes run side by side (two flushes' wait instead of their sum): the
-    /// answers wait for both. A crash between them can leave an object without its row,
-    /// which the start-up check adopts, or a name made in this commit without its `created`
-    /// row — as a flush of the filesystem by anyone else between the change and the journal
-    /// always could.
+    /// nothing a change superseded can be lost. Then the journal's one transaction is written
+    /// and flushed beside the directories' flushes (two flushes' wait instead of their sum),
+    /// or by the directories' flush itself when that flushes the whole filesystem (the
+    /// history is on the module's). The answers wait for all of it. A crash before the end
+    /// can leave an object without its row, which the start-up check adopts, or a name made
+    /// in this commit without its `created` row — as a flush of the filesystem by anyone else
+    /// between the change and the journal always could.
     pub fn commit_durable(&mut self) -> io::Result<()> {
         self.keep_dir_times();
         let kept = std::mem::take(&mut self.kept);
@@ -190,13 +197,31 @@ impl Apply {
             _ => return self.sync_dirty(),
         };
         history.sync_objects(&kept)?;
+        if history.shared() {
+            // A shared journal's commit flushes itself.
+            return self.sync_dirty_beside(|| history.journal(kept));
+        }
+        // A local journal's commit writes its log without flushing it.
+        history.journal(kept)?;
+        if self.flushes_whole_fs() {
+            return self.sync_dirty();
+        }
+        self.sync_dirty_beside(|| history.flush_log())
+    }
+
+    /// [`Apply::sync_dirty`] with `flush` run beside it on a thread of its own; the first
+    /// error of either.
+    fn sync_dirty_beside(
+        &mut self,
+        flush: impl FnOnce() -> io::Result<()> + Send,
+    ) -> io::Result<()> {
         std::thread::scope(|s| {
-            let journal = s.spawn(|| history.journal(kept));
+            let other = s.spawn(flush);
             let dirs = self.sync_dirty();
-            let journaled = journal
+            let flushed = other
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("history journal: its thread panicked")));
-            journaled.and(dirs)
+            flushed.and(dirs)
         })
     }
 

@@ -199,11 +199,18 @@ CREATE TABLE IF NOT EXISTS reach (
 
 /// The journal's connection: a write-ahead log on a filesystem of one host; on a shared one a
 /// rollback journal (the log's index is memory that only the processes of one host share).
+/// The log is not flushed at each commit (`synchronous = NORMAL`, which in WAL mode keeps the
+/// database consistent whatever is lost): its writer flushes it ([`History::flush_log`]), a
+/// group commit with the module's own flush. A rollback journal flushes at each commit.
 fn connect(dir: &Path, shared: bool) -> rusqlite::Result<Connection> {
     let db = Connection::open(dir.join(JOURNAL))?;
-    let mode = if shared { "DELETE" } else { "WAL" };
+    let (mode, sync) = if shared {
+        ("DELETE", "FULL")
+    } else {
+        ("WAL", "NORMAL")
+    };
     db.execute_batch(&format!(
-        "PRAGMA journal_mode = {mode}; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;"
+        "PRAGMA journal_mode = {mode}; PRAGMA synchronous = {sync}; PRAGMA busy_timeout = 10000;"
     ))?;
     Ok(db)
 }
@@ -388,7 +395,15 @@ impl History {
                 .map_err(db_err)?;
             dropped += 1;
         }
+        if dropped > 0 {
+            // Only a prune cut short leaves rows without objects: the history no longer
+            // reaches back to its start.
+            tx.execute("UPDATE reach SET pruned = 1 WHERE id = 1", [])
+                .map_err(db_err)?;
+        }
         tx.commit().map_err(db_err)?;
+        drop(db);
+        self.flush_log()?;
         let next = max_row
             .into_iter()
             .chain(on_disk.last().copied())
@@ -515,7 +530,29 @@ impl History {
         Ok(())
     }
 
-    /// Makes `rows` durable in one transaction, after [`History::sync_objects`].
+    /// True if several gateways write this history in turn ([`History::open_shared`]).
+    pub fn shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Makes what the journal's committed transactions wrote durable: the write-ahead log's
+    /// data (a flush of the filesystem does it too: the history is on the module's one). A
+    /// shared journal's commits are durable already.
+    pub fn flush_log(&self) -> io::Result<()> {
+        if self.shared {
+            return Ok(());
+        }
+        match fs::File::open(self.dir.join(format!("{JOURNAL}-wal"))) {
+            Ok(log) => log.sync_data(),
+            // No log: nothing was written since the last connection closed and checkpointed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `rows` in one transaction, after [`History::sync_objects`]. A shared journal's
+    /// rows are durable when this returns; otherwise once the log is flushed
+    /// ([`History::flush_log`], or a flush of the filesystem).
     pub fn journal(&self, rows: Vec<Pending>) -> io::Result<()> {
         if rows.is_empty() {
             return Ok(());
@@ -724,6 +761,15 @@ mod tests {
         let adopted = &after[0];
         assert_eq!(adopted.action, "unjournaled");
         assert_eq!(adopted.path, format!(".unjournaled/{}", adopted.id));
+        // A dropped row is a version gone: the history answers from its oldest kept one on,
+        // not from its start any more.
+        let pruned: i64 = Connection::open(dir.join(JOURNAL))
+            .unwrap()
+            .query_row("SELECT pruned FROM reach", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pruned, 1);
+        let (_, oldest) = read_versions_after(&dir, 0).unwrap();
+        assert_eq!(oldest, Some(adopted.time_ns));
         let object = dir.join(OBJECTS).join(adopted.id.to_string());
         assert_eq!(fs::read(object).unwrap(), b"old b");
         // New ids never reuse an adopted one.

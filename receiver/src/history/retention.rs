@@ -244,6 +244,8 @@ impl History {
             tx.execute("UPDATE reach SET pruned = 1 WHERE id = 1", [])
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
+            drop(db);
+            self.flush_log()?;
             n += chunk.len() as u64;
         }
         Ok(n)
