@@ -69,8 +69,11 @@ fn base_args(group: &SyncGroup, target: &RsyncTarget) -> Vec<String> {
     if let Some(rsh) = &target.rsh {
         args.push(format!("--rsh={rsh}"));
     } else {
-        // Only an rsyncd connection has a separate connect timeout.
+        // Only an rsyncd connection has a separate connect timeout. Without TCP_NODELAY each
+        // small message the client sends after another waits for the daemon's delayed
+        // acknowledgement (Nagle): 40 ms each, two or more per run.
         args.push(format!("--contimeout={}", target.timeout_s));
+        args.push("--sockopts=TCP_NODELAY".into());
     }
     for pattern in group.filter.patterns() {
         args.push(format!("--exclude={pattern}"));
@@ -578,6 +581,35 @@ Total bytes received: 99\n";
     }
     use crate::coalesce::Need;
     use crate::plan::Dirty;
+
+    /// Against an rsyncd the client's socket sends each message at once (a stock daemon
+    /// acknowledges late: with Nagle's rule a one-file run took 140 ms instead of 55); over
+    /// ssh there is no socket of rsync's own, and a user's own `--sockopts` comes later and
+    /// wins.
+    #[test]
+    fn an_rsyncd_run_sends_without_delay_and_an_ssh_run_has_no_socket_options() {
+        let group = SyncGroup::new("g", "/nonexistent".into(), vec![], "m");
+        let mut target = RsyncTarget {
+            user: None,
+            password_file: None,
+            rsync_path: "rsync".into(),
+            args: vec!["--sockopts=SO_SNDBUF=65536".into()],
+            timeout_s: 60,
+            rsh: None,
+        };
+        let daemon = base_args(&group, &target);
+        let ours = daemon.iter().position(|a| a == "--sockopts=TCP_NODELAY");
+        let theirs = daemon
+            .iter()
+            .position(|a| a == "--sockopts=SO_SNDBUF=65536");
+        assert!(ours.is_some() && ours < theirs, "{daemon:?}");
+        target.rsh = Some("ssh".into());
+        let ssh = base_args(&group, &target);
+        assert!(
+            !ssh.iter().any(|a| a == "--sockopts=TCP_NODELAY"),
+            "{ssh:?}"
+        );
+    }
 
     #[test]
     fn a_batch_plan_becomes_rsync_lists() {
