@@ -23,7 +23,10 @@
 //!
 //! Run: `cargo bench --bench bulk` (needs `rsync`; `lsyncd` optional). About 2–4 minutes and
 //! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir). `FERRY_BENCH_SCALE=0.1`
-//! shrinks every size tenfold for a quick look.
+//! shrinks every size tenfold for a quick look. `FERRY_BENCH_FS=xfs|ext4|btrfs` (root, and
+//! that filesystem's `mkfs`) runs it all on a fresh filesystem of that kind instead: an 8 GiB
+//! sparse image in `FERRY_BENCH_DIR`, made, loop-mounted, and unmounted and removed at the
+//! end (ext4 with its journal, as a backup host runs it).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -423,11 +426,96 @@ fn disk_write(dir: &Path, len: usize) -> Duration {
     took
 }
 
+/// A fresh filesystem on a loop device for the run (`FERRY_BENCH_FS`): unmounted and its
+/// image removed when dropped.
+struct LoopFs {
+    mount: tempfile::TempDir,
+    image: PathBuf,
+}
+
+impl LoopFs {
+    /// Makes a filesystem of `kind` in an 8 GiB sparse image under `base` and mounts it;
+    /// exits with the reason if it cannot.
+    fn make(kind: &str, base: &Path) -> LoopFs {
+        let force = match kind {
+            "xfs" | "btrfs" => "-f",
+            "ext4" => "-F",
+            _ => fail(&format!(
+                "FERRY_BENCH_FS={kind}: expected xfs, ext4 or btrfs"
+            )),
+        };
+        let image = base.join(format!("ferry-bench-{}.{kind}", std::process::id()));
+        let file = std::fs::File::create(&image).unwrap_or_else(|e| {
+            fail(&format!("{}: {e}", image.display()));
+        });
+        file.set_len(8 << 30).unwrap();
+        drop(file);
+        let run = |what: &str, cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| {
+                let _ = std::fs::remove_file(&image);
+                fail(&format!("{what}: {e} (FERRY_BENCH_FS={kind})"))
+            });
+            if !out.status.success() {
+                let _ = std::fs::remove_file(&image);
+                fail(&format!(
+                    "{what} failed (FERRY_BENCH_FS={kind}; root needed): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        };
+        let mkfs = format!("mkfs.{kind}");
+        run(&mkfs, Command::new(&mkfs).args(["-q", force]).arg(&image));
+        let mount = tempfile::tempdir().unwrap();
+        run(
+            "mount -o loop",
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(mount.path()),
+        );
+        println!(
+            "filesystem: a fresh {kind} on a loop device ({} on {})",
+            image.display(),
+            mount.path().display()
+        );
+        LoopFs { mount, image }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(self.mount.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            eprintln!("umount {} failed: lazily", self.mount.path().display());
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.mount.path())
+                .status();
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+fn fail(why: &str) -> ! {
+    eprintln!("bulk bench: {why}");
+    std::process::exit(2)
+}
+
 fn main() {
     let base = std::env::var_os("FERRY_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
-    let tmp = tempfile::tempdir_in(base).unwrap();
+    let fs = std::env::var("FERRY_BENCH_FS")
+        .ok()
+        .map(|kind| LoopFs::make(&kind, &base));
+    let tmp = match &fs {
+        Some(fs) => tempfile::tempdir_in(fs.mount.path()),
+        None => tempfile::tempdir_in(&base),
+    }
+    .unwrap();
     let site = Site::start(tmp.path());
     let started = Instant::now();
     let (files, bytes) = build_tree(&site.src);
@@ -484,6 +572,15 @@ fn main() {
     site.sender_config(site.ferry_port, &pin, "bench");
     let (f, r) = (f1 + f2, r1 + r2);
     row("initial sync, both rounds", secs(f), secs(r), ratio(f, r));
+    // The disk's own rate, measured now, beside what both moved per second.
+    let disk = disk_write(&site.dir, scaled(256 << 20));
+    let rate = |n: u64, d: Duration| n as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    println!(
+        "  MiB/s of the tree: ferry {:.0}, rsync {:.0}; the disk's own write + fdatasync {:.0}",
+        rate(2 * bytes, f),
+        rate(2 * bytes, r),
+        rate(scaled(256 << 20) as u64, disk)
+    );
     let (rf, _) = site.rsync_into(site.rsync_port, "fsync", &["--fsync"]);
     row("  (rsync --fsync)", secs(f1), secs(rf), ratio(f1, rf));
     // What ferry keeps by default (hard links, ACLs, xattrs, holes) is rsync's -aHAXS.
