@@ -21,6 +21,11 @@
 //!   `FERRY_BENCH_HISTORY=1` the ferry modules keep history, so every file's old version is
 //!   kept; run once with and once without to see what history costs.
 //!
+//! With `FERRY_BENCH_LINK=RTT_MS/MBIT` (e.g. `50/100`) both tools run through the same
+//! emulated wide-area link (a relay on 127.0.0.1 that delays and paces each direction), the
+//! tree's own time on the link is printed, and a last row holds a target capped with
+//! `bwlimit_kib` at a quarter of the link for a minute (what crossed, against the cap).
+//!
 //! Run: `cargo bench --bench bulk` (needs `rsync`; `lsyncd` optional). About 2–4 minutes and
 //! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir). `FERRY_BENCH_SCALE=0.1`
 //! shrinks every size tenfold for a quick look. `FERRY_BENCH_FS=xfs|ext4|btrfs` (root, and
@@ -169,7 +174,42 @@ fn wait_port(port: u16) {
     }
 }
 
-/// A TCP proxy counting the bytes of every connection, both directions.
+/// An emulated wide-area link (`FERRY_BENCH_LINK=RTT_MS/MBIT`, e.g. `50/100`): half the
+/// round trip's delay each way, and each direction's rate shared by every connection.
+#[derive(Clone, Copy)]
+struct Shape {
+    one_way: Duration,
+    bytes_per_s: f64,
+}
+
+impl Shape {
+    fn from_env() -> Option<Shape> {
+        let v = std::env::var("FERRY_BENCH_LINK").ok()?;
+        let parsed = v
+            .split_once('/')
+            .and_then(|(rtt, mbit)| Some((rtt.parse::<f64>().ok()?, mbit.parse::<f64>().ok()?)));
+        match parsed {
+            Some((rtt, mbit)) if rtt >= 0.0 && mbit > 0.0 => Some(Shape {
+                one_way: Duration::from_secs_f64(rtt / 2e3),
+                bytes_per_s: mbit * 1e6 / 8.0,
+            }),
+            _ => fail(&format!(
+                "FERRY_BENCH_LINK={v}: expected RTT_MS/MBIT, e.g. 50/100"
+            )),
+        }
+    }
+
+    /// Seconds the link needs for `bytes`, one way, at its rate.
+    fn floor(&self, bytes: u64) -> Duration {
+        Duration::from_secs_f64(bytes as f64 / self.bytes_per_s)
+    }
+}
+
+/// One direction of a shaped link: when it is free again (every connection queues on it).
+type Lane = Arc<std::sync::Mutex<Instant>>;
+
+/// A TCP proxy counting the bytes of every connection, both directions; through an
+/// emulated link ([`Shape`]) if given one.
 struct Counter {
     port: u16,
     up: Arc<AtomicU64>,
@@ -178,18 +218,25 @@ struct Counter {
 
 impl Counter {
     fn start(upstream: u16) -> Counter {
+        Counter::shaped(upstream, None)
+    }
+
+    fn shaped(upstream: u16, shape: Option<Shape>) -> Counter {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (u, d) = (up.clone(), down.clone());
+        let lane = || Arc::new(std::sync::Mutex::new(Instant::now()));
+        let lanes: (Lane, Lane) = (lane(), lane());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (u, d) = (u.clone(), d.clone());
-                std::thread::spawn(move || pump(client, server, u));
-                std::thread::spawn(move || pump(s2, c2, d));
+                let (lu, ld) = (lanes.0.clone(), lanes.1.clone());
+                std::thread::spawn(move || pump(client, server, u, shape.map(|s| (s, lu))));
+                std::thread::spawn(move || pump(s2, c2, d, shape.map(|s| (s, ld))));
             }
         });
         Counter { port, up, down }
@@ -203,20 +250,64 @@ impl Counter {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
-    let mut buf = vec![0u8; 256 << 10];
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    count: Arc<AtomicU64>,
+    link: Option<(Shape, Lane)>,
+) {
+    let Some((shape, lane)) = link else {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+        return;
+    };
+    // The link's buffer: what is read waits here for its time on the wire, and a full
+    // buffer stops the reading (the sender's TCP sees a link of that rate and delay).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(64);
+    let writer = std::thread::spawn(move || {
+        for (at, chunk) in rx {
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if to.write_all(&chunk).is_err() {
+                return;
+            }
+            count.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 16 << 10];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
+                // On the wire from when the lane is free, for as long as its rate needs;
+                // delivered the link's delay after that.
+                let delivered = {
+                    let mut free = lane.lock().unwrap();
+                    *free = (*free).max(Instant::now()) + shape.floor(n as u64);
+                    *free + shape.one_way
+                };
+                if tx.send((delivered, buf[..n].to_vec())).is_err() {
                     break;
                 }
-                count.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    drop(tx);
+    let _ = writer.join();
 }
 
 struct Site {
@@ -516,7 +607,7 @@ fn main() {
         None => tempfile::tempdir_in(&base),
     }
     .unwrap();
-    let site = Site::start(tmp.path());
+    let mut site = Site::start(tmp.path());
     let started = Instant::now();
     let (files, bytes) = build_tree(&site.src);
     println!(
@@ -535,11 +626,6 @@ fn main() {
     );
     // Everything written so far reaches the disk before anything is timed.
     Command::new("sync").status().unwrap();
-    println!(
-        "{:<44} {:>14} {:>14} {:>9}",
-        "workload", "ferry", "rsync", "ratio"
-    );
-
     let recv_pid = site.receiver.id();
     let pin = std::fs::read_to_string(site.dir.join("send/sender.toml"))
         .unwrap()
@@ -548,6 +634,27 @@ fn main() {
         .and_then(|l| l.split('"').nth(1))
         .unwrap()
         .to_string();
+    // Over an emulated link, everything of both goes through it from here on.
+    let link = Shape::from_env();
+    let _links = link.map(|shape| {
+        let links = (
+            Counter::shaped(site.ferry_port, Some(shape)),
+            Counter::shaped(site.rsync_port, Some(shape)),
+        );
+        (site.ferry_port, site.rsync_port) = (links.0.port, links.1.port);
+        site.sender_config(site.ferry_port, &pin, "bench");
+        println!(
+            "link: {:.0} ms round trip, {:.0} Mbit/s each way; the tree alone needs {:.2} s on it",
+            2e3 * shape.one_way.as_secs_f64(),
+            shape.bytes_per_s * 8.0 / 1e6,
+            shape.floor(bytes).as_secs_f64()
+        );
+        links
+    });
+    println!(
+        "{:<44} {:>14} {:>14} {:>9}",
+        "workload", "ferry", "rsync", "ratio"
+    );
     // Two rounds into fresh modules, in both orders: on these disks the second writer of a
     // run can be slowed by the first (writeback, inode allocation after mass deletes).
     peak_rss(recv_pid);
@@ -716,6 +823,45 @@ fn main() {
             "lsyncd not installed"
         ),
     }
+    if let Some(shape) = link {
+        cap_row(&site, &pin, shape);
+    }
+}
+
+/// A target capped at a quarter of the link (`bwlimit_kib`), sending one new file that needs
+/// 75 s at the cap: what crossed the link in the minute after the first 10 s, against the cap.
+fn cap_row(site: &Site, pin: &str, shape: Shape) {
+    let kib = (shape.bytes_per_s / 4.0 / 1024.0) as u64;
+    let file = site.src.join("capped.img");
+    write_big(&file, (kib * 1024 * 75) as usize, 1 << 44);
+    let counter = Counter::start(site.ferry_port);
+    site.sender_config(counter.port, pin, "bench");
+    let config = site.dir.join("send/sender.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("[[sync]]", &format!("bwlimit_kib = {kib}\n[[sync]]"), 1);
+    std::fs::write(&config, text).unwrap();
+    let mut sender = ferry(&["send", "--once", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(10));
+    let (before, _) = counter.take();
+    std::thread::sleep(Duration::from_secs(60));
+    let (sent, _) = counter.take();
+    let _ = sender.kill();
+    let _ = sender.wait();
+    let rate = sent as f64 / 1024.0 / 60.0;
+    println!(
+        "{:<44} {:>14} {:>14} {:>8.3}×",
+        format!("bwlimit_kib = {kib}, over a minute"),
+        format!("{rate:.0} KiB/s"),
+        format!("{kib} KiB/s (cap)"),
+        rate / kib as f64
+    );
+    assert!(before > 0, "nothing crossed in the first 10 s");
+    site.sender_config(site.ferry_port, pin, "bench");
+    std::fs::remove_file(&file).unwrap();
 }
 
 /// A source host pulling the module back, beside `rsync -a` pulling the same tree from the
