@@ -843,6 +843,7 @@ fn cap_row(site: &Site, pin: &str, shape: Shape) {
     let mut sender = ferry(&["send", "--once", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(10));

@@ -544,3 +544,29 @@ fn stall_watch(pending: &Pending, heard: Arc<Mutex<tokio::time::Instant>>) -> Ar
     });
     stalled
 }
+
+/// The far end of an in-memory session ([`in_memory`]): what the session sends, and the
+/// writing half that answers it.
+#[cfg(test)]
+pub(crate) type FarEnd = (
+    FrameReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>,
+    FrameWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>,
+);
+
+/// A session over an in-memory pipe, keeping nothing of owners, devices or xattrs, and its
+/// far end (hold its writing half for as long as the session must not see it close).
+#[cfg(test)]
+pub(crate) fn in_memory() -> (Session, FarEnd) {
+    let (near, far) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(near);
+    let keeps = Keeps {
+        owners: false,
+        devices: false,
+        setid: false,
+        xattrs: Namespaces::NONE,
+        history: false,
+    };
+    let session = Session::started(FrameReader::new(r), FrameWriter::new(w), "test", keeps);
+    let (far_r, far_w) = tokio::io::split(far);
+    (session, (FrameReader::new(far_r), FrameWriter::new(far_w)))
+}

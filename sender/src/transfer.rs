@@ -498,32 +498,6 @@ fn stream_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_protocol::connection::{FrameReader, FrameWriter};
-    use ferry_protocol::message::Keeps;
-    use ferry_protocol::xattr::Namespaces;
-
-    type Far = tokio::io::DuplexStream;
-
-    /// A session over an in-memory pipe; what arrives at its far end, and the far end's
-    /// writing half, held so the session's reader does not see it close.
-    fn session() -> (
-        Session,
-        FrameReader<tokio::io::ReadHalf<Far>>,
-        tokio::io::WriteHalf<Far>,
-    ) {
-        let (near, far) = tokio::io::duplex(1 << 20);
-        let (r, w) = tokio::io::split(near);
-        let keeps = Keeps {
-            owners: false,
-            devices: false,
-            setid: false,
-            xattrs: Namespaces::NONE,
-            history: false,
-        };
-        let session = Session::started(FrameReader::new(r), FrameWriter::new(w), "test", keeps);
-        let (far_r, far_w) = tokio::io::split(far);
-        (session, FrameReader::new(far_r), far_w)
-    }
 
     /// A small file is read with its opening, before its `FileBegin`, under an id whose
     /// replies are awaited only once that `FileBegin` is out: a file gone by then leaves no
@@ -533,7 +507,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("small"), b"small body").unwrap();
         let origin = Origin::from(Arc::new(local::open_root(dir.path()).unwrap()));
-        let (session, mut far, _far_w) = session();
+        let (session, (mut far, _far_w)) = crate::session::in_memory();
         let preserve = Preserve::default();
 
         let (gone, small) = (RelPath::from("gone"), RelPath::from("small"));

@@ -396,8 +396,8 @@ impl History {
             dropped += 1;
         }
         if dropped > 0 {
-            // Only a prune cut short leaves rows without objects: the history no longer
-            // reaches back to its start.
+            // A row without its object (a prune cut short, an object removed by hand) is a
+            // version gone: the history no longer reaches back to its start.
             tx.execute("UPDATE reach SET pruned = 1 WHERE id = 1", [])
                 .map_err(db_err)?;
         }
