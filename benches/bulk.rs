@@ -599,6 +599,8 @@ fn main() {
     let base = std::env::var_os("FERRY_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
+    // Read before the filesystem is made: a bad value exits, which skips its unmounting.
+    let link = Shape::from_env();
     let fs = std::env::var("FERRY_BENCH_FS")
         .ok()
         .map(|kind| LoopFs::make(&kind, &base));
@@ -635,7 +637,6 @@ fn main() {
         .unwrap()
         .to_string();
     // Over an emulated link, everything of both goes through it from here on.
-    let link = Shape::from_env();
     let _links = link.map(|shape| {
         let links = (
             Counter::shaped(site.ferry_port, Some(shape)),
