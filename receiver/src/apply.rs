@@ -3,11 +3,11 @@
 //!
 //! Every peer path passes through [`confine_in`] (and [`not_root`] where the request replaces,
 //! removes or renames what is there, so the module root itself is refused in one place).
-//! Directories whose entries changed are remembered as dirty; [`Apply::sync_dirty`] fsyncs
-//! them before any of those changes is acknowledged (group commit).
+//! Directories whose entries changed are remembered as dirty; the group commit makes them
+//! durable ([`Apply::take_durable`]) before any of those changes is acknowledged.
 //!
 //! Received files are [`Sealed`] (checked, metadata applied, still unnamed) and made durable
-//! together at the group commit by [`Apply::flush`]: their data first — one `syncfs` of the
+//! together at the group commit (`commit.rs`): their data first — one `syncfs` of the
 //! module's filesystem for a batch, an `fsync` each for a few — then their names, then the
 //! directories. So a name never appears before its data is on disk, an `Ack` still means
 //! durable, and a burst of files costs a few flushes instead of one per file.
@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 mod entry;
 pub(crate) use entry::hard_link;
-use entry::{declined, link, missing, session_tag};
+use entry::{declined, link, link_into, missing, session_tag};
 pub use entry::{is_declined, set_mtime, Staged, TempName};
 
 /// The filesystem side of one session on one module.
@@ -141,39 +141,44 @@ impl Apply {
         format!("{}{}.{}", own_prefix(), self.tag, self.seq).into()
     }
 
-    /// A new file for the content of `path`, in `path`'s directory: unnamed (`O_TMPFILE`)
-    /// where the filesystem allows, else under a [`Apply::temp_name`] held beneath its
-    /// directory ([`TempName`]).
-    pub fn create_file(&mut self, path: &Path) -> io::Result<Staged> {
-        let dir = path.parent().unwrap_or(path);
-        if let Some(file) = self.state.unnamed.create(dir, self.module())? {
+    /// A new file for the content of the entry `at`, in its directory: unnamed
+    /// (`O_TMPFILE`, with the permissions `mode` asks, less the setuid, setgid and sticky
+    /// bits) where the filesystem allows, else under a [`Apply::temp_name`] held beneath its
+    /// directory ([`TempName`], readable by its owner only until it is complete).
+    pub fn create_file(&mut self, at: &Confined, mode: u32) -> io::Result<Staged> {
+        if let Some(file) = self.state.unnamed.create(at.dir(), mode, self.module())? {
             return Ok(Staged { file, name: None });
         }
-        let (file, name) = TempName::create(dir, self.temp_name())?;
+        let dir = local::fd_path(at.dir());
+        let (file, name) = TempName::create(&dir, self.temp_name())?;
         Ok(Staged {
             file,
             name: Some(name),
         })
     }
 
-    /// Puts a finished file of `size` bytes in place under `path`, atomically: linked in
-    /// directly when the name is free, else linked beside it and renamed over it.
+    /// Puts a finished file of `size` bytes in place as the entry `at` (`rel`),
+    /// atomically: linked in directly when the name is free (`Ok(true)`), else linked beside
+    /// it and renamed over it (`Ok(false)`: what was there is gone, kept or removed).
     pub fn install_file(
         &mut self,
         staged: &Staged,
         size: u64,
-        path: &Path,
+        at: &Confined,
         rel: &RelPath,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
+        let path = at.path();
+        let path = path.as_path();
         if let Some(name) = &staged.name {
-            return self.install(&name.path(), path, rel);
+            return self.install(&name.path(), path, rel).map(|()| false);
         }
         let fd = format!("/proc/self/fd/{}", staged.file.as_raw_fd());
-        match link(&fd, path) {
+        match link_into(&fd, at) {
             Ok(()) => {
                 self.mark_parent_dirty(rel);
                 // A new name: its kind and size are all its row keeps (no lookup).
                 self.note_created(path, rel, Some(created_meta(Kind::File, size)))
+                    .map(|()| true)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let tmp = self.temp_beside(path);
@@ -182,7 +187,7 @@ impl Apply {
                 if r.is_err() {
                     let _ = fs::remove_file(&tmp);
                 }
-                r
+                r.map(|()| false)
             }
             Err(e) => Err(e),
         }

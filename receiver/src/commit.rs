@@ -1,8 +1,11 @@
 //! The group commit: received files wait [`Sealed`] (checked, metadata applied, unnamed)
-//! until [`Apply::flush`] makes them durable together — their data first (one `syncfs` of the
-//! module's filesystem for a batch, an `fsync` each for a few), then their names, then the
-//! directories whose entries changed ([`Apply::sync_dirty`]). A name never appears before its
-//! data is on disk, and an `Ack` means durable under the final name.
+//! until a commit makes them durable together — their data first ([`DataFlush`]: one
+//! `syncfs` of the module's filesystem for a batch, an `fsync` each for a few), then their
+//! names ([`Apply::name_flushed`]), then the directories whose entries changed
+//! ([`Durable`]). A name never appears before its data is on disk, and an `Ack` means durable
+//! under the final name. The two flushes are taken from the session as values that run on
+//! any thread, so the request loop can go on while the disk works; everything that resolves
+//! a path or changes the session's state stays on the loop's thread.
 
 use crate::apply::{Apply, Staged};
 use ferry_protocol::local;
@@ -27,6 +30,8 @@ pub struct Sealed {
     pub bytes: u64,
     /// Rebuilt from a delta.
     pub delta: bool,
+    /// The device it is on.
+    pub dev: u64,
 }
 
 /// From this many sealed files (or dirty directories) on, a group commit flushes the module's
@@ -36,6 +41,114 @@ pub const SYNCFS_BATCH: usize = 8;
 /// Sealed files one session may hold (each an open descriptor) before a group commit is
 /// forced.
 pub const MAX_SEALED: usize = 256;
+
+/// Sealed files whose data a group commit makes durable ([`Apply::take_data`]).
+pub struct DataFlush {
+    files: Vec<Sealed>,
+    /// The module root, to flush its filesystem once for all of them.
+    whole_fs: Option<fs::File>,
+}
+
+/// Sealed files after [`DataFlush::run`], each with whether its data is durable.
+pub struct Flushed(Vec<(Sealed, io::Result<()>)>);
+
+impl DataFlush {
+    /// The requests of the files it holds.
+    pub fn paths(&self) -> Vec<RelPath> {
+        self.files.iter().map(|s| s.path.clone()).collect()
+    }
+
+    /// Makes the files' data durable: one `syncfs` for all, or (a few files, or `syncfs`
+    /// failed) an `fsync` each.
+    pub fn run(self) -> Flushed {
+        let synced = self.whole_fs.as_ref().is_some_and(|d| syncfs(d).is_ok());
+        Flushed(
+            self.files
+                .into_iter()
+                .map(|s| {
+                    let r = if synced {
+                        Ok(())
+                    } else {
+                        s.staged.file.sync_all()
+                    };
+                    (s, r)
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Flushed {
+    /// Drops the files unnamed (the module may not be written any more).
+    pub fn discard(self) {
+        for (s, _) in self.0 {
+            s.staged.discard();
+        }
+    }
+}
+
+/// Work run beside the directories' flushes (a journal's commit or its log's flush).
+type Beside = Box<dyn FnOnce() -> io::Result<()> + Send>;
+
+/// What makes a commit's changes durable ([`Apply::take_durable`]): run on any thread.
+pub struct Durable {
+    module: String,
+    /// Directories to flush one by one.
+    fsync: Vec<(RelPath, fs::File)>,
+    /// The module root, to flush its filesystem once (or why it could not be opened).
+    syncfs: Option<io::Result<fs::File>>,
+    beside: Option<Beside>,
+}
+
+impl Durable {
+    /// Flushes the directories (and, beside them on a thread of their own, the journal's
+    /// work). An error means the changes may not be durable: nothing of this commit may be
+    /// acknowledged.
+    pub fn run(self) -> io::Result<()> {
+        let Durable {
+            module,
+            fsync,
+            syncfs: whole,
+            beside,
+        } = self;
+        let dirs = move || {
+            let mut first_error = None;
+            for (dir, f) in fsync {
+                if let Err(e) = f.sync_all() {
+                    tracing::warn!(module, path = %dir, "fsync failed: {e}");
+                    first_error.get_or_insert(io::Error::new(e.kind(), format!("{dir}: {e}")));
+                }
+            }
+            if let Some(root) = whole {
+                if let Err(e) = root.and_then(|r| syncfs(&r)) {
+                    tracing::warn!(module, "syncfs failed: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        };
+        let Some(beside) = beside else {
+            return dirs();
+        };
+        std::thread::scope(|s| {
+            let other = s.spawn(beside);
+            let dirs = dirs();
+            let flushed = other
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("history journal: its thread panicked")));
+            flushed.and(dirs)
+        })
+    }
+}
+
+/// `syncfs` of the filesystem `dir` is on.
+fn syncfs(dir: &fs::File) -> io::Result<()> {
+    // SAFETY: a valid descriptor.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 impl Apply {
     /// Holds `file` for the next [`Apply::flush`].
@@ -65,31 +178,61 @@ impl Apply {
 
     /// Makes the sealed files durable, then names them (see the module documentation).
     /// Returns each one's request and outcome; their directories are made durable by the
-    /// [`Apply::sync_dirty`] that must follow before any is acknowledged.
+    /// [`Apply::commit_durable`] that must follow before any is acknowledged.
     pub fn flush(&mut self) -> Vec<(RequestId, Result<(), String>)> {
-        let batch = std::mem::take(&mut self.sealed);
-        if batch.is_empty() {
-            return Vec::new();
+        match self.take_data() {
+            Some(data) => {
+                let flushed = data.run();
+                self.name_flushed(flushed)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The first half of a group commit, taken from the session: the sealed files, to be made
+    /// durable by [`DataFlush::run`] on any thread, then named by [`Apply::name_flushed`].
+    /// None if nothing is sealed.
+    pub fn take_data(&mut self) -> Option<DataFlush> {
+        let files = std::mem::take(&mut self.sealed);
+        if files.is_empty() {
+            return None;
         }
         let root_dev = self.root_dev();
-        let on_root = |s: &Sealed| {
-            let dev = s.staged.file.metadata().map(|m| m.dev()).ok();
-            dev.is_some() && dev == root_dev
-        };
-        // Data first: one flush of the filesystem for a batch, else one per file.
-        let whole_fs = self.state.syncfs
-            && batch.len() >= SYNCFS_BATCH
-            && batch.iter().all(on_root)
-            && self.syncfs().is_ok();
-        let mut out = Vec::with_capacity(batch.len());
-        for s in batch {
-            let r = (|| {
-                if !whole_fs {
-                    s.staged.file.sync_all()?;
-                }
-                let at = self.entry(&s.path)?;
-                self.install_file(&s.staged, s.bytes, &at.path(), &s.path)
-            })();
+        let on_root = |s: &Sealed| Some(s.dev) == root_dev;
+        // One flush of the filesystem for a batch, else one per file.
+        let whole_fs =
+            (self.state.syncfs && files.len() >= SYNCFS_BATCH && files.iter().all(on_root))
+                .then(|| self.root_dir().ok())
+                .flatten();
+        Some(DataFlush { files, whole_fs })
+    }
+
+    /// Names the files [`DataFlush::run`] made durable, and returns each one's request and
+    /// outcome. Each directory is resolved beneath the module once, now, for the files named
+    /// in it one after another; a name that replaced something (a directory may have gone)
+    /// makes the next file resolve its directory again.
+    pub fn name_flushed(&mut self, flushed: Flushed) -> Vec<(RequestId, Result<(), String>)> {
+        let mut out = Vec::with_capacity(flushed.0.len());
+        let mut held: Option<(RelPath, crate::confine::Confined)> = None;
+        for (s, synced) in flushed.0 {
+            let r = synced.and_then(|()| {
+                let parent = s.path.parent();
+                let name = s.path.components().last().map(<[u8]>::to_vec);
+                let at = match (&held, &parent, name) {
+                    (Some((dir, at)), Some(parent), Some(name)) if dir == parent => {
+                        crate::confine::not_root(&s.path).map_err(io::Error::other)?;
+                        self.note_parent(&s.path);
+                        at.sibling(&name)?
+                    }
+                    _ => self.entry(&s.path)?,
+                };
+                let fresh = self.install_file(&s.staged, s.bytes, &at, &s.path);
+                held = match (&fresh, parent) {
+                    (Ok(true), Some(parent)) => Some((parent, at)),
+                    _ => None,
+                };
+                fresh.map(|_| ())
+            });
             match r {
                 Ok(()) => {
                     self.stats.files.fetch_add(1, Ordering::Relaxed);
@@ -116,33 +259,54 @@ impl Apply {
         fs::metadata(local::fd_path(fd)).ok().map(|m| m.dev())
     }
 
-    /// `syncfs` of the module's filesystem.
-    pub(crate) fn syncfs(&self) -> io::Result<()> {
+    /// The module root opened for reading: the held root is an `O_PATH` descriptor, which
+    /// `syncfs` refuses.
+    fn root_dir(&self) -> io::Result<fs::File> {
         let root = self
             .root_fd
             .as_ref()
             .ok_or_else(|| io::Error::other("no root"))?;
-        // The held root is an `O_PATH` descriptor, which syncfs refuses: open it for reading.
-        let dir = fs::OpenOptions::new()
+        fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECTORY)
-            .open(local::fd_path(root))?;
-        // SAFETY: a valid descriptor.
-        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+            .open(local::fd_path(root))
     }
 
-    /// Makes every directory whose entries changed since the last call durable (each resolved
-    /// beneath the module again, never through a symlink): one `syncfs` for many on the
-    /// module's filesystem ([`Apply::flushes_whole_fs`]), else an `fsync` each. An error means
-    /// the changes in them may not be durable: nothing of this commit may be acknowledged.
-    pub fn sync_dirty(&mut self) -> io::Result<()> {
+    /// True if the next [`Apply::take_durable`] flushes the module's whole filesystem (many
+    /// directories changed) rather than each directory.
+    fn flushes_whole_fs(&self) -> bool {
+        self.state.syncfs && self.dirty.len() >= SYNCFS_BATCH && self.root_fd.is_some()
+    }
+
+    /// Makes the states kept in the history since the last commit durable with their journal
+    /// rows, and every dirty directory durable: [`Apply::take_durable`], then
+    /// [`Durable::run`] on this thread.
+    pub fn commit_durable(&mut self) -> io::Result<()> {
+        self.take_durable()?.run()
+    }
+
+    /// The second half of a group commit, taken from the session: what makes every change
+    /// since the last one durable, to be run by [`Durable::run`] on any thread before any of
+    /// them is acknowledged.
+    ///
+    /// Every directory whose entries changed is resolved beneath the module now, never
+    /// through a symlink, to be flushed: one `syncfs` of the module's filesystem for many
+    /// (`Apply::flushes_whole_fs`), else an `fsync` each. The kept objects' names are made
+    /// durable here, first ([`History::sync_objects`](crate::history::History::sync_objects)),
+    /// so nothing a change superseded can be lost. A local journal's transaction is written
+    /// here and its log flushed by the run beside the directories' flushes (two flushes'
+    /// wait instead of their sum), or by the directories' flush itself when that flushes the
+    /// whole filesystem (the history is on the module's); a shared journal's transaction,
+    /// which flushes itself, runs beside them. A crash before the end can leave an object
+    /// without its row, which the start-up check adopts, or a name made in this commit
+    /// without its `created` row — as a flush of the filesystem by anyone else between the
+    /// change and the journal always could.
+    pub fn take_durable(&mut self) -> io::Result<Durable> {
+        self.keep_dir_times();
         let whole_fs = self.flushes_whole_fs();
         let dirs = std::mem::take(&mut self.dirty);
         let root_dev = self.root_dev();
-        let mut first_error = None;
+        let mut fsync = Vec::new();
         for dir in dirs {
             // A directory that is no longer there as one (deleted, replaced, moved under a
             // symlink) holds nothing of this commit; its parent, also dirty, holds the change.
@@ -155,73 +319,42 @@ impl Apply {
                 continue;
             };
             let same_fs = f.metadata().is_ok_and(|m| Some(m.dev()) == root_dev);
-            if whole_fs && same_fs {
-                continue;
-            }
-            if let Err(e) = f.sync_all() {
-                tracing::warn!(module = self.module(), path = %dir, "fsync failed: {e}");
-                first_error.get_or_insert(io::Error::new(e.kind(), format!("{dir}: {e}")));
+            if !(whole_fs && same_fs) {
+                fsync.push((dir, f));
             }
         }
-        if whole_fs {
-            if let Err(e) = self.syncfs() {
-                tracing::warn!(module = self.module(), "syncfs failed: {e}");
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-
-    /// True if the next [`Apply::sync_dirty`] flushes the module's whole filesystem (many
-    /// directories changed) rather than each directory.
-    fn flushes_whole_fs(&self) -> bool {
-        self.state.syncfs && self.dirty.len() >= SYNCFS_BATCH && self.root_fd.is_some()
-    }
-
-    /// Makes the states kept in the history since the last commit durable with their journal
-    /// rows, and every dirty directory durable ([`Apply::sync_dirty`]). The kept objects'
-    /// names go first ([`History::sync_objects`](crate::history::History::sync_objects)), so
-    /// nothing a change superseded can be lost. Then the journal's one transaction is written
-    /// and flushed beside the directories' flushes (two flushes' wait instead of their sum),
-    /// or by the directories' flush itself when that flushes the whole filesystem (the
-    /// history is on the module's). The answers wait for all of it. A crash before the end
-    /// can leave an object without its row, which the start-up check adopts, or a name made
-    /// in this commit without its `created` row — as a flush of the filesystem by anyone else
-    /// between the change and the journal always could.
-    pub fn commit_durable(&mut self) -> io::Result<()> {
-        self.keep_dir_times();
-        let kept = std::mem::take(&mut self.kept);
-        let state = self.state.clone();
-        let history = match &state.history {
-            Some(history) if !kept.is_empty() => history,
-            _ => return self.sync_dirty(),
+        let syncfs = if whole_fs {
+            Some(self.root_dir())
+        } else {
+            None
         };
-        history.sync_objects(&kept)?;
-        if history.shared() {
-            // A shared journal's commit flushes itself.
-            return self.sync_dirty_beside(|| history.journal(kept));
+        let kept = std::mem::take(&mut self.kept);
+        let mut beside: Option<Beside> = None;
+        if let Some(history) = self.state.history.as_ref().filter(|_| !kept.is_empty()) {
+            history.sync_objects(&kept)?;
+            let state = self.state.clone();
+            if history.shared() {
+                // A shared journal's commit flushes itself.
+                beside = Some(Box::new(move || match &state.history {
+                    Some(h) => h.journal(kept),
+                    None => Ok(()),
+                }));
+            } else {
+                // A local journal's commit writes its log without flushing it.
+                history.journal(kept)?;
+                if !whole_fs {
+                    beside = Some(Box::new(move || match &state.history {
+                        Some(h) => h.flush_log(),
+                        None => Ok(()),
+                    }));
+                }
+            }
         }
-        // A local journal's commit writes its log without flushing it.
-        history.journal(kept)?;
-        if self.flushes_whole_fs() {
-            return self.sync_dirty();
-        }
-        self.sync_dirty_beside(|| history.flush_log())
-    }
-
-    /// [`Apply::sync_dirty`] with `flush` run beside it on a thread of its own; the first
-    /// error of either.
-    fn sync_dirty_beside(
-        &mut self,
-        flush: impl FnOnce() -> io::Result<()> + Send,
-    ) -> io::Result<()> {
-        std::thread::scope(|s| {
-            let other = s.spawn(flush);
-            let dirs = self.sync_dirty();
-            let flushed = other
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("history journal: its thread panicked")));
-            flushed.and(dirs)
+        Ok(Durable {
+            module: self.module().to_string(),
+            fsync,
+            syncfs,
+            beside,
         })
     }
 

@@ -77,6 +77,25 @@ impl Confined {
         }
     }
 
+    /// The held directory that contains the entry (the root itself for the root).
+    pub fn dir(&self) -> &OwnedFd {
+        &self.dir
+    }
+
+    /// The entry's name in [`Confined::dir`] (none for the root).
+    pub fn name(&self) -> Option<&[u8]> {
+        self.name.as_deref()
+    }
+
+    /// The entry `name` in a directory already held (resolved beneath the module by another
+    /// `Confined`), without resolving it again.
+    pub fn sibling(&self, name: &[u8]) -> io::Result<Confined> {
+        Ok(Confined {
+            dir: self.dir.try_clone()?,
+            name: Some(name.to_vec()),
+        })
+    }
+
     /// How many entries removing this entry takes (see [`local::count_entries`]), up to
     /// `limit + 1`; the module root is never removed (0).
     pub fn count(&self, limit: u64) -> io::Result<u64> {

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -156,7 +156,8 @@ impl Transfers {
             }
         }
         partials.forget(rel);
-        let tmp = fs.create_file(&path)?;
+        let mode = fs.mode_for(&meta);
+        let tmp = fs.create_file(&at, mode)?;
         let mut base = None;
         let mut reply = None;
         let mut cloned = false;
@@ -268,7 +269,7 @@ impl Transfers {
             return Outcome::Failed(format!("FileEnd for unknown transfer {id}"));
         };
         match seal(fs, &mut inc, digest) {
-            Ok(()) => {
+            Ok(dev) => {
                 let delta = inc.base.take().is_some();
                 fs.seal(Sealed {
                     id,
@@ -276,6 +277,7 @@ impl Transfers {
                     staged: inc.tmp,
                     bytes: inc.written,
                     delta,
+                    dev,
                 });
                 Outcome::Sealed
             }
@@ -400,8 +402,8 @@ impl Partials {
 }
 
 /// Checks size and digest and applies the metadata to the unnamed file; the group commit
-/// makes it durable and names it.
-fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
+/// makes it durable and names it. Returns the device it is on.
+fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<u64> {
     if inc.written != inc.meta.size {
         return Err(io::Error::other(format!(
             "received {} bytes, expected {}",
@@ -418,10 +420,21 @@ fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
         inc.tmp.file.set_len(inc.meta.size)?;
     }
     let file = &inc.tmp.file;
+    // What the new file has already (owner, permissions: see `Apply::create_file`) is not
+    // set again: each change is a transaction of the filesystem's.
+    let have = file.metadata()?;
+    let mut mode_now = have.mode() & 0o7777;
     if let Some((uid, gid)) = fs.owner_for(&inc.meta) {
-        std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+        if (have.uid(), have.gid()) != (uid, gid) {
+            std::os::unix::fs::fchown(file, Some(uid), Some(gid))?;
+            // A change of owner may clear the setuid and setgid bits.
+            mode_now &= !0o6000;
+        }
     }
-    file.set_permissions(fs::Permissions::from_mode(fs.mode_for(&inc.meta)))?;
+    let mode = fs.mode_for(&inc.meta) & 0o7777;
+    if mode_now != mode {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
     fs.apply_xattrs(
         ferry_protocol::xattr::At::Fd(file.as_raw_fd()),
         &inc.path,
@@ -429,7 +442,7 @@ fn seal(fs: &mut Apply, inc: &mut Incoming, digest: Digest) -> io::Result<()> {
     )?;
     let mtime = filetime::FileTime::from_unix_time(inc.meta.mtime, inc.meta.mtime_nsec);
     filetime::set_file_handle_times(file, None, Some(mtime))?;
-    Ok(())
+    Ok(have.dev())
 }
 
 fn received(fs: &Apply, bytes: usize) {

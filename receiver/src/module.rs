@@ -107,19 +107,30 @@ impl Reflinks {
 pub struct Unnamed(std::sync::atomic::AtomicU8);
 
 impl Unnamed {
-    /// An unnamed new file in `dir`, or `None` where the filesystem makes none (known, or
-    /// found out now).
-    pub fn create(&self, dir: &Path, module: &str) -> io::Result<Option<std::fs::File>> {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// An unnamed new file of permissions `mode` in the held directory `dir`, or `None`
+    /// where the filesystem makes none (known, or found out now). Unnamed, it can be opened
+    /// by no one else whatever its permissions (only through this process's descriptor), so
+    /// it is made with the ones it will keep, and most files need no `fchmod` later.
+    pub fn create(
+        &self,
+        dir: &std::os::fd::OwnedFd,
+        mode: u32,
+        module: &str,
+    ) -> io::Result<Option<std::fs::File>> {
+        use std::os::fd::{AsRawFd, FromRawFd};
         use std::sync::atomic::Ordering::Relaxed;
         if self.0.load(Relaxed) == CANNOT {
             return Ok(None);
         }
-        let unnamed = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(dir);
+        let flags = libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC;
+        // SAFETY: a valid descriptor and a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), c".".as_ptr(), flags, mode & 0o777) };
+        let unnamed = if fd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            // SAFETY: a descriptor just opened, owned by nothing else.
+            Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+        };
         match unnamed {
             Ok(file) => {
                 self.0.store(CAN, Relaxed);
@@ -568,7 +579,7 @@ fn prune_in_background(module: &Arc<ModuleState>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -593,7 +604,7 @@ mod tests {
     }
 
     /// A writable module "m" at `path`, without history.
-    fn module_at(path: &Path, setuid: bool) -> Module {
+    pub(crate) fn module_at(path: &Path, setuid: bool) -> Module {
         Module {
             name: "m".into(),
             path: path.to_path_buf(),
@@ -648,7 +659,7 @@ mod tests {
         for i in 0..40 {
             let rel = RelPath::from(format!("{}/f{i}", ["a", "b"][i % 2]).as_str());
             let at = apply.entry(&rel).unwrap();
-            let mut file = apply.create_file(&at.path()).unwrap();
+            let mut file = apply.create_file(&at, 0o644).unwrap();
             assert!(file.name.is_some(), "staged under a reserved name");
             file.file.write_all(format!("file {i}").as_bytes()).unwrap();
             drop(at);
@@ -660,7 +671,7 @@ mod tests {
         for (rel, file, i) in staged {
             let at = apply.entry(&rel).unwrap();
             let size = format!("file {i}").len() as u64;
-            apply.install_file(&file, size, &at.path(), &rel).unwrap();
+            apply.install_file(&file, size, &at, &rel).unwrap();
             let put = fs::read(dir.path().join(rel.as_path())).unwrap();
             assert_eq!(put, format!("file {i}").as_bytes(), "{rel}");
         }

@@ -2,20 +2,27 @@
 //! exactly once; it runs on a blocking thread only while requests are waiting.
 //!
 //! Durability (group commit): a change is acknowledged only after it and the directories it
-//! touched are durable. Whenever no further request is already queued, [`GROUP_COMMIT`]
-//! answers are waiting or [`MAX_SEALED`] files are sealed, the loop makes the sealed files
-//! durable and names them ([`Apply::flush`]), makes every dirty directory durable and the
-//! states it superseded journaled in the module's history ([`Apply::commit_durable`]), and
-//! only then sends the `Ack`s. So an `Ack` always means "durable
-//! under its final name", and a burst of small files costs a few flushes, not one per file.
-//! A request on a sealed file's path, or above or below it, commits first, so requests apply
-//! in arrival order.
+//! touched are durable. A commit makes the sealed files' data durable, names them, makes
+//! every dirty directory durable and the states superseded journaled in the module's history
+//! ([`Apply::take_data`], [`Apply::name_flushed`], [`Apply::take_durable`]), and only then
+//! sends the `Ack`s. So an `Ack` always means "durable under its final name", and a burst of
+//! small files costs a few flushes, not one per file.
+//!
+//! In a burst the flushes run behind the loop, on a thread of their own, while the loop
+//! takes the next requests (`Requests::commit_behind`): one begins as soon as
+//! `BEHIND_MIN` answers or files wait and none is under way, so each commit covers what
+//! arrived during the last one's flushes; the loop waits for it only when [`MAX_SEALED`]
+//! files or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
+//! thread, between requests. When no further request is queued, everything is committed and
+//! answered before the loop hands its thread back (`Requests::commit`). A request on a
+//! sealed file's path, or above or below it (waiting or in the commit under way), commits
+//! first, so requests apply in arrival order.
 
 use crate::apply::Apply;
 
 /// Versions per `Versions` frame.
 const HISTORY_BATCH: usize = 500;
-use crate::commit::MAX_SEALED;
+use crate::commit::{Flushed, MAX_SEALED};
 use crate::incoming::{Outcome, Transfers};
 use crate::leftovers::module_filter;
 use crate::module::ModuleState;
@@ -32,6 +39,10 @@ use tokio::sync::mpsc;
 
 /// Acknowledgements that may wait for one group commit.
 pub const GROUP_COMMIT: usize = 512;
+/// Answers and sealed files waiting from which a commit begins behind the loop when none is
+/// under way: as soon as a burst has begun, so that the next commit covers what arrives
+/// while this one's flushes run (their wait sets the size of the next).
+const BEHIND_MIN: usize = crate::commit::SYNCFS_BATCH;
 /// Approximate size of one `Listing` batch.
 const LISTING_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -61,6 +72,24 @@ pub struct Requests {
     removals: bool,
     /// The module's write lease was lost, and the peer told.
     lease_lost: bool,
+    /// A group commit under way on a thread of its own while the loop takes further requests.
+    in_flight: Option<InFlight>,
+}
+
+/// A group commit whose flushes run on a thread of its own ([`Requests::commit_behind`]).
+struct InFlight {
+    /// Answered when it ends: the sealed files' outcomes (when the data is flushed) and the
+    /// other changes' acknowledgements (when their directories are).
+    files: Vec<(RequestId, Result<(), String>)>,
+    acks: Vec<(RequestId, Option<u64>)>,
+    stage: Stage,
+}
+
+enum Stage {
+    /// The sealed files' data being flushed; their paths, which later requests wait for.
+    Data(std::thread::JoinHandle<Flushed>, Vec<RelPath>),
+    /// The directories (and the journal) being flushed.
+    Names(std::thread::JoinHandle<io::Result<()>>),
 }
 
 enum Flow {
@@ -87,6 +116,7 @@ impl Requests {
             tree: None,
             removals: true,
             lease_lost: false,
+            in_flight: None,
         }
     }
 
@@ -130,7 +160,7 @@ impl Requests {
             if let Flow::Stop = self.handle(msg) {
                 return Flow::Stop;
             }
-            if self.pending_acks.len() + self.fs.sealed() >= GROUP_COMMIT && !self.commit() {
+            if !self.step_commit() {
                 return Flow::Stop;
             }
             msg = match requests.try_recv() {
@@ -216,11 +246,7 @@ impl Requests {
     fn file(&mut self, id: RequestId, outcome: Outcome) -> Flow {
         match outcome {
             Outcome::Pending | Outcome::Silent => {}
-            Outcome::Sealed => {
-                if self.fs.sealed() >= MAX_SEALED && !self.commit() {
-                    return Flow::Stop;
-                }
-            }
+            Outcome::Sealed => {}
             Outcome::Reply(m) => {
                 self.reply(m);
             }
@@ -280,13 +306,13 @@ impl Requests {
             | Message::SetMeta { path, .. }
             | Message::Delete { path, .. }
             | Message::List { under: path, .. }
-            | Message::VerifyDir { path, .. } => self.fs.touches_sealed(path),
+            | Message::VerifyDir { path, .. } => self.touches_sealed(path),
             Message::Rename { from, to, .. }
             | Message::Link {
                 path: from,
                 target: to,
                 ..
-            } => self.fs.touches_sealed(from) || self.fs.touches_sealed(to),
+            } => self.touches_sealed(from) || self.touches_sealed(to),
             _ => false,
         };
         if touches && !self.commit() {
@@ -435,28 +461,173 @@ impl Requests {
         }
     }
 
+    /// True if a request on `path` must wait for sealed files to be named: one of them, or
+    /// above or below one, waiting or in a commit under way.
+    fn touches_sealed(&self, path: &RelPath) -> bool {
+        let in_flight = match &self.in_flight {
+            Some(InFlight {
+                stage: Stage::Data(_, paths),
+                ..
+            }) => paths
+                .iter()
+                .any(|p| p.starts_with(path) || path.starts_with(p)),
+            _ => false,
+        };
+        in_flight || self.fs.touches_sealed(path)
+    }
+
     /// The group commit: sealed files made durable and named, dirty directories made
-    /// durable, then everything acknowledged. Returns false if the peer is gone.
+    /// durable, then everything acknowledged, on this thread, after the commit under way (if
+    /// any) ends. Returns false if the peer is gone.
     fn commit(&mut self) -> bool {
-        if !self.fs.state.may_write() {
-            // Nothing sealed is named, nothing waiting acknowledged: the sender sends it again
-            // through the gateway that holds the lease.
-            self.fs.discard_sealed();
-            self.pending_acks.clear();
-            let _ = self.lease_lost();
+        if !self.advance(true) {
+            return false;
+        }
+        if !self.may_write() {
             return false;
         }
         let files = self.fs.flush();
         let synced = self.fs.commit_durable();
+        let acks = std::mem::take(&mut self.pending_acks);
+        self.answer(files, acks, synced)
+    }
+
+    /// Between two requests: moves the commit under way on, and begins the next one behind
+    /// it when enough waits ([`BEHIND_MIN`]) and none is under way, or waits for the one
+    /// under way when [`MAX_SEALED`] files or [`GROUP_COMMIT`] answers wait.
+    fn step_commit(&mut self) -> bool {
+        if !self.advance(false) {
+            return false;
+        }
+        let sealed = self.fs.sealed();
+        let waiting = self.pending_acks.len() + sealed;
+        let begin = if self.in_flight.is_some() {
+            sealed >= MAX_SEALED || waiting >= GROUP_COMMIT
+        } else {
+            waiting >= BEHIND_MIN
+        };
+        !begin || self.commit_behind()
+    }
+
+    /// The group commit with its flushes on a thread of its own, so that the loop takes
+    /// further requests while the disk works: it begins now, once the commit under way (if
+    /// any) has ended, and is advanced between requests ([`Requests::advance`]). What it
+    /// holds is answered when it ends, as [`Requests::commit`] would.
+    fn commit_behind(&mut self) -> bool {
+        if !self.advance(true) || !self.may_write() {
+            return false;
+        }
+        let acks = std::mem::take(&mut self.pending_acks);
+        match self.fs.take_data() {
+            Some(data) => {
+                let paths = data.paths();
+                let flush = std::thread::spawn(move || data.run());
+                self.in_flight = Some(InFlight {
+                    files: Vec::new(),
+                    acks,
+                    stage: Stage::Data(flush, paths),
+                });
+                true
+            }
+            None => self.flush_names(Vec::new(), acks),
+        }
+    }
+
+    /// The second half of a commit behind: the directories' (and the journal's) flushes
+    /// begin on a thread of their own; `files` and `acks` are answered when they end.
+    fn flush_names(
+        &mut self,
+        files: Vec<(RequestId, Result<(), String>)>,
+        acks: Vec<(RequestId, Option<u64>)>,
+    ) -> bool {
+        match self.fs.take_durable() {
+            Ok(durable) => {
+                let flush = std::thread::spawn(move || durable.run());
+                self.in_flight = Some(InFlight {
+                    files,
+                    acks,
+                    stage: Stage::Names(flush),
+                });
+                true
+            }
+            Err(e) => self.answer(files, acks, Err(e)),
+        }
+    }
+
+    /// Moves the commit under way on when its flush has ended (waiting for it with `wait`,
+    /// to its very end): names the flushed files and begins the directories' flush, or
+    /// answers everything it held. Returns false if the peer is gone or the lease lost.
+    fn advance(&mut self, wait: bool) -> bool {
+        loop {
+            let finished = match &self.in_flight {
+                None => return true,
+                Some(InFlight {
+                    stage: Stage::Data(h, _),
+                    ..
+                }) => h.is_finished(),
+                Some(InFlight {
+                    stage: Stage::Names(h),
+                    ..
+                }) => h.is_finished(),
+            };
+            if !finished && !wait {
+                return true;
+            }
+            let InFlight { files, acks, stage } = self.in_flight.take().expect("matched above");
+            match stage {
+                Stage::Data(flush, _) => {
+                    let Ok(flushed) = flush.join() else {
+                        tracing::error!(module = self.fs.module(), "data flush panicked");
+                        return false;
+                    };
+                    if !self.fs.state.may_write() {
+                        flushed.discard();
+                        self.pending_acks.clear();
+                        let _ = self.lease_lost();
+                        return false;
+                    }
+                    let mut files = files;
+                    files.extend(self.fs.name_flushed(flushed));
+                    if !self.flush_names(files, acks) {
+                        return false;
+                    }
+                }
+                Stage::Names(flush) => {
+                    let synced = flush
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("directory flush panicked")));
+                    return self.answer(files, acks, synced);
+                }
+            }
+        }
+    }
+
+    /// False, with sealed files dropped unnamed and nothing waiting acknowledged, if the
+    /// module may not be written any more: the sender sends it again through the gateway
+    /// that holds the lease.
+    fn may_write(&mut self) -> bool {
+        if self.fs.state.may_write() {
+            return true;
+        }
+        self.fs.discard_sealed();
+        self.pending_acks.clear();
+        let _ = self.lease_lost();
+        false
+    }
+
+    /// Answers a commit's files and other changes: each outcome, or "not durable" for all if
+    /// `synced` failed. Returns false if the peer is gone.
+    fn answer(
+        &mut self,
+        files: Vec<(RequestId, Result<(), String>)>,
+        acks: Vec<(RequestId, Option<u64>)>,
+        synced: io::Result<()>,
+    ) -> bool {
         let mut answers: Vec<(RequestId, Result<Option<u64>, String>)> = files
             .into_iter()
             .map(|(id, r)| (id, r.map(|()| None)))
             .collect();
-        answers.extend(
-            std::mem::take(&mut self.pending_acks)
-                .into_iter()
-                .map(|(id, deleted)| (id, Ok(deleted))),
-        );
+        answers.extend(acks.into_iter().map(|(id, deleted)| (id, Ok(deleted))));
         for (id, r) in answers {
             let r = match (&synced, r) {
                 (Err(e), Ok(_)) => Err(format!("not durable: {e}")),
@@ -592,5 +763,134 @@ impl Requests {
             None => (None, Vec::<DigestEntry>::new()),
         };
         self.reply(Message::DirDigests { id, dir, entries });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::module::tests::module_at;
+    use ferry_protocol::body::BodyDigest;
+    use ferry_protocol::message::Body;
+    use ferry_protocol::meta::{Kind, Meta};
+
+    fn session(dir: &std::path::Path) -> (Requests, mpsc::Receiver<Message>) {
+        let state = Arc::new(ModuleState::open(module_at(dir, false), None).unwrap());
+        let (tx, rx) = mpsc::channel(4096);
+        let stats = Arc::new(Stats::default());
+        (Requests::new(state, stats, false, true, tx), rx)
+    }
+
+    /// One whole file through the loop, each request followed by what the loop does between
+    /// requests.
+    fn send_file(r: &mut Requests, id: RequestId, path: &str, body: &[u8]) {
+        let meta = Meta {
+            kind: Kind::File,
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            size: body.len() as u64,
+            mtime: 1_700_000_000,
+            mtime_nsec: 0,
+            rdev: 0,
+            xattrs: Default::default(),
+        };
+        let mut digest = BodyDigest::new();
+        digest.data(body);
+        for msg in [
+            Message::FileBegin {
+                id,
+                path: RelPath::from(path),
+                meta,
+                body: Body::Whole,
+            },
+            Message::FileData {
+                id,
+                data: body.to_vec(),
+            },
+            Message::FileEnd {
+                id,
+                digest: digest.digest(),
+            },
+        ] {
+            assert!(matches!(r.handle(msg), Flow::Continue));
+            assert!(r.step_commit());
+        }
+    }
+
+    fn answers(rx: &mut mpsc::Receiver<Message>) -> Vec<Message> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// From [`BEHIND_MIN`] sealed files on, the commit's flushes run behind the loop: the
+    /// loop goes on taking requests, and nothing is named or answered until the flush ends.
+    #[test]
+    fn a_commit_runs_behind_the_loop_and_answers_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut rx) = session(dir.path());
+        for i in 0..BEHIND_MIN {
+            send_file(
+                &mut r,
+                i as u64,
+                &format!("f{i}"),
+                format!("body {i}").as_bytes(),
+            );
+        }
+        assert!(r.in_flight.is_some(), "a commit began behind the loop");
+        // It is named and answered only when the loop moves it on, after its flush.
+        assert!(!dir.path().join("f0").exists());
+        assert!(answers(&mut rx).is_empty());
+        // The loop takes the next file meanwhile.
+        send_file(&mut r, 100, "later", b"later");
+        assert!(r.commit());
+        let acks = answers(&mut rx);
+        let mut acked: Vec<_> = acks
+            .iter()
+            .map(|m| match m {
+                Message::Ack { id } => *id,
+                other => panic!("{}", other.name()),
+            })
+            .collect();
+        acked.sort();
+        let mut want: Vec<u64> = (0..BEHIND_MIN as u64).collect();
+        want.push(100);
+        assert_eq!(acked, want);
+        for i in 0..BEHIND_MIN {
+            let got = std::fs::read(dir.path().join(format!("f{i}"))).unwrap();
+            assert_eq!(got, format!("body {i}").as_bytes());
+        }
+        assert_eq!(std::fs::read(dir.path().join("later")).unwrap(), b"later");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("f0"))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o7777, 0o640);
+    }
+
+    /// A request on a file whose commit is under way waits until it has its name: a rename
+    /// of it finds it (without the wait it is declined, the file not being there yet).
+    #[test]
+    fn a_request_on_a_file_in_a_commit_under_way_waits_for_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut rx) = session(dir.path());
+        for i in 0..BEHIND_MIN {
+            send_file(&mut r, i as u64, &format!("f{i}"), b"x");
+        }
+        assert!(r.in_flight.is_some(), "a commit began behind the loop");
+        let rename = Message::Rename {
+            id: 100,
+            from: RelPath::from("f0"),
+            to: RelPath::from("g0"),
+        };
+        assert!(matches!(r.handle(rename), Flow::Continue));
+        assert!(r.commit());
+        let all = answers(&mut rx);
+        assert!(
+            all.iter().all(|m| matches!(m, Message::Ack { .. })),
+            "{:?}",
+            all.iter().map(|m| m.name()).collect::<Vec<_>>()
+        );
+        assert!(matches!(all.last(), Some(Message::Ack { id: 100 })));
+        assert!(dir.path().join("g0").exists() && !dir.path().join("f0").exists());
     }
 }

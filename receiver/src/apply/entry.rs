@@ -99,6 +99,32 @@ pub(super) fn link(fd: &str, to: &Path) -> io::Result<()> {
     linkat(Path::new(fd), to, libc::AT_SYMLINK_FOLLOW)
 }
 
+/// `linkat` of an open file (through its `/proc/self/fd` entry) to the entry `at`, its
+/// directory reached through the held descriptor, not a path; fails with `AlreadyExists` if
+/// the name is taken.
+pub(super) fn link_into(fd: &str, at: &crate::confine::Confined) -> io::Result<()> {
+    let name = at
+        .name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EEXIST))?;
+    let from = std::ffi::CString::new(fd).map_err(io::Error::other)?;
+    let to = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: valid NUL-terminated paths and a valid descriptor; no other memory effects.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            at.dir().as_raw_fd(),
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// `linkat` of the entry `from` (never following a symlink there) to the new name `to`.
 pub(crate) fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
     linkat(from, to, 0)
