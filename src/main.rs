@@ -269,6 +269,7 @@ pub(crate) enum Import {
 
 fn main() -> ExitCode {
     ferry_protocol::tune_allocator();
+    ferry_protocol::raise_descriptor_limit();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -69,6 +69,25 @@ pub fn tune_allocator() {
     }
 }
 
+/// Raises the soft limit of open descriptors to the hard one. A receiver's session holds a
+/// descriptor per file waiting for its group commit (up to two commits' worth while one is
+/// flushed behind the loop) and a sender one per file in flight, so several sessions pass the
+/// usual soft limit of 1,024 long before the hard limit the administrator set (the units set
+/// both). Left as it is if it cannot be read or set.
+pub fn raise_descriptor_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Hands memory freed by a finished piece of work (a session, a whole-tree compare) back to
 /// the system: free blocks inside the arenas, which the trim threshold does not cover.
 pub fn release_free_memory() {
@@ -85,5 +104,30 @@ pub fn io_reason(e: &std::io::Error) -> String {
     match text.find(" (os error ") {
         Some(i) => text[..i].to_string(),
         None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn nofile() -> libc::rlimit {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct passed.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        lim
+    }
+
+    #[test]
+    fn the_descriptor_limit_is_raised_to_the_hard_one() {
+        let mut lim = nofile();
+        // Just below the hard limit: lowered, and still no bound on tests running beside.
+        lim.rlim_cur = lim.rlim_max - 1;
+        // SAFETY: setrlimit only reads the struct passed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+        super::raise_descriptor_limit();
+        let now = nofile();
+        assert_eq!(now.rlim_cur, now.rlim_max);
     }
 }
