@@ -93,6 +93,9 @@ type Beside = Box<dyn FnOnce() -> io::Result<()> + Send>;
 /// What makes a commit's changes durable ([`Apply::take_durable`]): run on any thread.
 pub struct Durable {
     module: String,
+    /// A local journal's transaction, written before the flush of the whole filesystem
+    /// that makes it durable.
+    journal: Option<Beside>,
     /// Directories to flush one by one.
     fsync: Vec<(RelPath, fs::File)>,
     /// The module root, to flush its filesystem once (or why it could not be opened).
@@ -107,10 +110,14 @@ impl Durable {
     pub fn run(self) -> io::Result<()> {
         let Durable {
             module,
+            journal,
             fsync,
             syncfs: whole,
             beside,
         } = self;
+        if let Some(journal) = journal {
+            journal()?;
+        }
         let dirs = move || {
             let mut first_error = None;
             for (dir, f) in fsync {
@@ -293,11 +300,11 @@ impl Apply {
     /// through a symlink, to be flushed: one `syncfs` of the module's filesystem for many
     /// (`Apply::flushes_whole_fs`), else an `fsync` each. The kept objects' names are made
     /// durable here, first ([`History::sync_objects`](crate::history::History::sync_objects)),
-    /// so nothing a change superseded can be lost. A local journal's transaction is written
-    /// here and its log flushed by the run beside the directories' flushes (two flushes'
-    /// wait instead of their sum), or by the directories' flush itself when that flushes the
-    /// whole filesystem (the history is on the module's); a shared journal's transaction,
-    /// which flushes itself, runs beside them. A crash before the end can leave an object
+    /// so nothing a change superseded can be lost. The journal's transaction is left to the
+    /// run, off the request loop: written and its log flushed beside the directories'
+    /// flushes (two flushes' wait instead of their sum; a shared journal's transaction
+    /// flushes itself), or written first when the directories' flush is one of the whole
+    /// filesystem, which then makes it durable (the history is on the module's). A crash before the end can leave an object
     /// without its row, which the start-up check adopts, or a name made in this commit
     /// without its `created` row — as a flush of the filesystem by anyone else between the
     /// change and the journal always could.
@@ -329,29 +336,35 @@ impl Apply {
             None
         };
         let kept = std::mem::take(&mut self.kept);
+        let mut journal: Option<Beside> = None;
         let mut beside: Option<Beside> = None;
         if let Some(history) = self.state.history.as_ref().filter(|_| !kept.is_empty()) {
             history.sync_objects(&kept)?;
             let state = self.state.clone();
-            if history.shared() {
-                // A shared journal's commit flushes itself.
-                beside = Some(Box::new(move || match &state.history {
-                    Some(h) => h.journal(kept),
-                    None => Ok(()),
-                }));
-            } else {
-                // A local journal's commit writes its log without flushing it.
-                history.journal(kept)?;
-                if !whole_fs {
-                    beside = Some(Box::new(move || match &state.history {
+            let write = move || match &state.history {
+                Some(h) => h.journal(kept),
+                None => Ok(()),
+            };
+            if history.shared() || !whole_fs {
+                // A shared journal's commit flushes itself; a local one's log is flushed
+                // after it, beside the directories.
+                let state = self.state.clone();
+                beside = Some(Box::new(move || {
+                    write()?;
+                    match &state.history {
                         Some(h) => h.flush_log(),
                         None => Ok(()),
-                    }));
-                }
+                    }
+                }));
+            } else {
+                // A local journal's commit writes its log without flushing it: the flush of
+                // the whole filesystem that follows does.
+                journal = Some(Box::new(write));
             }
         }
         Ok(Durable {
             module: self.module().to_string(),
+            journal,
             fsync,
             syncfs,
             beside,
