@@ -85,6 +85,16 @@ struct InFlight {
     stage: Stage,
 }
 
+impl Stage {
+    /// Its thread has ended.
+    fn finished(&self) -> bool {
+        match self {
+            Stage::Data(h, _) => h.is_finished(),
+            Stage::Names(h) => h.is_finished(),
+        }
+    }
+}
+
 enum Stage {
     /// The sealed files' data being flushed; their paths, which later requests wait for.
     Data(std::thread::JoinHandle<Flushed>, Vec<RelPath>),
@@ -561,14 +571,7 @@ impl Requests {
         loop {
             let finished = match &self.in_flight {
                 None => return true,
-                Some(InFlight {
-                    stage: Stage::Data(h, _),
-                    ..
-                }) => h.is_finished(),
-                Some(InFlight {
-                    stage: Stage::Names(h),
-                    ..
-                }) => h.is_finished(),
+                Some(f) => f.stage.finished(),
             };
             if !finished && !wait {
                 return true;

@@ -106,23 +106,12 @@ pub(super) fn link_into(fd: &str, at: &crate::confine::Confined) -> io::Result<(
     let name = at
         .name()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EEXIST))?;
-    let from = std::ffi::CString::new(fd).map_err(io::Error::other)?;
-    let to = std::ffi::CString::new(name).map_err(io::Error::other)?;
-    // SAFETY: valid NUL-terminated paths and a valid descriptor; no other memory effects.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            at.dir().as_raw_fd(),
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    linkat_in(
+        Path::new(fd),
+        at.dir().as_raw_fd(),
+        Path::new(std::ffi::OsStr::from_bytes(name)),
+        libc::AT_SYMLINK_FOLLOW,
+    )
 }
 
 /// `linkat` of the entry `from` (never following a symlink there) to the new name `to`.
@@ -131,19 +120,22 @@ pub(crate) fn hard_link(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 fn linkat(from: &Path, to: &Path, flags: libc::c_int) -> io::Result<()> {
+    linkat_in(from, libc::AT_FDCWD, to, flags)
+}
+
+/// `linkat` of `from` to `to` in the directory `to_dir` (a descriptor, or `AT_FDCWD`).
+fn linkat_in(
+    from: &Path,
+    to_dir: std::os::fd::RawFd,
+    to: &Path,
+    flags: libc::c_int,
+) -> io::Result<()> {
     let cstr =
         |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
     let (from, to) = (cstr(from)?, cstr(to)?);
-    // SAFETY: both are valid NUL-terminated paths; linkat has no other memory effects.
-    let rc = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            flags,
-        )
-    };
+    // SAFETY: both are valid NUL-terminated paths and `to_dir` a descriptor or `AT_FDCWD`;
+    // linkat has no other memory effects.
+    let rc = unsafe { libc::linkat(libc::AT_FDCWD, from.as_ptr(), to_dir, to.as_ptr(), flags) };
     if rc == 0 {
         Ok(())
     } else {
