@@ -102,6 +102,20 @@ fn delta_sends_far_less_than_the_file() {
     assert_trees_equal(&s.src, &s.dst);
 }
 
+/// The receiver's counters `listed` (entries sent in listings) and `summarised` (directories
+/// summarised) so far.
+fn compared(s: &Setup) -> (u64, u64) {
+    let o = run(ferry().arg("stats").arg("--config").arg(s.sender_config()));
+    assert!(o.status.success(), "stats: {}", stderr(&o));
+    let out = stdout(&o);
+    (
+        summary_value(&out, "listed"),
+        summary_value(&out, "summarised"),
+    )
+}
+
+/// A second push of an unchanged tree sends nothing and lists nothing: the two roots'
+/// summaries are equal.
 #[test]
 fn second_push_of_an_unchanged_tree_sends_nothing() {
     let s = Setup::new();
@@ -109,9 +123,64 @@ fn second_push_of_an_unchanged_tree_sends_nothing() {
         fs::write(s.src.join(format!("f{i}")), format!("{i}")).unwrap();
     }
     s.push();
+    let (listed, summarised) = compared(&s);
     let again = s.push();
     assert_eq!(summary_value(&again, "files"), 0, "{again}");
     assert_eq!(summary_value(&again, "meta"), 0, "{again}");
+    assert_eq!(
+        compared(&s),
+        (listed, summarised + 1),
+        "one summary, no listing"
+    );
+}
+
+/// A whole compare descends only into directories whose summaries differ and lists only the
+/// subtrees that are new, gone or retyped; every kind of change arrives, and the next
+/// compare finds nothing.
+#[test]
+fn a_whole_compare_descends_only_where_the_trees_differ() {
+    let s = Setup::new();
+    let p = |rel: &str| s.src.join(rel);
+    for d in 0..10 {
+        for sub in 0..5 {
+            let dir = p(&format!("d{d}/s{sub}"));
+            fs::create_dir_all(&dir).unwrap();
+            for f in 0..10 {
+                fs::write(dir.join(format!("f{f}")), format!("{d}{sub}{f}")).unwrap();
+            }
+        }
+    }
+    s.push();
+    assert_trees_equal(&s.src, &s.dst);
+    let before = compared(&s);
+
+    fs::write(p("d3/s2/f5"), "a longer content").unwrap();
+    fs::remove_file(p("d7/s1/f0")).unwrap();
+    fs::create_dir(p("d5/new")).unwrap();
+    for f in 0..3 {
+        fs::write(p(&format!("d5/new/g{f}")), "new").unwrap();
+    }
+    fs::remove_dir_all(p("d8/s4")).unwrap();
+    set_mode(&p("d1/s0"), 0o700);
+    fs::remove_file(p("d2/s3/f1")).unwrap();
+    fs::create_dir(p("d2/s3/f1")).unwrap();
+    fs::write(p("d2/s3/f1/inside"), "x").unwrap();
+    symlink("d0", p("top")).unwrap();
+    let out = s.push();
+    assert_trees_equal(&s.src, &s.dst);
+    assert_eq!(summary_value(&out, "files"), 5, "{out}");
+    let after = compared(&s);
+    // The root, the six top directories changed below, and the three second-level ones
+    // whose files changed (d1/s0 changed only its own mode: it is not descended into).
+    assert_eq!(after.1 - before.1, 1 + 6 + 3, "directories summarised");
+    // Listed: d8/s4 (gone, its 11 entries counted for the delete guard) and d2/s3/f1 (the
+    // file that became a directory); d5/new is not on the receiver.
+    assert_eq!(after.0 - before.0, 11 + 1, "entries listed");
+
+    let again = s.push();
+    assert_eq!(summary_value(&again, "files"), 0, "{again}");
+    assert_eq!(summary_value(&again, "meta"), 0, "{again}");
+    assert_eq!(compared(&s), (after.0, after.1 + 1));
 }
 
 #[test]

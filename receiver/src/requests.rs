@@ -27,7 +27,7 @@ use crate::incoming::{Outcome, Transfers};
 use crate::leftovers::module_filter;
 use crate::module::ModuleState;
 use crate::stats::Stats;
-use ferry_protocol::local::{self, DigestTree};
+use ferry_protocol::local::{self, DigestTree, Rules, Summary};
 use ferry_protocol::message::{DigestEntry, Message, RequestId};
 use ferry_protocol::meta::Compare;
 use ferry_protocol::xattr::Namespaces;
@@ -68,6 +68,8 @@ pub struct Requests {
     allowance: Option<u64>,
     /// The digest tree `VerifyDir` answers from, built on first use (`bool`: `--checksum`).
     tree: Option<(bool, Compare, DigestTree)>,
+    /// The summary `Summarize` answers from, walked again at each request for the root.
+    summary: Option<Summary>,
     /// `Delete` and `Rename` are served (a restore client without `--delete` refuses them).
     removals: bool,
     /// The module's write lease was lost, and the peer told.
@@ -124,6 +126,7 @@ impl Requests {
             pending_acks: Vec::new(),
             allowance: None,
             tree: None,
+            summary: None,
             removals: true,
             lease_lost: false,
             in_flight: None,
@@ -316,7 +319,8 @@ impl Requests {
             | Message::SetMeta { path, .. }
             | Message::Delete { path, .. }
             | Message::List { under: path, .. }
-            | Message::VerifyDir { path, .. } => self.touches_sealed(path),
+            | Message::VerifyDir { path, .. }
+            | Message::Summarize { path, .. } => self.touches_sealed(path),
             Message::Rename { from, to, .. }
             | Message::Link {
                 path: from,
@@ -412,6 +416,12 @@ impl Requests {
                 xattrs,
                 hardlinks,
             } => self.verify_dir(id, &path, checksum, xattrs, hardlinks),
+            Message::Summarize {
+                id,
+                path,
+                xattrs,
+                hardlinks,
+            } => self.summarize(id, &path, xattrs, hardlinks),
             Message::Stats { id } => {
                 self.reply(Message::StatsReply {
                     id,
@@ -694,6 +704,8 @@ impl Requests {
         for (p, e) in &errors {
             tracing::warn!(module = self.fs.module(), path = %p, "cannot list: {e}");
         }
+        let listed = entries.len() as u64;
+        self.fs.stats.listed.fetch_add(listed, Ordering::Relaxed);
         let mut batch = Vec::new();
         let mut size = 0;
         for entry in entries {
@@ -725,6 +737,61 @@ impl Requests {
             entries: batch,
             done: true,
         });
+    }
+
+    /// Answers `Summarize`: one directory of the module's summary, walked anew for the root
+    /// (each compare starts there) or when the comparison asked for changes.
+    fn summarize(&mut self, id: RequestId, rel: &RelPath, xattrs: Namespaces, hardlinks: bool) {
+        if let Err(e) = rel.validate() {
+            return self.fail(id, format!("{rel}: {e}"));
+        }
+        let keeps = &self.fs.keeps;
+        let rules = Rules {
+            cmp: Compare {
+                owner: keeps.owners,
+                setid: keeps.setid,
+                xattrs: xattrs.intersect(keeps.xattrs),
+                hardlinks,
+            },
+            devices: keeps.devices,
+        };
+        let root = match local::open_root(&self.fs.tree_root()) {
+            Ok(r) => r,
+            Err(e) => return self.fail(id, format!("summary: {e}")),
+        };
+        let mut errors = Vec::new();
+        let stale = self.summary.as_ref().is_none_or(|s| s.rules() != rules);
+        if rel.is_root() || stale {
+            let read = rules.cmp.xattrs;
+            let built = Summary::build(
+                &root,
+                rules,
+                &module_filter,
+                read,
+                Namespaces::NONE,
+                &mut errors,
+            );
+            self.summary = Some(built);
+        }
+        let summary = self.summary.as_ref().expect("built above");
+        let answer = summary.listing(&root, rel, &module_filter, &mut errors);
+        for (p, e) in &errors {
+            tracing::warn!(module = self.fs.module(), path = %p, "summary: {e}");
+        }
+        match answer {
+            Ok(listing) => {
+                self.fs.stats.summarised.fetch_add(1, Ordering::Relaxed);
+                let below = summary.below(rel);
+                let (dir, entries) = listing.map_or((None, Vec::new()), |(d, e)| (Some(d), e));
+                self.reply(Message::Summary {
+                    id,
+                    dir,
+                    entries,
+                    below,
+                });
+            }
+            Err(e) => self.fail(id, format!("summary of {rel}: {e}")),
+        }
     }
 
     fn verify_dir(

@@ -32,6 +32,10 @@ pub struct Stats {
     pub declined: AtomicU64,
     /// Writes refused because a module's history could not keep its floor in the space left.
     pub refused_for_history: AtomicU64,
+    /// Entries sent in listings (`List`).
+    pub listed: AtomicU64,
+    /// Directories summarised (`Summarize`).
+    pub summarised: AtomicU64,
 }
 
 impl Stats {
@@ -52,6 +56,8 @@ impl Stats {
             c("failures", &self.failures),
             c("declined", &self.declined),
             c("refused_for_history", &self.refused_for_history),
+            c("listed", &self.listed),
+            c("summarised", &self.summarised),
         ]
     }
 }

@@ -20,19 +20,14 @@ use crate::guard::{DeleteTally, Step};
 use crate::links::Names;
 use crate::plan::{order_dir_meta, plan_batch, Plan, PlanOptions};
 use crate::queue::Batch;
-use crate::reconcile::{plan_under, reconcile_under};
+use crate::reconcile::{plan_subtrees, reconcile_under};
 use crate::session::{Session, SessionError};
 use crate::source::{self, BatchRead};
 use ferry_protocol::{Entry, RelPath};
-use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// New directories of one batch compared with the receiver at once (each a listing request
-/// and a scan of its own).
-const SUBTREES_AT_ONCE: usize = 16;
 
 /// What a target's worker carries from batch to batch.
 #[derive(Default)]
@@ -251,21 +246,16 @@ async fn plan_read(
         report.failures.push((path, e));
     }
     let mut plan = planned.plan;
-    // New directories are compared side by side (each a listing's round trip), their plans
-    // kept in order.
-    let subtrees: Vec<(Plan, Report)> = stream::iter(planned.trees)
-        .map(|tree: RelPath| async move {
-            let mut failures = Report::default();
-            let (plan, _) = plan_under(session, group, root, links, &tree, &mut failures).await?;
-            Ok::<_, SessionError>((plan, failures))
-        })
-        .buffered(SUBTREES_AT_ONCE)
-        .try_collect()
-        .await?;
-    for (under, failures) in subtrees {
-        plan.extend(under);
-        report.failures.extend(failures.failures);
-    }
+    plan_subtrees(
+        session,
+        group,
+        root,
+        links,
+        planned.trees,
+        &mut plan,
+        report,
+    )
+    .await?;
     let have: BTreeSet<RelPath> = plan.dir_meta.iter().map(|e| e.path.clone()).collect();
     let mut parents = read.parents;
     let changed = renamed.into_iter().chain(planned.parents);

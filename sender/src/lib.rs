@@ -61,6 +61,7 @@ pub mod coalesce;
 pub mod config;
 pub mod config_reference;
 pub mod daemon;
+pub mod descend;
 pub mod dial;
 pub mod error;
 pub mod execute;

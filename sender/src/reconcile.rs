@@ -3,6 +3,7 @@
 //! new directories all come through here.
 
 use crate::config::SyncGroup;
+use crate::descend::plan_by_summary;
 use crate::execute::{execute, Observe, Report, Step};
 use crate::guard::Window;
 use crate::links::{LinkNames, Names};
@@ -12,6 +13,7 @@ use crate::source;
 use ferry_protocol::local;
 use ferry_protocol::meta::Entry;
 use ferry_protocol::RelPath;
+use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -63,9 +65,25 @@ pub async fn reconcile_under(
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
     let root = source::open(group).await?;
-    let (mut plan, listed) = plan_under(session, group, &root, links, under, &mut report).await?;
+    let summed = if under.is_root() {
+        plan_by_summary(session, group, &root, links, &mut report).await?
+    } else {
+        None
+    };
+    let (mut plan, listed) = match summed {
+        Some(s) => {
+            tracing::debug!(sync = %group.name, dirs = s.dirs, "compared by summaries");
+            let listed = Listed {
+                local: s.local,
+                remote: s.remote,
+                unkept: s.unkept,
+            };
+            (s.plan, listed)
+        }
+        None => plan_under(session, group, &root, links, under, &mut report).await?,
+    };
     if under.is_root() {
-        warn_unkept(session, group, &listed.local);
+        warn_unkept(session, group, &listed.unkept);
         guard_whole(session, group, window, &mut plan, &listed, &mut report);
         tracing::info!(
             sync = %group.name,
@@ -89,12 +107,14 @@ pub async fn reconcile_under(
     Ok(report)
 }
 
-/// What a compare listed on both sides, beyond its plan.
+/// What a compare counted on both sides, beyond its plan.
 pub struct Listed {
-    /// The source's entries.
-    pub local: Vec<Entry>,
+    /// How many entries the source holds (the subtree's root left out).
+    pub local: u64,
     /// How many entries the receiver listed (the subtree's root left out).
     pub remote: u64,
+    /// Source entries holding attributes the module does not keep: how many, and the first.
+    pub unkept: (u64, Option<RelPath>),
 }
 
 /// Lists the subtree at `under` on both sides (the source's beneath the held `root`) and plans
@@ -141,7 +161,51 @@ pub async fn plan_under(
     }
     planned.removes = deleted_entries(&planned.deletes, &remote);
     let remote = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
-    Ok((planned, Listed { local, remote }))
+    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
+    let mut holding = local
+        .iter()
+        .filter(|e| !unkept.is_empty() && e.meta.xattrs.within(unkept).next().is_some());
+    let first = holding.next().map(|e| e.path.clone());
+    let unkept = (first.iter().count() as u64 + holding.count() as u64, first);
+    let local = local.iter().filter(|e| !e.path.is_root()).count() as u64;
+    Ok((
+        planned,
+        Listed {
+            local,
+            remote,
+            unkept,
+        },
+    ))
+}
+
+/// Subtree compares under way at once (each a listing request and a scan of its own).
+const SUBTREES_AT_ONCE: usize = 16;
+
+/// Compares the subtrees at `trees` side by side (each a listing's round trip) and appends
+/// their plans to `plan` in order; local read errors land in `report`.
+pub(crate) async fn plan_subtrees(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    root: &Arc<OwnedFd>,
+    links: &Names,
+    trees: Vec<RelPath>,
+    plan: &mut Plan,
+    report: &mut Report,
+) -> Result<(), SessionError> {
+    let planned: Vec<(Plan, Report)> = stream::iter(trees)
+        .map(|tree: RelPath| async move {
+            let mut failures = Report::default();
+            let (plan, _) = plan_under(session, group, root, links, &tree, &mut failures).await?;
+            Ok::<_, SessionError>((plan, failures))
+        })
+        .buffered(SUBTREES_AT_ONCE)
+        .try_collect()
+        .await?;
+    for (under, failures) in planned {
+        plan.extend(under);
+        report.failures.extend(failures.failures);
+    }
+    Ok(())
 }
 
 /// The delete guard over a whole compare's `planned` deletions, counting `window.recent`
@@ -160,8 +224,7 @@ fn guard_whole(
     report: &mut Report,
 ) {
     let (recent_deletes, window_total) = (window.recent, window.total);
-    let local = &listed.local;
-    let source_empty = local.iter().all(|e| e.path.is_root());
+    let source_empty = listed.local == 0;
     // The module before the recent live deletions, and all of them; never more than it held
     // when they began (`window_total`): entries created since (a `NAME.locked` beside each
     // `NAME` deleted) must not dilute the share.
@@ -206,28 +269,23 @@ fn guard_whole(
             planned.removes.clear();
         }
     }
-    report.module_entries = Some(local.iter().filter(|e| !e.path.is_root()).count() as u64 + kept);
+    report.module_entries = Some(listed.local + kept);
 }
 
 /// Says once per whole compare which attributes of the source the module cannot keep, if the
-/// source has any.
-fn warn_unkept(session: &Session, group: &SyncGroup, local: &[Entry]) {
-    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
-    if unkept.is_empty() {
+/// source has any (`unkept`: how many entries hold them, and the first).
+fn warn_unkept(session: &Session, group: &SyncGroup, unkept: &(u64, Option<RelPath>)) {
+    let (entries, Some(first)) = unkept else {
         return;
-    }
-    let mut holding = local
-        .iter()
-        .filter(|e| e.meta.xattrs.within(unkept).next().is_some());
-    if let Some(first) = holding.next() {
-        tracing::warn!(
-            sync = %group.name,
-            target = %session.target(),
-            entries = 1 + holding.count(),
-            example = %first.path,
-            "the module does not keep {} attributes (receiver not root, setuid = false for \
-             capabilities, or a filesystem that cannot hold them): they are not sent",
-            unkept.describe()
-        );
-    }
+    };
+    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
+    tracing::warn!(
+        sync = %group.name,
+        target = %session.target(),
+        entries,
+        example = %first,
+        "the module does not keep {} attributes (receiver not root, setuid = false for \
+         capabilities, or a filesystem that cannot hold them): they are not sent",
+        unkept.describe()
+    );
 }

@@ -490,6 +490,45 @@ impl Session {
         }
     }
 
+    /// The summaries of the directories at `paths` (each its metadata, if a directory there,
+    /// its entries with their digests, and how many entries it holds below), asked for all at
+    /// once and answered in order.
+    pub async fn summaries(
+        &self,
+        paths: &[RelPath],
+        cmp: Compare,
+    ) -> Result<Vec<Summarized>, SessionError> {
+        let mut asked = Vec::with_capacity(paths.len());
+        for path in paths {
+            let answer = self
+                .start(|id| Message::Summarize {
+                    id,
+                    path: path.clone(),
+                    xattrs: cmp.xattrs,
+                    hardlinks: cmp.hardlinks,
+                })
+                .await?;
+            asked.push(answer);
+        }
+        let mut out = Vec::with_capacity(asked.len());
+        for (answer, path) in asked.into_iter().zip(paths) {
+            match self.answer(answer).await?.0 {
+                Message::Summary {
+                    dir,
+                    entries,
+                    below,
+                    ..
+                } => out.push(Summarized {
+                    dir,
+                    entries,
+                    below,
+                }),
+                other => return Err(self.unanswered(other, path)),
+            }
+        }
+        Ok(out)
+    }
+
     /// The receiver's counters.
     pub async fn stats(&self) -> Result<Vec<(String, u64)>, SessionError> {
         let answer = self.start(|id| Message::Stats { id }).await?;
@@ -512,6 +551,17 @@ impl Session {
             let _ = tokio::time::timeout(Duration::from_secs(30), reader).await;
         }
     }
+}
+
+/// The receiver's summary of one directory (see [`Session::summaries`]).
+#[derive(Debug)]
+pub struct Summarized {
+    /// The directory itself; `None` if it is not one there.
+    pub dir: Option<Entry>,
+    /// Its entries, sorted by name, with their digests.
+    pub entries: Vec<DigestEntry>,
+    /// How many entries it holds below.
+    pub below: u64,
 }
 
 impl Drop for Session {

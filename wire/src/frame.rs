@@ -96,7 +96,7 @@ impl Packer {
 
     fn wants(&self, msg: &Message) -> bool {
         match msg {
-            Message::Listing { .. } | Message::DirDigests { .. } => true,
+            Message::Listing { .. } | Message::DirDigests { .. } | Message::Summary { .. } => true,
             Message::FileData { .. } | Message::FileDelta { .. } => self.data,
             _ => false,
         }

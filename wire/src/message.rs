@@ -24,7 +24,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -436,6 +436,35 @@ pub enum Message {
         /// Not removed: past the allowance.
         held: bool,
     },
+
+    // --- protocol 11 ---------------------------------------------------------------------
+    /// Sender → receiver: the metadata digests of one directory's entries, for a whole
+    /// compare that descends only where the trees differ (rsync's quick check, size and
+    /// mtime, as a Merkle tree: no file is read). Answered by `Summary`. The receiver walks
+    /// its module again whenever `path` is the root, so each compare starts from the tree
+    /// as it is.
+    Summarize {
+        /// Request id.
+        id: RequestId,
+        /// Directory path.
+        path: RelPath,
+        /// Extended attribute namespaces to compare.
+        xattrs: Namespaces,
+        /// Compare hard links.
+        hardlinks: bool,
+    },
+    /// Answer to `Summarize`.
+    Summary {
+        /// Request id.
+        id: RequestId,
+        /// The directory itself (its metadata); `None` if it is not a directory there.
+        dir: Option<Entry>,
+        /// Its entries, sorted by name: a directory's digest covers its subtree, a file's is
+        /// zero (its size and mtime are in the entry's own digest), a link's its target.
+        entries: Vec<DigestEntry>,
+        /// How many entries the subtree holds below `path`.
+        below: u64,
+    },
 }
 
 impl Message {
@@ -453,7 +482,8 @@ impl Message {
             | Message::Link { path, .. }
             | Message::Rename { to: path, .. }
             | Message::FileBegin { path, .. }
-            | Message::VerifyDir { path, .. } => Some(path),
+            | Message::VerifyDir { path, .. }
+            | Message::Summarize { path, .. } => Some(path),
             _ => None,
         }
     }
@@ -468,6 +498,7 @@ impl Message {
             | Message::NoBase { id }
             | Message::Resume { id, .. }
             | Message::DirDigests { id, .. }
+            | Message::Summary { id, .. }
             | Message::StatsReply { id, .. }
             | Message::Versions { id, .. }
             | Message::Deleted { id, .. } => Some(*id),
@@ -539,6 +570,8 @@ impl Message {
             Message::Planned { .. } => "Planned",
             Message::Allowance { .. } => "Allowance",
             Message::Deleted { .. } => "Deleted",
+            Message::Summarize { .. } => "Summarize",
+            Message::Summary { .. } => "Summary",
         }
     }
 }

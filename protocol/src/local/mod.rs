@@ -30,10 +30,12 @@ use std::path::{Path, PathBuf};
 mod digest;
 mod fd;
 mod scan;
+mod summary;
 
 pub use digest::*;
 pub use fd::*;
 pub use scan::*;
+pub use summary::{Rules, Summary};
 
 #[cfg(test)]
 mod tests {

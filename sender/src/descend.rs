@@ -1,0 +1,335 @@
+//! A whole compare that descends by summaries instead of listing the module: both sides
+//! summarise their trees at once (metadata digests kept per directory,
+//! [`ferry_protocol::local::Summary`]), the roots are compared, and only directories whose
+//! digests differ are read and planned, one level of the tree per round trip. A tree with
+//! nothing changed costs one round trip and no listing, and neither side holds more than a
+//! digest per directory and the directories of one level.
+//!
+//! A directory whose files differ is planned from its entries alone ([`plan`] over the two
+//! sides' entries of it). A directory that is new, gone, or another kind on one side is a
+//! subtree to compare as a live batch compares one ([`crate::reconcile::plan_under`]), so
+//! what a delete takes is counted from the receiver's listing of it. Two cases go to the full
+//! compare instead (`None`): a directory to plan that holds a file with several names (which
+//! names are one file is known only across the whole tree) and an empty module (one listing
+//! is all it costs).
+
+use crate::config::SyncGroup;
+use crate::execute::Report;
+use crate::links::{LinkNames, Names};
+use crate::plan::{deleted_entries, order_dir_meta, plan, Plan, PlanOptions};
+use crate::reconcile::plan_subtrees;
+use crate::session::{Session, SessionError, Summarized};
+use ferry_protocol::local::{Rules, Summary};
+use ferry_protocol::message::DigestEntry;
+use ferry_protocol::meta::{Entry, Kind};
+use ferry_protocol::RelPath;
+use std::cmp::Ordering;
+use std::collections::HashSet;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+/// What a compare by summaries found.
+#[derive(Debug)]
+pub struct Summed {
+    /// What makes the module equal to the source.
+    pub plan: Plan,
+    /// Entries below the source's root.
+    pub local: u64,
+    /// Entries below the module's root.
+    pub remote: u64,
+    /// Source entries holding attributes the module does not keep: how many, and the first.
+    pub unkept: (u64, Option<RelPath>),
+    /// Directories whose summaries were compared.
+    pub dirs: u64,
+}
+
+/// One directory compared: where the compare goes on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DirStep {
+    /// Subdirectories both sides hold whose contents differ.
+    pub descend: Vec<RelPath>,
+    /// Entries new, gone or retyped where a directory is on one side: compared as subtrees.
+    pub subtrees: Vec<RelPath>,
+    /// Some other entry differs: the directory's entries are planned.
+    pub shallow: bool,
+    /// Subdirectories both sides hold whose own attributes differ (the source's entries).
+    pub dir_meta: Vec<Entry>,
+    /// The entries are to be planned and one of them has several names on one side.
+    pub linked: bool,
+}
+
+/// Compares one directory's entries on both sides (each sorted by name, the receiver's
+/// already filtered by the group's excludes) under `rules`.
+pub fn compare_dir(local: &[DigestEntry], remote: &[DigestEntry], rules: Rules) -> DirStep {
+    let mut step = DirStep::default();
+    let (mut l, mut r) = (local.iter().peekable(), remote.iter().peekable());
+    let is_dir = |e: &DigestEntry| e.entry.meta.kind == Kind::Dir;
+    loop {
+        let order = match (l.peek(), r.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(a), Some(b)) => a.entry.path.file_name().cmp(b.entry.path.file_name()),
+        };
+        let (a, b) = match order {
+            Ordering::Less => (l.next(), None),
+            Ordering::Greater => (None, r.next()),
+            Ordering::Equal => (l.next(), r.next()),
+        };
+        match (a, b) {
+            (Some(a), Some(b)) if is_dir(a) && is_dir(b) => {
+                if rules.digest(a) == rules.digest(b) {
+                    continue;
+                }
+                let attrs = a.entry.meta.attr_differences(&b.entry.meta, rules.cmp);
+                if !attrs.is_empty() {
+                    step.dir_meta.push(a.entry.clone());
+                }
+                if a.digest != b.digest {
+                    step.descend.push(a.entry.path.clone());
+                }
+            }
+            (Some(a), Some(b)) if !is_dir(a) && !is_dir(b) => {
+                if rules.digest(a) != rules.digest(b) {
+                    step.shallow = true;
+                }
+            }
+            (a, b) => {
+                let e = a.or(b).expect("one side at least");
+                if a.is_some_and(is_dir) || b.is_some_and(is_dir) {
+                    step.subtrees.push(e.entry.path.clone());
+                } else {
+                    step.shallow = true;
+                }
+            }
+        }
+    }
+    // Planning these entries needs every name of their linked files, on both sides.
+    let linked = |e: &DigestEntry| e.entry.inode.is_some();
+    step.linked = rules.cmp.hardlinks
+        && step.shallow
+        && (local.iter().any(linked) || remote.iter().any(linked));
+    step
+}
+
+/// Plans a whole compare of `group` with the module behind `session` by summaries (see the
+/// module documentation); `None` where the full compare must decide. Multiply-linked files
+/// met are learned into `links`, as a whole scan would; local read errors of subtrees land in
+/// `report`.
+pub async fn plan_by_summary(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    root: &Arc<OwnedFd>,
+    links: &Names,
+    report: &mut Report,
+) -> Result<Option<Summed>, SessionError> {
+    let opts = PlanOptions::new(group, &session.keeps);
+    let rules = Rules {
+        cmp: opts.compare,
+        devices: opts.devices,
+    };
+    let top = RelPath::root();
+    let remote = session.summaries(std::slice::from_ref(&top), rules.cmp);
+    let (g, held) = (group.clone(), root.clone());
+    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
+    let local = tokio::task::spawn_blocking(move || {
+        let filter = |p: &RelPath, d: bool| g.filter.accepts(p, d);
+        let mut errors = Vec::new();
+        let read = g.preserve.namespaces();
+        let s = Summary::build(&held, rules, &filter, read, unkept, &mut errors);
+        (s, errors.is_empty())
+    });
+    let (remote, local) = tokio::join!(remote, local);
+    let mut remote = remote?;
+    let (summary, clean) = local.expect("summary task");
+    let first = remote.pop().expect("one summary asked for");
+    // What could not be read is reported, and kept from deletion, by the full compare.
+    if !clean || first.dir.is_none() || first.below == 0 {
+        return Ok(None);
+    }
+    if group.preserve.hardlinks {
+        links.learn(&summary.linked, true);
+    }
+    let summary = Arc::new(summary);
+    let mut out = Plan::default();
+    let mut subtrees = Vec::new();
+    let mut dirs = 0;
+    let mut level: Vec<(RelPath, Summarized)> = vec![(top, first)];
+    let (local_count, remote_count) = (summary.root().1, level[0].1.below);
+    while !level.is_empty() {
+        dirs += level.len() as u64;
+        let paths: Vec<RelPath> = level.iter().map(|(p, _)| p.clone()).collect();
+        let (s, held, g) = (summary.clone(), root.clone(), group.clone());
+        let locals = tokio::task::spawn_blocking(move || {
+            let filter = |p: &RelPath, d: bool| g.filter.accepts(p, d);
+            let read = |p: &RelPath| {
+                let mut errors = Vec::new();
+                let listing = s.listing(&held, p, &filter, &mut errors);
+                listing.ok().flatten().filter(|_| errors.is_empty())
+            };
+            paths.iter().map(read).collect::<Vec<_>>()
+        })
+        .await
+        .expect("listing task");
+        let mut next = Vec::new();
+        for ((path, remote), listing) in level.into_iter().zip(locals) {
+            // Gone or unreadable since the walk, or not a directory on the receiver: the
+            // full compare decides.
+            let (Some((ldir, lentries)), Some(rdir)) = (listing, remote.dir) else {
+                return Ok(None);
+            };
+            let excluded = |e: &DigestEntry| {
+                let dir = e.entry.meta.kind == Kind::Dir;
+                group.filter.excludes(&e.entry.path, dir)
+            };
+            let rentries: Vec<DigestEntry> = remote
+                .entries
+                .into_iter()
+                .filter(|e| !excluded(e))
+                .collect();
+            let step = compare_dir(&lentries, &rentries, rules);
+            if step.linked {
+                return Ok(None);
+            }
+            let own = ldir.meta.attr_differences(&rdir.meta, rules.cmp);
+            if path.is_root() && !own.is_empty() {
+                out.dir_meta.push(ldir.clone());
+            }
+            if step.shallow {
+                let skip: HashSet<&RelPath> = step.subtrees.iter().collect();
+                let pick = |dir: Entry, entries: Vec<DigestEntry>| -> Vec<Entry> {
+                    let below = entries.into_iter().map(|e| e.entry);
+                    let below = below.filter(|e| !skip.contains(&e.path));
+                    std::iter::once(dir).chain(below).collect()
+                };
+                let (l, r) = (pick(ldir.clone(), lentries), pick(rdir, rentries));
+                let mut planned = plan(&l, &r, opts, &LinkNames::new());
+                planned.removes = deleted_entries(&planned.deletes, &r);
+                out.extend(planned);
+            }
+            if !step.subtrees.is_empty() {
+                out.dir_meta.push(ldir);
+            }
+            out.dir_meta.extend(step.dir_meta);
+            subtrees.extend(step.subtrees);
+            next.extend(step.descend);
+        }
+        level = if next.is_empty() {
+            Vec::new()
+        } else {
+            let answers = session.summaries(&next, rules.cmp).await?;
+            next.into_iter().zip(answers).collect()
+        };
+    }
+    plan_subtrees(session, group, root, links, subtrees, &mut out, report).await?;
+    order_dir_meta(&mut out.dir_meta);
+    Ok(Some(Summed {
+        plan: out,
+        local: local_count,
+        remote: remote_count,
+        unkept: summary.unkept.clone(),
+        dirs,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::meta::{Compare, Inode, Meta};
+    use ferry_protocol::xattr::{Namespaces, Xattrs};
+
+    fn entry(path: &str, kind: Kind, mtime: i64, digest: u8) -> DigestEntry {
+        DigestEntry {
+            entry: Entry {
+                path: RelPath::from(path),
+                meta: Meta {
+                    kind,
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    size: 1,
+                    mtime,
+                    mtime_nsec: 0,
+                    rdev: 0,
+                    xattrs: Xattrs::default(),
+                },
+                link: None,
+                inode: None,
+            },
+            digest: [digest; 32],
+            hardlink: None,
+        }
+    }
+
+    fn rules(hardlinks: bool) -> Rules {
+        Rules {
+            cmp: Compare::all(false).with(Namespaces::NONE, hardlinks),
+            devices: false,
+        }
+    }
+
+    fn paths(v: &[RelPath]) -> Vec<String> {
+        v.iter().map(|p| p.to_string()).collect()
+    }
+
+    /// Each way two directories' entries can differ, and where the compare goes for it.
+    #[test]
+    fn a_directory_compared_says_where_to_go_on() {
+        let local = vec![
+            entry("d/changed", Kind::Dir, 1, 2),
+            entry("d/equal", Kind::File, 1, 0),
+            entry("d/new", Kind::Dir, 1, 0),
+            entry("d/retyped", Kind::Dir, 1, 0),
+            entry("d/same", Kind::Dir, 1, 7),
+            entry("d/touched", Kind::Dir, 2, 7),
+        ];
+        let remote = vec![
+            entry("d/changed", Kind::Dir, 1, 3),
+            entry("d/equal", Kind::File, 1, 0),
+            entry("d/gone", Kind::Dir, 1, 0),
+            entry("d/retyped", Kind::File, 1, 0),
+            entry("d/same", Kind::Dir, 1, 7),
+            entry("d/touched", Kind::Dir, 1, 7),
+        ];
+        let step = compare_dir(&local, &remote, rules(false));
+        assert_eq!(paths(&step.descend), ["d/changed"]);
+        assert_eq!(paths(&step.subtrees), ["d/gone", "d/new", "d/retyped"]);
+        assert!(!step.shallow);
+        let meta: Vec<String> = step.dir_meta.iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(meta, ["d/touched"]);
+
+        // A file changed, one gone, one new: the directory's entries are planned.
+        for (l, r) in [
+            (
+                vec![entry("d/f", Kind::File, 2, 0)],
+                vec![entry("d/f", Kind::File, 1, 0)],
+            ),
+            (vec![], vec![entry("d/f", Kind::File, 1, 0)]),
+            (vec![entry("d/f", Kind::File, 1, 0)], vec![]),
+        ] {
+            let step = compare_dir(&l, &r, rules(false));
+            assert!(step.shallow && step.subtrees.is_empty() && step.descend.is_empty());
+        }
+    }
+
+    /// A directory to plan that holds a file with several names, on either side and changed
+    /// or not, sends the compare to the full listing, only when hard links are compared.
+    #[test]
+    fn planning_beside_a_linked_file_needs_the_whole_tree_only_when_links_are_compared() {
+        let mut linked = entry("d/a", Kind::File, 1, 0);
+        linked.entry.inode = Some(Inode { dev: 1, ino: 2 });
+        let (changed, was) = (
+            entry("d/b", Kind::File, 2, 0),
+            entry("d/b", Kind::File, 1, 0),
+        );
+        let local = vec![linked.clone(), changed];
+        let plain = vec![entry("d/a", Kind::File, 1, 0), was];
+        for (l, r) in [(&local, &plain), (&plain, &local)] {
+            assert!(compare_dir(l, r, rules(true)).linked);
+            assert!(!compare_dir(l, r, rules(false)).linked);
+        }
+        // Nothing to plan: the link alone sends nowhere.
+        let same = vec![linked.clone()];
+        assert_eq!(compare_dir(&same, &same, rules(true)), DirStep::default());
+    }
+}
