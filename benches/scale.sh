@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A tree of ~1,000,000 empty files (DIRS directories of PER files) pushed with `send --once`
+# beside `rsync -a` into a stock rsyncd, both on 127.0.0.1: the initial copy, nothing changed,
+# and ten files changed, each from a fresh process. Prints the time and the peak resident
+# memory of the ferry sender (`send --once`), of the ferry receiver during that run (its peak
+# reset before each), and of the rsync client.
+# Usage: benches/scale.sh [FERRY_BINARY] [DIRS] [PER]   (needs rsync and GNU time; root;
+# DIR=/some/where puts the trees there, default the system temp dir)
+set -euo pipefail
+ferry=$(realpath "${1:-target/release/ferry}")
+dirs=${2:-1000}
+per=${3:-1000}
+w=$(mktemp -d -p "${DIR:-${TMPDIR:-/tmp}}")
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$w"' EXIT
+mkdir -p "$w"/{src,dst,rdst,send,recv}
+python3 - "$w/src" "$dirs" "$per" <<'PY'
+import os, sys
+root, dirs, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for d in range(dirs):
+    p = os.path.join(root, f"d{d}")
+    os.mkdir(p)
+    for f in range(per):
+        open(os.path.join(p, f"f{f}"), "wb").close()
+PY
+echo "source entries: $(find "$w/src" | wc -l)"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+fport=$(port); rport=$(port)
+sfp=$("$ferry" keygen "$w/send"); rfp=$("$ferry" keygen "$w/recv")
+cat > "$w/recv/receiver.toml" <<T
+listen = "127.0.0.1:$fport"
+cert = "cert.pem"
+key = "key.pem"
+[modules.m]
+path = "$w/dst"
+clients = ["$sfp"]
+T
+cat > "$w/send/sender.toml" <<T
+cert = "cert.pem"
+key = "key.pem"
+[targets.b]
+address = "127.0.0.1:$fport"
+fingerprint = "$rfp"
+[[sync]]
+name = "m"
+source = "$w/src"
+targets = ["b"]
+module = "m"
+T
+printf 'use chroot = no\npid file =\nuid = root\ngid = root\n[m]\npath = %s\nread only = false\n' \
+    "$w/rdst" > "$w/rsyncd.conf"
+FERRY_LOG=warn "$ferry" receive --config "$w/recv/receiver.toml" &
+recv=$!
+rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$w/rsyncd.conf" &
+for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$fport") 2>/dev/null && break
+    sleep 0.1
+done
+
+# One run of each tool: "label: ferry T s (sender M MB, receiver M MB), rsync T s (client M MB)".
+round() {
+    local label=$1
+    echo 5 > /proc/$recv/clear_refs
+    local t0 t1 t2
+    t0=$(date +%s.%N)
+    FERRY_LOG=warn /usr/bin/time -f %M -o "$w/fm" "$ferry" send --once --config "$w/send/sender.toml" >/dev/null
+    t1=$(date +%s.%N)
+    /usr/bin/time -f %M -o "$w/rm" rsync -a --delete "$w/src/" "rsync://127.0.0.1:$rport/m/"
+    t2=$(date +%s.%N)
+    local rhwm
+    rhwm=$(awk '/VmHWM/ {print $2}' /proc/$recv/status)
+    local tf tr
+    tf=$(echo "$t1 - $t0" | bc); tr=$(echo "$t2 - $t1" | bc)
+    printf '%s: ferry %.2f s (sender %d MB, receiver %d MB); rsync %.2f s (client %d MB); ratio %.2f\n' \
+        "$label" "$tf" $(($(tail -1 "$w/fm") / 1024)) $((rhwm / 1024)) "$tr" \
+        $(($(tail -1 "$w/rm") / 1024)) "$(echo "$tf / $tr" | bc -l)"
+}
+sync
+round "initial copy"
+sync
+round "nothing changed"
+round "nothing changed"
+for i in $(seq 0 9); do echo "changed $i" > "$w/src/d$((i * 97 % dirs))/f$((i * 31 % per))"; done
+round "ten files changed"
+"$ferry" verify "$w/src" "$w/dst" >/dev/null && echo "ferry's copy verified equal"
