@@ -33,6 +33,7 @@ key = "key.pem"
 [modules.m]
 path = "$w/dst"
 clients = ["$sfp"]
+read_only = false
 T
 cat > "$w/send/sender.toml" <<T
 cert = "cert.pem"

@@ -122,9 +122,10 @@ struct MirrorObserver {
 
 impl Observer for MirrorObserver {
     fn planned(&self, _group: &str, _target: &str, totals: Totals) {
-        let progress = Progress::start("initial sync");
-        progress.total(count(totals));
-        *self.progress.lock().expect("progress lock") = Some(progress);
+        let mut progress = self.progress.lock().expect("progress lock");
+        progress
+            .get_or_insert_with(|| Progress::start("initial sync"))
+            .total(count(totals));
     }
 
     fn progress(&self, _group: &str, _target: &str, done: Totals) {

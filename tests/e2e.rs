@@ -134,6 +134,31 @@ fn second_push_of_an_unchanged_tree_sends_nothing() {
     );
 }
 
+/// A copy into an empty module goes a piece at a time: a directory whose entries span two
+/// pieces still gets its own times, and a name in a later piece of a file sent in an earlier
+/// one arrives as a link to it, not as a second copy.
+#[test]
+fn a_copy_into_an_empty_module_in_pieces_keeps_directory_times_and_links() {
+    let s = Setup::new();
+    // The root, a, a's files, b, then b's files: the first piece ends among b's files, and
+    // b/z (a name of a/f0) comes last.
+    let per = ferry_sender::descend::PIECE * 6 / 10;
+    for d in ["a", "b"] {
+        fs::create_dir(s.src.join(d)).unwrap();
+        for i in 0..per {
+            fs::write(s.src.join(format!("{d}/f{i:05}")), format!("{d}{i}")).unwrap();
+        }
+    }
+    fs::hard_link(s.src.join("a/f00000"), s.src.join("b/z")).unwrap();
+    let out = s.push();
+    assert_trees_equal(&s.src, &s.dst);
+    assert_eq!(summary_value(&out, "files"), 2 * per as u64, "{out}");
+    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&fs::metadata(s.dst.join(p)).unwrap());
+    assert_eq!(ino("a/f00000"), ino("b/z"), "b/z is a link to a/f00000");
+    let (listed, _) = compared(&s);
+    assert_eq!(listed, 0, "nothing listed: the module was empty");
+}
+
 /// A whole compare descends only into directories whose summaries differ and lists only the
 /// subtrees that are new, gone or retyped; every kind of change arrives, and the next
 /// compare finds nothing.

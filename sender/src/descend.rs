@@ -14,11 +14,12 @@
 //! is all it costs).
 
 use crate::config::SyncGroup;
-use crate::execute::Report;
+use crate::execute::{execute, Observe, Report};
 use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, order_dir_meta, plan, Plan, PlanOptions};
 use crate::reconcile::plan_subtrees;
 use crate::session::{Session, SessionError, Summarized};
+use crate::source;
 use ferry_protocol::local::{Rules, Summary};
 use ferry_protocol::message::DigestEntry;
 use ferry_protocol::meta::{Entry, Kind};
@@ -27,6 +28,24 @@ use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+
+/// What a compare by summaries came to.
+#[derive(Debug)]
+pub enum Compared {
+    /// A plan that makes the module equal to the source.
+    Planned(Summed),
+    /// The module is empty: everything is to be copied ([`copy_into_empty`]).
+    Empty {
+        /// The module's root as the receiver has it.
+        root: Entry,
+        /// Entries below the source's root.
+        local: u64,
+        /// Source entries holding attributes the module does not keep.
+        unkept: (u64, Option<RelPath>),
+    },
+    /// The full compare must decide (see the module documentation).
+    Full,
+}
 
 /// What a compare by summaries found.
 #[derive(Debug)]
@@ -113,16 +132,15 @@ pub fn compare_dir(local: &[DigestEntry], remote: &[DigestEntry], rules: Rules) 
 }
 
 /// Plans a whole compare of `group` with the module behind `session` by summaries (see the
-/// module documentation); `None` where the full compare must decide. Multiply-linked files
-/// met are learned into `links`, as a whole scan would; local read errors of subtrees land in
-/// `report`.
+/// module documentation). Multiply-linked files met are learned into `links`, as a whole scan
+/// would; local read errors of subtrees land in `report`.
 pub async fn plan_by_summary(
     session: &Arc<Session>,
     group: &SyncGroup,
     root: &Arc<OwnedFd>,
     links: &Names,
     report: &mut Report,
-) -> Result<Option<Summed>, SessionError> {
+) -> Result<Compared, SessionError> {
     let opts = PlanOptions::new(group, &session.keeps);
     let rules = Rules {
         cmp: opts.compare,
@@ -144,11 +162,18 @@ pub async fn plan_by_summary(
     let (summary, clean) = local.expect("summary task");
     let first = remote.pop().expect("one summary asked for");
     // What could not be read is reported, and kept from deletion, by the full compare.
-    if !clean || first.dir.is_none() || first.below == 0 {
-        return Ok(None);
-    }
+    let Some(module_root) = first.dir.clone().filter(|_| clean) else {
+        return Ok(Compared::Full);
+    };
     if group.preserve.hardlinks {
         links.learn(&summary.linked, true);
+    }
+    if first.below == 0 {
+        return Ok(Compared::Empty {
+            root: module_root,
+            local: summary.root().1,
+            unkept: summary.unkept.clone(),
+        });
     }
     let summary = Arc::new(summary);
     let mut out = Plan::default();
@@ -176,7 +201,7 @@ pub async fn plan_by_summary(
             // Gone or unreadable since the walk, or not a directory on the receiver: the
             // full compare decides.
             let (Some((ldir, lentries)), Some(rdir)) = (listing, remote.dir) else {
-                return Ok(None);
+                return Ok(Compared::Full);
             };
             let excluded = |e: &DigestEntry| {
                 let dir = e.entry.meta.kind == Kind::Dir;
@@ -189,7 +214,7 @@ pub async fn plan_by_summary(
                 .collect();
             let step = compare_dir(&lentries, &rentries, rules);
             if step.linked {
-                return Ok(None);
+                return Ok(Compared::Full);
             }
             let own = ldir.meta.attr_differences(&rdir.meta, rules.cmp);
             if path.is_root() && !own.is_empty() {
@@ -223,13 +248,73 @@ pub async fn plan_by_summary(
     }
     plan_subtrees(session, group, root, links, subtrees, &mut out, report).await?;
     order_dir_meta(&mut out.dir_meta);
-    Ok(Some(Summed {
+    Ok(Compared::Planned(Summed {
         plan: out,
         local: local_count,
         remote: remote_count,
         unkept: summary.unkept.clone(),
         dirs,
     }))
+}
+
+/// Entries of the source read, planned and sent at a time by [`copy_into_empty`].
+pub const PIECE: usize = 8192;
+
+/// Copies the whole source into an empty module whose root is `module_root`, a piece of
+/// [`PIECE`] entries at a time in tree order: each piece is planned against nothing and
+/// executed while the walk reads the next, and directory times are set once at the end, so
+/// neither side ever holds the tree. Names of multiply-linked files come from `links` (the
+/// summary's walk taught it every name): a name whose file went in an earlier piece becomes a
+/// link to it.
+pub async fn copy_into_empty(
+    session: &Arc<Session>,
+    group: &SyncGroup,
+    root: &Arc<OwnedFd>,
+    links: &Names,
+    module_root: Entry,
+    report: &mut Report,
+    observe: Observe<'_>,
+) -> Result<(), SessionError> {
+    let opts = PlanOptions::new(group, &session.keeps);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let (g, held) = (group.clone(), root.clone());
+    let walk = tokio::task::spawn_blocking(move || {
+        source::scan_pieces(&g, &held, PIECE, &mut |piece| {
+            tx.blocking_send(piece).is_ok()
+        })
+    });
+    let remote = [module_root];
+    let origin = root.clone().into();
+    let mut dir_meta = Vec::new();
+    while let Some((local, errors)) = rx.recv().await {
+        for (p, e) in errors {
+            report.failures.push((p, e.to_string()));
+        }
+        let names = source::link_names(group, root, links, false, &local);
+        let mut planned = plan(&local, &remote, opts, &names);
+        dir_meta.append(&mut planned.dir_meta);
+        execute(
+            session,
+            group.preserve,
+            &origin,
+            planned,
+            report,
+            &mut *observe,
+        )
+        .await?;
+    }
+    if let Err(e) = walk.await.expect("walk task") {
+        return Err(SessionError::Source {
+            path: group.source.clone(),
+            error: e.to_string(),
+        });
+    }
+    order_dir_meta(&mut dir_meta);
+    let last = Plan {
+        dir_meta,
+        ..Plan::default()
+    };
+    execute(session, group.preserve, &origin, last, report, observe).await
 }
 
 #[cfg(test)]

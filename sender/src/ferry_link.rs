@@ -224,9 +224,9 @@ struct BatchWatch<'a> {
 impl Watch for BatchWatch<'_> {
     fn planned(&mut self, totals: Totals) {
         if self.batch.full {
-            self.done = Totals::default();
-            self.planned = totals;
-            self.observer.planned(self.group, self.target, totals);
+            self.planned.steps += totals.steps;
+            self.planned.bytes += totals.bytes;
+            self.observer.planned(self.group, self.target, self.planned);
         }
     }
 

@@ -3,7 +3,7 @@
 //! new directories all come through here.
 
 use crate::config::SyncGroup;
-use crate::descend::plan_by_summary;
+use crate::descend::{copy_into_empty, plan_by_summary, Compared};
 use crate::execute::{execute, Observe, Report, Step};
 use crate::guard::Window;
 use crate::links::{LinkNames, Names};
@@ -65,13 +65,35 @@ pub async fn reconcile_under(
     let sent_before = session.bytes_sent();
     let mut report = Report::default();
     let root = source::open(group).await?;
-    let summed = if under.is_root() {
+    let compared = if under.is_root() {
         plan_by_summary(session, group, &root, links, &mut report).await?
     } else {
-        None
+        Compared::Full
     };
-    let (mut plan, listed) = match summed {
-        Some(s) => {
+    let (mut plan, listed) = match compared {
+        Compared::Empty {
+            root: module_root,
+            local,
+            unkept,
+        } => {
+            warn_unkept(session, group, &unkept);
+            tracing::info!(sync = %group.name, target = %session.target(), entries = local, "copying into an empty module");
+            report.module_entries = Some(local);
+            copy_into_empty(
+                session,
+                group,
+                &root,
+                links,
+                module_root,
+                &mut report,
+                observe,
+            )
+            .await?;
+            report.bytes_sent = session.bytes_sent() - sent_before;
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+        Compared::Planned(s) => {
             tracing::debug!(sync = %group.name, dirs = s.dirs, "compared by summaries");
             let listed = Listed {
                 local: s.local,
@@ -80,7 +102,7 @@ pub async fn reconcile_under(
             };
             (s.plan, listed)
         }
-        None => plan_under(session, group, &root, links, under, &mut report).await?,
+        Compared::Full => plan_under(session, group, &root, links, under, &mut report).await?,
     };
     if under.is_root() {
         warn_unkept(session, group, &listed.unkept);

@@ -49,6 +49,18 @@ pub fn scan_under(
     Ok((entries, errors))
 }
 
+/// The whole source tree beneath the held `root`, as [`scan_under`] reads it, handed to `sink`
+/// in pieces of `piece` entries in tree order (see [`local::scan_pieces`]).
+pub fn scan_pieces(
+    group: &SyncGroup,
+    root: &OwnedFd,
+    piece: usize,
+    sink: &mut dyn FnMut(local::Piece) -> bool,
+) -> std::io::Result<()> {
+    let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
+    local::scan_pieces(root, &filter, group.preserve.namespaces(), piece, sink)
+}
+
 /// Every current name of the multiply-linked files among `entries` (read from the source; a
 /// scan of the `whole` tree or not), the names outside them included; what was learned is
 /// kept in `links` (the group's). Empty unless the group preserves hard links.

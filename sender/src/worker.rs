@@ -34,7 +34,8 @@ pub trait Observer: Send + Sync + 'static {
     fn step(&self, group: &str, target: &str, step: &Step, latency: Option<Duration>) {
         let _ = (group, target, step, latency);
     }
-    /// A full reconcile of `group` on `target` is about to do what `totals` says.
+    /// A full reconcile of `group` on `target` is about to do what `totals` says (so far: a
+    /// copy into an empty module plans in pieces, and the totals grow with each).
     fn planned(&self, group: &str, target: &str, totals: Totals) {
         let _ = (group, target, totals);
     }

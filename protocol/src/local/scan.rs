@@ -236,14 +236,62 @@ pub fn scan_at(
     if is_dir {
         let parts: Vec<&[u8]> = start.components().collect();
         let dir = open_beneath(root, &parts).map_err(not_dir)?;
-        walk(&dir, start, filter, xattrs, errors, &mut out);
+        walk(
+            &dir,
+            start,
+            filter,
+            xattrs,
+            errors,
+            &mut out,
+            &mut |_, _| true,
+        );
     }
     Ok(out)
 }
 
-/// Appends the subtree of the held directory `dir` (which is `rel`) in tree order. Each
-/// directory below is opened through its parent's descriptor without following symlinks, so
-/// the walk holds one descriptor per level.
+/// Errors met on the way, each with its path.
+pub type Errors = Vec<(RelPath, io::Error)>;
+
+/// What a walk has read so far and the errors it met meanwhile.
+pub type Piece = (Vec<Entry>, Errors);
+
+/// [`scan_at`] of the whole tree beneath the held `root`, handed to `sink` in pieces of
+/// `piece` entries (the last one smaller), in tree order, the root first, each with the errors
+/// met while it was read; `sink` returns `false` to stop the walk. Holds one piece, however
+/// large the tree.
+pub fn scan_pieces(
+    root: &OwnedFd,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    piece: usize,
+    sink: &mut dyn FnMut(Piece) -> bool,
+) -> io::Result<()> {
+    let mut errors = Vec::new();
+    let Some(top) = read_entry_at(root, &RelPath::root(), xattrs, &mut errors)? else {
+        return Err(io::ErrorKind::NotFound.into());
+    };
+    let mut out = vec![top];
+    let mut hand = |out: &mut Vec<Entry>, errors: &mut Errors| {
+        out.len() < piece || sink((std::mem::take(out), std::mem::take(errors)))
+    };
+    if walk(
+        root,
+        &RelPath::root(),
+        filter,
+        xattrs,
+        &mut errors,
+        &mut out,
+        &mut hand,
+    ) {
+        sink((out, errors));
+    }
+    Ok(())
+}
+
+/// Appends the subtree of the held directory `dir` (which is `rel`) in tree order, calling
+/// `more` after each entry (it may take what was read; `false` stops the walk, and the walk
+/// returns `false`). Each directory below is opened through its parent's descriptor without
+/// following symlinks, so the walk holds one descriptor per level.
 pub(crate) fn walk(
     dir: &OwnedFd,
     rel: &RelPath,
@@ -251,18 +299,27 @@ pub(crate) fn walk(
     xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
     out: &mut Vec<Entry>,
-) {
+    more: &mut dyn FnMut(&mut Vec<Entry>, &mut Errors) -> bool,
+) -> bool {
     for child in read_children(dir, rel, filter, xattrs, errors) {
         let is_dir = child.meta.kind == Kind::Dir;
         let path = child.path.clone();
         out.push(child);
+        if !more(out, errors) {
+            return false;
+        }
         if is_dir {
             match open_child(dir, path.file_name()) {
-                Ok(sub) => walk(&sub, &path, filter, xattrs, errors, out),
+                Ok(sub) => {
+                    if !walk(&sub, &path, filter, xattrs, errors, out, more) {
+                        return false;
+                    }
+                }
                 // Gone since it was listed: its entry stays, its contents are unknown.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => errors.push((path, e)),
             }
         }
     }
+    true
 }

@@ -183,7 +183,7 @@ impl Totals {
 /// Sees an execution: what it plans, then each step the receiver acknowledged. Any
 /// `FnMut(&Step)` closure is one that ignores the plan.
 pub trait Watch: Send {
-    /// The plan about to be executed.
+    /// The plan about to be executed (a whole copy executed in pieces: each piece's).
     fn planned(&mut self, totals: Totals) {
         let _ = totals;
     }
