@@ -3,7 +3,8 @@
 # beside `rsync -a` into a stock rsyncd, both on 127.0.0.1: the initial copy, nothing changed,
 # and ten files changed, each from a fresh process. Prints the time and the peak resident
 # memory of the ferry sender (`send --once`), of the ferry receiver during that run (its peak
-# reset before each), and of the rsync client.
+# reset before each), and of the rsync client (`-a`; one no-change run also with `-aHAX`,
+# which compares what ferry compares by default).
 # Usage: benches/scale.sh [FERRY_BINARY] [DIRS] [PER]   (needs rsync and GNU time; root;
 # DIR=/some/where puts the trees there, default the system temp dir)
 set -euo pipefail
@@ -80,6 +81,10 @@ round "initial copy"
 sync
 round "nothing changed"
 round "nothing changed"
+# rsync comparing what ferry compares by default (hard links, ACLs, attributes).
+t0=$(date +%s.%N)
+rsync -aHAX --delete "$w/src/" "rsync://127.0.0.1:$rport/m/"
+printf 'nothing changed, rsync -aHAX: %.2f s\n' "$(echo "$(date +%s.%N) - $t0" | bc)"
 for i in $(seq 0 9); do echo "changed $i" > "$w/src/d$((i * 97 % dirs))/f$((i * 31 % per))"; done
 round "ten files changed"
 "$ferry" verify "$w/src" "$w/dst" >/dev/null && echo "ferry's copy verified equal"

@@ -59,6 +59,40 @@ mod tests {
         assert!(errors.is_empty());
     }
 
+    /// In pieces, a scan hands over the same entries in the same order, a piece at a time,
+    /// and stops when told.
+    #[test]
+    fn a_scan_in_pieces_is_the_scan_cut_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["a", "a/b", "c"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+            for f in 0..3 {
+                std::fs::write(root.join(d).join(format!("f{f}")), b"x").unwrap();
+            }
+        }
+        let mut errors = Vec::new();
+        let whole = scan(root, &no_filter, Namespaces::NONE, &mut errors).unwrap();
+        let held = open_root(root).unwrap();
+        let mut pieces: Vec<Vec<Entry>> = Vec::new();
+        scan_pieces(&held, &no_filter, Namespaces::NONE, 4, &mut |(p, e)| {
+            assert!(e.is_empty());
+            pieces.push(p);
+            true
+        })
+        .unwrap();
+        let sizes: Vec<usize> = pieces.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [4, 4, 4, 1], "13 entries");
+        assert_eq!(pieces.concat(), whole);
+        let mut taken = 0;
+        scan_pieces(&held, &no_filter, Namespaces::NONE, 4, &mut |_| {
+            taken += 1;
+            false
+        })
+        .unwrap();
+        assert_eq!(taken, 1, "stopped after the first piece");
+    }
+
     #[test]
     fn count_entries_counts_a_subtree_without_following_symlinks_and_stops_past_the_limit() {
         let dir = tempfile::tempdir().unwrap();
