@@ -1030,7 +1030,9 @@ fn idle_connections_before_the_handshake_locked_senders_out() {
 /// A slowloris from the sender's own address (20 idle connections a second, kept open) locked
 /// that sender out: with 16 handshakes pending from one address the receiver closed the
 /// *newest* connection, which was the honest one. Now the oldest makes room: for 15 s of the
-/// attack, a new honest session from the same address opens within 1 s, every time.
+/// attack, a new honest session from the same address opens every time, well within the
+/// handshake timeout a locked-out one waits for (a loaded machine can take over a second to
+/// start the process and shake hands, so the bound is half that timeout, not a second).
 #[test]
 fn a_slowloris_from_the_senders_own_address_no_longer_locks_it_out() {
     let site = Site::new();
@@ -1060,7 +1062,7 @@ fn a_slowloris_from_the_senders_own_address_no_longer_locks_it_out() {
         let took = t.elapsed();
         assert!(o.status.success(), "session {sessions}: {}", stderr(&o));
         assert!(
-            took < Duration::from_secs(1),
+            took < ferry_protocol::connection::HANDSHAKE_TIMEOUT / 2,
             "session {sessions} took {took:?}"
         );
         sessions += 1;

@@ -1,9 +1,10 @@
 //! A whole compare that descends by summaries instead of listing the module: both sides
 //! summarise their trees at once (metadata digests kept per directory,
 //! [`ferry_protocol::local::Summary`]), the roots are compared, and only directories whose
-//! digests differ are read and planned, one level of the tree per round trip. A tree with
-//! nothing changed costs one round trip and no listing, and neither side holds more than a
-//! digest per directory and the directories of one level.
+//! digests differ are read and planned, breadth first, up to [`DIRS_AT_ONCE`] directories per
+//! round trip. A tree with nothing changed costs one round trip and no listing, and neither
+//! side holds more than a digest per directory and the entries of the directories in hand
+//! (the plan grows with what differs).
 //!
 //! A directory whose files differ is planned from its entries alone ([`plan`] over the two
 //! sides' entries of it). A directory that is new, gone, or another kind on one side is a
@@ -14,7 +15,7 @@
 //! is all it costs).
 
 use crate::config::SyncGroup;
-use crate::execute::{execute, Observe, Report};
+use crate::execute::{execute, Observe, Report, Step, Totals, Watch};
 use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, order_dir_meta, plan, Plan, PlanOptions};
 use crate::reconcile::plan_subtrees;
@@ -25,9 +26,13 @@ use ferry_protocol::message::DigestEntry;
 use ferry_protocol::meta::{Entry, Kind};
 use ferry_protocol::RelPath;
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+
+/// Directories whose summaries are asked for and compared at a time: one round trip for
+/// each, and no more of them held at once.
+const DIRS_AT_ONCE: usize = 256;
 
 /// What a compare by summaries came to.
 #[derive(Debug)]
@@ -42,6 +47,9 @@ pub enum Compared {
         local: u64,
         /// Source entries holding attributes the module does not keep.
         unkept: (u64, Option<RelPath>),
+        /// What the copy will do: a step for every entry and for every directory's times,
+        /// and the files' bytes.
+        totals: Totals,
     },
     /// The full compare must decide (see the module documentation).
     Full,
@@ -169,18 +177,25 @@ pub async fn plan_by_summary(
         links.learn(&summary.linked, true);
     }
     if first.below == 0 {
+        let local = summary.root().1;
         return Ok(Compared::Empty {
             root: module_root,
-            local: summary.root().1,
+            local,
             unkept: summary.unkept.clone(),
+            totals: Totals {
+                steps: local + summary.dirs(),
+                bytes: summary.bytes,
+            },
         });
     }
     let summary = Arc::new(summary);
     let mut out = Plan::default();
     let mut subtrees = Vec::new();
     let mut dirs = 0;
+    let (local_count, remote_count) = (summary.root().1, first.below);
+    // Directories to descend into, breadth first, read [`DIRS_AT_ONCE`] at a time.
+    let mut queue: VecDeque<RelPath> = VecDeque::new();
     let mut level: Vec<(RelPath, Summarized)> = vec![(top, first)];
-    let (local_count, remote_count) = (summary.root().1, level[0].1.below);
     while !level.is_empty() {
         dirs += level.len() as u64;
         let paths: Vec<RelPath> = level.iter().map(|(p, _)| p.clone()).collect();
@@ -196,7 +211,6 @@ pub async fn plan_by_summary(
         })
         .await
         .expect("listing task");
-        let mut next = Vec::new();
         for ((path, remote), listing) in level.into_iter().zip(locals) {
             // Gone or unreadable since the walk, or not a directory on the receiver: the
             // full compare decides.
@@ -237,8 +251,9 @@ pub async fn plan_by_summary(
             }
             out.dir_meta.extend(step.dir_meta);
             subtrees.extend(step.subtrees);
-            next.extend(step.descend);
+            queue.extend(step.descend);
         }
+        let next: Vec<RelPath> = queue.drain(..queue.len().min(DIRS_AT_ONCE)).collect();
         level = if next.is_empty() {
             Vec::new()
         } else {
@@ -265,13 +280,15 @@ pub const PIECE: usize = 8192;
 /// executed while the walk reads the next, and directory times are set once at the end, so
 /// neither side ever holds the tree. Names of multiply-linked files come from `links` (the
 /// summary's walk taught it every name): a name whose file went in an earlier piece becomes a
-/// link to it.
+/// link to it. `totals` (from the summary) is announced to `observe` at once, so progress
+/// has its end from the start; what the pieces turn out to hold beyond or short of it is
+/// made up at the end.
 pub async fn copy_into_empty(
     session: &Arc<Session>,
     group: &SyncGroup,
     root: &Arc<OwnedFd>,
     links: &Names,
-    module_root: Entry,
+    (module_root, totals): (Entry, Totals),
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
@@ -283,6 +300,11 @@ pub async fn copy_into_empty(
             tx.blocking_send(piece).is_ok()
         })
     });
+    observe.planned(totals);
+    let mut pieces = Pieces {
+        observe,
+        planned: Totals::default(),
+    };
     let remote = [module_root];
     let origin = root.clone().into();
     let mut dir_meta = Vec::new();
@@ -299,7 +321,7 @@ pub async fn copy_into_empty(
             &origin,
             planned,
             report,
-            &mut *observe,
+            &mut pieces,
         )
         .await?;
     }
@@ -314,7 +336,49 @@ pub async fn copy_into_empty(
         dir_meta,
         ..Plan::default()
     };
-    execute(session, group.preserve, &origin, last, report, observe).await
+    execute(session, group.preserve, &origin, last, report, &mut pieces).await?;
+    // Entries made or gone between the summary's walk and the copy's.
+    let (planned, observe) = (pieces.planned, pieces.observe);
+    if planned.steps > totals.steps || planned.bytes > totals.bytes {
+        observe.planned(Totals {
+            steps: planned.steps.saturating_sub(totals.steps),
+            bytes: planned.bytes.saturating_sub(totals.bytes),
+        });
+    }
+    let (steps, bytes) = (
+        totals.steps.saturating_sub(planned.steps),
+        totals.bytes.saturating_sub(planned.bytes),
+    );
+    if steps == 0 && bytes > 0 {
+        // Bytes are made up with a step: that step is announced first.
+        observe.planned(Totals { steps: 1, bytes: 0 });
+    }
+    for n in 0..steps.max(u64::from(bytes > 0)) {
+        observe.missed(if n == 0 { bytes } else { 0 });
+    }
+    Ok(())
+}
+
+/// What the pieces of a copy plan, counted instead of announced (the whole was announced
+/// before the first); everything else passed on.
+struct Pieces<'a> {
+    observe: Observe<'a>,
+    planned: Totals,
+}
+
+impl Watch for Pieces<'_> {
+    fn planned(&mut self, totals: Totals) {
+        self.planned.steps += totals.steps;
+        self.planned.bytes += totals.bytes;
+    }
+
+    fn step(&mut self, step: &Step) {
+        self.observe.step(step);
+    }
+
+    fn missed(&mut self, bytes: u64) {
+        self.observe.missed(bytes);
+    }
 }
 
 #[cfg(test)]

@@ -70,28 +70,22 @@ pub async fn reconcile_under(
     } else {
         Compared::Full
     };
+    // A copy into an empty module: the module's root, and what the copy will do.
+    let mut fresh = None;
     let (mut plan, listed) = match compared {
         Compared::Empty {
             root: module_root,
             local,
             unkept,
+            totals,
         } => {
-            warn_unkept(session, group, &unkept);
-            tracing::info!(sync = %group.name, target = %session.target(), entries = local, "copying into an empty module");
-            report.module_entries = Some(local);
-            copy_into_empty(
-                session,
-                group,
-                &root,
-                links,
-                module_root,
-                &mut report,
-                observe,
-            )
-            .await?;
-            report.bytes_sent = session.bytes_sent() - sent_before;
-            report.elapsed = started.elapsed();
-            return Ok(report);
+            fresh = Some((module_root, totals));
+            let listed = Listed {
+                local,
+                remote: 0,
+                unkept,
+            };
+            (Plan::default(), listed)
         }
         Compared::Planned(s) => {
             tracing::debug!(sync = %group.name, dirs = s.dirs, "compared by summaries");
@@ -111,19 +105,20 @@ pub async fn reconcile_under(
             sync = %group.name,
             target = %session.target(),
             deletes = plan.deletes.len(),
-            updates = plan.creates.len(),
+            updates = fresh.as_ref().map_or(plan.creates.len() as u64, |_| listed.local),
             "reconcile planned"
         );
     }
-    execute(
-        session,
-        group.preserve,
-        &root.into(),
-        plan,
-        &mut report,
-        observe,
-    )
-    .await?;
+    match fresh {
+        Some((module_root, totals)) => {
+            let copy = (module_root, totals);
+            copy_into_empty(session, group, &root, links, copy, &mut report, observe).await?
+        }
+        None => {
+            let origin = root.into();
+            execute(session, group.preserve, &origin, plan, &mut report, observe).await?
+        }
+    }
     report.bytes_sent = session.bytes_sent() - sent_before;
     report.elapsed = started.elapsed();
     Ok(report)

@@ -49,6 +49,8 @@ pub struct Summary {
     /// Entries holding attributes in the namespaces a walk was asked to look out for: how
     /// many, and the first of them.
     pub unkept: (u64, Option<RelPath>),
+    /// The sizes of the files met, a file of several names once.
+    pub bytes: u64,
 }
 
 impl Summary {
@@ -71,6 +73,7 @@ impl Summary {
             first: HashMap::new(),
             linked: Vec::new(),
             unkept: (0, None),
+            bytes: 0,
         };
         let mut walk = Walk {
             filter,
@@ -93,6 +96,11 @@ impl Summary {
             .get(&RelPath::root())
             .copied()
             .unwrap_or(([0; 32], 0))
+    }
+
+    /// The number of directories, the root included.
+    pub fn dirs(&self) -> u64 {
+        self.dirs.len() as u64
     }
 
     /// The number of entries below the directory `rel`, as the walk found them.
@@ -164,6 +172,10 @@ impl Summary {
             if !w.unkept.is_empty() && c.meta.xattrs.within(w.unkept).next().is_some() {
                 self.unkept.0 += 1;
                 self.unkept.1.get_or_insert_with(|| c.path.clone());
+            }
+            let first = c.inode.is_none_or(|i| !self.first.contains_key(&i));
+            if c.meta.kind == Kind::File && first {
+                self.bytes += c.meta.size;
             }
             let hardlink = c.inode.map(|i| {
                 self.linked.push(c.clone());
