@@ -421,6 +421,35 @@ mod tests {
         v.iter().map(|p| p.to_string()).collect()
     }
 
+    /// A receiver's summary of a directory holds that directory's entries and nothing else:
+    /// one elsewhere ends the session.
+    #[tokio::test]
+    async fn a_summary_holding_an_entry_outside_its_directory_is_refused() {
+        use ferry_protocol::message::Message;
+        for (held, fine) in [("d/x", true), ("e/x", false), ("d/x/y", false)] {
+            let (session, (mut far_r, mut far_w)) = crate::session::in_memory();
+            let asking = tokio::spawn(async move {
+                let d = [RelPath::from("d")];
+                session.summaries(&d, rules(false).cmp).await
+            });
+            let id = match far_r.read().await {
+                Ok(Some(Message::Summarize { id, .. })) => id,
+                other => panic!("{other:?}"),
+            };
+            let reply = Message::Summary {
+                id,
+                dir: Some(entry("d", Kind::Dir, 1, 0).entry),
+                entries: vec![entry(held, Kind::File, 1, 0)],
+                below: 1,
+            };
+            far_w.write(&reply).await.unwrap();
+            match asking.await.unwrap() {
+                Ok(s) => assert!(fine && s[0].entries.len() == 1, "{held} taken"),
+                Err(e) => assert!(!fine && e.to_string().contains(held), "{held}: {e}"),
+            }
+        }
+    }
+
     /// Each way two directories' entries can differ, and where the compare goes for it.
     #[test]
     fn a_directory_compared_says_where_to_go_on() {

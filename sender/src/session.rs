@@ -518,11 +518,22 @@ impl Session {
                     entries,
                     below,
                     ..
-                } => out.push(Summarized {
-                    dir,
-                    entries,
-                    below,
-                }),
+                } => {
+                    let stray = entries
+                        .iter()
+                        .find(|e| e.entry.path.parent().as_ref() != Some(path));
+                    if let Some(e) = stray {
+                        return Err(SessionError::Protocol {
+                            address: self.address.clone(),
+                            what: format!("a summary of {path:?} holds {:?}", e.entry.path),
+                        });
+                    }
+                    out.push(Summarized {
+                        dir,
+                        entries,
+                        below,
+                    })
+                }
                 other => return Err(self.unanswered(other, path)),
             }
         }
