@@ -8,7 +8,7 @@
 //!   which keeps what ferry keeps by default, for reference);
 //! - 1 MiB changed in the middle of the 256 MiB file: time and bytes on the wire in both
 //!   directions (through a counting proxy, for both);
-//! - nothing changed, fresh process;
+//! - nothing changed, fresh process (also beside `rsync -aHAXS`);
 //! - peak RSS of each process (VmHWM of the receiver, `wait4` of the clients);
 //! - one new 1 GiB file, beside the disk's own write + fdatasync of 1 GiB;
 //! - a burst of 50,000 new files under the live daemon, until the module has them all,
@@ -746,6 +746,11 @@ fn main() {
         secs(r),
         ratio(f, r),
     );
+    // What ferry compares by default (hard links, ACLs, xattrs) is rsync's -aHAX: the module
+    // of the -aHAXS copy brought up to date, then compared again with nothing changed.
+    site.rsync_into(site.rsync_port, "hax", &["-HAXS"]);
+    let (rh, _) = site.rsync_into(site.rsync_port, "hax", &["-HAXS"]);
+    row("  (rsync -aHAXS)", secs(f), secs(rh), ratio(f, rh));
 
     restore_rows(&site, &pin);
 

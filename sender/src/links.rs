@@ -9,7 +9,7 @@ use ferry_protocol::local;
 use ferry_protocol::meta::{Entry, Inode};
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
@@ -29,7 +29,15 @@ pub struct Names(Arc<Mutex<Known>>);
 struct Known {
     by_inode: HashMap<Inode, BTreeSet<RelPath>>,
     by_path: BTreeMap<Vec<u8>, Inode>,
+    /// The last [`RECENT`] files read live with one name, oldest first: a name made for one of
+    /// them soon after (`ln` right after the file was written, before any read saw it with
+    /// two) is found through it.
+    recent: HashMap<Inode, RelPath>,
+    recent_order: VecDeque<Inode>,
 }
+
+/// How many single-name files read live [`Names`] remembers.
+pub const RECENT: usize = 65_536;
 
 impl Known {
     fn insert(&mut self, path: RelPath, inode: Inode) {
@@ -85,6 +93,20 @@ impl Names {
         }
     }
 
+    /// Remembers files read live with one name (see [`RECENT`]).
+    pub fn saw_single(&self, files: impl IntoIterator<Item = (Inode, RelPath)>) {
+        let mut known = self.0.lock().expect("names lock");
+        for (inode, path) in files {
+            if known.recent.insert(inode, path).is_none() {
+                known.recent_order.push_back(inode);
+            }
+            while known.recent_order.len() > RECENT {
+                let old = known.recent_order.pop_front().expect("longer than RECENT");
+                known.recent.remove(&old);
+            }
+        }
+    }
+
     /// Follows a rename: every name at or below `from` moves below `to`. Costs the names
     /// moved, not the names known.
     pub fn rename(&self, from: &RelPath, to: &RelPath) {
@@ -120,11 +142,19 @@ impl Names {
         for (inode, names) in &mut out {
             let known: Vec<RelPath> = {
                 let known = self.0.lock().expect("names lock");
-                known
+                let mut names: Vec<RelPath> = known
                     .by_inode
                     .get(inode)
                     .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                names.extend(
+                    known
+                        .recent
+                        .get(inode)
+                        .filter(|n| !names.contains(n))
+                        .cloned(),
+                );
+                names
             };
             let seen: BTreeSet<RelPath> = names.iter().cloned().collect();
             let mut stale = Vec::new();
@@ -133,6 +163,15 @@ impl Names {
                 match read {
                     Ok(Some(x)) if x.inode == Some(*inode) => names.push(n),
                     _ => stale.push(n),
+                }
+            }
+            {
+                // Names found through the recent files are names of a linked file now.
+                let mut known = self.0.lock().expect("names lock");
+                for n in names.iter() {
+                    if known.by_path.get(n.as_bytes()) != Some(inode) {
+                        known.insert(n.clone(), *inode);
+                    }
                 }
             }
             if !stale.is_empty() {
@@ -154,6 +193,37 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    fn read_at(fd: &OwnedFd, p: &str) -> Entry {
+        local::read_entry_at(fd, &RelPath::from(p), Namespaces::NONE, &mut Vec::new())
+            .unwrap()
+            .unwrap()
+    }
+
+    /// A file read with one name, linked right after: a read of the new name alone finds the
+    /// old one (it was never seen with two names, so only the recent files know it).
+    #[test]
+    fn a_name_made_for_a_file_read_with_one_name_finds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("a"), b"x").unwrap();
+        let fd = local::open_root(root).unwrap();
+        let read = |p: &str| read_at(&fd, p);
+        let names = Names::default();
+        assert_eq!(read("a").inode, None, "one name: no inode in its entry");
+        let a = local::inode_at(&fd, &RelPath::from("a")).unwrap().unwrap();
+        names.saw_single([(a, RelPath::from("a"))]);
+        std::fs::hard_link(root.join("a"), root.join("b")).unwrap();
+        let b = read("b");
+        let got = names.current(&fd, &[&b]);
+        assert_eq!(got[&a], vec![RelPath::from("a"), RelPath::from("b")]);
+        // Forgotten past the bound.
+        let other = Names::default();
+        other.saw_single([(a, RelPath::from("a"))]);
+        let filler = (0..RECENT as u64).map(|i| (Inode { dev: 0, ino: i }, RelPath::from("x")));
+        other.saw_single(filler.collect::<Vec<_>>());
+        assert_eq!(other.current(&fd, &[&b])[&a], vec![RelPath::from("b")]);
+    }
+
     #[test]
     fn names_are_checked_before_use_and_follow_renames() {
         let dir = tempfile::tempdir().unwrap();
@@ -164,11 +234,7 @@ mod tests {
         std::fs::hard_link(root.join("d/a"), root.join("d-a")).unwrap();
         std::fs::hard_link(root.join("d/a"), root.join("c")).unwrap();
         let fd = local::open_root(root).unwrap();
-        let read = |p: &str| {
-            local::read_entry_at(&fd, &RelPath::from(p), Namespaces::NONE, &mut Vec::new())
-                .unwrap()
-                .unwrap()
-        };
+        let read = |p: &str| read_at(&fd, p);
         let names = Names::default();
         names.learn(&[read("d/a"), read("b"), read("c"), read("d-a")], true);
         // `c` now another file; `d` renamed to `e`.

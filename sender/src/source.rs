@@ -165,6 +165,15 @@ pub async fn read_batch(
             .cloned()
             .collect();
         let names = link_names(&g, &root, &links, false, &linked);
+        if g.preserve.hardlinks {
+            // A name made for one of these later finds it (see `Names::saw_single`).
+            let single = dirty
+                .iter()
+                .filter_map(|d| d.entry.as_ref().ok().and_then(Option::as_ref))
+                .filter(|e| e.meta.kind == Kind::File && e.inode.is_none())
+                .filter_map(|e| Some((local::inode_at(&root, &e.path).ok()??, e.path.clone())));
+            links.saw_single(single.collect::<Vec<_>>());
+        }
         let mut wanted = more_parents;
         wanted.extend(dirty.iter().filter_map(|d| d.path.parent()));
         wanted.extend(names.values().flatten().filter_map(|p| p.parent()));

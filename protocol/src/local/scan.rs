@@ -144,6 +144,25 @@ pub fn read_entry_at(
     }
 }
 
+/// The file at `rel` beneath the held `root`, whatever its number of names; `Ok(None)` if it
+/// is gone (or a symlink or file stands where an ancestor should be).
+pub fn inode_at(root: &OwnedFd, rel: &RelPath) -> io::Result<Option<Inode>> {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || is_not_beneath(e);
+    let (dir, name) = match parent_of(root, rel) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match lstat_at(&dir, name) {
+        Ok(st) => Ok(Some(Inode {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })),
+        Err(e) if gone(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The children of the held directory `dir` (which is `rel`), sorted by name, filtered.
 /// Unreadable children are reported in `errors` and left out.
 pub(crate) fn read_children(
