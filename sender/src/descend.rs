@@ -9,10 +9,11 @@
 //! A directory whose files differ is planned from its entries alone ([`plan`] over the two
 //! sides' entries of it). A directory that is new, gone, or another kind on one side is a
 //! subtree to compare as a live batch compares one ([`crate::reconcile::plan_under`]), so
-//! what a delete takes is counted from the receiver's listing of it. Two cases go to the full
-//! compare instead (`None`): a directory to plan that holds a file with several names (which
-//! names are one file is known only across the whole tree) and an empty module (one listing
-//! is all it costs).
+//! what a delete takes is counted from the receiver's listing of it. An empty module is
+//! copied a piece at a time ([`copy_into_empty`]). Two cases go to the full compare instead
+//! ([`Compared::Full`]): a directory to plan that holds a file with several names (which
+//! names are one file is known only across the whole tree), and a source with entries that
+//! cannot be read (the full compare reports them and keeps them from deletion).
 
 use crate::config::SyncGroup;
 use crate::execute::{execute, Observe, Report, Step, Totals, Watch};
