@@ -1,7 +1,7 @@
 //! A whole compare that descends by summaries instead of listing the module: both sides
 //! summarise their trees at once (metadata digests kept per directory,
 //! [`ferry_protocol::local::Summary`]), the roots are compared, and only directories whose
-//! digests differ are read and planned, breadth first, up to [`DIRS_AT_ONCE`] directories per
+//! digests differ are read and planned, breadth first, up to 256 directories per
 //! round trip. A tree with nothing changed costs one round trip and no listing, and neither
 //! side holds more than a digest per directory and the entries of the directories in hand
 //! (the plan grows with what differs).
