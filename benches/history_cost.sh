@@ -8,6 +8,7 @@
 # Usage: benches/history_cost.sh [FERRY_BINARY] [FILES] [ROUNDS] [BURST]   (127.0.0.1 only)
 # The work directory is made under $FERRY_BENCH_DIR (default: the system temp dir).
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 ferry=$(realpath "${1:-target/release/ferry}")
 files=${2:-20000}
 rounds=${3:-3}
@@ -16,7 +17,7 @@ w=$(mktemp -d "${FERRY_BENCH_DIR:-${TMPDIR:-/tmp}}/history-cost.XXXXXX")
 recv=
 trap '[[ -n $recv ]] && kill $recv 2>/dev/null; rm -rf "$w"' EXIT
 mkdir -p "$w"/{src,send,recv}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 sfp=$("$ferry" keygen "$w/send"); rfp=$("$ferry" keygen "$w/recv")
 
 # Fills src with $files files of 4 KiB (seeded by $1) in directories of 100.
@@ -38,16 +39,7 @@ start() {
     rm -rf "$w/m" "$w/h"; mkdir -p "$w/m"
     local history=""
     if [[ $1 == kept ]]; then mkdir -p "$w/h"; history="history = \"$w/h\""; fi
-    cat > "$w/recv/receiver.toml" <<T
-listen = "127.0.0.1:$port"
-cert = "cert.pem"
-key = "key.pem"
-[modules.m]
-path = "$w/m"
-clients = ["$sfp"]
-read_only = false
-$history
-T
+    receiver_toml "$w/recv/receiver.toml" "$port" "$w/m" "$sfp" "$history"
     FERRY_LOG=warn "$ferry" receive --config "$w/recv/receiver.toml" 2>>"$w/recv.log" &
     recv=$!
     until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.1; done
@@ -104,19 +96,7 @@ once() {
     echo "$t1 - $t0" | bc
 }
 
-cat > "$w/send/sender.toml" <<T
-cert = "cert.pem"
-key = "key.pem"
-[targets.b]
-address = "127.0.0.1:$port"
-fingerprint = "$rfp"
-[[sync]]
-name = "m"
-source = "$w/src"
-targets = ["b"]
-module = "m"
-delete_guard_percent = 0
-T
+sender_toml "$w/send/sender.toml" "$port" "$rfp" "$w/src" "delete_guard_percent = 0"
 
 declare -A sum
 for k in plain kept; do for s in initial rewrite delete burst cpu; do sum[$k.$s]=0; done; done

@@ -4,6 +4,7 @@
 # directly on disk (1,000 directories of 999 files), so building it is the long part.
 # Usage: benches/restore_one.sh [FERRY_BINARY] [DIRS]   (needs rsync; 127.0.0.1 only)
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 ferry=${1:-target/release/ferry}
 dirs=${2:-1000}
 w=$(mktemp -d)
@@ -20,33 +21,11 @@ for d in range(dirs):
             fh.write(b"x")
 PY
 echo "module entries: $(find "$w/dst" | wc -l)"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-fport=$(port); rport=$(port)
+fport=$(free_port); rport=$(free_port)
 sfp=$("$ferry" keygen "$w/send"); rfp=$("$ferry" keygen "$w/recv")
-cat > "$w/recv/receiver.toml" <<T
-listen = "127.0.0.1:$fport"
-cert = "cert.pem"
-key = "key.pem"
-[modules.m]
-path = "$w/dst"
-clients = ["$sfp"]
-read_only = false
-history = "$w/history"
-T
-cat > "$w/send/sender.toml" <<T
-cert = "cert.pem"
-key = "key.pem"
-status_socket = "status.sock"
-[targets.b]
-address = "127.0.0.1:$fport"
-fingerprint = "$rfp"
-[[sync]]
-name = "m"
-source = "$w/src"
-targets = ["b"]
-module = "m"
-delete = false
-T
+receiver_toml "$w/recv/receiver.toml" "$fport" "$w/dst" "$sfp" "history = \"$w/history\""
+sender_toml "$w/send/sender.toml" "$fport" "$rfp" "$w/src" "delete = false" \
+    'status_socket = "status.sock"'
 printf 'use chroot = no\npid file =\nuid = root\ngid = root\n[m]\npath = %s\nread only = true\n' "$w/dst" > "$w/rsyncd.conf"
 FERRY_LOG=warn "$ferry" receive --config "$w/recv/receiver.toml" &
 rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$w/rsyncd.conf" &

@@ -8,6 +8,7 @@
 # Usage: benches/scale.sh [FERRY_BINARY] [DIRS] [PER]   (needs rsync and GNU time; root;
 # DIR=/some/where puts the trees there, default the system temp dir)
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 ferry=$(realpath "${1:-target/release/ferry}")
 dirs=${2:-1000}
 per=${3:-1000}
@@ -24,30 +25,10 @@ for d in range(dirs):
         open(os.path.join(p, f"f{f}"), "wb").close()
 PY
 echo "source entries: $(find "$w/src" | wc -l)"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-fport=$(port); rport=$(port)
+fport=$(free_port); rport=$(free_port)
 sfp=$("$ferry" keygen "$w/send"); rfp=$("$ferry" keygen "$w/recv")
-cat > "$w/recv/receiver.toml" <<T
-listen = "127.0.0.1:$fport"
-cert = "cert.pem"
-key = "key.pem"
-[modules.m]
-path = "$w/dst"
-clients = ["$sfp"]
-read_only = false
-T
-cat > "$w/send/sender.toml" <<T
-cert = "cert.pem"
-key = "key.pem"
-[targets.b]
-address = "127.0.0.1:$fport"
-fingerprint = "$rfp"
-[[sync]]
-name = "m"
-source = "$w/src"
-targets = ["b"]
-module = "m"
-T
+receiver_toml "$w/recv/receiver.toml" "$fport" "$w/dst" "$sfp"
+sender_toml "$w/send/sender.toml" "$fport" "$rfp" "$w/src"
 printf 'use chroot = no\npid file =\nuid = root\ngid = root\n[m]\npath = %s\nread only = false\n' \
     "$w/rdst" > "$w/rsyncd.conf"
 FERRY_LOG=warn "$ferry" receive --config "$w/recv/receiver.toml" &

@@ -19,7 +19,7 @@ use crate::config::SyncGroup;
 use crate::execute::{execute, Observe, Report, Step, Totals, Watch};
 use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, order_dir_meta, plan, Plan, PlanOptions};
-use crate::reconcile::plan_subtrees;
+use crate::reconcile::{plan_subtrees, unkept_namespaces};
 use crate::session::{Session, SessionError, Summarized};
 use crate::source;
 use ferry_protocol::local::{Rules, Summary};
@@ -158,7 +158,7 @@ pub async fn plan_by_summary(
     let top = RelPath::root();
     let remote = session.summaries(std::slice::from_ref(&top), rules.cmp);
     let (g, held) = (group.clone(), root.clone());
-    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
+    let unkept = unkept_namespaces(group, session);
     let local = tokio::task::spawn_blocking(move || {
         let filter = |p: &RelPath, d: bool| g.filter.accepts(p, d);
         let mut errors = Vec::new();

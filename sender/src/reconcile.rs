@@ -12,6 +12,7 @@ use crate::session::{Session, SessionError};
 use crate::source;
 use ferry_protocol::local;
 use ferry_protocol::meta::Entry;
+use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use std::os::fd::OwnedFd;
@@ -178,12 +179,16 @@ pub async fn plan_under(
     }
     planned.removes = deleted_entries(&planned.deletes, &remote);
     let remote = remote.iter().filter(|e| !e.path.is_root()).count() as u64;
-    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
-    let mut holding = local
-        .iter()
-        .filter(|e| !unkept.is_empty() && e.meta.xattrs.within(unkept).next().is_some());
-    let first = holding.next().map(|e| e.path.clone());
-    let unkept = (first.iter().count() as u64 + holding.count() as u64, first);
+    let ns = unkept_namespaces(group, session);
+    let unkept = if ns.is_empty() {
+        (0, None)
+    } else {
+        let mut holding = local
+            .iter()
+            .filter(|e| e.meta.xattrs.within(ns).next().is_some());
+        let first = holding.next().map(|e| e.path.clone());
+        (first.iter().count() as u64 + holding.count() as u64, first)
+    };
     let local = local.iter().filter(|e| !e.path.is_root()).count() as u64;
     Ok((
         planned,
@@ -295,7 +300,6 @@ fn warn_unkept(session: &Session, group: &SyncGroup, unkept: &(u64, Option<RelPa
     let (entries, Some(first)) = unkept else {
         return;
     };
-    let unkept = group.preserve.namespaces().without(session.keeps.xattrs);
     tracing::warn!(
         sync = %group.name,
         target = %session.target(),
@@ -303,6 +307,11 @@ fn warn_unkept(session: &Session, group: &SyncGroup, unkept: &(u64, Option<RelPa
         example = %first,
         "the module does not keep {} attributes (receiver not root, setuid = false for \
          capabilities, or a filesystem that cannot hold them): they are not sent",
-        unkept.describe()
+        unkept_namespaces(group, session).describe()
     );
+}
+
+/// The attribute namespaces `group` preserves that the module behind `session` does not keep.
+pub(crate) fn unkept_namespaces(group: &SyncGroup, session: &Session) -> Namespaces {
+    group.preserve.namespaces().without(session.keeps.xattrs)
 }

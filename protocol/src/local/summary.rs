@@ -146,11 +146,6 @@ impl Summary {
         Ok(Some((top, entries)))
     }
 
-    /// The digest of one entry of a listing under these rules.
-    pub fn digest(&self, e: &DigestEntry) -> Digest {
-        self.rules.digest(e)
-    }
-
     fn entry(&self, entry: Entry, digest: Digest, hardlink: Option<RelPath>) -> DigestEntry {
         DigestEntry {
             hardlink: hardlink.filter(|_| self.rules.cmp.hardlinks),
@@ -321,7 +316,7 @@ mod tests {
             let differ: Vec<String> = lx
                 .iter()
                 .zip(&lz)
-                .filter(|(a, b)| sx.digest(a) != sz.digest(b))
+                .filter(|(a, b)| sx.rules().digest(a) != sz.rules().digest(b))
                 .map(|(a, _)| a.entry.path.to_string())
                 .collect();
             let top = changed.split('/').next().unwrap();
