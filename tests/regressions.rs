@@ -479,7 +479,7 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     std::thread::sleep(Duration::from_secs(6));
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let status = once.child.wait().unwrap();
+    let status = once.wait();
     assert_eq!(status.code(), Some(1), "{}", once.log());
     assert!(once.log().contains("is incomplete"), "{}", once.log());
     // Two: out at once.
@@ -489,7 +489,7 @@ fn ctrl_c_during_the_initial_sync_exited_zero() {
     twice.wait_log_n("again to exit at once", 1, 20);
     unsafe { libc::kill(pid, libc::SIGINT) };
     let t = Instant::now();
-    let status = twice.child.wait().unwrap();
+    let status = twice.wait();
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(status.code(), Some(130), "{}", twice.log());
 }

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 pub struct Proc {
     pub child: Child,
     pub log: Arc<Mutex<String>>,
+    /// Output streams read to their end (two once the process is gone and its output read).
+    ended: Arc<AtomicUsize>,
 }
 
 /// A live sender (or any long-running command).
@@ -25,20 +28,37 @@ impl Proc {
             .spawn()
             .expect("spawn ferry");
         let log = Arc::new(Mutex::new(String::new()));
+        let ended = Arc::new(AtomicUsize::new(0));
         for stream in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
-            let sink = log.clone();
+            let (sink, ended) = (log.clone(), ended.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     let mut l = sink.lock().unwrap();
                     l.push_str(&line);
                     l.push('\n');
                 }
+                ended.fetch_add(1, Ordering::SeqCst);
             });
         }
-        Proc { child, log }
+        Proc { child, log, ended }
+    }
+
+    /// Waits for the process to exit and for its output to be read to the end, so that
+    /// [`Proc::log`] holds its last lines (at most 10 s for a descendant that holds the pipes).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().unwrap();
+        self.drained();
+        status
+    }
+
+    fn drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.ended.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -79,6 +99,7 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
+                self.drained();
                 return st;
             }
             if Instant::now() > deadline {
