@@ -1162,6 +1162,7 @@ async fn a_malformed_signature_from_the_receiver_ends_the_session() {
     let session = Session::over(ours, "hostile", "file", Intent::Write, false)
         .await
         .unwrap();
+    let session = Arc::new(session);
     let root = Arc::new(ferry_protocol::local::open_root(src.path()).unwrap());
     let path = RelPath::from("big");
     let base = ferry_sender::plan::Base::Unknown;

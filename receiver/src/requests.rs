@@ -13,8 +13,13 @@
 //! `BEHIND_MIN` answers or files wait and none is under way, so each commit covers what
 //! arrived during the last one's flushes; the loop waits for it only when [`MAX_SEALED`]
 //! files or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
-//! thread, between requests. When no further request is queued, everything is committed and
-//! answered before the loop hands its thread back (`Requests::commit`). A request on a
+//! thread, between requests. When no further request is queued and no commit is under way,
+//! everything is committed and answered before the loop hands its thread back
+//! (`Requests::commit`): a lone change is durable and answered at once. When one is under
+//! way (a burst), the loop hands its thread back without waiting for it, and the end of
+//! its flush wakes the loop (`Requests::wake`) as a request would, to move it on: a
+//! stream of files is never held up by its own commits, each of which covers what arrived
+//! during the last one's flushes. A request on a
 //! sealed file's path, or above or below it (waiting or in the commit under way), commits
 //! first, so requests apply in arrival order.
 
@@ -76,6 +81,8 @@ pub struct Requests {
     lease_lost: bool,
     /// A group commit under way on a thread of its own while the loop takes further requests.
     in_flight: Option<InFlight>,
+    /// Told when a flush of the commit under way ends, to wake a loop that has no request.
+    flushed: Arc<tokio::sync::Notify>,
 }
 
 /// A group commit whose flushes run on a thread of its own ([`Requests::commit_behind`]).
@@ -88,20 +95,50 @@ struct InFlight {
 }
 
 impl Stage {
-    /// Its thread has ended.
+    /// Its flush has ended.
     fn finished(&self) -> bool {
         match self {
-            Stage::Data(h, _) => h.is_finished(),
-            Stage::Names(h) => h.is_finished(),
+            Stage::Data(f, _) => f.finished(),
+            Stage::Names(f) => f.finished(),
         }
     }
 }
 
 enum Stage {
     /// The sealed files' data being flushed; their paths, which later requests wait for.
-    Data(std::thread::JoinHandle<Flushed>, Vec<RelPath>),
+    Data(Behind<Flushed>, Vec<RelPath>),
     /// The directories (and the journal) being flushed.
-    Names(std::thread::JoinHandle<io::Result<()>>),
+    Names(Behind<io::Result<()>>),
+}
+
+/// A flush on a thread of its own, which says when it has ended: it sets `done`, then wakes
+/// the loop if the loop waits (`Requests::serve`).
+struct Behind<T> {
+    thread: std::thread::JoinHandle<T>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T: Send + 'static> Behind<T> {
+    fn start(wake: &Arc<tokio::sync::Notify>, run: impl FnOnce() -> T + Send + 'static) -> Self {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ended, wake) = (done.clone(), wake.clone());
+        let thread = std::thread::spawn(move || {
+            let out = run();
+            ended.store(true, Ordering::Release);
+            wake.notify_one();
+            out
+        });
+        Behind { thread, done }
+    }
+
+    /// The flush has ended (its thread is returning, or has).
+    fn finished(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn join(self) -> std::thread::Result<T> {
+        self.thread.join()
+    }
 }
 
 enum Flow {
@@ -130,6 +167,7 @@ impl Requests {
             removals: true,
             lease_lost: false,
             in_flight: None,
+            flushed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -147,9 +185,24 @@ impl Requests {
     /// work on requests that have arrived runs on a blocking thread — until the channel is
     /// momentarily empty, when it commits and hands the thread back.
     pub async fn serve(mut self, mut requests: mpsc::Receiver<Request>) {
-        while let Some(first) = requests.recv().await {
+        loop {
+            let woken = if self.in_flight.is_some() {
+                let flushed = self.flushed.clone();
+                tokio::select! {
+                    r = requests.recv() => r.map(Some),
+                    () = flushed.notified() => Some(None),
+                }
+            } else {
+                requests.recv().await.map(Some)
+            };
+            let Some(first) = woken else {
+                break;
+            };
             let worked = tokio::task::spawn_blocking(move || {
-                let flow = self.drain(first.msg, &mut requests);
+                let flow = match first {
+                    Some(first) => self.drain(first.msg, &mut requests),
+                    None => self.wake(),
+                };
                 (self, requests, flow)
             })
             .await;
@@ -178,6 +231,10 @@ impl Requests {
             }
             msg = match requests.try_recv() {
                 Ok(r) => r.msg,
+                // A burst: the commit under way wakes the loop when its flush ends.
+                Err(mpsc::error::TryRecvError::Empty) if self.in_flight.is_some() => {
+                    return Flow::Continue;
+                }
                 Err(mpsc::error::TryRecvError::Empty) => {
                     return if self.commit() {
                         Flow::Continue
@@ -187,6 +244,29 @@ impl Requests {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Flow::Stop,
             };
+        }
+    }
+
+    /// No request waits and a flush of the commit under way has ended: moves it on, and once
+    /// it is answered commits what arrived meanwhile — behind the loop if a burst's worth
+    /// waits (it may go on), else at once.
+    fn wake(&mut self) -> Flow {
+        if !self.advance(false) {
+            return Flow::Stop;
+        }
+        if self.in_flight.is_some() {
+            return Flow::Continue;
+        }
+        let waiting = self.pending_acks.len() + self.fs.sealed();
+        let committed = if waiting >= BEHIND_MIN {
+            self.commit_behind()
+        } else {
+            self.commit()
+        };
+        if committed {
+            Flow::Continue
+        } else {
+            Flow::Stop
         }
     }
 
@@ -541,7 +621,7 @@ impl Requests {
         match self.fs.take_data() {
             Some(data) => {
                 let paths = data.paths();
-                let flush = std::thread::spawn(move || data.run());
+                let flush = Behind::start(&self.flushed, move || data.run());
                 self.in_flight = Some(InFlight {
                     files: Vec::new(),
                     acks,
@@ -562,7 +642,7 @@ impl Requests {
     ) -> bool {
         match self.fs.take_durable() {
             Ok(durable) => {
-                let flush = std::thread::spawn(move || durable.run());
+                let flush = Behind::start(&self.flushed, move || durable.run());
                 self.in_flight = Some(InFlight {
                     files,
                     acks,
@@ -854,6 +934,18 @@ mod tests {
     /// One whole file through the loop, each request followed by what the loop does between
     /// requests.
     fn send_file(r: &mut Requests, id: RequestId, path: &str, body: &[u8]) {
+        for msg in file_messages(id, path, body) {
+            assert!(matches!(r.handle(msg), Flow::Continue));
+            assert!(r.step_commit());
+        }
+    }
+
+    fn answers(rx: &mut mpsc::Receiver<Message>) -> Vec<Message> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// The messages of one whole file.
+    fn file_messages(id: RequestId, path: &str, body: &[u8]) -> [Message; 3] {
         let meta = Meta {
             kind: Kind::File,
             mode: 0o640,
@@ -867,7 +959,7 @@ mod tests {
         };
         let mut digest = BodyDigest::new();
         digest.data(body);
-        for msg in [
+        [
             Message::FileBegin {
                 id,
                 path: RelPath::from(path),
@@ -882,14 +974,40 @@ mod tests {
                 id,
                 digest: digest.digest(),
             },
-        ] {
-            assert!(matches!(r.handle(msg), Flow::Continue));
-            assert!(r.step_commit());
-        }
+        ]
     }
 
-    fn answers(rx: &mut mpsc::Receiver<Message>) -> Vec<Message> {
-        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    /// A burst that ends while its commit runs behind the loop: the loop hands its thread
+    /// back without waiting for the flush, and the flush's end wakes it to name and answer
+    /// everything, with no further request and the session still open.
+    #[tokio::test]
+    async fn a_burst_ending_while_its_commit_runs_behind_is_answered_without_another_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, mut rx) = session(dir.path());
+        let (tx, requests) = mpsc::channel(1024);
+        let n = 3 * BEHIND_MIN as u64;
+        for i in 0..n {
+            for msg in file_messages(i, &format!("f{i}"), format!("body {i}").as_bytes()) {
+                tx.send(Request { msg, _budget: None }).await.unwrap();
+            }
+        }
+        let serving = tokio::spawn(r.serve(requests));
+        let mut acked = Vec::new();
+        while acked.len() < n as usize {
+            match tokio::time::timeout(std::time::Duration::from_secs(60), rx.recv()).await {
+                Ok(Some(Message::Ack { id })) => acked.push(id),
+                Ok(other) => panic!("expected Ack, got {other:?}"),
+                Err(_) => panic!("{} of {n} acknowledged, then nothing", acked.len()),
+            }
+        }
+        acked.sort();
+        assert_eq!(acked, (0..n).collect::<Vec<_>>());
+        for i in 0..n {
+            let got = std::fs::read(dir.path().join(format!("f{i}"))).unwrap();
+            assert_eq!(got, format!("body {i}").as_bytes());
+        }
+        drop(tx);
+        serving.await.unwrap();
     }
 
     /// From [`BEHIND_MIN`] sealed files on, the commit's flushes run behind the loop: the

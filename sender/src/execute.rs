@@ -108,10 +108,12 @@ pub async fn execute(
         })
         .await?;
     }
+    let mut ahead = Ahead::start(session, origin, preserve, &plan.creates);
     for op in plan.creates {
         let kind = match &op {
             Op::File { entry, base } => {
-                run.send_file(entry.path.clone(), *base, entry.meta.size)
+                let opened = ahead.take().await;
+                run.send_file(entry.path.clone(), *base, entry.meta.size, opened)
                     .await?;
                 continue;
             }
@@ -131,7 +133,7 @@ pub async fn execute(
         for l in &refused {
             if !firsts.contains(&l.target) {
                 firsts.push(l.target.clone());
-                run.send_file(l.target.clone(), Base::Unknown, l.entry.meta.size)
+                run.send_file(l.target.clone(), Base::Unknown, l.entry.meta.size, None)
                     .await?;
             }
         }
@@ -245,18 +247,25 @@ async fn pipelined<'t, T: std::fmt::Debug>(
 /// Sends one file, starting again (up to [`FILE_ATTEMPTS`] times) if it changes while read.
 /// `sending` is held while the body goes out, and let go once `FileEnd` has.
 async fn send_file(
-    session: &Session,
+    session: &Arc<Session>,
     origin: &Origin,
     path: RelPath,
     base: crate::plan::Base,
     preserve: Preserve,
     sending: tokio::sync::OwnedSemaphorePermit,
+    mut opened: Option<Opening>,
 ) -> Outcome {
     let mut attempt = 1;
     let mut sending = Some(sending);
     loop {
         let sent = async {
-            match transfer::begin(session, origin, &path, base, preserve).await? {
+            let flight = match opened.take() {
+                Some(Ok(Some(opened))) => Some(transfer::start(session, opened).await?),
+                Some(Ok(None)) => None,
+                Some(Err(e)) => return Err(e),
+                None => transfer::begin(session, origin, &path, base, preserve).await?,
+            };
+            match flight {
                 Some(flight) => flight.finish(session, &mut sending).await.map(Some),
                 None => Ok(None),
             }
@@ -286,6 +295,53 @@ async fn send_file(
     }
 }
 
+/// What opening a file of the plan ahead of its turn gave ([`transfer::open`]).
+type Opening = Result<Option<transfer::Opened>, TransferError>;
+
+/// Files of the plan opened ahead of their turn (and read, if small), in plan order, one after
+/// another on one blocking thread: a hand-off to the blocking pool per file would cost more
+/// than opening and reading a small file. At most [`AHEAD`] wait, each holding a descriptor
+/// and at most [`transfer::READ_AHEAD`] bytes.
+struct Ahead {
+    rx: tokio::sync::mpsc::Receiver<Opening>,
+}
+
+/// Files opened ahead of their turn at most.
+const AHEAD: usize = 32;
+
+impl Ahead {
+    /// Starts opening the files among `creates`; the thread ends when they are all open or
+    /// the `Ahead` is dropped.
+    fn start(session: &Arc<Session>, origin: &Origin, preserve: Preserve, creates: &[Op]) -> Ahead {
+        let files: Vec<(RelPath, Base)> = creates
+            .iter()
+            .filter_map(|op| match op {
+                Op::File { entry, base } => Some((entry.path.clone(), *base)),
+                _ => None,
+            })
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
+        if !files.is_empty() {
+            let (session, origin) = (session.clone(), origin.clone());
+            tokio::task::spawn_blocking(move || {
+                for (path, base) in files {
+                    let opened = transfer::open(&session, &origin, &path, base, preserve);
+                    if tx.blocking_send(opened).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ahead { rx }
+    }
+
+    /// The next file of the plan, opened; `None` if its opening was lost (the thread ended),
+    /// when it is opened in its turn.
+    async fn take(&mut self) -> Option<Opening> {
+        self.rx.recv().await
+    }
+}
+
 /// The moving parts of one [`execute`].
 struct Run<'a, 'o> {
     session: &'a Arc<Session>,
@@ -312,6 +368,7 @@ impl Run<'_, '_> {
         path: RelPath,
         base: Base,
         size: u64,
+        opened: Option<Opening>,
     ) -> Result<(), SessionError> {
         let waiting = self
             .unacked
@@ -330,7 +387,8 @@ impl Run<'_, '_> {
             (self.session.clone(), self.origin.clone(), self.preserve);
         self.tasks.spawn(async move {
             let _waiting = waiting;
-            let mut done = send_file(&session, &origin, path, base, preserve, sending).await;
+            let mut done =
+                send_file(&session, &origin, path, base, preserve, sending, opened).await;
             if let Ok(step) = &mut done {
                 step.size = size;
             }

@@ -185,15 +185,6 @@ fn is_sparse(md: &std::fs::Metadata) -> bool {
     md.blocks().saturating_mul(512) < md.len()
 }
 
-/// A source file opened for sending, and its body if it was small enough to read at once.
-struct Opened {
-    file: std::fs::File,
-    meta: Meta,
-    body: Body,
-    sparse: bool,
-    read: Option<ReadBody>,
-}
-
 /// The whole body of `file` as the frames of request `id`, read now if it goes whole and is
 /// at most [`READ_AHEAD`] long; `None` (nothing read) otherwise.
 fn read_ahead(
@@ -224,56 +215,91 @@ fn read_ahead(
     }))
 }
 
-/// Sends `FileBegin` for `path`, read where `origin` holds it, with the metadata of the opened file; whole or
-/// delta as [`body_for`] decides from its size and what the receiver may hold, with the
-/// attributes `preserve` carries. If it preserves holes, a sparse file's body goes whole with
-/// its holes as holes. A small file sent whole is read here too ([`READ_AHEAD`]). Returns
+/// A file opened beneath its held directory (and read, if small) under a reserved request
+/// id, before its `FileBegin` goes out: [`open`] makes it on a blocking thread, [`start`]
+/// sends it.
+pub struct Opened {
+    id: RequestId,
+    path: RelPath,
+    file: std::fs::File,
+    meta: Meta,
+    body: Body,
+    sparse: bool,
+    read: Option<ReadBody>,
+}
+
+/// Opens `path`, read where `origin` holds it, with the metadata of the opened file, under a
+/// request id reserved on `session`; decides whole or delta as [`body_for`] does from its
+/// size and what the receiver may hold, with the attributes `preserve` carries. If it
+/// preserves holes, a sparse file's body goes whole with its holes as holes. A small file sent
+/// whole is read here too ([`READ_AHEAD`]). Blocks: run it where blocking is allowed.
 /// `Ok(None)` if the path is no longer a regular file.
-pub async fn begin(
+pub fn open(
     session: &Session,
     origin: &Origin,
     path: &RelPath,
     base: Base,
     preserve: Preserve,
-) -> Result<Option<InFlight>, TransferError> {
+) -> Result<Option<Opened>, TransferError> {
     let Some(at) = origin.locate(path) else {
         return Ok(None);
     };
+    let Some((mut file, meta, sparse)) =
+        open_source(&at.dir, &at.rel, path, preserve.namespaces())?
+    else {
+        return Ok(None);
+    };
+    let meta = match &at.meta {
+        Some(then) => as_then(meta, then),
+        None => meta,
+    };
+    let sparse = sparse && preserve.sparse;
+    let body = body_for(meta.size, base);
     // Its frames may be made before the file is known to be there: the id's replies are
     // awaited only once its `FileBegin` goes out.
     let id = session.reserve();
-    let (wanted, ns) = (path.clone(), preserve.namespaces());
-    let opened = tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
-        let Some((mut file, meta, sparse)) = open_source(&at.dir, &at.rel, &wanted, ns)? else {
-            return Ok(None);
-        };
-        let meta = match &at.meta {
-            Some(then) => as_then(meta, then),
-            None => meta,
-        };
-        let sparse = sparse && preserve.sparse;
-        let body = body_for(meta.size, base);
-        let read = read_ahead(id, &wanted, &mut file, &meta, body, sparse)?;
-        Ok(Some(Opened {
-            file,
-            meta,
-            body,
-            sparse,
-            read,
-        }))
-    })
-    .await
-    .expect("open task")?;
-    let Some(Opened {
+    let read = read_ahead(id, path, &mut file, &meta, body, sparse)?;
+    Ok(Some(Opened {
+        id,
+        path: path.clone(),
         file,
         meta,
         body,
         sparse,
         read,
-    }) = opened
-    else {
-        return Ok(None);
-    };
+    }))
+}
+
+/// Sends `FileBegin` for `path` ([`open`] on a blocking thread, then [`start`]). Returns
+/// `Ok(None)` if the path is no longer a regular file.
+pub async fn begin(
+    session: &Arc<Session>,
+    origin: &Origin,
+    path: &RelPath,
+    base: Base,
+    preserve: Preserve,
+) -> Result<Option<InFlight>, TransferError> {
+    let (s, o, p) = (session.clone(), origin.clone(), path.clone());
+    let opened = tokio::task::spawn_blocking(move || open(&s, &o, &p, base, preserve))
+        .await
+        .expect("open task")?;
+    match opened {
+        Some(opened) => start(session, opened).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Sends the `FileBegin` of a file [`open`] made ready.
+pub async fn start(session: &Session, opened: Opened) -> Result<InFlight, TransferError> {
+    let Opened {
+        id,
+        path,
+        file,
+        meta,
+        body,
+        sparse,
+        read,
+    } = opened;
     let rx = session.register_as(id);
     session
         .send(Message::FileBegin {
@@ -283,16 +309,16 @@ pub async fn begin(
             body,
         })
         .await?;
-    Ok(Some(InFlight {
+    Ok(InFlight {
         id,
         rx,
-        path: path.clone(),
+        path,
         file,
         meta,
         body,
         sparse,
         read,
-    }))
+    })
 }
 
 impl InFlight {
@@ -329,6 +355,7 @@ impl InFlight {
         }
         let streamed = match self.read.take() {
             Some(read) => {
+                drop(self.file);
                 for frame in read.frames {
                     session.send(frame).await?;
                 }
@@ -508,6 +535,7 @@ mod tests {
         std::fs::write(dir.path().join("small"), b"small body").unwrap();
         let origin = Origin::from(Arc::new(local::open_root(dir.path()).unwrap()));
         let (session, (mut far, _far_w)) = crate::session::in_memory();
+        let session = Arc::new(session);
         let preserve = Preserve::default();
 
         let (gone, small) = (RelPath::from("gone"), RelPath::from("small"));
