@@ -111,10 +111,12 @@ enum Stage {
     Names(Behind<io::Result<()>>),
 }
 
-/// A flush on a thread of its own, which says when it has ended: it sets `done`, then wakes
-/// the loop if the loop waits (`Requests::serve`).
+/// A flush on a thread of its own, which says when it has ended: it hands its outcome over,
+/// sets `done`, then wakes the loop if the loop waits (`Requests::serve`). It runs on the
+/// runtime's blocking pool when there is a runtime, so a runtime on paused time (tests) does
+/// not jump its clock while the disk works.
 struct Behind<T> {
-    thread: std::thread::JoinHandle<T>,
+    outcome: std::sync::mpsc::Receiver<T>,
     done: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -122,22 +124,34 @@ impl<T: Send + 'static> Behind<T> {
     fn start(wake: &Arc<tokio::sync::Notify>, run: impl FnOnce() -> T + Send + 'static) -> Self {
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ended, wake) = (done.clone(), wake.clone());
-        let thread = std::thread::spawn(move || {
-            let out = run();
-            ended.store(true, Ordering::Release);
-            wake.notify_one();
-            out
-        });
-        Behind { thread, done }
+        let (tx, outcome) = std::sync::mpsc::sync_channel(1);
+        let flush = move || {
+            // Said when the flush ends, even by a panic (its outcome then never comes).
+            struct Ended(Arc<std::sync::atomic::AtomicBool>, Arc<tokio::sync::Notify>);
+            impl Drop for Ended {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                    self.1.notify_one();
+                }
+            }
+            let _ended = Ended(ended, wake);
+            let _ = tx.send(run());
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(flush)),
+            Err(_) => drop(std::thread::spawn(flush)),
+        }
+        Behind { outcome, done }
     }
 
-    /// The flush has ended (its thread is returning, or has).
+    /// The flush has ended.
     fn finished(&self) -> bool {
         self.done.load(Ordering::Acquire)
     }
 
-    fn join(self) -> std::thread::Result<T> {
-        self.thread.join()
+    /// Waits for the flush's outcome; `Err` if it panicked.
+    fn join(self) -> Result<T, std::sync::mpsc::RecvError> {
+        self.outcome.recv()
     }
 }
 

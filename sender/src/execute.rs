@@ -108,7 +108,7 @@ pub async fn execute(
         })
         .await?;
     }
-    let mut ahead = Ahead::start(session, origin, preserve, &plan.creates);
+    let mut ahead = Ahead::new(session, origin, preserve, &plan.creates);
     for op in plan.creates {
         let kind = match &op {
             Op::File { entry, base } => {
@@ -298,47 +298,70 @@ async fn send_file(
 /// What opening a file of the plan ahead of its turn gave ([`transfer::open`]).
 type Opening = Result<Option<transfer::Opened>, TransferError>;
 
-/// Files of the plan opened ahead of their turn (and read, if small), in plan order, one after
-/// another on one blocking thread: a hand-off to the blocking pool per file would cost more
-/// than opening and reading a small file. At most [`AHEAD`] wait, each holding a descriptor
-/// and at most [`transfer::READ_AHEAD`] bytes.
+/// Files of the plan opened ahead of their turn (and read, if small), in plan order,
+/// [`AHEAD`] at a time in one blocking call: a hand-off to the blocking pool per file costs
+/// more than opening and reading a small file. While one lot is taken, the next is opened; at
+/// most two lots are open, each file holding a descriptor and at most
+/// [`transfer::READ_AHEAD`] bytes. No thread waits on the taker.
 struct Ahead {
-    rx: tokio::sync::mpsc::Receiver<Opening>,
+    to_open: std::collections::VecDeque<(RelPath, Base)>,
+    ready: std::collections::VecDeque<Opening>,
+    opening: Option<tokio::task::JoinHandle<Vec<Opening>>>,
+    session: Arc<Session>,
+    origin: Origin,
+    preserve: Preserve,
 }
 
-/// Files opened ahead of their turn at most.
-const AHEAD: usize = 32;
+/// Files opened in one blocking call.
+const AHEAD: usize = 16;
 
 impl Ahead {
-    /// Starts opening the files among `creates`; the thread ends when they are all open or
-    /// the `Ahead` is dropped.
-    fn start(session: &Arc<Session>, origin: &Origin, preserve: Preserve, creates: &[Op]) -> Ahead {
-        let files: Vec<(RelPath, Base)> = creates
+    /// The files among `creates`, to be opened as they are taken.
+    fn new(session: &Arc<Session>, origin: &Origin, preserve: Preserve, creates: &[Op]) -> Ahead {
+        let to_open = creates
             .iter()
             .filter_map(|op| match op {
                 Op::File { entry, base } => Some((entry.path.clone(), *base)),
                 _ => None,
             })
             .collect();
-        let (tx, rx) = tokio::sync::mpsc::channel(AHEAD);
-        if !files.is_empty() {
-            let (session, origin) = (session.clone(), origin.clone());
-            tokio::task::spawn_blocking(move || {
-                for (path, base) in files {
-                    let opened = transfer::open(&session, &origin, &path, base, preserve);
-                    if tx.blocking_send(opened).is_err() {
-                        return;
-                    }
-                }
-            });
+        Ahead {
+            to_open,
+            ready: std::collections::VecDeque::new(),
+            opening: None,
+            session: session.clone(),
+            origin: origin.clone(),
+            preserve,
         }
-        Ahead { rx }
     }
 
-    /// The next file of the plan, opened; `None` if its opening was lost (the thread ended),
-    /// when it is opened in its turn.
+    /// Begins opening the next lot, if none is being opened.
+    fn open_next(&mut self) {
+        if self.opening.is_some() || self.to_open.is_empty() {
+            return;
+        }
+        let n = self.to_open.len().min(AHEAD);
+        let lot: Vec<(RelPath, Base)> = self.to_open.drain(..n).collect();
+        let (session, origin, preserve) =
+            (self.session.clone(), self.origin.clone(), self.preserve);
+        self.opening = Some(tokio::task::spawn_blocking(move || {
+            lot.iter()
+                .map(|(path, base)| transfer::open(&session, &origin, path, *base, preserve))
+                .collect()
+        }));
+    }
+
+    /// The next file of the plan, opened.
     async fn take(&mut self) -> Option<Opening> {
-        self.rx.recv().await
+        if self.ready.is_empty() {
+            self.open_next();
+            if let Some(lot) = self.opening.take() {
+                self.ready.extend(lot.await.expect("opening task"));
+            }
+        }
+        let next = self.ready.pop_front();
+        self.open_next();
+        next
     }
 }
 
