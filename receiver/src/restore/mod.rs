@@ -16,6 +16,7 @@ use ferry_protocol::meta::Entry;
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::RelPath;
 use ferry_sender::transfer::as_then;
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -57,13 +58,16 @@ fn rfc3339(ns: i64) -> String {
 
 /// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
 /// `None`: now), limited to `paths` (all of it when empty). A module without history has
-/// only its present.
+/// only its present. Beside it, the module's entries now that the view was made of, read with
+/// the attributes of `xattrs` while walking it (so an entry the view takes unchanged from the
+/// module is not read twice).
 pub fn view(
     module: &Path,
     history: Option<&Path>,
     at: Option<i64>,
     paths: &[RelPath],
-) -> Result<View, RestoreError> {
+    xattrs: Namespaces,
+) -> Result<(View, HashMap<RelPath, Entry>), RestoreError> {
     let io_err = |what: &Path, e: io::Error| {
         RestoreError::Io(format!(
             "{}: {}",
@@ -89,7 +93,9 @@ pub fn view(
             });
         }
     }
-    let now = now_under(module, paths, &later).map_err(|e| io_err(module, e))?;
+    let now = now_under(module, paths, &later, xattrs).map_err(|e| io_err(module, e))?;
+    let paths_now: Vec<RelPath> = now.iter().map(|e| e.path.clone()).collect();
+    let now: HashMap<RelPath, Entry> = now.into_iter().map(|e| (e.path.clone(), e)).collect();
     let objects = history.map(|h| h.join(OBJECTS)).unwrap_or_default();
     let listed = |id: i64| -> Vec<RelPath> {
         let top = objects.join(id.to_string());
@@ -107,7 +113,7 @@ pub fn view(
             })
             .unwrap_or_default()
     };
-    let mut view = view_at(now, &later, listed);
+    let mut view = view_at(paths_now, &later, listed);
     if let Some(meta) = root_at(&later) {
         let source = Source::Module(RelPath::root());
         view.insert(
@@ -135,20 +141,24 @@ pub fn view(
                 .any(|p| k == p || k.starts_with(p) || p.starts_with(k))
         });
     }
-    Ok(view)
+    Ok((view, now))
 }
 
-/// The module's paths now that the view of `paths` (all of it when empty) can be made of,
+/// The module's entries now that the view of `paths` (all of it when empty) can be made of,
 /// given the journal's `later` rows: for named paths, their subtrees, their ancestors and the
 /// subtrees later renames moved things to — not the whole module, so one file of a huge
 /// module is found in the time of a few lookups.
-fn now_under(module: &Path, paths: &[RelPath], later: &[Version]) -> io::Result<Vec<RelPath>> {
+fn now_under(
+    module: &Path,
+    paths: &[RelPath],
+    later: &[Version],
+    xattrs: Namespaces,
+) -> io::Result<Vec<Entry>> {
     // The receiver's own names for the moment between creating and renaming are not content.
     let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
     let mut errors = Vec::new();
     if paths.is_empty() {
-        let tree = local::scan(module, &ours, Namespaces::NONE, &mut errors)?;
-        return Ok(tree.into_iter().map(|e| e.path).collect());
+        return local::scan(module, &ours, xattrs, &mut errors);
     }
     let root = local::open_root(module)?;
     let mut starts: Vec<RelPath> = paths.to_vec();
@@ -166,8 +176,8 @@ fn now_under(module: &Path, paths: &[RelPath], later: &[Version]) -> io::Result<
         if last.as_ref().is_some_and(|l| start.starts_with(l)) {
             continue;
         }
-        match local::scan_at(&root, &start, &ours, Namespaces::NONE, &mut errors) {
-            Ok(entries) => out.extend(entries.into_iter().map(|e| e.path)),
+        match local::scan_at(&root, &start, &ours, xattrs, &mut errors) {
+            Ok(entries) => out.extend(entries),
             Err(e)
                 if e.kind() == io::ErrorKind::NotFound
                     || e.kind() == io::ErrorKind::NotADirectory => {}
@@ -178,14 +188,14 @@ fn now_under(module: &Path, paths: &[RelPath], later: &[Version]) -> io::Result<
     for p in paths {
         let mut up = p.parent();
         while let Some(a) = up.filter(|a| !a.is_root()) {
-            if local::read_entry_at(&root, &a, Namespaces::NONE, &mut errors)?.is_some() {
-                out.push(a.clone());
+            if let Some(e) = local::read_entry_at(&root, &a, xattrs, &mut errors)? {
+                out.push(e);
             }
             up = a.parent();
         }
     }
-    out.sort_by(|a, b| a.tree_cmp(b));
-    out.dedup();
+    out.sort_by(|a, b| a.path.tree_cmp(&b.path));
+    out.dedup_by(|a, b| a.path == b.path);
     Ok(out)
 }
 

@@ -103,8 +103,8 @@ where
             .namespaces()
             .intersect(asked.keeps.xattrs);
         tokio::task::spawn_blocking(move || -> Result<Tree, RestoreError> {
-            let view = view(&path, history.as_deref(), at, &paths)?;
-            Tree::read(&path, history.as_deref(), view, ns, paths.is_empty())
+            let (view, now) = view(&path, history.as_deref(), at, &paths, ns)?;
+            Tree::read(&path, history.as_deref(), view, now, ns, paths.is_empty())
         })
     };
     // The client gives up on a backup host it does not hear from: say `Alive` while the
@@ -296,12 +296,14 @@ struct Tree {
 
 impl Tree {
     /// Reads every entry of `view` beneath the held module root or history objects, with the
-    /// metadata the journal says it had then. `whole`: the root is part of the restore (its
-    /// metadata too); else the client's own root is left as it is.
+    /// metadata the journal says it had then; an entry the view takes from the module at its
+    /// own path is the one `now` read while the view was made. `whole`: the root is part of
+    /// the restore (its metadata too); else the client's own root is left as it is.
     fn read(
         module: &std::path::Path,
         history: Option<&std::path::Path>,
         view: View,
+        mut now: HashMap<RelPath, Entry>,
         xattrs: Namespaces,
         whole: bool,
     ) -> Result<Tree, RestoreError> {
@@ -347,7 +349,20 @@ impl Tree {
                 }
                 (Source::Object { .. }, None) => continue,
             };
-            match super::entry_then(&fd, &rel, &node, xattrs) {
+            let scanned = match &node.source {
+                Source::Module(m) => now.remove(m),
+                Source::Object { .. } => None,
+            };
+            let read = match scanned {
+                Some(mut e) => {
+                    if let Some(then) = &node.meta {
+                        e.meta = as_then(e.meta, then);
+                    }
+                    Ok(Some(e))
+                }
+                None => super::entry_then(&fd, &rel, &node, xattrs),
+            };
+            match read {
                 Ok(Some(then)) => {
                     let entry = Entry {
                         path: path.clone(),
