@@ -292,7 +292,7 @@ impl DigestTree {
                     .map(|c| {
                         let dir = dir.as_ref().expect("children come from an open directory");
                         let child_name = c.path.file_name().to_vec();
-                        self.visit(dir, Some(&child_name), c, at)
+                        super::scan::grow(|| self.visit(dir, Some(&child_name), c, at))
                     })
                     .collect();
                 let dir = DigestEntry {

@@ -59,6 +59,72 @@ mod tests {
         assert!(errors.is_empty());
     }
 
+    /// A chain of directories deeper than any path a peer accepts (someone with write access
+    /// to a source can make one with `mkdir d; cd d` in a loop): every walk stops where the
+    /// paths would pass `PATH_MAX`, says so once, and takes no more stack than a thread's
+    /// default (an unbounded recursion aborts the daemon).
+    #[test]
+    fn a_chain_deeper_than_path_max_is_walked_to_path_max_on_a_default_stack() {
+        let dir = tempfile::tempdir().unwrap();
+        let levels = crate::path::MAX_PATH_LEN; // "d/" each: twice PATH_MAX in all
+        let mut at = open_root(dir.path()).unwrap();
+        for _ in 0..levels {
+            let name = std::ffi::CString::new("d").unwrap();
+            // SAFETY: a valid descriptor and a NUL-terminated name.
+            assert_eq!(
+                unsafe { libc::mkdirat(at.as_raw_fd(), name.as_ptr(), 0o755) },
+                0
+            );
+            at = open_child(&at, b"d").unwrap();
+        }
+        drop(at);
+        let root = dir.path().to_path_buf();
+        let walked = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let mut errors = Vec::new();
+                let entries = scan(&root, &no_filter, Namespaces::NONE, &mut errors).unwrap();
+                let held = open_root(&root).unwrap();
+                let rules = Rules {
+                    cmp: Compare::all(false),
+                    devices: false,
+                };
+                let mut more = Vec::new();
+                let summary = Summary::build(
+                    &held,
+                    rules,
+                    &no_filter,
+                    Namespaces::NONE,
+                    Namespaces::NONE,
+                    &mut more,
+                );
+                let mut cache = DigestCache::in_memory();
+                let tree =
+                    DigestTree::build(&root, &no_filter, &mut cache, rules.cmp, false, &mut more)
+                        .unwrap();
+                (
+                    entries,
+                    errors,
+                    summary.below(&RelPath::root()),
+                    tree.dirs.len(),
+                    more.len(),
+                )
+            })
+            .unwrap()
+            .join()
+            .expect("the walks fit a default stack");
+        let (entries, errors, below, dirs, more) = walked;
+        let deepest = entries.last().unwrap().path.as_bytes().len();
+        assert!(deepest <= crate::path::MAX_PATH_LEN, "{deepest}");
+        // "d", "d/d", …: the longest path within PATH_MAX has 2,048 components.
+        assert_eq!(entries.len(), 1 + crate::path::MAX_PATH_LEN / 2);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].1.to_string().contains("longer than 4096 bytes"));
+        assert_eq!(below, entries.len() as u64 - 1);
+        assert_eq!(dirs, entries.len());
+        assert_eq!(more, 2, "the summary and the digest tree say it once each");
+    }
+
     /// In pieces, a scan hands over the same entries in the same order, a piece at a time,
     /// and stops when told.
     #[test]

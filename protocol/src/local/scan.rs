@@ -180,6 +180,21 @@ pub(crate) fn read_children(
         }
     };
     names.sort_unstable();
+    // A path no peer accepts (longer than `PATH_MAX`) is left out with its subtree, said once
+    // per directory: so every walk's depth, and the stack its recursion takes, is bounded
+    // however deep a chain of directories someone with write access makes.
+    let room = crate::path::MAX_PATH_LEN.saturating_sub(rel.as_bytes().len() + 1);
+    let long = names.iter().filter(|n| n.len() > room).count();
+    if long > 0 {
+        names.retain(|n| n.len() <= room);
+        errors.push((
+            rel.clone(),
+            io::Error::other(format!(
+                "{long} entries left out: their paths would be longer than {} bytes",
+                crate::path::MAX_PATH_LEN
+            )),
+        ));
+    }
     let mut out = Vec::with_capacity(names.len());
     for name in names {
         let child = rel.join(&name);
@@ -307,6 +322,13 @@ pub fn scan_pieces(
     Ok(())
 }
 
+/// Runs one level of a walk's recursion, on a stack grown on the heap when the thread's runs
+/// short: the depth is bounded (paths stop at `PATH_MAX`, 2,048 levels at most), the stack a
+/// level takes is not (an unoptimised build takes several times more).
+pub(crate) fn grow<R>(level: impl FnOnce() -> R) -> R {
+    stacker::maybe_grow(128 * 1024, 2 << 20, level)
+}
+
 /// Appends the subtree of the held directory `dir` (which is `rel`) in tree order, calling
 /// `more` after each entry (it may take what was read; `false` stops the walk, and the walk
 /// returns `false`). Each directory below is opened through its parent's descriptor without
@@ -330,7 +352,8 @@ pub(crate) fn walk(
         if is_dir {
             match open_child(dir, path.file_name()) {
                 Ok(sub) => {
-                    if !walk(&sub, &path, filter, xattrs, errors, out, more) {
+                    let deeper = grow(|| walk(&sub, &path, filter, xattrs, errors, out, more));
+                    if !deeper {
                         return false;
                     }
                 }

@@ -182,7 +182,7 @@ impl Summary {
             let content = match c.meta.kind {
                 Kind::Dir => match open_child(dir, c.path.file_name()) {
                     Ok(sub) => {
-                        let (d, n) = self.visit(&sub, &c.path, w);
+                        let (d, n) = super::scan::grow(|| self.visit(&sub, &c.path, w));
                         below += n;
                         d
                     }
