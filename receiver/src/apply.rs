@@ -172,8 +172,7 @@ impl Apply {
         if let Some(name) = &staged.name {
             return self.install(&name.path(), path, rel).map(|()| false);
         }
-        let fd = format!("/proc/self/fd/{}", staged.file.as_raw_fd());
-        match link_into(&fd, at) {
+        match link_into(&staged.file, at) {
             Ok(()) => {
                 self.mark_parent_dirty(rel);
                 // A new name: its kind and size are all its row keeps (no lookup).
@@ -182,7 +181,7 @@ impl Apply {
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 let tmp = self.temp_beside(path);
-                link(&fd, &tmp)?;
+                link(&format!("/proc/self/fd/{}", staged.file.as_raw_fd()), &tmp)?;
                 let r = self.install(&tmp, path, rel);
                 if r.is_err() {
                     let _ = fs::remove_file(&tmp);

@@ -102,14 +102,42 @@ pub(super) fn link(fd: &str, to: &Path) -> io::Result<()> {
 /// `linkat` of an open file (through its `/proc/self/fd` entry) to the entry `at`, its
 /// directory reached through the held descriptor, not a path; fails with `AlreadyExists` if
 /// the name is taken.
-pub(super) fn link_into(fd: &str, at: &crate::confine::Confined) -> io::Result<()> {
+pub(super) fn link_into(file: &std::fs::File, at: &crate::confine::Confined) -> io::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// `linkat(fd, "", AT_EMPTY_PATH)` was refused once (it needs `CAP_DAC_READ_SEARCH` on
+    /// older kernels): name files through `/proc/self/fd` from then on.
+    static BY_PROC: AtomicBool = AtomicBool::new(false);
     let name = at
         .name()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EEXIST))?;
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    if !BY_PROC.load(Ordering::Relaxed) {
+        // The descriptor itself, without a path walk through procfs.
+        // SAFETY: a valid descriptor, an empty and a NUL-terminated name.
+        let rc = unsafe {
+            libc::linkat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                at.dir().as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT | libc::EPERM | libc::EINVAL) => {
+                BY_PROC.store(true, Ordering::Relaxed)
+            }
+            _ => return Err(e),
+        }
+    }
     linkat_in(
-        Path::new(fd),
+        Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())),
         at.dir().as_raw_fd(),
-        Path::new(std::ffi::OsStr::from_bytes(name)),
+        Path::new(std::ffi::OsStr::from_bytes(name.as_bytes())),
         libc::AT_SYMLINK_FOLLOW,
     )
 }
