@@ -53,16 +53,10 @@ pub enum TransferError {
 
 /// A file whose `FileBegin` went out; [`InFlight::finish`] sends the body.
 pub struct InFlight {
-    id: RequestId,
+    /// The file, as [`open`] made it ready.
+    f: Opened,
+    /// Its replies.
     rx: Replies,
-    path: RelPath,
-    file: std::fs::File,
-    meta: Meta,
-    body: Body,
-    /// The source has holes: its body goes whole, holes as `FileHole`.
-    sparse: bool,
-    /// The whole body, already read (a small file: see [`READ_AHEAD`]).
-    read: Option<ReadBody>,
 }
 
 /// A whole body read before its `FileBegin` went out: its frames, digest and cost.
@@ -224,7 +218,9 @@ pub struct Opened {
     file: std::fs::File,
     meta: Meta,
     body: Body,
+    /// The source has holes: its body goes whole, holes as `FileHole`.
     sparse: bool,
+    /// The whole body, already read (a small file: see [`READ_AHEAD`]).
     read: Option<ReadBody>,
 }
 
@@ -291,34 +287,16 @@ pub async fn begin(
 
 /// Sends the `FileBegin` of a file [`open`] made ready.
 pub async fn start(session: &Session, opened: Opened) -> Result<InFlight, TransferError> {
-    let Opened {
-        id,
-        path,
-        file,
-        meta,
-        body,
-        sparse,
-        read,
-    } = opened;
-    let rx = session.register_as(id);
+    let rx = session.register_as(opened.id);
     session
         .send(Message::FileBegin {
-            id,
-            path: path.clone(),
-            meta: meta.clone(),
-            body,
+            id: opened.id,
+            path: opened.path.clone(),
+            meta: opened.meta.clone(),
+            body: opened.body,
         })
         .await?;
-    Ok(InFlight {
-        id,
-        rx,
-        path,
-        file,
-        meta,
-        body,
-        sparse,
-        read,
-    })
+    Ok(InFlight { f: opened, rx })
 }
 
 impl InFlight {
@@ -331,13 +309,13 @@ impl InFlight {
     ) -> Result<Sent, TransferError> {
         let mut signature = None;
         let mut resume = None;
-        if self.body == Body::Delta {
+        if self.f.body == Body::Delta {
             match session.reply(&mut self.rx).await? {
                 Message::Signature { signature: s, .. } => signature = Some(s),
                 Message::Resume { offset, digest, .. } => resume = Some((offset, digest)),
                 Message::NoBase { .. } => {}
                 Message::Failed { error, .. } => {
-                    let (path, reason) = (self.path.clone(), error);
+                    let (path, reason) = (self.f.path.clone(), error);
                     return Err(SessionError::Refused { path, reason }.into());
                 }
                 other => {
@@ -350,12 +328,12 @@ impl InFlight {
             }
         }
         // A sparse file goes whole, its holes as holes: a delta would rebuild it dense.
-        if self.sparse {
+        if self.f.sparse {
             signature = None;
         }
-        let streamed = match self.read.take() {
+        let streamed = match self.f.read.take() {
             Some(read) => {
-                drop(self.file);
+                drop(self.f.file);
                 for frame in read.frames {
                     session.send(frame).await?;
                 }
@@ -363,8 +341,8 @@ impl InFlight {
             }
             None => {
                 let out = session.sender();
-                let (id, meta, path) = (self.id, self.meta.clone(), self.path.clone());
-                let (sparse, mut file) = (self.sparse, self.file);
+                let (id, meta, path) = (self.f.id, self.f.meta.clone(), self.f.path.clone());
+                let (sparse, mut file) = (self.f.sparse, self.f.file);
                 tokio::task::spawn_blocking(move || {
                     let mut to = Stream {
                         id,
@@ -389,7 +367,7 @@ impl InFlight {
                 .into())
             }
             Err(e) => {
-                session.send(Message::FileAbort { id: self.id }).await?;
+                session.send(Message::FileAbort { id: self.f.id }).await?;
                 // The receiver answers the abort with Failed; wait for it so the id is settled.
                 let _ = session.reply(&mut self.rx).await;
                 return Err(e);
@@ -397,12 +375,12 @@ impl InFlight {
         };
         session
             .send(Message::FileEnd {
-                id: self.id,
+                id: self.f.id,
                 digest,
             })
             .await?;
         sending.take();
-        session.expect_ack(&mut self.rx, &self.path).await?;
+        session.expect_ack(&mut self.rx, &self.f.path).await?;
         Ok(sent)
     }
 }
@@ -546,14 +524,14 @@ mod tests {
         let small = begin(&session, &origin, &small, Base::Absent, preserve).await;
         let small = small.unwrap().expect("there");
         assert_eq!(session.waiting(), 1);
-        let read = small.read.as_ref().expect("read with its opening");
+        let read = small.f.read.as_ref().expect("read with its opening");
         assert!(matches!(
             &read.frames[..],
-            [Message::FileData { id, data }] if *id == small.id && data == b"small body"
+            [Message::FileData { id, data }] if *id == small.f.id && data == b"small body"
         ));
         match far.read().await.unwrap() {
             Some(Message::FileBegin { id, path, .. }) => {
-                assert_eq!((id, path), (small.id, RelPath::from("small")))
+                assert_eq!((id, path), (small.f.id, RelPath::from("small")))
             }
             other => panic!("expected FileBegin, got {other:?}"),
         }
