@@ -94,7 +94,6 @@ pub fn view(
         }
     }
     let now = now_under(module, paths, &later, xattrs).map_err(|e| io_err(module, e))?;
-    let paths_now: Vec<RelPath> = now.iter().map(|e| e.path.clone()).collect();
     let now: HashMap<RelPath, Entry> = now.into_iter().map(|e| (e.path.clone(), e)).collect();
     let objects = history.map(|h| h.join(OBJECTS)).unwrap_or_default();
     let listed = |id: i64| -> Vec<RelPath> {
@@ -113,7 +112,7 @@ pub fn view(
             })
             .unwrap_or_default()
     };
-    let mut view = view_at(paths_now, &later, listed);
+    let mut view = view_at(now.keys().cloned(), &later, listed);
     if let Some(meta) = root_at(&later) {
         let source = Source::Module(RelPath::root());
         view.insert(
