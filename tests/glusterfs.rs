@@ -185,7 +185,7 @@ fn gateway(
         format!(
             "listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\ngateway = {name:?}\n\
              [modules.file]\npath = {:?}\nclients = [{client:?}]\nread_only = false\n\
-             lease = {:?}\nlease_seconds = 3\nhistory = {:?}\n",
+             lease = {:?}\nlease_seconds = 3\nhistory = {:?}\n{ANY_FREE_SPACE}",
             module.display().to_string(),
             lease.display().to_string(),
             history.display().to_string()

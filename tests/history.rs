@@ -19,7 +19,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
-    let mut pair = Pair::with_history(Keep::default());
+    let mut pair = Pair::with_history(keep_on_any_free_space());
     let (src, dst, history) = (pair.src.clone(), pair.dst.clone(), pair.history());
     fs::write(src.join("f"), b"version one").unwrap();
     fs::create_dir_all(src.join("d/e")).unwrap();
@@ -144,7 +144,7 @@ async fn retention_lets_old_versions_go_on_the_receivers_own_clock() {
     let keep = Keep {
         rules: vec!["all for 1s".parse().unwrap()],
         floor: Duration::ZERO,
-        ..Keep::default()
+        ..keep_on_any_free_space()
     };
     let mut pair = Pair::with_history(keep);
     let history = pair.history();
@@ -526,7 +526,7 @@ async fn history_over_a_session_lists_versions_or_says_there_is_none() {
     assert!(none.contains("module file keeps no history"), "{none}");
     session.close().await;
 
-    let mut pair = Pair::with_history(Keep::default());
+    let mut pair = Pair::with_history(keep_on_any_free_space());
     fs::create_dir(pair.dst.join("a")).unwrap();
     let session = pair.session().await;
     for v in 0..3u8 {

@@ -195,7 +195,9 @@ fn the_receiver_serves_its_counters_as_metrics() {
     let history = site.path("history").display().to_string();
     fs::write(
         &config,
-        format!("metrics_listen = \"127.0.0.1:{metrics}\"\n{text}history = {history:?}\n"),
+        format!(
+            "metrics_listen = \"127.0.0.1:{metrics}\"\n{text}history = {history:?}\n{ANY_FREE_SPACE}"
+        ),
     )
     .unwrap();
     backup.stop();

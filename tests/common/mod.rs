@@ -22,6 +22,19 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The module key that keeps no share of the filesystem free for history. Test directories
+/// sit on the host's filesystem, whose free space is not the test's to know (a CI machine's
+/// may be 90% full); the space guard is tested on a tmpfs of known size.
+pub const ANY_FREE_SPACE: &str = "min_free_percent = 0\n";
+
+/// The default retention, on any free space ([`ANY_FREE_SPACE`]).
+pub fn keep_on_any_free_space() -> ferry_receiver::history::Keep {
+    ferry_receiver::history::Keep {
+        min_free_percent: 0,
+        ..Default::default()
+    }
+}
+
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env(

@@ -68,7 +68,11 @@ impl Site {
     /// with the module keys `extra` too.
     pub fn history_backup(&self, extra: &str) -> (PathBuf, PathBuf, PathBuf, Backup) {
         let (src, dst, history) = (self.dir("src"), self.path("dst"), self.path("history"));
-        let keys = format!("history = {:?}\n{extra}", history.display().to_string());
+        let keys = format!(
+            "history = {:?}\n{}{extra}",
+            history.display().to_string(),
+            super::ANY_FREE_SPACE
+        );
         let backup = Backup::start_with(
             self.root(),
             "recv",
