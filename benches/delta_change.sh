@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One change in a big file, on the disk it runs on: SIZE MiB written once, then ROUNDS times
 # 1 MiB of it changed at a new place and sent again, by each ferry binary given (alternately,
-# so the disk's drift falls on all alike) and by `rsync -a -I` (one file: always its delta
+# taking turns to go first, each run after a sync, so the disk's drift and writeback fall on
+# all alike) and by `rsync -a -I` (one file: always its delta
 # algorithm, as a changed mtime would) into a stock rsyncd on 127.0.0.1.
 # Prints each round's seconds, the medians, the ratios to rsync, what the module's filesystem
 # grew by per change (with history on, which keeps every old version: on a filesystem that
@@ -79,11 +80,17 @@ declare -A took grew
 for r in $(seq 1 "$rounds"); do
     # 1 MiB at a new place each round.
     dd if=/dev/urandom of="$w/src/big" bs=1M count=1 seek=$(( (r * 37) % (size - 1) )) conv=notrunc status=none
-    for i in "${!ferries[@]}"; do
+    # The binaries take turns going first; each run starts after a sync, so none pays for
+    # the writeback of what the run before it left in the page cache.
+    order=("${!ferries[@]}")
+    if (( r % 2 == 0 )); then order=($(printf '%s\n' "${order[@]}" | tac)); fi
+    for i in "${order[@]}"; do
+        sync
         before=$(used)
         took[$i]+="$(timed ferry_once "$i") "
         grew[$i]+="$(( $(used) - before )) "
     done
+    sync
     took[rsync]+="$(timed rsync -a -I "$w/src/" "rsync://127.0.0.1:$rport/m/") "
 done
 for i in "${!ferries[@]}"; do cmp "$w/src/big" "$w/m$i/big" || { echo "ferry ${ferries[$i]}: the copy differs"; exit 1; }; done
