@@ -83,7 +83,7 @@ for r in $(seq 1 "$rounds"); do
     # The binaries take turns going first; each run starts after a sync, so none pays for
     # the writeback of what the run before it left in the page cache.
     order=("${!ferries[@]}")
-    if (( r % 2 == 0 )); then order=($(printf '%s\n' "${order[@]}" | tac)); fi
+    if (( r % 2 == 0 )); then mapfile -t order < <(printf '%s\n' "${order[@]}" | tac); fi
     for i in "${order[@]}"; do
         sync
         before=$(used)

@@ -562,10 +562,7 @@ async fn history_over_a_session_lists_versions_or_says_there_is_none() {
 async fn a_full_disk_mid_commit_leaves_journal_and_history_consistent() {
     let place = tempfile::tempdir().unwrap();
     let _fs = Mount::tmpfs(place.path(), "8m");
-    let keep = Keep {
-        min_free_percent: 0,
-        ..Keep::default()
-    };
+    let keep = keep_on_any_free_space();
     let mut pair = Pair::with_history_in(keep.clone(), place.path());
     let (dst, history) = (pair.dst.clone(), pair.history());
     let session = pair.session().await;
