@@ -1155,6 +1155,7 @@ async fn a_malformed_signature_from_the_receiver_ends_the_session() {
         let garbage = Message::Signature {
             id,
             signature: b"not a signature at all".to_vec(),
+            windows: vec![[7; 32]; 3],
         };
         writer.write(&garbage).await.unwrap();
         while let Ok(Some(_)) = reader.read().await {}

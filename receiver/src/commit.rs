@@ -32,6 +32,8 @@ pub struct Sealed {
     pub delta: bool,
     /// The device it is on.
     pub dev: u64,
+    /// Its signature and window digests, for a big file rebuilt from a delta.
+    pub known: Option<crate::windows::Known>,
 }
 
 /// From this many sealed files (or dirty directories) on, a group commit flushes the module's
@@ -234,6 +236,10 @@ impl Apply {
                     _ => self.entry(&s.path)?,
                 };
                 let fresh = self.install_file(&s.staged, s.bytes, &at, &s.path);
+                if fresh.is_ok() {
+                    // Keyed by the file as it is now, under its name.
+                    self.state.windows.put(&s.path, &s.staged.file, s.known);
+                }
                 held = match (&fresh, parent) {
                     (Ok(true), Some(parent)) => Some((parent, at)),
                     _ => None,

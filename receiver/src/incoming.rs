@@ -7,6 +7,7 @@
 
 use crate::apply::{Apply, Staged};
 use crate::commit::Sealed;
+use crate::windows::Known;
 use ferry_protocol::body::BodyDigest;
 use ferry_protocol::delta;
 use ferry_protocol::message::{Body, Digest, Message, RequestId};
@@ -19,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 struct Incoming {
@@ -29,6 +30,11 @@ struct Incoming {
     hasher: BodyDigest,
     /// The receiver's current copy (open, never mapped) and its length, for deltas.
     base: Option<(fs::File, u64)>,
+    /// The base's signature and window digests.
+    base_known: Option<Arc<Known>>,
+    /// The new file's signature so far, for a big file rebuilt from a delta: kept with its
+    /// window digests once it is committed (see [`crate::windows`]).
+    signing: Option<Vec<u8>>,
     /// The new file began as a clone of the base (a reflink): what a delta copies from the
     /// same offset is already there, and only the rest is written.
     cloned: bool,
@@ -148,6 +154,8 @@ impl Transfers {
                         tmp: p.tmp,
                         hasher: p.hasher,
                         base: None,
+                        base_known: None,
+                        signing: None,
                         cloned: p.cloned,
                         written: p.written,
                     },
@@ -159,15 +167,29 @@ impl Transfers {
         let mode = fs.mode_for(&meta);
         let tmp = fs.create_file(&at, mode)?;
         let mut base = None;
+        let mut base_known = None;
+        let mut signing = None;
         let mut reply = None;
         let mut cloned = false;
         if body == Body::Delta {
             base = open_base(&path);
-            let signature = base
-                .as_ref()
-                .and_then(|(f, len)| delta::sign_file(f, *len).ok());
-            reply = Some(match signature {
-                Some(signature) => Message::Signature { id, signature },
+            // What this receiver committed last is known; anything else is read and signed.
+            base_known = base.as_ref().and_then(|(f, md)| {
+                let windows = &fs.state.windows;
+                windows.get(rel, md).or_else(|| {
+                    let signed = delta::sign_file(f, md.len()).ok()?;
+                    Some(Arc::new(Known {
+                        signature: signed.signature,
+                        windows: signed.windows,
+                    }))
+                })
+            });
+            reply = Some(match &base_known {
+                Some(known) => Message::Signature {
+                    id,
+                    signature: known.signature.clone(),
+                    windows: known.windows.clone(),
+                },
                 None => {
                     base = None;
                     Message::NoBase { id }
@@ -176,7 +198,13 @@ impl Transfers {
             if let Some((f, _)) = &base {
                 cloned = fs.state.reflinks.clone_into(&tmp.file, f, fs.module());
             }
+            let block = delta::block_size_for(meta.size);
+            if base.is_some() && meta.size > delta::WINDOW as u64 && block as usize <= delta::WINDOW
+            {
+                signing = Some(delta::signature_header(block));
+            }
         }
+        let base = base.map(|(f, md)| (f, md.len()));
         self.incoming.insert(
             id,
             Incoming {
@@ -185,6 +213,8 @@ impl Transfers {
                 tmp,
                 hasher: BodyDigest::new(),
                 base,
+                base_known,
+                signing,
                 cloned,
                 written: 0,
             },
@@ -215,15 +245,25 @@ impl Transfers {
     pub fn delta(&mut self, fs: &Apply, id: RequestId, window: u64, delta: &[u8]) -> Outcome {
         self.body(id, |inc, scratch| {
             received(fs, delta.len());
-            let base = inc
-                .base
-                .as_ref()
-                .ok_or_else(|| io::Error::other("delta without a base"))?;
+            if inc.base.is_none() {
+                return Err(io::Error::other("delta without a base"));
+            }
+            if take_known(inc, delta, window) {
+                return Ok(());
+            }
             scratch.clear();
-            let (file, len) = base;
+            let (file, len) = inc.base.as_ref().expect("checked above");
             let unmoved =
                 delta::apply_window_unmoved(file, *len, delta, window, inc.written, scratch)
                     .map_err(delta_error)?;
+            if let Some(sig) = &mut inc.signing {
+                let block = delta::signature_block(sig).expect("a header");
+                if inc.written % block as u64 == 0 {
+                    sig.extend_from_slice(&delta::sign_entries(scratch, block));
+                } else {
+                    inc.signing = None;
+                }
+            }
             if inc.cloned {
                 write_moved(inc, scratch, &unmoved)
             } else {
@@ -271,6 +311,12 @@ impl Transfers {
         match seal(fs, &mut inc, digest) {
             Ok(dev) => {
                 let delta = inc.base.take().is_some();
+                let known = inc
+                    .signing
+                    .take()
+                    .filter(|sig| sig.len() == delta::signature_len(inc.meta.size))
+                    .zip(inc.hasher.windows())
+                    .map(|(signature, windows)| Known { signature, windows });
                 fs.seal(Sealed {
                     id,
                     path: inc.path,
@@ -278,6 +324,7 @@ impl Transfers {
                     bytes: inc.written,
                     delta,
                     dev,
+                    known,
                 });
                 Outcome::Sealed
             }
@@ -507,6 +554,7 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
 /// chose not to send a delta, as it does for a sparse file): from its start, the clone is
 /// dropped and the file starts empty.
 fn whole_body(inc: &mut Incoming) -> io::Result<()> {
+    inc.signing = None;
     if inc.cloned && inc.written == 0 {
         inc.tmp.file.set_len(0)?;
         inc.cloned = false;
@@ -542,6 +590,43 @@ fn write_moved(
     Ok(())
 }
 
+/// A window of a file begun as a clone of its base, sent as one copy of the base's window at
+/// the same place whose digest the receiver knows: already in the file, counted by that
+/// digest and never read. Returns whether it was taken that way.
+fn take_known(inc: &mut Incoming, delta: &[u8], window: u64) -> bool {
+    let (Some((_, base_len)), Some(known), true) = (&inc.base, &inc.base_known, inc.cloned) else {
+        return false;
+    };
+    let w = delta::WINDOW as u64;
+    // A body of one window has its digest from its bytes alone (BLAKE3's root is no
+    // window's chaining value).
+    if inc.meta.size <= w {
+        return false;
+    }
+    let (at, k) = (inc.written, inc.written / w);
+    let whole = window == w || at + window == inc.meta.size;
+    let same_len = (*base_len).min(at + w).saturating_sub(at) == window;
+    let copied = delta::single_copy(delta) == Some((at, window));
+    let Some(digest) = known.windows.get(k as usize) else {
+        return false;
+    };
+    if !(at % w == 0 && whole && same_len && copied && at + window <= inc.meta.size) {
+        return false;
+    }
+    if !inc.hasher.known_window(k, window, *digest) {
+        return false;
+    }
+    if let Some(sig) = &mut inc.signing {
+        let same_block = delta::signature_block(&known.signature) == delta::signature_block(sig);
+        match delta::signature_entries(&known.signature, at, window).filter(|_| same_block) {
+            Some(entries) => sig.extend_from_slice(entries),
+            None => inc.signing = None,
+        }
+    }
+    inc.written += window;
+    true
+}
+
 /// Deallocates `len` bytes at `at` (they read as zeros after), keeping the size.
 fn punch_hole(file: &fs::File, at: u64, len: u64) -> io::Result<()> {
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -557,15 +642,14 @@ fn punch_hole(file: &fs::File, at: u64, len: u64) -> io::Result<()> {
 /// Stretch of a big file whose writeback starts as soon as it has been received.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-fn open_base(path: &Path) -> Option<(fs::File, u64)> {
+fn open_base(path: &Path) -> Option<(fs::File, fs::Metadata)> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
     let md = f.metadata().ok()?;
-    let len = md.len();
-    (md.is_file() && len > 0).then_some((f, len))
+    (md.is_file() && md.len() > 0).then_some((f, md))
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub mod restore;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod windows;
 
 pub use config::Config;
 pub use server::{run, Loopback, Server};

@@ -38,6 +38,8 @@ pub struct ModuleState {
     pub reflinks: Reflinks,
     /// Whether the module's filesystem makes unnamed files, found out on the first file.
     pub unnamed: Unnamed,
+    /// Signatures and window digests of the big files this receiver committed.
+    pub windows: crate::windows::Windows,
     /// Whether one `syncfs` makes everything written to the module's filesystem durable (see
     /// [`syncfs_reaches_storage`]); where not, every file and directory is flushed itself.
     pub syncfs: bool,
@@ -362,6 +364,12 @@ impl ModuleState {
             .as_ref()
             .filter(|_| !module.read_only)
             .map(|l| Arc::new(Lease::new(&l.path, &module.name, &l.gateway, l.expiry)));
+        // Other gateways write a shared module too, where this one would not see it.
+        let windows = if lease.is_some() {
+            crate::windows::Windows::off()
+        } else {
+            crate::windows::Windows::default()
+        };
         Ok(ModuleState {
             lease,
             swept: Mutex::new(false),
@@ -374,6 +382,7 @@ impl ModuleState {
             history,
             reflinks: Reflinks::default(),
             unnamed: Unnamed::default(),
+            windows,
             syncfs,
         })
     }

@@ -8,7 +8,7 @@ use crate::session::{Replies, Session, SessionError};
 use ferry_protocol::body::BodyDigest;
 use ferry_protocol::delta::{self, WINDOW};
 use ferry_protocol::local;
-use ferry_protocol::message::{Body, Message, RequestId};
+use ferry_protocol::message::{Body, Digest, Message, RequestId};
 use ferry_protocol::meta::{Kind, Meta};
 use ferry_protocol::xattr::{At, Namespaces};
 use ferry_protocol::RelPath;
@@ -311,7 +311,11 @@ impl InFlight {
         let mut resume = None;
         if self.f.body == Body::Delta {
             match session.reply(&mut self.rx).await? {
-                Message::Signature { signature: s, .. } => signature = Some(s),
+                Message::Signature {
+                    signature: s,
+                    windows,
+                    ..
+                } => signature = Some((s, windows)),
                 Message::Resume { offset, digest, .. } => resume = Some((offset, digest)),
                 Message::NoBase { .. } => {}
                 Message::Failed { error, .. } => {
@@ -416,7 +420,7 @@ impl Sink<'_> {
 fn stream_body(
     to: &mut Stream<'_>,
     file: &mut std::fs::File,
-    signature: Option<Vec<u8>>,
+    signature: Option<(Vec<u8>, Vec<Digest>)>,
     resume: Option<(u64, [u8; 32])>,
     sparse: bool,
 ) -> Result<([u8; 32], Sent), TransferError> {
@@ -450,21 +454,29 @@ fn stream_body(
         }
     }
     match signature {
-        Some(sig) => {
+        Some((sig, theirs)) => {
             let sig = delta::parse_peer_signature(sig)
                 .map_err(|e| TransferError::Peer(format!("{path}: {e}")))?;
             let index = sig.index();
             let mut window = vec![0; WINDOW.min(meta.size as usize).max(1)];
-            loop {
+            for k in 0u64.. {
                 let n = read_full(file, &mut window).map_err(read_err)?;
                 if n == 0 {
                     break;
                 }
                 digest.data(&window[..n]);
+                let at = total;
                 total += n as u64;
+                // A window whose digest the receiver's copy has at the same place is those
+                // bytes: one copy, without searching it block by block.
                 let mut d = Vec::new();
-                delta::diff_window(&index, &window[..n], &mut d)
-                    .map_err(|e| TransferError::Peer(format!("{path}: {e}")))?;
+                let aligned = at == k * WINDOW as u64;
+                if aligned && theirs.get(k as usize).is_some_and(|t| digest.window(k) == Some(*t)) {
+                    d = delta::copy_delta(at, n as u64);
+                } else {
+                    delta::diff_window(&index, &window[..n], &mut d)
+                        .map_err(|e| TransferError::Peer(format!("{path}: {e}")))?;
+                }
                 sent.payload += d.len() as u64;
                 out.put(Message::FileDelta {
                     id,

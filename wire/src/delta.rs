@@ -7,6 +7,7 @@
 //! ([`apply_window`]), which cannot write more than the window length. A match that straddles
 //! two windows is lost, which costs at most one block per window.
 
+use crate::body::WindowDigest;
 use fast_rsync::{Signature, SignatureOptions};
 
 /// Largest window of the new file diffed at once.
@@ -72,35 +73,131 @@ pub fn block_size_for(len: u64) -> u32 {
     block as u32
 }
 
-/// Signature of the first `len` bytes of an open base file, read in chunks of whole blocks
+/// A base's signature and the digests of its windows (see [`BodyDigest`]), made in one read.
+///
+/// [`BodyDigest`]: crate::body::BodyDigest
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The serialized signature.
+    pub signature: Vec<u8>,
+    /// The digest of each [`WINDOW`] of the base, the last possibly short.
+    pub windows: Vec<WindowDigest>,
+}
+
+/// [`Signed`] of the first `len` bytes of an open base file, read in chunks of whole blocks
 /// with `pread` (never mapped: a file truncated meanwhile is an error for this file, not a
-/// SIGBUS for the process). Equal to [`sign`] of the same bytes: a signature is its header
-/// plus one entry per block, so chunk signatures concatenate.
-pub fn sign_file(base: &std::fs::File, len: u64) -> std::io::Result<Vec<u8>> {
+/// SIGBUS for the process). Its signature equals [`sign`] of the same bytes: a signature is
+/// its header plus one entry per block, so chunk signatures concatenate.
+pub fn sign_file(base: &std::fs::File, len: u64) -> std::io::Result<Signed> {
     use std::os::unix::fs::FileExt;
     let block = block_size_for(len);
     let options = SignatureOptions {
         block_size: block,
         crypto_hash_size: CRYPTO_HASH_SIZE,
     };
-    let chunk_len = (block as usize).max(SIGN_CHUNK / block as usize * block as usize);
+    // A whole number of blocks and of windows (both powers of two).
+    let chunk_len = (block as usize).max(WINDOW);
     let mut buf = vec![0; chunk_len.min(len as usize).max(1)];
     let mut out = Vec::new();
+    let mut windows = Vec::new();
     let mut at = 0u64;
     loop {
         let n = buf.len().min((len - at) as usize);
         base.read_exact_at(&mut buf[..n], at)?;
         let sig = Signature::calculate(&buf[..n], options).into_serialized();
         out.extend_from_slice(if at == 0 { &sig[..] } else { &sig[HEADER..] });
+        for (i, w) in buf[..n].chunks(WINDOW).enumerate() {
+            windows.push(window_digest(at + (i * WINDOW) as u64, w));
+        }
         at += n as u64;
         if at >= len {
-            return Ok(out);
+            return Ok(Signed {
+                signature: out,
+                windows,
+            });
         }
     }
 }
 
-/// How much of a base is read at once to sign it.
-const SIGN_CHUNK: usize = 8 * 1024 * 1024;
+/// The digest of the window of `data` that starts at `at` (a multiple of [`WINDOW`]).
+pub fn window_digest(at: u64, data: &[u8]) -> WindowDigest {
+    use blake3::hazmat::HasherExt;
+    let mut h = blake3::Hasher::new();
+    h.set_input_offset(at);
+    h.update(data);
+    h.finalize_non_root()
+}
+
+/// Block size of a serialized signature (checked by [`parse_peer_signature`] when it comes
+/// from a peer).
+pub fn signature_block(signature: &[u8]) -> Option<u32> {
+    let b = signature.get(4..8)?;
+    Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The length of the signature of `len` bytes.
+pub fn signature_len(len: u64) -> usize {
+    let per = (4 + CRYPTO_HASH_SIZE) as u64;
+    HEADER + (len.div_ceil(block_size_for(len) as u64) * per) as usize
+}
+
+/// The header of a signature with blocks of `block` bytes and no entries yet.
+pub fn signature_header(block: u32) -> Vec<u8> {
+    let mut h = MD4_MAGIC.to_be_bytes().to_vec();
+    h.extend_from_slice(&block.to_be_bytes());
+    h.extend_from_slice(&CRYPTO_HASH_SIZE.to_be_bytes());
+    h
+}
+
+/// The entries of `signature` (blocks of `block` bytes, a power of two up to [`WINDOW`] or a
+/// multiple of it) for the `len` bytes from `at`, a multiple of both: `None` if it has fewer.
+pub fn signature_entries(signature: &[u8], at: u64, len: u64) -> Option<&[u8]> {
+    let block = signature_block(signature)? as u64;
+    if block == 0 || at % block != 0 {
+        return None;
+    }
+    let per = (4 + CRYPTO_HASH_SIZE) as u64;
+    let first = HEADER as u64 + at / block * per;
+    let end = first + len.div_ceil(block) * per;
+    signature.get(first as usize..end as usize)
+}
+
+/// The signature entries of `data` (from a block boundary) with blocks of `block` bytes.
+pub fn sign_entries(data: &[u8], block: u32) -> Vec<u8> {
+    let options = SignatureOptions {
+        block_size: block,
+        crypto_hash_size: CRYPTO_HASH_SIZE,
+    };
+    let mut sig = Signature::calculate(data, options).into_serialized();
+    sig.drain(..HEADER);
+    sig
+}
+
+/// The delta of a window that is the base's bytes from `offset`, `len` of them: one copy.
+pub fn copy_delta(offset: u64, len: u64) -> Vec<u8> {
+    let mut d = DELTA_MAGIC.to_be_bytes().to_vec();
+    d.push(OP_COPY_N8_N8);
+    d.extend_from_slice(&offset.to_be_bytes());
+    d.extend_from_slice(&len.to_be_bytes());
+    d.push(OP_END);
+    d
+}
+
+/// If `delta` is one copy and nothing else, its offset and length.
+pub fn single_copy(delta: &[u8]) -> Option<(u64, u64)> {
+    let rest = delta.strip_prefix(&DELTA_MAGIC.to_be_bytes()[..])?;
+    let (&cmd, rest) = rest.split_first()?;
+    if !(OP_COPY_N1_N1..=OP_COPY_N8_N8).contains(&cmd) {
+        return None;
+    }
+    let mode = cmd - OP_COPY_N1_N1;
+    let (o, l) = (1usize << (mode / 4), 1usize << (mode % 4));
+    if rest.len() != o + l + 1 || rest[o + l] != OP_END {
+        return None;
+    }
+    let uint = |b: &[u8]| b.iter().fold(0u64, |v, x| (v << 8) | *x as u64);
+    Some((uint(&rest[..o]), uint(&rest[o..o + l])))
+}
 
 /// Delta opcodes (librsync's format, as fast_rsync writes it).
 const DELTA_MAGIC: u32 = 0x7273_0236;
@@ -346,11 +443,56 @@ mod tests {
 
     #[test]
     fn signing_a_file_in_chunks_equals_signing_it_whole() {
-        for len in [0usize, 1, 1023, 4096, 3 * SIGN_CHUNK + 12345] {
+        for len in [0usize, 1, 1023, 4096, 3 * WINDOW + 12345] {
             let data = pseudo_random(len, len as u64);
             let f = file_of(&data);
-            assert_eq!(sign_file(&f, len as u64).unwrap(), sign(&data), "len {len}");
+            let signed = sign_file(&f, len as u64).unwrap();
+            assert_eq!(signed.signature, sign(&data), "len {len}");
+            // The window digests are those a body digest of the same bytes keeps.
+            let mut d = crate::body::BodyDigest::new();
+            d.data(&data);
+            assert_eq!(Some(signed.windows), d.windows().or(Some(vec![])), "len {len}");
         }
+    }
+
+    #[test]
+    fn a_signature_is_cut_and_made_window_by_window() {
+        let data = pseudo_random(2 * WINDOW + 5000, 9);
+        let whole = sign(&data);
+        let block = signature_block(&whole).unwrap();
+        let mut pieced = signature_header(block);
+        for (i, w) in data.chunks(WINDOW).enumerate() {
+            let at = (i * WINDOW) as u64;
+            let entries = signature_entries(&whole, at, w.len() as u64).unwrap();
+            assert_eq!(entries, sign_entries(w, block), "window {i}");
+            pieced.extend_from_slice(entries);
+        }
+        assert_eq!(pieced, whole);
+        assert_eq!(signature_len(data.len() as u64), whole.len());
+        assert_eq!(signature_entries(&whole, 3 * WINDOW as u64, 1), None);
+    }
+
+    #[test]
+    fn a_single_copy_is_made_and_recognised_in_every_width() {
+        for (offset, len) in [(0, 1), (8 << 20, 8 << 20), (u64::MAX - 5, 3)] {
+            let d = copy_delta(offset, len);
+            assert_eq!(single_copy(&d), Some((offset, len)));
+        }
+        // fast_rsync's own delta of an unchanged window: one copy in narrower fields.
+        let base = pseudo_random(3 * 1024 * 1024, 4);
+        let sig = parse_peer_signature(sign(&base)).unwrap();
+        let mut d = Vec::new();
+        diff_window(&sig.index(), &base[1 << 20..2 << 20], &mut d).unwrap();
+        assert_eq!(single_copy(&d), Some((1 << 20, 1 << 20)));
+        // Anything more is not a single copy.
+        let mut two = copy_delta(0, 4);
+        two.pop();
+        two.extend_from_slice(&copy_delta(4, 4)[4..]);
+        assert_eq!(single_copy(&two), None);
+        let mut literal = Vec::new();
+        diff_window(&sig.index(), b"not in the base at all", &mut literal).unwrap();
+        assert_eq!(single_copy(&literal), None);
+        assert_eq!(single_copy(b""), None);
     }
 
     #[test]
@@ -492,7 +634,8 @@ mod tests {
             new in proptest::collection::vec(0u8..4, 1..20_000),
         ) {
             let f = file_of(&base);
-            let sig = parse_peer_signature(sign_file(&f, base.len() as u64).unwrap()).unwrap();
+            let sig =
+                parse_peer_signature(sign_file(&f, base.len() as u64).unwrap().signature).unwrap();
             let mut d = Vec::new();
             diff_window(&sig.index(), &new, &mut d).unwrap();
             let mut out = Vec::new();

@@ -24,7 +24,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -330,6 +330,10 @@ pub enum Message {
         /// Serialized fast_rsync signature.
         #[serde(with = "serde_bytes")]
         signature: Vec<u8>,
+        /// The digest of each [`WINDOW`](crate::delta::WINDOW) of the copy (see
+        /// [`BodyDigest`](crate::body::BodyDigest)): a window of the sender's file with the
+        /// same digest is the same bytes at the same place, sent as one copy without a search.
+        windows: Vec<Digest>,
     },
     /// The receiver holds the first `offset` bytes of this very file (same size and mtime)
     /// from a transfer that was cut off, hashing to `digest`; if the sender's file starts
