@@ -698,6 +698,86 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     );
 }
 
+/// A big file changed again and again (a disk image): the receiver reads and signs its copy
+/// for the first delta only. It keeps the signature and window digests of what it commits, so
+/// the next delta is answered at once, and every window sent as a copy of its own (same
+/// digest, same place) is taken by that digest, never read; the file is right each time. A
+/// copy changed behind the receiver's back (same size and mtime, new ctime) is read again.
+#[test]
+fn on_xfs_a_big_file_changed_again_is_sent_by_window_digest_without_reading_the_copy() {
+    use ferry_protocol::delta::WINDOW;
+    use std::os::unix::fs::FileExt;
+    let site = Site::new();
+    let _xfs = Mount::xfs(&site.path("xfs.img"), &site.path("xfs"), "512M");
+    let (src, dst) = (site.dir("src"), site.path("xfs/dst"));
+    let backup = Backup::start_with(
+        site.root(),
+        "recv",
+        &[("file", &dst)],
+        &site.fingerprint,
+        "",
+    );
+    site.write_config(&one_group(&backup, &src, ""));
+    // Three whole windows and a short one; and a small file of one window.
+    let mut big = pseudo_random(3 * WINDOW + 5000, 21);
+    fs::write(src.join("big"), &big).unwrap();
+    fs::write(src.join("small"), pseudo_random(2 << 20, 22)).unwrap();
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let counters = || {
+        let s = site.stats();
+        (
+            summary_value(&s, "bases_signed"),
+            summary_value(&s, "windows_known"),
+        )
+    };
+    let (signed0, known0) = counters();
+    let mut change = |window: usize, seed: u64| {
+        let at = window * WINDOW + 777;
+        big[at..at + 1024].copy_from_slice(&pseudo_random(1024, seed));
+        fs::write(src.join("big"), &big).unwrap();
+        let o = site.send_once(&[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            fs::read(dst.join("big")).unwrap() == big,
+            "the copy differs"
+        );
+    };
+    // The first delta reads the copy once; the three other windows are known.
+    change(1, 23);
+    assert_eq!(counters(), (signed0 + 1, known0 + 3));
+    // The next ones read nothing: even the window changed before is known now.
+    change(2, 24);
+    assert_eq!(counters(), (signed0 + 1, known0 + 6));
+    change(1, 25);
+    assert_eq!(counters(), (signed0 + 1, known0 + 9));
+    // A local user of the backup host rewrites a window of the copy in place, and puts its
+    // size and mtime back: the new ctime says so, the copy is read again, and the window is
+    // sent again, so the copy is right once more.
+    let copy = fs::OpenOptions::new()
+        .write(true)
+        .open(dst.join("big"))
+        .unwrap();
+    let mtime = filetime::FileTime::from_last_modification_time(&copy.metadata().unwrap());
+    copy.write_all_at(&[0; 4096], 10).unwrap();
+    filetime::set_file_handle_times(&copy, None, Some(mtime)).unwrap();
+    drop(copy);
+    change(3, 26);
+    assert_eq!(counters(), (signed0 + 2, known0 + 11));
+    // A file of one window whose mtime alone changed goes as a delta of one copy: its digest
+    // is its bytes' (no window is taken by digest), and it is committed.
+    let small = src.join("small");
+    filetime::set_file_mtime(&small, filetime::FileTime::from_unix_time(1_000_000, 0)).unwrap();
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(&small).unwrap(),
+        fs::read(dst.join("small")).unwrap()
+    );
+    assert_eq!(fs::metadata(dst.join("small")).unwrap().mtime(), 1_000_000);
+    assert_eq!(counters().1, known0 + 11);
+}
+
 /// Bytes in use on the filesystem of `path`.
 fn used_bytes(path: &Path) -> u64 {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();

@@ -178,6 +178,7 @@ impl Transfers {
                 let windows = &fs.state.windows;
                 windows.get(rel, md).or_else(|| {
                     let signed = delta::sign_file(f, md.len()).ok()?;
+                    fs.stats.bases_signed.fetch_add(1, Ordering::Relaxed);
                     Some(Arc::new(Known {
                         signature: signed.signature,
                         windows: signed.windows,
@@ -249,6 +250,7 @@ impl Transfers {
                 return Err(io::Error::other("delta without a base"));
             }
             if take_known(inc, delta, window) {
+                fs.stats.windows_known.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             scratch.clear();

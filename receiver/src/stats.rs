@@ -36,6 +36,10 @@ pub struct Stats {
     pub listed: AtomicU64,
     /// Directories summarised (`Summarize`).
     pub summarised: AtomicU64,
+    /// Copies read through and signed to answer a delta (the others were known).
+    pub bases_signed: AtomicU64,
+    /// Windows of deltas taken by their digest, without reading them.
+    pub windows_known: AtomicU64,
 }
 
 impl Stats {
@@ -58,6 +62,8 @@ impl Stats {
             c("refused_for_history", &self.refused_for_history),
             c("listed", &self.listed),
             c("summarised", &self.summarised),
+            c("bases_signed", &self.bases_signed),
+            c("windows_known", &self.windows_known),
         ]
     }
 }

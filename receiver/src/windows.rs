@@ -157,7 +157,10 @@ mod tests {
         let w = Windows::default();
         let path = RelPath::from_bytes(b"f".to_vec());
         w.put(&path, &f, Some(known(10)));
-        assert_eq!(w.get(&path, &f.metadata().unwrap()).as_deref(), Some(&known(10)));
+        assert_eq!(
+            w.get(&path, &f.metadata().unwrap()).as_deref(),
+            Some(&known(10))
+        );
         // Any change of content changes ctime (and here size).
         f.write_all(b"two").unwrap();
         assert_eq!(w.get(&path, &f.metadata().unwrap()), None);
@@ -181,7 +184,11 @@ mod tests {
         let w = Windows::default();
         let each = MAX_BYTES / 8;
         for i in 0..20 {
-            w.put(&RelPath::from_bytes(format!("f{i}").into_bytes()), &f, Some(known(each)));
+            w.put(
+                &RelPath::from_bytes(format!("f{i}").into_bytes()),
+                &f,
+                Some(known(each)),
+            );
             assert!(w.inner.lock().unwrap().bytes <= MAX_BYTES);
         }
         let md = f.metadata().unwrap();

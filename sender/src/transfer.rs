@@ -471,7 +471,11 @@ fn stream_body(
                 // bytes: one copy, without searching it block by block.
                 let mut d = Vec::new();
                 let aligned = at == k * WINDOW as u64;
-                if aligned && theirs.get(k as usize).is_some_and(|t| digest.window(k) == Some(*t)) {
+                if aligned
+                    && theirs
+                        .get(k as usize)
+                        .is_some_and(|t| digest.window(k) == Some(*t))
+                {
                     d = delta::copy_delta(at, n as u64);
                 } else {
                     delta::diff_window(&index, &window[..n], &mut d)

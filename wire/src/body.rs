@@ -373,9 +373,11 @@ mod tests {
 
     #[test]
     fn windowed_data_has_the_plain_blake3_digest_at_every_length_and_split() {
-        for len in [0, 1, 1023, 1024, 1025, 2047, 2048, 2049, 4096, 5000, 6144, 8192, 8193]
-            .into_iter()
-            .chain((1..40).map(|n| n * 997))
+        for len in [
+            0, 1, 1023, 1024, 1025, 2047, 2048, 2049, 4096, 5000, 6144, 8192, 8193,
+        ]
+        .into_iter()
+        .chain((1..40).map(|n| n * 997))
         {
             let data = bytes(len, len as u64 + 7);
             let want = *blake3::hash(&data).as_bytes();
@@ -418,7 +420,10 @@ mod tests {
             let same = sent.window(i as u64) == Some(of_old[i]);
             assert_eq!(same, i != 2, "window {i}");
             if same {
-                assert!(d.known_window(i as u64, w.len() as u64, of_old[i]), "window {i}");
+                assert!(
+                    d.known_window(i as u64, w.len() as u64, of_old[i]),
+                    "window {i}"
+                );
             } else {
                 d.data(w);
             }
@@ -451,7 +456,10 @@ mod tests {
         let short = d.digest();
         d.data(b"more");
         assert_ne!(d.digest(), short);
-        assert_ne!(d.digest(), *blake3::hash(&old[..W as usize + 14]).as_bytes());
+        assert_ne!(
+            d.digest(),
+            *blake3::hash(&old[..W as usize + 14]).as_bytes()
+        );
         // A lone known window has no digest to give.
         let mut d = BodyDigest::with_window(W);
         assert!(d.known_window(0, 300, of_old[0]));

@@ -451,7 +451,11 @@ mod tests {
             // The window digests are those a body digest of the same bytes keeps.
             let mut d = crate::body::BodyDigest::new();
             d.data(&data);
-            assert_eq!(Some(signed.windows), d.windows().or(Some(vec![])), "len {len}");
+            assert_eq!(
+                Some(signed.windows),
+                d.windows().or(Some(vec![])),
+                "len {len}"
+            );
         }
     }
 
