@@ -32,9 +32,9 @@ struct Incoming {
     base: Option<(fs::File, u64)>,
     /// The base's signature and window digests.
     base_known: Option<Arc<Known>>,
-    /// The new file's signature so far, for a big file rebuilt from a delta: kept with its
-    /// window digests once it is committed (see [`crate::windows`]).
-    signing: Option<Vec<u8>>,
+    /// The new file's signature so far, for a big file: kept with its window digests once
+    /// it is committed (see [`crate::windows`]).
+    signing: Option<delta::Signer>,
     /// The new file began as a clone of the base (a reflink): what a delta copies from the
     /// same offset is already there, and only the rest is written.
     cloned: bool,
@@ -168,7 +168,6 @@ impl Transfers {
         let tmp = fs.create_file(&at, mode)?;
         let mut base = None;
         let mut base_known = None;
-        let mut signing = None;
         let mut reply = None;
         let mut cloned = false;
         if body == Body::Delta {
@@ -199,12 +198,11 @@ impl Transfers {
             if let Some((f, _)) = &base {
                 cloned = fs.state.reflinks.clone_into(&tmp.file, f, fs.module());
             }
-            let block = delta::block_size_for(meta.size);
-            if base.is_some() && meta.size > delta::WINDOW as u64 && block as usize <= delta::WINDOW
-            {
-                signing = Some(delta::signature_header(block));
-            }
         }
+        // A big file is signed as it comes, for its next delta.
+        let signing = (meta.size > delta::WINDOW as u64)
+            .then(|| delta::Signer::new(meta.size))
+            .flatten();
         let base = base.map(|(f, md)| (f, md.len()));
         self.incoming.insert(
             id,
@@ -228,7 +226,11 @@ impl Transfers {
         self.body(id, |inc, _| {
             received(fs, data.len());
             whole_body(inc)?;
-            append(inc, data)
+            append(inc, data)?;
+            if let Some(sig) = &mut inc.signing {
+                sig.feed(data);
+            }
+            Ok(())
         })
     }
 
@@ -238,6 +240,8 @@ impl Transfers {
     pub fn hole(&mut self, id: RequestId, len: u64) -> Outcome {
         self.body(id, |inc, _| {
             whole_body(inc)?;
+            // A body with holes has no window digests to keep.
+            inc.signing = None;
             skip(inc, len)
         })
     }
@@ -259,12 +263,7 @@ impl Transfers {
                 delta::apply_window_unmoved(file, *len, delta, window, inc.written, scratch)
                     .map_err(delta_error)?;
             if let Some(sig) = &mut inc.signing {
-                let block = delta::signature_block(sig).expect("a header");
-                if inc.written % block as u64 == 0 {
-                    sig.extend_from_slice(&delta::sign_entries(scratch, block));
-                } else {
-                    inc.signing = None;
-                }
+                sig.feed(scratch);
             }
             if inc.cloned {
                 write_moved(inc, scratch, &unmoved)
@@ -316,7 +315,7 @@ impl Transfers {
                 let known = inc
                     .signing
                     .take()
-                    .filter(|sig| sig.len() == delta::signature_len(inc.meta.size))
+                    .and_then(delta::Signer::finish)
                     .zip(inc.hasher.windows())
                     .map(|(signature, windows)| Known { signature, windows });
                 fs.seal(Sealed {
@@ -556,7 +555,6 @@ fn append(inc: &mut Incoming, data: &[u8]) -> io::Result<()> {
 /// chose not to send a delta, as it does for a sparse file): from its start, the clone is
 /// dropped and the file starts empty.
 fn whole_body(inc: &mut Incoming) -> io::Result<()> {
-    inc.signing = None;
     if inc.cloned && inc.written == 0 {
         inc.tmp.file.set_len(0)?;
         inc.cloned = false;
@@ -619,10 +617,8 @@ fn take_known(inc: &mut Incoming, delta: &[u8], window: u64) -> bool {
         return false;
     }
     if let Some(sig) = &mut inc.signing {
-        let same_block = delta::signature_block(&known.signature) == delta::signature_block(sig);
-        match delta::signature_entries(&known.signature, at, window).filter(|_| same_block) {
-            Some(entries) => sig.extend_from_slice(entries),
-            None => inc.signing = None,
+        if !sig.known(&known.signature, at, window) {
+            inc.signing = None;
         }
     }
     inc.written += window;

@@ -173,6 +173,81 @@ pub fn sign_entries(data: &[u8], block: u32) -> Vec<u8> {
     sig
 }
 
+/// A signature made as a file's bytes go by, in pieces of any size: equal to [`sign`] of them
+/// all. Whole blocks are signed straight from the pieces, only a block split between two of
+/// them is copied.
+pub struct Signer {
+    sig: Vec<u8>,
+    block: u32,
+    carry: Vec<u8>,
+    /// Bytes counted so far.
+    fed: u64,
+    /// The file's length.
+    len: u64,
+}
+
+impl Signer {
+    /// A signer of a file of `len` bytes; `None` where a window is not a whole number of its
+    /// blocks (files of terabytes).
+    pub fn new(len: u64) -> Option<Signer> {
+        let block = block_size_for(len);
+        (block as usize <= WINDOW).then(|| Signer {
+            sig: signature_header(block),
+            block,
+            carry: Vec::new(),
+            fed: 0,
+            len,
+        })
+    }
+
+    /// The next bytes of the file.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        let block = self.block as usize;
+        self.fed += data.len() as u64;
+        if !self.carry.is_empty() {
+            let take = data.len().min(block - self.carry.len());
+            self.carry.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.carry.len() < block {
+                return;
+            }
+            self.sig.extend_from_slice(&sign_entries(&self.carry, self.block));
+            self.carry.clear();
+        }
+        let whole = data.len() / block * block;
+        if whole > 0 {
+            self.sig.extend_from_slice(&sign_entries(&data[..whole], self.block));
+        }
+        self.carry.extend_from_slice(&data[whole..]);
+    }
+
+    /// The next `len` bytes of the file, by the entries of a signature with the same blocks
+    /// that holds them; only at a block's start. Returns whether they were taken.
+    pub fn known(&mut self, signature: &[u8], at: u64, len: u64) -> bool {
+        if !self.carry.is_empty() || at != self.fed || signature_block(signature) != Some(self.block)
+        {
+            return false;
+        }
+        match signature_entries(signature, at, len) {
+            Some(entries) => {
+                self.sig.extend_from_slice(entries);
+                self.fed += len;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The signature, if every byte of the file was counted.
+    pub fn finish(mut self) -> Option<Vec<u8>> {
+        if !self.carry.is_empty() {
+            let last = std::mem::take(&mut self.carry);
+            self.sig.extend_from_slice(&sign_entries(&last, self.block));
+        }
+        (self.fed == self.len && self.sig.len() == signature_len(self.len)).then_some(self.sig)
+    }
+}
+
 /// The delta of a window that is the base's bytes from `offset`, `len` of them: one copy.
 pub fn copy_delta(offset: u64, len: u64) -> Vec<u8> {
     let mut d = DELTA_MAGIC.to_be_bytes().to_vec();
@@ -474,6 +549,31 @@ mod tests {
         assert_eq!(pieced, whole);
         assert_eq!(signature_len(data.len() as u64), whole.len());
         assert_eq!(signature_entries(&whole, 3 * WINDOW as u64, 1), None);
+    }
+
+    #[test]
+    fn a_signature_made_piece_by_piece_equals_signing_it_whole() {
+        let data = pseudo_random(2 * WINDOW + 70_001, 11);
+        let whole = sign(&data);
+        for step in [1000usize, 16 << 10, 100_003, WINDOW] {
+            let mut s = Signer::new(data.len() as u64).unwrap();
+            for piece in data.chunks(step) {
+                s.feed(piece);
+            }
+            assert_eq!(s.finish().as_ref(), Some(&whole), "step {step}");
+        }
+        // A window taken from a signature that holds it.
+        let mut s = Signer::new(data.len() as u64).unwrap();
+        s.feed(&data[..WINDOW]);
+        assert!(s.known(&whole, WINDOW as u64, WINDOW as u64));
+        s.feed(&data[2 * WINDOW..]);
+        assert_eq!(s.finish().as_ref(), Some(&whole));
+        // Not mid-block, nor with other blocks; and short of the whole file there is none.
+        let mut s = Signer::new(data.len() as u64).unwrap();
+        s.feed(&data[..10]);
+        assert!(!s.known(&whole, 10, WINDOW as u64));
+        assert!(!s.known(&sign(&data[..5000]), 0, 5000));
+        assert_eq!(s.finish(), None);
     }
 
     #[test]
