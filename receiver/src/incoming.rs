@@ -195,8 +195,12 @@ impl Transfers {
                     Message::NoBase { id }
                 }
             });
-            if let Some((f, _)) = &base {
+            if let Some((f, md)) = &base {
                 cloned = fs.state.reflinks.clone_into(&tmp.file, f, fs.module());
+                // Windows are taken by digest from the clone only if it holds what was signed.
+                if cloned && !f.metadata().is_ok_and(|now| crate::windows::same(md, &now)) {
+                    base_known = None;
+                }
             }
         }
         // A big file is signed as it comes, for its next delta.

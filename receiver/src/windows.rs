@@ -61,6 +61,12 @@ impl Key {
     }
 }
 
+/// Whether two looks at a file (`fstat`) saw the same content: same inode, size, mtime and
+/// ctime.
+pub fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    Key::of(a) == Key::of(b)
+}
+
 /// The module's [`Known`] files.
 #[derive(Default)]
 pub struct Windows {
