@@ -204,7 +204,7 @@ impl Transfers {
             }
         }
         // A big file is signed as it comes, for its next delta.
-        let signing = (meta.size > delta::WINDOW as u64)
+        let signing = (meta.size > delta::WINDOW as u64 && fs.state.windows.keeps())
             .then(|| delta::Signer::new(meta.size))
             .flatten();
         let base = base.map(|(f, md)| (f, md.len()));

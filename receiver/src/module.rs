@@ -364,8 +364,9 @@ impl ModuleState {
             .as_ref()
             .filter(|_| !module.read_only)
             .map(|l| Arc::new(Lease::new(&l.path, &module.name, &l.gateway, l.expiry)));
-        // Other gateways write a shared module too, where this one would not see it.
-        let windows = if lease.is_some() {
+        // Other gateways write a shared module too, where this one would not see it; a
+        // restore's destination lives as long as the restore.
+        let windows = if lease.is_some() || !backup {
             crate::windows::Windows::off()
         } else {
             crate::windows::Windows::default()

@@ -92,6 +92,11 @@ impl Windows {
         }
     }
 
+    /// Whether it keeps anything (else there is no use signing files as they come).
+    pub fn keeps(&self) -> bool {
+        !self.off
+    }
+
     /// What is known of `path`, if `md` (its metadata now) is what it was when kept.
     pub fn get(&self, path: &RelPath, md: &fs::Metadata) -> Option<Arc<Known>> {
         let inner = self.inner.lock().expect("windows lock");
