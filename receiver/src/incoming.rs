@@ -188,7 +188,11 @@ impl Transfers {
                 Some(known) => Message::Signature {
                     id,
                     signature: known.signature.clone(),
-                    windows: known.windows.clone(),
+                    windows: if known.windows.len() <= delta::MAX_WINDOWS {
+                        known.windows.clone()
+                    } else {
+                        Vec::new()
+                    },
                 },
                 None => {
                     base = None;

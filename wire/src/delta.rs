@@ -21,6 +21,9 @@ pub const MIN_BLOCK: u32 = 256;
 pub const MAX_BLOCK: u32 = 16 * 1024 * 1024;
 /// Largest serialized signature produced or accepted.
 pub const MAX_SIGNATURE: usize = 8 * 1024 * 1024;
+/// Most window digests a `Signature` carries: with a signature of [`MAX_SIGNATURE`] they fit
+/// one frame. A copy of more windows (over 2 TiB) sends none, and is searched block by block.
+pub const MAX_WINDOWS: usize = (crate::frame::MAX_FRAME - MAX_SIGNATURE - 64 * 1024) / 32;
 /// Files smaller than this travel whole: a round trip costs more than the bytes.
 pub const DELTA_THRESHOLD: u64 = 64 * 1024;
 /// Files of this size or more ask the receiver first even when it has no copy, so a
@@ -211,12 +214,14 @@ impl Signer {
             if self.carry.len() < block {
                 return;
             }
-            self.sig.extend_from_slice(&sign_entries(&self.carry, self.block));
+            self.sig
+                .extend_from_slice(&sign_entries(&self.carry, self.block));
             self.carry.clear();
         }
         let whole = data.len() / block * block;
         if whole > 0 {
-            self.sig.extend_from_slice(&sign_entries(&data[..whole], self.block));
+            self.sig
+                .extend_from_slice(&sign_entries(&data[..whole], self.block));
         }
         self.carry.extend_from_slice(&data[whole..]);
     }
@@ -224,7 +229,9 @@ impl Signer {
     /// The next `len` bytes of the file, by the entries of a signature with the same blocks
     /// that holds them; only at a block's start. Returns whether they were taken.
     pub fn known(&mut self, signature: &[u8], at: u64, len: u64) -> bool {
-        if !self.carry.is_empty() || at != self.fed || signature_block(signature) != Some(self.block)
+        if !self.carry.is_empty()
+            || at != self.fed
+            || signature_block(signature) != Some(self.block)
         {
             return false;
         }

@@ -232,6 +232,39 @@ mod tests {
     /// Byte fields are written as one length and the bytes (`serde_bytes`), not as a
     /// sequence of `u8`s element by element: the same bytes on the wire as a plain `Vec<u8>`,
     /// so peers of either kind read each other.
+    /// The largest signature a receiver sends, with as many window digests as it may send
+    /// beside it, is one frame a peer accepts.
+    #[test]
+    fn the_largest_signature_with_its_windows_fits_a_frame() {
+        use crate::delta::{MAX_SIGNATURE, MAX_WINDOWS};
+        let mut x = 1u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let signature = noise(MAX_SIGNATURE);
+        let windows = noise(MAX_WINDOWS * 32)
+            .chunks(32)
+            .map(|c| c.try_into().unwrap())
+            .collect();
+        let msg = Message::Signature {
+            id: u64::MAX,
+            signature,
+            windows,
+        };
+        let mut framed = Vec::new();
+        encode(&msg, &mut framed).unwrap();
+        let (back, used) = decode(&framed).unwrap().unwrap();
+        assert_eq!(used, framed.len());
+        assert!(back == msg, "the signature came back different");
+    }
+
     #[test]
     fn byte_fields_encode_as_a_plain_sequence_of_u8_would() {
         let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
@@ -326,6 +359,16 @@ mod tests {
                 .prop_map(|(id, data)| Message::FileData { id, data }),
             (any::<u64>(), path_strategy(), path_strategy())
                 .prop_map(|(id, from, to)| Message::Rename { id, from, to }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..512),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..4)
+            )
+                .prop_map(|(id, signature, windows)| Message::Signature {
+                    id,
+                    signature,
+                    windows
+                }),
             (any::<u64>(), any::<String>()).prop_map(|(id, error)| Message::Failed { id, error }),
             (
                 any::<u64>(),
