@@ -358,17 +358,7 @@ mod tests {
         assert_ne!(of(&[Err(16 << 40)]), of(&[Err((16 << 40) - 1)]));
     }
 
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::delta::tests::pseudo_random as bytes;
 
     /// Windows of 2 KiB (two BLAKE3 chunks), so that many windows stay small.
     const W: u64 = 2048;

@@ -237,17 +237,7 @@ mod tests {
     #[test]
     fn the_largest_signature_with_its_windows_fits_a_frame() {
         use crate::delta::{MAX_SIGNATURE, MAX_WINDOWS};
-        let mut x = 1u64;
-        let mut noise = |n: usize| -> Vec<u8> {
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
+        let noise = |n| crate::delta::tests::pseudo_random(n, 1);
         let signature = noise(MAX_SIGNATURE);
         let windows = noise(MAX_WINDOWS * 32)
             .chunks(32)
