@@ -62,7 +62,7 @@ pub fn walk(
             .min(extent_end.saturating_sub(total).max(1) as usize)
             .min(usize::try_from(until - total).unwrap_or(usize::MAX));
         let mut chunk = vec![0; want];
-        let n = read_full(file, &mut chunk).map_err(read_err)?;
+        let n = read_to_short(file, &mut chunk).map_err(read_err)?;
         if n == 0 {
             break;
         }
@@ -72,6 +72,12 @@ pub fn walk(
             return Err(TransferError::Changed(path.clone()));
         }
         each(Piece::Data(chunk))?;
+        // A regular file reads short only at its end: a small file takes one read, not a
+        // second and third to find the end. (A short read anywhere else leaves `total`
+        // short of the size, which the caller takes for a file that changed.)
+        if n < want {
+            break;
+        }
     }
     Ok(total)
 }
@@ -100,6 +106,17 @@ fn seek(f: &std::fs::File, from: u64, whence: libc::c_int) -> std::io::Result<u6
     }
 }
 
+/// One read into `buf` (again if interrupted): the count read, which for a regular file is
+/// short only at its end.
+fn read_to_short(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match f.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 /// Reads until `buf` is full or the file ends; the count read.
 pub fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -112,4 +129,60 @@ pub fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_of(bytes: &[u8]) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    /// Walks `f` as a file of `size` bytes: what it read, and the total or the error.
+    fn walked(f: &mut std::fs::File, size: u64) -> (Vec<u8>, Result<u64, TransferError>) {
+        let mut got = Vec::new();
+        let mut each = |p: Piece| {
+            match p {
+                Piece::Data(d) => got.extend_from_slice(&d),
+                Piece::Hole(n) => got.resize(got.len() + n as usize, 0),
+            }
+            Ok(())
+        };
+        let r = walk(f, 0, u64::MAX, size, false, &RelPath::from("f"), &mut each);
+        (got, r)
+    }
+
+    /// A file read as the size its `fstat` gave: whole at any length (a small one in one
+    /// read, a large one in chunks); one that grew since is a change (the byte past the
+    /// size is asked for); one that shrank ends short of the size, which the caller takes
+    /// for a change.
+    #[test]
+    fn a_file_is_read_to_its_size_and_a_change_of_length_shows() {
+        for len in [
+            0,
+            1,
+            4095,
+            4096,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 1,
+            3 * CHUNK + 17,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let (got, total) = walked(&mut file_of(&data), len as u64);
+            assert_eq!(total.unwrap(), len as u64, "len {len}");
+            assert!(got == data, "len {len}: the bytes differ");
+        }
+        let data = vec![9u8; 5000];
+        let (_, grew) = walked(&mut file_of(&data), 4000);
+        assert!(matches!(grew, Err(TransferError::Changed(_))), "grew");
+        let (got, shrank) = walked(&mut file_of(&data), 6000);
+        assert_eq!(shrank.unwrap(), 5000);
+        assert_eq!(got.len(), 5000);
+    }
 }
