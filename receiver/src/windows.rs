@@ -15,11 +15,11 @@
 //!
 //! [`BodyDigest`]: ferry_protocol::body::BodyDigest
 
+use ferry_protocol::local::CacheKey;
 use ferry_protocol::message::Digest;
 use ferry_protocol::RelPath;
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
 /// Signatures and digests kept per module, at most.
@@ -40,31 +40,10 @@ impl Known {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Key {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl Key {
-    fn of(md: &fs::Metadata) -> Key {
-        Key {
-            dev: md.dev(),
-            ino: md.ino(),
-            size: md.size(),
-            mtime: (md.mtime(), md.mtime_nsec()),
-            ctime: (md.ctime(), md.ctime_nsec()),
-        }
-    }
-}
-
 /// Whether two looks at a file (`fstat`) saw the same content: same inode, size, mtime and
 /// ctime.
 pub fn same(a: &fs::Metadata, b: &fs::Metadata) -> bool {
-    Key::of(a) == Key::of(b)
+    CacheKey::of_metadata(a) == CacheKey::of_metadata(b)
 }
 
 /// The module's [`Known`] files.
@@ -77,7 +56,7 @@ pub struct Windows {
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<RelPath, (Key, Arc<Known>, u64)>,
+    map: HashMap<RelPath, (CacheKey, Arc<Known>, u64)>,
     bytes: usize,
     /// Insertion order, to let the oldest go first.
     next: u64,
@@ -101,7 +80,7 @@ impl Windows {
     pub fn get(&self, path: &RelPath, md: &fs::Metadata) -> Option<Arc<Known>> {
         let inner = self.inner.lock().expect("windows lock");
         let (key, known, _) = inner.map.get(path)?;
-        (*key == Key::of(md)).then(|| known.clone())
+        (*key == CacheKey::of_metadata(md)).then(|| known.clone())
     }
 
     /// Keeps `known` for `path`, whose file was just committed and is `file`; `None`
@@ -121,9 +100,10 @@ impl Windows {
         inner.bytes += known.bytes();
         inner.next += 1;
         let at = inner.next;
-        inner
-            .map
-            .insert(path.clone(), (Key::of(&md), Arc::new(known), at));
+        inner.map.insert(
+            path.clone(),
+            (CacheKey::of_metadata(&md), Arc::new(known), at),
+        );
         while inner.bytes > MAX_BYTES {
             let oldest = inner
                 .map
@@ -136,13 +116,13 @@ impl Windows {
         }
     }
 
-    /// Files kept.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().expect("windows lock").map.len()
     }
 
-    /// Whether nothing is kept.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

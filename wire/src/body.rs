@@ -130,11 +130,6 @@ impl BodyDigest {
         Some(all)
     }
 
-    /// The window size this digest keeps.
-    pub fn window_len(&self) -> u64 {
-        self.data.window
-    }
-
     /// Bytes fed so far, data and holes.
     pub fn len(&self) -> u64 {
         self.len

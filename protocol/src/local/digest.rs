@@ -17,8 +17,10 @@ pub(crate) fn digest_of(f: &mut std::fs::File) -> io::Result<Digest> {
     Ok(*h.finalize().as_bytes())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct CacheKey {
+/// What a content cache trusts of a file: the same inode, size, mtime and ctime mean the
+/// same content (ctime cannot be set from user space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheKey {
     dev: u64,
     ino: u64,
     size: u64,
@@ -38,6 +40,20 @@ impl CacheKey {
             mtime_nsec: st.st_mtime_nsec,
             ctime: st.st_ctime,
             ctime_nsec: st.st_ctime_nsec,
+        }
+    }
+
+    /// The key of a file whose metadata is `md`.
+    pub fn of_metadata(md: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        CacheKey {
+            dev: md.dev(),
+            ino: md.ino(),
+            size: md.size(),
+            mtime: md.mtime(),
+            mtime_nsec: md.mtime_nsec(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
         }
     }
 
