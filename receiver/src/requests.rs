@@ -48,6 +48,12 @@ pub const GROUP_COMMIT: usize = 512;
 /// under way: as soon as a burst has begun, so that the next commit covers what arrives
 /// while this one's flushes run (their wait sets the size of the next).
 const BEHIND_MIN: usize = crate::commit::SYNCFS_BATCH;
+/// Read budget (in the session's KiB permits) released at once: 2 MiB, a tenth of the
+/// session's buffer.
+const RELEASE: usize = 2048;
+/// How long the loop keeps its thread when the queue runs dry, for the next request of a
+/// stream (see [`Requests::linger`]); an idle session then holds no thread.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 /// Approximate size of one `Listing` batch.
 const LISTING_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -83,6 +89,8 @@ pub struct Requests {
     in_flight: Option<InFlight>,
     /// Told when a flush of the commit under way ends, to wake a loop that has no request.
     flushed: Arc<tokio::sync::Notify>,
+    /// Read budget of requests taken, not yet released ([`Requests::take`]).
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A group commit whose flushes run on a thread of its own ([`Requests::commit_behind`]).
@@ -160,6 +168,24 @@ enum Flow {
     Stop,
 }
 
+/// What [`Requests::linger`] waited for.
+enum Next {
+    Request(Message),
+    /// Nothing came: the thread goes back.
+    Idle,
+    /// The peer is gone or the session must end.
+    Stop,
+}
+
+/// Wakes the loop's thread where it lingers.
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
 impl Requests {
     /// The loop for one session on `state`.
     pub fn new(
@@ -182,6 +208,7 @@ impl Requests {
             lease_lost: false,
             in_flight: None,
             flushed: Arc::new(tokio::sync::Notify::new()),
+            budget: None,
         }
     }
 
@@ -214,7 +241,10 @@ impl Requests {
             };
             let worked = tokio::task::spawn_blocking(move || {
                 let flow = match first {
-                    Some(first) => self.drain(first.msg, &mut requests),
+                    Some(first) => {
+                        let first = self.take(first);
+                        self.drain(first, &mut requests)
+                    }
                     None => self.wake(),
                 };
                 (self, requests, flow)
@@ -244,20 +274,71 @@ impl Requests {
                 return Flow::Stop;
             }
             msg = match requests.try_recv() {
-                Ok(r) => r.msg,
-                // A burst: the commit under way wakes the loop when its flush ends.
-                Err(mpsc::error::TryRecvError::Empty) if self.in_flight.is_some() => {
-                    return Flow::Continue;
-                }
+                Ok(r) => self.take(r),
+                // A burst: the commit under way moves on when its flush ends.
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    return if self.commit() {
-                        Flow::Continue
-                    } else {
-                        Flow::Stop
-                    };
+                    self.budget = None;
+                    if self.in_flight.is_none() && !self.commit() {
+                        return Flow::Stop;
+                    }
+                    match self.linger(requests) {
+                        Next::Request(msg) => msg,
+                        Next::Idle => return Flow::Continue,
+                        Next::Stop => return Flow::Stop,
+                    }
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => return Flow::Stop,
             };
+        }
+    }
+
+    /// A request's message; its share of the read budget is released with others, a
+    /// [`RELEASE`]'s worth at once (or all when the queue runs dry), so a reader held back
+    /// by the budget is woken once per batch of frames, not once per frame.
+    fn take(&mut self, r: Request) -> Message {
+        let Request { msg, _budget } = r;
+        if let Some(permit) = _budget {
+            match &mut self.budget {
+                Some(held) => held.merge(permit),
+                None => self.budget = Some(permit),
+            }
+            if self.budget.as_ref().is_some_and(|h| h.num_permits() >= RELEASE) {
+                self.budget = None;
+            }
+        }
+        msg
+    }
+
+    /// The queue is empty: keeps this thread for up to [`LINGER`] (real time) for the next
+    /// request, moving the commit under way on as its flushes end, so a stream of requests
+    /// that the peer sends a little slower than the loop takes them does not hand the thread
+    /// back and take it again for each one. [`Next::Idle`] when none came.
+    fn linger(&mut self, requests: &mut mpsc::Receiver<Request>) -> Next {
+        let deadline = std::time::Instant::now() + LINGER;
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        loop {
+            match requests.poll_recv(&mut cx) {
+                std::task::Poll::Ready(Some(r)) => return Next::Request(self.take(r)),
+                std::task::Poll::Ready(None) => return Next::Stop,
+                std::task::Poll::Pending => {}
+            }
+            if self.in_flight.as_ref().is_some_and(|f| f.stage.finished()) {
+                if let Flow::Stop = self.wake() {
+                    return Next::Stop;
+                }
+                continue;
+            }
+            let flushed = self.flushed.clone();
+            let notified = std::pin::pin!(flushed.notified());
+            if std::future::Future::poll(notified, &mut cx).is_ready() {
+                continue;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Next::Idle;
+            }
+            std::thread::park_timeout(deadline - now);
         }
     }
 
