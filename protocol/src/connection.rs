@@ -224,9 +224,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let mut batch = Vec::new();
         while let Some(first) = rx.recv().await {
             batch.push(first);
+            let mut yielded = false;
             while batch.len() < max_batch {
                 match rx.try_recv() {
                     Ok(m) => batch.push(m),
+                    // Once, let whoever is making the next message finish it: one write
+                    // then carries a stream's frames, not one each.
+                    Err(_) if !yielded => {
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                    }
                     Err(_) => break,
                 }
             }

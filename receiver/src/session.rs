@@ -191,7 +191,9 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (req_tx, req_rx) = mpsc::channel::<Request>(1024);
+    // The byte budget below holds the reader back, a batch at a time; the channel's count
+    // never does (each request holds at least one of its permits).
+    let (req_tx, req_rx) = mpsc::channel::<Request>(SESSION_BUFFER >> 10);
     let (rep_tx, rep_rx) = mpsc::channel::<Message>(1024);
     // Said on its own timer, so a sender can tell a slow request from a silent link.
     let heartbeat = heartbeat(rep_tx.downgrade());
