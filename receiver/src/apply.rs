@@ -49,7 +49,7 @@ pub struct Apply {
     /// What the module keeps (owners, devices, setuid bits).
     pub(crate) keeps: Keeps,
     /// The module root, opened once for the session; every path is resolved beneath it.
-    pub(crate) root_fd: Option<OwnedFd>,
+    pub(crate) root_fd: Option<std::sync::Arc<OwnedFd>>,
     /// Directories (module-relative) whose entries changed since the last commit.
     pub(crate) dirty: HashSet<RelPath>,
     /// Files received whole, waiting for the group commit to be made durable and named.
@@ -60,6 +60,10 @@ pub struct Apply {
     /// The state of each directory a change of this commit is in, noted before the change:
     /// journaled at the commit if its times moved (see [`Apply::note_parent`]).
     pub(crate) dirs_before: std::collections::HashMap<RelPath, Pending>,
+    /// The directory the last file begun went into, resolved beneath the module: the
+    /// next files in it are created there without resolving it again, until a request
+    /// other than a file's own ends the run ([`Apply::end_file_run`]).
+    file_dir: Option<(RelPath, Confined)>,
     seq: u64,
     tag: u64,
 }
@@ -77,7 +81,7 @@ impl Apply {
     pub fn new(state: Arc<ModuleState>, stats: Arc<Stats>, privileged: bool) -> Apply {
         let keeps = state.keeps(privileged);
         // If the root cannot be opened now, each request resolves it anew and says why.
-        let root_fd = open_root(&state.module.path).ok();
+        let root_fd = open_root(&state.module.path).ok().map(std::sync::Arc::new);
         Apply {
             keeps,
             root_fd,
@@ -88,6 +92,7 @@ impl Apply {
             sealed: Vec::new(),
             kept: Vec::new(),
             dirs_before: Default::default(),
+            file_dir: None,
             seq: 0,
             tag: session_tag(),
         }
@@ -128,6 +133,34 @@ impl Apply {
         not_root(rel).map_err(refused)?;
         self.note_parent(rel);
         self.local(rel)
+    }
+
+    /// [`Apply::entry`] for a file about to be begun: a run of files in one directory
+    /// resolves it once. Each file's own path is checked as a whole all the same; the
+    /// directory held is used only to create the unnamed file, which is named by resolving
+    /// its path again at the commit.
+    pub fn file_entry(&mut self, rel: &RelPath) -> io::Result<Confined> {
+        let parent = rel.parent();
+        if let (Some((dir, at)), Some(parent), Some(name)) =
+            (&self.file_dir, &parent, rel.components().last())
+        {
+            if dir == parent {
+                crate::confine::acceptable(rel).map_err(refused)?;
+                not_root(rel).map_err(refused)?;
+                let at = at.sibling(name)?;
+                self.note_parent(rel);
+                return Ok(at);
+            }
+        }
+        let at = self.entry(rel)?;
+        self.file_dir = parent.map(|p| (p, at.clone()));
+        Ok(at)
+    }
+
+    /// A request other than a file's own: the directory [`Apply::file_entry`] holds may
+    /// be changed by it, and is resolved again for the next file.
+    pub fn end_file_run(&mut self) {
+        self.file_dir = None;
     }
 
     /// A fresh name beside `path` (in its directory) for an entry about to be renamed to it.

@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A peer path that may not be used.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +61,10 @@ pub enum ConfineError {
 /// reaches exactly that directory, whatever a local user renames or swaps meanwhile; the
 /// last component is then used with calls that do not follow it (`lstat`, `unlink`,
 /// `rename`, `lchown`, `utimensat(AT_SYMLINK_NOFOLLOW)`, `O_NOFOLLOW`, [`chmod_nofollow`]).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Confined {
-    dir: OwnedFd,
+    /// Shared by the entries of one directory resolved once ([`Confined::sibling`]).
+    dir: Arc<OwnedFd>,
     name: Option<Vec<u8>>,
 }
 
@@ -91,7 +93,7 @@ impl Confined {
     /// `Confined`), without resolving it again.
     pub fn sibling(&self, name: &[u8]) -> io::Result<Confined> {
         Ok(Confined {
-            dir: self.dir.try_clone()?,
+            dir: self.dir.clone(),
             name: Some(name.to_vec()),
         })
     }
@@ -137,7 +139,7 @@ pub fn confine(root: &Path, rel: &RelPath) -> Result<Confined, ConfineError> {
         path: rel.clone(),
         source,
     })?;
-    confine_in(root, &root_fd, rel)
+    confine_in(root, &Arc::new(root_fd), rel)
 }
 
 /// Opens a module root (followed if it is a symlink: the administrator configured it) to
@@ -146,8 +148,9 @@ pub fn open_root(root: &Path) -> io::Result<OwnedFd> {
     local::open_root(root)
 }
 
-/// [`confine`] beneath a root opened once with [`open_root`] (`root` names it in messages).
-pub fn confine_in(root: &Path, root_fd: &OwnedFd, rel: &RelPath) -> Result<Confined, ConfineError> {
+/// The checks of a peer path made before any of it is resolved: a valid relative path
+/// ([`RelPath::validate`]) with no name reserved for entries in flight.
+pub fn acceptable(rel: &RelPath) -> Result<(), ConfineError> {
     rel.validate().map_err(|reason| ConfineError::Invalid {
         path: rel.clone(),
         reason,
@@ -158,21 +161,30 @@ pub fn confine_in(root: &Path, root_fd: &OwnedFd, rel: &RelPath) -> Result<Confi
     {
         return Err(ConfineError::Reserved(rel.clone()));
     }
-    let io_err = |source: io::Error| ConfineError::Io {
-        path: rel.clone(),
-        source,
-    };
+    Ok(())
+}
+
+/// [`confine`] beneath a root opened once with [`open_root`] (`root` names it in messages).
+pub fn confine_in(
+    root: &Path,
+    root_fd: &Arc<OwnedFd>,
+    rel: &RelPath,
+) -> Result<Confined, ConfineError> {
+    acceptable(rel)?;
     let parts: Vec<&[u8]> = rel.components().collect();
     let Some((name, ancestors)) = parts.split_last() else {
         return Ok(Confined {
-            dir: root_fd.try_clone().map_err(io_err)?,
+            dir: root_fd.clone(),
             name: None,
         });
     };
     let dir = if ancestors.is_empty() {
-        root_fd.try_clone().map_err(io_err)?
+        root_fd.clone()
     } else {
-        local::open_beneath(root_fd, ancestors).map_err(|e| explain(root, rel, ancestors, e))?
+        Arc::new(
+            local::open_beneath(root_fd, ancestors)
+                .map_err(|e| explain(root, rel, ancestors, e))?,
+        )
     };
     Ok(Confined {
         dir,

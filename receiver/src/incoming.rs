@@ -134,7 +134,7 @@ impl Transfers {
                 "more than {MAX_FILES_IN_FLIGHT} files in flight in one session"
             )));
         }
-        let at = fs.entry(rel)?;
+        let at = fs.file_entry(rel)?;
         let path = at.path();
         let partials = &fs.state.partials;
         // A transfer of this very file that was cut off continues where it stopped.

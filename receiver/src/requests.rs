@@ -278,8 +278,17 @@ impl Requests {
                 // A burst: the commit under way moves on when its flush ends.
                 Err(mpsc::error::TryRecvError::Empty) => {
                     self.budget = None;
-                    if self.in_flight.is_none() && !self.commit() {
-                        return Flow::Stop;
+                    // A lone change is committed at once; a burst's, behind the loop.
+                    if self.in_flight.is_none() {
+                        let waiting = self.pending_acks.len() + self.fs.sealed();
+                        let committed = if waiting >= BEHIND_MIN {
+                            self.commit_behind()
+                        } else {
+                            self.commit()
+                        };
+                        if !committed {
+                            return Flow::Stop;
+                        }
                     }
                     match self.linger(requests) {
                         Next::Request(msg) => msg,
@@ -506,6 +515,17 @@ impl Requests {
         };
         if touches && !self.commit() {
             return Flow::Stop;
+        }
+        if !matches!(
+            msg,
+            Message::FileBegin { .. }
+                | Message::FileData { .. }
+                | Message::FileDelta { .. }
+                | Message::FileHole { .. }
+                | Message::FileEnd { .. }
+                | Message::FileAbort { .. }
+        ) {
+            self.fs.end_file_run();
         }
         let fs = &mut self.fs;
         match msg {
