@@ -344,6 +344,33 @@ impl Transfers {
         }
     }
 
+    /// `File`: a whole file in one message, as `FileBegin` (whole), `FileData` and
+    /// `FileEnd` would bring it.
+    pub fn whole(
+        &mut self,
+        fs: &mut Apply,
+        id: RequestId,
+        rel: &RelPath,
+        meta: Meta,
+        data: &[u8],
+        digest: Digest,
+    ) -> Outcome {
+        match self.begin(fs, id, rel, meta, Body::Whole) {
+            Outcome::Pending => {}
+            other => {
+                self.failed.remove(&id);
+                return other;
+            }
+        }
+        match self.data(fs, id, data) {
+            Outcome::Pending => self.end(fs, id, digest),
+            other => {
+                self.failed.remove(&id);
+                other
+            }
+        }
+    }
+
     /// `FileAbort`: the sender gave up on this file.
     pub fn abort(&mut self, id: RequestId) -> Outcome {
         if self.failed.remove(&id) {

@@ -519,6 +519,7 @@ impl Requests {
         if !matches!(
             msg,
             Message::FileBegin { .. }
+                | Message::File { .. }
                 | Message::FileData { .. }
                 | Message::FileDelta { .. }
                 | Message::FileHole { .. }
@@ -579,6 +580,16 @@ impl Requests {
                 body,
             } => {
                 let o = self.files.begin(fs, id, &path, meta, body);
+                return self.file(id, o);
+            }
+            Message::File {
+                id,
+                path,
+                meta,
+                data,
+                digest,
+            } => {
+                let o = self.files.whole(fs, id, &path, meta, &data, digest);
                 return self.file(id, o);
             }
             Message::FileData { id, data } => {

@@ -57,6 +57,8 @@ pub struct InFlight {
     f: Opened,
     /// Its replies.
     rx: Replies,
+    /// It went whole in one `File`, at this cost: only its answer is left.
+    whole: Option<Sent>,
 }
 
 /// A whole body read before its `FileBegin` went out: its frames, digest and cost.
@@ -286,17 +288,50 @@ pub async fn begin(
 }
 
 /// Sends the `FileBegin` of a file [`open`] made ready.
-pub async fn start(session: &Session, opened: Opened) -> Result<InFlight, TransferError> {
+pub async fn start(session: &Session, mut opened: Opened) -> Result<InFlight, TransferError> {
     let rx = session.register_as(opened.id);
-    session
-        .send(Message::FileBegin {
-            id: opened.id,
-            path: opened.path.clone(),
-            meta: opened.meta.clone(),
-            body: opened.body,
-        })
-        .await?;
-    Ok(InFlight { f: opened, rx })
+    // A small file read whole, in at most one slice and with no holes, goes as one `File`.
+    let whole = match opened.read.take() {
+        Some(read)
+            if read.frames.len() <= 1
+                && read
+                    .frames
+                    .iter()
+                    .all(|f| matches!(f, Message::FileData { .. })) =>
+        {
+            let data = match read.frames.into_iter().next() {
+                Some(Message::FileData { data, .. }) => data,
+                _ => Vec::new(),
+            };
+            session
+                .send(Message::File {
+                    id: opened.id,
+                    path: opened.path.clone(),
+                    meta: opened.meta.clone(),
+                    data,
+                    digest: read.digest,
+                })
+                .await?;
+            Some(read.sent)
+        }
+        read => {
+            opened.read = read;
+            session
+                .send(Message::FileBegin {
+                    id: opened.id,
+                    path: opened.path.clone(),
+                    meta: opened.meta.clone(),
+                    body: opened.body,
+                })
+                .await?;
+            None
+        }
+    };
+    Ok(InFlight {
+        f: opened,
+        rx,
+        whole,
+    })
 }
 
 impl InFlight {
@@ -307,6 +342,12 @@ impl InFlight {
         session: &Session,
         sending: &mut Option<T>,
     ) -> Result<Sent, TransferError> {
+        if let Some(sent) = self.whole {
+            drop(self.f.file);
+            sending.take();
+            session.expect_ack(&mut self.rx, &self.f.path).await?;
+            return Ok(sent);
+        }
         let mut signature = None;
         let mut resume = None;
         if self.f.body == Body::Delta {
@@ -520,9 +561,9 @@ fn stream_body(
 mod tests {
     use super::*;
 
-    /// A small file is read with its opening, before its `FileBegin`, under an id whose
-    /// replies are awaited only once that `FileBegin` is out: a file gone by then leaves no
-    /// request waiting (a daemon that keeps running would pile them up).
+    /// A small file is read with its opening, before it is sent, under an id whose replies
+    /// are awaited only once it is out: a file gone by then leaves no request waiting (a
+    /// daemon that keeps running would pile them up). It goes whole in one `File`.
     #[tokio::test]
     async fn a_small_file_is_read_at_once_and_a_vanished_one_leaves_nothing_waiting() {
         let dir = tempfile::tempdir().unwrap();
@@ -540,16 +581,20 @@ mod tests {
         let small = begin(&session, &origin, &small, Base::Absent, preserve).await;
         let small = small.unwrap().expect("there");
         assert_eq!(session.waiting(), 1);
-        let read = small.f.read.as_ref().expect("read with its opening");
-        assert!(matches!(
-            &read.frames[..],
-            [Message::FileData { id, data }] if *id == small.f.id && data == b"small body"
-        ));
+        assert_eq!(small.whole.map(|s| s.payload), Some(10), "sent whole at once");
         match far.read().await.unwrap() {
-            Some(Message::FileBegin { id, path, .. }) => {
-                assert_eq!((id, path), (small.f.id, RelPath::from("small")))
+            Some(Message::File {
+                id,
+                path,
+                data,
+                digest,
+                ..
+            }) => {
+                assert_eq!((id, path), (small.f.id, RelPath::from("small")));
+                assert_eq!(data, b"small body");
+                assert_eq!(digest, *blake3::hash(b"small body").as_bytes());
             }
-            other => panic!("expected FileBegin, got {other:?}"),
+            other => panic!("expected File, got {other:?}"),
         }
     }
 }

@@ -347,6 +347,20 @@ mod tests {
                 proptest::collection::vec(any::<u8>(), 0..2048)
             )
                 .prop_map(|(id, data)| Message::FileData { id, data }),
+            (
+                any::<u64>(),
+                path_strategy(),
+                meta_strategy(),
+                proptest::collection::vec(any::<u8>(), 0..2048),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(id, path, meta, data, digest)| Message::File {
+                    id,
+                    path,
+                    meta,
+                    data,
+                    digest
+                }),
             (any::<u64>(), path_strategy(), path_strategy())
                 .prop_map(|(id, from, to)| Message::Rename { id, from, to }),
             (

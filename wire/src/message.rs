@@ -14,7 +14,8 @@
 //! forward), `Resume` (it holds the start of this very file from a cut-off transfer; the rest
 //! follows as `FileData`*) or `NoBase`; then `FileEnd` carrying the [`BodyDigest`] of the body
 //! as it travelled (the plain blake3 digest of the content when it has no holes). The receiver
-//! commits only if the digest of what it wrote matches.
+//! commits only if the digest of what it wrote matches. A small file read whole before it
+//! is sent travels as one `File`, which says all three at once.
 //!
 //! [`BodyDigest`]: crate::body::BodyDigest
 
@@ -24,7 +25,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -230,6 +231,21 @@ pub enum Message {
         meta: Meta,
         /// Whole body or delta against the receiver's copy.
         body: Body,
+    },
+    /// A whole file in one frame: what `FileBegin` (whole body), one `FileData` and
+    /// `FileEnd` say, for a small file read before it is sent. Answered like a `FileEnd`.
+    File {
+        /// Request id.
+        id: RequestId,
+        /// Target path.
+        path: RelPath,
+        /// Desired metadata (size is the body's length).
+        meta: Meta,
+        /// The whole body.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        /// [`BodyDigest`](crate::body::BodyDigest) of the body.
+        digest: Digest,
     },
     /// A slice of the whole body, in order.
     FileData {
@@ -486,6 +502,7 @@ impl Message {
             | Message::Link { path, .. }
             | Message::Rename { to: path, .. }
             | Message::FileBegin { path, .. }
+            | Message::File { path, .. }
             | Message::VerifyDir { path, .. }
             | Message::Summarize { path, .. } => Some(path),
             _ => None,
@@ -520,7 +537,8 @@ impl Message {
             | Message::Delete { id, .. }
             | Message::Rename { id, .. }
             | Message::Link { id, .. }
-            | Message::FileBegin { id, .. } => Some(*id),
+            | Message::FileBegin { id, .. }
+            | Message::File { id, .. } => Some(*id),
             _ => None,
         }
     }
@@ -550,6 +568,7 @@ impl Message {
             Message::Rename { .. } => "Rename",
             Message::Link { .. } => "Link",
             Message::FileBegin { .. } => "FileBegin",
+            Message::File { .. } => "File",
             Message::FileData { .. } => "FileData",
             Message::FileDelta { .. } => "FileDelta",
             Message::FileHole { .. } => "FileHole",
