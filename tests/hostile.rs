@@ -228,10 +228,32 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
     };
     let deadline = Instant::now() + std::time::Duration::from_secs(3);
     let mut i = 0u64;
+    let mut whole = 0u64;
     while Instant::now() < deadline {
         i += 1;
         let name = |what: &str| RelPath::from(format!("d/{what}{i}").as_str());
         let _ = push_whole(&session, &name("f").to_string(), b"escaped?").await;
+        // A run of whole files into one directory, which the receiver resolves once.
+        let mut run = Vec::new();
+        for k in 0..4 {
+            let (id, rx) = session.register();
+            let path = name(&format!("w{k}."));
+            let data = b"escaped?".to_vec();
+            let digest = *blake3::hash(&data).as_bytes();
+            let meta = file_meta(data.len() as u64);
+            let file = Message::File {
+                id,
+                path: path.clone(),
+                meta,
+                data,
+                digest,
+            };
+            session.send(file).await.unwrap();
+            run.push((rx, path));
+        }
+        for (mut rx, path) in run {
+            whole += u64::from(session.expect_ack(&mut rx, &path).await.is_ok());
+        }
         let requests = [
             Message::Mkdir {
                 id: 0,
@@ -288,7 +310,7 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
     let flips = flipper.stop();
     let escaped: Vec<_> = fs::read_dir(&outside).unwrap().collect();
     eprintln!(
-        "{i} rounds of writes against {flips} flips; {} entries outside",
+        "{i} rounds of writes against {flips} flips ({whole} whole files landed); {} entries outside",
         escaped.len()
     );
     assert!(flips > 100, "the race did not run ({flips} flips)");
@@ -463,6 +485,56 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
         .to_string();
     assert!(e.contains("digest mismatch"), "{e}");
     refusals.push(e);
+    // A whole file in one message that lies: about its digest, about its size, or with a
+    // path out of the module.
+    for (path, meta, data, digest, says) in [
+        (
+            "liar1",
+            file_meta(1),
+            b"x".to_vec(),
+            [0; 32],
+            "digest mismatch",
+        ),
+        (
+            "long1",
+            file_meta(4),
+            vec![7; 4096],
+            [0; 32],
+            "more data than the announced 4",
+        ),
+        (
+            "../up",
+            file_meta(1),
+            b"x".to_vec(),
+            *blake3::hash(b"x").as_bytes(),
+            "refused path",
+        ),
+        (
+            "evil/in",
+            file_meta(1),
+            b"x".to_vec(),
+            *blake3::hash(b"x").as_bytes(),
+            "refused path",
+        ),
+    ] {
+        let (id, mut rx) = attacker.register();
+        let path = RelPath::from(path);
+        let file = Message::File {
+            id,
+            path: path.clone(),
+            meta,
+            data,
+            digest,
+        };
+        attacker.send(file).await.unwrap();
+        let e = attacker
+            .expect_ack(&mut rx, &path)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{path}: {e}");
+        refusals.push(e);
+    }
     // More body than announced.
     let (id, mut rx) = attacker.register();
     for m in [
@@ -604,9 +676,13 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
         "written outside"
     );
     assert_eq!(fs::read(pair.dst.join("honest")).unwrap(), b"fine");
-    for name in ["liar", "long", "open0", "stolen"] {
+    for name in ["liar", "long", "liar1", "long1", "open0", "stolen"] {
         assert!(!pair.dst.join(name).exists(), "{name} was committed");
     }
+    assert!(
+        !pair.dst.parent().unwrap().join("up").exists(),
+        "../up was written"
+    );
     assert_eq!(
         fs::read(pair.dst.join("base")).unwrap(),
         pseudo_random(64 << 10, 9),

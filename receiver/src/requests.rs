@@ -311,7 +311,11 @@ impl Requests {
                 Some(held) => held.merge(permit),
                 None => self.budget = Some(permit),
             }
-            if self.budget.as_ref().is_some_and(|h| h.num_permits() >= RELEASE) {
+            if self
+                .budget
+                .as_ref()
+                .is_some_and(|h| h.num_permits() >= RELEASE)
+            {
                 self.budget = None;
             }
         }

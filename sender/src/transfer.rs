@@ -581,7 +581,11 @@ mod tests {
         let small = begin(&session, &origin, &small, Base::Absent, preserve).await;
         let small = small.unwrap().expect("there");
         assert_eq!(session.waiting(), 1);
-        assert_eq!(small.whole.map(|s| s.payload), Some(10), "sent whole at once");
+        assert_eq!(
+            small.whole.map(|s| s.payload),
+            Some(10),
+            "sent whole at once"
+        );
         match far.read().await.unwrap() {
             Some(Message::File {
                 id,
