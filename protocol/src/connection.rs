@@ -117,16 +117,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .min(self.limit + frame::HEADER_LEN);
             debug_assert!(want <= MAX_FRAME + 64 * 1024 + frame::HEADER_LEN);
             let len = self.buf.len();
-            self.buf.resize(want, 0);
-            let n = self.inner.read(&mut self.buf[len..]).await;
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return Err(e.into());
-                }
-            };
-            self.buf.truncate(len + n);
+            self.buf.reserve(want - len);
+            // Into the spare capacity, never zeroed first: at most `want` in all.
+            let mut room = bytes::BufMut::limit(&mut self.buf, want - len);
+            let n = self.inner.read_buf(&mut room).await?;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
