@@ -241,13 +241,7 @@ async fn a_directory_flipped_to_a_symlink_never_lets_a_write_out() {
             let data = b"escaped?".to_vec();
             let digest = *blake3::hash(&data).as_bytes();
             let meta = file_meta(data.len() as u64);
-            let file = Message::File {
-                id,
-                path: path.clone(),
-                meta,
-                data,
-                digest,
-            };
+            let file = common::whole_file(id, &path, meta, data, digest);
             session.send(file).await.unwrap();
             run.push((rx, path));
         }
@@ -519,13 +513,7 @@ async fn a_hostile_client_is_refused_while_a_good_sender_is_served() {
     ] {
         let (id, mut rx) = attacker.register();
         let path = RelPath::from(path);
-        let file = Message::File {
-            id,
-            path: path.clone(),
-            meta,
-            data,
-            digest,
-        };
+        let file = common::whole_file(id, &path, meta, data, digest);
         attacker.send(file).await.unwrap();
         let e = attacker
             .expect_ack(&mut rx, &path)

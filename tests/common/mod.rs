@@ -110,6 +110,23 @@ pub fn file_meta(size: u64) -> ferry_protocol::meta::Meta {
     }
 }
 
+/// A whole file in one message, as a sender sends a small one (`meta` may lie).
+pub fn whole_file(
+    id: u64,
+    path: &ferry_protocol::RelPath,
+    meta: ferry_protocol::meta::Meta,
+    data: Vec<u8>,
+    digest: [u8; 32],
+) -> ferry_protocol::message::Message {
+    ferry_protocol::message::Message::File {
+        id,
+        path: path.clone(),
+        meta,
+        data,
+        digest,
+    }
+}
+
 /// Sends `data` as the whole file `path` over `session` and waits for its `Ack`.
 pub async fn push_whole(
     session: &ferry_sender::session::Session,
