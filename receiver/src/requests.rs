@@ -1,5 +1,6 @@
 //! The request loop of one session. It takes requests in arrival order and answers each one
-//! exactly once; it runs on a blocking thread only while requests are waiting.
+//! exactly once; it runs on a blocking thread only while requests are waiting, and for
+//! [`LINGER`] after its queue runs dry.
 //!
 //! Durability (group commit): a change is acknowledged only after it and the directories it
 //! touched are durable. A commit makes the sealed files' data durable, names them, makes
@@ -14,12 +15,13 @@
 //! arrived during the last one's flushes; the loop waits for it only when [`MAX_SEALED`]
 //! files or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
 //! thread, between requests. When no further request is queued and no commit is under way,
-//! everything is committed and answered before the loop hands its thread back
-//! (`Requests::commit`): a lone change is durable and answered at once. When one is under
-//! way (a burst), the loop hands its thread back without waiting for it, and the end of
-//! its flush wakes the loop (`Requests::wake`) as a request would, to move it on: a
-//! stream of files is never held up by its own commits, each of which covers what arrived
-//! during the last one's flushes. A request on a
+//! fewer than `BEHIND_MIN` changes waiting are committed and answered at once
+//! (`Requests::commit`): a lone change is durable and answered without a hand-off; more
+//! begin a commit behind the loop. While one is under way (a burst), the loop does not
+//! wait for it: it lingers for the next request, and the end of a flush moves the commit
+//! on (`Requests::wake`) as a request would — on the lingering thread, or, once the loop
+//! has handed its thread back, by waking it: a stream of files is never held up by its own
+//! commits, each of which covers what arrived during the last one's flushes. A request on a
 //! sealed file's path, or above or below it (waiting or in the commit under way), commits
 //! first, so requests apply in arrival order.
 
@@ -223,8 +225,8 @@ impl Requests {
     /// did not end are kept to resume; everything completed is committed and acknowledged.
     ///
     /// An idle session holds no thread: the loop waits on the channel as a task, and only the
-    /// work on requests that have arrived runs on a blocking thread — until the channel is
-    /// momentarily empty, when it commits and hands the thread back.
+    /// work on requests that have arrived runs on a blocking thread — until the channel has
+    /// been empty for [`LINGER`], when it hands the thread back.
     pub async fn serve(mut self, mut requests: mpsc::Receiver<Request>) {
         loop {
             let woken = if self.in_flight.is_some() {
