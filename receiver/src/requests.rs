@@ -1,6 +1,6 @@
 //! The request loop of one session. It takes requests in arrival order and answers each one
 //! exactly once; it runs on a blocking thread only while requests are waiting, and for
-//! [`LINGER`] after its queue runs dry.
+//! `LINGER` (2 ms) after its queue runs dry.
 //!
 //! Durability (group commit): a change is acknowledged only after it and the directories it
 //! touched are durable. A commit makes the sealed files' data durable, names them, makes
@@ -226,7 +226,7 @@ impl Requests {
     ///
     /// An idle session holds no thread: the loop waits on the channel as a task, and only the
     /// work on requests that have arrived runs on a blocking thread — until the channel has
-    /// been empty for [`LINGER`], when it hands the thread back.
+    /// been empty for `LINGER` (2 ms), when it hands the thread back.
     pub async fn serve(mut self, mut requests: mpsc::Receiver<Request>) {
         loop {
             let woken = if self.in_flight.is_some() {
