@@ -976,6 +976,31 @@ async fn sessions_past_512_were_welcomed_and_never_served() {
         .unwrap();
 }
 
+/// 600 sessions each served a request, then idle: a session's request loop keeps its
+/// blocking thread only a moment after its queue runs dry, so all of them and a 601st are
+/// served although the pool stops at 512 threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_served_then_idle_give_their_threads_back() {
+    let mut pair = Pair::new();
+    let mut idle = Vec::new();
+    let within = Duration::from_secs(30);
+    for i in 0..601 {
+        let session = pair.session().await;
+        let path = RelPath::from(format!("gone{i}").as_str());
+        tokio::time::timeout(within, session.call(|id| Message::Delete { id, path }))
+            .await
+            .unwrap_or_else(|_| panic!("session {i} was never served"))
+            .unwrap();
+        idle.push(session);
+    }
+    // The first is still there and works.
+    let path = RelPath::from("again");
+    tokio::time::timeout(within, idle[0].call(|id| Message::Delete { id, path }))
+        .await
+        .expect("the first session was never served again")
+        .unwrap();
+}
+
 /// 3,000 `FileBegin`s without `FileEnd` opened 3,000 descriptors and staging files.
 #[tokio::test]
 async fn file_begins_without_end_held_unbounded_descriptors() {
