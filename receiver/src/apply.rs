@@ -147,7 +147,7 @@ impl Apply {
             if dir == parent {
                 crate::confine::acceptable(rel).map_err(refused)?;
                 not_root(rel).map_err(refused)?;
-                let at = at.sibling(name)?;
+                let at = at.sibling(name);
                 self.note_parent(rel);
                 return Ok(at);
             }

@@ -231,7 +231,7 @@ impl Apply {
                     (Some((dir, at)), Some(parent), Some(name)) if dir == parent => {
                         crate::confine::not_root(&s.path).map_err(io::Error::other)?;
                         self.note_parent(&s.path);
-                        at.sibling(&name)?
+                        at.sibling(&name)
                     }
                     _ => self.entry(&s.path)?,
                 };

@@ -91,11 +91,11 @@ impl Confined {
 
     /// The entry `name` in a directory already held (resolved beneath the module by another
     /// `Confined`), without resolving it again.
-    pub fn sibling(&self, name: &[u8]) -> io::Result<Confined> {
-        Ok(Confined {
+    pub fn sibling(&self, name: &[u8]) -> Confined {
+        Confined {
             dir: self.dir.clone(),
             name: Some(name.to_vec()),
-        })
+        }
     }
 
     /// How many entries removing this entry takes (see [`local::count_entries`]), up to

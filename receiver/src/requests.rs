@@ -280,17 +280,8 @@ impl Requests {
                 // A burst: the commit under way moves on when its flush ends.
                 Err(mpsc::error::TryRecvError::Empty) => {
                     self.budget = None;
-                    // A lone change is committed at once; a burst's, behind the loop.
-                    if self.in_flight.is_none() {
-                        let waiting = self.pending_acks.len() + self.fs.sealed();
-                        let committed = if waiting >= BEHIND_MIN {
-                            self.commit_behind()
-                        } else {
-                            self.commit()
-                        };
-                        if !committed {
-                            return Flow::Stop;
-                        }
+                    if self.in_flight.is_none() && !self.commit_waiting() {
+                        return Flow::Stop;
                     }
                     match self.linger(requests) {
                         Next::Request(msg) => msg,
@@ -367,16 +358,22 @@ impl Requests {
         if self.in_flight.is_some() {
             return Flow::Continue;
         }
-        let waiting = self.pending_acks.len() + self.fs.sealed();
-        let committed = if waiting >= BEHIND_MIN {
-            self.commit_behind()
-        } else {
-            self.commit()
-        };
-        if committed {
+        if self.commit_waiting() {
             Flow::Continue
         } else {
             Flow::Stop
+        }
+    }
+
+    /// No commit is under way: commits what waits, behind the loop if a burst's worth
+    /// ([`BEHIND_MIN`]) waits, else at once (a lone change, answered without a hand-off).
+    /// Returns false if the peer is gone.
+    fn commit_waiting(&mut self) -> bool {
+        let waiting = self.pending_acks.len() + self.fs.sealed();
+        if waiting >= BEHIND_MIN {
+            self.commit_behind()
+        } else {
+            self.commit()
         }
     }
 

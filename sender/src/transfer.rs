@@ -68,6 +68,17 @@ struct ReadBody {
     sent: Sent,
 }
 
+impl ReadBody {
+    /// The whole body, taken out, if it is at most one slice of data (no holes).
+    fn one_slice(&mut self) -> Option<Vec<u8>> {
+        match self.frames.as_mut_slice() {
+            [] => Some(Vec::new()),
+            [Message::FileData { data, .. }] => Some(std::mem::take(data)),
+            _ => None,
+        }
+    }
+}
+
 /// What one file cost.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sent {
@@ -291,18 +302,9 @@ pub async fn begin(
 pub async fn start(session: &Session, mut opened: Opened) -> Result<InFlight, TransferError> {
     let rx = session.register_as(opened.id);
     // A small file read whole, in at most one slice and with no holes, goes as one `File`.
-    let whole = match opened.read.take() {
-        Some(read)
-            if read.frames.len() <= 1
-                && read
-                    .frames
-                    .iter()
-                    .all(|f| matches!(f, Message::FileData { .. })) =>
-        {
-            let data = match read.frames.into_iter().next() {
-                Some(Message::FileData { data, .. }) => data,
-                _ => Vec::new(),
-            };
+    let whole = match opened.read.as_mut().and_then(ReadBody::one_slice) {
+        Some(data) => {
+            let read = opened.read.take().expect("looked at above");
             session
                 .send(Message::File {
                     id: opened.id,
@@ -314,8 +316,7 @@ pub async fn start(session: &Session, mut opened: Opened) -> Result<InFlight, Tr
                 .await?;
             Some(read.sent)
         }
-        read => {
-            opened.read = read;
+        None => {
             session
                 .send(Message::FileBegin {
                     id: opened.id,
