@@ -181,12 +181,30 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.write_all(std::slice::from_ref(msg)).await
     }
 
-    /// Writes several messages with one `write_all`, then flushes.
+    /// Writes several messages, [`WRITE_AT`] bytes of frames or more at a time, then
+    /// flushes. The frames are made in one buffer, kept from batch to batch: a stream of file
+    /// bodies reuses the same memory instead of growing a new buffer for every batch.
     pub async fn write_all(&mut self, msgs: &[Message]) -> Result<(), ConnError> {
         self.buf.clear();
         for m in msgs {
             self.packer.encode(m, &mut self.buf)?;
+            if self.buf.len() >= WRITE_AT {
+                self.put().await?;
+            }
         }
+        if !self.buf.is_empty() {
+            self.put().await?;
+        }
+        self.inner.flush().await?;
+        if self.buf.capacity() > KEEP {
+            // Do not keep a delta-sized buffer around for every idle connection.
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Writes the frames made so far and empties the buffer.
+    async fn put(&mut self) -> Result<(), ConnError> {
         match &self.pace {
             None => self.inner.write_all(&self.buf).await?,
             // Paced in small slices, so one big frame cannot run far past the cap.
@@ -197,12 +215,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 }
             }
         }
-        self.inner.flush().await?;
         self.written += self.buf.len() as u64;
-        if self.buf.capacity() > 1024 * 1024 {
-            // Do not keep a delta-sized buffer around for every idle connection.
-            self.buf = Vec::new();
-        }
+        self.buf.clear();
         Ok(())
     }
 
@@ -253,6 +267,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
 /// What a paced writer writes between two looks at its cap.
 const PACED_SLICE: usize = 16 * 1024;
+
+/// Frames made before they are written: a batch larger than this goes in several writes.
+const WRITE_AT: usize = 1024 * 1024;
+
+/// The frame buffer kept between batches: what [`WRITE_AT`] and one file body's frame need
+/// (a larger frame, a listing or a delta, has its buffer freed after it).
+const KEEP: usize = 2 * 1024 * 1024;
 
 /// How often a receiver says [`Message::Alive`] on an open session.
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -392,6 +413,48 @@ mod tests {
         }
         assert!(r.read().await.unwrap().is_none());
         writer.await.unwrap();
+    }
+
+    /// A batch of more than [`WRITE_AT`] bytes goes in several writes, in order, every byte
+    /// counted; the buffer is kept for the next batch unless a frame made it larger than
+    /// [`KEEP`].
+    #[tokio::test]
+    async fn a_large_batch_is_written_in_pieces_and_its_buffer_kept() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut w = FrameWriter::new(a);
+        let body = |id: u64, n: usize| Message::FileData {
+            id,
+            data: (0..n).map(|i| (i % 251) as u8).collect(),
+        };
+        let first: Vec<Message> = (0..12).map(|id| body(id, 200 * 1024)).collect();
+        let second = vec![body(12, 5 * 1024 * 1024), Message::Bye];
+        let framed = |msgs: &[Message]| {
+            let mut out = Vec::new();
+            for m in msgs {
+                ferry_wire::frame::encode(m, &mut out).unwrap();
+            }
+            out.len() as u64
+        };
+        let (n1, n2) = (framed(&first), framed(&second));
+        assert!(n1 > 2 * WRITE_AT as u64, "the first batch spans several writes");
+        let (f, s) = (first.clone(), second.clone());
+        let writer = tokio::spawn(async move {
+            w.write_all(&f).await.unwrap();
+            let kept = (w.bytes_written(), w.buf.capacity());
+            w.write_all(&s).await.unwrap();
+            let after = (w.bytes_written(), w.buf.capacity());
+            w.shutdown().await.unwrap();
+            (kept, after)
+        });
+        let mut r = FrameReader::new(b);
+        for m in first.iter().chain(&second) {
+            assert_eq!(&r.read().await.unwrap().unwrap(), m);
+        }
+        assert!(r.read().await.unwrap().is_none());
+        let ((written1, kept), (written2, after)) = writer.await.unwrap();
+        assert_eq!((written1, written2), (n1, n1 + n2));
+        assert!(kept >= WRITE_AT && kept <= KEEP, "kept {kept} bytes");
+        assert_eq!(after, 0, "a buffer grown past KEEP is freed");
     }
 
     #[tokio::test]

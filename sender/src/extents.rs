@@ -61,12 +61,11 @@ pub fn walk(
             .min(size.saturating_sub(total) as usize + 1)
             .min(extent_end.saturating_sub(total).max(1) as usize)
             .min(usize::try_from(until - total).unwrap_or(usize::MAX));
-        let mut chunk = vec![0; want];
-        let n = read_to_short(file, &mut chunk).map_err(read_err)?;
+        let mut chunk = Vec::with_capacity(want);
+        let n = read_into(file, &mut chunk).map_err(read_err)?;
         if n == 0 {
             break;
         }
-        chunk.truncate(n);
         total += n as u64;
         if total > size {
             return Err(TransferError::Changed(path.clone()));
@@ -106,13 +105,25 @@ fn seek(f: &std::fs::File, from: u64, whence: libc::c_int) -> std::io::Result<u6
     }
 }
 
-/// One read into `buf` (again if interrupted): the count read, which for a regular file is
+/// One read into the spare capacity of `buf`, not zeroed first (again if interrupted); the
+/// bytes read are added to its length. The count read, which for a regular file is
 /// short only at its end.
-fn read_to_short(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_into(f: &std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
     loop {
-        match f.read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            r => return r,
+        // SAFETY: `read` writes at most `spare.len()` bytes into `spare`, which `buf` owns
+        // and does not otherwise use until the call returns.
+        let n = unsafe { libc::read(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

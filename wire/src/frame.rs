@@ -229,9 +229,23 @@ mod tests {
         bincode::serde::encode_to_vec(value, config()).unwrap()
     }
 
-    /// Byte fields are written as one length and the bytes (`serde_bytes`), not as a
-    /// sequence of `u8`s element by element: the same bytes on the wire as a plain `Vec<u8>`,
-    /// so peers of either kind read each other.
+    /// Byte fields are written as one length and the bytes, the same bytes on the wire as a
+    /// plain `Vec<u8>`, and read back as they were.
+    #[test]
+    fn byte_fields_are_a_length_and_the_bytes() {
+        let bytes = b"a/b\xff".to_vec();
+        let path = RelPath::from_bytes(bytes.clone());
+        assert_eq!(plain(&path), plain(&bytes));
+        let msg = Message::FileData {
+            id: 7,
+            data: (0..=255u8).cycle().take(70_000).collect(),
+        };
+        let mut framed = Vec::new();
+        encode(&msg, &mut framed).unwrap();
+        let (back, used) = decode(&framed).unwrap().unwrap();
+        assert_eq!((back, used), (msg, framed.len()));
+    }
+
     /// The largest signature a receiver sends, with as many window digests as it may send
     /// beside it, is one frame a peer accepts.
     #[test]

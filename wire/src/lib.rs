@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod body;
+mod byte_buf;
 pub mod delta;
 pub mod fingerprint;
 pub mod frame;

@@ -169,7 +169,7 @@ pub enum Message {
         /// Target path.
         path: RelPath,
         /// Link target bytes.
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::byte_buf")]
         target: Vec<u8>,
         /// Desired metadata.
         meta: Meta,
@@ -242,7 +242,7 @@ pub enum Message {
         /// Desired metadata (size is the body's length).
         meta: Meta,
         /// The whole body.
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::byte_buf")]
         data: Vec<u8>,
         /// [`BodyDigest`](crate::body::BodyDigest) of the body.
         digest: Digest,
@@ -252,7 +252,7 @@ pub enum Message {
         /// Request id of the `FileBegin`.
         id: RequestId,
         /// Bytes.
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::byte_buf")]
         data: Vec<u8>,
     },
     /// The rsync delta of the next window of the new file against the receiver's base.
@@ -262,7 +262,7 @@ pub enum Message {
         /// Length of the window this delta rebuilds.
         window: u64,
         /// fast_rsync delta bytes.
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::byte_buf")]
         delta: Vec<u8>,
     },
     /// The next `len` bytes of a whole body are zeros the source does not store (a hole of a
@@ -344,7 +344,7 @@ pub enum Message {
         /// Request id of the `FileBegin`.
         id: RequestId,
         /// Serialized fast_rsync signature.
-        #[serde(with = "serde_bytes")]
+        #[serde(with = "crate::byte_buf")]
         signature: Vec<u8>,
         /// The digest of each [`WINDOW`](crate::delta::WINDOW) of the copy (see
         /// [`BodyDigest`](crate::body::BodyDigest)): a window of the sender's file with the

@@ -15,7 +15,7 @@ pub const MAX_NAME_LEN: usize = 255;
 
 /// A relative, `/`-separated path; empty means the root.
 #[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct RelPath(#[serde(with = "serde_bytes")] Vec<u8>);
+pub struct RelPath(#[serde(with = "crate::byte_buf")] Vec<u8>);
 
 /// Why a peer's path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
