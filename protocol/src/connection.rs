@@ -436,7 +436,10 @@ mod tests {
             out.len() as u64
         };
         let (n1, n2) = (framed(&first), framed(&second));
-        assert!(n1 > 2 * WRITE_AT as u64, "the first batch spans several writes");
+        assert!(
+            n1 > 2 * WRITE_AT as u64,
+            "the first batch spans several writes"
+        );
         let (f, s) = (first.clone(), second.clone());
         let writer = tokio::spawn(async move {
             w.write_all(&f).await.unwrap();
@@ -453,7 +456,7 @@ mod tests {
         assert!(r.read().await.unwrap().is_none());
         let ((written1, kept), (written2, after)) = writer.await.unwrap();
         assert_eq!((written1, written2), (n1, n1 + n2));
-        assert!(kept >= WRITE_AT && kept <= KEEP, "kept {kept} bytes");
+        assert!((WRITE_AT..=KEEP).contains(&kept), "kept {kept} bytes");
         assert_eq!(after, 0, "a buffer grown past KEEP is freed");
     }
 
