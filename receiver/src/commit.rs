@@ -40,9 +40,28 @@ pub struct Sealed {
 /// filesystem once (`syncfs`) instead of each file (`fsync`).
 pub const SYNCFS_BATCH: usize = 8;
 
-/// Sealed files one session may hold (each an open descriptor) before a group commit is
-/// forced.
-pub const MAX_SEALED: usize = 256;
+/// Sealed files one session may hold (each an open descriptor) while a commit is under way,
+/// before the loop waits for it: while one commit's files flush, as many more seal. 1,024,
+/// or a 64th of the process's descriptor limit where that is less (at least 32), so that
+/// sessions, each holding two commits' worth at most, stay well within it.
+pub fn max_sealed() -> usize {
+    static SEALED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SEALED.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct passed.
+        let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+        sealed_for(known.then_some(lim.rlim_cur))
+    })
+}
+
+/// [`max_sealed`] under a descriptor limit of `nofile` (`None`: unknown).
+fn sealed_for(nofile: Option<u64>) -> usize {
+    let by_limit = nofile.map_or(256, |n| usize::try_from(n / 64).unwrap_or(usize::MAX));
+    by_limit.clamp(32, 1024)
+}
 
 /// Sealed files whose data a group commit makes durable ([`Apply::take_data`]).
 pub struct DataFlush {
@@ -381,5 +400,22 @@ impl Apply {
         if let Some(parent) = rel.parent() {
             self.dirty.insert(parent);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sealed_for;
+
+    /// A session's sealed files are bounded by the descriptor limit: a 64th of it, from 32
+    /// up to 1,024.
+    #[test]
+    fn sealed_files_are_bounded_by_the_descriptor_limit() {
+        assert_eq!(sealed_for(Some(204_800)), 1024, "the units' limit");
+        assert_eq!(sealed_for(Some(1 << 20)), 1024);
+        assert_eq!(sealed_for(Some(16_384)), 256);
+        assert_eq!(sealed_for(Some(4096)), 64);
+        assert_eq!(sealed_for(Some(1024)), 32, "never fewer than 32");
+        assert_eq!(sealed_for(None), 256);
     }
 }

@@ -12,7 +12,7 @@
 //! In a burst the flushes run behind the loop, on a thread of their own, while the loop
 //! takes the next requests (`Requests::commit_behind`): one begins as soon as
 //! `BEHIND_MIN` answers or files wait and none is under way, so each commit covers what
-//! arrived during the last one's flushes; the loop waits for it only when [`MAX_SEALED`]
+//! arrived during the last one's flushes; the loop waits for it only when [`max_sealed`]
 //! files or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
 //! thread, between requests. When no further request is queued and no commit is under way,
 //! fewer than `BEHIND_MIN` changes waiting are committed and answered at once
@@ -29,7 +29,7 @@ use crate::apply::Apply;
 
 /// Versions per `Versions` frame.
 const HISTORY_BATCH: usize = 500;
-use crate::commit::{Flushed, MAX_SEALED};
+use crate::commit::{max_sealed, Flushed};
 use crate::incoming::{Outcome, Transfers};
 use crate::leftovers::module_filter;
 use crate::module::ModuleState;
@@ -45,7 +45,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Acknowledgements that may wait for one group commit.
-pub const GROUP_COMMIT: usize = 512;
+pub const GROUP_COMMIT: usize = 2048;
 /// Answers and sealed files waiting from which a commit begins behind the loop when none is
 /// under way: as soon as a burst has begun, so that the next commit covers what arrives
 /// while this one's flushes run (their wait sets the size of the next).
@@ -723,7 +723,7 @@ impl Requests {
 
     /// Between two requests: moves the commit under way on, and begins the next one behind
     /// it when enough waits ([`BEHIND_MIN`]) and none is under way, or waits for the one
-    /// under way when [`MAX_SEALED`] files or [`GROUP_COMMIT`] answers wait.
+    /// under way when [`max_sealed`] files or [`GROUP_COMMIT`] answers wait.
     fn step_commit(&mut self) -> bool {
         if !self.advance(false) {
             return false;
@@ -731,7 +731,7 @@ impl Requests {
         let sealed = self.fs.sealed();
         let waiting = self.pending_acks.len() + sealed;
         let begin = if self.in_flight.is_some() {
-            sealed >= MAX_SEALED || waiting >= GROUP_COMMIT
+            sealed >= max_sealed() || waiting >= GROUP_COMMIT
         } else {
             waiting >= BEHIND_MIN
         };
