@@ -27,7 +27,7 @@ pub const MAX_IN_FLIGHT: usize = 512;
 pub const MAX_FILES_IN_FLIGHT: usize = 16;
 /// Files sent and waiting for their `Ack` per session: the receiver makes them durable
 /// together at its group commit, so many must be on their way for a commit to cover many.
-pub const MAX_FILES_UNACKED: usize = 4096;
+pub const MAX_FILES_UNACKED: usize = 2048;
 /// Attempts for a file that keeps changing while it is read.
 pub const FILE_ATTEMPTS: usize = 3;
 
