@@ -59,6 +59,38 @@ mod tests {
         assert!(errors.is_empty());
     }
 
+    /// The wide scan reads what the plain one reads, in the same order: directories on
+    /// other threads, files and links between them at the top, a filtered subtree, an empty
+    /// directory, a deep one.
+    #[test]
+    fn a_wide_scan_equals_the_plain_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["a/b/c", "b", "c/x", "skip/deep", "z/y/x/w"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (i, f) in ["0", "a-b", "a/b/f", "b0", "c/x/g", "m", "z/y/h", "zz"]
+            .iter()
+            .enumerate()
+        {
+            std::fs::write(root.join(f), vec![b'x'; i]).unwrap();
+        }
+        for d in 0..40 {
+            std::fs::create_dir_all(root.join(format!("many/{d}"))).unwrap();
+            std::fs::create_dir_all(root.join(format!("top{d}/{d}"))).unwrap();
+            std::fs::write(root.join(format!("top{d}/{d}/f")), b"y").unwrap();
+        }
+        std::os::unix::fs::symlink("a-b", root.join("link")).unwrap();
+        let filter = |p: &RelPath, _: bool| p.as_bytes() != b"skip";
+        let (mut plain_errors, mut wide_errors) = (Vec::new(), Vec::new());
+        let plain = scan(root, &filter, Namespaces::ALL, &mut plain_errors).unwrap();
+        let wide = scan_wide(root, &filter, Namespaces::ALL, &mut wide_errors).unwrap();
+        // The root, 10 directories, 8 files, the link, `many` and its 40, `top*`'s 120.
+        assert_eq!(wide.len(), 1 + 10 + 8 + 1 + 41 + 40 * 3);
+        assert_eq!(wide, plain);
+        assert!(plain_errors.is_empty() && wide_errors.is_empty());
+    }
+
     /// A chain of directories deeper than any path a peer accepts (someone with write access
     /// to a source can make one with `mkdir d; cd d` in a loop): every walk stops where the
     /// paths would pass `PATH_MAX`, says so once, and takes no more stack than a thread's

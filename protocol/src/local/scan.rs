@@ -283,6 +283,81 @@ pub fn scan_at(
     Ok(out)
 }
 
+/// [`scan`] of the whole tree at `root`, its top directories walked side by side on up to
+/// four threads (as many as the machine has cores): the same entries in the same tree order,
+/// the same errors in the same order, in a fraction of the time where the tree is wide. For
+/// a whole tree read before anything else can start (a restore's view of its module).
+pub fn scan_wide(
+    root: &Path,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> io::Result<Vec<Entry>> {
+    let held = open_root(root)?;
+    let top = RelPath::root();
+    let Some(first) = read_entry_at(&held, &top, xattrs, errors)? else {
+        return Err(io::ErrorKind::NotFound.into());
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let children = read_children(&held, &top, filter, xattrs, errors);
+    let dirs: Vec<usize> = (0..children.len())
+        .filter(|&i| children[i].meta.kind == Kind::Dir)
+        .collect();
+    // What each top directory's walk found, by its place in `dirs`.
+    let found: Vec<std::sync::Mutex<Option<Piece>>> =
+        dirs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let below = |k: usize| -> Piece {
+        let path = &children[dirs[k]].path;
+        let (mut out, mut errs) = (Vec::new(), Vec::new());
+        match open_child(&held, path.file_name()) {
+            Ok(sub) => {
+                walk(
+                    &sub,
+                    path,
+                    filter,
+                    xattrs,
+                    &mut errs,
+                    &mut out,
+                    &mut |_, _| true,
+                );
+            }
+            // Gone since it was listed: its entry stays, its contents are unknown.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => errs.push((path.clone(), e)),
+        }
+        (out, errs)
+    };
+    let work = || loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if k >= dirs.len() {
+            break;
+        }
+        let piece = below(k);
+        *found[k].lock().expect("scan slot") = Some(piece);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.min(dirs.len()) {
+            s.spawn(work);
+        }
+        work();
+    });
+    let mut out = Vec::with_capacity(1 + children.len());
+    out.push(first);
+    let mut found = found.into_iter();
+    for child in children {
+        let is_dir = child.meta.kind == Kind::Dir;
+        out.push(child);
+        if is_dir {
+            let slot = found.next().expect("a slot per directory");
+            let (entries, errs) = slot.into_inner().expect("scan slot").expect("walked");
+            out.extend(entries);
+            errors.extend(errs);
+        }
+    }
+    Ok(out)
+}
+
 /// Errors met on the way, each with its path.
 pub type Errors = Vec<(RelPath, io::Error)>;
 

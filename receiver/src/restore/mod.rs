@@ -157,7 +157,8 @@ fn now_under(
     let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
     let mut errors = Vec::new();
     if paths.is_empty() {
-        return local::scan(module, &ours, xattrs, &mut errors);
+        // The client waits for the whole view: read it on as many cores as there are.
+        return local::scan_wide(module, &ours, xattrs, &mut errors);
     }
     let root = local::open_root(module)?;
     let mut starts: Vec<RelPath> = paths.to_vec();
