@@ -75,17 +75,25 @@ pub fn tune_allocator() {
 /// usual soft limit of 1,024 long before the hard limit the administrator set (the units set
 /// both). Left as it is if it cannot be read or set.
 pub fn raise_descriptor_limit() {
+    if let Some(mut lim) = descriptor_limits().filter(|l| l.rlim_cur < l.rlim_max) {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads the struct passed.
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+/// The soft limit of open descriptors, if it can be read.
+pub fn descriptor_limit() -> Option<u64> {
+    descriptor_limits().map(|l| l.rlim_cur)
+}
+
+fn descriptor_limits() -> Option<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    // SAFETY: getrlimit only writes the struct passed.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
 }
 
 /// Hands memory freed by a finished piece of work (a session, a whole-tree compare) back to
@@ -110,13 +118,7 @@ pub fn io_reason(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     fn nofile() -> libc::rlimit {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit only writes the struct passed.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        lim
+        super::descriptor_limits().expect("the descriptor limit is readable")
     }
 
     #[test]

@@ -46,15 +46,7 @@ pub const SYNCFS_BATCH: usize = 8;
 /// sessions, each holding two commits' worth at most, stay well within it.
 pub fn max_sealed() -> usize {
     static SEALED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SEALED.get_or_init(|| {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit only writes the struct passed.
-        let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-        sealed_for(known.then_some(lim.rlim_cur))
-    })
+    *SEALED.get_or_init(|| sealed_for(ferry_protocol::descriptor_limit()))
 }
 
 /// [`max_sealed`] under a descriptor limit of `nofile` (`None`: unknown).

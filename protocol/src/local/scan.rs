@@ -310,22 +310,8 @@ pub fn scan_wide(
     let below = |k: usize| -> Piece {
         let path = &children[dirs[k]].path;
         let (mut out, mut errs) = (Vec::new(), Vec::new());
-        match open_child(&held, path.file_name()) {
-            Ok(sub) => {
-                walk(
-                    &sub,
-                    path,
-                    filter,
-                    xattrs,
-                    &mut errs,
-                    &mut out,
-                    &mut |_, _| true,
-                );
-            }
-            // Gone since it was listed: its entry stays, its contents are unknown.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => errs.push((path.clone(), e)),
-        }
+        let mut all = |_: &mut Vec<Entry>, _: &mut Errors| true;
+        descend(&held, path, filter, xattrs, &mut errs, &mut out, &mut all);
         (out, errs)
     };
     let work = || loop {
@@ -424,19 +410,30 @@ pub(crate) fn walk(
         if !more(out, errors) {
             return false;
         }
-        if is_dir {
-            match open_child(dir, path.file_name()) {
-                Ok(sub) => {
-                    let deeper = grow(|| walk(&sub, &path, filter, xattrs, errors, out, more));
-                    if !deeper {
-                        return false;
-                    }
-                }
-                // Gone since it was listed: its entry stays, its contents are unknown.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => errors.push((path, e)),
-            }
+        if is_dir && !descend(dir, &path, filter, xattrs, errors, out, more) {
+            return false;
         }
     }
     true
+}
+
+/// [`walk`] of the directory `path`, listed in the held `dir`: opened through it without
+/// following a symlink. One gone since it was listed keeps its entry, its contents unknown.
+fn descend(
+    dir: &OwnedFd,
+    path: &RelPath,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    errors: &mut Vec<(RelPath, io::Error)>,
+    out: &mut Vec<Entry>,
+    more: &mut dyn FnMut(&mut Vec<Entry>, &mut Errors) -> bool,
+) -> bool {
+    match open_child(dir, path.file_name()) {
+        Ok(sub) => grow(|| walk(&sub, path, filter, xattrs, errors, out, more)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => {
+            errors.push((path.clone(), e));
+            true
+        }
+    }
 }
