@@ -329,6 +329,7 @@ impl Apply {
         self.keep_dir_times();
         let whole_fs = self.flushes_whole_fs();
         let dirs = std::mem::take(&mut self.dirty);
+        self.state.summaries.mark(&dirs);
         let root_dev = self.root_dev();
         let mut fsync = Vec::new();
         for dir in dirs {

@@ -6,10 +6,11 @@ use crate::history::History;
 use crate::incoming::Partials;
 use crate::lease::Lease;
 use crate::leftovers::{clean_staging, own_prefix};
-use ferry_protocol::local::DigestCache;
+use ferry_protocol::local::{DigestCache, Kept, Rules, Summary, KEPT_FOR};
 use ferry_protocol::message::Keeps;
 use ferry_protocol::xattr::{self, Namespaces};
 use ferry_protocol::{io_reason, RelPath};
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -45,10 +46,93 @@ pub struct ModuleState {
     pub syncfs: bool,
     /// The write lease, for a module that several gateways serve on a shared filesystem.
     pub lease: Option<Arc<Lease>>,
+    /// The module's summary kept from one whole compare to the next.
+    pub summaries: Summaries,
     /// Whether what the lease's previous holder left has been swept (and the history checked)
     /// since this gateway took it; held while the lease is taken and swept, so that no writer
     /// of this gateway starts before that has ended.
     swept: Mutex<bool>,
+}
+
+/// A module's summary kept from one whole compare to the next ([`Kept`]): a compare with
+/// nothing changed reads only the directories the receiver changed since (marked here after
+/// each change, with the directories the group commit flushes) and those whose own `lstat`
+/// moved. Off where other writers share the module (gateways on a shared volume) and for a
+/// restore's destination. The marks are taken by the next summary; past [`MAX_MARKED`]
+/// directories marked, what was kept is dropped instead, so a module never summarised holds
+/// no growing set.
+pub struct Summaries {
+    on: bool,
+    /// Directories changed since the last summary took the marks; `None` until a summary
+    /// has been kept (nothing to mark against), or after too many.
+    marked: Mutex<Option<HashSet<RelPath>>>,
+    kept: Mutex<Kept>,
+    /// Directories the last summary took as kept.
+    pub taken: std::sync::atomic::AtomicU64,
+}
+
+/// Directories marked between two summaries before what was kept is dropped.
+const MAX_MARKED: usize = 65_536;
+
+impl Summaries {
+    fn new(on: bool) -> Summaries {
+        Summaries {
+            on,
+            marked: Mutex::new(None),
+            kept: Mutex::new(Kept::new(KEPT_FOR)),
+            taken: Default::default(),
+        }
+    }
+
+    /// Notes that the entries of the directories `dirs` changed.
+    pub fn mark<'a>(&self, dirs: impl IntoIterator<Item = &'a RelPath>) {
+        if !self.on {
+            return;
+        }
+        let mut marked = self.marked.lock().expect("summary marks");
+        let Some(set) = marked.as_mut() else { return };
+        set.extend(dirs.into_iter().cloned());
+        if set.len() > MAX_MARKED {
+            *marked = None;
+            self.kept.lock().expect("kept summary").clear();
+        }
+    }
+
+    /// The summary of the module's tree beneath the held `root` (see [`Summary::build`]),
+    /// from what the last one kept where that can be; how many directories it took as kept.
+    pub fn build(
+        &self,
+        root: &std::os::fd::OwnedFd,
+        rules: Rules,
+        filter: ferry_protocol::local::Filter<'_>,
+        errors: &mut Vec<(RelPath, io::Error)>,
+    ) -> (Summary, u64) {
+        let read = rules.cmp.xattrs;
+        // Another session's summary under way: this one reads the whole tree.
+        let kept = if self.on {
+            self.kept.try_lock().ok()
+        } else {
+            None
+        };
+        let Some(mut kept) = kept else {
+            let s = Summary::build(root, rules, filter, read, Namespaces::NONE, errors);
+            return (s, 0);
+        };
+        // Marks made from now on are for the next summary.
+        let marks = self
+            .marked
+            .lock()
+            .expect("summary marks")
+            .replace(HashSet::new());
+        if marks.is_none() {
+            kept.clear();
+        }
+        let marks = marks.unwrap_or_default();
+        let (s, taken) = Summary::build_kept(root, rules, filter, read, &mut kept, &marks, errors);
+        self.taken
+            .store(taken, std::sync::atomic::Ordering::Relaxed);
+        (s, taken)
+    }
 }
 
 /// Whether a module's filesystem clones files (`FICLONE`: XFS with reflink, btrfs): found out
@@ -371,7 +455,10 @@ impl ModuleState {
         } else {
             crate::windows::Windows::default()
         };
+        // Only a module this receiver alone writes can keep its summary (see `Summaries`).
+        let summaries = Summaries::new(lease.is_none() && backup);
         Ok(ModuleState {
+            summaries,
             lease,
             swept: Mutex::new(false),
             module,

@@ -519,6 +519,22 @@ impl Requests {
         if touches && !self.commit() {
             return Flow::Stop;
         }
+        // A summary of another session meanwhile reads these directories again (the group
+        // commit marks them again once changed).
+        let changed: [Option<&RelPath>; 2] = match &msg {
+            Message::Mkdir { path, .. }
+            | Message::Symlink { path, .. }
+            | Message::Special { path, .. }
+            | Message::SetMeta { path, .. }
+            | Message::Delete { path, .. }
+            | Message::FileBegin { path, .. }
+            | Message::File { path, .. } => [Some(path), None],
+            Message::Rename { from, to, .. } => [Some(from), Some(to)],
+            Message::Link { path, target, .. } => [Some(path), Some(target)],
+            _ => [None, None],
+        };
+        let dirs = changed.into_iter().flatten().filter_map(|p| p.parent());
+        self.fs.state.summaries.mark(&dirs.collect::<Vec<_>>());
         if !matches!(
             msg,
             Message::FileBegin { .. }
@@ -971,15 +987,9 @@ impl Requests {
         let mut errors = Vec::new();
         let stale = self.summary.as_ref().is_none_or(|s| s.rules() != rules);
         if rel.is_root() || stale {
-            let read = rules.cmp.xattrs;
-            let built = Summary::build(
-                &root,
-                rules,
-                &module_filter,
-                read,
-                Namespaces::NONE,
-                &mut errors,
-            );
+            let summaries = &self.fs.state.summaries;
+            let (built, kept) = summaries.build(&root, rules, &module_filter, &mut errors);
+            tracing::debug!(module = self.fs.module(), kept, "summary built");
             self.summary = Some(built);
         }
         let summary = self.summary.as_ref().expect("built above");
@@ -1104,6 +1114,81 @@ mod tests {
                 digest: digest.digest(),
             },
         ]
+    }
+
+    /// The module's summary is kept from one `Summarize` of the root to the next, and a
+    /// change the loop makes in place (a file's mode, which moves no directory's ctime) is
+    /// found by the next one: it equals a summary read afresh.
+    #[test]
+    fn a_change_in_place_is_found_by_the_next_kept_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/f"), b"f").unwrap();
+        let (mut r, mut rx) = session(dir.path());
+        let mut id = 0;
+        let mut summarize = |r: &mut Requests, rx: &mut mpsc::Receiver<Message>| {
+            id += 1;
+            let msg = Message::Summarize {
+                id,
+                path: RelPath::root(),
+                xattrs: Namespaces::NONE,
+                hardlinks: false,
+            };
+            assert!(matches!(r.handle(msg), Flow::Continue));
+            match answers(rx).pop() {
+                Some(Message::Summary { entries, .. }) => entries,
+                other => panic!("expected Summary, got {other:?}"),
+            }
+        };
+        let taken = |r: &Requests| r.fs.state.summaries.taken.load(Ordering::Relaxed);
+        // Kept once every directory's ctime has settled (root, a, a/b).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let before = loop {
+            let entries = summarize(&mut r, &mut rx);
+            if taken(&r) == 3 {
+                break entries;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing kept after 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let mut meta = local::read_entry_at(
+            &local::open_root(dir.path()).unwrap(),
+            &RelPath::from("a/b/f"),
+            Namespaces::NONE,
+            &mut Vec::new(),
+        )
+        .unwrap()
+        .unwrap()
+        .meta;
+        meta.mode = 0o600;
+        let set = Message::SetMeta {
+            id: 100,
+            path: RelPath::from("a/b/f"),
+            meta,
+        };
+        assert!(matches!(r.handle(set), Flow::Continue));
+        assert!(r.commit());
+        assert!(matches!(answers(&mut rx)[..], [Message::Ack { id: 100 }]));
+        let after = summarize(&mut r, &mut rx);
+        assert!(taken(&r) < 3, "a/b and its ancestors read again");
+        assert_ne!(before, after);
+        let fresh = Summary::build(
+            &local::open_root(dir.path()).unwrap(),
+            r.summary.as_ref().unwrap().rules(),
+            &module_filter,
+            Namespaces::NONE,
+            Namespaces::NONE,
+            &mut Vec::new(),
+        );
+        let held = local::open_root(dir.path()).unwrap();
+        let (_, listed) = fresh
+            .listing(&held, &RelPath::root(), &module_filter, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(after, listed);
     }
 
     /// A burst that ends while its commit runs behind the loop: the loop hands its thread

@@ -163,7 +163,7 @@ pub async fn plan_by_summary(
         let filter = |p: &RelPath, d: bool| g.filter.accepts(p, d);
         let mut errors = Vec::new();
         let read = g.preserve.namespaces();
-        let s = Summary::build(&held, rules, &filter, read, unkept, &mut errors);
+        let s = Summary::build_wide(&held, rules, &filter, read, unkept, &mut errors);
         (s, errors.is_empty())
     });
     let (remote, local) = tokio::join!(remote, local);

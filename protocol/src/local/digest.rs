@@ -31,7 +31,7 @@ pub struct CacheKey {
 }
 
 impl CacheKey {
-    fn of(st: &libc::stat) -> Self {
+    pub(crate) fn of(st: &libc::stat) -> Self {
         CacheKey {
             dev: st.st_dev,
             ino: st.st_ino,
@@ -57,7 +57,7 @@ impl CacheKey {
         }
     }
 
-    fn recent(&self) -> bool {
+    pub(crate) fn recent(&self) -> bool {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)

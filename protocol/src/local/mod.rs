@@ -35,7 +35,7 @@ mod summary;
 pub use digest::*;
 pub use fd::*;
 pub use scan::*;
-pub use summary::{Rules, Summary};
+pub use summary::{Kept, Rules, Summary, KEPT_FOR};
 
 #[cfg(test)]
 mod tests {

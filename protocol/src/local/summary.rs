@@ -6,6 +6,8 @@
 //! nothing to do.
 
 use super::*;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 /// What a summary covers: the comparisons of a plan, and whether device nodes take part (a
 /// module that cannot make them holds none, and a source's are never sent to it).
@@ -66,7 +68,149 @@ impl Summary {
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> Summary {
         let read = read.union(rules.cmp.xattrs);
-        let mut s = Summary {
+        let mut s = Summary::new(rules, read);
+        let mut walk = Walk {
+            filter,
+            read,
+            unkept,
+            errors,
+            keep: None,
+        };
+        s.visit(root, &RelPath::root(), &mut walk);
+        s
+    }
+
+    /// [`Summary::build`] with the top directories walked side by side on up to four
+    /// threads (as many as the machine has cores): the same digests. A tree holding a file
+    /// of several names is walked again in one piece (which of its names comes first is
+    /// known only across the whole tree).
+    pub fn build_wide(
+        root: &OwnedFd,
+        rules: Rules,
+        filter: Filter<'_>,
+        read: Namespaces,
+        unkept: Namespaces,
+        errors: &mut Vec<(RelPath, io::Error)>,
+    ) -> Summary {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        let read = read.union(rules.cmp.xattrs);
+        let top = RelPath::root();
+        // Listed again by the root's own visit, which says its errors.
+        let dirs: Vec<RelPath> = read_children(root, &top, filter, read, &mut Vec::new())
+            .into_iter()
+            .filter(|c| c.meta.kind == Kind::Dir)
+            .map(|c| c.path)
+            .collect();
+        if threads < 2 || dirs.len() < 2 {
+            return Summary::build(root, rules, filter, read, unkept, errors);
+        }
+        type Walked = (Summary, Vec<(RelPath, io::Error)>);
+        let found: Vec<std::sync::Mutex<Option<Walked>>> =
+            dirs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || loop {
+            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some(path) = dirs.get(k) else { break };
+            let mut sub = Summary::new(rules, read);
+            let mut errs = Vec::new();
+            // One gone or unopenable is visited (and said) by the root's visit.
+            if let Ok(fd) = open_child(root, path.file_name()) {
+                let mut walk = Walk {
+                    filter,
+                    read,
+                    unkept,
+                    errors: &mut errs,
+                    keep: None,
+                };
+                super::scan::grow(|| sub.visit(&fd, path, &mut walk));
+            }
+            *found[k].lock().expect("summary slot") = Some((sub, errs));
+        };
+        std::thread::scope(|s| {
+            for _ in 1..threads.min(dirs.len()) {
+                s.spawn(work);
+            }
+            work();
+        });
+        let mut s = Summary::new(rules, read);
+        let (mut below_errors, mut firsts) = (Vec::new(), Vec::new());
+        for slot in found {
+            let (sub, errs) = slot.into_inner().expect("summary slot").expect("walked");
+            if !sub.linked.is_empty() {
+                return Summary::build(root, rules, filter, read, unkept, errors);
+            }
+            s.dirs.extend(sub.dirs);
+            s.bytes += sub.bytes;
+            s.unkept.0 += sub.unkept.0;
+            firsts.extend(sub.unkept.1);
+            below_errors.extend(errs);
+        }
+        let mut walk = Walk {
+            filter,
+            read,
+            unkept,
+            errors,
+            keep: None,
+        };
+        s.visit(root, &top, &mut walk);
+        walk.errors.append(&mut below_errors);
+        firsts.extend(s.unkept.1.take());
+        s.unkept.1 = firsts.into_iter().min_by(|a, b| a.tree_cmp(b));
+        s
+    }
+
+    /// [`Summary::build`] that takes what `kept` kept from the last one where the tree's
+    /// writer marked nothing (`dirty`: directories it changed since), and keeps what it read
+    /// for the next (see [`Kept`]). Also returns how many directories were taken as kept.
+    /// Its `linked`, `unkept` and `bytes` cover only the directories it read.
+    pub fn build_kept(
+        root: &OwnedFd,
+        rules: Rules,
+        filter: Filter<'_>,
+        read: Namespaces,
+        kept: &mut Kept,
+        dirty: &HashSet<RelPath>,
+        errors: &mut Vec<(RelPath, io::Error)>,
+    ) -> (Summary, u64) {
+        let usable = kept.rules == Some(rules) && !kept.linked;
+        let old = std::mem::take(&mut kept.dirs);
+        let old = if usable { old } else { HashMap::new() };
+        kept.rules = Some(rules);
+        let mut s = Summary::new(rules, read.union(rules.cmp.xattrs));
+        let mut first_errors = Vec::new();
+        let taken = {
+            let mut walk = Walk {
+                filter,
+                read: s.read,
+                unkept: Namespaces::NONE,
+                errors: &mut first_errors,
+                keep: Some(Keep {
+                    old,
+                    new: &mut kept.dirs,
+                    dirty,
+                    trust: kept.trust,
+                    now: Instant::now(),
+                    taken: 0,
+                }),
+            };
+            s.visit(root, &RelPath::root(), &mut walk);
+            walk.keep.map_or(0, |k| k.taken)
+        };
+        kept.linked = rules.cmp.hardlinks && !s.linked.is_empty();
+        if kept.linked && taken > 0 {
+            // First names taken from kept directories are unknown: read it all.
+            kept.dirs.clear();
+            return (
+                Summary::build(root, rules, filter, read, Namespaces::NONE, errors),
+                0,
+            );
+        }
+        errors.append(&mut first_errors);
+        (s, taken)
+    }
+
+    fn new(rules: Rules, read: Namespaces) -> Summary {
+        Summary {
             rules,
             read,
             dirs: HashMap::new(),
@@ -74,15 +218,7 @@ impl Summary {
             linked: Vec::new(),
             unkept: (0, None),
             bytes: 0,
-        };
-        let mut walk = Walk {
-            filter,
-            read,
-            unkept,
-            errors,
-        };
-        s.visit(root, &RelPath::root(), &mut walk);
-        s
+        }
     }
 
     /// What the summary covers.
@@ -154,10 +290,22 @@ impl Summary {
         }
     }
 
-    /// Visits the held directory `dir` (which is `rel`): its subtree digest and entries below.
-    fn visit(&mut self, dir: &OwnedFd, rel: &RelPath, w: &mut Walk<'_, '_>) -> (Digest, u64) {
+    /// Visits the held directory `dir` (which is `rel`): its subtree digest, entries below,
+    /// and whether it was taken as kept (its own `lstat` and everything below unchanged).
+    fn visit(&mut self, dir: &OwnedFd, rel: &RelPath, w: &mut Walk<'_, '_>) -> (Digest, u64, bool) {
+        let stamp = match w.keep {
+            Some(_) => lstat_at(dir, None).ok().map(|st| CacheKey::of(&st)),
+            None => None,
+        };
+        if let Some(stamp) = stamp {
+            if let Some(kept) = self.take_kept(dir, rel, stamp, w) {
+                return kept;
+            }
+        }
+        let errors_before = w.errors.len();
         let children = read_children(dir, rel, w.filter, w.read, w.errors);
         let mut digests = Vec::with_capacity(children.len());
+        let mut subdirs = Vec::new();
         let mut below = 0;
         for c in children {
             if !self.rules.takes(&c) {
@@ -179,10 +327,19 @@ impl Summary {
                     .or_insert_with(|| c.path.clone())
                     .clone()
             });
+            if c.meta.kind == Kind::Dir && stamp.is_some() {
+                subdirs.push(Box::from(c.path.file_name()));
+            }
             let content = match c.meta.kind {
+                // Visited already on the way to finding this directory changed.
+                Kind::Dir if self.dirs.contains_key(&c.path) => {
+                    let (d, n) = self.dirs[&c.path];
+                    below += n;
+                    d
+                }
                 Kind::Dir => match open_child(dir, c.path.file_name()) {
                     Ok(sub) => {
-                        let (d, n) = super::scan::grow(|| self.visit(&sub, &c.path, w));
+                        let (d, n, _) = super::scan::grow(|| self.visit(&sub, &c.path, w));
                         below += n;
                         d
                     }
@@ -200,7 +357,51 @@ impl Summary {
         }
         let digest = merkle::dir_content_digest(digests.iter());
         self.dirs.insert(rel.clone(), (digest, below));
-        (digest, below)
+        // What could not be read, and a directory changed this very moment, is read again.
+        let clean = w.errors.len() == errors_before;
+        if let (Some(k), Some(stamp)) = (w.keep.as_mut(), stamp.filter(|s| clean && !s.recent())) {
+            let kept = KeptDir {
+                stamp,
+                digest,
+                below,
+                subdirs,
+                read: k.now,
+            };
+            k.new.insert(rel.clone(), kept);
+        }
+        (digest, below, false)
+    }
+
+    /// The kept digest of `rel` (whose `lstat` is `stamp` now) if the last summary kept it,
+    /// nothing marked it, it is trusted still, and every subdirectory is kept too (each
+    /// visited on the way, so that a changed one is read once).
+    fn take_kept(
+        &mut self,
+        dir: &OwnedFd,
+        rel: &RelPath,
+        stamp: CacheKey,
+        w: &mut Walk<'_, '_>,
+    ) -> Option<(Digest, u64, bool)> {
+        let k = w.keep.as_mut()?;
+        let old = k.old.remove(rel)?;
+        let fresh = k.now.saturating_duration_since(old.read) < k.trust;
+        if old.stamp != stamp || !fresh || k.dirty.contains(rel) {
+            return None;
+        }
+        for name in &old.subdirs {
+            let path = rel.join(name);
+            let sub = open_child(dir, name).ok()?;
+            let (_, _, kept) = super::scan::grow(|| self.visit(&sub, &path, w));
+            if !kept {
+                return None;
+            }
+        }
+        let k = w.keep.as_mut()?;
+        k.taken += 1;
+        self.dirs.insert(rel.clone(), (old.digest, old.below));
+        let out = (old.digest, old.below, true);
+        k.new.insert(rel.clone(), old);
+        Some(out)
     }
 }
 
@@ -210,6 +411,78 @@ struct Walk<'a, 'e> {
     read: Namespaces,
     unkept: Namespaces,
     errors: &'e mut Vec<(RelPath, io::Error)>,
+    /// Directories kept from the last summary, when this one may take them.
+    keep: Option<Keep<'e>>,
+}
+
+/// A walk's side of [`Kept`]: what the last summary kept, what this one keeps.
+struct Keep<'e> {
+    old: HashMap<RelPath, KeptDir>,
+    new: &'e mut HashMap<RelPath, KeptDir>,
+    dirty: &'e HashSet<RelPath>,
+    trust: Duration,
+    now: Instant,
+    /// Directories taken as kept, without reading their entries.
+    taken: u64,
+}
+
+/// How long a directory's kept digest is taken without reading its entries again
+/// ([`Kept`]).
+pub const KEPT_FOR: Duration = Duration::from_secs(600);
+
+/// What one summary of a tree keeps for the next, for a tree whose one writer says which
+/// directories it changed (a receiver's module): per directory, its subtree digest, its
+/// subdirectories and its own `lstat` (inode, mtime, ctime). The next summary
+/// ([`Summary::build_kept`]) takes a directory as kept, without reading its entries, when
+/// its `lstat` is the same, the writer did not mark it, it was read less than the trust
+/// time ago, and every subdirectory is kept too; else it reads it as [`Summary::build`]
+/// does. An entry added, removed or renamed by anyone moves its directory's ctime; what
+/// this misses is a change made by someone else to an existing entry in place (a `chmod`
+/// or a write by hand on the backup host), which the first summary after the trust time
+/// finds. A directory whose ctime is not yet settled is not kept, so a change in the same
+/// clock tick as its read is never taken for no change.
+pub struct Kept {
+    rules: Option<Rules>,
+    dirs: HashMap<RelPath, KeptDir>,
+    trust: Duration,
+    /// A multiply-linked file was met with hard links compared: which name of it is first
+    /// is known only across the whole tree, so the next summary reads it whole.
+    linked: bool,
+}
+
+struct KeptDir {
+    stamp: CacheKey,
+    digest: Digest,
+    below: u64,
+    subdirs: Vec<Box<[u8]>>,
+    read: Instant,
+}
+
+impl Kept {
+    /// Nothing kept yet; a directory is trusted for `trust` after it was read.
+    pub fn new(trust: Duration) -> Kept {
+        Kept {
+            rules: None,
+            dirs: HashMap::new(),
+            trust,
+            linked: false,
+        }
+    }
+
+    /// Directories kept (for logs and tests).
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
+    /// Forgets everything: the next summary reads the whole tree.
+    pub fn clear(&mut self) {
+        self.dirs.clear();
+    }
 }
 
 /// The content digest of a non-directory in a summary: a link's target, nothing for the rest
@@ -322,6 +595,148 @@ mod tests {
             let top = changed.split('/').next().unwrap();
             assert_eq!(differ, vec![top.to_string()], "{changed}");
         }
+    }
+
+    /// The top directories walked side by side summarise as one walk does: the same
+    /// digests, counts, bytes and attributes noted; with a file of several names too.
+    #[test]
+    fn a_wide_summary_equals_the_plain_one() {
+        let x = tempfile::tempdir().unwrap();
+        let r = x.path();
+        tree(r);
+        for d in 0..12 {
+            fs::create_dir_all(r.join(format!("d{d}/e"))).unwrap();
+            fs::write(r.join(format!("d{d}/e/f")), vec![b'x'; d]).unwrap();
+            fs::write(r.join(format!("f{d}")), b"top").unwrap();
+        }
+        let with_user = r.join("d7/e/f");
+        let c = CString::new(with_user.as_os_str().as_bytes()).unwrap();
+        // SAFETY: NUL-terminated path and name, a value of the given length.
+        let set =
+            unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        assert_eq!(set, 0, "{}", io::Error::last_os_error());
+        let build = |wide: bool, hardlinks: bool| {
+            let held = open_root(r).unwrap();
+            let mut errors = Vec::new();
+            let rules = rules(hardlinks);
+            let args = (&held, rules, &no_filter, Namespaces::USER, Namespaces::USER);
+            let s = if wide {
+                Summary::build_wide(args.0, args.1, args.2, args.3, args.4, &mut errors)
+            } else {
+                Summary::build(args.0, args.1, args.2, args.3, args.4, &mut errors)
+            };
+            assert!(errors.is_empty(), "{errors:?}");
+            (
+                s.root(),
+                s.dirs(),
+                s.bytes,
+                s.unkept.clone(),
+                s.linked.len(),
+            )
+        };
+        let plain = build(false, true);
+        assert_eq!(plain.3 .0, 1, "one file holds a user attribute");
+        assert_eq!(build(true, true), plain);
+        fs::hard_link(r.join("d3/e/f"), r.join("d9/link")).unwrap();
+        let linked = build(false, true);
+        assert_eq!(linked.4, 2);
+        assert_ne!(linked.0, plain.0);
+        assert_eq!(build(true, true), linked);
+        assert_eq!(build(true, false), build(false, false));
+    }
+
+    /// Until every directory's ctime has settled, none is kept; from then on a summary
+    /// takes each as kept.
+    fn settled(root: &Path, kept: &mut Kept) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, taken) = kept_summary(root, kept, &HashSet::new());
+            if taken == s.dirs() {
+                return taken;
+            }
+            assert!(Instant::now() < deadline, "nothing kept after 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kept_summary(root: &Path, kept: &mut Kept, marked: &HashSet<RelPath>) -> (Summary, u64) {
+        let held = open_root(root).unwrap();
+        let mut errors = Vec::new();
+        let rules = rules(false);
+        let out = Summary::build_kept(
+            &held,
+            rules,
+            &no_filter,
+            Namespaces::NONE,
+            kept,
+            marked,
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        out
+    }
+
+    /// A kept summary equals a fresh one after each change its writer marks, and after an
+    /// entry is added, removed or changed in kind by anyone (its directory's ctime moves), a
+    /// directory's own mode changed, or the trust time passed; only what changed is read.
+    #[test]
+    fn a_kept_summary_reads_only_what_changed_and_equals_a_fresh_one() {
+        let x = tempfile::tempdir().unwrap();
+        let r = x.path();
+        tree(r);
+        fs::create_dir_all(r.join("c/d")).unwrap();
+        let fresh = || summary(r, false).root();
+        let mut kept = Kept::new(Duration::from_secs(3600));
+        assert_eq!(settled(r, &mut kept), 5);
+        assert_eq!(kept.len(), 5);
+        let (s, _) = kept_summary(r, &mut kept, &HashSet::new());
+        assert_eq!(s.root(), fresh());
+
+        // In place, marked by the writer: "a/b" is read, and its ancestors, not "c".
+        let before = s.root();
+        fs::set_permissions(
+            r.join("a/b/f"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let marked: HashSet<RelPath> = [RelPath::from("a/b")].into();
+        let (s, taken) = kept_summary(r, &mut kept, &marked);
+        assert_ne!(s.root(), before);
+        assert_eq!(s.root(), fresh());
+        assert_eq!(taken, 2, "c and c/d taken as kept");
+
+        // By anyone: a new entry, one removed, a directory's own mode.
+        type Change<'a> = &'a dyn Fn(&Path);
+        let changes: [Change; 3] = [
+            &|r| fs::write(r.join("c/d/new"), b"n").unwrap(),
+            &|r| fs::remove_file(r.join("a/g")).unwrap(),
+            &|r| {
+                fs::set_permissions(
+                    r.join("c/d"),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                )
+                .unwrap()
+            },
+        ];
+        for change in changes {
+            settled(r, &mut kept);
+            let before = kept_summary(r, &mut kept, &HashSet::new()).0.root();
+            change(r);
+            let (s, taken) = kept_summary(r, &mut kept, &HashSet::new());
+            assert_ne!(s.root(), before);
+            assert_eq!(s.root(), fresh());
+            assert!(taken < 5);
+        }
+
+        // Unmarked and in place: found once the trust time has passed.
+        let mut brief = Kept::new(Duration::ZERO);
+        settled(r, &mut kept);
+        let before = fresh();
+        fs::write(r.join("a/b/f"), b"une").unwrap();
+        let (s, taken) = kept_summary(r, &mut brief, &HashSet::new());
+        assert_eq!(taken, 0);
+        assert_ne!(s.root(), before);
+        assert_eq!(s.root(), fresh());
     }
 
     /// With hard links compared, which names share a file is part of the digest; without,
