@@ -298,35 +298,17 @@ pub fn scan_wide(
     let Some(first) = read_entry_at(&held, &top, xattrs, errors)? else {
         return Err(io::ErrorKind::NotFound.into());
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let children = read_children(&held, &top, filter, xattrs, errors);
     let dirs: Vec<usize> = (0..children.len())
         .filter(|&i| children[i].meta.kind == Kind::Dir)
         .collect();
     // What each top directory's walk found, by its place in `dirs`.
-    let found: Vec<std::sync::Mutex<Option<Piece>>> =
-        dirs.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let below = |k: usize| -> Piece {
+    let found = side_by_side(dirs.len(), |k| -> Piece {
         let path = &children[dirs[k]].path;
         let (mut out, mut errs) = (Vec::new(), Vec::new());
         let mut all = |_: &mut Vec<Entry>, _: &mut Errors| true;
         descend(&held, path, filter, xattrs, &mut errs, &mut out, &mut all);
         (out, errs)
-    };
-    let work = || loop {
-        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if k >= dirs.len() {
-            break;
-        }
-        let piece = below(k);
-        *found[k].lock().expect("scan slot") = Some(piece);
-    };
-    std::thread::scope(|s| {
-        for _ in 1..threads.min(dirs.len()) {
-            s.spawn(work);
-        }
-        work();
     });
     let mut out = Vec::with_capacity(1 + children.len());
     out.push(first);
@@ -335,13 +317,44 @@ pub fn scan_wide(
         let is_dir = child.meta.kind == Kind::Dir;
         out.push(child);
         if is_dir {
-            let slot = found.next().expect("a slot per directory");
-            let (entries, errs) = slot.into_inner().expect("scan slot").expect("walked");
+            let (entries, errs) = found.next().expect("a walk per directory");
             out.extend(entries);
             errors.extend(errs);
         }
     }
     Ok(out)
+}
+
+/// Threads a walk of a whole tree takes side by side: up to four, as many as the machine has
+/// cores.
+pub(crate) fn wide_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// `each(0..n)` on up to [`wide_threads`] threads, each taking the next index when it is
+/// free: the results in index order.
+pub(crate) fn side_by_side<T: Send>(n: usize, each: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let found: Vec<std::sync::Mutex<Option<T>>> =
+        (0..n).map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || loop {
+        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if k >= n {
+            break;
+        }
+        let done = each(k);
+        *found[k].lock().expect("walk slot") = Some(done);
+    };
+    std::thread::scope(|s| {
+        for _ in 1..wide_threads().min(n) {
+            s.spawn(work);
+        }
+        work();
+    });
+    found
+        .into_iter()
+        .map(|f| f.into_inner().expect("walk slot").expect("walked"))
+        .collect()
 }
 
 /// Errors met on the way, each with its path.

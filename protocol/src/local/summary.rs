@@ -5,6 +5,7 @@
 //! with the files. Both sides build one the same way; equal roots mean a plan would find
 //! nothing to do.
 
+use super::scan::side_by_side;
 use super::*;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -92,7 +93,6 @@ impl Summary {
         unkept: Namespaces,
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> Summary {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
         let read = read.union(rules.cmp.xattrs);
         let top = RelPath::root();
         // Listed again by the root's own visit, which says its errors.
@@ -101,16 +101,11 @@ impl Summary {
             .filter(|c| c.meta.kind == Kind::Dir)
             .map(|c| c.path)
             .collect();
-        if threads < 2 || dirs.len() < 2 {
+        if super::scan::wide_threads() < 2 || dirs.len() < 2 {
             return Summary::build(root, rules, filter, read, unkept, errors);
         }
-        type Walked = (Summary, Vec<(RelPath, io::Error)>);
-        let found: Vec<std::sync::Mutex<Option<Walked>>> =
-            dirs.iter().map(|_| std::sync::Mutex::new(None)).collect();
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let work = || loop {
-            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(path) = dirs.get(k) else { break };
+        let found = side_by_side(dirs.len(), |k| {
+            let path = &dirs[k];
             let mut sub = Summary::new(rules, read);
             let mut errs = Vec::new();
             // One gone or unopenable is visited (and said) by the root's visit.
@@ -124,18 +119,11 @@ impl Summary {
                 };
                 super::scan::grow(|| sub.visit(&fd, path, &mut walk));
             }
-            *found[k].lock().expect("summary slot") = Some((sub, errs));
-        };
-        std::thread::scope(|s| {
-            for _ in 1..threads.min(dirs.len()) {
-                s.spawn(work);
-            }
-            work();
+            (sub, errs)
         });
         let mut s = Summary::new(rules, read);
         let (mut below_errors, mut firsts) = (Vec::new(), Vec::new());
-        for slot in found {
-            let (sub, errs) = slot.into_inner().expect("summary slot").expect("walked");
+        for (sub, errs) in found {
             if !sub.linked.is_empty() {
                 return Summary::build(root, rules, filter, read, unkept, errors);
             }
