@@ -84,14 +84,15 @@ impl Summaries {
         }
     }
 
-    /// Notes that the entries of the directories `dirs` changed.
-    pub fn mark<'a>(&self, dirs: impl IntoIterator<Item = &'a RelPath>) {
+    /// Notes that the entries of the directories `dirs` changed. `dirs` is not iterated
+    /// while nothing is kept.
+    pub fn mark<P: std::borrow::Borrow<RelPath>>(&self, dirs: impl IntoIterator<Item = P>) {
         if !self.on {
             return;
         }
         let mut marked = self.marked.lock().expect("summary marks");
         let Some(set) = marked.as_mut() else { return };
-        set.extend(dirs.into_iter().cloned());
+        set.extend(dirs.into_iter().map(|d| d.borrow().clone()));
         if set.len() > MAX_MARKED {
             *marked = None;
             self.kept.lock().expect("kept summary").clear();

@@ -521,20 +521,11 @@ impl Requests {
         }
         // A summary of another session meanwhile reads these directories again (the group
         // commit marks them again once changed).
-        let changed: [Option<&RelPath>; 2] = match &msg {
-            Message::Mkdir { path, .. }
-            | Message::Symlink { path, .. }
-            | Message::Special { path, .. }
-            | Message::SetMeta { path, .. }
-            | Message::Delete { path, .. }
-            | Message::FileBegin { path, .. }
-            | Message::File { path, .. } => [Some(path), None],
-            Message::Rename { from, to, .. } => [Some(from), Some(to)],
-            Message::Link { path, target, .. } => [Some(path), Some(target)],
-            _ => [None, None],
-        };
-        let dirs = changed.into_iter().flatten().filter_map(|p| p.parent());
-        self.fs.state.summaries.mark(&dirs.collect::<Vec<_>>());
+        let changed = msg.changed_paths();
+        self.fs
+            .state
+            .summaries
+            .mark(changed.into_iter().flatten().filter_map(|p| p.parent()));
         if !matches!(
             msg,
             Message::FileBegin { .. }

@@ -543,6 +543,23 @@ impl Message {
         }
     }
 
+    /// The paths whose entries a mutating request changes (a `Rename` or `Link` changes
+    /// two); none for any other message.
+    pub fn changed_paths(&self) -> [Option<&RelPath>; 2] {
+        match self {
+            Message::Mkdir { path, .. }
+            | Message::Symlink { path, .. }
+            | Message::Special { path, .. }
+            | Message::SetMeta { path, .. }
+            | Message::Delete { path, .. }
+            | Message::FileBegin { path, .. }
+            | Message::File { path, .. } => [Some(path), None],
+            Message::Rename { from, to, .. } => [Some(from), Some(to)],
+            Message::Link { path, target, .. } => [Some(path), Some(target)],
+            _ => [None, None],
+        }
+    }
+
     /// True for a reply that ends its request (after it, no more replies carry its id).
     /// `Signature`/`NoBase`/`Resume` answer a `FileBegin` halfway; a `Listing` ends with `done`.
     pub fn is_final_reply(&self) -> bool {
@@ -623,6 +640,20 @@ mod tests {
             }
             .mutation_id(),
             None
+        );
+        let a = RelPath::from("a");
+        let b = RelPath::from("d/b");
+        let rename = Message::Rename {
+            id: 4,
+            from: a.clone(),
+            to: b.clone(),
+        };
+        assert_eq!(delete.changed_paths(), [Some(&a), None]);
+        assert_eq!(rename.changed_paths(), [Some(&a), Some(&b)]);
+        assert_eq!(
+            list.changed_paths(),
+            [None, None],
+            "a listing changes nothing"
         );
         assert!(Message::Ack { id: 1 }.is_final_reply());
         assert!(!Message::NoBase { id: 1 }.is_final_reply());
