@@ -34,25 +34,70 @@ pub struct Sealed {
     pub dev: u64,
     /// Its signature and window digests, for a big file rebuilt from a delta.
     pub known: Option<crate::windows::Known>,
+    /// Its share of the process's descriptors.
+    pub held: Held,
 }
 
 /// From this many sealed files (or dirty directories) on, a group commit flushes the module's
 /// filesystem once (`syncfs`) instead of each file (`fsync`).
 pub const SYNCFS_BATCH: usize = 8;
 
-/// Sealed files one session may hold (each an open descriptor) while a commit is under way,
-/// before the loop waits for it: while one commit's files flush, as many more seal. 1,024,
-/// or a 64th of the process's descriptor limit where that is less (at least 32), so that
-/// sessions, each holding two commits' worth at most, stay well within it.
-pub fn max_sealed() -> usize {
-    static SEALED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SEALED.get_or_init(|| sealed_for(ferry_protocol::descriptor_limit()))
+/// Sealed files one session may hold while a commit is under way, before the loop waits for
+/// it: while one commit's files flush, as many more seal.
+pub const MAX_SEALED: usize = 1024;
+
+/// Sealed files a session may always hold while a commit is under way, whatever the other
+/// sessions hold.
+const SEALED_FLOOR: usize = 32;
+
+/// Sealed files held in all the process's sessions (each an open descriptor), counted by
+/// [`Held`].
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One sealed file's share of the process's descriptors: counted in [`HELD`] from its
+/// making to its drop, so the count cannot drift whichever way the file leaves (named,
+/// discarded, its session gone).
+pub struct Held(&'static std::sync::atomic::AtomicUsize);
+
+impl Held {
+    /// A share of the process-wide count.
+    pub fn share() -> Held {
+        Held::on(&HELD)
+    }
+
+    fn on(count: &'static std::sync::atomic::AtomicUsize) -> Held {
+        count.fetch_add(1, Ordering::Relaxed);
+        Held(count)
+    }
 }
 
-/// [`max_sealed`] under a descriptor limit of `nofile` (`None`: unknown).
-fn sealed_for(nofile: Option<u64>) -> usize {
-    let by_limit = nofile.map_or(256, |n| usize::try_from(n / 64).unwrap_or(usize::MAX));
-    by_limit.clamp(32, 1024)
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a session holding `sealed` files (sealed since its commit under way began) may
+/// seal another before waiting for that commit: up to [`MAX_SEALED`] while the sealed files
+/// of all sessions stay within a quarter of the process's descriptor limit, and
+/// [`SEALED_FLOOR`] in any case. One session streaming many small files thus keeps sealing
+/// while its commit flushes (on a limit of 20,000 as on the units' 204,800), and many
+/// sessions at once share what the limit allows.
+pub fn may_seal(sealed: usize) -> bool {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let budget = *BUDGET.get_or_init(|| sealed_budget(ferry_protocol::descriptor_limit()));
+    may_seal_within(sealed, HELD.load(Ordering::Relaxed), budget)
+}
+
+fn may_seal_within(sealed: usize, held: usize, budget: usize) -> bool {
+    sealed < SEALED_FLOOR || (sealed < MAX_SEALED && held < budget)
+}
+
+/// The sealed files all sessions may hold under a descriptor limit of `nofile` (`None`:
+/// unknown): a quarter of it, at least [`SEALED_FLOOR`].
+fn sealed_budget(nofile: Option<u64>) -> usize {
+    let quarter = nofile.map_or(1024, |n| usize::try_from(n / 4).unwrap_or(usize::MAX));
+    quarter.max(SEALED_FLOOR)
 }
 
 /// Sealed files whose data a group commit makes durable ([`Apply::take_data`]).
@@ -398,17 +443,46 @@ impl Apply {
 
 #[cfg(test)]
 mod tests {
-    use super::sealed_for;
+    use super::{may_seal_within, sealed_budget, Held, MAX_SEALED};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A session's sealed files are bounded by the descriptor limit: a 64th of it, from 32
-    /// up to 1,024.
+    /// All sessions' sealed files are bounded by a quarter of the descriptor limit.
     #[test]
     fn sealed_files_are_bounded_by_the_descriptor_limit() {
-        assert_eq!(sealed_for(Some(204_800)), 1024, "the units' limit");
-        assert_eq!(sealed_for(Some(1 << 20)), 1024);
-        assert_eq!(sealed_for(Some(16_384)), 256);
-        assert_eq!(sealed_for(Some(4096)), 64);
-        assert_eq!(sealed_for(Some(1024)), 32, "never fewer than 32");
-        assert_eq!(sealed_for(None), 256);
+        assert_eq!(sealed_budget(Some(204_800)), 51_200, "the units' limit");
+        assert_eq!(sealed_budget(Some(20_000)), 5_000);
+        assert_eq!(sealed_budget(Some(64)), 32, "never fewer than 32");
+        assert_eq!(sealed_budget(None), 1024);
+    }
+
+    /// One session seals up to 1,024 files while the process is within its budget, and 32
+    /// whatever the others hold.
+    #[test]
+    fn a_session_seals_up_to_its_share_of_what_the_process_may_hold() {
+        assert!(may_seal_within(0, 0, 5_000));
+        assert!(may_seal_within(MAX_SEALED - 1, 4_999, 5_000));
+        assert!(
+            !may_seal_within(MAX_SEALED, 0, 5_000),
+            "one session's bound"
+        );
+        assert!(
+            !may_seal_within(100, 5_000, 5_000),
+            "the process's budget spent"
+        );
+        assert!(may_seal_within(31, 1 << 20, 5_000), "the floor");
+        assert!(!may_seal_within(32, 1 << 20, 5_000));
+    }
+
+    /// The count of held files follows each share from its making to its drop.
+    #[test]
+    fn a_held_share_is_counted_until_dropped() {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let shares: Vec<Held> = (0..3).map(|_| Held::on(&COUNT)).collect();
+        assert_eq!(COUNT.load(Ordering::Relaxed), 3);
+        let mut shares = shares.into_iter();
+        drop(shares.next());
+        assert_eq!(COUNT.load(Ordering::Relaxed), 2);
+        drop(shares);
+        assert_eq!(COUNT.load(Ordering::Relaxed), 0);
     }
 }

@@ -81,7 +81,7 @@ fn delta_error(e: delta::DeltaError) -> io::Error {
 }
 
 /// Files one session may have begun and not ended (each holds a descriptor and an unnamed
-/// file); the sender streams 16 at once. Sealed files are bounded apart ([`crate::commit::max_sealed`]).
+/// file); the sender streams 16 at once. Sealed files are bounded apart ([`crate::commit::may_seal`]).
 pub const MAX_FILES_IN_FLIGHT: usize = 64;
 
 /// The transfers of one session.
@@ -334,6 +334,7 @@ impl Transfers {
                     delta,
                     dev,
                     known,
+                    held: crate::commit::Held::share(),
                 });
                 Outcome::Sealed
             }

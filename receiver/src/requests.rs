@@ -12,8 +12,8 @@
 //! In a burst the flushes run behind the loop, on a thread of their own, while the loop
 //! takes the next requests (`Requests::commit_behind`): one begins as soon as
 //! `BEHIND_MIN` answers or files wait and none is under way, so each commit covers what
-//! arrived during the last one's flushes; the loop waits for it only when [`max_sealed`]
-//! files or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
+//! arrived during the last one's flushes; the loop waits for it only when [`may_seal`]
+//! refuses another sealed file or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
 //! thread, between requests. When no further request is queued and no commit is under way,
 //! fewer than `BEHIND_MIN` changes waiting are committed and answered at once
 //! (`Requests::commit`): a lone change is durable and answered without a hand-off; more
@@ -29,7 +29,7 @@ use crate::apply::Apply;
 
 /// Versions per `Versions` frame.
 const HISTORY_BATCH: usize = 500;
-use crate::commit::{max_sealed, Flushed};
+use crate::commit::{may_seal, Flushed};
 use crate::incoming::{Outcome, Transfers};
 use crate::leftovers::module_filter;
 use crate::module::ModuleState;
@@ -730,7 +730,7 @@ impl Requests {
 
     /// Between two requests: moves the commit under way on, and begins the next one behind
     /// it when enough waits ([`BEHIND_MIN`]) and none is under way, or waits for the one
-    /// under way when [`max_sealed`] files or [`GROUP_COMMIT`] answers wait.
+    /// under way when [`may_seal`] allows no more sealed files or [`GROUP_COMMIT`] answers wait.
     fn step_commit(&mut self) -> bool {
         if !self.advance(false) {
             return false;
@@ -738,7 +738,7 @@ impl Requests {
         let sealed = self.fs.sealed();
         let waiting = self.pending_acks.len() + sealed;
         let begin = if self.in_flight.is_some() {
-            sealed >= max_sealed() || waiting >= GROUP_COMMIT
+            !may_seal(sealed) || waiting >= GROUP_COMMIT
         } else {
             waiting >= BEHIND_MIN
         };
