@@ -30,8 +30,9 @@
 //! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir). `FERRY_BENCH_SCALE=0.1`
 //! shrinks every size tenfold for a quick look. `FERRY_BENCH_FS=xfs|ext4|btrfs` (root, and
 //! that filesystem's `mkfs`) runs it all on a fresh filesystem of that kind instead: an 8 GiB
-//! sparse image in `FERRY_BENCH_DIR`, made, loop-mounted, and unmounted and removed at the
-//! end (ext4 with its journal, as a backup host runs it).
+//! image in `FERRY_BENCH_DIR`, written whole first (so every row meets the same disk; see
+//! `LoopFs::make`), loop-mounted, and unmounted and removed at the end (ext4 with its
+//! journal, as a backup host runs it).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -525,22 +526,42 @@ struct LoopFs {
 }
 
 impl LoopFs {
-    /// Makes a filesystem of `kind` in an 8 GiB sparse image under `base` and mounts it;
-    /// exits with the reason if it cannot.
+    /// Makes a filesystem of `kind` in an 8 GiB image under `base` and mounts it; exits with
+    /// the reason if it cannot.
+    ///
+    /// The image is written whole first (a non-zero pattern, flushed) and `mkfs` told not to
+    /// discard it. On a sparse image, or on a virtual disk that allocates a block the first
+    /// time it is written, a durable write is three times slower where the filesystem
+    /// first reaches ground never written (measured: `dd` with `fdatasync` 330 MB/s on an
+    /// empty XFS, 112 MB/s once 3 GB were in it, 340 MB/s again when they were deleted;
+    /// on the written image 172 MB/s throughout), so the rows run later (the second
+    /// round, the restore) would meet a slower disk than the first, and only the tool that
+    /// waits for the disk would pay for it.
     fn make(kind: &str, base: &Path) -> LoopFs {
-        let force = match kind {
-            "xfs" | "btrfs" => "-f",
-            "ext4" => "-F",
+        let (force, no_discard) = match kind {
+            "xfs" => ("-f", &["-K"][..]),
+            "btrfs" => ("-f", &["-K"][..]),
+            "ext4" => ("-F", &["-E", "nodiscard"][..]),
             _ => fail(&format!(
                 "FERRY_BENCH_FS={kind}: expected xfs, ext4 or btrfs"
             )),
         };
         let image = base.join(format!("ferry-bench-{}.{kind}", std::process::id()));
-        let file = std::fs::File::create(&image).unwrap_or_else(|e| {
+        let mut file = std::fs::File::create(&image).unwrap_or_else(|e| {
             fail(&format!("{}: {e}", image.display()));
         });
-        file.set_len(8 << 30).unwrap();
+        let started = Instant::now();
+        let mut pattern = vec![0u8; 1 << 20];
+        fill(&mut pattern, 0x1_0000);
+        let written = (0..8 << 10)
+            .try_for_each(|_| file.write_all(&pattern))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&image);
+            fail(&format!("{}: {e}", image.display()));
+        }
         drop(file);
+        let prepared = started.elapsed();
         let run = |what: &str, cmd: &mut Command| {
             let out = cmd.output().unwrap_or_else(|e| {
                 let _ = std::fs::remove_file(&image);
@@ -555,7 +576,13 @@ impl LoopFs {
             }
         };
         let mkfs = format!("mkfs.{kind}");
-        run(&mkfs, Command::new(&mkfs).args(["-q", force]).arg(&image));
+        run(
+            &mkfs,
+            Command::new(&mkfs)
+                .args(["-q", force])
+                .args(no_discard)
+                .arg(&image),
+        );
         let mount = tempfile::tempdir().unwrap();
         run(
             "mount -o loop",
@@ -565,9 +592,11 @@ impl LoopFs {
                 .arg(mount.path()),
         );
         println!(
-            "filesystem: a fresh {kind} on a loop device ({} on {})",
+            "filesystem: a fresh {kind} on a loop device ({} on {}; the image written whole \
+             first, in {:.1} s)",
             image.display(),
-            mount.path().display()
+            mount.path().display(),
+            prepared.as_secs_f64()
         );
         LoopFs { mount, image }
     }
