@@ -529,34 +529,31 @@ impl Message {
 
     /// The id of a request that changes the module (refused on read-only sessions).
     pub fn mutation_id(&self) -> Option<RequestId> {
-        match self {
-            Message::Mkdir { id, .. }
-            | Message::Symlink { id, .. }
-            | Message::Special { id, .. }
-            | Message::SetMeta { id, .. }
-            | Message::Delete { id, .. }
-            | Message::Rename { id, .. }
-            | Message::Link { id, .. }
-            | Message::FileBegin { id, .. }
-            | Message::File { id, .. } => Some(*id),
-            _ => None,
-        }
+        self.mutation().map(|(id, _)| id)
     }
 
     /// The paths whose entries a mutating request changes (a `Rename` or `Link` changes
     /// two); none for any other message.
     pub fn changed_paths(&self) -> [Option<&RelPath>; 2] {
+        self.mutation().map_or([None, None], |(_, paths)| paths)
+    }
+
+    /// A request that changes the module: its id and the paths it changes. One list, so
+    /// that what is refused on a read-only session and what is marked changed agree.
+    fn mutation(&self) -> Option<(RequestId, [Option<&RelPath>; 2])> {
         match self {
-            Message::Mkdir { path, .. }
-            | Message::Symlink { path, .. }
-            | Message::Special { path, .. }
-            | Message::SetMeta { path, .. }
-            | Message::Delete { path, .. }
-            | Message::FileBegin { path, .. }
-            | Message::File { path, .. } => [Some(path), None],
-            Message::Rename { from, to, .. } => [Some(from), Some(to)],
-            Message::Link { path, target, .. } => [Some(path), Some(target)],
-            _ => [None, None],
+            Message::Mkdir { id, path, .. }
+            | Message::Symlink { id, path, .. }
+            | Message::Special { id, path, .. }
+            | Message::SetMeta { id, path, .. }
+            | Message::Delete { id, path, .. }
+            | Message::FileBegin { id, path, .. }
+            | Message::File { id, path, .. } => Some((*id, [Some(path), None])),
+            Message::Rename { id, from, to } => Some((*id, [Some(from), Some(to)])),
+            Message::Link {
+                id, path, target, ..
+            } => Some((*id, [Some(path), Some(target)])),
+            _ => None,
         }
     }
 
@@ -650,6 +647,7 @@ mod tests {
         };
         assert_eq!(delete.changed_paths(), [Some(&a), None]);
         assert_eq!(rename.changed_paths(), [Some(&a), Some(&b)]);
+        assert_eq!(rename.mutation_id(), Some(4));
         assert_eq!(
             list.changed_paths(),
             [None, None],
