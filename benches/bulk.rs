@@ -27,7 +27,8 @@
 //! `bwlimit_kib` at a quarter of the link for a minute (what crossed, against the cap).
 //!
 //! Run: `cargo bench --bench bulk` (needs `rsync`; `lsyncd` optional). About 2–4 minutes and
-//! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir). `FERRY_BENCH_SCALE=0.1`
+//! ~4 GB of disk in `FERRY_BENCH_DIR` (default: the system temp dir; 8 GiB with
+//! `FERRY_BENCH_FS`). `FERRY_BENCH_SCALE=0.1`
 //! shrinks every size tenfold for a quick look. `FERRY_BENCH_FS=xfs|ext4|btrfs` (root, and
 //! that filesystem's `mkfs`) runs it all on a fresh filesystem of that kind instead: an 8 GiB
 //! image in `FERRY_BENCH_DIR`, written whole first (so every row meets the same disk; see
