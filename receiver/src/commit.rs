@@ -54,7 +54,7 @@ const SEALED_FLOOR: usize = 32;
 /// [`Held`].
 static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// One sealed file's share of the process's descriptors: counted in [`HELD`] from its
+/// One sealed file's share of the process's descriptors: counted in `HELD` from its
 /// making to its drop, so the count cannot drift whichever way the file leaves (named,
 /// discarded, its session gone).
 pub struct Held(&'static std::sync::atomic::AtomicUsize);
@@ -80,9 +80,9 @@ impl Drop for Held {
 /// Whether a session holding `sealed` files (sealed since its commit under way began) may
 /// seal another before waiting for that commit: up to [`MAX_SEALED`] while the sealed files
 /// of all sessions stay within a quarter of the process's descriptor limit, and
-/// [`SEALED_FLOOR`] in any case. One session streaming many small files thus keeps sealing
-/// while its commit flushes (on a limit of 20,000 as on the units' 204,800), and many
-/// sessions at once share what the limit allows.
+/// `SEALED_FLOOR` (32) in any case. One session streaming many small files thus keeps
+/// sealing while its commit flushes (on a limit of 20,000 as on the units' 204,800), and
+/// many sessions at once share what the limit allows.
 pub fn may_seal(sealed: usize) -> bool {
     static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let budget = *BUDGET.get_or_init(|| sealed_budget(ferry_protocol::descriptor_limit()));

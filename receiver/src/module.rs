@@ -58,7 +58,7 @@ pub struct ModuleState {
 /// nothing changed reads only the directories the receiver changed since (marked here after
 /// each change, with the directories the group commit flushes) and those whose own `lstat`
 /// moved. Off where other writers share the module (gateways on a shared volume) and for a
-/// restore's destination. The marks are taken by the next summary; past [`MAX_MARKED`]
+/// restore's destination. The marks are taken by the next summary; past `MAX_MARKED`
 /// directories marked, what was kept is dropped instead, so a module never summarised holds
 /// no growing set.
 pub struct Summaries {

@@ -13,11 +13,11 @@
 //! takes the next requests (`Requests::commit_behind`): one begins as soon as
 //! `BEHIND_MIN` answers or files wait and none is under way, so each commit covers what
 //! arrived during the last one's flushes; the loop waits for it only when [`may_seal`]
-//! refuses another sealed file or [`GROUP_COMMIT`] answers pile up behind it. The names are given on the loop's
-//! thread, between requests. When no further request is queued and no commit is under way,
-//! fewer than `BEHIND_MIN` changes waiting are committed and answered at once
-//! (`Requests::commit`): a lone change is durable and answered without a hand-off; more
-//! begin a commit behind the loop. While one is under way (a burst), the loop does not
+//! refuses another sealed file or [`GROUP_COMMIT`] answers pile up behind it. The names
+//! are given on the loop's thread, between requests. When no further request is queued and
+//! no commit is under way, fewer than `BEHIND_MIN` changes waiting are committed and
+//! answered at once (`Requests::commit`): a lone change is durable and answered without a
+//! hand-off; more begin a commit behind the loop. While one is under way (a burst), the loop does not
 //! wait for it: it lingers for the next request, and the end of a flush moves the commit
 //! on (`Requests::wake`) as a request would — on the lingering thread, or, once the loop
 //! has handed its thread back, by waking it: a stream of files is never held up by its own
@@ -730,7 +730,8 @@ impl Requests {
 
     /// Between two requests: moves the commit under way on, and begins the next one behind
     /// it when enough waits ([`BEHIND_MIN`]) and none is under way, or waits for the one
-    /// under way when [`may_seal`] allows no more sealed files or [`GROUP_COMMIT`] answers wait.
+    /// under way when [`may_seal`] allows no more sealed files or [`GROUP_COMMIT`] answers
+    /// wait.
     fn step_commit(&mut self) -> bool {
         if !self.advance(false) {
             return false;

@@ -70,14 +70,11 @@ impl Summary {
     ) -> Summary {
         let read = read.union(rules.cmp.xattrs);
         let mut s = Summary::new(rules, read);
-        let mut walk = Walk {
-            filter,
-            read,
-            unkept,
-            errors,
-            keep: None,
-        };
-        s.visit(root, &RelPath::root(), &mut walk);
+        s.visit(
+            root,
+            &RelPath::root(),
+            &mut Walk::new(filter, read, unkept, errors),
+        );
         s
     }
 
@@ -110,13 +107,7 @@ impl Summary {
             let mut errs = Vec::new();
             // One gone or unopenable is visited (and said) by the root's visit.
             if let Ok(fd) = open_child(root, path.file_name()) {
-                let mut walk = Walk {
-                    filter,
-                    read,
-                    unkept,
-                    errors: &mut errs,
-                    keep: None,
-                };
+                let mut walk = Walk::new(filter, read, unkept, &mut errs);
                 super::scan::grow(|| sub.visit(&fd, path, &mut walk));
             }
             (sub, errs)
@@ -133,13 +124,7 @@ impl Summary {
             firsts.extend(sub.unkept.1);
             below_errors.extend(errs);
         }
-        let mut walk = Walk {
-            filter,
-            read,
-            unkept,
-            errors,
-            keep: None,
-        };
+        let mut walk = Walk::new(filter, read, unkept, errors);
         s.visit(root, &top, &mut walk);
         walk.errors.append(&mut below_errors);
         firsts.extend(s.unkept.1.take());
@@ -401,6 +386,24 @@ struct Walk<'a, 'e> {
     errors: &'e mut Vec<(RelPath, io::Error)>,
     /// Directories kept from the last summary, when this one may take them.
     keep: Option<Keep<'e>>,
+}
+
+impl<'a, 'e> Walk<'a, 'e> {
+    /// A walk that reads every directory (nothing kept to take).
+    fn new(
+        filter: Filter<'a>,
+        read: Namespaces,
+        unkept: Namespaces,
+        errors: &'e mut Vec<(RelPath, io::Error)>,
+    ) -> Self {
+        Walk {
+            filter,
+            read,
+            unkept,
+            errors,
+            keep: None,
+        }
+    }
 }
 
 /// A walk's side of [`Kept`]: what the last summary kept, what this one keeps.
