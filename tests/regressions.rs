@@ -587,8 +587,10 @@ fn the_ransomware_pattern_slipped_past_the_guard() {
     };
     // The first `.locked` file is sent before any deletion (on a loaded machine a batch of
     // it alone comes as often as not): waited for, so the module the deletions begin from
-    // is known exactly, 2,020 entries and that one.
+    // is known exactly, 2,020 entries and that one. Waited for in the module: the status
+    // can say settled before the watcher has even seen the new file.
     let first = lock(0, 0);
+    guard::wait_exists(&dst.join("d0/f0.locked"), 60);
     site.wait_settled(60);
     fs::remove_file(first).unwrap();
     for d in 0..20 {

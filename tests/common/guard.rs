@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Waits (`secs` at most) until `path` exists.
-fn wait_exists(path: &Path, secs: u64) {
+pub fn wait_exists(path: &Path, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !path.exists() {
         assert!(
