@@ -15,8 +15,8 @@
 //!   beside lsyncd (delay 0, same rsyncd) when `lsyncd` is installed.
 //!
 //! - restore (`ferry restore --group` from the module) into an empty directory beside `rsync
-//!   -a` pulling from the rsyncd, then over those copies after 1 MiB of the big file was
-//!   damaged: time and bytes on the wire;
+//!   -a` pulling from the rsyncd (two rounds, in both orders), then over those copies after
+//!   1 MiB of the big file was damaged: time and bytes on the wire;
 //! - every small file rewritten (same sizes, new bytes), `send --once` vs `rsync -a`: with
 //!   `FERRY_BENCH_HISTORY=1` the ferry modules keep history, so every file's old version is
 //!   kept; run once with and once without to see what history costs.
@@ -938,17 +938,41 @@ fn restore_rows(site: &Site, pin: &str) {
         site.dir.join("restore-rsync"),
         site.dir.join("restore-rsync-fsync"),
     );
+    let (fd2, rd2) = (
+        site.dir.join("restore-ferry-2"),
+        site.dir.join("restore-rsync-2"),
+    );
+    // Two rounds in both orders, as for the initial sync: one pull alone is at the mercy
+    // of the disk's moment.
     Command::new("sync").status().unwrap();
-    let (f, _) = restore(&fd);
-    let (r, _) = pull(site.rsync_port, &rd, &[]);
+    let (f1, _) = restore(&fd);
+    let (r1, _) = pull(site.rsync_port, &rd, &[]);
     row(
-        "restore into an empty directory",
+        "restore into an empty dir (ferry first)",
+        secs(f1),
+        secs(r1),
+        ratio(f1, r1),
+    );
+    let (r2, _) = pull(site.rsync_port, &rd2, &[]);
+    let (f2, _) = restore(&fd2);
+    row(
+        "restore into an empty dir (rsync first)",
+        secs(f2),
+        secs(r2),
+        ratio(f2, r2),
+    );
+    let (f, r) = (f1 + f2, r1 + r2);
+    row(
+        "restore into an empty dir, both rounds",
         secs(f),
         secs(r),
         ratio(f, r),
     );
+    for d in [&fd2, &rd2] {
+        let _ = std::fs::remove_dir_all(d);
+    }
     let (rf, _) = pull(site.rsync_port, &rfd, &["--fsync"]);
-    row("  (rsync --fsync)", secs(f), secs(rf), ratio(f, rf));
+    row("  (rsync --fsync)", secs(f1), secs(rf), ratio(f1, rf));
     let _ = std::fs::remove_dir_all(&rfd);
 
     let mut patch = vec![0u8; 1 << 20];
