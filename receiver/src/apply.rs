@@ -29,7 +29,8 @@ use ferry_protocol::RelPath;
 use std::collections::HashSet;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -37,7 +38,7 @@ use std::sync::Arc;
 
 mod entry;
 pub(crate) use entry::hard_link;
-use entry::{declined, link, link_into, missing, session_tag};
+use entry::{declined, link_into, missing, session_tag};
 pub use entry::{is_declined, set_mtime, Staged, TempName};
 
 /// The filesystem side of one session on one module.
@@ -163,9 +164,10 @@ impl Apply {
         self.file_dir = None;
     }
 
-    /// A fresh name beside `path` (in its directory) for an entry about to be renamed to it.
-    pub fn temp_beside(&mut self, path: &Path) -> PathBuf {
-        path.parent().unwrap_or(path).join(self.temp_name())
+    /// A fresh name beside the entry `at` (in its held directory) for an entry about to be
+    /// renamed to it.
+    pub fn temp_beside(&mut self, at: &Confined) -> Confined {
+        at.sibling(self.temp_name().as_bytes())
     }
 
     /// A reserved name of this session's for a temporary entry.
@@ -176,14 +178,18 @@ impl Apply {
 
     /// A new file for the content of the entry `at`, in its directory: unnamed
     /// (`O_TMPFILE`, with the permissions `mode` asks, less the setuid, setgid and sticky
-    /// bits) where the filesystem allows, else under a [`Apply::temp_name`] held beneath its
-    /// directory ([`TempName`], readable by its owner only until it is complete).
-    pub fn create_file(&mut self, at: &Confined, mode: u32) -> io::Result<Staged> {
-        if let Some(file) = self.state.unnamed.create(at.dir(), mode, self.module())? {
-            return Ok(Staged { file, name: None });
+    /// bits) where the filesystem allows and it is to be a new name, else under a
+    /// [`Apply::temp_name`] beside it ([`TempName`], readable by its owner only until it is
+    /// complete). A file `replacing` what is there is named at once, as rsync does: renamed
+    /// over the old one at the commit, it costs the filesystem two changes (create, rename)
+    /// where an unnamed one costs three (create, link beside, rename).
+    pub fn create_file(&mut self, at: &Confined, mode: u32, replacing: bool) -> io::Result<Staged> {
+        if !replacing {
+            if let Some(file) = self.state.unnamed.create(at.dir(), mode, self.module())? {
+                return Ok(Staged { file, name: None });
+            }
         }
-        let dir = local::fd_path(at.dir());
-        let (file, name) = TempName::create(&dir, self.temp_name())?;
+        let (file, name) = TempName::create(self.temp_beside(at))?;
         Ok(Staged {
             file,
             name: Some(name),
@@ -200,24 +206,22 @@ impl Apply {
         at: &Confined,
         rel: &RelPath,
     ) -> io::Result<bool> {
-        let path = at.path();
-        let path = path.as_path();
         if let Some(name) = &staged.name {
-            return self.install(&name.path(), path, rel).map(|()| false);
+            return self.install(name.at(), at, rel).map(|()| false);
         }
         match link_into(&staged.file, at) {
             Ok(()) => {
                 self.mark_parent_dirty(rel);
                 // A new name: its kind and size are all its row keeps (no lookup).
-                self.note_created(path, rel, Some(created_meta(Kind::File, size)))
+                self.note_created(&at.path(), rel, Some(created_meta(Kind::File, size)))
                     .map(|()| true)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let tmp = self.temp_beside(path);
-                link(&format!("/proc/self/fd/{}", staged.file.as_raw_fd()), &tmp)?;
-                let r = self.install(&tmp, path, rel);
+                let tmp = self.temp_beside(at);
+                link_into(&staged.file, &tmp)?;
+                let r = self.install(&tmp, at, rel);
                 if r.is_err() {
-                    let _ = fs::remove_file(&tmp);
+                    let _ = fs::remove_file(tmp.path());
                 }
                 r.map(|()| false)
             }
@@ -252,23 +256,23 @@ impl Apply {
         Ok(())
     }
 
-    /// Renames a finished staged entry over `path` (the confined path of `rel`), replacing a
-    /// directory there if need be.
-    pub fn install(&mut self, tmp: &Path, path: &Path, rel: &RelPath) -> io::Result<()> {
+    /// Renames a finished staged entry `tmp` over the entry `at` (of `rel`), replacing a
+    /// directory there if need be. Both are reached through their held directories, not by a
+    /// path walk through `/proc`.
+    pub fn install(&mut self, tmp: &Confined, at: &Confined, rel: &RelPath) -> io::Result<()> {
+        let path = at.path();
         let kept = if self.state.history.is_some() {
             // The entry there is kept (a file linked, a directory moved) before it is replaced.
-            self.keep(path, rel, Action::Replaced, How::Link)?
+            self.keep(&path, rel, Action::Replaced, How::Link)?
         } else {
-            if let Ok(md) = fs::symlink_metadata(path) {
-                if md.is_dir() {
-                    fs::remove_dir_all(path)?;
-                }
+            if at.is_dir() {
+                fs::remove_dir_all(&path)?;
             }
             false
         };
-        if let Err(e) = fs::rename(tmp, path) {
+        if let Err(e) = tmp.rename_to(at) {
             if kept {
-                self.unkeep(path);
+                self.unkeep(&path);
             }
             return Err(e);
         }
@@ -276,23 +280,21 @@ impl Apply {
         if kept {
             Ok(())
         } else {
-            self.note_created(path, rel, None)
+            self.note_created(&path, rel, None)
         }
     }
 
     /// Makes `rel` a symlink to `target`.
     pub fn symlink(&mut self, rel: &RelPath, target: &[u8], meta: &Meta) -> io::Result<()> {
         let at = self.entry(rel)?;
-        let path = at.path();
-        let tmp = self.temp_beside(&path);
-        std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), &tmp)?;
-        self.install_staged(&tmp, &path, rel, meta)
+        let tmp = self.temp_beside(&at);
+        std::os::unix::fs::symlink(RelPath::from_bytes(target.to_vec()).as_path(), tmp.path())?;
+        self.install_staged(&tmp, &at, rel, meta)
     }
 
     /// Makes `rel` a fifo or (privileged receivers only) a device node.
     pub fn special(&mut self, rel: &RelPath, meta: &Meta) -> io::Result<()> {
         let at = self.entry(rel)?;
-        let path = at.path();
         let type_bits = match meta.kind {
             Kind::Fifo => libc::S_IFIFO,
             Kind::CharDevice => libc::S_IFCHR,
@@ -307,8 +309,8 @@ impl Apply {
             };
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, why));
         }
-        let tmp = self.temp_beside(&path);
-        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(tmp.as_os_str()))
+        let tmp = self.temp_beside(&at);
+        let c = std::ffi::CString::new(tmp.path().into_os_string().into_vec())
             .map_err(io::Error::other)?;
         // SAFETY: `c` is a valid NUL-terminated path; mknod has no other memory effects.
         let rc = unsafe {
@@ -321,25 +323,26 @@ impl Apply {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.install_staged(&tmp, &path, rel, meta)
+        self.install_staged(&tmp, &at, rel, meta)
     }
 
-    /// Gives a staged symlink or special file its metadata and renames it over `path`; the
-    /// staged entry is removed if any step fails.
+    /// Gives a staged symlink or special file its metadata and renames it over the entry
+    /// `at`; the staged entry is removed if any step fails.
     fn install_staged(
         &mut self,
-        tmp: &Path,
-        path: &Path,
+        tmp: &Confined,
+        at: &Confined,
         rel: &RelPath,
         meta: &Meta,
     ) -> io::Result<()> {
+        let path = tmp.path();
         let r = self
-            .apply_owner_mode(tmp, meta)
-            .and_then(|_| self.apply_xattrs(At::Entry(tmp), rel, meta))
-            .and_then(|_| set_mtime(tmp, meta))
-            .and_then(|_| self.install(tmp, path, rel));
+            .apply_owner_mode(&path, meta)
+            .and_then(|_| self.apply_xattrs(At::Entry(&path), rel, meta))
+            .and_then(|_| set_mtime(&path, meta))
+            .and_then(|_| self.install(tmp, at, rel));
         if r.is_err() {
-            let _ = fs::remove_file(tmp);
+            let _ = fs::remove_file(&path);
         }
         r?;
         self.stats.links.fetch_add(1, Ordering::Relaxed);
@@ -502,8 +505,8 @@ impl Apply {
             }
         }
         // Linked beside the name, then renamed over it: the name is never missing.
-        let tmp = self.temp_beside(&to);
-        hard_link(&from, &tmp).map_err(|e| {
+        let tmp = self.temp_beside(&to_at);
+        hard_link(&from, &tmp.path()).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!(
@@ -513,9 +516,9 @@ impl Apply {
                 ),
             )
         })?;
-        let r = self.install(&tmp, &to, rel);
+        let r = self.install(&tmp, &to_at, rel);
         if r.is_err() {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(tmp.path());
         }
         r?;
         self.stats.links.fetch_add(1, Ordering::Relaxed);

@@ -98,6 +98,76 @@ impl Confined {
         }
     }
 
+    /// The entry's name for the `*at` calls on [`Confined::dir`]: `.` for the root.
+    fn c_name(&self) -> io::Result<CString> {
+        CString::new(self.name.as_deref().unwrap_or(b".")).map_err(io::Error::other)
+    }
+
+    /// The entry's file type bits (`S_IFMT` of its mode), `None` if it is not there: an
+    /// `fstatat` that does not follow it, through the held directory (no path walk through
+    /// `/proc`).
+    fn kind(&self) -> Option<libc::mode_t> {
+        let name = self.c_name().ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a valid descriptor, a NUL-terminated name, and room for the result.
+        let rc = unsafe {
+            libc::fstatat(
+                self.dir.as_raw_fd(),
+                name.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        // SAFETY: filled in by a successful call.
+        (rc == 0).then(|| unsafe { st.assume_init() }.st_mode & libc::S_IFMT)
+    }
+
+    /// Whether something is there.
+    pub fn exists(&self) -> bool {
+        self.kind().is_some()
+    }
+
+    /// Whether the entry is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.kind() == Some(libc::S_IFDIR)
+    }
+
+    /// Creates the entry as a new regular file, open for writing, readable by its owner only
+    /// (`openat` through the held directory; fails if anything is there, and never follows a
+    /// symlink).
+    pub fn create_new(&self) -> io::Result<std::fs::File> {
+        let name = self.c_name()?;
+        let flags =
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: a valid descriptor and a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::openat(self.dir.as_raw_fd(), name.as_ptr(), flags, 0o600) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just opened, owned by nothing else.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    }
+
+    /// Renames the entry to `to` (`renameat` through both held directories), replacing what
+    /// `to` names as `rename` does.
+    pub fn rename_to(&self, to: &Confined) -> io::Result<()> {
+        let (from_name, to_name) = (self.c_name()?, to.c_name()?);
+        // SAFETY: valid descriptors and NUL-terminated names.
+        let rc = unsafe {
+            libc::renameat(
+                self.dir.as_raw_fd(),
+                from_name.as_ptr(),
+                to.dir.as_raw_fd(),
+                to_name.as_ptr(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// How many entries removing this entry takes (see [`local::count_entries`]), up to
     /// `limit + 1`; the module root is never removed (0).
     pub fn count(&self, limit: u64) -> io::Result<u64> {

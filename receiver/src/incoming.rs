@@ -80,6 +80,12 @@ fn delta_error(e: delta::DeltaError) -> io::Error {
     }
 }
 
+/// A file sent whole and at most this long (the sender's one-message files) over an entry
+/// that is there is staged under a reserved name rather than unnamed ([`Apply::create_file`]):
+/// a file rewritten costs the filesystem one change less. A longer one stays unnamed, so a cut
+/// transfer left in the module is never visible.
+const NAMED_UP_TO: u64 = 256 * 1024;
+
 /// Files one session may have begun and not ended (each holds a descriptor and an unnamed
 /// file); the sender streams 16 at once. Sealed files are bounded apart ([`crate::commit::may_seal`]).
 pub const MAX_FILES_IN_FLIGHT: usize = 64;
@@ -165,7 +171,9 @@ impl Transfers {
         }
         partials.forget(rel);
         let mode = fs.mode_for(&meta);
-        let tmp = fs.create_file(&at, mode)?;
+        // A small file sent whole over one that is there (a file rewritten): named at once.
+        let replacing = body == Body::Whole && meta.size <= NAMED_UP_TO && at.exists();
+        let tmp = fs.create_file(&at, mode, replacing)?;
         let mut base = None;
         let mut base_known = None;
         let mut reply = None;
@@ -703,6 +711,82 @@ mod tests {
             written,
             since: Instant::now() - age,
         }
+    }
+
+    /// A small file sent whole over one that is there is staged under a reserved name (one
+    /// change of the filesystem less than an unnamed file linked beside it) and renamed over
+    /// it at the commit; a new name is still staged unnamed. Either way the module ends with
+    /// the new bodies under their names and nothing reserved left, and the old file's other
+    /// name (a hard link) keeps the old body.
+    #[test]
+    fn a_small_file_over_one_that_is_there_is_named_at_once_and_renamed_over_it() {
+        use crate::module::tests::module_at;
+        use crate::module::ModuleState;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("old"), b"old body").unwrap();
+        std::fs::hard_link(d.join("old"), d.join("other name")).unwrap();
+        let state = Arc::new(ModuleState::open(module_at(dir.path(), false), None).unwrap());
+        let stats = Arc::new(crate::stats::Stats::default());
+        let mut fs = Apply::new(state, stats, false);
+        let mut files = Transfers::default();
+        for (id, name, named) in [(1, "d/old", true), (2, "d/new", false)] {
+            let body = format!("the new body of {name}");
+            let mut meta = crate::history::created_meta(Kind::File, body.len() as u64);
+            meta.mode = 0o640;
+            let digest = *blake3::hash(body.as_bytes()).as_bytes();
+            let rel = RelPath::from(name);
+            let outcome = files.whole(&mut fs, id, &rel, meta, body.as_bytes(), digest);
+            assert!(matches!(outcome, Outcome::Sealed), "{name}: not sealed");
+            let staged = &fs.sealed.last().expect("sealed").staged;
+            assert_eq!(staged.name.is_some(), named, "{name}: staged under a name");
+        }
+        for (id, r) in fs.flush() {
+            r.unwrap_or_else(|e| panic!("{id}: {e}"));
+        }
+        fs.commit_durable().unwrap();
+        for name in ["old", "new"] {
+            let body = std::fs::read(d.join(name)).unwrap();
+            assert_eq!(body, format!("the new body of d/{name}").as_bytes());
+            let mode = std::fs::metadata(d.join(name)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o640, "{name}");
+        }
+        assert_eq!(std::fs::read(d.join("other name")).unwrap(), b"old body");
+        let mut left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["new", "old", "other name"]);
+    }
+
+    /// A file staged under a reserved name is readable by its owner only until it is sealed,
+    /// and is never made through what a local user planted at that name (a symlink out of
+    /// the module): the creation fails and the symlink's target is untouched.
+    #[test]
+    fn a_named_staging_file_is_private_and_never_follows_a_planted_name() {
+        use crate::module::tests::module_at;
+        use crate::module::ModuleState;
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        std::fs::write(dir.path().join("f"), b"there").unwrap();
+        let secret = outside.path().join("secret");
+        std::fs::write(&secret, b"not the module's").unwrap();
+        let state = Arc::new(ModuleState::open(module_at(dir.path(), false), None).unwrap());
+        let stats = Arc::new(crate::stats::Stats::default());
+        let mut fs = Apply::new(state, stats, false);
+        let at = fs.entry(&RelPath::from("f")).unwrap();
+        let staged = fs.create_file(&at, 0o644, true).unwrap();
+        let name = staged.name.as_ref().expect("named");
+        let mode = std::fs::symlink_metadata(name.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        staged.discard();
+        let trap = at.sibling(b".ferry-planted");
+        std::os::unix::fs::symlink(&secret, trap.path()).unwrap();
+        assert!(crate::apply::TempName::create(trap).is_err());
+        assert_eq!(std::fs::read(&secret).unwrap(), b"not the module's");
     }
 
     #[test]

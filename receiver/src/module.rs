@@ -757,7 +757,7 @@ pub(crate) mod tests {
         for i in 0..40 {
             let rel = RelPath::from(format!("{}/f{i}", ["a", "b"][i % 2]).as_str());
             let at = apply.entry(&rel).unwrap();
-            let mut file = apply.create_file(&at, 0o644).unwrap();
+            let mut file = apply.create_file(&at, 0o644, false).unwrap();
             assert!(file.name.is_some(), "staged under a reserved name");
             file.file.write_all(format!("file {i}").as_bytes()).unwrap();
             drop(at);

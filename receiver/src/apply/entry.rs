@@ -1,13 +1,12 @@
 //! The small filesystem pieces [`Apply`](super::Apply) is built from: declined requests, a
 //! staged file, `linkat`, mtimes, the session tag of temporary names.
 
+use crate::confine::Confined;
 use ferry_protocol::meta::Meta;
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A request the receiver declines as the protocol expects (a rename or hard link whose source
@@ -61,42 +60,24 @@ impl Staged {
 /// A staged file's temporary name, beneath a descriptor of its directory held as long as the
 /// file waits: the name means the same entry at the commit, however many descriptors were
 /// closed and reused in between (a `/proc/self/fd/N/…` path kept without its `N` would not).
-pub struct TempName {
-    dir: OwnedFd,
-    name: OsString,
-}
+pub struct TempName(Confined);
 
 impl TempName {
-    /// Creates a new file named `name` in the directory `dir` (a path that names it now: a
-    /// confined `/proc/self/fd/N`, whose link is followed to exactly that directory), holding
-    /// the directory for later.
-    pub fn create(dir: &Path, name: OsString) -> io::Result<(File, TempName)> {
-        let dir = OwnedFd::from(
-            fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-                .open(dir)?,
-        );
-        let at = TempName { dir, name };
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(at.path())?;
-        Ok((file, at))
+    /// Creates a new file as the entry `at`, a reserved name in a held directory.
+    pub fn create(at: Confined) -> io::Result<(File, TempName)> {
+        let file = at.create_new()?;
+        Ok((file, TempName(at)))
     }
 
     /// The entry, as a path through the held directory.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd())).join(&self.name)
+        self.0.path()
     }
-}
 
-/// `linkat` of an open file (through its `/proc/self/fd` entry, which needs no privilege) to
-/// `to`; fails with `AlreadyExists` if `to` exists.
-pub(super) fn link(fd: &str, to: &Path) -> io::Result<()> {
-    linkat(Path::new(fd), to, libc::AT_SYMLINK_FOLLOW)
+    /// The entry, beneath the held directory.
+    pub fn at(&self) -> &Confined {
+        &self.0
+    }
 }
 
 /// `linkat` of an open file (through its `/proc/self/fd` entry) to the entry `at`, its
