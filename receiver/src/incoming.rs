@@ -750,7 +750,10 @@ mod tests {
         for name in ["old", "new"] {
             let body = std::fs::read(d.join(name)).unwrap();
             assert_eq!(body, format!("the new body of d/{name}").as_bytes());
-            let mode = std::fs::metadata(d.join(name)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(d.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o7777, 0o640, "{name}");
         }
         assert_eq!(std::fs::read(d.join("other name")).unwrap(), b"old body");
@@ -780,7 +783,10 @@ mod tests {
         let at = fs.entry(&RelPath::from("f")).unwrap();
         let staged = fs.create_file(&at, 0o644, true).unwrap();
         let name = staged.name.as_ref().expect("named");
-        let mode = std::fs::symlink_metadata(name.path()).unwrap().permissions().mode();
+        let mode = std::fs::symlink_metadata(name.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         staged.discard();
         let trap = at.sibling(b".ferry-planted");
