@@ -53,9 +53,9 @@ pub const GROUP_COMMIT: usize = 2048;
 const BEHIND_MIN: usize = crate::commit::SYNCFS_BATCH;
 /// Answers and sealed files waiting from which a later commit of the same burst begins
 /// behind the loop (or fewer, when the queue runs dry): each flush forces the filesystem's
-/// log, and one that covers a few hundred files costs the disk a quarter of the flushes of
-/// commits begun back to back (on XFS, 59 `syncfs` and 28 `fsync` for 20,000 files and a
-/// 256 MiB file, against 226 and 314). A lone change is answered as before.
+/// log, and commits of a few hundred files cost the disk a third of the flushes of commits
+/// begun back to back (on XFS, 58 `syncfs` and 36 `fsync` for 20,000 files and a 256 MiB
+/// file, against 139–226 and 111–314). A lone change is answered as before.
 const BURST_COMMIT: usize = 512;
 /// Read budget (in the session's KiB permits) released at once: 2 MiB, a tenth of the
 /// session's buffer.
