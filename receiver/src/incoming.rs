@@ -80,10 +80,11 @@ fn delta_error(e: delta::DeltaError) -> io::Error {
     }
 }
 
-/// A file sent whole and at most this long (the sender's one-message files) over an entry
-/// that is there is staged under a reserved name rather than unnamed ([`Apply::create_file`]):
-/// a file rewritten costs the filesystem one change less. A longer one stays unnamed, so a cut
-/// transfer left in the module is never visible.
+/// A file sent whole in one `File` message and at most this long over an entry that is
+/// there is staged under a reserved name rather than unnamed ([`Apply::create_file`]): a
+/// file rewritten costs the filesystem one change less. It is sealed before the next request,
+/// so it is never kept to resume; a file sent in frames stays unnamed, so a cut transfer left
+/// in the module is never visible.
 const NAMED_UP_TO: u64 = 256 * 1024;
 
 /// Files one session may have begun and not ended (each holds a descriptor and an unnamed
@@ -109,7 +110,21 @@ impl Transfers {
         meta: Meta,
         body: Body,
     ) -> Outcome {
-        match self.open(fs, id, rel, meta, body) {
+        self.begin_as(fs, id, rel, meta, body, false)
+    }
+
+    /// `FileBegin`, or the beginning of a `File` (`at_once`: its whole body is in the same
+    /// message, so it is sealed before the next request and never left to resume).
+    fn begin_as(
+        &mut self,
+        fs: &mut Apply,
+        id: RequestId,
+        rel: &RelPath,
+        meta: Meta,
+        body: Body,
+        at_once: bool,
+    ) -> Outcome {
+        match self.open(fs, id, rel, meta, body, at_once) {
             Ok(reply) => reply.map_or(Outcome::Pending, Outcome::Reply),
             Err(e) => {
                 self.failed.insert(id);
@@ -125,6 +140,7 @@ impl Transfers {
         rel: &RelPath,
         meta: Meta,
         body: Body,
+        at_once: bool,
     ) -> io::Result<Option<Message>> {
         if meta.kind != Kind::File {
             return Err(io::Error::other("not a regular file"));
@@ -171,8 +187,9 @@ impl Transfers {
         }
         partials.forget(rel);
         let mode = fs.mode_for(&meta);
-        // A small file sent whole over one that is there (a file rewritten): named at once.
-        let replacing = body == Body::Whole && meta.size <= NAMED_UP_TO && at.exists();
+        // A small file sent whole in one message over one that is there (a file rewritten):
+        // named at once.
+        let replacing = at_once && meta.size <= NAMED_UP_TO && at.exists();
         let tmp = fs.create_file(&at, mode, replacing)?;
         let mut base = None;
         let mut base_known = None;
@@ -364,7 +381,7 @@ impl Transfers {
         data: &[u8],
         digest: Digest,
     ) -> Outcome {
-        match self.begin(fs, id, rel, meta, Body::Whole) {
+        match self.begin_as(fs, id, rel, meta, Body::Whole, true) {
             Outcome::Pending => {}
             other => {
                 self.failed.remove(&id);
@@ -713,9 +730,10 @@ mod tests {
         }
     }
 
-    /// A small file sent whole over one that is there is staged under a reserved name (one
-    /// change of the filesystem less than an unnamed file linked beside it) and renamed over
-    /// it at the commit; a new name is still staged unnamed. Either way the module ends with
+    /// A small file sent whole in one message over one that is there is staged under a
+    /// reserved name (one change of the filesystem less than an unnamed file linked beside
+    /// it) and renamed over it at the commit; a new name, or a rewrite sent in frames, is
+    /// still staged unnamed. Either way the module ends with
     /// the new bodies under their names and nothing reserved left, and the old file's other
     /// name (a hard link) keeps the old body.
     #[test]
@@ -743,6 +761,18 @@ mod tests {
             let staged = &fs.sealed.last().expect("sealed").staged;
             assert_eq!(staged.name.is_some(), named, "{name}: staged under a name");
         }
+        // Sent in frames, a rewrite stays unnamed: cut off, it could be kept to resume.
+        let meta = crate::history::created_meta(Kind::File, 5);
+        let framed = files.begin(
+            &mut fs,
+            3,
+            &RelPath::from("d/other name"),
+            meta,
+            Body::Whole,
+        );
+        assert!(matches!(framed, Outcome::Pending));
+        assert!(files.incoming[&3].tmp.name.is_none(), "framed: unnamed");
+        assert!(matches!(files.abort(3), Outcome::Failed(_)));
         for (id, r) in fs.flush() {
             r.unwrap_or_else(|e| panic!("{id}: {e}"));
         }
