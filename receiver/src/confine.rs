@@ -107,19 +107,8 @@ impl Confined {
     /// `fstatat` that does not follow it, through the held directory (no path walk through
     /// `/proc`).
     fn kind(&self) -> Option<libc::mode_t> {
-        let name = self.c_name().ok()?;
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: a valid descriptor, a NUL-terminated name, and room for the result.
-        let rc = unsafe {
-            libc::fstatat(
-                self.dir.as_raw_fd(),
-                name.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        };
-        // SAFETY: filled in by a successful call.
-        (rc == 0).then(|| unsafe { st.assume_init() }.st_mode & libc::S_IFMT)
+        let st = local::lstat_at(&self.dir, self.name.as_deref()).ok()?;
+        Some(st.st_mode & libc::S_IFMT)
     }
 
     /// Whether something is there.

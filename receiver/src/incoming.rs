@@ -110,21 +110,19 @@ impl Transfers {
         meta: Meta,
         body: Body,
     ) -> Outcome {
-        self.begin_as(fs, id, rel, meta, body, false)
+        let opened = self.open(fs, id, rel, meta, body, false);
+        self.began(id, rel, opened)
     }
 
-    /// `FileBegin`, or the beginning of a `File` (`at_once`: its whole body is in the same
-    /// message, so it is sealed before the next request and never left to resume).
-    fn begin_as(
+    /// What a file's beginning is answered with: its reply if any, else nothing yet; a
+    /// failure is remembered, so its later frames are dropped silently.
+    fn began(
         &mut self,
-        fs: &mut Apply,
         id: RequestId,
         rel: &RelPath,
-        meta: Meta,
-        body: Body,
-        at_once: bool,
+        opened: io::Result<Option<Message>>,
     ) -> Outcome {
-        match self.open(fs, id, rel, meta, body, at_once) {
+        match opened {
             Ok(reply) => reply.map_or(Outcome::Pending, Outcome::Reply),
             Err(e) => {
                 self.failed.insert(id);
@@ -133,6 +131,8 @@ impl Transfers {
         }
     }
 
+    /// Begins the file `id` at `rel`; `at_once`: its whole body is in the same message (a
+    /// `File`), so a rewrite of a small one may be staged named.
     fn open(
         &mut self,
         fs: &mut Apply,
@@ -381,7 +381,10 @@ impl Transfers {
         data: &[u8],
         digest: Digest,
     ) -> Outcome {
-        match self.begin_as(fs, id, rel, meta, Body::Whole, true) {
+        // Its whole body is in this message: it is sealed before the next request and never
+        // left to resume.
+        let opened = self.open(fs, id, rel, meta, Body::Whole, true);
+        match self.began(id, rel, opened) {
             Outcome::Pending => {}
             other => {
                 self.failed.remove(&id);

@@ -4,7 +4,7 @@
 use super::*;
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` as the name stats `dir` itself.
-pub(crate) fn lstat_at(dir: &OwnedFd, name: Option<&[u8]>) -> io::Result<libc::stat> {
+pub fn lstat_at(dir: &OwnedFd, name: Option<&[u8]>) -> io::Result<libc::stat> {
     let c = CString::new(name.unwrap_or(b"")).map_err(io::Error::other)?;
     let flags = libc::AT_SYMLINK_NOFOLLOW
         | if name.is_none() {
