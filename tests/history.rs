@@ -33,10 +33,11 @@ async fn replaced_deleted_renamed_and_chmodded_states_are_kept_as_they_were() {
     reconcile(&session, &pair.group()).await.unwrap();
     // A first copy supersedes nothing: each name it makes is noted as created, no object;
     // beside them, the times of the directories that existed before a commit changed them
-    // (the root, and d/e once per later commit that added to it).
+    // (the root; d/e once per later commit that added to it; d, when d/e came in a later
+    // commit than d, as it does when the loop's queue runs dry between them on a busy machine).
     let first = rows(&history);
     let dir_times = |r: &(i64, String, String, bool, Option<String>)| {
-        r.2 == "metadata" && ["", "d/e"].contains(&r.1.as_str())
+        r.2 == "metadata" && ["", "d", "d/e"].contains(&r.1.as_str())
     };
     assert!(
         first
