@@ -40,21 +40,25 @@ pub async fn history(
     };
     if json {
         let out: Vec<serde_json::Value> = versions.iter().map(as_json).collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
     if versions.is_empty() {
-        println!("no versions kept ({place})");
+        outln!("no versions kept ({place})");
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<24} {:<11} {:<7} {:>12}  {:>8}  PATH",
-        "SUPERSEDED (UTC)", "ACTION", "KIND", "SIZE", "ID"
+        "SUPERSEDED (UTC)",
+        "ACTION",
+        "KIND",
+        "SIZE",
+        "ID"
     );
     for v in &versions {
-        println!("{}", line(v));
+        outln!("{}", line(v));
     }
-    println!("{} versions; {place}", versions.len());
+    outln!("{} versions; {place}", versions.len());
     Ok(0)
 }
 

@@ -38,7 +38,7 @@ pub fn import(what: Import) -> Result<u8> {
             std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
             eprintln!("ferry: wrote {}; review it before use", path.display());
         }
-        None => print!("{text}"),
+        None => out!("{text}"),
     }
     Ok(0)
 }

@@ -1,6 +1,9 @@
 //! `ferry`: command-line front end. Parses flags, sets up logging and signals, and calls into
 //! the library crates; exit codes: 0 success, 1 "not converged" or "trees differ", 2 errors.
 
+#[macro_use]
+mod out;
+
 mod history;
 mod import;
 mod manual;
@@ -421,13 +424,13 @@ fn check_config(file: &std::path::Path) -> Result<u8> {
                 }
             }
         }
-        println!(
+        outln!(
             "{}: receiver configuration, {}: OK",
             file.display(),
             counted(config.modules.len(), "module")
         );
         for m in config.modules.values().filter(|m| m.clients.is_empty()) {
-            println!(
+            outln!(
                 "warning: modules.{}.clients is empty: no sender can use this module (list each \
                  sender's fingerprint, which `ferry keygen` prints)",
                 m.name
@@ -437,14 +440,14 @@ fn check_config(file: &std::path::Path) -> Result<u8> {
         // An empty table may be a syntax error: the sender's parser reports it with its line.
         let config = ferry_sender::Config::load(file)?;
         config.identity()?;
-        println!(
+        outln!(
             "{}: sender configuration, {}, {}: OK",
             file.display(),
             counted(config.syncs.len(), "sync group"),
             counted(config.targets.len(), "target")
         );
         if let Some(dir) = config.state_dir.as_ref().filter(|d| !d.exists()) {
-            println!(
+            outln!(
                 "state_dir {} does not exist yet: `ferry send` makes it (0700)",
                 dir.display()
             );
@@ -463,12 +466,12 @@ async fn run(command: Command) -> Result<u8> {
     match command {
         Command::Keygen { dir, name } => {
             let id = Identity::generate_into(&dir, &name)?;
-            println!("{}", id.fingerprint());
+            outln!("{}", id.fingerprint());
             Ok(0)
         }
         Command::Fingerprint { cert } => {
             let certs = ferry_protocol::identity::load_certs(&cert)?;
-            println!("{}", ferry_protocol::fingerprint::of_der(&certs[0]));
+            outln!("{}", ferry_protocol::fingerprint::of_der(&certs[0]));
             Ok(0)
         }
         Command::Receive { config } => receive::receive(&config).await,

@@ -331,7 +331,7 @@ where
                 };
                 progress.total(planned);
                 for (path, what) in changes {
-                    println!("{what} {path}");
+                    outln!("{what} {path}");
                 }
                 true
             }
@@ -347,7 +347,7 @@ where
     }
     let complete = served.with_context(|| what.clone())?;
     if ask.verify && complete {
-        println!(
+        outln!(
             "{} {} {} {}",
             dest.display(),
             if planned.entries == 0 {
@@ -361,7 +361,7 @@ where
         return Ok(if planned.entries == 0 { 0 } else { 1 });
     }
     if ask.dry_run && complete {
-        println!(
+        outln!(
             "{} {}: dry run: {} changes, {} of files to restore into {}; nothing changed",
             from.module,
             when(at),
@@ -379,7 +379,7 @@ where
         );
     }
     let failed = n(&stats.failures) + unsent.len() as u64;
-    println!(
+    outln!(
         "{} {}: {} files ({} as deltas, {} bytes received), {} directories, {} links and \
          special files, {} metadata updates, {} deleted into {} in {:.1} s; {} not restored",
         from.module,

@@ -166,7 +166,7 @@ impl Observer for ServiceObserver {
 
 /// One line of figures per (group, target), failures on stderr.
 pub fn print_report(group: &str, target: &str, r: &Report) {
-    println!(
+    outln!(
         "sync={group} target={target} files={} delta_files={} created={} meta={} deleted={} renamed={} vanished={} payload_bytes={} bytes_sent={} failures={} elapsed_ms={}",
         r.files,
         r.delta_files,
@@ -249,7 +249,7 @@ async fn send_once(config: &ferry_sender::Config, checksum: bool) -> Result<u8> 
                 let verdict =
                     ferry_sender::rsync::full(group, &r, address, &mut tally, &mut counts).await;
                 let ok = verdict == ferry_sender::rsync::Verdict::Done;
-                println!(
+                outln!(
                     "sync={} target={target_name} rsync={} files={} deleted={} bytes_sent={} \
                      elapsed_ms={}",
                     group.name,
@@ -325,7 +325,7 @@ pub async fn stats(config: &Path) -> Result<u8> {
             continue;
         };
         if target.fingerprint().is_none() {
-            println!("target={name} kind=rsync");
+            outln!("target={name} kind=rsync");
             continue;
         }
         let session = target
@@ -334,7 +334,7 @@ pub async fn stats(config: &Path) -> Result<u8> {
             .with_context(|| format!("target {name}"))?;
         let counters = session.stats().await?;
         let line: Vec<String> = counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("target={name} {}", line.join(" "));
+        outln!("target={name} {}", line.join(" "));
         session.close().await;
     }
     Ok(0)

@@ -184,7 +184,7 @@ pub async fn confirm_deletes(
         .as_array()
         .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
         .unwrap_or_default();
-    println!(
+    outln!(
         "sync {group}: deletions confirmed on {}; each runs a whole compare that deletes past the \
          guard (watch `ferry status`)",
         targets.join(", ")
@@ -206,9 +206,9 @@ pub async fn status(config: Option<&Path>, socket: Option<PathBuf>, json: bool) 
     let socket = socket_of(config, socket)?;
     let snap = ask(&socket).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&snap)?);
+        outln!("{}", serde_json::to_string_pretty(&snap)?);
     } else {
-        print!("{}", render(&snap));
+        out!("{}", render(&snap));
     }
     Ok(if snap.targets.iter().all(in_step) {
         0

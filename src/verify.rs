@@ -15,7 +15,7 @@ use std::time::Duration;
 
 fn print_differences(diffs: &[(RelPath, Difference)]) {
     for (path, kind) in diffs {
-        println!("{} {}", kind.as_str(), path);
+        outln!("{} {}", kind.as_str(), path);
     }
 }
 

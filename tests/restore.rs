@@ -178,6 +178,47 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
 /// Points in time, paths, what stays without `--delete`, and who may restore: an unlisted
 /// certificate is refused naming it, a read-only module serves restores, a time before the
 /// history is refused naming the oldest moment.
+/// A dry run's listing piped into a reader that stops early (`| head`): the listing stops,
+/// the restore does not fail (no panic on the closed pipe), and its exit code is what it
+/// would have been had every line been read.
+#[test]
+fn a_listing_into_a_reader_that_stops_early_ends_quietly() {
+    use std::io::BufRead;
+    let site = Site::new();
+    let (_src, dst, _backup) = site.one_backup();
+    // Far more than a pipe holds (64 KiB): ~5,000 lines of ~80 bytes.
+    let long = "n".repeat(64);
+    for d in 0..50 {
+        let dir = dst.join(format!("d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..100 {
+            fs::write(dir.join(format!("{long}{i}")), b"x").unwrap();
+        }
+    }
+    let mut child = ferry()
+        .args(["restore", "--dry-run", "--config"])
+        .arg(site.path("recv/receiver.toml"))
+        .args(["--module", "file"])
+        .arg(site.path("dest"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is gone: the rest of the listing meets a closed pipe.
+    assert!(first.starts_with("directory d"), "{first}");
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(
+        !site.path("dest").join("d0").exists(),
+        "a dry run wrote DEST"
+    );
+}
+
 #[test]
 fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     let site = Site::new();
