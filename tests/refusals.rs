@@ -223,3 +223,63 @@ fn a_key_readable_by_others_is_warned_about() {
     assert!(r.wait_log("is readable by others"), "{}", r.log());
     assert!(r.log().contains("chmod 600"), "{}", r.log());
 }
+
+/// A port check (connect, close) is not a session: the receiver notes it only in its debug
+/// log, where a monitor probing every few seconds would otherwise fill the journal with
+/// warnings. A peer that speaks something else than TLS is still warned about, as a failed
+/// handshake.
+#[test]
+fn a_port_check_is_no_warning_and_a_bad_handshake_is_one() {
+    use std::io::Write;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("recv");
+    keygen(&dir);
+    let port = free_port();
+    fs::write(
+        dir.join("receiver.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\
+             [modules.m]\npath = {:?}\nclients = []\n",
+            root.path().join("m").display().to_string()
+        ),
+    )
+    .unwrap();
+    fs::create_dir(root.path().join("m")).unwrap();
+    let recv = Proc::spawn(
+        ferry()
+            .env("FERRY_LOG", "debug")
+            .args(["receive", "--config"])
+            .arg(dir.join("receiver.toml")),
+    );
+    recv.wait_log_n("receiver listening", 1, 20);
+    let probe = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let probed = format!("peer=127.0.0.1:{}", probe.local_addr().unwrap().port());
+    drop(probe);
+    let mut talker = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let talked = format!("peer=127.0.0.1:{}", talker.local_addr().unwrap().port());
+    talker.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    drop(talker);
+    assert!(
+        recv.wait_log(&format!(
+            "connection closed before its TLS handshake ended {probed}"
+        )),
+        "{}",
+        recv.log()
+    );
+    let log = recv.log();
+    assert_eq!(lines_of(&log, &probed), Vec::<&str>::new(), "{log}");
+    assert!(recv.wait_log(&talked), "{}", recv.log());
+    let log = recv.log();
+    let said = lines_of(&log, &talked);
+    assert!(
+        said.len() == 1 && said[0].contains("WARN") && said[0].contains("TLS handshake failed: "),
+        "{log}"
+    );
+}
+
+/// The lines of `log` above debug level that name `peer`.
+fn lines_of<'l>(log: &'l str, peer: &str) -> Vec<&'l str> {
+    log.lines()
+        .filter(|l| l.contains(peer) && !l.contains("DEBUG"))
+        .collect()
+}

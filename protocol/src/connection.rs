@@ -15,6 +15,10 @@ pub enum ConnError {
     /// Socket or TLS error.
     #[error("{}", io_text(.0))]
     Io(#[from] std::io::Error),
+    /// The TLS handshake did not end (the peer speaks something else, a certificate was
+    /// refused, or it took too long): no session began.
+    #[error("TLS handshake failed: {}", io_text(.0))]
+    Handshake(std::io::Error),
     /// The peer sent something that is not a valid frame.
     #[error("{0}")]
     Frame(#[from] FrameError),

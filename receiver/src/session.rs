@@ -45,6 +45,7 @@ pub async fn serve(
     if let Err(e) = served {
         match e {
             ConnError::Refused(_) => {}
+            e @ ConnError::Handshake(_) => tracing::warn!(%peer, "{e}"),
             e => tracing::warn!(%peer, "session ended: {e}"),
         }
     }
@@ -59,9 +60,20 @@ async fn serve_inner(
 ) -> Result<(), ConnError> {
     let _ = tcp.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(server.tls());
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-        .await
-        .map_err(|_| ConnError::Timeout("TLS handshake"))??;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Err(_) => {
+            let late = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+            return Err(ConnError::Handshake(late));
+        }
+        // Closed before its handshake ended: a port check (a monitor's, a load balancer's)
+        // or a client gone; nothing was asked, so nothing is worth an operator's warning.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(%peer, "connection closed before its TLS handshake ended");
+            return Ok(());
+        }
+        Ok(Err(e)) => return Err(ConnError::Handshake(e)),
+        Ok(Ok(tls)) => tls,
+    };
     let fingerprint = peer_fingerprint(tls.get_ref().1.peer_certificates())
         .ok_or_else(|| ConnError::Protocol("no client certificate".into()))?;
     serve_stream(server, tls, peer, fingerprint, Some(handshake), shutdown).await
