@@ -241,8 +241,25 @@ where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let what = &from.what;
+    // DEST as the operator named it may be a symlink to a directory (as rsync's may): it is
+    // resolved once, here, before anything the backup host says; everything written is
+    // confined beneath the directory it names now.
+    let mut within = dest.to_path_buf();
     match std::fs::symlink_metadata(dest) {
         Ok(md) if md.is_dir() => {}
+        Ok(md) if md.is_symlink() => {
+            within = match std::fs::canonicalize(dest) {
+                Ok(to) => to,
+                Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
+            };
+            if !within.is_dir() {
+                bail!(
+                    "{}: not a directory (a symlink to {})",
+                    dest.display(),
+                    within.display()
+                );
+            }
+        }
         Err(e) if ask.verify => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
         Ok(_) => bail!("{}: not a directory", dest.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
@@ -255,7 +272,7 @@ where
     let privileged = unsafe { libc::geteuid() } == 0;
     let module = Module {
         name: format!("restore of {}", from.short),
-        path: dest.to_path_buf(),
+        path: within,
         clients: Vec::new(),
         restore_clients: Vec::new(),
         hosts_allow: None,

@@ -219,6 +219,53 @@ fn a_listing_into_a_reader_that_stops_early_ends_quietly() {
     );
 }
 
+/// DEST named through a symlink to a directory (`/srv/restore -> /data/restore`) is restored
+/// into that directory, as rsync's destination would be; a symlink to anything else, or to
+/// nothing, is refused with what it is.
+#[test]
+fn dest_through_a_symlink_is_the_directory_it_names() {
+    let site = Site::new();
+    let (_src, dst, _backup) = site.one_backup();
+    fs::create_dir(dst.join("d")).unwrap();
+    fs::write(dst.join("d/f"), b"restored").unwrap();
+    let restore = |dest: &Path| {
+        run(ferry()
+            .args(["restore", "--config"])
+            .arg(site.path("recv/receiver.toml"))
+            .args(["--module", "file"])
+            .arg(dest))
+    };
+    let real = site.dir("real");
+    let named = site.path("named");
+    std::os::unix::fs::symlink(&real, &named).unwrap();
+    let o = restore(&named);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read(real.join("d/f")).unwrap(), b"restored");
+    assert!(fs::symlink_metadata(&named).unwrap().is_symlink());
+    let file = site.path("a-file");
+    fs::write(&file, b"mine").unwrap();
+    let to_file = site.path("to-file");
+    std::os::unix::fs::symlink(&file, &to_file).unwrap();
+    let o = restore(&to_file);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a directory (a symlink to "),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"mine");
+    let nowhere = site.path("nowhere");
+    std::os::unix::fs::symlink(site.path("gone"), &nowhere).unwrap();
+    let o = restore(&nowhere);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("No such file or directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!site.path("gone").exists());
+}
+
 #[test]
 fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     let site = Site::new();
