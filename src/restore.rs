@@ -16,7 +16,7 @@ use ferry_receiver::module::ModuleState;
 use ferry_receiver::requests::Requests;
 use ferry_receiver::stats::Stats;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -123,6 +123,38 @@ pub async fn restore(config: &Path, ask: &Ask, dest: &Path) -> Result<u8> {
     }
 }
 
+/// DEST made ready before any host is asked: the directory to write beneath, created
+/// (mode 0700) if missing. DEST as the operator named it may be a symlink to a directory (as
+/// rsync's may): it is resolved once, here, before anything the backup host says; everything
+/// written is confined beneath the directory it names now.
+fn destination(dest: &Path, ask: &Ask) -> Result<PathBuf> {
+    let mut within = dest.to_path_buf();
+    match std::fs::symlink_metadata(dest) {
+        Ok(md) if md.is_dir() => {}
+        Ok(md) if md.is_symlink() => {
+            within = match std::fs::canonicalize(dest) {
+                Ok(to) => to,
+                Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
+            };
+            if !within.is_dir() {
+                bail!(
+                    "{}: not a directory (a symlink to {})",
+                    dest.display(),
+                    within.display()
+                );
+            }
+        }
+        Err(e) if ask.verify => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
+        Ok(_) => bail!("{}: not a directory", dest.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dest)
+            .with_context(|| dest.display().to_string())?,
+        Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
+    }
+    Ok(within)
+}
+
 fn when(at: Option<i64>) -> String {
     at.map_or_else(
         || "as it is now".to_string(),
@@ -157,6 +189,7 @@ async fn local(
             known.join(", ")
         );
     };
+    let within = destination(dest, ask)?;
     let (here, there) = tokio::io::duplex(1 << 20);
     let module = m.clone();
     let serving = tokio::spawn(async move {
@@ -172,7 +205,7 @@ async fn local(
         module: format!("module {name}"),
     };
     let (reader, writer) = (FrameReader::new(r), FrameWriter::new(w));
-    let done = receive(reader, writer, &from, ask, at, paths, dest).await;
+    let done = receive(reader, writer, &from, ask, at, paths, (dest, &within)).await;
     match serving.await.expect("restore serving task") {
         Err(e) if done.is_ok() => Err(anyhow::Error::new(e).context(from.what)),
         _ => done,
@@ -197,6 +230,7 @@ async fn remote(
     let target = &config.targets[&name];
     let fingerprint = target.fingerprint().expect("a ferry target");
     let identity = config.identity()?;
+    let within = destination(dest, ask)?;
     let stream = ferry_sender::dial::dial(&target.address, fingerprint, &identity)
         .await
         .with_context(|| format!("target {name}"))?;
@@ -210,7 +244,7 @@ async fn remote(
         short: group.to_string(),
         module: format!("sync {group} from target {name}, module {}", g.module),
     };
-    receive(reader, writer, &from, ask, at, paths, dest).await
+    receive(reader, writer, &from, ask, at, paths, (dest, &within)).await
 }
 
 /// Where a restore comes from, as its messages name it.
@@ -234,45 +268,18 @@ async fn receive<R, W>(
     ask: &Ask,
     at: Option<i64>,
     paths: Vec<RelPath>,
-    dest: &Path,
+    (dest, within): (&Path, &Path),
 ) -> Result<u8>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let what = &from.what;
-    // DEST as the operator named it may be a symlink to a directory (as rsync's may): it is
-    // resolved once, here, before anything the backup host says; everything written is
-    // confined beneath the directory it names now.
-    let mut within = dest.to_path_buf();
-    match std::fs::symlink_metadata(dest) {
-        Ok(md) if md.is_dir() => {}
-        Ok(md) if md.is_symlink() => {
-            within = match std::fs::canonicalize(dest) {
-                Ok(to) => to,
-                Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
-            };
-            if !within.is_dir() {
-                bail!(
-                    "{}: not a directory (a symlink to {})",
-                    dest.display(),
-                    within.display()
-                );
-            }
-        }
-        Err(e) if ask.verify => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
-        Ok(_) => bail!("{}: not a directory", dest.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dest)
-            .with_context(|| dest.display().to_string())?,
-        Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
-    }
     // SAFETY: geteuid has no preconditions.
     let privileged = unsafe { libc::geteuid() } == 0;
     let module = Module {
         name: format!("restore of {}", from.short),
-        path: within,
+        path: within.to_path_buf(),
         clients: Vec::new(),
         restore_clients: Vec::new(),
         hosts_allow: None,
@@ -459,7 +466,7 @@ mod tests {
             &ask,
             None,
             Vec::new(),
-            dest.path(),
+            (dest.path(), dest.path()),
         );
         let (done, asked) = tokio::join!(client, peer.expect());
         assert_eq!(asked.unwrap().name(), "Restore");

@@ -225,10 +225,11 @@ fn a_listing_into_a_reader_that_stops_early_ends_quietly() {
 #[test]
 fn dest_through_a_symlink_is_the_directory_it_names() {
     let site = Site::new();
-    let (_src, dst, _backup) = site.one_backup();
+    let (src, dst, mut backup) = site.one_backup();
+    site.write_config(&one_group(&backup, &src, ""));
     fs::create_dir(dst.join("d")).unwrap();
     fs::write(dst.join("d/f"), b"restored").unwrap();
-    let restore = |dest: &Path| {
+    let on_backup_host = |dest: &Path| {
         run(ferry()
             .args(["restore", "--config"])
             .arg(site.path("recv/receiver.toml"))
@@ -238,7 +239,7 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     let real = site.dir("real");
     let named = site.path("named");
     std::os::unix::fs::symlink(&real, &named).unwrap();
-    let o = restore(&named);
+    let o = on_backup_host(&named);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(fs::read(real.join("d/f")).unwrap(), b"restored");
     assert!(fs::symlink_metadata(&named).unwrap().is_symlink());
@@ -246,7 +247,7 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     fs::write(&file, b"mine").unwrap();
     let to_file = site.path("to-file");
     std::os::unix::fs::symlink(&file, &to_file).unwrap();
-    let o = restore(&to_file);
+    let o = on_backup_host(&to_file);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("not a directory (a symlink to "),
@@ -256,7 +257,7 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     assert_eq!(fs::read(&file).unwrap(), b"mine");
     let nowhere = site.path("nowhere");
     std::os::unix::fs::symlink(site.path("gone"), &nowhere).unwrap();
-    let o = restore(&nowhere);
+    let o = on_backup_host(&nowhere);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("No such file or directory"),
@@ -264,6 +265,16 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
         stderr(&o)
     );
     assert!(!site.path("gone").exists());
+    // From a source host, DEST is looked at before the backup host is called: with none to
+    // answer, the refusal is still DEST's.
+    backup.stop();
+    let o = restore(&site, &[], &to_file);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a directory (a symlink to "),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
