@@ -324,7 +324,8 @@ where
         reader,
         writer,
         |replies| {
-            let r = Requests::new(state.clone(), stats.clone(), privileged, true, replies);
+            let r = Requests::new(state.clone(), stats.clone(), privileged, true, replies)
+                .stopping_when_full();
             if delete {
                 r
             } else {
@@ -419,6 +420,14 @@ where
         started.elapsed().as_secs_f64(),
         failed,
     );
+    if n(&stats.no_space) > 0 {
+        bail!(
+            "{}: no space left: the restore stopped at the first write that did not fit; \
+             what DEST holds is whole. Free space (or restore fewer --path) and run it again: \
+             only what is missing travels",
+            dest.display()
+        );
+    }
     if !complete {
         bail!("{what}: the connection ended before the restore was complete");
     }

@@ -137,3 +137,61 @@ fn count_whole(src: &Path, dst: &Path) -> usize {
     }
     n
 }
+
+/// A full disk fails every write: the receiver says so once for the module (each failure
+/// counted, `no_space`), not once a file; and `ferry restore` into a full DEST stops at the
+/// first write that does not fit, says so once, and leaves only whole files.
+#[test]
+fn a_full_disk_is_said_once_and_a_restore_into_one_stops() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let _disk = Mount::tmpfs(&dst, "1m");
+    for i in 0..64 {
+        fs::write(src.join(format!("f{i:02}")), pseudo_random(64 << 10, i)).unwrap();
+    }
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    site.write_config(&one_group(&backup, &src, ""));
+    // The sender waits for every answer before it exits: the receiver has logged all it will.
+    let o = site.send_once(&[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let log = backup_log(&backup);
+    let said = log.lines().filter(|l| l.contains("no space: ")).count();
+    assert_eq!(said, 1, "{log}");
+    assert!(!log.contains("request failed"), "{log}");
+    let failed = summary_value(&site.stats(), "no_space");
+    assert!(
+        failed >= 32,
+        "{failed} writes failed for want of space; 4 MiB cannot fit in 1 MiB"
+    );
+    let present = whole_files(&src, &dst);
+    assert!(
+        present > 0 && present < 64,
+        "{present} files on the full disk"
+    );
+
+    // A restore of the whole source (4 MiB) into a 1 MiB DEST, from the backup host's copy
+    // on a roomy disk.
+    let roomy = site.dir("roomy");
+    for i in 0..64 {
+        fs::write(roomy.join(format!("f{i:02}")), pseudo_random(64 << 10, i)).unwrap();
+    }
+    let other = Backup::start(site.root(), "recv2", &[("file", &roomy)], &site.fingerprint);
+    let dest = site.path("dest");
+    let _small = Mount::tmpfs(&dest, "1m");
+    let o = run(ferry()
+        .args(["restore", "--config"])
+        .arg(other.dir.join("receiver.toml"))
+        .args(["--module", "file"])
+        .arg(&dest));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(
+        err.matches("no space").count(),
+        2,
+        "one warning, one error:\n{err}"
+    );
+    assert!(err.contains("the restore stopped"), "{err}");
+    let present = whole_files(&roomy, &dest);
+    assert!(present < 64, "{present} files in a 1 MiB DEST");
+}

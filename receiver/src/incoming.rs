@@ -49,6 +49,8 @@ pub enum Outcome {
     Reply(Message),
     /// The transfer failed: answer with this message.
     Failed(String),
+    /// The transfer failed for want of space (or quota) on the module's filesystem.
+    NoSpace(String),
     /// The file is whole and sealed: the group commit makes it durable, names it and
     /// answers.
     Sealed,
@@ -56,6 +58,25 @@ pub enum Outcome {
     Silent,
     /// The sender broke the protocol (a malformed delta): the session ends.
     Violation(String),
+}
+
+impl Outcome {
+    /// The failure `why`, of the error `e`.
+    fn failed(why: String, e: &io::Error) -> Outcome {
+        if no_space(e) {
+            Outcome::NoSpace(why)
+        } else {
+            Outcome::Failed(why)
+        }
+    }
+}
+
+/// Whether `e` is the filesystem's want of space (or of the owner's quota).
+pub fn no_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// An error of the peer's making, not of this host's: carried through `io::Error` to
@@ -126,7 +147,7 @@ impl Transfers {
             Ok(reply) => reply.map_or(Outcome::Pending, Outcome::Reply),
             Err(e) => {
                 self.failed.insert(id);
-                Outcome::Failed(format!("{rel}: {e}"))
+                Outcome::failed(format!("{rel}: {e}"), &e)
             }
         }
     }
@@ -328,7 +349,7 @@ impl Transfers {
                 if peer {
                     Outcome::Violation(why)
                 } else {
-                    Outcome::Failed(why)
+                    Outcome::failed(why, &e)
                 }
             }
         }
@@ -365,7 +386,7 @@ impl Transfers {
             }
             Err(e) => {
                 inc.tmp.discard();
-                Outcome::Failed(format!("{}: {e}", inc.path))
+                Outcome::failed(format!("{}: {e}", inc.path), &e)
             }
         }
     }

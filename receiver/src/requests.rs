@@ -94,6 +94,11 @@ pub struct Requests {
     removals: bool,
     /// The module's write lease was lost, and the peer told.
     lease_lost: bool,
+    /// The session ends at the first write that fails for want of space (a restore client:
+    /// nothing after it could be written either).
+    stop_when_full: bool,
+    /// A write failed for want of space.
+    out_of_space: bool,
     /// A group commit under way on a thread of its own while the loop takes further requests.
     in_flight: Option<InFlight>,
     /// Told when a flush of the commit under way ends, to wake a loop that has no request.
@@ -218,6 +223,8 @@ impl Requests {
             summary: None,
             removals: true,
             lease_lost: false,
+            stop_when_full: false,
+            out_of_space: false,
             in_flight: None,
             flushed: Arc::new(tokio::sync::Notify::new()),
             budget: None,
@@ -229,6 +236,13 @@ impl Requests {
     /// replaced (a restore without `--delete`, whatever the backup host asks).
     pub fn without_removals(mut self) -> Self {
         self.removals = false;
+        self
+    }
+
+    /// Ends the session at the first write that fails for want of space (a restore client's
+    /// destination): what was written before stays, whole and durable.
+    pub fn stopping_when_full(mut self) -> Self {
+        self.stop_when_full = true;
         self
     }
 
@@ -283,6 +297,9 @@ impl Requests {
         let mut msg = first;
         loop {
             if let Flow::Stop = self.handle(msg) {
+                return Flow::Stop;
+            }
+            if self.out_of_space && self.stop_when_full {
                 return Flow::Stop;
             }
             if !self.step_commit() {
@@ -411,6 +428,25 @@ impl Requests {
         self.reply(Message::Failed { id, error });
     }
 
+    /// A write failed for want of space on the module's filesystem: answered like any
+    /// failure, but said once a minute for the module, not once a file (a full disk would
+    /// fail every file of a whole compare).
+    fn no_space(&mut self, id: RequestId, error: String) {
+        let stats = &self.fs.stats;
+        stats.failures.fetch_add(1, Ordering::Relaxed);
+        stats.no_space.fetch_add(1, Ordering::Relaxed);
+        match self.fs.state.note_no_space() {
+            Some(0) => tracing::warn!(module = self.fs.module(), "no space: {error}"),
+            Some(more) => tracing::warn!(
+                module = self.fs.module(),
+                "no space: {error} ({more} more writes failed for want of space in the last minute)"
+            ),
+            None => tracing::debug!(module = self.fs.module(), "no space: {error}"),
+        }
+        self.out_of_space = true;
+        self.reply(Message::Failed { id, error });
+    }
+
     /// A change is acknowledged at the next group commit; a failure is answered at once, and
     /// so is a declined rename or link (answered `Failed`, which the sender expects, but
     /// counted apart: a temporary file renamed before it was ever sent is no failure).
@@ -425,6 +461,7 @@ impl Requests {
                     error: format!("{path}: {e}"),
                 });
             }
+            Err(e) if crate::incoming::no_space(&e) => self.no_space(id, format!("{path}: {e}")),
             Err(e) => self.fail(id, format!("{path}: {e}")),
         }
     }
@@ -464,6 +501,7 @@ impl Requests {
                 self.reply(m);
             }
             Outcome::Failed(e) => self.fail(id, e),
+            Outcome::NoSpace(e) => self.no_space(id, e),
             Outcome::Violation(e) => {
                 // The sender broke the protocol: it is told why, and the session ends (what
                 // was acknowledged stays; unfinished files are discarded).

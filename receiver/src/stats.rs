@@ -27,6 +27,8 @@ pub struct Stats {
     pub renames: AtomicU64,
     /// Failed requests.
     pub failures: AtomicU64,
+    /// Of which failed for want of space (or quota) on the module's filesystem.
+    pub no_space: AtomicU64,
     /// Renames and hard links declined because their source is not here (or not current):
     /// the sender expects that and sends the content instead, so they are no failures.
     pub declined: AtomicU64,
@@ -58,6 +60,7 @@ impl Stats {
             c("deletes_held", &self.deletes_held),
             c("renames", &self.renames),
             c("failures", &self.failures),
+            c("no_space", &self.no_space),
             c("declined", &self.declined),
             c("refused_for_history", &self.refused_for_history),
             c("listed", &self.listed),
