@@ -169,6 +169,23 @@ fn a_full_disk_is_said_once_and_a_restore_into_one_stops() {
         present > 0 && present < 64,
         "{present} files on the full disk"
     );
+    // The sender daemon retries each failed path: at most ten are warned about a minute,
+    // however many fail how often.
+    let started = Instant::now();
+    let mut daemon = Daemon::spawn(ferry().arg("send").arg("--config").arg(site.config()));
+    daemon.wait_log_n("reconciled", 1, 60);
+    daemon.wait_log_n(" synced ", 1, 60);
+    let log = daemon.log();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("No space left on device"))
+        .count() as u64;
+    let minutes = started.elapsed().as_secs() / 60 + 1;
+    assert!(
+        (1..=10 * minutes).contains(&warned),
+        "{warned} warnings in {minutes} minutes:\n{log}"
+    );
+    assert!(daemon.stop().success());
 
     // A restore of the whole source (4 MiB) into a 1 MiB DEST, from the backup host's copy
     // on a roomy disk.

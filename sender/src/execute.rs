@@ -498,7 +498,7 @@ impl Run<'_, '_> {
                 report.held_back.push((path, entries));
             }
             Err(Failure::Path(path, error, unread)) => {
-                tracing::warn!(%path, target = %self.session.target(), "{error}");
+                self.session.path_failed(&path, &error);
                 if unread {
                     report.unread.push((path.clone(), error.clone()));
                 }
