@@ -127,8 +127,9 @@ pub async fn restore(config: &Path, ask: &Ask, dest: &Path) -> Result<u8> {
 /// (mode 0700) if missing. DEST as the operator named it may be a symlink to a directory (as
 /// rsync's may): it is resolved once, here, before anything the backup host says; everything
 /// written is confined beneath the directory it names now.
-fn destination(dest: &Path, ask: &Ask) -> Result<PathBuf> {
+fn destination(dest: &Path, ask: &Ask) -> Result<(PathBuf, bool)> {
     let mut within = dest.to_path_buf();
+    let mut made = false;
     match std::fs::symlink_metadata(dest) {
         Ok(md) if md.is_dir() => {}
         Ok(md) if md.is_symlink() => {
@@ -146,13 +147,25 @@ fn destination(dest: &Path, ask: &Ask) -> Result<PathBuf> {
         }
         Err(e) if ask.verify => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
         Ok(_) => bail!("{}: not a directory", dest.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dest)
-            .with_context(|| dest.display().to_string())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dest)
+                .with_context(|| dest.display().to_string())?;
+            made = true;
+        }
         Err(e) => bail!("{}: {}", dest.display(), ferry_protocol::io_reason(&e)),
     }
-    Ok(within)
+    Ok((within, made))
+}
+
+/// A restore that failed: DEST, if the restore made it and it is still empty (the backup
+/// host refused, or could not be reached), is removed again.
+fn tidy(within: &Path, made: bool, done: &Result<u8>) {
+    if made && done.is_err() {
+        // Only ever an empty directory: `rmdir` refuses anything else.
+        let _ = std::fs::remove_dir(within);
+    }
 }
 
 fn when(at: Option<i64>) -> String {
@@ -189,7 +202,7 @@ async fn local(
             known.join(", ")
         );
     };
-    let within = destination(dest, ask)?;
+    let (within, made) = destination(dest, ask)?;
     let (here, there) = tokio::io::duplex(1 << 20);
     let module = m.clone();
     let serving = tokio::spawn(async move {
@@ -206,10 +219,12 @@ async fn local(
     };
     let (reader, writer) = (FrameReader::new(r), FrameWriter::new(w));
     let done = receive(reader, writer, &from, ask, at, paths, (dest, &within)).await;
-    match serving.await.expect("restore serving task") {
+    let done = match serving.await.expect("restore serving task") {
         Err(e) if done.is_ok() => Err(anyhow::Error::new(e).context(from.what)),
         _ => done,
-    }
+    };
+    tidy(&within, made, &done);
+    done
 }
 
 /// From a source host: a restore session to the group's target.
@@ -230,21 +245,26 @@ async fn remote(
     let target = &config.targets[&name];
     let fingerprint = target.fingerprint().expect("a ferry target");
     let identity = config.identity()?;
-    let within = destination(dest, ask)?;
-    let stream = ferry_sender::dial::dial(&target.address, fingerprint, &identity)
-        .await
-        .with_context(|| format!("target {name}"))?;
-    let (r, w) = tokio::io::split(stream);
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    client_handshake(&mut reader, &mut writer, &g.module, Intent::Restore)
-        .await
-        .with_context(|| format!("target {name}, module {}", g.module))?;
-    let from = Source {
-        what: format!("target {name}"),
-        short: group.to_string(),
-        module: format!("sync {group} from target {name}, module {}", g.module),
-    };
-    receive(reader, writer, &from, ask, at, paths, (dest, &within)).await
+    let (within, made) = destination(dest, ask)?;
+    let done = async {
+        let stream = ferry_sender::dial::dial(&target.address, fingerprint, &identity)
+            .await
+            .with_context(|| format!("target {name}"))?;
+        let (r, w) = tokio::io::split(stream);
+        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+        client_handshake(&mut reader, &mut writer, &g.module, Intent::Restore)
+            .await
+            .with_context(|| format!("target {name}, module {}", g.module))?;
+        let from = Source {
+            what: format!("target {name}"),
+            short: group.to_string(),
+            module: format!("sync {group} from target {name}, module {}", g.module),
+        };
+        receive(reader, writer, &from, ask, at, paths, (dest, &within)).await
+    }
+    .await;
+    tidy(&within, made, &done);
+    done
 }
 
 /// Where a restore comes from, as its messages name it.

@@ -693,7 +693,7 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
     assert!(stderr(&o).contains("does not reach back"), "{}", stderr(&o));
     let o = restore(&["--at", &t0, "--path", "new"], &site.path("x"));
     assert!(
-        stderr(&o).contains("new: not in the module at"),
+        stderr(&o).contains("new: not in the module at "),
         "{}",
         stderr(&o)
     );

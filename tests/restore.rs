@@ -277,6 +277,38 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     );
 }
 
+/// A restore refused (a path not in the module) leaves no DEST behind that it made itself;
+/// a DEST that was there stays.
+#[test]
+fn a_refused_restore_leaves_no_dest_it_made() {
+    let site = Site::new();
+    let (_src, dst, _backup) = site.one_backup();
+    fs::write(dst.join("here"), b"x").unwrap();
+    let on_backup_host = |dest: &Path| {
+        run(ferry()
+            .args(["restore", "--config"])
+            .arg(site.path("recv/receiver.toml"))
+            .args(["--module", "file", "--path", "not-here"])
+            .arg(dest))
+    };
+    let absent = site.path("absent");
+    let o = on_backup_host(&absent);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not-here: not in the module now"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!absent.exists(), "a refused restore left the DEST it made");
+    let there = site.dir("there");
+    let o = on_backup_host(&there);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        there.is_dir(),
+        "a refused restore removed a DEST that was there"
+    );
+}
+
 #[test]
 fn restore_brings_back_paths_at_several_moments_and_only_for_restore_clients() {
     let site = Site::new();

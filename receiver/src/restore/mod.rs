@@ -34,11 +34,11 @@ pub enum RestoreError {
         oldest: String,
     },
     /// Nothing at a path asked for, at that time.
-    #[error("{path}: not in the module at {at}")]
+    #[error("{path}: not in the module {at}")]
     Missing {
         /// The path.
         path: RelPath,
-        /// The time.
+        /// When: `now`, or `at TIME`.
         at: String,
     },
     /// A time asked of a module that keeps no history.
@@ -124,7 +124,7 @@ pub fn view(
         );
     }
     if !paths.is_empty() {
-        let shown = at.map_or_else(|| "now".to_string(), rfc3339);
+        let shown = at.map_or_else(|| "now".to_string(), |ns| format!("at {}", rfc3339(ns)));
         for p in paths {
             if !view.contains_key(p) {
                 return Err(RestoreError::Missing {
