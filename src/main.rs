@@ -303,7 +303,12 @@ fn main() -> ExitCode {
 fn describe(e: &anyhow::Error) -> String {
     let mut out = e.to_string();
     for cause in e.chain().skip(1) {
-        let text = cause.to_string();
+        // A system error's own text ends in `(os error N)`, which the operator's words
+        // above it leave out: it adds nothing when they already say the rest.
+        let text = match cause.downcast_ref::<std::io::Error>() {
+            Some(io) => ferry_protocol::io_reason(io),
+            None => cause.to_string(),
+        };
         if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
@@ -575,5 +580,26 @@ async fn run(command: Command) -> Result<u8> {
         Command::Verify { .. } => {
             bail!("verify needs LEFT and RIGHT directories, or --config FILE")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_and_its_causes_are_each_said_once() {
+        use ferry_protocol::connection::ConnError;
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        let e = anyhow::Error::new(ferry_sender::session::SessionError::Conn {
+            address: "127.0.0.1:18730".into(),
+            source: ConnError::Io(refused),
+        })
+        .context("target b");
+        assert_eq!(
+            super::describe(&e),
+            "target b: 127.0.0.1:18730: Connection refused"
+        );
+        // A cause the message does not already hold is said.
+        let e = anyhow::anyhow!("disk gone").context("module m");
+        assert_eq!(super::describe(&e), "module m: disk gone");
     }
 }
