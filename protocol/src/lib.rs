@@ -28,6 +28,7 @@ pub mod identity;
 pub mod liveness;
 pub mod local;
 pub mod pace;
+pub mod said;
 pub mod tls;
 pub mod xattr;
 

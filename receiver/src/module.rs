@@ -18,32 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 
-/// How often a module whose filesystem is full says so (each failed write is counted).
-pub const NO_SPACE_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Something that happens often and is said at most once a [`NO_SPACE_SAID_EVERY`]: how
-/// many times it happened unsaid since, and when it was last said.
-#[derive(Default)]
-struct SaidEvery {
-    unsaid: u64,
-    said: Option<std::time::Instant>,
-}
-
-impl SaidEvery {
-    /// It happened at `now`: `Some(unsaid since it was last said)` if it is to be said.
-    fn note(&mut self, now: std::time::Instant) -> Option<u64> {
-        if self
-            .said
-            .is_some_and(|at| now.saturating_duration_since(at) < NO_SPACE_SAID_EVERY)
-        {
-            self.unsaid += 1;
-            return None;
-        }
-        self.said = Some(now);
-        Some(std::mem::take(&mut self.unsaid))
-    }
-}
-
 /// A module as the running server sees it: configuration, live session count and the digest
 /// cache shared by its sessions.
 pub struct ModuleState {
@@ -59,8 +33,8 @@ pub struct ModuleState {
     pub xattr_support: Namespaces,
     /// Paths already warned about (attributes their filesystem cannot hold), said once each.
     warned: Mutex<std::collections::HashSet<RelPath>>,
-    /// Writes that failed for want of space, said at most once a [`NO_SPACE_SAID_EVERY`].
-    no_space: Mutex<SaidEvery>,
+    /// Writes that failed for want of space, said once a minute.
+    no_space: Mutex<ferry_protocol::said::Said>,
     /// Where superseded states are kept; `None` for a mirror (or a read-only module).
     pub history: Option<History>,
     /// Whether the module's filesystem clones files (reflinks), found out on the first delta.
@@ -372,10 +346,9 @@ impl ModuleState {
         warned.len() < MAX_WARNED && warned.insert(path.clone())
     }
 
-    /// A write failed for want of space: `Some(n)` when that is to be said (the first time,
-    /// then at most once every [`NO_SPACE_SAID_EVERY`]), `n` being how many more failed so
-    /// since it was last said; `None` when it is only counted.
-    pub fn note_no_space(&self) -> Option<u64> {
+    /// A write failed for want of space: whether to say so (once a minute), and how many
+    /// more failed so, unsaid, in the minute before.
+    pub fn note_no_space(&self) -> (bool, u64) {
         let now = std::time::Instant::now();
         self.no_space.lock().expect("no_space lock").note(now)
     }
@@ -504,7 +477,7 @@ impl ModuleState {
             partials: Partials::default(),
             xattr_support,
             warned: Mutex::default(),
-            no_space: Mutex::default(),
+            no_space: Mutex::new(ferry_protocol::said::Said::per_minute(1)),
             history,
             reflinks: Reflinks::default(),
             unnamed: Unnamed::default(),
@@ -716,20 +689,6 @@ fn prune_in_background(module: &Arc<ModuleState>) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    #[test]
-    fn a_full_disk_is_said_at_once_then_once_a_minute_with_the_count() {
-        let mut said = SaidEvery::default();
-        let t0 = std::time::Instant::now();
-        assert_eq!(said.note(t0), Some(0), "the first is said");
-        for s in 1..60 {
-            let at = t0 + std::time::Duration::from_secs(s);
-            assert_eq!(said.note(at), None, "{s} s after: counted only");
-        }
-        assert_eq!(said.note(t0 + NO_SPACE_SAID_EVERY), Some(59));
-        assert_eq!(said.note(t0 + NO_SPACE_SAID_EVERY), None);
-        assert_eq!(said.note(t0 + 2 * NO_SPACE_SAID_EVERY), Some(1));
-    }
 
     #[test]
     fn syncfs_is_trusted_on_local_filesystems_only() {

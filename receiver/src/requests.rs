@@ -435,13 +435,14 @@ impl Requests {
         let stats = &self.fs.stats;
         stats.failures.fetch_add(1, Ordering::Relaxed);
         stats.no_space.fetch_add(1, Ordering::Relaxed);
+        let module = self.fs.module();
         match self.fs.state.note_no_space() {
-            Some(0) => tracing::warn!(module = self.fs.module(), "no space: {error}"),
-            Some(more) => tracing::warn!(
-                module = self.fs.module(),
-                "no space: {error} ({more} more writes failed for want of space in the last minute)"
+            (true, 0) => tracing::warn!(module, "no space: {error}"),
+            (true, more) => tracing::warn!(
+                module,
+                "no space: {error} ({more} more writes failed for want of space in the minute before)"
             ),
-            None => tracing::debug!(module = self.fs.module(), "no space: {error}"),
+            (false, _) => tracing::debug!(module, "no space: {error}"),
         }
         self.out_of_space = true;
         self.reply(Message::Failed { id, error });

@@ -73,42 +73,11 @@ pub struct Session {
     /// Paths refused on this session, warned about at most [`PATHS_WARNED_A_MINUTE`] a
     /// minute (a cause that fails every path, the backup host's disk full, must not flood
     /// the log at each retry): the rest are debug lines, counted and said in one line.
-    refusals: Mutex<RefusalsSaid>,
+    refusals: Mutex<ferry_protocol::said::Said>,
 }
 
 /// Refused paths warned about a minute, on one session.
 pub const PATHS_WARNED_A_MINUTE: u64 = 10;
-
-/// The minute of [`Session::refusals`] under way.
-#[derive(Default)]
-struct RefusalsSaid {
-    since: Option<std::time::Instant>,
-    warned: u64,
-    unsaid: u64,
-}
-
-impl RefusalsSaid {
-    /// A path was refused at `now`: whether to warn about it, and how many went unsaid in the
-    /// minute before (to be said first).
-    fn note(&mut self, now: std::time::Instant) -> (bool, u64) {
-        let mut ended = 0;
-        if self
-            .since
-            .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(60))
-        {
-            ended = std::mem::take(&mut self.unsaid);
-            self.since = Some(now);
-            self.warned = 0;
-        }
-        if self.warned < PATHS_WARNED_A_MINUTE {
-            self.warned += 1;
-            (true, ended)
-        } else {
-            self.unsaid += 1;
-            (false, ended)
-        }
-    }
-}
 
 impl Session {
     /// Connects to `address`, pins `fingerprint`, and opens `module` with `intent`; file
@@ -269,7 +238,9 @@ impl Session {
             reader: Mutex::new(Some(reader_task)),
             lost,
             ended,
-            refusals: Mutex::default(),
+            refusals: Mutex::new(ferry_protocol::said::Said::per_minute(
+                PATHS_WARNED_A_MINUTE,
+            )),
         }
     }
 
@@ -691,22 +662,4 @@ pub(crate) fn in_memory() -> (Session, FarEnd) {
     let session = Session::started(FrameReader::new(r), FrameWriter::new(w), "test", keeps);
     let (far_r, far_w) = tokio::io::split(far);
     (session, (FrameReader::new(far_r), FrameWriter::new(far_w)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refused_paths_are_warned_ten_a_minute_and_the_rest_counted() {
-        let mut said = RefusalsSaid::default();
-        let t0 = std::time::Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let first: Vec<(bool, u64)> = (0..25).map(|i| said.note(at(i * 1000))).collect();
-        assert!(first[..10].iter().all(|&n| n == (true, 0)), "{first:?}");
-        assert!(first[10..].iter().all(|&n| n == (false, 0)), "{first:?}");
-        // The next minute: its first is warned about, after the 15 unsaid of the last.
-        assert_eq!(said.note(at(60_000)), (true, 15));
-        assert_eq!(said.note(at(61_000)), (true, 0));
-    }
 }
