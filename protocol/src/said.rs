@@ -27,8 +27,8 @@ impl Said {
         }
     }
 
-    /// It happened at `now`: whether to say it, and how many went unsaid in the minute
-    /// before (to be said first, when that is not 0).
+    /// It happened at `now`: whether to say it, and how many went unsaid since it was last
+    /// said (to be said first, when that is not 0).
     pub fn note(&mut self, now: Instant) -> (bool, u64) {
         let mut before = 0;
         if self

@@ -347,7 +347,7 @@ impl ModuleState {
     }
 
     /// A write failed for want of space: whether to say so (once a minute), and how many
-    /// more failed so, unsaid, in the minute before.
+    /// more failed so, unsaid, since it was last said.
     pub fn note_no_space(&self) -> (bool, u64) {
         let now = std::time::Instant::now();
         self.no_space.lock().expect("no_space lock").note(now)

@@ -440,7 +440,7 @@ impl Requests {
             (true, 0) => tracing::warn!(module, "no space: {error}"),
             (true, more) => tracing::warn!(
                 module,
-                "no space: {error} ({more} more writes failed for want of space in the minute before)"
+                "no space: {error} ({more} more writes failed for want of space since this was last said)"
             ),
             (false, _) => tracing::debug!(module, "no space: {error}"),
         }

@@ -263,7 +263,8 @@ impl Session {
     }
 
     /// Logs that `path` failed (`error`): a warning for the first [`PATHS_WARNED_A_MINUTE`]
-    /// of a minute, a debug line after, and one warning counting those of the minute before.
+    /// of a minute, a debug line after, and, with the next minute's first, one warning
+    /// counting those.
     pub fn path_failed(&self, path: &RelPath, error: &str) {
         let (warn, unsaid) = self
             .refusals
@@ -274,7 +275,8 @@ impl Session {
         if unsaid > 0 {
             tracing::warn!(
                 %target,
-                "{unsaid} more paths failed in the last minute (at debug level); each is retried"
+                "{unsaid} more paths failed since the last of these warnings (at debug level); \
+                 each is retried"
             );
         }
         if warn {
