@@ -159,10 +159,10 @@ fn destination(dest: &Path, ask: &Ask) -> Result<(PathBuf, bool)> {
     Ok((within, made))
 }
 
-/// A restore that failed: DEST, if the restore made it and it is still empty (the backup
-/// host refused, or could not be reached), is removed again.
-fn tidy(within: &Path, made: bool, done: &Result<u8>) {
-    if made && done.is_err() {
+/// After a restore that failed (the backup host refused, or could not be reached) or was a
+/// dry run: DEST, if the restore made it and it is still empty, is removed again.
+fn tidy(within: &Path, made: bool, ask: &Ask, done: &Result<u8>) {
+    if made && (done.is_err() || ask.dry_run) {
         // Only ever an empty directory: `rmdir` refuses anything else.
         let _ = std::fs::remove_dir(within);
     }
@@ -223,7 +223,7 @@ async fn local(
         Err(e) if done.is_ok() => Err(anyhow::Error::new(e).context(from.what)),
         _ => done,
     };
-    tidy(&within, made, &done);
+    tidy(&within, made, ask, &done);
     done
 }
 
@@ -263,7 +263,7 @@ async fn remote(
         receive(reader, writer, &from, ask, at, paths, (dest, &within)).await
     }
     .await;
-    tidy(&within, made, &done);
+    tidy(&within, made, ask, &done);
     done
 }
 

@@ -277,8 +277,8 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     );
 }
 
-/// A restore refused (a path not in the module) leaves no DEST behind that it made itself;
-/// a DEST that was there stays.
+/// A restore refused (a path not in the module), or a dry run, leaves no DEST behind that it
+/// made itself; a DEST that was there stays.
 #[test]
 fn a_refused_restore_leaves_no_dest_it_made() {
     let site = Site::new();
@@ -300,6 +300,15 @@ fn a_refused_restore_leaves_no_dest_it_made() {
         stderr(&o)
     );
     assert!(!absent.exists(), "a refused restore left the DEST it made");
+    // Nor does a dry run.
+    let o = run(ferry()
+        .args(["restore", "--dry-run", "--config"])
+        .arg(site.path("recv/receiver.toml"))
+        .args(["--module", "file"])
+        .arg(&absent));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("file here\n"), "{}", stdout(&o));
+    assert!(!absent.exists(), "a dry run left the DEST it made");
     let there = site.dir("there");
     let o = on_backup_host(&there);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
