@@ -340,6 +340,8 @@ where
         })
     };
     let delete = ask.delete;
+    // SIGINT or SIGTERM: stop taking requests, commit what arrived, and say where it stopped.
+    let interrupted = crate::shutdown_on_signals();
     let served = ferry_receiver::session::answer(
         reader,
         writer,
@@ -352,7 +354,7 @@ where
                 r.without_removals()
             }
         },
-        &CancellationToken::new(),
+        &interrupted,
         Some(STALL_TIMEOUT),
         |m| match m {
             Message::Alive => true,
@@ -440,6 +442,13 @@ where
         started.elapsed().as_secs_f64(),
         failed,
     );
+    if interrupted.is_cancelled() {
+        bail!(
+            "{}: interrupted: what DEST holds is whole; the same restore run again sends only \
+             what is missing",
+            dest.display()
+        );
+    }
     if n(&stats.no_space) > 0 {
         bail!(
             "{}: no space left: the restore stopped at the first write that did not fit; \

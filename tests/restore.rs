@@ -719,3 +719,48 @@ async fn impostor(
     server_answer(&mut writer, Ok(keeps)).await.unwrap();
     (client, reader, writer)
 }
+
+/// Ctrl-C (SIGINT) in the middle of a restore: the client stops taking what the backup host
+/// sends, names what it had, says it was interrupted (exit 2), and leaves DEST holding only
+/// whole files. The backup host here is a stand-in that sends one file and then waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_restore_stops_cleanly_and_says_so() {
+    use ferry_protocol::message::Message;
+    let site = Site::new();
+    let (src, dest) = (site.dir("src"), site.path("dest"));
+    let (client, mut reader, mut writer) = impostor(&site, &src, &dest).await;
+    assert_eq!(reader.expect().await.unwrap().name(), "Restore");
+    let data = b"whole before the interrupt".to_vec();
+    writer
+        .write(&Message::File {
+            id: 1,
+            path: ferry_protocol::RelPath::from("first"),
+            meta: file_meta(data.len() as u64),
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+        })
+        .await
+        .unwrap();
+    // Its acknowledgement: the file is durable under its name, and the client is mid-restore.
+    loop {
+        match reader.expect().await.unwrap() {
+            Message::Ack { id: 1 } => break,
+            Message::Alive => {}
+            other => panic!("expected the file's Ack, got {other:?}"),
+        }
+    }
+    // SAFETY: kill only sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(client.id() as i32, libc::SIGINT) }, 0);
+    let o = tokio::task::spawn_blocking(move || client.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted"), "{}", stderr(&o));
+    assert!(stdout(&o).contains(": 1 files ("), "{}", stdout(&o));
+    assert_eq!(
+        fs::read(dest.join("first")).unwrap(),
+        b"whole before the interrupt"
+    );
+    drop((reader, writer));
+}
