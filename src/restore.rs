@@ -347,7 +347,7 @@ where
         writer,
         |replies| {
             let r = Requests::new(state.clone(), stats.clone(), privileged, true, replies)
-                .stopping_when_full();
+                .stopping_when_unwritable();
             if delete {
                 r
             } else {
@@ -449,9 +449,9 @@ where
             dest.display()
         );
     }
-    if n(&stats.no_space) > 0 {
+    if n(&stats.unwritable) > 0 {
         bail!(
-            "{}: no space left: the restore stopped at the first write that did not fit; \
+            "{}: its filesystem took no more writes (said above): the restore stopped there; \
              what DEST holds is whole. Free space (or restore fewer --path) and run it again: \
              only what is missing travels",
             dest.display()

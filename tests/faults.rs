@@ -139,7 +139,7 @@ fn count_whole(src: &Path, dst: &Path) -> usize {
 }
 
 /// A full disk fails every write: the receiver says so once for the module (each failure
-/// counted, `no_space`), not once a file; and `ferry restore` into a full DEST stops at the
+/// counted, `unwritable`), not once a file; and `ferry restore` into a full DEST stops at the
 /// first write that does not fit, says so once, and leaves only whole files.
 #[test]
 fn a_full_disk_is_said_once_and_a_restore_into_one_stops() {
@@ -156,10 +156,10 @@ fn a_full_disk_is_said_once_and_a_restore_into_one_stops() {
     let o = site.send_once(&[]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let log = backup_log(&backup);
-    let said = log.lines().filter(|l| l.contains("no space: ")).count();
+    let said = log.lines().filter(|l| l.contains("cannot write: ")).count();
     assert_eq!(said, 1, "{log}");
     assert!(!log.contains("request failed"), "{log}");
-    let failed = summary_value(&site.stats(), "no_space");
+    let failed = summary_value(&site.stats(), "unwritable");
     assert!(
         failed >= 32,
         "{failed} writes failed for want of space; 4 MiB cannot fit in 1 MiB"
@@ -204,10 +204,11 @@ fn a_full_disk_is_said_once_and_a_restore_into_one_stops() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert_eq!(
-        err.matches("no space").count(),
-        2,
-        "one warning, one error:\n{err}"
+        err.matches("cannot write: ").count(),
+        1,
+        "said once:\n{err}"
     );
+    assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains("the restore stopped"), "{err}");
     let present = whole_files(&roomy, &dest);
     assert!(present < 64, "{present} files in a 1 MiB DEST");

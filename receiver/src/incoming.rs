@@ -49,8 +49,9 @@ pub enum Outcome {
     Reply(Message),
     /// The transfer failed: answer with this message.
     Failed(String),
-    /// The transfer failed for want of space (or quota) on the module's filesystem.
-    NoSpace(String),
+    /// The transfer failed because the module's filesystem takes no writes now
+    /// ([`unwritable`]).
+    Unwritable(String),
     /// The file is whole and sealed: the group commit makes it durable, names it and
     /// answers.
     Sealed,
@@ -63,20 +64,24 @@ pub enum Outcome {
 impl Outcome {
     /// The failure `why`, of the error `e`.
     fn failed(why: String, e: &io::Error) -> Outcome {
-        if no_space(e) {
-            Outcome::NoSpace(why)
+        if unwritable(e) {
+            Outcome::Unwritable(why)
         } else {
             Outcome::Failed(why)
         }
     }
 }
 
-/// Whether `e` is the filesystem's want of space (or of the owner's quota).
-pub fn no_space(e: &io::Error) -> bool {
+/// Whether `e` says the filesystem takes no writes now, whatever the file: it is full, the
+/// owner's quota is spent, it went read-only (as ext4 does on errors), or it fails its I/O
+/// (as XFS does once it has shut down).
+pub fn unwritable(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-    )
+        io::ErrorKind::StorageFull
+            | io::ErrorKind::QuotaExceeded
+            | io::ErrorKind::ReadOnlyFilesystem
+    ) || e.raw_os_error() == Some(libc::EIO)
 }
 
 /// An error of the peer's making, not of this host's: carried through `io::Error` to

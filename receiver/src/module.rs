@@ -33,8 +33,9 @@ pub struct ModuleState {
     pub xattr_support: Namespaces,
     /// Paths already warned about (attributes their filesystem cannot hold), said once each.
     warned: Mutex<std::collections::HashSet<RelPath>>,
-    /// Writes that failed for want of space, said once a minute.
-    no_space: Mutex<ferry_protocol::said::Said>,
+    /// Writes the filesystem refused as a whole (full, read-only, failing), said once a
+    /// minute.
+    unwritable: Mutex<ferry_protocol::said::Said>,
     /// Where superseded states are kept; `None` for a mirror (or a read-only module).
     pub history: Option<History>,
     /// Whether the module's filesystem clones files (reflinks), found out on the first delta.
@@ -346,11 +347,11 @@ impl ModuleState {
         warned.len() < MAX_WARNED && warned.insert(path.clone())
     }
 
-    /// A write failed for want of space: whether to say so (once a minute), and how many
-    /// more failed so, unsaid, since it was last said.
-    pub fn note_no_space(&self) -> (bool, u64) {
+    /// A write the filesystem refused as a whole: whether to say so (once a minute), and
+    /// how many more failed so, unsaid, since it was last said.
+    pub fn note_unwritable(&self) -> (bool, u64) {
         let now = std::time::Instant::now();
-        self.no_space.lock().expect("no_space lock").note(now)
+        self.unwritable.lock().expect("unwritable lock").note(now)
     }
 
     /// Prepares a module: checks its root (a directory, writable if the module is), empties
@@ -477,7 +478,7 @@ impl ModuleState {
             partials: Partials::default(),
             xattr_support,
             warned: Mutex::default(),
-            no_space: Mutex::new(ferry_protocol::said::Said::per_minute(1)),
+            unwritable: Mutex::new(ferry_protocol::said::Said::per_minute(1)),
             history,
             reflinks: Reflinks::default(),
             unnamed: Unnamed::default(),

@@ -94,11 +94,11 @@ pub struct Requests {
     removals: bool,
     /// The module's write lease was lost, and the peer told.
     lease_lost: bool,
-    /// The session ends at the first write that fails for want of space (a restore client:
-    /// nothing after it could be written either).
-    stop_when_full: bool,
-    /// A write failed for want of space.
-    out_of_space: bool,
+    /// The session ends at the first write the filesystem refuses as a whole (full,
+    /// read-only, failing): a restore client's, where nothing after it could be written either.
+    stop_when_unwritable: bool,
+    /// A write failed so.
+    refused_by_fs: bool,
     /// A group commit under way on a thread of its own while the loop takes further requests.
     in_flight: Option<InFlight>,
     /// Told when a flush of the commit under way ends, to wake a loop that has no request.
@@ -223,8 +223,8 @@ impl Requests {
             summary: None,
             removals: true,
             lease_lost: false,
-            stop_when_full: false,
-            out_of_space: false,
+            stop_when_unwritable: false,
+            refused_by_fs: false,
             in_flight: None,
             flushed: Arc::new(tokio::sync::Notify::new()),
             budget: None,
@@ -239,10 +239,11 @@ impl Requests {
         self
     }
 
-    /// Ends the session at the first write that fails for want of space (a restore client's
-    /// destination): what was written before stays, whole and durable.
-    pub fn stopping_when_full(mut self) -> Self {
-        self.stop_when_full = true;
+    /// Ends the session at the first write the filesystem refuses as a whole
+    /// ([`crate::incoming::unwritable`]; a restore client's destination): what was written
+    /// before stays, whole and durable.
+    pub fn stopping_when_unwritable(mut self) -> Self {
+        self.stop_when_unwritable = true;
         self
     }
 
@@ -299,7 +300,7 @@ impl Requests {
             if let Flow::Stop = self.handle(msg) {
                 return Flow::Stop;
             }
-            if self.out_of_space && self.stop_when_full {
+            if self.refused_by_fs && self.stop_when_unwritable {
                 return Flow::Stop;
             }
             if !self.step_commit() {
@@ -428,23 +429,23 @@ impl Requests {
         self.reply(Message::Failed { id, error });
     }
 
-    /// A write failed for want of space on the module's filesystem: answered like any
-    /// failure, but said once a minute for the module, not once a file (a full disk would
-    /// fail every file of a whole compare).
-    fn no_space(&mut self, id: RequestId, error: String) {
+    /// A write the module's filesystem refused as a whole (full, read-only, failing):
+    /// answered like any failure, but said once a minute for the module, not once a file (a
+    /// full disk would fail every file of a whole compare).
+    fn unwritable(&mut self, id: RequestId, error: String) {
         let stats = &self.fs.stats;
         stats.failures.fetch_add(1, Ordering::Relaxed);
-        stats.no_space.fetch_add(1, Ordering::Relaxed);
+        stats.unwritable.fetch_add(1, Ordering::Relaxed);
         let module = self.fs.module();
-        match self.fs.state.note_no_space() {
-            (true, 0) => tracing::warn!(module, "no space: {error}"),
+        match self.fs.state.note_unwritable() {
+            (true, 0) => tracing::warn!(module, "cannot write: {error}"),
             (true, more) => tracing::warn!(
                 module,
-                "no space: {error} ({more} more writes failed for want of space since this was last said)"
+                "cannot write: {error} ({more} more writes failed so since this was last said)"
             ),
-            (false, _) => tracing::debug!(module, "no space: {error}"),
+            (false, _) => tracing::debug!(module, "cannot write: {error}"),
         }
-        self.out_of_space = true;
+        self.refused_by_fs = true;
         self.reply(Message::Failed { id, error });
     }
 
@@ -462,7 +463,9 @@ impl Requests {
                     error: format!("{path}: {e}"),
                 });
             }
-            Err(e) if crate::incoming::no_space(&e) => self.no_space(id, format!("{path}: {e}")),
+            Err(e) if crate::incoming::unwritable(&e) => {
+                self.unwritable(id, format!("{path}: {e}"))
+            }
             Err(e) => self.fail(id, format!("{path}: {e}")),
         }
     }
@@ -502,7 +505,7 @@ impl Requests {
                 self.reply(m);
             }
             Outcome::Failed(e) => self.fail(id, e),
-            Outcome::NoSpace(e) => self.no_space(id, e),
+            Outcome::Unwritable(e) => self.unwritable(id, e),
             Outcome::Violation(e) => {
                 // The sender broke the protocol: it is told why, and the session ends (what
                 // was acknowledged stays; unfinished files are discarded).

@@ -27,8 +27,9 @@ pub struct Stats {
     pub renames: AtomicU64,
     /// Failed requests.
     pub failures: AtomicU64,
-    /// Of which failed for want of space (or quota) on the module's filesystem.
-    pub no_space: AtomicU64,
+    /// Of which the module's filesystem refused as a whole: full, over quota, read-only or
+    /// failing its I/O.
+    pub unwritable: AtomicU64,
     /// Renames and hard links declined because their source is not here (or not current):
     /// the sender expects that and sends the content instead, so they are no failures.
     pub declined: AtomicU64,
@@ -60,7 +61,7 @@ impl Stats {
             c("deletes_held", &self.deletes_held),
             c("renames", &self.renames),
             c("failures", &self.failures),
-            c("no_space", &self.no_space),
+            c("unwritable", &self.unwritable),
             c("declined", &self.declined),
             c("refused_for_history", &self.refused_for_history),
             c("listed", &self.listed),
