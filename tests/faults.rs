@@ -213,3 +213,34 @@ fn a_full_disk_is_said_once_and_a_restore_into_one_stops() {
     let present = whole_files(&roomy, &dest);
     assert!(present < 64, "{present} files in a 1 MiB DEST");
 }
+
+/// A module's filesystem gone read-only under a running receiver (as ext4 does on errors):
+/// every write is refused, and the receiver says so once, as for a full disk.
+#[test]
+fn a_module_gone_read_only_is_said_once() {
+    let site = Site::new();
+    let src = site.dir("src");
+    let dst = site.path("dst");
+    let _disk = Mount::tmpfs(&dst, "8m");
+    for i in 0..40 {
+        fs::write(src.join(format!("f{i:02}")), pseudo_random(4096, i)).unwrap();
+    }
+    let backup = Backup::start(site.root(), "recv", &[("file", &dst)], &site.fingerprint);
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = run(std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&dst));
+    assert!(o.status.success(), "remount read-only: {}", stderr(&o));
+    let o = site.send_once(&[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Read-only file system"),
+        "{}",
+        stderr(&o)
+    );
+    let log = backup_log(&backup);
+    let said = log.lines().filter(|l| l.contains("cannot write: ")).count();
+    assert_eq!(said, 1, "{log}");
+    assert!(!log.contains("request failed"), "{log}");
+    assert!(summary_value(&site.stats(), "unwritable") >= 40);
+}
