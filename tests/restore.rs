@@ -59,6 +59,16 @@ fn restore(site: &Site, extra: &[&str], dest: &Path) -> Output {
         .arg(dest))
 }
 
+/// `ferry restore` on the backup host (receiver.toml, module `file`), no network.
+fn on_backup_host(site: &Site, extra: &[&str], dest: &Path) -> Output {
+    run(ferry()
+        .args(["restore", "--config"])
+        .arg(site.path("recv/receiver.toml"))
+        .args(["--module", "file"])
+        .args(extra)
+        .arg(dest))
+}
+
 /// The history issue's ransomware drill, finished: every file of a rich tree encrypted in
 /// place, some renamed, some deleted, and the damage replicated; then the tree restored as it
 /// was the moment before, into an empty directory and over the encrypted source itself.
@@ -229,17 +239,10 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     site.write_config(&one_group(&backup, &src, ""));
     fs::create_dir(dst.join("d")).unwrap();
     fs::write(dst.join("d/f"), b"restored").unwrap();
-    let on_backup_host = |dest: &Path| {
-        run(ferry()
-            .args(["restore", "--config"])
-            .arg(site.path("recv/receiver.toml"))
-            .args(["--module", "file"])
-            .arg(dest))
-    };
     let real = site.dir("real");
     let named = site.path("named");
     std::os::unix::fs::symlink(&real, &named).unwrap();
-    let o = on_backup_host(&named);
+    let o = on_backup_host(&site, &[], &named);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(fs::read(real.join("d/f")).unwrap(), b"restored");
     assert!(fs::symlink_metadata(&named).unwrap().is_symlink());
@@ -247,7 +250,7 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     fs::write(&file, b"mine").unwrap();
     let to_file = site.path("to-file");
     std::os::unix::fs::symlink(&file, &to_file).unwrap();
-    let o = on_backup_host(&to_file);
+    let o = on_backup_host(&site, &[], &to_file);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("not a directory (a symlink to "),
@@ -257,7 +260,7 @@ fn dest_through_a_symlink_is_the_directory_it_names() {
     assert_eq!(fs::read(&file).unwrap(), b"mine");
     let nowhere = site.path("nowhere");
     std::os::unix::fs::symlink(site.path("gone"), &nowhere).unwrap();
-    let o = on_backup_host(&nowhere);
+    let o = on_backup_host(&site, &[], &nowhere);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("No such file or directory"),
@@ -284,15 +287,8 @@ fn a_refused_restore_leaves_no_dest_it_made() {
     let site = Site::new();
     let (_src, dst, _backup) = site.one_backup();
     fs::write(dst.join("here"), b"x").unwrap();
-    let on_backup_host = |dest: &Path| {
-        run(ferry()
-            .args(["restore", "--config"])
-            .arg(site.path("recv/receiver.toml"))
-            .args(["--module", "file", "--path", "not-here"])
-            .arg(dest))
-    };
     let absent = site.path("absent");
-    let o = on_backup_host(&absent);
+    let o = on_backup_host(&site, &["--path", "not-here"], &absent);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("not-here: not in the module now"),
@@ -301,16 +297,12 @@ fn a_refused_restore_leaves_no_dest_it_made() {
     );
     assert!(!absent.exists(), "a refused restore left the DEST it made");
     // Nor does a dry run.
-    let o = run(ferry()
-        .args(["restore", "--dry-run", "--config"])
-        .arg(site.path("recv/receiver.toml"))
-        .args(["--module", "file"])
-        .arg(&absent));
+    let o = on_backup_host(&site, &["--dry-run"], &absent);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("file here\n"), "{}", stdout(&o));
     assert!(!absent.exists(), "a dry run left the DEST it made");
     let there = site.dir("there");
-    let o = on_backup_host(&there);
+    let o = on_backup_host(&site, &["--path", "not-here"], &there);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(
         there.is_dir(),
