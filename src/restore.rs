@@ -389,10 +389,18 @@ where
     .await;
     ticker.abort();
     progress.finish();
-    if let Some(reason) = refused {
+    // Stopped here (a signal, DEST's filesystem refusing writes): the backup host may still
+    // have said, or the connection shown, that the client went; that is no news. Why it
+    // stopped is said below, after how far it got.
+    let stopped_here = interrupted.is_cancelled() || stats.unwritable.load(Ordering::Relaxed) > 0;
+    if let Some(reason) = refused.filter(|_| !stopped_here) {
         bail!("{what}: {reason}");
     }
-    let complete = served.with_context(|| what.clone())?;
+    let complete = match served {
+        Ok(complete) => complete,
+        Err(_) if stopped_here => false,
+        Err(e) => return Err(anyhow::Error::new(e).context(what.clone())),
+    };
     if ask.verify && complete {
         outln!(
             "{} {} {} {}",

@@ -756,3 +756,51 @@ async fn an_interrupted_restore_stops_cleanly_and_says_so() {
     );
     drop((reader, writer));
 }
+
+/// A restore that stops because DEST's filesystem is full says so, even when the backup host
+/// has meanwhile answered the client's going with a refusal of its own (which arrives right
+/// behind the file here): the client's reason is the news, not the backup host's. And it
+/// stops at once, not when a backup host that has nothing more to send falls silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_dest_is_the_reason_given_whatever_the_backup_host_says_after() {
+    use ferry_protocol::message::Message;
+    let site = Site::new();
+    let (src, dest) = (site.dir("src"), site.path("dest"));
+    let _small = Mount::tmpfs(&dest, "64k");
+    let (client, mut reader, mut writer) = impostor(&site, &src, &dest).await;
+    assert_eq!(reader.expect().await.unwrap().name(), "Restore");
+    let data = pseudo_random(1 << 20, 7);
+    writer
+        .write(&Message::File {
+            id: 1,
+            path: ferry_protocol::RelPath::from("too-big"),
+            meta: file_meta(data.len() as u64),
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+        })
+        .await
+        .unwrap();
+    writer
+        .write(&Message::Refused {
+            reason: "the client went away".into(),
+        })
+        .await
+        .unwrap();
+    // The stand-in sends nothing more and keeps the connection: the client ends on its own,
+    // not when the backup host falls silent for the stall limit.
+    let limit = ferry_protocol::connection::STALL_TIMEOUT / 3;
+    let o = tokio::time::timeout(
+        limit,
+        tokio::task::spawn_blocking(move || client.wait_with_output()),
+    )
+    .await
+    .expect("the client waited for the backup host after it had stopped")
+    .unwrap()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("the restore stopped"), "{err}");
+    assert!(!err.contains("the client went away"), "{err}");
+    assert!(!dest.join("too-big").exists());
+    drop((reader, writer));
+}

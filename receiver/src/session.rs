@@ -226,6 +226,10 @@ where
         };
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            // The request loop ended the session (a restore's DEST full, a protocol
+            // violation): stop reading now, not at the next request, which a peer sending
+            // only `Alive` would never send.
+            () = req_tx.closed() => break Ok(()),
             m = read => m,
         };
         match msg {

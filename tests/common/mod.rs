@@ -69,12 +69,38 @@ pub fn keygen(dir: &Path) -> String {
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (for daemons that must restart on it).
+/// A port nothing listens on now, for a daemon to listen on next. It is chosen outside the
+/// kernel's ephemeral range (`ip_local_port_range`), so no outgoing connection of a test
+/// running beside is handed it between now and the daemon's `bind` (with a port the kernel
+/// picked, that happened: "Address already in use" on a loaded machine).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut n = t.split_whitespace().map(|w| w.parse::<u32>().ok());
+            Some((n.next()??, n.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Above glusterd's 24007 and 24008, which the GlusterFS tests start.
+    let (from, to) = if low >= 26_000 {
+        (25_000, low)
+    } else {
+        (high + 1, 65_536)
+    };
+    let span = to - from;
+    // Test binaries run one after another, tests of one binary side by side: start where
+    // this process's id puts it, and go on from there.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let i = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (from + i) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {from}..{to}");
 }
 
 pub fn set_mode(p: &Path, mode: u32) {
