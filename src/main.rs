@@ -165,7 +165,9 @@ enum Command {
     /// sender.toml and --group: from the group's target over the network. With a
     /// receiver.toml and --module: on the backup host, without a network. Either way only
     /// what differs from DEST is written (as deltas) and nothing in DEST is removed without
-    /// --delete. Exit 0 when everything was restored, 1 when some paths were not.
+    /// --delete. Exit 0 when everything was restored, 1 when some paths were not, 2 when
+    /// it could not start or stopped early (interrupted, DEST's disk full or read-only):
+    /// what DEST holds then is whole, and running the same restore again sends the rest.
     Restore {
         /// sender.toml (with --group) or receiver.toml (with --module).
         #[arg(long)]
