@@ -36,7 +36,7 @@ pub fn import(what: Import) -> Result<u8> {
     match output {
         Some(path) => {
             std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
-            eprintln!("ferry: wrote {}; review it before use", path.display());
+            errln!("ferry: wrote {}; review it before use", path.display());
         }
         None => out!("{text}"),
     }

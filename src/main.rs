@@ -283,14 +283,14 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ferry: cannot start runtime: {e}");
+            errln!("ferry: cannot start runtime: {e}");
             return ExitCode::from(2);
         }
     };
     let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("ferry: {}", describe(&e));
+            errln!("ferry: {}", describe(&e));
             ExitCode::from(2)
         }
     };
@@ -330,7 +330,10 @@ fn init_logging(verbose: u8, quiet: bool) {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(progress::LogWriter)
-        .with_target(false);
+        .with_target(false)
+        // A line that cannot be written (standard error gone: `2>&1 | head`) is dropped; the
+        // default says so on standard error, which fails the same way and panics.
+        .log_internal_errors(false);
     if service::stderr_is_journal() {
         // journald stamps every line itself and takes the priority from the prefix.
         logs.with_ansi(false)
@@ -379,7 +382,7 @@ pub(crate) fn signals(reload: Option<tokio::sync::mpsc::Sender<()>>) -> Cancella
                 }
             };
             if t.is_cancelled() {
-                eprintln!("ferry: second {which}: exiting at once");
+                errln!("ferry: second {which}: exiting at once");
                 std::process::exit(130);
             }
             tracing::info!("{which}: shutting down (again to exit at once)");

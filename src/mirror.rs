@@ -41,7 +41,7 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
         src.display(),
         dst.display()
     ));
-    eprintln!(
+    errln!(
         "ferry: mirroring {} → {} via {address}",
         src.display(),
         dst.display()
@@ -97,10 +97,10 @@ pub async fn mirror(src: &Path, dst: &Path, once: bool, confirm_deletes: bool) -
             .run(crate::shutdown_on_signals(), observer.clone())
             .await?;
         if observer.synced.load(Ordering::Relaxed) {
-            eprintln!("ferry: stopped");
+            errln!("ferry: stopped");
             0
         } else {
-            eprintln!(
+            errln!(
                 "ferry: stopped before the initial sync finished; {} is incomplete",
                 dst.display()
             );
@@ -138,7 +138,7 @@ impl Observer for MirrorObserver {
         self.synced.store(true, Ordering::Relaxed);
         self.progress.lock().expect("progress lock").take();
         crate::send::print_report(group, target, report);
-        eprintln!(
+        errln!(
             "ferry: initial sync done; watching {} (Ctrl-C to stop)",
             self.src.display()
         );

@@ -121,7 +121,7 @@ impl Progress {
                     return;
                 }
                 st.last_line = Instant::now();
-                eprintln!(
+                errln!(
                     "ferry: {}: {}",
                     self.what,
                     plain(done, total, st.started.elapsed())
@@ -142,7 +142,7 @@ impl Progress {
             SHOWN.lock().expect("progress lock").take();
             if st.total != Count::default() {
                 let line = plain(st.done, st.total, st.started.elapsed());
-                eprintln!("ferry: {}: {line}", self.what);
+                errln!("ferry: {}: {line}", self.what);
             }
         }
     }

@@ -428,7 +428,7 @@ where
     }
     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     for (path, why) in &unsent {
-        eprintln!(
+        errln!(
             "ferry: restore {}: {path}: not sent by the backup host: {why}",
             from.short
         );

@@ -181,10 +181,10 @@ pub fn print_report(group: &str, target: &str, r: &Report) {
         r.elapsed.as_millis()
     );
     for (path, why) in &r.failures {
-        eprintln!("ferry: {group} → {target}: {path}: {why}");
+        errln!("ferry: {group} → {target}: {path}: {why}");
     }
     if let Some(held) = &r.held {
-        eprintln!("ferry: {group} → {target}: {}", held.why);
+        errln!("ferry: {group} → {target}: {}", held.why);
     }
 }
 
@@ -260,7 +260,7 @@ async fn send_once(config: &ferry_sender::Config, checksum: bool) -> Result<u8> 
                     started.elapsed().as_millis()
                 );
                 if !ok {
-                    eprintln!("ferry: {} → {target_name}: {verdict}", group.name);
+                    errln!("ferry: {} → {target_name}: {verdict}", group.name);
                 }
                 converged &= ok;
                 continue;
@@ -275,7 +275,7 @@ async fn send_once(config: &ferry_sender::Config, checksum: bool) -> Result<u8> 
                 if checksum {
                     let found =
                         repair(group, target, &identity, &session, &links, &mut repaired).await?;
-                    eprintln!(
+                    errln!(
                         "ferry: {} → {target_name}: {found} files whose content differed \
                          re-sent ({} failed)",
                         group.name,
@@ -307,7 +307,7 @@ async fn send_once(config: &ferry_sender::Config, checksum: bool) -> Result<u8> 
                 }
                 Err(e) => {
                     let e = crate::describe(&e);
-                    eprintln!("ferry: {} → {target_name}: {e}", group.name);
+                    errln!("ferry: {} → {target_name}: {e}", group.name);
                     converged = false;
                 }
             }

@@ -122,7 +122,7 @@ pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result
                     .await?
                 }
             };
-            eprintln!(
+            errln!(
                 "ferry: verify {} → {target_name}: {}",
                 group.name,
                 if diffs.is_empty() {
@@ -148,7 +148,7 @@ pub async fn remote(config: &Path, only: Option<&str>, checksum: bool) -> Result
             "`ferry send --once --config FILE` (or the running daemon's next whole compare) \
              mends them"
         };
-        eprintln!("ferry: {how}");
+        errln!("ferry: {how}");
     }
     Ok(if equal { 0 } else { 1 })
 }

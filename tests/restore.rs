@@ -190,7 +190,8 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
 /// history is refused naming the oldest moment.
 /// A dry run's listing piped into a reader that stops early (`| head`): the listing stops,
 /// the restore does not fail (no panic on the closed pipe), and its exit code is what it
-/// would have been had every line been read.
+/// would have been had every line been read. The same for a restore whose log goes there
+/// too.
 #[test]
 fn a_listing_into_a_reader_that_stops_early_ends_quietly() {
     use std::io::BufRead;
@@ -227,6 +228,25 @@ fn a_listing_into_a_reader_that_stops_early_ends_quietly() {
         !site.path("dest").join("d0").exists(),
         "a dry run wrote DEST"
     );
+
+    // Both outputs into one pipe (`2>&1 | head -1`), the log at debug level: the restore
+    // itself goes on to the end when the reader goes, and every file arrives.
+    let (mut out, into) = std::io::pipe().unwrap();
+    let mut child = ferry()
+        .env("FERRY_LOG", "debug")
+        .args(["restore", "--config"])
+        .arg(site.path("recv/receiver.toml"))
+        .args(["--module", "file"])
+        .arg(site.path("dest"))
+        .stdout(into.try_clone().unwrap())
+        .stderr(into)
+        .spawn()
+        .unwrap();
+    let mut byte = [0u8; 1];
+    std::io::Read::read_exact(&mut out, &mut byte).unwrap();
+    drop(out);
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(tree_difference(&dst, &site.path("dest")), None);
 }
 
 /// DEST named through a symlink to a directory (`/srv/restore -> /data/restore`) is restored
