@@ -392,7 +392,9 @@ where
     // Stopped here (a signal, DEST's filesystem refusing writes): the backup host may still
     // have said, or the connection shown, that the client went; that is no news. Why it
     // stopped is said below, after how far it got.
-    let stopped_here = interrupted.is_cancelled() || stats.unwritable.load(Ordering::Relaxed) > 0;
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let (interrupted, unwritable) = (interrupted.is_cancelled(), n(&stats.unwritable) > 0);
+    let stopped_here = interrupted || unwritable;
     if let Some(reason) = refused.filter(|_| !stopped_here) {
         bail!("{what}: {reason}");
     }
@@ -426,7 +428,6 @@ where
         );
         return Ok(0);
     }
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     for (path, why) in &unsent {
         errln!(
             "ferry: restore {}: {path}: not sent by the backup host: {why}",
@@ -450,14 +451,14 @@ where
         started.elapsed().as_secs_f64(),
         failed,
     );
-    if interrupted.is_cancelled() {
+    if interrupted {
         bail!(
             "{}: interrupted: what DEST holds is whole; the same restore run again sends only \
              what is missing",
             dest.display()
         );
     }
-    if n(&stats.unwritable) > 0 {
+    if unwritable {
         bail!(
             "{}: its filesystem took no more writes (said above): the restore stopped there; \
              what DEST holds is whole. Free space (or restore fewer --path) and run it again: \

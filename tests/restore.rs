@@ -732,6 +732,21 @@ async fn impostor(
     (client, reader, writer)
 }
 
+/// The stand-in backup host sends `data` as the whole file `path`, request `id`, in one
+/// `File` message with its true digest.
+async fn send_whole(writer: &mut ImpostorWriter, id: u64, path: &str, data: Vec<u8>) {
+    writer
+        .write(&ferry_protocol::message::Message::File {
+            id,
+            path: ferry_protocol::RelPath::from(path),
+            meta: file_meta(data.len() as u64),
+            digest: *blake3::hash(&data).as_bytes(),
+            data,
+        })
+        .await
+        .unwrap();
+}
+
 /// Ctrl-C (SIGINT) in the middle of a restore: the client stops taking what the backup host
 /// sends, names what it had, says it was interrupted (exit 2), and leaves DEST holding only
 /// whole files. The backup host here is a stand-in that sends one file and then waits.
@@ -742,17 +757,13 @@ async fn an_interrupted_restore_stops_cleanly_and_says_so() {
     let (src, dest) = (site.dir("src"), site.path("dest"));
     let (client, mut reader, mut writer) = impostor(&site, &src, &dest).await;
     assert_eq!(reader.expect().await.unwrap().name(), "Restore");
-    let data = b"whole before the interrupt".to_vec();
-    writer
-        .write(&Message::File {
-            id: 1,
-            path: ferry_protocol::RelPath::from("first"),
-            meta: file_meta(data.len() as u64),
-            digest: *blake3::hash(&data).as_bytes(),
-            data,
-        })
-        .await
-        .unwrap();
+    send_whole(
+        &mut writer,
+        1,
+        "first",
+        b"whole before the interrupt".to_vec(),
+    )
+    .await;
     // Its acknowledgement: the file is durable under its name, and the client is mid-restore.
     loop {
         match reader.expect().await.unwrap() {
@@ -789,17 +800,7 @@ async fn a_full_dest_is_the_reason_given_whatever_the_backup_host_says_after() {
     let _small = Mount::tmpfs(&dest, "64k");
     let (client, mut reader, mut writer) = impostor(&site, &src, &dest).await;
     assert_eq!(reader.expect().await.unwrap().name(), "Restore");
-    let data = pseudo_random(1 << 20, 7);
-    writer
-        .write(&Message::File {
-            id: 1,
-            path: ferry_protocol::RelPath::from("too-big"),
-            meta: file_meta(data.len() as u64),
-            digest: *blake3::hash(&data).as_bytes(),
-            data,
-        })
-        .await
-        .unwrap();
+    send_whole(&mut writer, 1, "too-big", pseudo_random(1 << 20, 7)).await;
     writer
         .write(&Message::Refused {
             reason: "the client went away".into(),

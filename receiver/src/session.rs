@@ -215,49 +215,54 @@ where
     let write_task = tokio::spawn(writer.pump(rep_rx, 256, |_| {}));
 
     let mut said_bye = false;
-    let read_result = loop {
-        let read = async {
-            match idle {
-                Some(limit) => tokio::time::timeout(limit, reader.read())
-                    .await
-                    .unwrap_or(Err(ConnError::Timeout("a word from the peer"))),
-                None => reader.read().await,
-            }
-        };
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            // The request loop ended the session (a restore's DEST full, a protocol
-            // violation): stop reading now, not at the next request, which a peer sending
-            // only `Alive` would never send.
-            () = req_tx.closed() => break Ok(()),
-            m = read => m,
-        };
-        match msg {
-            Ok(Some(m)) if aside(&m) => {}
-            Ok(Some(m)) => {
-                let bye = matches!(m, Message::Bye);
-                // Hold back reading while the request loop is behind by more than the budget.
-                let permits = ((reader.last_frame_len() >> 10) + 1) as u32;
-                let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
-                    break Ok(());
-                };
-                if req_tx
-                    .send(Request {
-                        msg: m,
-                        _budget: Some(permit),
-                    })
-                    .await
-                    .is_err()
-                {
-                    break Ok(());
+    let read_result = {
+        // Registered once, not for every frame read.
+        let loop_ended = req_tx.closed();
+        tokio::pin!(loop_ended);
+        loop {
+            let read = async {
+                match idle {
+                    Some(limit) => tokio::time::timeout(limit, reader.read())
+                        .await
+                        .unwrap_or(Err(ConnError::Timeout("a word from the peer"))),
+                    None => reader.read().await,
                 }
-                if bye {
-                    said_bye = true;
-                    break Ok(());
+            };
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                // The request loop ended the session (a restore's DEST full, a protocol
+                // violation): stop reading now, not at the next request, which a peer sending
+                // only `Alive` would never send.
+                () = &mut loop_ended => break Ok(()),
+                m = read => m,
+            };
+            match msg {
+                Ok(Some(m)) if aside(&m) => {}
+                Ok(Some(m)) => {
+                    let bye = matches!(m, Message::Bye);
+                    // Hold back reading while the request loop is behind by more than the budget.
+                    let permits = ((reader.last_frame_len() >> 10) + 1) as u32;
+                    let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+                        break Ok(());
+                    };
+                    if req_tx
+                        .send(Request {
+                            msg: m,
+                            _budget: Some(permit),
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break Ok(());
+                    }
+                    if bye {
+                        said_bye = true;
+                        break Ok(());
+                    }
                 }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
         }
     };
     let said_bye = matches!(&read_result, Ok(())) && !shutdown.is_cancelled() && said_bye;
