@@ -1,11 +1,14 @@
 //! The group commit: received files wait [`Sealed`] (checked, metadata applied, unnamed)
-//! until a commit makes them durable together — their data first ([`DataFlush`]: one
-//! `syncfs` of the module's filesystem for a batch, an `fsync` each for a few), then their
-//! names ([`Apply::name_flushed`]), then the directories whose entries changed
-//! ([`Durable`]). A name never appears before its data is on disk, and an `Ack` means durable
-//! under the final name. The two flushes are taken from the session as values that run on
-//! any thread, so the request loop can go on while the disk works; everything that resolves
-//! a path or changes the session's state stays on the loop's thread.
+//! until a commit makes them durable together — their data first (one `syncfs` of the
+//! module's filesystem for a batch, an `fsync` each for a few), then their names
+//! ([`Apply::name_flushed`]), then the directories whose entries changed ([`Durable`]). A
+//! name never appears before its data is on disk, and an `Ack` means durable under the final
+//! name. Behind the request loop the flushes go in [`Round`]s, each of which makes one
+//! batch's names and the next batch's data durable in one pass; the synchronous commit
+//! ([`Apply::flush`], [`Apply::commit_durable`]) does the two in turn. The flushes are taken
+//! from the session as values that run on any thread, so the request loop can go on while
+//! the disk works; everything that resolves a path or changes the session's state stays on
+//! the loop's thread.
 
 use crate::apply::{Apply, Staged};
 use ferry_protocol::local;
@@ -100,28 +103,15 @@ fn sealed_budget(nofile: Option<u64>) -> usize {
     quarter.max(SEALED_FLOOR)
 }
 
-/// Sealed files whose data a group commit makes durable ([`Apply::take_data`]).
-pub struct DataFlush {
-    files: Vec<Sealed>,
-    /// The module root, to flush its filesystem once for all of them.
-    whole_fs: Option<fs::File>,
-}
-
-/// Sealed files after [`DataFlush::run`], each with whether its data is durable.
+/// Sealed files after their data's flush, each with whether its data is durable.
 pub struct Flushed(Vec<(Sealed, io::Result<()>)>);
 
-impl DataFlush {
-    /// The requests of the files it holds.
-    pub fn paths(&self) -> Vec<RelPath> {
-        self.files.iter().map(|s| s.path.clone()).collect()
-    }
-
-    /// Makes the files' data durable: one `syncfs` for all, or (a few files, or `syncfs`
-    /// failed) an `fsync` each.
-    pub fn run(self) -> Flushed {
-        let synced = self.whole_fs.as_ref().is_some_and(|d| syncfs(d).is_ok());
+impl Flushed {
+    /// `files` after a flush of the whole filesystem (`synced`), or an `fsync` each where
+    /// there was none or it failed.
+    fn of(files: Vec<Sealed>, synced: bool) -> Flushed {
         Flushed(
-            self.files
+            files
                 .into_iter()
                 .map(|s| {
                     let r = if synced {
@@ -166,6 +156,11 @@ impl Durable {
     /// work). An error means the changes may not be durable: nothing of this commit may be
     /// acknowledged.
     pub fn run(self) -> io::Result<()> {
+        self.run_whole().0
+    }
+
+    /// [`Durable::run`], saying also whether the whole filesystem was flushed.
+    fn run_whole(self) -> (io::Result<()>, bool) {
         let Durable {
             module,
             journal,
@@ -174,7 +169,9 @@ impl Durable {
             beside,
         } = self;
         if let Some(journal) = journal {
-            journal()?;
+            if let Err(e) = journal() {
+                return (Err(e), false);
+            }
         }
         let dirs = move || {
             let mut first_error = None;
@@ -184,25 +181,61 @@ impl Durable {
                     first_error.get_or_insert(io::Error::new(e.kind(), format!("{dir}: {e}")));
                 }
             }
+            let mut whole_fs_synced = false;
             if let Some(root) = whole {
-                if let Err(e) = root.and_then(|r| syncfs(&r)) {
-                    tracing::warn!(module, "syncfs failed: {e}");
-                    first_error.get_or_insert(e);
+                match root.and_then(|r| syncfs(&r)) {
+                    Ok(()) => whole_fs_synced = true,
+                    Err(e) => {
+                        tracing::warn!(module, "syncfs failed: {e}");
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
-            first_error.map_or(Ok(()), Err)
+            (first_error.map_or(Ok(()), Err), whole_fs_synced)
         };
         let Some(beside) = beside else {
             return dirs();
         };
         std::thread::scope(|s| {
             let other = s.spawn(beside);
-            let dirs = dirs();
+            let (dirs, whole_fs_synced) = dirs();
             let flushed = other
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("history journal: its thread panicked")));
-            flushed.and(dirs)
+            (flushed.and(dirs), whole_fs_synced)
         })
+    }
+}
+
+/// One flush behind the request loop ([`Apply::take_round`]): what makes the last round's
+/// names and the other changes since durable ([`Durable`]), and the data of the files sealed
+/// since, which it flushes in the same pass — one `syncfs` of the module's filesystem for
+/// both when either side is big enough to want one. The files it flushes are named after it
+/// ends, and those names made durable by the next round: each flush serves two commits, and
+/// a stream of files never waits for a flush that does one thing.
+pub struct Round {
+    names: Durable,
+    data: Vec<Sealed>,
+    /// The data is on the filesystem the names' `syncfs` flushes.
+    covered: bool,
+}
+
+impl Round {
+    /// The requests of the files whose data it flushes.
+    pub fn paths(&self) -> Vec<RelPath> {
+        self.data.iter().map(|s| s.path.clone()).collect()
+    }
+
+    /// Runs the flush: the outcome for the names (an error: none of them may be acknowledged)
+    /// and each file whose data it made durable, to be named.
+    pub fn run(self) -> (io::Result<()>, Flushed) {
+        let Round {
+            names,
+            data,
+            covered,
+        } = self;
+        let (named, whole_fs_synced) = names.run_whole();
+        (named, Flushed::of(data, covered && whole_fs_synced))
     }
 }
 
@@ -245,34 +278,22 @@ impl Apply {
     /// Returns each one's request and outcome; their directories are made durable by the
     /// [`Apply::commit_durable`] that must follow before any is acknowledged.
     pub fn flush(&mut self) -> Vec<(RequestId, Result<(), String>)> {
-        match self.take_data() {
-            Some(data) => {
-                let flushed = data.run();
-                self.name_flushed(flushed)
-            }
-            None => Vec::new(),
-        }
-    }
-
-    /// The first half of a group commit, taken from the session: the sealed files, to be made
-    /// durable by [`DataFlush::run`] on any thread, then named by [`Apply::name_flushed`].
-    /// None if nothing is sealed.
-    pub fn take_data(&mut self) -> Option<DataFlush> {
         let files = std::mem::take(&mut self.sealed);
         if files.is_empty() {
-            return None;
+            return Vec::new();
         }
         let root_dev = self.root_dev();
         let on_root = |s: &Sealed| Some(s.dev) == root_dev;
         // One flush of the filesystem for a batch, else one per file.
-        let whole_fs =
-            (self.state.syncfs && files.len() >= SYNCFS_BATCH && files.iter().all(on_root))
-                .then(|| self.root_dir().ok())
-                .flatten();
-        Some(DataFlush { files, whole_fs })
+        let synced = self.state.syncfs
+            && files.len() >= SYNCFS_BATCH
+            && files.iter().all(on_root)
+            && self.root_dir().is_ok_and(|d| syncfs(&d).is_ok());
+        let flushed = Flushed::of(files, synced);
+        self.name_flushed(flushed)
     }
 
-    /// Names the files [`DataFlush::run`] made durable, and returns each one's request and
+    /// Names the files a flush made durable, and returns each one's request and
     /// outcome. Each directory is resolved beneath the module once, now, for the files named
     /// in it one after another; a name that replaced something (a directory may have gone)
     /// makes the next file resolve its directory again.
@@ -371,8 +392,33 @@ impl Apply {
     /// without its `created` row — as a flush of the filesystem by anyone else between the
     /// change and the journal always could.
     pub fn take_durable(&mut self) -> io::Result<Durable> {
-        self.keep_dir_times();
         let whole_fs = self.flushes_whole_fs();
+        self.take_durable_as(whole_fs)
+    }
+
+    /// A round of the group commit behind the request loop ([`Round`]): what
+    /// [`Apply::take_durable`] takes, and the files sealed since the last round. One flush of
+    /// the whole filesystem serves both when there are enough dirty directories or sealed
+    /// files for one. On an error (a kept object's name could not be made durable) the
+    /// sealed files stay for the next round.
+    pub fn take_round(&mut self) -> io::Result<Round> {
+        let root_dev = self.root_dev();
+        let covered = self.sealed.iter().all(|s| Some(s.dev) == root_dev);
+        let whole_fs = self.flushes_whole_fs()
+            || (self.state.syncfs
+                && self.root_fd.is_some()
+                && covered
+                && self.sealed.len() >= SYNCFS_BATCH);
+        let names = self.take_durable_as(whole_fs)?;
+        Ok(Round {
+            names,
+            data: std::mem::take(&mut self.sealed),
+            covered: whole_fs && covered,
+        })
+    }
+
+    fn take_durable_as(&mut self, whole_fs: bool) -> io::Result<Durable> {
+        self.keep_dir_times();
         let dirs = std::mem::take(&mut self.dirty);
         self.state.summaries.mark(&dirs);
         let root_dev = self.root_dev();

@@ -5,26 +5,28 @@
 //! Durability (group commit): a change is acknowledged only after it and the directories it
 //! touched are durable. A commit makes the sealed files' data durable, names them, makes
 //! every dirty directory durable and the states superseded journaled in the module's history
-//! ([`Apply::take_data`], [`Apply::name_flushed`], [`Apply::take_durable`]), and only then
+//! ([`Apply::take_round`], [`Apply::name_flushed`]), and only then
 //! sends the `Ack`s. So an `Ack` always means "durable under its final name", and a burst of
 //! small files costs a few flushes, not one per file.
 //!
-//! In a burst the flushes run behind the loop, on a thread of their own, while the loop
-//! takes the next requests (`Requests::commit_behind`): the first begins as soon as
-//! `BEHIND_MIN` answers or files wait, the next ones, once none is under way, when
-//! `BURST_COMMIT` (512) wait or the queue runs dry, so a burst costs the disk a few hundred
-//! files' worth of flushes at a time; the loop waits for one only when [`may_seal`]
-//! refuses another sealed file or [`GROUP_COMMIT`] answers pile up behind it. The names
-//! are given on the loop's thread, between requests. When no further request is queued and
-//! no commit is under way, fewer than `BEHIND_MIN` changes waiting are committed and
+//! In a burst the flushes run behind the loop, on a thread of their own, in rounds, while
+//! the loop takes the next requests (`Requests::commit_behind`): the first round begins as
+//! soon as `BEHIND_MIN` answers or files wait. A round's one flush makes the last round's
+//! names durable together with the data of the files sealed since ([`Apply::take_round`]:
+//! one `syncfs` for both); when it ends its names are answered, its files named on the
+//! loop's thread, and the next round begins at once for those names and what sealed
+//! meanwhile. So a stream of files always has one flush under way, each serving two
+//! commits, and each round covers what arrived during the last. Once a round names
+//! nothing the rounds stop; the next begins when `BURST_COMMIT` (512) wait or the queue
+//! runs dry. The loop waits for a round only when [`may_seal`] refuses another sealed file
+//! or [`GROUP_COMMIT`] answers pile up behind it. When no further request is queued and
+//! no round is under way, fewer than `BEHIND_MIN` changes waiting are committed and
 //! answered at once (`Requests::commit`): a lone change is durable and answered without a
-//! hand-off; more begin a commit behind the loop. While one is under way (a burst), the loop does not
-//! wait for it: it lingers for the next request, and the end of a flush moves the commit
-//! on (`Requests::wake`) as a request would — on the lingering thread, or, once the loop
-//! has handed its thread back, by waking it: a stream of files is never held up by its own
-//! commits, each of which covers what arrived during the last one's flushes. A request on a
-//! sealed file's path, or above or below it (waiting or in the commit under way), commits
-//! first, so requests apply in arrival order.
+//! hand-off. While rounds run (a burst), the loop does not wait for them: it lingers for
+//! the next request, and the end of a round moves the commit on (`Requests::wake`) as a
+//! request would — on the lingering thread, or, once the loop has handed its thread back,
+//! by waking it. A request on a sealed file's path, or above or below it (waiting or in
+//! the round under way), commits first, so requests apply in arrival order.
 
 use crate::apply::Apply;
 
@@ -110,30 +112,16 @@ pub struct Requests {
     bursting: bool,
 }
 
-/// A group commit whose flushes run on a thread of its own ([`Requests::commit_behind`]).
+/// A round of the group commit running on a thread of its own ([`Requests::commit_behind`]).
 struct InFlight {
-    /// Answered when it ends: the sealed files' outcomes (when the data is flushed) and the
-    /// other changes' acknowledgements (when their directories are).
+    /// Answered when it ends: the outcomes of the files named before it began and the other
+    /// changes' acknowledgements, which its flush makes durable.
     files: Vec<(RequestId, Result<(), String>)>,
     acks: Vec<(RequestId, Option<u64>)>,
-    stage: Stage,
-}
-
-impl Stage {
-    /// Its flush has ended.
-    fn finished(&self) -> bool {
-        match self {
-            Stage::Data(f, _) => f.finished(),
-            Stage::Names(f) => f.finished(),
-        }
-    }
-}
-
-enum Stage {
-    /// The sealed files' data being flushed; their paths, which later requests wait for.
-    Data(Behind<Flushed>, Vec<RelPath>),
-    /// The directories (and the journal) being flushed.
-    Names(Behind<io::Result<()>>),
+    /// The files whose data it flushes, named when it ends: later requests on these paths
+    /// wait for them.
+    data: Vec<RelPath>,
+    flush: Behind<(io::Result<()>, Flushed)>,
 }
 
 /// A flush on a thread of its own, which says when it has ended: it hands its outcome over,
@@ -360,7 +348,7 @@ impl Requests {
                 std::task::Poll::Ready(None) => return Next::Stop,
                 std::task::Poll::Pending => {}
             }
-            if self.in_flight.as_ref().is_some_and(|f| f.stage.finished()) {
+            if self.in_flight.as_ref().is_some_and(|f| f.flush.finished()) {
                 if let Flow::Stop = self.wake() {
                     return Next::Stop;
                 }
@@ -755,15 +743,11 @@ impl Requests {
     /// True if a request on `path` must wait for sealed files to be named: one of them, or
     /// above or below one, waiting or in a commit under way.
     fn touches_sealed(&self, path: &RelPath) -> bool {
-        let in_flight = match &self.in_flight {
-            Some(InFlight {
-                stage: Stage::Data(_, paths),
-                ..
-            }) => paths
+        let in_flight = self.in_flight.as_ref().is_some_and(|f| {
+            f.data
                 .iter()
-                .any(|p| p.starts_with(path) || path.starts_with(p)),
-            _ => false,
-        };
+                .any(|p| p.starts_with(path) || path.starts_with(p))
+        });
         in_flight || self.fs.touches_sealed(path)
     }
 
@@ -808,43 +792,39 @@ impl Requests {
     }
 
     /// The group commit with its flushes on a thread of its own, so that the loop takes
-    /// further requests while the disk works: it begins now, once the commit under way (if
-    /// any) has ended, and is advanced between requests ([`Requests::advance`]). What it
+    /// further requests while the disk works: once the round under way (if any) has ended,
+    /// a round takes everything waiting, and is moved on between requests
+    /// ([`Requests::advance`]). Each round makes the last one's names durable and the data
+    /// of the files sealed since, which it then names for the next round; so a stream of
+    /// files has one flush under way at all times, each serving two commits. What a round
     /// holds is answered when it ends, as [`Requests::commit`] would.
     fn commit_behind(&mut self) -> bool {
-        if !self.advance(true) || !self.may_write() {
+        if self.in_flight.is_some() && !self.end_round() {
+            return false;
+        }
+        if self.in_flight.is_some() {
+            // The round that ended began the next, which took what was waiting.
+            return true;
+        }
+        self.begin_round(Vec::new())
+    }
+
+    /// Begins a round behind the loop: `files` (named since the last round) and what else
+    /// waits to be made durable, with the data of the files sealed meanwhile.
+    fn begin_round(&mut self, files: Vec<(RequestId, Result<(), String>)>) -> bool {
+        if !self.may_write() {
             return false;
         }
         let acks = std::mem::take(&mut self.pending_acks);
-        match self.fs.take_data() {
-            Some(data) => {
-                let paths = data.paths();
-                let flush = Behind::start(&self.flushed, move || data.run());
-                self.in_flight = Some(InFlight {
-                    files: Vec::new(),
-                    acks,
-                    stage: Stage::Data(flush, paths),
-                });
-                true
-            }
-            None => self.flush_names(Vec::new(), acks),
-        }
-    }
-
-    /// The second half of a commit behind: the directories' (and the journal's) flushes
-    /// begin on a thread of their own; `files` and `acks` are answered when they end.
-    fn flush_names(
-        &mut self,
-        files: Vec<(RequestId, Result<(), String>)>,
-        acks: Vec<(RequestId, Option<u64>)>,
-    ) -> bool {
-        match self.fs.take_durable() {
-            Ok(durable) => {
-                let flush = Behind::start(&self.flushed, move || durable.run());
+        match self.fs.take_round() {
+            Ok(round) => {
+                let data = round.paths();
+                let flush = Behind::start(&self.flushed, move || round.run());
                 self.in_flight = Some(InFlight {
                     files,
                     acks,
-                    stage: Stage::Names(flush),
+                    data,
+                    flush,
                 });
                 true
             }
@@ -852,45 +832,47 @@ impl Requests {
         }
     }
 
-    /// Moves the commit under way on when its flush has ended (waiting for it with `wait`,
-    /// to its very end): names the flushed files and begins the directories' flush, or
-    /// answers everything it held. Returns false if the peer is gone or the lease lost.
+    /// Moves the commit under way on when its round has ended (waiting for it with `wait`,
+    /// and for the rounds it begins, to the very end). Returns false if the peer is gone or
+    /// the lease lost.
     fn advance(&mut self, wait: bool) -> bool {
-        loop {
-            let finished = match &self.in_flight {
-                None => return true,
-                Some(f) => f.stage.finished(),
-            };
-            if !finished && !wait {
+        while let Some(f) = &self.in_flight {
+            if !f.flush.finished() && !wait {
                 return true;
             }
-            let InFlight { files, acks, stage } = self.in_flight.take().expect("matched above");
-            match stage {
-                Stage::Data(flush, _) => {
-                    let Ok(flushed) = flush.join() else {
-                        tracing::error!(module = self.fs.module(), "data flush panicked");
-                        return false;
-                    };
-                    if !self.fs.state.may_write() {
-                        flushed.discard();
-                        self.pending_acks.clear();
-                        let _ = self.lease_lost();
-                        return false;
-                    }
-                    let mut files = files;
-                    files.extend(self.fs.name_flushed(flushed));
-                    if !self.flush_names(files, acks) {
-                        return false;
-                    }
-                }
-                Stage::Names(flush) => {
-                    let synced = flush
-                        .join()
-                        .unwrap_or_else(|_| Err(io::Error::other("directory flush panicked")));
-                    return self.answer(files, acks, synced);
-                }
+            if !self.end_round() {
+                return false;
             }
         }
+        true
+    }
+
+    /// Waits for the round under way to end, answers what it made durable, names the files
+    /// whose data it flushed and begins the round that makes those names durable.
+    fn end_round(&mut self) -> bool {
+        let InFlight {
+            files, acks, flush, ..
+        } = self.in_flight.take().expect("a round under way");
+        let Ok((synced, flushed)) = flush.join() else {
+            tracing::error!(module = self.fs.module(), "flush panicked");
+            return false;
+        };
+        if !self.fs.state.may_write() {
+            flushed.discard();
+            self.pending_acks.clear();
+            let _ = self.lease_lost();
+            return false;
+        }
+        if !self.answer(files, acks, synced) {
+            // The peer is gone; the files are whole and durable all the same.
+            self.fs.name_flushed(flushed);
+            return false;
+        }
+        let named = self.fs.name_flushed(flushed);
+        if named.is_empty() {
+            return true;
+        }
+        self.begin_round(named)
     }
 
     /// False, with sealed files dropped unnamed and nothing waiting acknowledged, if the
@@ -1320,6 +1302,55 @@ mod tests {
             .unwrap()
             .permissions();
         assert_eq!(mode.mode() & 0o7777, 0o640);
+    }
+
+    /// A round's flush serves two commits: when it ends, its files are named and the next
+    /// round makes those names durable in the same pass as the data of the files sealed
+    /// meanwhile, which it names in turn — no flush waits for one that does only one thing.
+    #[test]
+    fn a_round_makes_the_last_names_durable_with_the_next_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut r, mut rx) = session(dir.path());
+        for i in 0..BEHIND_MIN {
+            send_file(&mut r, i as u64, &format!("a{i}"), b"first");
+        }
+        assert!(r.in_flight.is_some(), "the first round began");
+        // Sealed while the first round flushes.
+        for i in 0..BEHIND_MIN {
+            send_file(&mut r, 100 + i as u64, &format!("b{i}"), b"second");
+        }
+        assert_eq!(r.fs.sealed(), BEHIND_MIN);
+        assert!(r.end_round());
+        let next = r
+            .in_flight
+            .as_ref()
+            .expect("the first round's end began the next");
+        assert_eq!(
+            next.files.len(),
+            BEHIND_MIN,
+            "it holds the names just given"
+        );
+        assert_eq!(next.data.len(), BEHIND_MIN, "and the data sealed meanwhile");
+        assert_eq!(r.fs.sealed(), 0);
+        assert!(dir.path().join("a0").exists() && !dir.path().join("b0").exists());
+        assert!(
+            answers(&mut rx).is_empty(),
+            "nothing answered before its names are durable"
+        );
+        assert!(r.end_round());
+        let first: Vec<RequestId> = answers(&mut rx)
+            .iter()
+            .map(|m| match m {
+                Message::Ack { id } => *id,
+                other => panic!("{}", other.name()),
+            })
+            .collect();
+        assert_eq!(first, (0..BEHIND_MIN as u64).collect::<Vec<_>>());
+        assert!(dir.path().join("b0").exists());
+        assert!(r.advance(true));
+        assert!(r.in_flight.is_none());
+        assert_eq!(answers(&mut rx).len(), BEHIND_MIN);
+        assert_eq!(std::fs::read(dir.path().join("b7")).unwrap(), b"second");
     }
 
     /// Within a burst, once its first commit has ended, the next begins only when
