@@ -16,7 +16,7 @@
 //! cannot be read (the full compare reports them and keeps them from deletion).
 
 use crate::config::SyncGroup;
-use crate::execute::{execute, Observe, Report, Step, Totals, Watch};
+use crate::execute::{Execution, Observe, Report, Step, Totals, Watch};
 use crate::links::{LinkNames, Names};
 use crate::plan::{deleted_entries, order_dir_meta, plan, Plan, PlanOptions};
 use crate::reconcile::{plan_subtrees, unkept_namespaces};
@@ -278,10 +278,11 @@ pub const PIECE: usize = 8192;
 
 /// Copies the whole source into an empty module whose root is `module_root`, a piece of
 /// [`PIECE`] entries at a time in tree order: each piece is planned against nothing and
-/// executed while the walk reads the next, and directory times are set once at the end, so
-/// neither side ever holds the tree. Names of multiply-linked files come from `links` (the
-/// summary's walk taught it every name): a name whose file went in an earlier piece becomes a
-/// link to it. `totals` (from the summary) is announced to `observe` at once, so progress
+/// sent while the walk reads the next, without waiting for the answers to the last one
+/// ([`Execution`]), and hard links and directory times are made once at the end, so neither
+/// side ever holds the tree. Names of multiply-linked files come from `links` (the summary's
+/// walk taught it every name): a name whose file went in an earlier piece becomes a link to
+/// it. `totals` (from the summary) is announced to `observe` at once, so progress
 /// has its end from the start; what the pieces turn out to hold beyond or short of it is
 /// made up at the end.
 pub async fn copy_into_empty(
@@ -309,35 +310,26 @@ pub async fn copy_into_empty(
     let remote = [module_root];
     let origin = root.clone().into();
     let mut dir_meta = Vec::new();
+    let mut run = Execution::new(session, group.preserve, &origin, report, &mut pieces);
     while let Some((local, errors)) = rx.recv().await {
         for (p, e) in errors {
-            report.failures.push((p, e.to_string()));
+            run.report().failures.push((p, e.to_string()));
         }
         let names = source::link_names(group, root, links, false, &local);
-        let mut planned = plan(&local, &remote, opts, &names);
-        dir_meta.append(&mut planned.dir_meta);
-        execute(
-            session,
-            group.preserve,
-            &origin,
-            planned,
-            report,
-            &mut pieces,
-        )
-        .await?;
+        let planned = plan(&local, &remote, opts, &names);
+        dir_meta.append(&mut run.piece(planned).await?);
     }
-    if let Err(e) = walk.await.expect("walk task") {
+    let walked = walk.await.expect("walk task");
+    order_dir_meta(&mut dir_meta);
+    // Directory times only after a whole walk: what was sent is answered either way.
+    run.finish(if walked.is_ok() { dir_meta } else { Vec::new() })
+        .await?;
+    if let Err(e) = walked {
         return Err(SessionError::Source {
             path: group.source.clone(),
             error: e.to_string(),
         });
     }
-    order_dir_meta(&mut dir_meta);
-    let last = Plan {
-        dir_meta,
-        ..Plan::default()
-    };
-    execute(session, group.preserve, &origin, last, report, &mut pieces).await?;
     // Entries made or gone between the summary's walk and the copy's.
     let (planned, observe) = (pieces.planned, pieces.observe);
     if planned.steps > totals.steps || planned.bytes > totals.bytes {

@@ -12,6 +12,7 @@ use crate::plan::{Base, Link, Op, Plan};
 use crate::session::{Removal, Session, SessionError};
 use crate::transfer::{self, Origin, TransferError};
 use ferry_protocol::message::{Message, RequestId};
+use ferry_protocol::meta::Entry;
 use ferry_protocol::RelPath;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -84,76 +85,74 @@ pub async fn execute(
     report: &mut Report,
     observe: Observe<'_>,
 ) -> Result<(), SessionError> {
-    observe.planned(Totals::of(&plan));
-    let mut run = Run {
-        session,
-        slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        file_slots: Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT)),
-        unacked: Arc::new(Semaphore::new(MAX_FILES_UNACKED)),
-        origin: origin.clone(),
-        preserve,
-        tasks: JoinSet::new(),
-        report,
-        observe,
-    };
-    if !plan.deletes.is_empty() {
-        // Each plan says its own: one an earlier plan left on the session must not apply.
-        let entries = plan.allowance;
-        session.send(Message::Allowance { entries }).await?;
-    }
-    for path in plan.deletes {
-        run.issue(StepKind::Deleted, path, |id, path| Message::Delete {
-            id,
-            path,
-        })
-        .await?;
-    }
-    let mut ahead = Ahead::new(session, origin, preserve, &plan.creates);
-    for op in plan.creates {
-        let kind = match &op {
-            Op::File { entry, base } => {
-                let opened = ahead.take().await;
-                run.send_file(entry.path.clone(), *base, entry.meta.size, opened)
-                    .await?;
-                continue;
-            }
-            Op::SetMeta(_) => StepKind::Meta,
-            Op::Mkdir(_) | Op::Symlink(_) | Op::Special(_) => StepKind::Created,
+    let mut run = Execution::new(session, preserve, origin, report, observe);
+    let dir_meta = run.piece(plan).await?;
+    run.finish(dir_meta).await
+}
+
+/// A plan executed in pieces (a whole copy, [`crate::descend::copy_into_empty`]) with
+/// requests in flight across them: each piece's deletes and creations go out as it comes,
+/// without waiting for the answers to the last piece's, so the receiver's commits never run
+/// dry between two pieces. The pieces' links wait for [`Execution::finish`], which waits
+/// for every answer first, as do the directory times given to it.
+pub struct Execution<'a, 'o> {
+    run: Run<'a, 'o>,
+    links: Vec<Link>,
+}
+
+impl<'a, 'o> Execution<'a, 'o> {
+    /// An execution over `session` of files read from `origin`.
+    pub fn new(
+        session: &'a Arc<Session>,
+        preserve: Preserve,
+        origin: &Origin,
+        report: &'a mut Report,
+        observe: Observe<'o>,
+    ) -> Self {
+        let run = Run {
+            session,
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            file_slots: Arc::new(Semaphore::new(MAX_FILES_IN_FLIGHT)),
+            unacked: Arc::new(Semaphore::new(MAX_FILES_UNACKED)),
+            origin: origin.clone(),
+            preserve,
+            tasks: JoinSet::new(),
+            report,
+            observe,
         };
-        let path = op.entry().path.clone();
-        run.issue(kind, path, |id, _| op.request(id).expect("not a file"))
-            .await?;
-    }
-    // Barrier: links name files sent above, directory times wait for everything inside.
-    run.drain().await?;
-    let refused = link_all(run.session, &plan.links, run.report, run.observe).await?;
-    if !refused.is_empty() {
-        // The receiver's copy of these files is not current: send it, then link again.
-        let mut firsts: Vec<RelPath> = Vec::new();
-        for l in &refused {
-            if !firsts.contains(&l.target) {
-                firsts.push(l.target.clone());
-                run.send_file(l.target.clone(), Base::Unknown, l.entry.meta.size, None)
-                    .await?;
-            }
+        Execution {
+            run,
+            links: Vec::new(),
         }
-        run.drain().await?;
-        for l in refused {
-            let path = l.entry.path.clone();
-            run.issue(StepKind::Created, path, |id, _| link_request(l, id))
-                .await?;
-        }
-        run.drain().await?;
     }
-    for e in plan.dir_meta {
-        let path = e.path.clone();
-        let op = Op::SetMeta(e);
-        run.issue(StepKind::Meta, path, |id, _| {
-            op.request(id).expect("not a file")
-        })
-        .await?;
+
+    /// Sends the deletes and creations of the next piece, keeping its links for the end.
+    /// Returns the piece's directory times, for the caller to order with the others'.
+    pub async fn piece(&mut self, plan: Plan) -> Result<Vec<Entry>, SessionError> {
+        self.run.observe.planned(Totals::of(&plan));
+        let Plan {
+            deletes,
+            creates,
+            mut links,
+            dir_meta,
+            allowance,
+            ..
+        } = plan;
+        self.run.send(deletes, allowance, creates).await?;
+        self.links.append(&mut links);
+        Ok(dir_meta)
     }
-    run.drain().await
+
+    /// The report the pieces' outcomes land in.
+    pub fn report(&mut self) -> &mut Report {
+        self.run.report
+    }
+
+    /// Waits for every answer, then makes the links and sets `dir_meta` (deepest first).
+    pub async fn finish(mut self, dir_meta: Vec<Entry>) -> Result<(), SessionError> {
+        let links = std::mem::take(&mut self.links);
+        self.run.finish(&links, dir_meta).await
+    }
 }
 
 /// Applies renames in order, pipelined. Returns the ones the receiver refused (typically
@@ -384,6 +383,79 @@ struct Run<'a, 'o> {
 }
 
 impl Run<'_, '_> {
+    /// Sends `deletes` first (under `allowance`), then `creates` in tree order, without
+    /// waiting for the answers.
+    async fn send(
+        &mut self,
+        deletes: Vec<RelPath>,
+        allowance: Option<u64>,
+        creates: Vec<Op>,
+    ) -> Result<(), SessionError> {
+        if !deletes.is_empty() {
+            // Each plan says its own: one an earlier plan left on the session must not apply.
+            let entries = allowance;
+            self.session.send(Message::Allowance { entries }).await?;
+        }
+        for path in deletes {
+            self.issue(StepKind::Deleted, path, |id, path| Message::Delete {
+                id,
+                path,
+            })
+            .await?;
+        }
+        let mut ahead = Ahead::new(self.session, &self.origin, self.preserve, &creates);
+        for op in creates {
+            let kind = match &op {
+                Op::File { entry, base } => {
+                    let opened = ahead.take().await;
+                    self.send_file(entry.path.clone(), *base, entry.meta.size, opened)
+                        .await?;
+                    continue;
+                }
+                Op::SetMeta(_) => StepKind::Meta,
+                Op::Mkdir(_) | Op::Symlink(_) | Op::Special(_) => StepKind::Created,
+            };
+            let path = op.entry().path.clone();
+            self.issue(kind, path, |id, _| op.request(id).expect("not a file"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every answer (links name files sent before, directory times wait for
+    /// everything inside), then makes `links` and sets `dir_meta`, and waits for those.
+    async fn finish(&mut self, links: &[Link], dir_meta: Vec<Entry>) -> Result<(), SessionError> {
+        self.drain().await?;
+        let refused = link_all(self.session, links, self.report, self.observe).await?;
+        if !refused.is_empty() {
+            // The receiver's copy of these files is not current: send it, then link again.
+            let mut firsts: Vec<RelPath> = Vec::new();
+            for l in &refused {
+                if !firsts.contains(&l.target) {
+                    firsts.push(l.target.clone());
+                    self.send_file(l.target.clone(), Base::Unknown, l.entry.meta.size, None)
+                        .await?;
+                }
+            }
+            self.drain().await?;
+            for l in refused {
+                let path = l.entry.path.clone();
+                self.issue(StepKind::Created, path, |id, _| link_request(l, id))
+                    .await?;
+            }
+            self.drain().await?;
+        }
+        for e in dir_meta {
+            let path = e.path.clone();
+            let op = Op::SetMeta(e);
+            self.issue(StepKind::Meta, path, |id, _| {
+                op.request(id).expect("not a file")
+            })
+            .await?;
+        }
+        self.drain().await
+    }
+
     /// Starts sending the file `path` (of `size` bytes as planned) once a body slot and an
     /// unacknowledged slot are free; its outcome is collected like a request's.
     async fn send_file(
@@ -521,5 +593,96 @@ impl Run<'_, '_> {
             self.record(r.expect("task panicked"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::meta::{Kind, Meta};
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+
+    fn dir(path: &str) -> Entry {
+        Entry {
+            path: RelPath::from(path),
+            meta: Meta {
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: 1,
+                mtime_nsec: 0,
+                rdev: 0,
+                xattrs: Default::default(),
+            },
+            link: None,
+            inode: None,
+        }
+    }
+
+    fn piece(names: &[&str]) -> Plan {
+        Plan {
+            creates: names.iter().map(|n| Op::Mkdir(dir(n))).collect(),
+            ..Plan::default()
+        }
+    }
+
+    /// The pieces of a copy go out back to back: the next piece's requests reach the
+    /// receiver before any of the last one's is answered. The far end here answers nothing
+    /// until it has seen the second piece, which a copy that waited between pieces never
+    /// sends: it would stall until the timeout.
+    #[tokio::test]
+    async fn a_piece_goes_out_before_the_last_one_is_answered() {
+        let (session, (mut far_r, mut far_w)) = crate::session::in_memory();
+        let session = Arc::new(session);
+        let far = tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut seen_second = false;
+            loop {
+                let msg = match far_r.read().await {
+                    Ok(Some(m)) => m,
+                    _ => return held.len(),
+                };
+                let Message::Mkdir { id, path, .. } = msg else {
+                    continue;
+                };
+                held.push(id);
+                seen_second |= path.to_string().starts_with('b');
+                if seen_second {
+                    for id in held.drain(..) {
+                        far_w.write(&Message::Ack { id }).await.unwrap();
+                    }
+                }
+            }
+        });
+        let root = tempfile::tempdir().unwrap();
+        let origin = Origin::Root(Arc::new(OwnedFd::from(
+            std::fs::File::open(root.path()).unwrap(),
+        )));
+        let mut report = Report::default();
+        let mut steps = 0;
+        let mut observe = |_: &Step| steps += 1;
+        let mut run = Execution::new(
+            &session,
+            Preserve::default(),
+            &origin,
+            &mut report,
+            &mut observe,
+        );
+        let copy = async {
+            run.piece(piece(&["a1", "a2", "a3"])).await?;
+            run.piece(piece(&["b1", "b2"])).await?;
+            run.finish(Vec::new()).await
+        };
+        tokio::time::timeout(Duration::from_secs(30), copy)
+            .await
+            .expect("the second piece went out before the first was answered")
+            .unwrap();
+        assert_eq!(report.created, 5);
+        assert_eq!(steps, 5);
+        drop(session);
+        far.abort();
     }
 }
