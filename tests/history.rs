@@ -700,8 +700,9 @@ fn restore_on_the_backup_host_brings_back_any_moment() {
 }
 
 /// A big file changed again and again (a disk image): the receiver never reads its copy to
-/// sign it. It keeps the signature and window digests of each big file it commits (signed as
-/// the bytes came, whole or rebuilt), so a delta is answered at once, and every window sent as
+/// answer a delta. It keeps the signature and window digests of each big file it commits
+/// (signed after its commit when sent whole, as the bytes came when rebuilt), so a delta is
+/// answered at once, and every window sent as
 /// a copy of its own (same digest, same place) is taken by that digest, never read; the file
 /// is right each time. A copy changed behind the receiver's back (same size and mtime, new
 /// ctime) is read again.
@@ -726,6 +727,9 @@ fn on_xfs_a_big_file_changed_again_is_sent_by_window_digest_without_reading_the_
     fs::write(src.join("small"), pseudo_random(2 << 20, 22)).unwrap();
     let o = site.send_once(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The big file, sent whole, is signed after its commit: its next delta finds it known
+    // once the receiver says so.
+    wait_signed_later(&site, 1);
     let counters = || {
         let s = site.stats();
         (
@@ -829,6 +833,8 @@ fn a_delta_on_xfs_writes_only_what_changed_and_shares_the_rest_with_history() {
     sparse(11);
     let o = site.send_once(&[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The big file, sent whole, is signed after its commit (and let go of only then).
+    wait_signed_later(&site, 1);
     let before = used_bytes(&dst);
     let mut new = old.clone();
     new[30 << 20..31 << 20].copy_from_slice(&pseudo_random(1 << 20, 8));
@@ -886,4 +892,16 @@ fn a_delta_on_xfs_writes_only_what_changed_and_shares_the_rest_with_history() {
         backup_log(&backup)
     );
     assert_consistent(&history);
+}
+
+/// Waits (a minute at most) until the receiver has signed `n` big files after their commit.
+fn wait_signed_later(site: &Site, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while summary_value(&site.stats(), "signed_later") < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} files never signed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

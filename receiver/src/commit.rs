@@ -37,6 +37,9 @@ pub struct Sealed {
     pub dev: u64,
     /// Its signature and window digests, for a big file rebuilt from a delta.
     pub known: Option<crate::windows::Known>,
+    /// Sent whole and big: the window digests of its body, to be signed after its commit
+    /// ([`crate::windows::Windows::sign_later`]).
+    pub sign_later: Option<Vec<ferry_protocol::message::Digest>>,
     /// Its share of the process's descriptors.
     pub held: Held,
 }
@@ -315,7 +318,13 @@ impl Apply {
                 let fresh = self.install_file(&s.staged, s.bytes, &at, &s.path);
                 if fresh.is_ok() {
                     // Keyed by the file as it is now, under its name.
-                    self.state.windows.put(&s.path, &s.staged.file, s.known);
+                    let windows = &self.state.windows;
+                    match s.sign_later {
+                        Some(digests) => {
+                            windows.sign_later(&s.path, &s.staged.file, digests, &self.stats)
+                        }
+                        None => windows.put(&s.path, &s.staged.file, s.known),
+                    }
                 }
                 held = match (&fresh, parent) {
                     (Ok(true), Some(parent)) => Some((parent, at)),

@@ -35,6 +35,8 @@ struct Incoming {
     /// The new file's signature so far, for a big file: kept with its window digests once
     /// it is committed (see [`crate::windows`]).
     signing: Option<delta::Signer>,
+    /// A big file sent whole: signed after its commit instead ([`crate::windows`]).
+    sign_later: bool,
     /// The new file began as a clone of the base (a reflink): what a delta copies from the
     /// same offset is already there, and only the rest is written.
     cloned: bool,
@@ -204,6 +206,7 @@ impl Transfers {
                         base: None,
                         base_known: None,
                         signing: None,
+                        sign_later: false,
                         cloned: p.cloned,
                         written: p.written,
                     },
@@ -258,8 +261,12 @@ impl Transfers {
                 }
             }
         }
-        // A big file is signed as it comes, for its next delta.
-        let signing = (meta.size > delta::WINDOW as u64 && fs.state.windows.keeps())
+        // A big file is signed for its next delta: as it comes when rebuilt from a delta
+        // (a window kept as it was takes the base's entries), after its commit when it has
+        // no base here and comes whole.
+        let big = meta.size > delta::WINDOW as u64 && fs.state.windows.keeps();
+        let sign_later = big && base.is_none();
+        let signing = (big && base.is_some())
             .then(|| delta::Signer::new(meta.size))
             .flatten();
         let base = base.map(|(f, md)| (f, md.len()));
@@ -273,6 +280,7 @@ impl Transfers {
                 base,
                 base_known,
                 signing,
+                sign_later,
                 cloned,
                 written: 0,
             },
@@ -301,6 +309,7 @@ impl Transfers {
             whole_body(inc)?;
             // A body with holes has no window digests to keep.
             inc.signing = None;
+            inc.sign_later = false;
             skip(inc, len)
         })
     }
@@ -377,6 +386,7 @@ impl Transfers {
                     .and_then(delta::Signer::finish)
                     .zip(inc.hasher.windows())
                     .map(|(signature, windows)| Known { signature, windows });
+                let sign_later = inc.sign_later.then(|| inc.hasher.windows()).flatten();
                 fs.seal(Sealed {
                     id,
                     path: inc.path,
@@ -385,6 +395,7 @@ impl Transfers {
                     delta,
                     dev,
                     known,
+                    sign_later,
                     held: crate::commit::Held::share(),
                 });
                 Outcome::Sealed

@@ -43,7 +43,7 @@ pub struct ModuleState {
     /// Whether the module's filesystem makes unnamed files, found out on the first file.
     pub unnamed: Unnamed,
     /// Signatures and window digests of the big files this receiver committed.
-    pub windows: crate::windows::Windows,
+    pub windows: Arc<crate::windows::Windows>,
     /// Whether one `syncfs` makes everything written to the module's filesystem durable (see
     /// [`syncfs_reaches_storage`]); where not, every file and directory is flushed itself.
     pub syncfs: bool,
@@ -462,9 +462,9 @@ impl ModuleState {
         // Other gateways write a shared module too, where this one would not see it; a
         // restore's destination lives as long as the restore.
         let windows = if lease.is_some() || !backup {
-            crate::windows::Windows::off()
+            Arc::new(crate::windows::Windows::off())
         } else {
-            crate::windows::Windows::default()
+            Arc::new(crate::windows::Windows::default())
         };
         // Only a module this receiver alone writes can keep its summary (see `Summaries`).
         let summaries = Summaries::new(lease.is_none() && backup);

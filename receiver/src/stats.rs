@@ -43,6 +43,8 @@ pub struct Stats {
     pub bases_signed: AtomicU64,
     /// Windows of deltas taken by their digest, without reading them.
     pub windows_known: AtomicU64,
+    /// Big files sent whole, signed after their commit for their next delta.
+    pub signed_later: AtomicU64,
 }
 
 impl Stats {
@@ -68,6 +70,7 @@ impl Stats {
             c("summarised", &self.summarised),
             c("bases_signed", &self.bases_signed),
             c("windows_known", &self.windows_known),
+            c("signed_later", &self.signed_later),
         ]
     }
 }
