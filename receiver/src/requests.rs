@@ -857,18 +857,19 @@ impl Requests {
             tracing::error!(module = self.fs.module(), "flush panicked");
             return false;
         };
+        // What it made durable is answered whatever became of the lease meanwhile.
+        let answered = self.answer(files, acks, synced);
         if !self.fs.state.may_write() {
             flushed.discard();
             self.pending_acks.clear();
             let _ = self.lease_lost();
             return false;
         }
-        if !self.answer(files, acks, synced) {
-            // The peer is gone; the files are whole and durable all the same.
-            self.fs.name_flushed(flushed);
+        let named = self.fs.name_flushed(flushed);
+        if !answered {
+            // The peer is gone; the files are named all the same, whole and durable.
             return false;
         }
-        let named = self.fs.name_flushed(flushed);
         if named.is_empty() {
             return true;
         }
