@@ -1139,6 +1139,17 @@ mod tests {
         std::iter::from_fn(|| rx.try_recv().ok()).collect()
     }
 
+    /// The requests answered so far, in the order answered; each answer an `Ack`.
+    fn acked(rx: &mut mpsc::Receiver<Message>) -> Vec<RequestId> {
+        answers(rx)
+            .iter()
+            .map(|m| match m {
+                Message::Ack { id } => *id,
+                other => panic!("{}", other.name()),
+            })
+            .collect()
+    }
+
     /// The messages of one whole file.
     fn file_messages(id: RequestId, path: &str, body: &[u8]) -> [Message; 3] {
         let meta = Meta {
@@ -1301,14 +1312,7 @@ mod tests {
         // The loop takes the next file meanwhile.
         send_file(&mut r, 100, "later", b"later");
         assert!(r.commit());
-        let acks = answers(&mut rx);
-        let mut acked: Vec<_> = acks
-            .iter()
-            .map(|m| match m {
-                Message::Ack { id } => *id,
-                other => panic!("{}", other.name()),
-            })
-            .collect();
+        let mut acked = acked(&mut rx);
         acked.sort();
         let mut want: Vec<u64> = (0..BEHIND_MIN as u64).collect();
         want.push(100);
@@ -1366,13 +1370,7 @@ mod tests {
             "nothing answered before its names are durable"
         );
         assert!(r.end_round());
-        let first: Vec<RequestId> = answers(&mut rx)
-            .iter()
-            .map(|m| match m {
-                Message::Ack { id } => *id,
-                other => panic!("{}", other.name()),
-            })
-            .collect();
+        let first: Vec<RequestId> = acked(&mut rx);
         assert_eq!(first, (0..BEHIND_MIN as u64).collect::<Vec<_>>());
         assert!(dir.path().join("b0").exists());
         assert!(
@@ -1411,13 +1409,7 @@ mod tests {
         let round = r.in_flight.as_ref().expect("a round behind the loop");
         assert_eq!((round.files.len(), round.data.len()), (BEHIND_MIN, 3));
         assert!(r.advance(true));
-        let mut acked: Vec<RequestId> = answers(&mut rx)
-            .iter()
-            .map(|m| match m {
-                Message::Ack { id } => *id,
-                other => panic!("{}", other.name()),
-            })
-            .collect();
+        let mut acked: Vec<RequestId> = acked(&mut rx);
         acked.sort();
         let mut want: Vec<RequestId> = (0..BEHIND_MIN as u64).collect();
         want.extend(100..103);
@@ -1455,13 +1447,7 @@ mod tests {
         assert!(r.in_flight.is_some(), "began once {BURST_COMMIT} waited");
         file(&mut r);
         assert!(r.commit());
-        let acked: std::collections::BTreeSet<RequestId> = answers(&mut rx)
-            .iter()
-            .map(|m| match m {
-                Message::Ack { id } => *id,
-                other => panic!("{}", other.name()),
-            })
-            .collect();
+        let acked: std::collections::BTreeSet<RequestId> = acked(&mut rx).into_iter().collect();
         assert_eq!(acked, (BEHIND_MIN as u64..id).collect());
         assert!(dir.path().join(format!("f{}", id - 1)).exists());
     }
