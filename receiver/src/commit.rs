@@ -264,6 +264,11 @@ impl Apply {
         }
     }
 
+    /// States kept in the history since the last commit, not yet journaled.
+    pub fn keeps_unjournaled(&self) -> bool {
+        !self.kept.is_empty()
+    }
+
     /// Sealed files waiting.
     pub fn sealed(&self) -> usize {
         self.sealed.len()

@@ -886,10 +886,13 @@ impl Requests {
             // The peer is gone; the files are named all the same, whole and durable.
             return false;
         }
-        // The next round begins at once if a burst's worth waits for it, else as any commit
-        // would (enough waiting, or the queue dry): where flushes are quick (ext4), rounds
-        // begun at once for a few files each doubled the flushes and cost 4% of a copy.
-        if self.named.is_empty() || self.waiting() < BURST_COMMIT {
+        // The next round begins at once if a burst's worth waits for it or the names kept
+        // states in the history (journaled by it: an object without its row waits no longer
+        // than before), else as any commit would (enough waiting, or the queue dry): where
+        // flushes are quick (ext4), rounds begun at once for a few files each doubled the
+        // flushes and cost 4% of a copy.
+        if self.named.is_empty() || (self.waiting() < BURST_COMMIT && !self.fs.keeps_unjournaled())
+        {
             return true;
         }
         self.begin_round()
