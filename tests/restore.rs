@@ -185,6 +185,57 @@ fn ransomware_drill_restored_into_empty_and_over_the_encrypted_source() {
     );
 }
 
+/// The whole module as it is now, into an empty directory, goes as it is read, a piece at a
+/// time (the first small, then larger): a file whose names fall in different pieces comes
+/// back as one file, directory times and the root's metadata as they are, every attribute.
+/// Over a copy that holds something, the whole view is read first and only what differs
+/// travels.
+#[test]
+fn a_whole_module_as_it_is_now_goes_as_it_is_read() {
+    use std::os::unix::fs::MetadataExt;
+    let site = Site::new();
+    let (src, _dst, _history, backup) = site.history_backup("setuid = true");
+    rich_tree(&src);
+    // First in tree order, far before its other names (store/a, store/b, other/c): several
+    // hundred entries of docs/ lie between, more than the first piece holds.
+    fs::hard_link(src.join("store/a"), src.join("a0")).unwrap();
+    fs::create_dir(src.join("docs")).unwrap();
+    fill_tree(&src.join("docs"), 8, 80, |i| {
+        pseudo_random(100 + i, i as u64)
+    });
+    site.write_config(&one_group(&backup, &src, ""));
+    let o = site.send_once(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let fresh = site.path("fresh");
+    let o = restore(&site, &["--setuid"], &fresh);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_trees_equal(&src, &fresh);
+    if let Some(d) = attrs_difference(&src, &fresh, RICH_PATHS, &["vm.img"]) {
+        panic!("restored into an empty directory: {d}");
+    }
+    let ino = |p: &str| fs::metadata(fresh.join(p)).unwrap().ino();
+    for name in ["store/a", "store/b", "other/c"] {
+        assert_eq!(ino("a0"), ino(name), "a0 and {name} are one file");
+    }
+    let log = backup_log(&backup);
+    assert_eq!(
+        log.matches("restore: sending as read").count(),
+        1,
+        "not sent as read: {log}"
+    );
+
+    // Over what the first restore made, one file damaged: compared whole, only it travels.
+    fs::write(fresh.join("docs/d3/f7"), b"damaged").unwrap();
+    let o = restore(&site, &["--setuid"], &fresh);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_trees_equal(&src, &fresh);
+    let said = stdout(&o);
+    assert!(said.contains(": 1 files ("), "{said}");
+    let log = backup_log(&backup);
+    assert_eq!(log.matches("restore: sending as read").count(), 1, "{log}");
+}
+
 /// Points in time, paths, what stays without `--delete`, and who may restore: an unlisted
 /// certificate is refused naming it, a read-only module serves restores, a time before the
 /// history is refused naming the oldest moment.

@@ -273,11 +273,16 @@ pub async fn plan_by_summary(
     }))
 }
 
-/// Entries of the source read, planned and sent at a time by [`copy_into_empty`].
+/// Entries of the source read, planned and sent at a time by [`copy_into_empty`], at most;
+/// the first piece is of [`FIRST_PIECE`], each next twice the last, so the first file goes
+/// out once a few hundred entries are read.
 pub const PIECE: usize = 8192;
 
+/// Entries in the first piece of a copy ([`PIECE`]).
+pub const FIRST_PIECE: usize = 256;
+
 /// Copies the whole source into an empty module whose root is `module_root`, a piece of
-/// [`PIECE`] entries at a time in tree order: each piece is planned against nothing and
+/// at most [`PIECE`] entries at a time in tree order: each piece is planned against nothing and
 /// sent while the walk reads the next, without waiting for the answers to the last one
 /// ([`Execution`]), and hard links and directory times are made once at the end, so neither
 /// side ever holds the tree. Names of multiply-linked files come from `links` (the summary's
@@ -298,7 +303,7 @@ pub async fn copy_into_empty(
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
     let (g, held) = (group.clone(), root.clone());
     let walk = tokio::task::spawn_blocking(move || {
-        source::scan_pieces(&g, &held, PIECE, &mut |piece| {
+        source::scan_pieces(&g, &held, FIRST_PIECE..=PIECE, &mut |piece| {
             tx.blocking_send(piece).is_ok()
         })
     });

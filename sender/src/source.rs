@@ -50,15 +50,15 @@ pub fn scan_under(
 }
 
 /// The whole source tree beneath the held `root`, as [`scan_under`] reads it, handed to `sink`
-/// in pieces of `piece` entries in tree order (see [`local::scan_pieces`]).
+/// in pieces of the sizes `pieces` gives, in tree order (see [`local::scan_pieces`]).
 pub fn scan_pieces(
     group: &SyncGroup,
     root: &OwnedFd,
-    piece: usize,
+    pieces: std::ops::RangeInclusive<usize>,
     sink: &mut dyn FnMut(local::Piece) -> bool,
 ) -> std::io::Result<()> {
     let filter = |p: &RelPath, is_dir: bool| group.filter.accepts(p, is_dir);
-    local::scan_pieces(root, &filter, group.preserve.namespaces(), piece, sink)
+    local::scan_pieces(root, &filter, group.preserve.namespaces(), pieces, sink)
 }
 
 /// Every current name of the multiply-linked files among `entries` (read from the source; a

@@ -363,15 +363,16 @@ pub type Errors = Vec<(RelPath, io::Error)>;
 /// What a walk has read so far and the errors it met meanwhile.
 pub type Piece = (Vec<Entry>, Errors);
 
-/// [`scan_at`] of the whole tree beneath the held `root`, handed to `sink` in pieces of
-/// `piece` entries (the last one smaller), in tree order, the root first, each with the errors
-/// met while it was read; `sink` returns `false` to stop the walk. Holds one piece, however
-/// large the tree.
+/// [`scan_at`] of the whole tree beneath the held `root`, handed to `sink` in pieces in tree
+/// order, the root first, each with the errors met while it was read: the first of
+/// `pieces.start()` entries, each next twice the last up to `pieces.end()` (the last one
+/// smaller), so the first reaches `sink` soon and the rest go in large lots. `sink` returns
+/// `false` to stop the walk. Holds one piece, however large the tree.
 pub fn scan_pieces(
     root: &OwnedFd,
     filter: Filter<'_>,
     xattrs: Namespaces,
-    piece: usize,
+    pieces: std::ops::RangeInclusive<usize>,
     sink: &mut dyn FnMut(Piece) -> bool,
 ) -> io::Result<()> {
     let mut errors = Vec::new();
@@ -379,8 +380,13 @@ pub fn scan_pieces(
         return Err(io::ErrorKind::NotFound.into());
     };
     let mut out = vec![top];
+    let (mut piece, most) = ((*pieces.start()).max(1), *pieces.end());
     let mut hand = |out: &mut Vec<Entry>, errors: &mut Errors| {
-        out.len() < piece || sink((std::mem::take(out), std::mem::take(errors)))
+        if out.len() < piece {
+            return true;
+        }
+        piece = (piece * 2).min(most).max(piece);
+        sink((std::mem::take(out), std::mem::take(errors)))
     };
     if walk(
         root,

@@ -56,25 +56,15 @@ fn rfc3339(ns: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
-/// `None`: now), limited to `paths` (all of it when empty). A module without history has
-/// only its present. Beside it, the module's entries now that the view was made of, read with
-/// the attributes of `xattrs` while walking it (so an entry the view takes unchanged from the
-/// module is not read twice).
-pub fn view(
+/// The journal's rows after `at` (ns since the epoch; `None`: now), in the history at
+/// `history` of the module at `module`: what the module's present must be turned back by to
+/// be as it was then. Refused if `at` is before the oldest kept state, or asked of a module
+/// that keeps no history.
+pub fn later(
     module: &Path,
     history: Option<&Path>,
     at: Option<i64>,
-    paths: &[RelPath],
-    xattrs: Namespaces,
-) -> Result<(View, HashMap<RelPath, Entry>), RestoreError> {
-    let io_err = |what: &Path, e: io::Error| {
-        RestoreError::Io(format!(
-            "{}: {}",
-            what.display(),
-            ferry_protocol::io_reason(&e)
-        ))
-    };
+) -> Result<Vec<Version>, RestoreError> {
     let (later, oldest) = match (history, at) {
         (Some(history), _) => {
             read_versions_after(history, at.unwrap_or(i64::MAX)).map_err(|e| io_err(history, e))?
@@ -93,7 +83,49 @@ pub fn view(
             });
         }
     }
-    let now = now_under(module, paths, &later, xattrs).map_err(|e| io_err(module, e))?;
+    Ok(later)
+}
+
+fn io_err(what: &Path, e: io::Error) -> RestoreError {
+    RestoreError::Io(format!(
+        "{}: {}",
+        what.display(),
+        ferry_protocol::io_reason(&e)
+    ))
+}
+
+/// False for the names a restore leaves out of the module: the receiver's own for the moment
+/// between creating and renaming, which are not content.
+pub fn is_content(path: &RelPath, _is_dir: bool) -> bool {
+    !path.file_name().starts_with(crate::TEMP_PREFIX.as_bytes())
+}
+
+/// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
+/// `None`: now), limited to `paths` (all of it when empty). A module without history has
+/// only its present. Beside it, the module's entries now that the view was made of, read with
+/// the attributes of `xattrs` while walking it (so an entry the view takes unchanged from the
+/// module is not read twice).
+pub fn view(
+    module: &Path,
+    history: Option<&Path>,
+    at: Option<i64>,
+    paths: &[RelPath],
+    xattrs: Namespaces,
+) -> Result<(View, HashMap<RelPath, Entry>), RestoreError> {
+    let later = later(module, history, at)?;
+    view_of(module, history, at, &later, paths, xattrs)
+}
+
+/// [`view`], given the journal's rows after `at` ([`later`]).
+pub fn view_of(
+    module: &Path,
+    history: Option<&Path>,
+    at: Option<i64>,
+    later: &[Version],
+    paths: &[RelPath],
+    xattrs: Namespaces,
+) -> Result<(View, HashMap<RelPath, Entry>), RestoreError> {
+    let now = now_under(module, paths, later, xattrs).map_err(|e| io_err(module, e))?;
     let now: HashMap<RelPath, Entry> = now.into_iter().map(|e| (e.path.clone(), e)).collect();
     let objects = history.map(|h| h.join(OBJECTS)).unwrap_or_default();
     let listed = |id: i64| -> Vec<RelPath> {
@@ -112,8 +144,8 @@ pub fn view(
             })
             .unwrap_or_default()
     };
-    let mut view = view_at(now.keys().cloned(), &later, listed);
-    if let Some(meta) = root_at(&later) {
+    let mut view = view_at(now.keys().cloned(), later, listed);
+    if let Some(meta) = root_at(later) {
         let source = Source::Module(RelPath::root());
         view.insert(
             RelPath::root(),
@@ -153,8 +185,7 @@ fn now_under(
     later: &[Version],
     xattrs: Namespaces,
 ) -> io::Result<Vec<Entry>> {
-    // The receiver's own names for the moment between creating and renaming are not content.
-    let ours = |p: &RelPath, _| !p.file_name().starts_with(crate::TEMP_PREFIX.as_bytes());
+    let ours = is_content;
     let mut errors = Vec::new();
     if paths.is_empty() {
         // The client waits for the whole view: read it on as many cores as there are.

@@ -9,7 +9,7 @@
 //! held history objects directory ([`Origin::Mapped`]), and goes whole or as a delta against
 //! what the destination holds.
 
-use super::{view, RestoreError};
+use super::RestoreError;
 use crate::config::Module;
 use crate::history::view::{Source, View};
 use crate::history::OBJECTS;
@@ -22,9 +22,10 @@ use ferry_protocol::meta::{Compare, Entry};
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{io_reason, RelPath};
 use ferry_sender::config::Preserve;
-use ferry_sender::execute::{execute, Report, Step, Totals};
+use ferry_sender::descend::{FIRST_PIECE, PIECE};
+use ferry_sender::execute::{execute, Execution, Report, Step, Totals};
 use ferry_sender::links::LinkNames;
-use ferry_sender::plan::{plan, Base, Op, Plan, PlanOptions};
+use ferry_sender::plan::{order_dir_meta, plan, Base, Op, Plan, PlanOptions};
 use ferry_sender::session::Session;
 use ferry_sender::transfer::{as_then, Located, Origin};
 use std::collections::HashMap;
@@ -99,12 +100,17 @@ where
             asked.at,
             asked.paths.clone(),
         );
-        let ns = Preserve::default()
-            .namespaces()
-            .intersect(asked.keeps.xattrs);
-        tokio::task::spawn_blocking(move || -> Result<Tree, RestoreError> {
-            let (view, now) = view(&path, history.as_deref(), at, &paths, ns)?;
+        let (ns, dry_run) = (namespaces(asked.keeps), asked.dry_run);
+        tokio::task::spawn_blocking(move || -> Result<Prepared, RestoreError> {
+            let later = super::later(&path, history.as_deref(), at)?;
+            // The whole module as it is now: read as it is sent, if the client's destination
+            // turns out to be empty.
+            if paths.is_empty() && later.is_empty() && !dry_run {
+                return Ok(Prepared::Now);
+            }
+            let (view, now) = super::view_of(&path, history.as_deref(), at, &later, &paths, ns)?;
             Tree::read(&path, history.as_deref(), view, now, ns, paths.is_empty())
+                .map(Prepared::Tree)
         })
     };
     // The client gives up on a backup host it does not hear from: say `Alive` while the
@@ -117,28 +123,21 @@ where
             _ = tick.tick() => writer.write(&Message::Alive).await?,
         }
     };
-    let tree = match prepared {
-        Ok(t) => t,
+    let prepared = match prepared {
+        Ok(p) => p,
         Err(e) => return refuse(&mut writer, e.to_string()).await,
     };
-    tracing::info!(
-        %peer,
-        module = %module.name,
-        at = ?asked.at,
-        entries = tree.entries.len(),
-        "restore: sending"
-    );
     let session = Arc::new(Session::started(reader, writer, peer, asked.keeps));
     let heartbeat = crate::session::heartbeat(session.sender().downgrade());
     let sent = tokio::select! {
-        r = send(&session, &tree, &asked) => r,
+        r = send(&session, module, prepared, &asked, peer) => r,
         _ = shutdown.cancelled() => Err("the receiver is stopping".to_string()),
     };
     heartbeat.abort();
     match sent {
-        Ok(report) => {
+        Ok((report, unreadable)) => {
             // What the client refused it knows; what could not be read here it is told.
-            for (path, reason) in tree.unreadable.iter().chain(&report.unread) {
+            for (path, reason) in unreadable.iter().chain(&report.unread) {
                 let msg = Message::Unsent {
                     path: path.clone(),
                     reason: reason.clone(),
@@ -154,7 +153,7 @@ where
                 files = report.files,
                 deltas = report.delta_files,
                 bytes = report.payload_bytes,
-                failures = report.failures.len() + tree.unreadable.len(),
+                failures = report.failures.len() + unreadable.len(),
                 "restore: sent"
             );
             Ok(())
@@ -170,6 +169,20 @@ where
     }
 }
 
+/// What a restore sends, made ready before the client is asked for its destination.
+enum Prepared {
+    /// The module's view, read whole.
+    Tree(Tree),
+    /// The whole module as it is now (no time asked for, or nothing changed since it), not
+    /// read yet.
+    Now,
+}
+
+/// The attributes a restore reads and compares: what the client keeps of those ferry keeps.
+fn namespaces(keeps: Keeps) -> Namespaces {
+    Preserve::default().namespaces().intersect(keeps.xattrs)
+}
+
 async fn refuse<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     reason: String,
@@ -177,14 +190,20 @@ async fn refuse<W: AsyncWrite + Unpin>(
     writer.write(&Message::Refused { reason }).await
 }
 
-/// Lists the destination, plans, sends.
-async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Report, String> {
+/// Lists the destination, plans, sends. Returns what was sent and what could not be read.
+async fn send(
+    session: &Arc<Session>,
+    module: &Module,
+    prepared: Prepared,
+    asked: &Asked,
+    peer: &str,
+) -> Result<(Report, Vec<(RelPath, String)>), String> {
     let keeps = asked.keeps;
     let preserve = Preserve::default();
     let compare = Compare {
         owner: keeps.owners,
         setid: keeps.setid,
-        xattrs: preserve.namespaces().intersect(keeps.xattrs),
+        xattrs: namespaces(keeps),
         hardlinks: preserve.hardlinks,
     };
     let mut remote = Vec::new();
@@ -210,6 +229,31 @@ async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Repo
         compare,
         devices: keeps.devices,
     };
+    let tree = match prepared {
+        Prepared::Tree(tree) => tree,
+        Prepared::Now if remote.iter().all(|e| e.path.is_root()) => {
+            tracing::info!(%peer, module = %module.name, "restore: sending as read");
+            return stream(session, module, &remote, opts).await;
+        }
+        Prepared::Now => {
+            // The destination holds something to compare with: the whole view first.
+            let (path, ns) = (module.path.clone(), compare.xattrs);
+            tokio::task::spawn_blocking(move || {
+                let (view, now) = super::view_of(&path, None, None, &[], &[], ns)?;
+                Tree::read(&path, None, view, now, ns, true)
+            })
+            .await
+            .expect("view task")
+            .map_err(|e| e.to_string())?
+        }
+    };
+    tracing::info!(
+        %peer,
+        module = %module.name,
+        at = ?asked.at,
+        entries = tree.entries.len(),
+        "restore: sending"
+    );
     let mut names: LinkNames = HashMap::new();
     for e in &tree.entries {
         if let Some(i) = e.inode {
@@ -239,7 +283,7 @@ async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Repo
         }
     }
     if asked.dry_run {
-        return Ok(Report::default());
+        return Ok((Report::default(), tree.unreadable));
     }
     let located = tree.located.clone();
     let origin = Origin::Mapped(Arc::new(move |p: &RelPath| located.get(p).cloned()));
@@ -254,7 +298,78 @@ async fn send(session: &Arc<Session>, tree: &Tree, asked: &Asked) -> Result<Repo
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok(report)
+    Ok((report, tree.unreadable))
+}
+
+/// The whole module as it is now into an empty destination (`remote`, its root at most),
+/// sent as it is read: at most [`PIECE`] entries at a time in tree order, each planned
+/// against nothing and sent while the walk reads the next, as a copy into an empty module
+/// is ([`ferry_sender::descend::copy_into_empty`]); hard links and directory times at the
+/// end. Neither the view nor the plan of the whole module is held, and the first file goes
+/// out once the first piece is read. The totals announced grow with each piece.
+async fn stream(
+    session: &Arc<Session>,
+    module: &Module,
+    remote: &[Entry],
+    opts: PlanOptions,
+) -> Result<(Report, Vec<(RelPath, String)>), String> {
+    let reason = |e: std::io::Error| format!("{}: {}", module.path.display(), io_reason(&e));
+    let root = Arc::new(local::open_root(&module.path).map_err(reason)?);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let (held, ns) = (root.clone(), opts.compare.xattrs);
+    let walk = tokio::task::spawn_blocking(move || {
+        local::scan_pieces(
+            &held,
+            &super::is_content,
+            ns,
+            FIRST_PIECE..=PIECE,
+            &mut |piece| tx.blocking_send(piece).is_ok(),
+        )
+    });
+    let origin = Origin::Root(root);
+    let mut report = Report::default();
+    let mut unreadable = Vec::new();
+    // Every name seen so far of each multiply-linked file, in tree order: a name whose file
+    // went in an earlier piece becomes a link to its first.
+    let mut names: LinkNames = HashMap::new();
+    let mut totals = Totals::default();
+    let mut dir_meta = Vec::new();
+    let mut unwatched = |_: &Step| {};
+    let mut run = Execution::new(
+        session,
+        Preserve::default(),
+        &origin,
+        &mut report,
+        &mut unwatched,
+    );
+    while let Some((local, errors)) = rx.recv().await {
+        unreadable.extend(errors.into_iter().map(|(p, e)| (p, io_reason(&e))));
+        for e in &local {
+            if let Some(i) = e.inode {
+                names.entry(i).or_default().push(e.path.clone());
+            }
+        }
+        let planned = plan(&local, remote, opts, &names);
+        let t = Totals::of(&planned);
+        totals.steps += t.steps;
+        totals.bytes += t.bytes;
+        let msg = Message::Planned {
+            steps: totals.steps,
+            bytes: totals.bytes,
+            changes: Vec::new(),
+            done: false,
+        };
+        session.send(msg).await.map_err(|e| e.to_string())?;
+        dir_meta.append(&mut run.piece(planned).await.map_err(|e| e.to_string())?);
+    }
+    let walked = walk.await.expect("walk task");
+    order_dir_meta(&mut dir_meta);
+    // Directory times only after a whole walk: what was sent is answered either way.
+    run.finish(if walked.is_ok() { dir_meta } else { Vec::new() })
+        .await
+        .map_err(|e| e.to_string())?;
+    walked.map_err(reason)?;
+    Ok((report, unreadable))
 }
 
 /// Each step of `plan`, as a dry run lists it.
