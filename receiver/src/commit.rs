@@ -413,8 +413,9 @@ impl Apply {
     /// A round of the group commit behind the request loop ([`Round`]): what
     /// [`Apply::take_durable`] takes, and the files sealed since the last round. One flush of
     /// the whole filesystem serves both when there are enough dirty directories or sealed
-    /// files for one. On an error (a kept object's name could not be made durable) the
-    /// sealed files stay for the next round.
+    /// files for one. On an error (a kept object's name could not be made durable) nothing
+    /// is taken: the sealed files, the kept states and the dirty directories stay for the
+    /// next round.
     pub fn take_round(&mut self) -> io::Result<Round> {
         let root_dev = self.root_dev();
         let covered = self.sealed.iter().all(|s| Some(s.dev) == root_dev);
@@ -433,6 +434,13 @@ impl Apply {
 
     fn take_durable_as(&mut self, whole_fs: bool) -> io::Result<Durable> {
         self.keep_dir_times();
+        // First, before anything is taken: on an error, the kept states and the dirty
+        // directories stay for the next commit, which journals and flushes them.
+        if let Some(history) = self.state.history.as_ref() {
+            if !self.kept.is_empty() {
+                history.sync_objects(&self.kept)?;
+            }
+        }
         let dirs = std::mem::take(&mut self.dirty);
         self.state.summaries.mark(&dirs);
         let root_dev = self.root_dev();
@@ -462,7 +470,6 @@ impl Apply {
         let mut journal: Option<Beside> = None;
         let mut beside: Option<Beside> = None;
         if let Some(history) = self.state.history.as_ref().filter(|_| !kept.is_empty()) {
-            history.sync_objects(&kept)?;
             let state = self.state.clone();
             let write = move || match &state.history {
                 Some(h) => h.journal(kept),

@@ -402,12 +402,33 @@ impl Requests {
 
     /// The session is over: commit, keep unfinished transfers, save the digest cache.
     fn close(mut self) {
-        self.commit();
+        if !self.commit() {
+            self.settle();
+        }
         self.files
             .suspend_all(&self.fs.state.partials, self.fs.module());
         let state = &self.fs.state;
         if let Err(e) = state.cache.lock().expect("cache lock").save() {
             tracing::warn!(module = %state.module.name, "cannot save digest cache: {e}");
+        }
+    }
+
+    /// After a commit stopped short (the peer gone, or the lease lost): what the loop did to
+    /// the module meanwhile — names given as a round ended, and the states they replaced,
+    /// kept in the history — is made durable and journaled all the same, unanswered; else
+    /// those states would have objects without rows until the next start-up check, which
+    /// adopts them without their paths. Files sealed and not named are dropped, as they were
+    /// never answered. Nothing once the lease is lost: the module is another gateway's then.
+    fn settle(&mut self) {
+        if !self.fs.state.may_write() {
+            return;
+        }
+        if let Err(e) = self.fs.commit_durable() {
+            tracing::warn!(
+                module = self.fs.module(),
+                "at the session's end: {}",
+                ferry_protocol::io_reason(&e)
+            );
         }
     }
 
@@ -1384,6 +1405,68 @@ mod tests {
         assert!(r.in_flight.is_none());
         assert_eq!(answers(&mut rx).len(), BURST_COMMIT);
         assert_eq!(std::fs::read(dir.path().join("b7")).unwrap(), b"second");
+    }
+
+    /// The peer goes while a round flushes: the round's end names the files whose data it
+    /// flushed, and the history keeps the states those names replace; nobody is left to
+    /// answer, but the session's end journals those states all the same (an object without
+    /// its row waited for the next start-up check, which adopts it without its path).
+    #[test]
+    fn states_kept_after_the_peer_went_are_journaled_when_the_session_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (module, history) = (dir.path().join("m"), dir.path().join("h"));
+        std::fs::create_dir(&module).unwrap();
+        let names: Vec<String> = (0..BEHIND_MIN)
+            .map(|i| format!("a{i}"))
+            .chain((0..BURST_COMMIT).map(|i| format!("b{i}")))
+            .collect();
+        for n in &names {
+            std::fs::write(module.join(n), b"old").unwrap();
+        }
+        let mut m = module_at(&module, false);
+        m.history = Some(crate::config::HistoryConfig {
+            dir: history.clone(),
+            keep: crate::history::Keep {
+                min_free_percent: 0,
+                ..Default::default()
+            },
+        });
+        let state = Arc::new(ModuleState::open(m, None).unwrap());
+        let (tx, rx) = mpsc::channel(4096);
+        let mut r = Requests::new(state, Arc::new(Stats::default()), false, true, tx);
+        for (i, n) in names[..BEHIND_MIN].iter().enumerate() {
+            send_file(&mut r, i as u64, n, b"new");
+        }
+        assert!(r.in_flight.is_some(), "the first round began");
+        for (i, n) in names[BEHIND_MIN..].iter().enumerate() {
+            for msg in file_messages(1000 + i as u64, n, b"new") {
+                assert!(matches!(r.handle(msg), Flow::Continue));
+            }
+        }
+        // The first round names a*, and the next makes those names durable with b*'s data.
+        assert!(r.end_round());
+        assert!(r.in_flight.is_some());
+        drop(rx);
+        r.close();
+        for n in &names {
+            assert_eq!(std::fs::read(module.join(n)).unwrap(), b"new", "{n}");
+        }
+        let objects: std::collections::BTreeSet<i64> =
+            std::fs::read_dir(history.join(crate::history::OBJECTS))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+                .collect();
+        assert_eq!(objects.len(), names.len(), "a state kept per name");
+        let db = rusqlite::Connection::open(history.join(crate::history::JOURNAL)).unwrap();
+        let mut q = db
+            .prepare("SELECT id FROM versions WHERE object = 1 AND action = 'replaced'")
+            .unwrap();
+        let rows: std::collections::BTreeSet<i64> = q
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, objects, "journal rows and objects");
     }
 
     /// With fewer than a burst's worth waiting when a round ends (flushes quicker than the
