@@ -1,6 +1,7 @@
 //! A module as it was at a time (see [`crate::history::view`]), or the parts of it asked
-//! for: [`view`] computes it from the module and its history's journal, [`serve`] sends it
-//! over a restore session to a client that writes it as a receiver writes a module. The
+//! for: [`later`] and [`view`] compute it from the module and its history's journal,
+//! [`serve`] sends it over a restore session to a client that writes it as a receiver writes
+//! a module. The
 //! client is `ferry restore` on a source host (over mutual TLS) or on the backup host itself
 //! (over an in-process pipe, without a network): one way of writing DEST either way.
 //!
@@ -101,23 +102,11 @@ pub fn is_content(path: &RelPath, _is_dir: bool) -> bool {
 }
 
 /// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
-/// `None`: now), limited to `paths` (all of it when empty). A module without history has
-/// only its present. Beside it, the module's entries now that the view was made of, read with
-/// the attributes of `xattrs` while walking it (so an entry the view takes unchanged from the
-/// module is not read twice).
+/// `None`: now), given the journal's rows after it ([`later`]), limited to `paths` (all of it
+/// when empty). A module without history has only its present. Beside it, the module's
+/// entries now that the view was made of, read with the attributes of `xattrs` while walking
+/// it (so an entry the view takes unchanged from the module is not read twice).
 pub fn view(
-    module: &Path,
-    history: Option<&Path>,
-    at: Option<i64>,
-    paths: &[RelPath],
-    xattrs: Namespaces,
-) -> Result<(View, HashMap<RelPath, Entry>), RestoreError> {
-    let later = later(module, history, at)?;
-    view_of(module, history, at, &later, paths, xattrs)
-}
-
-/// [`view`], given the journal's rows after `at` ([`later`]).
-pub fn view_of(
     module: &Path,
     history: Option<&Path>,
     at: Option<i64>,

@@ -108,7 +108,7 @@ where
             if paths.is_empty() && later.is_empty() && !dry_run {
                 return Ok(Prepared::Now);
             }
-            let (view, now) = super::view_of(&path, history.as_deref(), at, &later, &paths, ns)?;
+            let (view, now) = super::view(&path, history.as_deref(), at, &later, &paths, ns)?;
             Tree::read(&path, history.as_deref(), view, now, ns, paths.is_empty())
                 .map(Prepared::Tree)
         })
@@ -239,7 +239,7 @@ async fn send(
             // The destination holds something to compare with: the whole view first.
             let (path, ns) = (module.path.clone(), compare.xattrs);
             tokio::task::spawn_blocking(move || {
-                let (view, now) = super::view_of(&path, None, None, &[], &[], ns)?;
+                let (view, now) = super::view(&path, None, None, &[], &[], ns)?;
                 Tree::read(&path, None, view, now, ns, true)
             })
             .await
