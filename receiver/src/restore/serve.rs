@@ -45,6 +45,13 @@ struct Asked {
 /// Steps per `Planned` frame.
 const PLANNED_BATCH: usize = 2_000;
 
+/// Pieces the walk of a restore sent as read ([`stream`]) plans ahead of the one being sent.
+/// The totals announced before each piece are what the walk has planned by then: those of a
+/// module of up to about 24,000 entries (eight pieces from the first of [`FIRST_PIECE`]) are
+/// whole once the walk has run that far ahead; a larger module's grow as the walk goes, at
+/// most this many pieces (of at most [`PIECE`] entries) ahead of the sending.
+const PIECES_AHEAD: usize = 8;
+
 /// Serves one restore session of `module` after its `Welcome`: reads the client's `Restore`,
 /// refuses it with the reason (a time before the history, a path not there then) or sends
 /// the tree. `peer` names the client in logs (its address, or `ferry restore` on the backup
@@ -303,10 +310,11 @@ async fn send(
 
 /// The whole module as it is now into an empty destination (`remote`, its root at most),
 /// sent as it is read: at most [`PIECE`] entries at a time in tree order, each planned
-/// against nothing and sent while the walk reads the next, as a copy into an empty module
-/// is ([`ferry_sender::descend::copy_into_empty`]); hard links and directory times at the
-/// end. Neither the view nor the plan of the whole module is held, and the first file goes
-/// out once the first piece is read. The totals announced grow with each piece.
+/// against nothing on the walk's thread and sent while the walk reads the next ones, as a
+/// copy into an empty module is ([`ferry_sender::descend::copy_into_empty`]); hard links and
+/// directory times at the end. Neither the view nor the plan of the whole module is held,
+/// and the first file goes out once the first piece is read. The totals announced before
+/// each piece are what the walk has planned by then ([`PIECES_AHEAD`]).
 async fn stream(
     session: &Arc<Session>,
     module: &Module,
@@ -315,24 +323,41 @@ async fn stream(
 ) -> Result<(Report, Vec<(RelPath, String)>), String> {
     let reason = |e: std::io::Error| format!("{}: {}", module.path.display(), io_reason(&e));
     let root = Arc::new(local::open_root(&module.path).map_err(reason)?);
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let (held, ns) = (root.clone(), opts.compare.xattrs);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(PIECES_AHEAD);
+    // What the walk has planned so far, for the totals announced before each piece.
+    let walked = Arc::new(std::sync::Mutex::new(Totals::default()));
+    let (held, remote, seen) = (root.clone(), remote.to_vec(), walked.clone());
     let walk = tokio::task::spawn_blocking(move || {
+        // Every name seen so far of each multiply-linked file, in tree order: a name whose
+        // file went in an earlier piece becomes a link to its first.
+        let mut names: LinkNames = HashMap::new();
+        let ns = opts.compare.xattrs;
         local::scan_pieces(
             &held,
             &super::is_content,
             ns,
             FIRST_PIECE..=PIECE,
-            &mut |piece| tx.blocking_send(piece).is_ok(),
+            &mut |piece| {
+                let (local, errors) = piece;
+                for e in &local {
+                    if let Some(i) = e.inode {
+                        names.entry(i).or_default().push(e.path.clone());
+                    }
+                }
+                let planned = plan(&local, &remote, opts, &names);
+                let t = Totals::of(&planned);
+                {
+                    let mut seen = seen.lock().expect("totals lock");
+                    seen.steps += t.steps;
+                    seen.bytes += t.bytes;
+                }
+                tx.blocking_send((planned, errors)).is_ok()
+            },
         )
     });
     let origin = Origin::Root(root);
     let mut report = Report::default();
     let mut unreadable = Vec::new();
-    // Every name seen so far of each multiply-linked file, in tree order: a name whose file
-    // went in an earlier piece becomes a link to its first.
-    let mut names: LinkNames = HashMap::new();
-    let mut totals = Totals::default();
     let mut dir_meta = Vec::new();
     let mut unwatched = |_: &Step| {};
     let mut run = Execution::new(
@@ -342,17 +367,9 @@ async fn stream(
         &mut report,
         &mut unwatched,
     );
-    while let Some((local, errors)) = rx.recv().await {
+    while let Some((planned, errors)) = rx.recv().await {
         unreadable.extend(errors.into_iter().map(|(p, e)| (p, io_reason(&e))));
-        for e in &local {
-            if let Some(i) = e.inode {
-                names.entry(i).or_default().push(e.path.clone());
-            }
-        }
-        let planned = plan(&local, remote, opts, &names);
-        let t = Totals::of(&planned);
-        totals.steps += t.steps;
-        totals.bytes += t.bytes;
+        let totals = *walked.lock().expect("totals lock");
         let msg = Message::Planned {
             steps: totals.steps,
             bytes: totals.bytes,
@@ -504,5 +521,93 @@ impl Tree {
             located: Arc::new(located),
             unreadable,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::module::tests::module_at;
+
+    /// A whole module as it is now into an empty destination goes as it is read, in several
+    /// pieces: the totals announced before each piece never fall, and by the last piece are
+    /// every step the client was asked to take.
+    #[tokio::test]
+    async fn a_module_sent_as_read_announces_totals_that_end_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in 0..3 {
+            let sub = dir.path().join(format!("d{d}"));
+            std::fs::create_dir(&sub).unwrap();
+            for f in 0..200 {
+                std::fs::write(sub.join(format!("f{f}")), format!("{d}/{f}")).unwrap();
+            }
+        }
+        let module = module_at(dir.path(), false);
+        let (here, there) = tokio::io::duplex(1 << 20);
+        let serving = tokio::spawn(async move {
+            let (r, w) = tokio::io::split(there);
+            let (reader, writer) = (FrameReader::new(r), FrameWriter::new(w));
+            serve(&module, reader, writer, "test", &CancellationToken::new()).await
+        });
+        let (r, w) = tokio::io::split(here);
+        let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+        let keeps = Keeps {
+            owners: true,
+            devices: false,
+            setid: false,
+            xattrs: Namespaces::NONE,
+            history: false,
+        };
+        let restore = Message::Restore {
+            at: None,
+            paths: Vec::new(),
+            delete: false,
+            keeps,
+            dry_run: false,
+        };
+        writer.write(&restore).await.unwrap();
+        let (mut planned, mut asked, mut files) = (Vec::new(), 0u64, 0);
+        while let Some(msg) = reader.read().await.unwrap() {
+            let id = match msg {
+                Message::List { id, under, .. } => {
+                    assert!(under.is_root());
+                    let md = std::fs::metadata(dir.path()).unwrap();
+                    let root = Entry {
+                        path: RelPath::root(),
+                        meta: local::meta_of(&md).unwrap(),
+                        link: None,
+                        inode: None,
+                    };
+                    let entries = vec![root];
+                    let listing = Message::Listing {
+                        id,
+                        entries,
+                        done: true,
+                    };
+                    writer.write(&listing).await.unwrap();
+                    continue;
+                }
+                Message::Planned { steps, .. } => {
+                    planned.push(steps);
+                    continue;
+                }
+                Message::File { id, .. } => {
+                    files += 1;
+                    id
+                }
+                Message::Mkdir { id, .. } | Message::SetMeta { id, .. } => id,
+                Message::Alive => continue,
+                Message::Bye => break,
+                other => panic!("unexpected {}", other.name()),
+            };
+            asked += 1;
+            writer.write(&Message::Ack { id }).await.unwrap();
+        }
+        drop((reader, writer));
+        serving.await.unwrap().unwrap();
+        assert_eq!(files, 600);
+        assert!(planned.len() >= 2, "one piece: {planned:?}");
+        assert!(planned.windows(2).all(|w| w[0] <= w[1]), "{planned:?}");
+        assert_eq!(planned.last().copied(), Some(asked), "{planned:?}");
     }
 }
