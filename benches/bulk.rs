@@ -484,6 +484,24 @@ fn count_files(dir: &Path) -> usize {
         .sum()
 }
 
+/// Reads every regular file below `dir` (not following symlinks), so its pages are in memory.
+fn warm(dir: &Path) {
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in items.flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => warm(&e.path()),
+            Ok(t) if t.is_file() => {
+                if let Ok(mut f) = std::fs::File::open(e.path()) {
+                    let _ = std::io::copy(&mut f, &mut std::io::sink());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Writes `n` new files of 1 KiB under `root/burst`; returns when the last is closed.
 fn burst(root: &Path, n: usize) -> Instant {
     let buf = vec![b'x'; 1024];
@@ -942,6 +960,13 @@ fn restore_rows(site: &Site, pin: &str) {
         site.dir.join("restore-ferry-2"),
         site.dir.join("restore-rsync-2"),
     );
+    // Both sides read their module from memory, as they did before the 1 MiB change: that
+    // change left ferry's big file a clone of its old version, whose pages the receiver
+    // never read (it wrote the changed MiB), while rsync's receiver wrote its copy whole
+    // through the page cache; ferry's first restore would read 255 MiB from disk that
+    // rsync's pull finds in memory.
+    warm(&site.ferry_dst);
+    warm(&site.rsync_dst);
     // Two rounds in both orders, as for the initial sync: one pull alone is at the mercy
     // of the disk's moment.
     Command::new("sync").status().unwrap();
