@@ -32,7 +32,8 @@
 //! shrinks every size tenfold for a quick look. `FERRY_BENCH_FS=xfs|ext4|btrfs` (root, and
 //! that filesystem's `mkfs`) runs it all on a fresh filesystem of that kind instead: an 8 GiB
 //! image in `FERRY_BENCH_DIR`, written whole first (so every row meets the same disk; see
-//! `LoopFs::make`), loop-mounted, and unmounted and removed at the end (ext4 with its
+//! `LoopFs::make`), loop-mounted, frozen and thawed before each timed run (`fsfreeze`, from
+//! util-linux; see `QUIESCED`), and unmounted and removed at the end (ext4 with its
 //! journal, as a backup host runs it).
 
 use std::io::{Read, Write};
@@ -118,8 +119,11 @@ fn write_small(src: &Path, round: u64) -> (usize, u64) {
 fn timed(cmd: &mut Command) -> (Duration, u64) {
     // Each run starts with nothing dirty: a `syncfs` of ferry's would otherwise write back
     // what the run before it (rsync's, not durable) left in the page cache, and be charged
-    // for it.
+    // for it. On the bench's own filesystem, with nothing in its log either.
     Command::new("sync").status().unwrap();
+    if let Some(mount) = QUIESCED.get() {
+        quiesce(mount);
+    }
     let started = Instant::now();
     let child = cmd
         .stdout(Stdio::null())
@@ -594,6 +598,7 @@ impl LoopFs {
                 ));
             }
         };
+        run("fsfreeze", Command::new("fsfreeze").arg("--version"));
         let mkfs = format!("mkfs.{kind}");
         run(
             &mkfs,
@@ -617,7 +622,35 @@ impl LoopFs {
             mount.path().display(),
             prepared.as_secs_f64()
         );
+        let _ = QUIESCED.set(mount.path().to_path_buf());
         LoopFs { mount, image }
+    }
+}
+
+/// The bench's own filesystem, when it made one ([`LoopFs`]): [`timed`] freezes and thaws it
+/// after its `sync`, which writes in place what the run before logged (a copy of 20,000
+/// files leaves the log full of their metadata after a `sync`; the next run's flushes then
+/// wait for it to be written back, so whoever ran second paid for the first).
+static QUIESCED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Freezes and thaws the filesystem mounted at `mount`: everything it holds is written in
+/// place and its log emptied.
+fn quiesce(mount: &Path) {
+    let frozen = Command::new("fsfreeze")
+        .arg("-f")
+        .arg(mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    let thawed = Command::new("fsfreeze")
+        .arg("-u")
+        .arg(mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !(frozen && thawed) {
+        eprintln!(
+            "bulk bench: fsfreeze of {} failed (frozen {frozen}, thawed {thawed})",
+            mount.display()
+        );
     }
 }
 
