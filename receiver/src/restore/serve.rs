@@ -29,6 +29,7 @@ use ferry_sender::plan::{order_dir_meta, plan, Base, Op, Plan, PlanOptions};
 use ferry_sender::session::Session;
 use ferry_sender::transfer::{as_then, Located, Origin};
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
@@ -292,8 +293,22 @@ async fn send(
     if asked.dry_run {
         return Ok((Report::default(), tree.unreadable));
     }
-    let located = tree.located.clone();
-    let origin = Origin::Mapped(Arc::new(move |p: &RelPath| located.get(p).cloned()));
+    let Tree {
+        entries,
+        located,
+        module_root,
+        unreadable,
+    } = tree;
+    // Planned: the entries are not needed any more, only where their files are read.
+    drop(entries);
+    let origin = Origin::Mapped(Arc::new(move |p: &RelPath| {
+        let at_its_own_path = || Located {
+            dir: module_root.clone(),
+            rel: p.clone(),
+            meta: None,
+        };
+        Some(located.get(p).cloned().unwrap_or_else(at_its_own_path))
+    }));
     let mut report = Report::default();
     execute(
         session,
@@ -305,7 +320,7 @@ async fn send(
     )
     .await
     .map_err(|e| e.to_string())?;
-    Ok((report, tree.unreadable))
+    Ok((report, unreadable))
 }
 
 /// The whole module as it is now into an empty destination (`remote`, its root at most),
@@ -419,10 +434,12 @@ fn described(plan: &Plan) -> Vec<(RelPath, String)> {
 }
 
 /// The view read: its entries as they were (tree order, the root first) and where each is
-/// read now.
+/// read now: in `located`, or (most of a view, kept out of it) in the module at its own path
+/// with the metadata it has now.
 struct Tree {
     entries: Vec<Entry>,
-    located: Arc<HashMap<RelPath, Located>>,
+    located: HashMap<RelPath, Located>,
+    module_root: Arc<OwnedFd>,
     unreadable: Vec<(RelPath, String)>,
 }
 
@@ -453,7 +470,7 @@ impl Tree {
             None => None,
         };
         let mut entries = Vec::with_capacity(view.len() + 1);
-        let mut located = HashMap::with_capacity(view.len());
+        let mut located = HashMap::new();
         let mut unreadable = Vec::new();
         let mut view = view;
         let root_then = view.remove(&RelPath::root()).and_then(|n| n.meta);
@@ -500,12 +517,16 @@ impl Tree {
                         path: path.clone(),
                         ..then
                     };
-                    let at = Located {
-                        dir: fd,
-                        rel,
-                        meta: node.meta,
-                    };
-                    located.insert(path, at);
+                    let as_now = node.meta.is_none()
+                        && matches!(&node.source, Source::Module(m) if *m == path);
+                    if !as_now {
+                        let at = Located {
+                            dir: fd,
+                            rel,
+                            meta: node.meta,
+                        };
+                        located.insert(path, at);
+                    }
                     entries.push(entry);
                 }
                 Ok(None) => unreadable.push((path, "gone from the backup host".to_string())),
@@ -518,7 +539,8 @@ impl Tree {
         entries.sort_by(|a, b| a.path.tree_cmp(&b.path));
         Ok(Tree {
             entries,
-            located: Arc::new(located),
+            located,
+            module_root,
             unreadable,
         })
     }
