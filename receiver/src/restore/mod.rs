@@ -104,8 +104,9 @@ pub fn is_content(path: &RelPath, _is_dir: bool) -> bool {
 /// The module at `module` (its history in `history`) as it was at `at` (ns since the epoch;
 /// `None`: now), given the journal's rows after it ([`later`]), limited to `paths` (all of it
 /// when empty). A module without history has only its present. Beside it, the module's
-/// entries now that the view was made of, read with the attributes of `xattrs` while walking
-/// it (so an entry the view takes unchanged from the module is not read twice).
+/// entries now that the view was made of, by path (each entry's own path left empty: whoever
+/// takes one names it), read with the attributes of `xattrs` while walking it (so an entry
+/// the view takes unchanged from the module is not read twice).
 pub fn view(
     module: &Path,
     history: Option<&Path>,
@@ -115,7 +116,11 @@ pub fn view(
     xattrs: Namespaces,
 ) -> Result<(View, HashMap<RelPath, Entry>), RestoreError> {
     let now = now_under(module, paths, later, xattrs).map_err(|e| io_err(module, e))?;
-    let now: HashMap<RelPath, Entry> = now.into_iter().map(|e| (e.path.clone(), e)).collect();
+    // Keyed by path, the path taken out of the entry (whoever takes an entry names it).
+    let now: HashMap<RelPath, Entry> = now
+        .into_iter()
+        .map(|mut e| (std::mem::take(&mut e.path), e))
+        .collect();
     let objects = history.map(|h| h.join(OBJECTS)).unwrap_or_default();
     let listed = |id: i64| -> Vec<RelPath> {
         let top = objects.join(id.to_string());

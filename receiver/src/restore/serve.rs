@@ -513,21 +513,20 @@ impl Tree {
             };
             match read {
                 Ok(Some(then)) => {
-                    let entry = Entry {
-                        path: path.clone(),
-                        ..then
-                    };
                     let as_now = node.meta.is_none()
                         && matches!(&node.source, Source::Module(m) if *m == path);
-                    if !as_now {
+                    let path = if as_now {
+                        path
+                    } else {
                         let at = Located {
                             dir: fd,
                             rel,
                             meta: node.meta,
                         };
-                        located.insert(path, at);
-                    }
-                    entries.push(entry);
+                        located.insert(path.clone(), at);
+                        path
+                    };
+                    entries.push(Entry { path, ..then });
                 }
                 Ok(None) => unreadable.push((path, "gone from the backup host".to_string())),
                 Err(e) => unreadable.push((path, io_reason(&e))),
