@@ -1144,7 +1144,11 @@ mod tests {
     use ferry_protocol::meta::{Kind, Meta};
 
     fn session(dir: &std::path::Path) -> (Requests, mpsc::Receiver<Message>) {
-        let state = Arc::new(ModuleState::open(module_at(dir, false), None).unwrap());
+        session_of(module_at(dir, false))
+    }
+
+    fn session_of(module: crate::config::Module) -> (Requests, mpsc::Receiver<Message>) {
+        let state = Arc::new(ModuleState::open(module, None).unwrap());
         let (tx, rx) = mpsc::channel(4096);
         let stats = Arc::new(Stats::default());
         (Requests::new(state, stats, false, true, tx), rx)
@@ -1156,6 +1160,14 @@ mod tests {
         for msg in file_messages(id, path, body) {
             assert!(matches!(r.handle(msg), Flow::Continue));
             assert!(r.step_commit());
+        }
+    }
+
+    /// One whole file through the loop without moving the commit on between its requests:
+    /// sealed while a round flushes (moving it on could end the round between two files).
+    fn seal_file(r: &mut Requests, id: RequestId, path: &str, body: &[u8]) {
+        for msg in file_messages(id, path, body) {
+            assert!(matches!(r.handle(msg), Flow::Continue));
         }
     }
 
@@ -1365,12 +1377,9 @@ mod tests {
             send_file(&mut r, i as u64, &format!("a{i}"), b"first");
         }
         assert!(r.in_flight.is_some(), "the first round began");
-        // Sealed while the first round flushes (taken without moving the round on, which
-        // could end it between two of them).
+        // Sealed while the first round flushes.
         for i in 0..BURST_COMMIT {
-            for msg in file_messages(1000 + i as u64, &format!("b{i}"), b"second") {
-                assert!(matches!(r.handle(msg), Flow::Continue));
-            }
+            seal_file(&mut r, 1000 + i as u64, &format!("b{i}"), b"second");
         }
         assert!(r.end_round());
         let next = r
@@ -1431,17 +1440,13 @@ mod tests {
                 ..Default::default()
             },
         });
-        let state = Arc::new(ModuleState::open(m, None).unwrap());
-        let (tx, rx) = mpsc::channel(4096);
-        let mut r = Requests::new(state, Arc::new(Stats::default()), false, true, tx);
+        let (mut r, rx) = session_of(m);
         for (i, n) in names[..BEHIND_MIN].iter().enumerate() {
             send_file(&mut r, i as u64, n, b"new");
         }
         assert!(r.in_flight.is_some(), "the first round began");
         for (i, n) in names[BEHIND_MIN..].iter().enumerate() {
-            for msg in file_messages(1000 + i as u64, n, b"new") {
-                assert!(matches!(r.handle(msg), Flow::Continue));
-            }
+            seal_file(&mut r, 1000 + i as u64, n, b"new");
         }
         // The first round names a*, and the next makes those names durable with b*'s data.
         assert!(r.end_round());
@@ -1480,9 +1485,7 @@ mod tests {
             send_file(&mut r, i as u64, &format!("a{i}"), b"first");
         }
         for i in 0..3 {
-            for msg in file_messages(100 + i, &format!("c{i}"), b"third") {
-                assert!(matches!(r.handle(msg), Flow::Continue));
-            }
+            seal_file(&mut r, 100 + i, &format!("c{i}"), b"third");
         }
         assert!(r.end_round());
         assert!(r.in_flight.is_none(), "no round for a few names");
