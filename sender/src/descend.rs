@@ -22,13 +22,14 @@ use crate::plan::{deleted_entries, order_dir_meta, plan, Plan, PlanOptions};
 use crate::reconcile::{plan_subtrees, unkept_namespaces};
 use crate::session::{Session, SessionError, Summarized};
 use crate::source;
-use ferry_protocol::local::{Rules, Summary};
+use ferry_protocol::local::{self, Rules, Summary};
 use ferry_protocol::message::DigestEntry;
 use ferry_protocol::meta::{Entry, Kind};
 use ferry_protocol::RelPath;
 use std::cmp::Ordering;
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
 /// Directories whose summaries are asked for and compared at a time: one round trip for
@@ -40,18 +41,9 @@ const DIRS_AT_ONCE: usize = 256;
 pub enum Compared {
     /// A plan that makes the module equal to the source.
     Planned(Summed),
-    /// The module is empty: everything is to be copied ([`copy_into_empty`]).
-    Empty {
-        /// The module's root as the receiver has it.
-        root: Entry,
-        /// Entries below the source's root.
-        local: u64,
-        /// Source entries holding attributes the module does not keep.
-        unkept: (u64, Option<RelPath>),
-        /// What the copy will do: a step for every entry and for every directory's times,
-        /// and the files' bytes.
-        totals: Totals,
-    },
+    /// The module is empty: everything is to be copied ([`copy_into_empty`]), the module's
+    /// root as the receiver has it.
+    Empty(Entry),
     /// The full compare must decide (see the module documentation).
     Full,
 }
@@ -159,35 +151,39 @@ pub async fn plan_by_summary(
     let remote = session.summaries(std::slice::from_ref(&top), rules.cmp);
     let (g, held) = (group.clone(), root.clone());
     let unkept = unkept_namespaces(group, session);
+    // The source's summary is walked while the module's root summary is asked for; an empty
+    // module stops it (the copy walks the source itself, and a second walk of a large tree
+    // was a tenth of the sender's work of an initial sync).
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     let local = tokio::task::spawn_blocking(move || {
         let filter = |p: &RelPath, d: bool| g.filter.accepts(p, d);
         let mut errors = Vec::new();
         let read = g.preserve.namespaces();
-        let s = Summary::build_wide(&held, rules, &filter, read, unkept, &mut errors);
+        let s = Summary::build_wide(&held, rules, &filter, read, unkept, &stopped, &mut errors);
         (s, errors.is_empty())
     });
-    let (remote, local) = tokio::join!(remote, local);
+    let remote = remote.await;
+    let empty = remote
+        .as_ref()
+        .ok()
+        .and_then(|r| r.first())
+        .and_then(|first| first.dir.clone().filter(|_| first.below == 0));
+    if remote.is_err() || empty.is_some() {
+        stop.store(true, AtomicOrdering::Relaxed);
+    }
+    let (summary, clean) = local.await.expect("summary task");
     let mut remote = remote?;
-    let (summary, clean) = local.expect("summary task");
+    if let Some(module_root) = empty {
+        return Ok(Compared::Empty(module_root));
+    }
     let first = remote.pop().expect("one summary asked for");
     // What could not be read is reported, and kept from deletion, by the full compare.
-    let Some(module_root) = first.dir.clone().filter(|_| clean) else {
+    if first.dir.is_none() || !clean {
         return Ok(Compared::Full);
-    };
+    }
     if group.preserve.hardlinks {
         links.learn(&summary.linked, true);
-    }
-    if first.below == 0 {
-        let local = summary.root().1;
-        return Ok(Compared::Empty {
-            root: module_root,
-            local,
-            unkept: summary.unkept.clone(),
-            totals: Totals {
-                steps: local + summary.dirs(),
-                bytes: summary.bytes,
-            },
-        });
     }
     let summary = Arc::new(summary);
     let mut out = Plan::default();
@@ -281,93 +277,210 @@ pub const PIECE: usize = 8192;
 /// Entries in the first piece of a copy ([`PIECE`]).
 pub const FIRST_PIECE: usize = 256;
 
+/// Entries a walk in pieces ([`Pieces`]) plans ahead of the piece being sent, at most. The
+/// totals announced before each piece are what the walk has planned by then: those of a
+/// tree of up to about 32,000 entries (pieces from the first of [`FIRST_PIECE`] up to
+/// [`PIECE`]) are whole once the walk has run that far ahead; a larger tree's grow as the
+/// walk goes, at most this many entries ahead of the sending, as rsync's incremental
+/// recursion does. Counted in entries, not pieces, because a piece planned ahead is held
+/// whole: four pieces of the largest size, about 6 MB of a sender's memory at any size of
+/// tree.
+pub const AHEAD: usize = 4 * PIECE;
+
+/// A tree read a piece at a time in tree order on a blocking thread, each piece planned
+/// there as it is read, up to [`AHEAD`] entries ahead of the piece taken: what a copy into an
+/// empty module ([`copy_into_empty`]) and a restore of a whole module as it is now send, so
+/// that neither the tree nor its plan is ever held whole.
+pub struct Pieces<T> {
+    planned: tokio::sync::mpsc::UnboundedReceiver<Planned>,
+    walked: Walked,
+    walk: tokio::task::JoinHandle<std::io::Result<T>>,
+}
+
+/// A piece planned ahead, holding its entries' share of [`AHEAD`] until it is taken.
+type Planned = (Plan, local::Errors, tokio::sync::OwnedSemaphorePermit);
+
+/// What the pieces of a [`Pieces`] planned so far do, as the walk goes.
+#[derive(Clone, Default)]
+pub struct Walked(Arc<std::sync::Mutex<Totals>>);
+
+impl Walked {
+    /// The totals of every piece planned so far.
+    pub fn now(&self) -> Totals {
+        *self.0.lock().expect("totals lock")
+    }
+
+    fn add(&self, t: Totals) {
+        let mut seen = self.0.lock().expect("totals lock");
+        seen.steps += t.steps;
+        seen.bytes += t.bytes;
+    }
+}
+
+/// The next piece of a [`Pieces`].
+pub struct Piece {
+    /// What makes the receiver hold the piece.
+    pub plan: Plan,
+    /// What could not be read in it.
+    pub errors: local::Errors,
+    /// What every piece planned so far does, this one and those planned ahead included.
+    pub walked: Totals,
+}
+
+impl<T: Send + 'static> Pieces<T> {
+    /// Starts `walk` (a walk in pieces handing each to its sink, which returns `false` to
+    /// stop it) on a blocking thread, planning each piece with `plan_piece`.
+    pub fn start(
+        walk: impl FnOnce(&mut dyn FnMut(local::Piece) -> bool) -> std::io::Result<T> + Send + 'static,
+        mut plan_piece: impl FnMut(&[Entry]) -> Plan + Send + 'static,
+    ) -> Pieces<T> {
+        let (tx, planned) = tokio::sync::mpsc::unbounded_channel();
+        let shares = Arc::new(tokio::sync::Semaphore::new(AHEAD));
+        let walked = Walked::default();
+        let seen = walked.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let walk = tokio::task::spawn_blocking(move || {
+            walk(&mut |(entries, errors)| {
+                let plan = plan_piece(&entries);
+                let share = entries.len().clamp(1, AHEAD) as u32;
+                drop(entries);
+                seen.add(Totals::of(&plan));
+                // Room is made as pieces are taken, or all at once as the pieces waiting
+                // go with a `Pieces` no longer wanted (the send then fails).
+                let Ok(held) = runtime.block_on(shares.clone().acquire_many_owned(share)) else {
+                    return false;
+                };
+                tx.send((plan, errors, held)).is_ok()
+            })
+        });
+        Pieces {
+            planned,
+            walked,
+            walk,
+        }
+    }
+
+    /// The next piece, once planned; `None` once the walk is over.
+    pub async fn next(&mut self) -> Option<Piece> {
+        let (plan, errors, _held) = self.planned.recv().await?;
+        let walked = self.walked.now();
+        Some(Piece {
+            plan,
+            errors,
+            walked,
+        })
+    }
+
+    /// What the pieces planned so far do, as the walk goes on.
+    pub fn walked(&self) -> Walked {
+        self.walked.clone()
+    }
+
+    /// How the walk ended, once [`Pieces::next`] has said it is over (or at once, if the
+    /// rest is not wanted: the walk then stops at its next piece).
+    pub async fn end(self) -> std::io::Result<T> {
+        drop(self.planned);
+        self.walk.await.expect("walk task")
+    }
+}
+
+/// What a copy into an empty module read.
+#[derive(Debug, Default)]
+pub struct Copied {
+    /// Entries below the source's root.
+    pub entries: u64,
+    /// Entries holding attributes the module does not keep: how many, and the first.
+    pub unkept: (u64, Option<RelPath>),
+}
+
 /// Copies the whole source into an empty module whose root is `module_root`, a piece of
-/// at most [`PIECE`] entries at a time in tree order: each piece is planned against nothing and
-/// sent while the walk reads the next, without waiting for the answers to the last one
-/// ([`Execution`]), and hard links and directory times are made once at the end, so neither
-/// side ever holds the tree. Names of multiply-linked files come from `links` (the summary's
-/// walk taught it every name): a name whose file went in an earlier piece becomes a link to
-/// it. `totals` (from the summary) is announced to `observe` at once, so progress
-/// has its end from the start; what the pieces turn out to hold beyond or short of it is
-/// made up at the end.
+/// at most [`PIECE`] entries at a time in tree order ([`Pieces`]): each piece is planned
+/// against nothing on the walk's thread and sent while the walk reads the next, without
+/// waiting for the answers to the last one ([`Execution`]), and hard links and directory
+/// times are made once at the end, so neither side ever holds the tree. Names of
+/// multiply-linked files are learned into `links` as the pieces are read: a name whose file
+/// went in an earlier piece becomes a link to it. `observe` is told before each piece what
+/// the pieces planned so far will do, so progress has its end early on and grows it for a
+/// tree larger than the walk plans ahead.
 pub async fn copy_into_empty(
     session: &Arc<Session>,
     group: &SyncGroup,
     root: &Arc<OwnedFd>,
     links: &Names,
-    (module_root, totals): (Entry, Totals),
+    module_root: Entry,
     report: &mut Report,
     observe: Observe<'_>,
-) -> Result<(), SessionError> {
+) -> Result<Copied, SessionError> {
     let opts = PlanOptions::new(group, &session.keeps);
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let (g, held) = (group.clone(), root.clone());
-    let walk = tokio::task::spawn_blocking(move || {
-        source::scan_pieces(&g, &held, FIRST_PIECE..=PIECE, &mut |piece| {
-            tx.blocking_send(piece).is_ok()
-        })
-    });
-    observe.planned(totals);
-    let mut pieces = Pieces {
-        observe,
-        planned: Totals::default(),
-    };
+    let unkept = unkept_namespaces(group, session);
+    let (g, held, l) = (group.clone(), root.clone(), links.clone());
+    let (walk_group, walk_root) = (group.clone(), root.clone());
     let remote = [module_root];
+    let mut pieces = Pieces::start(
+        move |sink| {
+            let mut copied = Copied::default();
+            source::scan_pieces(&walk_group, &walk_root, FIRST_PIECE..=PIECE, &mut |piece| {
+                for e in piece.0.iter().filter(|e| !e.path.is_root()) {
+                    copied.entries += 1;
+                    if !unkept.is_empty() && e.meta.xattrs.within(unkept).next().is_some() {
+                        copied.unkept.0 += 1;
+                        copied.unkept.1.get_or_insert_with(|| e.path.clone());
+                    }
+                }
+                sink(piece)
+            })
+            .map(|()| copied)
+        },
+        move |local| {
+            let names = source::link_names(&g, &held, &l, false, local);
+            plan(local, &remote, opts, &names)
+        },
+    );
     let origin = root.clone().into();
     let mut dir_meta = Vec::new();
-    let mut run = Execution::new(session, group.preserve, &origin, report, &mut pieces);
-    while let Some((local, errors)) = rx.recv().await {
-        for (p, e) in errors {
+    let mut counted = Counted {
+        observe,
+        walked: pieces.walked(),
+        announced: Totals::default(),
+    };
+    let mut run = Execution::new(session, group.preserve, &origin, report, &mut counted);
+    while let Some(piece) = pieces.next().await {
+        for (p, e) in piece.errors {
             run.report().failures.push((p, e.to_string()));
         }
-        let names = source::link_names(group, root, links, false, &local);
-        let planned = plan(&local, &remote, opts, &names);
-        dir_meta.append(&mut run.piece(planned).await?);
+        dir_meta.append(&mut run.piece(piece.plan).await?);
     }
-    let walked = walk.await.expect("walk task");
+    let walked = pieces.end().await;
     order_dir_meta(&mut dir_meta);
     // Directory times only after a whole walk: what was sent is answered either way.
     run.finish(if walked.is_ok() { dir_meta } else { Vec::new() })
         .await?;
-    if let Err(e) = walked {
-        return Err(SessionError::Source {
-            path: group.source.clone(),
-            error: e.to_string(),
-        });
-    }
-    // Entries made or gone between the summary's walk and the copy's.
-    let (planned, observe) = (pieces.planned, pieces.observe);
-    if planned.steps > totals.steps || planned.bytes > totals.bytes {
-        observe.planned(Totals {
-            steps: planned.steps.saturating_sub(totals.steps),
-            bytes: planned.bytes.saturating_sub(totals.bytes),
-        });
-    }
-    let (steps, bytes) = (
-        totals.steps.saturating_sub(planned.steps),
-        totals.bytes.saturating_sub(planned.bytes),
-    );
-    if steps == 0 && bytes > 0 {
-        // Bytes are made up with a step: that step is announced first.
-        observe.planned(Totals { steps: 1, bytes: 0 });
-    }
-    for n in 0..steps.max(u64::from(bytes > 0)) {
-        observe.missed(if n == 0 { bytes } else { 0 });
-    }
-    Ok(())
+    walked.map_err(|e| SessionError::Source {
+        path: group.source.clone(),
+        error: e.to_string(),
+    })
 }
 
-/// What the pieces of a copy plan, counted instead of announced (the whole was announced
-/// before the first); everything else passed on.
-struct Pieces<'a> {
+/// The progress of a copy in [`Pieces`]: as each piece begins, what the walk has planned by
+/// then (that piece and those planned ahead) is announced, less what was announced before.
+/// Everything else passed on.
+struct Counted<'a> {
     observe: Observe<'a>,
-    planned: Totals,
+    walked: Walked,
+    announced: Totals,
 }
 
-impl Watch for Pieces<'_> {
-    fn planned(&mut self, totals: Totals) {
-        self.planned.steps += totals.steps;
-        self.planned.bytes += totals.bytes;
+impl Watch for Counted<'_> {
+    fn planned(&mut self, _piece: Totals) {
+        let walked = self.walked.now();
+        let more = Totals {
+            steps: walked.steps - self.announced.steps,
+            bytes: walked.bytes - self.announced.bytes,
+        };
+        if more != Totals::default() {
+            self.observe.planned(more);
+            self.announced = walked;
+        }
     }
 
     fn step(&mut self, step: &Step) {
@@ -417,6 +530,46 @@ mod tests {
 
     fn paths(v: &[RelPath]) -> Vec<String> {
         v.iter().map(|p| p.to_string()).collect()
+    }
+
+    /// A walk in pieces plans at most [`AHEAD`] entries ahead of the piece taken, however
+    /// fast it reads, and stops once the pieces are no longer wanted, even while it waits
+    /// for room: an endless walk ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_walk_in_pieces_stays_within_its_lookahead_and_stops_when_left() {
+        use std::sync::atomic::AtomicUsize;
+        let planned = Arc::new(AtomicUsize::new(0));
+        let counted = planned.clone();
+        let mut pieces = Pieces::start(
+            |sink| {
+                let one = entry("f", Kind::File, 1, 0).entry;
+                while sink((vec![one.clone(); PIECE], Vec::new())) {}
+                Ok(())
+            },
+            move |_| {
+                counted.fetch_add(1, AtomicOrdering::SeqCst);
+                Plan::default()
+            },
+        );
+        let most = AHEAD / PIECE;
+        for taken in 0..3 * most {
+            // Taken so far, those waiting in full, and the one planned waiting for room:
+            // reached before each is taken, so the walk always runs ahead, and never passed.
+            let full = taken + most + 1;
+            let reached = async {
+                while planned.load(AtomicOrdering::SeqCst) < full {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            };
+            let waited = tokio::time::timeout(std::time::Duration::from_secs(60), reached);
+            waited.await.expect("the walk planned ahead");
+            let ahead = planned.load(AtomicOrdering::SeqCst);
+            assert!(ahead == full, "{ahead} planned, {taken} taken");
+            assert!(pieces.next().await.is_some());
+        }
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(60), pieces.end());
+        assert!(ended.await.expect("the walk stopped").is_ok());
+        assert!(planned.load(AtomicOrdering::SeqCst) > 3 * most);
     }
 
     /// A receiver's summary of a directory holds that directory's entries and nothing else:

@@ -71,22 +71,30 @@ pub async fn reconcile_under(
     } else {
         Compared::Full
     };
-    // A copy into an empty module: the module's root, and what the copy will do.
-    let mut fresh = None;
     let (mut plan, listed) = match compared {
-        Compared::Empty {
-            root: module_root,
-            local,
-            unkept,
-            totals,
-        } => {
-            fresh = Some((module_root, totals));
-            let listed = Listed {
-                local,
-                remote: 0,
-                unkept,
-            };
-            (Plan::default(), listed)
+        Compared::Empty(module_root) => {
+            // Nothing to delete, so nothing for the guard; what the module holds after, and
+            // what it cannot keep, are known once the copy has read the source.
+            tracing::info!(
+                sync = %group.name,
+                target = %session.target(),
+                "reconcile planned: a copy into an empty module"
+            );
+            let copy = copy_into_empty(
+                session,
+                group,
+                &root,
+                links,
+                module_root,
+                &mut report,
+                observe,
+            );
+            let copied = copy.await?;
+            warn_unkept(session, group, &copied.unkept);
+            report.module_entries = Some(copied.entries);
+            report.bytes_sent = session.bytes_sent() - sent_before;
+            report.elapsed = started.elapsed();
+            return Ok(report);
         }
         Compared::Planned(s) => {
             tracing::debug!(sync = %group.name, dirs = s.dirs, "compared by summaries");
@@ -106,20 +114,12 @@ pub async fn reconcile_under(
             sync = %group.name,
             target = %session.target(),
             deletes = plan.deletes.len(),
-            updates = fresh.as_ref().map_or(plan.creates.len() as u64, |_| listed.local),
+            updates = plan.creates.len(),
             "reconcile planned"
         );
     }
-    match fresh {
-        Some((module_root, totals)) => {
-            let copy = (module_root, totals);
-            copy_into_empty(session, group, &root, links, copy, &mut report, observe).await?
-        }
-        None => {
-            let origin = root.into();
-            execute(session, group.preserve, &origin, plan, &mut report, observe).await?
-        }
-    }
+    let origin = root.into();
+    execute(session, group.preserve, &origin, plan, &mut report, observe).await?;
     report.bytes_sent = session.bytes_sent() - sent_before;
     report.elapsed = started.elapsed();
     Ok(report)

@@ -8,6 +8,7 @@
 use super::scan::side_by_side;
 use super::*;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 /// What a summary covers: the comparisons of a plan, and whether device nodes take part (a
@@ -68,26 +69,55 @@ impl Summary {
         unkept: Namespaces,
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> Summary {
+        Summary::build_until(root, rules, filter, read, unkept, None, errors)
+    }
+
+    /// [`Summary::build`] that reads no further directory once `stop` is set.
+    fn build_until(
+        root: &OwnedFd,
+        rules: Rules,
+        filter: Filter<'_>,
+        read: Namespaces,
+        unkept: Namespaces,
+        stop: Option<&AtomicBool>,
+        errors: &mut Vec<(RelPath, io::Error)>,
+    ) -> Summary {
         let read = read.union(rules.cmp.xattrs);
         let mut s = Summary::new(rules, read);
-        s.visit(
-            root,
-            &RelPath::root(),
-            &mut Walk::new(filter, read, unkept, errors),
-        );
+        let mut walk = Walk::new(filter, read, unkept, errors);
+        walk.stop = stop;
+        s.visit(root, &RelPath::root(), &mut walk);
         s
     }
 
     /// [`Summary::build`] with the top directories walked side by side on up to four
     /// threads (as many as the machine has cores): the same digests. A tree holding a file
     /// of several names is walked again in one piece (which of its names comes first is
-    /// known only across the whole tree).
+    /// known only across the whole tree). Once `stop` is set, no further directory is read
+    /// and the summary is of no use: an error says so.
     pub fn build_wide(
         root: &OwnedFd,
         rules: Rules,
         filter: Filter<'_>,
         read: Namespaces,
         unkept: Namespaces,
+        stop: &AtomicBool,
+        errors: &mut Vec<(RelPath, io::Error)>,
+    ) -> Summary {
+        let s = Summary::build_wide_until(root, rules, filter, read, unkept, stop, errors);
+        if stop.load(AtomicOrdering::Relaxed) {
+            errors.push((RelPath::root(), io::Error::other("summary stopped")));
+        }
+        s
+    }
+
+    fn build_wide_until(
+        root: &OwnedFd,
+        rules: Rules,
+        filter: Filter<'_>,
+        read: Namespaces,
+        unkept: Namespaces,
+        stop: &AtomicBool,
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> Summary {
         let read = read.union(rules.cmp.xattrs);
@@ -99,7 +129,7 @@ impl Summary {
             .map(|c| c.path)
             .collect();
         if super::scan::wide_threads() < 2 || dirs.len() < 2 {
-            return Summary::build(root, rules, filter, read, unkept, errors);
+            return Summary::build_until(root, rules, filter, read, unkept, Some(stop), errors);
         }
         let found = side_by_side(dirs.len(), |k| {
             let path = &dirs[k];
@@ -108,6 +138,7 @@ impl Summary {
             // One gone or unopenable is visited (and said) by the root's visit.
             if let Ok(fd) = open_child(root, path.file_name()) {
                 let mut walk = Walk::new(filter, read, unkept, &mut errs);
+                walk.stop = Some(stop);
                 super::scan::grow(|| sub.visit(&fd, path, &mut walk));
             }
             (sub, errs)
@@ -116,7 +147,7 @@ impl Summary {
         let (mut below_errors, mut firsts) = (Vec::new(), Vec::new());
         for (sub, errs) in found {
             if !sub.linked.is_empty() {
-                return Summary::build(root, rules, filter, read, unkept, errors);
+                return Summary::build_until(root, rules, filter, read, unkept, Some(stop), errors);
             }
             s.dirs.extend(sub.dirs);
             s.bytes += sub.bytes;
@@ -125,6 +156,7 @@ impl Summary {
             below_errors.extend(errs);
         }
         let mut walk = Walk::new(filter, read, unkept, errors);
+        walk.stop = Some(stop);
         s.visit(root, &top, &mut walk);
         walk.errors.append(&mut below_errors);
         firsts.extend(s.unkept.1.take());
@@ -165,6 +197,7 @@ impl Summary {
                     now: Instant::now(),
                     taken: 0,
                 }),
+                stop: None,
             };
             s.visit(root, &RelPath::root(), &mut walk);
             walk.keep.map_or(0, |k| k.taken)
@@ -274,6 +307,9 @@ impl Summary {
             if let Some(kept) = self.take_kept(dir, rel, stamp, w) {
                 return kept;
             }
+        }
+        if w.stop.is_some_and(|s| s.load(AtomicOrdering::Relaxed)) {
+            return ([0; 32], 0, false);
         }
         let errors_before = w.errors.len();
         let children = read_children(dir, rel, w.filter, w.read, w.errors);
@@ -386,6 +422,8 @@ struct Walk<'a, 'e> {
     errors: &'e mut Vec<(RelPath, io::Error)>,
     /// Directories kept from the last summary, when this one may take them.
     keep: Option<Keep<'e>>,
+    /// Set when the walk's summary is no longer wanted: no directory is read after.
+    stop: Option<&'a AtomicBool>,
 }
 
 impl<'a, 'e> Walk<'a, 'e> {
@@ -402,6 +440,7 @@ impl<'a, 'e> Walk<'a, 'e> {
             unkept,
             errors,
             keep: None,
+            stop: None,
         }
     }
 }
@@ -612,7 +651,8 @@ mod tests {
             let rules = rules(hardlinks);
             let args = (&held, rules, &no_filter, Namespaces::USER, Namespaces::USER);
             let s = if wide {
-                Summary::build_wide(args.0, args.1, args.2, args.3, args.4, &mut errors)
+                let go = AtomicBool::new(false);
+                Summary::build_wide(args.0, args.1, args.2, args.3, args.4, &go, &mut errors)
             } else {
                 Summary::build(args.0, args.1, args.2, args.3, args.4, &mut errors)
             };
@@ -634,6 +674,30 @@ mod tests {
         assert_ne!(linked.0, plain.0);
         assert_eq!(build(true, true), linked);
         assert_eq!(build(true, false), build(false, false));
+    }
+
+    /// A summary stopped reads no directory after, and says it is of no use.
+    #[test]
+    fn a_stopped_summary_reads_no_further_and_says_so() {
+        let x = tempfile::tempdir().unwrap();
+        for d in 0..4 {
+            fs::create_dir_all(x.path().join(format!("d{d}/e"))).unwrap();
+        }
+        let held = open_root(x.path()).unwrap();
+        let wide = |stop: bool| {
+            let mut errors = Vec::new();
+            let none = Namespaces::NONE;
+            let stop = AtomicBool::new(stop);
+            let rules = rules(false);
+            let s = Summary::build_wide(&held, rules, &no_filter, none, none, &stop, &mut errors);
+            (s.dirs(), errors)
+        };
+        let (dirs, errors) = wide(false);
+        assert_eq!((dirs, errors.len()), (9, 0), "{errors:?}");
+        let (dirs, errors) = wide(true);
+        assert_eq!(dirs, 0);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].1.to_string(), "summary stopped");
     }
 
     /// Until every directory's ctime has settled, none is kept; from then on a summary

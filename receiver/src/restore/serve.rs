@@ -22,7 +22,7 @@ use ferry_protocol::meta::{Compare, Entry};
 use ferry_protocol::xattr::Namespaces;
 use ferry_protocol::{io_reason, RelPath};
 use ferry_sender::config::Preserve;
-use ferry_sender::descend::{FIRST_PIECE, PIECE};
+use ferry_sender::descend::{Pieces, FIRST_PIECE, PIECE};
 use ferry_sender::execute::{execute, Execution, Report, Step, Totals};
 use ferry_sender::links::LinkNames;
 use ferry_sender::plan::{order_dir_meta, plan, Base, Op, Plan, PlanOptions};
@@ -45,13 +45,6 @@ struct Asked {
 
 /// Steps per `Planned` frame.
 const PLANNED_BATCH: usize = 2_000;
-
-/// Pieces the walk of a restore sent as read ([`stream`]) plans ahead of the one being sent.
-/// The totals announced before each piece are what the walk has planned by then: those of a
-/// module of up to about 24,000 entries (eight pieces from the first of [`FIRST_PIECE`]) are
-/// whole once the walk has run that far ahead; a larger module's grow as the walk goes, at
-/// most this many pieces (of at most [`PIECE`] entries) ahead of the sending.
-const PIECES_AHEAD: usize = 8;
 
 /// Serves one restore session of `module` after its `Welcome`: reads the client's `Restore`,
 /// refuses it with the reason (a time before the history, a path not there then) or sends
@@ -329,7 +322,7 @@ async fn send(
 /// copy into an empty module is ([`ferry_sender::descend::copy_into_empty`]); hard links and
 /// directory times at the end. Neither the view nor the plan of the whole module is held,
 /// and the first file goes out once the first piece is read. The totals announced before
-/// each piece are what the walk has planned by then ([`PIECES_AHEAD`]).
+/// each piece are what the walk has planned by then ([`ferry_sender::descend::AHEAD`]).
 async fn stream(
     session: &Arc<Session>,
     module: &Module,
@@ -338,38 +331,23 @@ async fn stream(
 ) -> Result<(Report, Vec<(RelPath, String)>), String> {
     let reason = |e: std::io::Error| format!("{}: {}", module.path.display(), io_reason(&e));
     let root = Arc::new(local::open_root(&module.path).map_err(reason)?);
-    let (tx, mut rx) = tokio::sync::mpsc::channel(PIECES_AHEAD);
-    // What the walk has planned so far, for the totals announced before each piece.
-    let walked = Arc::new(std::sync::Mutex::new(Totals::default()));
-    let (held, remote, seen) = (root.clone(), remote.to_vec(), walked.clone());
-    let walk = tokio::task::spawn_blocking(move || {
-        // Every name seen so far of each multiply-linked file, in tree order: a name whose
-        // file went in an earlier piece becomes a link to its first.
-        let mut names: LinkNames = HashMap::new();
-        let ns = opts.compare.xattrs;
-        local::scan_pieces(
-            &held,
-            &super::is_content,
-            ns,
-            FIRST_PIECE..=PIECE,
-            &mut |piece| {
-                let (local, errors) = piece;
-                for e in &local {
-                    if let Some(i) = e.inode {
-                        names.entry(i).or_default().push(e.path.clone());
-                    }
+    let held = root.clone();
+    let ns = opts.compare.xattrs;
+    // Every name seen so far of each multiply-linked file, in tree order: a name whose file
+    // went in an earlier piece becomes a link to its first.
+    let mut names: LinkNames = HashMap::new();
+    let remote = remote.to_vec();
+    let mut pieces = Pieces::start(
+        move |sink| local::scan_pieces(&held, &super::is_content, ns, FIRST_PIECE..=PIECE, sink),
+        move |local| {
+            for e in local {
+                if let Some(i) = e.inode {
+                    names.entry(i).or_default().push(e.path.clone());
                 }
-                let planned = plan(&local, &remote, opts, &names);
-                let t = Totals::of(&planned);
-                {
-                    let mut seen = seen.lock().expect("totals lock");
-                    seen.steps += t.steps;
-                    seen.bytes += t.bytes;
-                }
-                tx.blocking_send((planned, errors)).is_ok()
-            },
-        )
-    });
+            }
+            plan(local, &remote, opts, &names)
+        },
+    );
     let origin = Origin::Root(root);
     let mut report = Report::default();
     let mut unreadable = Vec::new();
@@ -382,19 +360,18 @@ async fn stream(
         &mut report,
         &mut unwatched,
     );
-    while let Some((planned, errors)) = rx.recv().await {
-        unreadable.extend(errors.into_iter().map(|(p, e)| (p, io_reason(&e))));
-        let totals = *walked.lock().expect("totals lock");
+    while let Some(piece) = pieces.next().await {
+        unreadable.extend(piece.errors.into_iter().map(|(p, e)| (p, io_reason(&e))));
         let msg = Message::Planned {
-            steps: totals.steps,
-            bytes: totals.bytes,
+            steps: piece.walked.steps,
+            bytes: piece.walked.bytes,
             changes: Vec::new(),
             done: false,
         };
         session.send(msg).await.map_err(|e| e.to_string())?;
-        dir_meta.append(&mut run.piece(planned).await.map_err(|e| e.to_string())?);
+        dir_meta.append(&mut run.piece(piece.plan).await.map_err(|e| e.to_string())?);
     }
-    let walked = walk.await.expect("walk task");
+    let walked = pieces.end().await;
     order_dir_meta(&mut dir_meta);
     // Directory times only after a whole walk: what was sent is answered either way.
     run.finish(if walked.is_ok() { dir_meta } else { Vec::new() })
