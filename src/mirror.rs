@@ -128,6 +128,12 @@ impl Observer for MirrorObserver {
             .total(count(totals));
     }
 
+    fn whole(&self, _group: &str, _target: &str, whole: bool) {
+        if let Some(p) = &*self.progress.lock().expect("progress lock") {
+            p.growing(!whole);
+        }
+    }
+
     fn progress(&self, _group: &str, _target: &str, done: Totals) {
         if let Some(p) = &*self.progress.lock().expect("progress lock") {
             p.update(count(done));

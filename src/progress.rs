@@ -34,6 +34,8 @@ pub struct Progress {
 struct Plain {
     finished: bool,
     total: Count,
+    /// The total may still grow.
+    growing: bool,
     /// The last `done` seen.
     done: Count,
     started: Instant,
@@ -64,6 +66,7 @@ impl Progress {
             state: Mutex::new(Plain {
                 finished: false,
                 total: Count::default(),
+                growing: false,
                 done: Count::default(),
                 started: now,
                 last_line: now,
@@ -71,31 +74,51 @@ impl Progress {
         }
     }
 
-    /// The work is known to be `total`. Counting is in bytes when there are any, else in
-    /// entries.
+    /// The work is known to be `total` (so far, while [`Progress::growing`]). Counting is in
+    /// bytes when there are any, else in entries.
     pub fn total(&self, total: Count) {
         let mut st = self.state.lock().expect("progress lock");
         if st.finished {
             return;
         }
         st.total = total;
-        if let Some(bar) = &self.bar {
-            let template = if total.bytes > 0 {
-                "{prefix} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}"
-            } else {
-                "{prefix} [{wide_bar}] {pos}/{len} entries {per_sec} ETA {eta}"
-            };
-            bar.set_style(
-                ProgressStyle::with_template(template)
-                    .expect("progress template")
-                    .progress_chars("=> "),
-            );
-            bar.set_length(if total.bytes > 0 {
-                total.bytes
-            } else {
-                total.entries.max(1)
-            });
+        self.restyle(&st);
+    }
+
+    /// Whether the total may still grow (a copy that reads the tree as it sends it): the
+    /// total is then shown as a floor, `+`, and no ETA is given, as it would be too soon.
+    pub fn growing(&self, growing: bool) {
+        let mut st = self.state.lock().expect("progress lock");
+        if st.finished || st.growing == growing {
+            return;
         }
+        st.growing = growing;
+        if st.total != Count::default() {
+            self.restyle(&st);
+        }
+    }
+
+    fn restyle(&self, st: &Plain) {
+        let Some(bar) = &self.bar else {
+            return;
+        };
+        let (total, more) = (st.total, if st.growing { "+" } else { "" });
+        let eta = if st.growing { "" } else { " ETA {eta}" };
+        let template = if total.bytes > 0 {
+            format!("{{prefix}} [{{wide_bar}}] {{bytes}}/{{total_bytes}}{more} {{binary_bytes_per_sec}}{eta} {{msg}}")
+        } else {
+            format!("{{prefix}} [{{wide_bar}}] {{pos}}/{{len}}{more} entries {{per_sec}}{eta}")
+        };
+        bar.set_style(
+            ProgressStyle::with_template(&template)
+                .expect("progress template")
+                .progress_chars("=> "),
+        );
+        bar.set_length(if total.bytes > 0 {
+            total.bytes
+        } else {
+            total.entries.max(1)
+        });
     }
 
     /// `done` so far.
@@ -111,7 +134,8 @@ impl Progress {
                 // Before the totals are known the spinner shows bytes.
                 if total.bytes > 0 || total == Count::default() {
                     bar.set_position(done.bytes);
-                    bar.set_message(format!("{}/{}", done.entries, total.entries));
+                    let more = if st.growing { "+" } else { "" };
+                    bar.set_message(format!("{}/{}{more}", done.entries, total.entries));
                 } else {
                     bar.set_position(done.entries);
                 }
@@ -124,7 +148,7 @@ impl Progress {
                 errln!(
                     "ferry: {}: {}",
                     self.what,
-                    plain(done, total, st.started.elapsed())
+                    plain(done, total, st.growing, st.started.elapsed())
                 );
             }
         }
@@ -141,7 +165,7 @@ impl Progress {
             bar.finish_and_clear();
             SHOWN.lock().expect("progress lock").take();
             if st.total != Count::default() {
-                let line = plain(st.done, st.total, st.started.elapsed());
+                let line = plain(st.done, st.total, st.growing, st.started.elapsed());
                 errln!("ferry: {}: {line}", self.what);
             }
         }
@@ -154,13 +178,15 @@ impl Drop for Progress {
     }
 }
 
-/// `120/5000 entries, 30.0 MiB/1.2 GiB, 12.0 MiB/s, ETA 1 min 40 s`.
-fn plain(done: Count, total: Count, elapsed: Duration) -> String {
-    let mut line = format!("{}/{} entries", done.entries, total.entries);
+/// `120/5000 entries, 30.0 MiB/1.2 GiB, 12.0 MiB/s, ETA 1 min 40 s`; while the total may
+/// still grow, `120/5000+ entries, 30.0 MiB/1.2 GiB+, 12.0 MiB/s, counting`.
+fn plain(done: Count, total: Count, growing: bool, elapsed: Duration) -> String {
+    let more = if growing { "+" } else { "" };
+    let mut line = format!("{}/{}{more} entries", done.entries, total.entries);
     let secs = elapsed.as_secs_f64().max(1e-3);
     let (d, t) = if total.bytes > 0 {
         line.push_str(&format!(
-            ", {}/{}, {}/s",
+            ", {}/{}{more}, {}/s",
             crate::status::bytes(done.bytes),
             crate::status::bytes(total.bytes),
             crate::status::bytes((done.bytes as f64 / secs) as u64)
@@ -169,7 +195,9 @@ fn plain(done: Count, total: Count, elapsed: Duration) -> String {
     } else {
         (done.entries, total.entries)
     };
-    if d > 0 && t > d {
+    if growing {
+        line.push_str(", counting");
+    } else if d > 0 && t > d {
         let left = secs * (t - d) as f64 / d as f64;
         line.push_str(&format!(", ETA {}", crate::status::age(left)));
     }
@@ -199,6 +227,10 @@ impl Watch for PlanProgress {
         self.planned.steps += totals.steps;
         self.planned.bytes += totals.bytes;
         self.progress.total(count(self.planned));
+    }
+
+    fn whole(&mut self, whole: bool) {
+        self.progress.growing(!whole);
     }
 
     fn step(&mut self, step: &Step) {
@@ -263,8 +295,12 @@ mod tests {
             bytes: 40 << 20,
         };
         assert_eq!(
-            plain(done, total, Duration::from_secs(10)),
+            plain(done, total, false, Duration::from_secs(10)),
             "10/40 entries, 10.0 MiB/40.0 MiB, 1.0 MiB/s, ETA 30 s"
+        );
+        assert_eq!(
+            plain(done, total, true, Duration::from_secs(10)),
+            "10/40+ entries, 10.0 MiB/40.0 MiB+, 1.0 MiB/s, counting"
         );
         let entries_only = Count {
             entries: 5,
@@ -275,7 +311,7 @@ mod tests {
             bytes: 0,
         };
         assert_eq!(
-            plain(entries_only, of, Duration::from_secs(5)),
+            plain(entries_only, of, false, Duration::from_secs(5)),
             "5/20 entries, ETA 15 s"
         );
     }

@@ -370,13 +370,15 @@ where
                 steps,
                 bytes,
                 changes,
-                ..
+                done,
             } => {
                 planned = Count {
                     entries: *steps,
                     bytes: *bytes,
                 };
                 progress.total(planned);
+                // A dry run's list comes in batches, each with the whole totals.
+                progress.growing(!done && changes.is_empty());
                 for (path, what) in changes {
                     outln!("{what} {path}");
                 }

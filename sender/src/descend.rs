@@ -294,6 +294,7 @@ pub const AHEAD: usize = 4 * PIECE;
 pub struct Pieces<T> {
     planned: tokio::sync::mpsc::UnboundedReceiver<Planned>,
     walked: Walked,
+    over: Arc<AtomicBool>,
     walk: tokio::task::JoinHandle<std::io::Result<T>>,
 }
 
@@ -325,6 +326,9 @@ pub struct Piece {
     pub errors: local::Errors,
     /// What every piece planned so far does, this one and those planned ahead included.
     pub walked: Totals,
+    /// The walk was over when this piece was taken: `walked` is all there is. (The last
+    /// piece may still say `false`; the walk is surely over once [`Pieces::next`] says so.)
+    pub whole: bool,
 }
 
 impl<T: Send + 'static> Pieces<T> {
@@ -339,8 +343,10 @@ impl<T: Send + 'static> Pieces<T> {
         let walked = Walked::default();
         let seen = walked.clone();
         let runtime = tokio::runtime::Handle::current();
+        let over = Arc::new(AtomicBool::new(false));
+        let walk_over = over.clone();
         let walk = tokio::task::spawn_blocking(move || {
-            walk(&mut |(entries, errors)| {
+            let walked = walk(&mut |(entries, errors)| {
                 let plan = plan_piece(&entries);
                 let share = entries.len().clamp(1, AHEAD) as u32;
                 drop(entries);
@@ -351,11 +357,14 @@ impl<T: Send + 'static> Pieces<T> {
                     return false;
                 };
                 tx.send((plan, errors, held)).is_ok()
-            })
+            });
+            walk_over.store(true, AtomicOrdering::Release);
+            walked
         });
         Pieces {
             planned,
             walked,
+            over,
             walk,
         }
     }
@@ -363,11 +372,14 @@ impl<T: Send + 'static> Pieces<T> {
     /// The next piece, once planned; `None` once the walk is over.
     pub async fn next(&mut self) -> Option<Piece> {
         let (plan, errors, _held) = self.planned.recv().await?;
+        // Read before the totals: a walk over by then planned no more than they hold.
+        let whole = self.over.load(AtomicOrdering::Acquire);
         let walked = self.walked.now();
         Some(Piece {
             plan,
             errors,
             walked,
+            whole,
         })
     }
 
@@ -444,11 +456,19 @@ pub async fn copy_into_empty(
         announced: Totals::default(),
     };
     let mut run = Execution::new(session, group.preserve, &origin, report, &mut counted);
+    let mut whole = true;
     while let Some(piece) = pieces.next().await {
         for (p, e) in piece.errors {
             run.report().failures.push((p, e.to_string()));
         }
+        if whole != piece.whole {
+            whole = piece.whole;
+            run.whole(whole);
+        }
         dir_meta.append(&mut run.piece(piece.plan).await?);
+    }
+    if !whole {
+        run.whole(true);
     }
     let walked = pieces.end().await;
     order_dir_meta(&mut dir_meta);
@@ -481,6 +501,10 @@ impl Watch for Counted<'_> {
             self.observe.planned(more);
             self.announced = walked;
         }
+    }
+
+    fn whole(&mut self, whole: bool) {
+        self.observe.whole(whole);
     }
 
     fn step(&mut self, step: &Step) {
@@ -570,6 +594,45 @@ mod tests {
         let ended = tokio::time::timeout(std::time::Duration::from_secs(60), pieces.end());
         assert!(ended.await.expect("the walk stopped").is_ok());
         assert!(planned.load(AtomicOrdering::SeqCst) > 3 * most);
+    }
+
+    /// A piece says the walk is over only when every piece has been planned, and says so
+    /// from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_piece_says_the_walk_is_over_only_once_it_is() {
+        use std::sync::atomic::AtomicUsize;
+        const PIECES: usize = 40;
+        for _ in 0..20 {
+            let planned = Arc::new(AtomicUsize::new(0));
+            let counted = planned.clone();
+            let mut pieces = Pieces::start(
+                |sink| {
+                    let one = entry("f", Kind::File, 1, 0).entry;
+                    for _ in 0..PIECES {
+                        sink((vec![one.clone(); 64], Vec::new()));
+                    }
+                    Ok(())
+                },
+                move |_| {
+                    counted.fetch_add(1, AtomicOrdering::SeqCst);
+                    Plan::default()
+                },
+            );
+            let (mut taken, mut over) = (0, false);
+            while let Some(piece) = pieces.next().await {
+                taken += 1;
+                assert!(
+                    !over || piece.whole,
+                    "piece {taken} took back the walk's end"
+                );
+                over = piece.whole;
+                if over {
+                    assert_eq!(planned.load(AtomicOrdering::SeqCst), PIECES);
+                }
+            }
+            assert_eq!(taken, PIECES);
+            pieces.end().await.unwrap();
+        }
     }
 
     /// A receiver's summary of a directory holds that directory's entries and nothing else:

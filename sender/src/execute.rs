@@ -148,6 +148,12 @@ impl<'a, 'o> Execution<'a, 'o> {
         self.run.report
     }
 
+    /// Tells the watch whether the totals of the pieces so far are all there will be
+    /// ([`Watch::whole`]).
+    pub fn whole(&mut self, whole: bool) {
+        self.run.observe.whole(whole);
+    }
+
     /// Waits for every answer, then makes the links and sets `dir_meta` (deepest first).
     pub async fn finish(mut self, dir_meta: Vec<Entry>) -> Result<(), SessionError> {
         let links = std::mem::take(&mut self.links);

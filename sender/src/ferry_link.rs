@@ -230,6 +230,12 @@ impl Watch for BatchWatch<'_> {
         }
     }
 
+    fn whole(&mut self, whole: bool) {
+        if self.batch.full {
+            self.observer.whole(self.group, self.target, whole);
+        }
+    }
+
     fn missed(&mut self, bytes: u64) {
         if self.batch.full {
             self.done.steps += 1;

@@ -71,10 +71,10 @@ pub async fn reconcile_under(
     } else {
         Compared::Full
     };
+    // A copy into an empty module is done as it is planned, a piece at a time.
+    let mut copied = false;
     let (mut plan, listed) = match compared {
         Compared::Empty(module_root) => {
-            // Nothing to delete, so nothing for the guard; what the module holds after, and
-            // what it cannot keep, are known once the copy has read the source.
             tracing::info!(
                 sync = %group.name,
                 target = %session.target(),
@@ -89,12 +89,16 @@ pub async fn reconcile_under(
                 &mut report,
                 observe,
             );
-            let copied = copy.await?;
-            warn_unkept(session, group, &copied.unkept);
-            report.module_entries = Some(copied.entries);
-            report.bytes_sent = session.bytes_sent() - sent_before;
-            report.elapsed = started.elapsed();
-            return Ok(report);
+            let done = copy.await?;
+            copied = true;
+            // Nothing to delete: the guard below only records the source's filesystem and
+            // what the module now holds.
+            let listed = Listed {
+                local: done.entries,
+                remote: 0,
+                unkept: done.unkept,
+            };
+            (Plan::default(), listed)
         }
         Compared::Planned(s) => {
             tracing::debug!(sync = %group.name, dirs = s.dirs, "compared by summaries");
@@ -110,16 +114,20 @@ pub async fn reconcile_under(
     if under.is_root() {
         warn_unkept(session, group, &listed.unkept);
         guard_whole(session, group, window, &mut plan, &listed, &mut report);
-        tracing::info!(
-            sync = %group.name,
-            target = %session.target(),
-            deletes = plan.deletes.len(),
-            updates = plan.creates.len(),
-            "reconcile planned"
-        );
+        if !copied {
+            tracing::info!(
+                sync = %group.name,
+                target = %session.target(),
+                deletes = plan.deletes.len(),
+                updates = plan.creates.len(),
+                "reconcile planned"
+            );
+        }
     }
-    let origin = root.into();
-    execute(session, group.preserve, &origin, plan, &mut report, observe).await?;
+    if !copied {
+        let origin = root.into();
+        execute(session, group.preserve, &origin, plan, &mut report, observe).await?;
+    }
     report.bytes_sent = session.bytes_sent() - sent_before;
     report.elapsed = started.elapsed();
     Ok(report)

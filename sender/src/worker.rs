@@ -39,6 +39,12 @@ pub trait Observer: Send + Sync + 'static {
     fn planned(&self, group: &str, target: &str, totals: Totals) {
         let _ = (group, target, totals);
     }
+    /// Whether the totals of a full reconcile of `group` on `target` said so far are all
+    /// there will be ([`crate::execute::Watch::whole`]: a copy into an empty module says
+    /// `false` while its walk has more to read).
+    fn whole(&self, group: &str, target: &str, whole: bool) {
+        let _ = (group, target, whole);
+    }
     /// A full reconcile progressed: `done` so far, after each acknowledged step.
     fn progress(&self, group: &str, target: &str, done: Totals) {
         let _ = (group, target, done);

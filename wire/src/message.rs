@@ -336,7 +336,9 @@ pub enum Message {
         id: RequestId,
         /// Entries in this batch.
         entries: Vec<Entry>,
-        /// Last batch.
+        /// Last batch, and the totals are whole (a restore sent as the module is read says
+        /// `false` while its walk has more to read, its totals growing, and `true` once the
+        /// walk is over).
         done: bool,
     },
     /// The receiver's signature of its current copy; delta frames should follow.
@@ -389,7 +391,9 @@ pub enum Message {
         id: RequestId,
         /// The versions.
         versions: Vec<Version>,
-        /// Last batch.
+        /// Last batch, and the totals are whole (a restore sent as the module is read says
+        /// `false` while its walk has more to read, its totals growing, and `true` once the
+        /// walk is over).
         done: bool,
     },
     /// The receiver is there: sent every `ferry_protocol::connection::HEARTBEAT` while a session is
@@ -422,7 +426,9 @@ pub enum Message {
         bytes: u64,
         /// The steps, for a dry run.
         changes: Vec<(RelPath, String)>,
-        /// Last batch.
+        /// Last batch, and the totals are whole (a restore sent as the module is read says
+        /// `false` while its walk has more to read, its totals growing, and `true` once the
+        /// walk is over).
         done: bool,
     },
     /// Receiver → restore client, before `Bye`: a path of the restored tree that could not be

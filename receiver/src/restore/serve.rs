@@ -360,16 +360,23 @@ async fn stream(
         &mut report,
         &mut unwatched,
     );
+    let planned = |walked: Totals, whole: bool| Message::Planned {
+        steps: walked.steps,
+        bytes: walked.bytes,
+        changes: Vec::new(),
+        done: whole,
+    };
+    let mut whole = false;
     while let Some(piece) = pieces.next().await {
         unreadable.extend(piece.errors.into_iter().map(|(p, e)| (p, io_reason(&e))));
-        let msg = Message::Planned {
-            steps: piece.walked.steps,
-            bytes: piece.walked.bytes,
-            changes: Vec::new(),
-            done: false,
-        };
+        whole = piece.whole;
+        let msg = planned(piece.walked, whole);
         session.send(msg).await.map_err(|e| e.to_string())?;
         dir_meta.append(&mut run.piece(piece.plan).await.map_err(|e| e.to_string())?);
+    }
+    if !whole {
+        let msg = planned(pieces.walked().now(), true);
+        session.send(msg).await.map_err(|e| e.to_string())?;
     }
     let walked = pieces.end().await;
     order_dir_meta(&mut dir_meta);
@@ -564,7 +571,7 @@ mod tests {
             dry_run: false,
         };
         writer.write(&restore).await.unwrap();
-        let (mut planned, mut asked, mut files) = (Vec::new(), 0u64, 0);
+        let (mut planned, mut whole, mut asked, mut files) = (Vec::new(), Vec::new(), 0u64, 0);
         while let Some(msg) = reader.read().await.unwrap() {
             let id = match msg {
                 Message::List { id, under, .. } => {
@@ -585,8 +592,9 @@ mod tests {
                     writer.write(&listing).await.unwrap();
                     continue;
                 }
-                Message::Planned { steps, .. } => {
+                Message::Planned { steps, done, .. } => {
                     planned.push(steps);
+                    whole.push(done);
                     continue;
                 }
                 Message::File { id, .. } => {
@@ -607,5 +615,8 @@ mod tests {
         assert!(planned.len() >= 2, "one piece: {planned:?}");
         assert!(planned.windows(2).all(|w| w[0] <= w[1]), "{planned:?}");
         assert_eq!(planned.last().copied(), Some(asked), "{planned:?}");
+        // Growing totals say so until the walk is over, and the last say they are whole.
+        assert_eq!(whole.last(), Some(&true), "{whole:?}");
+        assert!(whole.windows(2).all(|w| w[0] <= w[1]), "{whole:?}");
     }
 }

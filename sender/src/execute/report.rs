@@ -187,6 +187,12 @@ pub trait Watch: Send {
     fn planned(&mut self, totals: Totals) {
         let _ = totals;
     }
+    /// Whether the totals announced so far are all there will be. A plan is whole as it is
+    /// planned and no one says so; a copy in pieces says `false` with its first piece while
+    /// its walk has more to read, and `true` once the walk is over.
+    fn whole(&mut self, whole: bool) {
+        let _ = whole;
+    }
     /// One acknowledged step.
     fn step(&mut self, step: &Step);
     /// A planned step that ended without being done (refused, failed, vanished, held back):
