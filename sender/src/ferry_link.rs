@@ -138,6 +138,7 @@ impl Transport for FerryLink {
             renamed_since: batch.renames.iter().map(|r| (&r.from, r.since)).collect(),
             done: Totals::default(),
             planned: Totals::default(),
+            counting: false,
             last_log: now(),
             progress_every: self.group.timing.progress_every,
         };
@@ -217,6 +218,8 @@ struct BatchWatch<'a> {
     renamed_since: HashMap<&'a RelPath, Instant>,
     done: Totals,
     planned: Totals,
+    /// The planned totals may still grow ([`Watch::whole`]).
+    counting: bool,
     last_log: Instant,
     progress_every: Duration,
 }
@@ -231,6 +234,7 @@ impl Watch for BatchWatch<'_> {
     }
 
     fn whole(&mut self, whole: bool) {
+        self.counting = !whole;
         if self.batch.full {
             self.observer.whole(self.group, self.target, whole);
         }
@@ -274,6 +278,7 @@ impl Watch for BatchWatch<'_> {
                 of = self.planned.steps,
                 bytes = self.done.bytes,
                 of_bytes = self.planned.bytes,
+                counting = self.counting,
                 "reconcile progress"
             );
         }
