@@ -102,7 +102,7 @@ impl Progress {
         let Some(bar) = &self.bar else {
             return;
         };
-        let (total, more) = (st.total, if st.growing { "+" } else { "" });
+        let (total, more) = (st.total, floor(st.growing));
         let eta = if st.growing { "" } else { " ETA {eta}" };
         let template = if total.bytes > 0 {
             format!("{{prefix}} [{{wide_bar}}] {{bytes}}/{{total_bytes}}{more} {{binary_bytes_per_sec}}{eta} {{msg}}")
@@ -134,7 +134,7 @@ impl Progress {
                 // Before the totals are known the spinner shows bytes.
                 if total.bytes > 0 || total == Count::default() {
                     bar.set_position(done.bytes);
-                    let more = if st.growing { "+" } else { "" };
+                    let more = floor(st.growing);
                     bar.set_message(format!("{}/{}{more}", done.entries, total.entries));
                 } else {
                     bar.set_position(done.entries);
@@ -181,7 +181,7 @@ impl Drop for Progress {
 /// `120/5000 entries, 30.0 MiB/1.2 GiB, 12.0 MiB/s, ETA 1 min 40 s`; while the total may
 /// still grow, `120/5000+ entries, 30.0 MiB/1.2 GiB+, 12.0 MiB/s, counting`.
 fn plain(done: Count, total: Count, growing: bool, elapsed: Duration) -> String {
-    let more = if growing { "+" } else { "" };
+    let more = floor(growing);
     let mut line = format!("{}/{}{more} entries", done.entries, total.entries);
     let secs = elapsed.as_secs_f64().max(1e-3);
     let (d, t) = if total.bytes > 0 {
@@ -202,6 +202,15 @@ fn plain(done: Count, total: Count, growing: bool, elapsed: Duration) -> String 
         line.push_str(&format!(", ETA {}", crate::status::age(left)));
     }
     line
+}
+
+/// What follows a total that may still grow: it is a floor.
+fn floor(growing: bool) -> &'static str {
+    if growing {
+        "+"
+    } else {
+        ""
+    }
 }
 
 /// Progress of an execution (or several, one after the other), against their plans.

@@ -294,27 +294,35 @@ pub const AHEAD: usize = 4 * PIECE;
 pub struct Pieces<T> {
     planned: tokio::sync::mpsc::UnboundedReceiver<Planned>,
     walked: Walked,
-    over: Arc<AtomicBool>,
     walk: tokio::task::JoinHandle<std::io::Result<T>>,
 }
 
 /// A piece planned ahead, holding its entries' share of [`AHEAD`] until it is taken.
 type Planned = (Plan, local::Errors, tokio::sync::OwnedSemaphorePermit);
 
-/// What the pieces of a [`Pieces`] planned so far do, as the walk goes.
+/// What the pieces of a [`Pieces`] planned so far do, as the walk goes, and whether the
+/// walk is over (then they are all there is).
 #[derive(Clone, Default)]
-pub struct Walked(Arc<std::sync::Mutex<Totals>>);
+pub struct Walked(Arc<std::sync::Mutex<(Totals, bool)>>);
 
 impl Walked {
     /// The totals of every piece planned so far.
     pub fn now(&self) -> Totals {
+        self.so_far().0
+    }
+
+    fn so_far(&self) -> (Totals, bool) {
         *self.0.lock().expect("totals lock")
     }
 
     fn add(&self, t: Totals) {
         let mut seen = self.0.lock().expect("totals lock");
-        seen.steps += t.steps;
-        seen.bytes += t.bytes;
+        seen.0.steps += t.steps;
+        seen.0.bytes += t.bytes;
+    }
+
+    fn over(&self) {
+        self.0.lock().expect("totals lock").1 = true;
     }
 }
 
@@ -343,8 +351,6 @@ impl<T: Send + 'static> Pieces<T> {
         let walked = Walked::default();
         let seen = walked.clone();
         let runtime = tokio::runtime::Handle::current();
-        let over = Arc::new(AtomicBool::new(false));
-        let walk_over = over.clone();
         let walk = tokio::task::spawn_blocking(move || {
             let walked = walk(&mut |(entries, errors)| {
                 let plan = plan_piece(&entries);
@@ -358,13 +364,12 @@ impl<T: Send + 'static> Pieces<T> {
                 };
                 tx.send((plan, errors, held)).is_ok()
             });
-            walk_over.store(true, AtomicOrdering::Release);
+            seen.over();
             walked
         });
         Pieces {
             planned,
             walked,
-            over,
             walk,
         }
     }
@@ -372,9 +377,7 @@ impl<T: Send + 'static> Pieces<T> {
     /// The next piece, once planned; `None` once the walk is over.
     pub async fn next(&mut self) -> Option<Piece> {
         let (plan, errors, _held) = self.planned.recv().await?;
-        // Read before the totals: a walk over by then planned no more than they hold.
-        let whole = self.over.load(AtomicOrdering::Acquire);
-        let walked = self.walked.now();
+        let (walked, whole) = self.walked.so_far();
         Some(Piece {
             plan,
             errors,

@@ -104,63 +104,54 @@ impl Summary {
         stop: &AtomicBool,
         errors: &mut Vec<(RelPath, io::Error)>,
     ) -> Summary {
-        let s = Summary::build_wide_until(root, rules, filter, read, unkept, stop, errors);
+        let read = read.union(rules.cmp.xattrs);
+        let top = RelPath::root();
+        let s = 'walked: {
+            // Listed again by the root's own visit, which says its errors.
+            let dirs: Vec<RelPath> = read_children(root, &top, filter, read, &mut Vec::new())
+                .into_iter()
+                .filter(|c| c.meta.kind == Kind::Dir)
+                .map(|c| c.path)
+                .collect();
+            let in_one_piece = |errors| {
+                Summary::build_until(root, rules, filter, read, unkept, Some(stop), errors)
+            };
+            if super::scan::wide_threads() < 2 || dirs.len() < 2 {
+                break 'walked in_one_piece(errors);
+            }
+            let found = side_by_side(dirs.len(), |k| {
+                let path = &dirs[k];
+                let mut sub = Summary::new(rules, read);
+                let mut errs = Vec::new();
+                // One gone or unopenable is visited (and said) by the root's visit.
+                if let Ok(fd) = open_child(root, path.file_name()) {
+                    let mut walk = Walk::new(filter, read, unkept, &mut errs).until(stop);
+                    super::scan::grow(|| sub.visit(&fd, path, &mut walk));
+                }
+                (sub, errs)
+            });
+            let mut s = Summary::new(rules, read);
+            let (mut below_errors, mut firsts) = (Vec::new(), Vec::new());
+            for (sub, errs) in found {
+                if !sub.linked.is_empty() {
+                    break 'walked in_one_piece(errors);
+                }
+                s.dirs.extend(sub.dirs);
+                s.bytes += sub.bytes;
+                s.unkept.0 += sub.unkept.0;
+                firsts.extend(sub.unkept.1);
+                below_errors.extend(errs);
+            }
+            let mut walk = Walk::new(filter, read, unkept, errors).until(stop);
+            s.visit(root, &top, &mut walk);
+            walk.errors.append(&mut below_errors);
+            firsts.extend(s.unkept.1.take());
+            s.unkept.1 = firsts.into_iter().min_by(|a, b| a.tree_cmp(b));
+            s
+        };
         if stop.load(AtomicOrdering::Relaxed) {
             errors.push((RelPath::root(), io::Error::other("summary stopped")));
         }
-        s
-    }
-
-    fn build_wide_until(
-        root: &OwnedFd,
-        rules: Rules,
-        filter: Filter<'_>,
-        read: Namespaces,
-        unkept: Namespaces,
-        stop: &AtomicBool,
-        errors: &mut Vec<(RelPath, io::Error)>,
-    ) -> Summary {
-        let read = read.union(rules.cmp.xattrs);
-        let top = RelPath::root();
-        // Listed again by the root's own visit, which says its errors.
-        let dirs: Vec<RelPath> = read_children(root, &top, filter, read, &mut Vec::new())
-            .into_iter()
-            .filter(|c| c.meta.kind == Kind::Dir)
-            .map(|c| c.path)
-            .collect();
-        if super::scan::wide_threads() < 2 || dirs.len() < 2 {
-            return Summary::build_until(root, rules, filter, read, unkept, Some(stop), errors);
-        }
-        let found = side_by_side(dirs.len(), |k| {
-            let path = &dirs[k];
-            let mut sub = Summary::new(rules, read);
-            let mut errs = Vec::new();
-            // One gone or unopenable is visited (and said) by the root's visit.
-            if let Ok(fd) = open_child(root, path.file_name()) {
-                let mut walk = Walk::new(filter, read, unkept, &mut errs);
-                walk.stop = Some(stop);
-                super::scan::grow(|| sub.visit(&fd, path, &mut walk));
-            }
-            (sub, errs)
-        });
-        let mut s = Summary::new(rules, read);
-        let (mut below_errors, mut firsts) = (Vec::new(), Vec::new());
-        for (sub, errs) in found {
-            if !sub.linked.is_empty() {
-                return Summary::build_until(root, rules, filter, read, unkept, Some(stop), errors);
-            }
-            s.dirs.extend(sub.dirs);
-            s.bytes += sub.bytes;
-            s.unkept.0 += sub.unkept.0;
-            firsts.extend(sub.unkept.1);
-            below_errors.extend(errs);
-        }
-        let mut walk = Walk::new(filter, read, unkept, errors);
-        walk.stop = Some(stop);
-        s.visit(root, &top, &mut walk);
-        walk.errors.append(&mut below_errors);
-        firsts.extend(s.unkept.1.take());
-        s.unkept.1 = firsts.into_iter().min_by(|a, b| a.tree_cmp(b));
         s
     }
 
@@ -442,6 +433,12 @@ impl<'a, 'e> Walk<'a, 'e> {
             keep: None,
             stop: None,
         }
+    }
+
+    /// The walk reads no further directory once `stop` is set.
+    fn until(mut self, stop: &'a AtomicBool) -> Self {
+        self.stop = Some(stop);
+        self
     }
 }
 
