@@ -1167,3 +1167,27 @@ fn counters_disagreed_over_vanished_temp_files() {
     let out = run(ferry().arg("verify").arg(&src).arg(&dst));
     assert!(out.status.success(), "{}", stdout(&out));
 }
+
+/// A directory of 200,000 entries was copied, and then every compare of it ended the session
+/// ("malformed message: LimitExceeded"): the receiver's summary of it went in one frame that
+/// decoded past the frame's limit. A daemon would have reconnected and failed for ever. Now
+/// a wide directory's summary travels in steps; the second run finds one change and the
+/// trees are equal.
+#[test]
+fn a_directory_of_200000_entries_was_copied_and_never_compared_again() {
+    let site = Site::new();
+    let (src, dst) = (site.dir("src"), site.dir("dst"));
+    let wide = src.join("wide");
+    fs::create_dir(&wide).unwrap();
+    for i in 0..200_000 {
+        fs::File::create(wide.join(format!("{i:06}"))).unwrap();
+    }
+    let mirror = || run(ferry().args(["mirror", "--once", "-q"]).arg(&src).arg(&dst));
+    let o = mirror();
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::write(wide.join("000007"), "changed").unwrap();
+    let o = mirror();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read(dst.join("wide/000007")).unwrap(), b"changed");
+    assert_trees_equal(&src, &dst);
+}

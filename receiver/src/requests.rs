@@ -1082,7 +1082,7 @@ impl Requests {
                 self.fs.stats.summarised.fetch_add(1, Ordering::Relaxed);
                 let below = summary.below(rel);
                 let (dir, entries) = listing.map_or((None, Vec::new()), |(d, e)| (Some(d), e));
-                self.reply(Message::Summary {
+                self.reply_digests(id, entries, |entries| Message::Summary {
                     id,
                     dir,
                     entries,
@@ -1131,7 +1131,29 @@ impl Requests {
             Some(listing) => (Some(listing.dir.entry.clone()), listing.entries.clone()),
             None => (None, Vec::<DigestEntry>::new()),
         };
-        self.reply(Message::DirDigests { id, dir, entries });
+        self.reply_digests(id, entries, |entries| Message::DirDigests {
+            id,
+            dir,
+            entries,
+        });
+    }
+
+    /// Answers request `id` with a directory's digest `entries`: in `MoreDigests` steps
+    /// while they are too many for one frame, the last of them in `last`.
+    fn reply_digests(
+        &self,
+        id: RequestId,
+        entries: Vec<DigestEntry>,
+        last: impl FnOnce(Vec<DigestEntry>) -> Message,
+    ) -> bool {
+        let mut batches = ferry_protocol::message::digest_batches(entries);
+        let final_batch = batches.pop().unwrap_or_default();
+        for entries in batches {
+            if !self.reply(Message::MoreDigests { id, entries }) {
+                return false;
+            }
+        }
+        self.reply(last(final_batch))
     }
 }
 

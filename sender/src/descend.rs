@@ -667,6 +667,54 @@ mod tests {
         }
     }
 
+    /// A summary in steps (`MoreDigests`, then `Summary`) is taken whole, in order; an entry
+    /// outside the directory in any step ends the session as in the final one.
+    #[tokio::test]
+    async fn a_summary_in_steps_is_taken_whole_and_checked_in_every_step() {
+        use ferry_protocol::message::Message;
+        for stray_in in [None, Some(0), Some(1), Some(2)] {
+            let (session, (mut far_r, mut far_w)) = crate::session::in_memory();
+            let asking = tokio::spawn(async move {
+                let d = [RelPath::from("d")];
+                session.summaries(&d, rules(false).cmp).await
+            });
+            let id = match far_r.read().await {
+                Ok(Some(Message::Summarize { id, .. })) => id,
+                other => panic!("{other:?}"),
+            };
+            let step = |k: usize| {
+                let name = if stray_in == Some(k) { "e/x" } else { "d/x" };
+                vec![entry(&format!("{name}{k}"), Kind::File, 1, 0)]
+            };
+            for k in 0..2 {
+                let more = Message::MoreDigests {
+                    id,
+                    entries: step(k),
+                };
+                far_w.write(&more).await.unwrap();
+            }
+            let last = Message::Summary {
+                id,
+                dir: Some(entry("d", Kind::Dir, 1, 0).entry),
+                entries: step(2),
+                below: 3,
+            };
+            far_w.write(&last).await.unwrap();
+            match (asking.await.unwrap(), stray_in) {
+                (Ok(s), None) => {
+                    let names: Vec<String> = s[0]
+                        .entries
+                        .iter()
+                        .map(|e| e.entry.path.to_string())
+                        .collect();
+                    assert_eq!(names, ["d/x0", "d/x1", "d/x2"]);
+                }
+                (Err(e), Some(k)) => assert!(e.to_string().contains(&format!("e/x{k}")), "{e}"),
+                (got, stray) => panic!("stray entry in step {stray:?}: {got:?}"),
+            }
+        }
+    }
+
     /// Each way two directories' entries can differ, and where the compare goes for it.
     #[test]
     fn a_directory_compared_says_where_to_go_on() {

@@ -509,17 +509,21 @@ impl Session {
         checksum: bool,
         cmp: Compare,
     ) -> Result<(Option<Entry>, Vec<DigestEntry>), SessionError> {
-        let answer = self
-            .start(|id| Message::VerifyDir {
-                id,
-                path: path.clone(),
-                checksum,
-                xattrs: cmp.xattrs,
-                hardlinks: cmp.hardlinks,
-            })
-            .await?;
-        match self.answer(answer).await?.0 {
-            Message::DirDigests { dir, entries, .. } => Ok((dir, entries)),
+        let (id, mut rx) = self.register();
+        self.send(Message::VerifyDir {
+            id,
+            path: path.clone(),
+            checksum,
+            xattrs: cmp.xattrs,
+            hardlinks: cmp.hardlinks,
+        })
+        .await?;
+        let mut all = Vec::new();
+        match self.digests(&mut rx, &mut all, path).await? {
+            Message::DirDigests { dir, entries, .. } => {
+                all.extend(entries);
+                Ok((dir, all))
+            }
             other => Err(self.unanswered(other, path)),
         }
     }
@@ -534,26 +538,28 @@ impl Session {
     ) -> Result<Vec<Summarized>, SessionError> {
         let mut asked = Vec::with_capacity(paths.len());
         for path in paths {
-            let answer = self
-                .start(|id| Message::Summarize {
-                    id,
-                    path: path.clone(),
-                    xattrs: cmp.xattrs,
-                    hardlinks: cmp.hardlinks,
-                })
-                .await?;
-            asked.push(answer);
+            let (id, rx) = self.register();
+            self.send(Message::Summarize {
+                id,
+                path: path.clone(),
+                xattrs: cmp.xattrs,
+                hardlinks: cmp.hardlinks,
+            })
+            .await?;
+            asked.push(rx);
         }
         let mut out = Vec::with_capacity(asked.len());
-        for (answer, path) in asked.into_iter().zip(paths) {
-            match self.answer(answer).await?.0 {
+        for (mut rx, path) in asked.into_iter().zip(paths) {
+            let mut all = Vec::new();
+            match self.digests(&mut rx, &mut all, path).await? {
                 Message::Summary {
                     dir,
                     entries,
                     below,
                     ..
                 } => {
-                    let stray = entries
+                    all.extend(entries);
+                    let stray = all
                         .iter()
                         .find(|e| e.entry.path.parent().as_ref() != Some(path));
                     if let Some(e) = stray {
@@ -564,7 +570,7 @@ impl Session {
                     }
                     out.push(Summarized {
                         dir,
-                        entries,
+                        entries: all,
                         below,
                     })
                 }
@@ -572,6 +578,23 @@ impl Session {
             }
         }
         Ok(out)
+    }
+
+    /// Takes the `MoreDigests` steps of the answer about the directory `path` into `all`;
+    /// returns its final reply.
+    async fn digests(
+        &self,
+        rx: &mut Replies,
+        all: &mut Vec<DigestEntry>,
+        path: &RelPath,
+    ) -> Result<Message, SessionError> {
+        loop {
+            match self.reply(rx).await? {
+                Message::MoreDigests { entries, .. } => all.extend(entries),
+                reply @ (Message::Summary { .. } | Message::DirDigests { .. }) => return Ok(reply),
+                other => return Err(self.unanswered(other, path)),
+            }
+        }
     }
 
     /// The receiver's counters.

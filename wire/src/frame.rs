@@ -96,7 +96,10 @@ impl Packer {
 
     fn wants(&self, msg: &Message) -> bool {
         match msg {
-            Message::Listing { .. } | Message::DirDigests { .. } | Message::Summary { .. } => true,
+            Message::Listing { .. }
+            | Message::DirDigests { .. }
+            | Message::Summary { .. }
+            | Message::MoreDigests { .. } => true,
             Message::FileData { .. } | Message::FileDelta { .. } => self.data,
             _ => false,
         }

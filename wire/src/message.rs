@@ -25,7 +25,7 @@ use crate::xattr::Namespaces;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// First bytes of a [`Message::Hello`], to tell a ferry peer from something else.
 pub const MAGIC: [u8; 8] = *b"ferry\0\r\n";
@@ -491,6 +491,53 @@ pub enum Message {
         /// How many entries the subtree holds below `path`.
         below: u64,
     },
+    /// A step of the answer to `Summarize` or `VerifyDir` for a directory with more entries
+    /// than one frame holds ([`digest_batches`]): the next of them, in order. The final
+    /// `Summary` or `DirDigests` carries the last.
+    MoreDigests {
+        /// Request id.
+        id: RequestId,
+        /// Entries of this step.
+        entries: Vec<DigestEntry>,
+    },
+}
+
+/// What one [`DigestEntry`] costs a frame's decoding at most: bincode counts the size in
+/// memory of every field it decodes (8 bytes for a `u64` sent in one) against
+/// [`MAX_FRAME`](crate::frame::MAX_FRAME), some 110 bytes and the path's for an entry
+/// without attributes, so a directory of some 160,000 short names, its frame under the limit,
+/// did not decode whole. Counted here as the entry's whole size in memory, which is more.
+fn decoded_size(e: &DigestEntry) -> usize {
+    std::mem::size_of::<DigestEntry>()
+        + e.entry.path.as_bytes().len()
+        + e.entry.link.as_ref().map_or(0, Vec::len)
+        + e.entry
+            .meta
+            .xattrs
+            .list
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + std::mem::size_of::<crate::xattr::Xattr>())
+            .sum::<usize>()
+        + e.hardlink.as_ref().map_or(0, |h| h.as_bytes().len())
+}
+
+/// A directory's digest entries in the batches its answer travels in, in order (one, maybe
+/// empty, for a directory that fits one frame): each decodes within a quarter of
+/// [`MAX_FRAME`](crate::frame::MAX_FRAME), whatever the directory's width.
+pub fn digest_batches(entries: Vec<DigestEntry>) -> Vec<Vec<DigestEntry>> {
+    const BATCH: usize = crate::frame::MAX_FRAME / 4;
+    let mut out = vec![Vec::new()];
+    let mut size = 0;
+    for e in entries {
+        let cost = decoded_size(&e);
+        if size + cost > BATCH && !out.last().expect("one at least").is_empty() {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += cost;
+        out.last_mut().expect("one at least").push(e);
+    }
+    out
 }
 
 impl Message {
@@ -526,6 +573,7 @@ impl Message {
             | Message::Resume { id, .. }
             | Message::DirDigests { id, .. }
             | Message::Summary { id, .. }
+            | Message::MoreDigests { id, .. }
             | Message::StatsReply { id, .. }
             | Message::Versions { id, .. }
             | Message::Deleted { id, .. } => Some(*id),
@@ -568,7 +616,10 @@ impl Message {
     pub fn is_final_reply(&self) -> bool {
         match self {
             Message::Listing { done, .. } | Message::Versions { done, .. } => *done,
-            Message::Signature { .. } | Message::NoBase { .. } | Message::Resume { .. } => false,
+            Message::Signature { .. }
+            | Message::NoBase { .. }
+            | Message::Resume { .. }
+            | Message::MoreDigests { .. } => false,
             other => other.reply_id().is_some(),
         }
     }
@@ -615,6 +666,7 @@ impl Message {
             Message::Deleted { .. } => "Deleted",
             Message::Summarize { .. } => "Summarize",
             Message::Summary { .. } => "Summary",
+            Message::MoreDigests { .. } => "MoreDigests",
         }
     }
 }
@@ -622,6 +674,90 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory of 200,000 entries: one `Summary` of it, its frame under the limit, does
+    /// not decode (bincode counts each field's size in memory against the limit), which
+    /// ended every compare of such a directory; in the batches of `digest_batches`, as
+    /// `MoreDigests` steps and a final `Summary`, every frame decodes, in its limit, and the
+    /// entries arrive whole and in order. An entry with attributes costs its batch more.
+    #[test]
+    fn a_directory_of_any_width_travels_in_frames_that_decode() {
+        use crate::frame;
+        let entry = |i: usize, xattr: bool| {
+            let mut meta = Meta {
+                kind: crate::meta::Kind::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: i as u64,
+                mtime: 0,
+                mtime_nsec: 0,
+                rdev: 0,
+                xattrs: Default::default(),
+            };
+            if xattr {
+                meta.xattrs.list.push((b"user.k".to_vec(), vec![7; 2000]));
+            }
+            DigestEntry {
+                entry: Entry {
+                    path: RelPath::from(format!("d/f{i:06}").as_str()),
+                    meta,
+                    link: None,
+                    inode: None,
+                },
+                digest: [1; 32],
+                hardlink: None,
+            }
+        };
+        let entries: Vec<DigestEntry> = (0..200_000).map(|i| entry(i, false)).collect();
+        let whole = Message::Summary {
+            id: 1,
+            dir: None,
+            entries: entries.clone(),
+            below: 200_000,
+        };
+        let mut buf = Vec::new();
+        frame::encode(&whole, &mut buf).unwrap();
+        assert!(buf.len() < frame::MAX_FRAME, "{} bytes", buf.len());
+        assert!(frame::decode(&buf).is_err(), "one frame of it decoded");
+
+        let batches = digest_batches(entries.clone());
+        assert!(batches.len() > 1);
+        let last = batches.len() - 1;
+        let mut arrived = Vec::new();
+        for (k, entries) in batches.into_iter().enumerate() {
+            let msg = if k < last {
+                Message::MoreDigests { id: 1, entries }
+            } else {
+                Message::Summary {
+                    id: 1,
+                    dir: None,
+                    entries,
+                    below: 200_000,
+                }
+            };
+            assert_eq!(msg.is_final_reply(), k == last);
+            let mut buf = Vec::new();
+            frame::encode(&msg, &mut buf).unwrap();
+            let (back, used) = frame::decode(&buf).unwrap().unwrap();
+            assert_eq!(used, buf.len());
+            match back {
+                Message::MoreDigests { entries, .. } | Message::Summary { entries, .. } => {
+                    arrived.extend(entries)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(arrived, entries);
+
+        // Nothing to split: one batch, empty or not.
+        assert_eq!(digest_batches(Vec::new()), vec![Vec::new()]);
+        assert_eq!(digest_batches(entries[..3].to_vec()).len(), 1);
+        // Entries carrying attributes fill a batch sooner.
+        let heavy: Vec<DigestEntry> = (0..10_000).map(|i| entry(i, true)).collect();
+        let light = digest_batches(entries[..10_000].to_vec()).len();
+        assert!(digest_batches(heavy).len() > light);
+    }
 
     #[test]
     fn only_changes_are_mutations_and_only_ends_are_final() {
