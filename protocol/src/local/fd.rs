@@ -57,6 +57,26 @@ pub(crate) fn read_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
     Ok(names)
 }
 
+/// The names of the held directory `dir`'s subdirectories (never a symlink to one), as its
+/// entries' types say, with an `lstat` only where the filesystem gives no type.
+pub(crate) fn read_subdir_names(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    each_entry(dir, |name, kind| {
+        let is_dir = match kind {
+            libc::DT_DIR => true,
+            libc::DT_UNKNOWN => {
+                lstat_at(dir, Some(name)).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+            }
+            _ => false,
+        };
+        if is_dir {
+            names.push(name.to_vec());
+        }
+        true
+    })?;
+    Ok(names)
+}
+
 /// Whether the held directory `dir` has a child for which `accept(name, is_dir)` holds; the
 /// directory is read only until the first one (a child gone since it was listed is skipped).
 pub fn holds_any(dir: &OwnedFd, mut accept: impl FnMut(&[u8], bool) -> bool) -> io::Result<bool> {
@@ -83,6 +103,12 @@ pub fn holds_any(dir: &OwnedFd, mut accept: impl FnMut(&[u8], bool) -> bool) -> 
 /// Calls `f` with each name in the held directory `dir` (without `.` and `..`) until it
 /// returns false.
 fn each_name(dir: &OwnedFd, mut f: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
+    each_entry(dir, |name, _| f(name))
+}
+
+/// Calls `f` with each name in the held directory `dir` (without `.` and `..`) and its type
+/// as the directory gives it (`DT_DIR`, `DT_UNKNOWN`, …) until it returns false.
+fn each_entry(dir: &OwnedFd, mut f: impl FnMut(&[u8], u8) -> bool) -> io::Result<()> {
     // SAFETY: "." relative to a valid descriptor; a new descriptor is returned.
     let fd = unsafe {
         libc::openat(
@@ -117,7 +143,9 @@ fn each_name(dir: &OwnedFd, mut f: impl FnMut(&[u8]) -> bool) -> io::Result<()> 
         }
         // SAFETY: `d_name` is a NUL-terminated name inside the entry readdir returned.
         let name = unsafe { std::ffi::CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
-        if name != b"." && name != b".." && !f(name) {
+        // SAFETY: as above.
+        let kind = unsafe { (*ent).d_type };
+        if name != b"." && name != b".." && !f(name, kind) {
             break Ok(());
         }
     };

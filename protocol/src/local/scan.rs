@@ -172,6 +172,23 @@ pub(crate) fn read_children(
     xattrs: Namespaces,
     errors: &mut Vec<(RelPath, io::Error)>,
 ) -> Vec<Entry> {
+    read_children_until(dir, rel, filter, xattrs, None, errors)
+}
+
+/// Children read between two looks at a walk's stop flag.
+const STOP_EVERY: usize = 1024;
+
+/// [`read_children`] that stops early, with some of them, once `stop` is set (looked at
+/// every [`STOP_EVERY`] children, so a wide directory is not read whole for a walk no
+/// longer wanted).
+pub(crate) fn read_children_until(
+    dir: &OwnedFd,
+    rel: &RelPath,
+    filter: Filter<'_>,
+    xattrs: Namespaces,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+    errors: &mut Vec<(RelPath, io::Error)>,
+) -> Vec<Entry> {
     let mut names = match read_names(dir) {
         Ok(n) => n,
         Err(e) => {
@@ -196,7 +213,12 @@ pub(crate) fn read_children(
         ));
     }
     let mut out = Vec::with_capacity(names.len());
-    for name in names {
+    for (k, name) in names.into_iter().enumerate() {
+        if k % STOP_EVERY == STOP_EVERY - 1
+            && stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            break;
+        }
         let child = rel.join(&name);
         match entry_at(dir, Some(&name), child.clone(), xattrs, errors) {
             Ok(Some(e)) => {

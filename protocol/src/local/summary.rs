@@ -107,12 +107,15 @@ impl Summary {
         let read = read.union(rules.cmp.xattrs);
         let top = RelPath::root();
         let s = 'walked: {
-            // Listed again by the root's own visit, which says its errors.
-            let dirs: Vec<RelPath> = read_children(root, &top, filter, read, &mut Vec::new())
-                .into_iter()
-                .filter(|c| c.meta.kind == Kind::Dir)
-                .map(|c| c.path)
+            // The top directories, by the types the root's entries have (no `lstat` of a
+            // wide root's files before its own visit reads them); that visit says its errors.
+            let mut dirs: Vec<RelPath> = super::fd::read_subdir_names(root)
+                .unwrap_or_default()
+                .iter()
+                .map(|name| top.join(name))
+                .filter(|path| filter(path, true))
                 .collect();
+            dirs.sort_unstable();
             let in_one_piece = |errors| {
                 Summary::build_until(root, rules, filter, read, unkept, Some(stop), errors)
             };
@@ -303,7 +306,7 @@ impl Summary {
             return ([0; 32], 0, false);
         }
         let errors_before = w.errors.len();
-        let children = read_children(dir, rel, w.filter, w.read, w.errors);
+        let children = read_children_until(dir, rel, w.filter, w.read, w.stop, w.errors);
         let mut digests = Vec::with_capacity(children.len());
         let mut subdirs = Vec::new();
         let mut below = 0;
@@ -695,6 +698,42 @@ mod tests {
         assert_eq!(dirs, 0);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].1.to_string(), "summary stopped");
+    }
+
+    /// A stop set while a wide directory is read ends the read within `STOP_EVERY` more
+    /// children (the walk that wanted them no longer does), not at the directory's end.
+    #[test]
+    fn a_stop_ends_the_read_of_a_wide_directory_part_way() {
+        let x = tempfile::tempdir().unwrap();
+        for i in 0..5000 {
+            fs::File::create(x.path().join(format!("{i:04}"))).unwrap();
+        }
+        let held = open_root(x.path()).unwrap();
+        let stop = AtomicBool::new(false);
+        let read = |after: usize| {
+            let seen = std::sync::atomic::AtomicUsize::new(0);
+            let filter = |_: &RelPath, _: bool| {
+                if seen.fetch_add(1, AtomicOrdering::Relaxed) + 1 == after {
+                    stop.store(true, AtomicOrdering::Relaxed);
+                }
+                true
+            };
+            let mut errors = Vec::new();
+            let top = RelPath::root();
+            let got = super::super::scan::read_children_until(
+                &held,
+                &top,
+                &filter,
+                Namespaces::NONE,
+                Some(&stop),
+                &mut errors,
+            );
+            stop.store(false, AtomicOrdering::Relaxed);
+            got.len()
+        };
+        assert_eq!(read(usize::MAX), 5000);
+        let stopped = read(1500);
+        assert!((1500..1500 + 1024).contains(&stopped), "{stopped} read");
     }
 
     /// Until every directory's ctime has settled, none is kept; from then on a summary
