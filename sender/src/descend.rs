@@ -1,8 +1,8 @@
 //! A whole compare that descends by summaries instead of listing the module: both sides
 //! summarise their trees at once (metadata digests kept per directory,
 //! [`ferry_protocol::local::Summary`]), the roots are compared, and only directories whose
-//! digests differ are read and planned, breadth first, up to 256 directories per
-//! round trip. A tree with nothing changed costs one round trip and no listing, and neither
+//! digests differ are read and planned, breadth first, up to 256 directories (and 65,536
+//! entries below them) per round trip. A tree with nothing changed costs one round trip and no listing, and neither
 //! side holds more than a digest per directory and the entries of the directories in hand
 //! (the plan grows with what differs).
 //!
@@ -35,6 +35,26 @@ use std::sync::Arc;
 /// Directories whose summaries are asked for and compared at a time: one round trip for
 /// each, and no more of them held at once.
 const DIRS_AT_ONCE: usize = 256;
+
+/// Entries below the directories of one round, as the source's summary counts them, at most
+/// (a round takes one directory however many): both sides' entries held at once are bounded
+/// by this or by the widest directory, not by 256 wide ones.
+const ENTRIES_AT_ONCE: u64 = 65_536;
+
+/// How many of `queue`'s directories the next round takes: up to [`DIRS_AT_ONCE`] while the
+/// entries `below` them stay within [`ENTRIES_AT_ONCE`], one at least.
+fn round(queue: &VecDeque<RelPath>, below: impl Fn(&RelPath) -> u64) -> usize {
+    let mut entries = 0u64;
+    let mut taken = 0;
+    for path in queue.iter().take(DIRS_AT_ONCE) {
+        entries += below(path);
+        if taken > 0 && entries > ENTRIES_AT_ONCE {
+            break;
+        }
+        taken += 1;
+    }
+    taken
+}
 
 /// What a compare by summaries came to.
 #[derive(Debug)]
@@ -250,7 +270,7 @@ pub async fn plan_by_summary(
             subtrees.extend(step.subtrees);
             queue.extend(step.descend);
         }
-        let next: Vec<RelPath> = queue.drain(..queue.len().min(DIRS_AT_ONCE)).collect();
+        let next: Vec<RelPath> = queue.drain(..round(&queue, |p| summary.below(p))).collect();
         level = if next.is_empty() {
             Vec::new()
         } else {
@@ -665,6 +685,21 @@ mod tests {
                 Err(e) => assert!(!fine && e.to_string().contains(held), "{held}: {e}"),
             }
         }
+    }
+
+    /// A round of the descent takes up to 256 directories while the entries below them stay
+    /// within 65,536, and one however wide.
+    #[test]
+    fn a_round_takes_directories_up_to_its_entries() {
+        let queue: VecDeque<RelPath> = (0..300)
+            .map(|i| RelPath::from(format!("d{i}").as_str()))
+            .collect();
+        assert_eq!(round(&queue, |_| 10), DIRS_AT_ONCE);
+        assert_eq!(round(&queue, |_| 4_000), 16);
+        assert_eq!(round(&queue, |_| 1_000_000), 1);
+        let first_wide = |p: &RelPath| if p.as_bytes() == b"d0" { 70_000 } else { 1 };
+        assert_eq!(round(&queue, first_wide), 1);
+        assert_eq!(round(&VecDeque::new(), |_| 1), 0);
     }
 
     /// A summary in steps (`MoreDigests`, then `Summary`) is taken whole, in order; an entry
