@@ -6,8 +6,18 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// The journal's rows: (id, path, action, object, renamed_to), by id.
+/// The journal's rows: (id, path, action, object, renamed_to), by id. Read as a gateway
+/// taking a shared history's lease reads it: its pages cached on this host dropped first, for
+/// on a volume mounted twice one mount's page cache does not see what was written through the
+/// other (rows written by one gateway were missing here while their objects were listed).
 pub fn rows(history: &Path) -> Vec<(i64, String, String, bool, Option<String>)> {
+    use std::os::fd::AsRawFd;
+    for name in ["journal.sqlite3", "journal.sqlite3-journal"] {
+        if let Ok(f) = fs::File::open(history.join(name)) {
+            // SAFETY: an open descriptor; advice only, nothing is read or written.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
     let db = rusqlite::Connection::open_with_flags(
         history.join("journal.sqlite3"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
