@@ -658,21 +658,33 @@ mod tests {
         }
     }
 
+    /// The summary of `d` asked for over a session whose far end the test plays: the asking
+    /// task, the request's id, and the far end's writer.
+    async fn summary_of_d_asked() -> (
+        tokio::task::JoinHandle<Result<Vec<Summarized>, SessionError>>,
+        ferry_protocol::message::RequestId,
+        ferry_protocol::connection::FrameWriter<tokio::io::WriteHalf<tokio::io::DuplexStream>>,
+    ) {
+        use ferry_protocol::message::Message;
+        let (session, (mut far_r, far_w)) = crate::session::in_memory();
+        let asking = tokio::spawn(async move {
+            let d = [RelPath::from("d")];
+            session.summaries(&d, rules(false).cmp).await
+        });
+        let id = match far_r.read().await {
+            Ok(Some(Message::Summarize { id, .. })) => id,
+            other => panic!("{other:?}"),
+        };
+        (asking, id, far_w)
+    }
+
     /// A receiver's summary of a directory holds that directory's entries and nothing else:
     /// one elsewhere ends the session.
     #[tokio::test]
     async fn a_summary_holding_an_entry_outside_its_directory_is_refused() {
         use ferry_protocol::message::Message;
         for (held, fine) in [("d/x", true), ("e/x", false), ("d/x/y", false)] {
-            let (session, (mut far_r, mut far_w)) = crate::session::in_memory();
-            let asking = tokio::spawn(async move {
-                let d = [RelPath::from("d")];
-                session.summaries(&d, rules(false).cmp).await
-            });
-            let id = match far_r.read().await {
-                Ok(Some(Message::Summarize { id, .. })) => id,
-                other => panic!("{other:?}"),
-            };
+            let (asking, id, mut far_w) = summary_of_d_asked().await;
             let reply = Message::Summary {
                 id,
                 dir: Some(entry("d", Kind::Dir, 1, 0).entry),
@@ -708,15 +720,7 @@ mod tests {
     async fn a_summary_in_steps_is_taken_whole_and_checked_in_every_step() {
         use ferry_protocol::message::Message;
         for stray_in in [None, Some(0), Some(1), Some(2)] {
-            let (session, (mut far_r, mut far_w)) = crate::session::in_memory();
-            let asking = tokio::spawn(async move {
-                let d = [RelPath::from("d")];
-                session.summaries(&d, rules(false).cmp).await
-            });
-            let id = match far_r.read().await {
-                Ok(Some(Message::Summarize { id, .. })) => id,
-                other => panic!("{other:?}"),
-            };
+            let (asking, id, mut far_w) = summary_of_d_asked().await;
             let step = |k: usize| {
                 let name = if stray_in == Some(k) { "e/x" } else { "d/x" };
                 vec![entry(&format!("{name}{k}"), Kind::File, 1, 0)]
