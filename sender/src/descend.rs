@@ -2,9 +2,9 @@
 //! summarise their trees at once (metadata digests kept per directory,
 //! [`ferry_protocol::local::Summary`]), the roots are compared, and only directories whose
 //! digests differ are read and planned, breadth first, up to 256 directories (and 65,536
-//! entries below them) per round trip. A tree with nothing changed costs one round trip and no listing, and neither
-//! side holds more than a digest per directory and the entries of the directories in hand
-//! (the plan grows with what differs).
+//! entries below them) per round trip. A tree with nothing changed costs one round trip and
+//! no listing, and neither side holds more than a digest per directory and the entries of
+//! the directories in hand (the plan grows with what differs).
 //!
 //! A directory whose files differ is planned from its entries alone ([`plan`] over the two
 //! sides' entries of it). A directory that is new, gone, or another kind on one side is a

@@ -71,10 +71,14 @@ pub async fn reconcile_under(
     } else {
         Compared::Full
     };
-    // A copy into an empty module is done as it is planned, a piece at a time.
-    let mut copied = false;
+    let finish = |mut report: Report| {
+        report.bytes_sent = session.bytes_sent() - sent_before;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    };
     let (mut plan, listed) = match compared {
         Compared::Empty(module_root) => {
+            // Done as it is planned, a piece at a time.
             tracing::info!(
                 sync = %group.name,
                 target = %session.target(),
@@ -90,15 +94,23 @@ pub async fn reconcile_under(
                 observe,
             );
             let done = copy.await?;
-            copied = true;
-            // Nothing to delete: the guard below only records the source's filesystem and
-            // what the module now holds.
+            // Nothing to delete: the guard only records the source's filesystem and what the
+            // module now holds.
             let listed = Listed {
                 local: done.entries,
                 remote: 0,
                 unkept: done.unkept,
             };
-            (Plan::default(), listed)
+            warn_unkept(session, group, &listed.unkept);
+            guard_whole(
+                session,
+                group,
+                window,
+                &mut Plan::default(),
+                &listed,
+                &mut report,
+            );
+            return finish(report);
         }
         Compared::Planned(s) => {
             tracing::debug!(sync = %group.name, dirs = s.dirs, "compared by summaries");
@@ -114,23 +126,17 @@ pub async fn reconcile_under(
     if under.is_root() {
         warn_unkept(session, group, &listed.unkept);
         guard_whole(session, group, window, &mut plan, &listed, &mut report);
-        if !copied {
-            tracing::info!(
-                sync = %group.name,
-                target = %session.target(),
-                deletes = plan.deletes.len(),
-                updates = plan.creates.len(),
-                "reconcile planned"
-            );
-        }
+        tracing::info!(
+            sync = %group.name,
+            target = %session.target(),
+            deletes = plan.deletes.len(),
+            updates = plan.creates.len(),
+            "reconcile planned"
+        );
     }
-    if !copied {
-        let origin = root.into();
-        execute(session, group.preserve, &origin, plan, &mut report, observe).await?;
-    }
-    report.bytes_sent = session.bytes_sent() - sent_before;
-    report.elapsed = started.elapsed();
-    Ok(report)
+    let origin = root.into();
+    execute(session, group.preserve, &origin, plan, &mut report, observe).await?;
+    finish(report)
 }
 
 /// What a compare counted on both sides, beyond its plan.

@@ -409,7 +409,11 @@ impl Session {
         debug_assert!(
             !matches!(
                 msg,
-                Message::List { .. } | Message::FileBegin { .. } | Message::History { .. }
+                Message::List { .. }
+                    | Message::FileBegin { .. }
+                    | Message::History { .. }
+                    | Message::Summarize { .. }
+                    | Message::VerifyDir { .. }
             ),
             "{} is answered in steps",
             msg.name()

@@ -526,17 +526,17 @@ fn decoded_size(e: &DigestEntry) -> usize {
 /// [`MAX_FRAME`](crate::frame::MAX_FRAME), whatever the directory's width.
 pub fn digest_batches(entries: Vec<DigestEntry>) -> Vec<Vec<DigestEntry>> {
     const BATCH: usize = crate::frame::MAX_FRAME / 4;
-    let mut out = vec![Vec::new()];
-    let mut size = 0;
+    let (mut out, mut batch, mut size) = (Vec::new(), Vec::new(), 0);
     for e in entries {
         let cost = decoded_size(&e);
-        if size + cost > BATCH && !out.last().expect("one at least").is_empty() {
-            out.push(Vec::new());
+        if size + cost > BATCH && !batch.is_empty() {
+            out.push(std::mem::take(&mut batch));
             size = 0;
         }
         size += cost;
-        out.last_mut().expect("one at least").push(e);
+        batch.push(e);
     }
+    out.push(batch);
     out
 }
 
